@@ -1,0 +1,502 @@
+"""A Llama-family decoder in one file: configs, KV cache, masks, attention, MLP, Transformer.
+
+Weights use the Hugging Face rotate-half RoPE layout (what HF checkpoints ship), with q/k/v
+fused into `wqkv` and gate/up fused into `w13` so a batch-1 decode step reads each layer's
+weights in as few kernels as possible. The checkpoint format (config.json + model.safetensors)
+is at the bottom of this file.
+"""
+import inspect
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+# flex_attention's sparse block size: the KV cache length is rounded up to a multiple of it.
+BLOCK_SIZE = 128
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 0  # 0 means n_heads (no GQA)
+    head_dim: int = 0  # 0 means dim // n_heads
+    intermediate_size: int = 11008
+    vocab_size: int = 32000
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    # None, {"type": "linear", "factor": f} or {"type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096  # the model's context length
+    sliding_window: int | None = None  # query at q sees kv > q - sliding_window
+    qkv_bias: bool = False  # Qwen2.5
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
+    tie_embeddings: bool = False  # output projection shares tok_embeddings.weight
+
+    def __post_init__(self):
+        if self.n_kv_heads == 0:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        if name not in CONFIGS:  # exact names only: never guess a model from a path
+            raise ValueError(f"unknown model name {name!r}; known: {', '.join(CONFIGS)}")
+        return cls(**CONFIGS[name])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ModelArgs fields {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """ModelArgs from a Hugging Face config.json of a Llama-architecture model."""
+        model_type = cfg.get("model_type")
+        if model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+            raise ValueError(f"unsupported model_type {model_type!r} (supported: llama, mistral, qwen2, qwen3)")
+        # transformers >= 5 nests rope settings in rope_parameters; older configs use rope_theta/rope_scaling
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope_base = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type in ("default", None):
+            rope_scaling = None
+        elif rope_type == "linear":
+            rope_scaling = {"type": "linear", "factor": float(rope["factor"])}
+        elif rope_type == "llama3":
+            rope_scaling = {
+                "type": "llama3",
+                "factor": float(rope["factor"]),
+                "low_freq_factor": float(rope["low_freq_factor"]),
+                "high_freq_factor": float(rope["high_freq_factor"]),
+                "original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
+            }
+        else:
+            raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: linear, llama3)")
+        # Mistral always honours sliding_window (null in v0.3); Qwen configs carry one they do not use.
+        use_window = model_type == "mistral" or cfg.get("use_sliding_window", False)
+        sliding_window = cfg.get("sliding_window") if use_window else None
+        n_heads = cfg["num_attention_heads"]
+        return cls(
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            intermediate_size=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_base=float(rope_base),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            sliding_window=sliding_window,
+            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qk_norm=model_type == "qwen3",
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+
+_LLAMA3_1_ROPE = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+_LLAMA3_2_ROPE = dict(_LLAMA3_1_ROPE, factor=32.0)
+
+CONFIGS = {
+    "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, intermediate_size=11008),
+    "llama-2-13b": dict(dim=5120, n_layers=40, n_heads=40, intermediate_size=13824),
+    "llama-2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672),
+    "codellama-7b": dict(dim=4096, n_layers=32, n_heads=32, intermediate_size=11008, vocab_size=32016,
+                         rope_base=1e6, max_position_embeddings=16384),
+    "codellama-34b": dict(dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, intermediate_size=22016,
+                          rope_base=1e6, max_position_embeddings=16384),
+    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
+                       vocab_size=128256, rope_base=500000.0, max_position_embeddings=8192),
+    "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672,
+                        vocab_size=128256, rope_base=500000.0, max_position_embeddings=8192),
+    "llama-3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
+                         vocab_size=128256, rope_base=500000.0, max_position_embeddings=131072,
+                         rope_scaling=_LLAMA3_1_ROPE),
+    "llama-3.1-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672,
+                          vocab_size=128256, rope_base=500000.0, max_position_embeddings=131072,
+                          rope_scaling=_LLAMA3_1_ROPE),
+    "llama-3.1-405b": dict(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, intermediate_size=53248,
+                           vocab_size=128256, rope_base=500000.0, max_position_embeddings=131072,
+                           rope_scaling=_LLAMA3_1_ROPE),
+    "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate_size=8192,
+                         vocab_size=128256, rope_base=500000.0, max_position_embeddings=131072,
+                         rope_scaling=_LLAMA3_2_ROPE, tie_embeddings=True),
+    "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, intermediate_size=8192,
+                         vocab_size=128256, rope_base=500000.0, max_position_embeddings=131072,
+                         rope_scaling=_LLAMA3_2_ROPE, tie_embeddings=True),
+    "mistral-7b-v0.1": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
+                            max_position_embeddings=32768, sliding_window=4096),
+    "mistral-7b-v0.3": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
+                            vocab_size=32768, rope_base=1e6, max_position_embeddings=32768),
+    "qwen2.5-0.5b": dict(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, intermediate_size=4864,
+                         vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=32768,
+                         qkv_bias=True, tie_embeddings=True),
+    "qwen2.5-1.5b": dict(dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, intermediate_size=8960,
+                         vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=32768,
+                         qkv_bias=True, tie_embeddings=True),
+    "qwen2.5-3b": dict(dim=2048, n_layers=36, n_heads=16, n_kv_heads=2, intermediate_size=11008,
+                       vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=32768,
+                       qkv_bias=True, tie_embeddings=True),
+    "qwen2.5-7b": dict(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, intermediate_size=18944,
+                       vocab_size=152064, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=32768,
+                       qkv_bias=True),
+    "qwen3-0.6b": dict(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, intermediate_size=3072,
+                       vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=40960,
+                       qk_norm=True, tie_embeddings=True),
+    "qwen3-1.7b": dict(dim=2048, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, intermediate_size=6144,
+                       vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=40960,
+                       qk_norm=True, tie_embeddings=True),
+    "qwen3-4b": dict(dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, intermediate_size=9728,
+                     vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=40960,
+                     qk_norm=True, tie_embeddings=True),
+    "qwen3-8b": dict(dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, intermediate_size=12288,
+                     vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=40960,
+                     qk_norm=True),
+    "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536,
+                         vocab_size=49152, rope_base=100000.0, max_position_embeddings=8192,
+                         tie_embeddings=True),
+    "smollm2-360m": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, intermediate_size=2560,
+                         vocab_size=49152, rope_base=100000.0, max_position_embeddings=8192,
+                         tie_embeddings=True),
+    "smollm2-1.7b": dict(dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, intermediate_size=8192,
+                         vocab_size=49152, rope_base=130000.0, max_position_embeddings=8192,
+                         tie_embeddings=True),
+}
+
+
+# ----------------------------------------------------------------------------- mask
+
+# Older torch has no compute_q_blocks; the q-side index is only needed for backward.
+_FROM_KV_BLOCKS_KW = ({"compute_q_blocks": False}
+                      if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters else {})
+
+
+def offset_length_block_mask(start: torch.Tensor, q_start: torch.Tensor, q_len: int, kv_len: int,
+                             sliding_window: int | None = None) -> BlockMask:
+    """The offset-plus-length mask of design.md, built from tensor arithmetic alone.
+
+    Row b's query i sits at absolute slot q = q_start + i and may attend to kv slots
+    start[b] <= kv <= q (and kv > q - sliding_window). Blocks of BLOCK_SIZE kv slots wholly
+    outside that range are skipped; blocks wholly inside skip the mask_mod ("full" blocks).
+    start: [B] int, q_start: 0-d int tensor, kv_len: a multiple of BLOCK_SIZE.
+    """
+    device = start.device
+    window = sliding_window if sliding_window is not None else kv_len + q_len + 1  # "no window"
+    n_q_blocks = (q_len + BLOCK_SIZE - 1) // BLOCK_SIZE
+    n_kv_blocks = kv_len // BLOCK_SIZE
+    q_lo = q_start + torch.arange(n_q_blocks, device=device) * BLOCK_SIZE  # first query slot of each q block
+    q_hi = torch.clamp(q_lo + BLOCK_SIZE - 1, max=q_start + q_len - 1)  # last query slot of each q block
+    kv_lo = torch.arange(n_kv_blocks, device=device) * BLOCK_SIZE
+    kv_hi = kv_lo + BLOCK_SIZE - 1
+    row_start = start.view(-1, 1, 1, 1)  # [B, H=1, q blocks, kv blocks]
+    q_lo, q_hi = q_lo.view(1, 1, -1, 1), q_hi.view(1, 1, -1, 1)
+    kv_lo, kv_hi = kv_lo.view(1, 1, 1, -1), kv_hi.view(1, 1, 1, -1)
+    # Some (q, kv) pair is valid iff some q in [max(q_lo, kv_lo, start), min(q_hi, kv_hi + window - 1)] exists.
+    any_valid = (torch.maximum(torch.maximum(q_lo, kv_lo), row_start) <= torch.minimum(q_hi, kv_hi + window - 1)) \
+        & (row_start <= kv_hi)
+    # Every pair is valid iff the block's corners are.
+    all_valid = (kv_lo >= row_start) & (kv_hi <= q_lo) & (kv_lo > q_hi - window)
+    partial = any_valid & ~all_valid
+
+    def block_indices(blocks):
+        count = blocks.sum(-1, dtype=torch.int32)
+        # stable sort puts the selected block indices first, in increasing order
+        order = torch.argsort(blocks.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
+        return count, order
+
+    kv_num_blocks, kv_indices = block_indices(partial)
+    full_kv_num_blocks, full_kv_indices = block_indices(all_valid)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_slot = q_start + q_idx
+        ok = (kv_idx >= start[b]) & (kv_idx <= q_slot)
+        if sliding_window is not None:
+            ok = ok & (kv_idx > q_slot - sliding_window)
+        return ok
+
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+                                    BLOCK_SIZE=BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=(q_len, kv_len),
+                                    **_FROM_KV_BLOCKS_KW)
+
+
+# ----------------------------------------------------------------------------- layers
+
+class KVCache(nn.Module):
+    """Preallocated K/V for every slot, written in place; the cache dtype is its own choice."""
+
+    def __init__(self, batch_size, n_kv_heads, cache_len, head_dim, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, cache_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        # input_pos: [T] slots; k, v: [B, Hkv, T, D]
+        self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
+        return self.k_cache, self.v_cache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32, as the reference implementations do
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, args.head_dim, 2, dtype=torch.int64).float() / args.head_dim))
+    scaling = args.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["type"] == "linear":
+        return inv_freq / scaling["factor"]
+    if scaling["type"] == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    raise ValueError(f"unknown rope scaling type {scaling['type']!r}")
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        qkv_out = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+        self.wqkv = nn.Linear(args.dim, qkv_out, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, block_mask, input_pos):
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_all, v_all = self.kv_cache.update(input_pos, k, v)
+        # Attention runs in the cache dtype; the mask keeps it to each row's valid slots.
+        y = flex_attention(q.to(k_all.dtype), k_all, v_all, block_mask=block_mask,
+                           enable_gqa=self.n_heads != self.n_kv_heads, scale=self.head_dim ** -0.5)
+        y = y.to(x.dtype).transpose(1, 2).reshape(B, T, q_size)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.intermediate_size = args.intermediate_size
+        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # [gate; up]
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).split(self.intermediate_size, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos, sin, block_mask, input_pos):
+        h = x + self.attention(self.attention_norm(x), cos, sin, block_mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        # Set by setup_caches: each row's first valid KV slot (left padding lives below it).
+        self.register_buffer("row_start", torch.zeros(0, dtype=torch.int32), persistent=False)
+        self.max_seq_len = 0  # logical cache length; the allocation is rounded up to BLOCK_SIZE
+
+    def setup_caches(self, batch_size: int, max_seq_len: int, kv_cache_dtype: torch.dtype | None = None):
+        """Allocate the static KV cache. Call again to resize; cheap to call with the same sizes."""
+        device = self.tok_embeddings.weight.device
+        dtype = kv_cache_dtype or self.tok_embeddings.weight.dtype
+        cache_len = (max_seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
+        self.max_seq_len = max_seq_len
+        self.row_start = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch_size, self.args.n_kv_heads, cache_len, self.args.head_dim,
+                                               dtype, device)
+
+    @property
+    def cache_len(self) -> int:
+        return self.layers[0].attention.kv_cache.k_cache.shape[2]
+
+    def set_row_starts(self, row_start: torch.Tensor):
+        """Row b's tokens begin at slot row_start[b] (left padding sits below it). In place."""
+        self.row_start.copy_(row_start)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """tokens [B, T] written at slots input_pos [T] (consecutive). Returns logits [B, T or keep, V] in fp32."""
+        B, T = tokens.shape
+        block_mask = offset_length_block_mask(self.row_start, input_pos[0], T, self.cache_len,
+                                              self.args.sliding_window)
+        # RoPE position of a token = its slot minus its row's start, so a left-padded row sees
+        # exactly the positions it would see alone.
+        positions = (input_pos.view(1, T) - self.row_start.view(B, 1)).clamp(min=0)
+        freqs = positions.unsqueeze(-1).float() * self.inv_freq  # [B, T, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, T, D]
+        x = self.tok_embeddings(tokens)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, block_mask, input_pos)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        x = self.norm(x)
+        logits = F.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
+        return logits.float()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+#
+# Our checkpoint directory: config.json {"model_args": {...}, "quantization": null | {...}},
+# model.safetensors with the parameter names of Transformer.state_dict(), and the tokenizer
+# file(s) beside them.
+
+CHECKPOINT_WEIGHTS = "model.safetensors"
+CHECKPOINT_CONFIG = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+def save_checkpoint(out_dir, config: dict, tensors: dict[str, torch.Tensor], extra_files: dict[str, str | bytes | Path] = None,
+                    force: bool = False):
+    """Write a checkpoint directory atomically: everything goes into a temp dir that is renamed into place."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise CheckpointError(f"{out_dir} already exists; pass --force to overwrite it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / CHECKPOINT_WEIGHTS))
+        (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        for name, content in (extra_files or {}).items():
+            if isinstance(content, Path):
+                shutil.copyfile(content, tmp / name)
+            elif isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_checkpoint_config(checkpoint_dir) -> dict:
+    checkpoint_dir = Path(checkpoint_dir)
+    path = checkpoint_dir / CHECKPOINT_CONFIG
+    if not checkpoint_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {checkpoint_dir} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; convert a model first (see README: scripts/convert_hf_checkpoint.py)")
+    try:
+        config = json.loads(path.read_text())
+        ModelArgs.from_dict(config["model_args"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a valid checkpoint config: {e}") from None
+    return config
+
+
+def load_checkpoint_tensors(checkpoint_dir, expected: dict[str, torch.Tensor], device, dtype) -> dict[str, torch.Tensor]:
+    """Read model.safetensors lazily (memory-mapped), checking every name and shape against `expected`.
+
+    Floating-point tensors are cast to `dtype`; integer tensors (quantized weights) keep theirs.
+    """
+    from safetensors import safe_open
+
+    path = Path(checkpoint_dir) / CHECKPOINT_WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    out = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            missing = sorted(set(expected) - names)
+            unexpected = sorted(names - set(expected))
+            if missing:
+                raise CheckpointError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing in all)")
+            if unexpected:
+                raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all)")
+            for name, ref in expected.items():
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(ref.shape):
+                    raise CheckpointError(f"{path}: tensor {name} has shape {list(shape)} but the config "
+                                          f"expects {list(ref.shape)}")
+                t = f.get_tensor(name)
+                out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return out
