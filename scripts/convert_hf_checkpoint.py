@@ -1,0 +1,208 @@
+"""Convert a Hugging Face Llama-family checkpoint directory into ours.
+
+    python scripts/convert_hf_checkpoint.py --checkpoint-dir HF_DIR [--output-dir OUT] [--dtype bf16] [--force]
+
+Reads HF config.json (-> ModelArgs.from_hf_config) and the weights (sharded or single
+*.safetensors, or pytorch_model*.bin), renames them to Transformer.state_dict() names,
+fuses q/k/v into wqkv and gate/up into w13, and writes config.json + model.safetensors +
+the tokenizer files. Source tensors are read one at a time from memory-mapped files, so
+peak memory is about one copy of the converted model, not two.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from model import CheckpointError, ModelArgs, Transformer, save_checkpoint  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+class _HFWeights:
+    """Name -> tensor over all weight files of an HF checkpoint, opened lazily (memory-mapped)."""
+
+    def __init__(self, hf_dir: Path):
+        self.hf_dir = hf_dir
+        self.where: dict[str, Path] = {}  # tensor name -> file holding it
+        self._open: dict[Path, object] = {}
+        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            index, single_path = hf_dir / index_name, hf_dir / single
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (ValueError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"{index} is not a valid weight index ({e})") from None
+                self.where = {name: hf_dir / f for name, f in weight_map.items()}
+                break
+            if single_path.is_file():
+                self.where = {name: single_path for name in self._file(single_path).keys()}
+                break
+        else:
+            raise CheckpointError(f"{hf_dir}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json) found")
+
+    def _file(self, path: Path):
+        if path not in self._open:
+            if not path.is_file():
+                raise CheckpointError(f"{path} is missing (listed in the weight index)")
+            try:
+                if path.suffix == ".safetensors":
+                    from safetensors import safe_open
+                    self._open[path] = safe_open(str(path), framework="pt", device="cpu")
+                else:
+                    self._open[path] = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # truncated / corrupt files surface as many error types
+                raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {_first_line(e)})") from None
+        return self._open[path]
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.where.get(name)
+        if path is None:
+            raise CheckpointError(f"{self.hf_dir}: missing tensor {name}")
+        try:
+            f = self._file(path)
+            return f.get_tensor(name) if path.suffix == ".safetensors" else f[name]
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read tensor {name} ({type(e).__name__}: {_first_line(e)})") from None
+
+    def close(self):
+        self._open.clear()
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _mapping(args: ModelArgs):
+    """Yield (layer index or None, our name, [(hf name, expected shape)]) in file order.
+
+    Several HF names for one of ours are concatenated along dim 0 (wqkv, w13)."""
+    q, kv, hd, dim, inter = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.head_dim, \
+        args.dim, args.intermediate_size
+    yield None, "tok_embeddings.weight", [("model.embed_tokens.weight", (args.vocab_size, dim))]
+    for i in range(args.n_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        attn = hf + "self_attn."
+        yield i, ours + "attention.wqkv.weight", [(attn + "q_proj.weight", (q, dim)), (attn + "k_proj.weight", (kv, dim)),
+                                                  (attn + "v_proj.weight", (kv, dim))]
+        if args.qkv_bias:
+            yield i, ours + "attention.wqkv.bias", [(attn + "q_proj.bias", (q,)), (attn + "k_proj.bias", (kv,)),
+                                                    (attn + "v_proj.bias", (kv,))]
+        yield i, ours + "attention.wo.weight", [(attn + "o_proj.weight", (dim, q))]
+        if args.qk_norm:
+            yield i, ours + "attention.q_norm.weight", [(attn + "q_norm.weight", (hd,))]
+            yield i, ours + "attention.k_norm.weight", [(attn + "k_norm.weight", (hd,))]
+        yield i, ours + "feed_forward.w13.weight", [(hf + "mlp.gate_proj.weight", (inter, dim)),
+                                                    (hf + "mlp.up_proj.weight", (inter, dim))]
+        yield i, ours + "feed_forward.w2.weight", [(hf + "mlp.down_proj.weight", (dim, inter))]
+        yield i, ours + "attention_norm.weight", [(hf + "input_layernorm.weight", (dim,))]
+        yield i, ours + "ffn_norm.weight", [(hf + "post_attention_layernorm.weight", (dim,))]
+    yield None, "norm.weight", [("model.norm.weight", (dim,))]
+    if not args.tie_embeddings:
+        yield None, "output.weight", [("lm_head.weight", (args.vocab_size, dim))]
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    path = hf_dir / "config.json"
+    if not hf_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {hf_dir} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; is {hf_dir} a Hugging Face checkpoint directory?")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+def convert_hf_checkpoint(hf_dir, out_dir=None, dtype=None, force: bool = False, source: str | None = None) -> Path:
+    """Convert HF checkpoint `hf_dir` into our format at `out_dir` (default checkpoints/<name>).
+
+    dtype: torch dtype, or one of "bf16"/"fp16"/"fp32"; None keeps the dtype of the embedding.
+    Raises CheckpointError (a one-line message naming the file) on any problem; nothing is
+    left behind then. Returns the output directory.
+    """
+    hf_dir = Path(hf_dir)
+    out_dir = Path(out_dir) if out_dir is not None else Path("checkpoints") / hf_dir.resolve().name
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    if out_dir.exists() and not force:  # fail before reading gigabytes
+        raise CheckpointError(f"{out_dir} already exists; pass --force to overwrite it")
+    cfg = read_hf_config(hf_dir)
+    try:
+        args = ModelArgs.from_hf_config(cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"{hf_dir / 'config.json'}: {msg}") from None
+    if cfg.get("mlp_bias"):
+        raise CheckpointError(f"{hf_dir / 'config.json'}: mlp_bias=true is not supported")
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+
+    weights = _HFWeights(hf_dir)
+    if dtype is None:
+        dtype = weights.get("model.embed_tokens.weight").dtype
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+    tensors, used = {}, set()
+    print(f"converting {hf_dir} ({cfg.get('model_type')}, {args.n_layers} layers) to {out_dir} in {dtype}", flush=True)
+    current = None
+    for layer, name, sources in _mapping(args):
+        if current is not None and layer != current:  # finished a layer
+            print(f"  layers {current + 1}/{args.n_layers}", flush=True)
+        current = layer
+        parts = []
+        for hf_name, shape in sources:
+            t = weights.get(hf_name)
+            if tuple(t.shape) != tuple(shape):
+                raise CheckpointError(f"{weights.where[hf_name]}: tensor {hf_name} has shape {list(t.shape)} but "
+                                      f"config.json implies {list(shape)}")
+            parts.append(t.to(dtype))
+            used.add(hf_name)
+        tensors[name] = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
+        assert tensors[name].shape == expected[name], name
+    if args.tie_embeddings and "lm_head.weight" in weights.where:
+        # HF ties these on load and ignores the stored copy; so do we.
+        used.add("lm_head.weight")
+    unused = sorted(n for n in weights.where if n not in used and not n.endswith("rotary_emb.inv_freq"))
+    if unused:
+        raise CheckpointError(f"{weights.where[unused[0]]}: unexpected tensor {unused[0]} ({len(unused)} unused in "
+                              f"all); this model variant is not supported")
+    weights.close()
+
+    extra = {f: hf_dir / f for f in TOKENIZER_FILES if (hf_dir / f).is_file()}
+    config = {"model_args": _asdict(args), "quantization": None, "source": source or str(hf_dir)}
+    save_checkpoint(out_dir, config, tensors, extra, force=force)
+    print(f"wrote {out_dir} ({sum(t.numel() for t in tensors.values()) / 1e6:.1f}M parameters, "
+          f"tokenizer files: {', '.join(extra) or 'none'})", flush=True)
+    return out_dir
+
+
+def _asdict(args: ModelArgs) -> dict:
+    from dataclasses import asdict
+    return asdict(args)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint-dir", required=True, type=Path, help="Hugging Face checkpoint directory")
+    p.add_argument("--output-dir", type=Path, default=None, help="default: checkpoints/<checkpoint dir name>")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as stored")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    a = p.parse_args(argv)
+    try:
+        convert_hf_checkpoint(a.checkpoint_dir, a.output_dir, a.dtype, a.force)
+    except (CheckpointError, OSError) as e:
+        print(f"error: {_first_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
