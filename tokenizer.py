@@ -232,7 +232,13 @@ class Tokenizer:
         raise TokenizerError(f"{self.path}: no chat format for this tokenizer (no chat_template found)")
 
     def encode_dialog(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> List[int]:
-        """A whole conversation [{"role": "system"|"user"|"assistant", "content": str}, ...]."""
+        """A whole conversation [{"role": "system"|"user"|"assistant", "content": str}, ...].
+
+        Equals the incremental ids: encode_chat_turn for each user turn, and for each
+        assistant turn encode_reply (its text encoded on its own, then the stop token).
+        A dialog that ends with an assistant message ends at that stop token; what a
+        template puts after it (ChatML's "\n", Llama-2's "<s>") starts the next turn.
+        """
         msgs = list(messages)
         system = None
         if msgs and msgs[0]["role"] == "system":
