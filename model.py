@@ -289,6 +289,21 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     raise ValueError(f"unknown rope scaling type {scaling['type']!r}")
 
 
+_compiled_flex_attention = None
+
+
+def attention(q, k, v, block_mask, enable_gqa):
+    """flex_attention; outside torch.compile on a GPU it goes through a compiled flex kernel,
+    because eager flex_attention materialises the whole [B, H, T, cache_len] score matrix."""
+    global _compiled_flex_attention
+    if q.is_cuda and not torch.compiler.is_compiling():
+        if _compiled_flex_attention is None:
+            _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa,
+                                        scale=q.shape[-1] ** -0.5)
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa, scale=q.shape[-1] ** -0.5)
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -322,8 +337,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         k_all, v_all = self.kv_cache.update(input_pos, k, v)
         # Attention runs in the cache dtype; the mask keeps it to each row's valid slots.
-        y = flex_attention(q.to(k_all.dtype), k_all, v_all, block_mask=block_mask,
-                           enable_gqa=self.n_heads != self.n_kv_heads, scale=self.head_dim ** -0.5)
+        y = attention(q.to(k_all.dtype), k_all, v_all, block_mask, self.n_heads != self.n_kv_heads)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, q_size)
         return self.wo(y)
 

