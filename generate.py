@@ -24,6 +24,8 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
+# The KV cache may also be stored quantized (quantize.QuantizedKVCache); attention still runs in --dtype.
+KV_CACHE_DTYPES = {**DTYPES, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 # Eager flex_attention (CPU, tests) warns that it is unfused; that is expected there.
 warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
@@ -256,7 +258,8 @@ def parse_args(argv=None):
                    help="KV cache slots (default: just enough for prompt + new tokens; 4096 for --chat)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--kv-cache-dtype", default=None, help="KV cache dtype (default: the compute dtype)")
+    p.add_argument("--kv-cache-dtype", default=None,
+                   help="KV cache dtype: bf16, fp16, fp32, int8 or fp8 (default: the compute dtype)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graph on GPU)")
     p.add_argument("--compile-prefill", action="store_true", help="compile prefill too (dynamic shapes)")
     p.add_argument("--profile", type=Path, default=None, help="write a torch profiler trace of decode here")
@@ -279,12 +282,12 @@ def resolve_device(name):
     return device
 
 
-def resolve_dtype(name, flag, default):
+def resolve_dtype(name, flag, default, choices=DTYPES):
     if name is None:
         return default
-    if name not in DTYPES:
-        raise UsageError(f"unknown {flag} {name!r}; use one of bf16, fp16, fp32")
-    return DTYPES[name]
+    if name not in choices:
+        raise UsageError(f"unknown {flag} {name!r}; use one of {', '.join(choices)}")
+    return choices[name]
 
 
 def validate(args):
@@ -346,7 +349,7 @@ def run(args):
     validate(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, "--dtype", torch.bfloat16 if device.type == "cuda" else torch.float32)
-    kv_cache_dtype = resolve_dtype(args.kv_cache_dtype, "--kv-cache-dtype", dtype)
+    kv_cache_dtype = resolve_dtype(args.kv_cache_dtype, "--kv-cache-dtype", dtype, KV_CACHE_DTYPES)
     checkpoint = resolve_checkpoint(args.checkpoint)
     if args.seed is not None:
         torch.manual_seed(args.seed)

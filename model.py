@@ -387,9 +387,13 @@ class Transformer(nn.Module):
         cache_len = (max_seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
         self.max_seq_len = max_seq_len
         self.row_start = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        shape = (batch_size, self.args.n_kv_heads, cache_len, self.args.head_dim)
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch_size, self.args.n_kv_heads, cache_len, self.args.head_dim,
-                                               dtype, device)
+            if dtype in (torch.int8, torch.float8_e4m3fn):
+                from quantize import QuantizedKVCache  # int8/fp8 storage with per-token, per-head scales
+                layer.attention.kv_cache = QuantizedKVCache(*shape, dtype, self.tok_embeddings.weight.dtype, device)
+            else:
+                layer.attention.kv_cache = KVCache(*shape, dtype, device)
 
     @property
     def cache_len(self) -> int:
