@@ -482,6 +482,7 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
     print(f"Chat with {args.checkpoint or DEFAULT_CHECKPOINT.name} ({max_seq_len}-token context). "
           f"/reset starts over, /exit or Ctrl-D ends.", file=sys.stderr)
     cache_len, pending = 0, []  # slots filled; the last reply token, sampled but not yet in the cache
+    turns = []  # for --json
     while True:
         if interactive:
             print("\n> ", end="", flush=True)
@@ -493,6 +494,7 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
             break
         if text.strip() == "/reset":
             cache_len, pending = 0, []
+            turns.append({"reset": True})
             print("(conversation reset)", file=sys.stderr)
             continue
         if not text.strip():
@@ -514,8 +516,13 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
         # Everything but the final sampled token is now in the cache; that token goes in next turn.
         cache_len += len(new_ids) + len(res.tokens[0]) + (1 if res.stopped[0] else 0) - 1
         pending = [res.last_token[0]]
-        if not res.stopped[0]:
+        if not res.stopped[0]:  # close the cut reply the way the template expects
+            pending += tokenizer.encode_reply("")
             print(f"(reply cut at {len(res.tokens[0])} tokens)", file=sys.stderr)
+        turns.append({"user": text, "reply": tokenizer.decode(res.tokens[0]), "reply_ids": res.tokens[0],
+                      "stopped": res.stopped[0], "cache_slots_used": cache_len})
+    if args.json is not None:
+        write_json_atomic(args.json, {"turns": turns})
     return 0
 
 

@@ -1,0 +1,156 @@
+"""generate.py as a user runs it: flags, streaming, --json, and one-line errors with exit code 2."""
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+import generate
+from model import ModelArgs, Transformer, save_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random model with the real SmolLM2 tokenizer (from its GGUF)."""
+    import gguf
+
+    from scripts.assets import smollm2_gguf_path
+    from tokenizer import gguf_tokenizer_files
+
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64, vocab_size=49152,
+                     max_position_embeddings=256, tie_embeddings=True)
+    model = Transformer(args)
+    files = gguf_tokenizer_files(gguf.GGUFReader(str(smollm2_gguf_path())))
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(out, {"model_args": asdict(args), "quantization": None}, model.state_dict(), files)
+    return out
+
+
+def run_main(argv, capsys):
+    code = generate.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_generates_streams_and_writes_json(tiny_checkpoint, tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    code, out, err = run_main(["--checkpoint", tiny_checkpoint, "--prompt", "Hello there", "--max-new-tokens", 12,
+                               "--temperature", 0, "--device", "cpu", "--json", out_json], capsys)
+    assert code == 0, err
+    data = json.loads(out_json.read_text())
+    row = data["rows"][0]
+    assert row["prompt"] == "Hello there"
+    assert len(row["token_ids"]) == 12 or row["stopped"]
+    # what was streamed is the prompt followed by exactly the decoded completion
+    assert out == "Hello there" + row["completion"] + "\n"
+    for key in ("time_to_first_token_s", "decode_tokens_per_s", "model_bytes", "achieved_GBps",
+                "peak_memory_bytes", "torch_version", "device"):
+        assert data[key] is not None, key
+    assert "tokens/s" in err and "Bandwidth achieved" in err
+
+
+def test_batch_of_prompts_matches_each_alone(tiny_checkpoint, tmp_path, capsys):
+    common = ["--checkpoint", tiny_checkpoint, "--max-new-tokens", 8, "--temperature", 0, "--device", "cpu"]
+    prompts = ["A short one", "A much longer prompt than the first, with more tokens in it"]
+    batch_json, alone_json = tmp_path / "b.json", tmp_path / "a.json"
+    assert run_main(common + ["--prompt", prompts[0], "--prompt", prompts[1], "--json", batch_json], capsys)[0] == 0
+    batch = json.loads(batch_json.read_text())["rows"]
+    for i, p in enumerate(prompts):
+        assert run_main(common + ["--prompt", p, "--json", alone_json], capsys)[0] == 0
+        assert json.loads(alone_json.read_text())["rows"][0]["token_ids"] == batch[i]["token_ids"]
+
+
+def test_sampling_with_seed_is_reproducible(tiny_checkpoint, tmp_path, capsys):
+    common = ["--checkpoint", tiny_checkpoint, "--prompt", "Once", "--max-new-tokens", 10, "--temperature", 1.0,
+              "--top-p", 0.9, "--top-k", 50, "--seed", 7, "--device", "cpu", "--json"]
+    assert run_main(common + [tmp_path / "1.json"], capsys)[0] == 0
+    assert run_main(common + [tmp_path / "2.json"], capsys)[0] == 0
+    ids = [json.loads((tmp_path / f"{i}.json").read_text())["rows"][0]["token_ids"] for i in (1, 2)]
+    assert ids[0] == ids[1]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--device", "tpu"], "device"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "device"),
+    (["--dtype", "fp12"], "unknown --dtype 'fp12'"),
+    (["--kv-cache-dtype", "int3"], "unknown --kv-cache-dtype 'int3'"),
+    (["--prompt", "   "], "empty prompt"),
+    (["--prompt", "word " * 300], "exceeds"),  # longer than the model's 256-token context
+    (["--max-seq-length", "100000"], "exceeds the model's context"),
+    (["--prompt", "hi", "--max-seq-length", "8", "--max-new-tokens", "20"], "exceeds --max-seq-length"),
+    (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read --prompt-file"),
+])
+def test_bad_input_is_one_line_exit_2(tiny_checkpoint, capsys, extra, message):
+    argv = ["--checkpoint", tiny_checkpoint, "--device", "cpu"] + extra
+    if "--prompt" not in extra and "--prompt-file" not in extra:
+        argv += ["--prompt", "hi"]
+    code, out, err = run_main(argv, capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_bad_checkpoints(tiny_checkpoint, tmp_path, capsys):
+    code, _, err = run_main(["--checkpoint", tmp_path / "missing", "--device", "cpu"], capsys)
+    assert code == 2 and "does not exist" in err
+    # a weight whose shape does not match the config: named, with both shapes
+    bad = tmp_path / "bad"
+    import shutil
+    shutil.copytree(tiny_checkpoint, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["model_args"]["intermediate_size"] = 48
+    (bad / "config.json").write_text(json.dumps(config))
+    code, _, err = run_main(["--checkpoint", bad, "--device", "cpu", "--prompt", "x"], capsys)
+    assert code == 2 and "layers.0.feed_forward.w13.weight" in err and "[128, 32]" in err and "[96, 32]" in err
+    # a truncated weights file
+    trunc = tmp_path / "trunc"
+    shutil.copytree(tiny_checkpoint, trunc)
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    code, _, err = run_main(["--checkpoint", trunc, "--device", "cpu", "--prompt", "x"], capsys)
+    assert code == 2 and "model.safetensors" in err
+
+
+def test_cli_process_exit_code_and_no_traceback(tiny_checkpoint):
+    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "--checkpoint", str(tiny_checkpoint),
+                           "--device", "cpu", "--top-p", "2"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --top-p must be in (0, 1] (got 2.0)"]
+
+
+def test_chat_keeps_the_conversation_in_the_cache(tiny_checkpoint, tmp_path):
+    """Three piped turns; each reply equals a fresh run over the whole transcript (greedy)."""
+    turns = ["Hi!", "What is 2+2?", "Thanks"]
+    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "--checkpoint", str(tiny_checkpoint),
+                           "--device", "cpu", "--chat", "--temperature", "0", "--max-new-tokens", "6",
+                           "--json", str(tmp_path / "chat.json")],
+                          input="\n".join(turns) + "\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    replies = json.loads((tmp_path / "chat.json").read_text())["turns"]
+    assert [r["user"] for r in replies] == turns
+    assert "".join(r["reply"] + "\n" for r in replies) == proc.stdout  # streamed as generated
+
+    from generate import Generator, Sampling, load_model
+    from tokenizer import load_tokenizer
+    model, _ = load_model(tiny_checkpoint, "cpu", torch.float32)
+    tok = load_tokenizer(tiny_checkpoint)
+    gen = Generator(model)
+    gen.setup(1, 256)
+    transcript = []  # the ids the conversation put in the cache, re-run from an empty cache each turn
+    for i, (user, streamed) in enumerate(zip(turns, replies)):
+        transcript += tok.encode_chat_turn(user, first_turn=i == 0)
+        res = gen.generate([transcript], 6, Sampling(), tok.stop_ids)
+        assert streamed["reply_ids"] == res.tokens[0], f"turn {i}"
+        # the reply and its stop token (added by the chat when the reply was cut) stay in the cache
+        transcript += res.tokens[0] + tok.encode_reply("")
