@@ -292,16 +292,31 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 _compiled_flex_attention = None
 
 
-def attention(q, k, v, block_mask, enable_gqa):
-    """flex_attention; outside torch.compile on a GPU it goes through a compiled flex kernel,
-    because eager flex_attention materialises the whole [B, H, T, cache_len] score matrix."""
+def attention(q, k, v, block_mask: BlockMask, enable_gqa: bool):
+    """Attention of q [B, Hq, T, D] over the whole cache k, v [B, Hkv, S, D] under block_mask.
+
+    Under torch.compile this is flex_attention (the flex-decoding kernel at decode). Outside it,
+    eager flex_attention materialises every score and costs milliseconds per call, so: on a GPU
+    we call a compiled flex kernel; on the CPU we run SDPA with the dense form of the same mask.
+    """
     global _compiled_flex_attention
-    if q.is_cuda and not torch.compiler.is_compiling():
+    scale = q.shape[-1] ** -0.5
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa, scale=scale)
+    if q.is_cuda:
         if _compiled_flex_attention is None:
             _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa,
-                                        scale=q.shape[-1] ** -0.5)
-    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa, scale=q.shape[-1] ** -0.5)
+        return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa, scale=scale)
+    B, T, S = q.shape[0], q.shape[2], k.shape[2]
+    b = torch.arange(B, device=q.device).view(B, 1, 1, 1)
+    q_idx = torch.arange(T, device=q.device).view(1, 1, T, 1)
+    kv_idx = torch.arange(S, device=q.device).view(1, 1, 1, S)
+    mask = block_mask.mask_mod(b, 0, q_idx, kv_idx)
+    # A left-pad query has no valid slot (flex returns 0 for it); let it see every slot so SDPA
+    # gives a finite value instead of NaN, which would reach its own K/V slot. No real query
+    # ever attends to a pad slot.
+    mask = mask | ~mask.any(-1, keepdim=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa, scale=scale)
 
 
 def rotate_half(x):
