@@ -90,8 +90,13 @@ class ModelArgs:
         else:
             raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: linear, llama3)")
         # Mistral always honours sliding_window (null in v0.3); Qwen configs carry one they do not use.
-        use_window = model_type == "mistral" or cfg.get("use_sliding_window", False)
-        sliding_window = cfg.get("sliding_window") if use_window else None
+        if model_type != "mistral" and cfg.get("use_sliding_window", False):
+            raise ValueError("per-layer sliding windows (use_sliding_window with max_window_layers) are not supported")
+        sliding_window = cfg.get("sliding_window") if model_type == "mistral" else None
+        if model_type in ("llama", "mistral") and cfg.get("attention_bias", False):
+            raise ValueError("attention_bias=true (biases on q/k/v and o_proj) is not supported")
+        if cfg.get("mlp_bias", False):
+            raise ValueError("mlp_bias=true is not supported")
         n_heads = cfg["num_attention_heads"]
         return cls(
             dim=cfg["hidden_size"],
@@ -106,7 +111,7 @@ class ModelArgs:
             rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             sliding_window=sliding_window,
-            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qkv_bias=model_type == "qwen2",
             qk_norm=model_type == "qwen3",
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         )
@@ -463,6 +468,8 @@ def save_checkpoint(out_dir, config: dict, tensors: dict[str, torch.Tensor], ext
         raise CheckpointError(f"{out_dir} already exists; pass --force to overwrite it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / CHECKPOINT_WEIGHTS))
         (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -473,6 +480,10 @@ def save_checkpoint(out_dir, config: dict, tensors: dict[str, torch.Tensor], ext
                 (tmp / name).write_bytes(content)
             else:
                 (tmp / name).write_text(content)
+        # mkdtemp makes a private (0700) directory; a checkpoint gets the usual permissions
+        os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.rename(out_dir, old)
