@@ -44,3 +44,44 @@ def test_three_turn_chat_equals_rerun_from_empty_cache(smollm2_checkpoint, tmp_p
         res = gen.generate([transcript], 24, Sampling(), tok.stop_ids)  # from an empty cache
         assert res.tokens[0] == chat_turn["reply_ids"], f"turn {i}"
         transcript += res.tokens[0] + tok.encode_reply("")
+
+
+def test_chat_in_a_real_terminal(smollm2_checkpoint):
+    """Drive --chat through a tmux pane (a real tty): prompt, streamed replies, /reset, Ctrl-D."""
+    import shutil
+    import time
+    import uuid
+
+    import pytest
+
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    session = f"chat-{uuid.uuid4().hex[:8]}"
+    cmd = (f"{sys.executable} {REPO / 'generate.py'} --checkpoint {smollm2_checkpoint} --device cpu --chat "
+           f"--temperature 0 --max-new-tokens 30; echo EXIT=$?; sleep 60")
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", "50", cmd], check=True)
+
+    def pane():
+        return subprocess.run(["tmux", "capture-pane", "-t", session, "-p"], capture_output=True, text=True).stdout
+
+    def wait_for(text, timeout=120):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if text in pane():
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"{text!r} never appeared:\n{pane()}")
+
+    def send(*keys):
+        subprocess.run(["tmux", "send-keys", "-t", session, *keys], check=True)
+
+    try:
+        wait_for("Ctrl-D ends")  # capture-pane trims the prompt's trailing space; typed keys wait in the tty
+        send("What is the capital of France?", "Enter")
+        wait_for("Paris")
+        send("/reset", "Enter")
+        wait_for("(conversation reset)")
+        send("C-d")
+        wait_for("EXIT=0")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
