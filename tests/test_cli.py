@@ -154,3 +154,24 @@ def test_chat_keeps_the_conversation_in_the_cache(tiny_checkpoint, tmp_path):
         assert streamed["reply_ids"] == res.tokens[0], f"turn {i}"
         # the reply and its stop token (added by the chat when the reply was cut) stay in the cache
         transcript += res.tokens[0] + tok.encode_reply("")
+
+
+def test_profile_prompt_file_and_num_samples(tiny_checkpoint, tmp_path, capsys):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("A prompt read from a file")
+    trace = tmp_path / "trace.json"
+    code, out, err = run_main(["--checkpoint", tiny_checkpoint, "--prompt-file", prompt, "--max-new-tokens", 4,
+                               "--num-samples", 2, "--temperature", 0, "--device", "cpu", "--profile", trace], capsys)
+    assert code == 0, err
+    assert out.count("A prompt read from a file") == 2  # two samples streamed
+    assert "Sample 2/2" in err
+    assert "traceEvents" in json.loads(trace.read_text())
+
+
+def test_compile_prefill_equals_eager(tiny_checkpoint, tmp_path, capsys):
+    common = ["--checkpoint", tiny_checkpoint, "--prompt", "Compile me", "--max-new-tokens", 5,
+              "--temperature", 0, "--device", "cpu", "--json"]
+    assert run_main(common + [tmp_path / "e.json"], capsys)[0] == 0
+    assert run_main(common + [tmp_path / "c.json", "--compile-prefill"], capsys)[0] == 0
+    ids = [json.loads((tmp_path / f"{n}.json").read_text())["rows"][0]["token_ids"] for n in "ec"]
+    assert ids[0] == ids[1]
