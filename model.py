@@ -310,7 +310,7 @@ def attention(q, k, v, block_mask: BlockMask, enable_gqa: bool):
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa, scale=scale)
     if q.is_cuda:
         if _compiled_flex_attention is None:
-            _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+            _compiled_flex_attention = torch.compile(flex_attention)  # dynamic after a 2nd prompt length
         return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa, scale=scale)
     B, T, S = q.shape[0], q.shape[2], k.shape[2]
     b = torch.arange(B, device=q.device).view(B, 1, 1, 1)

@@ -136,6 +136,10 @@ class Tokenizer:
         raise NotImplementedError
 
     # ---- common
+    def vocab_fits(self, model_vocab_size: int) -> bool:
+        """True when every id this tokenizer can produce indexes the model's embedding."""
+        return self.max_id < model_vocab_size
+
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
         """Plain text -> ids. Special-token text inside `text` is encoded as ordinary text."""
         ids = self._encode_text(_fix_surrogates(text))
@@ -545,7 +549,7 @@ def load_tokenizer(checkpoint_dir, chat_format: Optional[str] = None) -> Tokeniz
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, path=None) -> None:
     """A tokenizer that can produce an id >= the model's vocab size would index out of the embedding."""
-    if tokenizer.max_id >= model_vocab_size:
+    if not tokenizer.vocab_fits(model_vocab_size):
         raise TokenizerError(f"{path or tokenizer.path}: tokenizer has ids up to {tokenizer.max_id} "
                              f"but the model's vocab_size is {model_vocab_size}")
 
@@ -617,7 +621,7 @@ def gguf_tokenizer_files(reader) -> Dict[str, str]:
 
     `reader` is a gguf.GGUFReader. Only byte-level BPE ("gpt2") vocabularies are supported.
     """
-    name = getattr(reader, "path", None) or "GGUF file"
+    name = getattr(getattr(reader, "data", None), "filename", None) or "GGUF file"
     model = _gguf_value(reader, "tokenizer.ggml.model")
     if model is None:
         raise TokenizerError(f"{name}: no tokenizer.ggml.model in GGUF metadata")
@@ -650,8 +654,11 @@ def gguf_tokenizer_files(reader) -> Dict[str, str]:
     config = {"add_bos_token": bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", False))}
     for key, field in (("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id")):
         tid = _gguf_value(reader, field)
-        if tid is not None:
-            config[key] = tokens[tid]
+        if tid is not None and 0 <= tid < len(tokens):
+            tok = tokens[tid]
+            if types[tid] not in (_GGUF_CONTROL, _GGUF_USER_DEFINED):  # a normal token: config holds its text
+                tok = bytes(_UNICODE_TO_BYTE[c] for c in tok).decode("utf-8", errors="replace")
+            config[key] = tok
     template = _gguf_value(reader, "tokenizer.chat_template")
     if template:
         config["chat_template"] = template

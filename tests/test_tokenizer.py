@@ -138,6 +138,35 @@ def test_smollm2_parity_botchan(smol, smol_ref, botchan_lines):
         assert smol.decode(ids) == smol_ref.decode(ids, skip_special_tokens=False)
 
 
+def _random_texts(n, seed=0):
+    import random
+    rng = random.Random(seed)
+    alphabet = list("ab Zé日😀0123456789 \n\t\r.,'!-_") + [" ", "  ", "'s", "'LL", "\u0301", "\u00a0", "\n\n", "12 "]
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 24))) for _ in range(n)]
+
+
+def test_smollm2_parity_random_digits_and_spaces(smol, smol_ref):
+    """SmolLM2 splits every digit and ends whitespace runs at digits: fuzz the one-regex version."""
+    for text in _random_texts(3000):
+        assert smol.encode(text) == smol_ref.encode(text, add_special_tokens=False).ids, repr(text)
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2"])
+def test_other_byte_level_pre_tokenizers(pre, smol_files, tmp_path, botchan_lines):
+    """tokenizer.json with GPT-2 / Llama-3 / Qwen2 pre-tokenizers (SmolLM2's vocab as a stand-in)
+    encodes like HF tokenizers reading the same file."""
+    from tokenizers import Tokenizer
+    from tokenizer import GGUF_PRE_TOKENIZERS
+    tj = json.loads(smol_files["tokenizer.json"])
+    tj["pre_tokenizer"] = GGUF_PRE_TOKENIZERS[pre]
+    tj["normalizer"] = {"type": "NFC"} if pre == "qwen2" else None
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    ours, hf = load_tokenizer(tmp_path), Tokenizer.from_str(json.dumps(tj))
+    plain = [t for t in TRICKY if "<" not in t]
+    for text in botchan_lines[:300] + plain + _random_texts(500, seed=1):
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids, (pre, text)
+
+
 def test_smollm2_written_tokenizer_json_loads_in_hf(smol, smol_files, botchan_lines):
     """The converter writes these files into checkpoints: HF tokenizers must read them the same way."""
     from tokenizers import Tokenizer
@@ -205,8 +234,7 @@ def test_stream_decode_holds_back_partial_utf8(mistral, llama3):
     for tok in (mistral, llama3):
         ids = tok.encode("𝔘")
         assert len(ids) > 1
-        pieces = _stream(tok, ids)
-        assert [p for p in pieces if p] == ["𝔘"] or "".join(pieces) == "𝔘" and "\ufffd" not in "".join(pieces)
+        assert [p for p in _stream(tok, ids) if p] == ["𝔘"]
 
 
 # ---------------------------------------------------------------------------- special and stop ids
