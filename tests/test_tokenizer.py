@@ -408,3 +408,22 @@ def test_gguf_sentencepiece_vocab_not_supported(tmp_path):
     with pytest.raises(TokenizerError) as e:
         gguf_tokenizer_files(gguf.GGUFReader(path))
     assert "not supported" in _one_line(e)
+
+
+def test_tokenizer_json_merges_must_follow_id_order(smol_files, tmp_path):
+    """rank = id is only valid when merge results' ids grow with merge order; otherwise refuse."""
+    tj = json.loads(smol_files["tokenizer.json"])
+    merges = tj["model"]["merges"]
+    merges[10], merges[20] = merges[20], merges[10]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(TokenizerError) as e:
+        load_tokenizer(tmp_path)
+    assert str(tmp_path / "tokenizer.json") in _one_line(e) and "merge" in str(e.value)
+
+
+def test_tokenizer_json_not_byte_level(tmp_path):
+    tj = {"model": {"type": "WordPiece", "vocab": {"a": 0}}, "pre_tokenizer": None, "added_tokens": []}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(TokenizerError) as e:
+        load_tokenizer(tmp_path)
+    assert str(tmp_path / "tokenizer.json") in _one_line(e)
