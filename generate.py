@@ -388,7 +388,7 @@ def run(args):
                        [{"role": "user", "content": text}]
             prompts.append(tokenizer.encode_dialog(messages))
         else:
-            prompts.append(tokenizer.encode(text, bos=tokenizer.bos_id is not None))
+            prompts.append(tokenizer.encode(text, bos=tokenizer.add_bos and tokenizer.bos_id is not None))
     T = max(len(p) for p in prompts)
     max_seq_len = args.max_seq_length or min(T + args.max_new_tokens, context)
     if T + args.max_new_tokens > max_seq_len:
