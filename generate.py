@@ -434,7 +434,8 @@ def run(args):
         steady_s = res.decode_s - res.first_decode_s
         tok_s = decode_tokens_per_s(res, len(prompts))
         write_json_atomic(args.json, {
-            "rows": [{"prompt": texts[b], "completion": tokenizer.decode(res.tokens[b]), "token_ids": res.tokens[b],
+            "rows": [{"prompt": texts[b], "prompt_ids": prompts[b], "completion": tokenizer.decode(res.tokens[b]),
+                      "token_ids": res.tokens[b],
                       "stopped": res.stopped[b]} for b in range(len(prompts))],
             "time_to_first_token_s": res.prefill_s,
             "decode_tokens_per_s": tok_s,

@@ -46,6 +46,9 @@ def test_generates_streams_and_writes_json(tiny_checkpoint, tmp_path, capsys):
     data = json.loads(out_json.read_text())
     row = data["rows"][0]
     assert row["prompt"] == "Hello there"
+    # SmolLM2's config says add_bos_token: false (its bos is <|im_start|>): the prompt is the bare text
+    from tokenizer import load_tokenizer
+    assert row["prompt_ids"] == load_tokenizer(tiny_checkpoint).encode("Hello there")
     assert len(row["token_ids"]) == 12 or row["stopped"]
     # what was streamed is the prompt followed by exactly the decoded completion
     assert out == "Hello there" + row["completion"] + "\n"
