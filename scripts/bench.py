@@ -759,7 +759,7 @@ def merge_main(opts):
               "copy_bandwidth": reports[0].get("copy_bandwidth"), "matmul": reports[0].get("matmul"),
               "results": [r for rep in reports for r in rep.get("results", [])],
               "start_times": [s for rep in reports for s in rep.get("start_times", [])],
-              "notes": [n for rep in reports for n in rep.get("notes", [])]}
+              "notes": list(dict.fromkeys(n for rep in reports for n in rep.get("notes", [])))}
     devices = {rep["header"]["device"] for rep in reports}
     if len(devices) > 1:
         merged["notes"].append(f"merged runs from different devices: {sorted(devices)}")
@@ -817,7 +817,7 @@ def main(argv=None):
         tmp_cache = tempfile.mkdtemp(prefix="bench_inductor_")
         remaining = budget - (time.perf_counter() - T0)
         report["start_times"].append(start_times(head, opts, head.cache_slots(opts.new_tokens), tmp_cache,
-                                                 min(remaining, 590) if remaining != float("inf") else 3600))
+                                                 min(remaining / 2, 300)))
         if opts.compile:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = tmp_cache
             os.environ.pop("TRITON_CACHE_DIR", None)
