@@ -792,8 +792,9 @@ def main(argv=None):
         plan = grid(models, weights, kv_dtypes, [int(b) for b in split(opts.batch)],
                     [parse_size(c) for c in split(opts.ctx)], [parse_size(c) for c in split(opts.cache)],
                     opts.beyond_context)
-        hf_plan = [Config(m, batch=b) for m in models for b in [int(x) for x in split(opts.batch)][:1]]
-        hf_plan = [Config(c.model, batch=c.batch, ctx=parse_size(split(opts.ctx)[0])) for c in hf_plan]
+        # HF: the first batch size at every filled context, just-enough cache (its static cache size)
+        hf_plan = [Config(m, batch=int(split(opts.batch)[0]), ctx=parse_size(c)) for m in models
+                   for c in split(opts.ctx)]
     stem = "bench_" + time.strftime("%Y%m%d-%H%M%S") + f"_{opts.suite}"
     report = {"header": header(device, opts), "results": [], "start_times": [], "notes": []}
     budget = opts.time_budget_s or float("inf")
@@ -839,14 +840,14 @@ def main(argv=None):
         elapsed = time.perf_counter() - T0
         new_compile = impl == "hf" or ours.model_key != (cfg.model, cfg.weights) \
             or ours.shape_key != (cfg.batch, slots, cfg.kv)
-        if elapsed + (longest_first_call if new_compile else 10) > budget:
-            row.update(status="not run", note=f"time budget ({budget:.0f} s)")
-            continue
         if cfg.ctx + opts.new_tokens > slots:
             row.update(status="skip", note=f"ctx + new tokens > {slots} slots")
             continue
         if slots > args.max_position_embeddings and not (cfg.beyond_context or opts.beyond_context):
             row.update(status="skip", note=f"> context {args.max_position_embeddings}")
+            continue
+        if elapsed + (longest_first_call if new_compile else 10) > budget:
+            row.update(status="not run", note=f"time budget ({budget:.0f} s)")
             continue
         if total_memory:  # weights + KV cache alone would not fit: do not even try
             est = _param_count(args) * {"bf16": dtype.itemsize, "int8": 1}.get(cfg.weights, 0.6)
