@@ -125,8 +125,12 @@ class GenerationResult:
 class Generator:
     """Holds the model and its (optionally compiled) prefill and decode steps."""
 
-    def __init__(self, model: Transformer, compile: bool = False, compile_prefill: bool = False):
+    def __init__(self, model: Transformer, compile: bool = False, compile_prefill: bool = False,
+                 prefill_chunk_size: int = 2048):
         self.model = model
+        # Long prompts are prefilled in chunks of this many slots per row: activations (the
+        # [B, T, 2 * ffn] gate/up output above all) stay bounded whatever the prompt length.
+        self.prefill_chunk_size = prefill_chunk_size
         self.device = model.tok_embeddings.weight.device
         self.decode_fn = decode_one
         self.prefill_fn = prefill
@@ -194,7 +198,9 @@ class Generator:
         is_cuda = device.type == "cuda"
         t0 = time.perf_counter()
         input_pos = torch.arange(start_slot, start_slot + T, device=device)
-        token = self.prefill_fn(model, tokens, input_pos, sampling)
+        for chunk in range(0, T, self.prefill_chunk_size):  # the last chunk's sample is the first token
+            piece = slice(chunk, chunk + self.prefill_chunk_size)
+            token = self.prefill_fn(model, tokens[:, piece], input_pos[piece], sampling)
         done = take(token.view(B).tolist())
         result.prefill_s = time.perf_counter() - t0
         if done or max_new_tokens == 1:
@@ -262,6 +268,8 @@ def parse_args(argv=None):
                    help="KV cache dtype: bf16, fp16, fp32, int8 or fp8 (default: the compute dtype)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graph on GPU)")
     p.add_argument("--compile-prefill", action="store_true", help="compile prefill too (dynamic shapes)")
+    p.add_argument("--prefill-chunk-size", type=int, default=2048,
+                   help="prefill long prompts this many tokens per row at a time (bounds activation memory)")
     p.add_argument("--profile", type=Path, default=None, help="write a torch profiler trace of decode here")
     p.add_argument("--json", type=Path, default=None, help="write machine-readable results here")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -299,6 +307,8 @@ def validate(args):
         raise UsageError(f"--top-p must be in (0, 1] (got {args.top_p})")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1 (got {args.top_k})")
+    if args.prefill_chunk_size < 1:
+        raise UsageError(f"--prefill-chunk-size must be at least 1 (got {args.prefill_chunk_size})")
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1 (got {args.num_samples})")
     if args.max_seq_length is not None and args.max_seq_length < 2:
@@ -363,7 +373,8 @@ def run(args):
 
     sampling = Sampling(args.temperature, args.top_k if args.temperature > 0 else None,
                         args.top_p if args.temperature > 0 else None)
-    generator = Generator(model, compile=args.compile, compile_prefill=args.compile_prefill)
+    generator = Generator(model, compile=args.compile, compile_prefill=args.compile_prefill,
+                          prefill_chunk_size=args.prefill_chunk_size)
     context = model.args.max_position_embeddings
     if args.max_seq_length is not None and args.max_seq_length > context:
         raise UsageError(f"--max-seq-length {args.max_seq_length} exceeds the model's context of {context} tokens")

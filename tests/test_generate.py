@@ -65,6 +65,15 @@ def test_rows_stop_at_their_own_stop_token():
     assert res.stopped[0]
 
 
+@pytest.mark.parametrize("sliding_window", [None, 5])
+def test_chunked_prefill_equals_one_shot(sliding_window):
+    model = tiny_model(sliding_window=sliding_window)
+    one_shot = greedy(model, PROMPTS, 10, 64).tokens
+    gen = Generator(model, prefill_chunk_size=3)  # chunks that split every prompt, padded rows too
+    gen.setup(len(PROMPTS), 64)
+    assert gen.generate(PROMPTS, 10, Sampling()).tokens == one_shot
+
+
 def test_compiled_decode_equals_eager():
     model = tiny_model()
     eager = greedy(model, PROMPTS[:2], 12, 64).tokens
