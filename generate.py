@@ -60,7 +60,7 @@ def load_model(checkpoint_dir, device, dtype) -> tuple[Transformer, dict]:
         quantization = config.get("quantization")
         if quantization:
             from quantize import apply_quantization  # only quantized checkpoints need it
-            apply_quantization(model, quantization)
+            apply_quantization(model, quantization, device)
     tensors = load_checkpoint_tensors(checkpoint_dir, model.state_dict(), device, dtype)
     model.load_state_dict(tensors, assign=True, strict=True)
     # non-persistent buffers are not in the file: make them on the device

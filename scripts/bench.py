@@ -249,9 +249,12 @@ def build_model(name: str, weights: str, device, dtype) -> Transformer:
         model = Transformer(args).to(dtype)
         if qcfg is not None:
             from quantize import apply_quantization  # ImportError: skipped by the caller with a note
-            apply_quantization(model, qcfg)
+            apply_quantization(model, qcfg, device)
     model.to_empty(device=device)
     fill_random_(model)
+    for module in model.modules():  # int4: random nibbles -> the kernel's tile layout for this device
+        if hasattr(module, "pack_"):
+            module.pack_()
     # non-persistent buffers that to_empty left uninitialised
     model.inv_freq = rope_inv_freq(args).to(device)
     model.row_start = torch.zeros(0, dtype=torch.int32, device=device)

@@ -85,3 +85,14 @@ def test_chat_in_a_real_terminal(smollm2_checkpoint):
         wait_for("EXIT=0")
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_botchan_perplexity_is_pinned(smollm2_checkpoint):
+    """The number in README.md: SmolLM2-135M-Instruct (from the Q4_1 GGUF, fp32 on CPU) on the first
+    4096 tokens of Botchan, windows of 1024."""
+    from scripts.perplexity import botchan_ids, evaluate
+
+    ids = botchan_ids(load_tokenizer(smollm2_checkpoint), 4096)
+    result = evaluate(smollm2_checkpoint, ids, window=1024)
+    assert result["tokens"] == 4092
+    assert abs(result["perplexity"] - 30.117) < 0.01, result
