@@ -116,6 +116,12 @@ def test_bad_checkpoints(tiny_checkpoint, tmp_path, capsys):
     (bad / "config.json").write_text(json.dumps(config))
     code, _, err = run_main(["--checkpoint", bad, "--device", "cpu", "--prompt", "x"], capsys)
     assert code == 2 and "layers.0.feed_forward.w13.weight" in err and "[128, 32]" in err and "[96, 32]" in err
+    # a checkpoint without its tokenizer file
+    no_tok = tmp_path / "no_tok"
+    shutil.copytree(tiny_checkpoint, no_tok)
+    (no_tok / "tokenizer.json").unlink()
+    code, _, err = run_main(["--checkpoint", no_tok, "--device", "cpu", "--prompt", "x"], capsys)
+    assert code == 2 and "no tokenizer" in err and str(no_tok) in err and len(err.strip().splitlines()) == 1
     # a truncated weights file
     trunc = tmp_path / "trunc"
     shutil.copytree(tiny_checkpoint, trunc)
