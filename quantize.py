@@ -3,13 +3,22 @@
     python quantize.py --checkpoint checkpoints/SmolLM2-135M-Instruct --mode int8
     python quantize.py --checkpoint checkpoints/SmolLM2-135M-Instruct --mode int4 --groupsize 64
 
-The new checkpoint's config.json records {"mode": ..., "groupsize": ...}; generate.py reads the
-mode from there. Quantized: every Linear of the layers (wqkv, wo, w13, w2) and an untied output
-projection. A tied embedding stays in the compute dtype (it is also the lookup table).
+The new checkpoint's config.json records {"mode": "int8"} or {"mode": "int4", "groupsize": G};
+generate.py reads the mode from there, never from a directory name. Quantized: every Linear of the
+layers (wqkv, wo, w13, w2) and an untied output projection; biases stay float. A tied embedding
+stays in the compute dtype (it is also the lookup table), so the output projection of a tied
+model (SmolLM2, Llama-3.2, small Qwens) is not quantized.
+
+- int8: symmetric, one scale per output channel (absmax / 127).
+- int4: asymmetric, one scale and zero per `groupsize` input features, run by tinygemm
+  (aten._weight_int4pack_mm on CUDA sm_80+, _weight_int4pack_mm_for_cpu on the CPU). A group size
+  that does not divide in_features pads the input dimension (see GROUPSIZES).
+- QuantizedKVCache: the int8 / fp8 (e4m3) KV cache of `generate.py --kv-cache-dtype int8|fp8`.
+
+Accuracy on the real SmolLM2-135M-Instruct and Botchan: scripts/eval_quant.py.
 """
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,7 +29,6 @@ import torch.nn.functional as F
 
 from model import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, CheckpointError, read_checkpoint_config, save_checkpoint
 
-GROUPSIZES = (32, 64, 128, 256)
 QUANTIZED_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 
 
@@ -54,19 +62,50 @@ class Int8Linear(nn.Module):
 
 # ----------------------------------------------------------------------------- int4
 
+# tinygemm's group sizes. A group size that does not divide in_features is honoured by padding
+# the input dimension with zero activations up to a whole number of groups (SmolLM2's 576 at
+# group 128 -> 640, at 256 -> 768): the padded columns cost memory and reads, never accuracy.
+GROUPSIZES = (32, 64, 128, 256)
+
+
+def int4_padded_in_features(in_features: int, groupsize: int) -> int:
+    # groupsize >= 32, so this is also a multiple of tinygemm's 16 * inner_k_tiles for some tiles >= 2
+    return -(-in_features // groupsize) * groupsize
+
+
+def check_int4_shape(out_features: int, in_features: int, groupsize: int, what: str = "a Linear"):
+    if groupsize not in GROUPSIZES:
+        raise QuantizationError(f"int4 groupsize must be one of {GROUPSIZES} (got {groupsize})")
+    if out_features % 8:  # tinygemm tiles n by 8
+        raise QuantizationError(f"int4 needs out_features divisible by 8; {what} has {out_features}")
+
+
 def quantize_int4(weight: torch.Tensor, groupsize: int):
     """Asymmetric int4 per group of `groupsize` input features, in tinygemm's convention:
     weight ~= (q - 8) * scale + zero with q in [0, 15] and zero = min + 8 * scale.
 
-    Returns q packed two per byte (uint8 [n, k/2], even column in the high nibble: the portable
-    file format) and scales_and_zeros [k/groupsize, n, 2].
+    Returns q packed two per byte (uint8 [n, k_pad/2], even column in the high nibble: the
+    portable file format, which is also what _convert_weight_to_int4pack takes since torch 2.5)
+    and scales_and_zeros bf16 [k_pad/groupsize, n, 2] (the kernels' operand). k_pad is
+    in_features rounded up to a whole number of groups; padded columns repeat the row's last
+    weight (so they never widen a group's range) and meet zero activations.
     """
     n, k = weight.shape
-    w = weight.float().view(n, k // groupsize, groupsize)
+    check_int4_shape(n, k, groupsize)
+    k_pad = int4_padded_in_features(k, groupsize)
+    w = weight.float()
+    if k_pad != k:
+        w = torch.cat([w, w[:, -1:].expand(n, k_pad - k)], dim=1)
+    w = w.view(n, k_pad // groupsize, groupsize)
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+    # The kernels read scale and zero as bf16. The zero anchors the middle of the group's range
+    # (q = 8), so a rounded scale errs by at most 8 steps' worth either way; q is then the nearest
+    # point of the grid the kernel actually dequantizes to.
     scales = (hi - lo).clamp(min=1e-6) / 15
-    q = torch.round((w - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).view(n, k)
-    zeros = lo + 8 * scales
+    zeros = (lo + 8 * scales).to(torch.bfloat16)
+    scales = scales.to(torch.bfloat16)
+    mins = zeros.float() - 8 * scales.float()
+    q = torch.round((w - mins[..., None]) / scales.float()[..., None]).clamp(0, 15).to(torch.uint8).view(n, k_pad)
     scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
     return (q[:, ::2] << 4) | q[:, 1::2], scales_and_zeros
 
@@ -77,6 +116,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_int4(packed, scales_and_zeros, groupsize):
+    """The float weight [n, k_pad] the int4 kernels multiply by (reference for tests)."""
     q = unpack_int4(packed).float()
     n, k = q.shape
     sz = scales_and_zeros.float().transpose(0, 1)  # [n, k/g, 2]
@@ -84,12 +124,12 @@ def dequantize_int4(packed, scales_and_zeros, groupsize):
     return w.view(n, k)
 
 
-def int4_inner_k_tiles(in_features: int) -> int:
+def int4_inner_k_tiles(k: int) -> int:
     # tinygemm tiles k by 16 * inner_k_tiles; take the widest tiling that divides k
     for tiles in (8, 4, 2):
-        if in_features % (16 * tiles) == 0:
+        if k % (16 * tiles) == 0:
             return tiles
-    raise QuantizationError(f"int4 needs in_features divisible by 32 (got {in_features})")
+    raise QuantizationError(f"int4 needs in_features divisible by 32 (got {k})")
 
 
 # The tinygemm packing op of each device type (its matmul op is named alike).
@@ -97,55 +137,80 @@ INT4_PACK_OPS = {"cuda": "_convert_weight_to_int4pack", "cpu": "_convert_weight_
 
 
 def check_int4_supported(device):
+    """One-line QuantizationError where the int4 kernels are missing (device type, torch build, GPU arch)."""
     device = torch.device(device)
     op = INT4_PACK_OPS.get(device.type)
     if op is None or not hasattr(torch.ops.aten, op):
         raise QuantizationError(f"int4 has no kernel on {device.type} with torch {torch.__version__}; "
                                 f"use an int8 checkpoint there")
+    if device.type == "cuda" and torch.cuda.is_available() and torch.version.hip is None:
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:  # tinygemm is built for sm_80 and newer only
+            raise QuantizationError(f"int4 (tinygemm) needs an sm_80+ GPU; this one is sm_{major}{minor}; "
+                                    f"use an int8 checkpoint there")
 
 
 class Int4Linear(nn.Module):
     """Group-wise int4 weight through the tinygemm kernels (aten._weight_int4pack_mm on CUDA,
-    its _for_cpu twin on the CPU). The file holds the portable nibble-packed weight; loading
-    repacks it into the device's tile layout (see _load_from_state_dict)."""
+    its _for_cpu twin on the CPU).
+
+    The file holds the portable nibble-packed weight (uint8 [out, in_pad/2]) and bf16
+    scales_and_zeros [in_pad/groupsize, out, 2]. Loading (`load_state_dict`, with or without
+    assign=True) repacks the weight into the kernel's tile layout for the device it was loaded
+    on, in _load_from_state_dict: before any compile or CUDA-graph capture, with no work left for
+    the first forward. Code that fills the buffers another way (to_empty + random fill) calls
+    pack_() itself. After packing, state_dict() holds the device layout: do not save it.
+    """
 
     def __init__(self, in_features, out_features, bias=False, groupsize=64, device=None):
         super().__init__()
-        if in_features % groupsize:
-            raise QuantizationError(f"int4 groupsize {groupsize} does not divide in_features {in_features}; "
-                                    f"pick one of {[g for g in GROUPSIZES if in_features % g == 0]}")
+        check_int4_shape(out_features, in_features, groupsize)
         self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
-        self.inner_k_tiles = int4_inner_k_tiles(in_features)
-        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2, device=device))
+        self.padded_in_features = int4_padded_in_features(in_features, groupsize)
+        self.inner_k_tiles = int4_inner_k_tiles(self.padded_in_features)
+        k = self.padded_in_features
+        self.register_buffer("weight", torch.empty(out_features, k // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_and_zeros",
+                             torch.empty(k // groupsize, out_features, 2, dtype=torch.bfloat16, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
         self.is_packed = False  # True once `weight` holds the device's tile layout
 
     def pack_(self):
-        """Replace the portable weight with the kernel's layout for its device (once)."""
-        if self.weight.device.type == "cuda":
+        """Replace the portable weight with the kernel's layout for its device (once), and make
+        scales_and_zeros the bf16 the kernels take (the loader casts floats to the compute dtype)."""
+        if self.is_packed:
+            return
+        device = self.weight.device
+        check_int4_supported(device)
+        if device.type == "cuda":
+            # since torch 2.5 the CUDA op takes the nibble-packed uint8 [n, k/2] directly
             self.weight = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), self.inner_k_tiles)
         else:
+            # the CPU op takes one int32 value in [0, 15] per weight, [n, k]
             self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight),
                                                                             self.inner_k_tiles)
+        self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16).contiguous()
         self.is_packed = True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.is_packed = False  # a load brings the portable layout back
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.weight.device.type != "meta":
             self.pack_()
 
     def forward(self, x):
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        # Both kernels take bf16 (on the CPU an fp32 input takes a path ~40x slower, measured:
-        # 1834 ms vs 50 ms for a 1024 x 576 x 3072 product on 2 cores).
-        x2 = x2.to(torch.bfloat16)
+        # Both kernels take bf16 activations (on the CPU an fp32 input takes a path ~40x slower,
+        # measured: 1834 ms vs 50 ms for a 1024 x 576 x 3072 product on 2 cores).
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.padded_in_features != self.in_features:
+            x2 = F.pad(x2, (0, self.padded_in_features - self.in_features))
+        # a no-op once packed; guards against a later model.to(dtype) (the CUDA kernel reads bf16 blindly)
         sz = self.scales_and_zeros.to(torch.bfloat16)
         if x.is_cuda:
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.groupsize, sz)
+            y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), self.weight, self.groupsize, sz)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.groupsize, sz)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.groupsize, sz)
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -199,31 +264,32 @@ def quantize_checkpoint(checkpoint_dir, mode: str, groupsize: int | None = None,
         raise QuantizationError(f"{output_dir} already exists; pass --force to overwrite it")
 
     weight_names = {f"{name}.weight" for name in _linear_names(config)}
-    tensors = {}
+    tensors = {}  # the quantized model (smaller than the source); the source stays memory-mapped
     path = checkpoint_dir / CHECKPOINT_WEIGHTS
     t0 = time.time()
     try:
         f = safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:
         raise CheckpointError(f"{path} is unreadable ({type(e).__name__})") from None
-    names = list(f.keys())
-    for i, name in enumerate(names):
-        t = f.get_tensor(name)
-        if name in weight_names:
-            prefix = name.removesuffix(".weight")
-            if mode == "int8":
-                tensors[name], tensors[f"{prefix}.scales"] = quantize_int8(t)
+    with f:
+        names = list(f.keys())
+        missing = sorted(weight_names - set(names))
+        if missing:
+            raise CheckpointError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing in all)")
+        for i, name in enumerate(names):
+            t = f.get_tensor(name)  # one tensor at a time
+            if name in weight_names:
+                prefix = name.removesuffix(".weight")
+                if mode == "int8":
+                    tensors[name], tensors[f"{prefix}.scales"] = quantize_int8(t)
+                else:
+                    check_int4_shape(t.shape[0], t.shape[1], groupsize, prefix)
+                    tensors[name], tensors[f"{prefix}.scales_and_zeros"] = quantize_int4(t, groupsize)
             else:
-                if t.shape[1] % groupsize:
-                    raise QuantizationError(f"int4 groupsize {groupsize} does not divide in_features {t.shape[1]} "
-                                            f"of {prefix}; pick one of "
-                                            f"{[g for g in GROUPSIZES if t.shape[1] % g == 0]}")
-                int4_inner_k_tiles(t.shape[1])
-                tensors[name], tensors[f"{prefix}.scales_and_zeros"] = quantize_int4(t, groupsize)
-        else:
-            tensors[name] = t
-        if (i + 1) % 20 == 0 or i + 1 == len(names):
-            print(f"  {i + 1}/{len(names)} tensors ({time.time() - t0:.1f} s)", file=sys.stderr)
+                tensors[name] = t
+            del t
+            if (i + 1) % 20 == 0 or i + 1 == len(names):
+                print(f"  quantized {i + 1}/{len(names)} tensors ({time.time() - t0:.1f} s)", file=sys.stderr)
     config = dict(config, quantization={"mode": mode, **({"groupsize": groupsize} if mode == "int4" else {})})
     extra = {p.name: p for p in checkpoint_dir.iterdir()
              if p.is_file() and p.name not in (CHECKPOINT_WEIGHTS, CHECKPOINT_CONFIG)}
@@ -246,13 +312,17 @@ class QuantizedKVCache(nn.Module):
 
     def __init__(self, batch_size, n_kv_heads, cache_len, head_dim, storage_dtype, compute_dtype, device=None):
         super().__init__()
+        fp8 = getattr(torch, "float8_e4m3fn", None)
         if storage_dtype == torch.int8:
             self.qmax = 127.0
-        elif storage_dtype == getattr(torch, "float8_e4m3fn", None):
+        elif fp8 is not None and storage_dtype == fp8:
             self.qmax = 448.0  # e4m3's largest finite value
+            check_fp8_supported(device)
         else:
-            raise QuantizationError(f"unsupported KV cache storage dtype {storage_dtype}")
+            raise QuantizationError(f"unsupported KV cache storage dtype {storage_dtype}; use int8 or fp8")
         self.storage_dtype, self.compute_dtype = storage_dtype, compute_dtype
+        # the smallest scale the compute dtype holds as a normal number (fp16: 6e-5)
+        self.min_scale = torch.finfo(compute_dtype).tiny
         shape = (batch_size, n_kv_heads, cache_len, head_dim)
         scale_shape = (batch_size, n_kv_heads, cache_len, 1)
         for name in ("k", "v"):
@@ -262,19 +332,44 @@ class QuantizedKVCache(nn.Module):
                                  persistent=False)
 
     def _quantize(self, x):
-        scale = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-6) / self.qmax
-        q = x.float() / scale
-        q = q.round().clamp(-127, 127) if self.storage_dtype == torch.int8 else q.clamp(-self.qmax, self.qmax)
-        return q.to(self.storage_dtype), scale.to(self.compute_dtype)
+        """x [B, H, T, D] -> (storage-dtype values, compute-dtype scale [B, H, T, 1]): one scale per token-head."""
+        x = x.float()
+        # round the scale to the dtype it is stored in first, and quantize against that value
+        scale = (x.abs().amax(dim=-1, keepdim=True) / self.qmax).clamp(min=self.min_scale).to(self.compute_dtype)
+        q = (x / scale.float()).clamp(-self.qmax, self.qmax)
+        if self.storage_dtype == torch.int8:
+            q = q.round()
+        return q.to(self.storage_dtype), scale
 
     def update(self, input_pos, k, v):
+        """Write k, v [B, Hkv, T, D] at slots input_pos [T] in place; return the whole cache
+        [B, Hkv, cache_len, D] dequantized to the compute dtype (never-written slots read as 0)."""
         for cache, scales, x in ((self.k_cache, self.k_scale, k), (self.v_cache, self.v_scale, v)):
             q, scale = self._quantize(x)
-            # through a uint8 view: index_copy_ has no float8 kernel on the CPU
+            # through a uint8 view: index_copy_ has no float8 kernel on the CPU (same bytes on any device)
             cache.view(torch.uint8).index_copy_(2, input_pos, q.view(torch.uint8))
             scales.index_copy_(2, input_pos, scale)
         return (self.k_cache.to(self.compute_dtype) * self.k_scale,
                 self.v_cache.to(self.compute_dtype) * self.v_scale)
+
+
+def check_fp8_supported(device=None):
+    """One-line QuantizationError where float8_e4m3fn casts do not work (old torch, device without them)."""
+    if not hasattr(torch, "float8_e4m3fn"):
+        raise QuantizationError(f"torch {torch.__version__} has no float8_e4m3fn; use --kv-cache-dtype int8")
+    if device is not None and torch.device(device).type == "meta":
+        return  # shapes only; checked again where the cache is made for real
+    try:
+        x = torch.tensor([1.5, -300.0], device=device).to(torch.float8_e4m3fn)
+        ok = x.view(torch.uint8).cpu().tolist() == [0x3C, 0xF9] and x.float().cpu().tolist() == [1.5, -288.0]
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        ok, why = False, (str(e).splitlines() or [""])[0][:120]
+    else:
+        why = "casts give wrong values"
+    if not ok:
+        where = torch.device(device or "cpu")
+        raise QuantizationError(f"fp8 (e4m3) KV cache is not supported on {where} with torch {torch.__version__} "
+                                f"({why}); use --kv-cache-dtype int8")
 
 
 # ----------------------------------------------------------------------------- CLI
