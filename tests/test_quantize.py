@@ -70,6 +70,31 @@ def test_quantized_kv_cache_is_half_the_memory_and_close(storage):
     assert (k_all[:, :, :100] == 0).all()  # written in place, nowhere else
 
 
+@pytest.mark.parametrize("storage", [torch.int8, torch.float8_e4m3fn])
+def test_quantized_kv_cache_update_compiles(storage):
+    """Under torch.compile(fullgraph) (what the CUDA-graph decode step runs) update() writes the
+    same slots in place: equal to eager up to one quantization step (Inductor may divide as a
+    multiply by the reciprocal), nothing rebound, nothing else touched."""
+    torch.manual_seed(1)
+    eager = QuantizedKVCache(1, 2, 16, 64, storage, torch.bfloat16)
+    compiled = QuantizedKVCache(1, 2, 16, 64, storage, torch.bfloat16)
+    buffers = [compiled.k_cache.data_ptr(), compiled.k_scale.data_ptr()]
+    step = torch.compile(lambda pos, k, v: compiled.update(pos, k, v), fullgraph=True)
+    for slot in (3, 9):
+        pos = torch.tensor([slot])
+        k, v = torch.randn(2, 1, 2, 1, 64, dtype=torch.bfloat16)
+        want, got = eager.update(pos, k, v), step(pos, k, v)
+        for w, g, x in zip(want, got, (k, v)):
+            amax = x.float().abs().amax()
+            step_size = amax / (127 if storage == torch.int8 else 14)  # e4m3: 32 apart near 448; + bf16 rounding
+            assert ((w.float() - g.float()).abs() <= step_size + amax * 2 ** -7).all()
+        written = torch.zeros(16, dtype=torch.bool)
+        written[[3, 9][:[3, 9].index(slot) + 1]] = True
+        assert (compiled.k_cache[:, :, ~written].view(torch.uint8) == 0).all()
+        assert (compiled.k_scale[:, :, written] > 0).all()
+    assert [compiled.k_cache.data_ptr(), compiled.k_scale.data_ptr()] == buffers
+
+
 def test_quantized_kv_cache_generation_matches_plain():
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96,
