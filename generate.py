@@ -366,6 +366,10 @@ def run(args):
 
     t0 = time.perf_counter()
     model, config = load_model(checkpoint, device, dtype)
+    quantization = config.get("quantization") or {}
+    if args.compile and device.type == "cpu" and quantization.get("mode") == "int4" and dtype != torch.bfloat16:
+        # Inductor's CPU flex-attention template cannot fuse the bf16 cast the int4 kernel needs
+        raise UsageError("--compile on the CPU with an int4 checkpoint needs --dtype bf16")
     tokenizer = load_tokenizer(checkpoint)
     check_vocab(tokenizer, model.args.vocab_size, checkpoint)
     load_s = time.perf_counter() - t0

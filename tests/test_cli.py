@@ -184,3 +184,13 @@ def test_compile_prefill_equals_eager(tiny_checkpoint, tmp_path, capsys):
     assert run_main(common + [tmp_path / "c.json", "--compile-prefill"], capsys)[0] == 0
     ids = [json.loads((tmp_path / f"{n}.json").read_text())["rows"][0]["token_ids"] for n in "ec"]
     assert ids[0] == ids[1]
+
+
+def test_int4_compile_on_cpu_needs_bf16(tiny_checkpoint, tmp_path, capsys):
+    from quantize import quantize_checkpoint
+    int4 = quantize_checkpoint(tiny_checkpoint, "int4", 32, output_dir=tmp_path / "int4")
+    code, _, err = run_main(["--checkpoint", int4, "--device", "cpu", "--compile", "--prompt", "x"], capsys)
+    assert code == 2 and "needs --dtype bf16" in err
+    # eager int4 runs in fp32 compute
+    code, _, err = run_main(["--checkpoint", int4, "--device", "cpu", "--prompt", "x", "--max-new-tokens", 3], capsys)
+    assert code == 0, err
