@@ -297,31 +297,37 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 _compiled_flex_attention = None
 
 
-def attention(q, k, v, block_mask: BlockMask, enable_gqa: bool):
-    """Attention of q [B, Hq, T, D] over the whole cache k, v [B, Hkv, S, D] under block_mask.
-
-    Under torch.compile this is flex_attention (the flex-decoding kernel at decode). Outside it,
-    eager flex_attention materialises every score and costs milliseconds per call, so: on a GPU
-    we call a compiled flex kernel; on the CPU we run SDPA with the dense form of the same mask.
-    """
-    global _compiled_flex_attention
-    scale = q.shape[-1] ** -0.5
-    if torch.compiler.is_compiling():
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa, scale=scale)
-    if q.is_cuda:
-        if _compiled_flex_attention is None:
-            _compiled_flex_attention = torch.compile(flex_attention)  # dynamic after a 2nd prompt length
-        return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa, scale=scale)
-    B, T, S = q.shape[0], q.shape[2], k.shape[2]
-    b = torch.arange(B, device=q.device).view(B, 1, 1, 1)
-    q_idx = torch.arange(T, device=q.device).view(1, 1, T, 1)
-    kv_idx = torch.arange(S, device=q.device).view(1, 1, 1, S)
+def dense_mask(block_mask: BlockMask) -> torch.Tensor:
+    """The bool [B, 1, q_len, kv_len] form of an offset_length_block_mask, for SDPA."""
+    B, (T, S) = block_mask.kv_num_blocks.shape[0], block_mask.seq_lengths
+    device = block_mask.kv_num_blocks.device
+    b = torch.arange(B, device=device).view(B, 1, 1, 1)
+    q_idx = torch.arange(T, device=device).view(1, 1, T, 1)
+    kv_idx = torch.arange(S, device=device).view(1, 1, 1, S)
     mask = block_mask.mask_mod(b, 0, q_idx, kv_idx)
     # A left-pad query has no valid slot (flex returns 0 for it); let it see every slot so SDPA
     # gives a finite value instead of NaN, which would reach its own K/V slot. No real query
     # ever attends to a pad slot.
-    mask = mask | ~mask.any(-1, keepdim=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa, scale=scale)
+    return mask | ~mask.any(-1, keepdim=True)
+
+
+def attention(q, k, v, mask: BlockMask | torch.Tensor, enable_gqa: bool):
+    """Attention of q [B, Hq, T, D] over the whole cache k, v [B, Hkv, S, D].
+
+    A BlockMask goes to flex_attention (under torch.compile: the flex-decoding kernel at decode;
+    outside it on a GPU: a compiled flex kernel, since eager flex materialises every score). A
+    dense bool mask (Transformer.forward makes one on the CPU outside torch.compile, where eager
+    flex costs milliseconds per call) goes to SDPA.
+    """
+    global _compiled_flex_attention
+    scale = q.shape[-1] ** -0.5
+    if not isinstance(mask, BlockMask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa, scale=scale)
+    if q.is_cuda and not torch.compiler.is_compiling():
+        if _compiled_flex_attention is None:
+            _compiled_flex_attention = torch.compile(flex_attention)  # dynamic after a 2nd prompt length
+        return _compiled_flex_attention(q, k, v, block_mask=mask, enable_gqa=enable_gqa, scale=scale)
+    return flex_attention(q, k, v, block_mask=mask, enable_gqa=enable_gqa, scale=scale)
 
 
 def rotate_half(x):
@@ -343,7 +349,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, block_mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos):
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -357,7 +363,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         k_all, v_all = self.kv_cache.update(input_pos, k, v)
         # Attention runs in the cache dtype; the mask keeps it to each row's valid slots.
-        y = attention(q.to(k_all.dtype), k_all, v_all, block_mask, self.n_heads != self.n_kv_heads)
+        y = attention(q.to(k_all.dtype), k_all, v_all, mask, self.n_heads != self.n_kv_heads)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, q_size)
         return self.wo(y)
 
@@ -382,8 +388,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, block_mask, input_pos):
-        h = x + self.attention(self.attention_norm(x), cos, sin, block_mask, input_pos)
+    def forward(self, x, cos, sin, mask, input_pos):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -426,8 +432,9 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """tokens [B, T] written at slots input_pos [T] (consecutive). Returns logits [B, T or keep, V] in fp32."""
         B, T = tokens.shape
-        block_mask = offset_length_block_mask(self.row_start, input_pos[0], T, self.cache_len,
-                                              self.args.sliding_window)
+        mask = offset_length_block_mask(self.row_start, input_pos[0], T, self.cache_len, self.args.sliding_window)
+        if not tokens.is_cuda and not torch.compiler.is_compiling():
+            mask = dense_mask(mask)  # CPU eager: SDPA; built once per forward, shared by every layer
         # RoPE position of a token = its slot minus its row's start, so a left-padded row sees
         # exactly the positions it would see alone.
         positions = (input_pos.view(1, T) - self.row_start.view(B, 1)).clamp(min=0)
@@ -436,7 +443,7 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, block_mask, input_pos)
+            x = layer(x, cos, sin, mask, input_pos)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
@@ -456,6 +463,12 @@ CHECKPOINT_CONFIG = "config.json"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message: errors we re-raise stay one line."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def save_checkpoint(out_dir, config: dict, tensors: dict[str, torch.Tensor], extra_files: dict[str, str | bytes | Path] = None,
@@ -542,5 +555,5 @@ def load_checkpoint_tensors(checkpoint_dir, expected: dict[str, torch.Tensor], d
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {first_line(e)})") from None
     return out

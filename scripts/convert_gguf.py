@@ -16,15 +16,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import CheckpointError, ModelArgs, Transformer, rope_inv_freq, save_checkpoint  # noqa: E402
+from generate import DTYPES  # noqa: E402
+from model import (CheckpointError, ModelArgs, Transformer, first_line, rope_inv_freq,  # noqa: E402
+                   save_checkpoint)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ARCHS = ("llama", "qwen2", "qwen3")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else ""
 
 
 def _open_gguf(path: Path):
@@ -35,7 +31,7 @@ def _open_gguf(path: Path):
         return gguf.GGUFReader(str(path))
     except Exception as e:  # truncated / corrupt files fail in many ways inside the reader
         raise CheckpointError(f"{path} is not a readable GGUF file (truncated or corrupt? "
-                              f"{type(e).__name__}: {_first_line(e)})") from None
+                              f"{type(e).__name__}: {first_line(e)})") from None
 
 
 def _field(reader, key, default=None):
@@ -112,7 +108,7 @@ def _dequantize(t, path: Path) -> torch.Tensor:
         data = dequantize(t.data, t.tensor_type)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot dequantize {t.name} ({t.tensor_type.name}; "
-                              f"{type(e).__name__}: {_first_line(e)})") from None
+                              f"{type(e).__name__}: {first_line(e)})") from None
     # GGUF lists dims innermost first; the dequantized array is row-major [out, in].
     shape = tuple(int(d) for d in reversed(t.shape))
     if tuple(data.shape) != shape:
@@ -194,7 +190,7 @@ def convert_gguf(gguf_path, out_dir, dtype=None, force: bool = False) -> Path:
         from tokenizer import gguf_tokenizer_files
         extra = gguf_tokenizer_files(reader)
     except (ImportError, ValueError) as e:  # tokenizer.TokenizerError is a ValueError
-        print(f"warning: no tokenizer written ({_first_line(e)}); pass one to generate.py yourself", file=sys.stderr)
+        print(f"warning: no tokenizer written ({first_line(e)}); pass one to generate.py yourself", file=sys.stderr)
     config = {"model_args": dataclasses.asdict(args), "quantization": None,
               "source": f"gguf:{gguf_path.name} ({_field(reader, 'general.name', '?')})"}
     save_checkpoint(out_dir, config, out, extra, force=force)
@@ -213,7 +209,7 @@ def main(argv=None):
     try:
         convert_gguf(a.gguf, a.output_dir, a.dtype, a.force)
     except (CheckpointError, OSError) as e:
-        print(f"error: {_first_line(e)}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -9,6 +9,7 @@ the tokenizer files. Source tensors are read one at a time from memory-mapped fi
 peak memory is about one copy of the converted model, not two.
 """
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -16,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import CheckpointError, ModelArgs, Transformer, save_checkpoint  # noqa: E402
+from generate import DTYPES  # noqa: E402
+from model import CheckpointError, ModelArgs, Transformer, first_line, save_checkpoint  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
 
@@ -57,7 +58,7 @@ class _HFWeights:
                 else:
                     self._open[path] = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # truncated / corrupt files surface as many error types
-                raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {_first_line(e)})") from None
+                raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {first_line(e)})") from None
         return self._open[path]
 
     def get(self, name: str) -> torch.Tensor:
@@ -70,15 +71,10 @@ class _HFWeights:
         except CheckpointError:
             raise
         except Exception as e:
-            raise CheckpointError(f"{path}: cannot read tensor {name} ({type(e).__name__}: {_first_line(e)})") from None
+            raise CheckpointError(f"{path}: cannot read tensor {name} ({type(e).__name__}: {first_line(e)})") from None
 
     def close(self):
         self._open.clear()
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else ""
 
 
 def _mapping(args: ModelArgs):
@@ -178,16 +174,11 @@ def convert_hf_checkpoint(hf_dir, out_dir=None, dtype=None, force: bool = False,
     weights.close()
 
     extra = {f: hf_dir / f for f in TOKENIZER_FILES if (hf_dir / f).is_file()}
-    config = {"model_args": _asdict(args), "quantization": None, "source": source or str(hf_dir)}
+    config = {"model_args": dataclasses.asdict(args), "quantization": None, "source": source or str(hf_dir)}
     save_checkpoint(out_dir, config, tensors, extra, force=force)
     print(f"wrote {out_dir} ({sum(t.numel() for t in tensors.values()) / 1e6:.1f}M parameters, "
           f"tokenizer files: {', '.join(extra) or 'none'})", flush=True)
     return out_dir
-
-
-def _asdict(args: ModelArgs) -> dict:
-    from dataclasses import asdict
-    return asdict(args)
 
 
 def main(argv=None):
@@ -200,7 +191,7 @@ def main(argv=None):
     try:
         convert_hf_checkpoint(a.checkpoint_dir, a.output_dir, a.dtype, a.force)
     except (CheckpointError, OSError) as e:
-        print(f"error: {_first_line(e)}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 
