@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -195,6 +196,26 @@ _FROM_KV_BLOCKS_KW = ({"compute_q_blocks": False}
                       if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters else {})
 
 
+def valid_kv(row_start, q_slot, kv_slot, sliding_window: int | None):
+    """The offset-plus-length rule: may the query at slot q_slot see kv slot kv_slot?"""
+    ok = (kv_slot >= row_start) & (kv_slot <= q_slot)
+    if sliding_window is not None:
+        ok = ok & (kv_slot > q_slot - sliding_window)
+    return ok
+
+
+def offset_length_dense_mask(start: torch.Tensor, q_start: torch.Tensor, q_len: int, kv_len: int,
+                             sliding_window: int | None = None) -> torch.Tensor:
+    """The same rule as a bool [B, 1, q_len, kv_len] tensor, for SDPA (eager, no compiler needed)."""
+    q_slot = q_start + torch.arange(q_len, device=start.device).view(1, 1, q_len, 1)
+    kv_slot = torch.arange(kv_len, device=start.device).view(1, 1, 1, kv_len)
+    mask = valid_kv(start.view(-1, 1, 1, 1), q_slot, kv_slot, sliding_window)
+    # A left-pad query has no valid slot (flex returns 0 for it); let it see every slot so SDPA
+    # gives a finite value instead of NaN, which would reach its own K/V slot. No real query
+    # ever attends to a pad slot.
+    return mask | ~mask.any(-1, keepdim=True)
+
+
 def offset_length_block_mask(start: torch.Tensor, q_start: torch.Tensor, q_len: int, kv_len: int,
                              sliding_window: int | None = None) -> BlockMask:
     """The offset-plus-length mask of design.md, built from tensor arithmetic alone.
@@ -232,11 +253,7 @@ def offset_length_block_mask(start: torch.Tensor, q_start: torch.Tensor, q_len: 
     full_kv_num_blocks, full_kv_indices = block_indices(all_valid)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        q_slot = q_start + q_idx
-        ok = (kv_idx >= start[b]) & (kv_idx <= q_slot)
-        if sliding_window is not None:
-            ok = ok & (kv_idx > q_slot - sliding_window)
-        return ok
+        return valid_kv(start[b], q_start + q_idx, kv_idx, sliding_window)
 
     return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                                     BLOCK_SIZE=BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=(q_len, kv_len),
@@ -294,40 +311,25 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     raise ValueError(f"unknown rope scaling type {scaling['type']!r}")
 
 
-_compiled_flex_attention = None
+def flex_attention_over_cache(q, k, v, block_mask: BlockMask):
+    """Compiled path: flex_attention visits only each row's valid kv blocks (at decode, Inductor's
+    flex-decoding kernel), so the work grows with the valid length, not the allocated cache."""
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1],
+                          scale=q.shape[-1] ** -0.5)
 
 
-def dense_mask(block_mask: BlockMask) -> torch.Tensor:
-    """The bool [B, 1, q_len, kv_len] form of an offset_length_block_mask, for SDPA."""
-    B, (T, S) = block_mask.kv_num_blocks.shape[0], block_mask.seq_lengths
-    device = block_mask.kv_num_blocks.device
-    b = torch.arange(B, device=device).view(B, 1, 1, 1)
-    q_idx = torch.arange(T, device=device).view(1, 1, T, 1)
-    kv_idx = torch.arange(S, device=device).view(1, 1, 1, S)
-    mask = block_mask.mask_mod(b, 0, q_idx, kv_idx)
-    # A left-pad query has no valid slot (flex returns 0 for it); let it see every slot so SDPA
-    # gives a finite value instead of NaN, which would reach its own K/V slot. No real query
-    # ever attends to a pad slot.
-    return mask | ~mask.any(-1, keepdim=True)
+def sdpa_attention_over_cache(q, k, v, folded_mask: torch.Tensor):
+    """Eager path (CPU or GPU, no compiler): SDPA over the whole cache with the dense mask.
 
-
-def attention(q, k, v, mask: BlockMask | torch.Tensor, enable_gqa: bool):
-    """Attention of q [B, Hq, T, D] over the whole cache k, v [B, Hkv, S, D].
-
-    A BlockMask goes to flex_attention (under torch.compile: the flex-decoding kernel at decode;
-    outside it on a GPU: a compiled flex kernel, since eager flex materialises every score). A
-    dense bool mask (Transformer.forward makes one on the CPU outside torch.compile, where eager
-    flex costs milliseconds per call) goes to SDPA.
+    The G query heads that share a kv head are folded into the query axis ([B, Hkv, G*T, D]) so
+    plain SDPA with a mask runs its fused kernel; SDPA's enable_gqa with a mask falls back to
+    the unfused math kernel on CUDA. folded_mask: [B, 1, G*T, S], row g*T + t is query t's.
     """
-    global _compiled_flex_attention
-    scale = q.shape[-1] ** -0.5
-    if not isinstance(mask, BlockMask):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa, scale=scale)
-    if q.is_cuda and not torch.compiler.is_compiling():
-        if _compiled_flex_attention is None:
-            _compiled_flex_attention = torch.compile(flex_attention)  # dynamic after a 2nd prompt length
-        return _compiled_flex_attention(q, k, v, block_mask=mask, enable_gqa=enable_gqa, scale=scale)
-    return flex_attention(q, k, v, block_mask=mask, enable_gqa=enable_gqa, scale=scale)
+    B, n_heads, T, D = q.shape
+    n_kv_heads = k.shape[1]
+    q = q.reshape(B, n_kv_heads, n_heads // n_kv_heads * T, D)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=folded_mask, scale=D ** -0.5)
+    return y.reshape(B, n_heads, T, D)
 
 
 def rotate_half(x):
@@ -349,7 +351,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, attend, input_pos):
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -362,8 +364,8 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k_all, v_all = self.kv_cache.update(input_pos, k, v)
-        # Attention runs in the cache dtype; the mask keeps it to each row's valid slots.
-        y = attention(q.to(k_all.dtype), k_all, v_all, mask, self.n_heads != self.n_kv_heads)
+        # Attention runs in the cache dtype; its mask keeps it to each row's valid slots.
+        y = attend(q.to(k_all.dtype), k_all, v_all)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, q_size)
         return self.wo(y)
 
@@ -388,8 +390,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, attend, input_pos):
+        h = x + self.attention(self.attention_norm(x), cos, sin, attend, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -432,9 +434,16 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """tokens [B, T] written at slots input_pos [T] (consecutive). Returns logits [B, T or keep, V] in fp32."""
         B, T = tokens.shape
-        mask = offset_length_block_mask(self.row_start, input_pos[0], T, self.cache_len, self.args.sliding_window)
-        if not tokens.is_cuda and not torch.compiler.is_compiling():
-            mask = dense_mask(mask)  # CPU eager: SDPA; built once per forward, shared by every layer
+        # One attention backend per forward, its mask built once and shared by every layer:
+        # compiled -> flex_attention with the BlockMask; eager (any device) -> SDPA with the dense
+        # mask, so running without --compile never waits for a compiler.
+        mask_args = (self.row_start, input_pos[0], T, self.cache_len, self.args.sliding_window)
+        if torch.compiler.is_compiling():
+            attend = partial(flex_attention_over_cache, block_mask=offset_length_block_mask(*mask_args))
+        else:
+            group = self.args.n_heads // self.args.n_kv_heads
+            folded_mask = offset_length_dense_mask(*mask_args).repeat(1, 1, group, 1)
+            attend = partial(sdpa_attention_over_cache, folded_mask=folded_mask)
         # RoPE position of a token = its slot minus its row's start, so a left-padded row sees
         # exactly the positions it would see alone.
         positions = (input_pos.view(1, T) - self.row_start.view(B, 1)).clamp(min=0)
@@ -443,7 +452,7 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+            x = layer(x, cos, sin, attend, input_pos)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)

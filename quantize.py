@@ -46,6 +46,10 @@ def quantize_int8(weight: torch.Tensor):
     return q, scales
 
 
+# Up to this many activation rows (batch x tokens) the compiled int8 linear is written as a GEMV.
+INT8_GEMV_MAX_ROWS = 4
+
+
 class Int8Linear(nn.Module):
     def __init__(self, in_features, out_features, bias=False, device=None):
         super().__init__()
@@ -55,8 +59,16 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
 
     def forward(self, x):
-        # Written so Inductor fuses the int8 -> x.dtype conversion into the matmul's weight load.
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        weight = self.weight.to(x.dtype)
+        if torch.compiler.is_compiling() and x.numel() // x.shape[-1] <= INT8_GEMV_MAX_ROWS:
+            # Decode under torch.compile: a multiply-reduce that Inductor turns into one GEMV
+            # kernel reading each int8 weight once, the conversion fused into the load. (As a
+            # matmul, Inductor writes a converted copy of the weight first, or, with bf16 scales,
+            # rewrites it to _weight_int8pack_mm, whose CUDA lowering crashes on torch 2.11.)
+            y = (x.unsqueeze(-2) * weight).sum(-1)
+        else:
+            y = F.linear(x, weight)
+        y = (y * self.scales.float()).to(x.dtype)  # scales [out] applied in fp32
         return y if self.bias is None else y + self.bias
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from model import BLOCK_SIZE, offset_length_block_mask
+from model import BLOCK_SIZE, offset_length_block_mask, offset_length_dense_mask, sdpa_attention_over_cache
 
 compiled_flex = torch.compile(flex_attention, dynamic=False)
 
@@ -88,6 +88,33 @@ def sdpa_reference(q, k, v, start, q_start, window):
             vv = v[b, :, lo:q_slot + 1].repeat_interleave(rep, dim=0)
             out[b, :, i] = F.scaled_dot_product_attention(q[b, :, i:i + 1], kk, vv).squeeze(1)
     return out
+
+
+@pytest.mark.parametrize("starts,q_start,q_len,kv_len,window", CASES)
+def test_dense_mask_is_the_contract(starts, q_start, q_len, kv_len, window):
+    start = torch.tensor(starts, dtype=torch.int32)
+    dense = offset_length_dense_mask(start, torch.tensor(q_start), q_len, kv_len, window)[:, 0]
+    truth = valid_pairs(start, q_start, q_len, kv_len, window)
+    real = truth.any(-1)  # a left-pad query (no valid slot) is let see everything instead of NaN
+    assert torch.equal(dense[real], truth[real])
+    assert dense[~real].all()
+
+
+@pytest.mark.parametrize("starts,q_start,q_len,kv_len,window", [CASES[1], CASES[3], CASES[5]])
+def test_eager_sdpa_over_static_cache_equals_sliced_sdpa(starts, q_start, q_len, kv_len, window):
+    """The eager path (no compiler): GQA heads folded into the query axis, dense mask."""
+    torch.manual_seed(q_start + q_len)
+    B, Hq, Hkv, D = len(starts), 8, 2, 32  # GQA 4:1
+    q = torch.randn(B, Hq, q_len, D)
+    k = torch.randn(B, Hkv, kv_len, D) * 3
+    v = torch.randn(B, Hkv, kv_len, D)
+    start = torch.tensor(starts, dtype=torch.int32)
+    mask = offset_length_dense_mask(start, torch.tensor(q_start), q_len, kv_len, window)
+    out = sdpa_attention_over_cache(q, k, v, mask.repeat(1, 1, Hq // Hkv, 1))
+    ref = sdpa_reference(q, k, v, start, q_start, window)
+    real = valid_pairs(start, q_start, q_len, kv_len, window).any(-1)  # [B, T]; pad queries aside
+    err = (out - ref).transpose(1, 2)[real].norm() / ref.transpose(1, 2)[real].norm()
+    assert err < 1e-5, err
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])

@@ -1,0 +1,252 @@
+"""The GPU tier: `python -m pytest -m gpu` on a CUDA machine (skipped without CUDA).
+
+Small random models made on the fly (head_dim 128 with GQA 4:1, a sliding window, tied
+embeddings) prove on the GPU what the CPU tests prove on the CPU: the compiled CUDA-graph decode
+gives the greedy tokens of CPU fp32 eager; batches, big caches and chat turns change nothing;
+quantized weights and KV caches match their dequantize-then-compute reference; eager GPU runs
+never call the compiler; a full cache is a clear error.
+"""
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from generate import Generator, Sampling, UsageError, load_model
+from model import ModelArgs, Transformer, read_checkpoint_config, save_checkpoint
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+REPO = Path(__file__).resolve().parent.parent
+VOCAB = 512
+SHAPES = {
+    "gqa-hd128": dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=128, intermediate_size=512),
+    "window": dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=256, sliding_window=24),
+    "tied": dict(dim=128, n_layers=3, n_heads=4, n_kv_heads=1, intermediate_size=256, tie_embeddings=True),
+}
+PROMPTS = [[5, 17, 3, 88, 41, 2, 9, 300, 411, 7], [60, 1, 7], list(range(100, 141)), [12]]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    # Every test compiles new models: start each from an empty dynamo cache so no test falls
+    # back to eager by hitting the recompile limit.
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def random_model(shape: str, seed: int = 0) -> Transformer:
+    """A random fp32 model on the CPU whose logits are spread far from ties."""
+    torch.manual_seed(seed)
+    args = ModelArgs(**SHAPES[shape], vocab_size=VOCAB, max_position_embeddings=8192)
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        model.tok_embeddings.weight.normal_(0, 1.0)
+        if model.output is not None:
+            model.output.weight.normal_(0, 1.0)
+    return model
+
+
+def on(model: Transformer, device, dtype=torch.float32) -> Transformer:
+    """A copy of `model` on `device` (the caches are made again by setup)."""
+    copy = Transformer(model.args).eval()
+    copy.load_state_dict(model.state_dict())
+    return copy.to(device=device, dtype=dtype)
+
+
+def greedy(model, prompts, n, max_seq_len, compile=False, kv_cache_dtype=None):
+    gen = Generator(model, compile=compile)
+    gen.setup(len(prompts), max_seq_len, kv_cache_dtype)
+    return gen.generate(prompts, n, Sampling()).tokens
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_compiled_cuda_graph_decode_equals_cpu_fp32_eager(shape):
+    cpu = random_model(shape)
+    want = greedy(cpu, PROMPTS[:3], 40, 128)
+    got = greedy(on(cpu, "cuda"), PROMPTS[:3], 40, 128, compile=True)
+    assert got == want
+
+
+@pytest.mark.parametrize("shape", ["gqa-hd128", "window"])
+def test_batch_of_different_lengths_equals_each_alone_compiled(shape):
+    model = on(random_model(shape), "cuda")
+    batch = greedy(model, PROMPTS, 30, 128, compile=True)
+    for b, p in enumerate(PROMPTS):
+        assert batch[b] == greedy(model, [p], 30, 128, compile=True)[0], f"row {b}"
+
+
+@pytest.mark.parametrize("shape", ["gqa-hd128", "window"])
+def test_cache_of_thousands_of_slots_equals_just_enough(shape):
+    model = on(random_model(shape), "cuda")
+    p = PROMPTS[2]
+    just = greedy(model, [p], 50, len(p) + 50, compile=True)
+    big = greedy(model, [p], 50, 6000, compile=True)
+    assert big == just
+
+
+def test_chat_turns_through_the_compiled_step_equal_a_rerun_from_empty():
+    """Three turns held in the cache (start_slot, as generate.py --chat does) against each
+    transcript re-run from an empty cache."""
+    model = on(random_model("gqa-hd128"), "cuda")
+    gen = Generator(model, compile=True)
+    gen.setup(1, 512)
+    transcript, cache_len, pending = [], 0, []
+    for turn in ([5, 6, 7, 8], [100, 101], [300, 301, 302, 303, 304]):
+        new_ids = pending + turn
+        res = gen.generate([new_ids], 20, Sampling(), start_slot=cache_len)
+        transcript += turn
+        rerun = greedy(model, [transcript], 20, 512, compile=True)
+        assert res.tokens == rerun
+        transcript += res.tokens[0]
+        # everything but the last sampled token is now in the cache; it goes in next turn
+        cache_len += len(new_ids) + len(res.tokens[0]) - 1
+        pending = [res.last_token[0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_eager_gpu_path_never_compiles(monkeypatch, dtype):
+    def no_compile(*args, **kwargs):
+        raise AssertionError("torch.compile called on the eager path")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    frames_before = dict(torch._dynamo.utils.counters["frames"])
+    cpu = random_model("gqa-hd128")
+    got = greedy(on(cpu, "cuda", dtype), PROMPTS[:3], 20, 64)
+    assert dict(torch._dynamo.utils.counters["frames"]) == frames_before
+    if dtype == torch.float32:
+        assert got == greedy(cpu, PROMPTS[:3], 20, 64)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8"])
+def test_quantized_kv_cache_on_cuda_equals_cpu_reference(kv_cache_dtype):
+    """The dequantize-then-compute reference is the same cache on the CPU, in fp32, eager."""
+    cpu = random_model("gqa-hd128")
+    want = greedy(cpu, PROMPTS[:3], 30, 128, kv_cache_dtype=kv_cache_dtype)
+    cuda = on(cpu, "cuda")
+    assert greedy(cuda, PROMPTS[:3], 30, 128, kv_cache_dtype=kv_cache_dtype) == want
+    assert greedy(cuda, PROMPTS[:3], 30, 128, compile=True, kv_cache_dtype=kv_cache_dtype) == want
+
+
+# ----------------------------------------------------------------------------- quantized weights
+
+@pytest.fixture(scope="module")
+def float_checkpoint(tmp_path_factory):
+    model = random_model("gqa-hd128", seed=1)
+    out = tmp_path_factory.mktemp("gpu") / "float"
+    save_checkpoint(out, {"model_args": asdict(model.args), "quantization": None}, model.state_dict())
+    return out
+
+
+def dequantized_reference(quantized_dir) -> Transformer:
+    """An fp32 CPU model whose weights are exactly what the quantized kernels multiply by."""
+    from safetensors.torch import load_file
+
+    from quantize import dequantize_int4
+
+    config = read_checkpoint_config(quantized_dir)
+    model = Transformer(ModelArgs.from_dict(config["model_args"])).eval()
+    stored = load_file(str(Path(quantized_dir) / "model.safetensors"))
+    state = {}
+    for name, ref in model.state_dict().items():
+        prefix = name.removesuffix(".weight")
+        if f"{prefix}.scales" in stored:
+            state[name] = stored[name].float() * stored[f"{prefix}.scales"].float()[:, None]
+        elif f"{prefix}.scales_and_zeros" in stored:
+            w = dequantize_int4(stored[name], stored[f"{prefix}.scales_and_zeros"], config["quantization"]["groupsize"])
+            state[name] = w[:, :ref.shape[1]]
+        else:
+            state[name] = stored[name].float()
+    model.load_state_dict(state)
+    return model
+
+
+def teacher_forced_logits(model, ids: list[int], prompt_len: int, compiled: bool) -> torch.Tensor:
+    """Logits [steps, V] of the decode steps that read ids[prompt_len:], one token at a time."""
+    device = model.tok_embeddings.weight.device
+
+    def step(model, token, input_pos):
+        return model(token, input_pos)[:, -1]
+
+    step_fn = torch.compile(step, mode="reduce-overhead", fullgraph=True) if compiled else step
+    model.setup_caches(1, len(ids))
+    model.set_row_starts(torch.zeros(1, dtype=torch.int32, device=device))
+    tokens = torch.tensor([ids], device=device)
+    out = []
+    with torch.no_grad():
+        out.append(model(tokens[:, :prompt_len], torch.arange(prompt_len, device=device))[:, -1].float().cpu())
+        for pos in range(prompt_len, len(ids) - 1):
+            logits = step_fn(model, tokens[:, pos:pos + 1], torch.tensor([pos], device=device))
+            out.append(logits.float().cpu().clone())
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("mode,groupsize,dtype,tol", [
+    ("int8", None, torch.float32, 1e-4),
+    ("int8", None, torch.bfloat16, 3e-2),
+    ("int4", 64, torch.bfloat16, 3e-2),
+    ("int4", 128, torch.bfloat16, 3e-2),
+], ids=["int8-fp32", "int8-bf16", "int4-g64", "int4-g128"])
+def test_quantized_weights_on_cuda_match_dequantize_then_compute(float_checkpoint, tmp_path, mode, groupsize, dtype, tol):
+    from quantize import quantize_checkpoint
+
+    qdir = quantize_checkpoint(float_checkpoint, mode, groupsize, output_dir=tmp_path / mode)
+    reference = dequantized_reference(qdir)
+    ids = PROMPTS[0] + [int(t) for t in torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(2))]
+    want = teacher_forced_logits(reference, ids, len(PROMPTS[0]), compiled=False)
+    model, _ = load_model(qdir, torch.device("cuda"), dtype)
+    for compiled in (False, True):
+        got = teacher_forced_logits(model, ids, len(PROMPTS[0]), compiled)
+        err = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
+        assert err < tol, f"compiled={compiled}: worst step's relative error {err:.2e}"
+        torch._dynamo.reset()
+    if dtype == torch.float32:  # fp32 compute: the same greedy tokens as the reference
+        assert greedy(model, PROMPTS[:2], 25, 64, compile=True) == greedy(reference, PROMPTS[:2], 25, 64)
+
+
+def test_full_cache_is_a_clear_error_on_the_gpu():
+    model = on(random_model("window"), "cuda", torch.bfloat16)
+    p = PROMPTS[0]
+    full = greedy(model, [p], 40 - len(p), 40, compile=True)
+    assert len(full[0]) == 40 - len(p)
+    with pytest.raises(UsageError, match="exceeds the cache"):
+        greedy(model, [p], 40 - len(p) + 1, 40, compile=True)
+
+
+def tiny_sentencepiece_model() -> bytes:
+    """A small real SentencePiece model trained on the spot (the GPU machine has no assets)."""
+    import io
+
+    import sentencepiece as spm
+
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hum old tunes".split()
+    lines = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=300,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   minloglevel=2)
+    return model.getvalue()
+
+
+def test_cli_compiled_on_cuda_writes_json(tmp_path):
+    """generate.py as a user runs it on the GPU: --compile, bf16 by default, a batch, --json."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=1, intermediate_size=256, vocab_size=300,
+                     max_position_embeddings=512)  # the tokenizer's vocab
+    ckpt = save_checkpoint(tmp_path / "tiny", {"model_args": asdict(args), "quantization": None},
+                           Transformer(args).state_dict(), {"tokenizer.model": tiny_sentencepiece_model()})
+    out_json = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "--checkpoint", str(ckpt),
+                           "--prompt", "the fox", "--prompt", "seven wizards quietly hum", "--max-new-tokens", "16",
+                           "--temperature", "0", "--compile", "--json", str(out_json)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out_json.read_text())
+    assert data["device"] != "cpu" and data["dtype"] == "bfloat16"
+    assert len(data["rows"]) == 2
+    assert all(len(r["token_ids"]) == 16 or r["stopped"] for r in data["rows"])
+    assert data["decode_tokens_per_s"] > 0
