@@ -109,6 +109,41 @@ def decode_one(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor,
     return sample(logits[:, -1], sampling)
 
 
+class CUDAGraphStep:
+    """An eager decode step recorded once into a CUDA graph and replayed: no compiler involved,
+    and one launch per step instead of hundreds of small kernels (Python launch overhead is
+    most of an eager GPU step). Recorded again when the batch, sampling or cache changes."""
+
+    def __init__(self, step):
+        self.step = step
+        self.key = None
+
+    def __call__(self, model, token, input_pos, sampling):
+        cache = model.layers[0].attention.kv_cache
+        key = (tuple(token.shape), sampling, model.row_start.data_ptr(), cache.k_cache.data_ptr())
+        if key != self.key:
+            self.record(model, token, input_pos, sampling)
+            self.key = key
+        self.token.copy_(token)
+        self.input_pos.copy_(input_pos)
+        self.graph.replay()
+        return self.next_token
+
+    def record(self, model, token, input_pos, sampling):
+        self.graph = None  # free the previous recording first
+        self.token, self.input_pos = token.clone(), input_pos.clone()  # the graph's input buffers
+        # One plain run first, on a side stream (what capture requires): it creates library
+        # handles and workspaces. It writes the same K/V slot the replay writes again.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step(model, self.token, self.input_pos, sampling)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.next_token = self.step(model, self.token, self.input_pos, sampling)
+
+
 # ----------------------------------------------------------------------------- generation
 
 @dataclass
@@ -132,7 +167,8 @@ class Generator:
         # [B, T, 2 * ffn] gate/up output above all) stay bounded whatever the prompt length.
         self.prefill_chunk_size = prefill_chunk_size
         self.device = model.tok_embeddings.weight.device
-        self.decode_fn = decode_one
+        # Without --compile a GPU still replays the decode step as a CUDA graph (no compiler).
+        self.decode_fn = CUDAGraphStep(decode_one) if self.device.type == "cuda" else decode_one
         self.prefill_fn = prefill
         if compile:
             # Static shapes: one compile, then CUDA-graph replays.

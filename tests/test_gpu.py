@@ -122,6 +122,21 @@ def test_eager_gpu_path_never_compiles(monkeypatch, dtype):
         assert got == greedy(cpu, PROMPTS[:3], 20, 64)
 
 
+def test_eager_cuda_graph_step_samples_and_rerecords():
+    """The eager step's CUDA graph follows a new batch size, cache and sampling settings."""
+    model = on(random_model("window"), "cuda", torch.bfloat16)
+    gen = Generator(model)
+    gen.setup(1, 64)
+    one = gen.generate([PROMPTS[0]], 20, Sampling()).tokens
+    gen.setup(3, 200)  # new cache buffers: recorded again
+    three = gen.generate(PROMPTS[:3], 20, Sampling()).tokens
+    assert three[0] == one[0]
+    torch.manual_seed(0)
+    sampled = gen.generate(PROMPTS[:3], 20, Sampling(temperature=1.0, top_k=50)).tokens
+    assert all(len(row) == 20 and all(0 <= t < VOCAB for t in row) for row in sampled)
+    assert sampled != three  # temperature 1 over spread logits: not the greedy path
+
+
 @pytest.mark.parametrize("kv_cache_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8"])
 def test_quantized_kv_cache_on_cuda_equals_cpu_reference(kv_cache_dtype):
     """The dequantize-then-compute reference is the same cache on the CPU, in fp32, eager."""
