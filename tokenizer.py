@@ -177,8 +177,8 @@ class Tokenizer:
 
         first_turn=False: the cache already ends with a reply's stop token. With a template the
         new ids are what rendering the transcript with the new message adds to rendering it
-        without. `history` is that transcript (user and assistant messages, no system); when it
-        is not given, a one-exchange stand-in takes its place, which gives the same ids for
+        without. `history` is that transcript (user and assistant messages ending with a reply, no
+        system); when it is not given, a one-exchange stand-in takes its place, which gives the same ids for
         templates that render a turn the same whatever came before it (the tests check ours).
         """
         if self.chat_template is None:
@@ -187,8 +187,13 @@ class Tokenizer:
             history = [] if first_turn else STAND_IN_HISTORY
         before = ([{"role": "system", "content": system}] if system is not None else []) + list(history)
         after = before + [{"role": "user", "content": user_text}]
-        prefix = self.encode_dialog(before, add_generation_prompt=False) if history else []
-        return self._suffix(prefix, self.encode_dialog(after))
+        if not history:
+            return self.encode_dialog(after)
+        # The cache holds the last turn as it was asked, then its reply: both renderings must
+        # extend it (earlier turns were checked when they were added).
+        asked = self.encode_dialog(before[:-1])
+        answered = self._suffix(asked, self.encode_dialog(before, add_generation_prompt=False))
+        return self._suffix(asked + answered, self.encode_dialog(after))
 
     def encode_reply(self, text: str) -> List[int]:
         """An assistant reply as it sits in the KV cache after generation: its ids, then the stop token."""
