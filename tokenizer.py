@@ -177,9 +177,10 @@ class Tokenizer:
 
         first_turn=False: the cache already ends with a reply's stop token. With a template the
         new ids are what rendering the transcript with the new message adds to rendering it
-        without. `history` is that transcript (user and assistant messages ending with a reply, no
-        system); when it is not given, a one-exchange stand-in takes its place, which gives the same ids for
-        templates that render a turn the same whatever came before it (the tests check ours).
+        without. `history` is that transcript (user and assistant messages ending with a reply,
+        no system); when it is not given, a one-exchange stand-in takes its place, which gives
+        the same ids for templates that render a turn the same whatever came before it (the
+        tests check that ours do).
         """
         if self.chat_template is None:
             return self._format_chat_turn(user_text, system, first_turn)
@@ -189,11 +190,13 @@ class Tokenizer:
         after = before + [{"role": "user", "content": user_text}]
         if not history:
             return self.encode_dialog(after)
-        # The cache holds the last turn as it was asked, then its reply: both renderings must
-        # extend it (earlier turns were checked when they were added).
+        # The cache holds the last turn as it was asked, then the reply generated after it; the
+        # transcript with the reply must extend the former, the one with the new turn the latter
+        # (earlier turns were checked when they were added).
         asked = self.encode_dialog(before[:-1])
-        answered = self._suffix(asked, self.encode_dialog(before, add_generation_prompt=False))
-        return self._suffix(asked + answered, self.encode_dialog(after))
+        answered = self.encode_dialog(before, add_generation_prompt=False)
+        self._suffix(asked, answered)
+        return self._suffix(answered, self.encode_dialog(after))
 
     def encode_reply(self, text: str) -> List[int]:
         """An assistant reply as it sits in the KV cache after generation: its ids, then the stop token."""
@@ -213,8 +216,8 @@ class Tokenizer:
         # KV cache turn by turn: each turn would need the whole transcript again.
         if ids[: len(prefix)] != prefix:
             raise TokenizerError(f"{self.chat_template.path}: the chat template is not prefix-stable (adding a message "
-                                 f"changes the ids of the messages before it); a chat cannot be kept in the KV cache "
-                                 f"turn by turn with it: use --chat-template one turn at a time")
+                                 f"changes the ids of the messages before it): it can render one-turn prompts, not a "
+                                 f"chat kept in the KV cache turn by turn")
         return ids[len(prefix):]
 
     # ---- hand-written formats (checkpoints that ship no chat template)
@@ -348,7 +351,7 @@ class ChatTemplate:
     def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
         import jinja2
         try:
-            return self.template.render(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+            return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                         tools=None, documents=None, **self.special_tokens)
         except (jinja2.TemplateError, TypeError) as e:  # raise_exception(), a sandbox violation, bad messages
             raise TokenizerError(f"{self.path}: chat template: {_first_line(e)}") from None
