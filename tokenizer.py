@@ -1,20 +1,27 @@
-"""SentencePiece and tiktoken behind one interface; chat templates; streaming decode.
+"""Tokenizers through the libraries made for them, chat templates from the checkpoint, streaming.
 
 load_tokenizer(checkpoint_dir) looks at what the directory holds, never at its name:
-  tokenizer.model  SentencePiece protobuf (Llama-2, Mistral v0.1) or a tiktoken BPE file
-                   (Llama-3: "base64-token rank" lines), told apart by content.
-  tokenizer.json   Hugging Face byte-level BPE (GPT-2 style: SmolLM2, Qwen2, Llama-3 HF),
-                   turned into a tiktoken Encoding (rank = token id), so BPE runs in Rust.
-  tokenizer_config.json (optional) bos/eos tokens, add_bos_token, chat_template (the
-                   template is only looked at to pick the chat format; no jinja is run).
+  tokenizer.json   any Hugging Face tokenizer, run by the `tokenizers` library (what transformers
+                   runs) and streamed with its DecodeStream.
+  tokenizer.model  (used when there is no tokenizer.json) a SentencePiece protobuf (Llama-2,
+                   Mistral v0.1), run by `sentencepiece`, or Meta's Llama-3 tiktoken file
+                   ("base64-token rank" lines), run by `tiktoken`; told apart by content.
+  tokenizer_config.json, special_tokens_map.json (optional): bos/eos tokens, add_bos_token and
+                   the chat template (chat_template.jinja holds it in newer checkpoints).
 
-encode() treats special-token text in user input as plain text; only the chat templates
-(and encode_special, for template text) produce special ids.
+Chat: a checkpoint's jinja chat template is rendered the way transformers renders it (sandboxed
+jinja2) and the text is encoded with its special tokens, as transformers' apply_chat_template
+does (so special-token text inside a message becomes a special token there too). Checkpoints
+that ship no template get a hand-written format picked from the vocabulary (Llama-3, ChatML,
+Llama-2).
+
+encode() treats special-token text in user input as plain text; only chat formatting (and
+encode_special, for template text) produces special ids.
 """
 import base64
+import datetime
 import json
 import re
-import unicodedata
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -23,33 +30,14 @@ class TokenizerError(ValueError):
     """A tokenizer file is missing, corrupt, unsupported, or does not fit the model."""
 
 
-# Pre-tokenizer regexes (tiktoken / fancy-regex syntax).
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+# Pre-tokenizer regexes of Llama-3 (Meta's tiktoken file; GGUF "llama-bpe") and Qwen2 (GGUF "qwen2").
 LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-# SmolLM2 (HF: Digits(individual_digits) then ByteLevel's GPT-2 regex; llama.cpp pre="smollm").
-# One regex with the same result: every digit is its own piece, and a digit ends a
-# whitespace run the way the end of a chunk would (hence the lookahead excludes \p{N}).
-SMOLLM_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
-
-# GGUF tokenizer.ggml.pre -> Hugging Face pre_tokenizer JSON (written by gguf_tokenizer_files).
-_BYTELEVEL_REGEX = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-_BYTELEVEL_NOREGEX = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-
-
-def _split_then_bytelevel(pattern):
-    split = {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
-    return {"type": "Sequence", "pretokenizers": [split, _BYTELEVEL_NOREGEX]}
-
-
-GGUF_PRE_TOKENIZERS = {
-    "gpt-2": _BYTELEVEL_REGEX,
-    "smollm": {"type": "Sequence", "pretokenizers": [
-        {"type": "Digits", "individual_digits": True}, _BYTELEVEL_REGEX]},
-    "llama-bpe": _split_then_bytelevel(LLAMA3_PATTERN),
-    "llama3": _split_then_bytelevel(LLAMA3_PATTERN),
-    "qwen2": _split_then_bytelevel(QWEN2_PATTERN),
-}
 
 # Meta's Llama-3 special tokens follow the 128000 BPE ranks, in this order; reserved ones fill to 256.
 LLAMA3_SPECIALS = [
@@ -63,36 +51,21 @@ LLAMA3_NUM_SPECIALS = 256
 # Tokens that end a turn or the text, in any of the chat formats we know.
 STOP_TOKENS = ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>"]
 
+# Hand-written formats, for checkpoints without a chat template; "template" is the checkpoint's own.
 CHAT_FORMATS = ("llama2", "llama3", "chatml", "mistral")
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
-
-def _bytes_to_unicode() -> Dict[int, str]:
-    """GPT-2's reversible byte <-> printable character map used by byte-level BPE vocabularies.
-
-    Bytes that are printable (and not space) stand for themselves; the other 68 are
-    shifted to code points 256, 257, ... in byte order.
-    """
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+# What a template renders in place of the turns already in the KV cache when the caller does not
+# pass them (see Tokenizer.encode_chat_turn).
+STAND_IN_HISTORY = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hello! How can I help?"}]
 
 
 def _fix_surrogates(text: str) -> str:
     """Lone surrogates cannot be UTF-8 encoded: replace each with U+FFFD (valid pairs are joined).
 
-    This is what tiktoken does internally; doing it here gives SentencePiece the same
-    behaviour, and decode(encode(s)) == _fix_surrogates(s) exactly.
+    This is what tiktoken does internally; doing it for every backend gives them all the same
+    behaviour (the tokenizers library refuses such strings), and decode(encode(s)) == _fix_surrogates(s).
     """
     try:
         text.encode("utf-8")
@@ -109,17 +82,17 @@ def _token_content(tok) -> Optional[str]:
 
 
 class Tokenizer:
-    """The common interface. Subclasses implement _encode_text, _decode, piece lookups."""
+    """The common interface. Subclasses implement _encode_text, encode_special, decode, token lookups."""
 
     path: Path            # the file the vocabulary came from
     bos_id: Optional[int]
     eos_id: Optional[int]
     stop_ids: set
     vocab_size: int       # number of ids this tokenizer can produce, specials included
-    chat_format: Optional[str]
-    add_bos: bool         # whether a plain prompt should start with bos
-    default_system: Optional[str]
     max_id: int
+    add_bos: bool         # whether a plain prompt should start with bos
+    chat_format: Optional[str] = None         # "template", one of CHAT_FORMATS, or None
+    chat_template: Optional["ChatTemplate"] = None
 
     # ---- backend hooks
     def _encode_text(self, text: str) -> List[int]:
@@ -133,6 +106,9 @@ class Tokenizer:
         raise NotImplementedError
 
     def token_to_id(self, token: str) -> Optional[int]:
+        raise NotImplementedError
+
+    def id_to_token(self, token_id: int) -> Optional[str]:
         raise NotImplementedError
 
     # ---- common
@@ -151,8 +127,8 @@ class Tokenizer:
             ids = ids + [self.eos_id]
         return ids
 
-    def _finish_init(self, config: dict, chat_format: Optional[str]):
-        """Apply tokenizer_config.json, then derive stop ids and the chat format."""
+    def _finish_init(self, config: dict):
+        """Apply tokenizer_config.json's bos/eos/add_bos_token, then derive the stop ids."""
         for key in ("bos_token", "eos_token"):
             content = _token_content(config.get(key))
             if content is not None:
@@ -168,19 +144,6 @@ class Tokenizer:
             if tid is not None:
                 stops.add(tid)
         self.stop_ids = stops
-        template = config.get("chat_template") or ""
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = " ".join(t.get("template", "") for t in template if isinstance(t, dict))
-        self.chat_format = chat_format or _detect_chat_format(template, self)
-        self.default_system = None
-        if self.chat_format == "chatml":
-            # A default system prompt spelled out in the template (SmolLM2's "You are a
-            # helpful AI assistant named SmolLM, ...") is used when the dialog has none.
-            m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^<'\"{}]+?)<\|im_end\|>", template)
-            if m:
-                self.default_system = m.group(1).replace("\\n", "\n")
-        if self.chat_format is not None and self.chat_format not in CHAT_FORMATS:
-            raise TokenizerError(f"unknown chat format {self.chat_format!r}; expected one of {CHAT_FORMATS}")
 
     def _special(self, token: str) -> int:
         tid = self.token_to_id(token)
@@ -188,11 +151,79 @@ class Tokenizer:
             raise TokenizerError(f"{self.path}: chat format {self.chat_format} needs {token!r}, not in the vocabulary")
         return tid
 
-    # ---- chat templates
-    # Every piece is encoded separately, at the same boundaries where special tokens or
-    # the model's own generation split the text. An assistant reply is encoded on its own
-    # (self.encode(content)) and followed by the stop token, because that is what the KV
-    # cache holds after generation. That makes encode_chat_turn exactly incremental.
+    # ---- chat
+    # The KV cache of a chat holds, turn after turn, the ids encode_chat_turn returns and the
+    # ids the model generated, up to and including the stop token. encode_dialog of the same
+    # transcript gives the same ids (the tests prove it for every format and template we know).
+    def encode_dialog(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> List[int]:
+        """A whole conversation [{"role": "system"|"user"|"assistant", "content": str}, ...].
+
+        A dialog that ends with an assistant message ends at that reply's stop token: what a
+        template puts after it (ChatML's "\\n", Llama-2's "<s>") is never generated, so it
+        starts the next turn's ids instead.
+        """
+        if self.chat_template is None:
+            return self._format_dialog(messages, add_generation_prompt)
+        ids = self.encode_special(self.chat_template.render(messages, add_generation_prompt))
+        if messages and messages[-1]["role"] == "assistant" and not add_generation_prompt:
+            stops = [i for i, t in enumerate(ids) if t in self.stop_ids]
+            if stops:
+                ids = ids[: stops[-1] + 1]
+        return ids
+
+    def encode_chat_turn(self, user_text: str, system: Optional[str] = None, first_turn: bool = True,
+                         history: Optional[Sequence[dict]] = None) -> List[int]:
+        """The ids to append to the KV cache for a new user turn, ending with the assistant prompt.
+
+        first_turn=False: the cache already ends with a reply's stop token. With a template the
+        new ids are what rendering the transcript with the new message adds to rendering it
+        without. `history` is that transcript (user and assistant messages ending with a reply,
+        no system); when it is not given, a one-exchange stand-in takes its place, which gives
+        the same ids for templates that render a turn the same whatever came before it (the
+        tests check that ours do).
+        """
+        if self.chat_template is None:
+            return self._format_chat_turn(user_text, system, first_turn)
+        if history is None:
+            history = [] if first_turn else STAND_IN_HISTORY
+        before = ([{"role": "system", "content": system}] if system is not None else []) + list(history)
+        after = before + [{"role": "user", "content": user_text}]
+        if not history:
+            return self.encode_dialog(after)
+        # The cache holds the last turn as it was asked, then the reply generated after it; the
+        # transcript with the reply must extend the former, the one with the new turn the latter
+        # (earlier turns were checked when they were added).
+        asked = self.encode_dialog(before[:-1])
+        answered = self.encode_dialog(before, add_generation_prompt=False)
+        self._suffix(asked, answered)
+        return self._suffix(answered, self.encode_dialog(after))
+
+    def encode_reply(self, text: str) -> List[int]:
+        """An assistant reply as it sits in the KV cache after generation: its ids, then the stop token."""
+        if self.chat_template is None:
+            return self.encode(text) + [self._stop_for_reply()]
+        prompt = STAND_IN_HISTORY[:1]
+        reply = self._suffix(self.encode_dialog(prompt), self.encode_dialog(
+            prompt + [{"role": "assistant", "content": text}], add_generation_prompt=False))
+        if not reply or reply[-1] not in self.stop_ids:
+            raise TokenizerError(f"{self.chat_template.path}: the chat template does not end an assistant reply with "
+                                 f"a stop token ({sorted(self.stop_ids)}), so a generated reply would not match it")
+        return reply
+
+    def _suffix(self, prefix: List[int], ids: List[int]) -> List[int]:
+        # A template whose rendering of a longer conversation changes the ids of the shorter one
+        # (say, one that moves the system prompt to the last user message) cannot be kept in a
+        # KV cache turn by turn: each turn would need the whole transcript again.
+        if ids[: len(prefix)] != prefix:
+            raise TokenizerError(f"{self.chat_template.path}: the chat template is not prefix-stable (adding a message "
+                                 f"changes the ids of the messages before it): it can render one-turn prompts, not a "
+                                 f"chat kept in the KV cache turn by turn")
+        return ids[len(prefix):]
+
+    # ---- hand-written formats (checkpoints that ship no chat template)
+    # Every piece is encoded separately, at the same boundaries where special tokens or the
+    # model's own generation split the text. An assistant reply is encoded on its own and
+    # followed by the stop token, because that is what the KV cache holds after generation.
     def _stop_for_reply(self) -> int:
         if self.chat_format == "llama3":
             return self._special("<|eot_id|>")
@@ -200,16 +231,7 @@ class Tokenizer:
             return self._special("<|im_end|>")
         return self.eos_id
 
-    def encode_reply(self, text: str) -> List[int]:
-        """An assistant reply as it sits in the KV cache: its text, then the stop token."""
-        return self.encode(text) + [self._stop_for_reply()]
-
-    def encode_chat_turn(self, user_text: str, system: Optional[str] = None, first_turn: bool = True) -> List[int]:
-        """The ids to append for a new user turn, ending with the assistant prompt.
-
-        first_turn=False: the cache already ends with the previous reply and its stop token;
-        the result starts with whatever the template puts after that stop token.
-        """
+    def _format_chat_turn(self, user_text: str, system: Optional[str], first_turn: bool) -> List[int]:
         fmt = self.chat_format
         if fmt == "llama3":
             ids = [self.bos_id] if first_turn else []
@@ -218,10 +240,8 @@ class Tokenizer:
             return ids + self._llama3_message("user", user_text) + self._llama3_header("assistant")
         if fmt == "chatml":
             ids = [] if first_turn else self.encode("\n")  # the "\n" after the previous <|im_end|>
-            if first_turn:
-                system = system if system is not None else self.default_system
-                if system is not None:
-                    ids += self._chatml_message("system", system)
+            if first_turn and system is not None:
+                ids += self._chatml_message("system", system)
             return ids + self._chatml_message("user", user_text) + self._chatml_header("assistant")
         if fmt == "llama2":
             # Meta: each [INST] pair is its own <s> ... </s> sequence.
@@ -235,14 +255,7 @@ class Tokenizer:
             return ([self.bos_id] if first_turn else []) + self.encode(f"{B_INST} {user_text} {E_INST}")
         raise TokenizerError(f"{self.path}: no chat format for this tokenizer (no chat_template found)")
 
-    def encode_dialog(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> List[int]:
-        """A whole conversation [{"role": "system"|"user"|"assistant", "content": str}, ...].
-
-        Equals the incremental ids: encode_chat_turn for each user turn, and for each
-        assistant turn encode_reply (its text encoded on its own, then the stop token).
-        A dialog that ends with an assistant message ends at that stop token; what a
-        template puts after it (ChatML's "\n", Llama-2's "<s>") starts the next turn.
-        """
+    def _format_dialog(self, messages: Sequence[dict], add_generation_prompt: bool) -> List[int]:
         msgs = list(messages)
         system = None
         if msgs and msgs[0]["role"] == "system":
@@ -252,7 +265,7 @@ class Tokenizer:
         for i, m in enumerate(msgs):
             role, content = m["role"], m["content"]
             if role == "user":
-                turn = self.encode_chat_turn(content, system=system, first_turn=first)
+                turn = self._format_chat_turn(content, system, first)
                 last_user = i == len(msgs) - 1
                 if last_user and not add_generation_prompt:
                     turn = turn[: len(turn) - len(self._assistant_prompt())]
@@ -284,21 +297,13 @@ class Tokenizer:
         return [self._special("<|im_start|>")] + self.encode(role + "\n")
 
     def _chatml_message(self, role: str, content: str) -> List[int]:
-        # HF renders "<|im_start|>role\ncontent<|im_end|>\n"; text between specials is one piece.
+        # "<|im_start|>role\ncontent<|im_end|>\n"; text between specials is one piece.
         return ([self._special("<|im_start|>")] + self.encode(role + "\n" + content)
                 + [self._special("<|im_end|>")] + self.encode("\n"))
 
 
-def _detect_chat_format(template: str, tok: Tokenizer) -> Optional[str]:
-    if "<|im_start|>" in template:
-        return "chatml"
-    if "<|start_header_id|>" in template:
-        return "llama3"
-    if "[INST]" in template:
-        return "llama2" if "<<SYS>>" in template else "mistral"
-    if template:
-        return None
-    # No template: go by the special tokens the vocabulary has.
+def _detect_chat_format(tok: Tokenizer) -> Optional[str]:
+    """The hand-written format for a tokenizer without a chat template, from its special tokens."""
     if tok.token_to_id("<|start_header_id|>") is not None and tok.token_to_id("<|eot_id|>") is not None:
         return "llama3"
     if tok.token_to_id("<|im_start|>") is not None and tok.token_to_id("<|im_end|>") is not None:
@@ -308,8 +313,112 @@ def _detect_chat_format(template: str, tok: Tokenizer) -> Optional[str]:
     return None
 
 
+# ---------------------------------------------------------------------------- chat templates
+
+def _raise_exception(message):
+    import jinja2
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # jinja2's own tojson escapes <, >, & and ' for HTML, which would change what the model reads.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class ChatTemplate:
+    """A checkpoint's jinja chat template, rendered with what transformers gives templates.
+
+    Templates are code from the checkpoint, so they run in jinja2's immutable sandbox. Like
+    transformers: blocks trim their newlines, raise_exception() and strftime_now() exist, tojson
+    keeps non-ASCII text, and bos_token / eos_token / tools / documents are defined.
+    """
+
+    def __init__(self, source: str, path: Path, special_tokens: Dict[str, str]):
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        env.filters["tojson"] = _tojson
+        self.path = path
+        self.special_tokens = special_tokens
+        try:
+            self.template = env.from_string(source)
+        except jinja2.TemplateError as e:
+            raise TokenizerError(f"{path}: the chat template does not parse ({_first_line(e)})") from None
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+        import jinja2
+        try:
+            return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                        tools=None, documents=None, **self.special_tokens)
+        except (jinja2.TemplateError, TypeError) as e:  # raise_exception(), a sandbox violation, bad messages
+            raise TokenizerError(f"{self.path}: chat template: {_first_line(e)}") from None
+
+
+def _chat_template_source(config: dict, path: Path) -> Optional[str]:
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            raise TokenizerError(f"{path}: chat_template names {sorted(map(str, named))} but no 'default'")
+        template = named["default"]
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{path}: chat_template is neither a string nor a list of named templates")
+    return template or None
+
+
+# ---------------------------------------------------------------------------- backends
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer.json, run by the `tokenizers` library."""
+
+    def __init__(self, path: Path, config: dict):
+        from tokenizers import Tokenizer as Backend
+
+        self.path = path
+        try:
+            self.backend = Backend.from_file(str(path))
+        except Exception as e:  # the library raises a plain Exception for bad JSON or unknown models
+            raise TokenizerError(f"{path}: the tokenizers library cannot read it ({_first_line(e)})") from None
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        if not vocab:
+            raise TokenizerError(f"{path}: empty vocabulary")
+        self.max_id = max(vocab.values())
+        self.vocab_size = self.max_id + 1
+        # A post-processor that puts a token before every text (Llama's <s>, <|begin_of_text|>) is
+        # how a tokenizer.json says "start with bos"; tokenizer_config.json may override both.
+        plain = self.backend.encode("a", add_special_tokens=False).ids
+        full = self.backend.encode("a", add_special_tokens=True).ids
+        self.add_bos = len(full) > len(plain) and full[1:1 + len(plain)] == plain
+        self.bos_id = full[0] if self.add_bos else None
+        self.eos_id = self.backend.token_to_id("<|endoftext|>")  # GPT-2 style vocabularies end text with it
+        self._finish_init(config)
+
+    def token_to_id(self, token):
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id):
+        return self.backend.id_to_token(token_id)
+
+    def _encode_text(self, text):
+        # encode_special_tokens=True: the library reads special-token text as plain text.
+        self.backend.encode_special_tokens = True
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_special(self, text):
+        self.backend.encode_special_tokens = False
+        return self.backend.encode(_fix_surrogates(text), add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+
 class SentencePieceTokenizer(Tokenizer):
-    def __init__(self, path: Path, config: dict, chat_format: Optional[str] = None):
+    """A SentencePiece tokenizer.model, run by `sentencepiece`."""
+
+    def __init__(self, path: Path, config: dict):
         import sentencepiece as spm
 
         self.path = path
@@ -317,7 +426,7 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self.sp.LoadFromSerializedProto(path.read_bytes())
         except Exception as e:  # sentencepiece raises RuntimeError / OSError on bad protos
-            raise TokenizerError(f"{path}: corrupt SentencePiece model ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            raise TokenizerError(f"{path}: corrupt SentencePiece model ({_first_line(e)})") from None
         n = self.sp.get_piece_size()
         if n == 0:
             raise TokenizerError(f"{path}: SentencePiece model with an empty vocabulary")
@@ -327,19 +436,22 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
         self.add_bos = self.bos_id is not None
         self._controls = {self.sp.id_to_piece(i): i for i in range(n) if self.sp.is_control(i)}
-        self._finish_init(config, chat_format)
+        self._finish_init(config)
 
     def token_to_id(self, token):
         tid = self.sp.piece_to_id(token)
         return tid if self.sp.id_to_piece(tid) == token else None
+
+    def id_to_token(self, token_id):
+        return self.sp.id_to_piece(token_id)
 
     def _encode_text(self, text):
         return self.sp.encode(text)
 
     def encode_special(self, text):
         # Control pieces ("<s>", "</s>") become their ids; each text run between them is
-        # encoded on its own (so it gets SentencePiece's dummy-prefix space, as Meta's
-        # Llama-2 chat code does for every [INST] segment).
+        # encoded on its own (so it gets SentencePiece's dummy-prefix space), as Meta's Llama-2
+        # chat code and transformers' SentencePiece Llama tokenizer do.
         if not self._controls:
             return self.encode(text)
         pattern = "(" + "|".join(re.escape(c) for c in sorted(self._controls, key=len, reverse=True)) + ")"
@@ -356,56 +468,50 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 class TiktokenTokenizer(Tokenizer):
-    def __init__(self, path: Path, mergeable_ranks: Dict[bytes, int], pattern: str,
-                 special_tokens: Dict[str, int], config: dict, bos: Optional[str], eos: Optional[str],
-                 chat_format: Optional[str] = None, normalize: Optional[str] = None, add_bos: bool = True,
-                 n_real: Optional[int] = None):
+    """Meta's Llama-3 tokenizer.model (base64 token, rank per line), run by `tiktoken`."""
+
+    def __init__(self, path: Path, data: bytes, config: dict):
         import tiktoken
 
         self.path = path
-        self.normalize = normalize
-        self._n_real = n_real  # ids >= n_real are placeholders for bytes without a token
-        ids = list(mergeable_ranks.values()) + list(special_tokens.values())
-        self.vocab_size = n_real or max(ids) + 1
-        self.max_id = self.vocab_size - 1
+        ranks = {}
         try:
-            self.enc = tiktoken.Encoding(name=path.name, pat_str=pattern, mergeable_ranks=mergeable_ranks,
-                                         special_tokens=special_tokens)
-        except Exception as e:
-            raise TokenizerError(f"{path}: cannot build a tiktoken encoding ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-        self.special_tokens = dict(special_tokens)
-        self._id_to_special = {v: k for k, v in special_tokens.items()}
-        self._vocab = mergeable_ranks
-        self.bos_id = special_tokens.get(bos) if bos else None
-        self.eos_id = special_tokens.get(eos) if eos else None
-        self.add_bos = add_bos and self.bos_id is not None
-        self._finish_init(config, chat_format)
+            for lineno, line in enumerate(data.splitlines(), 1):
+                if line.strip():
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except Exception:
+            raise TokenizerError(f"{path}: corrupt tiktoken BPE file (bad line {lineno})") from None
+        n = len(ranks)
+        if sorted(ranks.values()) != list(range(n)):
+            raise TokenizerError(f"{path}: corrupt tiktoken BPE file (ranks are not 0..{n - 1})")
+        names = LLAMA3_SPECIALS + [f"<|reserved_special_token_{i}|>"
+                                   for i in range(2, 2 + LLAMA3_NUM_SPECIALS - len(LLAMA3_SPECIALS))]
+        self.special_tokens = {name: n + i for i, name in enumerate(names)}
+        self._id_to_special = {v: k for k, v in self.special_tokens.items()}
+        self._ranks = ranks
+        self.enc = tiktoken.Encoding(name=path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                                     special_tokens=self.special_tokens)
+        self.vocab_size = n + len(names)
+        self.max_id = self.vocab_size - 1
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+        self.add_bos = True
+        self._finish_init(config)
 
     def token_to_id(self, token):
         if token in self.special_tokens:
             return self.special_tokens[token]
-        tid = self._vocab.get(token.encode("utf-8"))
-        return tid if tid is not None and tid <= self.max_id else None
+        return self._ranks.get(token.encode("utf-8"))
+
+    def id_to_token(self, token_id):
+        return self._id_to_special.get(token_id)
 
     def _encode_text(self, text):
-        if self.normalize:
-            text = unicodedata.normalize(self.normalize, text)
-        ids = self.enc.encode_ordinary(text)
-        if self._n_real is not None:
-            ids = [t for t in ids if t < self._n_real]
-        return ids
+        return self.enc.encode_ordinary(text)
 
     def encode_special(self, text):
-        text = _fix_surrogates(text)
-        if self.normalize:
-            text = unicodedata.normalize(self.normalize, text)
-        ids = self.enc.encode(text, allowed_special="all")
-        if self._n_real is not None:
-            ids = [t for t in ids if t < self._n_real]
-        return ids
-
-    def decode_bytes(self, ids) -> bytes:
-        return self.enc.decode_bytes(list(ids))
+        return self.enc.encode(_fix_surrogates(text), allowed_special="all")
 
     def decode(self, ids):
         return self.enc.decode_bytes(list(ids)).decode("utf-8", errors="replace")
@@ -417,7 +523,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: corrupt JSON ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        raise TokenizerError(f"{path}: corrupt JSON ({type(e).__name__}: {_first_line(e)})") from None
 
 
 def _looks_like_tiktoken(data: bytes) -> bool:
@@ -425,126 +531,46 @@ def _looks_like_tiktoken(data: bytes) -> bool:
     return re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+", first) is not None
 
 
-def _load_tiktoken_file(path: Path, data: bytes, config: dict, chat_format) -> TiktokenTokenizer:
-    ranks = {}
-    try:
-        for lineno, line in enumerate(data.splitlines(), 1):
-            if not line.strip():
-                continue
-            token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
-    except Exception:
-        raise TokenizerError(f"{path}: corrupt tiktoken BPE file (bad line {lineno})")
-    n = len(ranks)
-    if sorted(ranks.values()) != list(range(n)):
-        raise TokenizerError(f"{path}: corrupt tiktoken BPE file (ranks are not 0..{n - 1})")
-    names = LLAMA3_SPECIALS + [f"<|reserved_special_token_{i}|>"
-                               for i in range(2, 2 + LLAMA3_NUM_SPECIALS - len(LLAMA3_SPECIALS))]
-    specials = {name: n + i for i, name in enumerate(names)}
-    return TiktokenTokenizer(path, ranks, LLAMA3_PATTERN, specials, config,
-                             bos="<|begin_of_text|>", eos="<|end_of_text|>", chat_format=chat_format)
-
-
-def _hf_pattern(path: Path, pre: Optional[dict]) -> str:
-    """The single tiktoken regex equivalent to a HF byte-level pre_tokenizer."""
-    if not pre:
-        raise TokenizerError(f"{path}: no pre_tokenizer; not a byte-level BPE tokenizer.json")
-    steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        pattern = GPT2_PATTERN
-    elif kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-        pattern = SMOLLM_PATTERN
-    elif kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        split = steps[0]
-        regex = split.get("pattern", {}).get("Regex")
-        if regex is None or split.get("behavior") != "Isolated" or split.get("invert"):
-            raise TokenizerError(f"{path}: unsupported Split pre_tokenizer {json.dumps(split)[:200]}")
-        pattern = regex
-    else:
-        raise TokenizerError(f"{path}: unsupported pre_tokenizer sequence {kinds}")
-    if any(s.get("type") == "ByteLevel" and s.get("add_prefix_space") for s in steps):
-        raise TokenizerError(f"{path}: ByteLevel add_prefix_space=true is not supported")
-    return pattern
-
-
-def _load_tokenizer_json(path: Path, config: dict, chat_format) -> TiktokenTokenizer:
-    tj = _read_json(path)
-    model = tj.get("model") or {}
-    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise TokenizerError(f"{path}: only byte-level BPE tokenizer.json is supported (model type {model.get('type')!r})")
-    pattern = _hf_pattern(path, tj.get("pre_tokenizer"))
-    normalizer = tj.get("normalizer") or None
-    normalize = None
-    if normalizer:
-        if normalizer.get("type") in ("NFC", "NFKC", "NFD", "NFKD"):
-            normalize = normalizer["type"]
-        else:
-            raise TokenizerError(f"{path}: unsupported normalizer {normalizer.get('type')!r}")
-
-    added = {t["content"]: int(t["id"]) for t in tj.get("added_tokens") or []}
-    added_ids = set(added.values())
-    ranks: Dict[bytes, int] = {}
-    for token, tid in model["vocab"].items():
-        if tid in added_ids:
-            continue  # special tokens live in tiktoken's special map, never in the BPE ranks
-        try:
-            ranks[bytes(_UNICODE_TO_BYTE[c] for c in token)] = int(tid)
-        except KeyError:
-            raise TokenizerError(f"{path}: vocab token {token!r} is not byte-level BPE")
-    _check_merges(path, ranks, model.get("merges") or [])
-    # Some vocabularies lack a few single bytes (SmolLM2: 0x04, 0xc0, 0xf5..0xff, ...).
-    # tiktoken needs every byte, so they get placeholder ranks past the last id, and
-    # encode drops them, as HF tokenizers does for bytes with no token and no unk.
-    n_real = max(list(ranks.values()) + list(added.values())) + 1
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    for i, b in enumerate(missing):
-        ranks[bytes([b])] = n_real + len(added) + i
-    # tokenizer_config.json, when present, overrides these (in _finish_init). Without it,
-    # GPT-2 style vocabularies end text with <|endoftext|>.
-    bos, eos = None, ("<|endoftext|>" if "<|endoftext|>" in added else None)
-    # add_bos: HF byte-level tokenizers add bos only when the config says so.
-    return TiktokenTokenizer(path, ranks, pattern, added, config, bos=bos, eos=eos, chat_format=chat_format,
-                             normalize=normalize, add_bos=False, n_real=n_real if missing else None)
-
-
-def _check_merges(path: Path, ranks: Dict[bytes, int], merges: list):
-    """tiktoken merges the adjacent pair whose concatenation has the lowest rank; HF BPE
-    applies merges in list order. With rank = id they agree when every merge result is a
-    token whose id grows with the merge's position and exceeds both parts' ids."""
-    prev = -1
-    for i, m in enumerate(merges):
-        a, b = m.split(" ", 1) if isinstance(m, str) else m
-        try:
-            ba = bytes(_UNICODE_TO_BYTE[c] for c in a)
-            bb = bytes(_UNICODE_TO_BYTE[c] for c in b)
-        except KeyError:
-            raise TokenizerError(f"{path}: merge {i} {m!r} is not byte-level")
-        r = ranks.get(ba + bb)
-        if r is None or ba not in ranks or bb not in ranks:
-            raise TokenizerError(f"{path}: merge {i} {m!r} uses or makes a token not in the vocab")
-        if r <= prev or r <= ranks[ba] or r <= ranks[bb]:
-            raise TokenizerError(f"{path}: token ids do not follow merge order at merge {i} {m!r}; rank=id would not reproduce the merges")
-        prev = r
-
-
 def load_tokenizer(checkpoint_dir, chat_format: Optional[str] = None) -> Tokenizer:
-    """Load the tokenizer a checkpoint directory holds (see the module docstring)."""
+    """Load the tokenizer a checkpoint directory holds (see the module docstring).
+
+    chat_format: one of CHAT_FORMATS to use that hand-written format even where the checkpoint
+    has a chat template; None: the checkpoint's template, else a format fitting the vocabulary.
+    """
     d = Path(checkpoint_dir)
-    config_path = d / "tokenizer_config.json"
-    config = _read_json(config_path) if config_path.is_file() else {}
-    model_path, json_path = d / "tokenizer.model", d / "tokenizer.json"
-    if model_path.is_file():
+    config, template_path = {}, d / "tokenizer_config.json"
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+        if (d / name).is_file():
+            config.update(_read_json(d / name))
+    if not config.get("chat_template") and (d / "chat_template.jinja").is_file():
+        template_path = d / "chat_template.jinja"
+        config["chat_template"] = template_path.read_text(encoding="utf-8")
+
+    json_path, model_path = d / "tokenizer.json", d / "tokenizer.model"
+    if json_path.is_file():
+        tok = HFTokenizer(json_path, config)
+    elif model_path.is_file():
         try:
             data = model_path.read_bytes()
         except OSError as e:
-            raise TokenizerError(f"{model_path}: cannot read ({e.strerror})")
-        if _looks_like_tiktoken(data):
-            return _load_tiktoken_file(model_path, data, config, chat_format)
-        return SentencePieceTokenizer(model_path, config, chat_format)
-    if json_path.is_file():
-        return _load_tokenizer_json(json_path, config, chat_format)
-    raise TokenizerError(f"no tokenizer in {d}: looked for tokenizer.model (SentencePiece or tiktoken) and tokenizer.json (byte-level BPE)")
+            raise TokenizerError(f"{model_path}: cannot read ({e.strerror})") from None
+        tok = TiktokenTokenizer(model_path, data, config) if _looks_like_tiktoken(data) \
+            else SentencePieceTokenizer(model_path, config)
+    else:
+        raise TokenizerError(f"no tokenizer in {d}: looked for tokenizer.json (Hugging Face) and "
+                             f"tokenizer.model (SentencePiece or tiktoken)")
+
+    source = _chat_template_source(config, template_path)
+    if chat_format is None and source is not None:
+        specials = {key: tok.id_to_token(tid) for key, tid in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id))
+                    if tid is not None}
+        tok.chat_template = ChatTemplate(source, template_path, specials)
+        tok.chat_format = "template"
+    else:
+        tok.chat_format = chat_format or _detect_chat_format(tok)
+        if tok.chat_format is not None and tok.chat_format not in CHAT_FORMATS:
+            raise TokenizerError(f"unknown chat format {tok.chat_format!r}; expected one of {CHAT_FORMATS}")
+    return tok
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, path=None) -> None:
@@ -557,13 +583,13 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, path=None) -> None:
 # ---------------------------------------------------------------------------- streaming
 
 class StreamDecoder:
-    """Turn generated ids into text pieces as they come.
+    """Turn generated ids into text pieces as they come; the pieces plus flush() equal decode(ids).
 
-    Keeps a small window of ids: `prefix` (already shown, kept for context) and the ids
-    after it. Each push decodes the window and emits what is new beyond the prefix's text.
-    Decoding the window rather than single ids keeps SentencePiece's leading "▁" as a
-    space; holding back text that ends in U+FFFD never splits a UTF-8 character. The
-    concatenation of all outputs plus flush() equals tokenizer.decode(all ids).
+    A tokenizer.json streams through its library's DecodeStream. For SentencePiece and tiktoken
+    we keep a small window of ids: `prefix` (already shown, kept for context) and the ids after
+    it; each push decodes the window and emits what is new beyond the prefix's text. Decoding
+    the window rather than single ids keeps SentencePiece's leading "▁" as a space; holding back
+    text that ends in U+FFFD never splits a UTF-8 character.
     """
 
     def __init__(self, tokenizer: Tokenizer):
@@ -571,9 +597,18 @@ class StreamDecoder:
         self.ids: List[int] = []
         self.prefix = 0   # window start
         self.read = 0     # ids[prefix:read] have been emitted
+        self.stream = None
+        self.shown = 0    # characters the library's stream has emitted
+        if isinstance(tokenizer, HFTokenizer):
+            from tokenizers.decoders import DecodeStream
+            self.stream = DecodeStream(skip_special_tokens=False)
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
+        if self.stream is not None:
+            text = self.stream.step(self.tok.backend, int(token_id)) or ""  # None: a character is incomplete
+            self.shown += len(text)
+            return text
         prefix_text = self.tok.decode(self.ids[self.prefix:self.read])
         text = self.tok.decode(self.ids[self.prefix:])
         if len(text) > len(prefix_text) and not text.endswith("\ufffd"):
@@ -584,6 +619,11 @@ class StreamDecoder:
         return ""
 
     def flush(self) -> str:
+        """What is still held back (an incomplete character comes out as U+FFFD); then start over."""
+        if self.stream is not None:
+            rest = self.tok.decode(self.ids)[self.shown:]
+            self.__init__(self.tok)
+            return rest
         prefix_text = self.tok.decode(self.ids[self.prefix:self.read])
         text = self.tok.decode(self.ids[self.prefix:])
         self.ids, self.prefix, self.read = [], 0, 0
@@ -597,6 +637,48 @@ class StreamDecoder:
 
 
 # ---------------------------------------------------------------------------- GGUF
+
+# A GGUF holds a vocabulary, merges and a pre-tokenizer name, not a tokenizer.json; we write the
+# tokenizer.json that the model's own Hugging Face repo has. (transformers' GGUF loader ignores
+# "smollm"'s digit splitting and tokenizes "Section  2." unlike SmolLM2's tokenizer.json.)
+_BYTELEVEL_REGEX = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_BYTELEVEL_NOREGEX = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+
+
+def _split_then_bytelevel(pattern):
+    split = {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+    return {"type": "Sequence", "pretokenizers": [split, _BYTELEVEL_NOREGEX]}
+
+
+# GGUF tokenizer.ggml.pre -> Hugging Face pre_tokenizer JSON.
+GGUF_PRE_TOKENIZERS = {
+    "gpt-2": _BYTELEVEL_REGEX,
+    "smollm": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, _BYTELEVEL_REGEX]},
+    "llama-bpe": _split_then_bytelevel(LLAMA3_PATTERN),
+    "llama3": _split_then_bytelevel(LLAMA3_PATTERN),
+    "qwen2": _split_then_bytelevel(QWEN2_PATTERN),
+}
+
+
+def _bytes_to_unicode() -> Dict[int, str]:
+    """GPT-2's reversible byte <-> printable character map used by byte-level BPE vocabularies.
+
+    Bytes that are printable (and not space) stand for themselves; the other 68 are
+    shifted to code points 256, 257, ... in byte order.
+    """
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
 
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
 

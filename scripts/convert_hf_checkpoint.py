@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import DTYPES  # noqa: E402
 from model import CheckpointError, ModelArgs, Transformer, first_line, save_checkpoint  # noqa: E402
 
+# chat_template.jinja: where newer transformers keep the chat template (tokenizer.py reads it)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
+                   "chat_template.jinja", "generation_config.json")
 
 
 class _HFWeights:

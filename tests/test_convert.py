@@ -28,6 +28,11 @@ def test_gguf_model_args_and_files(smollm2_checkpoint):
     assert config["quantization"] is None
     assert (smollm2_checkpoint / "tokenizer.json").is_file()
     assert (smollm2_checkpoint / "tokenizer_config.json").is_file()
+    # the GGUF's tokenizer.chat_template lands in tokenizer_config.json, and is what chat renders
+    tokenizer_config = json.loads((smollm2_checkpoint / "tokenizer_config.json").read_text())
+    assert tokenizer_config["chat_template"].startswith("{% for message in messages %}")
+    from tokenizer import load_tokenizer
+    assert load_tokenizer(smollm2_checkpoint).chat_format == "template"
 
 
 @torch.no_grad()
@@ -118,6 +123,30 @@ def test_missing_config(tiny_hf_dir, tmp_path):
     rc, err = run_cli("convert_hf_checkpoint.py", "--checkpoint-dir", hf, "--output-dir", out)
     assert_one_line_error(rc, err, hf / "config.json")
     assert_nothing_written(out)
+
+
+def test_hf_tokenizer_files_are_copied(tiny_hf_dir, tmp_path):
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja travel
+    with the weights, and the converted checkpoint chats with the template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from scripts.convert_hf_checkpoint import convert_hf_checkpoint
+    from tokenizer import load_tokenizer
+
+    hf = copy_hf(tiny_hf_dir, tmp_path / "hf")
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1, "user": 2, "hi": 3, ":": 4}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(["</s>"])
+    backend.save(str(hf / "tokenizer.json"))
+    (hf / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    (hf / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    (hf / "chat_template.jinja").write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}{{ eos_token }}"
+                                            "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    out = convert_hf_checkpoint(hf, tmp_path / "out")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (hf / name).read_bytes()
+    tok = load_tokenizer(out)
+    assert tok.eos_id == 1 and tok.chat_format == "template"
+    assert tok.encode_chat_turn("hi") == [2, 4, 3, 1, 0, 4]  # "assistant" is not in this vocabulary: [UNK]
 
 
 def test_shape_mismatch_and_unsupported_model_type(tiny_hf_dir, tmp_path):
