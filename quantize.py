@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import gemv
 from model import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, CheckpointError, read_checkpoint_config, save_checkpoint
 
 QUANTIZED_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
@@ -46,7 +47,7 @@ def quantize_int8(weight: torch.Tensor):
     return q, scales
 
 
-# Up to this many activation rows (batch x tokens) the compiled int8 linear is written as a GEMV.
+# Up to this many activation rows (batch x tokens) a GPU runs the int8 linear as a Triton GEMV.
 INT8_GEMV_MAX_ROWS = 4
 
 
@@ -59,16 +60,15 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
 
     def forward(self, x):
-        weight = self.weight.to(x.dtype)
-        if torch.compiler.is_compiling() and x.numel() // x.shape[-1] <= INT8_GEMV_MAX_ROWS:
-            # Decode under torch.compile: a multiply-reduce that Inductor turns into one GEMV
-            # kernel reading each int8 weight once, the conversion fused into the load. (As a
-            # matmul, Inductor writes a converted copy of the weight first, or, with bf16 scales,
-            # rewrites it to _weight_int8pack_mm, whose CUDA lowering crashes on torch 2.11.)
-            y = (x.unsqueeze(-2) * weight).sum(-1)
+        rows = x.numel() // x.shape[-1]
+        if rows <= INT8_GEMV_MAX_ROWS and gemv.available(x):
+            # decode on a GPU: one Triton pass over the int8 weight (gemv.py)
+            y = gemv.int8_gemv(x.reshape(rows, -1).contiguous(), self.weight, self.scales)
+            y = y.view(*x.shape[:-1], self.out_features)
         else:
-            y = F.linear(x, weight)
-        y = (y * self.scales.float()).to(x.dtype)  # scales [out] applied in fp32
+            # fp32 scales: a bf16 multiply here would match Inductor's woq_int8 rewrite, whose
+            # CUDA lowering crashes on torch 2.11
+            y = (F.linear(x, self.weight.to(x.dtype)) * self.scales.float()).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 

@@ -1,0 +1,73 @@
+"""Triton GEMV for decode with int8 weights: y[m] = (W_int8 @ x[m]) * scales, one pass over W.
+
+At batch 1 a decode step is a chain of matrix-vector products whose cost is reading the weight.
+Inductor turns `F.linear(x, w_int8.to(bf16)) * scales` into a converted bf16 copy of the weight
+plus a cuBLAS GEMV (three weight passes), or into its own reduction kernel at about 45% of copy
+bandwidth (measured, BENCHMARKS.md). This kernel reads each int8 weight byte once, converts in
+registers and accumulates in fp32. It is a `torch.library.triton_op`, so eager code, CUDA graphs
+and torch.compile (fullgraph) all call the same kernel. `int8_gemv_reference` is the plain
+PyTorch computation the GPU tests compare it with.
+"""
+import torch
+
+try:  # Triton ships with CUDA builds of torch; a CPU-only install has none
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+except ImportError:
+    triton = None
+
+
+def int8_gemv_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float, weight [N, K] int8, scales [N] -> [M, N] in x.dtype."""
+    return ((x.float() @ weight.float().T) * scales.float()).to(x.dtype)
+
+
+def available(x: torch.Tensor) -> bool:
+    return triton is not None and x.is_cuda
+
+
+# Tile sizes: each program reduces BLOCK_N output rows over K in BLOCK_K steps. Chosen by a sweep
+# on an H100 over the Llama-3-8B projections (scripts/int8_gemv_sweep.py, BENCHMARKS.md): longer
+# K steps and 8 warps win where there are few rows or a long K (wo, w2), 512/4 elsewhere.
+def int8_gemv_config(n: int, k: int) -> dict:
+    if k > 4096 or n <= 4096:
+        return dict(BLOCK_N=8, BLOCK_K=1024, num_warps=8, num_stages=NUM_STAGES)
+    return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, num_stages=NUM_STAGES)
+
+
+NUM_STAGES = 3  # Triton's default software pipelining depth
+
+
+if triton is not None:
+    @triton.jit
+    def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, N, K,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one program: BLOCK_N outputs of activation row m
+        pid_n, m = tl.program_id(0), tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        row_ok = rows < N
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + cols
+            k_ok = k < K
+            x = tl.load(x_ptr + m * K + k, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0,
+                        eviction_policy="evict_first").to(tl.float32)  # read once: keep L2 for x
+            acc += w * x[None, :]
+        scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        y = tl.sum(acc, axis=1) * scale
+        tl.store(y_ptr + m * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton_op("fastgen::int8_gemv", mutates_args={})
+    def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """x [M, K] (contiguous), weight [N, K] int8, scales [N] -> [M, N] in x.dtype."""
+        M, K = x.shape
+        N = weight.shape[0]
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        cfg = int8_gemv_config(N, K)
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), M)
+        wrap_triton(_int8_gemv_kernel)[grid](x, weight, scales, y, N, K, **cfg)
+        return y
