@@ -13,11 +13,12 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from model import (CheckpointError, ModelArgs, Transformer, load_checkpoint_tensors, read_checkpoint_config,
+from model import (CheckpointError, KVCache, ModelArgs, Transformer, load_checkpoint_tensors, read_checkpoint_config,
                    rope_inv_freq)
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-135M-Instruct"
@@ -67,6 +68,16 @@ def load_model(checkpoint_dir, device, dtype) -> tuple[Transformer, dict]:
     model.inv_freq = rope_inv_freq(args).to(device)
     model.row_start = torch.zeros(0, dtype=torch.int32, device=device)
     return model.eval(), config
+
+
+def kv_cache_class(kv_cache_dtype: torch.dtype | None, compute_dtype: torch.dtype):
+    """The cache class for model.setup_caches: int8/fp8 storage is quantize.QuantizedKVCache
+    (per-token, per-head scales; attention still runs in the compute dtype)."""
+    if kv_cache_dtype in (torch.int8, torch.float8_e4m3fn):
+        from quantize import QuantizedKVCache
+
+        return partial(QuantizedKVCache, compute_dtype=compute_dtype)
+    return KVCache
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -182,7 +193,8 @@ class Generator:
         cache = m.layers[0].attention.kv_cache
         if (cache is None or m.max_seq_len != max_seq_len or cache.k_cache.shape[0] != batch_size
                 or (kv_cache_dtype is not None and cache.k_cache.dtype != kv_cache_dtype)):
-            m.setup_caches(batch_size, max_seq_len, kv_cache_dtype)
+            compute_dtype = m.tok_embeddings.weight.dtype
+            m.setup_caches(batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype))
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),

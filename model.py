@@ -408,20 +408,21 @@ class Transformer(nn.Module):
         self.register_buffer("row_start", torch.zeros(0, dtype=torch.int32), persistent=False)
         self.max_seq_len = 0  # logical cache length; the allocation is rounded up to BLOCK_SIZE
 
-    def setup_caches(self, batch_size: int, max_seq_len: int, kv_cache_dtype: torch.dtype | None = None):
-        """Allocate the static KV cache. Call again to resize; cheap to call with the same sizes."""
+    def setup_caches(self, batch_size: int, max_seq_len: int, kv_cache_dtype: torch.dtype | None = None,
+                     cache_class=KVCache):
+        """Allocate the static KV cache. Call again to resize; cheap to call with the same sizes.
+
+        cache_class(batch_size, n_kv_heads, cache_len, head_dim, kv_cache_dtype, device) makes each
+        layer's cache: KVCache, or one the caller brings (quantize.QuantizedKVCache for int8/fp8).
+        """
         device = self.tok_embeddings.weight.device
         dtype = kv_cache_dtype or self.tok_embeddings.weight.dtype
         cache_len = (max_seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
         self.max_seq_len = max_seq_len
         self.row_start = torch.zeros(batch_size, dtype=torch.int32, device=device)
-        shape = (batch_size, self.args.n_kv_heads, cache_len, self.args.head_dim)
         for layer in self.layers:
-            if dtype in (torch.int8, torch.float8_e4m3fn):
-                from quantize import QuantizedKVCache  # int8/fp8 storage with per-token, per-head scales
-                layer.attention.kv_cache = QuantizedKVCache(*shape, dtype, self.tok_embeddings.weight.dtype, device)
-            else:
-                layer.attention.kv_cache = KVCache(*shape, dtype, device)
+            layer.attention.kv_cache = cache_class(batch_size, self.args.n_kv_heads, cache_len, self.args.head_dim,
+                                                   dtype, device)
 
     @property
     def cache_len(self) -> int:

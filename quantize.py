@@ -322,7 +322,7 @@ class QuantizedKVCache(nn.Module):
     place like KVCache. update() returns the whole cache dequantized to the compute dtype: half
     the memory of a bf16 cache, at the price of a full-cache dequantize per step."""
 
-    def __init__(self, batch_size, n_kv_heads, cache_len, head_dim, storage_dtype, compute_dtype, device=None):
+    def __init__(self, batch_size, n_kv_heads, cache_len, head_dim, storage_dtype, device=None, *, compute_dtype):
         super().__init__()
         fp8 = getattr(torch, "float8_e4m3fn", None)
         if storage_dtype == torch.int8:

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generate import DTYPES, KV_CACHE_DTYPES, load_model  # noqa: E402
+from generate import DTYPES, KV_CACHE_DTYPES, kv_cache_class, load_model  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def botchan_ids(tokenizer, n_tokens: int) -> list[int]:
 def window_logits(model, ids: list[int], window: int, kv_cache_dtype=None):
     """Yield (logits [window, V] fp32, targets [window - 1]) for each window of the passage."""
     device = model.tok_embeddings.weight.device
-    model.setup_caches(1, window, kv_cache_dtype)
+    model.setup_caches(1, window, kv_cache_dtype, kv_cache_class(kv_cache_dtype, model.tok_embeddings.weight.dtype))
     model.set_row_starts(torch.zeros(1, dtype=torch.int32, device=device))
     for start in range(0, len(ids) - 1, window):
         chunk = torch.tensor([ids[start:start + window]], device=device)

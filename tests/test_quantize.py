@@ -57,7 +57,7 @@ def test_int8_round_trip():
 @pytest.mark.parametrize("storage", [torch.int8, torch.float8_e4m3fn])
 def test_quantized_kv_cache_is_half_the_memory_and_close(storage):
     B, H, S, D = 2, 3, 256, 64
-    cache = QuantizedKVCache(B, H, S, D, storage, torch.bfloat16)
+    cache = QuantizedKVCache(B, H, S, D, storage, compute_dtype=torch.bfloat16)
     plain_bytes = 2 * B * H * S * D * 2  # a bf16 K and V
     quant_bytes = sum(b.numel() * b.element_size() for b in cache.buffers())
     assert quant_bytes <= 0.55 * plain_bytes
@@ -76,8 +76,8 @@ def test_quantized_kv_cache_update_compiles(storage):
     same slots in place: equal to eager up to one quantization step (Inductor may divide as a
     multiply by the reciprocal), nothing rebound, nothing else touched."""
     torch.manual_seed(1)
-    eager = QuantizedKVCache(1, 2, 16, 64, storage, torch.bfloat16)
-    compiled = QuantizedKVCache(1, 2, 16, 64, storage, torch.bfloat16)
+    eager = QuantizedKVCache(1, 2, 16, 64, storage, compute_dtype=torch.bfloat16)
+    compiled = QuantizedKVCache(1, 2, 16, 64, storage, compute_dtype=torch.bfloat16)
     buffers = [compiled.k_cache.data_ptr(), compiled.k_scale.data_ptr()]
     step = torch.compile(lambda pos, k, v: compiled.update(pos, k, v), fullgraph=True)
     for slot in (3, 9):
