@@ -7,16 +7,24 @@ side with Hugging Face transformers generate() and, given a checkout, gpt-fast.
     python scripts/bench.py --device cpu --models smollm2-135m --suite smoke   # CPU smoke test
     python scripts/bench.py --merge bench_out/a.json bench_out/b.json      # one table + plot from slices
 
-One-shot GPU run (one H100 80GB, torch 2.11, transformers 5.17; about 7-8 minutes): ours, gpt-fast
-and transformers on the Llama-3-8B shape (bf16, batch 1, 16-token prompt, 200 new tokens), our
-int8 and int4-g64 rows, gpt-fast int8, and our cold/warm start-up breakdown:
+One-shot GPU run, about 8 minutes on one H100 80GB (torch 2.11, transformers 5.17): ours,
+transformers and gpt-fast on the Llama-3-8B shape (bf16, batch 1, 16-token prompt, 200 new
+tokens), our int8 and int4-g64 rows, gpt-fast int8, and our cold/warm start-up breakdown:
 
     python scripts/bench.py --suite peers --gpt-fast-dir peers/gpt-fast --out-dir $OUT/bench_out
 
 peers/gpt-fast is git-excluded in the main checkout, so a copy of the work tree must carry it
-along explicitly (e.g. the device runner's `carry: ["peers/gpt-fast"]`). The peers suite stops
-starting new rows after 450 s (--time-budget-s); rows are in value order: ours bf16 (its compile
-reuses the start-up run's warm cache), HF, gpt-fast, our int8 and int4, gpt-fast int8.
+explicitly (the device runner: carry ["peers/gpt-fast"]); without it the command stops at once
+with "error: --gpt-fast-dir ...", exit 2. In order: cold then warm start-up in fresh processes
+(~1.5 min; the cold one fills the Inductor cache that our bf16 row then reuses), ours bf16, HF
+bf16 (~1.5 min, compiles), gpt-fast bf16 (~1.5 min, compiles in its own process), ours int8,
+ours int4-g64 (~1 min each), gpt-fast int8. Nothing new starts once it could not finish within
+480 s (--time-budget-s); such a row reads "not run: time budget" and can be measured on its own:
+
+    python scripts/bench.py --suite peers --weights bf16,int4-g64 --no-hf --no-cold-start --out-dir $OUT/bench_out
+
+bench_out/bench_<time>_<suite>.json is rewritten after every row (a killed run keeps its rows);
+latest.json, the plot and the markdown table (stdout, last) come at the end.
 
 Weights are N(0, 0.02) (norm weights 1), made on the device from a meta-device model: no file.
 Each configuration: prefill a random prompt of `ctx` tokens, then decode --new-tokens; one
@@ -107,7 +115,7 @@ def parse_args(argv=None):
     p.add_argument("--copy-bytes", type=int, default=None, help="copy-bandwidth buffer (default 1 GiB on cuda)")
     p.add_argument("--matmul-size", type=int, default=None, help="default 8192 on cuda, 512 on cpu")
     p.add_argument("--time-budget-s", type=float, default=None,
-                   help="start nothing new after this many seconds (0 = none); quick 560, peers 450, full 570")
+                   help="start nothing new after this many seconds (0 = none); quick 560, peers 480, full 570")
     p.add_argument("--out-dir", type=Path, default=Path("bench_out"))
     p.add_argument("--merge", nargs="+", type=Path, default=None,
                    help="print one table (and plot) from earlier JSON files instead of measuring")

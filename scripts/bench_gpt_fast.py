@@ -145,6 +145,53 @@ def weight_tensors(model):
     return [t for n, t in tensors if not n.startswith("tok_embeddings.") and "kv_cache" not in n]
 
 
+class GptFastGeneration:
+    """One generation as gpt-fast's generate() does it, with prefill and decode timed apart."""
+
+    def __init__(self, gf, model, prompt, new_tokens, device):
+        self.gf, self.model, self.prompt, self.new_tokens, self.device = gf, model, prompt, new_tokens, device
+
+    @torch.no_grad()  # as gpt-fast's generate()
+    def __call__(self, on_token=lambda _: None):
+        """(prefill s, decode s, perf_counter when decode started); on_token is gpt-fast's callback."""
+        gf, B, T = self.gf, *self.prompt.shape
+        sync(self.device)
+        t0 = time.perf_counter()
+        prompt_pos = torch.arange(0, T, device=self.device)
+        next_token = gf.prefill(self.model, self.prompt, prompt_pos, **GPT_FAST_SAMPLING).clone()
+        sync(self.device)
+        t1 = time.perf_counter()
+        input_pos = torch.tensor([T], device=self.device, dtype=torch.int)
+        gf.decode_n_tokens(self.model, next_token.view(B, -1), input_pos, self.new_tokens - 1, callback=on_token,
+                           **GPT_FAST_SAMPLING)
+        sync(self.device)
+        return t1 - t0, time.perf_counter() - t1, t1
+
+    def warm_up(self):
+        """The first generation (it compiles): (its seconds, its first decode step's seconds)."""
+        first_step_end = []
+
+        def on_token(_token):
+            if not first_step_end:
+                sync(self.device)
+                first_step_end.append(time.perf_counter())
+
+        t = time.perf_counter()
+        _, _, decode_start = self(on_token)
+        return time.perf_counter() - t, first_step_end[0] - decode_start if first_step_end else None
+
+
+def bytes_and_flops(model, batch, ctx, new_tokens):
+    """Weight bytes, KV bytes per slot, mean KV bytes read per step, prefill FLOPs: our rows' conventions."""
+    weights = weight_tensors(model)
+    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+    k_cache = model.layers[0].attention.kv_cache.k_cache  # [B, H, S, D]
+    slot_bytes = 2 * k_cache[:, :, 0].numel() * k_cache.element_size() * len(model.layers)
+    cfg = model.config
+    flops = prefill_flops(sum(w.numel() for w in weights), cfg.n_layer, cfg.n_head * cfg.head_dim, batch, ctx)
+    return weight_bytes, slot_bytes, slot_bytes * mean_valid_slots(ctx, new_tokens, None), flops
+
+
 def child_measure(opts) -> dict:
     device, dtype = torch.device(opts.device), DTYPES[opts.dtype]
     gf = import_gpt_fast(opts.gpt_fast_dir)
@@ -156,45 +203,15 @@ def child_measure(opts) -> dict:
     if opts.compile:  # exactly gpt-fast's main(): the module-level function, which decode_n_tokens calls
         gf.decode_one_token = torch.compile(gf.decode_one_token, mode="reduce-overhead", fullgraph=True)
     B, T, N = opts.batch, opts.ctx, opts.new_tokens
-    prompt = random_prompts(B, T, model.config.vocab_size).to(device)
-
-    @torch.no_grad()  # as gpt-fast's generate()
-    def generation(on_token=lambda _: None):
-        """(prefill s, decode s, perf_counter at the start of decode)"""
-        sync(device)
-        t0 = time.perf_counter()
-        next_token = gf.prefill(model, prompt, torch.arange(0, T, device=device), **GPT_FAST_SAMPLING).clone()
-        sync(device)
-        t1 = time.perf_counter()
-        input_pos = torch.tensor([T], device=device, dtype=torch.int)
-        gf.decode_n_tokens(model, next_token.view(B, -1), input_pos, N - 1, callback=on_token, **GPT_FAST_SAMPLING)
-        sync(device)
-        return t1 - t0, time.perf_counter() - t1, t1
-
-    first_step_end = []
-
-    def time_first_step(_token):  # gpt-fast's per-token callback; only the warm-up passes this one
-        if not first_step_end:
-            sync(device)
-            first_step_end.append(time.perf_counter())
-
+    generation = GptFastGeneration(gf, model, random_prompts(B, T, model.config.vocab_size).to(device), N, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t = time.perf_counter()
-    _, _, warm_decode_start = generation(time_first_step)
-    warmup_s = time.perf_counter() - t
+    warmup_s, first_step_s = generation.warm_up()
     runs = [generation() for _ in range(opts.runs)]
     prefill_s, decode_s = (statistics.median(r[i] for r in runs) for i in (0, 1))
-    weights = weight_tensors(model)
-    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
-    cache = model.layers[0].attention.kv_cache
-    slot_bytes = 2 * cache.k_cache[:, :, 0].numel() * cache.k_cache.element_size() * len(model.layers)
-    kv_read = slot_bytes * mean_valid_slots(T, N, None)
-    cfg = model.config
-    flops = prefill_flops(sum(w.numel() for w in weights), cfg.n_layer, cfg.n_head * cfg.head_dim, B, T)
+    weight_bytes, slot_bytes, kv_read, flops = bytes_and_flops(model, B, T, N)
     return dict(status="ok", cache_slots=opts.slots, cache_alloc=model.max_seq_length, weight_bytes=weight_bytes,
-                kv_bytes_per_slot=slot_bytes, warmup_s=warmup_s,
-                first_step_s=first_step_end[0] - warm_decode_start if first_step_end else None,
+                kv_bytes_per_slot=slot_bytes, warmup_s=warmup_s, first_step_s=first_step_s,
                 decode_s_runs=[r[1] for r in runs], prefill_s_runs=[r[0] for r in runs],
                 # what gpt-fast's generate.py prints: tokens per row over prefill + decode
                 gpt_fast_style_tok_s=N / (prefill_s + decode_s),

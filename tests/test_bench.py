@@ -45,8 +45,9 @@ def run_bench(*args, timeout=300):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_out")
+    # three runs: HF's decode time is a difference of medians, which one run on a busy CPU can invert
     args = ["--device", "cpu", "--models", "smollm2-135m", "--suite", "smoke", "--weights", "bf16,int8",
-            "--out-dir", str(out)]
+            "--runs", "3", "--out-dir", str(out)]
     if importlib.util.find_spec("transformers"):
         args.append("--hf")
     if HAVE_GPT_FAST:
@@ -74,7 +75,7 @@ def test_smoke_json(smoke):
                                kernel_profile=True, beyond_context=False)
     positive(r, "decode_tok_s", "step_ms", "GBps", "weights_only_GBps", "prefill_tok_s", "ttft_s", "prefill_TFLOPs",
              "peak_memory_bytes", "weight_bytes", "kv_bytes_per_slot", "kv_read_bytes_per_step", "warmup_s")
-    assert r["cache_slots"] == 16 + 8 and len(r["decode_s_runs"]) == 1
+    assert r["cache_slots"] == 16 + 8 and len(r["decode_s_runs"]) == 3
     args = ModelArgs.from_name("smollm2-135m")
     assert r["kv_bytes_per_slot"] == args.n_layers * args.n_kv_heads * args.head_dim * 2 * 2
     assert r["GBps"] > r["weights_only_GBps"]
@@ -123,7 +124,7 @@ def test_smoke_gpt_fast_rows(smoke):
         assert g["status"] == "ok", g
         positive(g, "decode_tok_s", "step_ms", "GBps", "ttft_s", "prefill_tok_s", "warmup_s", "first_step_s",
                  "gpt_fast_style_tok_s", "weight_bytes")
-        assert g["cache_slots"] == 24 and g["cache_alloc"] == 24 and len(g["decode_s_runs"]) == 1
+        assert g["cache_slots"] == 24 and g["cache_alloc"] == 24 and len(g["decode_s_runs"]) == 3
         assert g["kv_bytes_per_slot"] == ours["kv_bytes_per_slot"]  # gpt-fast's bf16 cache, same shape
         assert g["gpt_fast_commit"] == report["header"]["gpt_fast_commit"]
         assert "untied" in g["note"]  # SmolLM2 ties its embedding; gpt-fast cannot
