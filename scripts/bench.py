@@ -126,6 +126,8 @@ def parse_args(argv=None):
             setattr(opts, k, v)
     if opts.device is None:
         opts.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if opts.gpt_fast_dir is not None:
+        opts.gpt_fast_dir = opts.gpt_fast_dir.resolve()  # child processes run in other directories
     opts.gpt_fast_commit = None
     return opts
 
@@ -206,7 +208,7 @@ def run_jobs(jobs, report, opts, device, dtype, budget, write):
             ours.release()
         except Exception as e:  # noqa: BLE001 - one failing configuration must not end the run
             if is_oom(e):
-                row.update(status="OOM", note=short_error(e)[:80])
+                row.update(status="OOM", note=short_error(e))
             else:
                 row.update(status="error", note=short_error(e))
                 traceback.print_exc(file=sys.stderr)

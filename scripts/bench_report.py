@@ -14,6 +14,7 @@ from bench_plan import GPT_FAST, HF, fmt_size
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPL_SUFFIX = {HF: " HF", GPT_FAST: " gpt-fast"}
+COMMIT_CHARS = 10
 STARTUP_ROWS = [  # (label, field) of the start-up table, in the order the phases happen
     ("imports (process start -> bench code)", "imports_s"), ("build random weights", "build_s"),
     ("KV cache setup", "setup_s"), ("prefill, eager (-> first token)", "prefill_s"),
@@ -71,8 +72,9 @@ def row_note(r) -> str:
         parts.append(r.get("status", "") + (": " + r["note"] if r.get("note") else ""))
     if r.get("impl") == HF and r.get("hf_compile"):
         parts.append(f"compile: {r['hf_compile']}")
+        parts += [f"{path} failed: {error}" for path, error in (r.get("hf_compile_failures") or {}).items()]
     if r.get("impl") == GPT_FAST:
-        parts.append(f"gpt-fast {r.get('gpt_fast_commit', 'unknown')[:10]}")
+        parts.append(f"gpt-fast commit {(r.get('gpt_fast_commit') or 'unknown')[:COMMIT_CHARS]}")
     kp = r.get("kernel_profile") or {}
     if "kernel_sum_ms_per_step" in kp:
         parts.append(f"kernels {kp['kernel_sum_ms_per_step']:.2f} ms/step of {kp['replay_step_ms']:.2f} ms replay")

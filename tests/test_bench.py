@@ -50,8 +50,8 @@ def smoke(tmp_path_factory):
             "--runs", "3", "--out-dir", str(out)]
     if importlib.util.find_spec("transformers"):
         args.append("--hf")
-    if HAVE_GPT_FAST:
-        args += ["--gpt-fast-dir", str(GPT_FAST_DIR)]
+    if HAVE_GPT_FAST:  # relative, as in the documented GPU command
+        args += ["--gpt-fast-dir", os.path.relpath(GPT_FAST_DIR, ROOT)]
     p = run_bench(*args, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return p, json.loads((out / "latest.json").read_text()), out
@@ -118,6 +118,7 @@ def test_smoke_hf_row(smoke):
 def test_smoke_gpt_fast_rows(smoke):
     p, report, _ = smoke
     assert report["header"]["gpt_fast_commit"] == bench_gpt_fast.gpt_fast_commit(GPT_FAST_DIR)
+    assert report["header"]["gpt_fast_dir"] == str(GPT_FAST_DIR.resolve())
     (ours,) = rows_of(report, OURS)
     for weights in ("bf16", "int8"):
         (g,) = rows_of(report, GPT_FAST, weights)
