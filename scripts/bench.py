@@ -170,7 +170,6 @@ def measure_ceilings(report, opts, device, dtype):
 
 def run_job(impl, cfg, opts, device, dtype, ours: OursRunner, row, remaining_s):
     """One row; the caller turns exceptions into error rows."""
-    args = ModelArgs.from_name(cfg.model)
     if impl == OURS:
         return ours.run(cfg, row)
     ours.release()  # peers need the memory
@@ -179,7 +178,8 @@ def run_job(impl, cfg, opts, device, dtype, ours: OursRunner, row, remaining_s):
             return row.update(status="skip", note="HF comparison runs bf16 only")
         return run_hf(cfg, opts, device, dtype, row)
     if impl == GPT_FAST:
-        return run_gpt_fast(cfg, opts, args, row, min(CHILD_TIMEOUT_S, remaining_s + CHILD_SLACK_S))
+        timeout_s = min(CHILD_TIMEOUT_S, remaining_s + CHILD_SLACK_S)
+        return run_gpt_fast(cfg, opts, ModelArgs.from_name(cfg.model), row, timeout_s)
     raise ValueError(f"unknown implementation {impl!r}")
 
 

@@ -77,10 +77,12 @@ def gpt_fast_model_args(args, cache_slots: int) -> dict:
                 rope_base=args.rope_base, norm_eps=args.norm_eps, rope_scaling=rope_scaling)
 
 
-def unsupported(args, weights: str, cache_slots: int) -> str | None:
+def unsupported(args, weights: str, cache_slots: int, kv: str = "bf16") -> str | None:
     """Why gpt-fast cannot run this shape the way we do, or None."""
     if weights not in GPT_FAST_WEIGHTS:
         return f"gpt-fast peer runs {', '.join(GPT_FAST_WEIGHTS)} only"
+    if kv != "bf16":
+        return "gpt-fast keeps its KV cache in the compute dtype"
     if args.qkv_bias or args.qk_norm:
         return "gpt-fast has no qkv bias / qk norm"
     if args.head_dim != args.dim // args.n_heads:
@@ -96,7 +98,7 @@ def run_gpt_fast(cfg, opts, args, row: dict, timeout_s: float):
     """Measure one job in a child process; fills row like our rows."""
     slots = cfg.cache_slots(opts.new_tokens)
     row.update(gpt_fast_commit=opts.gpt_fast_commit, sampling=GPT_FAST_SAMPLING)
-    reason = unsupported(args, cfg.weights, slots)
+    reason = unsupported(args, cfg.weights, slots, cfg.kv)
     if reason:
         row.update(status="skip", note=reason)
         return

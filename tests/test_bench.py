@@ -213,7 +213,9 @@ def test_gpt_fast_unsupported_shapes():
     mistral = ModelArgs.from_name("mistral-7b-v0.1")
     assert bench_gpt_fast.unsupported(mistral, "bf16", 216) is None  # the window never binds at 216 slots
     assert "sliding window" in bench_gpt_fast.unsupported(mistral, "bf16", 8192 + 200)
-    assert "int8" in bench_gpt_fast.unsupported(ModelArgs.from_name("llama-3-8b"), "int4-g64", 216)
+    llama = ModelArgs.from_name("llama-3-8b")
+    assert "int8" in bench_gpt_fast.unsupported(llama, "int4-g64", 216)
+    assert "KV cache" in bench_gpt_fast.unsupported(llama, "bf16", 216, kv="int8")
 
 
 def test_peers_plan_order():
