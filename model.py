@@ -319,14 +319,16 @@ def flex_attention_over_cache(q, k, v, block_mask: BlockMask):
 
 
 def sdpa_attention_over_cache(q, k, v, folded_mask: torch.Tensor):
-    """Eager path (CPU or GPU, no compiler): SDPA over the whole cache with the dense mask.
+    """Eager path (CPU or GPU, no compiler): SDPA over the first S cache slots with the dense
+    mask [.., S] (S = every slot at decode; the slots up to the chunk's end at prefill).
 
     The G query heads that share a kv head are folded into the query axis ([B, Hkv, G*T, D]) so
     plain SDPA with a mask runs its fused kernel; SDPA's enable_gqa with a mask falls back to
     the unfused math kernel on CUDA. folded_mask: [B, 1, G*T, S], row g*T + t is query t's.
     """
     B, n_heads, T, D = q.shape
-    n_kv_heads = k.shape[1]
+    n_kv_heads, visible = k.shape[1], folded_mask.shape[-1]
+    k, v = k[:, :, :visible], v[:, :, :visible]
     q = q.reshape(B, n_kv_heads, n_heads // n_kv_heads * T, D)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=folded_mask, scale=D ** -0.5)
     return y.reshape(B, n_heads, T, D)
@@ -442,6 +444,11 @@ class Transformer(nn.Module):
         if torch.compiler.is_compiling():
             attend = partial(flex_attention_over_cache, block_mask=offset_length_block_mask(*mask_args))
         else:
+            if T > 1:  # eager prefill: attend over the slots up to the chunk's end only, not the
+                # whole cache (an 8k prompt in a 32k cache). One host read per chunk; decode
+                # (T == 1, replayed as a CUDA graph) never reads back.
+                visible = min(self.cache_len, -(-(int(input_pos[-1]) + 1) // BLOCK_SIZE) * BLOCK_SIZE)
+                mask_args = mask_args[:3] + (visible,) + mask_args[4:]
             group = self.args.n_heads // self.args.n_kv_heads
             folded_mask = offset_length_dense_mask(*mask_args).repeat(1, 1, group, 1)
             attend = partial(sdpa_attention_over_cache, folded_mask=folded_mask)

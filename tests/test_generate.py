@@ -147,3 +147,25 @@ def test_bad_requests():
         gen.generate([[1, 2]], 0)
     with pytest.raises(UsageError, match="batch of 2"):
         gen.generate([[1], [2]], 4)
+
+
+def test_eager_prefill_attends_over_the_written_slots_only(monkeypatch):
+    """An eager prefill into a big cache runs SDPA over the slots up to the chunk's end (rounded
+    to a block), not over the whole allocation; decode steps see the whole cache (static shape)."""
+    import model as model_module
+
+    seen = []
+    real = model_module.sdpa_attention_over_cache
+
+    def spy(q, k, v, folded_mask):
+        seen.append((q.shape[2], folded_mask.shape[-1]))
+        return real(q, k, v, folded_mask)
+
+    monkeypatch.setattr(model_module, "sdpa_attention_over_cache", spy)
+    model = tiny_model()
+    gen = Generator(model, prefill_chunk_size=150)
+    gen.setup(1, 4096)
+    prompt = list(range(1, 91)) * 2 + [5]  # 181 tokens: chunks of 150 and 31
+    gen.generate([prompt], 3, Sampling())
+    per_forward = seen[::model.args.n_layers]  # (query tokens, visible slots)
+    assert per_forward == [(150, 256), (31, 256), (1, 4096), (1, 4096)]
