@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generate import (DTYPES, KV_CACHE_DTYPES, Generator, Sampling, UsageError, load_model,  # noqa: E402
+from generate import (KV_CACHE_DTYPES, Generator, Sampling, UsageError, load_model,  # noqa: E402
                       resolve_checkpoint, resolve_device, resolve_dtype)
 from model import BLOCK_SIZE, CheckpointError  # noqa: E402
 from tokenizer import StopStrings, StreamDecoder, TokenizerError, check_vocab, load_tokenizer  # noqa: E402
