@@ -309,3 +309,11 @@ def test_cli_task_that_needs_the_hub_while_offline(tiny, tmp_path):
         "doc_to_target: 0\n")
     code, _, stderr = run_cli("--checkpoint", checkpoint, "--tasks", "hub_task", "--include-path", tmp_path)
     one_line_error(code, stderr, "'hub_task' needs its dataset from the Hugging Face hub", "offline")
+
+
+def test_repo_local_tasks_load_without_the_hub():
+    """eval_tasks/ (the tasks of BENCHMARKS.md) builds its datasets from files here."""
+    manager = TaskManager(include_path=str(REPO / "eval_tasks"), include_defaults=False)
+    tasks = manager.load(["fastgen_local"])["tasks"]
+    sizes = {name: len(list(task.eval_docs)) for name, task in tasks.items()}
+    assert sizes == {"fastgen_facts": 40, "fastgen_arith": 50, "fastgen_botchan": 20}
