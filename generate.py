@@ -203,7 +203,8 @@ class Generator:
 
         start_slot > 0 continues a batch-1 sequence already in the cache (chat): the prompt is
         written at slots [start_slot, start_slot + len). on_token(row, id) is called for each
-        generated (non-stop) token as it reaches the host.
+        generated (non-stop) token as it reaches the host; when it returns True that row ends
+        there (a stop string, a per-row token budget), the token kept as its last.
         """
         model, device = self.model, self.device
         B = len(prompts)
@@ -227,20 +228,21 @@ class Generator:
         stop = set(stop_ids)
         out: list[list[int]] = [[] for _ in range(B)]
         stopped = [False] * B
+        ended = [False] * B  # stopped, or on_token said so
         last = [0] * B
 
         def take(ids):  # one step's ids, a list of B ints; returns True once every row has finished
             for b, t in enumerate(ids):
-                if stopped[b] or len(out[b]) >= max_new_tokens:
+                if ended[b] or len(out[b]) >= max_new_tokens:
                     continue
                 last[b] = t
                 if t in stop:
-                    stopped[b] = True
+                    stopped[b] = ended[b] = True
                 else:
                     out[b].append(t)
-                    if on_token is not None:
-                        on_token(b, t)
-            return all(stopped[b] or len(out[b]) >= max_new_tokens for b in range(B))
+                    if on_token is not None and on_token(b, t):
+                        ended[b] = True
+            return all(ended[b] or len(out[b]) >= max_new_tokens for b in range(B))
 
         result = GenerationResult(out, stopped, last_token=last)
         is_cuda = device.type == "cuda"
@@ -303,6 +305,8 @@ def parse_args(argv=None):
                    help="wrap each --prompt in the checkpoint's chat template (a one-turn chat)")
     p.add_argument("--system", default=None, help="system prompt for --chat / --chat-template")
     p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--stop", action="append", default=None,
+                   help="end a row at the first occurrence of this text (repeatable); the stop text is not shown")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=200)
     p.add_argument("--top-p", type=float, default=None)
@@ -363,6 +367,10 @@ def validate(args):
         raise UsageError(f"--max-seq-length must be at least 2 (got {args.max_seq_length})")
     if args.chat and (args.prompt or args.prompt_file):
         raise UsageError("--chat reads the conversation from stdin; drop --prompt/--prompt-file")
+    if args.stop and any(not s for s in args.stop):
+        raise UsageError('--stop "" would stop before the first token; give some text')
+    if args.stop and args.chat:
+        raise UsageError("--stop works with --prompt, not --chat (a chat turn ends at the end-of-turn token)")
 
 
 def resolve_checkpoint(path):
@@ -402,7 +410,7 @@ def main(argv=None):
 
 
 def run(args):
-    from tokenizer import StreamDecoder, check_vocab, load_tokenizer
+    from tokenizer import StopStrings, StreamDecoder, check_vocab, load_tokenizer
 
     validate(args)
     device = resolve_device(args.device)
@@ -463,12 +471,16 @@ def run(args):
     stream = len(prompts) == 1
     runs = []
     for sample_index in range(args.num_samples):
-        decoder = StreamDecoder(tokenizer)
+        decoders = [StreamDecoder(tokenizer) for _ in prompts]
+        cutters = [StopStrings(args.stop or ()) for _ in prompts]  # each row's text, cut at its first --stop
         if stream:
             print(texts[0] if not args.chat_template else "", end="", flush=True)
 
-        def on_token(row, token_id, decoder=decoder):
-            print(decoder.push(token_id), end="", flush=True)
+        def on_token(row, token_id, decoders=decoders, cutters=cutters):
+            shown = cutters[row].push(decoders[row].push(token_id))
+            if stream:
+                print(shown, end="", flush=True)
+            return cutters[row].fired is not None  # True ends the row
 
         profiler = contextlib.nullcontext()
         if args.profile is not None and sample_index == args.num_samples - 1:
@@ -478,16 +490,16 @@ def run(args):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with profiler as prof:
-            res = generator.generate(prompts, args.max_new_tokens, sampling, tokenizer.stop_ids,
-                                     on_token if stream else None)
+            res = generator.generate(prompts, args.max_new_tokens, sampling, tokenizer.stop_ids, on_token)
         if prof is not None:
             args.profile.parent.mkdir(parents=True, exist_ok=True)
             prof.export_chrome_trace(str(args.profile))
+        tails = [cutters[b].push(decoders[b].flush()) + cutters[b].flush() for b in range(len(prompts))]
         if stream:
-            print(decoder.flush(), flush=True)
+            print(tails[0], flush=True)
         else:
             for b, text in enumerate(texts):
-                print(f"--- [{b}] {text!r}\n{tokenizer.decode(res.tokens[b])}")
+                print(f"--- [{b}] {text!r}\n{cutters[b].text}")
         runs.append(res)
         report(res, model, device, prompts, sample_index, args.num_samples)
 
@@ -495,8 +507,11 @@ def run(args):
         res = runs[-1]
         tok_s, steps_s = decode_rate(res, len(prompts))
         write_json_atomic(args.json, {
-            "rows": [{"prompt": texts[b], "prompt_ids": prompts[b], "completion": tokenizer.decode(res.tokens[b]),
-                      "token_ids": res.tokens[b], "stopped": res.stopped[b]} for b in range(len(prompts))],
+            # completion ends before the stop string; token_ids are all generated ids (the last
+            # of them holds the stop string's start when one fired)
+            "rows": [{"prompt": texts[b], "prompt_ids": prompts[b], "completion": cutters[b].text,
+                      "token_ids": res.tokens[b], "stopped": res.stopped[b], "stop_string": cutters[b].fired}
+                     for b in range(len(prompts))],
             "time_to_first_token_s": res.prefill_s,
             "decode_tokens_per_s": tok_s,  # after the first decode step
             "first_decode_step_s": res.first_decode_s,

@@ -636,6 +636,57 @@ class StreamDecoder:
             self.prefix = 0
 
 
+class StopStrings:
+    """Cut streamed text at the first stop string, wherever token boundaries fall.
+
+    push() takes decoded text pieces (StreamDecoder's) and returns the part that is safe to show:
+    text that holds no stop string and cannot be the start of one. A tail that could still grow
+    into a stop string is held back until the next piece settles it (flush() releases it when
+    generation ends). As soon as a piece completes a stop string, `fired` names it, `text` ends
+    just before it, and nothing more is shown. When one piece completes several, the one that
+    starts earliest wins (the first listed, when two start at the same character).
+    """
+
+    def __init__(self, stops: Sequence[str] = ()):
+        if any(not s for s in stops):
+            raise ValueError("a stop string must not be empty")
+        self.stops = list(stops)
+        self.text = ""      # everything pushed so far; after a stop fires, the text before it
+        self.shown = 0      # characters of text already returned
+        self.fired: Optional[str] = None
+
+    def push(self, piece: str) -> str:
+        if self.fired is not None:
+            return ""
+        self.text += piece
+        # No stop can start before `shown`: everything before it was checked, and a stop that
+        # began there and ran past the end would have been held back.
+        hits = [(i, n) for n, s in enumerate(self.stops) if (i := self.text.find(s, self.shown)) >= 0]
+        if hits:
+            cut, which = min(hits)
+            self.fired = self.stops[which]
+            self.text = self.text[:cut]
+            return self._show(cut)
+        return self._show(len(self.text) - self._held_back())
+
+    def flush(self) -> str:
+        """The held-back tail, once no more text will come."""
+        return self._show(len(self.text))
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of some stop string."""
+        longest = min(max((len(s) for s in self.stops), default=1) - 1, len(self.text) - self.shown)
+        for n in range(longest, 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                return n
+        return 0
+
+    def _show(self, end: int) -> str:
+        new, self.shown = self.text[self.shown:end], end
+        return new
+
+
 # ---------------------------------------------------------------------------- GGUF
 
 # A GGUF holds a vocabulary, merges and a pre-tokenizer name, not a tokenizer.json; we write the

@@ -194,3 +194,37 @@ def test_int4_compile_on_cpu_needs_bf16(tiny_checkpoint, tmp_path, capsys):
     # eager int4 runs in fp32 compute
     code, _, err = run_main(["--checkpoint", int4, "--device", "cpu", "--prompt", "x", "--max-new-tokens", 3], capsys)
     assert code == 0, err
+
+
+def test_stop_strings_end_rows_and_are_not_printed(tiny_checkpoint, tmp_path, capsys):
+    """--stop cuts each row at the first occurrence of a stop in its decoded text, across token
+    boundaries: the reference is the unstopped completion cut with str.find."""
+    common = ["--checkpoint", tiny_checkpoint, "--max-new-tokens", 16, "--temperature", 0, "--device", "cpu",
+              "--json"]
+    prompts = ["Hello there", "A much longer prompt than the first one"]
+    assert run_main(common + [tmp_path / "free.json", "--prompt", prompts[0], "--prompt", prompts[1]], capsys)[0] == 0
+    free = json.loads((tmp_path / "free.json").read_text())["rows"]
+    # a stop string made of the end of one token and the start of the next, taken from row 0's text
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(tiny_checkpoint)
+    first, second = tok.decode(free[0]["token_ids"][2:3]), tok.decode(free[0]["token_ids"][3:4])
+    stop = first[-1:] + second[:1]
+    assert run_main(common + [tmp_path / "stop.json", "--prompt", prompts[0], "--prompt", prompts[1],
+                              "--stop", stop, "--stop", "zzzz-never"], capsys)[0] == 0
+    rows = json.loads((tmp_path / "stop.json").read_text())["rows"]
+    for row, reference in zip(rows, free):
+        text = reference["completion"]
+        if stop in text:
+            assert row["completion"] == text[:text.find(stop)] and row["stop_string"] == stop
+            assert len(row["token_ids"]) < 16  # the row ended early
+        else:
+            assert row["completion"] == text and row["stop_string"] is None
+    assert rows[0]["stop_string"] == stop
+    # streamed (one prompt): the stop string is not printed
+    code, out, _ = run_main(common + [tmp_path / "one.json", "--prompt", prompts[0], "--stop", stop], capsys)
+    assert code == 0 and out == prompts[0] + rows[0]["completion"] + "\n"
+
+
+def test_empty_stop_string_is_one_line_error(tiny_checkpoint, capsys):
+    code, _, err = run_main(["--checkpoint", tiny_checkpoint, "--device", "cpu", "--prompt", "hi", "--stop", ""], capsys)
+    assert code == 2 and err.strip().splitlines() == ['error: --stop "" would stop before the first token; give some text']
