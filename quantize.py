@@ -19,6 +19,7 @@ Accuracy on the real SmolLM2-135M-Instruct and Botchan: scripts/eval_quant.py.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,26 @@ QUANTIZED_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed
 
 class QuantizationError(ValueError):
     """A one-line, user-facing reason a quantization cannot be done."""
+
+
+def output_overlap(source, output) -> str | None:
+    """How `output` overlaps `source` ("is", "is inside" or "contains"), or None when they are apart.
+
+    Writing a checkpoint replaces its whole output directory, so an output that is the source,
+    holds it, or lies inside it would destroy the source (with --force) or mix the two. Shared by
+    the converters.
+    """
+    # Compared both as written (a symlinked source inside the output would be deleted) and resolved
+    # (`.`, `..` and symlinks cannot hide that two paths are one place).
+    for src, out in ((Path(os.path.abspath(source)), Path(os.path.abspath(output))),
+                     (Path(source).resolve(), Path(output).resolve())):
+        if out == src:
+            return "is"
+        if out.is_relative_to(src):
+            return "is inside"
+        if src.is_relative_to(out):
+            return "contains"
+    return None
 
 
 # ----------------------------------------------------------------------------- int8
@@ -259,7 +280,13 @@ def quantize_checkpoint(checkpoint_dir, mode: str, groupsize: int | None = None,
             raise QuantizationError(f"--groupsize must be one of {GROUPSIZES} (got {groupsize})")
     elif mode != "int8":
         raise QuantizationError(f"--mode must be int8 or int4 (got {mode!r})")
-    output_dir = Path(output_dir or (f"{checkpoint_dir}-int8" if mode == "int8" else f"{checkpoint_dir}-int4-g{groupsize}"))
+    base = checkpoint_dir if checkpoint_dir.name not in ("", "..") else checkpoint_dir.resolve()  # "." has no name
+    default_output = Path(f"{base}-int8" if mode == "int8" else f"{base}-int4-g{groupsize}")
+    output_dir = Path(output_dir or default_output)
+    overlap = output_overlap(checkpoint_dir, output_dir)
+    if overlap:  # checked before "exists": --force must never be the way past it
+        raise QuantizationError(f"--output-dir {output_dir} {overlap} the source checkpoint {checkpoint_dir}; "
+                                f"choose a directory outside it, e.g. {default_output}")
     if output_dir.exists() and not force:
         raise QuantizationError(f"{output_dir} already exists; pass --force to overwrite it")
 

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import DTYPES  # noqa: E402
 from model import (CheckpointError, ModelArgs, Transformer, first_line, rope_inv_freq,  # noqa: E402
                    save_checkpoint)
+from quantize import output_overlap  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "qwen3")
 
@@ -150,6 +151,9 @@ def convert_gguf(gguf_path, out_dir, dtype=None, force: bool = False) -> Path:
     (None: fp32, what dequantization yields). Raises CheckpointError with a one-line message."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
+    overlap = output_overlap(gguf_path, out_dir)
+    if overlap:  # before "exists": writing the output replaces it whole, --force or not
+        raise CheckpointError(f"--output-dir {out_dir} {overlap} the source {gguf_path}; choose a directory outside it")
     if out_dir.exists() and not force:
         raise CheckpointError(f"{out_dir} already exists; pass --force to overwrite it")
     reader = _open_gguf(gguf_path)

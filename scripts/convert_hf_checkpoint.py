@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import DTYPES  # noqa: E402
 from model import CheckpointError, ModelArgs, Transformer, first_line, save_checkpoint  # noqa: E402
+from quantize import output_overlap  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
@@ -129,6 +130,9 @@ def convert_hf_checkpoint(hf_dir, out_dir=None, dtype=None, force: bool = False,
     out_dir = Path(out_dir) if out_dir is not None else Path("checkpoints") / hf_dir.resolve().name
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
+    overlap = output_overlap(hf_dir, out_dir)
+    if overlap:  # before "exists": writing the output replaces it whole, --force or not
+        raise CheckpointError(f"--output-dir {out_dir} {overlap} the source {hf_dir}; choose a directory outside it")
     if out_dir.exists() and not force:  # fail before reading gigabytes
         raise CheckpointError(f"{out_dir} already exists; pass --force to overwrite it")
     cfg = read_hf_config(hf_dir)

@@ -153,3 +153,28 @@ def test_output_exists_needs_force(tiny_hf_dir, tmp_path):
     args = ModelArgs.from_dict(read_checkpoint_config(out)["model_args"])
     tensors = load_checkpoint_tensors(out, Transformer(args).state_dict(), "cpu", None)
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+
+
+def test_output_overlapping_the_source_is_refused_even_with_force(tiny_hf_dir, tmp_path):
+    from model import CheckpointError
+    from scripts.convert_gguf import convert_gguf
+    from scripts.convert_hf_checkpoint import convert_hf_checkpoint
+
+    hf = copy_hf(tiny_hf_dir, tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in hf.iterdir()}
+    for out, relation in ((hf, "is"), (hf / "converted", "is inside"), (tmp_path, "contains")):
+        with pytest.raises(CheckpointError, match=f"{relation} the source"):
+            convert_hf_checkpoint(hf, out, force=True)
+    assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+    # a GGUF file inside the output directory (here a symlink to it: the link would be deleted too);
+    # refused before the file is even read
+    from scripts.assets import smollm2_gguf_path
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "model.gguf").symlink_to(smollm2_gguf_path())
+    for out, relation in ((models, "contains"), (models / "model.gguf", "is")):
+        with pytest.raises(CheckpointError, match=f"{relation} the source"):
+            convert_gguf(models / "model.gguf", out, force=True)
+    assert (models / "model.gguf").is_file()
+    rc, err = run_cli("convert_hf_checkpoint.py", "--checkpoint-dir", hf, "--output-dir", hf, "--force")
+    assert_one_line_error(rc, err, "is the source")
