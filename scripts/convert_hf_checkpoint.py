@@ -178,7 +178,8 @@ def convert_hf_checkpoint(hf_dir, out_dir=None, dtype=None, force: bool = False,
     weights.close()
 
     extra = {f: hf_dir / f for f in TOKENIZER_FILES if (hf_dir / f).is_file()}
-    config = {"model_args": dataclasses.asdict(args), "quantization": None, "source": source or str(hf_dir)}
+    # the source directory's name only: a local path would leak into checkpoints people share
+    config = {"model_args": dataclasses.asdict(args), "quantization": None, "source": source or hf_dir.resolve().name}
     save_checkpoint(out_dir, config, tensors, extra, force=force)
     print(f"wrote {out_dir} ({sum(t.numel() for t in tensors.values()) / 1e6:.1f}M parameters, "
           f"tokenizer files: {', '.join(extra) or 'none'})", flush=True)

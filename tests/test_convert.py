@@ -26,6 +26,7 @@ def test_gguf_model_args_and_files(smollm2_checkpoint):
     config = read_checkpoint_config(smollm2_checkpoint)
     assert ModelArgs.from_dict(config["model_args"]) == ModelArgs.from_name("smollm2-135m")
     assert config["quantization"] is None
+    assert config["source"].startswith("gguf:SmolLM2-135M-Instruct.Q4_1.gguf") and "/" not in config["source"]
     assert (smollm2_checkpoint / "tokenizer.json").is_file()
     assert (smollm2_checkpoint / "tokenizer_config.json").is_file()
 
@@ -153,6 +154,9 @@ def test_output_exists_needs_force(tiny_hf_dir, tmp_path):
     args = ModelArgs.from_dict(read_checkpoint_config(out)["model_args"])
     tensors = load_checkpoint_tensors(out, Transformer(args).state_dict(), "cpu", None)
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    # the source is recorded by name: no local path leaks into a checkpoint people share
+    assert read_checkpoint_config(out)["source"] == tiny_hf_dir.name
+    assert str(tiny_hf_dir.parent) not in (out / "config.json").read_text()
 
 
 def test_output_overlapping_the_source_is_refused_even_with_force(tiny_hf_dir, tmp_path):
