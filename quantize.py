@@ -21,12 +21,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from model import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, CheckpointError, read_checkpoint_config, save_checkpoint
 
@@ -293,7 +293,6 @@ def quantize_checkpoint(checkpoint_dir, mode: str, groupsize: int | None = None,
     weight_names = {f"{name}.weight" for name in _linear_names(config)}
     tensors = {}  # the quantized model (smaller than the source); the source stays memory-mapped
     path = checkpoint_dir / CHECKPOINT_WEIGHTS
-    t0 = time.time()
     try:
         f = safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:
@@ -303,20 +302,20 @@ def quantize_checkpoint(checkpoint_dir, mode: str, groupsize: int | None = None,
         missing = sorted(weight_names - set(names))
         if missing:
             raise CheckpointError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing in all)")
-        for i, name in enumerate(names):
-            t = f.get_tensor(name)  # one tensor at a time
-            if name in weight_names:
-                prefix = name.removesuffix(".weight")
-                if mode == "int8":
-                    tensors[name], tensors[f"{prefix}.scales"] = quantize_int8(t)
+        # One bar on a terminal (none in logs); cleared when done or on an error.
+        with tqdm(names, desc=f"quantizing to {mode}", unit="tensor", leave=False, disable=None) as bar:
+            for name in bar:
+                t = f.get_tensor(name)  # one tensor at a time
+                if name in weight_names:
+                    prefix = name.removesuffix(".weight")
+                    if mode == "int8":
+                        tensors[name], tensors[f"{prefix}.scales"] = quantize_int8(t)
+                    else:
+                        check_int4_shape(t.shape[0], t.shape[1], groupsize, prefix)
+                        tensors[name], tensors[f"{prefix}.scales_and_zeros"] = quantize_int4(t, groupsize)
                 else:
-                    check_int4_shape(t.shape[0], t.shape[1], groupsize, prefix)
-                    tensors[name], tensors[f"{prefix}.scales_and_zeros"] = quantize_int4(t, groupsize)
-            else:
-                tensors[name] = t
-            del t
-            if (i + 1) % 20 == 0 or i + 1 == len(names):
-                print(f"  quantized {i + 1}/{len(names)} tensors ({time.time() - t0:.1f} s)", file=sys.stderr)
+                    tensors[name] = t
+                del t
     config = dict(config, quantization={"mode": mode, **({"groupsize": groupsize} if mode == "int4" else {})})
     extra = {p.name: p for p in checkpoint_dir.iterdir()
              if p.is_file() and p.name not in (CHECKPOINT_WEIGHTS, CHECKPOINT_CONFIG)}

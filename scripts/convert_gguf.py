@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import DTYPES  # noqa: E402
@@ -114,7 +115,10 @@ def _dequantize(t, path: Path) -> torch.Tensor:
     shape = tuple(int(d) for d in reversed(t.shape))
     if tuple(data.shape) != shape:
         raise CheckpointError(f"{path}: tensor {t.name} dequantized to shape {list(data.shape)}, expected {list(shape)}")
-    return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    if not data.flags.writeable:  # an F32 tensor is a view of the reader's read-only memmap: copy it out
+        data = data.copy()
+    return torch.from_numpy(data)
 
 
 def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -164,26 +168,24 @@ def convert_gguf(gguf_path, out_dir, dtype=None, force: bool = False) -> Path:
         expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
     print(f"converting {gguf_path.name} ({arch}, {args.n_layers} layers) to {out_dir} in {dtype}", flush=True)
 
-    out, used, current = {}, {"rope_freqs.weight"}, None
-    for name, sources in _mapping(args):
-        layer = int(name.split(".")[1]) if name.startswith("layers.") else None
-        if current is not None and layer != current:
-            print(f"  layers {current + 1}/{args.n_layers}", flush=True)
-        current = layer
-        parts = []
-        for src in sources:
-            if src not in tensors:
-                raise CheckpointError(f"{gguf_path}: missing tensor {src}")
-            w = _dequantize(tensors[src], gguf_path)
-            if arch == "llama" and src.endswith(("attn_q.weight", "attn_k.weight")):
-                w = unpermute_rope(w, args.n_heads if "attn_q" in src else args.n_kv_heads)
-            parts.append(w.to(dtype))
-            used.add(src)
-        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        if tuple(t.shape) != expected[name]:
-            raise CheckpointError(f"{gguf_path}: {'+'.join(sources)} has shape {list(t.shape)} but the metadata "
-                                  f"implies {list(expected[name])} for {name}")
-        out[name] = t
+    out, used = {}, {"rope_freqs.weight"}
+    # One bar on a terminal (none in logs), not a line per layer; cleared when done or on an error.
+    with tqdm(list(_mapping(args)), desc="converting", unit="tensor", leave=False, disable=None) as bar:
+        for name, sources in bar:
+            parts = []
+            for src in sources:
+                if src not in tensors:
+                    raise CheckpointError(f"{gguf_path}: missing tensor {src}")
+                w = _dequantize(tensors[src], gguf_path)
+                if arch == "llama" and src.endswith(("attn_q.weight", "attn_k.weight")):
+                    w = unpermute_rope(w, args.n_heads if "attn_q" in src else args.n_kv_heads)
+                parts.append(w.to(dtype))
+                used.add(src)
+            t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            if tuple(t.shape) != expected[name]:
+                raise CheckpointError(f"{gguf_path}: {'+'.join(sources)} has shape {list(t.shape)} but the metadata "
+                                      f"implies {list(expected[name])} for {name}")
+            out[name] = t
     unused = sorted(set(tensors) - used)
     if unused:
         raise CheckpointError(f"{gguf_path}: unexpected tensor {unused[0]} ({len(unused)} unused in all); "

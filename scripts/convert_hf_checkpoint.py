@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import DTYPES  # noqa: E402
@@ -153,21 +154,19 @@ def convert_hf_checkpoint(hf_dir, out_dir=None, dtype=None, force: bool = False,
             dtype = torch.float32
     tensors, used = {}, set()
     print(f"converting {hf_dir} ({cfg.get('model_type')}, {args.n_layers} layers) to {out_dir} in {dtype}", flush=True)
-    current = None
-    for layer, name, sources in _mapping(args):
-        if current is not None and layer != current:  # finished a layer
-            print(f"  layers {current + 1}/{args.n_layers}", flush=True)
-        current = layer
-        parts = []
-        for hf_name, shape in sources:
-            t = weights.get(hf_name)
-            if tuple(t.shape) != tuple(shape):
-                raise CheckpointError(f"{weights.where[hf_name]}: tensor {hf_name} has shape {list(t.shape)} but "
-                                      f"config.json implies {list(shape)}")
-            parts.append(t.to(dtype))
-            used.add(hf_name)
-        tensors[name] = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
-        assert tensors[name].shape == expected[name], name
+    # One bar on a terminal (none in logs), not a line per layer; cleared when done or on an error.
+    with tqdm(list(_mapping(args)), desc="converting", unit="tensor", leave=False, disable=None) as bar:
+        for _, name, sources in bar:
+            parts = []
+            for hf_name, shape in sources:
+                t = weights.get(hf_name)
+                if tuple(t.shape) != tuple(shape):
+                    raise CheckpointError(f"{weights.where[hf_name]}: tensor {hf_name} has shape {list(t.shape)} but "
+                                          f"config.json implies {list(shape)}")
+                parts.append(t.to(dtype))
+                used.add(hf_name)
+            tensors[name] = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
+            assert tensors[name].shape == expected[name], name
     if args.tie_embeddings and "lm_head.weight" in weights.where:
         # HF ties these on load and ignores the stored copy; so do we.
         used.add("lm_head.weight")

@@ -1,5 +1,6 @@
 """Converters on real and broken inputs: the SmolLM2 GGUF against transformers' own GGUF loader,
 and bad files / configs / output dirs -> a one-line error naming the file, exit code 2, nothing written."""
+import io
 import json
 import shutil
 import subprocess
@@ -182,3 +183,21 @@ def test_output_overlapping_the_source_is_refused_even_with_force(tiny_hf_dir, t
     assert (models / "model.gguf").is_file()
     rc, err = run_cli("convert_hf_checkpoint.py", "--checkpoint-dir", hf, "--output-dir", hf, "--force")
     assert_one_line_error(rc, err, "is the source")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_conversion_shows_one_progress_bar_not_a_line_per_layer(tiny_hf_dir, tmp_path, monkeypatch, capsys):
+    from scripts.convert_hf_checkpoint import convert_hf_checkpoint
+
+    convert_hf_checkpoint(tiny_hf_dir, tmp_path / "log")
+    captured = capsys.readouterr()
+    assert captured.out.count("\n") == 2 and captured.err == ""  # "converting ...", "wrote ...": nothing per layer
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    convert_hf_checkpoint(tiny_hf_dir, tmp_path / "tty")
+    assert capsys.readouterr().out.count("\n") == 2
+    assert "converting:" in terminal.getvalue() and "\n" not in terminal.getvalue()  # one bar redrawn in place
