@@ -579,8 +579,8 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
     max_seq_len = args.max_seq_length or min(4096, context)
     generator.setup(1, max_seq_len, kv_cache_dtype)
     interactive = sys.stdin.isatty()
-    print(f"Chat with {args.checkpoint or DEFAULT_CHECKPOINT.name} ({max_seq_len}-token context). /reset starts "
-          f"over; Ctrl-C stops a reply; /exit, Ctrl-D or Ctrl-C at the prompt ends.", file=sys.stderr)
+    print(f"Chat with {args.checkpoint or DEFAULT_CHECKPOINT.name} ({max_seq_len}-token context). "
+          f"/reset starts over, Ctrl-C stops a reply, /exit or Ctrl-D ends.", file=sys.stderr)
     cache_len, pending = 0, []  # slots filled; the last reply token, sampled but not yet in the cache
     turns = []  # for --json
     while True:

@@ -22,7 +22,7 @@ def download(repo_id: str, hf_token: str | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise CheckpointError("huggingface_hub is not installed; run: pip install huggingface_hub") from None
+        raise CheckpointError("huggingface_hub is not installed; run: pip install -r requirements-optional.txt") from None
     try:
         path = snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS, token=hf_token)
     except Exception as e:  # offline, gated repo, bad name: the hub raises many types

@@ -254,3 +254,15 @@ def test_output_overlapping_the_source_is_refused_even_with_force(tmp_path, caps
         assert f"{relation} the source checkpoint" in err and "choose a directory outside it" in err, err
     assert {p.name: p.read_bytes() for p in source.iterdir()} == before
     assert [p.name for p in source.parent.iterdir()] == ["fp32"]  # no temp dirs either
+
+
+def test_eval_quant_table_carries_commit_date_and_cpu_kernels():
+    import datetime
+
+    from scripts.eval_quant import provenance
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    text = provenance()
+    assert text.startswith(f"commit {head}"), text
+    assert datetime.datetime.now(datetime.timezone.utc).date().isoformat() in text
+    assert f"CPU kernels {torch.backends.cpu.get_cpu_capability()}" in text
