@@ -403,11 +403,14 @@ def check_fp8_supported(device=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="an unquantized checkpoint directory")
-    p.add_argument("--mode", required=True, choices=("int8", "int4"))
-    p.add_argument("--groupsize", type=int, default=None, help=f"int4 group size, one of {GROUPSIZES} (default 64)")
-    p.add_argument("--output-dir", type=Path, default=None, help="default: CHECKPOINT-int8 / CHECKPOINT-int4-gG")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--mode", required=True, choices=("int8", "int4"),
+                   help="int8: per-channel weights; int4: grouped weights (see --groupsize)")
+    p.add_argument("--groupsize", type=int, default=None, help=f"int4 group size, one of {GROUPSIZES} (default: 64)")
+    p.add_argument("--output-dir", type=Path, default=None,
+                   help="where to write; never the source or a directory inside or around it "
+                        "(default: CHECKPOINT-int8 / CHECKPOINT-int4-gG)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output directory (default: off)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (default: off)")
     args = p.parse_args(argv)
     try:
         if args.groupsize is not None and args.mode != "int4":

@@ -208,9 +208,9 @@ def convert_gguf(gguf_path, out_dir, dtype=None, force: bool = False) -> Path:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gguf", required=True, type=Path, help="the .gguf file")
-    p.add_argument("--output-dir", required=True, type=Path)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    p.add_argument("--output-dir", required=True, type=Path, help="the checkpoint directory to write")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights' dtype (default: fp32)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output directory (default: off)")
     a = p.parse_args(argv)
     try:
         convert_gguf(a.gguf, a.output_dir, a.dtype, a.force)

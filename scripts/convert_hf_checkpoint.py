@@ -188,9 +188,10 @@ def convert_hf_checkpoint(hf_dir, out_dir=None, dtype=None, force: bool = False,
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint-dir", required=True, type=Path, help="Hugging Face checkpoint directory")
-    p.add_argument("--output-dir", type=Path, default=None, help="default: checkpoints/<checkpoint dir name>")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as stored")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    p.add_argument("--output-dir", type=Path, default=None,
+                   help="where to write (default: checkpoints/<checkpoint dir name>)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights' dtype (default: as stored)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output directory (default: off)")
     a = p.parse_args(argv)
     try:
         convert_hf_checkpoint(a.checkpoint_dir, a.output_dir, a.dtype, a.force)

@@ -131,9 +131,11 @@ def markdown_table(rows) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="an unquantized checkpoint (the reference)")
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--groupsizes", default=",".join(map(str, GROUPSIZES)), help="int4 group sizes to measure")
+    p.add_argument("--tokens", type=int, default=4096, help="Botchan tokens to score (default: 4096)")
+    p.add_argument("--window", type=int, default=1024,
+                   help="tokens per independent window, each from an empty cache (default: 1024)")
+    p.add_argument("--groupsizes", default=",".join(map(str, GROUPSIZES)),
+                   help="int4 group sizes to measure, comma-separated (default: all)")
     p.add_argument("--work-dir", type=Path, default=None, help="keep the quantized checkpoints here (reused if present)")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)

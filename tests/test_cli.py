@@ -429,3 +429,17 @@ def test_compile_on_the_cpu_warns_before_the_pause(tiny_checkpoint, capsys, monk
                              "--max-new-tokens", 3, "--temperature", 0], capsys)
     assert code == 0, err
     assert "the first run takes a while (minutes on 2 cores)" in said_before_compiling[0]
+
+
+@pytest.mark.parametrize("module", ["quantize", "scripts.convert_gguf", "scripts.convert_hf_checkpoint",
+                                    "scripts.prepare_demo", "scripts.eval_quant", "scripts.download"])
+def test_every_script_gives_every_flag_a_help_text(module, capsys):
+    import importlib
+    import re
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main(["--help"])
+    options = capsys.readouterr().out.split("options:\n")[1]
+    for entry in re.split(r"\n(?=  -)", options.rstrip("\n")):
+        lines = entry.splitlines()
+        has_help = len(lines) > 1 or re.search(r"\S {2,}\S", lines[0].strip())
+        assert has_help, f"{module}: {lines[0].strip()} has no help text"
