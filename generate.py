@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import resource
+import signal
 import sys
 import tempfile
 import time
@@ -16,10 +17,21 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import torch
 
-from model import (CheckpointError, KVCache, ModelArgs, Transformer, load_checkpoint_tensors, read_checkpoint_config,
-                   rope_inv_freq)
+def exit_at_once_on_ctrl_c(signum, frame):
+    # Start-up (imports, loading) has nothing to clean up, and a KeyboardInterrupt raised inside one
+    # of torch's lazy imports leaves it half-done and ends in unrelated tracebacks: leave at once.
+    print("interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, exit_at_once_on_ctrl_c)  # until run() has loaded the model
+
+import torch  # noqa: E402
+
+from model import (CheckpointError, KVCache, ModelArgs, Transformer, load_checkpoint_tensors,  # noqa: E402
+                   read_checkpoint_config, rope_inv_freq)
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-135M-Instruct"
 
@@ -293,39 +305,68 @@ class Generator:
 
 # ----------------------------------------------------------------------------- CLI
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="checkpoint directory (default: checkpoints/SmolLM2-135M-Instruct)")
-    p.add_argument("--prompt", action="append", default=None,
-                   help="prompt text; repeat for a batch (prompts may differ in length)")
-    p.add_argument("--prompt-file", type=Path, action="append", default=None, help="a file whose text is one prompt")
-    p.add_argument("--chat", action="store_true", help="interactive chat; the conversation stays in the KV cache")
+def build_parser():
+    # Every flag's help ends with its default, so `--help` alone says what a bare run does. The usage
+    # line stays short: argparse's full one wraps over many lines above every argument error.
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="%(prog)s [--checkpoint DIR] [--prompt TEXT ...] [options]; see --help")
+    p.add_argument("--checkpoint", type=Path, metavar="DIR", default=None,
+                   help="checkpoint directory (default: checkpoints/SmolLM2-135M-Instruct, made by "
+                        "scripts/prepare_demo.py)")
+    p.add_argument("--prompt", action="append", metavar="TEXT", default=None,
+                   help="prompt text; repeat for a batch, prompts may differ in length "
+                        "(default: \"Once upon a time\")")
+    p.add_argument("--prompt-file", type=Path, action="append", metavar="PATH", default=None,
+                   help="a UTF-8 text file whose whole text is one prompt; repeat for a batch, mixes with --prompt "
+                        "(default: none)")
+    p.add_argument("--chat", action="store_true",
+                   help="interactive chat from stdin; the conversation stays in the KV cache. /reset starts over; "
+                        "/exit, Ctrl-D or Ctrl-C at the prompt leaves; Ctrl-C during a reply stops it (default: off)")
     p.add_argument("--chat-template", action="store_true",
-                   help="wrap each --prompt in the checkpoint's chat template (a one-turn chat)")
-    p.add_argument("--system", default=None, help="system prompt for --chat / --chat-template")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--stop", action="append", default=None,
-                   help="end a row at the first occurrence of this text (repeatable); the stop text is not shown")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=200)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--max-seq-length", type=int, default=None,
+                   help="wrap each prompt in the checkpoint's chat template, a one-turn chat (default: off)")
+    p.add_argument("--system", metavar="TEXT", default=None,
+                   help="system prompt for --chat / --chat-template (default: none)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", default=200,
+                   help="tokens to generate per row; a row stops early at its end-of-text token (default: 200)")
+    p.add_argument("--stop", action="append", metavar="TEXT", default=None,
+                   help="end a row at the first occurrence of this text, across token boundaries; the stop text "
+                        "is not shown; repeatable (default: none)")
+    p.add_argument("--temperature", type=float, metavar="T", default=0.8,
+                   help="sampling temperature; 0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, metavar="K", default=200,
+                   help="sample among the K most likely tokens; 0 = no top-k (default: 200)")
+    p.add_argument("--top-p", type=float, metavar="P", default=None,
+                   help="sample from the smallest set of tokens whose probability reaches P, in (0, 1] "
+                        "(default: none)")
+    p.add_argument("--seed", type=int, metavar="S", default=None,
+                   help="random seed for reproducible sampling (default: none)")
+    p.add_argument("--num-samples", type=int, metavar="N", default=1,
+                   help="run the generation this many times (default: 1)")
+    p.add_argument("--max-seq-length", type=int, metavar="N", default=None,
                    help="KV cache slots (default: just enough for prompt + new tokens; 4096 for --chat)")
-    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
-    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--kv-cache-dtype", default=None,
-                   help="KV cache dtype: bf16, fp16, fp32, int8 or fp8 (default: the compute dtype)")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graph on GPU)")
-    p.add_argument("--compile-prefill", action="store_true", help="compile prefill too (dynamic shapes)")
-    p.add_argument("--prefill-chunk-size", type=int, default=2048,
-                   help="prefill long prompts this many tokens per row at a time (bounds activation memory)")
-    p.add_argument("--profile", type=Path, default=None, help="write a torch profiler trace of decode here")
-    p.add_argument("--json", type=Path, default=None, help="write machine-readable results here")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p.parse_args(argv)
+    p.add_argument("--device", metavar="DEVICE", default=None,
+                   help="cuda, cuda:N or cpu (default: cuda if present, else cpu)")
+    p.add_argument("--dtype", metavar="DTYPE", default=None,
+                   help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--kv-cache-dtype", metavar="DTYPE", default=None,
+                   help="KV cache dtype: bf16, fp16, fp32, int8 or fp8 (default: the --dtype)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step, a CUDA graph on GPU; the first run compiles for a while "
+                        "(minutes on a small CPU) (default: off)")
+    p.add_argument("--compile-prefill", action="store_true", help="compile prefill too, dynamic shapes (default: off)")
+    p.add_argument("--prefill-chunk-size", type=int, metavar="N", default=2048,
+                   help="prefill long prompts this many tokens per row at a time, bounding activation memory "
+                        "(default: 2048)")
+    p.add_argument("--profile", type=Path, metavar="PATH", default=None,
+                   help="write a torch profiler (Chrome) trace of the last sample here (default: none)")
+    p.add_argument("--json", type=Path, metavar="PATH", default=None,
+                   help="write machine-readable results (rows, timings, memory) here (default: none)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (default: off)")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def resolve_device(name):
@@ -357,8 +398,8 @@ def validate(args):
         raise UsageError(f"--temperature must be >= 0 (got {args.temperature}); 0 means greedy")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1] (got {args.top_p})")
-    if args.top_k is not None and args.top_k < 1:
-        raise UsageError(f"--top-k must be at least 1 (got {args.top_k})")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0 (got {args.top_k}); 0 means no top-k")
     if args.prefill_chunk_size < 1:
         raise UsageError(f"--prefill-chunk-size must be at least 1 (got {args.prefill_chunk_size})")
     if args.num_samples < 1:
@@ -375,6 +416,14 @@ def validate(args):
 
 def resolve_checkpoint(path):
     if path is not None:
+        if path.is_file():
+            if path.suffix == ".gguf":
+                fix = f"convert it first: python scripts/convert_gguf.py --gguf {path} --output-dir checkpoints/NAME"
+            elif (path.parent / "config.json").is_file():
+                fix = f"pass its directory: --checkpoint {path.parent}"
+            else:
+                fix = "pass the directory that holds config.json and model.safetensors"
+            raise UsageError(f"--checkpoint {path} is a file, not a checkpoint directory; {fix}")
         return path
     if (DEFAULT_CHECKPOINT / "config.json").is_file():
         return DEFAULT_CHECKPOINT
@@ -405,8 +454,34 @@ def main(argv=None):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # run() and chat() have already shown what was generated
+        print("interrupted", file=sys.stderr)
         return 130
+
+
+def read_prompt_texts(args) -> list[str]:
+    """The prompts' texts, read and checked before the model loads, so a bad file fails at once."""
+    texts = list(args.prompt or [])
+    for f in args.prompt_file or []:
+        try:
+            text = f.read_bytes().decode("utf-8-sig")  # a BOM (Windows editors) is not part of the prompt
+        except OSError as e:
+            raise UsageError(f"cannot read --prompt-file {f}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--prompt-file {f} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                             f"{e.start}); convert it, e.g. iconv -f latin1 -t utf-8 {f} > prompt.txt") from None
+        if not text.strip():
+            raise UsageError(f"empty prompt: --prompt-file {f} holds no text")
+        texts.append(text)
+    for text in texts:
+        if not text.strip():
+            raise UsageError("empty prompt: give some text with --prompt")
+    return texts or ["Once upon a time"]
+
+
+def print_rows(texts, completions):
+    for b, (text, completion) in enumerate(zip(texts, completions)):
+        print(f"--- [{b}] {text!r}\n{completion}")
 
 
 def run(args):
@@ -417,6 +492,7 @@ def run(args):
     dtype = resolve_dtype(args.dtype, "--dtype", torch.bfloat16 if device.type == "cuda" else torch.float32)
     kv_cache_dtype = resolve_dtype(args.kv_cache_dtype, "--kv-cache-dtype", dtype, KV_CACHE_DTYPES)
     checkpoint = resolve_checkpoint(args.checkpoint)
+    texts = [] if args.chat else read_prompt_texts(args)
     if args.seed is not None:
         torch.manual_seed(args.seed)
 
@@ -430,11 +506,18 @@ def run(args):
     check_vocab(tokenizer, model.args.vocab_size, checkpoint)
     load_s = time.perf_counter() - t0
     print(f"Loaded {checkpoint} in {load_s:.2f} s ({device}, {str(dtype).removeprefix('torch.')})", file=sys.stderr)
+    if device.type == "cpu" and (args.compile or args.compile_prefill):
+        # said before the pause: the first token waits for Inductor, and nothing else shows meanwhile
+        print("Compiling for the CPU: the first run takes a while (minutes on 2 cores); later runs reuse "
+              "Inductor's cache", file=sys.stderr)
 
-    sampling = Sampling(args.temperature, args.top_k if args.temperature > 0 else None,
+    # --top-k 0 means no top-k (as in transformers); greedy decoding uses neither filter
+    sampling = Sampling(args.temperature, (args.top_k or None) if args.temperature > 0 else None,
                         args.top_p if args.temperature > 0 else None)
     generator = Generator(model, compile=args.compile, compile_prefill=args.compile_prefill,
                           prefill_chunk_size=args.prefill_chunk_size)
+    # Start-up is over: Ctrl-C now raises KeyboardInterrupt, and generation shows what it has so far
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     context = model.args.max_position_embeddings
     if args.max_seq_length is not None and args.max_seq_length > context:
         raise UsageError(f"--max-seq-length {args.max_seq_length} exceeds the model's context of {context} tokens")
@@ -442,18 +525,8 @@ def run(args):
     if args.chat:
         return chat(args, generator, tokenizer, sampling, kv_cache_dtype, context)
 
-    texts = list(args.prompt or [])
-    for f in args.prompt_file or []:
-        try:
-            texts.append(f.read_text())
-        except OSError as e:
-            raise UsageError(f"cannot read --prompt-file {f}: {e.strerror}") from None
-    if not texts:
-        texts = ["Once upon a time"]
     prompts = []
     for text in texts:
-        if not text.strip():
-            raise UsageError("empty prompt: give some text with --prompt")
         if args.chat_template:
             messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                        [{"role": "user", "content": text}]
@@ -489,8 +562,15 @@ def run(args):
                 + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        with profiler as prof:
-            res = generator.generate(prompts, args.max_new_tokens, sampling, tokenizer.stop_ids, on_token)
+        try:
+            with profiler as prof:
+                res = generator.generate(prompts, args.max_new_tokens, sampling, tokenizer.stop_ids, on_token)
+        except KeyboardInterrupt:  # show what each row has so far; main() says "interrupted", exit 130
+            if stream:
+                print(flush=True)  # ends the line
+            else:
+                print_rows(texts, [cutters[b].text for b in range(len(prompts))])
+            raise
         if prof is not None:
             args.profile.parent.mkdir(parents=True, exist_ok=True)
             prof.export_chrome_trace(str(args.profile))
@@ -498,8 +578,7 @@ def run(args):
         if stream:
             print(tails[0], flush=True)
         else:
-            for b, text in enumerate(texts):
-                print(f"--- [{b}] {text!r}\n{cutters[b].text}")
+            print_rows(texts, [cutters[b].text for b in range(len(prompts))])
         runs.append(res)
         report(res, model, device, prompts, sample_index, args.num_samples)
 
@@ -563,13 +642,18 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
     generator.setup(1, max_seq_len, kv_cache_dtype)
     interactive = sys.stdin.isatty()
     print(f"Chat with {args.checkpoint or DEFAULT_CHECKPOINT.name} ({max_seq_len}-token context). "
-          f"/reset starts over, /exit or Ctrl-D ends.", file=sys.stderr)
+          f"/reset starts over, Ctrl-C stops a reply, /exit or Ctrl-D ends.", file=sys.stderr)
     cache_len, pending = 0, []  # slots filled; the last reply token, sampled but not yet in the cache
     turns = []  # for --json
     while True:
         if interactive:
             print("\n> ", end="", flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:  # at the prompt (so a second Ctrl-C after stopping a reply): leave
+            if interactive:
+                print()
+            break
         if not line:
             break
         text = line.rstrip("\n")
@@ -589,12 +673,27 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
                   f"or restart with a larger --max-seq-length)", file=sys.stderr)
             continue
         decoder = StreamDecoder(tokenizer)
+        reply = []  # the reply's ids as they arrive: all that is known of it after Ctrl-C
 
         def on_token(row, token_id):
+            reply.append(token_id)
             print(decoder.push(token_id), end="", flush=True)
 
-        res = generator.generate([new_ids], min(args.max_new_tokens, room), sampling, tokenizer.stop_ids,
-                                 on_token, start_slot=cache_len)
+        try:
+            res = generator.generate([new_ids], min(args.max_new_tokens, room), sampling, tokenizer.stop_ids,
+                                     on_token, start_slot=cache_len)
+        except KeyboardInterrupt:  # stop this reply, keep the conversation
+            print(decoder.flush(), flush=True)
+            print("(reply stopped; Ctrl-C again, Ctrl-D or /exit ends the chat)", file=sys.stderr)
+            if reply:
+                # A token reaches us only once the step that sampled it has run, and that step wrote the
+                # token before it: the cache holds new_ids + reply[:-1]. Close it like a cut reply.
+                cache_len += len(new_ids) + len(reply) - 1
+                pending = [reply[-1]] + tokenizer.encode_reply("")
+            # else stopped in prefill: nothing of this turn counts; the next one starts where it would have
+            turns.append({"user": text, "reply": tokenizer.decode(reply), "reply_ids": reply, "stopped": False,
+                          "interrupted": True, "cache_slots_used": cache_len})
+            continue
         print(decoder.flush(), flush=True)
         # Everything but the final sampled token is now in the cache; that token goes in next turn.
         cache_len += len(new_ids) + len(res.tokens[0]) + (1 if res.stopped[0] else 0) - 1

@@ -19,13 +19,14 @@ Accuracy on the real SmolLM2-135M-Instruct and Botchan: scripts/eval_quant.py.
 """
 import argparse
 import json
+import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import gemv
 from model import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, CheckpointError, read_checkpoint_config, save_checkpoint
@@ -35,6 +36,26 @@ QUANTIZED_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed
 
 class QuantizationError(ValueError):
     """A one-line, user-facing reason a quantization cannot be done."""
+
+
+def output_overlap(source, output) -> str | None:
+    """How `output` overlaps `source` ("is", "is inside" or "contains"), or None when they are apart.
+
+    Writing a checkpoint replaces its whole output directory, so an output that is the source,
+    holds it, or lies inside it would destroy the source (with --force) or mix the two. Shared by
+    the converters.
+    """
+    # Compared both as written (a symlinked source inside the output would be deleted) and resolved
+    # (`.`, `..` and symlinks cannot hide that two paths are one place).
+    for src, out in ((Path(os.path.abspath(source)), Path(os.path.abspath(output))),
+                     (Path(source).resolve(), Path(output).resolve())):
+        if out == src:
+            return "is"
+        if out.is_relative_to(src):
+            return "is inside"
+        if src.is_relative_to(out):
+            return "contains"
+    return None
 
 
 # ----------------------------------------------------------------------------- int8
@@ -271,14 +292,19 @@ def quantize_checkpoint(checkpoint_dir, mode: str, groupsize: int | None = None,
             raise QuantizationError(f"--groupsize must be one of {GROUPSIZES} (got {groupsize})")
     elif mode != "int8":
         raise QuantizationError(f"--mode must be int8 or int4 (got {mode!r})")
-    output_dir = Path(output_dir or (f"{checkpoint_dir}-int8" if mode == "int8" else f"{checkpoint_dir}-int4-g{groupsize}"))
+    base = checkpoint_dir if checkpoint_dir.name not in ("", "..") else checkpoint_dir.resolve()  # "." has no name
+    default_output = Path(f"{base}-int8" if mode == "int8" else f"{base}-int4-g{groupsize}")
+    output_dir = Path(output_dir or default_output)
+    overlap = output_overlap(checkpoint_dir, output_dir)
+    if overlap:  # checked before "exists": --force must never be the way past it
+        raise QuantizationError(f"--output-dir {output_dir} {overlap} the source checkpoint {checkpoint_dir}; "
+                                f"choose a directory outside it, e.g. {default_output}")
     if output_dir.exists() and not force:
         raise QuantizationError(f"{output_dir} already exists; pass --force to overwrite it")
 
     weight_names = {f"{name}.weight" for name in _linear_names(config)}
     tensors = {}  # the quantized model (smaller than the source); the source stays memory-mapped
     path = checkpoint_dir / CHECKPOINT_WEIGHTS
-    t0 = time.time()
     try:
         f = safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:
@@ -288,20 +314,20 @@ def quantize_checkpoint(checkpoint_dir, mode: str, groupsize: int | None = None,
         missing = sorted(weight_names - set(names))
         if missing:
             raise CheckpointError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing in all)")
-        for i, name in enumerate(names):
-            t = f.get_tensor(name)  # one tensor at a time
-            if name in weight_names:
-                prefix = name.removesuffix(".weight")
-                if mode == "int8":
-                    tensors[name], tensors[f"{prefix}.scales"] = quantize_int8(t)
+        # One bar on a terminal (none in logs); cleared when done or on an error.
+        with tqdm(names, desc=f"quantizing to {mode}", unit="tensor", leave=False, disable=None) as bar:
+            for name in bar:
+                t = f.get_tensor(name)  # one tensor at a time
+                if name in weight_names:
+                    prefix = name.removesuffix(".weight")
+                    if mode == "int8":
+                        tensors[name], tensors[f"{prefix}.scales"] = quantize_int8(t)
+                    else:
+                        check_int4_shape(t.shape[0], t.shape[1], groupsize, prefix)
+                        tensors[name], tensors[f"{prefix}.scales_and_zeros"] = quantize_int4(t, groupsize)
                 else:
-                    check_int4_shape(t.shape[0], t.shape[1], groupsize, prefix)
-                    tensors[name], tensors[f"{prefix}.scales_and_zeros"] = quantize_int4(t, groupsize)
-            else:
-                tensors[name] = t
-            del t
-            if (i + 1) % 20 == 0 or i + 1 == len(names):
-                print(f"  quantized {i + 1}/{len(names)} tensors ({time.time() - t0:.1f} s)", file=sys.stderr)
+                    tensors[name] = t
+                del t
     config = dict(config, quantization={"mode": mode, **({"groupsize": groupsize} if mode == "int4" else {})})
     extra = {p.name: p for p in checkpoint_dir.iterdir()
              if p.is_file() and p.name not in (CHECKPOINT_WEIGHTS, CHECKPOINT_CONFIG)}
@@ -389,11 +415,14 @@ def check_fp8_supported(device=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="an unquantized checkpoint directory")
-    p.add_argument("--mode", required=True, choices=("int8", "int4"))
-    p.add_argument("--groupsize", type=int, default=None, help=f"int4 group size, one of {GROUPSIZES} (default 64)")
-    p.add_argument("--output-dir", type=Path, default=None, help="default: CHECKPOINT-int8 / CHECKPOINT-int4-gG")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--mode", required=True, choices=("int8", "int4"),
+                   help="int8: per-channel weights; int4: grouped weights (see --groupsize)")
+    p.add_argument("--groupsize", type=int, default=None, help=f"int4 group size, one of {GROUPSIZES} (default: 64)")
+    p.add_argument("--output-dir", type=Path, default=None,
+                   help="where to write; never the source or a directory inside or around it "
+                        "(default: CHECKPOINT-int8 / CHECKPOINT-int4-gG)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output directory (default: off)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (default: off)")
     args = p.parse_args(argv)
     try:
         if args.groupsize is not None and args.mode != "int4":

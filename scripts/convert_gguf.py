@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import DTYPES  # noqa: E402
 from model import (CheckpointError, ModelArgs, Transformer, first_line, rope_inv_freq,  # noqa: E402
                    save_checkpoint)
+from quantize import output_overlap  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "qwen3")
 
@@ -113,7 +115,10 @@ def _dequantize(t, path: Path) -> torch.Tensor:
     shape = tuple(int(d) for d in reversed(t.shape))
     if tuple(data.shape) != shape:
         raise CheckpointError(f"{path}: tensor {t.name} dequantized to shape {list(data.shape)}, expected {list(shape)}")
-    return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    if not data.flags.writeable:  # an F32 tensor is a view of the reader's read-only memmap: copy it out
+        data = data.copy()
+    return torch.from_numpy(data)
 
 
 def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -150,6 +155,9 @@ def convert_gguf(gguf_path, out_dir, dtype=None, force: bool = False) -> Path:
     (None: fp32, what dequantization yields). Raises CheckpointError with a one-line message."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
+    overlap = output_overlap(gguf_path, out_dir)
+    if overlap:  # before "exists": writing the output replaces it whole, --force or not
+        raise CheckpointError(f"--output-dir {out_dir} {overlap} the source {gguf_path}; choose a directory outside it")
     if out_dir.exists() and not force:
         raise CheckpointError(f"{out_dir} already exists; pass --force to overwrite it")
     reader = _open_gguf(gguf_path)
@@ -160,26 +168,24 @@ def convert_gguf(gguf_path, out_dir, dtype=None, force: bool = False) -> Path:
         expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
     print(f"converting {gguf_path.name} ({arch}, {args.n_layers} layers) to {out_dir} in {dtype}", flush=True)
 
-    out, used, current = {}, {"rope_freqs.weight"}, None
-    for name, sources in _mapping(args):
-        layer = int(name.split(".")[1]) if name.startswith("layers.") else None
-        if current is not None and layer != current:
-            print(f"  layers {current + 1}/{args.n_layers}", flush=True)
-        current = layer
-        parts = []
-        for src in sources:
-            if src not in tensors:
-                raise CheckpointError(f"{gguf_path}: missing tensor {src}")
-            w = _dequantize(tensors[src], gguf_path)
-            if arch == "llama" and src.endswith(("attn_q.weight", "attn_k.weight")):
-                w = unpermute_rope(w, args.n_heads if "attn_q" in src else args.n_kv_heads)
-            parts.append(w.to(dtype))
-            used.add(src)
-        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        if tuple(t.shape) != expected[name]:
-            raise CheckpointError(f"{gguf_path}: {'+'.join(sources)} has shape {list(t.shape)} but the metadata "
-                                  f"implies {list(expected[name])} for {name}")
-        out[name] = t
+    out, used = {}, {"rope_freqs.weight"}
+    # One bar on a terminal (none in logs), not a line per layer; cleared when done or on an error.
+    with tqdm(list(_mapping(args)), desc="converting", unit="tensor", leave=False, disable=None) as bar:
+        for name, sources in bar:
+            parts = []
+            for src in sources:
+                if src not in tensors:
+                    raise CheckpointError(f"{gguf_path}: missing tensor {src}")
+                w = _dequantize(tensors[src], gguf_path)
+                if arch == "llama" and src.endswith(("attn_q.weight", "attn_k.weight")):
+                    w = unpermute_rope(w, args.n_heads if "attn_q" in src else args.n_kv_heads)
+                parts.append(w.to(dtype))
+                used.add(src)
+            t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            if tuple(t.shape) != expected[name]:
+                raise CheckpointError(f"{gguf_path}: {'+'.join(sources)} has shape {list(t.shape)} but the metadata "
+                                      f"implies {list(expected[name])} for {name}")
+            out[name] = t
     unused = sorted(set(tensors) - used)
     if unused:
         raise CheckpointError(f"{gguf_path}: unexpected tensor {unused[0]} ({len(unused)} unused in all); "
@@ -202,9 +208,9 @@ def convert_gguf(gguf_path, out_dir, dtype=None, force: bool = False) -> Path:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gguf", required=True, type=Path, help="the .gguf file")
-    p.add_argument("--output-dir", required=True, type=Path)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    p.add_argument("--output-dir", required=True, type=Path, help="the checkpoint directory to write")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights' dtype (default: fp32)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output directory (default: off)")
     a = p.parse_args(argv)
     try:
         convert_gguf(a.gguf, a.output_dir, a.dtype, a.force)

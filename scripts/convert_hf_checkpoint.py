@@ -15,10 +15,12 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import DTYPES  # noqa: E402
 from model import CheckpointError, ModelArgs, Transformer, first_line, save_checkpoint  # noqa: E402
+from quantize import output_overlap  # noqa: E402
 
 # chat_template.jinja: where newer transformers keep the chat template (tokenizer.py reads it)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -130,6 +132,9 @@ def convert_hf_checkpoint(hf_dir, out_dir=None, dtype=None, force: bool = False,
     out_dir = Path(out_dir) if out_dir is not None else Path("checkpoints") / hf_dir.resolve().name
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
+    overlap = output_overlap(hf_dir, out_dir)
+    if overlap:  # before "exists": writing the output replaces it whole, --force or not
+        raise CheckpointError(f"--output-dir {out_dir} {overlap} the source {hf_dir}; choose a directory outside it")
     if out_dir.exists() and not force:  # fail before reading gigabytes
         raise CheckpointError(f"{out_dir} already exists; pass --force to overwrite it")
     cfg = read_hf_config(hf_dir)
@@ -150,21 +155,19 @@ def convert_hf_checkpoint(hf_dir, out_dir=None, dtype=None, force: bool = False,
             dtype = torch.float32
     tensors, used = {}, set()
     print(f"converting {hf_dir} ({cfg.get('model_type')}, {args.n_layers} layers) to {out_dir} in {dtype}", flush=True)
-    current = None
-    for layer, name, sources in _mapping(args):
-        if current is not None and layer != current:  # finished a layer
-            print(f"  layers {current + 1}/{args.n_layers}", flush=True)
-        current = layer
-        parts = []
-        for hf_name, shape in sources:
-            t = weights.get(hf_name)
-            if tuple(t.shape) != tuple(shape):
-                raise CheckpointError(f"{weights.where[hf_name]}: tensor {hf_name} has shape {list(t.shape)} but "
-                                      f"config.json implies {list(shape)}")
-            parts.append(t.to(dtype))
-            used.add(hf_name)
-        tensors[name] = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
-        assert tensors[name].shape == expected[name], name
+    # One bar on a terminal (none in logs), not a line per layer; cleared when done or on an error.
+    with tqdm(list(_mapping(args)), desc="converting", unit="tensor", leave=False, disable=None) as bar:
+        for _, name, sources in bar:
+            parts = []
+            for hf_name, shape in sources:
+                t = weights.get(hf_name)
+                if tuple(t.shape) != tuple(shape):
+                    raise CheckpointError(f"{weights.where[hf_name]}: tensor {hf_name} has shape {list(t.shape)} but "
+                                          f"config.json implies {list(shape)}")
+                parts.append(t.to(dtype))
+                used.add(hf_name)
+            tensors[name] = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
+            assert tensors[name].shape == expected[name], name
     if args.tie_embeddings and "lm_head.weight" in weights.where:
         # HF ties these on load and ignores the stored copy; so do we.
         used.add("lm_head.weight")
@@ -175,7 +178,8 @@ def convert_hf_checkpoint(hf_dir, out_dir=None, dtype=None, force: bool = False,
     weights.close()
 
     extra = {f: hf_dir / f for f in TOKENIZER_FILES if (hf_dir / f).is_file()}
-    config = {"model_args": dataclasses.asdict(args), "quantization": None, "source": source or str(hf_dir)}
+    # the source directory's name only: a local path would leak into checkpoints people share
+    config = {"model_args": dataclasses.asdict(args), "quantization": None, "source": source or hf_dir.resolve().name}
     save_checkpoint(out_dir, config, tensors, extra, force=force)
     print(f"wrote {out_dir} ({sum(t.numel() for t in tensors.values()) / 1e6:.1f}M parameters, "
           f"tokenizer files: {', '.join(extra) or 'none'})", flush=True)
@@ -185,9 +189,10 @@ def convert_hf_checkpoint(hf_dir, out_dir=None, dtype=None, force: bool = False,
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint-dir", required=True, type=Path, help="Hugging Face checkpoint directory")
-    p.add_argument("--output-dir", type=Path, default=None, help="default: checkpoints/<checkpoint dir name>")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as stored")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    p.add_argument("--output-dir", type=Path, default=None,
+                   help="where to write (default: checkpoints/<checkpoint dir name>)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights' dtype (default: as stored)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output directory (default: off)")
     a = p.parse_args(argv)
     try:
         convert_hf_checkpoint(a.checkpoint_dir, a.output_dir, a.dtype, a.force)

@@ -22,7 +22,8 @@ def download(repo_id: str, hf_token: str | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise CheckpointError("huggingface_hub is not installed; run: pip install huggingface_hub") from None
+        raise CheckpointError("huggingface_hub is not installed; run: "
+                              "pip install -r requirements-optional.txt") from None
     try:
         path = snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS, token=hf_token)
     except Exception as e:  # offline, gated repo, bad name: the hub raises many types
@@ -34,11 +35,12 @@ def download(repo_id: str, hf_token: str | None = None) -> Path:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repo-id", required=True, help="e.g. meta-llama/Llama-3.2-1B-Instruct")
-    p.add_argument("--output-dir", type=Path, default=None, help="default: checkpoints/<NAME>")
+    p.add_argument("--repo-id", required=True, help="the hub repo, e.g. meta-llama/Llama-3.2-1B-Instruct")
+    p.add_argument("--output-dir", type=Path, default=None, help="where to write (default: checkpoints/<NAME>)")
     p.add_argument("--hf-token", default=os.environ.get("HF_TOKEN"), help="for gated repos (default: $HF_TOKEN)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: as stored")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="weights' dtype (default: as stored)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output directory (default: off)")
     a = p.parse_args(argv)
     out_dir = a.output_dir or Path("checkpoints") / a.repo_id.split("/")[-1]
     try:

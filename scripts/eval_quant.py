@@ -11,7 +11,9 @@ Everything runs on the CPU in fp32 unless a row says otherwise; the int4 kernels
 activations whatever the compute dtype.
 """
 import argparse
+import datetime
 import math
+import subprocess
 import sys
 import tempfile
 import time
@@ -98,6 +100,23 @@ def evaluate_all(checkpoint, tokens=4096, window=1024, groupsizes=GROUPSIZES, wo
             tmp.cleanup()
 
 
+def provenance() -> str:
+    """What a table needs to be read later: the commit (marked when the tree has local changes),
+    the UTC date, and the CPU kernels torch picked (fp32 sums differ in their last digits between
+    AVX2 and AVX-512 kernels, whose reduction orders differ)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *args], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        if git("status", "--porcelain", "--untracked-files=no"):
+            commit += " + local changes"
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    return f"commit {commit}, {today}, CPU kernels {torch.backends.cpu.get_cpu_capability()}"
+
+
 def markdown_table(rows) -> str:
     ref = rows[0]["perplexity"]
     lines = ["| variant | perplexity | vs fp32 | KL (nats/token) | model.safetensors |", "|---|---|---|---|---|"]
@@ -112,9 +131,11 @@ def markdown_table(rows) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="an unquantized checkpoint (the reference)")
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--groupsizes", default=",".join(map(str, GROUPSIZES)), help="int4 group sizes to measure")
+    p.add_argument("--tokens", type=int, default=4096, help="Botchan tokens to score (default: 4096)")
+    p.add_argument("--window", type=int, default=1024,
+                   help="tokens per independent window, each from an empty cache (default: 1024)")
+    p.add_argument("--groupsizes", default=",".join(map(str, GROUPSIZES)),
+                   help="int4 group sizes to measure, comma-separated (default: all)")
     p.add_argument("--work-dir", type=Path, default=None, help="keep the quantized checkpoints here (reused if present)")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -126,7 +147,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"\n{args.checkpoint.name}, first {n} Botchan tokens, windows of {args.window}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads\n")
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {provenance()}\n")
     print(markdown_table(rows))
     return 0
 

@@ -32,8 +32,9 @@ def smollm2_gguf() -> Path | None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output-dir", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--force", action="store_true", help="convert again even if the checkpoint exists")
+    p.add_argument("--output-dir", type=Path, default=DEFAULT_OUT,
+                   help="where to write (default: checkpoints/SmolLM2-135M-Instruct)")
+    p.add_argument("--force", action="store_true", help="convert again even if the checkpoint exists (default: off)")
     a = p.parse_args(argv)
     if (a.output_dir / "config.json").is_file() and (a.output_dir / "model.safetensors").is_file() and not a.force:
         print(f"{a.output_dir} is already there; nothing to do (--force to convert again)")

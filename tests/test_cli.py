@@ -1,7 +1,10 @@
 """generate.py as a user runs it: flags, streaming, --json, and one-line errors with exit code 2."""
 import json
+import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,8 +17,7 @@ from model import ModelArgs, Transformer, save_checkpoint
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
+def make_tiny_checkpoint(out: Path, max_position_embeddings: int) -> Path:
     """A tiny random model with the real SmolLM2 tokenizer (from its GGUF)."""
     import gguf
 
@@ -24,12 +26,23 @@ def tiny_checkpoint(tmp_path_factory):
 
     torch.manual_seed(0)
     args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64, vocab_size=49152,
-                     max_position_embeddings=256, tie_embeddings=True)
+                     max_position_embeddings=max_position_embeddings, tie_embeddings=True)
     model = Transformer(args)
     files = gguf_tokenizer_files(gguf.GGUFReader(str(smollm2_gguf_path())))
-    out = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_checkpoint(out, {"model_args": asdict(args), "quantization": None}, model.state_dict(), files)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def long_checkpoint(tmp_path_factory):
+    """The tiny model with a 4096-token context: its thousands of greedy tokens (it never stops on
+    its own) take long enough on the CPU for a test to press Ctrl-C mid-generation."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "long", max_position_embeddings=4096)
 
 
 def run_main(argv, capsys):
@@ -228,3 +241,239 @@ def test_stop_strings_end_rows_and_are_not_printed(tiny_checkpoint, tmp_path, ca
 def test_empty_stop_string_is_one_line_error(tiny_checkpoint, capsys):
     code, _, err = run_main(["--checkpoint", tiny_checkpoint, "--device", "cpu", "--prompt", "hi", "--stop", ""], capsys)
     assert code == 2 and err.strip().splitlines() == ['error: --stop "" would stop before the first token; give some text']
+
+
+# ----------------------------------------------------------------------------- Ctrl-C, with a real SIGINT
+
+class Running:
+    """generate.py in a subprocess; its stdout and stderr are collected by threads as they arrive."""
+
+    def __init__(self, argv, stdin=False):
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "generate.py"), *map(str, argv)],
+                                     stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.chunks = {"out": [], "err": []}
+        self.readers = [threading.Thread(target=self._collect, args=(stream, self.chunks[key]), daemon=True)
+                        for key, stream in (("out", self.proc.stdout), ("err", self.proc.stderr))]
+        for r in self.readers:
+            r.start()
+
+    @staticmethod
+    def _collect(stream, chunks):
+        for char in iter(lambda: stream.read(1), ""):
+            chunks.append(char)
+
+    @property
+    def out(self):
+        return "".join(self.chunks["out"])
+
+    @property
+    def err(self):
+        return "".join(self.chunks["err"])
+
+    def wait_for(self, condition, timeout=60):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.proc.poll() is None, f"exited early ({self.proc.returncode}): {self.err}"
+            assert time.monotonic() < deadline, f"timed out; stderr: {self.err}"
+            time.sleep(0.02)
+
+    def send(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def ctrl_c(self):
+        self.proc.send_signal(signal.SIGINT)
+
+    def finish(self, timeout=60):
+        code = self.proc.wait(timeout)
+        for r in self.readers:
+            r.join(timeout)
+        return code, self.out, self.err
+
+
+def greedy_text(checkpoint, prompts, max_new_tokens, max_seq_len=None):
+    from generate import Generator, Sampling, load_model
+    from tokenizer import load_tokenizer
+    model, _ = load_model(checkpoint, "cpu", torch.float32)
+    tok = load_tokenizer(checkpoint)
+    ids = [tok.encode(p) for p in prompts]
+    gen = Generator(model)
+    gen.setup(len(ids), max_seq_len or max(map(len, ids)) + max_new_tokens)
+    return [tok.decode(t) for t in gen.generate(ids, max_new_tokens, Sampling(), tok.stop_ids).tokens]
+
+
+def test_ctrl_c_during_start_up_is_quiet(long_checkpoint):
+    run = Running(["--checkpoint", long_checkpoint, "--device", "cpu", "--prompt", "Hello"])
+    time.sleep(0.5)  # importing torch
+    run.ctrl_c()
+    code, out, err = run.finish()
+    assert (code, out, err) == (130, "", "interrupted\n")
+
+
+def test_ctrl_c_while_streaming_ends_the_line_and_exits_130(long_checkpoint):
+    run = Running(["--checkpoint", long_checkpoint, "--device", "cpu", "--prompt", "Hello", "--temperature", 0,
+                   "--max-new-tokens", 3000])
+    run.wait_for(lambda: len(run.out) > 40)  # well into the 3000 tokens (seconds of work)
+    run.ctrl_c()
+    code, out, err = run.finish()
+    assert code == 130
+    assert out.startswith("Hello") and out.endswith("\n") and out.count("\n") == 1, out
+    assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    assert "Sample 1/1" not in err  # it really stopped mid-generation
+
+
+def test_ctrl_c_in_batch_mode_prints_each_row_so_far(long_checkpoint):
+    prompts = ["Hello", "A longer second prompt"]
+    run = Running(["--checkpoint", long_checkpoint, "--device", "cpu", "--prompt", prompts[0], "--prompt", prompts[1],
+                   "--temperature", 0, "--max-new-tokens", 3000])
+    run.wait_for(lambda: "Loaded" in run.err)
+    time.sleep(2)  # a few hundred of the 3000 tokens
+    run.ctrl_c()
+    code, out, err = run.finish()
+    assert code == 130 and err.splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    assert "Sample 1/1" not in err
+    header0, header1 = f"--- [0] {prompts[0]!r}\n", f"--- [1] {prompts[1]!r}\n"
+    assert out.startswith(header0) and header1 in out, out
+    partial = out[len(header0):].split(header1)
+    partial = [partial[0].removesuffix("\n"), partial[1].removesuffix("\n")]
+    reference = greedy_text(long_checkpoint, prompts, 100)
+    for got, ref in zip(partial, reference):
+        assert got and (ref.startswith(got) or got.startswith(ref)), (got[:80], ref[:80])
+
+
+def test_ctrl_c_in_chat_stops_the_reply_and_keeps_the_conversation(long_checkpoint, tmp_path):
+    """Ctrl-C stops a reply and the chat goes on from what is in the cache; Ctrl-C at the prompt leaves."""
+    run = Running(["--checkpoint", long_checkpoint, "--device", "cpu", "--chat", "--temperature", 0,
+                   "--max-new-tokens", 4000, "--json", tmp_path / "chat.json"], stdin=True)
+    turns = ["Hi!", "Tell me more"]
+    for i, user in enumerate(turns):
+        shown = len(run.out)
+        run.send(user)
+        run.wait_for(lambda: len(run.out) > shown + 10)
+        run.ctrl_c()
+        run.wait_for(lambda: run.err.count("(reply stopped") == i + 1)
+    time.sleep(0.3)  # back at the prompt
+    run.ctrl_c()
+    code, out, err = run.finish()
+    assert code == 0 and "Traceback" not in err, err
+    replies = json.loads((tmp_path / "chat.json").read_text())["turns"]
+    assert [r["user"] for r in replies] == turns and all(r["interrupted"] for r in replies)
+    assert "".join(r["reply"] + "\n" for r in replies) == out
+
+    # each reply so far equals a fresh greedy run over the transcript the cache holds
+    from generate import Generator, Sampling, load_model
+    from tokenizer import load_tokenizer
+    model, _ = load_model(long_checkpoint, "cpu", torch.float32)
+    tok = load_tokenizer(long_checkpoint)
+    gen = Generator(model)
+    gen.setup(1, 4096)
+    transcript = []
+    for i, (user, reply) in enumerate(zip(turns, replies)):
+        assert reply["reply_ids"], f"turn {i} stopped before its first token"
+        transcript += tok.encode_chat_turn(user, first_turn=i == 0)
+        res = gen.generate([transcript], len(reply["reply_ids"]), Sampling(), tok.stop_ids)
+        assert res.tokens[0] == reply["reply_ids"], f"turn {i}"
+        transcript += reply["reply_ids"] + tok.encode_reply("")  # a stopped reply is closed like a cut one
+
+
+# ----------------------------------------------------------------------------- help and errors
+
+def test_help_gives_every_flag_a_text_and_its_default(capsys):
+    for action in generate.build_parser()._actions:
+        if action.dest != "help":
+            assert action.help and "(default: " in action.help, action.option_strings
+    with pytest.raises(SystemExit) as exit_:
+        generate.main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for expected in ("--temperature T sampling temperature; 0 = greedy (default: 0.8)",
+                     "--top-k K sample among the K most likely tokens; 0 = no top-k (default: 200)",
+                     "(default: 200) --stop",  # --max-new-tokens's, just before
+                     "--prompt-file PATH a UTF-8 text file whose whole text is one prompt; repeat for a batch"):
+        assert expected in text, expected
+
+
+def test_argparse_type_error_is_the_short_usage_and_one_error_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        generate.main(["--max-new-tokens", "abc"])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("usage: ") and lines[0].endswith("see --help"), lines
+    assert lines[1].endswith("error: argument --max-new-tokens: invalid int value: 'abc'"), lines
+
+
+def test_top_k_0_means_no_top_k(tiny_checkpoint, tmp_path, capsys):
+    common = ["--checkpoint", tiny_checkpoint, "--prompt", "Once", "--max-new-tokens", 10, "--device", "cpu"]
+    assert run_main(common + ["--temperature", 0, "--top-k", 0], capsys)[0] == 0  # greedy: never an error
+    for name, top_k in (("off", 0), ("vocab", 49152)):  # keeping the whole vocabulary is no top-k
+        assert run_main(common + ["--temperature", 1, "--seed", 3, "--top-k", top_k, "--json", tmp_path / name],
+                        capsys)[0] == 0
+    ids = [json.loads((tmp_path / name).read_text())["rows"][0]["token_ids"] for name in ("off", "vocab")]
+    assert ids[0] == ids[1]
+    code, _, err = run_main(common + ["--top-k", -1], capsys)
+    assert code == 2 and "error: --top-k must be >= 0 (got -1); 0 means no top-k" in err
+
+
+def test_prompt_file_problems_are_reported_before_the_model_loads(tiny_checkpoint, tmp_path, capsys):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Caf\u00e9 au lait".encode("latin-1"))
+    blank = tmp_path / "blank.txt"
+    blank.write_text(" \n")
+    for path, message in ((latin1, f"--prompt-file {latin1} is not UTF-8 text (byte 0xe9 at offset 3); "
+                                   f"convert it, e.g. iconv -f latin1 -t utf-8 {latin1} > prompt.txt"),
+                          (tmp_path, f"cannot read --prompt-file {tmp_path}: Is a directory"),
+                          (tmp_path / "missing.txt", "No such file or directory"),
+                          (blank, f"empty prompt: --prompt-file {blank} holds no text")):
+        code, out, err = run_main(["--checkpoint", tiny_checkpoint, "--device", "cpu", "--prompt-file", path], capsys)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+        assert "Loaded" not in err
+    # a UTF-8 file with a byte-order mark: the mark is not part of the prompt
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffHello".encode("utf-8"))
+    code, out, err = run_main(["--checkpoint", tiny_checkpoint, "--device", "cpu", "--prompt-file", bom,
+                               "--max-new-tokens", 2, "--temperature", 0], capsys)
+    assert code == 0 and out.startswith("Hello"), err
+
+
+def test_checkpoint_that_is_a_file_says_so(tiny_checkpoint, tmp_path, capsys):
+    gguf_file = tmp_path / "model.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    for path, fix in ((tiny_checkpoint / "model.safetensors", f"pass its directory: --checkpoint {tiny_checkpoint}"),
+                      (gguf_file, f"convert it first: python scripts/convert_gguf.py --gguf {gguf_file}"),
+                      (other, "pass the directory that holds config.json and model.safetensors")):
+        code, _, err = run_main(["--checkpoint", path, "--device", "cpu", "--prompt", "x"], capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"error: --checkpoint {path} is a file, not a checkpoint directory; {fix}" in err, err
+
+
+def test_compile_on_the_cpu_warns_before_the_pause(tiny_checkpoint, capsys, monkeypatch):
+    said_before_compiling = []
+
+    def fake_compile(fn, **kwargs):  # what was on stderr when the (slow) first compiled call began
+        def first_call(*args, **kw):
+            said_before_compiling.append(capsys.readouterr().err)
+            return fn(*args, **kw)
+        return first_call
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    code, _, err = run_main(["--checkpoint", tiny_checkpoint, "--device", "cpu", "--compile", "--prompt", "x",
+                             "--max-new-tokens", 3, "--temperature", 0], capsys)
+    assert code == 0, err
+    assert "the first run takes a while (minutes on 2 cores)" in said_before_compiling[0]
+
+
+@pytest.mark.parametrize("module", ["quantize", "scripts.convert_gguf", "scripts.convert_hf_checkpoint",
+                                    "scripts.prepare_demo", "scripts.eval_quant", "scripts.download"])
+def test_every_script_gives_every_flag_a_help_text(module, capsys):
+    import importlib
+    import re
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main(["--help"])
+    options = capsys.readouterr().out.split("options:\n")[1]
+    for entry in re.split(r"\n(?=  -)", options.rstrip("\n")):
+        lines = entry.splitlines()
+        has_help = len(lines) > 1 or re.search(r"\S {2,}\S", lines[0].strip())
+        assert has_help, f"{module}: {lines[0].strip()} has no help text"

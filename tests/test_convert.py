@@ -1,5 +1,6 @@
 """Converters on real and broken inputs: the SmolLM2 GGUF against transformers' own GGUF loader,
 and bad files / configs / output dirs -> a one-line error naming the file, exit code 2, nothing written."""
+import io
 import json
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ def test_gguf_model_args_and_files(smollm2_checkpoint):
     config = read_checkpoint_config(smollm2_checkpoint)
     assert ModelArgs.from_dict(config["model_args"]) == ModelArgs.from_name("smollm2-135m")
     assert config["quantization"] is None
+    assert config["source"].startswith("gguf:SmolLM2-135M-Instruct.Q4_1.gguf") and "/" not in config["source"]
     assert (smollm2_checkpoint / "tokenizer.json").is_file()
     assert (smollm2_checkpoint / "tokenizer_config.json").is_file()
     # the GGUF's tokenizer.chat_template lands in tokenizer_config.json, and is what chat renders
@@ -182,3 +184,49 @@ def test_output_exists_needs_force(tiny_hf_dir, tmp_path):
     args = ModelArgs.from_dict(read_checkpoint_config(out)["model_args"])
     tensors = load_checkpoint_tensors(out, Transformer(args).state_dict(), "cpu", None)
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    # the source is recorded by name: no local path leaks into a checkpoint people share
+    assert read_checkpoint_config(out)["source"] == tiny_hf_dir.name
+    assert str(tiny_hf_dir.parent) not in (out / "config.json").read_text()
+
+
+def test_output_overlapping_the_source_is_refused_even_with_force(tiny_hf_dir, tmp_path):
+    from model import CheckpointError
+    from scripts.convert_gguf import convert_gguf
+    from scripts.convert_hf_checkpoint import convert_hf_checkpoint
+
+    hf = copy_hf(tiny_hf_dir, tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in hf.iterdir()}
+    for out, relation in ((hf, "is"), (hf / "converted", "is inside"), (tmp_path, "contains")):
+        with pytest.raises(CheckpointError, match=f"{relation} the source"):
+            convert_hf_checkpoint(hf, out, force=True)
+    assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+    # a GGUF file inside the output directory (here a symlink to it: the link would be deleted too);
+    # refused before the file is even read
+    from scripts.assets import smollm2_gguf_path
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "model.gguf").symlink_to(smollm2_gguf_path())
+    for out, relation in ((models, "contains"), (models / "model.gguf", "is")):
+        with pytest.raises(CheckpointError, match=f"{relation} the source"):
+            convert_gguf(models / "model.gguf", out, force=True)
+    assert (models / "model.gguf").is_file()
+    rc, err = run_cli("convert_hf_checkpoint.py", "--checkpoint-dir", hf, "--output-dir", hf, "--force")
+    assert_one_line_error(rc, err, "is the source")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_conversion_shows_one_progress_bar_not_a_line_per_layer(tiny_hf_dir, tmp_path, monkeypatch, capsys):
+    from scripts.convert_hf_checkpoint import convert_hf_checkpoint
+
+    convert_hf_checkpoint(tiny_hf_dir, tmp_path / "log")
+    captured = capsys.readouterr()
+    assert captured.out.count("\n") == 2 and captured.err == ""  # "converting ...", "wrote ...": nothing per layer
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    convert_hf_checkpoint(tiny_hf_dir, tmp_path / "tty")
+    assert capsys.readouterr().out.count("\n") == 2
+    assert "converting:" in terminal.getvalue() and "\n" not in terminal.getvalue()  # one bar redrawn in place

@@ -228,3 +228,41 @@ def test_int4_without_a_kernel_is_a_clear_error(monkeypatch):
     model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, intermediate_size=64, vocab_size=50))
     with pytest.raises(QuantizationError, match="int4 has no kernel"):
         quantize.apply_quantization(model, {"mode": "int4", "groupsize": 32}, "cpu")
+
+
+def test_output_overlapping_the_source_is_refused_even_with_force(tmp_path, capsys):
+    """`--output-dir X` for `--checkpoint X` said "pass --force"; doing so replaced the fp32 source
+    with its int8 version. An output that is, holds or lies inside the source is refused, whatever
+    the flags, however the path is spelled."""
+    from dataclasses import asdict
+
+    from model import save_checkpoint
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, intermediate_size=64, vocab_size=64)
+    source = tmp_path / "models" / "fp32"
+    save_checkpoint(source, {"model_args": asdict(args), "quantization": None}, Transformer(args).state_dict())
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    link = tmp_path / "link"
+    link.symlink_to(source)
+    cases = [(source, source, "is"), (source, link, "is"), (link, source, "is"), (source, source / ".." / "fp32", "is"),
+             (source, source / "sub", "is inside"), (source, link / "sub", "is inside"),
+             (source, source.parent, "contains"), (link, tmp_path, "contains")]
+    for checkpoint, output, relation in cases:
+        assert quantize.main(["--checkpoint", str(checkpoint), "--mode", "int8", "--output-dir", str(output),
+                              "--force"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert f"{relation} the source checkpoint" in err and "choose a directory outside it" in err, err
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+    assert [p.name for p in source.parent.iterdir()] == ["fp32"]  # no temp dirs either
+
+
+def test_eval_quant_table_carries_commit_date_and_cpu_kernels():
+    import datetime
+
+    from scripts.eval_quant import provenance
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    text = provenance()
+    assert text.startswith(f"commit {head}"), text
+    assert datetime.datetime.now(datetime.timezone.utc).date().isoformat() in text
+    assert f"CPU kernels {torch.backends.cpu.get_cpu_capability()}" in text

@@ -47,7 +47,7 @@ def test_three_turn_chat_equals_rerun_from_empty_cache(smollm2_checkpoint, tmp_p
 
 
 def test_chat_in_a_real_terminal(smollm2_checkpoint):
-    """Drive --chat through a tmux pane (a real tty): prompt, streamed replies, /reset, Ctrl-D."""
+    """Drive --chat through a tmux pane (a real tty): prompt, streamed replies, /reset, Ctrl-C, Ctrl-D."""
     import shutil
     import time
     import uuid
@@ -58,16 +58,16 @@ def test_chat_in_a_real_terminal(smollm2_checkpoint):
         pytest.skip("tmux is not installed")
     session = f"chat-{uuid.uuid4().hex[:8]}"
     cmd = (f"{sys.executable} {REPO / 'generate.py'} --checkpoint {smollm2_checkpoint} --device cpu --chat "
-           f"--temperature 0 --max-new-tokens 30; echo EXIT=$?; sleep 60")
+           f"--temperature 0 --max-new-tokens 400; echo EXIT=$?; sleep 60")
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", "50", cmd], check=True)
 
-    def pane():
-        return subprocess.run(["tmux", "capture-pane", "-t", session, "-p"], capture_output=True, text=True).stdout
+    def pane():  # -J: lines the pane wrapped come back whole
+        return subprocess.run(["tmux", "capture-pane", "-J", "-t", session, "-p"], capture_output=True, text=True).stdout
 
-    def wait_for(text, timeout=120):
+    def wait_for(text, timeout=120, count=1):
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if text in pane():
+            if pane().count(text) >= count:
                 return
             time.sleep(0.3)
         raise AssertionError(f"{text!r} never appeared:\n{pane()}")
@@ -81,6 +81,14 @@ def test_chat_in_a_real_terminal(smollm2_checkpoint):
         wait_for("Paris")
         send("/reset", "Enter")
         wait_for("(conversation reset)")
+        # Ctrl-C typed in the terminal (SIGINT to the foreground process group) stops a long reply
+        send("Write a long story about a dragon.", "Enter")
+        time.sleep(3)  # some of the 400 tokens (tens of seconds) are out
+        send("C-c")
+        wait_for("(reply stopped")
+        send("/reset", "Enter")  # the chat goes on
+        send("What is the capital of France?", "Enter")
+        wait_for("Paris", count=2)
         send("C-d")
         wait_for("EXIT=0")
     finally:
@@ -96,3 +104,21 @@ def test_botchan_perplexity_is_pinned(smollm2_checkpoint):
     result = evaluate(smollm2_checkpoint, ids, window=1024)
     assert result["tokens"] == 4092
     assert abs(result["perplexity"] - 30.117) < 0.01, result
+
+
+def test_readme_chat_demo_builds_on_the_first_reply(smollm2_checkpoint, monkeypatch, capsys):
+    """README.md's chat demo, as written there: greedy, the second answer needs the first."""
+    import io
+    import re
+
+    import generate
+
+    readme = (REPO / "README.md").read_text()
+    piped = re.search(r"printf '(.*?)' \| python generate.py --chat --temperature 0 --max-new-tokens 60", readme)
+    assert piped, "the chat demo is gone from README.md"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(piped.group(1).replace("\\n", "\n")))
+    assert generate.main(["--checkpoint", str(smollm2_checkpoint), "--device", "cpu", "--chat", "--temperature", "0",
+                          "--max-new-tokens", "60"]) == 0
+    replies = capsys.readouterr().out.splitlines()
+    assert "\n".join(replies) in readme  # the README shows exactly what the model says
+    assert "Paris" in replies[0] and "Eiffel Tower" in replies[1], replies
