@@ -137,6 +137,24 @@ def test_eager_cuda_graph_step_samples_and_rerecords():
     assert sampled != three  # temperature 1 over spread logits: not the greedy path
 
 
+@pytest.mark.parametrize("q_len", [1, 40])  # decode (plain matmuls on CUDA) and prefill (fused SDPA)
+def test_eager_attention_on_cuda_equals_sliced_sdpa(q_len):
+    from model import offset_length_dense_mask, sdpa_attention_over_cache
+    from test_attention import sdpa_reference, valid_pairs
+
+    torch.manual_seed(q_len)
+    starts, q_start, kv_len, window = [0, 5, 130], 200, 512, None
+    B, Hq, Hkv, D = len(starts), 8, 2, 128
+    q, k, v = torch.randn(B, Hq, q_len, D), torch.randn(B, Hkv, kv_len, D) * 3, torch.randn(B, Hkv, kv_len, D)
+    start = torch.tensor(starts, dtype=torch.int32)
+    want = sdpa_reference(q, k, v, start, q_start, window)
+    mask = offset_length_dense_mask(start.cuda(), torch.tensor(q_start).cuda(), q_len, kv_len, window)
+    got = sdpa_attention_over_cache(q.cuda(), k.cuda(), v.cuda(), mask.repeat(1, 1, Hq // Hkv, 1)).cpu()
+    real = valid_pairs(start, q_start, q_len, kv_len, window).any(-1)
+    err = (got - want).transpose(1, 2)[real].norm() / want.transpose(1, 2)[real].norm()
+    assert err < 1e-5, err
+
+
 @pytest.mark.parametrize("kv_cache_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8"])
 def test_quantized_kv_cache_on_cuda_equals_cpu_reference(kv_cache_dtype):
     """The dequantize-then-compute reference is the same cache on the CPU, in fp32, eager."""
