@@ -30,8 +30,8 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from model import (CheckpointError, KVCache, ModelArgs, Transformer, load_checkpoint_tensors,  # noqa: E402
-                   read_checkpoint_config, rope_inv_freq)
+from checkpoint import CheckpointError, load_model  # noqa: E402
+from model import KVCache, Transformer  # noqa: E402
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-135M-Instruct"
 
@@ -61,25 +61,6 @@ def model_weight_bytes(model: Transformer) -> int:
             continue
         total += t.numel() * t.element_size()
     return total
-
-
-def load_model(checkpoint_dir, device, dtype) -> tuple[Transformer, dict]:
-    """Build the model on the meta device and fill it from the memory-mapped checkpoint, so
-    loading never holds two copies of the weights."""
-    config = read_checkpoint_config(checkpoint_dir)
-    args = ModelArgs.from_dict(config["model_args"])
-    with torch.device("meta"):
-        model = Transformer(args)
-        quantization = config.get("quantization")
-        if quantization:
-            from quantize import apply_quantization  # only quantized checkpoints need it
-            apply_quantization(model, quantization, device)
-    tensors = load_checkpoint_tensors(checkpoint_dir, model.state_dict(), device, dtype)
-    model.load_state_dict(tensors, assign=True, strict=True)
-    # non-persistent buffers are not in the file: make them on the device
-    model.inv_freq = rope_inv_freq(args).to(device)
-    model.row_start = torch.zeros(0, dtype=torch.int32, device=device)
-    return model.eval(), config
 
 
 def kv_cache_class(kv_cache_dtype: torch.dtype | None, compute_dtype: torch.dtype):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import gemv
-from model import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, CheckpointError, read_checkpoint_config, save_checkpoint
+from checkpoint import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, CheckpointError, read_checkpoint_config, save_checkpoint
 
 QUANTIZED_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 

@@ -75,7 +75,7 @@ from bench_plan import (ALL_MODELS, GPT_FAST, GRID_FLAGS, HF, OURS, SUITES, pars
 from bench_report import header, markdown, merge_main, write_outputs  # noqa: E402
 from bench_startup import start_times, worker_main  # noqa: E402
 from generate import KV_CACHE_DTYPES  # noqa: E402
-from model import ModelArgs  # noqa: E402
+from checkpoint import model_args_from_name  # noqa: E402
 
 CUDA_COPY_BYTES, CPU_COPY_BYTES = 1 << 30, 64 << 20
 CUDA_MATMUL_N, CPU_MATMUL_N = 8192, 512
@@ -138,7 +138,7 @@ def usage_error(opts) -> str | None:
         return "--device cuda but CUDA is not available; use --device cpu"
     for m in split(opts.models):
         try:
-            ModelArgs.from_name(m)
+            model_args_from_name(m)
         except ValueError as e:
             return f"--models: {e}"
     for kv in split(opts.kv_dtypes):
@@ -179,7 +179,7 @@ def run_job(impl, cfg, opts, device, dtype, ours: OursRunner, row, remaining_s):
         return run_hf(cfg, opts, device, dtype, row)
     if impl == GPT_FAST:
         timeout_s = min(CHILD_TIMEOUT_S, remaining_s + CHILD_SLACK_S)
-        return run_gpt_fast(cfg, opts, ModelArgs.from_name(cfg.model), row, timeout_s)
+        return run_gpt_fast(cfg, opts, model_args_from_name(cfg.model), row, timeout_s)
     raise ValueError(f"unknown implementation {impl!r}")
 
 
@@ -189,7 +189,7 @@ def run_jobs(jobs, report, opts, device, dtype, budget, write):
     for impl, cfg in jobs:
         row = {"impl": impl, "config": asdict(cfg), "status": "pending"}
         report["results"].append(row)
-        args = ModelArgs.from_name(cfg.model)
+        args = model_args_from_name(cfg.model)
         slots = cfg.cache_slots(opts.new_tokens)
         skip = static_skip(cfg, args, slots, opts.new_tokens, opts.beyond_context,
                            report["header"]["device_memory_bytes"], dtype.itemsize)

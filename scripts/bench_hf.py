@@ -24,6 +24,7 @@ import torch
 from bench_common import (fill_random_, free_memory, is_oom, log, mean_valid_slots, prefill_flops, random_prompts,
                           short_error, speed_fields, sync)
 from bench_plan import Config
+from checkpoint import model_args_from_name
 from model import ModelArgs
 
 HF_COMPILE = dict(mode="reduce-overhead", fullgraph=True)  # what we use for our own decode step
@@ -139,7 +140,7 @@ def run_hf(cfg: Config, opts, device, dtype, row):
 def measure_hf(cfg: Config, opts, device, dtype, row, path: str):
     import transformers
 
-    args = ModelArgs.from_name(cfg.model)
+    args = model_args_from_name(cfg.model)
     hf = build_hf(args, device, dtype)
     row.update(transformers=transformers.__version__, hf_compile=path,
                attn_implementation=getattr(hf.config, "_attn_implementation", None))

@@ -12,8 +12,9 @@ import torch
 from bench_common import (fill_random_, free_memory, log, mean_valid_slots, prefill_flops, random_prompts,
                           short_error, speed_fields, sync, time_loop)
 from bench_plan import Config
+from checkpoint import model_args_from_name
 from generate import KV_CACHE_DTYPES, Generator, Sampling, model_weight_bytes
-from model import ModelArgs, Transformer, rope_inv_freq
+from model import Transformer, rope_inv_freq
 
 DEFAULT_INT4_GROUPSIZE = 128
 PROFILE_WARMUP_STEPS, PROFILE_TIMED_STEPS, PROFILED_STEPS = 3, 20, 5
@@ -31,7 +32,7 @@ def quant_config(weights: str) -> dict | None:
 
 def build_model(name: str, weights: str, device, dtype) -> Transformer:
     """Random weights at the real shapes, made on the device: meta model -> (quantize) -> to_empty -> fill."""
-    args = ModelArgs.from_name(name)
+    args = model_args_from_name(name)
     qcfg = quant_config(weights)
     with torch.device("meta"):
         model = Transformer(args).to(dtype)

@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import DTYPES  # noqa: E402
-from model import (CheckpointError, ModelArgs, Transformer, first_line, rope_inv_freq,  # noqa: E402
-                   save_checkpoint)
+from checkpoint import CheckpointError, first_line, save_checkpoint  # noqa: E402
+from model import ModelArgs, Transformer, rope_inv_freq  # noqa: E402
 from quantize import output_overlap  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "qwen3")

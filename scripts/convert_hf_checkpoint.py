@@ -2,7 +2,7 @@
 
     python scripts/convert_hf_checkpoint.py --checkpoint-dir HF_DIR [--output-dir OUT] [--dtype bf16] [--force]
 
-Reads HF config.json (-> ModelArgs.from_hf_config) and the weights (sharded or single
+Reads HF config.json (-> checkpoint.model_args_from_hf_config) and the weights (sharded or single
 *.safetensors, or pytorch_model*.bin), renames them to Transformer.state_dict() names,
 fuses q/k/v into wqkv and gate/up into w13, and writes config.json + model.safetensors +
 the tokenizer files. Source tensors are read one at a time from memory-mapped files, so
@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import DTYPES  # noqa: E402
-from model import CheckpointError, ModelArgs, Transformer, first_line, save_checkpoint  # noqa: E402
+from checkpoint import CheckpointError, first_line, model_args_from_hf_config, save_checkpoint  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
 from quantize import output_overlap  # noqa: E402
 
 # chat_template.jinja: where newer transformers keep the chat template (tokenizer.py reads it)
@@ -139,7 +140,7 @@ def convert_hf_checkpoint(hf_dir, out_dir=None, dtype=None, force: bool = False,
         raise CheckpointError(f"{out_dir} already exists; pass --force to overwrite it")
     cfg = read_hf_config(hf_dir)
     try:
-        args = ModelArgs.from_hf_config(cfg)
+        args = model_args_from_hf_config(cfg)
     except (ValueError, KeyError, TypeError) as e:
         msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
         raise CheckpointError(f"{hf_dir / 'config.json'}: {msg}") from None

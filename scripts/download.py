@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import CheckpointError  # noqa: E402
+from checkpoint import CheckpointError  # noqa: E402
 from scripts.convert_hf_checkpoint import TOKENIZER_FILES, convert_hf_checkpoint  # noqa: E402
 
 # config + weights + tokenizer; never the .pth/.gguf/onnx copies some repos also carry

@@ -26,9 +26,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generate import (KV_CACHE_DTYPES, Generator, Sampling, UsageError, load_model,  # noqa: E402
-                      resolve_checkpoint, resolve_device, resolve_dtype)
-from model import BLOCK_SIZE, CheckpointError  # noqa: E402
+from checkpoint import CheckpointError, load_model  # noqa: E402
+from generate import (KV_CACHE_DTYPES, Generator, Sampling, UsageError, resolve_checkpoint,  # noqa: E402
+                      resolve_device, resolve_dtype)
+from model import BLOCK_SIZE  # noqa: E402
 from tokenizer import StopStrings, StreamDecoder, TokenizerError, check_vocab, load_tokenizer  # noqa: E402
 
 try:

@@ -23,8 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generate import load_model  # noqa: E402
-from model import CHECKPOINT_WEIGHTS  # noqa: E402
+from checkpoint import CHECKPOINT_WEIGHTS, load_model  # noqa: E402
 from quantize import GROUPSIZES, quantize_checkpoint  # noqa: E402
 from scripts.perplexity import botchan_ids, window_logits  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402

@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generate import DTYPES, KV_CACHE_DTYPES, kv_cache_class, load_model  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from generate import DTYPES, KV_CACHE_DTYPES, kv_cache_class  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 

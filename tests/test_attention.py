@@ -1,5 +1,5 @@
 """The offset-plus-length BlockMask and flex attention over the static cache, against SDPA
-over each row's sliced valid range (the reference of design.md)."""
+over each row's sliced valid range (the reference: SDPA on exactly the valid slots)."""
 import pytest
 import torch
 import torch.nn.functional as F

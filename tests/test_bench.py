@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkpoint import model_args_from_name
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +77,7 @@ def test_smoke_json(smoke):
     positive(r, "decode_tok_s", "step_ms", "GBps", "weights_only_GBps", "prefill_tok_s", "ttft_s", "prefill_TFLOPs",
              "peak_memory_bytes", "weight_bytes", "kv_bytes_per_slot", "kv_read_bytes_per_step", "warmup_s")
     assert r["cache_slots"] == 16 + 8 and len(r["decode_s_runs"]) == 3
-    args = ModelArgs.from_name("smollm2-135m")
+    args = model_args_from_name("smollm2-135m")
     assert r["kv_bytes_per_slot"] == args.n_layers * args.n_kv_heads * args.head_dim * 2 * 2
     assert r["GBps"] > r["weights_only_GBps"]
     # a weight mode whose module is missing or fails is a row with a note, never a crash
@@ -187,7 +188,7 @@ def load_gpt_fast_model():
 def test_gpt_fast_args_match_its_own_named_configs():
     gf = load_gpt_fast_model()
     for name in ("llama-3-8b", "llama-3.1-8b"):
-        ours = bench_gpt_fast.gpt_fast_model_args(ModelArgs.from_name(name), cache_slots=216)
+        ours = bench_gpt_fast.gpt_fast_model_args(model_args_from_name(name), cache_slots=216)
         assert gf.ModelArgs(**ours) == gf.ModelArgs.from_name(name), name
 
 
@@ -195,7 +196,7 @@ def test_gpt_fast_args_match_its_own_named_configs():
 @pytest.mark.parametrize("name", bench_plan.ALL_MODELS)
 def test_gpt_fast_shapes_match_ours(name):
     """Every shape gpt-fast can run has our parameter count (plus an output matrix where we tie)."""
-    args = ModelArgs.from_name(name)
+    args = model_args_from_name(name)
     reason = bench_gpt_fast.unsupported(args, "bf16", 216)
     if reason:
         assert name in ("qwen2.5-7b",), (name, reason)
@@ -209,11 +210,11 @@ def test_gpt_fast_shapes_match_ours(name):
 
 
 def test_gpt_fast_unsupported_shapes():
-    assert "qkv bias" in bench_gpt_fast.unsupported(ModelArgs.from_name("qwen2.5-7b"), "bf16", 216)
-    mistral = ModelArgs.from_name("mistral-7b-v0.1")
+    assert "qkv bias" in bench_gpt_fast.unsupported(model_args_from_name("qwen2.5-7b"), "bf16", 216)
+    mistral = model_args_from_name("mistral-7b-v0.1")
     assert bench_gpt_fast.unsupported(mistral, "bf16", 216) is None  # the window never binds at 216 slots
     assert "sliding window" in bench_gpt_fast.unsupported(mistral, "bf16", 8192 + 200)
-    llama = ModelArgs.from_name("llama-3-8b")
+    llama = model_args_from_name("llama-3-8b")
     assert "int8" in bench_gpt_fast.unsupported(llama, "int4-g64", 216)
     assert "KV cache" in bench_gpt_fast.unsupported(llama, "bf16", 216, kv="int8")
 
@@ -266,7 +267,7 @@ def test_full_grid_and_sizes():
 
 
 def test_static_skips():
-    args = ModelArgs.from_name("llama-3-8b")
+    args = model_args_from_name("llama-3-8b")
     cfg = Config("llama-3-8b", cache=32768)
     assert bench_plan.static_skip(cfg, args, 32768, 200, False, None, 2) == ("skip", "> context 8192")
     assert bench_plan.static_skip(cfg, args, 32768, 200, True, None, 2) is None
@@ -284,7 +285,7 @@ def test_mean_valid_slots():
 
 def test_build_model_random_on_device():
     model = bench_ours.build_model("smollm2-135m", "bf16", torch.device("cpu"), torch.bfloat16)
-    ref = Transformer(ModelArgs.from_name("smollm2-135m"))
+    ref = Transformer(model_args_from_name("smollm2-135m"))
     torch.testing.assert_close(model.inv_freq, ref.inv_freq)
     w = model.layers[0].attention.wqkv.weight
     assert w.dtype == torch.bfloat16 and abs(w.float().std().item() - 0.02) < 2e-3
@@ -296,7 +297,7 @@ def test_build_model_random_on_device():
 def test_hf_config_matches_shapes(name):
     """The HF side-by-side model has exactly our parameter count (checked on the meta device)."""
     transformers = pytest.importorskip("transformers")
-    args = ModelArgs.from_name(name)
+    args = model_args_from_name(name)
     cfg = bench_hf.hf_config(args, torch.bfloat16)
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(cfg)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import generate
-from model import ModelArgs, Transformer, save_checkpoint
+from checkpoint import save_checkpoint
+from model import ModelArgs, Transformer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -163,7 +164,8 @@ def test_chat_keeps_the_conversation_in_the_cache(tiny_checkpoint, tmp_path):
     assert [r["user"] for r in replies] == turns
     assert "".join(r["reply"] + "\n" for r in replies) == proc.stdout  # streamed as generated
 
-    from generate import Generator, Sampling, load_model
+    from checkpoint import load_model
+    from generate import Generator, Sampling
     from tokenizer import load_tokenizer
     model, _ = load_model(tiny_checkpoint, "cpu", torch.float32)
     tok = load_tokenizer(tiny_checkpoint)
@@ -293,7 +295,8 @@ class Running:
 
 
 def greedy_text(checkpoint, prompts, max_new_tokens, max_seq_len=None):
-    from generate import Generator, Sampling, load_model
+    from checkpoint import load_model
+    from generate import Generator, Sampling
     from tokenizer import load_tokenizer
     model, _ = load_model(checkpoint, "cpu", torch.float32)
     tok = load_tokenizer(checkpoint)
@@ -362,7 +365,8 @@ def test_ctrl_c_in_chat_stops_the_reply_and_keeps_the_conversation(long_checkpoi
     assert "".join(r["reply"] + "\n" for r in replies) == out
 
     # each reply so far equals a fresh greedy run over the transcript the cache holds
-    from generate import Generator, Sampling, load_model
+    from checkpoint import load_model
+    from generate import Generator, Sampling
     from tokenizer import load_tokenizer
     model, _ = load_model(long_checkpoint, "cpu", torch.float32)
     tok = load_tokenizer(long_checkpoint)

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import ModelArgs, Transformer, load_checkpoint_tensors, read_checkpoint_config
+from checkpoint import load_checkpoint_tensors, model_args_from_dict, model_args_from_name, read_checkpoint_config
+from model import Transformer
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The quick brown fox jumps over the lazy dog. The capital of France is"
 
 
 def load_ours(ckpt_dir) -> Transformer:
-    args = ModelArgs.from_dict(read_checkpoint_config(ckpt_dir)["model_args"])
+    args = model_args_from_dict(read_checkpoint_config(ckpt_dir)["model_args"])
     model = Transformer(args)
     model.load_state_dict(load_checkpoint_tensors(ckpt_dir, model.state_dict(), "cpu", torch.float32))
     return model.eval()
@@ -25,7 +26,7 @@ def load_ours(ckpt_dir) -> Transformer:
 
 def test_gguf_model_args_and_files(smollm2_checkpoint):
     config = read_checkpoint_config(smollm2_checkpoint)
-    assert ModelArgs.from_dict(config["model_args"]) == ModelArgs.from_name("smollm2-135m")
+    assert model_args_from_dict(config["model_args"]) == model_args_from_name("smollm2-135m")
     assert config["quantization"] is None
     assert config["source"].startswith("gguf:SmolLM2-135M-Instruct.Q4_1.gguf") and "/" not in config["source"]
     assert (smollm2_checkpoint / "tokenizer.json").is_file()
@@ -153,7 +154,7 @@ def test_hf_tokenizer_files_are_copied(tiny_hf_dir, tmp_path):
 
 def test_shape_mismatch_and_unsupported_model_type(tiny_hf_dir, tmp_path):
     from scripts.convert_hf_checkpoint import convert_hf_checkpoint
-    from model import CheckpointError
+    from checkpoint import CheckpointError
 
     hf = copy_hf(tiny_hf_dir, tmp_path / "hf")
     cfg = json.loads((hf / "config.json").read_text())
@@ -181,7 +182,7 @@ def test_output_exists_needs_force(tiny_hf_dir, tmp_path):
                       "--dtype", "bf16")
     assert rc == 0, err
     assert not (out / "keep.txt").exists()
-    args = ModelArgs.from_dict(read_checkpoint_config(out)["model_args"])
+    args = model_args_from_dict(read_checkpoint_config(out)["model_args"])
     tensors = load_checkpoint_tensors(out, Transformer(args).state_dict(), "cpu", None)
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
     # the source is recorded by name: no local path leaks into a checkpoint people share
@@ -190,7 +191,7 @@ def test_output_exists_needs_force(tiny_hf_dir, tmp_path):
 
 
 def test_output_overlapping_the_source_is_refused_even_with_force(tiny_hf_dir, tmp_path):
-    from model import CheckpointError
+    from checkpoint import CheckpointError
     from scripts.convert_gguf import convert_gguf
     from scripts.convert_hf_checkpoint import convert_hf_checkpoint
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from generate import Generator, Sampling, UsageError, load_model
-from model import ModelArgs, Transformer, read_checkpoint_config, save_checkpoint
+from checkpoint import load_model, model_args_from_dict, read_checkpoint_config, save_checkpoint
+from generate import Generator, Sampling, UsageError
+from model import ModelArgs, Transformer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -200,7 +201,7 @@ def dequantized_reference(quantized_dir) -> Transformer:
     from quantize import dequantize_int4
 
     config = read_checkpoint_config(quantized_dir)
-    model = Transformer(ModelArgs.from_dict(config["model_args"])).eval()
+    model = Transformer(model_args_from_dict(config["model_args"])).eval()
     stored = load_file(str(Path(quantized_dir) / "model.safetensors"))
     state = {}
     for name, ref in model.state_dict().items():

@@ -9,7 +9,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from model import ModelArgs, Transformer, load_checkpoint_tensors, read_checkpoint_config  # noqa: E402
+from checkpoint import load_checkpoint_tensors, model_args_from_dict, read_checkpoint_config  # noqa: E402
+from model import Transformer  # noqa: E402
 from scripts.convert_hf_checkpoint import convert_hf_checkpoint  # noqa: E402
 
 PROMPT_LEN, DECODE_STEPS, TOL = 12, 24, 1e-4
@@ -55,7 +56,7 @@ def make_hf_model(family: str, seed: int = 0):
 
 
 def load_ours(ckpt_dir) -> Transformer:
-    args = ModelArgs.from_dict(read_checkpoint_config(ckpt_dir)["model_args"])
+    args = model_args_from_dict(read_checkpoint_config(ckpt_dir)["model_args"])
     model = Transformer(args)
     model.load_state_dict(load_checkpoint_tensors(ckpt_dir, model.state_dict(), "cpu", torch.float32))
     return model.eval()

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import quantize
-from generate import Generator, Sampling, load_model
+from checkpoint import load_model, save_checkpoint
+from generate import Generator, Sampling
 from model import ModelArgs, Transformer
 from quantize import (Int4Linear, QuantizationError, QuantizedKVCache, dequantize_int4, quantize_checkpoint,
                       quantize_int4, quantize_int8)
@@ -27,7 +28,7 @@ def test_int4_matmul_equals_dequantize_then_matmul(n, k, groupsize):
     k_pad = -(-k // groupsize) * groupsize
     assert packed.shape == (n, k_pad // 2) and packed.dtype == torch.uint8
     assert scales_and_zeros.shape == (k_pad // groupsize, n, 2) and scales_and_zeros.dtype == torch.bfloat16
-    with torch.device("meta"):  # the way generate.load_model builds it: meta, then assign
+    with torch.device("meta"):  # the way checkpoint.load_model builds it: meta, then assign
         linear = Int4Linear(k, n, groupsize=groupsize)
     # the loader hands floats over in the compute dtype: fp32 here
     linear.load_state_dict({"weight": packed, "scales_and_zeros": scales_and_zeros.float()}, assign=True)
@@ -166,7 +167,6 @@ def test_config_records_mode_and_generate_loads_it(quantized, tmp_path):
 
 @pytest.mark.parametrize("mode", [{"mode": "int8"}, {"mode": "int4", "groupsize": 64}, {"mode": "int4", "groupsize": 256}])
 def test_untied_model_with_biases_quantizes_every_linear(tmp_path, mode):
-    from model import save_checkpoint
     torch.manual_seed(0)
     args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=192, vocab_size=96,
                      qkv_bias=True)
@@ -236,7 +236,6 @@ def test_output_overlapping_the_source_is_refused_even_with_force(tmp_path, caps
     the flags, however the path is spelled."""
     from dataclasses import asdict
 
-    from model import save_checkpoint
     args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, intermediate_size=64, vocab_size=64)
     source = tmp_path / "models" / "fp32"
     save_checkpoint(source, {"model_args": asdict(args), "quantization": None}, Transformer(args).state_dict())

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from generate import Generator, Sampling, load_model
+from checkpoint import load_model
+from generate import Generator, Sampling
 from tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
