@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from errors import FastgenError, first_line
 from model import ModelArgs, Transformer, rope_inv_freq
 
 # ----------------------------------------------------------------------------- configs
@@ -163,14 +164,41 @@ CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_CONFIG = "config.json"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+class CheckpointError(FastgenError):
+    """A checkpoint that cannot be used or written; the message names the file and what is wrong."""
 
 
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message: errors we re-raise stay one line."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else ""
+class OutputExistsError(CheckpointError):
+    """The output directory exists and overwriting was not asked for (a CLI adds how to ask)."""
+
+
+def check_output_dir(source, out_dir, force: bool, what: str = "the source"):
+    """Refuse an output directory that overlaps the source (always: writing it replaces the whole
+    directory) or that exists without `force`. Checked before reading gigabytes."""
+    overlap = output_overlap(source, out_dir)
+    if overlap:  # before "exists": force must never be the way past it
+        raise CheckpointError(f"output directory {out_dir} {overlap} {what} {source}; choose a directory outside it")
+    if Path(out_dir).exists() and not force:
+        raise OutputExistsError(f"{out_dir} already exists")
+
+
+def output_overlap(source, output) -> str | None:
+    """How `output` overlaps `source` ("is", "is inside" or "contains"), or None when they are apart.
+
+    Writing a checkpoint replaces its whole output directory, so an output that is the source,
+    holds it, or lies inside it would destroy the source (with force) or mix the two.
+    """
+    # Compared both as written (a symlinked source inside the output would be deleted) and resolved
+    # (`.`, `..` and symlinks cannot hide that two paths are one place).
+    for src, out in ((Path(os.path.abspath(source)), Path(os.path.abspath(output))),
+                     (Path(source).resolve(), Path(output).resolve())):
+        if out == src:
+            return "is"
+        if out.is_relative_to(src):
+            return "is inside"
+        if src.is_relative_to(out):
+            return "contains"
+    return None
 
 
 def save_checkpoint(out_dir, config: dict, tensors: dict[str, torch.Tensor], extra_files: dict[str, str | bytes | Path] = None,
@@ -180,7 +208,7 @@ def save_checkpoint(out_dir, config: dict, tensors: dict[str, torch.Tensor], ext
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
-        raise CheckpointError(f"{out_dir} already exists; pass --force to overwrite it")
+        raise OutputExistsError(f"{out_dir} already exists")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     umask = os.umask(0)

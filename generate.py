@@ -30,7 +30,8 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from checkpoint import CheckpointError, load_model  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from errors import FastgenError  # noqa: E402
 from model import KVCache, Transformer  # noqa: E402
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-135M-Instruct"
@@ -44,8 +45,8 @@ KV_CACHE_DTYPES = {**DTYPES, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
 warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 
 
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2."""
+class UsageError(FastgenError):
+    """A request that cannot be run (bad arguments, a prompt that does not fit the cache)."""
 
 
 # ----------------------------------------------------------------------------- loading
@@ -206,15 +207,15 @@ class Generator:
         if min(lengths) < 1:
             raise UsageError("empty prompt: give at least one token of text")
         if max_new_tokens < 1:
-            raise UsageError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+            raise UsageError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
         if start_slot and B != 1:
             raise UsageError("continuing a sequence (start_slot > 0) needs batch size 1")
         if B != model.row_start.shape[0]:
             raise UsageError(f"batch of {B} prompts but the cache was set up for {model.row_start.shape[0]}")
         needed = start_slot + T + max_new_tokens
         if needed > model.max_seq_len:
-            raise UsageError(f"prompt ({start_slot + T} tokens) + --max-new-tokens ({max_new_tokens}) = {needed} "
-                             f"exceeds the cache ({model.max_seq_len} slots); raise --max-seq-length or ask for fewer tokens")
+            raise UsageError(f"prompt ({start_slot + T} tokens) + {max_new_tokens} new tokens = {needed} exceeds the "
+                             f"cache ({model.max_seq_len} slots); set up a larger cache or ask for fewer tokens")
         if not start_slot:
             model.set_row_starts(torch.tensor([T - n for n in lengths], dtype=torch.int32, device=device))
         tokens = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], dtype=torch.long, device=device)
@@ -430,7 +431,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except (UsageError, CheckpointError, ValueError, FileNotFoundError, OSError) as e:
+    except (FastgenError, OSError) as e:  # anything else is a bug: its traceback shows
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -19,7 +19,6 @@ Accuracy on the real SmolLM2-135M-Instruct and Botchan: scripts/eval_quant.py.
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -29,33 +28,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import gemv
-from checkpoint import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, CheckpointError, read_checkpoint_config, save_checkpoint
+from checkpoint import (CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, CheckpointError, OutputExistsError, check_output_dir,
+                        read_checkpoint_config, save_checkpoint)
+from errors import FastgenError
 
 QUANTIZED_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 
 
-class QuantizationError(ValueError):
+class QuantizationError(FastgenError):
     """A one-line, user-facing reason a quantization cannot be done."""
-
-
-def output_overlap(source, output) -> str | None:
-    """How `output` overlaps `source` ("is", "is inside" or "contains"), or None when they are apart.
-
-    Writing a checkpoint replaces its whole output directory, so an output that is the source,
-    holds it, or lies inside it would destroy the source (with --force) or mix the two. Shared by
-    the converters.
-    """
-    # Compared both as written (a symlinked source inside the output would be deleted) and resolved
-    # (`.`, `..` and symlinks cannot hide that two paths are one place).
-    for src, out in ((Path(os.path.abspath(source)), Path(os.path.abspath(output))),
-                     (Path(source).resolve(), Path(output).resolve())):
-        if out == src:
-            return "is"
-        if out.is_relative_to(src):
-            return "is inside"
-        if src.is_relative_to(out):
-            return "contains"
-    return None
 
 
 # ----------------------------------------------------------------------------- int8
@@ -289,18 +270,13 @@ def quantize_checkpoint(checkpoint_dir, mode: str, groupsize: int | None = None,
     if mode == "int4":
         groupsize = groupsize or 64
         if groupsize not in GROUPSIZES:
-            raise QuantizationError(f"--groupsize must be one of {GROUPSIZES} (got {groupsize})")
+            raise QuantizationError(f"int4 groupsize must be one of {GROUPSIZES} (got {groupsize})")
     elif mode != "int8":
-        raise QuantizationError(f"--mode must be int8 or int4 (got {mode!r})")
+        raise QuantizationError(f"mode must be int8 or int4 (got {mode!r})")
     base = checkpoint_dir if checkpoint_dir.name not in ("", "..") else checkpoint_dir.resolve()  # "." has no name
     default_output = Path(f"{base}-int8" if mode == "int8" else f"{base}-int4-g{groupsize}")
     output_dir = Path(output_dir or default_output)
-    overlap = output_overlap(checkpoint_dir, output_dir)
-    if overlap:  # checked before "exists": --force must never be the way past it
-        raise QuantizationError(f"--output-dir {output_dir} {overlap} the source checkpoint {checkpoint_dir}; "
-                                f"choose a directory outside it, e.g. {default_output}")
-    if output_dir.exists() and not force:
-        raise QuantizationError(f"{output_dir} already exists; pass --force to overwrite it")
+    check_output_dir(checkpoint_dir, output_dir, force, what="the source checkpoint")
 
     weight_names = {f"{name}.weight" for name in _linear_names(config)}
     tensors = {}  # the quantized model (smaller than the source); the source stays memory-mapped
@@ -394,7 +370,7 @@ class QuantizedKVCache(nn.Module):
 def check_fp8_supported(device=None):
     """One-line QuantizationError where float8_e4m3fn casts do not work (old torch, device without them)."""
     if not hasattr(torch, "float8_e4m3fn"):
-        raise QuantizationError(f"torch {torch.__version__} has no float8_e4m3fn; use --kv-cache-dtype int8")
+        raise QuantizationError(f"torch {torch.__version__} has no float8_e4m3fn; use an int8 KV cache")
     if device is not None and torch.device(device).type == "meta":
         return  # shapes only; checked again where the cache is made for real
     try:
@@ -407,7 +383,7 @@ def check_fp8_supported(device=None):
     if not ok:
         where = torch.device(device or "cpu")
         raise QuantizationError(f"fp8 (e4m3) KV cache is not supported on {where} with torch {torch.__version__} "
-                                f"({why}); use --kv-cache-dtype int8")
+                                f"({why}); use an int8 KV cache")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -428,10 +404,11 @@ def main(argv=None):
         if args.groupsize is not None and args.mode != "int4":
             raise QuantizationError("--groupsize only applies to --mode int4")
         out = quantize_checkpoint(args.checkpoint, args.mode, args.groupsize, args.output_dir, args.force)
-    except (QuantizationError, CheckpointError, OSError) as e:
+    except (FastgenError, OSError) as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        suffix = "; pass --force to overwrite it" if isinstance(e, OutputExistsError) else ""
+        print(f"error: {e}{suffix}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({json.loads((out / CHECKPOINT_CONFIG).read_text())['quantization']})")
     return 0

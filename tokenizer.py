@@ -25,8 +25,10 @@ import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from errors import FastgenError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(FastgenError):
     """A tokenizer file is missing, corrupt, unsupported, or does not fit the model."""
 
 

@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import DTYPES  # noqa: E402
-from checkpoint import CheckpointError, first_line, save_checkpoint  # noqa: E402
+from checkpoint import CheckpointError, OutputExistsError, check_output_dir, save_checkpoint  # noqa: E402
+from errors import FastgenError, first_line  # noqa: E402
 from model import ModelArgs, Transformer, rope_inv_freq  # noqa: E402
-from quantize import output_overlap  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "qwen3")
 
@@ -155,11 +155,7 @@ def convert_gguf(gguf_path, out_dir, dtype=None, force: bool = False) -> Path:
     (None: fp32, what dequantization yields). Raises CheckpointError with a one-line message."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
-    overlap = output_overlap(gguf_path, out_dir)
-    if overlap:  # before "exists": writing the output replaces it whole, --force or not
-        raise CheckpointError(f"--output-dir {out_dir} {overlap} the source {gguf_path}; choose a directory outside it")
-    if out_dir.exists() and not force:
-        raise CheckpointError(f"{out_dir} already exists; pass --force to overwrite it")
+    check_output_dir(gguf_path, out_dir, force)
     reader = _open_gguf(gguf_path)
     tensors = {t.name: t for t in reader.tensors}
     args = gguf_model_args(reader, gguf_path, tensors)
@@ -195,7 +191,7 @@ def convert_gguf(gguf_path, out_dir, dtype=None, force: bool = False) -> Path:
     try:
         from tokenizer import gguf_tokenizer_files
         extra = gguf_tokenizer_files(reader)
-    except (ImportError, ValueError) as e:  # tokenizer.TokenizerError is a ValueError
+    except (ImportError, FastgenError) as e:  # tokenizer.TokenizerError
         print(f"warning: no tokenizer written ({first_line(e)}); pass one to generate.py yourself", file=sys.stderr)
     config = {"model_args": dataclasses.asdict(args), "quantization": None,
               "source": f"gguf:{gguf_path.name} ({_field(reader, 'general.name', '?')})"}
@@ -214,8 +210,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         convert_gguf(a.gguf, a.output_dir, a.dtype, a.force)
-    except (CheckpointError, OSError) as e:
-        print(f"error: {first_line(e)}", file=sys.stderr)
+    except (FastgenError, OSError) as e:
+        suffix = "; pass --force to overwrite it" if isinstance(e, OutputExistsError) else ""
+        print(f"error: {first_line(e)}{suffix}", file=sys.stderr)
         sys.exit(2)
 
 

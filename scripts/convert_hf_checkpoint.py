@@ -19,9 +19,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import DTYPES  # noqa: E402
-from checkpoint import CheckpointError, first_line, model_args_from_hf_config, save_checkpoint  # noqa: E402
+from checkpoint import (CheckpointError, OutputExistsError, check_output_dir, model_args_from_hf_config,  # noqa: E402
+                        save_checkpoint)
+from errors import FastgenError, first_line  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
-from quantize import output_overlap  # noqa: E402
 
 # chat_template.jinja: where newer transformers keep the chat template (tokenizer.py reads it)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -133,11 +134,7 @@ def convert_hf_checkpoint(hf_dir, out_dir=None, dtype=None, force: bool = False,
     out_dir = Path(out_dir) if out_dir is not None else Path("checkpoints") / hf_dir.resolve().name
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
-    overlap = output_overlap(hf_dir, out_dir)
-    if overlap:  # before "exists": writing the output replaces it whole, --force or not
-        raise CheckpointError(f"--output-dir {out_dir} {overlap} the source {hf_dir}; choose a directory outside it")
-    if out_dir.exists() and not force:  # fail before reading gigabytes
-        raise CheckpointError(f"{out_dir} already exists; pass --force to overwrite it")
+    check_output_dir(hf_dir, out_dir, force)
     cfg = read_hf_config(hf_dir)
     try:
         args = model_args_from_hf_config(cfg)
@@ -197,8 +194,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         convert_hf_checkpoint(a.checkpoint_dir, a.output_dir, a.dtype, a.force)
-    except (CheckpointError, OSError) as e:
-        print(f"error: {first_line(e)}", file=sys.stderr)
+    except (FastgenError, OSError) as e:
+        suffix = "; pass --force to overwrite it" if isinstance(e, OutputExistsError) else ""
+        print(f"error: {first_line(e)}{suffix}", file=sys.stderr)
         sys.exit(2)
 
 

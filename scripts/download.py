@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import CheckpointError  # noqa: E402
+from checkpoint import CheckpointError, OutputExistsError  # noqa: E402
+from errors import FastgenError, first_line  # noqa: E402
 from scripts.convert_hf_checkpoint import TOKENIZER_FILES, convert_hf_checkpoint  # noqa: E402
 
 # config + weights + tokenizer; never the .pth/.gguf/onnx copies some repos also carry
@@ -27,9 +28,8 @@ def download(repo_id: str, hf_token: str | None = None) -> Path:
     try:
         path = snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS, token=hf_token)
     except Exception as e:  # offline, gated repo, bad name: the hub raises many types
-        first = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"could not download {repo_id} from the Hugging Face hub "
-                              f"({type(e).__name__}: {first})") from None
+                              f"({type(e).__name__}: {first_line(e)})") from None
     return Path(path)
 
 
@@ -45,11 +45,12 @@ def main(argv=None):
     out_dir = a.output_dir or Path("checkpoints") / a.repo_id.split("/")[-1]
     try:
         if out_dir.exists() and not a.force:
-            raise CheckpointError(f"{out_dir} already exists; pass --force to overwrite it")
+            raise OutputExistsError(f"{out_dir} already exists")
         hf_dir = download(a.repo_id, a.hf_token)
         convert_hf_checkpoint(hf_dir, out_dir, a.dtype, a.force, source=f"hf:{a.repo_id}")
-    except (CheckpointError, OSError) as e:
-        print(f"error: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
+    except (FastgenError, OSError) as e:
+        suffix = "; pass --force to overwrite it" if isinstance(e, OutputExistsError) else ""
+        print(f"error: {first_line(e)}{suffix}", file=sys.stderr)
         sys.exit(2)
 
 

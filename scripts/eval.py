@@ -26,11 +26,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from checkpoint import CheckpointError, load_model  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from errors import FastgenError  # noqa: E402
 from generate import (KV_CACHE_DTYPES, Generator, Sampling, UsageError, resolve_checkpoint,  # noqa: E402
                       resolve_device, resolve_dtype)
 from model import BLOCK_SIZE  # noqa: E402
-from tokenizer import StopStrings, StreamDecoder, TokenizerError, check_vocab, load_tokenizer  # noqa: E402
+from tokenizer import StopStrings, StreamDecoder, check_vocab, load_tokenizer  # noqa: E402
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -345,7 +346,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except (UsageError, CheckpointError, TokenizerError, ValueError, FileNotFoundError, OSError) as e:
+    except (FastgenError, OSError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

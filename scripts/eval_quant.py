@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from checkpoint import CHECKPOINT_WEIGHTS, load_model  # noqa: E402
+from errors import FastgenError  # noqa: E402
 from quantize import GROUPSIZES, quantize_checkpoint  # noqa: E402
 from scripts.perplexity import botchan_ids, window_logits  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
@@ -140,9 +141,12 @@ def main(argv=None):
     torch.set_grad_enabled(False)
     try:
         groupsizes = [int(g) for g in args.groupsizes.split(",") if g]
+    except ValueError:
+        p.error(f"--groupsizes must be comma-separated integers (got {args.groupsizes!r})")
+    try:
         rows, n = evaluate_all(args.checkpoint, args.tokens, args.window, groupsizes, args.work_dir,
                                log=lambda s: print(s, file=sys.stderr))
-    except (ValueError, OSError) as e:
+    except (FastgenError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"\n{args.checkpoint.name}, first {n} Botchan tokens, windows of {args.window}, "

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from checkpoint import load_model  # noqa: E402
+from errors import FastgenError  # noqa: E402
 from generate import DTYPES, KV_CACHE_DTYPES, kv_cache_class  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -30,7 +31,7 @@ def botchan_ids(tokenizer, n_tokens: int) -> list[int]:
 
     ids = tokenizer.encode(botchan_path().read_text(encoding="utf-8"))
     if len(ids) < n_tokens:
-        raise ValueError(f"Botchan has only {len(ids)} tokens; ask for fewer")
+        raise FastgenError(f"Botchan has only {len(ids)} tokens; ask for fewer")
     return ids[:n_tokens]
 
 
@@ -84,7 +85,7 @@ def main(argv=None):
         r = evaluate(args.checkpoint, ids, args.window, DTYPES[args.dtype],
                      KV_CACHE_DTYPES[args.kv_cache_dtype] if args.kv_cache_dtype else None, args.reference,
                      args.device)
-    except (ValueError, OSError) as e:
+    except (FastgenError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     kl = f", KL from reference {r['kl']:.5f} nats/token" if r["kl"] is not None else ""

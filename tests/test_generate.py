@@ -143,7 +143,7 @@ def test_bad_requests():
     gen.setup(1, 32)
     with pytest.raises(UsageError, match="empty prompt"):
         gen.generate([[]], 4)
-    with pytest.raises(UsageError, match="max-new-tokens"):
+    with pytest.raises(UsageError, match="at least 1"):  # no new tokens asked for
         gen.generate([[1, 2]], 0)
     with pytest.raises(UsageError, match="batch of 2"):
         gen.generate([[1], [2]], 4)

@@ -217,7 +217,7 @@ def test_cli_errors_are_one_line_and_leave_nothing(smollm2_checkpoint, quantized
 def test_fp8_kv_cache_without_support_is_a_clear_error(monkeypatch):
     quantize.check_fp8_supported("cpu")  # torch's CPU casts to float8_e4m3fn work here
     monkeypatch.delattr(torch, "float8_e4m3fn")
-    with pytest.raises(QuantizationError, match="has no float8_e4m3fn; use --kv-cache-dtype int8"):
+    with pytest.raises(QuantizationError, match="has no float8_e4m3fn; use an int8 KV cache"):
         quantize.check_fp8_supported("cpu")
 
 

@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from scripts.assets import botchan_path, llama3_tiktoken_path, mistral_sp_model_path, smollm2_gguf_path
+from errors import FastgenError
 from tokenizer import StreamDecoder, TokenizerError, check_vocab, gguf_tokenizer_files, load_tokenizer
 
 META_LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -733,7 +734,7 @@ def test_missing_tokenizer_file(tmp_path):
         load_tokenizer(tmp_path)
     msg = _one_line(e)
     assert str(tmp_path) in msg and "tokenizer.model" in msg and "tokenizer.json" in msg
-    assert isinstance(e.value, ValueError)
+    assert isinstance(e.value, FastgenError)  # what every CLI reports as one line
 
 
 @pytest.mark.parametrize("content", [b"\x00\x01 not a model at all \xff" * 10, b"", b"\n\n"])
