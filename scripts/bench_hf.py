@@ -32,7 +32,7 @@ AUTO, FORWARD, EAGER = "auto", "forward", "eager"
 FIRST_REAL_TOKEN_ID = 3  # ids 0-2 are pad/bos/eos in hf_config: prompts never contain them
 
 
-def hf_config(args: ModelArgs, dtype):
+def hf_config(args: ModelArgs):
     import transformers
 
     if args.rope_scaling is None:
@@ -58,7 +58,7 @@ def build_hf(args: ModelArgs, device, dtype):
     import transformers
 
     with torch.device("meta"):
-        hf = transformers.AutoModelForCausalLM.from_config(hf_config(args, dtype), dtype=dtype)
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config(args), dtype=dtype)
     hf.to_empty(device=device)  # this unties tied embeddings: tie them again
     if args.tie_embeddings:
         hf.tie_weights()

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from bench_plan import GPT_FAST, HF, fmt_size
+from common import write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPL_SUFFIX = {HF: " HF", GPT_FAST: " gpt-fast"}
@@ -166,12 +167,6 @@ def plot(report, path: Path):
     return None
 
 
-def write_json(report, path: Path):
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    os.replace(tmp, path)  # a reader never sees half a file
-
-
 def write_outputs(report, out_dir: Path, stem: str, final: bool):
     """The JSON after every row (a killed run keeps what it measured); the plot and latest.json at the end."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +177,7 @@ def write_outputs(report, out_dir: Path, stem: str, final: bool):
             report.setdefault("notes", []).append(note)
         else:
             report["plot"] = str(out_dir / f"{stem}.png")
-    write_json(report, path)
+    write_json_atomic(path, report, indent=1, default=str)
     if final:
         shutil.copyfile(path, out_dir / "latest.json")
     return path

@@ -7,7 +7,6 @@ BF16, Q8_0, Q4_0, Q4_1, K-quants, ...), so the result is a plain float checkpoin
 exactly the values the quantized file encodes. ModelArgs come from the GGUF metadata; the
 tokenizer embedded in the file is written as tokenizer.json + tokenizer_config.json.
 """
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -17,9 +16,10 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import DTYPES  # noqa: E402
-from checkpoint import CheckpointError, OutputExistsError, check_output_dir, save_checkpoint  # noqa: E402
+from common import DTYPES  # noqa: E402
+from checkpoint import CheckpointError, check_output_dir, save_checkpoint  # noqa: E402
 from errors import FastgenError, first_line  # noqa: E402
+from scripts.converter_cli import converter_main  # noqa: E402
 from model import ModelArgs, Transformer, rope_inv_freq  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "qwen3")
@@ -202,18 +202,8 @@ def convert_gguf(gguf_path, out_dir, dtype=None, force: bool = False) -> Path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--gguf", required=True, type=Path, help="the .gguf file")
-    p.add_argument("--output-dir", required=True, type=Path, help="the checkpoint directory to write")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights' dtype (default: fp32)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output directory (default: off)")
-    a = p.parse_args(argv)
-    try:
-        convert_gguf(a.gguf, a.output_dir, a.dtype, a.force)
-    except (FastgenError, OSError) as e:
-        suffix = "; pass --force to overwrite it" if isinstance(e, OutputExistsError) else ""
-        print(f"error: {first_line(e)}{suffix}", file=sys.stderr)
-        sys.exit(2)
+    converter_main(argv, __doc__.split("\n\n")[0], convert_gguf, "--gguf", "the .gguf file",
+                   "the checkpoint directory to write", "weights' dtype (default: fp32)", output_required=True)
 
 
 if __name__ == "__main__":

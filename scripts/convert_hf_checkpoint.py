@@ -8,7 +8,6 @@ fuses q/k/v into wqkv and gate/up into w13, and writes config.json + model.safet
 the tokenizer files. Source tensors are read one at a time from memory-mapped files, so
 peak memory is about one copy of the converted model, not two.
 """
-import argparse
 import dataclasses
 import json
 import sys
@@ -18,10 +17,10 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import DTYPES  # noqa: E402
-from checkpoint import (CheckpointError, OutputExistsError, check_output_dir, model_args_from_hf_config,  # noqa: E402
-                        save_checkpoint)
-from errors import FastgenError, first_line  # noqa: E402
+from common import DTYPES  # noqa: E402
+from checkpoint import CheckpointError, check_output_dir, model_args_from_hf_config, save_checkpoint  # noqa: E402
+from errors import first_line  # noqa: E402
+from scripts.converter_cli import converter_main  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 # chat_template.jinja: where newer transformers keep the chat template (tokenizer.py reads it)
@@ -185,19 +184,9 @@ def convert_hf_checkpoint(hf_dir, out_dir=None, dtype=None, force: bool = False,
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint-dir", required=True, type=Path, help="Hugging Face checkpoint directory")
-    p.add_argument("--output-dir", type=Path, default=None,
-                   help="where to write (default: checkpoints/<checkpoint dir name>)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights' dtype (default: as stored)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output directory (default: off)")
-    a = p.parse_args(argv)
-    try:
-        convert_hf_checkpoint(a.checkpoint_dir, a.output_dir, a.dtype, a.force)
-    except (FastgenError, OSError) as e:
-        suffix = "; pass --force to overwrite it" if isinstance(e, OutputExistsError) else ""
-        print(f"error: {first_line(e)}{suffix}", file=sys.stderr)
-        sys.exit(2)
+    converter_main(argv, __doc__.split("\n\n")[0], convert_hf_checkpoint, "--checkpoint-dir",
+                   "Hugging Face checkpoint directory", "where to write (default: checkpoints/<checkpoint dir name>)",
+                   "weights' dtype (default: as stored)")
 
 
 if __name__ == "__main__":

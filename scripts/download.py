@@ -11,7 +11,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import CheckpointError, OutputExistsError  # noqa: E402
+from common import DTYPES  # noqa: E402
 from errors import FastgenError, first_line  # noqa: E402
+from scripts.converter_cli import error_line  # noqa: E402
 from scripts.convert_hf_checkpoint import TOKENIZER_FILES, convert_hf_checkpoint  # noqa: E402
 
 # config + weights + tokenizer; never the .pth/.gguf/onnx copies some repos also carry
@@ -38,7 +40,7 @@ def main(argv=None):
     p.add_argument("--repo-id", required=True, help="the hub repo, e.g. meta-llama/Llama-3.2-1B-Instruct")
     p.add_argument("--output-dir", type=Path, default=None, help="where to write (default: checkpoints/<NAME>)")
     p.add_argument("--hf-token", default=os.environ.get("HF_TOKEN"), help="for gated repos (default: $HF_TOKEN)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="weights' dtype (default: as stored)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory (default: off)")
     a = p.parse_args(argv)
@@ -48,9 +50,8 @@ def main(argv=None):
             raise OutputExistsError(f"{out_dir} already exists")
         hf_dir = download(a.repo_id, a.hf_token)
         convert_hf_checkpoint(hf_dir, out_dir, a.dtype, a.force, source=f"hf:{a.repo_id}")
-    except (FastgenError, OSError) as e:
-        suffix = "; pass --force to overwrite it" if isinstance(e, OutputExistsError) else ""
-        print(f"error: {first_line(e)}{suffix}", file=sys.stderr)
+    except (FastgenError, OSError) as e:  # anything else is a bug: its traceback shows
+        print(error_line(e), file=sys.stderr)
         sys.exit(2)
 
 

@@ -13,11 +13,8 @@ The harness asks a model three kinds of question, and FastgenLM answers each wit
   each with its own stop strings (tokenizer.StopStrings) and token budget.
 """
 import argparse
-import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +24,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from checkpoint import load_model  # noqa: E402
+from common import write_json_atomic  # noqa: E402
 from errors import FastgenError  # noqa: E402
 from generate import (KV_CACHE_DTYPES, Generator, Sampling, UsageError, resolve_checkpoint,  # noqa: E402
                       resolve_device, resolve_dtype)
@@ -281,14 +279,6 @@ def load_tasks(manager, names):
     return items
 
 
-def write_json_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def validate(args):
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--max-gen-toks", args.max_gen_toks, 1),
                                ("--max-length", args.max_length, 2)):
@@ -336,8 +326,7 @@ def run(args):
     results["config"]["compile"] = args.compile
     print(make_table(results))
     if args.output is not None:
-        write_json_atomic(args.output, json.dumps(results, indent=2, default=handle_non_serializable,
-                                                  ensure_ascii=False))
+        write_json_atomic(args.output, results, default=handle_non_serializable, ensure_ascii=False)
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
 

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from checkpoint import load_model  # noqa: E402
 from errors import FastgenError  # noqa: E402
-from generate import DTYPES, KV_CACHE_DTYPES, kv_cache_class  # noqa: E402
+from common import DTYPES  # noqa: E402
+from generate import KV_CACHE_DTYPES, kv_cache_class  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 

@@ -298,7 +298,7 @@ def test_hf_config_matches_shapes(name):
     """The HF side-by-side model has exactly our parameter count (checked on the meta device)."""
     transformers = pytest.importorskip("transformers")
     args = model_args_from_name(name)
-    cfg = bench_hf.hf_config(args, torch.bfloat16)
+    cfg = bench_hf.hf_config(args)
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(cfg)
         ours = Transformer(args)
