@@ -8,6 +8,7 @@ Our checkpoint directory: config.json {"model_args": {...}, "quantization": null
 model.safetensors with the parameter names of Transformer.state_dict(), and the tokenizer
 file(s) beside them.
 """
+
 import json
 import os
 import shutil
@@ -22,75 +23,274 @@ from model import ModelArgs, Transformer, rope_inv_freq
 
 # ----------------------------------------------------------------------------- configs
 
-_LLAMA3_1_ROPE = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192}
+_LLAMA3_1_ROPE = {
+    "type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 _LLAMA3_2_ROPE = dict(_LLAMA3_1_ROPE, factor=32.0)
 
 CONFIGS = {
     "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, intermediate_size=11008),
     "llama-2-13b": dict(dim=5120, n_layers=40, n_heads=40, intermediate_size=13824),
     "llama-2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672),
-    "codellama-7b": dict(dim=4096, n_layers=32, n_heads=32, intermediate_size=11008, vocab_size=32016,
-                         rope_base=1e6, max_position_embeddings=16384),
-    "codellama-34b": dict(dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, intermediate_size=22016,
-                          rope_base=1e6, max_position_embeddings=16384),
-    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
-                       vocab_size=128256, rope_base=500000.0, max_position_embeddings=8192),
-    "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672,
-                        vocab_size=128256, rope_base=500000.0, max_position_embeddings=8192),
-    "llama-3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
-                         vocab_size=128256, rope_base=500000.0, max_position_embeddings=131072,
-                         rope_scaling=_LLAMA3_1_ROPE),
-    "llama-3.1-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672,
-                          vocab_size=128256, rope_base=500000.0, max_position_embeddings=131072,
-                          rope_scaling=_LLAMA3_1_ROPE),
-    "llama-3.1-405b": dict(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, intermediate_size=53248,
-                           vocab_size=128256, rope_base=500000.0, max_position_embeddings=131072,
-                           rope_scaling=_LLAMA3_1_ROPE),
-    "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate_size=8192,
-                         vocab_size=128256, rope_base=500000.0, max_position_embeddings=131072,
-                         rope_scaling=_LLAMA3_2_ROPE, tie_embeddings=True),
-    "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, intermediate_size=8192,
-                         vocab_size=128256, rope_base=500000.0, max_position_embeddings=131072,
-                         rope_scaling=_LLAMA3_2_ROPE, tie_embeddings=True),
-    "mistral-7b-v0.1": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
-                            max_position_embeddings=32768, sliding_window=4096),
-    "mistral-7b-v0.3": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
-                            vocab_size=32768, rope_base=1e6, max_position_embeddings=32768),
-    "qwen2.5-0.5b": dict(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, intermediate_size=4864,
-                         vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=32768,
-                         qkv_bias=True, tie_embeddings=True),
-    "qwen2.5-1.5b": dict(dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, intermediate_size=8960,
-                         vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=32768,
-                         qkv_bias=True, tie_embeddings=True),
-    "qwen2.5-3b": dict(dim=2048, n_layers=36, n_heads=16, n_kv_heads=2, intermediate_size=11008,
-                       vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=32768,
-                       qkv_bias=True, tie_embeddings=True),
-    "qwen2.5-7b": dict(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, intermediate_size=18944,
-                       vocab_size=152064, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=32768,
-                       qkv_bias=True),
-    "qwen3-0.6b": dict(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, intermediate_size=3072,
-                       vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=40960,
-                       qk_norm=True, tie_embeddings=True),
-    "qwen3-1.7b": dict(dim=2048, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, intermediate_size=6144,
-                       vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=40960,
-                       qk_norm=True, tie_embeddings=True),
-    "qwen3-4b": dict(dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, intermediate_size=9728,
-                     vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=40960,
-                     qk_norm=True, tie_embeddings=True),
-    "qwen3-8b": dict(dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, intermediate_size=12288,
-                     vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=40960,
-                     qk_norm=True),
-    "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536,
-                         vocab_size=49152, rope_base=100000.0, max_position_embeddings=8192,
-                         tie_embeddings=True),
-    "smollm2-360m": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, intermediate_size=2560,
-                         vocab_size=49152, rope_base=100000.0, max_position_embeddings=8192,
-                         tie_embeddings=True),
-    "smollm2-1.7b": dict(dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, intermediate_size=8192,
-                         vocab_size=49152, rope_base=130000.0, max_position_embeddings=8192,
-                         tie_embeddings=True),
+    "codellama-7b": dict(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        intermediate_size=11008,
+        vocab_size=32016,
+        rope_base=1e6,
+        max_position_embeddings=16384,
+    ),
+    "codellama-34b": dict(
+        dim=8192,
+        n_layers=48,
+        n_heads=64,
+        n_kv_heads=8,
+        intermediate_size=22016,
+        rope_base=1e6,
+        max_position_embeddings=16384,
+    ),
+    "llama-3-8b": dict(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+        rope_base=500000.0,
+        max_position_embeddings=8192,
+    ),
+    "llama-3-70b": dict(
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        intermediate_size=28672,
+        vocab_size=128256,
+        rope_base=500000.0,
+        max_position_embeddings=8192,
+    ),
+    "llama-3.1-8b": dict(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+        rope_base=500000.0,
+        max_position_embeddings=131072,
+        rope_scaling=_LLAMA3_1_ROPE,
+    ),
+    "llama-3.1-70b": dict(
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        intermediate_size=28672,
+        vocab_size=128256,
+        rope_base=500000.0,
+        max_position_embeddings=131072,
+        rope_scaling=_LLAMA3_1_ROPE,
+    ),
+    "llama-3.1-405b": dict(
+        dim=16384,
+        n_layers=126,
+        n_heads=128,
+        n_kv_heads=8,
+        intermediate_size=53248,
+        vocab_size=128256,
+        rope_base=500000.0,
+        max_position_embeddings=131072,
+        rope_scaling=_LLAMA3_1_ROPE,
+    ),
+    "llama-3.2-1b": dict(
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+        rope_base=500000.0,
+        max_position_embeddings=131072,
+        rope_scaling=_LLAMA3_2_ROPE,
+        tie_embeddings=True,
+    ),
+    "llama-3.2-3b": dict(
+        dim=3072,
+        n_layers=28,
+        n_heads=24,
+        n_kv_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+        rope_base=500000.0,
+        max_position_embeddings=131072,
+        rope_scaling=_LLAMA3_2_ROPE,
+        tie_embeddings=True,
+    ),
+    "mistral-7b-v0.1": dict(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        intermediate_size=14336,
+        max_position_embeddings=32768,
+        sliding_window=4096,
+    ),
+    "mistral-7b-v0.3": dict(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        intermediate_size=14336,
+        vocab_size=32768,
+        rope_base=1e6,
+        max_position_embeddings=32768,
+    ),
+    "qwen2.5-0.5b": dict(
+        dim=896,
+        n_layers=24,
+        n_heads=14,
+        n_kv_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        norm_eps=1e-6,
+        rope_base=1e6,
+        max_position_embeddings=32768,
+        qkv_bias=True,
+        tie_embeddings=True,
+    ),
+    "qwen2.5-1.5b": dict(
+        dim=1536,
+        n_layers=28,
+        n_heads=12,
+        n_kv_heads=2,
+        intermediate_size=8960,
+        vocab_size=151936,
+        norm_eps=1e-6,
+        rope_base=1e6,
+        max_position_embeddings=32768,
+        qkv_bias=True,
+        tie_embeddings=True,
+    ),
+    "qwen2.5-3b": dict(
+        dim=2048,
+        n_layers=36,
+        n_heads=16,
+        n_kv_heads=2,
+        intermediate_size=11008,
+        vocab_size=151936,
+        norm_eps=1e-6,
+        rope_base=1e6,
+        max_position_embeddings=32768,
+        qkv_bias=True,
+        tie_embeddings=True,
+    ),
+    "qwen2.5-7b": dict(
+        dim=3584,
+        n_layers=28,
+        n_heads=28,
+        n_kv_heads=4,
+        intermediate_size=18944,
+        vocab_size=152064,
+        norm_eps=1e-6,
+        rope_base=1e6,
+        max_position_embeddings=32768,
+        qkv_bias=True,
+    ),
+    "qwen3-0.6b": dict(
+        dim=1024,
+        n_layers=28,
+        n_heads=16,
+        n_kv_heads=8,
+        head_dim=128,
+        intermediate_size=3072,
+        vocab_size=151936,
+        norm_eps=1e-6,
+        rope_base=1e6,
+        max_position_embeddings=40960,
+        qk_norm=True,
+        tie_embeddings=True,
+    ),
+    "qwen3-1.7b": dict(
+        dim=2048,
+        n_layers=28,
+        n_heads=16,
+        n_kv_heads=8,
+        head_dim=128,
+        intermediate_size=6144,
+        vocab_size=151936,
+        norm_eps=1e-6,
+        rope_base=1e6,
+        max_position_embeddings=40960,
+        qk_norm=True,
+        tie_embeddings=True,
+    ),
+    "qwen3-4b": dict(
+        dim=2560,
+        n_layers=36,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        intermediate_size=9728,
+        vocab_size=151936,
+        norm_eps=1e-6,
+        rope_base=1e6,
+        max_position_embeddings=40960,
+        qk_norm=True,
+        tie_embeddings=True,
+    ),
+    "qwen3-8b": dict(
+        dim=4096,
+        n_layers=36,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        intermediate_size=12288,
+        vocab_size=151936,
+        norm_eps=1e-6,
+        rope_base=1e6,
+        max_position_embeddings=40960,
+        qk_norm=True,
+    ),
+    "smollm2-135m": dict(
+        dim=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        rope_base=100000.0,
+        max_position_embeddings=8192,
+        tie_embeddings=True,
+    ),
+    "smollm2-360m": dict(
+        dim=960,
+        n_layers=32,
+        n_heads=15,
+        n_kv_heads=5,
+        intermediate_size=2560,
+        vocab_size=49152,
+        rope_base=100000.0,
+        max_position_embeddings=8192,
+        tie_embeddings=True,
+    ),
+    "smollm2-1.7b": dict(
+        dim=2048,
+        n_layers=24,
+        n_heads=32,
+        n_kv_heads=32,
+        intermediate_size=8192,
+        vocab_size=49152,
+        rope_base=130000.0,
+        max_position_embeddings=8192,
+        tie_embeddings=True,
+    ),
 }
+
 
 def model_args_from_name(name: str) -> ModelArgs:
     if name not in CONFIGS:  # exact names only: never guess a model from a path
@@ -190,8 +390,10 @@ def output_overlap(source, output) -> str | None:
     """
     # Compared both as written (a symlinked source inside the output would be deleted) and resolved
     # (`.`, `..` and symlinks cannot hide that two paths are one place).
-    for src, out in ((Path(os.path.abspath(source)), Path(os.path.abspath(output))),
-                     (Path(source).resolve(), Path(output).resolve())):
+    for src, out in (
+        (Path(os.path.abspath(source)), Path(os.path.abspath(output))),
+        (Path(source).resolve(), Path(output).resolve()),
+    ):
         if out == src:
             return "is"
         if out.is_relative_to(src):
@@ -201,8 +403,13 @@ def output_overlap(source, output) -> str | None:
     return None
 
 
-def save_checkpoint(out_dir, config: dict, tensors: dict[str, torch.Tensor], extra_files: dict[str, str | bytes | Path] = None,
-                    force: bool = False):
+def save_checkpoint(
+    out_dir,
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    extra_files: dict[str, str | bytes | Path] = None,
+    force: bool = False,
+):
     """Write a checkpoint directory atomically: everything goes into a temp dir that is renamed into place."""
     from safetensors.torch import save_file
 
@@ -246,7 +453,9 @@ def read_checkpoint_config(checkpoint_dir) -> dict:
     if not checkpoint_dir.is_dir():
         raise CheckpointError(f"checkpoint directory {checkpoint_dir} does not exist")
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing; convert a model first (see README: scripts/convert_hf_checkpoint.py)")
+        raise CheckpointError(
+            f"{path} is missing; convert a model first (see README: scripts/convert_hf_checkpoint.py)"
+        )
     try:
         config = json.loads(path.read_text())
         model_args_from_dict(config["model_args"])
@@ -255,7 +464,9 @@ def read_checkpoint_config(checkpoint_dir) -> dict:
     return config
 
 
-def load_checkpoint_tensors(checkpoint_dir, expected: dict[str, torch.Tensor], device, dtype) -> dict[str, torch.Tensor]:
+def load_checkpoint_tensors(
+    checkpoint_dir, expected: dict[str, torch.Tensor], device, dtype
+) -> dict[str, torch.Tensor]:
     """Read model.safetensors lazily (memory-mapped), checking every name and shape against `expected`.
 
     Floating-point tensors are cast to `dtype`; integer tensors (quantized weights) keep theirs.
@@ -278,8 +489,9 @@ def load_checkpoint_tensors(checkpoint_dir, expected: dict[str, torch.Tensor], d
             for name, ref in expected.items():
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != tuple(ref.shape):
-                    raise CheckpointError(f"{path}: tensor {name} has shape {list(shape)} but the config "
-                                          f"expects {list(ref.shape)}")
+                    raise CheckpointError(
+                        f"{path}: tensor {name} has shape {list(shape)} but the config expects {list(ref.shape)}"
+                    )
                 t = f.get_tensor(name)
                 out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     except CheckpointError:

@@ -4,6 +4,7 @@ atomic JSON writes.
 Imports torch and the standard library only: the benchmark's gpt-fast child process imports it
 (through scripts/bench_common.py) next to gpt-fast's own model.py and generate.py.
 """
+
 import json
 import os
 import resource
@@ -13,8 +14,14 @@ from pathlib import Path
 import torch
 
 # Compute dtypes by the names the CLIs accept.
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 
 def peak_memory_bytes(device) -> int:

@@ -7,6 +7,7 @@ weights in as few kernels as possible. Named configs and the checkpoint files (c
 model.safetensors) live in checkpoint.py, which imports this file; this file imports nothing
 from the project.
 """
+
 import inspect
 import math
 from dataclasses import dataclass
@@ -53,8 +54,9 @@ class ModelArgs:
 # ----------------------------------------------------------------------------- mask
 
 # Older torch has no compute_q_blocks; the q-side index is only needed for backward.
-_FROM_KV_BLOCKS_KW = ({"compute_q_blocks": False}
-                      if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters else {})
+_FROM_KV_BLOCKS_KW = (
+    {"compute_q_blocks": False} if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters else {}
+)
 
 
 def valid_kv(row_start, q_slot, kv_slot, sliding_window: int | None):
@@ -65,8 +67,9 @@ def valid_kv(row_start, q_slot, kv_slot, sliding_window: int | None):
     return ok
 
 
-def offset_length_dense_mask(start: torch.Tensor, q_start: torch.Tensor, q_len: int, kv_len: int,
-                             sliding_window: int | None = None) -> torch.Tensor:
+def offset_length_dense_mask(
+    start: torch.Tensor, q_start: torch.Tensor, q_len: int, kv_len: int, sliding_window: int | None = None
+) -> torch.Tensor:
     """The same rule as a bool [B, 1, q_len, kv_len] tensor, for SDPA (eager, no compiler needed)."""
     q_slot = q_start + torch.arange(q_len, device=start.device).view(1, 1, q_len, 1)
     kv_slot = torch.arange(kv_len, device=start.device).view(1, 1, 1, kv_len)
@@ -77,8 +80,9 @@ def offset_length_dense_mask(start: torch.Tensor, q_start: torch.Tensor, q_len: 
     return mask | ~mask.any(-1, keepdim=True)
 
 
-def offset_length_block_mask(start: torch.Tensor, q_start: torch.Tensor, q_len: int, kv_len: int,
-                             sliding_window: int | None = None) -> BlockMask:
+def offset_length_block_mask(
+    start: torch.Tensor, q_start: torch.Tensor, q_len: int, kv_len: int, sliding_window: int | None = None
+) -> BlockMask:
     """The offset-plus-length mask (see valid_kv), built from tensor arithmetic alone.
 
     Row b's query i sits at absolute slot q = q_start + i and may attend to kv slots
@@ -98,8 +102,9 @@ def offset_length_block_mask(start: torch.Tensor, q_start: torch.Tensor, q_len: 
     q_lo, q_hi = q_lo.view(1, 1, -1, 1), q_hi.view(1, 1, -1, 1)
     kv_lo, kv_hi = kv_lo.view(1, 1, 1, -1), kv_hi.view(1, 1, 1, -1)
     # Some (q, kv) pair is valid iff some q in [max(q_lo, kv_lo, start), min(q_hi, kv_hi + window - 1)] exists.
-    any_valid = (torch.maximum(torch.maximum(q_lo, kv_lo), row_start) <= torch.minimum(q_hi, kv_hi + window - 1)) \
-        & (row_start <= kv_hi)
+    any_valid = (torch.maximum(torch.maximum(q_lo, kv_lo), row_start) <= torch.minimum(q_hi, kv_hi + window - 1)) & (
+        row_start <= kv_hi
+    )
     # Every pair is valid iff the block's corners are.
     all_valid = (kv_lo >= row_start) & (kv_hi <= q_lo) & (kv_lo > q_hi - window)
     partial = any_valid & ~all_valid
@@ -116,12 +121,20 @@ def offset_length_block_mask(start: torch.Tensor, q_start: torch.Tensor, q_len: 
     def mask_mod(b, h, q_idx, kv_idx):
         return valid_kv(start[b], q_start + q_idx, kv_idx, sliding_window)
 
-    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-                                    BLOCK_SIZE=BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=(q_len, kv_len),
-                                    **_FROM_KV_BLOCKS_KW)
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks,
+        kv_indices,
+        full_kv_num_blocks,
+        full_kv_indices,
+        BLOCK_SIZE=BLOCK_SIZE,
+        mask_mod=mask_mod,
+        seq_lengths=(q_len, kv_len),
+        **_FROM_KV_BLOCKS_KW,
+    )
 
 
 # ----------------------------------------------------------------------------- layers
+
 
 class KVCache(nn.Module):
     """Preallocated K/V for every slot, written in place; the cache dtype is its own choice."""
@@ -175,8 +188,9 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 def flex_attention_over_cache(q, k, v, block_mask: BlockMask):
     """Compiled path: flex_attention visits only each row's valid kv blocks (at decode, Inductor's
     flex-decoding kernel), so the work grows with the valid length, not the allocated cache."""
-    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1],
-                          scale=q.shape[-1] ** -0.5)
+    return flex_attention(
+        q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1], scale=q.shape[-1] ** -0.5
+    )
 
 
 def sdpa_attention_over_cache(q, k, v, folded_mask: torch.Tensor):
@@ -195,11 +209,11 @@ def sdpa_attention_over_cache(q, k, v, folded_mask: torch.Tensor):
         # Decode: the fused kernels split the work by query rows, and there are G of them, so
         # a long cache is read by a handful of thread blocks (8k filled in a 32k cache: 30 ms per
         # Llama-3-8B step). Two plain matmuls spread the cache over the whole GPU.
-        scores = (q @ k.transpose(-1, -2)).float() * D ** -0.5  # [B, Hkv, G, S]
+        scores = (q @ k.transpose(-1, -2)).float() * D**-0.5  # [B, Hkv, G, S]
         probs = scores.masked_fill(~folded_mask, float("-inf")).softmax(dim=-1)
         y = probs.to(v.dtype) @ v
     else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=folded_mask, scale=D ** -0.5)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=folded_mask, scale=D**-0.5)
     return y.reshape(B, n_heads, T, D)
 
 
@@ -279,8 +293,9 @@ class Transformer(nn.Module):
         self.register_buffer("row_start", torch.zeros(0, dtype=torch.int32), persistent=False)
         self.max_seq_len = 0  # logical cache length; the allocation is rounded up to BLOCK_SIZE
 
-    def setup_caches(self, batch_size: int, max_seq_len: int, kv_cache_dtype: torch.dtype | None = None,
-                     cache_class=KVCache):
+    def setup_caches(
+        self, batch_size: int, max_seq_len: int, kv_cache_dtype: torch.dtype | None = None, cache_class=KVCache
+    ):
         """Allocate the static KV cache. Call again to resize; cheap to call with the same sizes.
 
         cache_class(batch_size, n_kv_heads, cache_len, head_dim, kv_cache_dtype, device) makes each
@@ -292,8 +307,9 @@ class Transformer(nn.Module):
         self.max_seq_len = max_seq_len
         self.row_start = torch.zeros(batch_size, dtype=torch.int32, device=device)
         for layer in self.layers:
-            layer.attention.kv_cache = cache_class(batch_size, self.args.n_kv_heads, cache_len, self.args.head_dim,
-                                                   dtype, device)
+            layer.attention.kv_cache = cache_class(
+                batch_size, self.args.n_kv_heads, cache_len, self.args.head_dim, dtype, device
+            )
 
     @property
     def cache_len(self) -> int:

@@ -17,6 +17,7 @@ model (SmolLM2, Llama-3.2, small Qwens) is not quantized.
 
 Accuracy on the real SmolLM2-135M-Instruct and Botchan: scripts/eval_quant.py.
 """
+
 import argparse
 import json
 import sys
@@ -28,8 +29,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import gemv
-from checkpoint import (CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, CheckpointError, OutputExistsError, check_output_dir,
-                        read_checkpoint_config, save_checkpoint)
+from checkpoint import (
+    CHECKPOINT_CONFIG,
+    CHECKPOINT_WEIGHTS,
+    CheckpointError,
+    OutputExistsError,
+    check_output_dir,
+    read_checkpoint_config,
+    save_checkpoint,
+)
 from errors import FastgenError, first_line
 
 QUANTIZED_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
@@ -40,6 +48,7 @@ class QuantizationError(FastgenError):
 
 
 # ----------------------------------------------------------------------------- int8
+
 
 def quantize_int8(weight: torch.Tensor):
     """Symmetric per-output-channel int8: weight ~= int8 * scale[row]."""
@@ -155,13 +164,15 @@ def check_int4_supported(device):
     device = torch.device(device)
     op = INT4_PACK_OPS.get(device.type)
     if op is None or not hasattr(torch.ops.aten, op):
-        raise QuantizationError(f"int4 has no kernel on {device.type} with torch {torch.__version__}; "
-                                f"use an int8 checkpoint there")
+        raise QuantizationError(
+            f"int4 has no kernel on {device.type} with torch {torch.__version__}; use an int8 checkpoint there"
+        )
     if device.type == "cuda" and torch.cuda.is_available() and torch.version.hip is None:
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:  # tinygemm is built for sm_80 and newer only
-            raise QuantizationError(f"int4 (tinygemm) needs an sm_80+ GPU; this one is sm_{major}{minor}; "
-                                    f"use an int8 checkpoint there")
+            raise QuantizationError(
+                f"int4 (tinygemm) needs an sm_80+ GPU; this one is sm_{major}{minor}; use an int8 checkpoint there"
+            )
 
 
 class Int4Linear(nn.Module):
@@ -184,8 +195,9 @@ class Int4Linear(nn.Module):
         self.inner_k_tiles = int4_inner_k_tiles(self.padded_in_features)
         k = self.padded_in_features
         self.register_buffer("weight", torch.empty(out_features, k // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales_and_zeros",
-                             torch.empty(k // groupsize, out_features, 2, dtype=torch.bfloat16, device=device))
+        self.register_buffer(
+            "scales_and_zeros", torch.empty(k // groupsize, out_features, 2, dtype=torch.bfloat16, device=device)
+        )
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
         self.is_packed = False  # True once `weight` holds the device's tile layout
 
@@ -201,8 +213,9 @@ class Int4Linear(nn.Module):
             self.weight = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), self.inner_k_tiles)
         else:
             # the CPU op takes one int32 value in [0, 15] per weight, [n, k]
-            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight),
-                                                                            self.inner_k_tiles)
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                unpack_int4(self.weight), self.inner_k_tiles
+            )
         self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16).contiguous()
         self.is_packed = True
 
@@ -230,6 +243,7 @@ class Int4Linear(nn.Module):
 
 
 # ----------------------------------------------------------------------------- model surgery
+
 
 def quantizable_linears(model):
     """(qualified name, module) of every Linear quantization replaces."""
@@ -265,8 +279,10 @@ def quantize_checkpoint(checkpoint_dir, mode: str, groupsize: int | None = None,
     checkpoint_dir = Path(checkpoint_dir)
     config = read_checkpoint_config(checkpoint_dir)
     if config.get("quantization"):
-        raise QuantizationError(f"{checkpoint_dir} is already quantized ({config['quantization']}); "
-                                f"quantize the unquantized checkpoint instead")
+        raise QuantizationError(
+            f"{checkpoint_dir} is already quantized ({config['quantization']}); "
+            f"quantize the unquantized checkpoint instead"
+        )
     if mode == "int4":
         groupsize = groupsize or 64
         if groupsize not in GROUPSIZES:
@@ -305,8 +321,11 @@ def quantize_checkpoint(checkpoint_dir, mode: str, groupsize: int | None = None,
                     tensors[name] = t
                 del t
     config = dict(config, quantization={"mode": mode, **({"groupsize": groupsize} if mode == "int4" else {})})
-    extra = {p.name: p for p in checkpoint_dir.iterdir()
-             if p.is_file() and p.name not in (CHECKPOINT_WEIGHTS, CHECKPOINT_CONFIG)}
+    extra = {
+        p.name: p
+        for p in checkpoint_dir.iterdir()
+        if p.is_file() and p.name not in (CHECKPOINT_WEIGHTS, CHECKPOINT_CONFIG)
+    }
     save_checkpoint(output_dir, config, tensors, extra, force=force)
     return output_dir
 
@@ -318,6 +337,7 @@ def _linear_names(config: dict):
 
 
 # ----------------------------------------------------------------------------- KV cache
+
 
 class QuantizedKVCache(nn.Module):
     """K/V stored as int8 or float8_e4m3fn with one scale per (row, head, slot); written in
@@ -340,10 +360,12 @@ class QuantizedKVCache(nn.Module):
         shape = (batch_size, n_kv_heads, cache_len, head_dim)
         scale_shape = (batch_size, n_kv_heads, cache_len, 1)
         for name in ("k", "v"):
-            self.register_buffer(f"{name}_cache", torch.zeros(shape, dtype=storage_dtype, device=device),
-                                 persistent=False)
-            self.register_buffer(f"{name}_scale", torch.zeros(scale_shape, dtype=compute_dtype, device=device),
-                                 persistent=False)
+            self.register_buffer(
+                f"{name}_cache", torch.zeros(shape, dtype=storage_dtype, device=device), persistent=False
+            )
+            self.register_buffer(
+                f"{name}_scale", torch.zeros(scale_shape, dtype=compute_dtype, device=device), persistent=False
+            )
 
     def _quantize(self, x):
         """x [B, H, T, D] -> (storage-dtype values, compute-dtype scale [B, H, T, 1]): one scale per token-head."""
@@ -363,8 +385,7 @@ class QuantizedKVCache(nn.Module):
             # through a uint8 view: index_copy_ has no float8 kernel on the CPU (same bytes on any device)
             cache.view(torch.uint8).index_copy_(2, input_pos, q.view(torch.uint8))
             scales.index_copy_(2, input_pos, scale)
-        return (self.k_cache.to(self.compute_dtype) * self.k_scale,
-                self.v_cache.to(self.compute_dtype) * self.v_scale)
+        return (self.k_cache.to(self.compute_dtype) * self.k_scale, self.v_cache.to(self.compute_dtype) * self.v_scale)
 
 
 def check_fp8_supported(device=None):
@@ -382,21 +403,32 @@ def check_fp8_supported(device=None):
         why = "casts give wrong values"
     if not ok:
         where = torch.device(device or "cpu")
-        raise QuantizationError(f"fp8 (e4m3) KV cache is not supported on {where} with torch {torch.__version__} "
-                                f"({why}); use an int8 KV cache")
+        raise QuantizationError(
+            f"fp8 (e4m3) KV cache is not supported on {where} with torch {torch.__version__} "
+            f"({why}); use an int8 KV cache"
+        )
 
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="an unquantized checkpoint directory")
-    p.add_argument("--mode", required=True, choices=("int8", "int4"),
-                   help="int8: per-channel weights; int4: grouped weights (see --groupsize)")
+    p.add_argument(
+        "--mode",
+        required=True,
+        choices=("int8", "int4"),
+        help="int8: per-channel weights; int4: grouped weights (see --groupsize)",
+    )
     p.add_argument("--groupsize", type=int, default=None, help=f"int4 group size, one of {GROUPSIZES} (default: 64)")
-    p.add_argument("--output-dir", type=Path, default=None,
-                   help="where to write; never the source or a directory inside or around it "
-                        "(default: CHECKPOINT-int8 / CHECKPOINT-int4-gG)")
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where to write; never the source or a directory inside or around it "
+        "(default: CHECKPOINT-int8 / CHECKPOINT-int4-gG)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory (default: off)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (default: off)")
     args = p.parse_args(argv)

@@ -1,5 +1,6 @@
 """The command line both converters share (convert_hf_checkpoint.py, convert_gguf.py): one source,
 --output-dir, --dtype, --force; errors as one line `error: ...` with exit code 2."""
+
 import argparse
 import sys
 from pathlib import Path
@@ -16,8 +17,16 @@ def error_line(e: BaseException) -> str:
     return f"error: {first_line(e)}{hint}"
 
 
-def converter_main(argv, description: str, convert, source_flag: str, source_help: str, output_help: str,
-                   dtype_help: str, output_required: bool = False):
+def converter_main(
+    argv,
+    description: str,
+    convert,
+    source_flag: str,
+    source_help: str,
+    output_help: str,
+    dtype_help: str,
+    output_required: bool = False,
+):
     """Parse the converter flags and run convert(source, output_dir, dtype, force)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument(source_flag, required=True, type=Path, dest="source", help=source_help)
