@@ -8,6 +8,7 @@ registers and accumulates in fp32. It is a `torch.library.triton_op`, so eager c
 and torch.compile (fullgraph) all call the same kernel. `int8_gemv_reference` is the plain
 PyTorch computation the GPU tests compare it with.
 """
+
 import torch
 
 try:  # Triton ships with CUDA builds of torch; a CPU-only install has none
@@ -40,9 +41,9 @@ NUM_STAGES = 3  # Triton's default software pipelining depth
 
 
 if triton is not None:
+
     @triton.jit
-    def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, N, K,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # one program: BLOCK_N outputs of activation row m
         pid_n, m = tl.program_id(0), tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -54,8 +55,9 @@ if triton is not None:
             k = k0 + cols
             k_ok = k < K
             x = tl.load(x_ptr + m * K + k, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0,
-                        eviction_policy="evict_first").to(tl.float32)  # read once: keep L2 for x
+            w = tl.load(
+                w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0, eviction_policy="evict_first"
+            ).to(tl.float32)  # read once: keep L2 for x
             acc += w * x[None, :]
         scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         y = tl.sum(acc, axis=1) * scale

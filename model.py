@@ -1,19 +1,17 @@
-"""A Llama-family decoder in one file: configs, KV cache, masks, attention, MLP, Transformer.
+"""A Llama-family decoder in one file, top to bottom: ModelArgs, the attention mask, the layers
+(KV cache, RMSNorm, RoPE, attention, MLP) and the Transformer.
 
 Weights use the Hugging Face rotate-half RoPE layout (what HF checkpoints ship), with q/k/v
 fused into `wqkv` and gate/up fused into `w13` so a batch-1 decode step reads each layer's
-weights in as few kernels as possible. The checkpoint format (config.json + model.safetensors)
-is at the bottom of this file.
+weights in as few kernels as possible. Named configs and the checkpoint files (config.json +
+model.safetensors) live in checkpoint.py, which imports this file; this file imports nothing
+from the project.
 """
+
 import inspect
-import json
 import math
-import os
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -52,148 +50,13 @@ class ModelArgs:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
 
-    @classmethod
-    def from_name(cls, name: str) -> "ModelArgs":
-        if name not in CONFIGS:  # exact names only: never guess a model from a path
-            raise ValueError(f"unknown model name {name!r}; known: {', '.join(CONFIGS)}")
-        return cls(**CONFIGS[name])
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelArgs":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ModelArgs fields {sorted(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        """ModelArgs from a Hugging Face config.json of a Llama-architecture model."""
-        model_type = cfg.get("model_type")
-        if model_type not in ("llama", "mistral", "qwen2", "qwen3"):
-            raise ValueError(f"unsupported model_type {model_type!r} (supported: llama, mistral, qwen2, qwen3)")
-        # transformers >= 5 nests rope settings in rope_parameters; older configs use rope_theta/rope_scaling
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        rope_base = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type in ("default", None):
-            rope_scaling = None
-        elif rope_type == "linear":
-            rope_scaling = {"type": "linear", "factor": float(rope["factor"])}
-        elif rope_type == "llama3":
-            rope_scaling = {
-                "type": "llama3",
-                "factor": float(rope["factor"]),
-                "low_freq_factor": float(rope["low_freq_factor"]),
-                "high_freq_factor": float(rope["high_freq_factor"]),
-                "original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
-            }
-        else:
-            raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: linear, llama3)")
-        # Mistral always honours sliding_window (null in v0.3); Qwen configs carry one they do not use.
-        if model_type != "mistral" and cfg.get("use_sliding_window", False):
-            raise ValueError("per-layer sliding windows (use_sliding_window with max_window_layers) are not supported")
-        sliding_window = cfg.get("sliding_window") if model_type == "mistral" else None
-        if model_type in ("llama", "mistral") and cfg.get("attention_bias", False):
-            raise ValueError("attention_bias=true (biases on q/k/v and o_proj) is not supported")
-        if cfg.get("mlp_bias", False):
-            raise ValueError("mlp_bias=true is not supported")
-        n_heads = cfg["num_attention_heads"]
-        return cls(
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-            intermediate_size=cfg["intermediate_size"],
-            vocab_size=cfg["vocab_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_base=float(rope_base),
-            rope_scaling=rope_scaling,
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            sliding_window=sliding_window,
-            qkv_bias=model_type == "qwen2",
-            qk_norm=model_type == "qwen3",
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        )
-
-
-_LLAMA3_1_ROPE = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192}
-_LLAMA3_2_ROPE = dict(_LLAMA3_1_ROPE, factor=32.0)
-
-CONFIGS = {
-    "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, intermediate_size=11008),
-    "llama-2-13b": dict(dim=5120, n_layers=40, n_heads=40, intermediate_size=13824),
-    "llama-2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672),
-    "codellama-7b": dict(dim=4096, n_layers=32, n_heads=32, intermediate_size=11008, vocab_size=32016,
-                         rope_base=1e6, max_position_embeddings=16384),
-    "codellama-34b": dict(dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, intermediate_size=22016,
-                          rope_base=1e6, max_position_embeddings=16384),
-    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
-                       vocab_size=128256, rope_base=500000.0, max_position_embeddings=8192),
-    "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672,
-                        vocab_size=128256, rope_base=500000.0, max_position_embeddings=8192),
-    "llama-3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
-                         vocab_size=128256, rope_base=500000.0, max_position_embeddings=131072,
-                         rope_scaling=_LLAMA3_1_ROPE),
-    "llama-3.1-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672,
-                          vocab_size=128256, rope_base=500000.0, max_position_embeddings=131072,
-                          rope_scaling=_LLAMA3_1_ROPE),
-    "llama-3.1-405b": dict(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, intermediate_size=53248,
-                           vocab_size=128256, rope_base=500000.0, max_position_embeddings=131072,
-                           rope_scaling=_LLAMA3_1_ROPE),
-    "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate_size=8192,
-                         vocab_size=128256, rope_base=500000.0, max_position_embeddings=131072,
-                         rope_scaling=_LLAMA3_2_ROPE, tie_embeddings=True),
-    "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, intermediate_size=8192,
-                         vocab_size=128256, rope_base=500000.0, max_position_embeddings=131072,
-                         rope_scaling=_LLAMA3_2_ROPE, tie_embeddings=True),
-    "mistral-7b-v0.1": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
-                            max_position_embeddings=32768, sliding_window=4096),
-    "mistral-7b-v0.3": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
-                            vocab_size=32768, rope_base=1e6, max_position_embeddings=32768),
-    "qwen2.5-0.5b": dict(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, intermediate_size=4864,
-                         vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=32768,
-                         qkv_bias=True, tie_embeddings=True),
-    "qwen2.5-1.5b": dict(dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, intermediate_size=8960,
-                         vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=32768,
-                         qkv_bias=True, tie_embeddings=True),
-    "qwen2.5-3b": dict(dim=2048, n_layers=36, n_heads=16, n_kv_heads=2, intermediate_size=11008,
-                       vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=32768,
-                       qkv_bias=True, tie_embeddings=True),
-    "qwen2.5-7b": dict(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, intermediate_size=18944,
-                       vocab_size=152064, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=32768,
-                       qkv_bias=True),
-    "qwen3-0.6b": dict(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, intermediate_size=3072,
-                       vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=40960,
-                       qk_norm=True, tie_embeddings=True),
-    "qwen3-1.7b": dict(dim=2048, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, intermediate_size=6144,
-                       vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=40960,
-                       qk_norm=True, tie_embeddings=True),
-    "qwen3-4b": dict(dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, intermediate_size=9728,
-                     vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=40960,
-                     qk_norm=True, tie_embeddings=True),
-    "qwen3-8b": dict(dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, intermediate_size=12288,
-                     vocab_size=151936, norm_eps=1e-6, rope_base=1e6, max_position_embeddings=40960,
-                     qk_norm=True),
-    "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536,
-                         vocab_size=49152, rope_base=100000.0, max_position_embeddings=8192,
-                         tie_embeddings=True),
-    "smollm2-360m": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, intermediate_size=2560,
-                         vocab_size=49152, rope_base=100000.0, max_position_embeddings=8192,
-                         tie_embeddings=True),
-    "smollm2-1.7b": dict(dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, intermediate_size=8192,
-                         vocab_size=49152, rope_base=130000.0, max_position_embeddings=8192,
-                         tie_embeddings=True),
-}
-
 
 # ----------------------------------------------------------------------------- mask
 
 # Older torch has no compute_q_blocks; the q-side index is only needed for backward.
-_FROM_KV_BLOCKS_KW = ({"compute_q_blocks": False}
-                      if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters else {})
+_FROM_KV_BLOCKS_KW = (
+    {"compute_q_blocks": False} if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters else {}
+)
 
 
 def valid_kv(row_start, q_slot, kv_slot, sliding_window: int | None):
@@ -204,8 +67,9 @@ def valid_kv(row_start, q_slot, kv_slot, sliding_window: int | None):
     return ok
 
 
-def offset_length_dense_mask(start: torch.Tensor, q_start: torch.Tensor, q_len: int, kv_len: int,
-                             sliding_window: int | None = None) -> torch.Tensor:
+def offset_length_dense_mask(
+    start: torch.Tensor, q_start: torch.Tensor, q_len: int, kv_len: int, sliding_window: int | None = None
+) -> torch.Tensor:
     """The same rule as a bool [B, 1, q_len, kv_len] tensor, for SDPA (eager, no compiler needed)."""
     q_slot = q_start + torch.arange(q_len, device=start.device).view(1, 1, q_len, 1)
     kv_slot = torch.arange(kv_len, device=start.device).view(1, 1, 1, kv_len)
@@ -216,9 +80,10 @@ def offset_length_dense_mask(start: torch.Tensor, q_start: torch.Tensor, q_len: 
     return mask | ~mask.any(-1, keepdim=True)
 
 
-def offset_length_block_mask(start: torch.Tensor, q_start: torch.Tensor, q_len: int, kv_len: int,
-                             sliding_window: int | None = None) -> BlockMask:
-    """The offset-plus-length mask of design.md, built from tensor arithmetic alone.
+def offset_length_block_mask(
+    start: torch.Tensor, q_start: torch.Tensor, q_len: int, kv_len: int, sliding_window: int | None = None
+) -> BlockMask:
+    """The offset-plus-length mask (see valid_kv), built from tensor arithmetic alone.
 
     Row b's query i sits at absolute slot q = q_start + i and may attend to kv slots
     start[b] <= kv <= q (and kv > q - sliding_window). Blocks of BLOCK_SIZE kv slots wholly
@@ -237,8 +102,9 @@ def offset_length_block_mask(start: torch.Tensor, q_start: torch.Tensor, q_len: 
     q_lo, q_hi = q_lo.view(1, 1, -1, 1), q_hi.view(1, 1, -1, 1)
     kv_lo, kv_hi = kv_lo.view(1, 1, 1, -1), kv_hi.view(1, 1, 1, -1)
     # Some (q, kv) pair is valid iff some q in [max(q_lo, kv_lo, start), min(q_hi, kv_hi + window - 1)] exists.
-    any_valid = (torch.maximum(torch.maximum(q_lo, kv_lo), row_start) <= torch.minimum(q_hi, kv_hi + window - 1)) \
-        & (row_start <= kv_hi)
+    any_valid = (torch.maximum(torch.maximum(q_lo, kv_lo), row_start) <= torch.minimum(q_hi, kv_hi + window - 1)) & (
+        row_start <= kv_hi
+    )
     # Every pair is valid iff the block's corners are.
     all_valid = (kv_lo >= row_start) & (kv_hi <= q_lo) & (kv_lo > q_hi - window)
     partial = any_valid & ~all_valid
@@ -255,12 +121,20 @@ def offset_length_block_mask(start: torch.Tensor, q_start: torch.Tensor, q_len: 
     def mask_mod(b, h, q_idx, kv_idx):
         return valid_kv(start[b], q_start + q_idx, kv_idx, sliding_window)
 
-    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-                                    BLOCK_SIZE=BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=(q_len, kv_len),
-                                    **_FROM_KV_BLOCKS_KW)
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks,
+        kv_indices,
+        full_kv_num_blocks,
+        full_kv_indices,
+        BLOCK_SIZE=BLOCK_SIZE,
+        mask_mod=mask_mod,
+        seq_lengths=(q_len, kv_len),
+        **_FROM_KV_BLOCKS_KW,
+    )
 
 
 # ----------------------------------------------------------------------------- layers
+
 
 class KVCache(nn.Module):
     """Preallocated K/V for every slot, written in place; the cache dtype is its own choice."""
@@ -314,8 +188,9 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 def flex_attention_over_cache(q, k, v, block_mask: BlockMask):
     """Compiled path: flex_attention visits only each row's valid kv blocks (at decode, Inductor's
     flex-decoding kernel), so the work grows with the valid length, not the allocated cache."""
-    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1],
-                          scale=q.shape[-1] ** -0.5)
+    return flex_attention(
+        q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1], scale=q.shape[-1] ** -0.5
+    )
 
 
 def sdpa_attention_over_cache(q, k, v, folded_mask: torch.Tensor):
@@ -334,11 +209,11 @@ def sdpa_attention_over_cache(q, k, v, folded_mask: torch.Tensor):
         # Decode: the fused kernels split the work by query rows, and there are G of them, so
         # a long cache is read by a handful of thread blocks (8k filled in a 32k cache: 30 ms per
         # Llama-3-8B step). Two plain matmuls spread the cache over the whole GPU.
-        scores = (q @ k.transpose(-1, -2)).float() * D ** -0.5  # [B, Hkv, G, S]
+        scores = (q @ k.transpose(-1, -2)).float() * D**-0.5  # [B, Hkv, G, S]
         probs = scores.masked_fill(~folded_mask, float("-inf")).softmax(dim=-1)
         y = probs.to(v.dtype) @ v
     else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=folded_mask, scale=D ** -0.5)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=folded_mask, scale=D**-0.5)
     return y.reshape(B, n_heads, T, D)
 
 
@@ -418,8 +293,9 @@ class Transformer(nn.Module):
         self.register_buffer("row_start", torch.zeros(0, dtype=torch.int32), persistent=False)
         self.max_seq_len = 0  # logical cache length; the allocation is rounded up to BLOCK_SIZE
 
-    def setup_caches(self, batch_size: int, max_seq_len: int, kv_cache_dtype: torch.dtype | None = None,
-                     cache_class=KVCache):
+    def setup_caches(
+        self, batch_size: int, max_seq_len: int, kv_cache_dtype: torch.dtype | None = None, cache_class=KVCache
+    ):
         """Allocate the static KV cache. Call again to resize; cheap to call with the same sizes.
 
         cache_class(batch_size, n_kv_heads, cache_len, head_dim, kv_cache_dtype, device) makes each
@@ -431,8 +307,9 @@ class Transformer(nn.Module):
         self.max_seq_len = max_seq_len
         self.row_start = torch.zeros(batch_size, dtype=torch.int32, device=device)
         for layer in self.layers:
-            layer.attention.kv_cache = cache_class(batch_size, self.args.n_kv_heads, cache_len, self.args.head_dim,
-                                                   dtype, device)
+            layer.attention.kv_cache = cache_class(
+                batch_size, self.args.n_kv_heads, cache_len, self.args.head_dim, dtype, device
+            )
 
     @property
     def cache_len(self) -> int:
@@ -474,111 +351,3 @@ class Transformer(nn.Module):
         x = self.norm(x)
         logits = F.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
         return logits.float()
-
-
-# ----------------------------------------------------------------------------- checkpoints
-#
-# Our checkpoint directory: config.json {"model_args": {...}, "quantization": null | {...}},
-# model.safetensors with the parameter names of Transformer.state_dict(), and the tokenizer
-# file(s) beside them.
-
-CHECKPOINT_WEIGHTS = "model.safetensors"
-CHECKPOINT_CONFIG = "config.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and what is wrong."""
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message: errors we re-raise stay one line."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else ""
-
-
-def save_checkpoint(out_dir, config: dict, tensors: dict[str, torch.Tensor], extra_files: dict[str, str | bytes | Path] = None,
-                    force: bool = False):
-    """Write a checkpoint directory atomically: everything goes into a temp dir that is renamed into place."""
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise CheckpointError(f"{out_dir} already exists; pass --force to overwrite it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / CHECKPOINT_WEIGHTS))
-        (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        for name, content in (extra_files or {}).items():
-            if isinstance(content, Path):
-                shutil.copyfile(content, tmp / name)
-            elif isinstance(content, bytes):
-                (tmp / name).write_bytes(content)
-            else:
-                (tmp / name).write_text(content)
-        # mkdtemp makes a private (0700) directory; a checkpoint gets the usual permissions
-        os.chmod(tmp, 0o777 & ~umask)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def read_checkpoint_config(checkpoint_dir) -> dict:
-    checkpoint_dir = Path(checkpoint_dir)
-    path = checkpoint_dir / CHECKPOINT_CONFIG
-    if not checkpoint_dir.is_dir():
-        raise CheckpointError(f"checkpoint directory {checkpoint_dir} does not exist")
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; convert a model first (see README: scripts/convert_hf_checkpoint.py)")
-    try:
-        config = json.loads(path.read_text())
-        ModelArgs.from_dict(config["model_args"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} is not a valid checkpoint config: {e}") from None
-    return config
-
-
-def load_checkpoint_tensors(checkpoint_dir, expected: dict[str, torch.Tensor], device, dtype) -> dict[str, torch.Tensor]:
-    """Read model.safetensors lazily (memory-mapped), checking every name and shape against `expected`.
-
-    Floating-point tensors are cast to `dtype`; integer tensors (quantized weights) keep theirs.
-    """
-    from safetensors import safe_open
-
-    path = Path(checkpoint_dir) / CHECKPOINT_WEIGHTS
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    out = {}
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            names = set(f.keys())
-            missing = sorted(set(expected) - names)
-            unexpected = sorted(names - set(expected))
-            if missing:
-                raise CheckpointError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing in all)")
-            if unexpected:
-                raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all)")
-            for name, ref in expected.items():
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != tuple(ref.shape):
-                    raise CheckpointError(f"{path}: tensor {name} has shape {list(shape)} but the config "
-                                          f"expects {list(ref.shape)}")
-                t = f.get_tensor(name)
-                out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {first_line(e)})") from None
-    return out

@@ -17,9 +17,9 @@ model (SmolLM2, Llama-3.2, small Qwens) is not quantized.
 
 Accuracy on the real SmolLM2-135M-Instruct and Botchan: scripts/eval_quant.py.
 """
+
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -29,36 +29,26 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import gemv
-from model import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, CheckpointError, read_checkpoint_config, save_checkpoint
+from checkpoint import (
+    CHECKPOINT_CONFIG,
+    CHECKPOINT_WEIGHTS,
+    CheckpointError,
+    OutputExistsError,
+    check_output_dir,
+    read_checkpoint_config,
+    save_checkpoint,
+)
+from errors import FastgenError, first_line
 
 QUANTIZED_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 
 
-class QuantizationError(ValueError):
+class QuantizationError(FastgenError):
     """A one-line, user-facing reason a quantization cannot be done."""
 
 
-def output_overlap(source, output) -> str | None:
-    """How `output` overlaps `source` ("is", "is inside" or "contains"), or None when they are apart.
-
-    Writing a checkpoint replaces its whole output directory, so an output that is the source,
-    holds it, or lies inside it would destroy the source (with --force) or mix the two. Shared by
-    the converters.
-    """
-    # Compared both as written (a symlinked source inside the output would be deleted) and resolved
-    # (`.`, `..` and symlinks cannot hide that two paths are one place).
-    for src, out in ((Path(os.path.abspath(source)), Path(os.path.abspath(output))),
-                     (Path(source).resolve(), Path(output).resolve())):
-        if out == src:
-            return "is"
-        if out.is_relative_to(src):
-            return "is inside"
-        if src.is_relative_to(out):
-            return "contains"
-    return None
-
-
 # ----------------------------------------------------------------------------- int8
+
 
 def quantize_int8(weight: torch.Tensor):
     """Symmetric per-output-channel int8: weight ~= int8 * scale[row]."""
@@ -106,7 +96,7 @@ def int4_padded_in_features(in_features: int, groupsize: int) -> int:
     return -(-in_features // groupsize) * groupsize
 
 
-def check_int4_shape(out_features: int, in_features: int, groupsize: int, what: str = "a Linear"):
+def check_int4_shape(out_features: int, groupsize: int, what: str = "a Linear"):
     if groupsize not in GROUPSIZES:
         raise QuantizationError(f"int4 groupsize must be one of {GROUPSIZES} (got {groupsize})")
     if out_features % 8:  # tinygemm tiles n by 8
@@ -124,7 +114,7 @@ def quantize_int4(weight: torch.Tensor, groupsize: int):
     weight (so they never widen a group's range) and meet zero activations.
     """
     n, k = weight.shape
-    check_int4_shape(n, k, groupsize)
+    check_int4_shape(n, groupsize)
     k_pad = int4_padded_in_features(k, groupsize)
     w = weight.float()
     if k_pad != k:
@@ -174,13 +164,15 @@ def check_int4_supported(device):
     device = torch.device(device)
     op = INT4_PACK_OPS.get(device.type)
     if op is None or not hasattr(torch.ops.aten, op):
-        raise QuantizationError(f"int4 has no kernel on {device.type} with torch {torch.__version__}; "
-                                f"use an int8 checkpoint there")
+        raise QuantizationError(
+            f"int4 has no kernel on {device.type} with torch {torch.__version__}; use an int8 checkpoint there"
+        )
     if device.type == "cuda" and torch.cuda.is_available() and torch.version.hip is None:
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:  # tinygemm is built for sm_80 and newer only
-            raise QuantizationError(f"int4 (tinygemm) needs an sm_80+ GPU; this one is sm_{major}{minor}; "
-                                    f"use an int8 checkpoint there")
+            raise QuantizationError(
+                f"int4 (tinygemm) needs an sm_80+ GPU; this one is sm_{major}{minor}; use an int8 checkpoint there"
+            )
 
 
 class Int4Linear(nn.Module):
@@ -197,14 +189,15 @@ class Int4Linear(nn.Module):
 
     def __init__(self, in_features, out_features, bias=False, groupsize=64, device=None):
         super().__init__()
-        check_int4_shape(out_features, in_features, groupsize)
+        check_int4_shape(out_features, groupsize)
         self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
         self.padded_in_features = int4_padded_in_features(in_features, groupsize)
         self.inner_k_tiles = int4_inner_k_tiles(self.padded_in_features)
         k = self.padded_in_features
         self.register_buffer("weight", torch.empty(out_features, k // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales_and_zeros",
-                             torch.empty(k // groupsize, out_features, 2, dtype=torch.bfloat16, device=device))
+        self.register_buffer(
+            "scales_and_zeros", torch.empty(k // groupsize, out_features, 2, dtype=torch.bfloat16, device=device)
+        )
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
         self.is_packed = False  # True once `weight` holds the device's tile layout
 
@@ -220,8 +213,9 @@ class Int4Linear(nn.Module):
             self.weight = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), self.inner_k_tiles)
         else:
             # the CPU op takes one int32 value in [0, 15] per weight, [n, k]
-            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight),
-                                                                            self.inner_k_tiles)
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                unpack_int4(self.weight), self.inner_k_tiles
+            )
         self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16).contiguous()
         self.is_packed = True
 
@@ -249,6 +243,7 @@ class Int4Linear(nn.Module):
 
 
 # ----------------------------------------------------------------------------- model surgery
+
 
 def quantizable_linears(model):
     """(qualified name, module) of every Linear quantization replaces."""
@@ -284,23 +279,20 @@ def quantize_checkpoint(checkpoint_dir, mode: str, groupsize: int | None = None,
     checkpoint_dir = Path(checkpoint_dir)
     config = read_checkpoint_config(checkpoint_dir)
     if config.get("quantization"):
-        raise QuantizationError(f"{checkpoint_dir} is already quantized ({config['quantization']}); "
-                                f"quantize the unquantized checkpoint instead")
+        raise QuantizationError(
+            f"{checkpoint_dir} is already quantized ({config['quantization']}); "
+            f"quantize the unquantized checkpoint instead"
+        )
     if mode == "int4":
         groupsize = groupsize or 64
         if groupsize not in GROUPSIZES:
-            raise QuantizationError(f"--groupsize must be one of {GROUPSIZES} (got {groupsize})")
+            raise QuantizationError(f"int4 groupsize must be one of {GROUPSIZES} (got {groupsize})")
     elif mode != "int8":
-        raise QuantizationError(f"--mode must be int8 or int4 (got {mode!r})")
+        raise QuantizationError(f"mode must be int8 or int4 (got {mode!r})")
     base = checkpoint_dir if checkpoint_dir.name not in ("", "..") else checkpoint_dir.resolve()  # "." has no name
     default_output = Path(f"{base}-int8" if mode == "int8" else f"{base}-int4-g{groupsize}")
     output_dir = Path(output_dir or default_output)
-    overlap = output_overlap(checkpoint_dir, output_dir)
-    if overlap:  # checked before "exists": --force must never be the way past it
-        raise QuantizationError(f"--output-dir {output_dir} {overlap} the source checkpoint {checkpoint_dir}; "
-                                f"choose a directory outside it, e.g. {default_output}")
-    if output_dir.exists() and not force:
-        raise QuantizationError(f"{output_dir} already exists; pass --force to overwrite it")
+    check_output_dir(checkpoint_dir, output_dir, force, what="the source checkpoint")
 
     weight_names = {f"{name}.weight" for name in _linear_names(config)}
     tensors = {}  # the quantized model (smaller than the source); the source stays memory-mapped
@@ -323,14 +315,17 @@ def quantize_checkpoint(checkpoint_dir, mode: str, groupsize: int | None = None,
                     if mode == "int8":
                         tensors[name], tensors[f"{prefix}.scales"] = quantize_int8(t)
                     else:
-                        check_int4_shape(t.shape[0], t.shape[1], groupsize, prefix)
+                        check_int4_shape(t.shape[0], groupsize, prefix)
                         tensors[name], tensors[f"{prefix}.scales_and_zeros"] = quantize_int4(t, groupsize)
                 else:
                     tensors[name] = t
                 del t
     config = dict(config, quantization={"mode": mode, **({"groupsize": groupsize} if mode == "int4" else {})})
-    extra = {p.name: p for p in checkpoint_dir.iterdir()
-             if p.is_file() and p.name not in (CHECKPOINT_WEIGHTS, CHECKPOINT_CONFIG)}
+    extra = {
+        p.name: p
+        for p in checkpoint_dir.iterdir()
+        if p.is_file() and p.name not in (CHECKPOINT_WEIGHTS, CHECKPOINT_CONFIG)
+    }
     save_checkpoint(output_dir, config, tensors, extra, force=force)
     return output_dir
 
@@ -342,6 +337,7 @@ def _linear_names(config: dict):
 
 
 # ----------------------------------------------------------------------------- KV cache
+
 
 class QuantizedKVCache(nn.Module):
     """K/V stored as int8 or float8_e4m3fn with one scale per (row, head, slot); written in
@@ -364,10 +360,12 @@ class QuantizedKVCache(nn.Module):
         shape = (batch_size, n_kv_heads, cache_len, head_dim)
         scale_shape = (batch_size, n_kv_heads, cache_len, 1)
         for name in ("k", "v"):
-            self.register_buffer(f"{name}_cache", torch.zeros(shape, dtype=storage_dtype, device=device),
-                                 persistent=False)
-            self.register_buffer(f"{name}_scale", torch.zeros(scale_shape, dtype=compute_dtype, device=device),
-                                 persistent=False)
+            self.register_buffer(
+                f"{name}_cache", torch.zeros(shape, dtype=storage_dtype, device=device), persistent=False
+            )
+            self.register_buffer(
+                f"{name}_scale", torch.zeros(scale_shape, dtype=compute_dtype, device=device), persistent=False
+            )
 
     def _quantize(self, x):
         """x [B, H, T, D] -> (storage-dtype values, compute-dtype scale [B, H, T, 1]): one scale per token-head."""
@@ -387,40 +385,50 @@ class QuantizedKVCache(nn.Module):
             # through a uint8 view: index_copy_ has no float8 kernel on the CPU (same bytes on any device)
             cache.view(torch.uint8).index_copy_(2, input_pos, q.view(torch.uint8))
             scales.index_copy_(2, input_pos, scale)
-        return (self.k_cache.to(self.compute_dtype) * self.k_scale,
-                self.v_cache.to(self.compute_dtype) * self.v_scale)
+        return (self.k_cache.to(self.compute_dtype) * self.k_scale, self.v_cache.to(self.compute_dtype) * self.v_scale)
 
 
 def check_fp8_supported(device=None):
     """One-line QuantizationError where float8_e4m3fn casts do not work (old torch, device without them)."""
     if not hasattr(torch, "float8_e4m3fn"):
-        raise QuantizationError(f"torch {torch.__version__} has no float8_e4m3fn; use --kv-cache-dtype int8")
+        raise QuantizationError(f"torch {torch.__version__} has no float8_e4m3fn; use an int8 KV cache")
     if device is not None and torch.device(device).type == "meta":
         return  # shapes only; checked again where the cache is made for real
     try:
         x = torch.tensor([1.5, -300.0], device=device).to(torch.float8_e4m3fn)
         ok = x.view(torch.uint8).cpu().tolist() == [0x3C, 0xF9] and x.float().cpu().tolist() == [1.5, -288.0]
     except (RuntimeError, TypeError, NotImplementedError) as e:
-        ok, why = False, (str(e).splitlines() or [""])[0][:120]
+        ok, why = False, first_line(e)[:120]
     else:
         why = "casts give wrong values"
     if not ok:
         where = torch.device(device or "cpu")
-        raise QuantizationError(f"fp8 (e4m3) KV cache is not supported on {where} with torch {torch.__version__} "
-                                f"({why}); use --kv-cache-dtype int8")
+        raise QuantizationError(
+            f"fp8 (e4m3) KV cache is not supported on {where} with torch {torch.__version__} "
+            f"({why}); use an int8 KV cache"
+        )
 
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="an unquantized checkpoint directory")
-    p.add_argument("--mode", required=True, choices=("int8", "int4"),
-                   help="int8: per-channel weights; int4: grouped weights (see --groupsize)")
+    p.add_argument(
+        "--mode",
+        required=True,
+        choices=("int8", "int4"),
+        help="int8: per-channel weights; int4: grouped weights (see --groupsize)",
+    )
     p.add_argument("--groupsize", type=int, default=None, help=f"int4 group size, one of {GROUPSIZES} (default: 64)")
-    p.add_argument("--output-dir", type=Path, default=None,
-                   help="where to write; never the source or a directory inside or around it "
-                        "(default: CHECKPOINT-int8 / CHECKPOINT-int4-gG)")
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where to write; never the source or a directory inside or around it "
+        "(default: CHECKPOINT-int8 / CHECKPOINT-int4-gG)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory (default: off)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (default: off)")
     args = p.parse_args(argv)
@@ -428,10 +436,11 @@ def main(argv=None):
         if args.groupsize is not None and args.mode != "int4":
             raise QuantizationError("--groupsize only applies to --mode int4")
         out = quantize_checkpoint(args.checkpoint, args.mode, args.groupsize, args.output_dir, args.force)
-    except (QuantizationError, CheckpointError, OSError) as e:
+    except (FastgenError, OSError) as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        suffix = "; pass --force to overwrite it" if isinstance(e, OutputExistsError) else ""
+        print(f"error: {e}{suffix}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({json.loads((out / CHECKPOINT_CONFIG).read_text())['quantization']})")
     return 0

@@ -18,33 +18,40 @@ Llama-2).
 encode() treats special-token text in user input as plain text; only chat formatting (and
 encode_special, for template text) produces special ids.
 """
+
 import base64
 import datetime
 import json
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Optional
+
+from errors import FastgenError, first_line
 
 
-class TokenizerError(ValueError):
+class TokenizerError(FastgenError):
     """A tokenizer file is missing, corrupt, unsupported, or does not fit the model."""
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 # Pre-tokenizer regexes of Llama-3 (Meta's tiktoken file; GGUF "llama-bpe") and Qwen2 (GGUF "qwen2").
-LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
+QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 
 # Meta's Llama-3 special tokens follow the 128000 BPE ranks, in this order; reserved ones fill to 256.
 LLAMA3_SPECIALS = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
-    "<|python_tag|>", "<|image|>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|image|>",
 ]
 LLAMA3_NUM_SPECIALS = 256
 
@@ -74,7 +81,7 @@ def _fix_surrogates(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def _token_content(tok) -> Optional[str]:
+def _token_content(tok) -> str | None:
     """tokenizer_config.json writes tokens as a string or as {"content": ...}."""
     if isinstance(tok, dict):
         return tok.get("content")
@@ -84,31 +91,31 @@ def _token_content(tok) -> Optional[str]:
 class Tokenizer:
     """The common interface. Subclasses implement _encode_text, encode_special, decode, token lookups."""
 
-    path: Path            # the file the vocabulary came from
-    bos_id: Optional[int]
-    eos_id: Optional[int]
+    path: Path  # the file the vocabulary came from
+    bos_id: int | None
+    eos_id: int | None
     stop_ids: set
-    vocab_size: int       # number of ids this tokenizer can produce, specials included
+    vocab_size: int  # number of ids this tokenizer can produce, specials included
     max_id: int
-    add_bos: bool         # whether a plain prompt should start with bos
-    chat_format: Optional[str] = None         # "template", one of CHAT_FORMATS, or None
+    add_bos: bool  # whether a plain prompt should start with bos
+    chat_format: str | None = None  # "template", one of CHAT_FORMATS, or None
     chat_template: Optional["ChatTemplate"] = None
 
     # ---- backend hooks
-    def _encode_text(self, text: str) -> List[int]:
+    def _encode_text(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def encode_special(self, text: str) -> List[int]:
+    def encode_special(self, text: str) -> list[int]:
         """Encode template text in which special-token strings become special ids."""
         raise NotImplementedError
 
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
-    def token_to_id(self, token: str) -> Optional[int]:
+    def token_to_id(self, token: str) -> int | None:
         raise NotImplementedError
 
-    def id_to_token(self, token_id: int) -> Optional[str]:
+    def id_to_token(self, token_id: int) -> str | None:
         raise NotImplementedError
 
     # ---- common
@@ -116,7 +123,7 @@ class Tokenizer:
         """True when every id this tokenizer can produce indexes the model's embedding."""
         return self.max_id < model_vocab_size
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Plain text -> ids. Special-token text inside `text` is encoded as ordinary text."""
         ids = self._encode_text(_fix_surrogates(text))
         if bos:
@@ -134,7 +141,9 @@ class Tokenizer:
             if content is not None:
                 tid = self.token_to_id(content)
                 if tid is None:
-                    raise TokenizerError(f"{self.path}: tokenizer_config.json {key} {content!r} is not in the vocabulary")
+                    raise TokenizerError(
+                        f"{self.path}: tokenizer_config.json {key} {content!r} is not in the vocabulary"
+                    )
                 setattr(self, key[:3] + "_id", tid)
         if "add_bos_token" in config:
             self.add_bos = bool(config["add_bos_token"])
@@ -155,7 +164,7 @@ class Tokenizer:
     # The KV cache of a chat holds, turn after turn, the ids encode_chat_turn returns and the
     # ids the model generated, up to and including the stop token. encode_dialog of the same
     # transcript gives the same ids (the tests prove it for every format and template we know).
-    def encode_dialog(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> List[int]:
+    def encode_dialog(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
         """A whole conversation [{"role": "system"|"user"|"assistant", "content": str}, ...].
 
         A dialog that ends with an assistant message ends at that reply's stop token: what a
@@ -171,8 +180,9 @@ class Tokenizer:
                 ids = ids[: stops[-1] + 1]
         return ids
 
-    def encode_chat_turn(self, user_text: str, system: Optional[str] = None, first_turn: bool = True,
-                         history: Optional[Sequence[dict]] = None) -> List[int]:
+    def encode_chat_turn(
+        self, user_text: str, system: str | None = None, first_turn: bool = True, history: Sequence[dict] | None = None
+    ) -> list[int]:
         """The ids to append to the KV cache for a new user turn, ending with the assistant prompt.
 
         first_turn=False: the cache already ends with a reply's stop token. With a template the
@@ -198,27 +208,33 @@ class Tokenizer:
         self._suffix(asked, answered)
         return self._suffix(answered, self.encode_dialog(after))
 
-    def encode_reply(self, text: str) -> List[int]:
+    def encode_reply(self, text: str) -> list[int]:
         """An assistant reply as it sits in the KV cache after generation: its ids, then the stop token."""
         if self.chat_template is None:
             return self.encode(text) + [self._stop_for_reply()]
         prompt = STAND_IN_HISTORY[:1]
-        reply = self._suffix(self.encode_dialog(prompt), self.encode_dialog(
-            prompt + [{"role": "assistant", "content": text}], add_generation_prompt=False))
+        reply = self._suffix(
+            self.encode_dialog(prompt),
+            self.encode_dialog(prompt + [{"role": "assistant", "content": text}], add_generation_prompt=False),
+        )
         if not reply or reply[-1] not in self.stop_ids:
-            raise TokenizerError(f"{self.chat_template.path}: the chat template does not end an assistant reply with "
-                                 f"a stop token ({sorted(self.stop_ids)}), so a generated reply would not match it")
+            raise TokenizerError(
+                f"{self.chat_template.path}: the chat template does not end an assistant reply with "
+                f"a stop token ({sorted(self.stop_ids)}), so a generated reply would not match it"
+            )
         return reply
 
-    def _suffix(self, prefix: List[int], ids: List[int]) -> List[int]:
+    def _suffix(self, prefix: list[int], ids: list[int]) -> list[int]:
         # A template whose rendering of a longer conversation changes the ids of the shorter one
         # (say, one that moves the system prompt to the last user message) cannot be kept in a
         # KV cache turn by turn: each turn would need the whole transcript again.
         if ids[: len(prefix)] != prefix:
-            raise TokenizerError(f"{self.chat_template.path}: the chat template is not prefix-stable (adding a message "
-                                 f"changes the ids of the messages before it): it can render one-turn prompts, not a "
-                                 f"chat kept in the KV cache turn by turn")
-        return ids[len(prefix):]
+            raise TokenizerError(
+                f"{self.chat_template.path}: the chat template is not prefix-stable (adding a message "
+                f"changes the ids of the messages before it): it can render one-turn prompts, not a "
+                f"chat kept in the KV cache turn by turn"
+            )
+        return ids[len(prefix) :]
 
     # ---- hand-written formats (checkpoints that ship no chat template)
     # Every piece is encoded separately, at the same boundaries where special tokens or the
@@ -231,7 +247,7 @@ class Tokenizer:
             return self._special("<|im_end|>")
         return self.eos_id
 
-    def _format_chat_turn(self, user_text: str, system: Optional[str], first_turn: bool) -> List[int]:
+    def _format_chat_turn(self, user_text: str, system: str | None, first_turn: bool) -> list[int]:
         fmt = self.chat_format
         if fmt == "llama3":
             ids = [self.bos_id] if first_turn else []
@@ -255,12 +271,12 @@ class Tokenizer:
             return ([self.bos_id] if first_turn else []) + self.encode(f"{B_INST} {user_text} {E_INST}")
         raise TokenizerError(f"{self.path}: no chat format for this tokenizer (no chat_template found)")
 
-    def _format_dialog(self, messages: Sequence[dict], add_generation_prompt: bool) -> List[int]:
+    def _format_dialog(self, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
         msgs = list(messages)
         system = None
         if msgs and msgs[0]["role"] == "system":
             system = msgs.pop(0)["content"]
-        ids: List[int] = []
+        ids: list[int] = []
         first = True
         for i, m in enumerate(msgs):
             role, content = m["role"], m["content"]
@@ -279,30 +295,38 @@ class Tokenizer:
                 raise TokenizerError(f"unknown or misplaced role {role!r} in dialog")
         return ids
 
-    def _assistant_prompt(self) -> List[int]:
+    def _assistant_prompt(self) -> list[int]:
         if self.chat_format == "llama3":
             return self._llama3_header("assistant")
         if self.chat_format == "chatml":
             return self._chatml_header("assistant")
         return []  # [INST] formats: the prompt ends with [/INST], nothing to strip
 
-    def _llama3_header(self, role: str) -> List[int]:
-        return ([self._special("<|start_header_id|>")] + self.encode(role)
-                + [self._special("<|end_header_id|>")] + self.encode("\n\n"))
+    def _llama3_header(self, role: str) -> list[int]:
+        return (
+            [self._special("<|start_header_id|>")]
+            + self.encode(role)
+            + [self._special("<|end_header_id|>")]
+            + self.encode("\n\n")
+        )
 
-    def _llama3_message(self, role: str, content: str) -> List[int]:
+    def _llama3_message(self, role: str, content: str) -> list[int]:
         return self._llama3_header(role) + self.encode(content.strip()) + [self._special("<|eot_id|>")]
 
-    def _chatml_header(self, role: str) -> List[int]:
+    def _chatml_header(self, role: str) -> list[int]:
         return [self._special("<|im_start|>")] + self.encode(role + "\n")
 
-    def _chatml_message(self, role: str, content: str) -> List[int]:
+    def _chatml_message(self, role: str, content: str) -> list[int]:
         # "<|im_start|>role\ncontent<|im_end|>\n"; text between specials is one piece.
-        return ([self._special("<|im_start|>")] + self.encode(role + "\n" + content)
-                + [self._special("<|im_end|>")] + self.encode("\n"))
+        return (
+            [self._special("<|im_start|>")]
+            + self.encode(role + "\n" + content)
+            + [self._special("<|im_end|>")]
+            + self.encode("\n")
+        )
 
 
-def _detect_chat_format(tok: Tokenizer) -> Optional[str]:
+def _detect_chat_format(tok: Tokenizer) -> str | None:
     """The hand-written format for a tokenizer without a chat template, from its special tokens."""
     if tok.token_to_id("<|start_header_id|>") is not None and tok.token_to_id("<|eot_id|>") is not None:
         return "llama3"
@@ -315,8 +339,10 @@ def _detect_chat_format(tok: Tokenizer) -> Optional[str]:
 
 # ---------------------------------------------------------------------------- chat templates
 
+
 def _raise_exception(message):
     import jinja2
+
     raise jinja2.TemplateError(message)
 
 
@@ -333,11 +359,13 @@ class ChatTemplate:
     keeps non-ASCII text, and bos_token / eos_token / tools / documents are defined.
     """
 
-    def __init__(self, source: str, path: Path, special_tokens: Dict[str, str]):
+    def __init__(self, source: str, path: Path, special_tokens: dict[str, str]):
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         env.filters["tojson"] = _tojson
@@ -346,18 +374,24 @@ class ChatTemplate:
         try:
             self.template = env.from_string(source)
         except jinja2.TemplateError as e:
-            raise TokenizerError(f"{path}: the chat template does not parse ({_first_line(e)})") from None
+            raise TokenizerError(f"{path}: the chat template does not parse ({first_line(e)})") from None
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
         import jinja2
+
         try:
-            return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                        tools=None, documents=None, **self.special_tokens)
+            return self.template.render(
+                messages=list(messages),
+                add_generation_prompt=add_generation_prompt,
+                tools=None,
+                documents=None,
+                **self.special_tokens,
+            )
         except (jinja2.TemplateError, TypeError) as e:  # raise_exception(), a sandbox violation, bad messages
-            raise TokenizerError(f"{self.path}: chat template: {_first_line(e)}") from None
+            raise TokenizerError(f"{self.path}: chat template: {first_line(e)}") from None
 
 
-def _chat_template_source(config: dict, path: Path) -> Optional[str]:
+def _chat_template_source(config: dict, path: Path) -> str | None:
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -371,6 +405,7 @@ def _chat_template_source(config: dict, path: Path) -> Optional[str]:
 
 # ---------------------------------------------------------------------------- backends
 
+
 class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer.json, run by the `tokenizers` library."""
 
@@ -381,7 +416,7 @@ class HFTokenizer(Tokenizer):
         try:
             self.backend = Backend.from_file(str(path))
         except Exception as e:  # the library raises a plain Exception for bad JSON or unknown models
-            raise TokenizerError(f"{path}: the tokenizers library cannot read it ({_first_line(e)})") from None
+            raise TokenizerError(f"{path}: the tokenizers library cannot read it ({first_line(e)})") from None
         vocab = self.backend.get_vocab(with_added_tokens=True)
         if not vocab:
             raise TokenizerError(f"{path}: empty vocabulary")
@@ -391,7 +426,7 @@ class HFTokenizer(Tokenizer):
         # how a tokenizer.json says "start with bos"; tokenizer_config.json may override both.
         plain = self.backend.encode("a", add_special_tokens=False).ids
         full = self.backend.encode("a", add_special_tokens=True).ids
-        self.add_bos = len(full) > len(plain) and full[1:1 + len(plain)] == plain
+        self.add_bos = len(full) > len(plain) and full[1 : 1 + len(plain)] == plain
         self.bos_id = full[0] if self.add_bos else None
         self.eos_id = self.backend.token_to_id("<|endoftext|>")  # GPT-2 style vocabularies end text with it
         self._finish_init(config)
@@ -426,7 +461,7 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self.sp.LoadFromSerializedProto(path.read_bytes())
         except Exception as e:  # sentencepiece raises RuntimeError / OSError on bad protos
-            raise TokenizerError(f"{path}: corrupt SentencePiece model ({_first_line(e)})") from None
+            raise TokenizerError(f"{path}: corrupt SentencePiece model ({first_line(e)})") from None
         n = self.sp.get_piece_size()
         if n == 0:
             raise TokenizerError(f"{path}: SentencePiece model with an empty vocabulary")
@@ -476,7 +511,7 @@ class TiktokenTokenizer(Tokenizer):
         self.path = path
         ranks = {}
         try:
-            for lineno, line in enumerate(data.splitlines(), 1):
+            for lineno, line in enumerate(data.splitlines(), 1):  # noqa: B007 - the error below names it
                 if line.strip():
                     token, rank = line.split()
                     ranks[base64.b64decode(token, validate=True)] = int(rank)
@@ -485,13 +520,15 @@ class TiktokenTokenizer(Tokenizer):
         n = len(ranks)
         if sorted(ranks.values()) != list(range(n)):
             raise TokenizerError(f"{path}: corrupt tiktoken BPE file (ranks are not 0..{n - 1})")
-        names = LLAMA3_SPECIALS + [f"<|reserved_special_token_{i}|>"
-                                   for i in range(2, 2 + LLAMA3_NUM_SPECIALS - len(LLAMA3_SPECIALS))]
+        names = LLAMA3_SPECIALS + [
+            f"<|reserved_special_token_{i}|>" for i in range(2, 2 + LLAMA3_NUM_SPECIALS - len(LLAMA3_SPECIALS))
+        ]
         self.special_tokens = {name: n + i for i, name in enumerate(names)}
         self._id_to_special = {v: k for k, v in self.special_tokens.items()}
         self._ranks = ranks
-        self.enc = tiktoken.Encoding(name=path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
-                                     special_tokens=self.special_tokens)
+        self.enc = tiktoken.Encoding(
+            name=path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=self.special_tokens
+        )
         self.vocab_size = n + len(names)
         self.max_id = self.vocab_size - 1
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
@@ -519,11 +556,12 @@ class TiktokenTokenizer(Tokenizer):
 
 # ---------------------------------------------------------------------------- loading
 
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: corrupt JSON ({type(e).__name__}: {_first_line(e)})") from None
+        raise TokenizerError(f"{path}: corrupt JSON ({type(e).__name__}: {first_line(e)})") from None
 
 
 def _looks_like_tiktoken(data: bytes) -> bool:
@@ -531,7 +569,7 @@ def _looks_like_tiktoken(data: bytes) -> bool:
     return re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+", first) is not None
 
 
-def load_tokenizer(checkpoint_dir, chat_format: Optional[str] = None) -> Tokenizer:
+def load_tokenizer(checkpoint_dir, chat_format: str | None = None) -> Tokenizer:
     """Load the tokenizer a checkpoint directory holds (see the module docstring).
 
     chat_format: one of CHAT_FORMATS to use that hand-written format even where the checkpoint
@@ -554,16 +592,24 @@ def load_tokenizer(checkpoint_dir, chat_format: Optional[str] = None) -> Tokeniz
             data = model_path.read_bytes()
         except OSError as e:
             raise TokenizerError(f"{model_path}: cannot read ({e.strerror})") from None
-        tok = TiktokenTokenizer(model_path, data, config) if _looks_like_tiktoken(data) \
+        tok = (
+            TiktokenTokenizer(model_path, data, config)
+            if _looks_like_tiktoken(data)
             else SentencePieceTokenizer(model_path, config)
+        )
     else:
-        raise TokenizerError(f"no tokenizer in {d}: looked for tokenizer.json (Hugging Face) and "
-                             f"tokenizer.model (SentencePiece or tiktoken)")
+        raise TokenizerError(
+            f"no tokenizer in {d}: looked for tokenizer.json (Hugging Face) and "
+            f"tokenizer.model (SentencePiece or tiktoken)"
+        )
 
     source = _chat_template_source(config, template_path)
     if chat_format is None and source is not None:
-        specials = {key: tok.id_to_token(tid) for key, tid in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id))
-                    if tid is not None}
+        specials = {
+            key: tok.id_to_token(tid)
+            for key, tid in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id))
+            if tid is not None
+        }
         tok.chat_template = ChatTemplate(source, template_path, specials)
         tok.chat_format = "template"
     else:
@@ -576,11 +622,14 @@ def load_tokenizer(checkpoint_dir, chat_format: Optional[str] = None) -> Tokeniz
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, path=None) -> None:
     """A tokenizer that can produce an id >= the model's vocab size would index out of the embedding."""
     if not tokenizer.vocab_fits(model_vocab_size):
-        raise TokenizerError(f"{path or tokenizer.path}: tokenizer has ids up to {tokenizer.max_id} "
-                             f"but the model's vocab_size is {model_vocab_size}")
+        raise TokenizerError(
+            f"{path or tokenizer.path}: tokenizer has ids up to {tokenizer.max_id} "
+            f"but the model's vocab_size is {model_vocab_size}"
+        )
 
 
 # ---------------------------------------------------------------------------- streaming
+
 
 class StreamDecoder:
     """Turn generated ids into text pieces as they come; the pieces plus flush() equal decode(ids).
@@ -594,13 +643,14 @@ class StreamDecoder:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tok = tokenizer
-        self.ids: List[int] = []
-        self.prefix = 0   # window start
-        self.read = 0     # ids[prefix:read] have been emitted
+        self.ids: list[int] = []
+        self.prefix = 0  # window start
+        self.read = 0  # ids[prefix:read] have been emitted
         self.stream = None
-        self.shown = 0    # characters the library's stream has emitted
+        self.shown = 0  # characters the library's stream has emitted
         if isinstance(tokenizer, HFTokenizer):
             from tokenizers.decoders import DecodeStream
+
             self.stream = DecodeStream(skip_special_tokens=False)
 
     def push(self, token_id: int) -> str:
@@ -609,10 +659,10 @@ class StreamDecoder:
             text = self.stream.step(self.tok.backend, int(token_id)) or ""  # None: a character is incomplete
             self.shown += len(text)
             return text
-        prefix_text = self.tok.decode(self.ids[self.prefix:self.read])
-        text = self.tok.decode(self.ids[self.prefix:])
+        prefix_text = self.tok.decode(self.ids[self.prefix : self.read])
+        text = self.tok.decode(self.ids[self.prefix :])
         if len(text) > len(prefix_text) and not text.endswith("\ufffd"):
-            new = text[len(prefix_text):]
+            new = text[len(prefix_text) :]
             self.prefix, self.read = self.read, len(self.ids)
             self._trim()
             return new
@@ -621,13 +671,13 @@ class StreamDecoder:
     def flush(self) -> str:
         """What is still held back (an incomplete character comes out as U+FFFD); then start over."""
         if self.stream is not None:
-            rest = self.tok.decode(self.ids)[self.shown:]
+            rest = self.tok.decode(self.ids)[self.shown :]
             self.__init__(self.tok)
             return rest
-        prefix_text = self.tok.decode(self.ids[self.prefix:self.read])
-        text = self.tok.decode(self.ids[self.prefix:])
+        prefix_text = self.tok.decode(self.ids[self.prefix : self.read])
+        text = self.tok.decode(self.ids[self.prefix :])
         self.ids, self.prefix, self.read = [], 0, 0
-        return text[len(prefix_text):]
+        return text[len(prefix_text) :]
 
     def _trim(self):
         if self.prefix > 64:  # drop ids that are no longer part of the window
@@ -651,9 +701,9 @@ class StopStrings:
         if any(not s for s in stops):
             raise ValueError("a stop string must not be empty")
         self.stops = list(stops)
-        self.text = ""      # everything pushed so far; after a stop fires, the text before it
-        self.shown = 0      # characters of text already returned
-        self.fired: Optional[str] = None
+        self.text = ""  # everything pushed so far; after a stop fires, the text before it
+        self.shown = 0  # characters of text already returned
+        self.fired: str | None = None
 
     def push(self, piece: str) -> str:
         if self.fired is not None:
@@ -683,7 +733,7 @@ class StopStrings:
         return 0
 
     def _show(self, end: int) -> str:
-        new, self.shown = self.text[self.shown:end], end
+        new, self.shown = self.text[self.shown : end], end
         return new
 
 
@@ -704,15 +754,14 @@ def _split_then_bytelevel(pattern):
 # GGUF tokenizer.ggml.pre -> Hugging Face pre_tokenizer JSON.
 GGUF_PRE_TOKENIZERS = {
     "gpt-2": _BYTELEVEL_REGEX,
-    "smollm": {"type": "Sequence", "pretokenizers": [
-        {"type": "Digits", "individual_digits": True}, _BYTELEVEL_REGEX]},
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTELEVEL_REGEX]},
     "llama-bpe": _split_then_bytelevel(LLAMA3_PATTERN),
     "llama3": _split_then_bytelevel(LLAMA3_PATTERN),
     "qwen2": _split_then_bytelevel(QWEN2_PATTERN),
 }
 
 
-def _bytes_to_unicode() -> Dict[int, str]:
+def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte <-> printable character map used by byte-level BPE vocabularies.
 
     Bytes that are printable (and not space) stand for themselves; the other 68 are
@@ -749,7 +798,7 @@ def _gguf_value(reader, key, default=None):
     return parts[0].tolist()[0]
 
 
-def gguf_tokenizer_files(reader) -> Dict[str, str]:
+def gguf_tokenizer_files(reader) -> dict[str, str]:
     """tokenizer.json + tokenizer_config.json text for the tokenizer embedded in a GGUF file.
 
     `reader` is a gguf.GGUFReader. Only byte-level BPE ("gpt2") vocabularies are supported.
@@ -759,8 +808,10 @@ def gguf_tokenizer_files(reader) -> Dict[str, str]:
     if model is None:
         raise TokenizerError(f"{name}: no tokenizer.ggml.model in GGUF metadata")
     if model != "gpt2":
-        raise TokenizerError(f"{name}: GGUF tokenizer model {model!r} (SentencePiece-style) is not supported yet; "
-                             f"only byte-level BPE ('gpt2')")
+        raise TokenizerError(
+            f"{name}: GGUF tokenizer model {model!r} (SentencePiece-style) is not supported yet; "
+            f"only byte-level BPE ('gpt2')"
+        )
     pre = _gguf_value(reader, "tokenizer.ggml.pre", "gpt-2")
     if pre == "default":
         pre = "gpt-2"
@@ -771,18 +822,39 @@ def gguf_tokenizer_files(reader) -> Dict[str, str]:
     types = _gguf_value(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     if not tokens or merges is None:
         raise TokenizerError(f"{name}: GGUF tokenizer lacks tokens or merges")
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": ty == _GGUF_CONTROL}
-             for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (_GGUF_CONTROL, _GGUF_USER_DEFINED)]
+    added = [
+        {
+            "id": i,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": ty == _GGUF_CONTROL,
+        }
+        for i, (t, ty) in enumerate(zip(tokens, types))
+        if ty in (_GGUF_CONTROL, _GGUF_USER_DEFINED)
+    ]
     tokenizer_json = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
         "normalizer": {"type": "NFC"} if pre == "qwen2" else None,
         "pre_tokenizer": GGUF_PRE_TOKENIZERS[pre],
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": list(merges)},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "vocab": {t: i for i, t in enumerate(tokens)},
+            "merges": list(merges),
+        },
     }
     config = {"add_bos_token": bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", False))}
     for key, field in (("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id")):
@@ -795,5 +867,7 @@ def gguf_tokenizer_files(reader) -> Dict[str, str]:
     template = _gguf_value(reader, "tokenizer.chat_template")
     if template:
         config["chat_template"] = template
-    return {"tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False),
-            "tokenizer_config.json": json.dumps(config, ensure_ascii=False, indent=2)}
+    return {
+        "tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False),
+        "tokenizer_config.json": json.dumps(config, ensure_ascii=False, indent=2),
+    }

@@ -2,6 +2,7 @@
 
 lm-eval calls these through `custom_dataset: !function datasets_local.NAME` in the YAML files.
 """
+
 import json
 import random
 import sys
@@ -25,8 +26,9 @@ def facts(**kwargs):
 def arithmetic(**kwargs):
     """Sums of two numbers below 50: 3 few-shot examples and 50 questions, fixed by a seed."""
     rng = random.Random(0)
-    rows = [{"a": a, "b": b, "answer": str(a + b)} for a, b in ((rng.randint(1, 49), rng.randint(1, 49))
-                                                                 for _ in range(53))]
+    rows = [
+        {"a": a, "b": b, "answer": str(a + b)} for a, b in ((rng.randint(1, 49), rng.randint(1, 49)) for _ in range(53))
+    ]
     return _dataset({"train": rows[:3], "test": rows[3:]})
 
 
@@ -37,5 +39,5 @@ def botchan(**kwargs):
 
     lines = botchan_path().read_text(encoding="utf-8").splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("*** START OF")) + 1
-    docs = ["\n".join(lines[s:s + 40]) for s in range(start, start + 20 * 40, 40)]
+    docs = ["\n".join(lines[s : s + 40]) for s in range(start, start + 20 * 40, 40)]
     return _dataset({"test": [{"text": doc} for doc in docs]})

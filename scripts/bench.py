@@ -50,6 +50,7 @@ What the columns mean
 Start-up: the headline configuration in fresh processes, with an empty TORCHINDUCTOR_CACHE_DIR
 (cold), then the same command on that cache dir (warm), phase by phase (scripts/bench_startup.py).
 """
+
 import argparse
 import os
 import shutil
@@ -64,18 +65,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-
-from bench_common import (DTYPES, T0, copy_bandwidth, free_memory, is_oom, log, matmul_rate,  # noqa: E402
-                          short_error)
+from bench_common import DTYPES, T0, copy_bandwidth, free_memory, is_oom, log, matmul_rate, short_error  # noqa: E402
 from bench_gpt_fast import PeerUnavailable, check_gpt_fast_dir, run_gpt_fast  # noqa: E402
 from bench_hf import AUTO, FORWARD, run_hf  # noqa: E402
 from bench_ours import OursRunner  # noqa: E402
-from bench_plan import (ALL_MODELS, GPT_FAST, GRID_FLAGS, HF, OURS, SUITES, parse_size, plan_jobs,  # noqa: E402
-                        split, static_skip)
+from bench_plan import ALL_MODELS, GPT_FAST, GRID_FLAGS, HF, OURS, SUITES, parse_size, plan_jobs, split, static_skip  # noqa: E402
 from bench_report import header, markdown, merge_main, write_outputs  # noqa: E402
 from bench_startup import start_times, worker_main  # noqa: E402
+
+from checkpoint import model_args_from_name  # noqa: E402
 from generate import KV_CACHE_DTYPES  # noqa: E402
-from model import ModelArgs  # noqa: E402
 
 CUDA_COPY_BYTES, CPU_COPY_BYTES = 1 << 30, 64 << 20
 CUDA_MATMUL_N, CPU_MATMUL_N = 8192, 512
@@ -102,23 +101,48 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--hf", dest="hf", action="store_true", default=None, help="run the transformers comparison")
     p.add_argument("--no-hf", dest="hf", action="store_false")
-    p.add_argument("--hf-compile", choices=[AUTO, FORWARD], default=AUTO,
-                   help="auto: transformers' own compile_config path, falling back to forward; forward: our "
-                        "decode-only wrapper of torch.compile(model.forward) (see scripts/bench_hf.py)")
-    p.add_argument("--gpt-fast-dir", type=Path, default=None,
-                   help="a pytorch-labs/gpt-fast checkout: run it as a peer on the same shapes")
-    p.add_argument("--cold-start", dest="cold_start", action="store_true", default=True,
-                   help="measure cold and warm start-up of the first configuration in subprocesses (default)")
+    p.add_argument(
+        "--hf-compile",
+        choices=[AUTO, FORWARD],
+        default=AUTO,
+        help="auto: transformers' own compile_config path, falling back to forward; forward: our "
+        "decode-only wrapper of torch.compile(model.forward) (see scripts/bench_hf.py)",
+    )
+    p.add_argument(
+        "--gpt-fast-dir",
+        type=Path,
+        default=None,
+        help="a pytorch-labs/gpt-fast checkout: run it as a peer on the same shapes",
+    )
+    p.add_argument(
+        "--cold-start",
+        dest="cold_start",
+        action="store_true",
+        default=True,
+        help="measure cold and warm start-up of the first configuration in subprocesses (default)",
+    )
     p.add_argument("--no-cold-start", dest="cold_start", action="store_false")
-    p.add_argument("--beyond-context", action="store_true",
-                   help="allow caches/positions past a model's trained context (random weights: speed is the same)")
+    p.add_argument(
+        "--beyond-context",
+        action="store_true",
+        help="allow caches/positions past a model's trained context (random weights: speed is the same)",
+    )
     p.add_argument("--copy-bytes", type=int, default=None, help="copy-bandwidth buffer (default 1 GiB on cuda)")
     p.add_argument("--matmul-size", type=int, default=None, help="default 8192 on cuda, 512 on cpu")
-    p.add_argument("--time-budget-s", type=float, default=None,
-                   help="start nothing new after this many seconds (0 = none); quick 560, peers 480, full 570")
+    p.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=None,
+        help="start nothing new after this many seconds (0 = none); quick 560, peers 480, full 570",
+    )
     p.add_argument("--out-dir", type=Path, default=Path("bench_out"))
-    p.add_argument("--merge", nargs="+", type=Path, default=None,
-                   help="print one table (and plot) from earlier JSON files instead of measuring")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="print one table (and plot) from earlier JSON files instead of measuring",
+    )
     opts = p.parse_args(argv)
     opts.explicit = {k for k in SUITES[opts.suite] if getattr(opts, k, None) is not None}
     for k, v in SUITES[opts.suite].items():
@@ -138,7 +162,7 @@ def usage_error(opts) -> str | None:
         return "--device cuda but CUDA is not available; use --device cpu"
     for m in split(opts.models):
         try:
-            ModelArgs.from_name(m)
+            model_args_from_name(m)
         except ValueError as e:
             return f"--models: {e}"
     for kv in split(opts.kv_dtypes):
@@ -153,10 +177,19 @@ def usage_error(opts) -> str | None:
 
 
 def jobs_for(opts):
-    return plan_jobs(opts.suite, bool(opts.explicit & GRID_FLAGS), split(opts.models), split(opts.weights),
-                     split(opts.kv_dtypes), [int(b) for b in split(opts.batch)],
-                     [parse_size(c) for c in split(opts.ctx)], [parse_size(c) for c in split(opts.cache)],
-                     beyond_context=opts.beyond_context, hf=opts.hf, gpt_fast=opts.gpt_fast_dir is not None)
+    return plan_jobs(
+        opts.suite,
+        bool(opts.explicit & GRID_FLAGS),
+        split(opts.models),
+        split(opts.weights),
+        split(opts.kv_dtypes),
+        [int(b) for b in split(opts.batch)],
+        [parse_size(c) for c in split(opts.ctx)],
+        [parse_size(c) for c in split(opts.cache)],
+        beyond_context=opts.beyond_context,
+        hf=opts.hf,
+        gpt_fast=opts.gpt_fast_dir is not None,
+    )
 
 
 def measure_ceilings(report, opts, device, dtype):
@@ -179,7 +212,7 @@ def run_job(impl, cfg, opts, device, dtype, ours: OursRunner, row, remaining_s):
         return run_hf(cfg, opts, device, dtype, row)
     if impl == GPT_FAST:
         timeout_s = min(CHILD_TIMEOUT_S, remaining_s + CHILD_SLACK_S)
-        return run_gpt_fast(cfg, opts, ModelArgs.from_name(cfg.model), row, timeout_s)
+        return run_gpt_fast(cfg, opts, model_args_from_name(cfg.model), row, timeout_s)
     raise ValueError(f"unknown implementation {impl!r}")
 
 
@@ -189,10 +222,17 @@ def run_jobs(jobs, report, opts, device, dtype, budget, write):
     for impl, cfg in jobs:
         row = {"impl": impl, "config": asdict(cfg), "status": "pending"}
         report["results"].append(row)
-        args = ModelArgs.from_name(cfg.model)
+        args = model_args_from_name(cfg.model)
         slots = cfg.cache_slots(opts.new_tokens)
-        skip = static_skip(cfg, args, slots, opts.new_tokens, opts.beyond_context,
-                           report["header"]["device_memory_bytes"], dtype.itemsize)
+        skip = static_skip(
+            cfg,
+            args,
+            slots,
+            opts.new_tokens,
+            opts.beyond_context,
+            report["header"]["device_memory_bytes"],
+            dtype.itemsize,
+        )
         compiles = impl != OURS or ours.compiles_for(cfg)
         remaining = budget - (time.perf_counter() - T0)
         if skip is None and (longest_first_call if compiles else SAME_SHAPE_JOB_S) > remaining:
@@ -239,8 +279,10 @@ def main(argv=None):
         report["notes"].append("gpt-fast not run: no --gpt-fast-dir")
     budget = opts.time_budget_s or float("inf")
     write = lambda final=False: write_outputs(report, opts.out_dir, stem, final)  # noqa: E731
-    log(f"{report['header']['device']}, torch {torch.__version__}, commit {report['header']['git_commit']}; "
-        f"{len(jobs)} jobs, budget {budget:.0f} s")
+    log(
+        f"{report['header']['device']}, torch {torch.__version__}, commit {report['header']['git_commit']}; "
+        f"{len(jobs)} jobs, budget {budget:.0f} s"
+    )
     measure_ceilings(report, opts, device, dtype)
     write()
 
@@ -251,8 +293,9 @@ def main(argv=None):
     if opts.cold_start and head is not None:
         cache_dir = tempfile.mkdtemp(prefix="bench_inductor_")
         remaining = budget - (time.perf_counter() - T0)
-        report["start_times"].append(start_times(head, opts, head.cache_slots(opts.new_tokens), cache_dir,
-                                                 min(remaining / 2, STARTUP_TIMEOUT_S)))
+        report["start_times"].append(
+            start_times(head, opts, head.cache_slots(opts.new_tokens), cache_dir, min(remaining / 2, STARTUP_TIMEOUT_S))
+        )
         if opts.compile:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir  # the gpt-fast child inherits it too
             os.environ.pop("TRITON_CACHE_DIR", None)

@@ -1,19 +1,25 @@
 """Measurement helpers shared by every bench module, the gpt-fast child process included.
 
-Only torch is imported here: the gpt-fast child imports this module next to gpt-fast's own
-model.py, so nothing of ours that is also called `model`, `generate` or `quantize` may load.
+Only torch and common.py are imported here: the gpt-fast child imports this module next to
+gpt-fast's own model.py, so nothing of ours that is also called `model`, `generate` or `quantize`
+may load.
 """
+
 import gc
 import itertools
 import json
-import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The repository root, appended (not put first): the gpt-fast child has gpt-fast's directory first
+# on the path, so only common.py, which gpt-fast does not have, comes from here.
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+from common import DTYPES, peak_memory_bytes  # noqa: E402, F401 - DTYPES: the bench modules' --dtype choices
+
 WEIGHT_STD = 0.02  # random weights are N(0, WEIGHT_STD); norm weights are 1
 INT_FILL_RANGE = (-128, 128)  # integer (quantized) tensors: uniform in [lo, hi), clipped to the dtype
 RESULT_TAG = "BENCH_WORKER_RESULT "  # a child process prints its one JSON result line after this tag
@@ -59,7 +65,6 @@ def copy_bandwidth(device, nbytes):
         dst.copy_(src)
     sync(device)
     s = time_loop(lambda: dst.copy_(src), device, timing_iters(device))
-    del src, dst
     return {"bytes": nbytes, "GBps": 2 * nbytes / s / 1e9, "method": "copy_ of a uint8 buffer, read + write bytes"}
 
 
@@ -70,14 +75,7 @@ def matmul_rate(device, n, dtype):
         a @ b
     sync(device)
     s = time_loop(lambda: a @ b, device, timing_iters(device))
-    del a, b
-    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "TFLOPs": 2 * n ** 3 / s / 1e12}
-
-
-def peak_memory(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process-wide on the CPU
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "TFLOPs": 2 * n**3 / s / 1e12}
 
 
 def free_memory(device):
@@ -106,8 +104,9 @@ def fill_random_(module: torch.nn.Module, seed: int = 0):
             if "norm" in name and name.endswith("weight"):
                 t.fill_(1.0)
             elif t.dtype.itemsize == 1:  # fp8 tensors have no normal_; go through bf16
-                t.copy_(torch.empty(t.shape, device=t.device, dtype=torch.bfloat16)
-                        .normal_(0, WEIGHT_STD, generator=gen))
+                t.copy_(
+                    torch.empty(t.shape, device=t.device, dtype=torch.bfloat16).normal_(0, WEIGHT_STD, generator=gen)
+                )
             else:
                 t.normal_(0.0, WEIGHT_STD, generator=gen)
         elif t.dtype != torch.bool:
@@ -136,11 +135,17 @@ def prefill_flops(weight_params: int, n_layers: int, q_width: int, batch: int, c
 
 def speed_fields(batch, ctx, steps, decode_s, prefill_s, weight_bytes, kv_read_bytes, flops_prefill, device):
     """The columns every implementation's row shares, from its median decode and prefill times."""
-    return dict(decode_tok_s=steps * batch / decode_s, step_ms=decode_s / steps * 1e3,
-                kv_read_bytes_per_step=kv_read_bytes, GBps=(weight_bytes + kv_read_bytes) * steps / decode_s / 1e9,
-                weights_only_GBps=weight_bytes * steps / decode_s / 1e9, ttft_s=prefill_s,
-                prefill_tok_s=batch * ctx / prefill_s, prefill_TFLOPs=flops_prefill / prefill_s / 1e12,
-                peak_memory_bytes=peak_memory(device))
+    return dict(
+        decode_tok_s=steps * batch / decode_s,
+        step_ms=decode_s / steps * 1e3,
+        kv_read_bytes_per_step=kv_read_bytes,
+        GBps=(weight_bytes + kv_read_bytes) * steps / decode_s / 1e9,
+        weights_only_GBps=weight_bytes * steps / decode_s / 1e9,
+        ttft_s=prefill_s,
+        prefill_tok_s=batch * ctx / prefill_s,
+        prefill_TFLOPs=flops_prefill / prefill_s / 1e12,
+        peak_memory_bytes=peak_memory_bytes(device),
+    )
 
 
 def run_child(cmd, env, cwd, timeout_s, log_failure=True) -> dict:
@@ -158,7 +163,7 @@ def run_child(cmd, env, cwd, timeout_s, log_failure=True) -> dict:
             log(f"child failed: {p.stderr[-2000:]}")
         tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
         return {"status": "error", "note": tail[:ERROR_CHARS], "process_s": process_s}
-    return {"status": "ok", "process_s": process_s, **json.loads(lines[-1][len(RESULT_TAG):])}
+    return {"status": "ok", "process_s": process_s, **json.loads(lines[-1][len(RESULT_TAG) :])}
 
 
 def print_result(result: dict):

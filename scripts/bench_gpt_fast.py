@@ -12,6 +12,7 @@ generation (it compiles, like gpt-fast's sample -1), then --runs timed ones; med
 
     python scripts/bench_gpt_fast.py --gpt-fast-dir DIR --check    # can DIR be imported? (exit 0/1)
 """
+
 import argparse
 import json
 import os
@@ -22,9 +23,17 @@ import time
 from pathlib import Path
 
 import torch
-
-from bench_common import (DTYPES, fill_random_, mean_valid_slots, prefill_flops, print_result,
-                          random_prompts, run_child, speed_fields, sync)
+from bench_common import (
+    DTYPES,
+    fill_random_,
+    mean_valid_slots,
+    prefill_flops,
+    print_result,
+    random_prompts,
+    run_child,
+    speed_fields,
+    sync,
+)
 
 GPT_FAST_SAMPLING = dict(temperature=0.8, top_k=200)  # gpt-fast generate.py's command-line defaults
 GPT_FAST_WEIGHTS = ("bf16", "int8")  # its int4 path packs with an op whose layout changed in torch 2.11
@@ -38,9 +47,11 @@ class PeerUnavailable(Exception):
 
 # ----------------------------------------------------------------------------- parent side
 
+
 def gpt_fast_commit(gpt_fast_dir: Path) -> str:
     """HEAD of DIR when DIR is the top of its own git checkout; "unknown" otherwise (a plain copy
     inside another repository must not report that repository's commit)."""
+
     def git(*args):
         r = subprocess.run(["git", "-C", str(gpt_fast_dir), *args], capture_output=True, text=True, timeout=10)
         return r.stdout.strip() if r.returncode == 0 else None
@@ -59,8 +70,13 @@ def check_gpt_fast_dir(gpt_fast_dir: Path) -> str:
     flag = f"--gpt-fast-dir {gpt_fast_dir}"
     if not (gpt_fast_dir / "model.py").is_file() or not (gpt_fast_dir / "generate.py").is_file():
         raise PeerUnavailable(f"{flag}: not a gpt-fast checkout (no model.py and generate.py there)")
-    result = run_child([sys.executable, str(SCRIPT), "--gpt-fast-dir", str(gpt_fast_dir), "--check"],
-                       env=None, cwd=str(SCRIPT.parent), timeout_s=CHECK_TIMEOUT_S, log_failure=False)
+    result = run_child(
+        [sys.executable, str(SCRIPT), "--gpt-fast-dir", str(gpt_fast_dir), "--check"],
+        env=None,
+        cwd=str(SCRIPT.parent),
+        timeout_s=CHECK_TIMEOUT_S,
+        log_failure=False,
+    )
     if result["status"] != "ok":
         raise PeerUnavailable(f"{flag}: importing gpt-fast failed: {result.get('note', result['status'])}")
     return gpt_fast_commit(gpt_fast_dir)
@@ -71,10 +87,19 @@ def gpt_fast_model_args(args, cache_slots: int) -> dict:
     rope_scaling = None
     if args.rope_scaling is not None:
         rope_scaling = {k: v for k, v in args.rope_scaling.items() if k != "type"}
-    return dict(block_size=max(args.max_position_embeddings, cache_slots),  # RoPE table length and cache cap
-                vocab_size=args.vocab_size, n_layer=args.n_layers, n_head=args.n_heads, dim=args.dim,
-                intermediate_size=args.intermediate_size, n_local_heads=args.n_kv_heads, head_dim=args.head_dim,
-                rope_base=args.rope_base, norm_eps=args.norm_eps, rope_scaling=rope_scaling)
+    return dict(
+        block_size=max(args.max_position_embeddings, cache_slots),  # RoPE table length and cache cap
+        vocab_size=args.vocab_size,
+        n_layer=args.n_layers,
+        n_head=args.n_heads,
+        dim=args.dim,
+        intermediate_size=args.intermediate_size,
+        n_local_heads=args.n_kv_heads,
+        head_dim=args.head_dim,
+        rope_base=args.rope_base,
+        norm_eps=args.norm_eps,
+        rope_scaling=rope_scaling,
+    )
 
 
 def unsupported(args, weights: str, cache_slots: int, kv: str = "bf16") -> str | None:
@@ -104,16 +129,37 @@ def run_gpt_fast(cfg, opts, args, row: dict, timeout_s: float):
         return
     if args.tie_embeddings:
         row["note"] = "output untied (gpt-fast cannot tie; same bytes per step)"
-    cmd = [sys.executable, str(SCRIPT), "--gpt-fast-dir", str(opts.gpt_fast_dir),
-           "--model-args", json.dumps(gpt_fast_model_args(args, slots)), "--weights", cfg.weights,
-           "--batch", str(cfg.batch), "--ctx", str(cfg.ctx), "--slots", str(slots),
-           "--new-tokens", str(opts.new_tokens), "--runs", str(opts.runs), "--device", opts.device,
-           "--dtype", opts.dtype, "--compile" if opts.compile else "--no-compile"]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--gpt-fast-dir",
+        str(opts.gpt_fast_dir),
+        "--model-args",
+        json.dumps(gpt_fast_model_args(args, slots)),
+        "--weights",
+        cfg.weights,
+        "--batch",
+        str(cfg.batch),
+        "--ctx",
+        str(cfg.ctx),
+        "--slots",
+        str(slots),
+        "--new-tokens",
+        str(opts.new_tokens),
+        "--runs",
+        str(opts.runs),
+        "--device",
+        opts.device,
+        "--dtype",
+        opts.dtype,
+        "--compile" if opts.compile else "--no-compile",
+    ]
     result = run_child(cmd, env=dict(os.environ), cwd=str(SCRIPT.parent), timeout_s=timeout_s)
     row.update(result)
 
 
 # ----------------------------------------------------------------------------- child side
+
 
 def import_gpt_fast(gpt_fast_dir: Path):
     """gpt-fast's generate module (it imports its model and tokenizer) from DIR, nowhere else."""
@@ -134,6 +180,7 @@ def build_gpt_fast(model_args: dict, weights: str, device, dtype):
         model = gf_model.Transformer(gf_model.ModelArgs(**model_args))
         if weights == "int8":
             import quantize as gf_quantize
+
             model = gf_quantize.WeightOnlyInt8QuantHandler(model).convert_for_runtime()
         model = model.to(dtype)
     model.to_empty(device=device)
@@ -164,8 +211,9 @@ class GptFastGeneration:
         sync(self.device)
         t1 = time.perf_counter()
         input_pos = torch.tensor([T], device=self.device, dtype=torch.int)
-        gf.decode_n_tokens(self.model, next_token.view(B, -1), input_pos, self.new_tokens - 1, callback=on_token,
-                           **GPT_FAST_SAMPLING)
+        gf.decode_n_tokens(
+            self.model, next_token.view(B, -1), input_pos, self.new_tokens - 1, callback=on_token, **GPT_FAST_SAMPLING
+        )
         sync(self.device)
         return t1 - t0, time.perf_counter() - t1, t1
 
@@ -212,12 +260,20 @@ def child_measure(opts) -> dict:
     runs = [generation() for _ in range(opts.runs)]
     prefill_s, decode_s = (statistics.median(r[i] for r in runs) for i in (0, 1))
     weight_bytes, slot_bytes, kv_read, flops = bytes_and_flops(model, B, T, N)
-    return dict(status="ok", cache_slots=opts.slots, cache_alloc=model.max_seq_length, weight_bytes=weight_bytes,
-                kv_bytes_per_slot=slot_bytes, warmup_s=warmup_s, first_step_s=first_step_s,
-                decode_s_runs=[r[1] for r in runs], prefill_s_runs=[r[0] for r in runs],
-                # what gpt-fast's generate.py prints: tokens per row over prefill + decode
-                gpt_fast_style_tok_s=N / (prefill_s + decode_s),
-                **speed_fields(B, T, N - 1, decode_s, prefill_s, weight_bytes, kv_read, flops, device))
+    return dict(
+        status="ok",
+        cache_slots=opts.slots,
+        cache_alloc=model.max_seq_length,
+        weight_bytes=weight_bytes,
+        kv_bytes_per_slot=slot_bytes,
+        warmup_s=warmup_s,
+        first_step_s=first_step_s,
+        decode_s_runs=[r[1] for r in runs],
+        prefill_s_runs=[r[0] for r in runs],
+        # what gpt-fast's generate.py prints: tokens per row over prefill + decode
+        gpt_fast_style_tok_s=N / (prefill_s + decode_s),
+        **speed_fields(B, T, N - 1, decode_s, prefill_s, weight_bytes, kv_read, flops, device),
+    )
 
 
 def parse_child_args(argv):

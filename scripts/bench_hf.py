@@ -15,15 +15,27 @@ that has been overwritten by a subsequent run". The likely cause: the first comp
 prefill, in which the static cache allocates its tensors lazily; allocated inside a CUDA graph
 they are graph outputs, which the next replay overwrites. Both paths above keep prefill eager.
 """
+
 import statistics
 import time
 import traceback
 
 import torch
-
-from bench_common import (fill_random_, free_memory, is_oom, log, mean_valid_slots, prefill_flops, random_prompts,
-                          short_error, speed_fields, sync)
+from bench_common import (
+    fill_random_,
+    free_memory,
+    is_oom,
+    log,
+    mean_valid_slots,
+    prefill_flops,
+    random_prompts,
+    short_error,
+    speed_fields,
+    sync,
+)
 from bench_plan import Config
+
+from checkpoint import model_args_from_name
 from model import ModelArgs
 
 HF_COMPILE = dict(mode="reduce-overhead", fullgraph=True)  # what we use for our own decode step
@@ -31,19 +43,33 @@ AUTO, FORWARD, EAGER = "auto", "forward", "eager"
 FIRST_REAL_TOKEN_ID = 3  # ids 0-2 are pad/bos/eos in hf_config: prompts never contain them
 
 
-def hf_config(args: ModelArgs, dtype):
+def hf_config(args: ModelArgs):
     import transformers
 
     if args.rope_scaling is None:
         rope = {"rope_type": "default", "rope_theta": args.rope_base}
     else:
-        rope = {**{k: v for k, v in args.rope_scaling.items() if k != "type"},
-                "rope_type": args.rope_scaling["type"], "rope_theta": args.rope_base}
-    common = dict(hidden_size=args.dim, intermediate_size=args.intermediate_size, num_hidden_layers=args.n_layers,
-                  num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim,
-                  vocab_size=args.vocab_size, rms_norm_eps=args.norm_eps, rope_parameters=rope,
-                  max_position_embeddings=args.max_position_embeddings, tie_word_embeddings=args.tie_embeddings,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        rope = {
+            **{k: v for k, v in args.rope_scaling.items() if k != "type"},
+            "rope_type": args.rope_scaling["type"],
+            "rope_theta": args.rope_base,
+        }
+    common = dict(
+        hidden_size=args.dim,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads,
+        head_dim=args.head_dim,
+        vocab_size=args.vocab_size,
+        rms_norm_eps=args.norm_eps,
+        rope_parameters=rope,
+        max_position_embeddings=args.max_position_embeddings,
+        tie_word_embeddings=args.tie_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     if args.qk_norm:
         return transformers.Qwen3Config(**common)
     if args.qkv_bias:
@@ -57,7 +83,7 @@ def build_hf(args: ModelArgs, device, dtype):
     import transformers
 
     with torch.device("meta"):
-        hf = transformers.AutoModelForCausalLM.from_config(hf_config(args, dtype), dtype=dtype)
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config(args), dtype=dtype)
     hf.to_empty(device=device)  # this unties tied embeddings: tie them again
     if args.tie_embeddings:
         hf.tie_weights()
@@ -139,10 +165,13 @@ def run_hf(cfg: Config, opts, device, dtype, row):
 def measure_hf(cfg: Config, opts, device, dtype, row, path: str):
     import transformers
 
-    args = ModelArgs.from_name(cfg.model)
+    args = model_args_from_name(cfg.model)
     hf = build_hf(args, device, dtype)
-    row.update(transformers=transformers.__version__, hf_compile=path,
-               attn_implementation=getattr(hf.config, "_attn_implementation", None))
+    row.update(
+        transformers=transformers.__version__,
+        hf_compile=path,
+        attn_implementation=getattr(hf.config, "_attn_implementation", None),
+    )
     configure_compile(hf, path, device)
     N = opts.new_tokens
     ids = random_prompts(cfg.batch, cfg.ctx, args.vocab_size, low=FIRST_REAL_TOKEN_ID).to(device)
@@ -173,13 +202,23 @@ def measure_hf(cfg: Config, opts, device, dtype, row, path: str):
     weights = [p for n, p in hf.named_parameters() if not ("embed_tokens" in n and not tied)]
     weight_bytes = sum(p.numel() * p.element_size() for p in weights)
     slot_bytes = args.n_kv_heads * args.head_dim * 2 * dtype.itemsize * args.n_layers * cfg.batch
-    row.update(cache_slots=cfg.cache_slots(N), weight_bytes=weight_bytes, kv_bytes_per_slot=slot_bytes,
-               generate_N_s_runs=tN, generate_1_s_runs=t1)
+    row.update(
+        cache_slots=cfg.cache_slots(N),
+        weight_bytes=weight_bytes,
+        kv_bytes_per_slot=slot_bytes,
+        generate_N_s_runs=tN,
+        generate_1_s_runs=t1,
+    )
     if decode_s <= 0:
         row.update(status="error", note="generate(N) was not slower than generate(1)")
         return
     kv_read = slot_bytes * mean_valid_slots(cfg.ctx, N, args.sliding_window)
-    flops = prefill_flops(sum(p.numel() for p in weights), args.n_layers, args.n_heads * args.head_dim, cfg.batch,
-                          cfg.ctx)
-    row.update(status="ok", **speed_fields(cfg.batch, cfg.ctx, N - 1, decode_s, statistics.median(t1),
-                                           weight_bytes, kv_read, flops, device))
+    flops = prefill_flops(
+        sum(p.numel() for p in weights), args.n_layers, args.n_heads * args.head_dim, cfg.batch, cfg.ctx
+    )
+    row.update(
+        status="ok",
+        **speed_fields(
+            cfg.batch, cfg.ctx, N - 1, decode_s, statistics.median(t1), weight_bytes, kv_read, flops, device
+        ),
+    )

@@ -1,4 +1,5 @@
 """Our engine: random-weight models at real shapes, and the timed generate() runs of one job."""
+
 import json
 import os
 import statistics
@@ -8,12 +9,23 @@ import time
 import traceback
 
 import torch
-
-from bench_common import (fill_random_, free_memory, log, mean_valid_slots, prefill_flops, random_prompts,
-                          short_error, speed_fields, sync, time_loop)
+from bench_common import (
+    fill_random_,
+    free_memory,
+    log,
+    mean_valid_slots,
+    prefill_flops,
+    random_prompts,
+    short_error,
+    speed_fields,
+    sync,
+    time_loop,
+)
 from bench_plan import Config
+
+from checkpoint import model_args_from_name
 from generate import KV_CACHE_DTYPES, Generator, Sampling, model_weight_bytes
-from model import ModelArgs, Transformer, rope_inv_freq
+from model import Transformer, rope_inv_freq
 
 DEFAULT_INT4_GROUPSIZE = 128
 PROFILE_WARMUP_STEPS, PROFILE_TIMED_STEPS, PROFILED_STEPS = 3, 20, 5
@@ -31,12 +43,13 @@ def quant_config(weights: str) -> dict | None:
 
 def build_model(name: str, weights: str, device, dtype) -> Transformer:
     """Random weights at the real shapes, made on the device: meta model -> (quantize) -> to_empty -> fill."""
-    args = ModelArgs.from_name(name)
+    args = model_args_from_name(name)
     qcfg = quant_config(weights)
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
         if qcfg is not None:
             from quantize import apply_quantization  # ImportError: skipped by the caller with a note
+
             apply_quantization(model, qcfg, device)
     model.to_empty(device=device)
     fill_random_(model)
@@ -86,8 +99,11 @@ def kernel_profile(gen: Generator, model, batch, pos, device):
         with open(path) as f:
             events = json.load(f).get("traceEvents", [])
     kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
-    out = {"replay_step_ms": replay_s * 1e3, "profiled_steps": PROFILED_STEPS,
-           "kernels_per_step": len(kernels) / PROFILED_STEPS}
+    out = {
+        "replay_step_ms": replay_s * 1e3,
+        "profiled_steps": PROFILED_STEPS,
+        "kernels_per_step": len(kernels) / PROFILED_STEPS,
+    }
     if kernels:
         out["kernel_sum_ms_per_step"] = sum(float(e["dur"]) for e in kernels) / 1e3 / PROFILED_STEPS
         out["gpu_busy_fraction"] = out["kernel_sum_ms_per_step"] / out["replay_step_ms"]
@@ -145,8 +161,9 @@ class OursRunner:
         new_shape = self._prepare(cfg, slots)
         model, gen, args = self.model, self.gen, self.model.args
         weight_bytes, slot_bytes = model_weight_bytes(model), kv_bytes_per_slot(model)
-        row.update(cache_slots=slots, cache_alloc=model.cache_len, weight_bytes=weight_bytes,
-                   kv_bytes_per_slot=slot_bytes)
+        row.update(
+            cache_slots=slots, cache_alloc=model.cache_len, weight_bytes=weight_bytes, kv_bytes_per_slot=slot_bytes
+        )
         prompts = random_prompts(cfg.batch, cfg.ctx, args.vocab_size).tolist()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -160,15 +177,26 @@ class OursRunner:
             res = gen.generate(prompts, N, Sampling())
             assert res.decode_steps == N - 1, (res.decode_steps, N)
             runs.append(res)
-            log(f"  run {i + 1}/{opts.runs}: {res.decode_steps * cfg.batch / res.decode_s:.1f} tok/s, "
-                f"TTFT {res.prefill_s * 1e3:.1f} ms")
+            log(
+                f"  run {i + 1}/{opts.runs}: {res.decode_steps * cfg.batch / res.decode_s:.1f} tok/s, "
+                f"TTFT {res.prefill_s * 1e3:.1f} ms"
+            )
         decode_s = statistics.median(r.decode_s for r in runs)
         prefill_s = statistics.median(r.prefill_s for r in runs)
         kv_read = slot_bytes * mean_valid_slots(cfg.ctx, N, args.sliding_window)
-        flops = prefill_flops(weight_param_count(model, args.tie_embeddings), args.n_layers,
-                              args.n_heads * args.head_dim, cfg.batch, cfg.ctx)
-        row.update(status="ok", decode_s_runs=[r.decode_s for r in runs], prefill_s_runs=[r.prefill_s for r in runs],
-                   **speed_fields(cfg.batch, cfg.ctx, N - 1, decode_s, prefill_s, weight_bytes, kv_read, flops, device))
+        flops = prefill_flops(
+            weight_param_count(model, args.tie_embeddings),
+            args.n_layers,
+            args.n_heads * args.head_dim,
+            cfg.batch,
+            cfg.ctx,
+        )
+        row.update(
+            status="ok",
+            decode_s_runs=[r.decode_s for r in runs],
+            prefill_s_runs=[r.prefill_s for r in runs],
+            **speed_fields(cfg.batch, cfg.ctx, N - 1, decode_s, prefill_s, weight_bytes, kv_read, flops, device),
+        )
         if cfg.kernel_profile:
             row["kernel_profile"] = dict(self._kernel_profile(cfg), step_ms=row["step_ms"])
 

@@ -3,6 +3,7 @@
 A job is ("ours" | "hf" | "gpt-fast", Config). Jobs run in list order and the time budget drops
 whatever is left at the end, so every plan puts the highest-value rows first.
 """
+
 from dataclasses import dataclass
 
 ALL_MODELS = ["llama-3-8b", "llama-2-7b", "llama-3.2-1b", "mistral-7b-v0.1", "qwen2.5-7b", "smollm2-135m"]
@@ -12,16 +13,59 @@ LONG_CTX, LONG_CACHE, BIG_BATCH = 8192, 32768, 8  # the quick suite's long-conte
 
 SUITES = {
     # defaults for the flags; quick and peers are explicit lists of jobs, smoke and full are grids
-    "smoke": dict(models=SMALL_MODEL, batch="1", ctx="16", cache="just", new_tokens=8, runs=1, compile=False,
-                  hf=False, weights="bf16", kv_dtypes="bf16", time_budget_s=0),
-    "quick": dict(models="llama-3-8b,smollm2-135m", batch="1", ctx="16", cache="just", new_tokens=200, runs=3,
-                  compile=True, hf=True, weights="bf16", kv_dtypes="bf16", time_budget_s=560),
+    "smoke": dict(
+        models=SMALL_MODEL,
+        batch="1",
+        ctx="16",
+        cache="just",
+        new_tokens=8,
+        runs=1,
+        compile=False,
+        hf=False,
+        weights="bf16",
+        kv_dtypes="bf16",
+        time_budget_s=0,
+    ),
+    "quick": dict(
+        models="llama-3-8b,smollm2-135m",
+        batch="1",
+        ctx="16",
+        cache="just",
+        new_tokens=200,
+        runs=3,
+        compile=True,
+        hf=True,
+        weights="bf16",
+        kv_dtypes="bf16",
+        time_budget_s=560,
+    ),
     # ours, transformers and gpt-fast side by side on one shape, plus our quantized rows and start-up
-    "peers": dict(models="llama-3-8b", batch="1", ctx="16", cache="just", new_tokens=200, runs=3,
-                  compile=True, hf=True, weights="bf16,int8,int4-g64", kv_dtypes="bf16", time_budget_s=480),
-    "full": dict(models=",".join(ALL_MODELS), batch="1,8,32", ctx="16,2k,8k", cache="just,32k,128k",
-                 new_tokens=200, runs=3, compile=True, hf=True, weights="bf16,int8,int4-g64",
-                 kv_dtypes="bf16,int8,fp8", time_budget_s=570),
+    "peers": dict(
+        models="llama-3-8b",
+        batch="1",
+        ctx="16",
+        cache="just",
+        new_tokens=200,
+        runs=3,
+        compile=True,
+        hf=True,
+        weights="bf16,int8,int4-g64",
+        kv_dtypes="bf16",
+        time_budget_s=480,
+    ),
+    "full": dict(
+        models=",".join(ALL_MODELS),
+        batch="1,8,32",
+        ctx="16,2k,8k",
+        cache="just,32k,128k",
+        new_tokens=200,
+        runs=3,
+        compile=True,
+        hf=True,
+        weights="bf16,int8,int4-g64",
+        kv_dtypes="bf16,int8,fp8",
+        time_budget_s=570,
+    ),
 }
 GRID_FLAGS = {"batch", "ctx", "cache"}  # giving one of these turns quick/peers into a grid
 
@@ -77,8 +121,10 @@ def quick_plan(models: list[str], weights: list[str], kv_dtypes: list[str]) -> l
         plan.append(Config(big))
         plan += [Config(big, weights=w) for w in weights if w != "bf16"]
         plan += [Config(big, kv=k) for k in kv_dtypes if k != "bf16"]
-        plan += [Config(big, cache=LONG_CACHE, beyond_context=True),
-                 Config(big, ctx=LONG_CTX, cache=LONG_CACHE, beyond_context=True)]
+        plan += [
+            Config(big, cache=LONG_CACHE, beyond_context=True),
+            Config(big, ctx=LONG_CTX, cache=LONG_CACHE, beyond_context=True),
+        ]
     if SMALL_MODEL in models:
         plan.append(Config(SMALL_MODEL, kernel_profile=True))
     if big is not None:
@@ -103,13 +149,25 @@ def grid(models, weights, kv_dtypes, batches, ctxs, caches, beyond_context) -> l
                     for cache in caches:
                         for ctx in ctxs:
                             profile = m == SMALL_MODEL and b == 1 and ctx == ctxs[0]
-                            out.append(Config(m, w, kv, b, ctx, cache, kernel_profile=profile,
-                                              beyond_context=beyond_context))
+                            out.append(
+                                Config(m, w, kv, b, ctx, cache, kernel_profile=profile, beyond_context=beyond_context)
+                            )
     return out
 
 
-def plan_jobs(suite: str, grid_flags_given: bool, models, weights, kv_dtypes, batches, ctxs, caches,
-              beyond_context=False, hf=False, gpt_fast=False) -> list[tuple[str, Config]]:
+def plan_jobs(
+    suite: str,
+    grid_flags_given: bool,
+    models,
+    weights,
+    kv_dtypes,
+    batches,
+    ctxs,
+    caches,
+    beyond_context=False,
+    hf=False,
+    gpt_fast=False,
+) -> list[tuple[str, Config]]:
     """The ordered job list. Peers (bf16, and gpt-fast int8 when int8 is asked for) run on the
     shapes of our rows: right after our headline row in quick/peers, at the end of a grid."""
     if suite in ("quick", "peers") and not grid_flags_given:

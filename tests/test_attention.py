@@ -1,5 +1,6 @@
 """The offset-plus-length BlockMask and flex attention over the static cache, against SDPA
-over each row's sliced valid range (the reference of design.md)."""
+over each row's sliced valid range (the reference: SDPA on exactly the valid slots)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,8 +26,10 @@ def visited_blocks(block_mask):
     B, _, n_q, _ = block_mask.kv_indices.shape
     n_kv = block_mask.seq_lengths[1] // BLOCK_SIZE
     out = torch.zeros(B, n_q, n_kv, dtype=torch.int64)
-    for kind, num, idx in ((1, block_mask.kv_num_blocks, block_mask.kv_indices),
-                           (2, block_mask.full_kv_num_blocks, block_mask.full_kv_indices)):
+    for kind, num, idx in (
+        (1, block_mask.kv_num_blocks, block_mask.kv_indices),
+        (2, block_mask.full_kv_num_blocks, block_mask.full_kv_indices),
+    ):
         for b in range(B):
             for m in range(n_q):
                 chosen = idx[b, 0, m, : num[b, 0, m]].tolist()
@@ -84,9 +87,9 @@ def sdpa_reference(q, k, v, start, q_start, window):
                 lo = max(lo, q_slot - window + 1)
             if lo > q_slot:
                 continue  # a left-pad query: nothing valid to attend to (flex returns 0)
-            kk = k[b, :, lo:q_slot + 1].repeat_interleave(rep, dim=0)
-            vv = v[b, :, lo:q_slot + 1].repeat_interleave(rep, dim=0)
-            out[b, :, i] = F.scaled_dot_product_attention(q[b, :, i:i + 1], kk, vv).squeeze(1)
+            kk = k[b, :, lo : q_slot + 1].repeat_interleave(rep, dim=0)
+            vv = v[b, :, lo : q_slot + 1].repeat_interleave(rep, dim=0)
+            out[b, :, i] = F.scaled_dot_product_attention(q[b, :, i : i + 1], kk, vv).squeeze(1)
     return out
 
 
@@ -145,8 +148,8 @@ def test_unwritten_slots_never_attended():
     k = torch.full((B, H, kv_len, D), 1e4)
     v = torch.full((B, H, kv_len, D), -1e4)
     for b in range(B):
-        k[b, :, int(start[b]):q_start + 1] = torch.randn(H, q_start + 1 - int(start[b]), D)
-        v[b, :, int(start[b]):q_start + 1] = torch.randn(H, q_start + 1 - int(start[b]), D)
+        k[b, :, int(start[b]) : q_start + 1] = torch.randn(H, q_start + 1 - int(start[b]), D)
+        v[b, :, int(start[b]) : q_start + 1] = torch.randn(H, q_start + 1 - int(start[b]), D)
     q = torch.randn(B, H, 1, D)
     bm = offset_length_block_mask(start, torch.tensor(q_start), 1, kv_len)
     out = compiled_flex(q, k, v, block_mask=bm)

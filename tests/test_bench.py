@@ -4,6 +4,7 @@ here (plans, HF and gpt-fast shapes on the meta device, HF compile paths with an
 
 The gpt-fast parts need a checkout: $GPT_FAST_DIR, else peers/gpt-fast in this repository (the
 lead's untracked copy); they are skipped without one."""
+
 import importlib.util
 import json
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkpoint import model_args_from_name
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,8 +30,9 @@ from bench_plan import GPT_FAST, HF, OURS, Config  # noqa: E402
 GPT_FAST_DIR = Path(os.environ.get("GPT_FAST_DIR", ROOT / "peers" / "gpt-fast"))
 HAVE_GPT_FAST = (GPT_FAST_DIR / "model.py").is_file()
 needs_gpt_fast = pytest.mark.skipif(not HAVE_GPT_FAST, reason=f"no gpt-fast checkout at {GPT_FAST_DIR}")
-TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128, vocab_size=256,
-                 max_position_embeddings=128)
+TINY = ModelArgs(
+    dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128, vocab_size=256, max_position_embeddings=128
+)
 
 
 def positive(d, *keys):
@@ -38,16 +41,29 @@ def positive(d, *keys):
 
 
 def run_bench(*args, timeout=300):
-    return subprocess.run([sys.executable, "scripts/bench.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "scripts/bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_out")
     # three runs: HF's decode time is a difference of medians, which one run on a busy CPU can invert
-    args = ["--device", "cpu", "--models", "smollm2-135m", "--suite", "smoke", "--weights", "bf16,int8",
-            "--runs", "3", "--out-dir", str(out)]
+    args = [
+        "--device",
+        "cpu",
+        "--models",
+        "smollm2-135m",
+        "--suite",
+        "smoke",
+        "--weights",
+        "bf16,int8",
+        "--runs",
+        "3",
+        "--out-dir",
+        str(out),
+    ]
     if importlib.util.find_spec("transformers"):
         args.append("--hf")
     if HAVE_GPT_FAST:  # relative, as in the documented GPU command
@@ -71,12 +87,33 @@ def test_smoke_json(smoke):
     positive(report["matmul"], "TFLOPs", "n")
     (r,) = rows_of(report, OURS)
     assert r["status"] == "ok", r
-    assert r["config"] == dict(model="smollm2-135m", weights="bf16", kv="bf16", batch=1, ctx=16, cache="just",
-                               kernel_profile=True, beyond_context=False)
-    positive(r, "decode_tok_s", "step_ms", "GBps", "weights_only_GBps", "prefill_tok_s", "ttft_s", "prefill_TFLOPs",
-             "peak_memory_bytes", "weight_bytes", "kv_bytes_per_slot", "kv_read_bytes_per_step", "warmup_s")
+    assert r["config"] == dict(
+        model="smollm2-135m",
+        weights="bf16",
+        kv="bf16",
+        batch=1,
+        ctx=16,
+        cache="just",
+        kernel_profile=True,
+        beyond_context=False,
+    )
+    positive(
+        r,
+        "decode_tok_s",
+        "step_ms",
+        "GBps",
+        "weights_only_GBps",
+        "prefill_tok_s",
+        "ttft_s",
+        "prefill_TFLOPs",
+        "peak_memory_bytes",
+        "weight_bytes",
+        "kv_bytes_per_slot",
+        "kv_read_bytes_per_step",
+        "warmup_s",
+    )
     assert r["cache_slots"] == 16 + 8 and len(r["decode_s_runs"]) == 3
-    args = ModelArgs.from_name("smollm2-135m")
+    args = model_args_from_name("smollm2-135m")
     assert r["kv_bytes_per_slot"] == args.n_layers * args.n_kv_heads * args.head_dim * 2 * 2
     assert r["GBps"] > r["weights_only_GBps"]
     # a weight mode whose module is missing or fails is a row with a note, never a crash
@@ -92,8 +129,19 @@ def test_smoke_startup_phases(smoke):
     for kind in ("cold", "warm"):
         s = start[kind]
         assert s["status"] == "ok", start
-        positive(s, "process_s", "imports_s", "build_s", "prefill_s", "compile_s", "capture_s", "replay_s",
-                 "first_call_s", "to_first_token_s", "to_full_speed_s")
+        positive(
+            s,
+            "process_s",
+            "imports_s",
+            "build_s",
+            "prefill_s",
+            "compile_s",
+            "capture_s",
+            "replay_s",
+            "first_call_s",
+            "to_first_token_s",
+            "to_full_speed_s",
+        )
         # phases happen in order: imports, build, prefill (first token), decode steps 1 and 2, exit
         assert s["imports_s"] + s["build_s"] + s["prefill_s"] <= s["to_first_token_s"] + 0.05
         assert s["to_first_token_s"] + s["compile_s"] + s["capture_s"] <= s["to_full_speed_s"] + 0.05
@@ -123,8 +171,18 @@ def test_smoke_gpt_fast_rows(smoke):
     for weights in ("bf16", "int8"):
         (g,) = rows_of(report, GPT_FAST, weights)
         assert g["status"] == "ok", g
-        positive(g, "decode_tok_s", "step_ms", "GBps", "ttft_s", "prefill_tok_s", "warmup_s", "first_step_s",
-                 "gpt_fast_style_tok_s", "weight_bytes")
+        positive(
+            g,
+            "decode_tok_s",
+            "step_ms",
+            "GBps",
+            "ttft_s",
+            "prefill_tok_s",
+            "warmup_s",
+            "first_step_s",
+            "gpt_fast_style_tok_s",
+            "weight_bytes",
+        )
         assert g["cache_slots"] == 24 and g["cache_alloc"] == 24 and len(g["decode_s_runs"]) == 3
         assert g["kv_bytes_per_slot"] == ours["kv_bytes_per_slot"]  # gpt-fast's bf16 cache, same shape
         assert g["gpt_fast_commit"] == report["header"]["gpt_fast_commit"]
@@ -146,8 +204,9 @@ def test_smoke_table_printed_last(smoke):
 
 
 def test_missing_gpt_fast_dir_is_a_one_line_error(tmp_path):
-    p = run_bench("--device", "cpu", "--suite", "smoke", "--gpt-fast-dir", str(tmp_path / "nope"),
-                  "--out-dir", str(tmp_path))
+    p = run_bench(
+        "--device", "cpu", "--suite", "smoke", "--gpt-fast-dir", str(tmp_path / "nope"), "--out-dir", str(tmp_path)
+    )
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
     assert p.stderr.startswith("error: --gpt-fast-dir") and "not a gpt-fast checkout" in p.stderr
     broken = tmp_path / "broken"
@@ -187,7 +246,7 @@ def load_gpt_fast_model():
 def test_gpt_fast_args_match_its_own_named_configs():
     gf = load_gpt_fast_model()
     for name in ("llama-3-8b", "llama-3.1-8b"):
-        ours = bench_gpt_fast.gpt_fast_model_args(ModelArgs.from_name(name), cache_slots=216)
+        ours = bench_gpt_fast.gpt_fast_model_args(model_args_from_name(name), cache_slots=216)
         assert gf.ModelArgs(**ours) == gf.ModelArgs.from_name(name), name
 
 
@@ -195,7 +254,7 @@ def test_gpt_fast_args_match_its_own_named_configs():
 @pytest.mark.parametrize("name", bench_plan.ALL_MODELS)
 def test_gpt_fast_shapes_match_ours(name):
     """Every shape gpt-fast can run has our parameter count (plus an output matrix where we tie)."""
-    args = ModelArgs.from_name(name)
+    args = model_args_from_name(name)
     reason = bench_gpt_fast.unsupported(args, "bf16", 216)
     if reason:
         assert name in ("qwen2.5-7b",), (name, reason)
@@ -209,51 +268,90 @@ def test_gpt_fast_shapes_match_ours(name):
 
 
 def test_gpt_fast_unsupported_shapes():
-    assert "qkv bias" in bench_gpt_fast.unsupported(ModelArgs.from_name("qwen2.5-7b"), "bf16", 216)
-    mistral = ModelArgs.from_name("mistral-7b-v0.1")
+    assert "qkv bias" in bench_gpt_fast.unsupported(model_args_from_name("qwen2.5-7b"), "bf16", 216)
+    mistral = model_args_from_name("mistral-7b-v0.1")
     assert bench_gpt_fast.unsupported(mistral, "bf16", 216) is None  # the window never binds at 216 slots
     assert "sliding window" in bench_gpt_fast.unsupported(mistral, "bf16", 8192 + 200)
-    llama = ModelArgs.from_name("llama-3-8b")
+    llama = model_args_from_name("llama-3-8b")
     assert "int8" in bench_gpt_fast.unsupported(llama, "int4-g64", 216)
     assert "KV cache" in bench_gpt_fast.unsupported(llama, "bf16", 216, kv="int8")
 
 
 def test_peers_plan_order():
-    jobs = bench_plan.plan_jobs("peers", False, ["llama-3-8b"], ["bf16", "int8", "int4-g64"], ["bf16"], [1], [16],
-                                ["just"], hf=True, gpt_fast=True)
-    assert [(impl, c.weights) for impl, c in jobs] == [(OURS, "bf16"), (HF, "bf16"), (GPT_FAST, "bf16"),
-                                                      (OURS, "int8"), (OURS, "int4-g64"), (GPT_FAST, "int8")]
+    jobs = bench_plan.plan_jobs(
+        "peers",
+        False,
+        ["llama-3-8b"],
+        ["bf16", "int8", "int4-g64"],
+        ["bf16"],
+        [1],
+        [16],
+        ["just"],
+        hf=True,
+        gpt_fast=True,
+    )
+    assert [(impl, c.weights) for impl, c in jobs] == [
+        (OURS, "bf16"),
+        (HF, "bf16"),
+        (GPT_FAST, "bf16"),
+        (OURS, "int8"),
+        (OURS, "int4-g64"),
+        (GPT_FAST, "int8"),
+    ]
     assert all((c.model, c.batch, c.ctx, c.cache) == ("llama-3-8b", 1, 16, "just") for _, c in jobs)
-    quick = bench_plan.plan_jobs("quick", False, ["llama-3-8b", "smollm2-135m"], ["bf16"], ["bf16"], [1], [16],
-                                 ["just"], hf=True, gpt_fast=False)
+    quick = bench_plan.plan_jobs(
+        "quick", False, ["llama-3-8b", "smollm2-135m"], ["bf16"], ["bf16"], [1], [16], ["just"], hf=True, gpt_fast=False
+    )
     assert [impl for impl, _ in quick[:3]] == [OURS, HF, OURS]
     # a grid: peers after all our rows, at every filled context of the first batch size
-    g = bench_plan.plan_jobs("full", True, ["llama-3-8b"], ["bf16", "int8"], ["bf16"], [1, 8], [16, 2048],
-                             ["just"], hf=True, gpt_fast=True)
+    g = bench_plan.plan_jobs(
+        "full", True, ["llama-3-8b"], ["bf16", "int8"], ["bf16"], [1, 8], [16, 2048], ["just"], hf=True, gpt_fast=True
+    )
     peers = [(impl, c.weights, c.batch, c.ctx) for impl, c in g if impl != OURS]
     assert [impl for impl, *_ in g[:8]] == [OURS] * 8
-    assert peers == [(HF, "bf16", 1, 16), (HF, "bf16", 1, 2048), (GPT_FAST, "bf16", 1, 16),
-                     (GPT_FAST, "bf16", 1, 2048), (GPT_FAST, "int8", 1, 16), (GPT_FAST, "int8", 1, 2048)]
+    assert peers == [
+        (HF, "bf16", 1, 16),
+        (HF, "bf16", 1, 2048),
+        (GPT_FAST, "bf16", 1, 16),
+        (GPT_FAST, "bf16", 1, 2048),
+        (GPT_FAST, "int8", 1, 16),
+        (GPT_FAST, "int8", 1, 2048),
+    ]
 
 
 def test_quick_plan_shapes():
     plan = bench_plan.quick_plan(["llama-3-8b", "smollm2-135m"], ["bf16"], ["bf16"])
     keys = [(c.model, c.batch, c.ctx, c.cache) for c in plan]
-    assert keys == [("llama-3-8b", 1, 16, "just"), ("llama-3-8b", 1, 16, 32768), ("llama-3-8b", 1, 8192, 32768),
-                    ("smollm2-135m", 1, 16, "just"), ("llama-3-8b", 8, 16, "just")]
+    assert keys == [
+        ("llama-3-8b", 1, 16, "just"),
+        ("llama-3-8b", 1, 16, 32768),
+        ("llama-3-8b", 1, 8192, 32768),
+        ("smollm2-135m", 1, 16, "just"),
+        ("llama-3-8b", 8, 16, "just"),
+    ]
     assert plan[3].kernel_profile
     # four decode shapes to compile in the main process: (1, 216), (1, 32768), smollm2, (8, 216)
     assert len({(c.model, c.batch, c.cache_slots(200)) for c in plan}) == 4
     plan = bench_plan.quick_plan(["llama-3-8b"], ["bf16", "int8", "int4-g64"], ["bf16", "int8"])
-    assert [(c.weights, c.kv) for c in plan[:4]] == [("bf16", "bf16"), ("int8", "bf16"), ("int4-g64", "bf16"),
-                                                      ("bf16", "int8")]
+    assert [(c.weights, c.kv) for c in plan[:4]] == [
+        ("bf16", "bf16"),
+        ("int8", "bf16"),
+        ("int4-g64", "bf16"),
+        ("bf16", "int8"),
+    ]
     assert bench_ours.quant_config("int4-g64") == {"mode": "int4", "groupsize": 64}
     assert bench_ours.quant_config("int8") == {"mode": "int8"} and bench_ours.quant_config("bf16") is None
 
 
 def test_full_grid_and_sizes():
     assert [bench_plan.parse_size(s) for s in ("16", "2k", "8k", "32k", "128k", "just")] == [
-        16, 2048, 8192, 32768, 131072, "just"]
+        16,
+        2048,
+        8192,
+        32768,
+        131072,
+        "just",
+    ]
     g = bench_plan.grid(["llama-3-8b"], ["bf16"], ["bf16"], [1, 8], [16, 2048], ["just", 32768], False)
     assert len(g) == 8
     # configurations sharing a decode shape are adjacent, so each shape compiles once
@@ -266,7 +364,7 @@ def test_full_grid_and_sizes():
 
 
 def test_static_skips():
-    args = ModelArgs.from_name("llama-3-8b")
+    args = model_args_from_name("llama-3-8b")
     cfg = Config("llama-3-8b", cache=32768)
     assert bench_plan.static_skip(cfg, args, 32768, 200, False, None, 2) == ("skip", "> context 8192")
     assert bench_plan.static_skip(cfg, args, 32768, 200, True, None, 2) is None
@@ -284,7 +382,7 @@ def test_mean_valid_slots():
 
 def test_build_model_random_on_device():
     model = bench_ours.build_model("smollm2-135m", "bf16", torch.device("cpu"), torch.bfloat16)
-    ref = Transformer(ModelArgs.from_name("smollm2-135m"))
+    ref = Transformer(model_args_from_name("smollm2-135m"))
     torch.testing.assert_close(model.inv_freq, ref.inv_freq)
     w = model.layers[0].attention.wqkv.weight
     assert w.dtype == torch.bfloat16 and abs(w.float().std().item() - 0.02) < 2e-3
@@ -296,8 +394,8 @@ def test_build_model_random_on_device():
 def test_hf_config_matches_shapes(name):
     """The HF side-by-side model has exactly our parameter count (checked on the meta device)."""
     transformers = pytest.importorskip("transformers")
-    args = ModelArgs.from_name(name)
-    cfg = bench_hf.hf_config(args, torch.bfloat16)
+    args = model_args_from_name(name)
+    cfg = bench_hf.hf_config(args)
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(cfg)
         ours = Transformer(args)
@@ -317,8 +415,9 @@ def test_hf_compile_paths_compile_decode_only(path):
 
     def generate(n):
         with torch.no_grad():
-            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False)
+            return hf.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False
+            )
 
     expected = generate(6)
     graphs = []

@@ -1,4 +1,5 @@
 """generate.py as a user runs it: flags, streaming, --json, and one-line errors with exit code 2."""
+
 import json
 import signal
 import subprocess
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 import generate
-from model import ModelArgs, Transformer, save_checkpoint
+from checkpoint import save_checkpoint
+from model import ModelArgs, Transformer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,8 +27,16 @@ def make_tiny_checkpoint(out: Path, max_position_embeddings: int) -> Path:
     from tokenizer import gguf_tokenizer_files
 
     torch.manual_seed(0)
-    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64, vocab_size=49152,
-                     max_position_embeddings=max_position_embeddings, tie_embeddings=True)
+    args = ModelArgs(
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        intermediate_size=64,
+        vocab_size=49152,
+        max_position_embeddings=max_position_embeddings,
+        tie_embeddings=True,
+    )
     model = Transformer(args)
     files = gguf_tokenizer_files(gguf.GGUFReader(str(smollm2_gguf_path())))
     save_checkpoint(out, {"model_args": asdict(args), "quantization": None}, model.state_dict(), files)
@@ -53,20 +63,43 @@ def run_main(argv, capsys):
 
 def test_generates_streams_and_writes_json(tiny_checkpoint, tmp_path, capsys):
     out_json = tmp_path / "r.json"
-    code, out, err = run_main(["--checkpoint", tiny_checkpoint, "--prompt", "Hello there", "--max-new-tokens", 12,
-                               "--temperature", 0, "--device", "cpu", "--json", out_json], capsys)
+    code, out, err = run_main(
+        [
+            "--checkpoint",
+            tiny_checkpoint,
+            "--prompt",
+            "Hello there",
+            "--max-new-tokens",
+            12,
+            "--temperature",
+            0,
+            "--device",
+            "cpu",
+            "--json",
+            out_json,
+        ],
+        capsys,
+    )
     assert code == 0, err
     data = json.loads(out_json.read_text())
     row = data["rows"][0]
     assert row["prompt"] == "Hello there"
     # SmolLM2's config says add_bos_token: false (its bos is <|im_start|>): the prompt is the bare text
     from tokenizer import load_tokenizer
+
     assert row["prompt_ids"] == load_tokenizer(tiny_checkpoint).encode("Hello there")
     assert len(row["token_ids"]) == 12 or row["stopped"]
     # what was streamed is the prompt followed by exactly the decoded completion
     assert out == "Hello there" + row["completion"] + "\n"
-    for key in ("time_to_first_token_s", "decode_tokens_per_s", "model_bytes", "achieved_GBps",
-                "peak_memory_bytes", "torch_version", "device"):
+    for key in (
+        "time_to_first_token_s",
+        "decode_tokens_per_s",
+        "model_bytes",
+        "achieved_GBps",
+        "peak_memory_bytes",
+        "torch_version",
+        "device",
+    ):
         assert data[key] is not None, key
     assert "tokens/s" in err and "Bandwidth achieved" in err
 
@@ -83,29 +116,49 @@ def test_batch_of_prompts_matches_each_alone(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_sampling_with_seed_is_reproducible(tiny_checkpoint, tmp_path, capsys):
-    common = ["--checkpoint", tiny_checkpoint, "--prompt", "Once", "--max-new-tokens", 10, "--temperature", 1.0,
-              "--top-p", 0.9, "--top-k", 50, "--seed", 7, "--device", "cpu", "--json"]
+    common = [
+        "--checkpoint",
+        tiny_checkpoint,
+        "--prompt",
+        "Once",
+        "--max-new-tokens",
+        10,
+        "--temperature",
+        1.0,
+        "--top-p",
+        0.9,
+        "--top-k",
+        50,
+        "--seed",
+        7,
+        "--device",
+        "cpu",
+        "--json",
+    ]
     assert run_main(common + [tmp_path / "1.json"], capsys)[0] == 0
     assert run_main(common + [tmp_path / "2.json"], capsys)[0] == 0
     ids = [json.loads((tmp_path / f"{i}.json").read_text())["rows"][0]["token_ids"] for i in (1, 2)]
     assert ids[0] == ids[1]
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
-    (["--top-p", "0"], "--top-p must be in (0, 1]"),
-    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
-    (["--device", "tpu"], "device"),
-    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "device"),
-    (["--dtype", "fp12"], "unknown --dtype 'fp12'"),
-    (["--kv-cache-dtype", "int3"], "unknown --kv-cache-dtype 'int3'"),
-    (["--prompt", "   "], "empty prompt"),
-    (["--prompt", "word " * 300], "exceeds"),  # longer than the model's 256-token context
-    (["--max-seq-length", "100000"], "exceeds the model's context"),
-    (["--prompt", "hi", "--max-seq-length", "8", "--max-new-tokens", "20"], "exceeds --max-seq-length"),
-    (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read --prompt-file"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--device", "tpu"], "device"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "device"),
+        (["--dtype", "fp12"], "unknown --dtype 'fp12'"),
+        (["--kv-cache-dtype", "int3"], "unknown --kv-cache-dtype 'int3'"),
+        (["--prompt", "   "], "empty prompt"),
+        (["--prompt", "word " * 300], "exceeds"),  # longer than the model's 256-token context
+        (["--max-seq-length", "100000"], "exceeds the model's context"),
+        (["--prompt", "hi", "--max-seq-length", "8", "--max-new-tokens", "20"], "exceeds --max-seq-length"),
+        (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read --prompt-file"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(tiny_checkpoint, capsys, extra, message):
     argv = ["--checkpoint", tiny_checkpoint, "--device", "cpu"] + extra
     if "--prompt" not in extra and "--prompt-file" not in extra:
@@ -123,6 +176,7 @@ def test_bad_checkpoints(tiny_checkpoint, tmp_path, capsys):
     # a weight whose shape does not match the config: named, with both shapes
     bad = tmp_path / "bad"
     import shutil
+
     shutil.copytree(tiny_checkpoint, bad)
     config = json.loads((bad / "config.json").read_text())
     config["model_args"]["intermediate_size"] = 48
@@ -145,8 +199,20 @@ def test_bad_checkpoints(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_cli_process_exit_code_and_no_traceback(tiny_checkpoint):
-    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "--checkpoint", str(tiny_checkpoint),
-                           "--device", "cpu", "--top-p", "2"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "generate.py"),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+            "--top-p",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --top-p must be in (0, 1] (got 2.0)"]
 
@@ -154,17 +220,36 @@ def test_cli_process_exit_code_and_no_traceback(tiny_checkpoint):
 def test_chat_keeps_the_conversation_in_the_cache(tiny_checkpoint, tmp_path):
     """Three piped turns; each reply equals a fresh run over the whole transcript (greedy)."""
     turns = ["Hi!", "What is 2+2?", "Thanks"]
-    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "--checkpoint", str(tiny_checkpoint),
-                           "--device", "cpu", "--chat", "--temperature", "0", "--max-new-tokens", "6",
-                           "--json", str(tmp_path / "chat.json")],
-                          input="\n".join(turns) + "\n", capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "generate.py"),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+            "--chat",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "6",
+            "--json",
+            str(tmp_path / "chat.json"),
+        ],
+        input="\n".join(turns) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     replies = json.loads((tmp_path / "chat.json").read_text())["turns"]
     assert [r["user"] for r in replies] == turns
     assert "".join(r["reply"] + "\n" for r in replies) == proc.stdout  # streamed as generated
 
-    from generate import Generator, Sampling, load_model
+    from checkpoint import load_model
+    from generate import Generator, Sampling
     from tokenizer import load_tokenizer
+
     model, _ = load_model(tiny_checkpoint, "cpu", torch.float32)
     tok = load_tokenizer(tiny_checkpoint)
     gen = Generator(model)
@@ -182,8 +267,25 @@ def test_profile_prompt_file_and_num_samples(tiny_checkpoint, tmp_path, capsys):
     prompt = tmp_path / "p.txt"
     prompt.write_text("A prompt read from a file")
     trace = tmp_path / "trace.json"
-    code, out, err = run_main(["--checkpoint", tiny_checkpoint, "--prompt-file", prompt, "--max-new-tokens", 4,
-                               "--num-samples", 2, "--temperature", 0, "--device", "cpu", "--profile", trace], capsys)
+    code, out, err = run_main(
+        [
+            "--checkpoint",
+            tiny_checkpoint,
+            "--prompt-file",
+            prompt,
+            "--max-new-tokens",
+            4,
+            "--num-samples",
+            2,
+            "--temperature",
+            0,
+            "--device",
+            "cpu",
+            "--profile",
+            trace,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert out.count("A prompt read from a file") == 2  # two samples streamed
     assert "Sample 2/2" in err
@@ -191,8 +293,19 @@ def test_profile_prompt_file_and_num_samples(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_compile_prefill_equals_eager(tiny_checkpoint, tmp_path, capsys):
-    common = ["--checkpoint", tiny_checkpoint, "--prompt", "Compile me", "--max-new-tokens", 5,
-              "--temperature", 0, "--device", "cpu", "--json"]
+    common = [
+        "--checkpoint",
+        tiny_checkpoint,
+        "--prompt",
+        "Compile me",
+        "--max-new-tokens",
+        5,
+        "--temperature",
+        0,
+        "--device",
+        "cpu",
+        "--json",
+    ]
     assert run_main(common + [tmp_path / "e.json"], capsys)[0] == 0
     assert run_main(common + [tmp_path / "c.json", "--compile-prefill"], capsys)[0] == 0
     ids = [json.loads((tmp_path / f"{n}.json").read_text())["rows"][0]["token_ids"] for n in "ec"]
@@ -201,6 +314,7 @@ def test_compile_prefill_equals_eager(tiny_checkpoint, tmp_path, capsys):
 
 def test_int4_compile_on_cpu_needs_bf16(tiny_checkpoint, tmp_path, capsys):
     from quantize import quantize_checkpoint
+
     int4 = quantize_checkpoint(tiny_checkpoint, "int4", 32, output_dir=tmp_path / "int4")
     code, _, err = run_main(["--checkpoint", int4, "--device", "cpu", "--compile", "--prompt", "x"], capsys)
     assert code == 2 and "needs --dtype bf16" in err
@@ -212,23 +326,39 @@ def test_int4_compile_on_cpu_needs_bf16(tiny_checkpoint, tmp_path, capsys):
 def test_stop_strings_end_rows_and_are_not_printed(tiny_checkpoint, tmp_path, capsys):
     """--stop cuts each row at the first occurrence of a stop in its decoded text, across token
     boundaries: the reference is the unstopped completion cut with str.find."""
-    common = ["--checkpoint", tiny_checkpoint, "--max-new-tokens", 16, "--temperature", 0, "--device", "cpu",
-              "--json"]
+    common = ["--checkpoint", tiny_checkpoint, "--max-new-tokens", 16, "--temperature", 0, "--device", "cpu", "--json"]
     prompts = ["Hello there", "A much longer prompt than the first one"]
     assert run_main(common + [tmp_path / "free.json", "--prompt", prompts[0], "--prompt", prompts[1]], capsys)[0] == 0
     free = json.loads((tmp_path / "free.json").read_text())["rows"]
     # a stop string made of the end of one token and the start of the next, taken from row 0's text
     from tokenizer import load_tokenizer
+
     tok = load_tokenizer(tiny_checkpoint)
     first, second = tok.decode(free[0]["token_ids"][2:3]), tok.decode(free[0]["token_ids"][3:4])
     stop = first[-1:] + second[:1]
-    assert run_main(common + [tmp_path / "stop.json", "--prompt", prompts[0], "--prompt", prompts[1],
-                              "--stop", stop, "--stop", "zzzz-never"], capsys)[0] == 0
+    assert (
+        run_main(
+            common
+            + [
+                tmp_path / "stop.json",
+                "--prompt",
+                prompts[0],
+                "--prompt",
+                prompts[1],
+                "--stop",
+                stop,
+                "--stop",
+                "zzzz-never",
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
     rows = json.loads((tmp_path / "stop.json").read_text())["rows"]
     for row, reference in zip(rows, free):
         text = reference["completion"]
         if stop in text:
-            assert row["completion"] == text[:text.find(stop)] and row["stop_string"] == stop
+            assert row["completion"] == text[: text.find(stop)] and row["stop_string"] == stop
             assert len(row["token_ids"]) < 16  # the row ended early
         else:
             assert row["completion"] == text and row["stop_string"] is None
@@ -239,22 +369,33 @@ def test_stop_strings_end_rows_and_are_not_printed(tiny_checkpoint, tmp_path, ca
 
 
 def test_empty_stop_string_is_one_line_error(tiny_checkpoint, capsys):
-    code, _, err = run_main(["--checkpoint", tiny_checkpoint, "--device", "cpu", "--prompt", "hi", "--stop", ""], capsys)
-    assert code == 2 and err.strip().splitlines() == ['error: --stop "" would stop before the first token; give some text']
+    code, _, err = run_main(
+        ["--checkpoint", tiny_checkpoint, "--device", "cpu", "--prompt", "hi", "--stop", ""], capsys
+    )
+    assert code == 2 and err.strip().splitlines() == [
+        'error: --stop "" would stop before the first token; give some text'
+    ]
 
 
 # ----------------------------------------------------------------------------- Ctrl-C, with a real SIGINT
+
 
 class Running:
     """generate.py in a subprocess; its stdout and stderr are collected by threads as they arrive."""
 
     def __init__(self, argv, stdin=False):
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "generate.py"), *map(str, argv)],
-                                     stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "generate.py"), *map(str, argv)],
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.chunks = {"out": [], "err": []}
-        self.readers = [threading.Thread(target=self._collect, args=(stream, self.chunks[key]), daemon=True)
-                        for key, stream in (("out", self.proc.stdout), ("err", self.proc.stderr))]
+        self.readers = [
+            threading.Thread(target=self._collect, args=(stream, self.chunks[key]), daemon=True)
+            for key, stream in (("out", self.proc.stdout), ("err", self.proc.stderr))
+        ]
         for r in self.readers:
             r.start()
 
@@ -293,8 +434,10 @@ class Running:
 
 
 def greedy_text(checkpoint, prompts, max_new_tokens, max_seq_len=None):
-    from generate import Generator, Sampling, load_model
+    from checkpoint import load_model
+    from generate import Generator, Sampling
     from tokenizer import load_tokenizer
+
     model, _ = load_model(checkpoint, "cpu", torch.float32)
     tok = load_tokenizer(checkpoint)
     ids = [tok.encode(p) for p in prompts]
@@ -312,8 +455,20 @@ def test_ctrl_c_during_start_up_is_quiet(long_checkpoint):
 
 
 def test_ctrl_c_while_streaming_ends_the_line_and_exits_130(long_checkpoint):
-    run = Running(["--checkpoint", long_checkpoint, "--device", "cpu", "--prompt", "Hello", "--temperature", 0,
-                   "--max-new-tokens", 3000])
+    run = Running(
+        [
+            "--checkpoint",
+            long_checkpoint,
+            "--device",
+            "cpu",
+            "--prompt",
+            "Hello",
+            "--temperature",
+            0,
+            "--max-new-tokens",
+            3000,
+        ]
+    )
     run.wait_for(lambda: len(run.out) > 40)  # well into the 3000 tokens (seconds of work)
     run.ctrl_c()
     code, out, err = run.finish()
@@ -325,8 +480,22 @@ def test_ctrl_c_while_streaming_ends_the_line_and_exits_130(long_checkpoint):
 
 def test_ctrl_c_in_batch_mode_prints_each_row_so_far(long_checkpoint):
     prompts = ["Hello", "A longer second prompt"]
-    run = Running(["--checkpoint", long_checkpoint, "--device", "cpu", "--prompt", prompts[0], "--prompt", prompts[1],
-                   "--temperature", 0, "--max-new-tokens", 3000])
+    run = Running(
+        [
+            "--checkpoint",
+            long_checkpoint,
+            "--device",
+            "cpu",
+            "--prompt",
+            prompts[0],
+            "--prompt",
+            prompts[1],
+            "--temperature",
+            0,
+            "--max-new-tokens",
+            3000,
+        ]
+    )
     run.wait_for(lambda: "Loaded" in run.err)
     time.sleep(2)  # a few hundred of the 3000 tokens
     run.ctrl_c()
@@ -335,7 +504,7 @@ def test_ctrl_c_in_batch_mode_prints_each_row_so_far(long_checkpoint):
     assert "Sample 1/1" not in err
     header0, header1 = f"--- [0] {prompts[0]!r}\n", f"--- [1] {prompts[1]!r}\n"
     assert out.startswith(header0) and header1 in out, out
-    partial = out[len(header0):].split(header1)
+    partial = out[len(header0) :].split(header1)
     partial = [partial[0].removesuffix("\n"), partial[1].removesuffix("\n")]
     reference = greedy_text(long_checkpoint, prompts, 100)
     for got, ref in zip(partial, reference):
@@ -344,15 +513,29 @@ def test_ctrl_c_in_batch_mode_prints_each_row_so_far(long_checkpoint):
 
 def test_ctrl_c_in_chat_stops_the_reply_and_keeps_the_conversation(long_checkpoint, tmp_path):
     """Ctrl-C stops a reply and the chat goes on from what is in the cache; Ctrl-C at the prompt leaves."""
-    run = Running(["--checkpoint", long_checkpoint, "--device", "cpu", "--chat", "--temperature", 0,
-                   "--max-new-tokens", 4000, "--json", tmp_path / "chat.json"], stdin=True)
+    run = Running(
+        [
+            "--checkpoint",
+            long_checkpoint,
+            "--device",
+            "cpu",
+            "--chat",
+            "--temperature",
+            0,
+            "--max-new-tokens",
+            4000,
+            "--json",
+            tmp_path / "chat.json",
+        ],
+        stdin=True,
+    )
     turns = ["Hi!", "Tell me more"]
     for i, user in enumerate(turns):
         shown = len(run.out)
         run.send(user)
-        run.wait_for(lambda: len(run.out) > shown + 10)
+        run.wait_for(lambda: len(run.out) > shown + 10)  # noqa: B023 - waited for here
         run.ctrl_c()
-        run.wait_for(lambda: run.err.count("(reply stopped") == i + 1)
+        run.wait_for(lambda: run.err.count("(reply stopped") == i + 1)  # noqa: B023 - waited for here
     time.sleep(0.3)  # back at the prompt
     run.ctrl_c()
     code, out, err = run.finish()
@@ -362,8 +545,10 @@ def test_ctrl_c_in_chat_stops_the_reply_and_keeps_the_conversation(long_checkpoi
     assert "".join(r["reply"] + "\n" for r in replies) == out
 
     # each reply so far equals a fresh greedy run over the transcript the cache holds
-    from generate import Generator, Sampling, load_model
+    from checkpoint import load_model
+    from generate import Generator, Sampling
     from tokenizer import load_tokenizer
+
     model, _ = load_model(long_checkpoint, "cpu", torch.float32)
     tok = load_tokenizer(long_checkpoint)
     gen = Generator(model)
@@ -379,6 +564,7 @@ def test_ctrl_c_in_chat_stops_the_reply_and_keeps_the_conversation(long_checkpoi
 
 # ----------------------------------------------------------------------------- help and errors
 
+
 def test_help_gives_every_flag_a_text_and_its_default(capsys):
     for action in generate.build_parser()._actions:
         if action.dest != "help":
@@ -387,10 +573,12 @@ def test_help_gives_every_flag_a_text_and_its_default(capsys):
         generate.main(["--help"])
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    for expected in ("--temperature T sampling temperature; 0 = greedy (default: 0.8)",
-                     "--top-k K sample among the K most likely tokens; 0 = no top-k (default: 200)",
-                     "(default: 200) --stop",  # --max-new-tokens's, just before
-                     "--prompt-file PATH a UTF-8 text file whose whole text is one prompt; repeat for a batch"):
+    for expected in (
+        "--temperature T sampling temperature; 0 = greedy (default: 0.8)",
+        "--top-k K sample among the K most likely tokens; 0 = no top-k (default: 200)",
+        "(default: 200) --stop",  # --max-new-tokens's, just before
+        "--prompt-file PATH a UTF-8 text file whose whole text is one prompt; repeat for a batch",
+    ):
         assert expected in text, expected
 
 
@@ -407,8 +595,10 @@ def test_top_k_0_means_no_top_k(tiny_checkpoint, tmp_path, capsys):
     common = ["--checkpoint", tiny_checkpoint, "--prompt", "Once", "--max-new-tokens", 10, "--device", "cpu"]
     assert run_main(common + ["--temperature", 0, "--top-k", 0], capsys)[0] == 0  # greedy: never an error
     for name, top_k in (("off", 0), ("vocab", 49152)):  # keeping the whole vocabulary is no top-k
-        assert run_main(common + ["--temperature", 1, "--seed", 3, "--top-k", top_k, "--json", tmp_path / name],
-                        capsys)[0] == 0
+        assert (
+            run_main(common + ["--temperature", 1, "--seed", 3, "--top-k", top_k, "--json", tmp_path / name], capsys)[0]
+            == 0
+        )
     ids = [json.loads((tmp_path / name).read_text())["rows"][0]["token_ids"] for name in ("off", "vocab")]
     assert ids[0] == ids[1]
     code, _, err = run_main(common + ["--top-k", -1], capsys)
@@ -420,19 +610,37 @@ def test_prompt_file_problems_are_reported_before_the_model_loads(tiny_checkpoin
     latin1.write_bytes("Caf\u00e9 au lait".encode("latin-1"))
     blank = tmp_path / "blank.txt"
     blank.write_text(" \n")
-    for path, message in ((latin1, f"--prompt-file {latin1} is not UTF-8 text (byte 0xe9 at offset 3); "
-                                   f"convert it, e.g. iconv -f latin1 -t utf-8 {latin1} > prompt.txt"),
-                          (tmp_path, f"cannot read --prompt-file {tmp_path}: Is a directory"),
-                          (tmp_path / "missing.txt", "No such file or directory"),
-                          (blank, f"empty prompt: --prompt-file {blank} holds no text")):
+    for path, message in (
+        (
+            latin1,
+            f"--prompt-file {latin1} is not UTF-8 text (byte 0xe9 at offset 3); "
+            f"convert it, e.g. iconv -f latin1 -t utf-8 {latin1} > prompt.txt",
+        ),
+        (tmp_path, f"cannot read --prompt-file {tmp_path}: Is a directory"),
+        (tmp_path / "missing.txt", "No such file or directory"),
+        (blank, f"empty prompt: --prompt-file {blank} holds no text"),
+    ):
         code, out, err = run_main(["--checkpoint", tiny_checkpoint, "--device", "cpu", "--prompt-file", path], capsys)
         assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
         assert "Loaded" not in err
     # a UTF-8 file with a byte-order mark: the mark is not part of the prompt
     bom = tmp_path / "bom.txt"
     bom.write_bytes("\ufeffHello".encode("utf-8"))
-    code, out, err = run_main(["--checkpoint", tiny_checkpoint, "--device", "cpu", "--prompt-file", bom,
-                               "--max-new-tokens", 2, "--temperature", 0], capsys)
+    code, out, err = run_main(
+        [
+            "--checkpoint",
+            tiny_checkpoint,
+            "--device",
+            "cpu",
+            "--prompt-file",
+            bom,
+            "--max-new-tokens",
+            2,
+            "--temperature",
+            0,
+        ],
+        capsys,
+    )
     assert code == 0 and out.startswith("Hello"), err
 
 
@@ -441,9 +649,11 @@ def test_checkpoint_that_is_a_file_says_so(tiny_checkpoint, tmp_path, capsys):
     gguf_file.write_bytes(b"GGUF")
     other = tmp_path / "notes.txt"
     other.write_text("x")
-    for path, fix in ((tiny_checkpoint / "model.safetensors", f"pass its directory: --checkpoint {tiny_checkpoint}"),
-                      (gguf_file, f"convert it first: python scripts/convert_gguf.py --gguf {gguf_file}"),
-                      (other, "pass the directory that holds config.json and model.safetensors")):
+    for path, fix in (
+        (tiny_checkpoint / "model.safetensors", f"pass its directory: --checkpoint {tiny_checkpoint}"),
+        (gguf_file, f"convert it first: python scripts/convert_gguf.py --gguf {gguf_file}"),
+        (other, "pass the directory that holds config.json and model.safetensors"),
+    ):
         code, _, err = run_main(["--checkpoint", path, "--device", "cpu", "--prompt", "x"], capsys)
         assert code == 2 and err.count("\n") == 1, err
         assert f"error: --checkpoint {path} is a file, not a checkpoint directory; {fix}" in err, err
@@ -456,20 +666,45 @@ def test_compile_on_the_cpu_warns_before_the_pause(tiny_checkpoint, capsys, monk
         def first_call(*args, **kw):
             said_before_compiling.append(capsys.readouterr().err)
             return fn(*args, **kw)
+
         return first_call
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    code, _, err = run_main(["--checkpoint", tiny_checkpoint, "--device", "cpu", "--compile", "--prompt", "x",
-                             "--max-new-tokens", 3, "--temperature", 0], capsys)
+    code, _, err = run_main(
+        [
+            "--checkpoint",
+            tiny_checkpoint,
+            "--device",
+            "cpu",
+            "--compile",
+            "--prompt",
+            "x",
+            "--max-new-tokens",
+            3,
+            "--temperature",
+            0,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "the first run takes a while (minutes on 2 cores)" in said_before_compiling[0]
 
 
-@pytest.mark.parametrize("module", ["quantize", "scripts.convert_gguf", "scripts.convert_hf_checkpoint",
-                                    "scripts.prepare_demo", "scripts.eval_quant", "scripts.download"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "quantize",
+        "scripts.convert_gguf",
+        "scripts.convert_hf_checkpoint",
+        "scripts.prepare_demo",
+        "scripts.eval_quant",
+        "scripts.download",
+    ],
+)
 def test_every_script_gives_every_flag_a_help_text(module, capsys):
     import importlib
     import re
+
     with pytest.raises(SystemExit):
         importlib.import_module(module).main(["--help"])
     options = capsys.readouterr().out.split("options:\n")[1]

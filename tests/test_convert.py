@@ -1,5 +1,6 @@
 """Converters on real and broken inputs: the SmolLM2 GGUF against transformers' own GGUF loader,
 and bad files / configs / output dirs -> a one-line error naming the file, exit code 2, nothing written."""
+
 import io
 import json
 import shutil
@@ -10,14 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import ModelArgs, Transformer, load_checkpoint_tensors, read_checkpoint_config
+from checkpoint import load_checkpoint_tensors, model_args_from_dict, model_args_from_name, read_checkpoint_config
+from model import Transformer
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The quick brown fox jumps over the lazy dog. The capital of France is"
 
 
 def load_ours(ckpt_dir) -> Transformer:
-    args = ModelArgs.from_dict(read_checkpoint_config(ckpt_dir)["model_args"])
+    args = model_args_from_dict(read_checkpoint_config(ckpt_dir)["model_args"])
     model = Transformer(args)
     model.load_state_dict(load_checkpoint_tensors(ckpt_dir, model.state_dict(), "cpu", torch.float32))
     return model.eval()
@@ -25,7 +27,7 @@ def load_ours(ckpt_dir) -> Transformer:
 
 def test_gguf_model_args_and_files(smollm2_checkpoint):
     config = read_checkpoint_config(smollm2_checkpoint)
-    assert ModelArgs.from_dict(config["model_args"]) == ModelArgs.from_name("smollm2-135m")
+    assert model_args_from_dict(config["model_args"]) == model_args_from_name("smollm2-135m")
     assert config["quantization"] is None
     assert config["source"].startswith("gguf:SmolLM2-135M-Instruct.Q4_1.gguf") and "/" not in config["source"]
     assert (smollm2_checkpoint / "tokenizer.json").is_file()
@@ -34,6 +36,7 @@ def test_gguf_model_args_and_files(smollm2_checkpoint):
     tokenizer_config = json.loads((smollm2_checkpoint / "tokenizer_config.json").read_text())
     assert tokenizer_config["chat_template"].startswith("{% for message in messages %}")
     from tokenizer import load_tokenizer
+
     assert load_tokenizer(smollm2_checkpoint).chat_format == "template"
 
 
@@ -62,11 +65,18 @@ def test_gguf_logits_match_transformers_gguf_loader(smollm2_checkpoint, tmp_path
 
 # ----------------------------------------------------------------------------- bad input, via the CLIs
 
+
 @pytest.fixture(scope="module")
 def tiny_hf_dir(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=64, vocab_size=128)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=128,
+    )
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("hf") / "tiny"
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
@@ -74,8 +84,9 @@ def tiny_hf_dir(tmp_path_factory):
 
 
 def run_cli(script, *args):
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), *map(str, args)], capture_output=True, text=True, cwd=REPO
+    )
     return proc.returncode, proc.stderr.strip()
 
 
@@ -131,6 +142,7 @@ def test_hf_tokenizer_files_are_copied(tiny_hf_dir, tmp_path):
     """tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja travel
     with the weights, and the converted checkpoint chats with the template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
+
     from scripts.convert_hf_checkpoint import convert_hf_checkpoint
     from tokenizer import load_tokenizer
 
@@ -141,8 +153,10 @@ def test_hf_tokenizer_files_are_copied(tiny_hf_dir, tmp_path):
     backend.save(str(hf / "tokenizer.json"))
     (hf / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
     (hf / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
-    (hf / "chat_template.jinja").write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}{{ eos_token }}"
-                                            "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    (hf / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}{{ eos_token }}"
+        "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    )
     out = convert_hf_checkpoint(hf, tmp_path / "out")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         assert (out / name).read_bytes() == (hf / name).read_bytes()
@@ -152,8 +166,8 @@ def test_hf_tokenizer_files_are_copied(tiny_hf_dir, tmp_path):
 
 
 def test_shape_mismatch_and_unsupported_model_type(tiny_hf_dir, tmp_path):
+    from checkpoint import CheckpointError
     from scripts.convert_hf_checkpoint import convert_hf_checkpoint
-    from model import CheckpointError
 
     hf = copy_hf(tiny_hf_dir, tmp_path / "hf")
     cfg = json.loads((hf / "config.json").read_text())
@@ -161,8 +175,9 @@ def test_shape_mismatch_and_unsupported_model_type(tiny_hf_dir, tmp_path):
     out = tmp_path / "out"
     rc, err = run_cli("convert_hf_checkpoint.py", "--checkpoint-dir", hf, "--output-dir", out)
     # the first tensor whose shape depends on intermediate_size, with both shapes
-    assert_one_line_error(rc, err, hf / "model.safetensors", "model.layers.0.mlp.gate_proj.weight", "[64, 32]",
-                          "[80, 32]")
+    assert_one_line_error(
+        rc, err, hf / "model.safetensors", "model.layers.0.mlp.gate_proj.weight", "[64, 32]", "[80, 32]"
+    )
     assert_nothing_written(out)
     (hf / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
     with pytest.raises(CheckpointError, match="unsupported model_type 'gpt2'"):  # in-process: same code path
@@ -177,11 +192,12 @@ def test_output_exists_needs_force(tiny_hf_dir, tmp_path):
     rc, err = run_cli("convert_hf_checkpoint.py", "--checkpoint-dir", tiny_hf_dir, "--output-dir", out)
     assert_one_line_error(rc, err, out, "--force")
     assert (out / "keep.txt").read_text() == "mine"  # untouched
-    rc, err = run_cli("convert_hf_checkpoint.py", "--checkpoint-dir", tiny_hf_dir, "--output-dir", out, "--force",
-                      "--dtype", "bf16")
+    rc, err = run_cli(
+        "convert_hf_checkpoint.py", "--checkpoint-dir", tiny_hf_dir, "--output-dir", out, "--force", "--dtype", "bf16"
+    )
     assert rc == 0, err
     assert not (out / "keep.txt").exists()
-    args = ModelArgs.from_dict(read_checkpoint_config(out)["model_args"])
+    args = model_args_from_dict(read_checkpoint_config(out)["model_args"])
     tensors = load_checkpoint_tensors(out, Transformer(args).state_dict(), "cpu", None)
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
     # the source is recorded by name: no local path leaks into a checkpoint people share
@@ -190,7 +206,7 @@ def test_output_exists_needs_force(tiny_hf_dir, tmp_path):
 
 
 def test_output_overlapping_the_source_is_refused_even_with_force(tiny_hf_dir, tmp_path):
-    from model import CheckpointError
+    from checkpoint import CheckpointError
     from scripts.convert_gguf import convert_gguf
     from scripts.convert_hf_checkpoint import convert_hf_checkpoint
 
@@ -203,6 +219,7 @@ def test_output_overlapping_the_source_is_refused_even_with_force(tiny_hf_dir, t
     # a GGUF file inside the output directory (here a symlink to it: the link would be deleted too);
     # refused before the file is even read
     from scripts.assets import smollm2_gguf_path
+
     models = tmp_path / "models"
     models.mkdir()
     (models / "model.gguf").symlink_to(smollm2_gguf_path())

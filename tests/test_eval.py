@@ -6,6 +6,7 @@ log-likelihoods and choices of lm-eval's `hf` backend (transformers running the 
 on a tiny random Llama and on the real SmolLM2; generate_until must give generate.py's greedy
 text; the rolling perplexity must equal scripts/perplexity.py's.
 """
+
 import json
 import math
 import os
@@ -37,8 +38,10 @@ MC_DOCS = [
 GEN_DOCS = [
     {"question": "The capital of France is", "answer": "Paris"},
     {"question": "Two plus two equals", "answer": "four"},
-    {"question": "The largest planet in our solar system, named after the king of the Roman gods, is",
-     "answer": "Jupiter"},
+    {
+        "question": "The largest planet in our solar system, named after the king of the Roman gods, is",
+        "answer": "Jupiter",
+    },
 ]
 TASKS = {
     "local_mc": """
@@ -83,8 +86,10 @@ def tasks_dir(tmp_path_factory):
     for name, body in TASKS.items():
         data = d / f"{name}.jsonl"
         data.write_text("".join(json.dumps(doc) + "\n" for doc in docs[name]))
-        (d / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n"
-                                        f"  data_files:\n    test: {data}\ntest_split: test\n{body}")
+        (d / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n"
+            f"  data_files:\n    test: {data}\ntest_split: test\n{body}"
+        )
     return d
 
 
@@ -95,10 +100,13 @@ def task_manager(tasks_dir):
 
 def evaluate(lm, tasks, task_manager, limit=None):
     """simple_evaluate with per-document outputs; returns (results, {task: [response per doc]})."""
-    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, log_samples=True,
-                                  bootstrap_iters=0, limit=limit)
-    responses = {task: [s["resps"] for s in sorted(samples, key=lambda s: s["doc_id"])]
-                 for task, samples in out["samples"].items()}
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=tasks, task_manager=task_manager, log_samples=True, bootstrap_iters=0, limit=limit
+    )
+    responses = {
+        task: [s["resps"] for s in sorted(samples, key=lambda s: s["doc_id"])]
+        for task, samples in out["samples"].items()
+    }
     return out["results"], responses
 
 
@@ -110,7 +118,8 @@ def hf_tokenizer(checkpoint):
     return transformers.PreTrainedTokenizerFast(
         tokenizer_file=str(checkpoint / "tokenizer.json"),
         bos_token=ours.backend.id_to_token(ours.bos_id) if ours.bos_id is not None else None,
-        eos_token=ours.backend.id_to_token(ours.eos_id))
+        eos_token=ours.backend.id_to_token(ours.eos_id),
+    )
 
 
 def assert_same_scores(ours, theirs, rel=1e-5, abs_=1e-4):
@@ -127,6 +136,7 @@ def assert_same_scores(ours, theirs, rel=1e-5, abs_=1e-4):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random Llama in Hugging Face format with SmolLM2's real tokenizer, and our conversion of it."""
@@ -136,9 +146,17 @@ def tiny(tmp_path_factory):
     from scripts.convert_hf_checkpoint import convert_hf_checkpoint
     from tokenizer import gguf_tokenizer_files
 
-    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=128, vocab_size=49152, max_position_embeddings=512,
-                                   tie_word_embeddings=True, initializer_range=0.1)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=49152,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        initializer_range=0.1,
+    )
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     hf_dir = tmp_path_factory.mktemp("tiny_hf") / "hf"
@@ -162,14 +180,22 @@ def smollm2_hf(smollm2_checkpoint, tmp_path_factory):
 
 
 def ours_and_hf(checkpoint, hf_model, max_length, batch_size=3, **kwargs):
-    ours = fastgen_eval.FastgenLM(checkpoint, "cpu", torch.float32, batch_size=batch_size, max_length=max_length,
-                                  **kwargs)
-    theirs = HFLM(pretrained=hf_model, tokenizer=hf_tokenizer(checkpoint), batch_size=batch_size,
-                  max_length=max_length, device="cpu", prefix_token_id=ours.prefix_token_id)
+    ours = fastgen_eval.FastgenLM(
+        checkpoint, "cpu", torch.float32, batch_size=batch_size, max_length=max_length, **kwargs
+    )
+    theirs = HFLM(
+        pretrained=hf_model,
+        tokenizer=hf_tokenizer(checkpoint),
+        batch_size=batch_size,
+        max_length=max_length,
+        device="cpu",
+        prefix_token_id=ours.prefix_token_id,
+    )
     return ours, theirs
 
 
 # ----------------------------------------------------------------------------- parity with lm-eval's hf backend
+
 
 def test_tiny_llama_matches_hf_backend(tiny, task_manager):
     hf_model, checkpoint = tiny
@@ -199,18 +225,33 @@ def test_smollm2_matches_hf_backend(smollm2_checkpoint, smollm2_hf, task_manager
 
 # ----------------------------------------------------------------------------- generation and perplexity
 
+
 def test_generate_until_equals_generate_cli(smollm2_checkpoint, tmp_path, capsys):
     """Different-length prompts in one batch, each with its own stop strings and token budget."""
-    requests = [("The capital of France is", {"until": ["."], "max_gen_toks": 8}),
-                ("Count with me: one, two, three,", {"until": [" six", "\n"], "max_gen_toks": 10}),
-                ("Write a haiku about the sea:\n", {"until": ["\n\n"], "max_gen_toks": 5})]
+    requests = [
+        ("The capital of France is", {"until": ["."], "max_gen_toks": 8}),
+        ("Count with me: one, two, three,", {"until": [" six", "\n"], "max_gen_toks": 10}),
+        ("Write a haiku about the sea:\n", {"until": ["\n\n"], "max_gen_toks": 5}),
+    ]
     lm = fastgen_eval.FastgenLM(smollm2_checkpoint, "cpu", torch.float32, batch_size=3)
     texts = lm.generate_until([Instance("generate_until", {}, req, i) for i, req in enumerate(requests)])
     fired = 0
     for (context, kwargs), text in zip(requests, texts):
         out = tmp_path / "g.json"
-        argv = ["--checkpoint", smollm2_checkpoint, "--prompt", context, "--max-new-tokens", kwargs["max_gen_toks"],
-                "--temperature", 0, "--device", "cpu", "--json", out]
+        argv = [
+            "--checkpoint",
+            smollm2_checkpoint,
+            "--prompt",
+            context,
+            "--max-new-tokens",
+            kwargs["max_gen_toks"],
+            "--temperature",
+            0,
+            "--device",
+            "cpu",
+            "--json",
+            out,
+        ]
         for stop in kwargs["until"]:
             argv += ["--stop", stop]
         assert generate.main([str(a) for a in argv]) == 0
@@ -249,30 +290,52 @@ def test_quantized_weights_kv_cache_and_compile(tiny, task_manager, tmp_path):
     fp32 = fastgen_eval.FastgenLM(checkpoint, "cpu", torch.float32, batch_size=4, max_length=64)
     _, reference = evaluate(fp32, tasks, task_manager)
     int8 = quantize_checkpoint(checkpoint, "int8", output_dir=tmp_path / "int8")
-    quantized = fastgen_eval.FastgenLM(int8, "cpu", torch.float32, kv_cache_dtype=torch.int8, batch_size=4,
-                                       max_length=64)
+    quantized = fastgen_eval.FastgenLM(
+        int8, "cpu", torch.float32, kv_cache_dtype=torch.int8, batch_size=4, max_length=64
+    )
     assert_same_scores(evaluate(quantized, tasks, task_manager)[1], reference, rel=0.02, abs_=0.05)
 
     compiled = fastgen_eval.FastgenLM(checkpoint, "cpu", torch.float32, compile=True, batch_size=2, max_length=64)
-    requests = [Instance("generate_until", {}, (doc["question"], {"until": ["."], "max_gen_toks": 6}), i)
-                for i, doc in enumerate(GEN_DOCS)]
+    requests = [
+        Instance("generate_until", {}, (doc["question"], {"until": ["."], "max_gen_toks": 6}), i)
+        for i, doc in enumerate(GEN_DOCS)
+    ]
     assert compiled.generate_until(requests) == fp32.generate_until(requests)
 
 
 # ----------------------------------------------------------------------------- the CLI
 
+
 def run_cli(*args, env=None):
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "eval.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "eval.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
 def test_cli_runs_every_request_type_and_writes_results_json(tiny, tasks_dir, tmp_path):
     _, checkpoint = tiny
     out = tmp_path / "results" / "out.json"
-    code, stdout, stderr = run_cli("--checkpoint", checkpoint, "--tasks", "local_mc,local_gen,local_botchan",
-                                   "--include-path", tasks_dir, "--batch-size", 2, "--max-length", 64,
-                                   "--kv-cache-dtype", "int8", "--output", out)
+    code, stdout, stderr = run_cli(
+        "--checkpoint",
+        checkpoint,
+        "--tasks",
+        "local_mc,local_gen,local_botchan",
+        "--include-path",
+        tasks_dir,
+        "--batch-size",
+        2,
+        "--max-length",
+        64,
+        "--kv-cache-dtype",
+        "int8",
+        "--output",
+        out,
+    )
     assert code == 0, stderr
     results = json.loads(out.read_text())
     assert set(results["results"]) == {"local_mc", "local_gen", "local_botchan"}
@@ -294,8 +357,9 @@ def one_line_error(code, stderr, *must_contain):
 
 def test_cli_unknown_task_and_bad_options(tiny, tasks_dir, capsys):
     _, checkpoint = tiny
-    code = fastgen_eval.main(["--checkpoint", str(checkpoint), "--tasks", "local_mc,no_such_task",
-                              "--include-path", str(tasks_dir)])
+    code = fastgen_eval.main(
+        ["--checkpoint", str(checkpoint), "--tasks", "local_mc,no_such_task", "--include-path", str(tasks_dir)]
+    )
     one_line_error(code, capsys.readouterr().err, "unknown task 'no_such_task'")
     code = fastgen_eval.main(["--checkpoint", str(checkpoint), "--tasks", "local_mc", "--batch-size", "0"])
     one_line_error(code, capsys.readouterr().err, "--batch-size must be at least 1")
@@ -306,7 +370,8 @@ def test_cli_task_that_needs_the_hub_while_offline(tiny, tmp_path):
     (tmp_path / "hub_task.yaml").write_text(
         "task: hub_task\ndataset_path: allenai/ai2_arc\ndataset_name: ARC-Easy\ntest_split: test\n"
         "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices.text}}'\n"
-        "doc_to_target: 0\n")
+        "doc_to_target: 0\n"
+    )
     code, _, stderr = run_cli("--checkpoint", checkpoint, "--tasks", "hub_task", "--include-path", tmp_path)
     one_line_error(code, stderr, "'hub_task' needs its dataset from the Hugging Face hub", "offline")
 

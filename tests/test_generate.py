@@ -1,4 +1,5 @@
 """The generation loop on a tiny random model: cache sizes, batching, compile, limits, sampling."""
+
 import pytest
 import torch
 
@@ -10,8 +11,20 @@ VOCAB = 97
 
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    args = ModelArgs(**{**dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96,
-                               vocab_size=VOCAB, max_position_embeddings=8192), **overrides})
+    args = ModelArgs(
+        **{
+            **dict(
+                dim=64,
+                n_layers=2,
+                n_heads=4,
+                n_kv_heads=2,
+                intermediate_size=96,
+                vocab_size=VOCAB,
+                max_position_embeddings=8192,
+            ),
+            **overrides,
+        }
+    )
     model = Transformer(args).eval()
     with torch.no_grad():  # spread the logits so greedy choices are far from ties
         model.tok_embeddings.weight.normal_(0, 1.0)
@@ -59,7 +72,7 @@ def test_rows_stop_at_their_own_stop_token():
     res = greedy(model, PROMPTS[:2], 15, 64, stop_ids=[stop])
     for b in range(2):
         if stop in free[b]:
-            assert res.tokens[b] == free[b][:free[b].index(stop)] and res.stopped[b]
+            assert res.tokens[b] == free[b][: free[b].index(stop)] and res.stopped[b]
         else:
             assert res.tokens[b] == free[b] and not res.stopped[b]
     assert res.stopped[0]
@@ -143,7 +156,7 @@ def test_bad_requests():
     gen.setup(1, 32)
     with pytest.raises(UsageError, match="empty prompt"):
         gen.generate([[]], 4)
-    with pytest.raises(UsageError, match="max-new-tokens"):
+    with pytest.raises(UsageError, match="at least 1"):  # no new tokens asked for
         gen.generate([[1, 2]], 0)
     with pytest.raises(UsageError, match="batch of 2"):
         gen.generate([[1], [2]], 4)
@@ -167,5 +180,5 @@ def test_eager_prefill_attends_over_the_written_slots_only(monkeypatch):
     gen.setup(1, 4096)
     prompt = list(range(1, 91)) * 2 + [5]  # 181 tokens: chunks of 150 and 31
     gen.generate([prompt], 3, Sampling())
-    per_forward = seen[::model.args.n_layers]  # (query tokens, visible slots)
+    per_forward = seen[:: model.args.n_layers]  # (query tokens, visible slots)
     assert per_forward == [(150, 256), (31, 256), (1, 4096), (1, 4096)]

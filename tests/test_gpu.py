@@ -6,6 +6,7 @@ gives the greedy tokens of CPU fp32 eager; batches, big caches and chat turns ch
 quantized weights and KV caches match their dequantize-then-compute reference; eager GPU runs
 never call the compiler; a full cache is a clear error.
 """
+
 import json
 import subprocess
 import sys
@@ -15,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from generate import Generator, Sampling, UsageError, load_model
-from model import ModelArgs, Transformer, read_checkpoint_config, save_checkpoint
+from checkpoint import load_model, model_args_from_dict, read_checkpoint_config, save_checkpoint
+from generate import Generator, Sampling, UsageError
+from model import ModelArgs, Transformer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -139,8 +141,9 @@ def test_eager_cuda_graph_step_samples_and_rerecords():
 
 @pytest.mark.parametrize("q_len", [1, 40])  # decode (plain matmuls on CUDA) and prefill (fused SDPA)
 def test_eager_attention_on_cuda_equals_sliced_sdpa(q_len):
-    from model import offset_length_dense_mask, sdpa_attention_over_cache
     from test_attention import sdpa_reference, valid_pairs
+
+    from model import offset_length_dense_mask, sdpa_attention_over_cache
 
     torch.manual_seed(q_len)
     starts, q_start, kv_len, window = [0, 5, 130], 200, 512, None
@@ -166,6 +169,7 @@ def test_quantized_kv_cache_on_cuda_equals_cpu_reference(kv_cache_dtype):
 
 
 # ----------------------------------------------------------------------------- quantized weights
+
 
 @pytest.mark.parametrize("rows,n,k", [(1, 4096, 4096), (1, 1000, 576), (3, 520, 1300), (4, 64, 8200)])
 def test_int8_gemv_kernel_equals_reference(rows, n, k):
@@ -200,7 +204,7 @@ def dequantized_reference(quantized_dir) -> Transformer:
     from quantize import dequantize_int4
 
     config = read_checkpoint_config(quantized_dir)
-    model = Transformer(ModelArgs.from_dict(config["model_args"])).eval()
+    model = Transformer(model_args_from_dict(config["model_args"])).eval()
     stored = load_file(str(Path(quantized_dir) / "model.safetensors"))
     state = {}
     for name, ref in model.state_dict().items():
@@ -209,7 +213,7 @@ def dequantized_reference(quantized_dir) -> Transformer:
             state[name] = stored[name].float() * stored[f"{prefix}.scales"].float()[:, None]
         elif f"{prefix}.scales_and_zeros" in stored:
             w = dequantize_int4(stored[name], stored[f"{prefix}.scales_and_zeros"], config["quantization"]["groupsize"])
-            state[name] = w[:, :ref.shape[1]]
+            state[name] = w[:, : ref.shape[1]]
         else:
             state[name] = stored[name].float()
     model.load_state_dict(state)
@@ -231,18 +235,24 @@ def teacher_forced_logits(model, ids: list[int], prompt_len: int, compiled: bool
     with torch.no_grad():
         out.append(model(tokens[:, :prompt_len], torch.arange(prompt_len, device=device))[:, -1].float().cpu())
         for pos in range(prompt_len, len(ids) - 1):
-            logits = step_fn(model, tokens[:, pos:pos + 1], torch.tensor([pos], device=device))
+            logits = step_fn(model, tokens[:, pos : pos + 1], torch.tensor([pos], device=device))
             out.append(logits.float().cpu().clone())
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("mode,groupsize,dtype,tol", [
-    ("int8", None, torch.float32, 1e-4),
-    ("int8", None, torch.bfloat16, 3e-2),
-    ("int4", 64, torch.bfloat16, 3e-2),
-    ("int4", 128, torch.bfloat16, 3e-2),
-], ids=["int8-fp32", "int8-bf16", "int4-g64", "int4-g128"])
-def test_quantized_weights_on_cuda_match_dequantize_then_compute(float_checkpoint, tmp_path, mode, groupsize, dtype, tol):
+@pytest.mark.parametrize(
+    "mode,groupsize,dtype,tol",
+    [
+        ("int8", None, torch.float32, 1e-4),
+        ("int8", None, torch.bfloat16, 3e-2),
+        ("int4", 64, torch.bfloat16, 3e-2),
+        ("int4", 128, torch.bfloat16, 3e-2),
+    ],
+    ids=["int8-fp32", "int8-bf16", "int4-g64", "int4-g128"],
+)
+def test_quantized_weights_on_cuda_match_dequantize_then_compute(
+    float_checkpoint, tmp_path, mode, groupsize, dtype, tol
+):
     from quantize import quantize_checkpoint
 
     qdir = quantize_checkpoint(float_checkpoint, mode, groupsize, output_dir=tmp_path / mode)
@@ -277,24 +287,53 @@ def tiny_sentencepiece_model() -> bytes:
     words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hum old tunes".split()
     lines = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=300,
-                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
-                                   minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=300,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
     return model.getvalue()
 
 
 def test_cli_compiled_on_cuda_writes_json(tmp_path):
     """generate.py as a user runs it on the GPU: --compile, bf16 by default, a batch, --json."""
     torch.manual_seed(0)
-    args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=1, intermediate_size=256, vocab_size=300,
-                     max_position_embeddings=512)  # the tokenizer's vocab
-    ckpt = save_checkpoint(tmp_path / "tiny", {"model_args": asdict(args), "quantization": None},
-                           Transformer(args).state_dict(), {"tokenizer.model": tiny_sentencepiece_model()})
+    args = ModelArgs(
+        dim=128, n_layers=2, n_heads=4, n_kv_heads=1, intermediate_size=256, vocab_size=300, max_position_embeddings=512
+    )  # the tokenizer's vocab
+    ckpt = save_checkpoint(
+        tmp_path / "tiny",
+        {"model_args": asdict(args), "quantization": None},
+        Transformer(args).state_dict(),
+        {"tokenizer.model": tiny_sentencepiece_model()},
+    )
     out_json = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "--checkpoint", str(ckpt),
-                           "--prompt", "the fox", "--prompt", "seven wizards quietly hum", "--max-new-tokens", "16",
-                           "--temperature", "0", "--compile", "--json", str(out_json)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "generate.py"),
+            "--checkpoint",
+            str(ckpt),
+            "--prompt",
+            "the fox",
+            "--prompt",
+            "seven wizards quietly hum",
+            "--max-new-tokens",
+            "16",
+            "--temperature",
+            "0",
+            "--compile",
+            "--json",
+            str(out_json),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out_json.read_text())
     assert data["device"] != "cpu" and data["dtype"] == "bfloat16"

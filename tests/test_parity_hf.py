@@ -4,39 +4,89 @@ Each test builds an fp32 HF model with random weights (norms and biases random t
 runs scripts/convert_hf_checkpoint.py on it, loads our checkpoint and checks prefill logits and
 24 greedy decode steps through our static KV cache against HF recomputing the full sequence.
 """
+
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from model import ModelArgs, Transformer, load_checkpoint_tensors, read_checkpoint_config  # noqa: E402
+from checkpoint import load_checkpoint_tensors, model_args_from_dict, read_checkpoint_config  # noqa: E402
+from model import Transformer  # noqa: E402
 from scripts.convert_hf_checkpoint import convert_hf_checkpoint  # noqa: E402
 
 PROMPT_LEN, DECODE_STEPS, TOL = 12, 24, 1e-4
-SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=256,
-             max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.1)
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+SMALL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=96,
+    vocab_size=256,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    initializer_range=0.1,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 
 FAMILIES = {
     "llama-2": ("LlamaConfig", dict(num_key_value_heads=4)),
-    "codellama": ("LlamaConfig", dict(num_key_value_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
-    "llama-3": ("LlamaConfig", dict(num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 5e5})),
+    "codellama": (
+        "LlamaConfig",
+        dict(num_key_value_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    ),
+    "llama-3": (
+        "LlamaConfig",
+        dict(num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
+    ),
     "llama-3.1": ("LlamaConfig", dict(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE)),
-    "llama-3.2": ("LlamaConfig", dict(num_key_value_heads=2, rope_parameters=dict(LLAMA3_ROPE, factor=32.0),
-                                      tie_word_embeddings=True)),
-    "llama-linear-rope": ("LlamaConfig", dict(num_key_value_heads=2, rope_parameters={
-        "rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})),
+    "llama-3.2": (
+        "LlamaConfig",
+        dict(num_key_value_heads=2, rope_parameters=dict(LLAMA3_ROPE, factor=32.0), tie_word_embeddings=True),
+    ),
+    "llama-linear-rope": (
+        "LlamaConfig",
+        dict(num_key_value_heads=2, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+    ),
     "mistral-v0.1": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=8)),
-    "mistral-v0.3": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=None,
-                                           rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
-    "qwen2.5": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-6,
-                                    rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
-    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, rms_norm_eps=1e-6,
-                                  rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
-    "smollm2": ("LlamaConfig", dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
-                                    tie_word_embeddings=True,
-                                    rope_parameters={"rope_type": "default", "rope_theta": 100000.0})),
+    "mistral-v0.3": (
+        "MistralConfig",
+        dict(num_key_value_heads=2, sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    ),
+    "qwen2.5": (
+        "Qwen2Config",
+        dict(
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        ),
+    ),
+    "qwen3": (
+        "Qwen3Config",
+        dict(
+            num_key_value_heads=2,
+            head_dim=32,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        ),
+    ),
+    "smollm2": (
+        "LlamaConfig",
+        dict(
+            hidden_size=96,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        ),
+    ),
 }
 
 
@@ -55,7 +105,7 @@ def make_hf_model(family: str, seed: int = 0):
 
 
 def load_ours(ckpt_dir) -> Transformer:
-    args = ModelArgs.from_dict(read_checkpoint_config(ckpt_dir)["model_args"])
+    args = model_args_from_dict(read_checkpoint_config(ckpt_dir)["model_args"])
     model = Transformer(args)
     model.load_state_dict(load_checkpoint_tensors(ckpt_dir, model.state_dict(), "cpu", torch.float32))
     return model.eval()

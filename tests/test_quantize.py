@@ -1,5 +1,6 @@
 """Weight and KV-cache quantization: kernels against references, accuracy pinned on the real
 SmolLM2 and Botchan, the quantize CLI round trip, and its errors."""
+
 import json
 import subprocess
 import sys
@@ -9,17 +10,26 @@ import pytest
 import torch
 
 import quantize
-from generate import Generator, Sampling, load_model
+from checkpoint import load_model, save_checkpoint
+from generate import Generator, Sampling
 from model import ModelArgs, Transformer
-from quantize import (Int4Linear, QuantizationError, QuantizedKVCache, dequantize_int4, quantize_checkpoint,
-                      quantize_int4, quantize_int8)
+from quantize import (
+    Int4Linear,
+    QuantizationError,
+    QuantizedKVCache,
+    dequantize_int4,
+    quantize_checkpoint,
+    quantize_int4,
+    quantize_int8,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PASSAGE_TOKENS = 1024  # the tests score a shorter passage than BENCHMARKS.md's 4096 tokens
 
 
-@pytest.mark.parametrize("n,k,groupsize", [(256, 512, 32), (256, 512, 64), (256, 512, 128), (96, 512, 256),
-                                         (960, 576, 128), (64, 576, 256)])  # 576: padded to 640 / 768
+@pytest.mark.parametrize(
+    "n,k,groupsize", [(256, 512, 32), (256, 512, 64), (256, 512, 128), (96, 512, 256), (960, 576, 128), (64, 576, 256)]
+)  # 576: padded to 640 / 768
 def test_int4_matmul_equals_dequantize_then_matmul(n, k, groupsize):
     torch.manual_seed(groupsize + k)
     weight = torch.randn(n, k)
@@ -27,7 +37,7 @@ def test_int4_matmul_equals_dequantize_then_matmul(n, k, groupsize):
     k_pad = -(-k // groupsize) * groupsize
     assert packed.shape == (n, k_pad // 2) and packed.dtype == torch.uint8
     assert scales_and_zeros.shape == (k_pad // groupsize, n, 2) and scales_and_zeros.dtype == torch.bfloat16
-    with torch.device("meta"):  # the way generate.load_model builds it: meta, then assign
+    with torch.device("meta"):  # the way checkpoint.load_model builds it: meta, then assign
         linear = Int4Linear(k, n, groupsize=groupsize)
     # the loader hands floats over in the compute dtype: fp32 here
     linear.load_state_dict({"weight": packed, "scales_and_zeros": scales_and_zeros.float()}, assign=True)
@@ -42,7 +52,7 @@ def test_int4_matmul_equals_dequantize_then_matmul(n, k, groupsize):
     # and the dequantized weight is the original up to rounding: half a step of each group's grid
     pad = torch.cat([weight, weight[:, -1:].expand(n, k_pad - k)], 1).view(n, -1, groupsize)
     step = (pad.amax(-1) - pad.amin(-1)) / 15
-    err = (w_deq - weight)
+    err = w_deq - weight
     err = torch.cat([err, torch.zeros(n, k_pad - k)], 1).view(n, -1, groupsize).abs()
     assert (err <= step[..., None] * 0.51 + 1e-6).all()
 
@@ -87,9 +97,9 @@ def test_quantized_kv_cache_update_compiles(storage):
         for w, g, x in zip(want, got, (k, v)):
             amax = x.float().abs().amax()
             step_size = amax / (127 if storage == torch.int8 else 14)  # e4m3: 32 apart near 448; + bf16 rounding
-            assert ((w.float() - g.float()).abs() <= step_size + amax * 2 ** -7).all()
+            assert ((w.float() - g.float()).abs() <= step_size + amax * 2**-7).all()
         written = torch.zeros(16, dtype=torch.bool)
-        written[[3, 9][:[3, 9].index(slot) + 1]] = True
+        written[[3, 9][: [3, 9].index(slot) + 1]] = True
         assert (compiled.k_cache[:, :, ~written].view(torch.uint8) == 0).all()
         assert (compiled.k_scale[:, :, written] > 0).all()
     assert [compiled.k_cache.data_ptr(), compiled.k_scale.data_ptr()] == buffers
@@ -97,8 +107,9 @@ def test_quantized_kv_cache_update_compiles(storage):
 
 def test_quantized_kv_cache_generation_matches_plain():
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96,
-                                  vocab_size=97)).eval()
+    model = Transformer(
+        ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96, vocab_size=97)
+    ).eval()
     with torch.no_grad():
         model.output.weight.normal_(0, 1.0)
     gen = Generator(model)
@@ -114,9 +125,25 @@ def test_quantized_kv_cache_generation_matches_plain():
 def quantized(smollm2_checkpoint, tmp_path_factory):
     """The real SmolLM2 through the quantize CLI (in process: one torch import less)."""
     out = tmp_path_factory.mktemp("quant")
-    assert quantize.main(["--checkpoint", str(smollm2_checkpoint), "--mode", "int8", "--output-dir", str(out / "int8")]) == 0
-    assert quantize.main(["--checkpoint", str(smollm2_checkpoint), "--mode", "int4", "--groupsize", "32",
-                          "--output-dir", str(out / "int4-g32")]) == 0
+    assert (
+        quantize.main(["--checkpoint", str(smollm2_checkpoint), "--mode", "int8", "--output-dir", str(out / "int8")])
+        == 0
+    )
+    assert (
+        quantize.main(
+            [
+                "--checkpoint",
+                str(smollm2_checkpoint),
+                "--mode",
+                "int4",
+                "--groupsize",
+                "32",
+                "--output-dir",
+                str(out / "int4-g32"),
+            ]
+        )
+        == 0
+    )
     return {"int8": out / "int8", "int4-g32": out / "int4-g32"}
 
 
@@ -124,18 +151,21 @@ def quantized(smollm2_checkpoint, tmp_path_factory):
 def passage(smollm2_checkpoint):
     from scripts.perplexity import botchan_ids
     from tokenizer import load_tokenizer
+
     return botchan_ids(load_tokenizer(smollm2_checkpoint), PASSAGE_TOKENS)
 
 
 @pytest.fixture(scope="module")
 def reference_perplexity(smollm2_checkpoint, passage):
     from scripts.perplexity import evaluate
+
     return evaluate(smollm2_checkpoint, passage)["perplexity"]
 
 
 @pytest.mark.parametrize("variant,limit", [("int8", 0.01), ("int4-g32", 0.10), ("kv-int8", 0.01)])
 def test_perplexity_cost_is_pinned(smollm2_checkpoint, quantized, passage, reference_perplexity, variant, limit):
     from scripts.perplexity import evaluate
+
     if variant == "kv-int8":
         r = evaluate(smollm2_checkpoint, passage, kv_cache_dtype=torch.int8)
     else:
@@ -145,15 +175,35 @@ def test_perplexity_cost_is_pinned(smollm2_checkpoint, quantized, passage, refer
 
 def test_config_records_mode_and_generate_loads_it(quantized, tmp_path):
     import generate
+
     for name, mode, kv in (("int8", {"mode": "int8"}, "fp32"), ("int4-g32", {"mode": "int4", "groupsize": 32}, "int8")):
         config = json.loads((quantized[name] / "config.json").read_text())
         assert config["quantization"] == mode
         assert (quantized[name] / "tokenizer.json").is_file()
         out_json = tmp_path / f"{name}.json"
         # generate.py's CLI, in process; the mode comes from config.json, not the directory name
-        assert generate.main(["--checkpoint", str(quantized[name]), "--device", "cpu", "--chat-template",
-                              "--prompt", "What is the capital of France?", "--temperature", "0",
-                              "--max-new-tokens", "8", "--kv-cache-dtype", kv, "--json", str(out_json)]) == 0
+        assert (
+            generate.main(
+                [
+                    "--checkpoint",
+                    str(quantized[name]),
+                    "--device",
+                    "cpu",
+                    "--chat-template",
+                    "--prompt",
+                    "What is the capital of France?",
+                    "--temperature",
+                    "0",
+                    "--max-new-tokens",
+                    "8",
+                    "--kv-cache-dtype",
+                    kv,
+                    "--json",
+                    str(out_json),
+                ]
+            )
+            == 0
+        )
         assert "Paris" in json.loads(out_json.read_text())["rows"][0]["completion"]
     model, _ = load_model(quantized["int8"], "cpu", torch.float32)
     assert isinstance(model.layers[0].feed_forward.w13, quantize.Int8Linear)
@@ -164,12 +214,12 @@ def test_config_records_mode_and_generate_loads_it(quantized, tmp_path):
     assert model.output is None  # tied: the logits use the float embedding
 
 
-@pytest.mark.parametrize("mode", [{"mode": "int8"}, {"mode": "int4", "groupsize": 64}, {"mode": "int4", "groupsize": 256}])
+@pytest.mark.parametrize(
+    "mode", [{"mode": "int8"}, {"mode": "int4", "groupsize": 64}, {"mode": "int4", "groupsize": 256}]
+)
 def test_untied_model_with_biases_quantizes_every_linear(tmp_path, mode):
-    from model import save_checkpoint
     torch.manual_seed(0)
-    args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=192, vocab_size=96,
-                     qkv_bias=True)
+    args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=192, vocab_size=96, qkv_bias=True)
     model = Transformer(args).eval()
     with torch.no_grad():
         model.layers[0].attention.wqkv.bias.normal_()
@@ -194,12 +244,16 @@ def test_untied_model_with_biases_quantizes_every_linear(tmp_path, mode):
 def test_cli_errors_are_one_line_and_leave_nothing(smollm2_checkpoint, quantized, tmp_path, capsys):
     cases = [
         ((quantized["int8"], "--mode", "int4", "--output-dir", tmp_path / "a"), "already quantized"),
-        ((smollm2_checkpoint, "--mode", "int4", "--groupsize", 48, "--output-dir", tmp_path / "b"),
-         "groupsize must be one of (32, 64, 128, 256)"),
+        (
+            (smollm2_checkpoint, "--mode", "int4", "--groupsize", 48, "--output-dir", tmp_path / "b"),
+            "groupsize must be one of (32, 64, 128, 256)",
+        ),
         ((smollm2_checkpoint, "--mode", "int8", "--output-dir", quantized["int8"]), "already exists"),
         ((tmp_path / "missing", "--mode", "int8", "--output-dir", tmp_path / "c"), "does not exist"),
-        ((smollm2_checkpoint, "--mode", "int8", "--groupsize", 32, "--output-dir", tmp_path / "d"),
-         "only applies to --mode int4"),
+        (
+            (smollm2_checkpoint, "--mode", "int8", "--groupsize", 32, "--output-dir", tmp_path / "d"),
+            "only applies to --mode int4",
+        ),
     ]
     for argv, message in cases:
         assert quantize.main(["--checkpoint", *map(str, argv)]) == 2
@@ -207,9 +261,21 @@ def test_cli_errors_are_one_line_and_leave_nothing(smollm2_checkpoint, quantized
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temp dirs
     # the real CLI: exit status 2 and one line on stderr
-    proc = subprocess.run([sys.executable, str(REPO / "quantize.py"), "--checkpoint", str(quantized["int8"]),
-                           "--mode", "int8", "--output-dir", str(tmp_path / "e")], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "quantize.py"),
+            "--checkpoint",
+            str(quantized["int8"]),
+            "--mode",
+            "int8",
+            "--output-dir",
+            str(tmp_path / "e"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "already quantized" in proc.stderr
     assert not (tmp_path / "e").exists()
 
@@ -217,7 +283,7 @@ def test_cli_errors_are_one_line_and_leave_nothing(smollm2_checkpoint, quantized
 def test_fp8_kv_cache_without_support_is_a_clear_error(monkeypatch):
     quantize.check_fp8_supported("cpu")  # torch's CPU casts to float8_e4m3fn work here
     monkeypatch.delattr(torch, "float8_e4m3fn")
-    with pytest.raises(QuantizationError, match="has no float8_e4m3fn; use --kv-cache-dtype int8"):
+    with pytest.raises(QuantizationError, match="has no float8_e4m3fn; use an int8 KV cache"):
         quantize.check_fp8_supported("cpu")
 
 
@@ -236,19 +302,27 @@ def test_output_overlapping_the_source_is_refused_even_with_force(tmp_path, caps
     the flags, however the path is spelled."""
     from dataclasses import asdict
 
-    from model import save_checkpoint
     args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, intermediate_size=64, vocab_size=64)
     source = tmp_path / "models" / "fp32"
     save_checkpoint(source, {"model_args": asdict(args), "quantization": None}, Transformer(args).state_dict())
     before = {p.name: p.read_bytes() for p in source.iterdir()}
     link = tmp_path / "link"
     link.symlink_to(source)
-    cases = [(source, source, "is"), (source, link, "is"), (link, source, "is"), (source, source / ".." / "fp32", "is"),
-             (source, source / "sub", "is inside"), (source, link / "sub", "is inside"),
-             (source, source.parent, "contains"), (link, tmp_path, "contains")]
+    cases = [
+        (source, source, "is"),
+        (source, link, "is"),
+        (link, source, "is"),
+        (source, source / ".." / "fp32", "is"),
+        (source, source / "sub", "is inside"),
+        (source, link / "sub", "is inside"),
+        (source, source.parent, "contains"),
+        (link, tmp_path, "contains"),
+    ]
     for checkpoint, output, relation in cases:
-        assert quantize.main(["--checkpoint", str(checkpoint), "--mode", "int8", "--output-dir", str(output),
-                              "--force"]) == 2
+        assert (
+            quantize.main(["--checkpoint", str(checkpoint), "--mode", "int8", "--output-dir", str(output), "--force"])
+            == 2
+        )
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
         assert f"{relation} the source checkpoint" in err and "choose a directory outside it" in err, err
@@ -260,8 +334,10 @@ def test_eval_quant_table_carries_commit_date_and_cpu_kernels():
     import datetime
 
     from scripts.eval_quant import provenance
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     text = provenance()
     assert text.startswith(f"commit {head}"), text
     assert datetime.datetime.now(datetime.timezone.utc).date().isoformat() in text

@@ -1,5 +1,6 @@
 """End to end on the real SmolLM2-135M-Instruct (converted from its GGUF): it answers, and a chat
 kept in the KV cache equals re-running the transcript from an empty cache."""
+
 import json
 import subprocess
 import sys
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from generate import Generator, Sampling, load_model
+from checkpoint import load_model
+from generate import Generator, Sampling
 from tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,10 +28,27 @@ def test_capital_of_france_is_paris(smollm2_checkpoint):
 def test_three_turn_chat_equals_rerun_from_empty_cache(smollm2_checkpoint, tmp_path):
     turns = ["What is the capital of France?", "And of Italy?", "Which of the two is larger?"]
     out_json = tmp_path / "chat.json"
-    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "--checkpoint", str(smollm2_checkpoint),
-                           "--device", "cpu", "--chat", "--temperature", "0", "--max-new-tokens", "24",
-                           "--json", str(out_json)],
-                          input="\n".join(turns) + "\n/exit\n", capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "generate.py"),
+            "--checkpoint",
+            str(smollm2_checkpoint),
+            "--device",
+            "cpu",
+            "--chat",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "24",
+            "--json",
+            str(out_json),
+        ],
+        input="\n".join(turns) + "\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     replies = json.loads(out_json.read_text())["turns"]
     assert "Paris" in replies[0]["reply"] and "Rome" in replies[1]["reply"]
@@ -57,12 +76,16 @@ def test_chat_in_a_real_terminal(smollm2_checkpoint):
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed")
     session = f"chat-{uuid.uuid4().hex[:8]}"
-    cmd = (f"{sys.executable} {REPO / 'generate.py'} --checkpoint {smollm2_checkpoint} --device cpu --chat "
-           f"--temperature 0 --max-new-tokens 400; echo EXIT=$?; sleep 60")
+    cmd = (
+        f"{sys.executable} {REPO / 'generate.py'} --checkpoint {smollm2_checkpoint} --device cpu --chat "
+        f"--temperature 0 --max-new-tokens 400; echo EXIT=$?; sleep 60"
+    )
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", "50", cmd], check=True)
 
     def pane():  # -J: lines the pane wrapped come back whole
-        return subprocess.run(["tmux", "capture-pane", "-J", "-t", session, "-p"], capture_output=True, text=True).stdout
+        return subprocess.run(
+            ["tmux", "capture-pane", "-J", "-t", session, "-p"], capture_output=True, text=True
+        ).stdout
 
     def wait_for(text, timeout=120, count=1):
         deadline = time.time() + timeout
@@ -117,8 +140,22 @@ def test_readme_chat_demo_builds_on_the_first_reply(smollm2_checkpoint, monkeypa
     piped = re.search(r"printf '(.*?)' \| python generate.py --chat --temperature 0 --max-new-tokens 60", readme)
     assert piped, "the chat demo is gone from README.md"
     monkeypatch.setattr(sys, "stdin", io.StringIO(piped.group(1).replace("\\n", "\n")))
-    assert generate.main(["--checkpoint", str(smollm2_checkpoint), "--device", "cpu", "--chat", "--temperature", "0",
-                          "--max-new-tokens", "60"]) == 0
+    assert (
+        generate.main(
+            [
+                "--checkpoint",
+                str(smollm2_checkpoint),
+                "--device",
+                "cpu",
+                "--chat",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "60",
+            ]
+        )
+        == 0
+    )
     replies = capsys.readouterr().out.splitlines()
     assert "\n".join(replies) in readme  # the README shows exactly what the model says
     assert "Paris" in replies[0] and "Eiffel Tower" in replies[1], replies

@@ -1,5 +1,6 @@
 """Stop strings: the StopStrings matcher against plain str.find on the whole text, whatever the
 piece boundaries, and the Generator hook that ends a row when on_token returns True."""
+
 import random
 
 import pytest
@@ -29,16 +30,19 @@ def expected_cut(stops, pieces):
     return text, None
 
 
-@pytest.mark.parametrize("stops,pieces,text,fired", [
-    (["\n"], ["Hello", " world", "\nmore"], "Hello world", "\n"),
-    (["Question:"], ["4", "\n\nQue", "st", "ion: next"], "4\n\n", "Question:"),  # across three pieces
-    (["abcd", "c"], ["ab", "c", "d"], "ab", "c"),  # the first stop to appear ends it
-    (["cd", "bcd"], ["ab", "cd"], "a", "bcd"),  # both complete together: the earlier start wins
-    (["###"], ["#", "#", " not a stop"], "## not a stop", None),  # a held-back tail that came to nothing
-    (["<|im_end|>"], ["ok<|im_", "end|>"], "ok", "<|im_end|>"),
-    (["."], ["", "", "."], "", "."),
-    ([], ["anything", " at all"], "anything at all", None),
-])
+@pytest.mark.parametrize(
+    "stops,pieces,text,fired",
+    [
+        (["\n"], ["Hello", " world", "\nmore"], "Hello world", "\n"),
+        (["Question:"], ["4", "\n\nQue", "st", "ion: next"], "4\n\n", "Question:"),  # across three pieces
+        (["abcd", "c"], ["ab", "c", "d"], "ab", "c"),  # the first stop to appear ends it
+        (["cd", "bcd"], ["ab", "cd"], "a", "bcd"),  # both complete together: the earlier start wins
+        (["###"], ["#", "#", " not a stop"], "## not a stop", None),  # a held-back tail that came to nothing
+        (["<|im_end|>"], ["ok<|im_", "end|>"], "ok", "<|im_end|>"),
+        (["."], ["", "", "."], "", "."),
+        ([], ["anything", " at all"], "anything at all", None),
+    ],
+)
 def test_stop_strings_cases(stops, pieces, text, fired):
     shown, cutter = run_pieces(stops, pieces)
     assert (shown, cutter.fired) == (text, fired) == expected_cut(stops, pieces)
@@ -73,8 +77,17 @@ def test_empty_stop_string_is_refused():
 @torch.no_grad()
 def test_on_token_true_ends_only_that_row():
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
-                                  vocab_size=97, max_position_embeddings=128)).eval()
+    model = Transformer(
+        ModelArgs(
+            dim=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            intermediate_size=64,
+            vocab_size=97,
+            max_position_embeddings=128,
+        )
+    ).eval()
     gen = Generator(model)
     gen.setup(2, 64)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
