@@ -160,6 +160,70 @@ class GenerationResult:
     last_token: list[int] = field(default_factory=list)  # per row: final sampled id (not yet in the cache)
 
 
+class RowTokens:
+    """Each row's generated ids as they reach the host: where a row ends (a stop id, its token
+    budget, or on_token saying so) and its last sampled id."""
+
+    def __init__(self, batch: int, max_new_tokens: int, stop_ids, on_token):
+        self.result = GenerationResult([[] for _ in range(batch)], [False] * batch, last_token=[0] * batch)
+        self.max_new_tokens, self.stop, self.on_token = max_new_tokens, set(stop_ids), on_token
+        self.ended = [False] * batch  # stopped, or on_token said so
+
+    def finished(self, b: int) -> bool:
+        return self.ended[b] or len(self.result.tokens[b]) >= self.max_new_tokens
+
+    def take(self, ids: list[int]) -> bool:
+        """One step's ids, one per row; True once every row has finished."""
+        res = self.result
+        for b, t in enumerate(ids):
+            if self.finished(b):
+                continue
+            res.last_token[b] = t
+            if t in self.stop:
+                res.stopped[b] = self.ended[b] = True
+            else:
+                res.tokens[b].append(t)
+                if self.on_token is not None and self.on_token(b, t):
+                    self.ended[b] = True
+        return all(self.finished(b) for b in range(len(ids)))
+
+
+class DeviceTokenReader:
+    """Brings each decode step's token ids [B, 1] to the host. On CUDA it copies them into pinned
+    memory without waiting and returns the previous step's ids, so the GPU always has the next
+    step queued; on the CPU it returns the current step's ids."""
+
+    def __init__(self, device: torch.device, steps: int, batch: int):
+        self.one_behind = device.type == "cuda"
+        if self.one_behind:
+            self.host = torch.empty((steps, batch), dtype=torch.long, pin_memory=True)
+            self.events = []
+
+    def synchronize(self):
+        """Wait for the device (timings; nothing to wait for on the CPU)."""
+        if self.one_behind:
+            torch.cuda.synchronize()
+
+    def read(self, step: int, token: torch.Tensor) -> list[int] | None:
+        """The ids to take after decode step `step` (1, 2, ...), or None (CUDA, step 1)."""
+        if not self.one_behind:
+            return token.view(-1).tolist()
+        self.host[step].copy_(token.view(-1), non_blocking=True)
+        self.events.append(torch.cuda.Event())
+        self.events[-1].record()
+        if step < 2:
+            return None
+        self.events[step - 2].synchronize()
+        return self.host[step - 1].tolist()
+
+    def read_last(self, step: int) -> list[int] | None:
+        """After the loop ran to its end: the last step's ids not yet returned (CUDA only)."""
+        if not self.one_behind:
+            return None
+        torch.cuda.synchronize()
+        return self.host[step].tolist()
+
+
 class Generator:
     """Holds the model and its (optionally compiled) prefill and decode steps."""
 
@@ -211,6 +275,16 @@ class Generator:
         generated (non-stop) token as it reaches the host; when it returns True that row ends
         there (a stop string, a per-row token budget), the token kept as its last.
         """
+        tokens = self._begin(prompts, max_new_tokens, start_slot, pad_id)
+        rows = RowTokens(len(prompts), max_new_tokens, stop_ids, on_token)
+        token = self._prefill(tokens, start_slot, sampling, rows)
+        if token is not None:
+            self._decode(token, start_slot + tokens.shape[1], sampling, rows)
+        return rows.result
+
+    def _begin(self, prompts: list[list[int]], max_new_tokens: int, start_slot: int, pad_id: int) -> torch.Tensor:
+        """Check the request against the cache, set each row's first slot, and left-pad the
+        prompts into one [B, T] tensor."""
         model, device = self.model, self.device
         B = len(prompts)
         lengths = [len(p) for p in prompts]
@@ -231,71 +305,46 @@ class Generator:
             )
         if not start_slot:
             model.set_row_starts(torch.tensor([T - n for n in lengths], dtype=torch.int32, device=device))
-        tokens = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], dtype=torch.long, device=device)
-        stop = set(stop_ids)
-        out: list[list[int]] = [[] for _ in range(B)]
-        stopped = [False] * B
-        ended = [False] * B  # stopped, or on_token said so
-        last = [0] * B
+        return torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], dtype=torch.long, device=device)
 
-        def take(ids):  # one step's ids, a list of B ints; returns True once every row has finished
-            for b, t in enumerate(ids):
-                if ended[b] or len(out[b]) >= max_new_tokens:
-                    continue
-                last[b] = t
-                if t in stop:
-                    stopped[b] = ended[b] = True
-                else:
-                    out[b].append(t)
-                    if on_token is not None and on_token(b, t):
-                        ended[b] = True
-            return all(ended[b] or len(out[b]) >= max_new_tokens for b in range(B))
-
-        result = GenerationResult(out, stopped, last_token=last)
-        is_cuda = device.type == "cuda"
+    def _prefill(self, tokens: torch.Tensor, start_slot: int, sampling: Sampling, rows: RowTokens):
+        """Write the prompts at slots [start_slot, start_slot + T) and take the first token.
+        Returns it [B, 1] for decode, or None when generation is already over."""
+        B, T = tokens.shape
         t0 = time.perf_counter()
-        input_pos = torch.arange(start_slot, start_slot + T, device=device)
+        input_pos = torch.arange(start_slot, start_slot + T, device=self.device)
         for chunk in range(0, T, self.prefill_chunk_size):  # the last chunk's sample is the first token
             piece = slice(chunk, chunk + self.prefill_chunk_size)
-            token = self.prefill_fn(model, tokens[:, piece], input_pos[piece], sampling)
-        done = take(token.view(B).tolist())
-        result.prefill_s = time.perf_counter() - t0
-        if done or max_new_tokens == 1:
-            return result
+            token = self.prefill_fn(self.model, tokens[:, piece], input_pos[piece], sampling)
+        done = rows.take(token.view(B).tolist())
+        rows.result.prefill_s = time.perf_counter() - t0
+        return None if done or rows.max_new_tokens == 1 else token
 
-        # Decode. The position is one device tensor updated in place; the step never rebinds state.
-        input_pos = torch.tensor([start_slot + T], device=device)
-        host = torch.empty((max_new_tokens, B), dtype=torch.long, pin_memory=is_cuda)
-        events = []
+    def _decode(self, token: torch.Tensor, slot: int, sampling: Sampling, rows: RowTokens):
+        """Decode steps from slot `slot` until every row has finished; one loop for every device,
+        the device's way of reading tokens back is the reader's."""
+        model, result, max_new_tokens = self.model, rows.result, rows.max_new_tokens
+        # The position is one device tensor updated in place; the step never rebinds state.
+        input_pos = torch.tensor([slot], device=self.device)
+        reader = DeviceTokenReader(self.device, max_new_tokens, token.shape[0])
         t1 = time.perf_counter()
         for step in range(1, max_new_tokens):
             token = self.decode_fn(model, token, input_pos, sampling)
             if step == 1:
-                if is_cuda:
-                    torch.cuda.synchronize()
+                reader.synchronize()
                 result.first_decode_s = time.perf_counter() - t1
             token = token.clone()  # a CUDA-graph output is overwritten by the next replay
             input_pos += 1
             result.decode_steps = step
-            if is_cuda:
-                # Read tokens one step behind, so the GPU always has the next step queued.
-                host[step].copy_(token.view(B), non_blocking=True)
-                events.append(torch.cuda.Event())
-                events[-1].record()
-                if step >= 2:
-                    events[step - 2].synchronize()
-                    if take(host[step - 1].tolist()):
-                        break
-            elif take(token.view(B).tolist()):
+            ids = reader.read(step, token)
+            if ids is not None and rows.take(ids):
                 break
         else:
-            if is_cuda:
-                torch.cuda.synchronize()
-                take(host[max_new_tokens - 1].tolist())
-        if is_cuda:
-            torch.cuda.synchronize()
+            ids = reader.read_last(max_new_tokens - 1)
+            if ids is not None:
+                rows.take(ids)
+        reader.synchronize()
         result.decode_s = time.perf_counter() - t1
-        return result
 
 
 # ----------------------------------------------------------------------------- CLI
