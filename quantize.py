@@ -90,9 +90,6 @@ class Int8Linear(nn.Module):
 # group 128 -> 640, at 256 -> 768): the padded columns cost memory and reads, never accuracy.
 GROUPSIZES = (32, 64, 128, 256)
 
-# Up to this many activation rows a GPU runs the int4 linear as gemv.py's Triton GEMV.
-INT4_GEMV_MAX_ROWS = 4
-
 
 def int4_padded_in_features(in_features: int, groupsize: int) -> int:
     # groupsize >= 32, so this is also a multiple of tinygemm's 16 * inner_k_tiles for some tiles >= 2
@@ -179,9 +176,8 @@ def check_int4_supported(device):
 
 
 class Int4Linear(nn.Module):
-    """Group-wise int4 weight. On a CUDA device with Triton: gemv.py's int4 GEMV for decode-sized
-    inputs and a dequantized bf16 matmul for prefill, both from the layout gemv.int4_gemv_layout
-    makes. Elsewhere: tinygemm (aten._weight_int4pack_mm_for_cpu on the CPU).
+    """Group-wise int4 weight through the tinygemm kernels (aten._weight_int4pack_mm on CUDA,
+    its _for_cpu twin on the CPU).
 
     The file holds the portable nibble-packed weight (uint8 [out, in_pad/2]) and bf16
     scales_and_zeros [in_pad/groupsize, out, 2]. Loading (`load_state_dict`, with or without
@@ -204,7 +200,6 @@ class Int4Linear(nn.Module):
         )
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
         self.is_packed = False  # True once `weight` holds the device's tile layout
-        self.uses_gemv = False  # True once that layout is gemv.py's (CUDA with Triton)
 
     def pack_(self):
         """Replace the portable weight with the kernel's layout for its device (once), and make
@@ -213,13 +208,6 @@ class Int4Linear(nn.Module):
             return
         device = self.weight.device
         check_int4_supported(device)
-        self.uses_gemv = device.type == "cuda" and gemv.triton is not None
-        if self.uses_gemv:
-            self.weight, self.scales_and_zeros = gemv.int4_gemv_layout(
-                self.weight, self.scales_and_zeros, self.groupsize
-            )
-            self.is_packed = True
-            return
         if device.type == "cuda":
             # since torch 2.5 the CUDA op takes the nibble-packed uint8 [n, k/2] directly
             self.weight = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), self.inner_k_tiles)
@@ -239,16 +227,6 @@ class Int4Linear(nn.Module):
 
     def forward(self, x):
         shape = x.shape
-        if self.uses_gemv:
-            rows = x.numel() // x.shape[-1]
-            x2 = x.reshape(rows, self.in_features)
-            if rows <= INT4_GEMV_MAX_ROWS:
-                y = gemv.int4_gemv(x2.contiguous(), self.weight, self.scales_and_zeros, self.groupsize)
-            else:  # prefill: compute-bound, so a bf16 copy of one weight and cuBLAS beat any GEMV
-                w = gemv.int4_gemv_dequantize(self.weight, self.scales_and_zeros, self.groupsize, x.dtype)
-                y = F.linear(x2, w[:, : self.in_features])
-            y = y.view(*shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
         # Both kernels take bf16 activations (on the CPU an fp32 input takes a path ~40x slower,
         # measured: 1834 ms vs 50 ms for a 1024 x 576 x 3072 product on 2 cores).
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)

@@ -27,23 +27,6 @@ REPO = Path(__file__).resolve().parent.parent
 PASSAGE_TOKENS = 1024  # the tests score a shorter passage than BENCHMARKS.md's 4096 tokens
 
 
-@pytest.mark.parametrize("n,k,groupsize", [(64, 512, 64), (24, 576, 64), (16, 200, 32), (8, 384, 128)])
-def test_int4_gemv_layout_stands_for_the_same_weight(n, k, groupsize):
-    # the CUDA GEMV's load-time layout (gemv.py): an odd number of groups gets a zero padding group
-    import gemv
-
-    torch.manual_seed(n + k)
-    packed, scales_and_zeros = quantize_int4(torch.randn(n, k), groupsize)
-    weight, sz = gemv.int4_gemv_layout(packed, scales_and_zeros, groupsize)
-    groups = packed.shape[1] * 2 // groupsize
-    assert weight.shape == (n, -(-groups // 2) * groupsize) and sz.shape == (n, 2 * -(-groups // 2), 2)
-    want = dequantize_int4(packed, scales_and_zeros, groupsize).float()
-    got = gemv.int4_gemv_dequantize(weight, sz, groupsize, torch.float32)
-    assert torch.equal(got[:, : want.shape[1]], want) and not got[:, want.shape[1] :].any()
-    x = torch.randn(3, k)
-    assert torch.allclose(gemv.int4_gemv_reference(x, weight, sz, groupsize), x @ want[:, :k].T, atol=1e-4)
-
-
 @pytest.mark.parametrize(
     "n,k,groupsize", [(256, 512, 32), (256, 512, 64), (256, 512, 128), (96, 512, 256), (960, 576, 128), (64, 576, 256)]
 )  # 576: padded to 640 / 768

@@ -1,0 +1,67 @@
+"""Sweep gemv.py's int8 GEMV tile sizes on the Llama-3-8B projections (batch 1) and print GB/s.
+
+    python scripts/int8_gemv_sweep.py          # one GPU, about a minute
+
+Bytes per call = int8 weight + scales + x + y. Beside each shape: the bf16 cuBLAS GEMV reading
+the same weight in bf16 (twice the bytes) and the best config; gemv.int8_gemv_config picks from this.
+"""
+
+import itertools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+import gemv  # noqa: E402
+
+SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336), "output": (128256, 4096)}
+CONFIGS = [
+    dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
+    for n, k, w, s in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (1, 3, 5))
+]
+
+
+def launch(x, w, s, y, cfg):
+    N, K = w.shape
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), x.shape[0])
+    gemv._int8_gemv_kernel[grid](x, w, s, y, N, K, **cfg)
+
+
+def main():
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print("| shape | N x K | default GB/s | best GB/s | best config | bf16 cuBLAS GB/s |")
+    print("|---|---|---|---|---|---|")
+    for name, (N, K) in SHAPES.items():
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
+        s = torch.rand(N, device="cuda") / 100
+        y = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+        nbytes = N * K + N * 4 + K * 2 + N * 2
+        ref = gemv.int8_gemv_reference(x, w, s)
+        results = []
+        for cfg in CONFIGS:
+            y.fill_(float("nan"))
+            launch(x, w, s, y, cfg)
+            err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+            if not err < 1e-2:
+                print(f"  {name} {cfg}: wrong (rel err {err})")
+                continue
+            ms = do_bench(lambda: launch(x, w, s, y, cfg), warmup=10, rep=40, return_mode="median")  # noqa: B023 - run here
+            results.append((nbytes / ms / 1e6, cfg))
+        default = gemv.int8_gemv_config(N, K)
+        default_gbs = next(g for g, c in results if c == default)
+        best_gbs, best = max(results, key=lambda r: r[0])
+        wb = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        ms_bf16 = do_bench(lambda: torch.nn.functional.linear(x, wb), warmup=10, rep=40, return_mode="median")  # noqa: B023
+        print(f"| {name} | {N} x {K} | {default_gbs:.0f} | {best_gbs:.0f} | {best} | {N * K * 2 / ms_bf16 / 1e6:.0f} |")
+        top = sorted(results, key=lambda r: -r[0])[:5]
+        print("  top 5: " + "; ".join(f"{g:.0f} {c}" for g, c in top))
+
+
+if __name__ == "__main__":
+    main()
