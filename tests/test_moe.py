@@ -16,12 +16,12 @@ import torch
 import model as model_module
 from checkpoint import CheckpointError, model_args_from_hf_config, model_args_from_name
 from generate import Generator
-from model import ModelArgs, MoEFeedForward, Transformer
+from model import Experts, ModelArgs, MoEFeedForward, Transformer
 
 transformers = pytest.importorskip("transformers")
 
 from scripts.convert_hf_checkpoint import convert_hf_checkpoint  # noqa: E402
-from tests.test_parity_hf import DECODE_STEPS, PROMPT_LEN, TOL, check_parity, load_ours, rel_err  # noqa: E402
+from tests.test_parity_hf import DECODE_STEPS, PROMPT_LEN, TOL, load_ours, rel_err  # noqa: E402
 
 SMALL = dict(
     hidden_size=64,
@@ -76,14 +76,6 @@ def converted(request, tmp_path_factory):
     return request.param, hf, ours
 
 
-def test_parity_prefill_and_decode(converted):
-    family, hf, ours = converted
-    assert ours.args.n_experts == hf.config.num_local_experts if family == "mixtral" else hf.config.num_experts
-    assert isinstance(ours.layers[0].feed_forward, MoEFeedForward)
-    assert ours.args.qk_norm == (family == "qwen3-moe")
-    check_parity(hf, ours)
-
-
 def hf_router_choices(hf, ids):
     """Per layer, the experts HF's router picks for each token of `ids` [1, T]: [T, k] sorted."""
     picks = []
@@ -92,48 +84,57 @@ def hf_router_choices(hf, ids):
         for layer in hf.model.layers
     ]
     try:
-        hf(ids)
+        logits = hf(ids).logits.float()
     finally:
         for h in hooks:
             h.remove()
-    return picks
+    return logits, picks
 
 
-def our_router_choices(ours, run):
+def our_router_choices(ours, tokens, input_pos):
+    """Our logits, and per layer the experts our router picks for each token: [B * T, k] sorted."""
     picks = []
     hooks = [
-        layer.feed_forward.register_forward_hook(lambda m, i, out: picks.append(m.route(i[0].flatten(0, 1))[1]))
+        layer.feed_forward.register_forward_hook(
+            lambda m, i, out: picks.append(m.route(i[0].flatten(0, 1))[1].sort(-1).values)
+        )
         for layer in ours.layers
     ]
     try:
-        run()
+        logits = ours(tokens, input_pos)
     finally:
         for h in hooks:
             h.remove()
-    return [p.sort(-1).values for p in picks]
+    return logits, picks
 
 
 @torch.no_grad()
-def test_router_choices_match_transformers(converted):
-    """At prefill and at every decode step, each layer picks the experts HF's router picks."""
-    _, hf, ours = converted
-    seq = torch.randint(0, hf.config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(5))
+def test_parity_and_router_choices(converted):
+    """Prefill and 24 greedy decode steps: HF's logits (rel err < 1e-4), HF's tokens, and at every
+    step each layer's router picks the experts HF's router picks."""
+    family, hf, ours = converted
+    n_experts = hf.config.num_local_experts if family == "mixtral" else hf.config.num_experts
+    assert ours.args.n_experts == n_experts and isinstance(ours.layers[0].feed_forward, MoEFeedForward)
+    assert ours.args.qk_norm == (family == "qwen3-moe")
+    seq = torch.randint(0, hf.config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
     ours.setup_caches(1, PROMPT_LEN + DECODE_STEPS)
-    ours_picks = our_router_choices(ours, lambda: ours(seq, torch.arange(PROMPT_LEN)))
-    assert all(torch.equal(a, b) for a, b in zip(ours_picks, hf_router_choices(hf, seq), strict=True))
+    logits, picks = our_router_choices(ours, seq, torch.arange(PROMPT_LEN))
+    ref, ref_picks = hf_router_choices(hf, seq)
+    assert rel_err(logits, ref) < TOL, f"prefill rel err {rel_err(logits, ref):.2e}"
+    assert all(torch.equal(a, b) for a, b in zip(picks, ref_picks, strict=True)), "prefill router choices differ"
     distinct = set()
     for step in range(DECODE_STEPS):
-        logits = ours(seq[:, -1:], torch.tensor([seq.shape[1] - 1])) if step else None
-        tok = (logits if logits is not None else ours(seq, torch.arange(seq.shape[1])))[:, -1].argmax(-1)
+        tok = logits[:, -1].argmax(-1)
+        assert tok.item() == ref[:, -1].argmax(-1).item(), f"greedy tokens diverge at step {step}"
         seq = torch.cat([seq, tok.view(1, 1)], dim=1)
         pos = seq.shape[1] - 1
-        ours_picks = our_router_choices(ours, lambda s=seq, p=pos: ours(s[:, -1:], torch.tensor([p])))
-        ref = [p[-1:] for p in hf_router_choices(hf, seq)]  # HF recomputes the sequence; its last token
-        for layer, (a, b) in enumerate(zip(ours_picks, ref, strict=True)):
-            assert torch.equal(a, b), f"step {step} layer {layer}: ours {a.tolist()} HF {b.tolist()}"
+        logits, picks = our_router_choices(ours, tok.view(1, 1), torch.tensor([pos]))
+        ref, ref_picks = hf_router_choices(hf, seq)  # HF recomputes the whole sequence: no cache to trust
+        ref = ref[:, -1:]
+        assert rel_err(logits, ref) < TOL, f"decode step {step} rel err {rel_err(logits, ref):.2e}"
+        for layer, (a, b) in enumerate(zip(picks, ref_picks, strict=True)):
+            assert torch.equal(a, b[-1:]), f"step {step} layer {layer}: ours {a.tolist()} HF {b[-1:].tolist()}"
             distinct.add(tuple(a.flatten().tolist()))
-        ours.setup_caches(1, PROMPT_LEN + DECODE_STEPS)  # re-prefill next step: the slot bookkeeping stays simple
-        ours(seq[:, :-1], torch.arange(seq.shape[1] - 1))
     assert len(distinct) > 3, "the router should pick different experts over the steps"
 
 
@@ -272,3 +273,44 @@ def test_converted_checkpoint_with_wrong_expert_count_is_refused(converted, tmp_
     with pytest.raises(CheckpointError, match=r"layers\.1\.feed_forward\.experts\.w2 has shape \[\d+,"):
         load_model(tmp_path / "bad", "cpu", torch.float32)
     shutil.rmtree(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("mode,groupsize", [("int8", None), ("int4", 32)])
+@torch.no_grad()
+def test_quantized_experts(converted, mode, groupsize, tmp_path):
+    """int8 / int4 experts: the router stays in the compute dtype, and the quantized model's logits
+    (prefill through the grouped loop, decode through the gather) equal a float model holding the
+    dequantized expert weights."""
+    from checkpoint import load_model, save_checkpoint
+    from quantize import Int4Experts, Int8Experts, quantize_checkpoint
+
+    _, _, ours = converted
+    config = {"model_args": dict(ours.args.__dict__), "quantization": None}
+    save_checkpoint(tmp_path / "fp32", config, ours.state_dict())
+    out = quantize_checkpoint(tmp_path / "fp32", mode, groupsize)
+    qmodel, _ = load_model(out, "cpu", torch.float32)
+    ff = qmodel.layers[0].feed_forward
+    assert isinstance(ff.experts, Int8Experts if mode == "int8" else Int4Experts)
+    assert type(ff.gate) is torch.nn.Linear and ff.gate.weight.dtype == torch.float32
+    assert ff.experts.w13.dtype == (torch.int8 if mode == "int8" else torch.uint8)
+
+    tokens = torch.randint(0, ours.args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    step = tokens[:, -1:]
+
+    def prefill_and_step():
+        qmodel.setup_caches(2, 16)
+        return qmodel(tokens, torch.arange(9)), qmodel(step, torch.tensor([9]))
+
+    quantized = prefill_and_step()
+    # the reference: the same model with each layer's experts as float Experts holding the dequantized weights
+    all_experts = torch.arange(ours.args.n_experts)
+    for layer in qmodel.layers:
+        float_experts = Experts(ours.args)
+        for name in ("w13", "w2"):
+            getattr(float_experts, name).data = layer.feed_forward.experts.weights(name, all_experts)
+        layer.feed_forward.experts = float_experts
+    for got, want in zip(quantized, prefill_and_step(), strict=True):
+        assert rel_err(got, want) < 1e-5
+    # and close to the unquantized model
+    ours.setup_caches(2, 16)
+    assert rel_err(quantized[0], ours(tokens, torch.arange(9))) < (0.05 if mode == "int8" else 0.3)
