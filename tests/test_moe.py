@@ -314,3 +314,117 @@ def test_quantized_experts(converted, mode, groupsize, tmp_path):
     # and close to the unquantized model
     ours.setup_caches(2, 16)
     assert rel_err(quantized[0], ours(tokens, torch.arange(9))) < (0.05 if mode == "int8" else 0.3)
+
+
+def test_bench_counts_active_bytes():
+    """The benchmark's GB/s for a mixture counts the chosen experts' bytes, not all of them."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))  # as tests/test_bench.py does
+    import bench_plan
+    from bench_ours import active_weight_bytes, experts_read_per_layer
+
+    args = model_args_from_name("qwen3-30b-a3b")
+    assert 30.0e9 < bench_plan.param_count(args) < 31.0e9  # Qwen3-30B-A3B: 30.5B parameters
+    assert experts_read_per_layer(args, 1) == pytest.approx(8)
+    assert 8 < experts_read_per_layer(args, 8) < 64
+    tiny = ModelArgs(dim=32, n_layers=2, n_heads=4, intermediate_size=16, vocab_size=64, n_experts=8, n_active_experts=2)
+    m = Transformer(tiny)
+    expert = sum(t.numel() * 4 for n, t in m.state_dict().items() if ".experts." in n)
+    other = sum(t.numel() * 4 for n, t in m.state_dict().items() if ".experts." not in n and "tok_emb" not in n)
+    assert active_weight_bytes(m, 1) == other + expert // 4
+    jobs = bench_plan.plan_jobs("moe", False, bench_plan.MOE_MODELS, ["bf16", "int8"], ["bf16"], [1, 8], [16], ["just"])
+    assert [(c.model, c.weights, c.batch) for _, c in jobs][:2] == [("qwen3-30b-a3b", "bf16", 1), ("qwen3-30b-a3b", "bf16", 8)]
+
+
+# ----------------------------------------------------------------------------- GPU tier (python -m pytest -m gpu)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+GPU_ARGS = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64, vocab_size=512, n_experts=8)
+GPU_PROMPTS = [[5, 17, 3, 88, 41, 2, 9, 300, 411, 7], [60, 1, 7], list(range(100, 141)), [12]]
+
+
+def random_moe(seed=0, **overrides) -> Transformer:
+    """A random fp32 MoE on the CPU whose logits and router choices are spread far from ties."""
+    torch.manual_seed(seed)
+    m = Transformer(ModelArgs(**{**GPU_ARGS, "n_active_experts": 2, **overrides})).eval()
+    with torch.no_grad():
+        m.tok_embeddings.weight.normal_(0, 1.0)
+        m.output.weight.normal_(0, 1.0)
+        for layer in m.layers:
+            layer.feed_forward.gate.weight.normal_(0, 1.0)
+            for p in layer.feed_forward.experts.parameters():
+                p.normal_(0, 0.1)
+    return m
+
+
+def on_cuda(m: Transformer, dtype=torch.float32) -> Transformer:
+    copy = Transformer(m.args).eval()
+    copy.load_state_dict(m.state_dict())
+    return copy.to(device="cuda", dtype=dtype)
+
+
+def greedy_tokens(m, prompts, n, compile=False):
+    gen = Generator(m, compile=compile)
+    gen.setup(len(prompts), 64)
+    return gen.generate(prompts, n).tokens
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("batch", [1, 4])
+def test_gpu_compiled_moe_decode_equals_cpu_fp32_eager(batch):
+    """fp32: the compiled CUDA-graph decode (the gather path: Inductor fuses the gather into its
+    reduction) gives the CPU eager tokens, batch 1 and a batch of different lengths."""
+    torch._dynamo.reset()
+    cpu = random_moe()
+    prompts = GPU_PROMPTS[:batch]
+    assert greedy_tokens(on_cuda(cpu), prompts, 20, compile=True) == greedy_tokens(cpu, prompts, 20)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@torch.no_grad()
+def test_gpu_grouped_mm_decode_compiled_equals_eager_fp32():
+    """bf16 on sm_90, 8 tokens x 2 experts > 8 experts: torch._grouped_mm inside a compiled CUDA
+    graph, against the fp32 eager gather of the same weights."""
+    ff = MoEFeedForward(ModelArgs(**GPU_ARGS, n_active_experts=2)).cuda()
+    with torch.no_grad():
+        ff.gate.weight.normal_(0, 1.0)
+        for p in ff.experts.parameters():
+            p.normal_(0, 0.1)
+    ff_bf16 = MoEFeedForward(ModelArgs(**GPU_ARGS, n_active_experts=2))
+    ff_bf16.load_state_dict(ff.state_dict())
+    ff_bf16 = ff_bf16.cuda().to(torch.bfloat16)
+    x = torch.randn(8, 1, GPU_ARGS["dim"], device="cuda", dtype=torch.bfloat16)
+    if not model_module.grouped_mm_available(x, ff_bf16.experts):
+        pytest.skip("torch._grouped_mm's bf16 kernel needs sm_90")
+    torch._dynamo.reset()
+    step = torch.compile(ff_bf16, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, record, replay
+        got = step(x).clone()
+    want = ff(x.float())
+    assert rel_err(got.float(), want) < 2e-2
+    # the whole model: compiled CUDA-graph decode on the grouped path = its eager self
+    m = on_cuda(random_moe(), torch.bfloat16)
+    torch._dynamo.reset()
+    assert greedy_tokens(m, GPU_PROMPTS, 20, compile=True) == greedy_tokens(m, GPU_PROMPTS, 20)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_gpu_quantized_experts_compiled_equals_eager(mode, tmp_path):
+    """int8 / int4 experts, bf16 compute: the compiled decode (dequantize fused into the gathered
+    matvec) gives the eager tokens."""
+    from checkpoint import load_model, save_checkpoint
+    from quantize import quantize_checkpoint
+
+    cpu = random_moe()
+    save_checkpoint(tmp_path / "fp32", {"model_args": dict(cpu.args.__dict__), "quantization": None}, cpu.state_dict())
+    out = quantize_checkpoint(tmp_path / "fp32", mode, 32 if mode == "int4" else None)
+    m, _ = load_model(out, "cuda", torch.bfloat16)
+    want = greedy_tokens(m, GPU_PROMPTS, 20)
+    torch._dynamo.reset()
+    assert greedy_tokens(m, GPU_PROMPTS, 20, compile=True) == want
