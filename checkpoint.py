@@ -382,7 +382,9 @@ def moe_args_from_hf_config(cfg: dict) -> dict:
         if not cfg.get("norm_topk_prob", False):
             raise ValueError("norm_topk_prob=false (unnormalised top-k weights) is not supported")
         if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers"):
-            raise ValueError("dense layers among the MoE ones (decoder_sparse_step != 1, mlp_only_layers) are not supported")
+            raise ValueError(
+                "dense layers among the MoE ones (decoder_sparse_step != 1, mlp_only_layers) are not supported"
+            )
     return dict(
         n_experts=int(n_experts),
         n_active_experts=int(cfg["num_experts_per_tok"]),
@@ -517,7 +519,11 @@ def write_safetensors_stream(path, stream: TensorStream):
         size = dtype.itemsize
         for d in shape:
             size *= d
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned

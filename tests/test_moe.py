@@ -10,6 +10,7 @@ path. Bad configs and checkpoints fail with one line naming the problem.
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,7 +157,9 @@ def test_grouped_paths_equal_gather(monkeypatch):
     """Prefill groups (token, expert) pairs by expert; decode gathers the chosen experts: the same
     numbers. torch._grouped_mm runs on the CPU too in recent torch, which checks our offsets."""
     torch.manual_seed(0)
-    args = ModelArgs(dim=32, n_layers=1, n_heads=4, intermediate_size=16, vocab_size=64, n_experts=6, n_active_experts=2)
+    args = ModelArgs(
+        dim=32, n_layers=1, n_heads=4, intermediate_size=16, vocab_size=64, n_experts=6, n_active_experts=2
+    )
     ff = MoEFeedForward(args)
     for p in ff.parameters():
         torch.nn.init.normal_(p, 0, 0.3)
@@ -254,8 +257,10 @@ def test_wrong_expert_count_names_tensor_and_counts(change, tmp_path):
     with pytest.raises(CheckpointError) as e:
         convert_hf_checkpoint(tmp_path / "hf", tmp_path / "ours")
     msg = str(e.value)
-    want = "missing tensor model.layers.0.block_sparse_moe.experts.4.w1.weight" if change == "missing" else (
-        "unexpected tensor model.layers.0.block_sparse_moe.experts.3.w1.weight"
+    want = (
+        "missing tensor model.layers.0.block_sparse_moe.experts.4.w1.weight"
+        if change == "missing"
+        else ("unexpected tensor model.layers.0.block_sparse_moe.experts.3.w1.weight")
     )
     assert want in msg and "has 4 experts" in msg and f"num_local_experts={5 if change == 'missing' else 3}" in msg
     assert "\n" not in msg and not (tmp_path / "ours").exists()
@@ -329,13 +334,18 @@ def test_bench_counts_active_bytes():
     assert 30.0e9 < bench_plan.param_count(args) < 31.0e9  # Qwen3-30B-A3B: 30.5B parameters
     assert experts_read_per_layer(args, 1) == pytest.approx(8)
     assert 8 < experts_read_per_layer(args, 8) < 64
-    tiny = ModelArgs(dim=32, n_layers=2, n_heads=4, intermediate_size=16, vocab_size=64, n_experts=8, n_active_experts=2)
+    tiny = ModelArgs(
+        dim=32, n_layers=2, n_heads=4, intermediate_size=16, vocab_size=64, n_experts=8, n_active_experts=2
+    )
     m = Transformer(tiny)
     expert = sum(t.numel() * 4 for n, t in m.state_dict().items() if ".experts." in n)
     other = sum(t.numel() * 4 for n, t in m.state_dict().items() if ".experts." not in n and "tok_emb" not in n)
     assert active_weight_bytes(m, 1) == other + expert // 4
     jobs = bench_plan.plan_jobs("moe", False, bench_plan.MOE_MODELS, ["bf16", "int8"], ["bf16"], [1, 8], [16], ["just"])
-    assert [(c.model, c.weights, c.batch) for _, c in jobs][:2] == [("qwen3-30b-a3b", "bf16", 1), ("qwen3-30b-a3b", "bf16", 8)]
+    assert [(c.model, c.weights, c.batch) for _, c in jobs][:2] == [
+        ("qwen3-30b-a3b", "bf16", 1),
+        ("qwen3-30b-a3b", "bf16", 8),
+    ]
 
 
 # ----------------------------------------------------------------------------- GPU tier (python -m pytest -m gpu)
@@ -428,3 +438,86 @@ def test_gpu_quantized_experts_compiled_equals_eager(mode, tmp_path):
     want = greedy_tokens(m, GPU_PROMPTS, 20)
     torch._dynamo.reset()
     assert greedy_tokens(m, GPU_PROMPTS, 20, compile=True) == want
+
+
+def write_qwen3moe_gguf(hf, path, n_experts=None):
+    """llama.cpp's layout of a Qwen3-MoE: stacked blk.N.ffn_*_exps, Q8_0 experts (what the gguf package reads)."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import quantize
+
+    c, sd = hf.config, {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    for key, value in [
+        ("embedding_length", c.hidden_size),
+        ("block_count", c.num_hidden_layers),
+        ("attention.head_count", c.num_attention_heads),
+        ("attention.head_count_kv", c.num_key_value_heads),
+        ("attention.key_length", c.head_dim),
+        ("feed_forward_length", c.intermediate_size),
+        ("expert_feed_forward_length", c.moe_intermediate_size),
+        ("expert_count", n_experts or c.num_experts),
+        ("expert_used_count", c.num_experts_per_tok),
+        ("context_length", c.max_position_embeddings),
+    ]:
+        w.add_uint32(f"qwen3moe.{key}", value)
+    w.add_float32("qwen3moe.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
+    w.add_float32("qwen3moe.rope.freq_base", c.rope_parameters["rope_theta"])
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    names["lm_head.weight"] = "output.weight"
+    hf_layer = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate": "ffn_gate_inp",
+    }
+    for i in range(c.num_hidden_layers):
+        names.update({f"model.layers.{i}.{k}.weight": f"blk.{i}.{v}.weight" for k, v in hf_layer.items()})
+    for hf_name, name in names.items():
+        w.add_tensor(name, sd[hf_name])
+    for i in range(c.num_hidden_layers):
+        gate_up, inter = sd[f"model.layers.{i}.mlp.experts.gate_up_proj"], c.moe_intermediate_size  # [E, 2I, D]
+        down = sd[f"model.layers.{i}.mlp.experts.down_proj"]
+        for stacked, name in (
+            (gate_up[:, :inter], "ffn_gate_exps"),
+            (gate_up[:, inter:], "ffn_up_exps"),
+            (down, "ffn_down_exps"),
+        ):
+            q = quantize(np.ascontiguousarray(stacked), gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(f"blk.{i}.{name}.weight", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@torch.no_grad()
+def test_gguf_stacked_experts(tmp_path):
+    """A Qwen3-MoE GGUF with Q8_0 stacked experts converts to what transformers computes with the
+    same dequantized experts; a wrong expert count names the tensor and both counts."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import dequantize, quantize
+
+    from scripts.convert_gguf import convert_gguf
+
+    hf = make_hf_moe("qwen3-moe")
+    write_qwen3moe_gguf(hf, tmp_path / "m.gguf")
+    ours = load_ours(convert_gguf(tmp_path / "m.gguf", tmp_path / "ours"))
+    for p_name, p in hf.named_parameters():  # HF with the experts Q8_0 rounds them to
+        if ".experts." in p_name:
+            p.copy_(
+                torch.from_numpy(
+                    dequantize(quantize(p.numpy(), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0)
+                )
+            )
+    ids = torch.randint(0, hf.config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(4))
+    ours.setup_caches(1, PROMPT_LEN)
+    assert rel_err(ours(ids, torch.arange(PROMPT_LEN)), hf(ids).logits) < TOL
+
+    write_qwen3moe_gguf(hf, tmp_path / "bad.gguf", n_experts=hf.config.num_experts + 1)
+    with pytest.raises(CheckpointError, match=r"blk\.0\.ffn_gate_inp\.weight holds 8 experts .* says 9"):
+        convert_gguf(tmp_path / "bad.gguf", tmp_path / "bad")
