@@ -12,8 +12,10 @@ file(s) beside them.
 import json
 import os
 import shutil
+import struct
 import tempfile
-from dataclasses import fields
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -256,6 +258,59 @@ CONFIGS = {
         max_position_embeddings=40960,
         qk_norm=True,
     ),
+    # Mixture of experts: intermediate_size is each expert's.
+    "mixtral-8x7b": dict(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        intermediate_size=14336,
+        rope_base=1e6,
+        max_position_embeddings=32768,
+        n_experts=8,
+        n_active_experts=2,
+    ),
+    "mixtral-8x22b": dict(
+        dim=6144,
+        n_layers=56,
+        n_heads=48,
+        n_kv_heads=8,
+        intermediate_size=16384,
+        rope_base=1e6,
+        max_position_embeddings=65536,
+        n_experts=8,
+        n_active_experts=2,
+    ),
+    "qwen3-30b-a3b": dict(
+        dim=2048,
+        n_layers=48,
+        n_heads=32,
+        n_kv_heads=4,
+        head_dim=128,
+        intermediate_size=768,
+        vocab_size=151936,
+        norm_eps=1e-6,
+        rope_base=1e6,
+        max_position_embeddings=40960,
+        qk_norm=True,
+        n_experts=128,
+        n_active_experts=8,
+    ),
+    "qwen3-235b-a22b": dict(
+        dim=4096,
+        n_layers=94,
+        n_heads=64,
+        n_kv_heads=4,
+        head_dim=128,
+        intermediate_size=1536,
+        vocab_size=151936,
+        norm_eps=1e-6,
+        rope_base=1e6,
+        max_position_embeddings=40960,
+        qk_norm=True,
+        n_experts=128,
+        n_active_experts=8,
+    ),
     "smollm2-135m": dict(
         dim=576,
         n_layers=30,
@@ -307,11 +362,41 @@ def model_args_from_dict(d: dict) -> ModelArgs:
     return ModelArgs(**d)
 
 
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+
+
+def moe_args_from_hf_config(cfg: dict) -> dict:
+    """The mixture-of-experts fields of a Mixtral / Qwen3-MoE config.json. Every routing option we
+    do not implement is an error here, never silently dropped."""
+    model_type = cfg["model_type"]
+    n_experts = cfg.get("num_local_experts") if model_type == "mixtral" else cfg.get("num_experts")
+    n_experts = n_experts or cfg.get("num_local_experts")  # transformers 5 writes this name for both
+    if not n_experts:
+        raise ValueError(f"{model_type} config has no num_experts / num_local_experts")
+    if cfg.get("router_jitter_noise", 0.0):
+        raise ValueError(f"router_jitter_noise={cfg['router_jitter_noise']} is not supported (use 0)")
+    if cfg.get("shared_expert_intermediate_size") or cfg.get("n_shared_experts"):
+        raise ValueError("shared experts (shared_expert_intermediate_size / n_shared_experts) are not supported")
+    if model_type == "qwen3_moe":
+        # Mixtral's routing (softmax over the top-k logits) is Qwen3's with norm_topk_prob=true
+        if not cfg.get("norm_topk_prob", False):
+            raise ValueError("norm_topk_prob=false (unnormalised top-k weights) is not supported")
+        if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers"):
+            raise ValueError(
+                "dense layers among the MoE ones (decoder_sparse_step != 1, mlp_only_layers) are not supported"
+            )
+    return dict(
+        n_experts=int(n_experts),
+        n_active_experts=int(cfg["num_experts_per_tok"]),
+        intermediate_size=cfg["moe_intermediate_size"] if model_type == "qwen3_moe" else cfg["intermediate_size"],
+    )
+
+
 def model_args_from_hf_config(cfg: dict) -> ModelArgs:
-    """ModelArgs from a Hugging Face config.json of a Llama-architecture model."""
+    """ModelArgs from a Hugging Face config.json of a Llama-architecture model (dense or MoE)."""
     model_type = cfg.get("model_type")
-    if model_type not in ("llama", "mistral", "qwen2", "qwen3"):
-        raise ValueError(f"unsupported model_type {model_type!r} (supported: llama, mistral, qwen2, qwen3)")
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {model_type!r} (supported: {', '.join(HF_MODEL_TYPES)})")
     # transformers >= 5 nests rope settings in rope_parameters; older configs use rope_theta/rope_scaling
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     rope_base = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
@@ -330,22 +415,24 @@ def model_args_from_hf_config(cfg: dict) -> ModelArgs:
         }
     else:
         raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: linear, llama3)")
-    # Mistral always honours sliding_window (null in v0.3); Qwen configs carry one they do not use.
-    if model_type != "mistral" and cfg.get("use_sliding_window", False):
+    # Mistral and Mixtral always honour sliding_window (null in v0.3); Qwen configs carry one they do not use.
+    honours_window = model_type in ("mistral", "mixtral")
+    if not honours_window and cfg.get("use_sliding_window", False):
         raise ValueError("per-layer sliding windows (use_sliding_window with max_window_layers) are not supported")
-    sliding_window = cfg.get("sliding_window") if model_type == "mistral" else None
-    if model_type in ("llama", "mistral") and cfg.get("attention_bias", False):
+    sliding_window = cfg.get("sliding_window") if honours_window else None
+    if model_type in ("llama", "mistral", "mixtral", "qwen3_moe") and cfg.get("attention_bias", False):
         raise ValueError("attention_bias=true (biases on q/k/v and o_proj) is not supported")
     if cfg.get("mlp_bias", False):
         raise ValueError("mlp_bias=true is not supported")
     n_heads = cfg["num_attention_heads"]
+    moe = moe_args_from_hf_config(cfg) if model_type in ("mixtral", "qwen3_moe") else {}
     return ModelArgs(
         dim=cfg["hidden_size"],
         n_layers=cfg["num_hidden_layers"],
         n_heads=n_heads,
         n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-        intermediate_size=cfg["intermediate_size"],
+        intermediate_size=moe.pop("intermediate_size", cfg["intermediate_size"]),
         vocab_size=cfg["vocab_size"],
         norm_eps=cfg.get("rms_norm_eps", 1e-5),
         rope_base=float(rope_base),
@@ -353,8 +440,9 @@ def model_args_from_hf_config(cfg: dict) -> ModelArgs:
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         sliding_window=sliding_window,
         qkv_bias=model_type == "qwen2",
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        **moe,
     )
 
 
@@ -403,10 +491,58 @@ def output_overlap(source, output) -> str | None:
     return None
 
 
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.int32: "I32",
+    torch.int64: "I64",
+}
+
+
+@dataclass
+class TensorStream:
+    """Tensors produced one at a time, for a checkpoint bigger than memory: `specs` (name ->
+    (shape, dtype)) are known up front, `tensors` yields (name, tensor) in the specs' order."""
+
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    tensors: Iterator[tuple[str, torch.Tensor]]
+
+
+def write_safetensors_stream(path, stream: TensorStream):
+    """A safetensors file written tensor by tensor: the header (every offset follows from the specs)
+    first, then each tensor's bytes as it arrives, so one tensor at a time is in memory."""
+    header, offset = {}, 0
+    for name, (shape, dtype) in stream.specs.items():
+        size = dtype.itemsize
+        for d in shape:
+            size *= d
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        names = iter(stream.specs)
+        for name, t in stream.tensors:
+            expected = next(names, None)
+            shape, dtype = stream.specs.get(name, (None, None))
+            # the producer's bug, not the user's: the header already promised these
+            assert name == expected and tuple(t.shape) == tuple(shape) and t.dtype == dtype, (name, expected)
+            f.write(t.detach().contiguous().view(-1).view(torch.uint8).numpy().data)
+        assert next(names, None) is None, "the stream ended early"
+
+
 def save_checkpoint(
     out_dir,
     config: dict,
-    tensors: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor] | TensorStream,
     extra_files: dict[str, str | bytes | Path] = None,
     force: bool = False,
 ):
@@ -421,7 +557,10 @@ def save_checkpoint(
     umask = os.umask(0)
     os.umask(umask)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / CHECKPOINT_WEIGHTS))
+        if isinstance(tensors, TensorStream):
+            write_safetensors_stream(tmp / CHECKPOINT_WEIGHTS, tensors)
+        else:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / CHECKPOINT_WEIGHTS))
         (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         for name, content in (extra_files or {}).items():
             if isinstance(content, Path):

@@ -1,5 +1,5 @@
 """A Llama-family decoder in one file, top to bottom: ModelArgs, the attention mask, the layers
-(KV cache, RMSNorm, RoPE, attention, MLP) and the Transformer.
+(KV cache, RMSNorm, RoPE, attention, MLP or mixture of experts) and the Transformer.
 
 Weights use the Hugging Face rotate-half RoPE layout (what HF checkpoints ship), with q/k/v
 fused into `wqkv` and gate/up fused into `w13` so a batch-1 decode step reads each layer's
@@ -41,6 +41,10 @@ class ModelArgs:
     qkv_bias: bool = False  # Qwen2.5
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     tie_embeddings: bool = False  # output projection shares tok_embeddings.weight
+    # Mixture of experts (Mixtral, Qwen3-MoE): n_experts > 0 makes every layer's feed-forward a
+    # router over n_experts SwiGLU experts of intermediate_size each, n_active_experts per token.
+    n_experts: int = 0
+    n_active_experts: int = 0
 
     def __post_init__(self):
         if self.n_kv_heads == 0:
@@ -49,6 +53,8 @@ class ModelArgs:
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.n_experts and not 0 < self.n_active_experts <= self.n_experts:
+            raise ValueError(f"n_active_experts ({self.n_active_experts}) must be in 1..n_experts ({self.n_experts})")
 
 
 # ----------------------------------------------------------------------------- mask
@@ -267,13 +273,118 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
+@torch.compiler.assume_constant_result  # a fact about the machine: the compiler bakes it in
+def is_sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+def grouped_mm_available(x: torch.Tensor, experts) -> bool:
+    """torch._grouped_mm's fast kernel: bf16 on an sm_90 GPU (elsewhere torch falls back to a loop
+    that reads the group sizes on the host, which a CUDA graph cannot hold)."""
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x.is_cuda
+        and x.dtype == torch.bfloat16
+        and experts.w13.dtype == torch.bfloat16  # not quantized experts
+        and is_sm90(x.device.index or 0)
+    )
+
+
+def matvec(w, x):
+    """w [..., out, in] times x [..., in] -> [..., out]."""
+    if torch.compiler.is_compiling():
+        # Inductor fuses the gather of w (and a dequantize) into one reduction: the chosen experts
+        # are read once, never copied
+        return (w * x.unsqueeze(-2)).sum(-1)
+    return (w @ x.unsqueeze(-1)).squeeze(-1)  # eager: a product of that size would not fit
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stacked per projection: w13 [E, 2I, D] (gate; up) and w2 [E, D, I]."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        E, D, inter = args.n_experts, args.dim, args.intermediate_size
+        self.n_experts = E
+        self.w13 = nn.Parameter(torch.empty(E, 2 * inter, D))
+        self.w2 = nn.Parameter(torch.empty(E, D, inter))
+
+    def weights(self, name: str, ids):
+        """The float weights [..., out, in] of experts `ids` (an int or a tensor of ids).
+        Quantized experts (quantize.py) dequantize here."""
+        return getattr(self, name)[ids]
+
+    def gathered(self, x, expert_ids):
+        """x [N, D], expert_ids [N, k] -> [N, k, D]. Indexes the stacked weights with the router's
+        choice, so a step reads only the chosen experts; static shapes (CUDA graphs)."""
+        gate, up = matvec(self.weights("w13", expert_ids), x.unsqueeze(1)).chunk(2, dim=-1)
+        return matvec(self.weights("w2", expert_ids), F.silu(gate) * up)
+
+    def grouped(self, x, expert_ids, use_grouped_mm: bool):
+        """x [N, D], expert_ids [N, k] -> [N, k, D]. The (token, expert) pairs sorted by expert so
+        each expert multiplies all its rows at once: torch._grouped_mm (static shapes), or a loop
+        over the experts that reads their row counts on the host (eager prefill only)."""
+        N, k = expert_ids.shape
+        sorted_ids, order = expert_ids.flatten().sort(stable=True)
+        experts = torch.arange(self.n_experts, device=x.device)
+        ends = torch.searchsorted(sorted_ids, experts, right=True)  # one past each expert's last row
+        if use_grouped_mm:
+
+            def mm(rows, name):  # _grouped_mm takes [E, in, out]: the transposed view is its layout
+                return torch._grouped_mm(rows, getattr(self, name).transpose(-2, -1), offs=ends.to(torch.int32))
+
+        else:
+            bounds = [0] + ends.tolist()
+            spans = [(e, lo, hi) for e, (lo, hi) in enumerate(zip(bounds, bounds[1:])) if hi > lo]
+
+            def mm(rows, name):
+                return torch.cat([F.linear(rows[lo:hi], self.weights(name, e)) for e, lo, hi in spans])
+
+        gate, up = mm(x[order // k], "w13").chunk(2, dim=-1)
+        y = mm(F.silu(gate) * up, "w2")
+        return torch.empty_like(y).index_copy_(0, order, y).view(N, k, -1)  # back to token order
+
+
+class MoEFeedForward(nn.Module):
+    """Mixture of experts: the router scores every expert, each token takes its top k and mixes
+    their outputs with the softmax weights renormalised over those k (Mixtral; Qwen3-MoE with
+    norm_topk_prob). The router stays in the compute dtype when the experts are quantized."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_active = args.n_active_experts
+        self.gate = nn.Linear(args.dim, args.n_experts, bias=False)  # the router
+        self.experts = Experts(args)
+
+    def route(self, x):
+        """x [N, D] -> (weights [N, k] fp32, expert_ids [N, k]): softmax, top k, renormalise."""
+        probs = self.gate(x).float().softmax(dim=-1)
+        weights, expert_ids = probs.topk(self.n_active, dim=-1)
+        return weights / weights.sum(dim=-1, keepdim=True), expert_ids
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x2 = x.reshape(B * T, D)
+        weights, expert_ids = self.route(x2)
+        # Chosen from shapes alone, never from tensor values. Few (token, expert) pairs (a decode
+        # step, batch 1 above all): gather the chosen experts. Many: group the pairs by expert.
+        many = B * T * self.n_active > self.experts.n_experts
+        if many and grouped_mm_available(x, self.experts):
+            y = self.experts.grouped(x2, expert_ids, use_grouped_mm=True)
+        elif many and T > 1 and not torch.compiler.is_compiling():  # eager prefill
+            y = self.experts.grouped(x2, expert_ids, use_grouped_mm=False)
+        else:  # decode steps (CUDA graphs) and compiled code
+            y = self.experts.gathered(x2, expert_ids)
+        return (y.float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype).view(B, T, D)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = MoEFeedForward(args) if args.n_experts else FeedForward(args)
 
     def forward(self, x, cos, sin, attend, input_pos):
         h = x + self.attention(self.attention_norm(x), cos, sin, attend, input_pos)

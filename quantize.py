@@ -39,6 +39,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from errors import FastgenError, first_line
+from model import Experts
 
 QUANTIZED_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 
@@ -260,6 +261,7 @@ def apply_quantization(model, quantization: dict, device=None):
         raise QuantizationError(f"unknown quantization mode {mode!r} in the checkpoint config")
     if mode == "int4" and device is not None:
         check_int4_supported(device)
+    quantize_experts_modules(model, quantization)  # a mixture's experts (end of this file)
     for name, linear in list(quantizable_linears(model)):
         device = linear.weight.device
         bias = linear.bias is not None
@@ -317,6 +319,8 @@ def quantize_checkpoint(checkpoint_dir, mode: str, groupsize: int | None = None,
                     else:
                         check_int4_shape(t.shape[0], groupsize, prefix)
                         tensors[name], tensors[f"{prefix}.scales_and_zeros"] = quantize_int4(t, groupsize)
+                elif name.endswith(EXPERT_WEIGHTS):
+                    tensors.update(quantize_experts(name, t, mode, groupsize))
                 else:
                     tensors[name] = t
                 del t
@@ -332,7 +336,9 @@ def quantize_checkpoint(checkpoint_dir, mode: str, groupsize: int | None = None,
 
 def _linear_names(config: dict):
     args = config["model_args"]
-    names = [f"layers.{i}.{lin}" for i in range(args["n_layers"]) for lin in QUANTIZED_LINEARS]
+    # a mixture's feed-forward is stacked experts (quantize_experts), not Linears
+    linears = [lin for lin in QUANTIZED_LINEARS if not (args.get("n_experts") and lin.startswith("feed_forward."))]
+    names = [f"layers.{i}.{lin}" for i in range(args["n_layers"]) for lin in linears]
     return names + ([] if args.get("tie_embeddings") else ["output"])
 
 
@@ -448,3 +454,78 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ----------------------------------------------------------------------------- mixture-of-experts weights
+
+# Stacked experts ([E, out, in] per projection) are quantized per expert like a Linear, and read
+# through Experts.weights(name, ids), which dequantizes only the experts a step chose (compiled,
+# Inductor fuses the dequantize into the gathered matvec). The router stays in the compute dtype.
+EXPERT_WEIGHTS = ("feed_forward.experts.w13", "feed_forward.experts.w2")
+
+
+def quantize_experts(name: str, weight: torch.Tensor, mode: str, groupsize: int | None) -> dict:
+    """The file tensors of one stacked expert weight [E, out, in]: int8 with scales [E, out], or
+    int4 nibbles [E, out, in_pad/2] with scales_and_zeros [E, out, in_pad/groupsize, 2]."""
+    E, out, k = weight.shape
+    if mode == "int8":
+        q, scales = quantize_int8(weight.reshape(E * out, k))
+        return {name: q.view(E, out, k), f"{name}_scales": scales.view(E, out)}
+    packed, scales_and_zeros = quantize_int4(weight.reshape(E * out, k), groupsize)
+    return {
+        name: packed.view(E, out, -1),
+        f"{name}_scales_and_zeros": scales_and_zeros.view(-1, E, out, 2).permute(1, 2, 0, 3).contiguous(),
+    }
+
+
+class Int8Experts(Experts):
+    """Experts whose w13 / w2 are int8 with one scale per (expert, output channel)."""
+
+    def __init__(self, n_experts, dim, intermediate_size, device=None):
+        nn.Module.__init__(self)  # buffers of its own instead of Experts' float parameters
+        self.n_experts = n_experts
+        for name, out, k in (("w13", 2 * intermediate_size, dim), ("w2", dim, intermediate_size)):
+            self.register_buffer(name, torch.empty(n_experts, out, k, dtype=torch.int8, device=device))
+            self.register_buffer(f"{name}_scales", torch.empty(n_experts, out, device=device))
+
+    def weights(self, name, ids):
+        scales = getattr(self, f"{name}_scales")  # in the compute dtype (the loader casts floats)
+        return getattr(self, name)[ids].to(scales.dtype) * scales[ids].unsqueeze(-1)
+
+
+class Int4Experts(Experts):
+    """Experts whose w13 / w2 are asymmetric int4 per group of `groupsize` inputs (quantize_int4's
+    values and nibble order), dequantized in PyTorch ops: no tinygemm, whose packing is per matrix."""
+
+    def __init__(self, n_experts, dim, intermediate_size, groupsize, device=None):
+        nn.Module.__init__(self)
+        self.n_experts, self.groupsize = n_experts, groupsize
+        self.in_features = {"w13": dim, "w2": intermediate_size}
+        for name, out, k in (("w13", 2 * intermediate_size, dim), ("w2", dim, intermediate_size)):
+            k_pad = int4_padded_in_features(k, groupsize)
+            self.register_buffer(name, torch.empty(n_experts, out, k_pad // 2, dtype=torch.uint8, device=device))
+            self.register_buffer(
+                f"{name}_scales_and_zeros", torch.empty(n_experts, out, k_pad // groupsize, 2, device=device)
+            )
+
+    def weights(self, name, ids):
+        packed = getattr(self, name)[ids]  # [..., out, k_pad/2]
+        sz = getattr(self, f"{name}_scales_and_zeros")[ids]  # [..., out, k_pad/g, 2], compute dtype
+        q = torch.stack([packed >> 4, packed & 15], dim=-1).view(*packed.shape[:-1], -1, self.groupsize)
+        w = (q.to(sz.dtype) - 8) * sz[..., :1] + sz[..., 1:]
+        return w.flatten(-2)[..., : self.in_features[name]]
+
+
+def quantize_experts_modules(model, quantization: dict):
+    """Swap every Experts module for Int8Experts / Int4Experts (shapes only: works on the meta device)."""
+    for name, experts in list(model.named_modules()):
+        if type(experts) is not Experts:
+            continue
+        E, two_inter, dim = experts.w13.shape
+        device = experts.w13.device
+        if quantization["mode"] == "int8":
+            new = Int8Experts(E, dim, two_inter // 2, device)
+        else:
+            new = Int4Experts(E, dim, two_inter // 2, quantization["groupsize"], device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)

@@ -75,7 +75,29 @@ def kv_bytes_per_slot(model: Transformer) -> int:
 
 
 def weight_param_count(model, tied: bool) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if not (n.startswith("tok_embeddings.") and not tied))
+    """Weights a token multiplies by: for a mixture, k of the E experts."""
+    count = sum(p.numel() for n, p in model.named_parameters() if not (n.startswith("tok_embeddings.") and not tied))
+    count += sum(b.numel() for n, b in model.named_buffers() if ".experts." in n)  # quantized experts
+    expert = sum(t.numel() for n, t in model.state_dict().items() if ".experts." in n)
+    args = model.args
+    return count - expert + expert * args.n_active_experts // args.n_experts if args.n_experts else count
+
+
+def experts_read_per_layer(args, batch: int) -> float:
+    """Distinct experts `batch` tokens choose in a layer, expected under uniform routing:
+    E * (1 - (1 - k/E)^batch) (k at batch 1, up to E)."""
+    E, k = args.n_experts, args.n_active_experts
+    return E * (1 - (1 - k / E) ** batch)
+
+
+def active_weight_bytes(model, batch: int) -> int:
+    """Weight bytes a decode step must read: all of them for a dense model; for a mixture the
+    non-expert weights plus the distinct experts its tokens choose (experts_read_per_layer)."""
+    total, args = model_weight_bytes(model), model.args
+    if not args.n_experts:
+        return total
+    expert = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if ".experts." in n)
+    return round(total - expert + expert * experts_read_per_layer(args, batch) / args.n_experts)
 
 
 @torch.no_grad()  # as in generate(): a grad-mode change would recompile the step
@@ -160,10 +182,18 @@ class OursRunner:
         slots = cfg.cache_slots(N)
         new_shape = self._prepare(cfg, slots)
         model, gen, args = self.model, self.gen, self.model.args
-        weight_bytes, slot_bytes = model_weight_bytes(model), kv_bytes_per_slot(model)
+        # GB/s counts the bytes a step must read: for a mixture, the active (chosen) experts only
+        weight_bytes, slot_bytes = active_weight_bytes(model, cfg.batch), kv_bytes_per_slot(model)
         row.update(
             cache_slots=slots, cache_alloc=model.cache_len, weight_bytes=weight_bytes, kv_bytes_per_slot=slot_bytes
         )
+        if args.n_experts:
+            row.update(
+                total_weight_bytes=model_weight_bytes(model),
+                experts_read_per_layer=experts_read_per_layer(args, cfg.batch),
+                note=f"GB/s on the active {weight_bytes / 1e9:.2f} of {model_weight_bytes(model) / 1e9:.1f} GB "
+                f"of weights ({experts_read_per_layer(args, cfg.batch):.1f} of {args.n_experts} experts per layer)",
+            )
         prompts = random_prompts(cfg.batch, cfg.ctx, args.vocab_size).tolist()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

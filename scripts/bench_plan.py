@@ -7,6 +7,7 @@ whatever is left at the end, so every plan puts the highest-value rows first.
 from dataclasses import dataclass
 
 ALL_MODELS = ["llama-3-8b", "llama-2-7b", "llama-3.2-1b", "mistral-7b-v0.1", "qwen2.5-7b", "smollm2-135m"]
+MOE_MODELS = ["qwen3-30b-a3b", "mixtral-8x7b"]  # the moe suite's; GB/s counts the active bytes
 SMALL_MODEL = "smollm2-135m"  # small enough for the CPU; its kernel profile shows launch overhead on a GPU
 OURS, HF, GPT_FAST = "ours", "hf", "gpt-fast"
 LONG_CTX, LONG_CACHE, BIG_BATCH = 8192, 32768, 8  # the quick suite's long-context and batched rows
@@ -52,6 +53,20 @@ SUITES = {
         weights="bf16,int8,int4-g64",
         kv_dtypes="bf16",
         time_budget_s=480,
+    ),
+    # mixtures of experts at batch 1 and 8 (Mixtral bf16 needs an H200: an H100 row reads "OOM")
+    "moe": dict(
+        models=",".join(MOE_MODELS),
+        batch="1,8",
+        ctx="16",
+        cache="just",
+        new_tokens=200,
+        runs=3,
+        compile=True,
+        hf=False,
+        weights="bf16,int8",
+        kv_dtypes="bf16",
+        time_budget_s=570,
     ),
     "full": dict(
         models=",".join(ALL_MODELS),
@@ -191,7 +206,10 @@ def plan_jobs(
 def param_count(args) -> int:
     """Parameters of a ModelArgs shape (embedding counted twice unless tied)."""
     d, hd = args.dim, args.head_dim
-    per_layer = d * (args.n_heads + 2 * args.n_kv_heads) * hd + args.n_heads * hd * d + 3 * d * args.intermediate_size
+    ffn = 3 * d * args.intermediate_size
+    if args.n_experts:  # every expert, and the router
+        ffn = ffn * args.n_experts + d * args.n_experts
+    per_layer = d * (args.n_heads + 2 * args.n_kv_heads) * hd + args.n_heads * hd * d + ffn
     return args.n_layers * per_layer + args.vocab_size * d * (1 if args.tie_embeddings else 2)
 
 

@@ -1,11 +1,12 @@
-"""Convert a GGUF file (llama / qwen2 / qwen3 architecture) into our checkpoint format.
+"""Convert a GGUF file (llama / qwen2 / qwen3 / qwen3moe architecture, Mixtral as llama) into our checkpoint format.
 
     python scripts/convert_gguf.py --gguf FILE --output-dir OUT [--dtype fp32|bf16|fp16] [--force]
 
 Weights are dequantized with the `gguf` package (whatever quant types it supports: F32, F16,
 BF16, Q8_0, Q4_0, Q4_1, K-quants, ...), so the result is a plain float checkpoint holding
 exactly the values the quantized file encodes. ModelArgs come from the GGUF metadata; the
-tokenizer embedded in the file is written as tokenizer.json + tokenizer_config.json.
+tokenizer embedded in the file is written as tokenizer.json + tokenizer_config.json. A mixture
+of experts comes as llama.cpp's stacked blk.N.ffn_{gate,up,down}_exps tensors ([E, ...]).
 """
 
 import dataclasses
@@ -23,7 +24,7 @@ from errors import FastgenError, first_line  # noqa: E402
 from model import ModelArgs, Transformer, rope_inv_freq  # noqa: E402
 from scripts.converter_cli import converter_main  # noqa: E402
 
-ARCHS = ("llama", "qwen2", "qwen3")
+ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe")
 
 
 def _open_gguf(path: Path):
@@ -73,13 +74,29 @@ def gguf_model_args(reader, path: Path, tensors: dict) -> ModelArgs:
         rope_scaling = {"type": "linear", "factor": _f32(req("rope.scaling.factor"))}
     elif scaling_type not in (None, "none"):
         raise CheckpointError(f"{path}: unsupported rope scaling type {scaling_type!r}")
+    n_experts = int(_field(reader, f"{arch}.expert_count", 0) or 0)
+    moe = {}
+    if n_experts:
+        if _field(reader, f"{arch}.expert_shared_count", 0):
+            raise CheckpointError(f"{path}: shared experts ({arch}.expert_shared_count) are not supported")
+        if _field(reader, f"{arch}.expert_weights_norm", True) is False:
+            raise CheckpointError(
+                f"{path}: unnormalised top-k expert weights ({arch}.expert_weights_norm) are not supported"
+            )
+        if _field(reader, f"{arch}.expert_gating_func", 1) != 1:  # llama.cpp: 1 = softmax
+            raise CheckpointError(
+                f"{path}: expert gating other than softmax ({arch}.expert_gating_func) is not supported"
+            )
+        moe = dict(n_experts=n_experts, n_active_experts=int(req("expert_used_count")))
+        if arch == "qwen3moe":  # its feed_forward_length is the dense size, unused
+            moe["intermediate_size"] = int(req("expert_feed_forward_length"))
     args = ModelArgs(
         dim=dim,
         n_layers=int(req("block_count")),
         n_heads=n_heads,
         n_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_heads)),
         head_dim=int(_field(reader, f"{arch}.attention.key_length", dim // n_heads)),
-        intermediate_size=int(req("feed_forward_length")),
+        intermediate_size=moe.pop("intermediate_size", None) or int(req("feed_forward_length")),
         vocab_size=vocab_size,
         norm_eps=_f32(req("attention.layer_norm_rms_epsilon")),
         rope_base=_f32(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
@@ -88,6 +105,7 @@ def gguf_model_args(reader, path: Path, tensors: dict) -> ModelArgs:
         qkv_bias="blk.0.attn_q.bias" in tensors,
         qk_norm="blk.0.attn_q_norm.weight" in tensors,
         tie_embeddings="output.weight" not in tensors,
+        **moe,
     )
     if "rope_freqs.weight" in tensors:  # llama.cpp stores Llama-3.1 rope scaling as per-frequency factors
         args = _llama3_rope_from_factors(args, _dequantize(tensors["rope_freqs.weight"], path), path)
@@ -142,7 +160,7 @@ def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _mapping(args: ModelArgs):
-    """Yield (our name, [gguf names concatenated along dim 0])."""
+    """Yield (our name, [gguf names concatenated along the output features])."""
     yield "tok_embeddings.weight", ["token_embd.weight"]
     for i in range(args.n_layers):
         b, o = f"blk.{i}.", f"layers.{i}."
@@ -153,8 +171,13 @@ def _mapping(args: ModelArgs):
         if args.qk_norm:
             yield o + "attention.q_norm.weight", [b + "attn_q_norm.weight"]
             yield o + "attention.k_norm.weight", [b + "attn_k_norm.weight"]
-        yield o + "feed_forward.w13.weight", [b + "ffn_gate.weight", b + "ffn_up.weight"]
-        yield o + "feed_forward.w2.weight", [b + "ffn_down.weight"]
+        if args.n_experts:  # stacked [E, out, in]
+            yield o + "feed_forward.gate.weight", [b + "ffn_gate_inp.weight"]
+            yield o + "feed_forward.experts.w13", [b + "ffn_gate_exps.weight", b + "ffn_up_exps.weight"]
+            yield o + "feed_forward.experts.w2", [b + "ffn_down_exps.weight"]
+        else:
+            yield o + "feed_forward.w13.weight", [b + "ffn_gate.weight", b + "ffn_up.weight"]
+            yield o + "feed_forward.w2.weight", [b + "ffn_down.weight"]
         yield o + "attention_norm.weight", [b + "attn_norm.weight"]
         yield o + "ffn_norm.weight", [b + "ffn_norm.weight"]
     yield "norm.weight", ["output_norm.weight"]
@@ -189,7 +212,14 @@ def convert_gguf(gguf_path, out_dir, dtype=None, force: bool = False) -> Path:
                     w = unpermute_rope(w, args.n_heads if "attn_q" in src else args.n_kv_heads)
                 parts.append(w.to(dtype))
                 used.add(src)
-            t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            # along the output features: dim 0 of a matrix or vector, dim 1 of stacked experts
+            t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=max(parts[0].dim() - 2, 0))
+            holds_experts = ".experts." in name or name.endswith("feed_forward.gate.weight")  # [E, ...]
+            if holds_experts and t.shape[0] != expected[name][0]:
+                raise CheckpointError(
+                    f"{gguf_path}: tensor {sources[0]} holds {t.shape[0]} experts but the metadata "
+                    f"({arch}.expert_count) says {expected[name][0]}"
+                )
             if tuple(t.shape) != expected[name]:
                 raise CheckpointError(
                     f"{gguf_path}: {'+'.join(sources)} has shape {list(t.shape)} but the metadata "

@@ -1,16 +1,18 @@
-"""Convert a Hugging Face Llama-family checkpoint directory into ours.
+"""Convert a Hugging Face Llama-family checkpoint directory (dense, Mixtral or Qwen3-MoE) into ours.
 
     python scripts/convert_hf_checkpoint.py --checkpoint-dir HF_DIR [--output-dir OUT] [--dtype bf16] [--force]
 
 Reads HF config.json (-> checkpoint.model_args_from_hf_config) and the weights (sharded or single
 *.safetensors, or pytorch_model*.bin), renames them to Transformer.state_dict() names,
-fuses q/k/v into wqkv and gate/up into w13, and writes config.json + model.safetensors +
-the tokenizer files. Source tensors are read one at a time from memory-mapped files, so
-peak memory is about one copy of the converted model, not two.
+fuses q/k/v into wqkv and gate/up into w13, stacks a mixture's experts into one tensor per
+projection ([E, 2I, D] and [E, D, I]), and writes config.json + model.safetensors + the
+tokenizer files. It streams: source tensors are read from memory-mapped files and each output
+tensor is written as soon as it is made, so memory holds about one layer's experts, never the model.
 """
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -18,7 +20,13 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import CheckpointError, check_output_dir, model_args_from_hf_config, save_checkpoint  # noqa: E402
+from checkpoint import (  # noqa: E402
+    CheckpointError,
+    TensorStream,
+    check_output_dir,
+    model_args_from_hf_config,
+    save_checkpoint,
+)
 from common import DTYPES  # noqa: E402
 from errors import first_line  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
@@ -93,10 +101,28 @@ class _HFWeights:
         self._open.clear()
 
 
-def _mapping(args: ModelArgs):
+def _experts_mapping(args: ModelArgs, model_type: str, hf: str, ours: str):
+    """A mixture's router and stacked experts: the E experts' tensors concatenated along dim 0
+    are our [E, ...] tensor (w13 = gate_0, up_0, gate_1, up_1, ...)."""
+    dim, inter = args.dim, args.intermediate_size
+    if model_type == "mixtral":  # w1 = gate, w3 = up, w2 = down
+        moe, gate, up, down = hf + "block_sparse_moe.", "w1", "w3", "w2"
+    else:
+        moe, gate, up, down = hf + "mlp.", "gate_proj", "up_proj", "down_proj"
+    experts = [f"{moe}experts.{e}." for e in range(args.n_experts)]
+    yield ours + "feed_forward.gate.weight", [(moe + "gate.weight", (args.n_experts, dim))]
+    yield (
+        ours + "feed_forward.experts.w13",
+        [(e + p + ".weight", (inter, dim)) for e in experts for p in (gate, up)],
+    )
+    yield ours + "feed_forward.experts.w2", [(e + down + ".weight", (dim, inter)) for e in experts]
+
+
+def _mapping(args: ModelArgs, model_type: str = "llama"):
     """Yield (layer index or None, our name, [(hf name, expected shape)]) in file order.
 
-    Several HF names for one of ours are concatenated along dim 0 (wqkv, w13)."""
+    Several HF names for one of ours are concatenated along dim 0 and shaped like ours (wqkv, w13,
+    stacked experts)."""
     q, kv, hd, dim, inter = (
         args.n_heads * args.head_dim,
         args.n_kv_heads * args.head_dim,
@@ -127,17 +153,46 @@ def _mapping(args: ModelArgs):
         if args.qk_norm:
             yield i, ours + "attention.q_norm.weight", [(attn + "q_norm.weight", (hd,))]
             yield i, ours + "attention.k_norm.weight", [(attn + "k_norm.weight", (hd,))]
-        yield (
-            i,
-            ours + "feed_forward.w13.weight",
-            [(hf + "mlp.gate_proj.weight", (inter, dim)), (hf + "mlp.up_proj.weight", (inter, dim))],
-        )
-        yield i, ours + "feed_forward.w2.weight", [(hf + "mlp.down_proj.weight", (dim, inter))]
+        if args.n_experts:
+            for name, sources in _experts_mapping(args, model_type, hf, ours):
+                yield i, name, sources
+        else:
+            yield (
+                i,
+                ours + "feed_forward.w13.weight",
+                [(hf + "mlp.gate_proj.weight", (inter, dim)), (hf + "mlp.up_proj.weight", (inter, dim))],
+            )
+            yield i, ours + "feed_forward.w2.weight", [(hf + "mlp.down_proj.weight", (dim, inter))]
         yield i, ours + "attention_norm.weight", [(hf + "input_layernorm.weight", (dim,))]
         yield i, ours + "ffn_norm.weight", [(hf + "post_attention_layernorm.weight", (dim,))]
     yield None, "norm.weight", [("model.norm.weight", (dim,))]
     if not args.tie_embeddings:
         yield None, "output.weight", [("lm_head.weight", (args.vocab_size, dim))]
+
+
+EXPERT_TENSOR = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.")
+
+
+def check_expert_counts(weights: "_HFWeights", args: ModelArgs, cfg: dict, mapping):
+    """Every layer holds exactly the config's number of experts; else name a tensor and both counts."""
+    key = "num_local_experts" if "num_local_experts" in cfg else "num_experts"
+    found: dict[int, set[int]] = {}
+    for name in weights.where:
+        m = EXPERT_TENSOR.match(name)
+        if m:
+            found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    wanted = {hf_name for _, _, sources in mapping for hf_name, _ in sources}
+    for layer in range(args.n_layers):
+        count = len(found.get(layer, ()))
+        if count == args.n_experts:
+            continue
+        prefix = f"model.layers.{layer}."
+        missing = sorted(n for n in wanted if n.startswith(prefix) and n not in weights.where and ".experts." in n)
+        extra = sorted(n for n in weights.where if n.startswith(prefix) and n not in wanted and ".experts." in n)
+        tensor = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {extra[0]}" if extra else "tensors"
+        raise CheckpointError(
+            f"{weights.hf_dir}: {tensor}: layer {layer} has {count} experts but config.json says {key}={args.n_experts}"
+        )
 
 
 def read_hf_config(hf_dir: Path) -> dict:
@@ -180,23 +235,10 @@ def convert_hf_checkpoint(hf_dir, out_dir=None, dtype=None, force: bool = False,
         dtype = weights.get("model.embed_tokens.weight").dtype
         if not dtype.is_floating_point:
             dtype = torch.float32
-    tensors, used = {}, set()
-    print(f"converting {hf_dir} ({cfg.get('model_type')}, {args.n_layers} layers) to {out_dir} in {dtype}", flush=True)
-    # One bar on a terminal (none in logs), not a line per layer; cleared when done or on an error.
-    with tqdm(list(_mapping(args)), desc="converting", unit="tensor", leave=False, disable=None) as bar:
-        for _, name, sources in bar:
-            parts = []
-            for hf_name, shape in sources:
-                t = weights.get(hf_name)
-                if tuple(t.shape) != tuple(shape):
-                    raise CheckpointError(
-                        f"{weights.where[hf_name]}: tensor {hf_name} has shape {list(t.shape)} but "
-                        f"config.json implies {list(shape)}"
-                    )
-                parts.append(t.to(dtype))
-                used.add(hf_name)
-            tensors[name] = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
-            assert tensors[name].shape == expected[name], name
+    mapping = list(_mapping(args, cfg.get("model_type")))
+    if args.n_experts:
+        check_expert_counts(weights, args, cfg, mapping)
+    used = {hf_name for _, _, sources in mapping for hf_name, _ in sources}
     if args.tie_embeddings and "lm_head.weight" in weights.where:
         # HF ties these on load and ignores the stored copy; so do we.
         used.add("lm_head.weight")
@@ -206,14 +248,36 @@ def convert_hf_checkpoint(hf_dir, out_dir=None, dtype=None, force: bool = False,
             f"{weights.where[unused[0]]}: unexpected tensor {unused[0]} ({len(unused)} unused in "
             f"all); this model variant is not supported"
         )
-    weights.close()
+
+    def converted():
+        """Our tensors one at a time, in file order: memory holds one of them (a layer's experts)."""
+        # One bar on a terminal (none in logs), not a line per layer; cleared when done or on an error.
+        with tqdm(mapping, desc="converting", unit="tensor", leave=False, disable=None) as bar:
+            for _, name, sources in bar:
+                parts = []
+                for hf_name, shape in sources:
+                    t = weights.get(hf_name)
+                    if tuple(t.shape) != tuple(shape):
+                        raise CheckpointError(
+                            f"{weights.where[hf_name]}: tensor {hf_name} has shape {list(t.shape)} but "
+                            f"config.json implies {list(shape)}"
+                        )
+                    parts.append(t.to(dtype))
+                t = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
+                yield name, t.view(expected[name])
+
+    print(f"converting {hf_dir} ({cfg.get('model_type')}, {args.n_layers} layers) to {out_dir} in {dtype}", flush=True)
+    stream = TensorStream({name: (tuple(expected[name]), dtype) for _, name, _ in mapping}, converted())
+    assert set(stream.specs) == set(expected), set(stream.specs) ^ set(expected)
 
     extra = {f: hf_dir / f for f in TOKENIZER_FILES if (hf_dir / f).is_file()}
     # the source directory's name only: a local path would leak into checkpoints people share
     config = {"model_args": dataclasses.asdict(args), "quantization": None, "source": source or hf_dir.resolve().name}
-    save_checkpoint(out_dir, config, tensors, extra, force=force)
+    save_checkpoint(out_dir, config, stream, extra, force=force)
+    weights.close()
     print(
-        f"wrote {out_dir} ({sum(t.numel() for t in tensors.values()) / 1e6:.1f}M parameters, "
+        f"wrote {out_dir} ({sum(torch.Size(shape).numel() for shape, _ in stream.specs.values()) / 1e6:.1f}M "
+        f"parameters, "
         f"tokenizer files: {', '.join(extra) or 'none'})",
         flush=True,
     )
