@@ -51,6 +51,9 @@ def build_model(name: str, weights: str, device, dtype) -> Transformer:
             from quantize import apply_quantization  # ImportError: skipped by the caller with a note
 
             apply_quantization(model, qcfg, device)
+            for module in model.modules():  # MoE experts keep float scales in the compute dtype
+                if type(module).__name__ in ("Int8Experts", "Int4Experts"):
+                    module.to(dtype)
     model.to_empty(device=device)
     fill_random_(model)
     for module in model.modules():  # int4: random nibbles -> the kernel's tile layout for this device

@@ -426,15 +426,17 @@ def test_gpu_grouped_mm_decode_compiled_equals_eager_fp32():
 @needs_cuda
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_gpu_quantized_experts_compiled_equals_eager(mode, tmp_path):
-    """int8 / int4 experts, bf16 compute: the compiled decode (dequantize fused into the gathered
-    matvec) gives the eager tokens."""
+    """int8 / int4 experts: the compiled decode (dequantize fused into the gathered matvec) gives
+    the eager tokens. fp32 compute: in bf16 Inductor keeps the fused dequantize in fp32 where eager
+    rounds the weight to bf16 first, and on random weights that flips near-tied greedy tokens
+    (seen on an H100 for int8); the bf16 path is what scripts/bench.py --suite moe runs."""
     from checkpoint import load_model, save_checkpoint
     from quantize import quantize_checkpoint
 
     cpu = random_moe()
     save_checkpoint(tmp_path / "fp32", {"model_args": dict(cpu.args.__dict__), "quantization": None}, cpu.state_dict())
     out = quantize_checkpoint(tmp_path / "fp32", mode, 32 if mode == "int4" else None)
-    m, _ = load_model(out, "cuda", torch.bfloat16)
+    m, _ = load_model(out, "cuda", torch.float32)
     want = greedy_tokens(m, GPU_PROMPTS, 20)
     torch._dynamo.reset()
     assert greedy_tokens(m, GPU_PROMPTS, 20, compile=True) == want
