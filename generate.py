@@ -244,6 +244,18 @@ class Generator:
             self.decode_fn = torch.compile(decode_one, mode=mode, fullgraph=True)
         if compile_prefill:
             self.prefill_fn = torch.compile(prefill, dynamic=True, fullgraph=True)
+        # A batch-1 sequence held in the cache between calls (a chat): the slots it fills, and its
+        # last sampled token, which is not in the cache yet. None after a batch (nothing to continue).
+        self.position: int | None = 0
+        self.pending: list[int] = []
+
+    def reset(self):
+        """Forget the sequence held in the cache: the next continue_sequence call starts at slot 0."""
+        self.position, self.pending = 0, []
+
+    def room(self, new_ids: list[int]) -> int:
+        """Slots left for generated tokens after new_ids continue the sequence held in the cache."""
+        return self.model.max_seq_len - (self.position or 0) - len(self.pending) - len(new_ids)
 
     def setup(self, batch_size: int, max_seq_len: int, kv_cache_dtype: torch.dtype | None = None):
         m = self.model
@@ -265,22 +277,43 @@ class Generator:
         sampling: Sampling = Sampling(),
         stop_ids=(),
         on_token=None,
-        start_slot: int = 0,
+        continue_sequence: bool = False,
         pad_id: int = 0,
     ) -> GenerationResult:
         """Generate for a batch of token-id prompts of any lengths (left-padded to one slot).
 
-        start_slot > 0 continues a batch-1 sequence already in the cache (chat): the prompt is
-        written at slots [start_slot, start_slot + len). on_token(row, id) is called for each
-        generated (non-stop) token as it reaches the host; when it returns True that row ends
-        there (a stop string, a per-row token budget), the token kept as its last.
+        continue_sequence=True continues the batch-1 sequence this Generator holds in the cache (a
+        chat): pass only the new ids; they follow the previous call's last sampled token. on_token(row,
+        id) is called for each generated (non-stop) token as it reaches the host; when it returns True
+        that row ends there (a stop string, a per-row token budget), the token kept as its last.
         """
+        start_slot = 0
+        if continue_sequence:
+            if len(prompts) != 1:
+                raise UsageError(f"continuing a sequence needs one prompt (got {len(prompts)})")
+            if self.position is None:
+                raise UsageError("no sequence to continue: the last call was a batch; call reset() first")
+            start_slot, prompts = self.position, [self.pending + prompts[0]]
         tokens = self._begin(prompts, max_new_tokens, start_slot, pad_id)
         rows = RowTokens(len(prompts), max_new_tokens, stop_ids, on_token)
-        token = self._prefill(tokens, start_slot, sampling, rows)
-        if token is not None:
-            self._decode(token, start_slot + tokens.shape[1], sampling, rows)
+        try:
+            token = self._prefill(tokens, start_slot, sampling, rows)
+            if token is not None:
+                self._decode(token, start_slot + tokens.shape[1], sampling, rows)
+        finally:  # Ctrl-C included: the cache holds whatever reached the host, but its last token
+            self._hold_sequence(start_slot + tokens.shape[1], rows.result)
         return rows.result
+
+    def _hold_sequence(self, prompt_end: int, result: GenerationResult):
+        """Remember what the cache holds for continue_sequence. A token reaches the host only once
+        the step that sampled it has run, and that step wrote the token before it: the cache holds
+        the prompt and every sampled token but the last, which stays pending."""
+        if len(result.tokens) != 1:
+            self.position, self.pending = None, []
+            return
+        sampled = len(result.tokens[0]) + result.stopped[0]  # the stop token is sampled, not kept
+        if sampled:  # else stopped during prefill: nothing of this call counts
+            self.position, self.pending = prompt_end + sampled - 1, [result.last_token[0]]
 
     def _begin(self, prompts: list[list[int]], max_new_tokens: int, start_slot: int, pad_id: int) -> torch.Tensor:
         """Check the request against the cache, set each row's first slot, and left-pad the
@@ -293,8 +326,6 @@ class Generator:
             raise UsageError("empty prompt: give at least one token of text")
         if max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
-        if start_slot and B != 1:
-            raise UsageError("continuing a sequence (start_slot > 0) needs batch size 1")
         if B != model.row_start.shape[0]:
             raise UsageError(f"batch of {B} prompts but the cache was set up for {model.row_start.shape[0]}")
         needed = start_slot + T + max_new_tokens
@@ -783,7 +814,9 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
         f"/reset starts over, Ctrl-C stops a reply, /exit or Ctrl-D ends.",
         file=sys.stderr,
     )
-    cache_len, pending = 0, []  # slots filled; the last reply token, sampled but not yet in the cache
+    # The Generator holds the conversation's place in the cache; the chat adds only each turn's ids.
+    generator.reset()
+    close_reply = []  # ids that close a cut or stopped reply the way the template expects, sent next turn
     turns = []  # for --json
     while True:
         if interactive:
@@ -800,14 +833,15 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
         if text.strip() == "/exit":
             break
         if text.strip() == "/reset":
-            cache_len, pending = 0, []
+            generator.reset()
+            close_reply = []
             turns.append({"reset": True})
             print("(conversation reset)", file=sys.stderr)
             continue
         if not text.strip():
             continue
-        new_ids = pending + tokenizer.encode_chat_turn(text, system=args.system, first_turn=cache_len == 0)
-        room = max_seq_len - cache_len - len(new_ids)
+        new_ids = close_reply + tokenizer.encode_chat_turn(text, system=args.system, first_turn=generator.position == 0)
+        room = generator.room(new_ids)
         if room < 1:
             print(
                 f"(the conversation has outgrown the {max_seq_len}-token cache; /reset to start over, "
@@ -824,16 +858,18 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
 
         try:
             res = generator.generate(
-                [new_ids], min(args.max_new_tokens, room), sampling, tokenizer.stop_ids, on_token, start_slot=cache_len
+                [new_ids],
+                min(args.max_new_tokens, room),
+                sampling,
+                tokenizer.stop_ids,
+                on_token,
+                continue_sequence=True,
             )
         except KeyboardInterrupt:  # stop this reply, keep the conversation
             print(decoder.flush(), flush=True)
             print("(reply stopped; Ctrl-C again, Ctrl-D or /exit ends the chat)", file=sys.stderr)
-            if reply:
-                # A token reaches us only once the step that sampled it has run, and that step wrote the
-                # token before it: the cache holds new_ids + reply[:-1]. Close it like a cut reply.
-                cache_len += len(new_ids) + len(reply) - 1
-                pending = [reply[-1]] + tokenizer.encode_reply("")
+            if reply:  # the Generator kept new_ids + reply in the cache; close it like a cut reply
+                close_reply = tokenizer.encode_reply("")
             # else stopped in prefill: nothing of this turn counts; the next one starts where it would have
             turns.append(
                 {
@@ -842,16 +878,14 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
                     "reply_ids": reply,
                     "stopped": False,
                     "interrupted": True,
-                    "cache_slots_used": cache_len,
+                    "cache_slots_used": generator.position,
                 }
             )
             continue
         print(decoder.flush(), flush=True)
-        # Everything but the final sampled token is now in the cache; that token goes in next turn.
-        cache_len += len(new_ids) + len(res.tokens[0]) + (1 if res.stopped[0] else 0) - 1
-        pending = [res.last_token[0]]
+        close_reply = []
         if not res.stopped[0]:  # close the cut reply the way the template expects
-            pending += tokenizer.encode_reply("")
+            close_reply = tokenizer.encode_reply("")
             print(f"(reply cut at {len(res.tokens[0])} tokens)", file=sys.stderr)
         turns.append(
             {
@@ -859,7 +893,7 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
                 "reply": tokenizer.decode(res.tokens[0]),
                 "reply_ids": res.tokens[0],
                 "stopped": res.stopped[0],
-                "cache_slots_used": cache_len,
+                "cache_slots_used": generator.position,
             }
         )
     if args.json is not None:
