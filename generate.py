@@ -27,11 +27,13 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, exit_at_once_on_ctrl_c)  # until run() has loaded the model
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from checkpoint import load_model  # noqa: E402
 from common import DTYPES, peak_memory_bytes, write_json_atomic  # noqa: E402
 from errors import FastgenError  # noqa: E402
 from model import KVCache, Transformer  # noqa: E402
+from speculative import SpeculationStats, accept, draw, propose_by_lookup  # noqa: E402
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-135M-Instruct"
 
@@ -84,9 +86,15 @@ def sample(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """logits [B, V] fp32 -> next token ids [B, 1]. No host syncs: safe inside a CUDA graph."""
     if sampling.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
+    # Exponential race (speculative.draw): draws from the probabilities without a multinomial sync.
+    return draw(sampling_probs(logits, sampling)).unsqueeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """logits [..., V] -> the distribution sampling draws from (temperature, then top-k, then top-p)."""
     logits = logits / sampling.temperature
     if sampling.top_k is not None:
-        kth_best = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        kth_best = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     if sampling.top_p is not None and sampling.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
@@ -94,10 +102,7 @@ def sample(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         # drop a token when the tokens strictly more likely than it already cover top_p
         drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > sampling.top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p without a multinomial sync.
-    race = torch.empty_like(probs).exponential_(1)
-    return (probs / race).argmax(dim=-1, keepdim=True)
+    return logits.softmax(dim=-1)
 
 
 def prefill(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, sampling: Sampling):
@@ -111,39 +116,73 @@ def decode_one(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor,
     return sample(logits[:, -1], sampling)
 
 
+def draft_step(draft: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, sampling: Sampling):
+    """One draft-model step at per-row slots input_pos [B, T]: its guess [B, 1] for the token after
+    the last, and the distribution it was drawn from [B, V] (None when greedy)."""
+    logits = draft(tokens, input_pos, logits_to_keep=1)[:, -1]
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True), None
+    probs = sampling_probs(logits, sampling)
+    return draw(probs).unsqueeze(-1), probs
+
+
+def verify_step(model, last, guesses, pos, draft_probs, sampling: Sampling):
+    """One target step over [last token, k guesses] [B, k+1] at each row's slots pos[b] .. pos[b] + k,
+    then the accept/reject rule: (tokens [B, k+1], accepted [B]); row b keeps tokens[b, : accepted + 1].
+    Slots of rejected guesses are written but lie past the row's new position: never attended,
+    overwritten by a later step (the cache rolls back by position, not by copying)."""
+    tokens = torch.cat([last, guesses], dim=1)
+    input_pos = pos.view(-1, 1) + torch.arange(tokens.shape[1], device=pos.device)
+    logits = model(tokens, input_pos)
+    greedy = sampling.temperature == 0
+    return accept(logits if greedy else sampling_probs(logits, sampling), guesses, draft_probs, greedy)
+
+
+def lookup_step(model, history, pos, sampling: Sampling, ngram: int, k: int):
+    """Prompt lookup's whole step: guess from each row's own text, then verify. The guesses are
+    certain for the guesser (a one-hot draft distribution), so sampling keeps the standard rule."""
+    guesses = propose_by_lookup(history, pos, model.row_start, ngram, k)
+    draft_probs = None if sampling.temperature == 0 else F.one_hot(guesses, model.args.vocab_size).float()
+    return verify_step(model, history.gather(1, pos.view(-1, 1)), guesses, pos, draft_probs, sampling)
+
+
 class CUDAGraphStep:
-    """An eager decode step recorded once into a CUDA graph and replayed: no compiler involved,
-    and one launch per step instead of hundreds of small kernels (Python launch overhead is
-    most of an eager GPU step). Recorded again when the batch, sampling or cache changes."""
+    """An eager step recorded once into a CUDA graph and replayed: no compiler involved, and one
+    launch per step instead of hundreds of small kernels (Python launch overhead is most of an
+    eager GPU step). Called as step(model, *args); tensor args are copied into the graph's input
+    buffers, other args (sampling, sizes) are part of what was recorded. Recorded again when the
+    shapes, those args or the cache change."""
 
     def __init__(self, step):
         self.step = step
         self.key = None
 
-    def __call__(self, model, token, input_pos, sampling):
+    def __call__(self, model, *args):
         cache = model.layers[0].attention.kv_cache
-        key = (tuple(token.shape), sampling, model.row_start.data_ptr(), cache.k_cache.data_ptr())
+        shapes = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        key = (shapes, model.row_start.data_ptr(), cache.k_cache.data_ptr())
         if key != self.key:
-            self.record(model, token, input_pos, sampling)
+            self.record(model, args)
             self.key = key
-        self.token.copy_(token)
-        self.input_pos.copy_(input_pos)
+        for buffer, a in zip(self.inputs, args):
+            if isinstance(a, torch.Tensor):
+                buffer.copy_(a)
         self.graph.replay()
-        return self.next_token
+        return self.outputs
 
-    def record(self, model, token, input_pos, sampling):
+    def record(self, model, args):
         self.graph = None  # free the previous recording first
-        self.token, self.input_pos = token.clone(), input_pos.clone()  # the graph's input buffers
+        self.inputs = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]  # the graph's input buffers
         # One plain run first, on a side stream (what capture requires): it creates library
-        # handles and workspaces. It writes the same K/V slot the replay writes again.
+        # handles and workspaces. It writes the same K/V slots the replay writes again.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.step(model, self.token, self.input_pos, sampling)
+            self.step(model, *self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.next_token = self.step(model, self.token, self.input_pos, sampling)
+            self.outputs = self.step(model, *self.inputs)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -158,6 +197,10 @@ class GenerationResult:
     decode_steps: int = 0  # decode steps run (all rows in lockstep)
     first_decode_s: float = 0.0  # the first decode step alone (includes compilation when compiled)
     last_token: list[int] = field(default_factory=list)  # per row: final sampled id (not yet in the cache)
+    # Speculative decoding: a step may give a row several tokens, so tokens are counted, not steps.
+    speculation: SpeculationStats | None = None
+    decode_tokens: int = 0  # tokens decode steps gave, all rows (speculative only)
+    first_decode_tokens: int = 0  # of which the first step's
 
 
 class RowTokens:
@@ -174,18 +217,26 @@ class RowTokens:
 
     def take(self, ids: list[int]) -> bool:
         """One step's ids, one per row; True once every row has finished."""
-        res = self.result
         for b, t in enumerate(ids):
-            if self.finished(b):
-                continue
-            res.last_token[b] = t
-            if t in self.stop:
-                res.stopped[b] = self.ended[b] = True
-            else:
-                res.tokens[b].append(t)
-                if self.on_token is not None and self.on_token(b, t):
-                    self.ended[b] = True
-        return all(self.finished(b) for b in range(len(ids)))
+            self.take_one(b, t)
+        return self.all_finished()
+
+    def take_one(self, b: int, t: int) -> bool:
+        """Row b's next id (ignored once the row has finished); True if the row took it."""
+        if self.finished(b):
+            return False
+        res = self.result
+        res.last_token[b] = t
+        if t in self.stop:
+            res.stopped[b] = self.ended[b] = True
+        else:
+            res.tokens[b].append(t)
+            if self.on_token is not None and self.on_token(b, t):
+                self.ended[b] = True
+        return True
+
+    def all_finished(self) -> bool:
+        return all(self.finished(b) for b in range(len(self.ended)))
 
 
 class DeviceTokenReader:
@@ -224,11 +275,26 @@ class DeviceTokenReader:
         return self.host[step].tolist()
 
 
+@dataclass
+class Speculation:
+    """Speculative decoding settings: k guesses per step, from a draft model or from prompt lookup
+    (n-grams of up to lookup_ngram tokens from the row's own text). Exactly one source."""
+
+    k: int
+    draft: Transformer | None = None
+    lookup_ngram: int = 0
+
+
 class Generator:
     """Holds the model and its (optionally compiled) prefill and decode steps."""
 
     def __init__(
-        self, model: Transformer, compile: bool = False, compile_prefill: bool = False, prefill_chunk_size: int = 2048
+        self,
+        model: Transformer,
+        compile: bool = False,
+        compile_prefill: bool = False,
+        prefill_chunk_size: int = 2048,
+        speculation: Speculation | None = None,
     ):
         self.model = model
         # Long prompts are prefilled in chunks of this many slots per row: activations (the
@@ -244,6 +310,9 @@ class Generator:
             self.decode_fn = torch.compile(decode_one, mode=mode, fullgraph=True)
         if compile_prefill:
             self.prefill_fn = torch.compile(prefill, dynamic=True, fullgraph=True)
+        self.speculation = speculation
+        if speculation is not None:
+            self._setup_speculation(speculation, compile)
         # A batch-1 sequence held in the cache between calls (a chat): the slots it fills, and its
         # last sampled token, which is not in the cache yet. None after a batch (nothing to continue).
         self.position: int | None = 0
@@ -255,7 +324,39 @@ class Generator:
 
     def room(self, new_ids: list[int]) -> int:
         """Slots left for generated tokens after new_ids continue the sequence held in the cache."""
-        return self.model.max_seq_len - (self.position or 0) - len(self.pending) - len(new_ids)
+        return self.model.max_seq_len - (self.position or 0) - len(self.pending) - len(new_ids) - self.extra_slots
+
+    @property
+    def extra_slots(self) -> int:
+        """Slots a step may write past the last generated token: a speculative step writes k guesses
+        after the last token, up to k - 1 of them past the last token a row can keep."""
+        return self.speculation.k - 1 if self.speculation is not None else 0
+
+    def _setup_speculation(self, spec: Speculation, compile: bool):
+        if spec.k < 1:
+            raise UsageError(f"speculate k must be at least 1 (got {spec.k})")
+        if (spec.draft is None) == (spec.lookup_ngram < 1):
+            raise UsageError("speculation needs one source of guesses: a draft model or prompt lookup (n >= 1)")
+        if spec.draft is not None and spec.draft.args.vocab_size != self.model.args.vocab_size:
+            raise UsageError(
+                f"the draft model's vocabulary ({spec.draft.args.vocab_size}) differs from the target's "
+                f"({self.model.args.vocab_size}); a draft must share the target's tokenizer"
+            )
+        # Static shapes throughout: the draft's first step (2 tokens), its later steps (1 token) and
+        # the verify step (k + 1 tokens) each compile once (separately, so none re-specializes).
+        cuda = self.device.type == "cuda"
+        if compile:
+            mode = "reduce-overhead" if cuda else None
+            steps = [torch.compile(f, mode=mode, fullgraph=True, dynamic=False) for f in (draft_step, draft_step)]
+            verify = torch.compile(verify_step, mode=mode, fullgraph=True, dynamic=False)
+            lookup = torch.compile(lookup_step, mode=mode, fullgraph=True, dynamic=False)
+        elif cuda:  # eager steps replayed as CUDA graphs, as for plain decode
+            steps = [CUDAGraphStep(draft_step), CUDAGraphStep(draft_step)]
+            verify, lookup = CUDAGraphStep(verify_step), CUDAGraphStep(lookup_step)
+        else:
+            steps, verify, lookup = [draft_step, draft_step], verify_step, lookup_step
+        self.draft_first_fn, self.draft_next_fn = steps
+        self.verify_fn, self.lookup_fn = verify, lookup
 
     def setup(self, batch_size: int, max_seq_len: int, kv_cache_dtype: torch.dtype | None = None):
         m = self.model
@@ -268,6 +369,20 @@ class Generator:
         ):
             compute_dtype = m.tok_embeddings.weight.dtype
             m.setup_caches(batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype))
+        spec = self.speculation
+        if spec is not None:
+            if spec.draft is not None and (
+                spec.draft.max_seq_len != max_seq_len or spec.draft.row_start.shape[0] != batch_size
+            ):
+                compute_dtype = spec.draft.tok_embeddings.weight.dtype
+                spec.draft.setup_caches(
+                    batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype)
+                )
+            # Each row's text by slot (prompt, generated tokens, its last token at its position): the
+            # tokens prompt lookup searches and the draft is fed. One spare slot: a step writes its
+            # tokens after the last token.
+            if getattr(self, "history", None) is None or self.history.shape != (batch_size, max_seq_len + 1):
+                self.history = torch.zeros((batch_size, max_seq_len + 1), dtype=torch.long, device=self.device)
 
     @torch.no_grad()
     def generate(
@@ -328,14 +443,18 @@ class Generator:
             raise UsageError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
         if B != model.row_start.shape[0]:
             raise UsageError(f"batch of {B} prompts but the cache was set up for {model.row_start.shape[0]}")
-        needed = start_slot + T + max_new_tokens
+        needed = start_slot + T + max_new_tokens + self.extra_slots
         if needed > model.max_seq_len:
+            spec = f" + {self.extra_slots} for speculate k = {self.speculation.k}" if self.extra_slots else ""
             raise UsageError(
-                f"prompt ({start_slot + T} tokens) + {max_new_tokens} new tokens = {needed} exceeds the "
+                f"prompt ({start_slot + T} tokens) + {max_new_tokens} new tokens{spec} = {needed} exceeds the "
                 f"cache ({model.max_seq_len} slots); set up a larger cache or ask for fewer tokens"
             )
         if not start_slot:
-            model.set_row_starts(torch.tensor([T - n for n in lengths], dtype=torch.int32, device=device))
+            row_start = torch.tensor([T - n for n in lengths], dtype=torch.int32, device=device)
+            model.set_row_starts(row_start)
+            if self.speculation is not None and self.speculation.draft is not None:
+                self.speculation.draft.set_row_starts(row_start)
         return torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], dtype=torch.long, device=device)
 
     def _prefill(self, tokens: torch.Tensor, start_slot: int, sampling: Sampling, rows: RowTokens):
@@ -347,6 +466,18 @@ class Generator:
         for chunk in range(0, T, self.prefill_chunk_size):  # the last chunk's sample is the first token
             piece = slice(chunk, chunk + self.prefill_chunk_size)
             token = self.prefill_fn(self.model, tokens[:, piece], input_pos[piece], sampling)
+        spec = self.speculation
+        if spec is not None:
+            self.history[:, start_slot : start_slot + T] = tokens
+            if spec.draft is not None:
+                # The draft sees what the target saw. From one slot earlier when continuing: a step
+                # that accepted every guess left the draft without the last guess (see _guess).
+                first = max(start_slot - 1, 0)
+                draft_tokens = self.history[:, first : start_slot + T]
+                draft_pos = torch.arange(first, start_slot + T, device=self.device)
+                for chunk in range(0, draft_tokens.shape[1], self.prefill_chunk_size):
+                    piece = slice(chunk, chunk + self.prefill_chunk_size)
+                    self.prefill_fn(spec.draft, draft_tokens[:, piece], draft_pos[piece], sampling)
         done = rows.take(token.view(B).tolist())
         rows.result.prefill_s = time.perf_counter() - t0
         return None if done or rows.max_new_tokens == 1 else token
@@ -354,6 +485,8 @@ class Generator:
     def _decode(self, token: torch.Tensor, slot: int, sampling: Sampling, rows: RowTokens):
         """Decode steps from slot `slot` until every row has finished; one loop for every device,
         the device's way of reading tokens back is the reader's."""
+        if self.speculation is not None:
+            return self._decode_speculative(token, slot, sampling, rows)
         model, result, max_new_tokens = self.model, rows.result, rows.max_new_tokens
         # The position is one device tensor updated in place; the step never rebinds state.
         input_pos = torch.tensor([slot], device=self.device)
@@ -376,6 +509,62 @@ class Generator:
                 rows.take(ids)
         reader.synchronize()
         result.decode_s = time.perf_counter() - t1
+
+    def _decode_speculative(self, token: torch.Tensor, slot: int, sampling: Sampling, rows: RowTokens):
+        """Speculative steps until every row has finished: guess k tokens, verify them in one target
+        step, keep each row's accepted guesses and one token of the target's. Rows move on by
+        different counts: each has its own position (a device tensor); the one host read per step
+        is the kept tokens and their counts."""
+        spec, history, result = self.speculation, self.history, rows.result
+        B, k = token.shape[0], spec.k
+        stats = result.speculation = SpeculationStats(k)
+        pos = torch.full((B,), slot, dtype=torch.long, device=self.device)  # each row's last token's slot
+        history[:, slot] = token.view(B)
+        generating = torch.ones(B, dtype=torch.long, device=self.device)  # 0 once a row has finished
+        after_last = 1 + torch.arange(k + 1, device=self.device)
+        t1 = time.perf_counter()
+        while True:
+            if spec.draft is not None:
+                guesses, draft_probs = self._guess(pos, sampling)
+                last = history.gather(1, pos.view(B, 1))
+                tokens, accepted = self.verify_fn(self.model, last, guesses, pos, draft_probs, sampling)
+            else:
+                tokens, accepted = self.lookup_fn(self.model, history, pos, sampling, spec.lookup_ngram, k)
+            kept = torch.cat([tokens, accepted.view(B, 1)], dim=1).tolist()  # the step's one host sync
+            # The kept tokens follow each row's last one (what lies past a row's new position is never read).
+            history.scatter_(1, pos.view(B, 1) + after_last, tokens)
+            result.decode_steps += 1
+            took = 0
+            for b, row in enumerate(kept):
+                if rows.finished(b):
+                    continue
+                stats.add(row[-1])
+                took += sum(rows.take_one(b, t) for t in row[: row[-1] + 1])
+            result.decode_tokens += took
+            if result.decode_steps == 1:
+                result.first_decode_s, result.first_decode_tokens = time.perf_counter() - t1, took
+            if rows.all_finished():
+                break
+            # Each row still generating moves past its kept tokens, in place. A finished row stays
+            # where it is, so its (ignored) steps never run past the cache.
+            generating.copy_(torch.tensor([not rows.finished(b) for b in range(B)]))
+            pos += (accepted + 1) * generating
+        result.decode_s = time.perf_counter() - t1
+
+    def _guess(self, pos: torch.Tensor, sampling: Sampling):
+        """k draft-model steps: guesses [B, k] and the distributions they were drawn from [B, k, V]
+        (None when greedy). The first step feeds the token before the last one too: after a step
+        that accepted all k guesses the draft never saw the last guess (rewriting a slot with the
+        token already there changes nothing)."""
+        draft, k, B = self.speculation.draft, self.speculation.k, pos.shape[0]
+        input_pos = torch.stack([pos - 1, pos], dim=1)
+        guess, probs = self.draft_first_fn(draft, self.history.gather(1, input_pos), input_pos, sampling)
+        guesses, all_probs = [guess.clone()], [None if probs is None else probs.clone()]  # CUDA-graph outputs
+        for i in range(1, k):
+            guess, probs = self.draft_next_fn(draft, guesses[-1], (pos + i).view(B, 1), sampling)
+            guesses.append(guess.clone())
+            all_probs.append(None if probs is None else probs.clone())
+        return torch.cat(guesses, dim=1), None if probs is None else torch.stack(all_probs, dim=1)
 
 
 # ----------------------------------------------------------------------------- CLI
