@@ -33,7 +33,7 @@ from checkpoint import load_model  # noqa: E402
 from common import DTYPES, peak_memory_bytes, write_json_atomic  # noqa: E402
 from errors import FastgenError  # noqa: E402
 from model import KVCache, Transformer  # noqa: E402
-from speculative import SpeculationStats, accept, draw, propose_by_lookup  # noqa: E402
+from speculative import DraftMismatch, SpeculationStats, accept, check_same_tokens, draw, propose_by_lookup  # noqa: E402
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-135M-Instruct"
 
@@ -46,6 +46,9 @@ warnings.filterwarnings("ignore", message=".*flex_attention called without torch
 
 class UsageError(FastgenError):
     """A request that cannot be run (bad arguments, a prompt that does not fit the cache)."""
+
+
+DEFAULT_SPECULATE_K = 5
 
 
 # ----------------------------------------------------------------------------- loading
@@ -687,6 +690,30 @@ def build_parser():
         help="prefill long prompts this many tokens per row at a time, bounding activation memory (default: 2048)",
     )
     p.add_argument(
+        "--draft-checkpoint",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="speculative decoding with this draft model: a smaller or quantized checkpoint with the "
+        "target's tokenizer (e.g. the int4 copy made by quantize.py) (default: none)",
+    )
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        metavar="N",
+        default=None,
+        help="speculative decoding without a draft: guess what followed the last N tokens (or fewer) "
+        "earlier in the prompt and the text so far; good when the output repeats the input (default: off)",
+    )
+    p.add_argument(
+        "--speculate-k",
+        type=int,
+        metavar="K",
+        default=None,
+        help=f"tokens guessed per speculative step (default: {DEFAULT_SPECULATE_K} with --draft-checkpoint or "
+        "--prompt-lookup)",
+    )
+    p.add_argument(
         "--profile",
         type=Path,
         metavar="PATH",
@@ -751,18 +778,27 @@ def validate(args):
         raise UsageError('--stop "" would stop before the first token; give some text')
     if args.stop and args.chat:
         raise UsageError("--stop works with --prompt, not --chat (a chat turn ends at the end-of-turn token)")
+    if args.prompt_lookup is not None and args.draft_checkpoint is not None:
+        raise UsageError("--prompt-lookup and --draft-checkpoint are two sources of guesses; pick one")
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        raise UsageError(f"--prompt-lookup must be at least 1 token (got {args.prompt_lookup})")
+    if args.speculate_k is not None:
+        if args.prompt_lookup is None and args.draft_checkpoint is None:
+            raise UsageError("--speculate-k needs a source of guesses: --draft-checkpoint DIR or --prompt-lookup N")
+        if args.speculate_k < 1:
+            raise UsageError(f"--speculate-k must be at least 1 (got {args.speculate_k})")
 
 
-def resolve_checkpoint(path):
+def resolve_checkpoint(path, flag="--checkpoint"):
     if path is not None:
         if path.is_file():
             if path.suffix == ".gguf":
                 fix = f"convert it first: python scripts/convert_gguf.py --gguf {path} --output-dir checkpoints/NAME"
             elif (path.parent / "config.json").is_file():
-                fix = f"pass its directory: --checkpoint {path.parent}"
+                fix = f"pass its directory: {flag} {path.parent}"
             else:
                 fix = "pass the directory that holds config.json and model.safetensors"
-            raise UsageError(f"--checkpoint {path} is a file, not a checkpoint directory; {fix}")
+            raise UsageError(f"{flag} {path} is a file, not a checkpoint directory; {fix}")
         return path
     if (DEFAULT_CHECKPOINT / "config.json").is_file():
         return DEFAULT_CHECKPOINT
@@ -833,6 +869,11 @@ def run(args):
         raise UsageError("--compile on the CPU with an int4 checkpoint needs --dtype bf16")
     tokenizer = load_tokenizer(checkpoint)
     check_vocab(tokenizer, model.args.vocab_size, checkpoint)
+    speculation = None
+    if args.draft_checkpoint is not None or args.prompt_lookup is not None:
+        speculation = Speculation(args.speculate_k or DEFAULT_SPECULATE_K, lookup_ngram=args.prompt_lookup or 0)
+    if args.draft_checkpoint is not None:
+        speculation.draft = load_draft(args.draft_checkpoint, model, tokenizer, device, dtype, args.compile)
     load_s = time.perf_counter() - t0
     print(f"Loaded {checkpoint} in {load_s:.2f} s ({device}, {str(dtype).removeprefix('torch.')})", file=sys.stderr)
     if device.type == "cpu" and (args.compile or args.compile_prefill):
@@ -850,7 +891,11 @@ def run(args):
         args.top_p if args.temperature > 0 else None,
     )
     generator = Generator(
-        model, compile=args.compile, compile_prefill=args.compile_prefill, prefill_chunk_size=args.prefill_chunk_size
+        model,
+        compile=args.compile,
+        compile_prefill=args.compile_prefill,
+        prefill_chunk_size=args.prefill_chunk_size,
+        speculation=speculation,
     )
     # Start-up is over: Ctrl-C now raises KeyboardInterrupt, and generation shows what it has so far
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -871,9 +916,16 @@ def run(args):
         else:
             prompts.append(tokenizer.encode(text, bos=tokenizer.add_bos and tokenizer.bos_id is not None))
     T = max(len(p) for p in prompts)
-    max_seq_len = args.max_seq_length or min(T + args.max_new_tokens, context)
-    if T + args.max_new_tokens > max_seq_len:
+    extra = generator.extra_slots  # a speculative step writes up to k - 1 slots past the last kept token
+    max_seq_len = args.max_seq_length or min(T + args.max_new_tokens + extra, context)
+    if T + args.max_new_tokens + extra > max_seq_len:
         limit = "--max-seq-length" if args.max_seq_length else "the model's context"
+        if T + args.max_new_tokens <= max_seq_len:  # it is the speculation that does not fit
+            raise UsageError(
+                f"--speculate-k {extra + 1} needs {extra} cache slots past the last new token: prompt ({T} tokens) "
+                f"+ --max-new-tokens ({args.max_new_tokens}) + {extra} exceeds {limit} ({max_seq_len}); "
+                f"lower --speculate-k or ask for fewer tokens"
+            )
         raise UsageError(
             f"prompt ({T} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds {limit} "
             f"({max_seq_len}); shorten the prompt or ask for fewer tokens"
@@ -954,6 +1006,7 @@ def run(args):
                 "dtype": str(dtype).removeprefix("torch."),
                 "kv_cache_dtype": str(kv_cache_dtype).removeprefix("torch."),
                 "samples": len(runs),
+                "speculation": res.speculation.as_dict() if res.speculation else None,
             },
         )
     return 0
@@ -961,13 +1014,16 @@ def run(args):
 
 def decode_rate(res: GenerationResult, batch: int):
     """(tokens/s, steps/s) of decode, leaving out its first step when there are others: that step
-    holds compilation and CUDA-graph capture (reported on its own as first_decode_s)."""
+    holds compilation and CUDA-graph capture (reported on its own as first_decode_s). A plain step
+    gives every row one token; a speculative step gives each row the tokens it kept."""
     steps, seconds = res.decode_steps - 1, res.decode_s - res.first_decode_s
+    tokens = res.decode_tokens - res.first_decode_tokens if res.speculation else steps * batch
     if steps < 1 or seconds <= 0:
         steps, seconds = res.decode_steps, res.decode_s
+        tokens = res.decode_tokens if res.speculation else steps * batch
     if steps < 1 or seconds <= 0:
         return None, None
-    return steps * batch / seconds, steps / seconds
+    return tokens / seconds, steps / seconds
 
 
 def report(res: GenerationResult, model, device, prompts, sample_index, num_samples):
@@ -986,8 +1042,33 @@ def report(res: GenerationResult, model, device, prompts, sample_index, num_samp
             f"Bandwidth achieved: {weight_bytes * steps_s / 1e9:.2f} GB/s "
             f"(weights {weight_bytes / 1e9:.3f} GB per step)"
         )
+    if res.speculation is not None and res.speculation.verify_steps:
+        lines.append(speculation_summary(res.speculation))
     lines.append(f"Peak memory: {peak_memory_bytes(device) / 1e9:.2f} GB")
     print("\n".join(lines), file=sys.stderr)
+
+
+def speculation_summary(stats: SpeculationStats) -> str:
+    return (
+        f"Speculation: {stats.acceptance_rate:.1%} of guesses accepted (k = {stats.k}), "
+        f"{stats.tokens_per_step:.2f} tokens per verify step over {stats.verify_steps} row-steps"
+    )
+
+
+def load_draft(path: Path, target: Transformer, target_tokenizer, device, dtype, compile: bool) -> Transformer:
+    """The draft model for speculative decoding, checked to speak the target's tokens."""
+    from tokenizer import load_tokenizer
+
+    path = resolve_checkpoint(path, "--draft-checkpoint")
+    draft, config = load_model(path, device, dtype)
+    quantization = config.get("quantization") or {}
+    if compile and device.type == "cpu" and quantization.get("mode") == "int4" and dtype != torch.bfloat16:
+        raise UsageError("--compile on the CPU with an int4 draft checkpoint needs --dtype bf16")
+    try:
+        check_same_tokens(target.args.vocab_size, target_tokenizer, draft.args.vocab_size, load_tokenizer(path))
+    except DraftMismatch as e:
+        raise UsageError(f"--draft-checkpoint {path}: {e}") from None
+    return draft
 
 
 def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
@@ -1083,6 +1164,7 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
                 "reply_ids": res.tokens[0],
                 "stopped": res.stopped[0],
                 "cache_slots_used": generator.position,
+                "speculation": res.speculation.as_dict() if res.speculation else None,
             }
         )
     if args.json is not None:

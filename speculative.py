@@ -115,3 +115,25 @@ class SpeculationStats:
             "acceptance_rate": self.acceptance_rate,
             "tokens_per_verify_step": self.tokens_per_step,
         }
+
+
+def check_same_tokens(target_vocab: int, target_tokenizer, draft_vocab: int, draft_tokenizer):
+    """Raise DraftMismatch unless the draft model speaks the target's tokens: the same model
+    vocabulary size and the same tokenizer (every id the same token, the same special ids)."""
+    if draft_vocab != target_vocab:
+        raise DraftMismatch(
+            f"the draft's vocabulary has {draft_vocab} ids, the target's {target_vocab}; "
+            f"a draft must share the target's tokenizer"
+        )
+    for name in ("vocab_size", "bos_id", "eos_id", "stop_ids"):
+        if getattr(draft_tokenizer, name) != getattr(target_tokenizer, name):
+            raise DraftMismatch(
+                f"the draft's tokenizer differs from the target's ({name}); use a draft made from "
+                f"a model with the same tokenizer"
+            )
+    for i in range(target_tokenizer.vocab_size):
+        if draft_tokenizer.id_to_token(i) != target_tokenizer.id_to_token(i):
+            raise DraftMismatch(
+                f"the draft's tokenizer differs from the target's (id {i} is {draft_tokenizer.id_to_token(i)!r}, "
+                f"not {target_tokenizer.id_to_token(i)!r}); use a draft made from a model with the same tokenizer"
+            )
