@@ -348,8 +348,10 @@ class Generator:
         # Static shapes throughout: the draft's first step (2 tokens), its later steps (1 token) and
         # the verify step (k + 1 tokens) each compile once (separately, so none re-specializes).
         cuda = self.device.type == "cuda"
-        if compile:
-            mode = "reduce-overhead" if cuda else None
+        # On the CPU the steps stay eager: Inductor's CPU flex-attention template (torch 2.13) fails
+        # on a mask that reads each row's own query slot; the CUDA one compiles it.
+        if compile and cuda:
+            mode = "reduce-overhead"
             steps = [torch.compile(f, mode=mode, fullgraph=True, dynamic=False) for f in (draft_step, draft_step)]
             verify = torch.compile(verify_step, mode=mode, fullgraph=True, dynamic=False)
             lookup = torch.compile(lookup_step, mode=mode, fullgraph=True, dynamic=False)

@@ -80,16 +80,6 @@ def test_chat_turns_continue_with_speculation(source):
         transcript += res.tokens[0]
 
 
-def test_compiled_speculation_equals_plain_greedy():
-    torch._dynamo.reset()
-    model = tiny_model()
-    prompts = PROMPTS[:2] + REPEATS[:1]
-    plain = greedy(model, prompts, 12, 64).tokens
-    for spec in (Speculation(3, lookup_ngram=2), Speculation(3, draft=tiny_model())):
-        assert speculative(model, prompts, 12, 64, spec, compile=True).tokens == plain
-    torch._dynamo.reset()
-
-
 def test_lookup_guesses_what_followed_the_latest_match():
     history = torch.tensor([[9, 1, 2, 3, 4, 1, 2, 5, 6, 1, 2, 0, 0, 0]])  # the last token (slot 10) is 2
     pos, start = torch.tensor([10]), torch.tensor([0])
@@ -222,7 +212,7 @@ def test_cli_chat_with_prompt_lookup(tiny_checkpoint, tmp_path, monkeypatch, cap
         (["--speculate-k", 3], "--speculate-k needs a source of guesses"),
         (["--prompt-lookup", 0], "--prompt-lookup must be at least 1"),
         (["--prompt-lookup", 2, "--draft-checkpoint", "x"], "--prompt-lookup and --draft-checkpoint"),
-        (["--prompt-lookup", 2, "--speculate-k", 8, "--max-seq-length", 30], "--speculate-k 8 needs 7 cache slots"),
+        (["--prompt-lookup", 2, "--speculate-k", 8, "--max-seq-length", 25], "--speculate-k 8 needs 7 cache slots"),
     ],
 )
 def test_bad_speculation_flags_are_one_line_exit_2(tiny_checkpoint, capsys, extra, message):
