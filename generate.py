@@ -27,11 +27,13 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, exit_at_once_on_ctrl_c)  # until run() has loaded the model
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from checkpoint import load_model  # noqa: E402
 from common import DTYPES, peak_memory_bytes, write_json_atomic  # noqa: E402
 from errors import FastgenError  # noqa: E402
 from model import KVCache, Transformer  # noqa: E402
+from speculative import DraftMismatch, SpeculationStats, accept, check_same_tokens, draw, propose_by_lookup  # noqa: E402
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-135M-Instruct"
 
@@ -44,6 +46,9 @@ warnings.filterwarnings("ignore", message=".*flex_attention called without torch
 
 class UsageError(FastgenError):
     """A request that cannot be run (bad arguments, a prompt that does not fit the cache)."""
+
+
+DEFAULT_SPECULATE_K = 5
 
 
 # ----------------------------------------------------------------------------- loading
@@ -84,9 +89,15 @@ def sample(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """logits [B, V] fp32 -> next token ids [B, 1]. No host syncs: safe inside a CUDA graph."""
     if sampling.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
+    # Exponential race (speculative.draw): draws from the probabilities without a multinomial sync.
+    return draw(sampling_probs(logits, sampling)).unsqueeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """logits [..., V] -> the distribution sampling draws from (temperature, then top-k, then top-p)."""
     logits = logits / sampling.temperature
     if sampling.top_k is not None:
-        kth_best = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        kth_best = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     if sampling.top_p is not None and sampling.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
@@ -94,10 +105,7 @@ def sample(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         # drop a token when the tokens strictly more likely than it already cover top_p
         drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > sampling.top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p without a multinomial sync.
-    race = torch.empty_like(probs).exponential_(1)
-    return (probs / race).argmax(dim=-1, keepdim=True)
+    return logits.softmax(dim=-1)
 
 
 def prefill(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, sampling: Sampling):
@@ -111,39 +119,73 @@ def decode_one(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor,
     return sample(logits[:, -1], sampling)
 
 
+def draft_step(draft: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, sampling: Sampling):
+    """One draft-model step at per-row slots input_pos [B, T]: its guess [B, 1] for the token after
+    the last, and the distribution it was drawn from [B, V] (None when greedy)."""
+    logits = draft(tokens, input_pos, logits_to_keep=1)[:, -1]
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True), None
+    probs = sampling_probs(logits, sampling)
+    return draw(probs).unsqueeze(-1), probs
+
+
+def verify_step(model, last, guesses, pos, draft_probs, sampling: Sampling):
+    """One target step over [last token, k guesses] [B, k+1] at each row's slots pos[b] .. pos[b] + k,
+    then the accept/reject rule: (tokens [B, k+1], accepted [B]); row b keeps tokens[b, : accepted + 1].
+    Slots of rejected guesses are written but lie past the row's new position: never attended,
+    overwritten by a later step (the cache rolls back by position, not by copying)."""
+    tokens = torch.cat([last, guesses], dim=1)
+    input_pos = pos.view(-1, 1) + torch.arange(tokens.shape[1], device=pos.device)
+    logits = model(tokens, input_pos)
+    greedy = sampling.temperature == 0
+    return accept(logits if greedy else sampling_probs(logits, sampling), guesses, draft_probs, greedy)
+
+
+def lookup_step(model, history, pos, sampling: Sampling, ngram: int, k: int):
+    """Prompt lookup's whole step: guess from each row's own text, then verify. The guesses are
+    certain for the guesser (a one-hot draft distribution), so sampling keeps the standard rule."""
+    guesses = propose_by_lookup(history, pos, model.row_start, ngram, k)
+    draft_probs = None if sampling.temperature == 0 else F.one_hot(guesses, model.args.vocab_size).float()
+    return verify_step(model, history.gather(1, pos.view(-1, 1)), guesses, pos, draft_probs, sampling)
+
+
 class CUDAGraphStep:
-    """An eager decode step recorded once into a CUDA graph and replayed: no compiler involved,
-    and one launch per step instead of hundreds of small kernels (Python launch overhead is
-    most of an eager GPU step). Recorded again when the batch, sampling or cache changes."""
+    """An eager step recorded once into a CUDA graph and replayed: no compiler involved, and one
+    launch per step instead of hundreds of small kernels (Python launch overhead is most of an
+    eager GPU step). Called as step(model, *args); tensor args are copied into the graph's input
+    buffers, other args (sampling, sizes) are part of what was recorded. Recorded again when the
+    shapes, those args or the cache change."""
 
     def __init__(self, step):
         self.step = step
         self.key = None
 
-    def __call__(self, model, token, input_pos, sampling):
+    def __call__(self, model, *args):
         cache = model.layers[0].attention.kv_cache
-        key = (tuple(token.shape), sampling, model.row_start.data_ptr(), cache.k_cache.data_ptr())
+        shapes = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        key = (shapes, model.row_start.data_ptr(), cache.k_cache.data_ptr())
         if key != self.key:
-            self.record(model, token, input_pos, sampling)
+            self.record(model, args)
             self.key = key
-        self.token.copy_(token)
-        self.input_pos.copy_(input_pos)
+        for buffer, a in zip(self.inputs, args):
+            if isinstance(a, torch.Tensor):
+                buffer.copy_(a)
         self.graph.replay()
-        return self.next_token
+        return self.outputs
 
-    def record(self, model, token, input_pos, sampling):
+    def record(self, model, args):
         self.graph = None  # free the previous recording first
-        self.token, self.input_pos = token.clone(), input_pos.clone()  # the graph's input buffers
+        self.inputs = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]  # the graph's input buffers
         # One plain run first, on a side stream (what capture requires): it creates library
-        # handles and workspaces. It writes the same K/V slot the replay writes again.
+        # handles and workspaces. It writes the same K/V slots the replay writes again.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.step(model, self.token, self.input_pos, sampling)
+            self.step(model, *self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.next_token = self.step(model, self.token, self.input_pos, sampling)
+            self.outputs = self.step(model, *self.inputs)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -158,6 +200,10 @@ class GenerationResult:
     decode_steps: int = 0  # decode steps run (all rows in lockstep)
     first_decode_s: float = 0.0  # the first decode step alone (includes compilation when compiled)
     last_token: list[int] = field(default_factory=list)  # per row: final sampled id (not yet in the cache)
+    # Speculative decoding: a step may give a row several tokens, so tokens are counted, not steps.
+    speculation: SpeculationStats | None = None
+    decode_tokens: int = 0  # tokens decode steps gave, all rows (speculative only)
+    first_decode_tokens: int = 0  # of which the first step's
 
 
 class RowTokens:
@@ -174,18 +220,26 @@ class RowTokens:
 
     def take(self, ids: list[int]) -> bool:
         """One step's ids, one per row; True once every row has finished."""
-        res = self.result
         for b, t in enumerate(ids):
-            if self.finished(b):
-                continue
-            res.last_token[b] = t
-            if t in self.stop:
-                res.stopped[b] = self.ended[b] = True
-            else:
-                res.tokens[b].append(t)
-                if self.on_token is not None and self.on_token(b, t):
-                    self.ended[b] = True
-        return all(self.finished(b) for b in range(len(ids)))
+            self.take_one(b, t)
+        return self.all_finished()
+
+    def take_one(self, b: int, t: int) -> bool:
+        """Row b's next id (ignored once the row has finished); True if the row took it."""
+        if self.finished(b):
+            return False
+        res = self.result
+        res.last_token[b] = t
+        if t in self.stop:
+            res.stopped[b] = self.ended[b] = True
+        else:
+            res.tokens[b].append(t)
+            if self.on_token is not None and self.on_token(b, t):
+                self.ended[b] = True
+        return True
+
+    def all_finished(self) -> bool:
+        return all(self.finished(b) for b in range(len(self.ended)))
 
 
 class DeviceTokenReader:
@@ -224,11 +278,26 @@ class DeviceTokenReader:
         return self.host[step].tolist()
 
 
+@dataclass
+class Speculation:
+    """Speculative decoding settings: k guesses per step, from a draft model or from prompt lookup
+    (n-grams of up to lookup_ngram tokens from the row's own text). Exactly one source."""
+
+    k: int
+    draft: Transformer | None = None
+    lookup_ngram: int = 0
+
+
 class Generator:
     """Holds the model and its (optionally compiled) prefill and decode steps."""
 
     def __init__(
-        self, model: Transformer, compile: bool = False, compile_prefill: bool = False, prefill_chunk_size: int = 2048
+        self,
+        model: Transformer,
+        compile: bool = False,
+        compile_prefill: bool = False,
+        prefill_chunk_size: int = 2048,
+        speculation: Speculation | None = None,
     ):
         self.model = model
         # Long prompts are prefilled in chunks of this many slots per row: activations (the
@@ -244,6 +313,55 @@ class Generator:
             self.decode_fn = torch.compile(decode_one, mode=mode, fullgraph=True)
         if compile_prefill:
             self.prefill_fn = torch.compile(prefill, dynamic=True, fullgraph=True)
+        self.speculation = speculation
+        if speculation is not None:
+            self._setup_speculation(speculation, compile)
+        # A batch-1 sequence held in the cache between calls (a chat): the slots it fills, and its
+        # last sampled token, which is not in the cache yet. None after a batch (nothing to continue).
+        self.position: int | None = 0
+        self.pending: list[int] = []
+
+    def reset(self):
+        """Forget the sequence held in the cache: the next continue_sequence call starts at slot 0."""
+        self.position, self.pending = 0, []
+
+    def room(self, new_ids: list[int]) -> int:
+        """Slots left for generated tokens after new_ids continue the sequence held in the cache."""
+        return self.model.max_seq_len - (self.position or 0) - len(self.pending) - len(new_ids) - self.extra_slots
+
+    @property
+    def extra_slots(self) -> int:
+        """Slots a step may write past the last generated token: a speculative step writes k guesses
+        after the last token, up to k - 1 of them past the last token a row can keep."""
+        return self.speculation.k - 1 if self.speculation is not None else 0
+
+    def _setup_speculation(self, spec: Speculation, compile: bool):
+        if spec.k < 1:
+            raise UsageError(f"speculate k must be at least 1 (got {spec.k})")
+        if (spec.draft is None) == (spec.lookup_ngram < 1):
+            raise UsageError("speculation needs one source of guesses: a draft model or prompt lookup (n >= 1)")
+        if spec.draft is not None and spec.draft.args.vocab_size != self.model.args.vocab_size:
+            raise UsageError(
+                f"the draft model's vocabulary ({spec.draft.args.vocab_size}) differs from the target's "
+                f"({self.model.args.vocab_size}); a draft must share the target's tokenizer"
+            )
+        # Static shapes throughout: the draft's first step (2 tokens), its later steps (1 token) and
+        # the verify step (k + 1 tokens) each compile once (separately, so none re-specializes).
+        cuda = self.device.type == "cuda"
+        # On the CPU the steps stay eager: Inductor's CPU flex-attention template (torch 2.13) fails
+        # on a mask that reads each row's own query slot; the CUDA one compiles it.
+        if compile and cuda:
+            mode = "reduce-overhead"
+            steps = [torch.compile(f, mode=mode, fullgraph=True, dynamic=False) for f in (draft_step, draft_step)]
+            verify = torch.compile(verify_step, mode=mode, fullgraph=True, dynamic=False)
+            lookup = torch.compile(lookup_step, mode=mode, fullgraph=True, dynamic=False)
+        elif cuda:  # eager steps replayed as CUDA graphs, as for plain decode
+            steps = [CUDAGraphStep(draft_step), CUDAGraphStep(draft_step)]
+            verify, lookup = CUDAGraphStep(verify_step), CUDAGraphStep(lookup_step)
+        else:
+            steps, verify, lookup = [draft_step, draft_step], verify_step, lookup_step
+        self.draft_first_fn, self.draft_next_fn = steps
+        self.verify_fn, self.lookup_fn = verify, lookup
 
     def setup(self, batch_size: int, max_seq_len: int, kv_cache_dtype: torch.dtype | None = None):
         m = self.model
@@ -256,6 +374,20 @@ class Generator:
         ):
             compute_dtype = m.tok_embeddings.weight.dtype
             m.setup_caches(batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype))
+        spec = self.speculation
+        if spec is not None:
+            if spec.draft is not None and (
+                spec.draft.max_seq_len != max_seq_len or spec.draft.row_start.shape[0] != batch_size
+            ):
+                compute_dtype = spec.draft.tok_embeddings.weight.dtype
+                spec.draft.setup_caches(
+                    batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype)
+                )
+            # Each row's text by slot (prompt, generated tokens, its last token at its position): the
+            # tokens prompt lookup searches and the draft is fed. One spare slot: a step writes its
+            # tokens after the last token.
+            if getattr(self, "history", None) is None or self.history.shape != (batch_size, max_seq_len + 1):
+                self.history = torch.zeros((batch_size, max_seq_len + 1), dtype=torch.long, device=self.device)
 
     @torch.no_grad()
     def generate(
@@ -265,22 +397,43 @@ class Generator:
         sampling: Sampling = Sampling(),
         stop_ids=(),
         on_token=None,
-        start_slot: int = 0,
+        continue_sequence: bool = False,
         pad_id: int = 0,
     ) -> GenerationResult:
         """Generate for a batch of token-id prompts of any lengths (left-padded to one slot).
 
-        start_slot > 0 continues a batch-1 sequence already in the cache (chat): the prompt is
-        written at slots [start_slot, start_slot + len). on_token(row, id) is called for each
-        generated (non-stop) token as it reaches the host; when it returns True that row ends
-        there (a stop string, a per-row token budget), the token kept as its last.
+        continue_sequence=True continues the batch-1 sequence this Generator holds in the cache (a
+        chat): pass only the new ids; they follow the previous call's last sampled token. on_token(row,
+        id) is called for each generated (non-stop) token as it reaches the host; when it returns True
+        that row ends there (a stop string, a per-row token budget), the token kept as its last.
         """
+        start_slot = 0
+        if continue_sequence:
+            if len(prompts) != 1:
+                raise UsageError(f"continuing a sequence needs one prompt (got {len(prompts)})")
+            if self.position is None:
+                raise UsageError("no sequence to continue: the last call was a batch; call reset() first")
+            start_slot, prompts = self.position, [self.pending + prompts[0]]
         tokens = self._begin(prompts, max_new_tokens, start_slot, pad_id)
         rows = RowTokens(len(prompts), max_new_tokens, stop_ids, on_token)
-        token = self._prefill(tokens, start_slot, sampling, rows)
-        if token is not None:
-            self._decode(token, start_slot + tokens.shape[1], sampling, rows)
+        try:
+            token = self._prefill(tokens, start_slot, sampling, rows)
+            if token is not None:
+                self._decode(token, start_slot + tokens.shape[1], sampling, rows)
+        finally:  # Ctrl-C included: the cache holds whatever reached the host, but its last token
+            self._hold_sequence(start_slot + tokens.shape[1], rows.result)
         return rows.result
+
+    def _hold_sequence(self, prompt_end: int, result: GenerationResult):
+        """Remember what the cache holds for continue_sequence. A token reaches the host only once
+        the step that sampled it has run, and that step wrote the token before it: the cache holds
+        the prompt and every sampled token but the last, which stays pending."""
+        if len(result.tokens) != 1:
+            self.position, self.pending = None, []
+            return
+        sampled = len(result.tokens[0]) + result.stopped[0]  # the stop token is sampled, not kept
+        if sampled:  # else stopped during prefill: nothing of this call counts
+            self.position, self.pending = prompt_end + sampled - 1, [result.last_token[0]]
 
     def _begin(self, prompts: list[list[int]], max_new_tokens: int, start_slot: int, pad_id: int) -> torch.Tensor:
         """Check the request against the cache, set each row's first slot, and left-pad the
@@ -293,18 +446,20 @@ class Generator:
             raise UsageError("empty prompt: give at least one token of text")
         if max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
-        if start_slot and B != 1:
-            raise UsageError("continuing a sequence (start_slot > 0) needs batch size 1")
         if B != model.row_start.shape[0]:
             raise UsageError(f"batch of {B} prompts but the cache was set up for {model.row_start.shape[0]}")
-        needed = start_slot + T + max_new_tokens
+        needed = start_slot + T + max_new_tokens + self.extra_slots
         if needed > model.max_seq_len:
+            spec = f" + {self.extra_slots} for speculate k = {self.speculation.k}" if self.extra_slots else ""
             raise UsageError(
-                f"prompt ({start_slot + T} tokens) + {max_new_tokens} new tokens = {needed} exceeds the "
+                f"prompt ({start_slot + T} tokens) + {max_new_tokens} new tokens{spec} = {needed} exceeds the "
                 f"cache ({model.max_seq_len} slots); set up a larger cache or ask for fewer tokens"
             )
         if not start_slot:
-            model.set_row_starts(torch.tensor([T - n for n in lengths], dtype=torch.int32, device=device))
+            row_start = torch.tensor([T - n for n in lengths], dtype=torch.int32, device=device)
+            model.set_row_starts(row_start)
+            if self.speculation is not None and self.speculation.draft is not None:
+                self.speculation.draft.set_row_starts(row_start)
         return torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], dtype=torch.long, device=device)
 
     def _prefill(self, tokens: torch.Tensor, start_slot: int, sampling: Sampling, rows: RowTokens):
@@ -316,6 +471,18 @@ class Generator:
         for chunk in range(0, T, self.prefill_chunk_size):  # the last chunk's sample is the first token
             piece = slice(chunk, chunk + self.prefill_chunk_size)
             token = self.prefill_fn(self.model, tokens[:, piece], input_pos[piece], sampling)
+        spec = self.speculation
+        if spec is not None:
+            self.history[:, start_slot : start_slot + T] = tokens
+            if spec.draft is not None:
+                # The draft sees what the target saw. From one slot earlier when continuing: a step
+                # that accepted every guess left the draft without the last guess (see _guess).
+                first = max(start_slot - 1, 0)
+                draft_tokens = self.history[:, first : start_slot + T]
+                draft_pos = torch.arange(first, start_slot + T, device=self.device)
+                for chunk in range(0, draft_tokens.shape[1], self.prefill_chunk_size):
+                    piece = slice(chunk, chunk + self.prefill_chunk_size)
+                    self.prefill_fn(spec.draft, draft_tokens[:, piece], draft_pos[piece], sampling)
         done = rows.take(token.view(B).tolist())
         rows.result.prefill_s = time.perf_counter() - t0
         return None if done or rows.max_new_tokens == 1 else token
@@ -323,6 +490,8 @@ class Generator:
     def _decode(self, token: torch.Tensor, slot: int, sampling: Sampling, rows: RowTokens):
         """Decode steps from slot `slot` until every row has finished; one loop for every device,
         the device's way of reading tokens back is the reader's."""
+        if self.speculation is not None:
+            return self._decode_speculative(token, slot, sampling, rows)
         model, result, max_new_tokens = self.model, rows.result, rows.max_new_tokens
         # The position is one device tensor updated in place; the step never rebinds state.
         input_pos = torch.tensor([slot], device=self.device)
@@ -345,6 +514,62 @@ class Generator:
                 rows.take(ids)
         reader.synchronize()
         result.decode_s = time.perf_counter() - t1
+
+    def _decode_speculative(self, token: torch.Tensor, slot: int, sampling: Sampling, rows: RowTokens):
+        """Speculative steps until every row has finished: guess k tokens, verify them in one target
+        step, keep each row's accepted guesses and one token of the target's. Rows move on by
+        different counts: each has its own position (a device tensor); the one host read per step
+        is the kept tokens and their counts."""
+        spec, history, result = self.speculation, self.history, rows.result
+        B, k = token.shape[0], spec.k
+        stats = result.speculation = SpeculationStats(k)
+        pos = torch.full((B,), slot, dtype=torch.long, device=self.device)  # each row's last token's slot
+        history[:, slot] = token.view(B)
+        generating = torch.ones(B, dtype=torch.long, device=self.device)  # 0 once a row has finished
+        after_last = 1 + torch.arange(k + 1, device=self.device)
+        t1 = time.perf_counter()
+        while True:
+            if spec.draft is not None:
+                guesses, draft_probs = self._guess(pos, sampling)
+                last = history.gather(1, pos.view(B, 1))
+                tokens, accepted = self.verify_fn(self.model, last, guesses, pos, draft_probs, sampling)
+            else:
+                tokens, accepted = self.lookup_fn(self.model, history, pos, sampling, spec.lookup_ngram, k)
+            kept = torch.cat([tokens, accepted.view(B, 1)], dim=1).tolist()  # the step's one host sync
+            # The kept tokens follow each row's last one (what lies past a row's new position is never read).
+            history.scatter_(1, pos.view(B, 1) + after_last, tokens)
+            result.decode_steps += 1
+            took = 0
+            for b, row in enumerate(kept):
+                if rows.finished(b):
+                    continue
+                stats.add(row[-1])
+                took += sum(rows.take_one(b, t) for t in row[: row[-1] + 1])
+            result.decode_tokens += took
+            if result.decode_steps == 1:
+                result.first_decode_s, result.first_decode_tokens = time.perf_counter() - t1, took
+            if rows.all_finished():
+                break
+            # Each row still generating moves past its kept tokens, in place. A finished row stays
+            # where it is, so its (ignored) steps never run past the cache.
+            generating.copy_(torch.tensor([not rows.finished(b) for b in range(B)]))
+            pos += (accepted + 1) * generating
+        result.decode_s = time.perf_counter() - t1
+
+    def _guess(self, pos: torch.Tensor, sampling: Sampling):
+        """k draft-model steps: guesses [B, k] and the distributions they were drawn from [B, k, V]
+        (None when greedy). The first step feeds the token before the last one too: after a step
+        that accepted all k guesses the draft never saw the last guess (rewriting a slot with the
+        token already there changes nothing)."""
+        draft, k, B = self.speculation.draft, self.speculation.k, pos.shape[0]
+        input_pos = torch.stack([pos - 1, pos], dim=1)
+        guess, probs = self.draft_first_fn(draft, self.history.gather(1, input_pos), input_pos, sampling)
+        guesses, all_probs = [guess.clone()], [None if probs is None else probs.clone()]  # CUDA-graph outputs
+        for i in range(1, k):
+            guess, probs = self.draft_next_fn(draft, guesses[-1], (pos + i).view(B, 1), sampling)
+            guesses.append(guess.clone())
+            all_probs.append(None if probs is None else probs.clone())
+        return torch.cat(guesses, dim=1), None if probs is None else torch.stack(all_probs, dim=1)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -467,6 +692,30 @@ def build_parser():
         help="prefill long prompts this many tokens per row at a time, bounding activation memory (default: 2048)",
     )
     p.add_argument(
+        "--draft-checkpoint",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="speculative decoding with this draft model: a smaller or quantized checkpoint with the "
+        "target's tokenizer (e.g. the int4 copy made by quantize.py) (default: none)",
+    )
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        metavar="N",
+        default=None,
+        help="speculative decoding without a draft: guess what followed the last N tokens (or fewer) "
+        "earlier in the prompt and the text so far; good when the output repeats the input (default: off)",
+    )
+    p.add_argument(
+        "--speculate-k",
+        type=int,
+        metavar="K",
+        default=None,
+        help=f"tokens guessed per speculative step (default: {DEFAULT_SPECULATE_K} with --draft-checkpoint or "
+        "--prompt-lookup)",
+    )
+    p.add_argument(
         "--profile",
         type=Path,
         metavar="PATH",
@@ -531,18 +780,27 @@ def validate(args):
         raise UsageError('--stop "" would stop before the first token; give some text')
     if args.stop and args.chat:
         raise UsageError("--stop works with --prompt, not --chat (a chat turn ends at the end-of-turn token)")
+    if args.prompt_lookup is not None and args.draft_checkpoint is not None:
+        raise UsageError("--prompt-lookup and --draft-checkpoint are two sources of guesses; pick one")
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        raise UsageError(f"--prompt-lookup must be at least 1 token (got {args.prompt_lookup})")
+    if args.speculate_k is not None:
+        if args.prompt_lookup is None and args.draft_checkpoint is None:
+            raise UsageError("--speculate-k needs a source of guesses: --draft-checkpoint DIR or --prompt-lookup N")
+        if args.speculate_k < 1:
+            raise UsageError(f"--speculate-k must be at least 1 (got {args.speculate_k})")
 
 
-def resolve_checkpoint(path):
+def resolve_checkpoint(path, flag="--checkpoint"):
     if path is not None:
         if path.is_file():
             if path.suffix == ".gguf":
                 fix = f"convert it first: python scripts/convert_gguf.py --gguf {path} --output-dir checkpoints/NAME"
             elif (path.parent / "config.json").is_file():
-                fix = f"pass its directory: --checkpoint {path.parent}"
+                fix = f"pass its directory: {flag} {path.parent}"
             else:
                 fix = "pass the directory that holds config.json and model.safetensors"
-            raise UsageError(f"--checkpoint {path} is a file, not a checkpoint directory; {fix}")
+            raise UsageError(f"{flag} {path} is a file, not a checkpoint directory; {fix}")
         return path
     if (DEFAULT_CHECKPOINT / "config.json").is_file():
         return DEFAULT_CHECKPOINT
@@ -613,6 +871,11 @@ def run(args):
         raise UsageError("--compile on the CPU with an int4 checkpoint needs --dtype bf16")
     tokenizer = load_tokenizer(checkpoint)
     check_vocab(tokenizer, model.args.vocab_size, checkpoint)
+    speculation = None
+    if args.draft_checkpoint is not None or args.prompt_lookup is not None:
+        speculation = Speculation(args.speculate_k or DEFAULT_SPECULATE_K, lookup_ngram=args.prompt_lookup or 0)
+    if args.draft_checkpoint is not None:
+        speculation.draft = load_draft(args.draft_checkpoint, model, tokenizer, device, dtype, args.compile)
     load_s = time.perf_counter() - t0
     print(f"Loaded {checkpoint} in {load_s:.2f} s ({device}, {str(dtype).removeprefix('torch.')})", file=sys.stderr)
     if device.type == "cpu" and (args.compile or args.compile_prefill):
@@ -630,7 +893,11 @@ def run(args):
         args.top_p if args.temperature > 0 else None,
     )
     generator = Generator(
-        model, compile=args.compile, compile_prefill=args.compile_prefill, prefill_chunk_size=args.prefill_chunk_size
+        model,
+        compile=args.compile,
+        compile_prefill=args.compile_prefill,
+        prefill_chunk_size=args.prefill_chunk_size,
+        speculation=speculation,
     )
     # Start-up is over: Ctrl-C now raises KeyboardInterrupt, and generation shows what it has so far
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -651,9 +918,16 @@ def run(args):
         else:
             prompts.append(tokenizer.encode(text, bos=tokenizer.add_bos and tokenizer.bos_id is not None))
     T = max(len(p) for p in prompts)
-    max_seq_len = args.max_seq_length or min(T + args.max_new_tokens, context)
-    if T + args.max_new_tokens > max_seq_len:
+    extra = generator.extra_slots  # a speculative step writes up to k - 1 slots past the last kept token
+    max_seq_len = args.max_seq_length or min(T + args.max_new_tokens + extra, context)
+    if T + args.max_new_tokens + extra > max_seq_len:
         limit = "--max-seq-length" if args.max_seq_length else "the model's context"
+        if T + args.max_new_tokens <= max_seq_len:  # it is the speculation that does not fit
+            raise UsageError(
+                f"--speculate-k {extra + 1} needs {extra} cache slots past the last new token: prompt ({T} tokens) "
+                f"+ --max-new-tokens ({args.max_new_tokens}) + {extra} exceeds {limit} ({max_seq_len}); "
+                f"lower --speculate-k or ask for fewer tokens"
+            )
         raise UsageError(
             f"prompt ({T} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds {limit} "
             f"({max_seq_len}); shorten the prompt or ask for fewer tokens"
@@ -734,6 +1008,7 @@ def run(args):
                 "dtype": str(dtype).removeprefix("torch."),
                 "kv_cache_dtype": str(kv_cache_dtype).removeprefix("torch."),
                 "samples": len(runs),
+                "speculation": res.speculation.as_dict() if res.speculation else None,
             },
         )
     return 0
@@ -741,13 +1016,16 @@ def run(args):
 
 def decode_rate(res: GenerationResult, batch: int):
     """(tokens/s, steps/s) of decode, leaving out its first step when there are others: that step
-    holds compilation and CUDA-graph capture (reported on its own as first_decode_s)."""
+    holds compilation and CUDA-graph capture (reported on its own as first_decode_s). A plain step
+    gives every row one token; a speculative step gives each row the tokens it kept."""
     steps, seconds = res.decode_steps - 1, res.decode_s - res.first_decode_s
+    tokens = res.decode_tokens - res.first_decode_tokens if res.speculation else steps * batch
     if steps < 1 or seconds <= 0:
         steps, seconds = res.decode_steps, res.decode_s
+        tokens = res.decode_tokens if res.speculation else steps * batch
     if steps < 1 or seconds <= 0:
         return None, None
-    return steps * batch / seconds, steps / seconds
+    return tokens / seconds, steps / seconds
 
 
 def report(res: GenerationResult, model, device, prompts, sample_index, num_samples):
@@ -766,8 +1044,33 @@ def report(res: GenerationResult, model, device, prompts, sample_index, num_samp
             f"Bandwidth achieved: {weight_bytes * steps_s / 1e9:.2f} GB/s "
             f"(weights {weight_bytes / 1e9:.3f} GB per step)"
         )
+    if res.speculation is not None and res.speculation.verify_steps:
+        lines.append(speculation_summary(res.speculation))
     lines.append(f"Peak memory: {peak_memory_bytes(device) / 1e9:.2f} GB")
     print("\n".join(lines), file=sys.stderr)
+
+
+def speculation_summary(stats: SpeculationStats) -> str:
+    return (
+        f"Speculation: {stats.acceptance_rate:.1%} of guesses accepted (k = {stats.k}), "
+        f"{stats.tokens_per_step:.2f} tokens per verify step over {stats.verify_steps} row-steps"
+    )
+
+
+def load_draft(path: Path, target: Transformer, target_tokenizer, device, dtype, compile: bool) -> Transformer:
+    """The draft model for speculative decoding, checked to speak the target's tokens."""
+    from tokenizer import load_tokenizer
+
+    path = resolve_checkpoint(path, "--draft-checkpoint")
+    draft, config = load_model(path, device, dtype)
+    quantization = config.get("quantization") or {}
+    if compile and device.type == "cpu" and quantization.get("mode") == "int4" and dtype != torch.bfloat16:
+        raise UsageError("--compile on the CPU with an int4 draft checkpoint needs --dtype bf16")
+    try:
+        check_same_tokens(target.args.vocab_size, target_tokenizer, draft.args.vocab_size, load_tokenizer(path))
+    except DraftMismatch as e:
+        raise UsageError(f"--draft-checkpoint {path}: {e}") from None
+    return draft
 
 
 def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
@@ -783,7 +1086,9 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
         f"/reset starts over, Ctrl-C stops a reply, /exit or Ctrl-D ends.",
         file=sys.stderr,
     )
-    cache_len, pending = 0, []  # slots filled; the last reply token, sampled but not yet in the cache
+    # The Generator holds the conversation's place in the cache; the chat adds only each turn's ids.
+    generator.reset()
+    close_reply = []  # ids that close a cut or stopped reply the way the template expects, sent next turn
     turns = []  # for --json
     while True:
         if interactive:
@@ -800,14 +1105,15 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
         if text.strip() == "/exit":
             break
         if text.strip() == "/reset":
-            cache_len, pending = 0, []
+            generator.reset()
+            close_reply = []
             turns.append({"reset": True})
             print("(conversation reset)", file=sys.stderr)
             continue
         if not text.strip():
             continue
-        new_ids = pending + tokenizer.encode_chat_turn(text, system=args.system, first_turn=cache_len == 0)
-        room = max_seq_len - cache_len - len(new_ids)
+        new_ids = close_reply + tokenizer.encode_chat_turn(text, system=args.system, first_turn=generator.position == 0)
+        room = generator.room(new_ids)
         if room < 1:
             print(
                 f"(the conversation has outgrown the {max_seq_len}-token cache; /reset to start over, "
@@ -824,16 +1130,18 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
 
         try:
             res = generator.generate(
-                [new_ids], min(args.max_new_tokens, room), sampling, tokenizer.stop_ids, on_token, start_slot=cache_len
+                [new_ids],
+                min(args.max_new_tokens, room),
+                sampling,
+                tokenizer.stop_ids,
+                on_token,
+                continue_sequence=True,
             )
         except KeyboardInterrupt:  # stop this reply, keep the conversation
             print(decoder.flush(), flush=True)
             print("(reply stopped; Ctrl-C again, Ctrl-D or /exit ends the chat)", file=sys.stderr)
-            if reply:
-                # A token reaches us only once the step that sampled it has run, and that step wrote the
-                # token before it: the cache holds new_ids + reply[:-1]. Close it like a cut reply.
-                cache_len += len(new_ids) + len(reply) - 1
-                pending = [reply[-1]] + tokenizer.encode_reply("")
+            if reply:  # the Generator kept new_ids + reply in the cache; close it like a cut reply
+                close_reply = tokenizer.encode_reply("")
             # else stopped in prefill: nothing of this turn counts; the next one starts where it would have
             turns.append(
                 {
@@ -842,16 +1150,14 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
                     "reply_ids": reply,
                     "stopped": False,
                     "interrupted": True,
-                    "cache_slots_used": cache_len,
+                    "cache_slots_used": generator.position,
                 }
             )
             continue
         print(decoder.flush(), flush=True)
-        # Everything but the final sampled token is now in the cache; that token goes in next turn.
-        cache_len += len(new_ids) + len(res.tokens[0]) + (1 if res.stopped[0] else 0) - 1
-        pending = [res.last_token[0]]
+        close_reply = []
         if not res.stopped[0]:  # close the cut reply the way the template expects
-            pending += tokenizer.encode_reply("")
+            close_reply = tokenizer.encode_reply("")
             print(f"(reply cut at {len(res.tokens[0])} tokens)", file=sys.stderr)
         turns.append(
             {
@@ -859,7 +1165,8 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
                 "reply": tokenizer.decode(res.tokens[0]),
                 "reply_ids": res.tokens[0],
                 "stopped": res.stopped[0],
-                "cache_slots_used": cache_len,
+                "cache_slots_used": generator.position,
+                "speculation": res.speculation.as_dict() if res.speculation else None,
             }
         )
     if args.json is not None:

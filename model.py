@@ -77,7 +77,7 @@ def offset_length_dense_mask(
     start: torch.Tensor, q_start: torch.Tensor, q_len: int, kv_len: int, sliding_window: int | None = None
 ) -> torch.Tensor:
     """The same rule as a bool [B, 1, q_len, kv_len] tensor, for SDPA (eager, no compiler needed)."""
-    q_slot = q_start + torch.arange(q_len, device=start.device).view(1, 1, q_len, 1)
+    q_slot = q_start.view(-1, 1, 1, 1) + torch.arange(q_len, device=start.device).view(1, 1, q_len, 1)
     kv_slot = torch.arange(kv_len, device=start.device).view(1, 1, 1, kv_len)
     mask = valid_kv(start.view(-1, 1, 1, 1), q_slot, kv_slot, sliding_window)
     # A left-pad query has no valid slot (flex returns 0 for it); let it see every slot so SDPA
@@ -94,19 +94,19 @@ def offset_length_block_mask(
     Row b's query i sits at absolute slot q = q_start + i and may attend to kv slots
     start[b] <= kv <= q (and kv > q - sliding_window). Blocks of BLOCK_SIZE kv slots wholly
     outside that range are skipped; blocks wholly inside skip the mask_mod ("full" blocks).
-    start: [B] int, q_start: 0-d int tensor, kv_len: a multiple of BLOCK_SIZE.
+    start: [B] int, q_start: 0-d int tensor (every row's queries at the same slots) or [B] (each
+    row's own, as speculative decoding needs), kv_len: a multiple of BLOCK_SIZE.
     """
     device = start.device
     window = sliding_window if sliding_window is not None else kv_len + q_len + 1  # "no window"
     n_q_blocks = (q_len + BLOCK_SIZE - 1) // BLOCK_SIZE
     n_kv_blocks = kv_len // BLOCK_SIZE
-    q_lo = q_start + torch.arange(n_q_blocks, device=device) * BLOCK_SIZE  # first query slot of each q block
-    q_hi = torch.clamp(q_lo + BLOCK_SIZE - 1, max=q_start + q_len - 1)  # last query slot of each q block
-    kv_lo = torch.arange(n_kv_blocks, device=device) * BLOCK_SIZE
+    first_q = q_start.view(-1, 1, 1, 1)  # [B or 1, H=1, q blocks, kv blocks]
+    q_lo = first_q + (torch.arange(n_q_blocks, device=device) * BLOCK_SIZE).view(1, 1, -1, 1)  # each q block's first
+    q_hi = torch.minimum(q_lo + BLOCK_SIZE - 1, first_q + q_len - 1)  # and last query slot
+    kv_lo = (torch.arange(n_kv_blocks, device=device) * BLOCK_SIZE).view(1, 1, 1, -1)
     kv_hi = kv_lo + BLOCK_SIZE - 1
-    row_start = start.view(-1, 1, 1, 1)  # [B, H=1, q blocks, kv blocks]
-    q_lo, q_hi = q_lo.view(1, 1, -1, 1), q_hi.view(1, 1, -1, 1)
-    kv_lo, kv_hi = kv_lo.view(1, 1, 1, -1), kv_hi.view(1, 1, 1, -1)
+    row_start = start.view(-1, 1, 1, 1)
     # Some (q, kv) pair is valid iff some q in [max(q_lo, kv_lo, start), min(q_hi, kv_hi + window - 1)] exists.
     any_valid = (torch.maximum(torch.maximum(q_lo, kv_lo), row_start) <= torch.minimum(q_hi, kv_hi + window - 1)) & (
         row_start <= kv_hi
@@ -125,7 +125,7 @@ def offset_length_block_mask(
     full_kv_num_blocks, full_kv_indices = block_indices(all_valid)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return valid_kv(start[b], q_start + q_idx, kv_idx, sliding_window)
+        return valid_kv(start[b], (q_start[b] if q_start.dim() else q_start) + q_idx, kv_idx, sliding_window)
 
     return BlockMask.from_kv_blocks(
         kv_num_blocks,
@@ -152,10 +152,18 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
-        # input_pos: [T] slots; k, v: [B, Hkv, T, D]
-        self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
-        self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
+        # input_pos: [T] slots, or [B, T] (each row its own); k, v: [B, Hkv, T, D]
+        write_slots(self.k_cache, input_pos, k.to(self.k_cache.dtype))
+        write_slots(self.v_cache, input_pos, v.to(self.v_cache.dtype))
         return self.k_cache, self.v_cache
+
+
+def write_slots(cache: torch.Tensor, input_pos: torch.Tensor, x: torch.Tensor):
+    """cache[b, :, input_pos[t] (or input_pos[b, t])] = x[b, :, t], in place; cache [B, H, S, D]."""
+    if input_pos.dim() == 1:
+        cache.index_copy_(2, input_pos, x)
+    else:
+        cache.scatter_(2, input_pos.view(x.shape[0], 1, -1, 1).expand(x.shape), x)
 
 
 class RMSNorm(nn.Module):
@@ -431,18 +439,20 @@ class Transformer(nn.Module):
         self.row_start.copy_(row_start)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
-        """tokens [B, T] written at slots input_pos [T] (consecutive). Returns logits [B, T or keep, V] in fp32."""
+        """tokens [B, T] written at slots input_pos [T] (consecutive), or [B, T] when each row has its
+        own slots (speculative decoding: rows accept different numbers of guesses). Returns logits
+        [B, T or keep, V] in fp32."""
         B, T = tokens.shape
         # One attention backend per forward, its mask built once and shared by every layer:
         # compiled -> flex_attention with the BlockMask; eager (any device) -> SDPA with the dense
         # mask, so running without --compile never waits for a compiler.
-        mask_args = (self.row_start, input_pos[0], T, self.cache_len, self.args.sliding_window)
+        mask_args = (self.row_start, input_pos[..., 0], T, self.cache_len, self.args.sliding_window)
         if torch.compiler.is_compiling():
             attend = partial(flex_attention_over_cache, block_mask=offset_length_block_mask(*mask_args))
         else:
-            if T > 1:  # eager prefill: attend over the slots up to the chunk's end only, not the
-                # whole cache (an 8k prompt in a 32k cache). One host read per chunk; decode
-                # (T == 1, replayed as a CUDA graph) never reads back.
+            if T > 1 and input_pos.dim() == 1:  # eager prefill: attend over the slots up to the chunk's
+                # end only, not the whole cache (an 8k prompt in a 32k cache). One host read per chunk;
+                # decode and speculative steps (replayed as CUDA graphs) never read back.
                 visible = min(self.cache_len, -(-(int(input_pos[-1]) + 1) // BLOCK_SIZE) * BLOCK_SIZE)
                 mask_args = mask_args[:3] + (visible,) + mask_args[4:]
             group = self.args.n_heads // self.args.n_kv_heads
@@ -450,7 +460,7 @@ class Transformer(nn.Module):
             attend = partial(sdpa_attention_over_cache, folded_mask=folded_mask)
         # RoPE position of a token = its slot minus its row's start, so a left-padded row sees
         # exactly the positions it would see alone.
-        positions = (input_pos.view(1, T) - self.row_start.view(B, 1)).clamp(min=0)
+        positions = (input_pos.view(-1, T) - self.row_start.view(B, 1)).clamp(min=0)
         freqs = positions.unsqueeze(-1).float() * self.inv_freq  # [B, T, D/2]
         angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, T, D]
         x = self.tok_embeddings(tokens)

@@ -39,7 +39,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from errors import FastgenError, first_line
-from model import Experts
+from model import Experts, write_slots
 
 QUANTIZED_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 
@@ -384,13 +384,13 @@ class QuantizedKVCache(nn.Module):
         return q.to(self.storage_dtype), scale
 
     def update(self, input_pos, k, v):
-        """Write k, v [B, Hkv, T, D] at slots input_pos [T] in place; return the whole cache
+        """Write k, v [B, Hkv, T, D] at slots input_pos [T] (or [B, T]) in place; return the whole cache
         [B, Hkv, cache_len, D] dequantized to the compute dtype (never-written slots read as 0)."""
         for cache, scales, x in ((self.k_cache, self.k_scale, k), (self.v_cache, self.v_scale, v)):
             q, scale = self._quantize(x)
             # through a uint8 view: index_copy_ has no float8 kernel on the CPU (same bytes on any device)
-            cache.view(torch.uint8).index_copy_(2, input_pos, q.view(torch.uint8))
-            scales.index_copy_(2, input_pos, scale)
+            write_slots(cache.view(torch.uint8), input_pos, q.view(torch.uint8))
+            write_slots(scales, input_pos, scale)
         return (self.k_cache.to(self.compute_dtype) * self.k_scale, self.v_cache.to(self.compute_dtype) * self.v_scale)
 
 

@@ -105,17 +105,41 @@ def test_cache_fills_exactly_and_one_more_token_is_a_clear_error():
         greedy(model, [p], max_seq_len - len(p) + 1, max_seq_len)
 
 
-def test_chat_continuation_equals_one_shot():
-    """Writing a sequence in two prefills (start_slot) gives the same tokens as one prefill."""
+@pytest.mark.parametrize("first_call_ends", ["at its budget", "at a stop token", "interrupted"])
+def test_continued_sequence_equals_one_shot(first_call_ends):
+    """The Generator holds a chat's place in the cache: a continue_sequence call passes only the new
+    ids, and its tokens equal one prefill of the whole sequence, however the first call ended."""
     model = tiny_model()
     first, second = PROMPTS[0], PROMPTS[1]
+    free = greedy(model, [first], 6, 128).tokens[0]
     gen = Generator(model)
     gen.setup(1, 128)
-    r1 = gen.generate([first], 6, Sampling())
-    in_cache = len(first) + len(r1.tokens[0]) - 1
-    r2 = gen.generate([[r1.last_token[0]] + second], 8, Sampling(), start_slot=in_cache)
-    whole = greedy(model, [first + r1.tokens[0] + second], 8, 128)
-    assert r2.tokens == whole.tokens
+    stop_ids, on_token = (), None
+    if first_call_ends == "at a stop token":
+        stop_ids = [free[3]]
+    if first_call_ends == "interrupted":
+
+        def on_token(row, token_id):
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+            seen.append(token_id)
+
+        seen = []
+        with pytest.raises(KeyboardInterrupt):
+            gen.generate([first], 6, Sampling(), on_token=on_token)
+        sampled = seen + [None]  # the third token reached the host; the cache holds the two before it
+        sequence = first + free[:3]
+    else:
+        r1 = gen.generate([first], 6, Sampling(), stop_ids=stop_ids)
+        sampled = r1.tokens[0] + [r1.last_token[0]] * r1.stopped[0]
+        sequence = first + sampled
+    assert gen.position == len(first) + len(sampled) - 1
+    r2 = gen.generate([second], 8, Sampling(), continue_sequence=True)
+    assert r2.tokens == greedy(model, [sequence + second], 8, 128).tokens
+    gen.reset()  # back to an empty cache: the same as a fresh Generator
+    assert (
+        gen.generate([second], 8, Sampling(), continue_sequence=True).tokens == greedy(model, [second], 8, 128).tokens
+    )
 
 
 def test_sampling_rules():

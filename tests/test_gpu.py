@@ -92,22 +92,18 @@ def test_cache_of_thousands_of_slots_equals_just_enough(shape):
 
 
 def test_chat_turns_through_the_compiled_step_equal_a_rerun_from_empty():
-    """Three turns held in the cache (start_slot, as generate.py --chat does) against each
+    """Three turns held in the cache (continue_sequence, as generate.py --chat does) against each
     transcript re-run from an empty cache."""
     model = on(random_model("gqa-hd128"), "cuda")
     gen = Generator(model, compile=True)
     gen.setup(1, 512)
-    transcript, cache_len, pending = [], 0, []
+    transcript = []
     for turn in ([5, 6, 7, 8], [100, 101], [300, 301, 302, 303, 304]):
-        new_ids = pending + turn
-        res = gen.generate([new_ids], 20, Sampling(), start_slot=cache_len)
+        res = gen.generate([turn], 20, Sampling(), continue_sequence=True)  # the Generator holds the place
         transcript += turn
         rerun = greedy(model, [transcript], 20, 512, compile=True)
         assert res.tokens == rerun
         transcript += res.tokens[0]
-        # everything but the last sampled token is now in the cache; it goes in next turn
-        cache_len += len(new_ids) + len(res.tokens[0]) - 1
-        pending = [res.last_token[0]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
