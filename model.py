@@ -94,14 +94,14 @@ def offset_length_block_mask(
     Row b's query i sits at absolute slot q = q_start + i and may attend to kv slots
     start[b] <= kv <= q (and kv > q - sliding_window). Blocks of BLOCK_SIZE kv slots wholly
     outside that range are skipped; blocks wholly inside skip the mask_mod ("full" blocks).
-    start: [B] int, q_start: 0-d int tensor (every row's queries at the same slots) or [B] (each
-    row's own, as speculative decoding needs), kv_len: a multiple of BLOCK_SIZE.
+    start: [B] int, q_start: 0-d int tensor (every row's queries at the same slots), kv_len: a
+    multiple of BLOCK_SIZE. (Per-row query slots go through the dense mask: see Transformer.forward.)
     """
     device = start.device
     window = sliding_window if sliding_window is not None else kv_len + q_len + 1  # "no window"
     n_q_blocks = (q_len + BLOCK_SIZE - 1) // BLOCK_SIZE
     n_kv_blocks = kv_len // BLOCK_SIZE
-    first_q = q_start.view(-1, 1, 1, 1)  # [B or 1, H=1, q blocks, kv blocks]
+    first_q = q_start.view(1, 1, 1, 1)  # [B=1, H=1, q blocks=1, kv blocks=1], broadcast below
     q_lo = first_q + (torch.arange(n_q_blocks, device=device) * BLOCK_SIZE).view(1, 1, -1, 1)  # each q block's first
     q_hi = torch.minimum(q_lo + BLOCK_SIZE - 1, first_q + q_len - 1)  # and last query slot
     kv_lo = (torch.arange(n_kv_blocks, device=device) * BLOCK_SIZE).view(1, 1, 1, -1)
@@ -125,7 +125,7 @@ def offset_length_block_mask(
     full_kv_num_blocks, full_kv_indices = block_indices(all_valid)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return valid_kv(start[b], (q_start[b] if q_start.dim() else q_start) + q_idx, kv_idx, sliding_window)
+        return valid_kv(start[b], q_start + q_idx, kv_idx, sliding_window)
 
     return BlockMask.from_kv_blocks(
         kv_num_blocks,
@@ -447,9 +447,10 @@ class Transformer(nn.Module):
         # compiled -> flex_attention with the BlockMask; eager (any device) -> SDPA with the dense
         # mask, so running without --compile never waits for a compiler.
         mask_args = (self.row_start, input_pos[..., 0], T, self.cache_len, self.args.sliding_window)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and input_pos.dim() == 1:
             attend = partial(flex_attention_over_cache, block_mask=offset_length_block_mask(*mask_args))
-        else:
+        else:  # also speculative steps under the compiler (each row its own query slots): Inductor
+            # (torch 2.11 CUDA, 2.13 CPU) fails to generate flex's kernel for a per-row query slot
             if T > 1 and input_pos.dim() == 1:  # eager prefill: attend over the slots up to the chunk's
                 # end only, not the whole cache (an 8k prompt in a 32k cache). One host read per chunk;
                 # decode and speculative steps (replayed as CUDA graphs) never read back.
