@@ -28,6 +28,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
+import tp  # noqa: E402  (tensor parallel under torchrun)
 from checkpoint import load_model  # noqa: E402
 from common import DTYPES, peak_memory_bytes, write_json_atomic  # noqa: E402
 from errors import FastgenError  # noqa: E402
@@ -597,7 +598,7 @@ def run(args):
     from tokenizer import StopStrings, StreamDecoder, check_vocab, load_tokenizer
 
     validate(args)
-    device = resolve_device(args.device)
+    device = tp.maybe_init(resolve_device(args.device))  # torchrun: join the group, this rank's device
     dtype = resolve_dtype(args.dtype, "--dtype", torch.bfloat16 if device.type == "cuda" else torch.float32)
     kv_cache_dtype = resolve_dtype(args.kv_cache_dtype, "--kv-cache-dtype", dtype, KV_CACHE_DTYPES)
     checkpoint = resolve_checkpoint(args.checkpoint)
@@ -606,7 +607,7 @@ def run(args):
         torch.manual_seed(args.seed)
 
     t0 = time.perf_counter()
-    model, config = load_model(checkpoint, device, dtype)
+    model, config = load_model(checkpoint, device, dtype, shard=tp.shard_for_this_rank())
     quantization = config.get("quantization") or {}
     if args.compile and device.type == "cpu" and quantization.get("mode") == "int4" and dtype != torch.bfloat16:
         # Inductor's CPU flex-attention template cannot fuse the bf16 cast the int4 kernel needs
@@ -701,8 +702,9 @@ def run(args):
             print_rows(texts, [cutters[b].text for b in range(len(prompts))])
         runs.append(res)
         report(res, model, device, prompts, sample_index, args.num_samples)
+    tp_fields = tp.report_ranks(runs[-1].tokens)  # every rank: checks they agree, gathers host memory
 
-    if args.json is not None:
+    if args.json is not None and tp.is_rank0():
         res = runs[-1]
         tok_s, steps_s = decode_rate(res, len(prompts))
         write_json_atomic(
@@ -734,6 +736,7 @@ def run(args):
                 "dtype": str(dtype).removeprefix("torch."),
                 "kv_cache_dtype": str(kv_cache_dtype).removeprefix("torch."),
                 "samples": len(runs),
+                **tp_fields,  # world_size, peak_host_memory_bytes_per_rank
             },
         )
     return 0
@@ -789,7 +792,7 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
         if interactive:
             print("\n> ", end="", flush=True)
         try:
-            line = sys.stdin.readline()
+            line = tp.readline0(sys.stdin)  # tensor parallel: rank 0 reads, every rank gets the line
         except KeyboardInterrupt:  # at the prompt (so a second Ctrl-C after stopping a reply): leave
             if interactive:
                 print()
@@ -862,7 +865,7 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
                 "cache_slots_used": cache_len,
             }
         )
-    if args.json is not None:
+    if args.json is not None and tp.is_rank0():
         write_json_atomic(args.json, {"turns": turns})
     return 0
 
