@@ -42,7 +42,7 @@ KV4 = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, intermediate_size=96, qk
 def make_checkpoint(out: Path, tokenizer_files: dict, seed: int, **kwargs) -> Path:
     """A tiny random model with the given tokenizer files."""
     torch.manual_seed(seed)
-    args = ModelArgs(vocab_size=49152, max_position_embeddings=256, **kwargs)
+    args = ModelArgs(**{"vocab_size": 49152, "max_position_embeddings": 256, **kwargs})
     model = Transformer(args)
     for name, p in model.named_parameters():  # non-trivial norms and biases, so slicing errors show
         if p.dim() == 1:
@@ -226,28 +226,48 @@ def test_more_ranks_than_gpus_is_a_one_line_error(monkeypatch):
 
 # ----------------------------------------------------------------------------- GPU, NCCL
 
+GPU_TIMEOUT_S = 480  # two ranks compiling at once
+
 
 def two_gpus():
     return pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
 
+@pytest.fixture(scope="module")
+def gpu_checkpoints(tmp_path_factory):
+    """The GPU machine has no tokenizer assets: test_gpu's SentencePiece model trained on the spot."""
+    from test_gpu import tiny_sentencepiece_model
+
+    from quantize import quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("tp-gpu")
+    files = {"tokenizer.model": tiny_sentencepiece_model()}
+    kv2 = make_checkpoint(root / "kv2", files, 0, **dict(KV2, vocab_size=300))
+    return {"kv2": kv2, "int8": quantize_checkpoint(kv2, "int8", output_dir=root / "kv2-int8")}
+
+
+def gpu_run(cmd: list) -> subprocess.CompletedProcess:
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0")  # no NVLink multicast on these machines
+    return subprocess.run(
+        [str(c) for c in cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=GPU_TIMEOUT_S
+    )
+
+
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+GPU_PROMPTS = ["--prompt", "the fox", "--prompt", "seven wizards quietly hum old tunes over a lazy dog"]
+
+
 @pytest.mark.gpu
 @two_gpus()
 @pytest.mark.parametrize("compile", [False, True], ids=["cuda-graph", "compile"])
-def test_gpu_torchrun_gives_the_tokens_of_one_gpu(checkpoints, tmp_path, compile):
+def test_gpu_torchrun_gives_the_tokens_of_one_gpu(gpu_checkpoints, tmp_path, compile):
     """NCCL, fp32 (exact greedy tokens): eager decode as a recorded CUDA graph, and --compile
     (one CUDA graph per rank, the all-reduces inside it), against one GPU."""
-    argv = ["--checkpoint", checkpoints["kv2"], *PROMPTS, "--device", "cuda", "--dtype", "fp32"]
-    argv += ["--max-new-tokens", "16", "--temperature", "0"] + (["--compile"] if compile else [])
-    proc = torchrun(["generate.py", *argv, "--json", tmp_path / "tp.json"])
+    argv = ["generate.py", "--checkpoint", gpu_checkpoints["kv2"], *GPU_PROMPTS, "--device", "cuda"]
+    argv += ["--dtype", "fp32", "--max-new-tokens", "16", "--temperature", "0"] + (["--compile"] if compile else [])
+    proc = gpu_run([*TORCHRUN_2, *argv, "--json", tmp_path / "tp.json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = subprocess.run(
-        [sys.executable, "generate.py", *map(str, argv), "--json", tmp_path / "one.json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=TORCHRUN_TIMEOUT_S,
-    )
+    one = gpu_run([sys.executable, *argv, "--json", tmp_path / "one.json"])
     assert one.returncode == 0, one.stderr[-3000:]
     assert tokens(tmp_path / "tp.json") == tokens(tmp_path / "one.json")
     assert json.loads((tmp_path / "tp.json").read_text())["world_size"] == 2
@@ -255,25 +275,39 @@ def test_gpu_torchrun_gives_the_tokens_of_one_gpu(checkpoints, tmp_path, compile
 
 @pytest.mark.gpu
 @two_gpus()
-def test_gpu_torchrun_int8_bf16_and_int8_kv_cache(checkpoints, tmp_path):
+def test_gpu_torchrun_int8_bf16_and_int8_kv_cache(gpu_checkpoints, tmp_path):
     """int8 weights in bf16 with an int8 KV cache, compiled, on 2 GPUs: runs and the ranks agree
-    (tp.report_ranks checks the ranks' tokens; bf16 split-K sums may differ from one GPU's)."""
-    argv = ["--checkpoint", checkpoints["int8"], *PROMPTS, "--device", "cuda", "--dtype", "bf16"]
-    argv += ["--max-new-tokens", "16", "--temperature", "0", "--kv-cache-dtype", "int8", "--compile"]
-    proc = torchrun(["generate.py", *argv, "--json", tmp_path / "tp.json"])
+    (tp.report_ranks compares their tokens; bf16 split sums may differ from one GPU's)."""
+    argv = ["generate.py", "--checkpoint", gpu_checkpoints["int8"], *GPU_PROMPTS, "--device", "cuda"]
+    argv += ["--dtype", "bf16", "--max-new-tokens", "16", "--temperature", "0", "--kv-cache-dtype", "int8"]
+    proc = gpu_run([*TORCHRUN_2, *argv, "--compile", "--json", tmp_path / "tp.json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert all(len(row) == 16 for row in tokens(tmp_path / "tp.json"))
+    data = json.loads((tmp_path / "tp.json").read_text())
+    assert data["world_size"] == 2 and len(data["peak_host_memory_bytes_per_rank"]) == 2
+    assert all(len(r["token_ids"]) == 16 or r["stopped"] for r in data["rows"])
 
 
 @pytest.mark.gpu
 @two_gpus()
-def test_gpu_more_ranks_than_gpus_is_a_one_line_error(checkpoints):
+def test_gpu_more_ranks_than_gpus_is_a_one_line_error(gpu_checkpoints):
     n = torch.cuda.device_count() + 1
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
-    cmd += ["generate.py", "--checkpoint", str(checkpoints["kv2"]), "--device", "cuda", "--max-new-tokens", "2"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", n, "generate.py"]
+    proc = gpu_run([*cmd, "--checkpoint", gpu_checkpoints["kv2"], "--device", "cuda", "--max-new-tokens", 2])
     assert proc.returncode != 0
     assert f"error: {n} ranks per node but this node has {n - 1} GPU(s)" in proc.stderr
+
+
+@pytest.mark.gpu
+@two_gpus()
+@pytest.mark.parametrize("all_reduce", ["nccl", "symm-mem"])
+def test_gpu_bench_tp_worker_runs(tmp_path, all_reduce):
+    """scripts/bench_tp.py (what bench.py --tp launches) on a small real shape, both all-reduces."""
+    cmd = [*TORCHRUN_2, "scripts/bench_tp.py", "--model", "qwen2.5-0.5b", "--new-tokens", "16", "--runs", "1"]
+    proc = gpu_run([*cmd, "--all-reduce", all_reduce, "--json", tmp_path / "r.json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((tmp_path / "r.json").read_text())
+    assert row["world_size"] == 2 and row["decode_tok_s"] > 0
+    assert isinstance(row["standalone_all_reduce_ms_per_step"], float), row["standalone_all_reduce_ms_per_step"]
 
 
 if __name__ == "__main__":
