@@ -676,7 +676,7 @@ def run(args):
             return cutters[row].fired is not None  # True ends the row
 
         profiler = contextlib.nullcontext()
-        if args.profile is not None and sample_index == args.num_samples - 1:
+        if args.profile is not None and sample_index == args.num_samples - 1 and tp.is_rank0():
             profiler = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU]
                 + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
