@@ -604,11 +604,12 @@ def read_checkpoint_config(checkpoint_dir) -> dict:
 
 
 def load_checkpoint_tensors(
-    checkpoint_dir, expected: dict[str, torch.Tensor], device, dtype
+    checkpoint_dir, expected: dict[str, torch.Tensor], device, dtype, shard=None
 ) -> dict[str, torch.Tensor]:
     """Read model.safetensors lazily (memory-mapped), checking every name and shape against `expected`.
 
     Floating-point tensors are cast to `dtype`; integer tensors (quantized weights) keep theirs.
+    shard (tensor parallel, tp.Shard): `expected` holds this rank's slices; read only those.
     """
     from safetensors import safe_open
 
@@ -627,11 +628,12 @@ def load_checkpoint_tensors(
                 raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all)")
             for name, ref in expected.items():
                 shape = tuple(f.get_slice(name).get_shape())
-                if shape != tuple(ref.shape):
+                want = shard.full_shape(name, ref.shape) if shard else tuple(ref.shape)  # tensor parallel
+                if shape != want:
                     raise CheckpointError(
-                        f"{path}: tensor {name} has shape {list(shape)} but the config expects {list(ref.shape)}"
+                        f"{path}: tensor {name} has shape {list(shape)} but the config expects {list(want)}"
                     )
-                t = f.get_tensor(name)
+                t = shard.read(name, f.get_slice(name)) if shard else f.get_tensor(name)
                 out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     except CheckpointError:
         raise
@@ -640,11 +642,16 @@ def load_checkpoint_tensors(
     return out
 
 
-def load_model(checkpoint_dir, device, dtype) -> tuple[Transformer, dict]:
+def load_model(checkpoint_dir, device, dtype, shard=None) -> tuple[Transformer, dict]:
     """Build the model on the meta device and fill it from the memory-mapped checkpoint, so
-    loading never holds two copies of the weights."""
+    loading never holds two copies of the weights.
+
+    shard (tensor parallel, tp.Shard): build this rank's slice of the model instead, read only
+    its part of each tensor, and add the all-reduces that join the ranks' partial outputs."""
     config = read_checkpoint_config(checkpoint_dir)
     args = model_args_from_dict(config["model_args"])
+    if shard:  # tensor parallel: this rank's slice (fewer heads, narrower MLP)
+        args = shard.local_args(args, config.get("quantization"))
     with torch.device("meta"):
         model = Transformer(args)
         quantization = config.get("quantization")
@@ -652,8 +659,10 @@ def load_model(checkpoint_dir, device, dtype) -> tuple[Transformer, dict]:
             from quantize import apply_quantization  # only quantized checkpoints need it
 
             apply_quantization(model, quantization, device)
-    tensors = load_checkpoint_tensors(checkpoint_dir, model.state_dict(), device, dtype)
+    tensors = load_checkpoint_tensors(checkpoint_dir, model.state_dict(), device, dtype, shard)
     model.load_state_dict(tensors, assign=True, strict=True)
+    if shard:
+        shard.add_all_reduces(model)
     # non-persistent buffers are not in the file: make them on the device
     model.inv_freq = rope_inv_freq(args).to(device)
     model.row_start = torch.zeros(0, dtype=torch.int32, device=device)

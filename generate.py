@@ -29,6 +29,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import tp  # noqa: E402  (tensor parallel under torchrun)
 from checkpoint import load_model  # noqa: E402
 from common import DTYPES, peak_memory_bytes, write_json_atomic  # noqa: E402
 from errors import FastgenError  # noqa: E402
@@ -855,7 +856,7 @@ def run(args):
     from tokenizer import StopStrings, StreamDecoder, check_vocab, load_tokenizer
 
     validate(args)
-    device = resolve_device(args.device)
+    device = tp.maybe_init(resolve_device(args.device))  # torchrun: join the group, this rank's device
     dtype = resolve_dtype(args.dtype, "--dtype", torch.bfloat16 if device.type == "cuda" else torch.float32)
     kv_cache_dtype = resolve_dtype(args.kv_cache_dtype, "--kv-cache-dtype", dtype, KV_CACHE_DTYPES)
     checkpoint = resolve_checkpoint(args.checkpoint)
@@ -864,7 +865,7 @@ def run(args):
         torch.manual_seed(args.seed)
 
     t0 = time.perf_counter()
-    model, config = load_model(checkpoint, device, dtype)
+    model, config = load_model(checkpoint, device, dtype, shard=tp.shard_for_this_rank())
     quantization = config.get("quantization") or {}
     if args.compile and device.type == "cpu" and quantization.get("mode") == "int4" and dtype != torch.bfloat16:
         # Inductor's CPU flex-attention template cannot fuse the bf16 cast the int4 kernel needs
@@ -949,7 +950,7 @@ def run(args):
             return cutters[row].fired is not None  # True ends the row
 
         profiler = contextlib.nullcontext()
-        if args.profile is not None and sample_index == args.num_samples - 1:
+        if args.profile is not None and sample_index == args.num_samples - 1 and tp.is_rank0():
             profiler = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU]
                 + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -975,8 +976,9 @@ def run(args):
             print_rows(texts, [cutters[b].text for b in range(len(prompts))])
         runs.append(res)
         report(res, model, device, prompts, sample_index, args.num_samples)
+    tp_fields = tp.report_ranks(runs[-1].tokens)  # every rank: checks they agree, gathers host memory
 
-    if args.json is not None:
+    if args.json is not None and tp.is_rank0():
         res = runs[-1]
         tok_s, steps_s = decode_rate(res, len(prompts))
         write_json_atomic(
@@ -1009,6 +1011,7 @@ def run(args):
                 "kv_cache_dtype": str(kv_cache_dtype).removeprefix("torch."),
                 "samples": len(runs),
                 "speculation": res.speculation.as_dict() if res.speculation else None,
+                **tp_fields,  # world_size, peak_host_memory_bytes_per_rank
             },
         )
     return 0
@@ -1094,7 +1097,7 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
         if interactive:
             print("\n> ", end="", flush=True)
         try:
-            line = sys.stdin.readline()
+            line = tp.readline0(sys.stdin)  # tensor parallel: rank 0 reads, every rank gets the line
         except KeyboardInterrupt:  # at the prompt (so a second Ctrl-C after stopping a reply): leave
             if interactive:
                 print()
@@ -1169,7 +1172,7 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
                 "speculation": res.speculation.as_dict() if res.speculation else None,
             }
         )
-    if args.json is not None:
+    if args.json is not None and tp.is_rank0():
         write_json_atomic(args.json, {"turns": turns})
     return 0
 

@@ -6,6 +6,7 @@ side with Hugging Face transformers generate() and, given a checkout, gpt-fast.
     python scripts/bench.py --suite full --models llama-3-8b --batch 1   # the grid, one slice at a time
     python scripts/bench.py --device cpu --models smollm2-135m --suite smoke   # CPU smoke test
     python scripts/bench.py --merge bench_out/a.json bench_out/b.json      # one table + plot from slices
+    python scripts/bench.py --tp 1,2 --tp-all-reduce nccl,symm-mem   # tensor parallel (scripts/bench_tp.py)
 
 One-shot GPU run, about 8 minutes on one H100 80GB (torch 2.11, transformers 5.17): ours,
 transformers and gpt-fast on the Llama-3-8B shape (bf16, batch 1, 16-token prompt, 200 new
@@ -135,6 +136,13 @@ def parse_args(argv=None):
         default=None,
         help="start nothing new after this many seconds (0 = none); quick 560, peers 480, full 570",
     )
+    p.add_argument(
+        "--tp",
+        default=None,
+        help="tensor-parallel mode: comma list of world sizes (1,2), each run under torchrun by "
+        "scripts/bench_tp.py (default model llama-3-8b, bf16, batch 1; see that file)",
+    )
+    p.add_argument("--tp-all-reduce", default="nccl", help="with --tp: nccl, symm-mem or nccl,symm-mem")
     p.add_argument("--out-dir", type=Path, default=Path("bench_out"))
     p.add_argument(
         "--merge",
@@ -267,6 +275,10 @@ def main(argv=None):
     opts = parse_args(argv)
     if opts.merge:
         return merge_main(opts.merge, opts.out_dir)
+    if opts.tp:  # tensor parallel: torchrun workers of scripts/bench_tp.py, one table
+        from bench_tp import tp_main
+
+        return tp_main(opts)
     problem = usage_error(opts)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
