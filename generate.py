@@ -460,6 +460,14 @@ def build_parser():
     )
     p.add_argument("--compile-prefill", action="store_true", help="compile prefill too, dynamic shapes (default: off)")
     p.add_argument(
+        "--package",
+        type=Path,
+        metavar="PKG.pt2",
+        default=None,
+        help="run the prefill and decode steps compiled into this package by scripts/export.py for this "
+        "checkpoint; no compiling at start-up (default: none)",
+    )
+    p.add_argument(
         "--prefill-chunk-size",
         type=int,
         metavar="N",
@@ -529,6 +537,8 @@ def validate(args):
         raise UsageError("--chat reads the conversation from stdin; drop --prompt/--prompt-file")
     if args.stop and any(not s for s in args.stop):
         raise UsageError('--stop "" would stop before the first token; give some text')
+    if args.package is not None and (args.compile or args.compile_prefill):
+        raise UsageError("--package runs the steps compiled into it; drop --compile/--compile-prefill")
     if args.stop and args.chat:
         raise UsageError("--stop works with --prompt, not --chat (a chat turn ends at the end-of-turn token)")
 
@@ -605,6 +615,10 @@ def run(args):
     if args.seed is not None:
         torch.manual_seed(args.seed)
 
+    if args.package is not None:  # checked before the weights load: a wrong package fails at once
+        from package import PackageGenerator, open_package
+
+        package_meta = open_package(args.package, checkpoint, device, dtype)
     t0 = time.perf_counter()
     model, config = load_model(checkpoint, device, dtype)
     quantization = config.get("quantization") or {}
@@ -629,9 +643,16 @@ def run(args):
         (args.top_k or None) if args.temperature > 0 else None,
         args.top_p if args.temperature > 0 else None,
     )
-    generator = Generator(
-        model, compile=args.compile, compile_prefill=args.compile_prefill, prefill_chunk_size=args.prefill_chunk_size
-    )
+    if args.package is not None:  # the package's compiled steps, no compiler at run time (package.py)
+        generator = PackageGenerator.load(args.package, package_meta, model, args.prefill_chunk_size)
+        args.max_seq_length = args.max_seq_length or (generator.package.max_seq_len if args.chat else None)
+    else:
+        generator = Generator(
+            model,
+            compile=args.compile,
+            compile_prefill=args.compile_prefill,
+            prefill_chunk_size=args.prefill_chunk_size,
+        )
     # Start-up is over: Ctrl-C now raises KeyboardInterrupt, and generation shows what it has so far
     signal.signal(signal.SIGINT, signal.default_int_handler)
     context = model.args.max_position_embeddings
