@@ -29,6 +29,7 @@ from errors import FastgenError  # noqa: E402
 from package import (  # noqa: E402
     METADATA_KEY,
     PACKAGE_FORMAT,
+    PROGRAMS,
     PackagedStep,
     PackageError,
     checkpoint_identity,
@@ -56,25 +57,29 @@ def check_writes_survive(program: torch.export.ExportedProgram, model, name: str
         raise PackageError(f"the exported {name} program does not write {lost[0]} ({len(lost)} buffers in all)")
 
 
-def export_steps(model, batch_size: int, prefill_len: int) -> dict[str, torch.export.ExportedProgram]:
+def export_steps(
+    model, batch_size: int, prefill_len: int, programs=PROGRAMS
+) -> dict[str, torch.export.ExportedProgram]:
     device = model.tok_embeddings.weight.device
     step = PackagedStep(model)
     row_start = torch.zeros(batch_size, dtype=torch.int32, device=device)
-    programs = {}
+    exported = {}
     with torch.no_grad():
         decode_args = (torch.zeros(batch_size, 1, dtype=torch.long, device=device), torch.tensor([0], device=device))
-        programs["decode"] = torch.export.export(step, (*decode_args, row_start))
+        if "decode" in programs:
+            exported["decode"] = torch.export.export(step, (*decode_args, row_start))
         # Dim.AUTO with bounds: torch's solver cannot prove some guards of the attention for a named
         # Dim over the whole range, though they hold; AUTO keeps the dimension dynamic anyway.
         n = max(2, min(prefill_len, 16))
         length = torch.export.Dim.AUTO(min=2, max=prefill_len)
         prefill_args = (torch.zeros(batch_size, n, dtype=torch.long, device=device), torch.arange(n, device=device))
-        programs["prefill"] = torch.export.export(
-            step, (*prefill_args, row_start), dynamic_shapes=({1: length}, {0: length}, None)
-        )
-    for name, program in programs.items():
+        if "prefill" in programs:
+            exported["prefill"] = torch.export.export(
+                step, (*prefill_args, row_start), dynamic_shapes=({1: length}, {0: length}, None)
+            )
+    for name, program in exported.items():
         check_writes_survive(program, model, name)
-    return programs
+    return exported
 
 
 def export_package(
