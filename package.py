@@ -12,6 +12,7 @@ and a run is refused, in one line naming both sides, when any of them differs.
 
 import hashlib
 import json
+import os
 import struct
 import sys
 import time
@@ -174,7 +175,9 @@ class PackageGenerator(Generator):
         self.decode_fn = CUDAGraphStep(package.step) if self.device.type == "cuda" and cuda_graph else package.step
 
     @classmethod
-    def load(cls, path, meta: dict, model, prefill_chunk_size: int = 2048, cuda_graph: bool = True):
+    def load(cls, path, meta: dict, model, prefill_chunk_size: int = 2048, cuda_graph: bool | None = None):
+        if cuda_graph is None:  # FASTGEN_PACKAGE_CUDA_GRAPH=0: the package's own calls, to measure the graph's gain
+            cuda_graph = os.environ.get("FASTGEN_PACKAGE_CUDA_GRAPH", "1") != "0"
         package = Package(path, model, meta)
         print(f"Loaded package {Path(path).name} in {package.load_s:.2f} s", file=sys.stderr)
         return cls(model, package, prefill_chunk_size, cuda_graph)
