@@ -408,13 +408,7 @@ class Generator:
         id) is called for each generated (non-stop) token as it reaches the host; when it returns True
         that row ends there (a stop string, a per-row token budget), the token kept as its last.
         """
-        start_slot = 0
-        if continue_sequence:
-            if len(prompts) != 1:
-                raise UsageError(f"continuing a sequence needs one prompt (got {len(prompts)})")
-            if self.position is None:
-                raise UsageError("no sequence to continue: the last call was a batch; call reset() first")
-            start_slot, prompts = self.position, [self.pending + prompts[0]]
+        start_slot, prompts = self._first_slot(prompts, continue_sequence)
         tokens = self._begin(prompts, max_new_tokens, start_slot, pad_id)
         rows = RowTokens(len(prompts), max_new_tokens, stop_ids, on_token)
         try:
@@ -424,6 +418,17 @@ class Generator:
         finally:  # Ctrl-C included: the cache holds whatever reached the host, but its last token
             self._hold_sequence(start_slot + tokens.shape[1], rows.result)
         return rows.result
+
+    def _first_slot(self, prompts: list[list[int]], continue_sequence: bool):
+        """(first slot, prompts) of a call: slot 0 for a new batch; for a continued sequence, where it
+        ends, with its pending token put before the new ids."""
+        if not continue_sequence:
+            return 0, prompts
+        if len(prompts) != 1:
+            raise UsageError(f"continuing a sequence needs one prompt (got {len(prompts)})")
+        if self.position is None:
+            raise UsageError("no sequence to continue: the last call was a batch; call reset() first")
+        return self.position, [self.pending + prompts[0]]
 
     def _hold_sequence(self, prompt_end: int, result: GenerationResult):
         """Remember what the cache holds for continue_sequence. A token reaches the host only once
@@ -686,6 +691,14 @@ def build_parser():
     )
     p.add_argument("--compile-prefill", action="store_true", help="compile prefill too, dynamic shapes (default: off)")
     p.add_argument(
+        "--package",
+        type=Path,
+        metavar="PKG.pt2",
+        default=None,
+        help="run the prefill and decode steps compiled into this package by scripts/export.py for this "
+        "checkpoint; no compiling at start-up (default: none)",
+    )
+    p.add_argument(
         "--prefill-chunk-size",
         type=int,
         metavar="N",
@@ -779,6 +792,10 @@ def validate(args):
         raise UsageError("--chat reads the conversation from stdin; drop --prompt/--prompt-file")
     if args.stop and any(not s for s in args.stop):
         raise UsageError('--stop "" would stop before the first token; give some text')
+    if args.package is not None and (args.compile or args.compile_prefill):
+        raise UsageError("--package runs the steps compiled into it; drop --compile/--compile-prefill")
+    if args.package is not None and (args.prompt_lookup is not None or args.draft_checkpoint is not None):
+        raise UsageError("--package has no speculative steps compiled into it; drop --prompt-lookup/--draft-checkpoint")
     if args.stop and args.chat:
         raise UsageError("--stop works with --prompt, not --chat (a chat turn ends at the end-of-turn token)")
     if args.prompt_lookup is not None and args.draft_checkpoint is not None:
@@ -864,6 +881,10 @@ def run(args):
     if args.seed is not None:
         torch.manual_seed(args.seed)
 
+    if args.package is not None:  # checked before the weights load: a wrong package fails at once
+        from package import PackageGenerator, open_package
+
+        package_meta = open_package(args.package, checkpoint, device, dtype)
     t0 = time.perf_counter()
     model, config = load_model(checkpoint, device, dtype, shard=tp.shard_for_this_rank())
     quantization = config.get("quantization") or {}
@@ -893,13 +914,17 @@ def run(args):
         (args.top_k or None) if args.temperature > 0 else None,
         args.top_p if args.temperature > 0 else None,
     )
-    generator = Generator(
-        model,
-        compile=args.compile,
-        compile_prefill=args.compile_prefill,
-        prefill_chunk_size=args.prefill_chunk_size,
-        speculation=speculation,
-    )
+    if args.package is not None:  # the package's compiled steps, no compiler at run time (package.py)
+        generator = PackageGenerator.load(args.package, package_meta, model, args.prefill_chunk_size)
+        args.max_seq_length = args.max_seq_length or (generator.package.max_seq_len if args.chat else None)
+    else:
+        generator = Generator(
+            model,
+            compile=args.compile,
+            compile_prefill=args.compile_prefill,
+            prefill_chunk_size=args.prefill_chunk_size,
+            speculation=speculation,
+        )
     # Start-up is over: Ctrl-C now raises KeyboardInterrupt, and generation shows what it has so far
     signal.signal(signal.SIGINT, signal.default_int_handler)
     context = model.args.max_position_embeddings

@@ -411,6 +411,7 @@ class Transformer(nn.Module):
         # Set by setup_caches: each row's first valid KV slot (left padding lives below it).
         self.register_buffer("row_start", torch.zeros(0, dtype=torch.int32), persistent=False)
         self.max_seq_len = 0  # logical cache length; the allocation is rounded up to BLOCK_SIZE
+        self.export_with_flex = False  # set by scripts/export.py for CUDA
 
     def setup_caches(
         self, batch_size: int, max_seq_len: int, kv_cache_dtype: torch.dtype | None = None, cache_class=KVCache
@@ -447,13 +448,18 @@ class Transformer(nn.Module):
         # compiled -> flex_attention with the BlockMask; eager (any device) -> SDPA with the dense
         # mask, so running without --compile never waits for a compiler.
         mask_args = (self.row_start, input_pos[..., 0], T, self.cache_len, self.args.sliding_window)
-        if torch.compiler.is_compiling() and input_pos.dim() == 1:
+        # An exported program (scripts/export.py) attends over the whole cache (no host read of
+        # the position), through flex only if export_with_flex: AOTInductor has no CPU flex_attention.
+        # Speculative steps under the compiler (each row its own query slots, input_pos [B, T]) use
+        # SDPA too: Inductor (torch 2.11 CUDA, 2.13 CPU) fails to generate flex's kernel for them.
+        exporting = torch.compiler.is_exporting()
+        per_row_slots = input_pos.dim() == 2
+        if torch.compiler.is_compiling() and (self.export_with_flex or not exporting) and not per_row_slots:
             attend = partial(flex_attention_over_cache, block_mask=offset_length_block_mask(*mask_args))
-        else:  # also speculative steps under the compiler (each row its own query slots): Inductor
-            # (torch 2.11 CUDA, 2.13 CPU) fails to generate flex's kernel for a per-row query slot
-            if T > 1 and input_pos.dim() == 1:  # eager prefill: attend over the slots up to the chunk's
-                # end only, not the whole cache (an 8k prompt in a 32k cache). One host read per chunk;
-                # decode and speculative steps (replayed as CUDA graphs) never read back.
+        else:
+            if T > 1 and not exporting and not per_row_slots:  # eager prefill: attend over the slots up
+                # to the chunk's end only, not the whole cache (an 8k prompt in a 32k cache). One host
+                # read per chunk; decode and speculative steps (replayed as CUDA graphs) never read back.
                 visible = min(self.cache_len, -(-(int(input_pos[-1]) + 1) // BLOCK_SIZE) * BLOCK_SIZE)
                 mask_args = mask_args[:3] + (visible,) + mask_args[4:]
             group = self.args.n_heads // self.args.n_kv_heads
