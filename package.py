@@ -89,8 +89,23 @@ def read_metadata(path) -> dict:
     return meta
 
 
+# Loading a CUDA package crashed the process (a segfault in AOTInductor's package loader, H100,
+# torch 2.11, 2026-11-25, in tests/test_export.py's GPU test), so CUDA packages are refused with a
+# clear error until that is understood. FASTGEN_PACKAGE_CUDA=1 tries anyway (for whoever debugs it).
+CUDA_PACKAGES_ENV = "FASTGEN_PACKAGE_CUDA"
+
+
+def check_cuda_packages_allowed(device: torch.device):
+    if device.type == "cuda" and os.environ.get(CUDA_PACKAGES_ENV) != "1":
+        raise PackageError(
+            "CUDA packages are not supported yet (loading one crashed AOTInductor's loader on torch 2.11); "
+            f"use --compile on CUDA, or set {CUDA_PACKAGES_ENV}=1 to try"
+        )
+
+
 def check_package(meta: dict, path, checkpoint_dir, device: torch.device, dtype: torch.dtype):
     """Refuse a package made for another checkpoint, dtype, device or torch release."""
+    check_cuda_packages_allowed(device)
     name = Path(path).name
     if meta.get("format") != PACKAGE_FORMAT:
         raise PackageError(f"{name} has format {meta.get('format')}, this code reads {PACKAGE_FORMAT}; export it again")

@@ -32,6 +32,7 @@ from package import (  # noqa: E402
     PROGRAMS,
     PackagedStep,
     PackageError,
+    check_cuda_packages_allowed,
     checkpoint_identity,
     torch_release,
 )
@@ -195,6 +196,7 @@ def main(argv=None) -> int:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise PackageError("--device cuda: CUDA is not available here; use --device cpu")
+        check_cuda_packages_allowed(device)
         default = torch.bfloat16 if device.type == "cuda" else torch.float32
         if args.dtype is not None and args.dtype not in DTYPES:
             raise PackageError(f"unknown --dtype {args.dtype!r}; use one of {', '.join(DTYPES)}")
