@@ -84,19 +84,27 @@ class Sampling:
     temperature: float = 0.0  # 0 = greedy
     top_k: int | None = None
     top_p: float | None = None
+    # ids at or past this are never chosen: a model whose vocab is padded past its tokenizer's
+    # (Qwen2.5: 151936 rows for 151665 ids) would otherwise emit ids nothing can decode
+    vocab_size: int | None = None
+
+
+def sampleable(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The logits [..., V] of the ids sampling may choose (a view: no copy)."""
+    return logits if sampling.vocab_size is None else logits[..., : sampling.vocab_size]
 
 
 def sample(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """logits [B, V] fp32 -> next token ids [B, 1]. No host syncs: safe inside a CUDA graph."""
     if sampling.temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
+        return sampleable(logits, sampling).argmax(dim=-1, keepdim=True)
     # Exponential race (speculative.draw): draws from the probabilities without a multinomial sync.
     return draw(sampling_probs(logits, sampling)).unsqueeze(-1)
 
 
 def sampling_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """logits [..., V] -> the distribution sampling draws from (temperature, then top-k, then top-p)."""
-    logits = logits / sampling.temperature
+    logits = sampleable(logits, sampling) / sampling.temperature
     if sampling.top_k is not None:
         kth_best = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
@@ -125,7 +133,7 @@ def draft_step(draft: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor
     the last, and the distribution it was drawn from [B, V] (None when greedy)."""
     logits = draft(tokens, input_pos, logits_to_keep=1)[:, -1]
     if sampling.temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True), None
+        return sampleable(logits, sampling).argmax(dim=-1, keepdim=True), None
     probs = sampling_probs(logits, sampling)
     return draw(probs).unsqueeze(-1), probs
 
@@ -139,14 +147,16 @@ def verify_step(model, last, guesses, pos, draft_probs, sampling: Sampling):
     input_pos = pos.view(-1, 1) + torch.arange(tokens.shape[1], device=pos.device)
     logits = model(tokens, input_pos)
     greedy = sampling.temperature == 0
-    return accept(logits if greedy else sampling_probs(logits, sampling), guesses, draft_probs, greedy)
+    target = sampleable(logits, sampling) if greedy else sampling_probs(logits, sampling)
+    return accept(target, guesses, draft_probs, greedy)
 
 
 def lookup_step(model, history, pos, sampling: Sampling, ngram: int, k: int):
     """Prompt lookup's whole step: guess from each row's own text, then verify. The guesses are
     certain for the guesser (a one-hot draft distribution), so sampling keeps the standard rule."""
     guesses = propose_by_lookup(history, pos, model.row_start, ngram, k)
-    draft_probs = None if sampling.temperature == 0 else F.one_hot(guesses, model.args.vocab_size).float()
+    vocab = sampling.vocab_size or model.args.vocab_size
+    draft_probs = None if sampling.temperature == 0 else F.one_hot(guesses, vocab).float()
     return verify_step(model, history.gather(1, pos.view(-1, 1)), guesses, pos, draft_probs, sampling)
 
 
@@ -918,6 +928,8 @@ def run(args):
         args.temperature,
         (args.top_k or None) if args.temperature > 0 else None,
         args.top_p if args.temperature > 0 else None,
+        # never an id the tokenizer cannot decode (a vocab padded past the tokenizer's)
+        vocab_size=tokenizer.max_id + 1 if tokenizer.max_id + 1 < model.args.vocab_size else None,
     )
     if args.package is not None:  # the package's compiled steps, no compiler at run time (package.py)
         generator = PackageGenerator.load(args.package, package_meta, model, args.prefill_chunk_size)

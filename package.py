@@ -172,8 +172,10 @@ class Package:
         # A compiled program reads its inputs with the strides it was exported with (a prefill chunk
         # tokens[:, i:j] is a strided view)
         next_token, logits = program(tokens.contiguous(), input_pos.contiguous(), model.row_start)
-        # greedy is in the program; sampling filters run after it, on the device (no host sync)
-        return next_token if sampling.temperature == 0 else sample(logits, sampling)
+        # greedy over the whole vocab is in the program; sampling filters (and a vocab padded past
+        # the tokenizer's) run after it, on the device (no host sync)
+        in_program = sampling.temperature == 0 and sampling.vocab_size is None
+        return next_token if in_program else sample(logits, sampling)
 
 
 class PackageGenerator(Generator):

@@ -161,6 +161,16 @@ def test_sampling_rules():
     assert torch.equal(a, sample(logits, Sampling(temperature=1.0, top_p=0.9)))
 
 
+def test_sampling_never_chooses_an_id_past_vocab_size():
+    logits = torch.zeros(3, 50)
+    logits[:, 45] = 100.0  # a padded id that would win
+    limited = Sampling(vocab_size=40)
+    assert (sample(logits, limited) < 40).all()
+    for temperature in (1.0, 50.0):
+        assert (sample(logits, Sampling(temperature=temperature, top_p=0.99, vocab_size=40)) < 40).all()
+    assert sample(logits, Sampling()).eq(45).all()
+
+
 def test_sampling_matches_the_distribution():
     torch.manual_seed(0)
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])

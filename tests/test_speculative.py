@@ -296,3 +296,22 @@ def test_cuda_speculation_equals_cpu_plain_greedy(compile):
         assert batch.tokens == plain
         assert speculative(model, prompts[-1:], 30, 128, spec, compile=compile).tokens[0] == plain[-1]
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("source", ["lookup", "draft-other"])
+def test_a_vocab_padded_past_the_tokenizer_is_never_sampled(source):
+    # Only ids below Sampling.vocab_size are chosen (a model padded past its tokenizer, as
+    # Qwen2.5's 151936 rows for 151665 ids): plain and speculative, greedy and sampled.
+    model = tiny_model()
+    prompts = [[t % 60 for t in p] for p in PROMPTS]  # a tokenizer's ids are all below its vocab
+    with torch.no_grad():
+        model.output.weight[60:] *= 4  # the padded rows would win most steps
+    assert any(t >= 60 for row in greedy(model, prompts, 12, 64).tokens for t in row)  # unless limited
+    plain = Generator(model)
+    plain.setup(len(prompts), 64)
+    want = plain.generate(prompts, 12, Sampling(vocab_size=60)).tokens
+    assert all(t < 60 for row in want for t in row)
+    assert speculative(model, prompts, 12, 64, SOURCES[source](), Sampling(vocab_size=60)).tokens == want
+    torch.manual_seed(0)
+    sampled = speculative(model, prompts, 12, 64, SOURCES[source](), Sampling(temperature=1.0, vocab_size=60)).tokens
+    assert all(t < 60 for row in sampled for t in row)
