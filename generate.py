@@ -133,7 +133,7 @@ def draft_step(draft: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor
     the last, and the distribution it was drawn from [B, V] (None when greedy)."""
     logits = draft(tokens, input_pos, logits_to_keep=1)[:, -1]
     if sampling.temperature == 0:
-        return sampleable(logits, sampling).argmax(dim=-1, keepdim=True), None
+        return sample(logits, sampling), None
     probs = sampling_probs(logits, sampling)
     return draw(probs).unsqueeze(-1), probs
 

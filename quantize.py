@@ -527,5 +527,6 @@ def quantize_experts_modules(model, quantization: dict):
             new = Int8Experts(E, dim, two_inter // 2, device)
         else:
             new = Int4Experts(E, dim, two_inter // 2, quantization["groupsize"], device)
+        new.to(experts.w13.dtype)  # float scales in the model's dtype, as the loader would cast them
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)

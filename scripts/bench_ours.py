@@ -41,9 +41,10 @@ def quant_config(weights: str) -> dict | None:
     raise ValueError(f"unknown weight mode {weights!r}; use bf16, int8 or int4-g<groupsize>")
 
 
-def build_model(name: str, weights: str, device, dtype) -> Transformer:
-    """Random weights at the real shapes, made on the device: meta model -> (quantize) -> to_empty -> fill."""
-    args = model_args_from_name(name)
+def build_model(name: str, weights: str, device, dtype, args=None) -> Transformer:
+    """Random weights at the real shapes, made on the device: meta model -> (quantize) -> to_empty -> fill.
+    `args`: other ModelArgs than the named ones (a tensor-parallel rank's slice)."""
+    args = args or model_args_from_name(name)
     qcfg = quant_config(weights)
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
@@ -51,9 +52,6 @@ def build_model(name: str, weights: str, device, dtype) -> Transformer:
             from quantize import apply_quantization  # ImportError: skipped by the caller with a note
 
             apply_quantization(model, qcfg, device)
-            for module in model.modules():  # MoE experts keep float scales in the compute dtype
-                if type(module).__name__ in ("Int8Experts", "Int4Experts"):
-                    module.to(dtype)
     model.to_empty(device=device)
     fill_random_(model)
     for module in model.modules():  # int4: random nibbles -> the kernel's tile layout for this device

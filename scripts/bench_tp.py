@@ -40,14 +40,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
-from bench_common import copy_bandwidth, fill_random_, random_prompts  # noqa: E402
-from bench_ours import kv_dtype_for, quant_config  # noqa: E402
+from bench_common import copy_bandwidth, random_prompts  # noqa: E402
+from bench_ours import build_model, kv_dtype_for, quant_config  # noqa: E402
 from bench_plan import parse_size, split  # noqa: E402
 
 import tp  # noqa: E402
 from checkpoint import model_args_from_name  # noqa: E402
 from generate import Generator, Sampling, model_weight_bytes  # noqa: E402
-from model import Transformer, rope_inv_freq  # noqa: E402
 
 ALL_REDUCES = ("nccl", "symm-mem")
 WORKER_TIMEOUT_S = 580
@@ -56,25 +55,12 @@ WORKER_TIMEOUT_S = 580
 def build_rank_model(name, weights, device, dtype):
     """This rank's slice of `name` with random weights, made on its device (no file)."""
     args = model_args_from_name(name)
-    qcfg = quant_config(weights)
     shard = tp.shard_for_this_rank()
-    local_args = shard.local_args(args, qcfg) if shard else args
-    with torch.device("meta"):
-        model = Transformer(local_args).to(dtype)
-        if qcfg is not None:
-            from quantize import apply_quantization
-
-            apply_quantization(model, qcfg, device)
-    model.to_empty(device=device)
-    fill_random_(model)  # same seed on every rank: the replicated tensors agree
-    for module in model.modules():
-        if hasattr(module, "pack_"):
-            module.pack_()
-    model.inv_freq = rope_inv_freq(local_args).to(device)
-    model.row_start = torch.zeros(0, dtype=torch.int32, device=device)
+    local_args = shard.local_args(args, quant_config(weights)) if shard else args
+    model = build_model(name, weights, device, dtype, local_args)  # same seed on every rank: replicas agree
     if shard:
         shard.add_all_reduces(model)
-    return model.eval(), args
+    return model, args
 
 
 def time_standalone_all_reduces(shape, dtype, device, count, mode, iters=20) -> float | None:

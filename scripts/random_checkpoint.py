@@ -16,11 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from bench_common import fill_random_  # noqa: E402
+from bench_ours import build_model  # noqa: E402
 
 from checkpoint import CONFIGS, model_args_from_name, save_checkpoint  # noqa: E402
 from common import DTYPES  # noqa: E402
-from model import Transformer  # noqa: E402
 
 
 def word_level_tokenizer(vocab_size: int) -> str:
@@ -46,10 +45,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     model_args = model_args_from_name(args.model)
-    with torch.device("meta"):
-        model = Transformer(model_args).to(DTYPES[args.dtype])
-    model.to_empty(device=args.device)
-    fill_random_(model)
+    model = build_model(args.model, "bf16", torch.device(args.device), DTYPES[args.dtype])
     tensors = {k: v.cpu() for k, v in model.state_dict().items()}
     del model
     save_checkpoint(
