@@ -1,6 +1,7 @@
 """Sweep gemv.py's int8 GEMV tile sizes on the Llama-3-8B projections (batch 1) and print GB/s.
 
     python scripts/int8_gemv_sweep.py          # one GPU, about a minute
+    python scripts/int8_gemv_sweep.py --wide   # also 16/32 rows, 2048-wide K steps, 16 warps (~3 min)
 
 Bytes per call = int8 weight + scales + x + y. Beside each shape: the bf16 cuBLAS GEMV reading
 the same weight in bf16 (twice the bytes) and the best config; gemv.int8_gemv_config picks from this.
@@ -23,6 +24,13 @@ CONFIGS = [
     dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
     for n, k, w, s in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (1, 3, 5))
 ]
+# More bytes in flight per program (an H200 needs more than an H100 to reach its bandwidth); each
+# thread holds BLOCK_N * BLOCK_K / (32 * num_warps) fp32 accumulators, kept to 8..128.
+WIDE_CONFIGS = [
+    dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
+    for n, k, w, s in itertools.product((4, 8, 16, 32), (512, 1024, 2048), (4, 8, 16), (1, 3))
+    if 8 <= n * k // (32 * w) <= 128
+]
 
 
 def launch(x, w, s, y, cfg):
@@ -32,6 +40,7 @@ def launch(x, w, s, y, cfg):
 
 
 def main():
+    configs = CONFIGS + [c for c in WIDE_CONFIGS if c not in CONFIGS] if "--wide" in sys.argv else CONFIGS
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print("| shape | N x K | default GB/s | best GB/s | best config | bf16 cuBLAS GB/s |")
@@ -44,7 +53,7 @@ def main():
         nbytes = N * K + N * 4 + K * 2 + N * 2
         ref = gemv.int8_gemv_reference(x, w, s)
         results = []
-        for cfg in CONFIGS:
+        for cfg in configs:
             y.fill_(float("nan"))
             launch(x, w, s, y, cfg)
             err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
