@@ -466,3 +466,18 @@ def test_hf_falls_back_to_forward_path(monkeypatch):
     assert tried == [bench_hf.AUTO, bench_hf.FORWARD] and row["hf_compile"] == bench_hf.FORWARD
     assert "overwritten" in row["hf_compile_failures"][bench_hf.AUTO]
     assert bench_hf.compile_paths(bench.parse_args(["--suite", "smoke", "--no-compile"])) == [bench_hf.EAGER]
+
+
+def test_profile_decode_cpu_table(capsys):
+    """scripts/profile_decode.py on the CPU: the eager step's operators by self time, mm first."""
+    import profile_decode
+
+    argv = ["--device", "cpu", "--model", "smollm2-135m", "--no-compile", "--new-tokens", "3", "--steps", "1"]
+    assert profile_decode.main(argv + ["--top", "5"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| us/step")]
+    assert len(rows) == 5, out
+    us_per_step = [float(r.split("|")[1]) for r in rows]
+    assert us_per_step == sorted(us_per_step, reverse=True) and us_per_step[0] > 0
+    assert "aten::mm" in rows[0], out  # a decode step is matrix-vector products, above all else
+    assert "smollm2-135m" in out and "ms" in out

@@ -1,0 +1,123 @@
+"""Where a compiled decode step's time goes: each CUDA kernel's time per step, grouped by name.
+
+    python scripts/profile_decode.py --model llama-3-8b --weights int8          # one GPU, ~1.5 min
+    python scripts/profile_decode.py --model smollm2-135m --kv-dtype int8 --top 30
+    python scripts/profile_decode.py --device cpu --model smollm2-135m --no-compile   # CPU: ops' self time
+
+Random weights at the named shape (scripts/bench_ours.build_model), the decode step compiled as
+generate.py --compile does (one CUDA graph per step), a warm-up generate() that compiles it,
+then a few replays under the torch profiler. Prints the step time (CUDA events, no profiler),
+the sum of kernel times, and the kernels by total time per step: the table to put beside each
+kernel's bytes before deciding what to fuse or tune.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from bench_common import random_prompts, sync, time_loop  # noqa: E402
+from bench_ours import build_model, kv_dtype_for  # noqa: E402
+
+from generate import Generator, Sampling, model_weight_bytes  # noqa: E402
+
+NAME_CHARS = 90
+
+
+def kernel_table(fn, steps: int, device: torch.device) -> dict:
+    """{kernel name: [calls, total us]} over `steps` calls of fn: CUDA kernels on a GPU (read from
+    the trace, which holds the kernels of CUDA-graph replays), operators' self time on the CPU."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        sync(device)
+    table = defaultdict(lambda: [0, 0.0])
+    if device.type != "cuda":
+        for event in prof.key_averages():
+            if event.self_cpu_time_total > 0:
+                table[event.key] = [event.count, float(event.self_cpu_time_total)]
+        return table
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f).get("traceEvents", [])
+    for e in events:
+        if e.get("cat") == "kernel" and "dur" in e:
+            table[e["name"]][0] += 1
+            table[e["name"]][1] += float(e["dur"])
+    return table
+
+
+@torch.no_grad()
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3-8b")
+    p.add_argument("--weights", default="bf16", help="bf16, int8, int4-g64, ...")
+    p.add_argument("--kv-dtype", default="bf16", help="bf16, int8, fp8")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--ctx", type=int, default=16, help="filled context before decode")
+    p.add_argument("--cache", type=int, default=0, help="cache slots (default: ctx + new tokens)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10, help="profiled decode steps")
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="the eager (CUDA-graph) step")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # generate.py's defaults
+    model = build_model(args.model, args.weights, device, dtype)
+    gen = Generator(model, compile=args.compile)
+    slots = args.cache or args.ctx + args.new_tokens
+    gen.setup(args.batch, slots, kv_dtype_for(args.kv_dtype, dtype))
+    prompts = random_prompts(args.batch, args.ctx, model.args.vocab_size).tolist()
+    warm = gen.generate(prompts, args.new_tokens, Sampling())  # compiles
+    res = gen.generate(prompts, args.new_tokens, Sampling())
+    token = torch.zeros(args.batch, 1, dtype=torch.long, device=device)
+    input_pos = torch.tensor([args.ctx], device=device)
+    sampling = Sampling()
+
+    def step():
+        return gen.decode_fn(model, token, input_pos, sampling)
+
+    for _ in range(3):
+        step()
+    sync(device)
+    replay_ms = time_loop(step, device, 50 if device.type == "cuda" else 3) * 1e3
+    steps = args.steps
+    table = kernel_table(step, steps, device)
+    kernel_us = sum(us for _, us in table.values()) / steps
+    calls = sum(c for c, _ in table.values()) / steps
+    weight_gb = model_weight_bytes(model) / 1e9
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"{where}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}: {args.model} w={args.weights} "
+        f"kv={args.kv_dtype} B={args.batch} ctx={args.ctx} slots={slots} compile={args.compile}"
+    )
+    print(
+        f"generate(): {res.decode_steps * args.batch / res.decode_s:.1f} tok/s "
+        f"(first step {warm.first_decode_s:.1f} s); "
+        f"replayed step {replay_ms:.3f} ms = {weight_gb * 1e3 / replay_ms:.0f} GB/s of {weight_gb:.2f} GB weights"
+    )
+    what = "kernels" if device.type == "cuda" else "operators (self time)"
+    print(f"{what} per step: {calls:.0f}, their sum {kernel_us / 1e3:.3f} ms ({kernel_us / 1e3 / replay_ms:.0%} busy)")
+    print(f"| us/step | calls/step | us/call | share | {what} |")
+    print("|---|---|---|---|---|")
+    for name, (c, us) in sorted(table.items(), key=lambda kv: -kv[1][1])[: args.top]:
+        share = us / steps / kernel_us
+        print(f"| {us / steps:.1f} | {c / steps:.0f} | {us / c:.2f} | {share:.1%} | {name[:NAME_CHARS]} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
