@@ -421,13 +421,22 @@ class Generator:
         start_slot, prompts = self._first_slot(prompts, continue_sequence)
         tokens = self._begin(prompts, max_new_tokens, start_slot, pad_id)
         rows = RowTokens(len(prompts), max_new_tokens, stop_ids, on_token)
+        return self._run(tokens, start_slot, sampling, rows)
+
+    def _run(self, tokens: torch.Tensor, start_slot: int, sampling: Sampling, rows: RowTokens, real_rows=None):
+        """Prefill, decode, and remember what the cache holds; the result keeps the first
+        real_rows rows (all by default; a package fills its exported batch with copies)."""
+        result = rows.result
         try:
             token = self._prefill(tokens, start_slot, sampling, rows)
             if token is not None:
                 self._decode(token, start_slot + tokens.shape[1], sampling, rows)
         finally:  # Ctrl-C included: the cache holds whatever reached the host, but its last token
-            self._hold_sequence(start_slot + tokens.shape[1], rows.result)
-        return rows.result
+            if real_rows is not None:
+                result.tokens, result.stopped = result.tokens[:real_rows], result.stopped[:real_rows]
+                result.last_token = result.last_token[:real_rows]
+            self._hold_sequence(start_slot + tokens.shape[1], result)
+        return result
 
     def _first_slot(self, prompts: list[list[int]], continue_sequence: bool):
         """(first slot, prompts) of a call: slot 0 for a new batch; for a continued sequence, where it

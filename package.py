@@ -241,13 +241,4 @@ class PackageGenerator(Generator):
             tokens = torch.tensor(filled, dtype=torch.long, device=self.device)
         else:
             tokens = self._begin(filled, max_new_tokens, start_slot, pad_id)
-        result = rows.result
-        try:
-            token = self._prefill(tokens, start_slot, sampling, rows)
-            if token is not None:
-                self._decode(token, start_slot + tokens.shape[1], sampling, rows)
-        finally:  # the real rows only; a chat keeps its place as Generator does
-            result.tokens, result.stopped = result.tokens[:n], result.stopped[:n]
-            result.last_token = result.last_token[:n]
-            self._hold_sequence(start_slot + tokens.shape[1], result)
-        return result
+        return self._run(tokens, start_slot, sampling, rows, real_rows=n)  # a chat keeps its place as Generator's
