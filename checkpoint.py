@@ -603,6 +603,9 @@ def read_checkpoint_config(checkpoint_dir) -> dict:
     return config
 
 
+CPU_KERNEL_ALIGNMENT = 64  # bytes: what PyTorch's CPU allocator gives every tensor
+
+
 def load_checkpoint_tensors(
     checkpoint_dir, expected: dict[str, torch.Tensor], device, dtype, shard=None
 ) -> dict[str, torch.Tensor]:
@@ -634,7 +637,12 @@ def load_checkpoint_tensors(
                         f"{path}: tensor {name} has shape {list(shape)} but the config expects {list(want)}"
                     )
                 t = shard.read(name, f.get_slice(name)) if shard else f.get_tensor(name)
-                out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                if t.device.type == "cpu" and t.data_ptr() % CPU_KERNEL_ALIGNMENT:
+                    # still a view into the memory map, at the file's offset: torch's CPU int8 kernel
+                    # (quantize.Int8Linear) crashes on unaligned rows, so give it its own memory
+                    t = t.clone()
+                out[name] = t
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files

@@ -63,6 +63,23 @@ def quantize_int8(weight: torch.Tensor):
 INT8_GEMV_MAX_ROWS = 4
 
 
+def cpu_int8_kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """torch._weight_int8pack_mm on the CPU, where we have seen it right (torch 2.13): bf16
+    activations, both weight dims multiples of 16 and 64-byte aligned weight and input (other
+    shapes gave wrong values, unaligned ones crashed; load_model aligns weights), eager only
+    (the compiled path keeps the plain form below)."""
+    out_features, in_features = weight.shape
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and out_features % 16 == 0
+        and in_features % 16 == 0
+        and not torch.compiler.is_compiling()
+        and weight.data_ptr() % 64 == 0
+        and x.data_ptr() % 64 == 0
+    )
+
+
 class Int8Linear(nn.Module):
     def __init__(self, in_features, out_features, bias=False, device=None):
         super().__init__()
@@ -76,6 +93,11 @@ class Int8Linear(nn.Module):
         if rows <= INT8_GEMV_MAX_ROWS and gemv.available(x):
             # decode on a GPU: one Triton pass over the int8 weight (gemv.py)
             y = gemv.int8_gemv(x.reshape(rows, -1).contiguous(), self.weight, self.scales)
+            y = y.view(*x.shape[:-1], self.out_features)
+        elif rows <= INT8_GEMV_MAX_ROWS and x.is_contiguous() and cpu_int8_kernel_fits(x, self.weight):
+            # eager bf16 decode on the CPU: torch's int8 weight-only kernel reads each int8 byte
+            # once instead of converting the whole weight first (SmolLM2: 1.9x tok/s, BENCHMARKS.md)
+            y = torch._weight_int8pack_mm(x.reshape(rows, -1), self.weight, self.scales.to(x.dtype))
             y = y.view(*x.shape[:-1], self.out_features)
         else:
             # fp32 scales: a bf16 multiply here would match Inductor's woq_int8 rewrite, whose
@@ -452,10 +474,6 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # ----------------------------------------------------------------------------- mixture-of-experts weights
 
 # Stacked experts ([E, out, in] per projection) are quantized per expert like a Linear, and read
@@ -530,3 +548,7 @@ def quantize_experts_modules(model, quantization: dict):
         new.to(experts.w13.dtype)  # float scales in the model's dtype, as the loader would cast them
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

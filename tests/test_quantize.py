@@ -342,3 +342,47 @@ def test_eval_quant_table_carries_commit_date_and_cpu_kernels():
     assert text.startswith(f"commit {head}"), text
     assert datetime.datetime.now(datetime.timezone.utc).date().isoformat() in text
     assert f"CPU kernels {torch.backends.cpu.get_cpu_capability()}" in text
+
+
+def test_quantize_runs_as_a_script(smollm2_checkpoint, tmp_path):
+    """`python quantize.py ...` as the README runs it: main() once ran before module-level names it
+    needs were defined (a NameError for every model), which in-process calls of main() never saw."""
+    out = tmp_path / "int8"
+    argv = [sys.executable, str(REPO / "quantize.py"), "--checkpoint", str(smollm2_checkpoint), "--mode", "int8"]
+    proc = subprocess.run([*argv, "--output-dir", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "config.json").read_text())["quantization"] == {"mode": "int8"}
+
+
+def test_int8_bf16_decode_on_the_cpu_uses_torchs_int8_kernel(quantized, monkeypatch):
+    """bf16 decode rows on the CPU go through torch._weight_int8pack_mm (one read of the int8
+    weight) and equal the dequantize-then-matmul reference; shapes and addresses it is not known
+    to handle take the plain path. The loader gives int8 weights aligned memory for it."""
+    calls = []
+    kernel = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
+    model, _ = load_model(quantized["int8"], "cpu", torch.bfloat16)
+    assert all(t.data_ptr() % 64 == 0 for t in model.state_dict().values() if t.dtype == torch.int8)
+
+    def check(linear, x):
+        ref = (x.float() @ linear.weight.float().T) * linear.scales.float()
+        out = linear(x)
+        assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+    torch.manual_seed(0)
+    for linear in (model.layers[0].attention.wqkv, model.layers[0].feed_forward.w2):
+        for rows in (1, 2, 3, 4):
+            check(linear, torch.randn(1, rows, linear.in_features, dtype=torch.bfloat16))
+    assert calls == [1, 2, 3, 4] * 2
+    calls.clear()
+    check(model.layers[0].attention.wqkv, torch.randn(5, model.args.dim, dtype=torch.bfloat16))  # prefill
+    w = model.layers[0].attention.wo
+    storage = torch.empty(w.weight.numel() + 8, dtype=torch.int8)
+    storage[8:].copy_(w.weight.flatten())
+    w.weight = storage[8:].view_as(w.weight)  # a view at an unaligned address: 4 rows there crashed
+    check(w, torch.randn(4, w.in_features, dtype=torch.bfloat16))
+    odd = quantize.Int8Linear(40, 33)  # a shape it gave wrong values for
+    odd.weight, odd.scales = quantize_int8(torch.randn(33, 40))
+    check(odd, torch.randn(1, 40, dtype=torch.bfloat16))
+    assert calls == []
