@@ -638,9 +638,9 @@ def load_checkpoint_tensors(
                     )
                 t = shard.read(name, f.get_slice(name)) if shard else f.get_tensor(name)
                 t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-                if t.device.type == "cpu" and t.data_ptr() % CPU_KERNEL_ALIGNMENT:
-                    # still a view into the memory map, at the file's offset: torch's CPU int8 kernel
-                    # (quantize.Int8Linear) crashes on unaligned rows, so give it its own memory
+                if t.device.type == "cpu" and not t.is_floating_point() and t.data_ptr() % CPU_KERNEL_ALIGNMENT:
+                    # a quantized weight still viewed in the memory map, at the file's offset: torch's
+                    # CPU int8 kernel (quantize.Int8Linear) crashes on unaligned rows, so copy it out
                     t = t.clone()
                 out[name] = t
     except CheckpointError:
