@@ -351,12 +351,28 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+def _generation_tag_extension():
+    """`{% generation %}...{% endgeneration %}`: transformers' tag that marks an assistant reply's
+    text (for training masks). Rendering for generation, its body is output unchanged."""
+    from jinja2.ext import Extension
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)  # the tag's name
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return GenerationTag
+
+
 class ChatTemplate:
     """A checkpoint's jinja chat template, rendered with what transformers gives templates.
 
     Templates are code from the checkpoint, so they run in jinja2's immutable sandbox. Like
     transformers: blocks trim their newlines, raise_exception() and strftime_now() exist, tojson
-    keeps non-ASCII text, and bos_token / eos_token / tools / documents are defined.
+    keeps non-ASCII text, {% generation %} blocks render their body, and bos_token / eos_token /
+    tools / documents are defined.
     """
 
     def __init__(self, source: str, path: Path, special_tokens: dict[str, str]):
@@ -364,7 +380,7 @@ class ChatTemplate:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _generation_tag_extension()]
         )
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)

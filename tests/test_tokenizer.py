@@ -888,3 +888,33 @@ def test_gguf_sentencepiece_vocab_not_supported(tmp_path):
     with pytest.raises(TokenizerError) as e:
         gguf_tokenizer_files(gguf.GGUFReader(path))
     assert "not supported" in _one_line(e)
+
+
+# A ChatML template that marks assistant replies with transformers' {% generation %} tag (as
+# templates made for assistant-token training masks do).
+GENERATION_TAG_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' %}{% generation %}{{ m.content }}<|im_end|>{% endgeneration %}"
+    "{% else %}{{ m.content }}<|im_end|>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_generation_tag_renders_its_body_like_transformers(smol, tmp_path):
+    tok = load_tokenizer(_with_config(smol, tmp_path, chat_template=GENERATION_TAG_TEMPLATE, eos_token="<|im_end|>"))
+    convo = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+    ]
+    for n, add_generation_prompt in ((2, True), (3, False), (4, True)):
+        ours = tok.chat_template.render(convo[:n], add_generation_prompt)
+        assert ours == _rendered_by_transformers(GENERATION_TAG_TEMPLATE, convo[:n], add_generation_prompt)
+        assert "generation" not in ours
+    assert tok.encode_reply("Fine.")[-1] in tok.stop_ids  # a chat kept in the cache works with it
+    unclosed = GENERATION_TAG_TEMPLATE.replace("{% endgeneration %}", "")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": unclosed}))
+    with pytest.raises(TokenizerError) as e:
+        load_tokenizer(tmp_path)
+    assert "does not parse" in _one_line(e)
