@@ -814,19 +814,73 @@ def _gguf_value(reader, key, default=None):
     return parts[0].tolist()[0]
 
 
-def gguf_tokenizer_files(reader) -> dict[str, str]:
-    """tokenizer.json + tokenizer_config.json text for the tokenizer embedded in a GGUF file.
+def _gguf_tokenizer_config(reader) -> dict:
+    """tokenizer_config.json's add_bos_token and chat template from GGUF metadata (bos/eos ids
+    are the caller's: they differ between the two vocabulary kinds)."""
+    config = {"add_bos_token": bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", False))}
+    template = _gguf_value(reader, "tokenizer.chat_template")
+    if template:
+        config["chat_template"] = template
+    return config
 
-    `reader` is a gguf.GGUFReader. Only byte-level BPE ("gpt2") vocabularies are supported.
-    """
+
+def _gguf_sentencepiece_files(reader, name: str) -> dict:
+    """tokenizer.model (+ tokenizer_config.json) for a SentencePiece ("llama") GGUF vocabulary:
+    llama.cpp stores the model's pieces, scores and types; they are written back as the
+    SentencePiece model proto they came from, so sentencepiece itself does the tokenizing."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as sp_model
+    except ImportError as e:  # the generated module needs protobuf
+        raise TokenizerError(
+            f"{name}: a SentencePiece GGUF vocabulary needs protobuf ({first_line(e)}); pip install protobuf"
+        ) from None
+    tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
+    scores = _gguf_value(reader, "tokenizer.ggml.scores")
+    types = _gguf_value(reader, "tokenizer.ggml.token_type") or [1] * len(tokens or [])
+    if not tokens or not scores or len(scores) != len(tokens) or len(types) != len(tokens):
+        raise TokenizerError(f"{name}: SentencePiece GGUF vocabulary lacks tokens, scores or token types")
+    proto = sp_model.ModelProto()
+    for piece, score, kind in zip(tokens, scores, types):
+        # llama.cpp's token types are SentencePiece's (1 normal .. 6 byte)
+        proto.pieces.add(piece=piece, score=score, type=kind if 1 <= kind <= 6 else 1)
+    spec = proto.trainer_spec
+    spec.model_type = sp_model.TrainerSpec.BPE
+    spec.vocab_size = len(tokens)
+    spec.byte_fallback = 6 in types  # <0x00>..<0xFF> pieces: text outside the vocab goes to bytes
+    for field, key in (("unk_id", "unknown"), ("bos_id", "bos"), ("eos_id", "eos"), ("pad_id", "padding")):
+        tid = _gguf_value(reader, f"tokenizer.ggml.{key}_token_id")
+        setattr(spec, field, tid if tid is not None and 0 <= tid < len(tokens) else -1)
+    if spec.unk_id < 0:  # sentencepiece requires one; llama.cpp's converter always has it
+        unknown = [i for i, kind in enumerate(types) if kind == 2]
+        if not unknown:
+            raise TokenizerError(f"{name}: SentencePiece GGUF vocabulary has no unknown token")
+        spec.unk_id = unknown[0]
+    # The Llama-2 / Mistral normalizer: text as is, "▁" for spaces, one put before the text
+    norm = proto.normalizer_spec
+    norm.name = "identity"
+    norm.add_dummy_prefix = bool(_gguf_value(reader, "tokenizer.ggml.add_space_prefix", True))
+    norm.remove_extra_whitespaces = False
+    norm.escape_whitespaces = True
+    config = _gguf_tokenizer_config(reader)
+    if "tokenizer.ggml.add_bos_token" not in reader.fields:
+        config["add_bos_token"] = spec.bos_id >= 0  # SentencePiece Llamas start with <s>
+    return {"tokenizer.model": proto.SerializeToString(), "tokenizer_config.json": json.dumps(config, indent=2)}
+
+
+def gguf_tokenizer_files(reader) -> dict:
+    """The tokenizer files for the tokenizer embedded in a GGUF file: tokenizer.json +
+    tokenizer_config.json for byte-level BPE ("gpt2"), tokenizer.model + tokenizer_config.json
+    for SentencePiece ("llama"). `reader` is a gguf.GGUFReader."""
     name = getattr(getattr(reader, "data", None), "filename", None) or "GGUF file"
     model = _gguf_value(reader, "tokenizer.ggml.model")
     if model is None:
         raise TokenizerError(f"{name}: no tokenizer.ggml.model in GGUF metadata")
+    if model == "llama":
+        return _gguf_sentencepiece_files(reader, name)
     if model != "gpt2":
         raise TokenizerError(
-            f"{name}: GGUF tokenizer model {model!r} (SentencePiece-style) is not supported yet; "
-            f"only byte-level BPE ('gpt2')"
+            f"{name}: GGUF tokenizer model {model!r} is not supported; "
+            f"only byte-level BPE ('gpt2') and SentencePiece ('llama')"
         )
     pre = _gguf_value(reader, "tokenizer.ggml.pre", "gpt-2")
     if pre == "default":
@@ -872,7 +926,7 @@ def gguf_tokenizer_files(reader) -> dict[str, str]:
             "merges": list(merges),
         },
     }
-    config = {"add_bos_token": bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", False))}
+    config = _gguf_tokenizer_config(reader)
     for key, field in (("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id")):
         tid = _gguf_value(reader, field)
         if tid is not None and 0 <= tid < len(tokens):
@@ -880,9 +934,6 @@ def gguf_tokenizer_files(reader) -> dict[str, str]:
             if types[tid] not in (_GGUF_CONTROL, _GGUF_USER_DEFINED):  # a normal token: config holds its text
                 tok = bytes(_UNICODE_TO_BYTE[c] for c in tok).decode("utf-8", errors="replace")
             config[key] = tok
-    template = _gguf_value(reader, "tokenizer.chat_template")
-    if template:
-        config["chat_template"] = template
     return {
         "tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False),
         "tokenizer_config.json": json.dumps(config, ensure_ascii=False, indent=2),

@@ -874,20 +874,59 @@ def test_vocab_must_fit_model(mistral, llama3, smol):
         assert str(tok.path) in _one_line(e)
 
 
-def test_gguf_sentencepiece_vocab_not_supported(tmp_path):
+def _sentencepiece_gguf(path, sp, **metadata):
+    """A GGUF holding sentencepiece model `sp`'s vocabulary the way llama.cpp's converter stores it."""
     import gguf
 
-    path = tmp_path / "sp.gguf"
+    def kind(i):  # llama.cpp's token types: 1 normal, 2 unknown, 3 control, 5 unused, 6 byte
+        return 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i) else 1
+
+    n = sp.get_piece_size()
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "<s>", "</s>", "▁a"])
+    w.add_tokenizer_model(metadata.pop("model", "llama"))
+    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    w.add_token_scores([sp.get_score(i) for i in range(n)])
+    w.add_token_types([kind(i) for i in range(n)])
+    w.add_unk_token_id(sp.unk_id())
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    for key, value in metadata.items():
+        getattr(w, f"add_{key}")(value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
+
+
+def test_gguf_sentencepiece_vocab_tokenizes_like_the_original(tmp_path, sp_ref, botchan_lines):
+    """A SentencePiece ("llama") GGUF vocabulary (Llama-2, Mistral, TinyLlama GGUFs) becomes a
+    tokenizer.model again: Mistral's real model, through GGUF and back, encodes and decodes as
+    sentencepiece does with the original file."""
+    import gguf
+
+    reader = gguf.GGUFReader(_sentencepiece_gguf(tmp_path / "sp.gguf", sp_ref, add_bos_token=True))
+    files = gguf_tokenizer_files(reader)
+    assert set(files) == {"tokenizer.model", "tokenizer_config.json"}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    tok = load_tokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.vocab_size) == (sp_ref.bos_id(), sp_ref.eos_id(), True, 32000)
+    texts = botchan_lines[:300] + ["  two leading spaces", "tabs\tand\nnewlines\n\n", "emoji 🦙 and 日本語 ✓", " ", "x"]
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == sp_ref.encode(text), text
+        assert tok.decode(ids) == sp_ref.decode(ids)
+    assert tok.encode("Hello", bos=True) == [sp_ref.bos_id()] + sp_ref.encode("Hello")
+
+
+def test_gguf_other_tokenizer_models_are_one_line_errors(tmp_path, sp_ref):
+    import gguf
+
+    reader = gguf.GGUFReader(_sentencepiece_gguf(tmp_path / "bert.gguf", sp_ref, model="bert"))
     with pytest.raises(TokenizerError) as e:
-        gguf_tokenizer_files(gguf.GGUFReader(path))
-    assert "not supported" in _one_line(e)
+        gguf_tokenizer_files(reader)
+    assert "'bert' is not supported" in _one_line(e) and "SentencePiece ('llama')" in _one_line(e)
 
 
 # A ChatML template that marks assistant replies with transformers' {% generation %} tag (as
