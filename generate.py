@@ -1128,7 +1128,7 @@ def load_draft(path: Path, target: Transformer, target_tokenizer, device, dtype,
 
 
 def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
-    from tokenizer import StreamDecoder
+    from tokenizer import STAND_IN_HISTORY, StreamDecoder
 
     if tokenizer.chat_format is None:
         raise UsageError("this checkpoint's tokenizer has no chat format; use --prompt instead")
@@ -1143,6 +1143,11 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
     # The Generator holds the conversation's place in the cache; the chat adds only each turn's ids.
     generator.reset()
     close_reply = []  # ids that close a cut or stopped reply the way the template expects, sent next turn
+    # The conversation each new turn is rendered after: the real user turns, each reply stood in by
+    # a fixed text. A template that numbers turns or repeats earlier questions sees the real ones;
+    # a generated reply's text is not re-encoded (its ids are in the cache already, and its text,
+    # special-token strings and all, need not encode back to them).
+    transcript = []
     turns = []  # for --json
     while True:
         if interactive:
@@ -1160,13 +1165,15 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
             break
         if text.strip() == "/reset":
             generator.reset()
-            close_reply = []
+            close_reply, transcript = [], []
             turns.append({"reset": True})
             print("(conversation reset)", file=sys.stderr)
             continue
         if not text.strip():
             continue
-        new_ids = close_reply + tokenizer.encode_chat_turn(text, system=args.system, first_turn=generator.position == 0)
+        new_ids = close_reply + tokenizer.encode_chat_turn(
+            text, system=args.system, first_turn=generator.position == 0, history=transcript
+        )
         room = generator.room(new_ids)
         if room < 1:
             print(
@@ -1196,6 +1203,7 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
             print("(reply stopped; Ctrl-C again, Ctrl-D or /exit ends the chat)", file=sys.stderr)
             if reply:  # the Generator kept new_ids + reply in the cache; close it like a cut reply
                 close_reply = tokenizer.encode_reply("")
+                transcript += [{"role": "user", "content": text}, STAND_IN_HISTORY[1]]
             # else stopped in prefill: nothing of this turn counts; the next one starts where it would have
             turns.append(
                 {
@@ -1210,6 +1218,7 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
             continue
         print(decoder.flush(), flush=True)
         close_reply = []
+        transcript += [{"role": "user", "content": text}, STAND_IN_HISTORY[1]]
         if not res.stopped[0]:  # close the cut reply the way the template expects
             close_reply = tokenizer.encode_reply("")
             print(f"(reply cut at {len(res.tokens[0])} tokens)", file=sys.stderr)

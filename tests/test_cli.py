@@ -1,6 +1,7 @@
 """generate.py as a user runs it: flags, streaming, --json, and one-line errors with exit code 2."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -712,3 +713,65 @@ def test_every_script_gives_every_flag_a_help_text(module, capsys):
         lines = entry.splitlines()
         has_help = len(lines) > 1 or re.search(r"\S {2,}\S", lines[0].strip())
         assert has_help, f"{module}: {lines[0].strip()} has no help text"
+
+
+# Numbers every message: a new turn's header depends on how long the conversation is, which a
+# one-exchange stand-in transcript gets wrong from the third turn on.
+NUMBERED_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }} {{ loop.index }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {{ messages | length + 1 }}\n{% endif %}"
+)
+
+
+def test_chat_renders_each_turn_after_the_real_conversation(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """The ids --chat appends for a turn are what transformers renders for the conversation so far
+    (every earlier turn counted), past the previous reply's stop token."""
+    import io
+
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from tokenizer import load_tokenizer
+
+    ckpt = tmp_path / "numbered"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=NUMBERED_TEMPLATE)))
+    sent = []  # the ids each turn sent to the cache
+    real_generate = generate.Generator.generate
+
+    def recording_generate(self, prompts, *args, **kwargs):
+        sent.append(prompts[0])
+        return real_generate(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(generate.Generator, "generate", recording_generate)
+    turns = ["Hi!", "What is 2+2?", "Thanks", "Bye"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(turns) + "\n"))
+    out_json = tmp_path / "chat.json"
+    argv = ["--checkpoint", ckpt, "--device", "cpu", "--chat", "--temperature", "0", "--max-new-tokens", "4"]
+    code, _, err = run_main(argv + ["--json", out_json], capsys)
+    assert code == 0, err
+    replies = json.loads(out_json.read_text())["turns"]
+    assert len(sent) == len(replies) == len(turns)
+    tok = load_tokenizer(ckpt)
+    close = tok.encode_reply("")  # what closes a reply cut at --max-new-tokens
+
+    def render(messages, add_generation_prompt):
+        text = render_jinja_template(
+            [messages], chat_template=NUMBERED_TEMPLATE, add_generation_prompt=add_generation_prompt
+        )[0][0]
+        return text
+
+    messages = []
+    for i, (user, reply) in enumerate(zip(turns, replies)):
+        ids = sent[i]
+        # what the cache holds before this turn: the conversation through the last reply's <|im_end|>
+        held = render(messages, False).rpartition("<|im_end|>")
+        held = held[0] + held[1]
+        if i:
+            assert not replies[i - 1]["stopped"]  # cut at 4 tokens: the turn begins by closing it
+            assert ids[: len(close)] == close
+            ids = ids[len(close) :]
+        messages.append({"role": "user", "content": user})
+        assert tok.decode(ids) == render(messages, True)[len(held) :], f"turn {i}"
+        assert f"user {2 * i + 1}\n" in tok.decode(ids) and f"assistant {2 * i + 2}\n" in tok.decode(ids)
+        messages.append({"role": "assistant", "content": reply["reply"]})
