@@ -874,8 +874,29 @@ def test_vocab_must_fit_model(mistral, llama3, smol):
         assert str(tok.path) in _one_line(e)
 
 
-def _sentencepiece_gguf(path, sp, **metadata):
-    """A GGUF holding sentencepiece model `sp`'s vocabulary the way llama.cpp's converter stores it."""
+def _tiny_llama_tensors(w, vocab_size, dim=16, n_layers=1, ffn=32):
+    """Random weights of a tiny llama (2 heads) in llama.cpp's tensor names, with its metadata."""
+    import numpy as np
+
+    for key, value in (("embedding_length", dim), ("block_count", n_layers), ("attention.head_count", 2)):
+        w.add_uint32(f"llama.{key}", value)
+    w.add_uint32("llama.feed_forward_length", ffn)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (vocab_size, dim), "output_norm.weight": (dim,)}
+    for i in range(n_layers):
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            shapes[f"blk.{i}.{name}.weight"] = (dim, dim)
+        shapes.update({f"blk.{i}.ffn_gate.weight": (ffn, dim), f"blk.{i}.ffn_up.weight": (ffn, dim)})
+        shapes.update({f"blk.{i}.ffn_down.weight": (dim, ffn), f"blk.{i}.attn_norm.weight": (dim,)})
+        shapes[f"blk.{i}.ffn_norm.weight"] = (dim,)
+    for name, shape in shapes.items():
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
+
+
+def _sentencepiece_gguf(path, sp, with_model=False, **metadata):
+    """A GGUF holding sentencepiece model `sp`'s vocabulary the way llama.cpp's converter stores it
+    (and, with_model, a tiny random llama to convert)."""
     import gguf
 
     def kind(i):  # llama.cpp's token types: 1 normal, 2 unknown, 3 control, 5 unused, 6 byte
@@ -892,6 +913,8 @@ def _sentencepiece_gguf(path, sp, **metadata):
     w.add_eos_token_id(sp.eos_id())
     for key, value in metadata.items():
         getattr(w, f"add_{key}")(value)
+    if with_model:
+        _tiny_llama_tensors(w, n)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -918,6 +941,23 @@ def test_gguf_sentencepiece_vocab_tokenizes_like_the_original(tmp_path, sp_ref, 
         assert ids == sp_ref.encode(text), text
         assert tok.decode(ids) == sp_ref.decode(ids)
     assert tok.encode("Hello", bos=True) == [sp_ref.bos_id()] + sp_ref.encode("Hello")
+
+
+def test_sentencepiece_gguf_converts_with_its_tokenizer(tmp_path, sp_ref, botchan_lines):
+    """scripts/convert_gguf.py end to end: the checkpoint gets tokenizer.model, and generate.py's
+    loader tokenizes with it as the original SentencePiece model does."""
+    from scripts.convert_gguf import convert_gguf
+
+    out = convert_gguf(_sentencepiece_gguf(tmp_path / "tiny.gguf", sp_ref, with_model=True), tmp_path / "ckpt")
+    assert (out / "tokenizer.model").is_file() and not (out / "tokenizer.json").exists()
+    tok = load_tokenizer(out)
+    for text in botchan_lines[:50]:
+        assert tok.encode(text) == sp_ref.encode(text)
+    assert tok.add_bos and tok.bos_id == sp_ref.bos_id()  # SentencePiece Llamas start with <s>
+    import generate
+
+    argv = ["--checkpoint", str(out), "--device", "cpu", "--prompt", "Once upon a time", "--max-new-tokens", "3"]
+    assert generate.main(argv + ["--temperature", "0"]) == 0  # the converted checkpoint runs
 
 
 def test_gguf_other_tokenizer_models_are_one_line_errors(tmp_path, sp_ref):
