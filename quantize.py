@@ -32,6 +32,7 @@ import gemv
 from checkpoint import (
     CHECKPOINT_CONFIG,
     CHECKPOINT_WEIGHTS,
+    CPU_KERNEL_ALIGNMENT,
     CheckpointError,
     OutputExistsError,
     check_output_dir,
@@ -65,9 +66,9 @@ INT8_GEMV_MAX_ROWS = 4
 
 def cpu_int8_kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """torch._weight_int8pack_mm on the CPU, where we have seen it right (torch 2.13): bf16
-    activations, both weight dims multiples of 16 and 64-byte aligned weight and input (other
-    shapes gave wrong values, unaligned ones crashed; load_model aligns weights), eager only
-    (the compiled path keeps the plain form below)."""
+    activations, both weight dims multiples of 16, contiguous input, 64-byte aligned weight and
+    input (other shapes gave wrong values, unaligned ones crashed; load_model aligns weights),
+    eager only (the compiled path keeps the plain form below)."""
     out_features, in_features = weight.shape
     return (
         x.device.type == "cpu"
@@ -75,8 +76,9 @@ def cpu_int8_kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and out_features % 16 == 0
         and in_features % 16 == 0
         and not torch.compiler.is_compiling()
-        and weight.data_ptr() % 64 == 0
-        and x.data_ptr() % 64 == 0
+        and x.is_contiguous()
+        and weight.data_ptr() % CPU_KERNEL_ALIGNMENT == 0
+        and x.data_ptr() % CPU_KERNEL_ALIGNMENT == 0
     )
 
 
@@ -94,9 +96,9 @@ class Int8Linear(nn.Module):
             # decode on a GPU: one Triton pass over the int8 weight (gemv.py)
             y = gemv.int8_gemv(x.reshape(rows, -1).contiguous(), self.weight, self.scales)
             y = y.view(*x.shape[:-1], self.out_features)
-        elif rows <= INT8_GEMV_MAX_ROWS and x.is_contiguous() and cpu_int8_kernel_fits(x, self.weight):
+        elif rows <= INT8_GEMV_MAX_ROWS and cpu_int8_kernel_fits(x, self.weight):
             # eager bf16 decode on the CPU: torch's int8 weight-only kernel reads each int8 byte
-            # once instead of converting the whole weight first (SmolLM2: 1.9x tok/s, BENCHMARKS.md)
+            # once instead of converting the whole weight first (SmolLM2: 1.66x tok/s, BENCHMARKS.md)
             y = torch._weight_int8pack_mm(x.reshape(rows, -1), self.weight, self.scales.to(x.dtype))
             y = y.view(*x.shape[:-1], self.out_features)
         else:

@@ -8,9 +8,12 @@ may load.
 import gc
 import itertools
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -52,6 +55,34 @@ def time_loop(fn, device, iters):
     for _ in range(iters):
         fn()
     return (time.perf_counter() - t) / iters
+
+
+def kernel_times(fn, steps: int, device) -> dict:
+    """{kernel name: [calls, total us]} over `steps` calls of fn: CUDA kernels on a GPU (read from
+    the trace, which holds the kernels of CUDA-graph replays), operators' self time on the CPU."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        sync(device)
+    table = defaultdict(lambda: [0, 0.0])
+    if device.type != "cuda":
+        for event in prof.key_averages():
+            if event.self_cpu_time_total > 0:
+                table[event.key] = [event.count, float(event.self_cpu_time_total)]
+        return table
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f).get("traceEvents", [])
+    for e in events:
+        if e.get("cat") == "kernel" and "dur" in e:
+            table[e["name"]][0] += 1
+            table[e["name"]][1] += float(e["dur"])
+    return table
 
 
 def timing_iters(device):

@@ -1,10 +1,7 @@
 """Our engine: random-weight models at real shapes, and the timed generate() runs of one job."""
 
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 
@@ -12,6 +9,7 @@ import torch
 from bench_common import (
     fill_random_,
     free_memory,
+    kernel_times,
     log,
     mean_valid_slots,
     prefill_flops,
@@ -111,24 +109,14 @@ def kernel_profile(gen: Generator, model, batch, pos, device):
         gen.decode_fn(model, token, input_pos, sampling)
     sync(device)
     replay_s = time_loop(lambda: gen.decode_fn(model, token, input_pos, sampling), device, PROFILE_TIMED_STEPS)
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(PROFILED_STEPS):
-            gen.decode_fn(model, token, input_pos, sampling)
-        sync(device)
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f).get("traceEvents", [])
-    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    table = kernel_times(lambda: gen.decode_fn(model, token, input_pos, sampling), PROFILED_STEPS, device)
     out = {
         "replay_step_ms": replay_s * 1e3,
         "profiled_steps": PROFILED_STEPS,
-        "kernels_per_step": len(kernels) / PROFILED_STEPS,
+        "kernels_per_step": sum(calls for calls, _ in table.values()) / PROFILED_STEPS,
     }
-    if kernels:
-        out["kernel_sum_ms_per_step"] = sum(float(e["dur"]) for e in kernels) / 1e3 / PROFILED_STEPS
+    if table:
+        out["kernel_sum_ms_per_step"] = sum(us for _, us in table.values()) / 1e3 / PROFILED_STEPS
         out["gpu_busy_fraction"] = out["kernel_sum_ms_per_step"] / out["replay_step_ms"]
     else:
         out["note"] = "the profiler recorded no kernels inside the CUDA-graph replays"

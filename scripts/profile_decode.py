@@ -12,51 +12,19 @@ kernel's bytes before deciding what to fuse or tune.
 """
 
 import argparse
-import json
-import os
 import sys
-import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from bench_common import random_prompts, sync, time_loop  # noqa: E402
+from bench_common import kernel_times, random_prompts, sync, time_loop  # noqa: E402
 from bench_ours import build_model, kv_dtype_for  # noqa: E402
 
 from generate import Generator, Sampling, model_weight_bytes  # noqa: E402
 
 NAME_CHARS = 90
-
-
-def kernel_table(fn, steps: int, device: torch.device) -> dict:
-    """{kernel name: [calls, total us]} over `steps` calls of fn: CUDA kernels on a GPU (read from
-    the trace, which holds the kernels of CUDA-graph replays), operators' self time on the CPU."""
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(steps):
-            fn()
-        sync(device)
-    table = defaultdict(lambda: [0, 0.0])
-    if device.type != "cuda":
-        for event in prof.key_averages():
-            if event.self_cpu_time_total > 0:
-                table[event.key] = [event.count, float(event.self_cpu_time_total)]
-        return table
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f).get("traceEvents", [])
-    for e in events:
-        if e.get("cat") == "kernel" and "dur" in e:
-            table[e["name"]][0] += 1
-            table[e["name"]][1] += float(e["dur"])
-    return table
 
 
 @torch.no_grad()
@@ -95,7 +63,7 @@ def main(argv=None) -> int:
     sync(device)
     replay_ms = time_loop(step, device, 50 if device.type == "cuda" else 3) * 1e3
     steps = args.steps
-    table = kernel_table(step, steps, device)
+    table = kernel_times(step, steps, device)
     kernel_us = sum(us for _, us in table.values()) / steps
     calls = sum(c for c, _ in table.values()) / steps
     weight_gb = model_weight_bytes(model) / 1e9
