@@ -29,21 +29,59 @@ def available(x: torch.Tensor) -> bool:
 
 
 # Tile sizes: each program reduces BLOCK_N output rows over K in BLOCK_K steps. Chosen by a sweep
-# on an H100 over the Llama-3-8B projections (scripts/int8_gemv_sweep.py, BENCHMARKS.md): longer
-# K steps and 8 warps win where there are few rows or a long K (wo, w2), 512/4 elsewhere.
+# on an H200 over the Llama-3-8B projections with the prmt conversion (scripts/int8_gemv_sweep.py
+# --convert, BENCHMARKS.md): 1024-wide K steps, 4 warps and no software pipelining everywhere; 8
+# rows per program where there are few rows or a long K (wo, w2), 4 for wqkv and w13, 8 again for
+# the vocab projection.
 def int8_gemv_config(n: int, k: int) -> dict:
     if k > 4096 or n <= 4096:
-        return dict(BLOCK_N=8, BLOCK_K=1024, num_warps=8, num_stages=NUM_STAGES)
-    return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, num_stages=NUM_STAGES)
+        return dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4, num_stages=1, CONVERT=INT8_CONVERT)
+    if n > 65536:
+        return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, num_stages=1, CONVERT=INT8_CONVERT)
+    return dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=1, CONVERT=INT8_CONVERT)
 
 
-NUM_STAGES = 3  # Triton's default software pipelining depth
-
-
+INT8_CONVERT = 2  # _int8_to_fp32's prmt form: 1-14% more GB/s than cvt on the H200 (BENCHMARKS.md)
 if triton is not None:
+    # int8 -> fp32 without cvt: I2F runs at a quarter of the FP32 rate on sm_80/90, and at batch 1
+    # there is one conversion per weight byte. prmt puts byte i of the sign-flipped word under the
+    # exponent of 2^23, so the float is 2^23 + 128 + w exactly; one subtraction recovers w. Four
+    # weights per asm call (pack=4: one 32-bit register of int8s).
+    @triton.jit
+    def _int8_to_fp32(w, CONVERT: tl.constexpr):
+        if CONVERT == 0:  # cvt (I2F)
+            f = w.to(tl.float32)
+        elif CONVERT == 1:  # the same 2^23 trick in plain Triton integer ops
+            f = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        else:  # prmt, four bytes per instruction group
+            f = tl.inline_asm_elementwise(
+                """
+                {
+                .reg .b32 biased, magic;
+                xor.b32 biased, $4, 0x80808080;
+                mov.b32 magic, 0x4B000000;
+                prmt.b32 $0, biased, magic, 0x7440;
+                prmt.b32 $1, biased, magic, 0x7441;
+                prmt.b32 $2, biased, magic, 0x7442;
+                prmt.b32 $3, biased, magic, 0x7443;
+                sub.f32 $0, $0, 0f4B000080;
+                sub.f32 $1, $1, 0f4B000080;
+                sub.f32 $2, $2, 0f4B000080;
+                sub.f32 $3, $3, 0f4B000080;
+                }
+                """,
+                "=r,=r,=r,=r,r",
+                [w],
+                dtype=tl.float32,
+                is_pure=True,
+                pack=4,
+            )
+        return f
 
     @triton.jit
-    def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _int8_gemv_kernel(
+        x_ptr, w_ptr, scale_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT: tl.constexpr = 0
+    ):
         # one program: BLOCK_N outputs of activation row m
         pid_n, m = tl.program_id(0), tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,8 +95,8 @@ if triton is not None:
             x = tl.load(x_ptr + m * K + k, mask=k_ok, other=0.0).to(tl.float32)
             w = tl.load(
                 w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0, eviction_policy="evict_first"
-            ).to(tl.float32)  # read once: keep L2 for x
-            acc += w * x[None, :]
+            )  # read once: keep L2 for x
+            acc += _int8_to_fp32(w, CONVERT) * x[None, :]
         scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         y = tl.sum(acc, axis=1) * scale
         tl.store(y_ptr + m * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)

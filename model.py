@@ -411,7 +411,10 @@ class Transformer(nn.Module):
         # Set by setup_caches: each row's first valid KV slot (left padding lives below it).
         self.register_buffer("row_start", torch.zeros(0, dtype=torch.int32), persistent=False)
         self.max_seq_len = 0  # logical cache length; the allocation is rounded up to BLOCK_SIZE
-        self.export_with_flex = False  # set by scripts/export.py for CUDA
+        # While scripts/export.py exports the steps: the attention it exports ("flex" on CUDA, "sdpa"
+        # elsewhere). A plain attribute, not torch.compiler.is_exporting(): under torch.compile on
+        # CUDA, torch 2.11 reports True there too, which sent every compiled step to SDPA.
+        self.export_attention: str | None = None
 
     def setup_caches(
         self, batch_size: int, max_seq_len: int, kv_cache_dtype: torch.dtype | None = None, cache_class=KVCache
@@ -449,12 +452,12 @@ class Transformer(nn.Module):
         # mask, so running without --compile never waits for a compiler.
         mask_args = (self.row_start, input_pos[..., 0], T, self.cache_len, self.args.sliding_window)
         # An exported program (scripts/export.py) attends over the whole cache (no host read of
-        # the position), through flex only if export_with_flex: AOTInductor has no CPU flex_attention.
+        # the position), through flex only if it exports flex: AOTInductor has no CPU flex_attention.
         # Speculative steps under the compiler (each row its own query slots, input_pos [B, T]) use
         # SDPA too: Inductor (torch 2.11 CUDA, 2.13 CPU) fails to generate flex's kernel for them.
-        exporting = torch.compiler.is_exporting()
+        exporting = self.export_attention is not None
         per_row_slots = input_pos.dim() == 2
-        if torch.compiler.is_compiling() and (self.export_with_flex or not exporting) and not per_row_slots:
+        if torch.compiler.is_compiling() and self.export_attention in (None, "flex") and not per_row_slots:
             attend = partial(flex_attention_over_cache, block_mask=offset_length_block_mask(*mask_args))
         else:
             if T > 1 and not exporting and not per_row_slots:  # eager prefill: attend over the slots up

@@ -59,11 +59,23 @@ def check_writes_survive(program: torch.export.ExportedProgram, model, name: str
 
 
 def export_steps(
-    model, batch_size: int, prefill_len: int, programs=PROGRAMS
+    model, batch_size: int, prefill_len: int, programs=PROGRAMS, attention: str = "sdpa"
 ) -> dict[str, torch.export.ExportedProgram]:
+    """torch.export the steps, attending through `attention` ("flex" or "sdpa")."""
     device = model.tok_embeddings.weight.device
     step = PackagedStep(model)
     row_start = torch.zeros(batch_size, dtype=torch.int32, device=device)
+    model.export_attention = attention
+    try:
+        exported = _export(step, batch_size, prefill_len, programs, device, row_start)
+    finally:
+        model.export_attention = None
+    for name, program in exported.items():
+        check_writes_survive(program, model, name)
+    return exported
+
+
+def _export(step, batch_size, prefill_len, programs, device, row_start):
     exported = {}
     with torch.no_grad():
         decode_args = (torch.zeros(batch_size, 1, dtype=torch.long, device=device), torch.tensor([0], device=device))
@@ -78,8 +90,6 @@ def export_steps(
             exported["prefill"] = torch.export.export(
                 step, (*prefill_args, row_start), dynamic_shapes=({1: length}, {0: length}, None)
             )
-    for name, program in exported.items():
-        check_writes_survive(program, model, name)
     return exported
 
 
@@ -116,12 +126,11 @@ def export_package(
     # offset-plus-length mask elsewhere (AOTInductor has no CPU flex_attention).
     if attention == "auto":
         attention = "flex" if device.type == "cuda" else "sdpa"
-    model.export_with_flex = attention == "flex"
     model.setup_caches(batch_size, max_seq_len)
     load_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    programs = export_steps(model, batch_size, prefill_len)
+    programs = export_steps(model, batch_size, prefill_len, attention=attention)
     export_s = time.perf_counter() - t0
     log(f"Exported prefill and decode in {export_s:.1f} s")
 

@@ -2,6 +2,7 @@
 
     python scripts/int8_gemv_sweep.py          # one GPU, about a minute
     python scripts/int8_gemv_sweep.py --wide   # also 16/32 rows, 2048-wide K steps, 16 warps (~3 min)
+    python scripts/int8_gemv_sweep.py --convert   # each int8 -> fp32 conversion (gemv._int8_to_fp32)
 
 Bytes per call = int8 weight + scales + x + y. Beside each shape: the bf16 cuBLAS GEMV reading
 the same weight in bf16 (twice the bytes) and the best config; gemv.int8_gemv_config picks from this.
@@ -33,6 +34,14 @@ WIDE_CONFIGS = [
 ]
 
 
+# --convert: every conversion over a smaller tile set (a cheaper conversion may want other tiles)
+CONVERT_CONFIGS = [
+    dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s, CONVERT=c)
+    for c, n, k, w, s in itertools.product((0, 1, 2), (4, 8, 16), (512, 1024, 2048), (4, 8), (1, 3))
+    if 8 <= n * k // (32 * w) <= 128
+]
+
+
 def launch(x, w, s, y, cfg):
     N, K = w.shape
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), x.shape[0])
@@ -41,6 +50,8 @@ def launch(x, w, s, y, cfg):
 
 def main():
     configs = CONFIGS + [c for c in WIDE_CONFIGS if c not in CONFIGS] if "--wide" in sys.argv else CONFIGS
+    if "--convert" in sys.argv:
+        configs = CONVERT_CONFIGS + [gemv.int8_gemv_config(n, k) for n, k in SHAPES.values()]
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print("| shape | N x K | default GB/s | best GB/s | best config | bf16 cuBLAS GB/s |")
@@ -70,6 +81,10 @@ def main():
         print(f"| {name} | {N} x {K} | {default_gbs:.0f} | {best_gbs:.0f} | {best} | {N * K * 2 / ms_bf16 / 1e6:.0f} |")
         top = sorted(results, key=lambda r: -r[0])[:5]
         print("  top 5: " + "; ".join(f"{g:.0f} {c}" for g, c in top))
+        if "--convert" in sys.argv:
+            for conv in (0, 1, 2):
+                g, c = max((r for r in results if r[1].get("CONVERT", 0) == conv), key=lambda r: r[0])
+                print(f"  CONVERT={conv}: best {g:.0f} GB/s {c}")
 
 
 if __name__ == "__main__":

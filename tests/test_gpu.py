@@ -74,6 +74,24 @@ def test_compiled_cuda_graph_decode_equals_cpu_fp32_eager(shape):
     assert got == want
 
 
+def test_compiled_decode_attends_through_flex(monkeypatch):
+    """--compile's steps trace flex_attention (which skips unwritten cache blocks), not the dense
+    SDPA path: torch 2.11 reports is_exporting() under torch.compile on CUDA, and while the model
+    asked it, every compiled step attended over the whole cache with a dense mask."""
+    import model as model_module
+
+    traced = []
+    real = model_module.flex_attention_over_cache
+
+    def recording(*args, **kwargs):
+        traced.append("flex")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "flex_attention_over_cache", recording)
+    greedy(on(random_model("gqa-hd128"), "cuda", torch.bfloat16), PROMPTS[:1], 4, 64, compile=True)
+    assert traced
+
+
 @pytest.mark.parametrize("shape", ["gqa-hd128", "window"])
 def test_batch_of_different_lengths_equals_each_alone_compiled(shape):
     model = on(random_model(shape), "cuda")
@@ -183,6 +201,26 @@ def test_int8_gemv_kernel_equals_reference(rows, n, k):
     for _ in range(3):  # warm-up, record, replay
         out = compiled(x, w, scales).clone()
     assert torch.equal(out, got)
+
+
+@pytest.mark.parametrize("convert", [0, 1, 2])
+def test_int8_gemv_conversions_are_exact(convert):
+    """Each int8 -> fp32 form of the GEMV (cvt, the 2^23 trick, prmt) reads every byte value at
+    every position of its 32-bit word exactly: a one-hot x picks column j, so y = W[:, j] exactly."""
+    import gemv
+
+    n, k = 256, 2048
+    w = ((torch.arange(n).view(-1, 1) + torch.arange(k).view(1, -1)) % 256 - 128).to(torch.int8).cuda()
+    columns = [0, 1, 2, 3, 6, 1029, 2047]
+    x = torch.zeros(len(columns), k, device="cuda", dtype=torch.bfloat16)
+    x[range(len(columns)), columns] = 1.0
+    scales = torch.ones(n, device="cuda")
+    cfg = {**gemv.int8_gemv_config(n, k), "CONVERT": convert}
+    for block_k in (512, 1024):
+        y = torch.full((len(columns), n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        grid = (n // cfg["BLOCK_N"], len(columns))
+        gemv._int8_gemv_kernel[grid](x, w, scales, y, n, k, **{**cfg, "BLOCK_K": block_k})
+        assert torch.equal(y.float(), w[:, columns].T.float())
 
 
 @pytest.fixture(scope="module")
