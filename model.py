@@ -155,7 +155,15 @@ class KVCache(nn.Module):
         # input_pos: [T] slots, or [B, T] (each row its own); k, v: [B, Hkv, T, D]
         write_slots(self.k_cache, input_pos, k.to(self.k_cache.dtype))
         write_slots(self.v_cache, input_pos, v.to(self.v_cache.dtype))
+        return self.read()
+
+    def read(self):
+        """The whole cache as K, V [B, Hkv, cache_len, D]."""
         return self.k_cache, self.v_cache
+
+    def attends_at_decode(self) -> bool:
+        """Does this cache bring its own decode attention (cache_attention_at_decode)? Not this one."""
+        return False
 
 
 def write_slots(cache: torch.Tensor, input_pos: torch.Tensor, x: torch.Tensor):
@@ -199,15 +207,17 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     raise ValueError(f"unknown rope scaling type {scaling['type']!r}")
 
 
-def flex_attention_over_cache(q, k, v, block_mask: BlockMask):
+def flex_attention_over_cache(q, cache, block_mask: BlockMask):
     """Compiled path: flex_attention visits only each row's valid kv blocks (at decode, Inductor's
     flex-decoding kernel), so the work grows with the valid length, not the allocated cache."""
+    k, v = cache.read()
+    q = q.to(k.dtype)  # attention runs in the cache dtype; the mask keeps it to valid slots
     return flex_attention(
         q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1], scale=q.shape[-1] ** -0.5
     )
 
 
-def sdpa_attention_over_cache(q, k, v, folded_mask: torch.Tensor):
+def sdpa_attention_over_cache(q, cache, folded_mask: torch.Tensor):
     """Eager path (CPU or GPU, no compiler): SDPA over the first S cache slots with the dense
     mask [.., S] (S = every slot at decode; the slots up to the chunk's end at prefill).
 
@@ -215,6 +225,8 @@ def sdpa_attention_over_cache(q, k, v, folded_mask: torch.Tensor):
     plain SDPA with a mask runs its fused kernel; SDPA's enable_gqa with a mask falls back to
     the unfused math kernel on CUDA. folded_mask: [B, 1, G*T, S], row g*T + t is query t's.
     """
+    k, v = cache.read()
+    q = q.to(k.dtype)
     B, n_heads, T, D = q.shape
     n_kv_heads, visible = k.shape[1], folded_mask.shape[-1]
     k, v = k[:, :, :visible], v[:, :, :visible]
@@ -229,6 +241,12 @@ def sdpa_attention_over_cache(q, k, v, folded_mask: torch.Tensor):
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=folded_mask, scale=D**-0.5)
     return y.reshape(B, n_heads, T, D)
+
+
+def cache_attention_at_decode(q, cache, row_start, q_slot, sliding_window: int | None):
+    """Decode (T = 1) through the cache's own attention: quantize.QuantizedKVCache on CUDA, whose
+    kernel reads the int8/fp8 values and scales over each row's valid slots (no dequantized copy)."""
+    return cache.attend_at_decode(q, row_start, q_slot, sliding_window)
 
 
 def rotate_half(x):
@@ -262,9 +280,8 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        k_all, v_all = self.kv_cache.update(input_pos, k, v)
-        # Attention runs in the cache dtype; its mask keeps it to each row's valid slots.
-        y = attend(q.to(k_all.dtype), k_all, v_all)
+        self.kv_cache.update(input_pos, k, v)
+        y = attend(q, self.kv_cache)  # reads the cache it needs, within each row's valid slots
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, q_size)
         return self.wo(y)
 
@@ -457,7 +474,15 @@ class Transformer(nn.Module):
         # SDPA too: Inductor (torch 2.11 CUDA, 2.13 CPU) fails to generate flex's kernel for them.
         exporting = self.export_attention is not None
         per_row_slots = input_pos.dim() == 2
-        if torch.compiler.is_compiling() and self.export_attention in (None, "flex") and not per_row_slots:
+        cache = self.layers[0].attention.kv_cache
+        if T == 1 and cache.attends_at_decode() and not exporting and not per_row_slots:
+            attend = partial(
+                cache_attention_at_decode,
+                row_start=self.row_start,
+                q_slot=input_pos,
+                sliding_window=self.args.sliding_window,
+            )
+        elif torch.compiler.is_compiling() and self.export_attention in (None, "flex") and not per_row_slots:
             attend = partial(flex_attention_over_cache, block_mask=offset_length_block_mask(*mask_args))
         else:
             if T > 1 and not exporting and not per_row_slots:  # eager prefill: attend over the slots up

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import gemv
+import kv_attention
 from checkpoint import (
     CHECKPOINT_CONFIG,
     CHECKPOINT_WEIGHTS,
@@ -371,8 +372,9 @@ def _linear_names(config: dict):
 
 class QuantizedKVCache(nn.Module):
     """K/V stored as int8 or float8_e4m3fn with one scale per (row, head, slot); written in
-    place like KVCache. update() returns the whole cache dequantized to the compute dtype: half
-    the memory of a bf16 cache, at the price of a full-cache dequantize per step."""
+    place like KVCache: half the memory of a bf16 cache (plus the scales). Decode on CUDA attends
+    through kv_attention's kernel, which reads the stored values over the valid slots; every other
+    step reads the whole cache dequantized to the compute dtype (read())."""
 
     def __init__(self, batch_size, n_kv_heads, cache_len, head_dim, storage_dtype, device=None, *, compute_dtype):
         super().__init__()
@@ -415,7 +417,19 @@ class QuantizedKVCache(nn.Module):
             # through a uint8 view: index_copy_ has no float8 kernel on the CPU (same bytes on any device)
             write_slots(cache.view(torch.uint8), input_pos, q.view(torch.uint8))
             write_slots(scales, input_pos, scale)
+        return self.read()
+
+    def read(self):
         return (self.k_cache.to(self.compute_dtype) * self.k_scale, self.v_cache.to(self.compute_dtype) * self.v_scale)
+
+    def attends_at_decode(self) -> bool:
+        return kv_attention.available(self.k_cache)
+
+    def attend_at_decode(self, q, row_start, q_slot, sliding_window: int | None):
+        """q [B, Hq, 1, D] at slot q_slot [1] over each row's valid slots -> [B, Hq, 1, D] (kv_attention)."""
+        return kv_attention.quantized_decode_attention(
+            q, self.k_cache, self.k_scale, self.v_cache, self.v_scale, row_start, q_slot, sliding_window or 0
+        )
 
 
 def check_fp8_supported(device=None):

@@ -11,6 +11,16 @@ from model import BLOCK_SIZE, offset_length_block_mask, offset_length_dense_mask
 compiled_flex = torch.compile(flex_attention, dynamic=False)
 
 
+class FilledCache:
+    """What the attention functions read from a cache (KVCache.read()): these K, V."""
+
+    def __init__(self, k, v):
+        self.k, self.v = k, v
+
+    def read(self):
+        return self.k, self.v
+
+
 def valid_pairs(start, q_start, q_len, kv_len, window):
     """Dense [B, q_len, kv_len] truth table of the contract."""
     q = q_start + torch.arange(q_len).view(1, -1, 1)
@@ -113,7 +123,7 @@ def test_eager_sdpa_over_static_cache_equals_sliced_sdpa(starts, q_start, q_len,
     v = torch.randn(B, Hkv, kv_len, D)
     start = torch.tensor(starts, dtype=torch.int32)
     mask = offset_length_dense_mask(start, torch.tensor(q_start), q_len, kv_len, window)
-    out = sdpa_attention_over_cache(q, k, v, mask.repeat(1, 1, Hq // Hkv, 1))
+    out = sdpa_attention_over_cache(q, FilledCache(k, v), mask.repeat(1, 1, Hq // Hkv, 1))
     ref = sdpa_reference(q, k, v, start, q_start, window)
     real = valid_pairs(start, q_start, q_len, kv_len, window).any(-1)  # [B, T]; pad queries aside
     err = (out - ref).transpose(1, 2)[real].norm() / ref.transpose(1, 2)[real].norm()

@@ -204,9 +204,9 @@ def test_eager_prefill_attends_over_the_written_slots_only(monkeypatch):
     seen = []
     real = model_module.sdpa_attention_over_cache
 
-    def spy(q, k, v, folded_mask):
+    def spy(q, cache, folded_mask):
         seen.append((q.shape[2], folded_mask.shape[-1]))
-        return real(q, k, v, folded_mask)
+        return real(q, cache, folded_mask)
 
     monkeypatch.setattr(model_module, "sdpa_attention_over_cache", spy)
     model = tiny_model()

@@ -155,7 +155,7 @@ def test_eager_cuda_graph_step_samples_and_rerecords():
 
 @pytest.mark.parametrize("q_len", [1, 40])  # decode (plain matmuls on CUDA) and prefill (fused SDPA)
 def test_eager_attention_on_cuda_equals_sliced_sdpa(q_len):
-    from test_attention import sdpa_reference, valid_pairs
+    from test_attention import FilledCache, sdpa_reference, valid_pairs
 
     from model import offset_length_dense_mask, sdpa_attention_over_cache
 
@@ -166,7 +166,8 @@ def test_eager_attention_on_cuda_equals_sliced_sdpa(q_len):
     start = torch.tensor(starts, dtype=torch.int32)
     want = sdpa_reference(q, k, v, start, q_start, window)
     mask = offset_length_dense_mask(start.cuda(), torch.tensor(q_start).cuda(), q_len, kv_len, window)
-    got = sdpa_attention_over_cache(q.cuda(), k.cuda(), v.cuda(), mask.repeat(1, 1, Hq // Hkv, 1)).cpu()
+    cache = FilledCache(k.cuda(), v.cuda())
+    got = sdpa_attention_over_cache(q.cuda(), cache, mask.repeat(1, 1, Hq // Hkv, 1)).cpu()
     real = valid_pairs(start, q_start, q_len, kv_len, window).any(-1)
     err = (got - want).transpose(1, 2)[real].norm() / want.transpose(1, 2)[real].norm()
     assert err < 1e-5, err
@@ -180,6 +181,69 @@ def test_quantized_kv_cache_on_cuda_equals_cpu_reference(kv_cache_dtype):
     cuda = on(cpu, "cuda")
     assert greedy(cuda, PROMPTS[:3], 30, 128, kv_cache_dtype=kv_cache_dtype) == want
     assert greedy(cuda, PROMPTS[:3], 30, 128, compile=True, kv_cache_dtype=kv_cache_dtype) == want
+
+
+# ----------------------------------------------------------------------------- quantized KV attention
+
+KV_KERNEL_CASES = [  # B, Hq, Hkv, D, cache slots, query slot, row starts, window
+    (1, 32, 8, 128, 80, 16, [0], None),
+    (3, 8, 2, 64, 2048, 700, [0, 17, 650], None),
+    (2, 4, 2, 80, 384, 300, [3, 0], 24),
+    (2, 8, 8, 64, 8192, 8000, [0, 7000], None),
+]
+
+
+@pytest.mark.parametrize("storage", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", KV_KERNEL_CASES)
+def test_quantized_decode_attention_kernel_equals_reference(storage, dtype, case):
+    """kv_attention's kernel against its dequantize-then-SDPA reference, and it never reads a slot
+    outside a row's valid range: there the scales are NaN, which any read would spread."""
+    import kv_attention
+
+    B, Hq, Hkv, D, S, q_slot, starts, window = case
+    torch.manual_seed(S + D)
+    store = torch.int8 if storage == "int8" else torch.float8_e4m3fn
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype)
+    caches = [(torch.randn(B, Hkv, S, D, device="cuda") * 60).clamp(-127, 127).to(store) for _ in range(2)]
+    scales = [(torch.rand(B, Hkv, S, 1, device="cuda") / 50 + 1e-3).to(dtype) for _ in range(2)]
+    row_start = torch.tensor(starts, dtype=torch.int32, device="cuda")
+    slot = torch.tensor([q_slot], device="cuda")
+    want = kv_attention.quantized_decode_attention_reference(
+        q, caches[0], scales[0], caches[1], scales[1], row_start, slot, window
+    )
+    first, last = kv_attention.valid_range(row_start.view(B, 1), slot.view(1, 1), window)
+    slots = torch.arange(S, device="cuda").view(1, S)
+    outside = ((slots < first) | (slots > last)).view(B, 1, S, 1)
+    poisoned = [s.masked_fill(outside, float("nan")) for s in scales]
+    got = kv_attention.quantized_decode_attention(
+        q, caches[0], poisoned[0], caches[1], poisoned[1], row_start, slot, window or 0
+    )
+    assert got.dtype == dtype and got.shape == want.shape
+    err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
+
+
+def test_quantized_kv_decode_uses_the_kernel_compiled_and_eager(monkeypatch):
+    """An int8 cache at decode on CUDA attends through kv_attention (not a dequantized copy), in
+    the compiled step and in the eager CUDA-graph step alike."""
+    import kv_attention
+    import model as model_module
+
+    calls = []
+    real = model_module.cache_attention_at_decode
+
+    def recording(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "cache_attention_at_decode", recording)
+    monkeypatch.setattr(kv_attention, "ENABLED", True)  # off by default until measured (kv_attention.py)
+    cuda = on(random_model("gqa-hd128"), "cuda")
+    for compile in (False, True):
+        calls.clear()
+        greedy(cuda, PROMPTS[:2], 4, 64, compile=compile, kv_cache_dtype=torch.int8)
+        assert calls
 
 
 # ----------------------------------------------------------------------------- quantized weights

@@ -121,6 +121,36 @@ def test_quantized_kv_cache_generation_matches_plain():
     assert gen.generate(prompts, 12, Sampling()).tokens == plain
 
 
+@pytest.mark.parametrize("window", [None, 6])
+def test_quantized_cache_decode_attention_plumbing(monkeypatch, window):
+    """The decode path that CUDA takes for an int8 cache (the cache's own attention, given each
+    row's start and the query's slot), run here with kv_attention's reference standing in for its
+    kernel: a batch of different-length prompts decodes to the tokens of the dequantized path."""
+    import kv_attention
+
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96, vocab_size=97)
+    model = Transformer(ModelArgs(**{**args.__dict__, "sliding_window": window})).eval()
+    with torch.no_grad():
+        model.output.weight.normal_(0, 1.0)
+    gen = Generator(model)
+    prompts = [[5, 17, 3, 88, 41, 9, 2, 30, 11], [60, 1]]
+    gen.setup(2, 64, torch.int8)
+    dequantized = gen.generate(prompts, 12, Sampling()).tokens
+    calls = []
+
+    def reference(q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window):
+        calls.append(q.shape)
+        return kv_attention.quantized_decode_attention_reference(
+            q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window or None
+        )
+
+    monkeypatch.setattr(kv_attention, "available", lambda t: True)
+    monkeypatch.setattr(kv_attention, "quantized_decode_attention", reference, raising=False)
+    assert gen.generate(prompts, 12, Sampling()).tokens == dequantized
+    assert len(calls) == 11 * args.n_layers and all(shape[2] == 1 for shape in calls)  # decode steps only
+
+
 @pytest.fixture(scope="module")
 def quantized(smollm2_checkpoint, tmp_path_factory):
     """The real SmolLM2 through the quantize CLI (in process: one torch import less)."""

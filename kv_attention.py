@@ -1,0 +1,191 @@
+"""Decode attention that reads an int8 / fp8 KV cache itself, over each row's valid slots only.
+
+QuantizedKVCache stores K/V as int8 or float8_e4m3fn with one scale per (row, head, slot). Without
+this kernel a decode step dequantizes the whole cache into a bf16 copy and attends over that: it
+reads more bytes than a bf16 cache would, and the work grows with the allocated slots. Here each
+program takes one (row, kv head) and one split of the slots, skips the split's part outside the
+row's valid range [row start (or the window's first slot), query slot], converts K/V tiles in
+registers and keeps an online softmax; a few torch ops then merge the splits (flash decoding).
+
+`quantized_decode_attention_reference` is the plain PyTorch computation (dequantize, dense mask,
+fp32 softmax) that the GPU tests compare the kernel with.
+"""
+
+import os
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch; a CPU-only install has none
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+except ImportError:
+    triton = None
+
+BLOCK_N = 64  # kv slots per tile
+MAX_SPLITS = 64
+TARGET_PROGRAMS = 512  # enough (row, head, split) programs to cover an H100/H200 twice over
+
+
+# Off by default until the GPU tier has run this kernel (it was written without a GPU, checked with
+# Triton's CPU interpreter only): FASTGEN_KV_KERNEL=1 turns it on, for the tests and the benchmark.
+ENABLED = os.environ.get("FASTGEN_KV_KERNEL", "0") == "1"
+
+
+def available(q: torch.Tensor) -> bool:
+    return ENABLED and triton is not None and q.is_cuda
+
+
+def valid_range(row_start, q_slot, sliding_window: int | None):
+    """The slots a decode query at q_slot may see: [first, q_slot] (model.valid_kv's rule at T = 1)."""
+    first = row_start.long()
+    if sliding_window is not None:
+        first = torch.maximum(first, q_slot - sliding_window + 1)
+    return first, q_slot
+
+
+def quantized_decode_attention_reference(q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window):
+    """q [B, Hq, 1, D]; caches [B, Hkv, S, D] int8/fp8; scales [B, Hkv, S, 1]; row_start [B];
+    q_slot: 1-element tensor, the query's slot. -> [B, Hq, 1, D] in q.dtype."""
+    B, n_heads, _, D = q.shape
+    n_kv_heads, S = k_cache.shape[1], k_cache.shape[2]
+    k = (k_cache.float() * k_scale.float()).repeat_interleave(n_heads // n_kv_heads, dim=1)
+    v = (v_cache.float() * v_scale.float()).repeat_interleave(n_heads // n_kv_heads, dim=1)
+    first, last = valid_range(row_start.view(B, 1), q_slot.view(1, 1), sliding_window)
+    slots = torch.arange(S, device=q.device).view(1, S)
+    ok = (slots >= first) & (slots <= last)  # [B, S]
+    scores = (q.float() @ k.transpose(-1, -2)) * D**-0.5  # [B, Hq, 1, S]
+    scores = scores.masked_fill(~ok.view(B, 1, 1, S), float("-inf"))
+    return (scores.softmax(dim=-1) @ v).to(q.dtype)
+
+
+def num_splits(batch: int, n_kv_heads: int, cache_len: int) -> int:
+    """Splits of the slot axis per (row, kv head): enough programs to fill the GPU, each at least
+    one tile. Static for a cache shape, so a CUDA graph replays the same launch at every length."""
+    tiles = triton.cdiv(cache_len, BLOCK_N)
+    return max(1, min(MAX_SPLITS, tiles, triton.cdiv(TARGET_PROGRAMS, batch * n_kv_heads)))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _quantized_decode_kernel(
+        q_ptr,  # [B * Hkv * G, D] contiguous: query head h * G + g of row b at row (b * Hkv + h) * G + g
+        k_ptr,  # [B * Hkv, S, D] int8 / fp8
+        k_scale_ptr,  # [B * Hkv, S]
+        v_ptr,
+        v_scale_ptr,
+        row_start_ptr,  # [B]
+        q_slot_ptr,  # [1]: the query's slot (the same for every row)
+        acc_ptr,  # [B * Hkv, SPLITS, G_PAD, D_PAD] fp32: each split's unnormalised output
+        max_ptr,  # [B * Hkv, SPLITS, G_PAD] fp32: its running max (log2 units)
+        sum_ptr,  # [B * Hkv, SPLITS, G_PAD] fp32: its softmax denominator
+        n_kv_heads,
+        S,
+        D,
+        slots_per_split,
+        window,  # sliding window; 0: none
+        qk_scale,  # head_dim ** -0.5 * log2(e)
+        G: tl.constexpr,
+        G_PAD: tl.constexpr,  # >= 16: tl.dot's smallest M
+        D_PAD: tl.constexpr,
+        BLOCK: tl.constexpr,
+        SPLITS: tl.constexpr,
+    ):
+        bh, split = tl.program_id(0), tl.program_id(1)
+        b = bh // n_kv_heads
+        # this row's valid slots [first, last], cut to this split's share of the cache
+        last = tl.load(q_slot_ptr).to(tl.int32)
+        first = tl.load(row_start_ptr + b).to(tl.int32)
+        if window > 0:
+            first = tl.maximum(first, last - window + 1)
+        lo = tl.maximum(first, split * slots_per_split)
+        hi = tl.minimum(tl.minimum(last + 1, (split + 1) * slots_per_split), S)
+
+        heads, dims, slots = tl.arange(0, G_PAD), tl.arange(0, D_PAD), tl.arange(0, BLOCK)
+        g_ok, d_ok = heads < G, dims < D
+        dot_dtype = q_ptr.dtype.element_ty  # the compute dtype; int8 and e4m3 values convert exactly
+        q = tl.load(q_ptr + (bh * G + heads)[:, None] * D + dims[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0)
+        kv_rows = bh.to(tl.int64) * S
+
+        running_max = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
+        running_sum = tl.zeros((G_PAD,), dtype=tl.float32)
+        acc = tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
+        for start in range(lo, hi, BLOCK):  # every tile holds at least one valid slot
+            slot = start + slots
+            ok = slot < hi
+            offsets = (kv_rows + slot)[:, None] * D + dims[None, :]
+            tile_ok = ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + offsets, mask=tile_ok, other=0).to(dot_dtype)
+            k_scale = tl.load(k_scale_ptr + kv_rows + slot, mask=ok, other=0).to(tl.float32)
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * (k_scale * qk_scale)[None, :]
+            scores = tl.where(ok[None, :], scores, float("-inf"))  # [G_PAD, BLOCK]
+            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+            correction = tl.exp2(running_max - new_max)
+            p = tl.exp2(scores - new_max[:, None])
+            running_sum = running_sum * correction + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + offsets, mask=tile_ok, other=0).to(dot_dtype)
+            v_scale = tl.load(v_scale_ptr + kv_rows + slot, mask=ok, other=0).to(tl.float32)
+            # V's per-slot scale folds into the probabilities: sum_j p_j (s_j v_j) = sum_j (p_j s_j) v_j
+            pv = tl.dot((p * v_scale[None, :]).to(dot_dtype), v, input_precision="ieee")
+            acc = acc * correction[:, None] + pv
+            running_max = new_max
+
+        part = bh * SPLITS + split
+        tl.store(max_ptr + part * G_PAD + heads, running_max)
+        tl.store(sum_ptr + part * G_PAD + heads, running_sum)
+        tl.store(acc_ptr + (part * G_PAD + heads)[:, None] * D_PAD + dims[None, :], acc)
+
+    @triton_op("fastgen::quantized_decode_attention", mutates_args={})
+    def quantized_decode_attention(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        k_scale: torch.Tensor,
+        v_cache: torch.Tensor,
+        v_scale: torch.Tensor,
+        row_start: torch.Tensor,
+        q_slot: torch.Tensor,
+        sliding_window: int,
+    ) -> torch.Tensor:
+        """q [B, Hq, 1, D]; caches [B, Hkv, S, D]; scales [B, Hkv, S, 1]; row_start [B]; q_slot [1];
+        sliding_window 0 for none. -> [B, Hq, 1, D] in q.dtype."""
+        B, n_heads, _, D = q.shape
+        n_kv_heads, S = k_cache.shape[1], k_cache.shape[2]
+        G = n_heads // n_kv_heads
+        G_PAD, D_PAD = max(16, triton.next_power_of_2(G)), triton.next_power_of_2(D)
+        splits = num_splits(B, n_kv_heads, S)
+        slots_per_split = triton.cdiv(triton.cdiv(S, splits), BLOCK_N) * BLOCK_N
+        parts = (B * n_kv_heads, splits, G_PAD)
+        acc = torch.empty((*parts, D_PAD), dtype=torch.float32, device=q.device)
+        running_max = torch.empty(parts, dtype=torch.float32, device=q.device)
+        running_sum = torch.empty(parts, dtype=torch.float32, device=q.device)
+        wrap_triton(_quantized_decode_kernel)[(B * n_kv_heads, splits)](
+            q.contiguous(),
+            k_cache,
+            k_scale,
+            v_cache,
+            v_scale,
+            row_start,
+            q_slot,
+            acc,
+            running_max,
+            running_sum,
+            n_kv_heads,
+            S,
+            D,
+            slots_per_split,
+            sliding_window,
+            D**-0.5 * 1.4426950408889634,
+            G=G,
+            G_PAD=G_PAD,
+            D_PAD=D_PAD,
+            BLOCK=BLOCK_N,
+            SPLITS=splits,
+            num_warps=4,
+        )
+        # merge the splits: each is weighted by 2^(its max - the overall max); an empty split has
+        # max -inf and weight 0, and the query's own slot makes at least one split non-empty
+        overall = running_max.amax(dim=1, keepdim=True)
+        weight = torch.exp2(running_max - overall)  # [B * Hkv, splits, G_PAD]
+        out = (acc * weight.unsqueeze(-1)).sum(dim=1) / (running_sum * weight).sum(dim=1).unsqueeze(-1)
+        return out[:, :G, :D].reshape(B, n_heads, 1, D).to(q.dtype)
