@@ -293,7 +293,8 @@ def main(argv=None):
     write = lambda final=False: write_outputs(report, opts.out_dir, stem, final)  # noqa: E731
     log(
         f"{report['header']['device']}, torch {torch.__version__}, commit {report['header']['git_commit']}; "
-        f"{len(jobs)} jobs, budget {budget:.0f} s"
+        f"{len(jobs)} jobs, budget {budget:.0f} s, int8/fp8 KV decode kernel "
+        f"{'on' if report['header']['kv_kernel'] else 'off (FASTGEN_KV_KERNEL=1 turns it on)'}"
     )
     measure_ceilings(report, opts, device, dtype)
     write()

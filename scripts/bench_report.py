@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from bench_plan import GPT_FAST, HF, fmt_size
 
+import kv_attention
 from common import write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,6 +79,8 @@ def header(device, opts):
         "dtype": opts.dtype,
         "gpt_fast_dir": str(opts.gpt_fast_dir) if opts.gpt_fast_dir else None,
         "gpt_fast_commit": opts.gpt_fast_commit,
+        # int8/fp8 KV rows on CUDA attend through kv_attention's kernel only when this is on
+        "kv_kernel": kv_attention.ENABLED,
     }
 
 
