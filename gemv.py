@@ -101,6 +101,104 @@ if triton is not None:
         y = tl.sum(acc, axis=1) * scale
         tl.store(y_ptr + m * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
+    @triton.jit
+    def _int8_gemv_rows_kernel(
+        x_ptr,
+        w_ptr,
+        scale_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        CONVERT: tl.constexpr = 0,
+    ):
+        # one program: BLOCK_N outputs of BLOCK_M activation rows, each weight tile read once for
+        # all of them (the batch-1 kernel above reads the weight once per row)
+        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_K)
+        row_ok, m_ok = rows < N, ms < M
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
+        # reduced over K every step: a [BLOCK_M, BLOCK_N, BLOCK_K] accumulator would take the
+        # registers that keep weight loads in flight
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + cols
+            k_ok = k < K
+            x = tl.load(x_ptr + ms[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(
+                w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0, eviction_policy="evict_first"
+            )
+            acc += tl.sum(_int8_to_fp32(w, CONVERT)[None, :, :] * x.to(tl.float32)[:, None, :], axis=2)
+        scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        y = acc * scale[None, :]  # [BLOCK_M, BLOCK_N]
+        tl.store(
+            y_ptr + ms[:, None] * N + rows[None, :], y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :]
+        )
+
+    @triton.jit
+    def _int8_gemm_dot_kernel(
+        x_ptr,
+        w_ptr,
+        part_ptr,  # [SPLITS, M, N] fp32: each K split's unscaled partial product
+        M,
+        N,
+        K,
+        k_per_split,
+        BLOCK_M: tl.constexpr,  # >= 16 (tl.dot's smallest M): rows past M are masked to 0
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        CONVERT: tl.constexpr = 0,
+    ):
+        # tensor cores for a few rows: x [BLOCK_M, BLOCK_K] @ W_tile^T, the int8 tile converted in
+        # registers; split over K so that a short N still fills the GPU
+        pid_n, split = tl.program_id(0), tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ms, cols = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_K)
+        row_ok, m_ok = rows < N, ms < M
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_lo = split * k_per_split
+        for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
+            k = k0 + cols
+            k_ok = k < K
+            x = tl.load(x_ptr + ms[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(
+                w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0, eviction_policy="evict_first"
+            )
+            w = _int8_to_fp32(w, CONVERT).to(x.dtype)  # exact: |w| <= 128
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        out = part_ptr + (split * M + ms)[:, None] * N + rows[None, :]
+        tl.store(out, acc, mask=m_ok[:, None] & row_ok[None, :])
+
+    def int8_gemm_dot(x, weight, scales, BLOCK_N=64, BLOCK_K=128, SPLITS=4, CONVERT=INT8_CONVERT, **launch):
+        """x [M, K] (M <= 16), weight [N, K] int8, scales [N] -> [M, N]: _int8_gemm_dot_kernel
+        plus the sum over its K splits (a plain function: the sweep's candidate for batch 8)."""
+        M, K = x.shape
+        N = weight.shape[0]
+        k_per_split = triton.cdiv(triton.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
+        part = torch.empty((SPLITS, M, N), dtype=torch.float32, device=x.device)
+        grid = (triton.cdiv(N, BLOCK_N), SPLITS)
+        _int8_gemm_dot_kernel[grid](
+            x,
+            weight,
+            part,
+            M,
+            N,
+            K,
+            k_per_split,
+            BLOCK_M=16,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
+            CONVERT=CONVERT,
+            **launch,
+        )
+        return (part.sum(0) * scales.float()).to(x.dtype)
+
     @triton_op("fastgen::int8_gemv", mutates_args={})
     def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """x [M, K] (contiguous), weight [N, K] int8, scales [N] -> [M, N] in x.dtype."""

@@ -3,6 +3,7 @@
     python scripts/int8_gemv_sweep.py          # one GPU, about a minute
     python scripts/int8_gemv_sweep.py --wide   # also 16/32 rows, 2048-wide K steps, 16 warps (~3 min)
     python scripts/int8_gemv_sweep.py --convert   # each int8 -> fp32 conversion (gemv._int8_to_fp32)
+    python scripts/int8_gemv_sweep.py --rows 8    # batch 8: today's path against the two multi-row kernels
 
 Bytes per call = int8 weight + scales + x + y. Beside each shape: the bf16 cuBLAS GEMV reading
 the same weight in bf16 (twice the bytes) and the best config; gemv.int8_gemv_config picks from this.
@@ -48,7 +49,73 @@ def launch(x, w, s, y, cfg):
     gemv._int8_gemv_kernel[grid](x, w, s, y, N, K, **cfg)
 
 
+ROWS_CONFIGS = [  # gemv._int8_gemv_rows_kernel (CUDA cores)
+    dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
+    for n, k, w, s in itertools.product((4, 8), (256, 512), (4, 8), (1, 3))
+]
+DOT_CONFIGS = [  # gemv.int8_gemm_dot (tensor cores, split over K)
+    dict(BLOCK_N=n, BLOCK_K=k, SPLITS=sp, num_warps=4, num_stages=s)
+    for n, k, sp, s in itertools.product((32, 64, 128), (128, 256), (1, 2, 4, 8), (1, 3))
+]
+
+
+def best_of(run, configs, check):
+    """(GB/s-ready ms, config) of the fastest config whose output passes check."""
+    results = []
+    for cfg in configs:
+        if not check(run(cfg)):
+            print(f"  wrong: {cfg}")
+            continue
+        results.append((do_bench(lambda: run(cfg), warmup=10, rep=40, return_mode="median"), cfg))  # noqa: B023
+    return min(results, key=lambda r: r[0])
+
+
+def rows_main(rows: int):
+    """GB/s of int8 weight at `rows` activation rows: what Int8Linear runs today (the batch-1
+    kernel once per row up to INT8_GEMV_MAX_ROWS, else a converted bf16 copy and cuBLAS), the
+    multi-row CUDA-core kernel, the tensor-core kernel, and bf16 cuBLAS reading twice the bytes."""
+    import quantize
+
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, {rows} rows")
+    print("| shape | N x K | today | rows kernel | best rows config | dot kernel | best dot config | bf16 cuBLAS |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (N, K) in SHAPES.items():
+        x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
+        s = torch.rand(N, device="cuda") / 100
+        ref = gemv.int8_gemv_reference(x, w, s).float()
+
+        def close(y):
+            return ((y.float() - ref).norm() / ref.norm()).item() < 1e-2  # noqa: B023
+
+        linear = quantize.Int8Linear(K, N, device="cuda")
+        linear.weight.copy_(w)
+        linear.scales.copy_(s)
+        today = do_bench(lambda: linear(x), warmup=10, rep=40, return_mode="median")  # noqa: B023
+        y = torch.empty(rows, N, device="cuda", dtype=torch.bfloat16)
+
+        block_m = triton.next_power_of_2(min(rows, 16))
+
+        def run_rows(cfg):
+            grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(rows, block_m))  # noqa: B023
+            gemv._int8_gemv_rows_kernel[grid](x, w, s, y, rows, N, K, BLOCK_M=block_m, **cfg)  # noqa: B023
+            return y  # noqa: B023
+
+        rows_ms, rows_cfg = best_of(run_rows, ROWS_CONFIGS, close)
+        dot_ms, dot_cfg = best_of(lambda cfg: gemv.int8_gemm_dot(x, w, s, **cfg), DOT_CONFIGS, close)  # noqa: B023
+        wb = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        bf16_ms = do_bench(lambda: torch.nn.functional.linear(x, wb), warmup=10, rep=40, return_mode="median")  # noqa: B023
+        gbs = lambda ms, nbytes=N * K: f"{nbytes / ms / 1e6:.0f}"  # noqa: E731, B023
+        print(
+            f"| {name} | {N} x {K} | {gbs(today)} | {gbs(rows_ms)} | {rows_cfg} | {gbs(dot_ms)} | {dot_cfg} "
+            f"| {gbs(bf16_ms, 2 * N * K)} |"
+        )
+
+
 def main():
+    if "--rows" in sys.argv:
+        return rows_main(int(sys.argv[sys.argv.index("--rows") + 1]))
     configs = CONFIGS + [c for c in WIDE_CONFIGS if c not in CONFIGS] if "--wide" in sys.argv else CONFIGS
     if "--convert" in sys.argv:
         configs = CONVERT_CONFIGS + [gemv.int8_gemv_config(n, k) for n, k in SHAPES.values()]

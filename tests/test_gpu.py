@@ -267,6 +267,27 @@ def test_int8_gemv_kernel_equals_reference(rows, n, k):
     assert torch.equal(out, got)
 
 
+@pytest.mark.parametrize("rows,n,k", [(8, 4096, 4096), (5, 1000, 576), (2, 520, 1300), (16, 64, 8200)])
+def test_int8_multi_row_kernels_equal_reference(rows, n, k):
+    """The two batch-8 candidates (scripts/int8_gemv_sweep.py --rows): the CUDA-core kernel that
+    reads each weight tile once for all rows, and the tensor-core one split over K."""
+    import triton
+
+    import gemv
+
+    torch.manual_seed(rows + n)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+    scales = torch.rand(n, device="cuda") / 100
+    want = gemv.int8_gemv_reference(x, w, scales).float()
+    block_m = triton.next_power_of_2(rows)
+    y = torch.empty(rows, n, device="cuda", dtype=torch.bfloat16)
+    grid = (triton.cdiv(n, 8), 1)
+    gemv._int8_gemv_rows_kernel[grid](x, w, scales, y, rows, n, k, BLOCK_M=block_m, BLOCK_N=8, BLOCK_K=256, CONVERT=2)
+    for got in (y, gemv.int8_gemm_dot(x, w, scales, SPLITS=3)):
+        assert ((got.float() - want).norm() / want.norm()) < 1e-2
+
+
 @pytest.mark.parametrize("convert", [0, 1, 2])
 def test_int8_gemv_conversions_are_exact(convert):
     """Each int8 -> fp32 form of the GEMV (cvt, the 2^23 trick, prmt) reads every byte value at
