@@ -82,10 +82,10 @@ if triton is not None:
         sum_ptr,  # [B * Hkv, SPLITS, G_PAD] fp32: its softmax denominator
         n_kv_heads,
         S,
-        D,
         slots_per_split,
         window,  # sliding window; 0: none
         qk_scale,  # head_dim ** -0.5 * log2(e)
+        D: tl.constexpr,  # head_dim: a constant, so every K/V row load is vectorised
         G: tl.constexpr,
         G_PAD: tl.constexpr,  # >= 16: tl.dot's smallest M
         D_PAD: tl.constexpr,
@@ -116,7 +116,7 @@ if triton is not None:
             ok = slot < hi
             offsets = (kv_rows + slot)[:, None] * D + dims[None, :]
             tile_ok = ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + offsets, mask=tile_ok, other=0).to(dot_dtype)
+            k = tl.load(k_ptr + offsets, mask=tile_ok, other=0.0).to(dot_dtype)
             k_scale = tl.load(k_scale_ptr + kv_rows + slot, mask=ok, other=0).to(tl.float32)
             scores = tl.dot(q, tl.trans(k), input_precision="ieee") * (k_scale * qk_scale)[None, :]
             scores = tl.where(ok[None, :], scores, float("-inf"))  # [G_PAD, BLOCK]
@@ -124,7 +124,7 @@ if triton is not None:
             correction = tl.exp2(running_max - new_max)
             p = tl.exp2(scores - new_max[:, None])
             running_sum = running_sum * correction + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + offsets, mask=tile_ok, other=0).to(dot_dtype)
+            v = tl.load(v_ptr + offsets, mask=tile_ok, other=0.0).to(dot_dtype)
             v_scale = tl.load(v_scale_ptr + kv_rows + slot, mask=ok, other=0).to(tl.float32)
             # V's per-slot scale folds into the probabilities: sum_j p_j (s_j v_j) = sum_j (p_j s_j) v_j
             pv = tl.dot((p * v_scale[None, :]).to(dot_dtype), v, input_precision="ieee")
@@ -172,10 +172,10 @@ if triton is not None:
             running_sum,
             n_kv_heads,
             S,
-            D,
             slots_per_split,
             sliding_window,
             D**-0.5 * 1.4426950408889634,
+            D=D,
             G=G,
             G_PAD=G_PAD,
             D_PAD=D_PAD,

@@ -1,0 +1,152 @@
+"""Compile every Triton kernel of the repo for a GPU architecture without a GPU, and print each
+one's registers, spills and shared memory: a type error or a register blow-up shows up here, before
+any device time is spent. Needs Triton next to torch (a CPU-only torch has none):
+
+    python3 -m venv /tmp/tri && /tmp/tri/bin/pip install torch==2.13.0 triton==3.6.0   # 3.6: torch 2.11's
+    /tmp/tri/bin/python scripts/compile_kernels.py            # sm_90 (H100/H200)
+    /tmp/tri/bin/python scripts/compile_kernels.py --arch 80  # A100
+
+It compiles only: correctness is the GPU tests' job (and, for some kernels, Triton's CPU interpreter,
+TRITON_INTERPRET=1, which cannot run inline asm or int8 -> bf16).
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import gemv  # noqa: E402
+import kv_attention  # noqa: E402
+
+
+def resources(cubin: bytes) -> str:
+    """REG / SHARED / LOCAL (spills) as cuobjdump reports them."""
+    path = "/tmp/compile_kernels.cubin"
+    Path(path).write_bytes(cubin)
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    report = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+    return " ".join(re.findall(r"REG:\d+|SHARED:\d+|LOCAL:\d+", report))
+
+
+def build(target, name, fn, signature, constexprs, divisible, **options):
+    """divisible: indices of the arguments Triton may assume are multiples of 16 (as it does at
+    run time for such values); without them every load comes out byte-wide."""
+    src = ASTSource(
+        fn=fn,
+        signature={**signature, **{k: "constexpr" for k in constexprs}},
+        constexprs=constexprs,
+        attrs={(i,): [["tt.divisibility", 16]] for i in divisible},
+    )
+    kernel = triton.compile(src, target=target, options=options)
+    print(f"{name:60s} {resources(kernel.asm['cubin'])}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default: 90)")
+    target = GPUTarget("cuda", p.parse_args(argv).arch, 32)
+    print(f"triton {triton.__version__}, sm_{target.arch}")
+    gemv_sig = {"x_ptr": "*bf16", "w_ptr": "*i8", "scale_ptr": "*fp32", "y_ptr": "*bf16", "N": "i32", "K": "i32"}
+    for convert in (0, 1, 2):
+        for n, k in ((4096, 4096), (28672, 4096), (128256, 4096)):
+            cfg = gemv.int8_gemv_config(n, k)
+            consts = {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": convert}
+            launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            build(
+                target,
+                f"int8 gemv {n}x{k} convert={convert}",
+                gemv._int8_gemv_kernel,
+                gemv_sig,
+                consts,
+                range(6),
+                **launch,
+            )
+    rows_sig = {
+        "x_ptr": "*bf16",
+        "w_ptr": "*i8",
+        "scale_ptr": "*fp32",
+        "y_ptr": "*bf16",
+        "M": "i32",
+        "N": "i32",
+        "K": "i32",
+    }
+    consts = {"BLOCK_M": 8, "BLOCK_N": 8, "BLOCK_K": 256, "CONVERT": gemv.INT8_CONVERT}
+    build(
+        target,
+        "int8 rows (8 rows)",
+        gemv._int8_gemv_rows_kernel,
+        rows_sig,
+        consts,
+        (0, 1, 2, 3, 5, 6),
+        num_warps=4,
+        num_stages=3,
+    )
+    dot_sig = {
+        "x_ptr": "*bf16",
+        "w_ptr": "*i8",
+        "part_ptr": "*fp32",
+        "M": "i32",
+        "N": "i32",
+        "K": "i32",
+        "k_per_split": "i32",
+    }
+    for x in ("*bf16", "*fp32"):
+        consts = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "CONVERT": gemv.INT8_CONVERT}
+        build(
+            target,
+            f"int8 dot x={x[1:]}",
+            gemv._int8_gemm_dot_kernel,
+            {**dot_sig, "x_ptr": x},
+            consts,
+            (0, 1, 2, 5, 6),
+            num_warps=4,
+            num_stages=3,
+        )
+    kv_sig = {
+        "q_ptr": "*bf16", "k_ptr": "*i8", "k_scale_ptr": "*bf16", "v_ptr": "*i8", "v_scale_ptr": "*bf16",
+        "row_start_ptr": "*i32", "q_slot_ptr": "*i64", "acc_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
+        "n_kv_heads": "i32", "S": "i32", "slots_per_split": "i32", "window": "i32", "qk_scale": "fp32",
+    }  # fmt: skip
+    for store in ("*i8", "*fp8e4nv"):
+        for dtype in ("*bf16", "*fp16", "*fp32"):
+            for group, head_dim in ((4, 128), (1, 80)):
+                sig = {
+                    **kv_sig,
+                    "q_ptr": dtype,
+                    "k_scale_ptr": dtype,
+                    "v_scale_ptr": dtype,
+                    "k_ptr": store,
+                    "v_ptr": store,
+                }
+                consts = dict(
+                    D=head_dim,
+                    G=group,
+                    G_PAD=16,
+                    D_PAD=triton.next_power_of_2(head_dim),
+                    BLOCK=kv_attention.BLOCK_N,
+                    SPLITS=8,
+                )
+                name = f"kv decode {store[1:]} cache, {dtype[1:]}, G={group}, D={head_dim}"
+                build(
+                    target,
+                    name,
+                    kv_attention._quantized_decode_kernel,
+                    sig,
+                    consts,
+                    (*range(10), 11, 12),  # pointers, S and slots_per_split: multiples of 16 at run time
+                    num_warps=4,
+                    num_stages=1,
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
