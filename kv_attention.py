@@ -5,7 +5,7 @@ this kernel a decode step dequantizes the whole cache into a bf16 copy and atten
 reads more bytes than a bf16 cache would, and the work grows with the allocated slots. Here each
 program takes one (row, kv head) and one split of the slots, skips the split's part outside the
 row's valid range [row start (or the window's first slot), query slot], converts K/V tiles in
-registers and keeps an online softmax; a few torch ops then merge the splits (flash decoding).
+registers and keeps an online softmax; a second small kernel merges the splits (flash decoding).
 
 `quantized_decode_attention_reference` is the plain PyTorch computation (dequantize, dense mask,
 fp32 softmax) that the GPU tests compare the kernel with.
@@ -136,6 +136,40 @@ if triton is not None:
         tl.store(sum_ptr + part * G_PAD + heads, running_sum)
         tl.store(acc_ptr + (part * G_PAD + heads)[:, None] * D_PAD + dims[None, :], acc)
 
+    @triton.jit
+    def _merge_splits_kernel(
+        acc_ptr,
+        max_ptr,
+        sum_ptr,
+        y_ptr,  # [B * Hkv * G, D]: the attention output, in the compute dtype
+        D: tl.constexpr,
+        G: tl.constexpr,
+        G_PAD: tl.constexpr,
+        D_PAD: tl.constexpr,
+        SPLITS: tl.constexpr,
+        SPLITS_PAD: tl.constexpr,
+    ):
+        # one program per (row, kv head): each split weighted by 2^(its max - the overall max). An
+        # empty split has max -inf and weight 0; the query's own slot makes one split non-empty.
+        bh = tl.program_id(0)
+        heads, dims, splits = tl.arange(0, G_PAD), tl.arange(0, D_PAD), tl.arange(0, SPLITS_PAD)
+        maxes = tl.load(
+            max_ptr + (bh * SPLITS + splits)[:, None] * G_PAD + heads[None, :],
+            mask=(splits < SPLITS)[:, None],
+            other=float("-inf"),
+        )
+        overall = tl.max(maxes, axis=0)  # [G_PAD]
+        out = tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
+        total = tl.zeros((G_PAD,), dtype=tl.float32)
+        for split in range(SPLITS):
+            part = bh * SPLITS + split
+            weight = tl.exp2(tl.load(max_ptr + part * G_PAD + heads) - overall)
+            total += weight * tl.load(sum_ptr + part * G_PAD + heads)
+            out += weight[:, None] * tl.load(acc_ptr + (part * G_PAD + heads)[:, None] * D_PAD + dims[None, :])
+        out = out / total[:, None]
+        ok = (heads < G)[:, None] & (dims < D)[None, :]
+        tl.store(y_ptr + (bh * G + heads)[:, None] * D + dims[None, :], out.to(y_ptr.dtype.element_ty), mask=ok)
+
     @triton_op("fastgen::quantized_decode_attention", mutates_args={})
     def quantized_decode_attention(
         q: torch.Tensor,
@@ -183,9 +217,18 @@ if triton is not None:
             SPLITS=splits,
             num_warps=4,
         )
-        # merge the splits: each is weighted by 2^(its max - the overall max); an empty split has
-        # max -inf and weight 0, and the query's own slot makes at least one split non-empty
-        overall = running_max.amax(dim=1, keepdim=True)
-        weight = torch.exp2(running_max - overall)  # [B * Hkv, splits, G_PAD]
-        out = (acc * weight.unsqueeze(-1)).sum(dim=1) / (running_sum * weight).sum(dim=1).unsqueeze(-1)
-        return out[:, :G, :D].reshape(B, n_heads, 1, D).to(q.dtype)
+        y = torch.empty((B, n_heads, 1, D), dtype=q.dtype, device=q.device)
+        wrap_triton(_merge_splits_kernel)[(B * n_kv_heads,)](
+            acc,
+            running_max,
+            running_sum,
+            y,
+            D=D,
+            G=G,
+            G_PAD=G_PAD,
+            D_PAD=D_PAD,
+            SPLITS=splits,
+            SPLITS_PAD=triton.next_power_of_2(splits),
+            num_warps=4,
+        )
+        return y

@@ -145,6 +145,18 @@ def main(argv=None):
                     num_warps=4,
                     num_stages=1,
                 )
+    merge_sig = {"acc_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32", "y_ptr": "*bf16"}
+    for splits in (2, 10, 64):
+        consts = dict(D=128, G=4, G_PAD=16, D_PAD=128, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits))
+        build(
+            target,
+            f"kv merge of {splits} splits",
+            kv_attention._merge_splits_kernel,
+            merge_sig,
+            consts,
+            range(4),
+            num_warps=4,
+        )
     return 0
 
 
