@@ -225,8 +225,9 @@ def test_quantized_decode_attention_kernel_equals_reference(storage, dtype, case
 
 
 def test_quantized_kv_decode_uses_the_kernel_compiled_and_eager(monkeypatch):
-    """An int8 cache at decode on CUDA attends through kv_attention (not a dequantized copy), in
-    the compiled step and in the eager CUDA-graph step alike."""
+    """With the kernel on, an int8 cache at decode on CUDA attends through kv_attention (not a
+    dequantized copy), in the compiled step and in the eager CUDA-graph step alike, and a batch of
+    different-length prompts decodes to the tokens of the dequantized path."""
     import kv_attention
     import model as model_module
 
@@ -238,11 +239,14 @@ def test_quantized_kv_decode_uses_the_kernel_compiled_and_eager(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(model_module, "cache_attention_at_decode", recording)
-    monkeypatch.setattr(kv_attention, "ENABLED", True)  # off by default until measured (kv_attention.py)
+    monkeypatch.setattr(kv_attention, "ENABLED", False)  # off by default until measured (kv_attention.py)
     cuda = on(random_model("gqa-hd128"), "cuda")
+    want = greedy(cuda, PROMPTS[:3], 20, 128, kv_cache_dtype=torch.int8)  # kernel off: dequantized cache
+    assert not calls
+    monkeypatch.setattr(kv_attention, "ENABLED", True)
     for compile in (False, True):
         calls.clear()
-        greedy(cuda, PROMPTS[:2], 4, 64, compile=compile, kv_cache_dtype=torch.int8)
+        assert greedy(cuda, PROMPTS[:3], 20, 128, compile=compile, kv_cache_dtype=torch.int8) == want
         assert calls
 
 
