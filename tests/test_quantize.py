@@ -137,10 +137,11 @@ def test_quantized_cache_decode_attention_plumbing(monkeypatch, window):
     prompts = [[5, 17, 3, 88, 41, 9, 2, 30, 11], [60, 1]]
     gen.setup(2, 64, torch.int8)
     dequantized = gen.generate(prompts, 12, Sampling()).tokens
-    calls = []
+    calls = torch.zeros((), dtype=torch.long)  # a tensor, so the compiled step can count too
 
     def reference(q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window):
-        calls.append(q.shape)
+        assert q.shape[2] == 1  # decode steps only
+        calls.add_(1)
         return kv_attention.quantized_decode_attention_reference(
             q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window or None
         )
@@ -148,7 +149,15 @@ def test_quantized_cache_decode_attention_plumbing(monkeypatch, window):
     monkeypatch.setattr(kv_attention, "available", lambda t: True)
     monkeypatch.setattr(kv_attention, "quantized_decode_attention", reference, raising=False)
     assert gen.generate(prompts, 12, Sampling()).tokens == dequantized
-    assert len(calls) == 11 * args.n_layers and all(shape[2] == 1 for shape in calls)  # decode steps only
+    assert calls == 11 * args.n_layers
+    if window is None:  # the compiled decode step takes the same path (dynamo traces the choice)
+        torch._dynamo.reset()
+        calls.zero_()
+        compiled = Generator(model, compile=True)
+        compiled.setup(2, 64, torch.int8)
+        assert compiled.generate(prompts, 12, Sampling()).tokens == dequantized
+        assert calls == 11 * args.n_layers
+        torch._dynamo.reset()
 
 
 @pytest.fixture(scope="module")
