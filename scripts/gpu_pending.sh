@@ -5,6 +5,7 @@
 #   bash scripts/gpu_pending.sh tests   # ~4 min: GPU tests not yet run on the current code
 #   bash scripts/gpu_pending.sh kv      # ~8 min: int8/fp8 KV decode with kv_attention's kernel off and on
 #   bash scripts/gpu_pending.sh speed   # ~7 min: int8 batch-8 candidates; bf16 at 8k filled in a 32k cache (flex)
+#   bash scripts/gpu_pending.sh package # ~8 min: which packaging of the decode step loads on CUDA (issue 19)
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -48,8 +49,12 @@ speed)
     decode bf16_8k_of_32k 150 --ctx 8192 --cache 32768
     decode bf16_short 100
     ;;
+package)
+    step package 560 python scripts/diag_cuda_package.py
+    summary+=("$(tail -n 5 "$out/package.txt")")
+    ;;
 *)
-    echo "unknown mode $mode: use tests, kv or speed" >&2
+    echo "unknown mode $mode: use tests, kv, speed or package" >&2
     exit 2
     ;;
 esac
