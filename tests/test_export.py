@@ -198,3 +198,14 @@ def test_cuda_package_equals_cpu_eager_and_compile(tmp_path, cuda_graph):
     packaged, _ = load_model(ckpt, "cuda", torch.float32)
     generator = PackageGenerator.load(pkg, read_metadata(pkg), packaged, cuda_graph=cuda_graph)
     assert greedy(generator) == expected
+
+
+def test_cuda_package_diagnosis_runs_its_control_on_the_cpu(capsys):
+    """scripts/diag_cuda_package.py (what the GPU machine runs for issue 19): on the CPU our way of
+    packaging loads in a child process and its step equals the eager one; a wrong variant is exit 2."""
+    from scripts import diag_cuda_package
+
+    assert diag_cuda_package.main(["--device", "cpu", "--variants", "ours"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("ours: built in") and "runs: greedy token equal" in last, last
+    assert diag_cuda_package.main(["--device", "cpu", "--variants", "nonsense"]) == 2
