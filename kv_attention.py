@@ -116,16 +116,18 @@ if triton is not None:
             ok = slot < hi
             offsets = (kv_rows + slot)[:, None] * D + dims[None, :]
             tile_ok = ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + offsets, mask=tile_ok, other=0.0).to(dot_dtype)
+            # both tiles' loads first, so K's and V's bytes are in flight together
+            k = tl.load(k_ptr + offsets, mask=tile_ok, other=0.0)
+            v = tl.load(v_ptr + offsets, mask=tile_ok, other=0.0)
             k_scale = tl.load(k_scale_ptr + kv_rows + slot, mask=ok, other=0).to(tl.float32)
+            v_scale = tl.load(v_scale_ptr + kv_rows + slot, mask=ok, other=0).to(tl.float32)
+            k, v = k.to(dot_dtype), v.to(dot_dtype)
             scores = tl.dot(q, tl.trans(k), input_precision="ieee") * (k_scale * qk_scale)[None, :]
             scores = tl.where(ok[None, :], scores, float("-inf"))  # [G_PAD, BLOCK]
             new_max = tl.maximum(running_max, tl.max(scores, axis=1))
             correction = tl.exp2(running_max - new_max)
             p = tl.exp2(scores - new_max[:, None])
             running_sum = running_sum * correction + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + offsets, mask=tile_ok, other=0.0).to(dot_dtype)
-            v_scale = tl.load(v_scale_ptr + kv_rows + slot, mask=ok, other=0).to(tl.float32)
             # V's per-slot scale folds into the probabilities: sum_j p_j (s_j v_j) = sum_j (p_j s_j) v_j
             pv = tl.dot((p * v_scale[None, :]).to(dot_dtype), v, input_precision="ieee")
             acc = acc * correction[:, None] + pv
