@@ -6,6 +6,7 @@
 #   bash scripts/gpu_pending.sh kv      # ~8 min: int8/fp8 KV decode with kv_attention's kernel off and on
 #   bash scripts/gpu_pending.sh speed   # ~7 min: int8 batch-8 candidates; bf16 at 8k filled in a 32k cache (flex)
 #   bash scripts/gpu_pending.sh package # ~8 min: which packaging of the decode step loads on CUDA (issue 19)
+#   bash scripts/gpu_pending.sh moe     # ~9 min, H200 only: Mixtral-8x7B bf16 (93 GB) at batch 1 and 8 (issue 17)
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -53,8 +54,13 @@ package)
     step package 560 python scripts/diag_cuda_package.py
     summary+=("$(tail -n 5 "$out/package.txt")")
     ;;
+moe)
+    step moe 560 python scripts/bench.py --suite moe --models mixtral-8x7b --weights bf16 --no-cold-start \
+        --time-budget-s 520 --out-dir "$out/moe_bench"
+    summary+=("$(grep -E '^\| mixtral' "$out/moe.txt" | head -4)")
+    ;;
 *)
-    echo "unknown mode $mode: use tests, kv, speed or package" >&2
+    echo "unknown mode $mode: use tests, kv, speed, package or moe" >&2
     exit 2
     ;;
 esac
