@@ -207,13 +207,19 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     raise ValueError(f"unknown rope scaling type {scaling['type']!r}")
 
 
-def flex_attention_over_cache(q, cache, block_mask: BlockMask):
+def flex_attention_over_cache(q, cache, block_mask: BlockMask, kernel_options: dict | None = None):
     """Compiled path: flex_attention visits only each row's valid kv blocks (at decode, Inductor's
     flex-decoding kernel), so the work grows with the valid length, not the allocated cache."""
     k, v = cache.read()
     q = q.to(k.dtype)  # attention runs in the cache dtype; the mask keeps it to valid slots
     return flex_attention(
-        q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1], scale=q.shape[-1] ** -0.5
+        q,
+        k,
+        v,
+        block_mask=block_mask,
+        enable_gqa=q.shape[1] != k.shape[1],
+        scale=q.shape[-1] ** -0.5,
+        kernel_options=kernel_options,
     )
 
 
@@ -432,6 +438,9 @@ class Transformer(nn.Module):
         # elsewhere). A plain attribute, not torch.compiler.is_exporting(): under torch.compile on
         # CUDA, torch 2.11 reports True there too, which sent every compiled step to SDPA.
         self.export_attention: str | None = None
+        # Inductor's flex-decoding options at decode (T = 1) under the compiler, for measuring them
+        # (scripts/profile_decode.py --flex-decode-options); None: Inductor's defaults.
+        self.flex_decode_options: dict | None = None
 
     def setup_caches(
         self, batch_size: int, max_seq_len: int, kv_cache_dtype: torch.dtype | None = None, cache_class=KVCache
@@ -483,7 +492,10 @@ class Transformer(nn.Module):
                 sliding_window=self.args.sliding_window,
             )
         elif torch.compiler.is_compiling() and self.export_attention in (None, "flex") and not per_row_slots:
-            attend = partial(flex_attention_over_cache, block_mask=offset_length_block_mask(*mask_args))
+            options = self.flex_decode_options if T == 1 else None
+            attend = partial(
+                flex_attention_over_cache, block_mask=offset_length_block_mask(*mask_args), kernel_options=options
+            )
         else:
             if T > 1 and not exporting and not per_row_slots:  # eager prefill: attend over the slots up
                 # to the chunk's end only, not the whole cache (an 8k prompt in a 32k cache). One host

@@ -4,7 +4,8 @@
 #
 #   bash scripts/gpu_pending.sh tests   # ~7 min: the whole GPU tier (new tests and changed paths since a7f0aae)
 #   bash scripts/gpu_pending.sh kv      # ~8 min: int8/fp8 KV decode with kv_attention's kernel off and on
-#   bash scripts/gpu_pending.sh speed   # ~7 min: int8 batch-8 candidates; bf16 at 8k filled in a 32k cache (flex)
+#   bash scripts/gpu_pending.sh speed   # ~5 min: int8 batch-8 candidates; bf16 at 8k filled in a 32k cache (flex)
+#   bash scripts/gpu_pending.sh flex    # ~6 min: flex decoding's SPLIT_KV at short context, 8B and SmolLM2 shapes
 #   bash scripts/gpu_pending.sh package # ~8 min: which packaging of the decode step loads on CUDA (issue 19)
 #   bash scripts/gpu_pending.sh moe     # ~9 min, H200 only: Mixtral-8x7B bf16 (93 GB) at batch 1 and 8 (issue 17)
 #
@@ -47,7 +48,14 @@ speed)
     step int8_rows8 150 python scripts/int8_gemv_sweep.py --rows 8
     summary+=("  $(grep -c '^| ' "$out/int8_rows8.txt") table lines in int8_rows8.txt")
     decode bf16_8k_of_32k 150 --ctx 8192 --cache 32768
-    decode bf16_short 100
+    ;;
+flex)
+    decode bf16_short 120
+    # flex decoding splits the cache in 2 * SMs / (B * Hkv) parts whatever its length (32 on an H200
+    # for Llama-3-8B): at an 80-slot cache nearly all are empty, and merging them costs ~0.2 ms/step
+    decode bf16_short_split1 100 --flex-decode-options '{"SPLIT_KV": 1}'
+    decode smol_short 60 --model smollm2-135m
+    decode smol_short_split1 60 --model smollm2-135m --flex-decode-options '{"SPLIT_KV": 1}'
     ;;
 package)
     step package 560 python scripts/diag_cuda_package.py
@@ -59,7 +67,7 @@ moe)
     summary+=("$(grep -E '^\| mixtral' "$out/moe.txt" | head -4)")
     ;;
 *)
-    echo "unknown mode $mode: use tests, kv, speed, package or moe" >&2
+    echo "unknown mode $mode: use tests, kv, speed, flex, package or moe" >&2
     exit 2
     ;;
 esac

@@ -12,6 +12,7 @@ kernel's bytes before deciding what to fuse or tune.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -41,10 +42,18 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--no-compile", dest="compile", action="store_false", help="the eager (CUDA-graph) step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--flex-decode-options",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help="Inductor flex-decoding kernel options at decode, e.g. '{\"SPLIT_KV\": 1}' (model.flex_decode_options)",
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # generate.py's defaults
     model = build_model(args.model, args.weights, device, dtype)
+    model.flex_decode_options = args.flex_decode_options
     gen = Generator(model, compile=args.compile)
     slots = args.cache or args.ctx + args.new_tokens
     gen.setup(args.batch, slots, kv_dtype_for(args.kv_dtype, dtype))
@@ -70,7 +79,8 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         f"{where}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}: {args.model} w={args.weights} "
-        f"kv={args.kv_dtype} B={args.batch} ctx={args.ctx} slots={slots} compile={args.compile}"
+        f"kv={args.kv_dtype} B={args.batch} ctx={args.ctx} slots={slots} compile={args.compile} "
+        f"flex decode options={args.flex_decode_options}"
     )
     print(
         f"generate(): {res.decode_steps * args.batch / res.decode_s:.1f} tok/s "

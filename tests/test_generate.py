@@ -216,3 +216,32 @@ def test_eager_prefill_attends_over_the_written_slots_only(monkeypatch):
     gen.generate([prompt], 3, Sampling())
     per_forward = seen[:: model.args.n_layers]  # (query tokens, visible slots)
     assert per_forward == [(150, 256), (31, 256), (1, 4096), (1, 4096)]
+
+
+def test_flex_decode_options_reach_the_compiled_decode_step(monkeypatch):
+    """model.flex_decode_options (scripts/profile_decode.py --flex-decode-options) go to flex_attention
+    at decode under the compiler, and nowhere else; the tokens stay those of the eager run."""
+    import model as model_module
+
+    seen = []
+    real = model_module.flex_attention
+
+    def recording(q, k, v, kernel_options=None, **kwargs):
+        seen.append((q.shape[2], kernel_options))
+        return real(q, k, v, **kwargs)  # the CPU lowering takes no flex-decoding options
+
+    monkeypatch.setattr(model_module, "flex_attention", recording)
+    model = tiny_model()
+    prompts = [[5, 17, 3, 88, 41], [60, 1]]
+    gen = Generator(model)
+    gen.setup(2, 64)
+    eager = gen.generate(prompts, 6, Sampling()).tokens
+    torch._dynamo.reset()
+    model.flex_decode_options = {"SPLIT_KV": 1}
+    compiled = Generator(model, compile=True)
+    compiled.setup(2, 64)
+    try:
+        assert compiled.generate(prompts, 6, Sampling()).tokens == eager
+    finally:
+        torch._dynamo.reset()
+    assert seen and all(entry == (1, {"SPLIT_KV": 1}) for entry in seen)

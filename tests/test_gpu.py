@@ -92,6 +92,17 @@ def test_compiled_decode_attends_through_flex(monkeypatch):
     assert traced
 
 
+@pytest.mark.parametrize("options", [{"SPLIT_KV": 1}, {"SPLIT_KV": 4}])
+def test_flex_decode_options_keep_the_tokens(options):
+    """The flex-decoding options profile_decode.py --flex-decode-options measures compile on CUDA and
+    give CPU fp32 eager's tokens (a 6000-slot cache: the splits see different blocks)."""
+    cpu = random_model("gqa-hd128")
+    want = greedy(cpu, PROMPTS[:3], 30, 6000)
+    cuda = on(cpu, "cuda")
+    cuda.flex_decode_options = options
+    assert greedy(cuda, PROMPTS[:3], 30, 6000, compile=True) == want
+
+
 @pytest.mark.parametrize("shape", ["gqa-hd128", "window"])
 def test_batch_of_different_lengths_equals_each_alone_compiled(shape):
     model = on(random_model(shape), "cuda")
