@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from model import valid_kv
+
 try:  # Triton ships with CUDA builds of torch; a CPU-only install has none
     import triton
     import triton.language as tl
@@ -36,14 +38,6 @@ def available(q: torch.Tensor) -> bool:
     return ENABLED and triton is not None and q.is_cuda
 
 
-def valid_range(row_start, q_slot, sliding_window: int | None):
-    """The slots a decode query at q_slot may see: [first, q_slot] (model.valid_kv's rule at T = 1)."""
-    first = row_start.long()
-    if sliding_window is not None:
-        first = torch.maximum(first, q_slot - sliding_window + 1)
-    return first, q_slot
-
-
 def quantized_decode_attention_reference(q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window):
     """q [B, Hq, 1, D]; caches [B, Hkv, S, D] int8/fp8; scales [B, Hkv, S, 1]; row_start [B];
     q_slot: 1-element tensor, the query's slot. -> [B, Hq, 1, D] in q.dtype."""
@@ -51,9 +45,8 @@ def quantized_decode_attention_reference(q, k_cache, k_scale, v_cache, v_scale, 
     n_kv_heads, S = k_cache.shape[1], k_cache.shape[2]
     k = (k_cache.float() * k_scale.float()).repeat_interleave(n_heads // n_kv_heads, dim=1)
     v = (v_cache.float() * v_scale.float()).repeat_interleave(n_heads // n_kv_heads, dim=1)
-    first, last = valid_range(row_start.view(B, 1), q_slot.view(1, 1), sliding_window)
     slots = torch.arange(S, device=q.device).view(1, S)
-    ok = (slots >= first) & (slots <= last)  # [B, S]
+    ok = valid_kv(row_start.view(B, 1), q_slot.view(1, 1), slots, sliding_window)  # [B, S]
     scores = (q.float() @ k.transpose(-1, -2)) * D**-0.5  # [B, Hq, 1, S]
     scores = scores.masked_fill(~ok.view(B, 1, 1, S), float("-inf"))
     return (scores.softmax(dim=-1) @ v).to(q.dtype)

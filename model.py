@@ -152,10 +152,10 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
-        # input_pos: [T] slots, or [B, T] (each row its own); k, v: [B, Hkv, T, D]
+        # input_pos: [T] slots, or [B, T] (each row its own); k, v: [B, Hkv, T, D]. Writes only: the
+        # attention reads what it needs (read(), or the cache's own decode attention).
         write_slots(self.k_cache, input_pos, k.to(self.k_cache.dtype))
         write_slots(self.v_cache, input_pos, v.to(self.v_cache.dtype))
-        return self.read()
 
     def read(self):
         """The whole cache as K, V [B, Hkv, cache_len, D]."""

@@ -410,16 +410,16 @@ class QuantizedKVCache(nn.Module):
         return q.to(self.storage_dtype), scale
 
     def update(self, input_pos, k, v):
-        """Write k, v [B, Hkv, T, D] at slots input_pos [T] (or [B, T]) in place; return the whole cache
-        [B, Hkv, cache_len, D] dequantized to the compute dtype (never-written slots read as 0)."""
+        """Write k, v [B, Hkv, T, D] at slots input_pos [T] (or [B, T]) in place, quantized. Writes only:
+        a full dequantize here would run every step even where the attention reads the stored values."""
         for cache, scales, x in ((self.k_cache, self.k_scale, k), (self.v_cache, self.v_scale, v)):
             q, scale = self._quantize(x)
             # through a uint8 view: index_copy_ has no float8 kernel on the CPU (same bytes on any device)
             write_slots(cache.view(torch.uint8), input_pos, q.view(torch.uint8))
             write_slots(scales, input_pos, scale)
-        return self.read()
 
     def read(self):
+        """The whole cache dequantized to the compute dtype (never-written slots read as 0)."""
         return (self.k_cache.to(self.compute_dtype) * self.k_scale, self.v_cache.to(self.compute_dtype) * self.v_scale)
 
     def attends_at_decode(self) -> bool:

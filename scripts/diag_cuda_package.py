@@ -39,7 +39,6 @@ def tiny_model(device) -> Transformer:
     torch.manual_seed(0)
     args = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=128, intermediate_size=512, vocab_size=512)
     model = Transformer(args).to(device).eval()
-    model.inv_freq = model.inv_freq.to(device)
     model.setup_caches(BATCH, SLOTS)
     return model
 

@@ -103,8 +103,8 @@ def test_a_lost_cache_write_fails_the_export(monkeypatch):
     model.setup_caches(1, 32)  # the real cache passes the same check in export_package (the fixture)
 
     def update_a_copy(self, input_pos, k, v):
-        k_all = self.k_cache.clone().index_copy_(2, input_pos, k)
-        return k_all, self.v_cache.index_copy_(2, input_pos, v)
+        self.k_cache.clone().index_copy_(2, input_pos, k)  # the write lands in a copy
+        self.v_cache.index_copy_(2, input_pos, v)
 
     monkeypatch.setattr(KVCache, "update", update_a_copy)
     with pytest.raises(PackageError, match=r"does not write model\.layers\.0\.attention\.kv_cache\.k_cache"):

@@ -18,7 +18,7 @@ import torch
 
 from checkpoint import load_model, model_args_from_dict, read_checkpoint_config, save_checkpoint
 from generate import Generator, Sampling, UsageError
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, valid_kv
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -223,9 +223,8 @@ def test_quantized_decode_attention_kernel_equals_reference(storage, dtype, case
     want = kv_attention.quantized_decode_attention_reference(
         q, caches[0], scales[0], caches[1], scales[1], row_start, slot, window
     )
-    first, last = kv_attention.valid_range(row_start.view(B, 1), slot.view(1, 1), window)
     slots = torch.arange(S, device="cuda").view(1, S)
-    outside = ((slots < first) | (slots > last)).view(B, 1, S, 1)
+    outside = ~valid_kv(row_start.view(B, 1), slot.view(1, 1), slots, window).view(B, 1, S, 1)
     poisoned = [s.masked_fill(outside, float("nan")) for s in scales]
     got = kv_attention.quantized_decode_attention(
         q, caches[0], poisoned[0], caches[1], poisoned[1], row_start, slot, window or 0
