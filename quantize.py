@@ -414,8 +414,13 @@ class QuantizedKVCache(nn.Module):
         a full dequantize here would run every step even where the attention reads the stored values."""
         for cache, scales, x in ((self.k_cache, self.k_scale, k), (self.v_cache, self.v_scale, v)):
             q, scale = self._quantize(x)
-            # through a uint8 view: index_copy_ has no float8 kernel on the CPU (same bytes on any device)
-            write_slots(cache.view(torch.uint8), input_pos, q.view(torch.uint8))
+            if self.storage_dtype == torch.int8:
+                write_slots(cache, input_pos, q)
+            else:
+                # through a uint8 view: index_copy_ has no float8 kernel on the CPU. Inductor cannot write
+                # through a view of another dtype in place (it copies the whole cache twice a step), hence
+                # int8 above goes direct
+                write_slots(cache.view(torch.uint8), input_pos, q.view(torch.uint8))
             write_slots(scales, input_pos, scale)
 
     def read(self):

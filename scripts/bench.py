@@ -294,7 +294,7 @@ def main(argv=None):
     log(
         f"{report['header']['device']}, torch {torch.__version__}, commit {report['header']['git_commit']}; "
         f"{len(jobs)} jobs, budget {budget:.0f} s, int8/fp8 KV decode kernel "
-        f"{'on' if report['header']['kv_kernel'] else 'off (FASTGEN_KV_KERNEL=1 turns it on)'}"
+        f"{'on' if report['header']['kv_kernel'] else 'off (FASTGEN_KV_KERNEL=0)'}"
     )
     measure_ceilings(report, opts, device, dtype)
     write()
