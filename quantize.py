@@ -416,10 +416,12 @@ class QuantizedKVCache(nn.Module):
             q, scale = self._quantize(x)
             if self.storage_dtype == torch.int8:
                 write_slots(cache, input_pos, q)
-            else:
-                # through a uint8 view: index_copy_ has no float8 kernel on the CPU. Inductor cannot write
-                # through a view of another dtype in place (it copies the whole cache twice a step), hence
-                # int8 above goes direct
+            elif input_pos.dim() == 1:
+                # fp8: index_copy_ has no float8 kernel on the CPU; index_put does. Not through a uint8
+                # view: Inductor cannot write through a view of another dtype in place (it copied the
+                # whole cache twice a step on the H200, 2026-12-02)
+                cache[:, :, input_pos] = q
+            else:  # per-row slots (speculative verify): scatter_ has no float8 kernel either
                 write_slots(cache.view(torch.uint8), input_pos, q.view(torch.uint8))
             write_slots(scales, input_pos, scale)
 
