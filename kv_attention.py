@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from model import valid_kv
+from model import KVCache, valid_kv
 
 try:  # Triton ships with CUDA builds of torch; a CPU-only install has none
     import triton
@@ -35,17 +35,37 @@ TARGET_PROGRAMS = 512  # enough (row, head, split) programs to cover an H100/H20
 ENABLED = os.environ.get("FASTGEN_KV_KERNEL", "1") == "1"
 
 
+# The same kernel over an unquantized (bf16/fp16) cache, for long-context decode at batch 1, where
+# flex decoding read 8k valid slots at 848 GB/s on the H200 (BENCHMARKS.md, 2026-12-02). Off until
+# measured: FASTGEN_DECODE_KERNEL=1 makes generate.py's bf16 caches SplitKVCache.
+UNQUANTIZED_ENABLED = os.environ.get("FASTGEN_DECODE_KERNEL", "0") == "1"
+
+
 def available(q: torch.Tensor) -> bool:
     return ENABLED and triton is not None and q.is_cuda
 
 
+class SplitKVCache(KVCache):
+    """An unquantized KVCache whose decode (T = 1, CUDA) attends through this file's kernel."""
+
+    def attends_at_decode(self) -> bool:
+        return triton is not None and self.k_cache.is_cuda
+
+    def attend_at_decode(self, q, row_start, q_slot, sliding_window: int | None):
+        """q [B, Hq, 1, D] at slot q_slot [1] over each row's valid slots -> [B, Hq, 1, D]."""
+        return decode_attention(q, self.k_cache, self.v_cache, row_start, q_slot, sliding_window or 0)
+
+
 def quantized_decode_attention_reference(q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window):
-    """q [B, Hq, 1, D]; caches [B, Hkv, S, D] int8/fp8; scales [B, Hkv, S, 1]; row_start [B];
-    q_slot: 1-element tensor, the query's slot. -> [B, Hq, 1, D] in q.dtype."""
+    """q [B, Hq, 1, D]; caches [B, Hkv, S, D] int8/fp8 (or unquantized, scales None); scales
+    [B, Hkv, S, 1]; row_start [B]; q_slot: 1-element tensor, the query's slot. -> [B, Hq, 1, D] in q.dtype."""
     B, n_heads, _, D = q.shape
     n_kv_heads, S = k_cache.shape[1], k_cache.shape[2]
-    k = (k_cache.float() * k_scale.float()).repeat_interleave(n_heads // n_kv_heads, dim=1)
-    v = (v_cache.float() * v_scale.float()).repeat_interleave(n_heads // n_kv_heads, dim=1)
+    k, v = k_cache.float(), v_cache.float()
+    if k_scale is not None:
+        k, v = k * k_scale.float(), v * v_scale.float()
+    k = k.repeat_interleave(n_heads // n_kv_heads, dim=1)
+    v = v.repeat_interleave(n_heads // n_kv_heads, dim=1)
     slots = torch.arange(S, device=q.device).view(1, S)
     ok = valid_kv(row_start.view(B, 1), q_slot.view(1, 1), slots, sliding_window)  # [B, S]
     scores = (q.float() @ k.transpose(-1, -2)) * D**-0.5  # [B, Hq, 1, S]
@@ -66,7 +86,7 @@ if triton is not None:
     def _quantized_decode_kernel(
         q_ptr,  # [B * Hkv * G, D] contiguous: query head h * G + g of row b at row (b * Hkv + h) * G + g
         k_ptr,  # [B * Hkv, S, D] int8 / fp8
-        k_scale_ptr,  # [B * Hkv, S]
+        k_scale_ptr,  # [B * Hkv, S]; unread without HAS_SCALES
         v_ptr,
         v_scale_ptr,
         row_start_ptr,  # [B]
@@ -84,6 +104,7 @@ if triton is not None:
         D_PAD: tl.constexpr,
         BLOCK: tl.constexpr,
         SPLITS: tl.constexpr,
+        HAS_SCALES: tl.constexpr,  # False: an unquantized cache
     ):
         # head_dim ** -0.5 * log2(e), from the constant D: a float argument would reach the kernel as
         # fp64 under Inductor and promote the scores to fp64
@@ -115,17 +136,24 @@ if triton is not None:
             # both tiles' loads first, so K's and V's bytes are in flight together
             k = tl.load(k_ptr + offsets, mask=tile_ok, other=0.0)
             v = tl.load(v_ptr + offsets, mask=tile_ok, other=0.0)
-            k_scale = tl.load(k_scale_ptr + kv_rows + slot, mask=ok, other=0).to(tl.float32)
-            v_scale = tl.load(v_scale_ptr + kv_rows + slot, mask=ok, other=0).to(tl.float32)
             k, v = k.to(dot_dtype), v.to(dot_dtype)
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * (k_scale * qk_scale)[None, :]
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+            if HAS_SCALES:
+                k_scale = tl.load(k_scale_ptr + kv_rows + slot, mask=ok, other=0).to(tl.float32)
+                v_scale = tl.load(v_scale_ptr + kv_rows + slot, mask=ok, other=0).to(tl.float32)
+                scores = scores * (k_scale * qk_scale)[None, :]
+            else:
+                scores = scores * qk_scale
             scores = tl.where(ok[None, :], scores, float("-inf"))  # [G_PAD, BLOCK]
             new_max = tl.maximum(running_max, tl.max(scores, axis=1))
             correction = tl.exp2(running_max - new_max)
             p = tl.exp2(scores - new_max[:, None])
             running_sum = running_sum * correction + tl.sum(p, axis=1)
             # V's per-slot scale folds into the probabilities: sum_j p_j (s_j v_j) = sum_j (p_j s_j) v_j
-            pv = tl.dot((p * v_scale[None, :]).to(dot_dtype), v, input_precision="ieee")
+            if HAS_SCALES:
+                pv = tl.dot((p * v_scale[None, :]).to(dot_dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(dot_dtype), v, input_precision="ieee")
             acc = acc * correction[:, None] + pv
             running_max = new_max
 
@@ -181,6 +209,22 @@ if triton is not None:
     ) -> torch.Tensor:
         """q [B, Hq, 1, D]; caches [B, Hkv, S, D]; scales [B, Hkv, S, 1]; row_start [B]; q_slot [1];
         sliding_window 0 for none. -> [B, Hq, 1, D] in q.dtype."""
+        return _split_kv_attention(q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window, True)
+
+    @triton_op("fastgen::decode_attention", mutates_args={})
+    def decode_attention(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        row_start: torch.Tensor,
+        q_slot: torch.Tensor,
+        sliding_window: int,
+    ) -> torch.Tensor:
+        """The same over an unquantized cache (bf16/fp16/fp32, any dtype q's converts to)."""
+        return _split_kv_attention(q, k_cache, k_cache, v_cache, v_cache, row_start, q_slot, sliding_window, False)
+
+    def _split_kv_attention(q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window, has_scales):
+        """Both launches; without has_scales the scale arguments are any tensors, never read."""
         B, n_heads, _, D = q.shape
         n_kv_heads, S = k_cache.shape[1], k_cache.shape[2]
         G = n_heads // n_kv_heads
@@ -212,6 +256,7 @@ if triton is not None:
             D_PAD=D_PAD,
             BLOCK=BLOCK_N,
             SPLITS=splits,
+            HAS_SCALES=has_scales,
             num_warps=4,
         )
         y = torch.empty((B, n_heads, 1, D), dtype=q.dtype, device=q.device)

@@ -113,9 +113,9 @@ def main(argv=None):
     kv_sig = {
         "q_ptr": "*bf16", "k_ptr": "*i8", "k_scale_ptr": "*bf16", "v_ptr": "*i8", "v_scale_ptr": "*bf16",
         "row_start_ptr": "*i32", "q_slot_ptr": "*i64", "acc_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
-        "n_kv_heads": "i32", "S": "i32", "slots_per_split": "i32", "window": "i32", "qk_scale": "fp32",
+        "n_kv_heads": "i32", "S": "i32", "slots_per_split": "i32", "window": "i32",
     }  # fmt: skip
-    for store in ("*i8", "*fp8e4nv"):
+    for store in ("*i8", "*fp8e4nv", None):  # None: an unquantized cache (decode_attention), no scales
         for dtype in ("*bf16", "*fp16", "*fp32"):
             for group, head_dim in ((4, 128), (1, 80)):
                 sig = {
@@ -123,8 +123,8 @@ def main(argv=None):
                     "q_ptr": dtype,
                     "k_scale_ptr": dtype,
                     "v_scale_ptr": dtype,
-                    "k_ptr": store,
-                    "v_ptr": store,
+                    "k_ptr": store or dtype,
+                    "v_ptr": store or dtype,
                 }
                 consts = dict(
                     D=head_dim,
@@ -133,8 +133,9 @@ def main(argv=None):
                     D_PAD=triton.next_power_of_2(head_dim),
                     BLOCK=kv_attention.BLOCK_N,
                     SPLITS=8,
+                    HAS_SCALES=store is not None,
                 )
-                name = f"kv decode {store[1:]} cache, {dtype[1:]}, G={group}, D={head_dim}"
+                name = f"kv decode {(store or dtype)[1:]} cache, {dtype[1:]}, G={group}, D={head_dim}"
                 build(
                     target,
                     name,

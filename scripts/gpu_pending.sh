@@ -2,8 +2,10 @@
 # The GPU runs this repo still owes (NOTES.md says why), batched for a device call of at most
 # 10 minutes each. Run from the repository root on the GPU machine:
 #
-#   bash scripts/gpu_pending.sh tests   # ~7 min: the whole GPU tier (new tests and changed paths since a7f0aae)
-#   bash scripts/gpu_pending.sh kv      # ~8 min: int8/fp8 KV decode with kv_attention's kernel off and on
+#   bash scripts/gpu_pending.sh long    # ~7 min: the split-KV kernel over a bf16 cache (FASTGEN_DECODE_KERNEL=1)
+#                                       #   at 8k in a 32k cache and short, its tests; fp8 KV at B8 8k
+#   bash scripts/gpu_pending.sh tests   # ~5 min: the whole GPU tier (last whole run: fa2c5d5, 2026-12-02)
+#   bash scripts/gpu_pending.sh kv      # ~8 min: int8 KV decode with kv_attention's kernel off and on
 #   bash scripts/gpu_pending.sh speed   # ~5 min: int8 batch-8 candidates; bf16 at 8k filled in a 32k cache (flex)
 #   bash scripts/gpu_pending.sh flex    # ~6 min: flex decoding's SPLIT_KV at short context, 8B and SmolLM2 shapes
 #   bash scripts/gpu_pending.sh package # ~8 min: which packaging of the decode step loads on CUDA (issue 19)
@@ -33,6 +35,14 @@ decode() {  # decode NAME TIMEOUT_S profile_decode args...: one replayed-step li
 }
 
 case $mode in
+long)
+    step kernel_tests 200 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
+        -k "decode_attention or split_kv or quantized_kv"
+    summary+=("  $(tail -n 1 "$out/kernel_tests.txt")")
+    FASTGEN_DECODE_KERNEL=1 decode bf16_8k_of_32k_kernel 120 --ctx 8192 --cache 32768
+    FASTGEN_DECODE_KERNEL=1 decode bf16_short_kernel 100
+    decode fp8_8k 120 --batch 8 --ctx 8192 --cache 8448 --kv-dtype fp8
+    ;;
 tests)
     # the whole tier: model.py's attention functions changed after the last green run (a7f0aae)
     step tier 570 python -m pytest -m gpu -q -p no:cacheprovider
@@ -67,7 +77,7 @@ moe)
     summary+=("$(grep -E '^\| mixtral' "$out/moe.txt" | head -4)")
     ;;
 *)
-    echo "unknown mode $mode: use tests, kv, speed, flex, package or moe" >&2
+    echo "unknown mode $mode: use long, tests, kv, speed, flex, package or moe" >&2
     exit 2
     ;;
 esac

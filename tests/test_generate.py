@@ -245,3 +245,43 @@ def test_flex_decode_options_reach_the_compiled_decode_step(monkeypatch):
     finally:
         torch._dynamo.reset()
     assert seen and all(entry == (1, {"SPLIT_KV": 1}) for entry in seen)
+
+
+def test_split_kv_cache_decode_plumbing(monkeypatch):
+    """FASTGEN_DECODE_KERNEL=1's bf16 cache (kv_attention.SplitKVCache) sends decode steps to its own
+    attention, given each row's start and the query's slot; run here with kv_attention's reference
+    standing in for the CUDA kernel, eager and compiled, it decodes a batch of different-length
+    prompts to the tokens of the plain KVCache (flex) path."""
+    import kv_attention
+
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96, vocab_size=97)
+    ).eval()
+    with torch.no_grad():
+        model.output.weight.normal_(0, 1.0)
+    prompts = [[5, 17, 3, 88, 41, 9, 2, 30, 11], [60, 1]]
+    gen = Generator(model)
+    gen.setup(2, 64)
+    plain = gen.generate(prompts, 12, Sampling()).tokens
+    calls = torch.zeros((), dtype=torch.long)  # a tensor, so the compiled step can count too
+
+    def reference(q, k_cache, v_cache, row_start, q_slot, sliding_window):
+        assert q.shape[2] == 1  # decode steps only
+        calls.add_(1)
+        return kv_attention.quantized_decode_attention_reference(
+            q, k_cache, None, v_cache, None, row_start, q_slot, sliding_window or None
+        )
+
+    monkeypatch.setattr(kv_attention, "UNQUANTIZED_ENABLED", True)
+    monkeypatch.setattr(kv_attention.SplitKVCache, "attends_at_decode", lambda self: True)
+    monkeypatch.setattr(kv_attention, "decode_attention", reference, raising=False)
+    for compile, max_seq_len in ((False, 72), (True, 80)):  # a new length makes setup() remake the caches
+        torch._dynamo.reset()
+        calls.zero_()
+        gen = Generator(model, compile=compile)
+        gen.setup(2, max_seq_len)
+        assert isinstance(model.layers[0].attention.kv_cache, kv_attention.SplitKVCache)
+        assert gen.generate(prompts, 12, Sampling()).tokens == plain
+        assert calls == 11 * model.args.n_layers
+    torch._dynamo.reset()

@@ -234,6 +234,44 @@ def test_quantized_decode_attention_kernel_equals_reference(storage, dtype, case
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", KV_KERNEL_CASES)
+def test_unquantized_decode_attention_kernel_equals_reference(dtype, case):
+    """The same kernel over a bf16/fp16/fp32 cache (kv_attention.decode_attention, SplitKVCache):
+    equal to the dense reference, and K/V outside each row's valid range (NaN here) are never read."""
+    import kv_attention
+
+    B, Hq, Hkv, D, S, q_slot, starts, window = case
+    torch.manual_seed(S + D)
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype)
+    caches = [torch.randn(B, Hkv, S, D, device="cuda", dtype=dtype) for _ in range(2)]
+    row_start = torch.tensor(starts, dtype=torch.int32, device="cuda")
+    slot = torch.tensor([q_slot], device="cuda")
+    want = kv_attention.quantized_decode_attention_reference(
+        q, caches[0], None, caches[1], None, row_start, slot, window
+    )
+    slots = torch.arange(S, device="cuda").view(1, S)
+    outside = ~valid_kv(row_start.view(B, 1), slot.view(1, 1), slots, window).view(B, 1, S, 1)
+    poisoned = [c.masked_fill(outside, float("nan")) for c in caches]
+    got = kv_attention.decode_attention(q, poisoned[0], poisoned[1], row_start, slot, window or 0)
+    assert got.dtype == dtype and got.shape == want.shape
+    err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
+
+
+def test_split_kv_cache_decodes_like_the_flex_path(monkeypatch):
+    """FASTGEN_DECODE_KERNEL=1's cache (kv_attention.SplitKVCache) decodes a batch of different-length
+    prompts to the tokens of the plain KVCache, eager and compiled (fp32, so no near-ties flip)."""
+    import kv_attention
+
+    cuda = on(random_model("gqa-hd128"), "cuda", torch.float32)
+    want = greedy(cuda, PROMPTS[:3], 20, 128)
+    monkeypatch.setattr(kv_attention, "UNQUANTIZED_ENABLED", True)
+    for compile, max_seq_len in ((False, 144), (True, 160)):  # a new length makes setup() remake the caches
+        assert greedy(cuda, PROMPTS[:3], 20, max_seq_len, compile=compile) == want
+        assert isinstance(cuda.layers[0].attention.kv_cache, kv_attention.SplitKVCache)
+
+
 def test_quantized_kv_decode_uses_the_kernel_compiled_and_eager(monkeypatch):
     """With the kernel on, an int8 cache at decode on CUDA attends through kv_attention (not a
     dequantized copy), in the compiled step and in the eager CUDA-graph step alike, and a batch of
