@@ -7,6 +7,9 @@ program takes one (row, kv head) and one split of the slots, skips the split's p
 row's valid range [row start (or the window's first slot), query slot], converts K/V tiles in
 registers and keeps an online softmax; a second small kernel merges the splits (flash decoding).
 
+The same kernel without scales (`decode_attention`, used by `SplitKVCache` under
+FASTGEN_DECODE_KERNEL=1) attends over an unquantized cache: a candidate for bf16 at long context.
+
 `quantized_decode_attention_reference` is the plain PyTorch computation (dequantize, dense mask,
 fp32 softmax) that the GPU tests compare the kernel with.
 """
