@@ -11,7 +11,7 @@ import torch
 
 import quantize
 from checkpoint import load_model, save_checkpoint
-from generate import Generator, Sampling
+from generate import Generator, Sampling, kv_cache_bytes
 from model import ModelArgs, Transformer
 from quantize import (
     Int4Linear,
@@ -118,8 +118,11 @@ def test_quantized_kv_cache_generation_matches_plain():
     prompts = [[5, 17, 3, 88, 41], [60, 1]]
     gen.setup(2, 64)
     plain = gen.generate(prompts, 12, Sampling()).tokens
+    slots = 2 * 2 * 2 * 2 * model.cache_len  # layers x (K, V) x rows x kv heads x slots; head_dim 16, fp32
+    assert kv_cache_bytes(model) == slots * 16 * 4
     gen.setup(2, 64, torch.int8)
     assert isinstance(model.layers[0].attention.kv_cache, QuantizedKVCache)
+    assert kv_cache_bytes(model) == slots * (16 * 1 + 4)  # int8 values and one fp32 scale per slot
     assert gen.generate(prompts, 12, Sampling()).tokens == plain
 
 
