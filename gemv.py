@@ -41,6 +41,25 @@ def int8_gemv_config(n: int, k: int) -> dict:
     return dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=1, CONVERT=INT8_CONVERT)
 
 
+# 2 to 16 activation rows (batch 2-16 decode) go through _int8_gemm_dot_kernel: tensor cores over a
+# 16-row tile, split over K so that a short N still fills the GPU. On the H200 it read 830-3340 GB/s
+# of int8 weight at 2, 4, 8 and 16 rows, against 245-1770 for the batch-1 kernel once per row or a
+# converted bf16 copy and cuBLAS (scripts/int8_gemv_sweep.py --rows, BENCHMARKS.md). The tile sizes
+# are the sweep's best at 8 rows for the Llama-3-8B projections: wider tiles and fewer splits as N
+# grows, longer K steps for w2's K = 14336.
+INT8_DOT_MAX_ROWS = 16
+
+
+def int8_gemm_dot_config(n: int, k: int) -> dict:
+    return dict(
+        BLOCK_N=64 if n > 8192 else 32,
+        BLOCK_K=256 if k > 4096 or n > 65536 else 128,
+        SPLITS=1 if n > 65536 else (8 if n <= 4096 and k <= 4096 else 4),
+        num_warps=4,
+        num_stages=3,
+    )
+
+
 INT8_CONVERT = 2  # _int8_to_fp32's prmt form: 1-14% more GB/s than cvt on the H200 (BENCHMARKS.md)
 if triton is not None:
     # int8 -> fp32 without cvt: I2F runs at a quarter of the FP32 rate on sm_80/90, and at batch 1
@@ -102,45 +121,6 @@ if triton is not None:
         tl.store(y_ptr + m * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
-    def _int8_gemv_rows_kernel(
-        x_ptr,
-        w_ptr,
-        scale_ptr,
-        y_ptr,
-        M,
-        N,
-        K,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        CONVERT: tl.constexpr = 0,
-    ):
-        # one program: BLOCK_N outputs of BLOCK_M activation rows, each weight tile read once for
-        # all of them (the batch-1 kernel above reads the weight once per row)
-        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_K)
-        row_ok, m_ok = rows < N, ms < M
-        w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
-        # reduced over K every step: a [BLOCK_M, BLOCK_N, BLOCK_K] accumulator would take the
-        # registers that keep weight loads in flight
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + cols
-            k_ok = k < K
-            x = tl.load(x_ptr + ms[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(
-                w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0, eviction_policy="evict_first"
-            )
-            acc += tl.sum(_int8_to_fp32(w, CONVERT)[None, :, :] * x.to(tl.float32)[:, None, :], axis=2)
-        scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        y = acc * scale[None, :]  # [BLOCK_M, BLOCK_N]
-        tl.store(
-            y_ptr + ms[:, None] * N + rows[None, :], y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :]
-        )
-
-    @triton.jit
     def _int8_gemm_dot_kernel(
         x_ptr,
         w_ptr,
@@ -175,15 +155,13 @@ if triton is not None:
         out = part_ptr + (split * M + ms)[:, None] * N + rows[None, :]
         tl.store(out, acc, mask=m_ok[:, None] & row_ok[None, :])
 
-    def int8_gemm_dot(x, weight, scales, BLOCK_N=64, BLOCK_K=128, SPLITS=4, CONVERT=INT8_CONVERT, **launch):
-        """x [M, K] (M <= 16), weight [N, K] int8, scales [N] -> [M, N]: _int8_gemm_dot_kernel
-        plus the sum over its K splits (a plain function: the sweep's candidate for batch 8)."""
+    def _int8_gemm_dot_launch(launcher, x, weight, scales, BLOCK_N, BLOCK_K, SPLITS, CONVERT=INT8_CONVERT, **launch):
         M, K = x.shape
         N = weight.shape[0]
         k_per_split = triton.cdiv(triton.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
         part = torch.empty((SPLITS, M, N), dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(N, BLOCK_N), SPLITS)
-        _int8_gemm_dot_kernel[grid](
+        launcher(_int8_gemm_dot_kernel)[grid](
             x,
             weight,
             part,
@@ -198,6 +176,17 @@ if triton is not None:
             **launch,
         )
         return (part.sum(0) * scales.float()).to(x.dtype)
+
+    def int8_gemm_dot(x, weight, scales, BLOCK_N=64, BLOCK_K=128, SPLITS=4, **launch):
+        """x [M, K] (M <= 16), weight [N, K] int8, scales [N] -> [M, N], with the tile sizes given
+        (a plain function: scripts/int8_gemv_sweep.py's form)."""
+        return _int8_gemm_dot_launch(lambda kernel: kernel, x, weight, scales, BLOCK_N, BLOCK_K, SPLITS, **launch)
+
+    @triton_op("fastgen::int8_gemm_few_rows", mutates_args={})
+    def int8_gemm_few_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """x [M, K] (2 <= M <= INT8_DOT_MAX_ROWS, contiguous), weight [N, K] int8, scales [N] -> [M, N]."""
+        N, K = weight.shape
+        return _int8_gemm_dot_launch(wrap_triton, x, weight, scales, **int8_gemm_dot_config(N, K))
 
     @triton_op("fastgen::int8_gemv", mutates_args={})
     def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

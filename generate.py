@@ -86,7 +86,7 @@ def kv_cache_class(kv_cache_dtype: torch.dtype | None, compute_dtype: torch.dtyp
         return partial(QuantizedKVCache, compute_dtype=compute_dtype)
     import kv_attention
 
-    if kv_attention.UNQUANTIZED_ENABLED:  # FASTGEN_DECODE_KERNEL=1: being measured (kv_attention.py)
+    if kv_attention.UNQUANTIZED_ENABLED:  # FASTGEN_DECODE_KERNEL=0 turns it off (kv_attention.py)
         return kv_attention.SplitKVCache
     return KVCache
 

@@ -61,8 +61,9 @@ def quantize_int8(weight: torch.Tensor):
     return q, scales
 
 
-# Up to this many activation rows (batch x tokens) a GPU runs the int8 linear as a Triton GEMV.
-INT8_GEMV_MAX_ROWS = 4
+# Up to this many activation rows (batch x tokens) the CPU runs the int8 linear through torch's
+# int8 weight-only kernel (a GPU's limits are gemv.py's).
+CPU_INT8_KERNEL_MAX_ROWS = 4
 
 
 def cpu_int8_kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -93,11 +94,15 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
-        if rows <= INT8_GEMV_MAX_ROWS and gemv.available(x):
-            # decode on a GPU: one Triton pass over the int8 weight (gemv.py)
+        if rows == 1 and gemv.available(x):
+            # batch-1 decode on a GPU: one Triton pass over the int8 weight (gemv.py)
             y = gemv.int8_gemv(x.reshape(rows, -1).contiguous(), self.weight, self.scales)
             y = y.view(*x.shape[:-1], self.out_features)
-        elif rows <= INT8_GEMV_MAX_ROWS and cpu_int8_kernel_fits(x, self.weight):
+        elif rows <= gemv.INT8_DOT_MAX_ROWS and gemv.available(x):
+            # batched decode on a GPU: tensor cores, still one pass over the int8 weight (gemv.py)
+            y = gemv.int8_gemm_few_rows(x.reshape(rows, -1).contiguous(), self.weight, self.scales)
+            y = y.view(*x.shape[:-1], self.out_features)
+        elif rows <= CPU_INT8_KERNEL_MAX_ROWS and cpu_int8_kernel_fits(x, self.weight):
             # eager bf16 decode on the CPU: torch's int8 weight-only kernel reads each int8 byte
             # once instead of converting the whole weight first (SmolLM2: 1.66x tok/s, BENCHMARKS.md)
             y = torch._weight_int8pack_mm(x.reshape(rows, -1), self.weight, self.scales.to(x.dtype))

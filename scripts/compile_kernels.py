@@ -69,26 +69,6 @@ def main(argv=None):
                 range(6),
                 **launch,
             )
-    rows_sig = {
-        "x_ptr": "*bf16",
-        "w_ptr": "*i8",
-        "scale_ptr": "*fp32",
-        "y_ptr": "*bf16",
-        "M": "i32",
-        "N": "i32",
-        "K": "i32",
-    }
-    consts = {"BLOCK_M": 8, "BLOCK_N": 8, "BLOCK_K": 256, "CONVERT": gemv.INT8_CONVERT}
-    build(
-        target,
-        "int8 rows (8 rows)",
-        gemv._int8_gemv_rows_kernel,
-        rows_sig,
-        consts,
-        (0, 1, 2, 3, 5, 6),
-        num_warps=4,
-        num_stages=3,
-    )
     dot_sig = {
         "x_ptr": "*bf16",
         "w_ptr": "*i8",

@@ -2,6 +2,7 @@
 # The GPU runs this repo still owes (NOTES.md says why), batched for a device call of at most
 # 10 minutes each. Run from the repository root on the GPU machine:
 #
+#   bash scripts/gpu_pending.sh first   # ~9 min: tests, then the split-KV kernel at 8k of 32k and short
 #   bash scripts/gpu_pending.sh long    # ~7 min: the split-KV kernel over a bf16 cache (FASTGEN_DECODE_KERNEL=1)
 #                                       #   at 8k in a 32k cache and short, its tests; fp8 KV at B8 8k
 #   bash scripts/gpu_pending.sh tests   # ~5 min: the whole GPU tier (last whole run: fa2c5d5, 2026-12-02)
@@ -35,6 +36,14 @@ decode() {  # decode NAME TIMEOUT_S profile_decode args...: one replayed-step li
 }
 
 case $mode in
+first)
+    # the whole tier (it holds the split-KV kernel's tests), then the kernel at 8k of 32k and short
+    step tier 330 python -m pytest -m gpu -q -p no:cacheprovider -rf
+    summary+=("  $(tail -n 1 "$out/tier.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
+    FASTGEN_DECODE_KERNEL=1 decode bf16_8k_of_32k_kernel 120 --ctx 8192 --cache 32768
+    FASTGEN_DECODE_KERNEL=1 decode bf16_short_kernel 100
+    ;;
 long)
     step kernel_tests 200 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
         -k "decode_attention or split_kv or quantized_kv"

@@ -49,10 +49,6 @@ def launch(x, w, s, y, cfg):
     gemv._int8_gemv_kernel[grid](x, w, s, y, N, K, **cfg)
 
 
-ROWS_CONFIGS = [  # gemv._int8_gemv_rows_kernel (CUDA cores)
-    dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
-    for n, k, w, s in itertools.product((4, 8), (256, 512), (4, 8), (1, 3))
-]
 DOT_CONFIGS = [  # gemv.int8_gemm_dot (tensor cores, split over K)
     dict(BLOCK_N=n, BLOCK_K=k, SPLITS=sp, num_warps=4, num_stages=s)
     for n, k, sp, s in itertools.product((32, 64, 128), (128, 256), (1, 2, 4, 8), (1, 3))
@@ -71,15 +67,15 @@ def best_of(run, configs, check):
 
 
 def rows_main(rows: int):
-    """GB/s of int8 weight at `rows` activation rows: what Int8Linear runs today (the batch-1
-    kernel once per row up to INT8_GEMV_MAX_ROWS, else a converted bf16 copy and cuBLAS), the
-    multi-row CUDA-core kernel, the tensor-core kernel, and bf16 cuBLAS reading twice the bytes."""
+    """GB/s of int8 weight at `rows` activation rows: what Int8Linear runs today, the tensor-core
+    kernel at its best tile sizes, and bf16 cuBLAS reading twice the bytes. (A CUDA-core kernel
+    reading each weight tile once for all rows lost to both at 2-16 rows: BENCHMARKS.md.)"""
     import quantize
 
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, {rows} rows")
-    print("| shape | N x K | today | rows kernel | best rows config | dot kernel | best dot config | bf16 cuBLAS |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | N x K | today | dot kernel | best dot config | bf16 cuBLAS |")
+    print("|---|---|---|---|---|---|")
     for name, (N, K) in SHAPES.items():
         x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
         w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
@@ -93,24 +89,11 @@ def rows_main(rows: int):
         linear.weight.copy_(w)
         linear.scales.copy_(s)
         today = do_bench(lambda: linear(x), warmup=10, rep=40, return_mode="median")  # noqa: B023
-        y = torch.empty(rows, N, device="cuda", dtype=torch.bfloat16)
-
-        block_m = triton.next_power_of_2(min(rows, 16))
-
-        def run_rows(cfg):
-            grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(rows, block_m))  # noqa: B023
-            gemv._int8_gemv_rows_kernel[grid](x, w, s, y, rows, N, K, BLOCK_M=block_m, **cfg)  # noqa: B023
-            return y  # noqa: B023
-
-        rows_ms, rows_cfg = best_of(run_rows, ROWS_CONFIGS, close)
         dot_ms, dot_cfg = best_of(lambda cfg: gemv.int8_gemm_dot(x, w, s, **cfg), DOT_CONFIGS, close)  # noqa: B023
         wb = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         bf16_ms = do_bench(lambda: torch.nn.functional.linear(x, wb), warmup=10, rep=40, return_mode="median")  # noqa: B023
         gbs = lambda ms, nbytes=N * K: f"{nbytes / ms / 1e6:.0f}"  # noqa: E731, B023
-        print(
-            f"| {name} | {N} x {K} | {gbs(today)} | {gbs(rows_ms)} | {rows_cfg} | {gbs(dot_ms)} | {dot_cfg} "
-            f"| {gbs(bf16_ms, 2 * N * K)} |"
-        )
+        print(f"| {name} | {N} x {K} | {gbs(today)} | {gbs(dot_ms)} | {dot_cfg} | {gbs(bf16_ms, 2 * N * K)} |")
 
 
 def main():

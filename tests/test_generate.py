@@ -248,7 +248,7 @@ def test_flex_decode_options_reach_the_compiled_decode_step(monkeypatch):
 
 
 def test_split_kv_cache_decode_plumbing(monkeypatch):
-    """FASTGEN_DECODE_KERNEL=1's bf16 cache (kv_attention.SplitKVCache) sends decode steps to its own
+    """The default bf16 cache (kv_attention.SplitKVCache) sends decode steps to its own
     attention, given each row's start and the query's slot; run here with kv_attention's reference
     standing in for the CUDA kernel, eager and compiled, it decodes a batch of different-length
     prompts to the tokens of the plain KVCache (flex) path."""

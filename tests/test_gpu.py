@@ -74,22 +74,23 @@ def test_compiled_cuda_graph_decode_equals_cpu_fp32_eager(shape):
     assert got == want
 
 
-def test_compiled_decode_attends_through_flex(monkeypatch):
-    """--compile's steps trace flex_attention (which skips unwritten cache blocks), not the dense
-    SDPA path: torch 2.11 reports is_exporting() under torch.compile on CUDA, and while the model
-    asked it, every compiled step attended over the whole cache with a dense mask."""
+@pytest.mark.parametrize("split_kv_kernel", [False, True])
+def test_compiled_decode_attends_through_flex_or_the_kernel(monkeypatch, split_kv_kernel):
+    """--compile's decode steps trace flex_attention (FASTGEN_DECODE_KERNEL=0) or the split-KV kernel
+    (the default), both of which skip unwritten cache blocks, never the dense SDPA path: torch 2.11
+    reports is_exporting() under torch.compile on CUDA, and while the model asked it, every compiled
+    step attended over the whole cache with a dense mask."""
+    import kv_attention
     import model as model_module
 
     traced = []
-    real = model_module.flex_attention_over_cache
-
-    def recording(*args, **kwargs):
-        traced.append("flex")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(model_module, "flex_attention_over_cache", recording)
+    for name in ("flex_attention_over_cache", "cache_attention_at_decode"):
+        real = getattr(model_module, name)
+        monkeypatch.setattr(model_module, name, lambda *a, real=real, name=name, **k: traced.append(name) or real(*a, **k))
+    monkeypatch.setattr(kv_attention, "UNQUANTIZED_ENABLED", split_kv_kernel)
     greedy(on(random_model("gqa-hd128"), "cuda", torch.bfloat16), PROMPTS[:1], 4, 64, compile=True)
-    assert traced
+    want = "cache_attention_at_decode" if split_kv_kernel else "flex_attention_over_cache"
+    assert want in traced
 
 
 @pytest.mark.parametrize("options", [{"SPLIT_KV": 1}, {"SPLIT_KV": 4}])
@@ -260,7 +261,7 @@ def test_unquantized_decode_attention_kernel_equals_reference(dtype, case):
 
 
 def test_split_kv_cache_decodes_like_the_flex_path(monkeypatch):
-    """FASTGEN_DECODE_KERNEL=1's cache (kv_attention.SplitKVCache) decodes a batch of different-length
+    """The default bf16 cache on CUDA (kv_attention.SplitKVCache) decodes a batch of different-length
     prompts to the tokens of the plain KVCache, eager and compiled (fp32, so no near-ties flip)."""
     import kv_attention
 
@@ -323,22 +324,24 @@ def test_int8_gemv_kernel_equals_reference(rows, n, k):
 
 @pytest.mark.parametrize("rows,n,k", [(8, 4096, 4096), (5, 1000, 576), (2, 520, 1300), (16, 64, 8200)])
 def test_int8_multi_row_kernels_equal_reference(rows, n, k):
-    """The two batch-8 candidates (scripts/int8_gemv_sweep.py --rows): the CUDA-core kernel that
-    reads each weight tile once for all rows, and the tensor-core one split over K."""
-    import triton
-
+    """Batched decode's int8 linear (2-16 rows: gemv.int8_gemm_few_rows, tensor cores split over K)
+    equals the reference, at the sweep's tile sizes, at an odd split count, and through Int8Linear
+    eager and compiled (so the triton_op is what runs, not the converted-bf16 fallback)."""
     import gemv
+    import quantize
 
     torch.manual_seed(rows + n)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
     scales = torch.rand(n, device="cuda") / 100
     want = gemv.int8_gemv_reference(x, w, scales).float()
-    block_m = triton.next_power_of_2(rows)
-    y = torch.empty(rows, n, device="cuda", dtype=torch.bfloat16)
-    grid = (triton.cdiv(n, 8), 1)
-    gemv._int8_gemv_rows_kernel[grid](x, w, scales, y, rows, n, k, BLOCK_M=block_m, BLOCK_N=8, BLOCK_K=256, CONVERT=2)
-    for got in (y, gemv.int8_gemm_dot(x, w, scales, SPLITS=3)):
+    linear = quantize.Int8Linear(k, n, device="cuda")
+    linear.weight.copy_(w)
+    linear.scales.copy_(scales)
+    x3 = x.view(rows, 1, k)  # decode's [B, 1, K]
+    got_all = [gemv.int8_gemm_dot(x, w, scales, SPLITS=3), gemv.int8_gemm_few_rows(x, w, scales)]
+    got_all += [linear(x3).view(rows, n), torch.compile(linear, fullgraph=True)(x3).view(rows, n)]
+    for got in got_all:
         assert ((got.float() - want).norm() / want.norm()) < 1e-2
 
 
