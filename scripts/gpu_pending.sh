@@ -2,15 +2,12 @@
 # The GPU runs this repo still owes (NOTES.md says why), batched for a device call of at most
 # 10 minutes each. Run from the repository root on the GPU machine:
 #
-#   bash scripts/gpu_pending.sh first   # ~9 min: tests, then the split-KV kernel at 8k of 32k and short
-#   bash scripts/gpu_pending.sh long    # ~7 min: the split-KV kernel over a bf16 cache (FASTGEN_DECODE_KERNEL=1)
-#                                       #   at 8k in a 32k cache and short, its tests; fp8 KV at B8 8k
-#   bash scripts/gpu_pending.sh tests   # ~5 min: the whole GPU tier (last whole run: fa2c5d5, 2026-12-02)
-#   bash scripts/gpu_pending.sh kv      # ~8 min: int8 KV decode with kv_attention's kernel off and on
-#   bash scripts/gpu_pending.sh speed   # ~5 min: int8 batch-8 candidates; bf16 at 8k filled in a 32k cache (flex)
-#   bash scripts/gpu_pending.sh flex    # ~6 min: flex decoding's SPLIT_KV at short context, 8B and SmolLM2 shapes
-#   bash scripts/gpu_pending.sh package # ~8 min: which packaging of the decode step loads on CUDA (issue 19)
-#   bash scripts/gpu_pending.sh moe     # ~9 min, H200 only: Mixtral-8x7B bf16 (93 GB) at batch 1 and 8 (issue 17)
+#   bash scripts/gpu_pending.sh roundrobin # ~6 min: pending/split_kv_round_robin.patch applied (on the
+#                                          #   device's copy only), its tests, then bf16 at 8k of 32k, short,
+#                                          #   B8 8k, int8 KV B8 8k: keep the patch (git apply) if it wins
+#   bash scripts/gpu_pending.sh tests      # ~5 min: the whole GPU tier (last whole run: 7774483's parent)
+#   bash scripts/gpu_pending.sh package    # ~8 min: which packaging of the decode step loads on CUDA (issue 19)
+#   bash scripts/gpu_pending.sh moe        # ~9 min: Qwen3-30B-A3B bf16 and Mixtral int8 at batch 1 and 8 (issue 17)
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -36,57 +33,33 @@ decode() {  # decode NAME TIMEOUT_S profile_decode args...: one replayed-step li
 }
 
 case $mode in
-first)
-    # the whole tier (it holds the split-KV kernel's tests), then the kernel at 8k of 32k and short
-    step tier 330 python -m pytest -m gpu -q -p no:cacheprovider -rf
-    summary+=("  $(tail -n 1 "$out/tier.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
-    FASTGEN_DECODE_KERNEL=1 decode bf16_8k_of_32k_kernel 120 --ctx 8192 --cache 32768
-    FASTGEN_DECODE_KERNEL=1 decode bf16_short_kernel 100
-    ;;
-long)
+roundrobin)
+    git apply pending/split_kv_round_robin.patch || exit 2
     step kernel_tests 200 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
-        -k "decode_attention or split_kv or quantized_kv"
+        -k "decode_attention or split_kv or quantized_kv or attends_through"
     summary+=("  $(tail -n 1 "$out/kernel_tests.txt")")
-    FASTGEN_DECODE_KERNEL=1 decode bf16_8k_of_32k_kernel 120 --ctx 8192 --cache 32768
-    FASTGEN_DECODE_KERNEL=1 decode bf16_short_kernel 100
-    decode fp8_8k 120 --batch 8 --ctx 8192 --cache 8448 --kv-dtype fp8
+    decode bf16_8k_of_32k 100 --ctx 8192 --cache 32768  # before the patch: 5.788 ms
+    decode bf16_short 80                                # 4.663 ms
+    decode bf16_b8_8k 100 --batch 8 --ctx 8192 --cache 8448  # 7.173 ms
+    decode int8kv_b8_8k 100 --batch 8 --ctx 8192 --cache 8448 --kv-dtype int8  # 6.546 ms
+    git apply -R pending/split_kv_round_robin.patch
     ;;
 tests)
-    # the whole tier: model.py's attention functions changed after the last green run (a7f0aae)
-    step tier 570 python -m pytest -m gpu -q -p no:cacheprovider
+    step tier 570 python -m pytest -m gpu -q -p no:cacheprovider -rf
     summary+=("  $(tail -n 1 "$out/tier.txt")")
-    ;;
-kv)
-    decode kv_bf16_8k 130 --batch 8 --ctx 8192 --cache 8448
-    FASTGEN_KV_KERNEL=0 decode kv_int8_8k_off 130 --batch 8 --ctx 8192 --cache 8448 --kv-dtype int8
-    FASTGEN_KV_KERNEL=1 decode kv_int8_8k_on 130 --batch 8 --ctx 8192 --cache 8448 --kv-dtype int8
-    FASTGEN_KV_KERNEL=1 decode kv_int8_short_on 100 --kv-dtype int8
-    ;;
-speed)
-    step int8_rows8 150 python scripts/int8_gemv_sweep.py --rows 8
-    summary+=("  $(grep -c '^| ' "$out/int8_rows8.txt") table lines in int8_rows8.txt")
-    decode bf16_8k_of_32k 150 --ctx 8192 --cache 32768
-    ;;
-flex)
-    decode bf16_short 120
-    # flex decoding splits the cache in 2 * SMs / (B * Hkv) parts whatever its length (32 on an H200
-    # for Llama-3-8B): at an 80-slot cache nearly all are empty, and merging them costs ~0.2 ms/step
-    decode bf16_short_split1 100 --flex-decode-options '{"SPLIT_KV": 1}'
-    decode smol_short 60 --model smollm2-135m
-    decode smol_short_split1 60 --model smollm2-135m --flex-decode-options '{"SPLIT_KV": 1}'
+    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
     ;;
 package)
     step package 560 python scripts/diag_cuda_package.py
     summary+=("$(tail -n 5 "$out/package.txt")")
     ;;
 moe)
-    step moe 560 python scripts/bench.py --suite moe --models mixtral-8x7b --weights bf16 --no-cold-start \
-        --time-budget-s 520 --out-dir "$out/moe_bench"
-    summary+=("$(grep -E '^\| mixtral' "$out/moe.txt" | head -4)")
+    step moe 560 python scripts/bench.py --suite moe --models qwen3-30b-a3b,mixtral-8x7b --weights bf16,int8 \
+        --no-cold-start --time-budget-s 520 --out-dir "$out/moe_bench"
+    summary+=("$(grep -E '^\| (mixtral|qwen)' "$out/moe.txt" | head -8)")
     ;;
 *)
-    echo "unknown mode $mode: use long, tests, kv, speed, flex, package or moe" >&2
+    echo "unknown mode $mode: use roundrobin, tests, package or moe" >&2
     exit 2
     ;;
 esac

@@ -84,9 +84,13 @@ def test_compiled_decode_attends_through_flex_or_the_kernel(monkeypatch, split_k
     import model as model_module
 
     traced = []
-    for name in ("flex_attention_over_cache", "cache_attention_at_decode"):
+
+    def recording(name):
         real = getattr(model_module, name)
-        monkeypatch.setattr(model_module, name, lambda *a, real=real, name=name, **k: traced.append(name) or real(*a, **k))
+        return lambda *args, **kwargs: traced.append(name) or real(*args, **kwargs)
+
+    for name in ("flex_attention_over_cache", "cache_attention_at_decode"):
+        monkeypatch.setattr(model_module, name, recording(name))
     monkeypatch.setattr(kv_attention, "UNQUANTIZED_ENABLED", split_kv_kernel)
     greedy(on(random_model("gqa-hd128"), "cuda", torch.bfloat16), PROMPTS[:1], 4, 64, compile=True)
     want = "cache_attention_at_decode" if split_kv_kernel else "flex_attention_over_cache"

@@ -1,0 +1,63 @@
+"""Checks kv_attention.decode_attention and quantized_decode_attention against the PyTorch reference
+with Triton's CPU interpreter, no GPU needed. In a scratch venv (`pip install torch==2.13.0 triton`):
+
+    python pending/interpret_split_kv.py     # about a minute; prints each case's relative error
+
+Slots outside each row's valid range hold NaN: a kernel that reads one prints nan.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import kv_attention  # noqa: E402
+
+CASES = [  # B, Hkv, G, D, cache slots, query slot, sliding window (0: none), dtype
+    (2, 2, 4, 128, 1000, 700, 0, torch.float32),
+    (1, 2, 4, 128, 4096, 1500, 0, torch.float32),  # 64 splits, a third of the cache filled
+    (3, 1, 2, 80, 300, 299, 100, torch.float32),
+    (2, 2, 4, 64, 257, 5, 0, torch.float16),
+    (1, 2, 1, 64, 2048, 2047, 600, torch.float16),
+]
+
+
+def unquantized(B, Hkv, G, D, S, slot, window, dtype):
+    q = torch.randn(B, Hkv * G, 1, D, dtype=dtype)
+    k, v = torch.randn(2, B, Hkv, S, D, dtype=dtype)
+    row_start = torch.tensor([min(7 * b, slot) for b in range(B)], dtype=torch.int32)
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[:, :, slot + 1 :] = v_nan[:, :, slot + 1 :] = float("nan")
+    for b in range(B):
+        k_nan[b, :, : row_start[b]] = v_nan[b, :, : row_start[b]] = float("nan")
+    q_slot = torch.tensor([slot])
+    got = kv_attention.decode_attention(q, k_nan, v_nan, row_start, q_slot, window)
+    want = kv_attention.quantized_decode_attention_reference(q, k, None, v, None, row_start, q_slot, window or None)
+    return got, want
+
+
+def int8(B=2, Hkv=2, G=4, D=128, S=3000, slot=2100):
+    q = torch.randn(B, Hkv * G, 1, D)
+    k, v = torch.randint(-127, 128, (2, B, Hkv, S, D), dtype=torch.int8)
+    k_scale, v_scale = torch.rand(2, B, Hkv, S, 1) / 100
+    row_start, q_slot = torch.tensor([0, 30], dtype=torch.int32), torch.tensor([slot])
+    got = kv_attention.quantized_decode_attention(q, k, k_scale, v, v_scale, row_start, q_slot, 0)
+    want = kv_attention.quantized_decode_attention_reference(q, k, k_scale, v, v_scale, row_start, q_slot, None)
+    return got, want
+
+
+def main():
+    torch.manual_seed(0)
+    runs = [(f"{case}", lambda case=case: unquantized(*case)) for case in CASES] + [("int8", int8)]
+    for name, run in runs:
+        got, want = run()
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        print(f"{name}: rel err {err:.2e}")
+
+
+if __name__ == "__main__":
+    main()
