@@ -93,7 +93,7 @@ def main(argv=None):
     kv_sig = {
         "q_ptr": "*bf16", "k_ptr": "*i8", "k_scale_ptr": "*bf16", "v_ptr": "*i8", "v_scale_ptr": "*bf16",
         "row_start_ptr": "*i32", "q_slot_ptr": "*i64", "acc_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
-        "n_kv_heads": "i32", "S": "i32", "slots_per_split": "i32", "window": "i32",
+        "n_kv_heads": "i32", "S": "i32", "window": "i32",
     }  # fmt: skip
     for store in ("*i8", "*fp8e4nv", None):  # None: an unquantized cache (decode_attention), no scales
         for dtype in ("*bf16", "*fp16", "*fp32"):
@@ -122,7 +122,7 @@ def main(argv=None):
                     kv_attention._quantized_decode_kernel,
                     sig,
                     consts,
-                    (*range(10), 11, 12),  # pointers, S and slots_per_split: multiples of 16 at run time
+                    (*range(10), 11),  # pointers and S: multiples of 16 at run time
                     num_warps=4,
                     num_stages=1,
                 )

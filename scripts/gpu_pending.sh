@@ -2,10 +2,7 @@
 # The GPU runs this repo still owes (NOTES.md says why), batched for a device call of at most
 # 10 minutes each. Run from the repository root on the GPU machine:
 #
-#   bash scripts/gpu_pending.sh roundrobin # ~6 min: pending/split_kv_round_robin.patch applied (on the
-#                                          #   device's copy only), its tests, then bf16 at 8k of 32k, short,
-#                                          #   B8 8k, int8 KV B8 8k: keep the patch (git apply) if it wins
-#   bash scripts/gpu_pending.sh tests      # ~5 min: the whole GPU tier (last whole run: 7774483's parent)
+#   bash scripts/gpu_pending.sh tests      # ~5 min: the whole GPU tier (last whole run: d715d7f, 81 passed)
 #   bash scripts/gpu_pending.sh package    # ~8 min: which packaging of the decode step loads on CUDA (issue 19)
 #   bash scripts/gpu_pending.sh moe        # ~9 min: Qwen3-30B-A3B bf16 and Mixtral int8 at batch 1 and 8 (issue 17)
 #
@@ -33,17 +30,6 @@ decode() {  # decode NAME TIMEOUT_S profile_decode args...: one replayed-step li
 }
 
 case $mode in
-roundrobin)
-    git apply pending/split_kv_round_robin.patch || exit 2
-    step kernel_tests 200 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
-        -k "decode_attention or split_kv or quantized_kv or attends_through"
-    summary+=("  $(tail -n 1 "$out/kernel_tests.txt")")
-    decode bf16_8k_of_32k 100 --ctx 8192 --cache 32768  # before the patch: 5.788 ms
-    decode bf16_short 80                                # 4.663 ms
-    decode bf16_b8_8k 100 --batch 8 --ctx 8192 --cache 8448  # 7.173 ms
-    decode int8kv_b8_8k 100 --batch 8 --ctx 8192 --cache 8448 --kv-dtype int8  # 6.546 ms
-    git apply -R pending/split_kv_round_robin.patch
-    ;;
 tests)
     step tier 570 python -m pytest -m gpu -q -p no:cacheprovider -rf
     summary+=("  $(tail -n 1 "$out/tier.txt")")
@@ -59,7 +45,7 @@ moe)
     summary+=("$(grep -E '^\| (mixtral|qwen)' "$out/moe.txt" | head -8)")
     ;;
 *)
-    echo "unknown mode $mode: use roundrobin, tests, package or moe" >&2
+    echo "unknown mode $mode: use tests, package or moe" >&2
     exit 2
     ;;
 esac

@@ -1,7 +1,7 @@
 """Checks kv_attention.decode_attention and quantized_decode_attention against the PyTorch reference
 with Triton's CPU interpreter, no GPU needed. In a scratch venv (`pip install torch==2.13.0 triton`):
 
-    python pending/interpret_split_kv.py     # about a minute; prints each case's relative error
+    python scripts/interpret_kv_attention.py     # about a minute; prints each case's relative error
 
 Slots outside each row's valid range hold NaN: a kernel that reads one prints nan.
 """
