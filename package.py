@@ -89,16 +89,18 @@ def read_metadata(path) -> dict:
     return meta
 
 
-# Loading a CUDA package crashed the process (a segfault in AOTInductor's package loader, H100,
-# torch 2.11, 2026-11-25, in tests/test_export.py's GPU test), so CUDA packages are refused with a
-# clear error until that is understood. FASTGEN_PACKAGE_CUDA=1 tries anyway (for whoever debugs it).
+# Loading a CUDA package crashes the process on the GPU machines we have (torch 2.11.0+cu130, H100
+# and H200): a segfault in AOTInductor's package loader, and not ours: on 2026-12-03 a single
+# nn.Linear through torch's own aoti_compile_and_package / aoti_load_package segfaulted the same way
+# (scripts/diag_cuda_package.py, BENCHMARKS.md). So CUDA packages are refused with a clear error;
+# FASTGEN_PACKAGE_CUDA=1 tries anyway (on a torch whose CUDA AOTI loader works).
 CUDA_PACKAGES_ENV = "FASTGEN_PACKAGE_CUDA"
 
 
 def check_cuda_packages_allowed(device: torch.device):
     if device.type == "cuda" and os.environ.get(CUDA_PACKAGES_ENV) != "1":
         raise PackageError(
-            "CUDA packages are not supported yet (loading one crashed AOTInductor's loader on torch 2.11); "
+            "CUDA packages are not supported yet (AOTInductor's CUDA loader segfaults on torch 2.11, even for one nn.Linear); "
             f"use --compile on CUDA, or set {CUDA_PACKAGES_ENV}=1 to try"
         )
 

@@ -11,7 +11,9 @@ its greedy token and logits against the eager step. One line per variant:
 
 Variants: ours (what scripts/export.py does: aot_compile per program, package_aoti, weights not in
 the .so, our metadata), no_metadata, in_so (weights compiled into the .so), compile_and_package
-(torch._inductor.aoti_compile_and_package, weights not in the .so).
+(torch._inductor.aoti_compile_and_package, weights not in the .so), sdpa (ours with SDPA attention, so
+no flex template kernel in the .so), linear (the control: one nn.Linear through
+aoti_compile_and_package, nothing of ours: if it segfaults too, AOTI loading is broken on the machine).
 """
 
 import argparse
@@ -30,7 +32,7 @@ import torch  # noqa: E402
 
 from model import ModelArgs, Transformer  # noqa: E402
 
-VARIANTS = ("ours", "no_metadata", "in_so", "compile_and_package")
+VARIANTS = ("linear", "ours", "sdpa", "no_metadata", "in_so", "compile_and_package")
 BATCH, SLOTS = 2, 256
 
 
@@ -53,8 +55,14 @@ def make(variant: str, device, path: Path):
     from export import export_steps
     from torch._inductor.package import package_aoti
 
+    if variant == "linear":
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(64, 32).to(device)
+        program = torch.export.export(linear, (torch.randn(4, 64, device=device),))
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        return "model", False
     model = tiny_model(device)
-    attention = "flex" if device.type == "cuda" else "sdpa"
+    attention = "flex" if device.type == "cuda" and variant != "sdpa" else "sdpa"
     program = export_steps(model, BATCH, 16, programs=("decode",), attention=attention)["decode"]
     options = {"aot_inductor.package": True, "aot_inductor.package_constants_in_so": variant != "in_so"}
     if variant == "ours":
@@ -75,6 +83,17 @@ def load_and_run(path: str, name: str, user_managed: bool, device) -> str:
 
     from package import PackagedStep, constant_names
 
+    if name == "model" and not user_managed:  # the nn.Linear control
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(64, 32).to(device)
+        x = torch.randn(4, 64, device=device)
+        print("loading", flush=True)
+        runner = load_package(path, name)
+        print("loaded", flush=True)
+        out = runner(x)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        diff = (out - linear(x)).abs().max().item()
+        return f"runs: max |diff| {diff:.2e}"
     model = tiny_model(device)
     with torch.no_grad():
         want_token, want_logits = PackagedStep(model)(*step_inputs(device))

@@ -2,7 +2,7 @@
 # The GPU runs this repo still owes (NOTES.md says why), batched for a device call of at most
 # 10 minutes each. Run from the repository root on the GPU machine:
 #
-#   bash scripts/gpu_pending.sh tests      # ~5 min: the whole GPU tier (last whole run: d715d7f, 81 passed)
+#   bash scripts/gpu_pending.sh tests      # ~5 min: the whole GPU tier (last whole run: f22f62d, 81 passed)
 #   bash scripts/gpu_pending.sh package    # ~8 min: which packaging of the decode step loads on CUDA (issue 19)
 #   bash scripts/gpu_pending.sh moe        # ~9 min: Qwen3-30B-A3B bf16 and Mixtral int8 at batch 1 and 8 (issue 17)
 #
