@@ -100,7 +100,8 @@ CUDA_PACKAGES_ENV = "FASTGEN_PACKAGE_CUDA"
 def check_cuda_packages_allowed(device: torch.device):
     if device.type == "cuda" and os.environ.get(CUDA_PACKAGES_ENV) != "1":
         raise PackageError(
-            "CUDA packages are not supported yet (AOTInductor's CUDA loader segfaults on torch 2.11, even for one nn.Linear); "
+            "CUDA packages are not supported yet (torch 2.11's CUDA AOTInductor loader segfaults, even for one "
+            "nn.Linear); "
             f"use --compile on CUDA, or set {CUDA_PACKAGES_ENV}=1 to try"
         )
 
