@@ -24,6 +24,14 @@ def int8_gemv_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
     return ((x.float() @ weight.float().T) * scales.float()).to(x.dtype)
 
 
+def int8_expert_gemv_reference(x, expert_ids, weight, scales) -> torch.Tensor:
+    """x [X, K] float, expert_ids [R] (R a multiple of X; output row r reads x row r // (R / X)),
+    weight [E, N, K] int8, scales [E, N] -> [R, N] in x.dtype."""
+    x = x.repeat_interleave(expert_ids.numel() // x.shape[0], dim=0)
+    w = weight[expert_ids].float() * scales[expert_ids].float().unsqueeze(-1)
+    return (w @ x.float().unsqueeze(-1)).squeeze(-1).to(x.dtype)
+
+
 def available(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 
@@ -98,11 +106,8 @@ if triton is not None:
         return f
 
     @triton.jit
-    def _int8_gemv_kernel(
-        x_ptr, w_ptr, scale_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT: tl.constexpr = 0
-    ):
-        # one program: BLOCK_N outputs of activation row m
-        pid_n, m = tl.program_id(0), tl.program_id(1)
+    def _int8_gemv_block(x_ptr, w_ptr, scale_ptr, y_ptr, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT):
+        # BLOCK_N outputs of one activation row: x_ptr [K], w_ptr [N, K] int8, scale_ptr [N], y_ptr [N]
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         row_ok = rows < N
@@ -111,14 +116,43 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             k = k0 + cols
             k_ok = k < K
-            x = tl.load(x_ptr + m * K + k, mask=k_ok, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
             w = tl.load(
                 w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0, eviction_policy="evict_first"
             )  # read once: keep L2 for x
             acc += _int8_to_fp32(w, CONVERT) * x[None, :]
         scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         y = tl.sum(acc, axis=1) * scale
-        tl.store(y_ptr + m * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
+    def _int8_gemv_kernel(
+        x_ptr, w_ptr, scale_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT: tl.constexpr = 0
+    ):
+        # one program: BLOCK_N outputs of activation row m
+        pid_n, m = tl.program_id(0), tl.program_id(1)
+        _int8_gemv_block(x_ptr + m * K, w_ptr, scale_ptr, y_ptr + m * N, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT)
+
+    @triton.jit
+    def _int8_expert_gemv_kernel(
+        x_ptr,  # [R / rows_per_x, K]: output row r reads x row r // rows_per_x
+        ids_ptr,  # [R]: the expert each output row goes through
+        w_ptr,  # [E, N, K] int8
+        scale_ptr,  # [E, N]
+        y_ptr,  # [R, N]
+        N,
+        K,
+        rows_per_x,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        CONVERT: tl.constexpr = 0,
+    ):
+        # the batch-1 GEMV with the weight chosen per row: a decode step reads only the chosen experts
+        pid_n, r = tl.program_id(0), tl.program_id(1)
+        e = tl.load(ids_ptr + r).to(tl.int64)
+        w = w_ptr + e * N * K
+        x = x_ptr + (r // rows_per_x) * K
+        _int8_gemv_block(x, w, scale_ptr + e * N, y_ptr + r * N, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT)
 
     @triton.jit
     def _int8_gemm_dot_kernel(
@@ -197,4 +231,21 @@ if triton is not None:
         cfg = int8_gemv_config(N, K)
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), M)
         wrap_triton(_int8_gemv_kernel)[grid](x, weight, scales, y, N, K, **cfg)
+        return y
+
+    @triton_op("fastgen::int8_expert_gemv", mutates_args={})
+    def int8_expert_gemv(
+        x: torch.Tensor, expert_ids: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
+    ) -> torch.Tensor:
+        """x [X, K], expert_ids [R] (R a multiple of X), weight [E, N, K] int8, scales [E, N] -> [R, N]:
+        output row r is x row r // (R / X) times expert expert_ids[r] (X = R: a row per pair; X =
+        tokens: each token through its k experts, never copied k times). Each output row reads its
+        expert once (rows that share an expert read it again: fine for a decode step's few rows)."""
+        x = x.contiguous()
+        R, K = expert_ids.numel(), x.shape[1]
+        N = weight.shape[1]
+        y = torch.empty((R, N), dtype=x.dtype, device=x.device)
+        cfg = int8_gemv_config(N, K)
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), R)
+        wrap_triton(_int8_expert_gemv_kernel)[grid](x, expert_ids, weight, scales, y, N, K, R // x.shape[0], **cfg)
         return y

@@ -506,7 +506,8 @@ def main(argv=None):
 
 # Stacked experts ([E, out, in] per projection) are quantized per expert like a Linear, and read
 # through Experts.weights(name, ids), which dequantizes only the experts a step chose (compiled,
-# Inductor fuses the dequantize into the gathered matvec). The router stays in the compute dtype.
+# Inductor fuses the dequantize into the gathered matvec); int8 decode steps on a GPU go through
+# gemv.int8_expert_gemv instead. The router stays in the compute dtype.
 EXPERT_WEIGHTS = ("feed_forward.experts.w13", "feed_forward.experts.w2")
 
 
@@ -537,6 +538,18 @@ class Int8Experts(Experts):
     def weights(self, name, ids):
         scales = getattr(self, f"{name}_scales")  # in the compute dtype (the loader casts floats)
         return getattr(self, name)[ids].to(scales.dtype) * scales[ids].unsqueeze(-1)
+
+    def gathered(self, x, expert_ids):
+        """As Experts.gathered; on a GPU each (token, expert) pair through the int8 GEMV kernel, which
+        reads the chosen experts' int8 bytes once (the compiled gather-and-reduce read them at 18-34%
+        of copy bandwidth on the H200, BENCHMARKS.md)."""
+        N, k = expert_ids.shape
+        if not gemv.available(x) or N > gemv.INT8_DOT_MAX_ROWS:  # prefill: a pair per row would re-read
+            return super().gathered(x, expert_ids)
+        ids = expert_ids.flatten()  # [N * k]: token n's experts at rows n * k ... n * k + k - 1
+        gate, up = gemv.int8_expert_gemv(x, ids, self.w13, self.w13_scales).chunk(2, dim=-1)
+        hidden = F.silu(gate) * up  # [N * k, I]
+        return gemv.int8_expert_gemv(hidden, ids, self.w2, self.w2_scales).view(N, k, -1)
 
 
 class Int4Experts(Experts):

@@ -1,7 +1,11 @@
-"""Checks kv_attention.decode_attention and quantized_decode_attention against the PyTorch reference
-with Triton's CPU interpreter, no GPU needed. In a scratch venv (`pip install torch==2.13.0 triton`):
+"""Checks kv_attention.decode_attention / quantized_decode_attention and gemv's int8 GEMVs against
+their PyTorch references with Triton's CPU interpreter, no GPU needed. In a venv with
+`pip install triton` beside the CPU torch:
 
-    python scripts/interpret_kv_attention.py     # about a minute; prints each case's relative error
+    python scripts/interpret_kernels.py     # ~10 s; prints each case's relative error
+
+The interpreter has no inline PTX, so the int8 kernels run their plain-Triton conversion (CONVERT=1,
+the same arithmetic as the prmt form); test_gpu.py checks that the conversions agree on a GPU.
 
 Slots outside each row's valid range hold NaN: a kernel that reads one prints nan.
 """
@@ -15,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+import gemv  # noqa: E402
 import kv_attention  # noqa: E402
 
 CASES = [  # B, Hkv, G, D, cache slots, query slot, sliding window (0: none), dtype
@@ -50,9 +55,25 @@ def int8(B=2, Hkv=2, G=4, D=128, S=3000, slot=2100):
     return got, want
 
 
+def int8_gemv(M=3, N=300, K=1030):
+    x, w, scales = torch.randn(M, K), torch.randint(-128, 128, (N, K), dtype=torch.int8), torch.rand(N) / 100
+    return gemv.int8_gemv(x, w, scales), gemv.int8_gemv_reference(x, w, scales)
+
+
+def int8_expert_gemv(R=6, E=8, N=96, K=1100, X=6):  # X < R: each x row through R / X experts
+    x, ids = torch.randn(X, K, dtype=torch.float16), torch.randint(0, E, (R,))
+    w, scales = torch.randint(-128, 128, (E, N, K), dtype=torch.int8), torch.rand(E, N, dtype=torch.float16) / 100
+    return gemv.int8_expert_gemv(x, ids, w, scales), gemv.int8_expert_gemv_reference(x, ids, w, scales)
+
+
 def main():
     torch.manual_seed(0)
-    runs = [(f"{case}", lambda case=case: unquantized(*case)) for case in CASES] + [("int8", int8)]
+    plain_config = gemv.int8_gemv_config
+    gemv.int8_gemv_config = lambda n, k: {**plain_config(n, k), "CONVERT": 1}  # no inline PTX here
+    runs = [(f"{case}", lambda case=case: unquantized(*case)) for case in CASES] + [("int8 KV", int8)]
+    runs += [("int8 gemv", int8_gemv), ("int8 expert gemv", int8_expert_gemv)]
+    runs += [("int8 expert gemv, 1 token x 8 experts", lambda: int8_expert_gemv(R=8, X=1))]
+    runs += [("int8 expert gemv, 3 tokens x 2 experts", lambda: int8_expert_gemv(R=6, X=3))]
     for name, run in runs:
         got, want = run()
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
