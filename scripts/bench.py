@@ -43,6 +43,8 @@ What the columns mean
   TTFT     time to first token (prefill + first sample, on the host)
   1st s    the warm-up call's first decode step: compile + the CUDA-graph warm-up run when a new
            shape compiles, "-" when the shape was already compiled (HF rows: the whole first call)
+  KV MB    the KV cache as allocated (every slot of every row, values and any scales; an int8 or
+           fp8 cache is about 52% of bf16 at head_dim 128); "-" where not known (HF rows)
   HF rows  decode time = median generate(N) - median generate(1) (the static cache keeps one size
            across calls, so both run the same compiled graphs); TTFT = median generate(1). The
            note says how the decode step was compiled (scripts/bench_hf.py).

@@ -272,6 +272,10 @@ def child_measure(opts) -> dict:
         prefill_s_runs=[r[0] for r in runs],
         # what gpt-fast's generate.py prints: tokens per row over prefill + decode
         gpt_fast_style_tok_s=N / (prefill_s + decode_s),
+        # its KVCache modules' k_cache / v_cache buffers, as allocated
+        kv_cache_bytes=sum(
+            b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith(("k_cache", "v_cache"))
+        ),
         **speed_fields(B, T, N - 1, decode_s, prefill_s, weight_bytes, kv_read, flops, device),
     )
 

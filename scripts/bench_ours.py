@@ -22,7 +22,7 @@ from bench_common import (
 from bench_plan import Config
 
 from checkpoint import model_args_from_name
-from generate import KV_CACHE_DTYPES, Generator, Sampling, model_weight_bytes
+from generate import KV_CACHE_DTYPES, Generator, Sampling, kv_cache_bytes, model_weight_bytes
 from model import Transformer, rope_inv_freq
 
 DEFAULT_INT4_GROUPSIZE = 128
@@ -191,6 +191,7 @@ class OursRunner:
         warm = gen.generate(prompts, N, Sampling())
         row["warmup_s"] = time.perf_counter() - t
         row["first_step_s"] = warm.first_decode_s if new_shape else None
+        row["kv_cache_bytes"] = kv_cache_bytes(self.model)  # allocated, values and scales (issue 10)
         runs = []
         for i in range(opts.runs):
             res = gen.generate(prompts, N, Sampling())

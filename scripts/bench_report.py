@@ -132,6 +132,7 @@ def result_line(r, copy_bw, mm) -> str:
         _f(pfmm, ".0f"),
         _f(r["ttft_s"] * 1e3 if ok else None, ".1f"),
         _f(first, ".1f"),
+        _f(r["kv_cache_bytes"] / 1e6 if ok and r.get("kv_cache_bytes") else None, ".1f"),
         _f(r["peak_memory_bytes"] / 1e9 if ok else None, ".1f"),
         row_note(r),
     ]
@@ -170,8 +171,8 @@ def markdown(report) -> str:
         f"{_f(mm, '.3g')} TFLOP/s",
         "",
         "| model | w | kv | B | ctx | cache | tok/s | ms/step | GB/s | %copy | pf tok/s | pf %mm | TTFT ms "
-        "| 1st s | peak GB | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| 1st s | KV MB | peak GB | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [result_line(r, copy_bw, mm) for r in report["results"]]
     for s in report.get("start_times", []):

@@ -4,7 +4,8 @@
 #
 #   bash scripts/gpu_pending.sh tests      # ~5 min: the whole GPU tier (last whole run: f22f62d, 81 passed)
 #   bash scripts/gpu_pending.sh package    # ~8 min: which packaging of the decode step loads on CUDA (issue 19)
-#   bash scripts/gpu_pending.sh moe        # ~9 min: Qwen3-30B-A3B bf16 and Mixtral int8 at batch 1 and 8 (issue 17)
+#   bash scripts/gpu_pending.sh moe        # ~9 min: MoE GPU tests, then Qwen3-30B-A3B / Mixtral bf16 and int8
+#                                          #   at batch 1 and 8 (issue 17; int8 experts' GEMV re-run owed)
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -40,8 +41,10 @@ package)
     summary+=("$(tail -n 5 "$out/package.txt")")
     ;;
 moe)
-    step moe 560 python scripts/bench.py --suite moe --models qwen3-30b-a3b,mixtral-8x7b --weights bf16,int8 \
-        --no-cold-start --time-budget-s 520 --out-dir "$out/moe_bench"
+    step moe_tests 120 python -m pytest -m gpu -q -p no:cacheprovider tests/test_moe.py
+    summary+=("  $(tail -n 1 "$out/moe_tests.txt")")
+    step moe 440 python scripts/bench.py --suite moe --models qwen3-30b-a3b,mixtral-8x7b --weights bf16,int8 \
+        --no-cold-start --time-budget-s 400 --out-dir "$out/moe_bench"
     summary+=("$(grep -E '^\| (mixtral|qwen)' "$out/moe.txt" | head -8)")
     ;;
 *)

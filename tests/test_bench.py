@@ -116,6 +116,9 @@ def test_smoke_json(smoke):
     args = model_args_from_name("smollm2-135m")
     assert r["kv_bytes_per_slot"] == args.n_layers * args.n_kv_heads * args.head_dim * 2 * 2
     assert r["GBps"] > r["weights_only_GBps"]
+    # the KV column: the allocated cache, every slot of every row (bf16: no scales)
+    assert r["kv_cache_bytes"] == r["config"]["batch"] * r["cache_alloc"] * r["kv_bytes_per_slot"]
+    assert "KV MB" in bench.markdown(report)
     # a weight mode whose module is missing or fails is a row with a note, never a crash
     (q,) = rows_of(report, OURS, "int8")
     assert q["status"] in ("ok", "skip", "error", "OOM")
