@@ -90,6 +90,19 @@ def main(argv=None):
             num_warps=4,
             num_stages=3,
         )
+    expert_sig = {"x_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*i8", "scale_ptr": "*bf16", "y_ptr": "*bf16"}
+    for n, k in ((28672, 4096), (4096, 14336), (1536, 2048)):  # Mixtral w13 / w2, Qwen3-30B-A3B w13
+        cfg = gemv.int8_gemv_config(n, k)
+        build(
+            target,
+            f"int8 expert gemv {n}x{k}",
+            gemv._int8_expert_gemv_kernel,
+            {**expert_sig, "N": "i32", "K": "i32", "rows_per_x": "i32"},
+            {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": cfg["CONVERT"]},
+            range(7),
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
     kv_sig = {
         "q_ptr": "*bf16", "k_ptr": "*i8", "k_scale_ptr": "*bf16", "v_ptr": "*i8", "v_scale_ptr": "*bf16",
         "row_start_ptr": "*i32", "q_slot_ptr": "*i64", "acc_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
