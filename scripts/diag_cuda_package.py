@@ -50,16 +50,20 @@ def step_inputs(device):
     return tokens, torch.tensor([3], device=device), torch.zeros(BATCH, dtype=torch.int32, device=device)
 
 
+def control_linear(device):
+    """The nn.Linear control and its input, the same in every process (seeded)."""
+    torch.manual_seed(0)
+    return torch.nn.Linear(64, 32).to(device), torch.randn(4, 64, device=device)
+
+
 def make(variant: str, device, path: Path):
     """Export and package the decode step the variant's way; returns (model name in the package, user-managed)."""
     from export import export_steps
     from torch._inductor.package import package_aoti
 
     if variant == "linear":
-        torch.manual_seed(0)
-        linear = torch.nn.Linear(64, 32).to(device)
-        program = torch.export.export(linear, (torch.randn(4, 64, device=device),))
-        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        linear, x = control_linear(device)
+        torch._inductor.aoti_compile_and_package(torch.export.export(linear, (x,)), package_path=str(path))
         return "model", False
     model = tiny_model(device)
     attention = "flex" if device.type == "cuda" and variant != "sdpa" else "sdpa"
@@ -77,16 +81,14 @@ def make(variant: str, device, path: Path):
     return "decode", variant != "in_so"
 
 
-def load_and_run(path: str, name: str, user_managed: bool, device) -> str:
+def load_and_run(variant: str, path: str, name: str, user_managed: bool, device) -> str:
     """In the child: load the package, hand it the model's tensors, run one step, compare with eager."""
     from torch._inductor.package import load_package
 
     from package import PackagedStep, constant_names
 
-    if name == "model" and not user_managed:  # the nn.Linear control
-        torch.manual_seed(0)
-        linear = torch.nn.Linear(64, 32).to(device)
-        x = torch.randn(4, 64, device=device)
+    if variant == "linear":
+        linear, x = control_linear(device)
         print("loading", flush=True)
         runner = load_package(path, name)
         print("loaded", flush=True)
@@ -116,13 +118,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--child", nargs=3, metavar=("PKG", "NAME", "USER_MANAGED"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=4, metavar=("VARIANT", "PKG", "NAME", "USER_MANAGED"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.child:
         faulthandler.enable()
-        path, name, user_managed = args.child
-        print(load_and_run(path, name, user_managed == "1", device), flush=True)
+        variant, path, name, user_managed = args.child
+        print(load_and_run(variant, path, name, user_managed == "1", device), flush=True)
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,7 +141,8 @@ def main(argv=None) -> int:
                 continue
             built_s = time.perf_counter() - t0
             child = subprocess.run(
-                [sys.executable, __file__, "--device", args.device, "--child", str(path), name, str(int(user_managed))],
+                [sys.executable, __file__, "--device", args.device]
+                + ["--child", variant, str(path), name, str(int(user_managed))],
                 capture_output=True,
                 text=True,
             )
