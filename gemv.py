@@ -155,6 +155,51 @@ if triton is not None:
         _int8_gemv_block(x, w, scale_ptr + e * N, y_ptr + r * N, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT)
 
     @triton.jit
+    def _int8_expert_dot_kernel(
+        x_ptr,  # [X, K]: pair p reads x row p // rows_per_x
+        order_ptr,  # [R]: the pairs sorted by expert
+        ends_ptr,  # [E]: one past each expert's last position in order
+        w_ptr,  # [E, N, K] int8
+        scale_ptr,  # [E, N]
+        part_ptr,  # [SPLITS, R, N] fp32: each K split's scaled partial product, in pair order
+        R,
+        N,
+        K,
+        rows_per_x,
+        k_per_split,
+        BLOCK_M: tl.constexpr,  # >= the most pairs one expert can get (one per token: tokens <= 16)
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        CONVERT: tl.constexpr = 0,
+    ):
+        # one expert's pairs at once through tensor cores: each chosen expert's tile is read once
+        # for all the tokens that chose it; an expert nobody chose costs a program that exits
+        e, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
+        count = tl.load(ends_ptr + e) - start
+        if count > 0:
+            ms, cols = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_K)
+            rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_ok, row_ok = ms < count, rows < N
+            pairs = tl.load(order_ptr + start + ms, mask=m_ok, other=0)
+            x_rows = x_ptr + (pairs // rows_per_x).to(tl.int64)[:, None] * K
+            w_rows = w_ptr + e.to(tl.int64) * N * K + rows.to(tl.int64)[:, None] * K
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            k_lo = split * k_per_split
+            for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
+                k = k0 + cols
+                k_ok = k < K
+                x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(
+                    w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0, eviction_policy="evict_first"
+                )
+                w = _int8_to_fp32(w, CONVERT).to(x.dtype)  # exact: |w| <= 128
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            scale = tl.load(scale_ptr + e * N + rows, mask=row_ok, other=0.0).to(tl.float32)
+            out = part_ptr + (split * R + pairs).to(tl.int64)[:, None] * N + rows[None, :]
+            tl.store(out, acc * scale[None, :], mask=m_ok[:, None] & row_ok[None, :])
+
+    @triton.jit
     def _int8_gemm_dot_kernel(
         x_ptr,
         w_ptr,
@@ -249,3 +294,38 @@ if triton is not None:
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), R)
         wrap_triton(_int8_expert_gemv_kernel)[grid](x, expert_ids, weight, scales, y, N, K, R // x.shape[0], **cfg)
         return y
+
+    @triton_op("fastgen::int8_expert_gemm_grouped", mutates_args={})
+    def int8_expert_gemm_grouped(
+        x: torch.Tensor, expert_ids: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
+    ) -> torch.Tensor:
+        """int8_expert_gemv's contract (x [X, K], expert_ids [R], R a multiple of X, at most 16 pairs
+        per expert), but the pairs grouped by expert so that each chosen expert is read once for all
+        its rows: batched decode, where tokens share experts."""
+        x = x.contiguous()
+        R, K = expert_ids.numel(), x.shape[1]
+        E, N = weight.shape[:2]
+        sorted_ids, order = expert_ids.flatten().sort(stable=True)
+        ends = torch.searchsorted(sorted_ids, torch.arange(E, device=x.device, dtype=sorted_ids.dtype), right=True)
+        cfg = int8_gemm_dot_config(N, K)
+        splits = cfg.pop("SPLITS")
+        k_per_split = triton.cdiv(triton.cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        part = torch.empty((splits, R, N), dtype=torch.float32, device=x.device)
+        grid = (E, triton.cdiv(N, cfg["BLOCK_N"]), splits)
+        wrap_triton(_int8_expert_dot_kernel)[grid](
+            x,
+            order,
+            ends.to(torch.int32),
+            weight,
+            scales,
+            part,
+            R,
+            N,
+            K,
+            R // x.shape[0],
+            k_per_split,
+            BLOCK_M=16,
+            CONVERT=INT8_CONVERT,
+            **cfg,
+        )
+        return part.sum(0).to(x.dtype)

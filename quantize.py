@@ -547,9 +547,12 @@ class Int8Experts(Experts):
         if not gemv.available(x) or N > gemv.INT8_DOT_MAX_ROWS:  # prefill: a pair per row would re-read
             return super().gathered(x, expert_ids)
         ids = expert_ids.flatten()  # [N * k]: token n's experts at rows n * k ... n * k + k - 1
-        gate, up = gemv.int8_expert_gemv(x, ids, self.w13, self.w13_scales).chunk(2, dim=-1)
+        # one token: its k experts are distinct, a GEMV each; more: tokens share experts, so group
+        # the pairs by expert and read each chosen expert once for all its rows
+        matmul = gemv.int8_expert_gemv if N == 1 else gemv.int8_expert_gemm_grouped
+        gate, up = matmul(x, ids, self.w13, self.w13_scales).chunk(2, dim=-1)
         hidden = F.silu(gate) * up  # [N * k, I]
-        return gemv.int8_expert_gemv(hidden, ids, self.w2, self.w2_scales).view(N, k, -1)
+        return matmul(hidden, ids, self.w2, self.w2_scales).view(N, k, -1)
 
 
 class Int4Experts(Experts):

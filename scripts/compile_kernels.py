@@ -103,6 +103,18 @@ def main(argv=None):
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
+        cfg = gemv.int8_gemm_dot_config(n, k)
+        build(
+            target,
+            f"int8 grouped experts {n}x{k}",
+            gemv._int8_expert_dot_kernel,
+            {"x_ptr": "*bf16", "order_ptr": "*i64", "ends_ptr": "*i32", "w_ptr": "*i8", "scale_ptr": "*bf16",
+             "part_ptr": "*fp32", "R": "i32", "N": "i32", "K": "i32", "rows_per_x": "i32", "k_per_split": "i32"},
+            {"BLOCK_M": 16, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": gemv.INT8_CONVERT},
+            (0, 1, 2, 3, 4, 5, 7, 8, 10),  # pointers, N, K, k_per_split: multiples of 16 at run time
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )  # fmt: skip
     kv_sig = {
         "q_ptr": "*bf16", "k_ptr": "*i8", "k_scale_ptr": "*bf16", "v_ptr": "*i8", "v_scale_ptr": "*bf16",
         "row_start_ptr": "*i32", "q_slot_ptr": "*i64", "acc_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32",

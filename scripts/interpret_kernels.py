@@ -60,20 +60,26 @@ def int8_gemv(M=3, N=300, K=1030):
     return gemv.int8_gemv(x, w, scales), gemv.int8_gemv_reference(x, w, scales)
 
 
-def int8_expert_gemv(R=6, E=8, N=96, K=1100, X=6):  # X < R: each x row through R / X experts
+def int8_expert_gemv(R=6, E=8, N=96, K=1100, X=6, grouped=False):  # X < R: each x row through R / X experts
     x, ids = torch.randn(X, K, dtype=torch.float16), torch.randint(0, E, (R,))
+    if grouped:  # a token's experts are distinct (top k): at most one pair per (token, expert)
+        ids = torch.stack([torch.randperm(E)[: R // X] for _ in range(X)]).flatten()
     w, scales = torch.randint(-128, 128, (E, N, K), dtype=torch.int8), torch.rand(E, N, dtype=torch.float16) / 100
-    return gemv.int8_expert_gemv(x, ids, w, scales), gemv.int8_expert_gemv_reference(x, ids, w, scales)
+    op = gemv.int8_expert_gemm_grouped if grouped else gemv.int8_expert_gemv
+    return op(x, ids, w, scales), gemv.int8_expert_gemv_reference(x, ids, w, scales)
 
 
 def main():
     torch.manual_seed(0)
     plain_config = gemv.int8_gemv_config
     gemv.int8_gemv_config = lambda n, k: {**plain_config(n, k), "CONVERT": 1}  # no inline PTX here
+    gemv.INT8_CONVERT = 1
     runs = [(f"{case}", lambda case=case: unquantized(*case)) for case in CASES] + [("int8 KV", int8)]
     runs += [("int8 gemv", int8_gemv), ("int8 expert gemv", int8_expert_gemv)]
     runs += [("int8 expert gemv, 1 token x 8 experts", lambda: int8_expert_gemv(R=8, X=1))]
     runs += [("int8 expert gemv, 3 tokens x 2 experts", lambda: int8_expert_gemv(R=6, X=3))]
+    runs += [("int8 grouped experts, 8 tokens x 2 of 8", lambda: int8_expert_gemv(R=16, X=8, grouped=True))]
+    runs += [("int8 grouped experts, 16 pairs x 1 of 4", lambda: int8_expert_gemv(R=16, E=4, X=16, grouped=True))]
     for name, run in runs:
         got, want = run()
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
