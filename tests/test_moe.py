@@ -17,7 +17,7 @@ import torch
 import model as model_module
 from checkpoint import CheckpointError, model_args_from_hf_config, model_args_from_name
 from generate import Generator
-from model import Experts, ModelArgs, MoEFeedForward, Transformer
+from model import Experts, ModelArgs, MoEFeedForward, Transformer, top_k_renormalised
 
 transformers = pytest.importorskip("transformers")
 
@@ -150,6 +150,30 @@ def test_batch_of_different_lengths_equals_each_alone(converted):
     for p, tokens in zip(prompts, batched, strict=True):
         gen.setup(1, 11 + 12)
         assert gen.generate([p], 12).tokens[0] == tokens
+
+
+@torch.no_grad()
+def test_decode_router_equals_topk():
+    """The compiled decode step routes with a reduction and k rounds of max (two fused kernels)
+    instead of cuBLAS and torch.topk: the same experts in the same order, the same weights."""
+    torch.manual_seed(0)
+    probs = torch.randn(5, 128).softmax(-1)
+    probs[0, 7] = probs[0, 9] = probs[0].max() + 0.1  # a tie: ours takes the lowest id first
+    for k in (2, 8):
+        weights, ids = top_k_renormalised(probs, k)
+        want_weights, want_ids = probs.topk(k, dim=-1)
+        assert ids[0, :2].tolist() == [7, 9] and sorted(want_ids[0, :2].tolist()) == [7, 9]  # topk: either
+        assert torch.equal(ids[0, 2:], want_ids[0, 2:]) and torch.equal(ids[1:], want_ids[1:])
+        assert torch.allclose(weights, want_weights / want_weights.sum(-1, keepdim=True), rtol=1e-6, atol=0)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, intermediate_size=16, vocab_size=64, n_experts=16, n_active_experts=4)
+    ff = MoEFeedForward(args)
+    for p in ff.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)
+    x = torch.randn(3, 32)
+    compiled = torch.compile(lambda x: ff.route(x, few=True), fullgraph=True)
+    (weights, ids), (want_weights, want_ids) = compiled(x), ff.route(x)
+    assert torch.equal(ids, want_ids)
+    assert rel_err(weights, want_weights) < 1e-5
 
 
 @torch.no_grad()
