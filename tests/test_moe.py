@@ -165,7 +165,9 @@ def test_decode_router_equals_topk():
         assert ids[0, :2].tolist() == [7, 9] and sorted(want_ids[0, :2].tolist()) == [7, 9]  # topk: either
         assert torch.equal(ids[0, 2:], want_ids[0, 2:]) and torch.equal(ids[1:], want_ids[1:])
         assert torch.allclose(weights, want_weights / want_weights.sum(-1, keepdim=True), rtol=1e-6, atol=0)
-    args = ModelArgs(dim=32, n_layers=1, n_heads=4, intermediate_size=16, vocab_size=64, n_experts=16, n_active_experts=4)
+    args = ModelArgs(
+        dim=32, n_layers=1, n_heads=4, intermediate_size=16, vocab_size=64, n_experts=16, n_active_experts=4
+    )
     ff = MoEFeedForward(args)
     for p in ff.parameters():
         torch.nn.init.normal_(p, 0, 0.3)
