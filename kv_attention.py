@@ -30,6 +30,7 @@ except ImportError:
 BLOCK_N = 64  # kv slots per tile
 MAX_SPLITS = 64
 TARGET_PROGRAMS = 512  # enough (row, head, split) programs to cover an H100/H200 twice over
+NUM_WARPS, NUM_STAGES = 4, 3  # the split kernel's launch (3 stages: Triton's default on CUDA)
 
 
 # On by default since the H200 run of 2026-12-02 (BENCHMARKS.md): B8 at 8k filled 6.55 ms/step against
@@ -257,7 +258,8 @@ if triton is not None:
             BLOCK=BLOCK_N,
             SPLITS=splits,
             HAS_SCALES=has_scales,
-            num_warps=4,
+            num_warps=NUM_WARPS,
+            num_stages=NUM_STAGES,
         )
         y = torch.empty((B, n_heads, 1, D), dtype=q.dtype, device=q.device)
         wrap_triton(_merge_splits_kernel)[(B * n_heads,)](

@@ -102,6 +102,11 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=None)
     p.add_argument("--compile", dest="compile", action="store_true", default=None)
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument(
+        "--compile-prefill",
+        action="store_true",
+        help="our prefill compiled too (generate.py --compile-prefill, dynamic shapes); default eager",
+    )
     p.add_argument("--hf", dest="hf", action="store_true", default=None, help="run the transformers comparison")
     p.add_argument("--no-hf", dest="hf", action="store_false")
     p.add_argument(

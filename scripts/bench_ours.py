@@ -161,7 +161,7 @@ class OursRunner:
         for layer in self.model.layers:  # drop the old cache before allocating the new one
             layer.attention.kv_cache = None
         free_memory(self.device)
-        self.gen = Generator(self.model, compile=self.opts.compile)
+        self.gen = Generator(self.model, compile=self.opts.compile, compile_prefill=self.opts.compile_prefill)
         self.gen.setup(cfg.batch, slots, kv_dtype_for(cfg.kv, self.dtype))
         self.shape_key = shape_key
         return True
@@ -183,6 +183,8 @@ class OursRunner:
                 note=f"GB/s on the active {weight_bytes / 1e9:.2f} of {model_weight_bytes(model) / 1e9:.1f} GB "
                 f"of weights ({experts_read_per_layer(args, cfg.batch):.1f} of {args.n_experts} experts per layer)",
             )
+        if opts.compile_prefill:
+            row["note"] = "; ".join(filter(None, (row.get("note"), "prefill compiled (dynamic shapes)")))
         prompts = random_prompts(cfg.batch, cfg.ctx, args.vocab_size).tolist()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

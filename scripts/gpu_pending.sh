@@ -6,6 +6,8 @@
 #   bash scripts/gpu_pending.sh package    # ~8 min: which packaging of the decode step loads on CUDA (issue 19)
 #   bash scripts/gpu_pending.sh moe        # ~9 min: MoE GPU tests, then Qwen3-30B-A3B / Mixtral bf16 and int8
 #                                          #   at batch 1 and 8 (issue 17)
+#   bash scripts/gpu_pending.sh speed      # <= 9.5 min: the split-KV kernel's launch sweep (issue 10's int8 KV
+#                                          #   1.1x), then a 2k prefill eager against compiled (issue 11's 70%)
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -47,8 +49,20 @@ moe)
         --no-cold-start --time-budget-s 400 --out-dir "$out/moe_bench"
     summary+=("$(grep -E '^\| (mixtral|qwen)' "$out/moe.txt" | head -8)")
     ;;
+speed)
+    step kv_sweep 230 python scripts/kv_kernel_sweep.py --time-budget-s 200
+    summary+=("$(grep -E '^\| ' "$out/kv_sweep.txt")")
+    # decode uncompiled in both (the eager CUDA-graph step): only prefill differs, nothing else compiles
+    step prefill 120 python scripts/bench.py --suite smoke --models llama-3-8b --weights bf16 --batch 1 --ctx 2k \
+        --no-compile --new-tokens 16 --runs 3 --no-hf --no-cold-start --out-dir "$out/prefill_eager"
+    summary+=("$(grep -E '^\| llama' "$out/prefill.txt" | head -2)")
+    step prefill_compiled 220 python scripts/bench.py --suite smoke --models llama-3-8b --weights bf16 --batch 1 \
+        --ctx 2k --no-compile --compile-prefill --new-tokens 16 --runs 3 --no-hf --no-cold-start \
+        --out-dir "$out/prefill_compiled"
+    summary+=("$(grep -E '^\| llama' "$out/prefill_compiled.txt" | head -2)")
+    ;;
 *)
-    echo "unknown mode $mode: use tests, package or moe" >&2
+    echo "unknown mode $mode: use tests, package, moe or speed" >&2
     exit 2
     ;;
 esac
