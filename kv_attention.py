@@ -29,7 +29,12 @@ except ImportError:
 
 BLOCK_N = 64  # kv slots per tile
 MAX_SPLITS = 64
-TARGET_PROGRAMS = 512  # enough (row, head, split) programs to cover an H100/H200 twice over
+# (row, kv head, split) programs to aim for, from scripts/kv_kernel_sweep.py on the H200 (2026-12-03,
+# BENCHMARKS.md): a bf16 cache is fastest at 256 (B8 8k filled 78.1 -> 68.3 us, B1 8k of 32k 14.2 ->
+# 11.9 us against 512); an int8 one wants 512 (its conversions need more programs in flight: 61.5 us
+# against 70.9 at 256).
+TARGET_PROGRAMS = 256
+TARGET_PROGRAMS_QUANTIZED = 512
 NUM_WARPS, NUM_STAGES = 4, 3  # the split kernel's launch (3 stages: Triton's default on CUDA)
 
 
@@ -79,11 +84,11 @@ def quantized_decode_attention_reference(q, k_cache, k_scale, v_cache, v_scale, 
     return (scores.softmax(dim=-1) @ v).to(q.dtype)
 
 
-def num_splits(batch: int, n_kv_heads: int, cache_len: int) -> int:
+def num_splits(batch: int, n_kv_heads: int, cache_len: int, target_programs: int) -> int:
     """Splits of the slot axis per (row, kv head): enough programs to fill the GPU, each at least
     one tile. Static for a cache shape, so a CUDA graph replays the same launch at every length."""
     tiles = triton.cdiv(cache_len, BLOCK_N)
-    return max(1, min(MAX_SPLITS, tiles, triton.cdiv(TARGET_PROGRAMS, batch * n_kv_heads)))
+    return max(1, min(MAX_SPLITS, tiles, triton.cdiv(target_programs, batch * n_kv_heads)))
 
 
 if triton is not None:
@@ -232,7 +237,7 @@ if triton is not None:
         n_kv_heads, S = k_cache.shape[1], k_cache.shape[2]
         G = n_heads // n_kv_heads
         G_PAD, D_PAD = max(16, triton.next_power_of_2(G)), triton.next_power_of_2(D)
-        splits = num_splits(B, n_kv_heads, S)
+        splits = num_splits(B, n_kv_heads, S, TARGET_PROGRAMS_QUANTIZED if has_scales else TARGET_PROGRAMS)
         parts = (B * n_kv_heads, splits, G_PAD)
         acc = torch.empty((*parts, D_PAD), dtype=torch.float32, device=q.device)
         running_max = torch.empty(parts, dtype=torch.float32, device=q.device)

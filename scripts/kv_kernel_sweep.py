@@ -29,16 +29,20 @@ CASES = [
     ("bf16 B1 16/80", torch.bfloat16, 1, 80, 16),
 ]
 N_HEADS, N_KV_HEADS, HEAD_DIM = 32, 8, 128
-DEFAULT = (kv_attention.BLOCK_N, kv_attention.TARGET_PROGRAMS, kv_attention.NUM_WARPS, kv_attention.NUM_STAGES)
+KV = kv_attention
+DEFAULT = {  # today's launch per cache kind
+    "bf16": (KV.BLOCK_N, KV.TARGET_PROGRAMS, KV.NUM_WARPS, KV.NUM_STAGES),
+    "int8": (KV.BLOCK_N, KV.TARGET_PROGRAMS_QUANTIZED, KV.NUM_WARPS, KV.NUM_STAGES),
+}
 
 
-def configs(quick: bool):
-    """(BLOCK_N, TARGET_PROGRAMS, num_warps, num_stages); the default first."""
+def configs(quick: bool, default):
+    """(BLOCK_N, target programs, num_warps, num_stages); the default first."""
     if quick:
         grid = itertools.product((64, 128), (512, 1024), (4, 8), (3,))
     else:
         grid = itertools.product((32, 64, 128), (256, 512, 1024, 2048), (4, 8), (2, 3, 4))
-    return [DEFAULT] + [c for c in grid if c != DEFAULT]
+    return [default] + [c for c in grid if c != default]
 
 
 def make_case(dtype, batch, slots, filled):
@@ -67,7 +71,8 @@ def make_case(dtype, batch, slots, filled):
 
 
 def set_launch(cfg):
-    kv_attention.BLOCK_N, kv_attention.TARGET_PROGRAMS, kv_attention.NUM_WARPS, kv_attention.NUM_STAGES = cfg
+    KV.BLOCK_N, programs, KV.NUM_WARPS, KV.NUM_STAGES = cfg
+    KV.TARGET_PROGRAMS = KV.TARGET_PROGRAMS_QUANTIZED = programs
 
 
 def main():
@@ -79,8 +84,9 @@ def main():
     rows = []
     for name, dtype, batch, slots, filled in CASES:
         run, ref, nbytes = make_case(dtype, batch, slots, filled)
+        default = DEFAULT["int8" if dtype == torch.int8 else "bf16"]
         results = []
-        for cfg in configs(args.quick):
+        for cfg in configs(args.quick, default):
             if time.time() - t0 > args.time_budget_s:
                 print(f"time budget reached at {name} {cfg}", flush=True)
                 break
@@ -96,13 +102,12 @@ def main():
                 continue
             results.append((ms, cfg))
             print(f"{name} {cfg}: {ms * 1e3:.1f} us {nbytes / ms / 1e6:.0f} GB/s", flush=True)
-        set_launch(DEFAULT)
         if not results:
             continue
-        default_ms = next((ms for ms, cfg in results if cfg == DEFAULT), float("nan"))
+        default_ms = next((ms for ms, cfg in results if cfg == default), float("nan"))
         best_ms, best = min(results)
         rows.append((name, nbytes, default_ms, best_ms, best))
-    print("\n| case | valid MB | default us | GB/s | best us | GB/s | best (BLOCK_N, TARGET_PROGRAMS, warps, stages) |")
+    print("\n| case | valid MB | default us | GB/s | best us | GB/s | best (BLOCK_N, target programs, warps, stages) |")
     print("|---|---|---|---|---|---|---|")
     for name, nbytes, default_ms, best_ms, best in rows:
         print(
