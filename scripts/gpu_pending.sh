@@ -6,8 +6,9 @@
 #   bash scripts/gpu_pending.sh package    # ~8 min: which packaging of the decode step loads on CUDA (issue 19)
 #   bash scripts/gpu_pending.sh moe        # ~9 min: MoE GPU tests, then Qwen3-30B-A3B / Mixtral bf16 and int8
 #                                          #   at batch 1 and 8 (issue 17)
-#   bash scripts/gpu_pending.sh speed      # <= 9.5 min: the split-KV kernel's launch sweep (issue 10's int8 KV
-#                                          #   1.1x), then a 2k prefill eager against compiled (issue 11's 70%)
+#   bash scripts/gpu_pending.sh speed      # ~7 min: the int8 KV cache's conversions (issue 10's 1.1x): their
+#                                          #   GPU test, then kv_kernel_sweep.py --convert; if one wins, set
+#                                          #   kv_attention.INT8_KV_CONVERT / INT8_KV_TF32 and profile B8 8k
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -50,16 +51,11 @@ moe)
     summary+=("$(grep -E '^\| (mixtral|qwen)' "$out/moe.txt" | head -8)")
     ;;
 speed)
-    step kv_sweep 230 python scripts/kv_kernel_sweep.py --time-budget-s 200
-    summary+=("$(grep -E '^\| ' "$out/kv_sweep.txt")")
-    # decode uncompiled in both (the eager CUDA-graph step): only prefill differs, nothing else compiles
-    step prefill 120 python scripts/bench.py --suite smoke --models llama-3-8b --weights bf16 --batch 1 --ctx 2k \
-        --no-compile --new-tokens 16 --runs 3 --no-hf --no-cold-start --out-dir "$out/prefill_eager"
-    summary+=("$(grep -E '^\| llama' "$out/prefill.txt" | head -2)")
-    step prefill_compiled 220 python scripts/bench.py --suite smoke --models llama-3-8b --weights bf16 --batch 1 \
-        --ctx 2k --no-compile --compile-prefill --new-tokens 16 --runs 3 --no-hf --no-cold-start \
-        --out-dir "$out/prefill_compiled"
-    summary+=("$(grep -E '^\| llama' "$out/prefill_compiled.txt" | head -2)")
+    # the int8 KV conversions (measured 2026-12-03: int8 is bound by its conversion, 1.00x of bf16 at B8 8k)
+    step kv_variant_tests 150 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k conversion_variants
+    summary+=("  $(tail -n 1 "$out/kv_variant_tests.txt")")
+    step kv_convert 260 python scripts/kv_kernel_sweep.py --convert --time-budget-s 230
+    summary+=("$(grep -E '^\| ' "$out/kv_convert.txt")")
     ;;
 *)
     echo "unknown mode $mode: use tests, package, moe or speed" >&2
