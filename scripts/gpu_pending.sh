@@ -2,13 +2,16 @@
 # The GPU runs this repo still owes (NOTES.md says why), batched for a device call of at most
 # 10 minutes each. Run from the repository root on the GPU machine:
 #
-#   bash scripts/gpu_pending.sh tests      # ~5 min: the whole GPU tier (last whole run: f22f62d, 81 passed)
+#   bash scripts/gpu_pending.sh tests      # ~6 min: the whole GPU tier (last whole run: ab55421, 85 passed)
 #   bash scripts/gpu_pending.sh package    # ~8 min: which packaging of the decode step loads on CUDA (issue 19)
 #   bash scripts/gpu_pending.sh moe        # ~9 min: MoE GPU tests, then Qwen3-30B-A3B / Mixtral bf16 and int8
 #                                          #   at batch 1 and 8 (issue 17)
 #   bash scripts/gpu_pending.sh speed      # ~7 min: the int8 KV cache's conversions (issue 10's 1.1x): their
 #                                          #   GPU test, then kv_kernel_sweep.py --convert; if one wins, set
 #                                          #   kv_attention.INT8_KV_CONVERT / INT8_KV_TF32 and profile B8 8k
+#   bash scripts/gpu_pending.sh moedown    # ~4 min: Qwen3-30B-A3B's expert down projection, Inductor against
+#                                          #   gemv.expert_down_mix (issue 17's 60%); if the kernel wins, call it
+#                                          #   from MoEFeedForward at few tokens and profile the step
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -57,8 +60,14 @@ speed)
     step kv_convert 260 python scripts/kv_kernel_sweep.py --convert --time-budget-s 230
     summary+=("$(grep -E '^\| ' "$out/kv_convert.txt")")
     ;;
+moedown)
+    step down_tests 150 python -m pytest -m gpu -q -p no:cacheprovider tests/test_moe.py -k expert_down_mix
+    summary+=("  $(tail -n 1 "$out/down_tests.txt")")
+    step down_sweep 300 python scripts/moe_down_sweep.py
+    summary+=("$(grep -E '^\| ' "$out/down_sweep.txt")")
+    ;;
 *)
-    echo "unknown mode $mode: use tests, package, moe or speed" >&2
+    echo "unknown mode $mode: use tests, package, moe, speed or moedown" >&2
     exit 2
     ;;
 esac

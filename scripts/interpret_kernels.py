@@ -78,6 +78,12 @@ def int8_expert_gemv(R=6, E=8, N=96, K=1100, X=6, grouped=False):  # X < R: each
     return op(x, ids, w, scales), gemv.int8_expert_gemv_reference(x, ids, w, scales)
 
 
+def expert_down_mix(N=1, k=8, E=16, D=300, inter=700, dtype=torch.float32):
+    h, ids = torch.randn(N, k, inter, dtype=dtype), torch.stack([torch.randperm(E)[:k] for _ in range(N)])
+    mix, w = torch.rand(N, k).softmax(-1), torch.randn(E, D, inter, dtype=dtype) / 30
+    return gemv.expert_down_mix(h, ids, mix, w), gemv.expert_down_mix_reference(h, ids, mix, w)
+
+
 def main():
     torch.manual_seed(0)
     plain_config = gemv.int8_gemv_config
@@ -91,6 +97,10 @@ def main():
     runs += [("int8 expert gemv, 3 tokens x 2 experts", lambda: int8_expert_gemv(R=6, X=3))]
     runs += [("int8 grouped experts, 8 tokens x 2 of 8", lambda: int8_expert_gemv(R=16, X=8, grouped=True))]
     runs += [("int8 grouped experts, 16 pairs x 1 of 4", lambda: int8_expert_gemv(R=16, E=4, X=16, grouped=True))]
+    runs += [("bf16-expert down + mix, 1 token x 8 of 16", expert_down_mix)]
+    runs += [
+        ("bf16-expert down + mix, 3 tokens x 2 of 8, fp16", lambda: expert_down_mix(3, 2, 8, 96, 250, torch.float16))
+    ]
     for name, run in runs:
         got, want = run()
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()

@@ -1,0 +1,104 @@
+"""The MoE experts' down projection + routing-weighted sum at decode: Inductor against gemv.expert_down_mix.
+
+    python scripts/moe_down_sweep.py          # one GPU, ~2 min: Qwen3-30B-A3B shapes, 1 and 8 tokens
+
+Qwen3-30B-A3B's decode profile (H200, 2026-12-03, BENCHMARKS.md) has the down projection fused by
+Inductor with the weighted sum, the residual and the next RMSNorm in one kernel that reads the
+chosen experts at 1.25 TB/s (gate/up reads at 2.78). This times, each replayed in a CUDA graph:
+  inductor         the model's code (model.matvec over the gathered w2, weighted sum), compiled
+  inductor+norm    the same plus the residual add and the next RMSNorm, compiled as one graph
+                   (what the model's step gets)
+  kernel           gemv.expert_down_mix over a grid of tiles (each checked against the reference)
+  kernel+norm      the best tile, then the residual and RMSNorm compiled after it
+Bytes = the chosen experts' w2 rows read per token (k x D x I x 2 per token).
+"""
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from triton.testing import do_bench_cudagraph  # noqa: E402
+
+import gemv  # noqa: E402
+from model import RMSNorm, matvec  # noqa: E402
+
+E, D, INTER, K_ACTIVE = 128, 2048, 768, 8  # Qwen3-30B-A3B
+TILES = [
+    dict(BLOCK_D=d, BLOCK_I=i, num_warps=w, num_stages=s)
+    for d, i, w, s in itertools.product((2, 4, 8, 16), (128, 256, 512), (2, 4, 8), (1, 3))
+    if d * i // (32 * w) <= 128  # fp32 accumulators per thread
+]
+
+
+def inductor_down_mix(h, ids, mix, w2):
+    y = matvec(w2[ids], h)  # [N, k, D], as Experts.gathered
+    return (y.float() * mix.unsqueeze(-1)).sum(dim=1).to(h.dtype)  # as MoEFeedForward.forward
+
+
+def measure(n, w2, norm, rows):
+    """Every variant at n tokens; appends (tokens, what, us, GB/s) to rows."""
+    h = torch.randn(n, K_ACTIVE, INTER, device="cuda", dtype=torch.bfloat16)
+    ids = torch.stack([torch.randperm(E, device="cuda")[:K_ACTIVE] for _ in range(n)])
+    mix = torch.rand(n, K_ACTIVE, device="cuda").softmax(-1)
+    residual = torch.randn(n, D, device="cuda", dtype=torch.bfloat16)
+    nbytes = n * K_ACTIVE * D * INTER * 2
+    want = gemv.expert_down_mix_reference(h, ids, mix, w2).float()
+
+    def timed(name, fn, rep=50):
+        ms = do_bench_cudagraph(fn, rep=rep)
+        rows.append((n, name, ms * 1e3, nbytes / ms / 1e6))
+        print(f"{n} tokens, {name}: {ms * 1e3:.1f} us", flush=True)
+        return ms
+
+    compiled = torch.compile(inductor_down_mix, fullgraph=True)
+    assert (compiled(h, ids, mix, w2).float() - want).abs().max() < 2e-2
+    timed("inductor", lambda: compiled(h, ids, mix, w2))
+    fused = torch.compile(lambda: norm(residual + inductor_down_mix(h, ids, mix, w2)), fullgraph=True)
+    fused()
+    timed("inductor+norm", fused)
+    best = None
+    for cfg in TILES:
+        gemv.EXPERT_DOWN_CONFIG = cfg
+        try:
+            err = (gemv.expert_down_mix(h, ids, mix, w2).float() - want).abs().max().item()
+            if err > 2e-2:
+                print(f"{cfg}: wrong output (max err {err:.3g})", flush=True)
+                continue
+            ms = do_bench_cudagraph(lambda: gemv.expert_down_mix(h, ids, mix, w2), rep=30)
+        except Exception as e:  # noqa: BLE001 - out of resources: skip the tile
+            print(f"{cfg}: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
+            continue
+        print(f"{n} tokens, kernel {cfg}: {ms * 1e3:.1f} us", flush=True)
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    gemv.EXPERT_DOWN_CONFIG = best[1]
+    timed(f"kernel {best[1]}", lambda: gemv.expert_down_mix(h, ids, mix, w2))
+    after = torch.compile(lambda: norm(residual + gemv.expert_down_mix(h, ids, mix, w2)), fullgraph=True)
+    after()
+    timed("kernel+norm (best tile)", after)
+
+
+@torch.no_grad()
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", default="1,8")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    w2 = torch.randn(E, D, INTER, device="cuda", dtype=torch.bfloat16) * 0.02
+    norm = RMSNorm(D).to("cuda", torch.bfloat16)
+    rows = []
+    for n in (int(t) for t in args.tokens.split(",")):
+        measure(n, w2, norm, rows)
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; E={E} D={D} I={INTER} k={K_ACTIVE}, bf16")
+    print("| tokens | what | us | GB/s of chosen w2 |")
+    print("|---|---|---|---|")
+    for n, name, us, gbs in rows:
+        print(f"| {n} | {name} | {us:.1f} | {gbs:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
