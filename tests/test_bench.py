@@ -484,3 +484,16 @@ def test_profile_decode_cpu_table(capsys):
     assert us_per_step == sorted(us_per_step, reverse=True) and us_per_step[0] > 0
     assert "aten::mm" in rows[0], out  # a decode step is matrix-vector products, above all else
     assert "smollm2-135m" in out and "ms" in out
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_compile_prefill_flag_reaches_the_generator(flag):
+    """bench.py --compile-prefill measures our prefill compiled (issue 11's 2k-prompt row), as
+    generate.py --compile-prefill runs it; without the flag prefill stays eager."""
+    import generate
+
+    argv = ["--device", "cpu", "--suite", "smoke", "--no-compile"] + (["--compile-prefill"] if flag else [])
+    runner = bench_ours.OursRunner(bench.parse_args(argv), torch.device("cpu"), torch.float32)
+    assert runner._prepare(Config("smollm2-135m"), slots=32)
+    assert (runner.gen.prefill_fn is not generate.prefill) == flag
+    assert runner.gen.decode_fn is generate.decode_one  # decode untouched either way
