@@ -32,18 +32,6 @@ def int8_expert_gemv_reference(x, expert_ids, weight, scales) -> torch.Tensor:
     return (w @ x.float().unsqueeze(-1)).squeeze(-1).to(x.dtype)
 
 
-def expert_down_mix_reference(h, expert_ids, mix, weight) -> torch.Tensor:
-    """h [N, k, I] (each token's SiLU(gate) * up per chosen expert), expert_ids [N, k], mix [N, k]
-    (the routing weights), weight [E, D, I] float -> [N, D] in h.dtype: sum_j mix_j (w2[e_j] @ h_j)."""
-    y = (weight[expert_ids].float() @ h.float().unsqueeze(-1)).squeeze(-1)  # [N, k, D]
-    return (y * mix.float().unsqueeze(-1)).sum(dim=1).to(h.dtype)
-
-
-# expert_down_mix's tiles: BLOCK_D output rows of one token over the intermediate axis in BLOCK_I
-# steps (768 = 3 x 256 for Qwen3-30B-A3B). Not yet swept on a GPU (scripts/moe_down_sweep.py).
-EXPERT_DOWN_CONFIG = dict(BLOCK_D=8, BLOCK_I=256, num_warps=4, num_stages=3)
-
-
 def available(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 
@@ -341,56 +329,3 @@ if triton is not None:
             **cfg,
         )
         return part.sum(0).to(x.dtype)
-
-    @triton.jit
-    def _expert_down_mix_kernel(
-        h_ptr,  # [N, K_ACTIVE, I]
-        ids_ptr,  # [N, K_ACTIVE]
-        mix_ptr,  # [N, K_ACTIVE] fp32
-        w_ptr,  # [E, D, I] float
-        y_ptr,  # [N, D]
-        D,
-        inter,  # I, the intermediate size
-        K_ACTIVE: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-        BLOCK_I: tl.constexpr,
-    ):
-        # BLOCK_D outputs of token n, summed over its K_ACTIVE experts in one fp32 accumulator: the
-        # routing weight scales h (I values) rather than each expert's output (D values)
-        pid_d, n = tl.program_id(0), tl.program_id(1)
-        rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        cols = tl.arange(0, BLOCK_I)
-        row_ok = rows < D
-        acc = tl.zeros((BLOCK_D, BLOCK_I), dtype=tl.float32)
-        for j in range(K_ACTIVE):
-            e = tl.load(ids_ptr + n * K_ACTIVE + j).to(tl.int64)
-            mix = tl.load(mix_ptr + n * K_ACTIVE + j)
-            w_rows = w_ptr + e * D * inter + rows.to(tl.int64)[:, None] * inter
-            h_row = h_ptr + (n * K_ACTIVE + j) * inter
-            for i0 in range(0, inter, BLOCK_I):
-                i = i0 + cols
-                i_ok = i < inter
-                h = tl.load(h_row + i, mask=i_ok, other=0.0).to(tl.float32) * mix
-                w = tl.load(
-                    w_rows + i[None, :], mask=row_ok[:, None] & i_ok[None, :], other=0.0, eviction_policy="evict_first"
-                )
-                acc += w.to(tl.float32) * h[None, :]
-        tl.store(y_ptr + n * D + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
-
-    @triton_op("fastgen::expert_down_mix", mutates_args={})
-    def expert_down_mix(
-        h: torch.Tensor, expert_ids: torch.Tensor, mix: torch.Tensor, weight: torch.Tensor
-    ) -> torch.Tensor:
-        """expert_down_mix_reference's contract: the chosen float experts' down projections and their
-        routing-weighted sum in one kernel, each chosen expert read once per token. An opaque op, so
-        Inductor cannot fuse it with the next RMSNorm (Qwen3-30B-A3B's fused kernel read the experts
-        at 1.25 TB/s on the H200, 2026-12-03). Measuring it: scripts/moe_down_sweep.py."""
-        N, k, inter = h.shape
-        D = weight.shape[1]
-        y = torch.empty((N, D), dtype=h.dtype, device=h.device)
-        cfg = dict(EXPERT_DOWN_CONFIG)
-        grid = (triton.cdiv(D, cfg["BLOCK_D"]), N)
-        wrap_triton(_expert_down_mix_kernel)[grid](
-            h.contiguous(), expert_ids.contiguous(), mix.float().contiguous(), weight, y, D, inter, K_ACTIVE=k, **cfg
-        )
-        return y

@@ -10,8 +10,9 @@
 #                                          #   GPU test, then kv_kernel_sweep.py --convert; if one wins, set
 #                                          #   kv_attention.INT8_KV_CONVERT / INT8_KV_TF32 and profile B8 8k
 #   bash scripts/gpu_pending.sh moedown    # ~4 min: Qwen3-30B-A3B's expert down projection, Inductor against
-#                                          #   gemv.expert_down_mix (issue 17's 60%); if the kernel wins, call it
-#                                          #   from MoEFeedForward at few tokens and profile the step
+#                                          #   its expert_down_mix kernel (issue 17's 60%); if the kernel wins,
+#                                          #   move it to gemv.py, call it from MoEFeedForward at few tokens
+#                                          #   and profile the step
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u

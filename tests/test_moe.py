@@ -472,10 +472,10 @@ def test_gpu_quantized_experts_compiled_equals_eager(mode, tmp_path):
 @needs_cuda
 @pytest.mark.parametrize("tokens,k", [(1, 8), (3, 2)])
 def test_gpu_expert_down_mix_equals_reference(tokens, k):
-    """gemv.expert_down_mix (the chosen float experts' down projection and routing-weighted sum in
-    one kernel, measured by scripts/moe_down_sweep.py) equals its reference, eager and compiled in a
-    CUDA graph, at a width that is not a multiple of its tiles."""
-    import gemv
+    """scripts/moe_down_sweep.expert_down_mix (the chosen float experts' down projection and
+    routing-weighted sum in one kernel, not yet called by the model) equals its reference, eager and
+    compiled in a CUDA graph, at a width that is not a multiple of its tiles."""
+    from scripts import moe_down_sweep as down
 
     torch.manual_seed(tokens * 10 + k)
     E, D, inter = 16, 300, 700
@@ -483,11 +483,11 @@ def test_gpu_expert_down_mix_equals_reference(tokens, k):
     ids = torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(tokens)])
     mix = torch.rand(tokens, k, device="cuda").softmax(-1)
     w2 = torch.randn(E, D, inter, device="cuda", dtype=torch.bfloat16) * 0.05
-    want = gemv.expert_down_mix_reference(h.float(), ids, mix, w2.float())
-    compiled = torch.compile(gemv.expert_down_mix, fullgraph=True, mode="reduce-overhead")
+    want = down.expert_down_mix_reference(h.float(), ids, mix, w2.float())
+    compiled = torch.compile(down.expert_down_mix, fullgraph=True, mode="reduce-overhead")
     for _ in range(3):  # warm-up, record, replay
         out = compiled(h, ids, mix, w2).clone()
-    for got in (gemv.expert_down_mix(h, ids, mix, w2), out):
+    for got in (down.expert_down_mix(h, ids, mix, w2), out):
         assert got.shape == (tokens, D) and got.dtype == torch.bfloat16
         assert rel_err(got.float(), want) < 1e-2
 
