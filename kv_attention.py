@@ -123,8 +123,8 @@ if triton is not None:
         BLOCK: tl.constexpr,
         SPLITS: tl.constexpr,
         HAS_SCALES: tl.constexpr,  # False: an unquantized cache
-        CONVERT: tl.constexpr = 0,  # int8 caches only: INT8_KV_CONVERT
-        DOT_PRECISION: tl.constexpr = "ieee",  # "tf32": int8 caches with INT8_KV_TF32
+        CONVERT: tl.constexpr,  # int8 caches only: INT8_KV_CONVERT (0 otherwise)
+        DOT_PRECISION: tl.constexpr,  # "ieee", or "tf32" for int8 caches with INT8_KV_TF32
     ):
         # head_dim ** -0.5 * log2(e), from the constant D: a float argument would reach the kernel as
         # fp64 under Inductor and promote the scores to fp64
@@ -254,11 +254,11 @@ if triton is not None:
         G = n_heads // n_kv_heads
         G_PAD, D_PAD = max(16, triton.next_power_of_2(G)), triton.next_power_of_2(D)
         splits = num_splits(B, n_kv_heads, S, TARGET_PROGRAMS_QUANTIZED if has_scales else TARGET_PROGRAMS)
-        variant = {}  # an int8 cache's conversion, passed only where it is not the kernel's default
-        if k_cache.dtype == torch.int8 and INT8_KV_CONVERT:
-            variant["CONVERT"] = INT8_KV_CONVERT
-        if k_cache.dtype == torch.int8 and INT8_KV_TF32:
-            variant["DOT_PRECISION"] = "tf32"
+        # An int8 cache's conversion. Always passed: under Inductor a constexpr left to its default in the
+        # signature reaches Triton without a value (the H200 tier aborted in make_llir, 2026-12-03).
+        int8_cache = k_cache.dtype == torch.int8
+        convert = INT8_KV_CONVERT if int8_cache else 0
+        dot_precision = "tf32" if int8_cache and INT8_KV_TF32 else "ieee"
         parts = (B * n_kv_heads, splits, G_PAD)
         acc = torch.empty((*parts, D_PAD), dtype=torch.float32, device=q.device)
         running_max = torch.empty(parts, dtype=torch.float32, device=q.device)
@@ -284,7 +284,8 @@ if triton is not None:
             BLOCK=BLOCK_N,
             SPLITS=splits,
             HAS_SCALES=has_scales,
-            **variant,
+            CONVERT=convert,
+            DOT_PRECISION=dot_precision,
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES,
         )
