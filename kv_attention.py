@@ -36,13 +36,6 @@ MAX_SPLITS = 64
 TARGET_PROGRAMS = 256
 TARGET_PROGRAMS_QUANTIZED = 512
 NUM_WARPS, NUM_STAGES = 4, 3  # the split kernel's launch (3 stages: Triton's default on CUDA)
-# How an int8 cache's tiles become dot operands. The kernel is bound by this conversion on the H200
-# (2.2 TB/s at B8 8k whatever the launch, against 3.9 for a bf16 cache; BENCHMARKS.md, 2026-12-03):
-# INT8_KV_CONVERT is gemv._int8_to_fp32's mode (0 cvt straight to the compute dtype, as measured so
-# far; 1 the 2^23 trick in plain Triton; 2 the same in prmt), then to the compute dtype, or with
-# INT8_KV_TF32 the fp32 values go into tf32 dots as they are (int8 and bf16 values are exact in tf32).
-# The defaults are what was measured; scripts/kv_kernel_sweep.py --convert compares the others.
-INT8_KV_CONVERT, INT8_KV_TF32 = 0, False
 
 
 # On by default since the H200 run of 2026-12-02 (BENCHMARKS.md): B8 at 8k filled 6.55 ms/step against
@@ -99,7 +92,6 @@ def num_splits(batch: int, n_kv_heads: int, cache_len: int, target_programs: int
 
 
 if triton is not None:
-    from gemv import _int8_to_fp32
 
     @triton.jit
     def _quantized_decode_kernel(
@@ -123,8 +115,6 @@ if triton is not None:
         BLOCK: tl.constexpr,
         SPLITS: tl.constexpr,
         HAS_SCALES: tl.constexpr,  # False: an unquantized cache
-        CONVERT: tl.constexpr,  # int8 caches only: INT8_KV_CONVERT (0 otherwise)
-        DOT_PRECISION: tl.constexpr,  # "ieee", or "tf32" for int8 caches with INT8_KV_TF32
     ):
         # head_dim ** -0.5 * log2(e), from the constant D: a float argument would reach the kernel as
         # fp64 under Inductor and promote the scores to fp64
@@ -145,10 +135,7 @@ if triton is not None:
         heads, dims, slots = tl.arange(0, G_PAD), tl.arange(0, D_PAD), tl.arange(0, BLOCK)
         g_ok, d_ok = heads < G, dims < D
         dot_dtype = q_ptr.dtype.element_ty  # the compute dtype; int8 and e4m3 values convert exactly
-        if DOT_PRECISION == "tf32":  # the fp32 values of the converted tiles, as they are
-            dot_dtype = tl.float32
         q = tl.load(q_ptr + (bh * G + heads)[:, None] * D + dims[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0)
-        q = q.to(dot_dtype)
         kv_rows = bh.to(tl.int64) * S
 
         running_max = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
@@ -162,11 +149,8 @@ if triton is not None:
             # both tiles' loads first, so K's and V's bytes are in flight together
             k = tl.load(k_ptr + offsets, mask=tile_ok, other=0.0)
             v = tl.load(v_ptr + offsets, mask=tile_ok, other=0.0)
-            if CONVERT == 0:
-                k, v = k.to(dot_dtype), v.to(dot_dtype)
-            else:
-                k, v = _int8_to_fp32(k, CONVERT).to(dot_dtype), _int8_to_fp32(v, CONVERT).to(dot_dtype)
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            k, v = k.to(dot_dtype), v.to(dot_dtype)
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
             if HAS_SCALES:
                 k_scale = tl.load(k_scale_ptr + kv_rows + slot, mask=ok, other=0).to(tl.float32)
                 v_scale = tl.load(v_scale_ptr + kv_rows + slot, mask=ok, other=0).to(tl.float32)
@@ -180,9 +164,9 @@ if triton is not None:
             running_sum = running_sum * correction + tl.sum(p, axis=1)
             # V's per-slot scale folds into the probabilities: sum_j p_j (s_j v_j) = sum_j (p_j s_j) v_j
             if HAS_SCALES:
-                pv = tl.dot((p * v_scale[None, :]).to(dot_dtype), v, input_precision=DOT_PRECISION)
+                pv = tl.dot((p * v_scale[None, :]).to(dot_dtype), v, input_precision="ieee")
             else:
-                pv = tl.dot(p.to(dot_dtype), v, input_precision=DOT_PRECISION)
+                pv = tl.dot(p.to(dot_dtype), v, input_precision="ieee")
             acc = acc * correction[:, None] + pv
             running_max = new_max
 
@@ -254,11 +238,6 @@ if triton is not None:
         G = n_heads // n_kv_heads
         G_PAD, D_PAD = max(16, triton.next_power_of_2(G)), triton.next_power_of_2(D)
         splits = num_splits(B, n_kv_heads, S, TARGET_PROGRAMS_QUANTIZED if has_scales else TARGET_PROGRAMS)
-        # An int8 cache's conversion. Always passed: under Inductor a constexpr left to its default in the
-        # signature reaches Triton without a value (the H200 tier aborted in make_llir, 2026-12-03).
-        int8_cache = k_cache.dtype == torch.int8
-        convert = INT8_KV_CONVERT if int8_cache else 0
-        dot_precision = "tf32" if int8_cache and INT8_KV_TF32 else "ieee"
         parts = (B * n_kv_heads, splits, G_PAD)
         acc = torch.empty((*parts, D_PAD), dtype=torch.float32, device=q.device)
         running_max = torch.empty(parts, dtype=torch.float32, device=q.device)
@@ -284,8 +263,6 @@ if triton is not None:
             BLOCK=BLOCK_N,
             SPLITS=splits,
             HAS_SCALES=has_scales,
-            CONVERT=convert,
-            DOT_PRECISION=dot_precision,
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES,
         )

@@ -2,13 +2,10 @@
 # The GPU runs this repo still owes (NOTES.md says why), batched for a device call of at most
 # 10 minutes each. Run from the repository root on the GPU machine:
 #
-#   bash scripts/gpu_pending.sh tests      # ~6 min: the whole GPU tier (last whole run: ab55421, 85 passed)
+#   bash scripts/gpu_pending.sh tests      # ~6 min: the whole GPU tier (last whole run: 75eff32, 95 passed)
 #   bash scripts/gpu_pending.sh package    # ~8 min: which packaging of the decode step loads on CUDA (issue 19)
 #   bash scripts/gpu_pending.sh moe        # ~9 min: MoE GPU tests, then Qwen3-30B-A3B / Mixtral bf16 and int8
 #                                          #   at batch 1 and 8 (issue 17)
-#   bash scripts/gpu_pending.sh speed      # ~7 min: the int8 KV cache's conversions (issue 10's 1.1x): their
-#                                          #   GPU test, then kv_kernel_sweep.py --convert; if one wins, set
-#                                          #   kv_attention.INT8_KV_CONVERT / INT8_KV_TF32 and profile B8 8k
 #   bash scripts/gpu_pending.sh moedown    # ~4 min: Qwen3-30B-A3B's expert down projection, Inductor against
 #                                          #   its expert_down_mix kernel (issue 17's 60%); if the kernel wins,
 #                                          #   move it to gemv.py, call it from MoEFeedForward at few tokens
@@ -54,13 +51,6 @@ moe)
         --no-cold-start --time-budget-s 400 --out-dir "$out/moe_bench"
     summary+=("$(grep -E '^\| (mixtral|qwen)' "$out/moe.txt" | head -8)")
     ;;
-speed)
-    # the int8 KV conversions (measured 2026-12-03: int8 is bound by its conversion, 1.00x of bf16 at B8 8k)
-    step kv_variant_tests 150 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k conversion_variants
-    summary+=("  $(tail -n 1 "$out/kv_variant_tests.txt")")
-    step kv_convert 260 python scripts/kv_kernel_sweep.py --convert --time-budget-s 230
-    summary+=("$(grep -E '^\| ' "$out/kv_convert.txt")")
-    ;;
 moedown)
     step down_tests 150 python -m pytest -m gpu -q -p no:cacheprovider tests/test_moe.py -k expert_down_mix
     summary+=("  $(tail -n 1 "$out/down_tests.txt")")
@@ -68,7 +58,7 @@ moedown)
     summary+=("$(grep -E '^\| ' "$out/down_sweep.txt")")
     ;;
 *)
-    echo "unknown mode $mode: use tests, package, moe, speed or moedown" >&2
+    echo "unknown mode $mode: use tests, package, moe or moedown" >&2
     exit 2
     ;;
 esac

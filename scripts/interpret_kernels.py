@@ -56,15 +56,6 @@ def int8(B=2, Hkv=2, G=4, D=128, S=3000, slot=2100):
     return got, want
 
 
-def int8_kv_variant(convert, tf32):
-    """int8() with kv_attention's other int8 conversion (kv_kernel_sweep.py --convert times them)."""
-    kv_attention.INT8_KV_CONVERT, kv_attention.INT8_KV_TF32 = convert, tf32
-    try:
-        return int8()
-    finally:
-        kv_attention.INT8_KV_CONVERT, kv_attention.INT8_KV_TF32 = 0, False
-
-
 def int8_gemv(M=3, N=300, K=1030):
     x, w, scales = torch.randn(M, K), torch.randint(-128, 128, (N, K), dtype=torch.int8), torch.rand(N) / 100
     return gemv.int8_gemv(x, w, scales), gemv.int8_gemv_reference(x, w, scales)
@@ -91,8 +82,6 @@ def main():
     gemv.int8_gemv_config = lambda n, k: {**plain_config(n, k), "CONVERT": 1}  # no inline PTX here
     gemv.INT8_CONVERT = 1
     runs = [(f"{case}", lambda case=case: unquantized(*case)) for case in CASES] + [("int8 KV", int8)]
-    runs += [("int8 KV, 2^23 conversion", lambda: int8_kv_variant(1, False))]
-    runs += [("int8 KV, 2^23 conversion, tf32 dots", lambda: int8_kv_variant(1, True))]
     runs += [("int8 gemv", int8_gemv), ("int8 expert gemv", int8_expert_gemv)]
     runs += [("int8 expert gemv, 1 token x 8 experts", lambda: int8_expert_gemv(R=8, X=1))]
     runs += [("int8 expert gemv, 3 tokens x 2 experts", lambda: int8_expert_gemv(R=6, X=3))]

@@ -2,8 +2,6 @@
 
     python scripts/kv_kernel_sweep.py              # one GPU, ~3 min: Llama-3-8B attention shapes
     python scripts/kv_kernel_sweep.py --quick      # the default launch and a few neighbours
-    python scripts/kv_kernel_sweep.py --convert    # int8 only: each int8 conversion (INT8_KV_CONVERT,
-                                                   #   INT8_KV_TF32) over its own launch grid, ~2 min
 
 Each case is one decode attention call (split kernel + merge) replayed in a CUDA graph. Bytes =
 the valid K/V slots (+ their scales for int8), so GB/s compares directly with the copy bandwidth.
@@ -32,24 +30,18 @@ CASES = [
 ]
 N_HEADS, N_KV_HEADS, HEAD_DIM = 32, 8, 128
 KV = kv_attention
-DEFAULT = {  # today's launch per cache kind: (BLOCK_N, target programs, warps, stages, conversion, tf32)
-    "bf16": (KV.BLOCK_N, KV.TARGET_PROGRAMS, KV.NUM_WARPS, KV.NUM_STAGES, 0, False),
-    "int8": (KV.BLOCK_N, KV.TARGET_PROGRAMS_QUANTIZED, KV.NUM_WARPS, KV.NUM_STAGES)
-    + (KV.INT8_KV_CONVERT, KV.INT8_KV_TF32),
+DEFAULT = {  # today's launch per cache kind
+    "bf16": (KV.BLOCK_N, KV.TARGET_PROGRAMS, KV.NUM_WARPS, KV.NUM_STAGES),
+    "int8": (KV.BLOCK_N, KV.TARGET_PROGRAMS_QUANTIZED, KV.NUM_WARPS, KV.NUM_STAGES),
 }
 
 
-def configs(quick: bool, convert: bool, default):
-    """Launches to time, the default first."""
-    conversions = [default[4:]]
-    if convert:  # every int8 conversion over the launches near the best ones so far
-        conversions = list(itertools.product((0, 1, 2), (False, True)))
-        grid = list(itertools.product((64, 128), (256, 512, 1024), (4, 8), (2, 3)))
-    elif quick:
+def configs(quick: bool, default):
+    """(BLOCK_N, target programs, num_warps, num_stages); the default first."""
+    if quick:
         grid = itertools.product((64, 128), (512, 1024), (4, 8), (3,))
     else:
         grid = itertools.product((32, 64, 128), (256, 512, 1024, 2048), (4, 8), (2, 3, 4))
-    grid = [launch + conversion for conversion in conversions for launch in grid]
     return [default] + [c for c in grid if c != default]
 
 
@@ -79,25 +71,22 @@ def make_case(dtype, batch, slots, filled):
 
 
 def set_launch(cfg):
-    KV.BLOCK_N, programs, KV.NUM_WARPS, KV.NUM_STAGES, KV.INT8_KV_CONVERT, KV.INT8_KV_TF32 = cfg
+    KV.BLOCK_N, programs, KV.NUM_WARPS, KV.NUM_STAGES = cfg
     KV.TARGET_PROGRAMS = KV.TARGET_PROGRAMS_QUANTIZED = programs
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--convert", action="store_true", help="int8 cases only, every int8 conversion")
     ap.add_argument("--time-budget-s", type=float, default=400)
     args = ap.parse_args()
     t0 = time.time()
     rows = []
     for name, dtype, batch, slots, filled in CASES:
-        if args.convert and dtype != torch.int8:
-            continue
         run, ref, nbytes = make_case(dtype, batch, slots, filled)
         default = DEFAULT["int8" if dtype == torch.int8 else "bf16"]
         results = []
-        for cfg in configs(args.quick, args.convert, default):
+        for cfg in configs(args.quick, default):
             if time.time() - t0 > args.time_budget_s:
                 print(f"time budget reached at {name} {cfg}", flush=True)
                 break
@@ -113,12 +102,12 @@ def main():
                 continue
             results.append((ms, cfg))
             print(f"{name} {cfg}: {ms * 1e3:.1f} us {nbytes / ms / 1e6:.0f} GB/s", flush=True)
+        if not results:
+            continue
         default_ms = next((ms for ms, cfg in results if cfg == default), float("nan"))
-        for conversion in sorted({cfg[4:] for _, cfg in results}):  # the best launch of each conversion
-            best_ms, best = min(r for r in results if r[1][4:] == conversion)
-            rows.append((name, nbytes, default_ms, best_ms, best))
-    launch = "(BLOCK_N, programs, warps, stages, convert, tf32)"
-    print(f"\n| case | valid MB | default us | GB/s | best us | GB/s | best {launch} |")
+        best_ms, best = min(results)
+        rows.append((name, nbytes, default_ms, best_ms, best))
+    print("\n| case | valid MB | default us | GB/s | best us | GB/s | best (BLOCK_N, target programs, warps, stages) |")
     print("|---|---|---|---|---|---|---|")
     for name, nbytes, default_ms, best_ms, best in rows:
         print(

@@ -239,19 +239,6 @@ def test_quantized_decode_attention_kernel_equals_reference(storage, dtype, case
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
 
 
-@pytest.mark.parametrize("convert, tf32", [(1, False), (2, False), (1, True), (2, True)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_int8_kv_conversion_variants_equal_reference(monkeypatch, convert, tf32, dtype):
-    """The int8 cache's other conversions (kv_attention.INT8_KV_CONVERT / INT8_KV_TF32, which
-    scripts/kv_kernel_sweep.py --convert times) give the reference too, outside slots unread."""
-    import kv_attention
-
-    monkeypatch.setattr(kv_attention, "INT8_KV_CONVERT", convert)
-    monkeypatch.setattr(kv_attention, "INT8_KV_TF32", tf32)
-    for case in KV_KERNEL_CASES:
-        test_quantized_decode_attention_kernel_equals_reference("int8", dtype, case)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("case", KV_KERNEL_CASES)
 def test_unquantized_decode_attention_kernel_equals_reference(dtype, case):
