@@ -9,7 +9,11 @@ and torch.compile (fullgraph) all call the same kernel. `int8_gemv_reference` is
 PyTorch computation the GPU tests compare it with.
 """
 
+import os
+
 import torch
+
+from model import Experts, mix
 
 try:  # Triton ships with CUDA builds of torch; a CPU-only install has none
     import triton
@@ -32,8 +36,30 @@ def int8_expert_gemv_reference(x, expert_ids, weight, scales) -> torch.Tensor:
     return (w @ x.float().unsqueeze(-1)).squeeze(-1).to(x.dtype)
 
 
+def expert_down_mix_reference(h, expert_ids, mix, weight) -> torch.Tensor:
+    """h [N, k, I] (each token's SiLU(gate) * up per chosen expert), expert_ids [N, k], mix [N, k]
+    (the routing weights), weight [E, D, I] float -> [N, D] in h.dtype: sum_j mix_j (w2[e_j] @ h_j)."""
+    y = (weight[expert_ids].float() @ h.float().unsqueeze(-1)).squeeze(-1)  # [N, k, D]
+    return (y * mix.float().unsqueeze(-1)).sum(dim=1).to(h.dtype)
+
+
+# expert_down_mix: a batched decode step's float experts (MoEFeedForward.forward). On the H200 at
+# Qwen3-30B-A3B's shapes it took 47 us for 8 tokens against Inductor's 68-75, and lost at 1 token
+# (13.2 against 12.5 us; scripts/moe_down_sweep.py, BENCHMARKS.md 2026-12-03). Its tiles: BLOCK_D
+# output rows of one token over the intermediate axis in BLOCK_I steps, the 8-token sweep's best.
+# FASTGEN_EXPERT_DOWN_KERNEL=0 turns it off (for measuring against Inductor).
+EXPERT_DOWN_CONFIG = dict(BLOCK_D=16, BLOCK_I=128, num_warps=8, num_stages=3)
+EXPERT_DOWN_MIN_TOKENS = 2
+EXPERT_DOWN_ENABLED = os.environ.get("FASTGEN_EXPERT_DOWN_KERNEL", "1") != "0"
+
+
 def available(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
+
+
+def expert_down_mix_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """x [N, D] a decode step's tokens, weight the experts' stacked w2: float, on a GPU, N >= 2."""
+    return EXPERT_DOWN_ENABLED and available(x) and weight.is_floating_point() and x.shape[0] >= EXPERT_DOWN_MIN_TOKENS
 
 
 # Tile sizes: each program reduces BLOCK_N output rows over K in BLOCK_K steps. Chosen by a sweep
@@ -329,3 +355,74 @@ if triton is not None:
             **cfg,
         )
         return part.sum(0).to(x.dtype)
+
+    @triton.jit
+    def _expert_down_mix_kernel(
+        h_ptr,  # [N, K_ACTIVE, I]
+        ids_ptr,  # [N, K_ACTIVE]
+        mix_ptr,  # [N, K_ACTIVE] fp32
+        w_ptr,  # [E, D, I] float
+        y_ptr,  # [N, D]
+        D,
+        inter,  # I, the intermediate size
+        K_ACTIVE: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_I: tl.constexpr,
+    ):
+        # BLOCK_D outputs of token n, summed over its K_ACTIVE experts in one fp32 accumulator: the
+        # routing weight scales h (I values) rather than each expert's output (D values)
+        pid_d, n = tl.program_id(0), tl.program_id(1)
+        rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        cols = tl.arange(0, BLOCK_I)
+        row_ok = rows < D
+        acc = tl.zeros((BLOCK_D, BLOCK_I), dtype=tl.float32)
+        for j in range(K_ACTIVE):
+            e = tl.load(ids_ptr + n * K_ACTIVE + j).to(tl.int64)
+            mix = tl.load(mix_ptr + n * K_ACTIVE + j)
+            w_rows = w_ptr + e * D * inter + rows.to(tl.int64)[:, None] * inter
+            h_row = h_ptr + (n * K_ACTIVE + j) * inter
+            for i0 in range(0, inter, BLOCK_I):
+                i = i0 + cols
+                i_ok = i < inter
+                h = tl.load(h_row + i, mask=i_ok, other=0.0).to(tl.float32) * mix
+                w = tl.load(
+                    w_rows + i[None, :], mask=row_ok[:, None] & i_ok[None, :], other=0.0, eviction_policy="evict_first"
+                )
+                acc += w.to(tl.float32) * h[None, :]
+        tl.store(y_ptr + n * D + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton_op("fastgen::expert_down_mix", mutates_args={})
+    def expert_down_mix(
+        h: torch.Tensor, expert_ids: torch.Tensor, mix: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """expert_down_mix_reference's contract: the chosen float experts' down projections and their
+        routing-weighted sum in one kernel, each chosen expert read once per token. An opaque op, so
+        Inductor cannot fuse it with the next RMSNorm (Qwen3-30B-A3B's fused kernel read the experts
+        at 1.25 TB/s on the H200, 2026-12-03). Measuring it: scripts/moe_down_sweep.py."""
+        N, k, inter = h.shape
+        D = weight.shape[1]
+        y = torch.empty((N, D), dtype=h.dtype, device=h.device)
+        cfg = dict(EXPERT_DOWN_CONFIG)
+        grid = (triton.cdiv(D, cfg["BLOCK_D"]), N)
+        wrap_triton(_expert_down_mix_kernel)[grid](
+            h.contiguous(), expert_ids.contiguous(), mix.float().contiguous(), weight, y, D, inter, K_ACTIVE=k, **cfg
+        )
+        return y
+
+
+class DownMixExperts(Experts):
+    """Float experts whose batched decode steps (2+ tokens on a GPU) run the down projection and the
+    routing-weighted sum as one expert_down_mix kernel; everything else is Experts'."""
+
+    def mixed(self, x, expert_ids, weights):
+        if expert_down_mix_available(x, self.w2):
+            return expert_down_mix(self.hidden(x, expert_ids), expert_ids, weights, self.w2)
+        return mix(self.gathered(x, expert_ids), weights)
+
+
+def use_expert_down_mix(model: torch.nn.Module) -> None:
+    """Give a model's float experts on a GPU the kernel (generate.Generator.setup calls this). The
+    class changes in place: the parameters, and any compiled step's view of them, stay as they are."""
+    for module in model.modules():
+        if type(module) is Experts and available(module.w2):
+            module.__class__ = DownMixExperts

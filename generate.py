@@ -29,6 +29,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import gemv  # noqa: E402
 import tp  # noqa: E402  (tensor parallel under torchrun)
 from checkpoint import load_model  # noqa: E402
 from common import DTYPES, peak_memory_bytes, write_json_atomic  # noqa: E402
@@ -400,6 +401,7 @@ class Generator:
         ):
             compute_dtype = m.tok_embeddings.weight.dtype
             m.setup_caches(batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype))
+        gemv.use_expert_down_mix(m)
         spec = self.speculation
         if spec is not None:
             if spec.draft is not None and (
@@ -409,6 +411,7 @@ class Generator:
                 spec.draft.setup_caches(
                     batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype)
                 )
+                gemv.use_expert_down_mix(spec.draft)
             # Each row's text by slot (prompt, generated tokens, its last token at its position): the
             # tokens prompt lookup searches and the draft is fed. One spare slot: a step writes its
             # tokens after the last token.

@@ -343,6 +343,11 @@ def top_k_by_max(probs, k: int):
     return torch.cat(values, dim=-1), torch.cat(ids, dim=-1)
 
 
+def mix(y, weights):
+    """Each token's k expert outputs y [N, k, D] weighted by the router's weights [N, k], summed in fp32."""
+    return (y.float() * weights.unsqueeze(-1)).sum(dim=1).to(y.dtype)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stacked per projection: w13 [E, 2I, D] (gate; up) and w2 [E, D, I]."""
 
@@ -358,11 +363,20 @@ class Experts(nn.Module):
         Quantized experts (quantize.py) dequantize here."""
         return getattr(self, name)[ids]
 
+    def hidden(self, x, expert_ids):
+        """x [N, D], expert_ids [N, k] -> SiLU(gate) * up [N, k, I] of the chosen experts."""
+        gate, up = matvec(self.weights("w13", expert_ids), x.unsqueeze(1)).chunk(2, dim=-1)
+        return F.silu(gate) * up
+
     def gathered(self, x, expert_ids):
         """x [N, D], expert_ids [N, k] -> [N, k, D]. Indexes the stacked weights with the router's
         choice, so a step reads only the chosen experts; static shapes (CUDA graphs)."""
-        gate, up = matvec(self.weights("w13", expert_ids), x.unsqueeze(1)).chunk(2, dim=-1)
-        return matvec(self.weights("w2", expert_ids), F.silu(gate) * up)
+        return matvec(self.weights("w2", expert_ids), self.hidden(x, expert_ids))
+
+    def mixed(self, x, expert_ids, weights):
+        """gathered, weighted by the router's weights [N, k] and summed over the k -> [N, D].
+        gemv.DownMixExperts (batched decode on a GPU) does the down projection and the sum in one kernel."""
+        return mix(self.gathered(x, expert_ids), weights)
 
     def grouped(self, x, expert_ids, use_grouped_mm: bool):
         """x [N, D], expert_ids [N, k] -> [N, k, D]. The (token, expert) pairs sorted by expert so
@@ -421,12 +435,12 @@ class MoEFeedForward(nn.Module):
         many = B * T * self.n_active > self.experts.n_experts
         weights, expert_ids = self.route(x2, few=not many)
         if many and grouped_mm_available(x, self.experts):
-            y = self.experts.grouped(x2, expert_ids, use_grouped_mm=True)
+            y = mix(self.experts.grouped(x2, expert_ids, use_grouped_mm=True), weights)
         elif many and T > 1 and not torch.compiler.is_compiling():  # eager prefill
-            y = self.experts.grouped(x2, expert_ids, use_grouped_mm=False)
+            y = mix(self.experts.grouped(x2, expert_ids, use_grouped_mm=False), weights)
         else:  # decode steps (CUDA graphs) and compiled code
-            y = self.experts.gathered(x2, expert_ids)
-        return (y.float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype).view(B, T, D)
+            y = self.experts.mixed(x2, expert_ids, weights)
+        return y.view(B, T, D)
 
 
 class TransformerBlock(nn.Module):

@@ -21,7 +21,6 @@ import torch  # noqa: E402
 
 import gemv  # noqa: E402
 import kv_attention  # noqa: E402
-from scripts import moe_down_sweep  # noqa: E402
 
 CASES = [  # B, Hkv, G, D, cache slots, query slot, sliding window (0: none), dtype
     (2, 2, 4, 128, 1000, 700, 0, torch.float32),
@@ -73,7 +72,7 @@ def int8_expert_gemv(R=6, E=8, N=96, K=1100, X=6, grouped=False):  # X < R: each
 def expert_down_mix(N=1, k=8, E=16, D=300, inter=700, dtype=torch.float32):
     h, ids = torch.randn(N, k, inter, dtype=dtype), torch.stack([torch.randperm(E)[:k] for _ in range(N)])
     mix, w = torch.rand(N, k).softmax(-1), torch.randn(E, D, inter, dtype=dtype) / 30
-    return moe_down_sweep.expert_down_mix(h, ids, mix, w), moe_down_sweep.expert_down_mix_reference(h, ids, mix, w)
+    return gemv.expert_down_mix(h, ids, mix, w), gemv.expert_down_mix_reference(h, ids, mix, w)
 
 
 def main():

@@ -204,6 +204,29 @@ def test_grouped_paths_equal_gather(monkeypatch):
         assert rel_err(ff(x), (ref * weights.unsqueeze(-1)).sum(1).view_as(x)) < 1e-6
 
 
+def test_mixed_is_the_weighted_sum_and_cpu_experts_keep_their_class():
+    """Experts.mixed (the decode path's gathered outputs, weighted and summed) equals the sum written
+    out; gemv.use_expert_down_mix gives the kernel class only to experts on a GPU."""
+    import gemv
+
+    torch.manual_seed(0)
+    args = ModelArgs(
+        dim=32, n_layers=1, n_heads=4, intermediate_size=16, vocab_size=64, n_experts=6, n_active_experts=2
+    )
+    m = Transformer(args)
+    ff = m.layers[0].feed_forward
+    for p in ff.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)
+    x = torch.randn(5, 32)
+    weights, ids = ff.route(x)
+    want = (ff.experts.gathered(x, ids) * weights.unsqueeze(-1)).sum(1)
+    assert rel_err(ff.experts.mixed(x, ids, weights), want) < 1e-6
+    gemv.use_expert_down_mix(m)
+    assert type(ff.experts) is Experts
+    ff.experts.__class__ = gemv.DownMixExperts  # on the CPU it falls back to Experts.mixed
+    assert rel_err(ff.experts.mixed(x, ids, weights), want) < 1e-6
+
+
 def test_named_configs_match_hf_configs():
     """The named shapes are what from_hf_config makes of the real config.json values."""
     qwen3_30b = dict(
@@ -410,13 +433,25 @@ def greedy_tokens(m, prompts, n, compile=False):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("batch", [1, 4])
-def test_gpu_compiled_moe_decode_equals_cpu_fp32_eager(batch):
-    """fp32: the compiled CUDA-graph decode (the gather path: Inductor fuses the gather into its
-    reduction) gives the CPU eager tokens, batch 1 and a batch of different lengths."""
+def test_gpu_compiled_moe_decode_equals_cpu_fp32_eager(monkeypatch, batch):
+    """fp32: the compiled CUDA-graph decode gives the CPU eager tokens, batch 1 (the gather path:
+    Inductor fuses the gather into its reduction) and a batch of different lengths (4 tokens x 2 of
+    8 experts: the gather path with gemv.expert_down_mix for the down projection and the mix)."""
+    import gemv
+
+    calls = []
+    kernel = gemv.expert_down_mix
+    monkeypatch.setattr(gemv, "expert_down_mix", lambda *a: calls.append(a[0].shape) or kernel(*a))
     torch._dynamo.reset()
     cpu = random_moe()
     prompts = GPU_PROMPTS[:batch]
-    assert greedy_tokens(on_cuda(cpu), prompts, 20, compile=True) == greedy_tokens(cpu, prompts, 20)
+    cuda = on_cuda(cpu)
+    assert greedy_tokens(cuda, prompts, 20, compile=True) == greedy_tokens(cpu, prompts, 20)
+    assert type(cuda.layers[0].feed_forward.experts) is gemv.DownMixExperts
+    assert type(cpu.layers[0].feed_forward.experts) is Experts  # the CPU model keeps Experts
+    # traced for each layer of the decode step at batch 4 (prefill has more pairs: grouped); never at 1
+    hidden = (batch, 2, GPU_ARGS["intermediate_size"])
+    assert (len(calls) >= GPU_ARGS["n_layers"] and set(calls) == {hidden}) if batch > 1 else calls == []
 
 
 @pytest.mark.gpu
@@ -472,10 +507,10 @@ def test_gpu_quantized_experts_compiled_equals_eager(mode, tmp_path):
 @needs_cuda
 @pytest.mark.parametrize("tokens,k", [(1, 8), (3, 2)])
 def test_gpu_expert_down_mix_equals_reference(tokens, k):
-    """scripts/moe_down_sweep.expert_down_mix (the chosen float experts' down projection and
-    routing-weighted sum in one kernel, not yet called by the model) equals its reference, eager and
-    compiled in a CUDA graph, at a width that is not a multiple of its tiles."""
-    from scripts import moe_down_sweep as down
+    """gemv.expert_down_mix (the chosen float experts' down projection and routing-weighted sum in
+    one kernel, batched decode's path) equals its reference, eager and compiled in a CUDA graph, at a
+    width that is not a multiple of its tiles."""
+    import gemv as down
 
     torch.manual_seed(tokens * 10 + k)
     E, D, inter = 16, 300, 700
