@@ -12,6 +12,7 @@ kernel's bytes before deciding what to fuse or tune.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch  # noqa: E402
 from bench_common import kernel_times, random_prompts, sync, time_loop  # noqa: E402
 from bench_ours import build_model, kv_dtype_for  # noqa: E402
 
+from checkpoint import model_args_from_name  # noqa: E402
 from generate import Generator, Sampling, model_weight_bytes  # noqa: E402
 
 NAME_CHARS = 90
@@ -43,6 +45,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", dest="compile", action="store_false", help="the eager (CUDA-graph) step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
+        "--layers", type=int, default=0, help="the named shape with this many layers (a per-layer A/B, compiled fast)"
+    )
+    p.add_argument(
         "--flex-decode-options",
         type=json.loads,
         default=None,
@@ -52,7 +57,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # generate.py's defaults
-    model = build_model(args.model, args.weights, device, dtype)
+    model_args = model_args_from_name(args.model)
+    if args.layers:
+        model_args = dataclasses.replace(model_args, n_layers=args.layers)
+    model = build_model(args.model, args.weights, device, dtype, model_args)
     model.flex_decode_options = args.flex_decode_options
     gen = Generator(model, compile=args.compile)
     slots = args.cache or args.ctx + args.new_tokens
@@ -78,7 +86,8 @@ def main(argv=None) -> int:
     weight_gb = model_weight_bytes(model) / 1e9
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
-        f"{where}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}: {args.model} w={args.weights} "
+        f"{where}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}: {args.model} "
+        f"layers={model.args.n_layers} w={args.weights} "
         f"kv={args.kv_dtype} B={args.batch} ctx={args.ctx} slots={slots} compile={args.compile} "
         f"flex decode options={args.flex_decode_options}"
     )

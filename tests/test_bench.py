@@ -476,14 +476,14 @@ def test_profile_decode_cpu_table(capsys):
     import profile_decode
 
     argv = ["--device", "cpu", "--model", "smollm2-135m", "--no-compile", "--new-tokens", "3", "--steps", "1"]
-    assert profile_decode.main(argv + ["--top", "5"]) == 0
+    assert profile_decode.main(argv + ["--top", "5", "--layers", "4"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| us/step")]
     assert len(rows) == 5, out
     us_per_step = [float(r.split("|")[1]) for r in rows]
     assert us_per_step == sorted(us_per_step, reverse=True) and us_per_step[0] > 0
     assert "aten::mm" in rows[0], out  # a decode step is matrix-vector products, above all else
-    assert "smollm2-135m" in out and "ms" in out
+    assert "smollm2-135m layers=4 " in out and "ms" in out  # --layers: the named shape, fewer layers
 
 
 @pytest.mark.parametrize("flag", [False, True])
