@@ -44,13 +44,19 @@ def expert_down_mix_reference(h, expert_ids, mix, weight) -> torch.Tensor:
 
 
 # expert_down_mix: a batched decode step's float experts (MoEFeedForward.forward). On the H200 at
-# Qwen3-30B-A3B's shapes it took 47 us for 8 tokens against Inductor's 68-75, and lost at 1 token
-# (13.2 against 12.5 us; scripts/moe_down_sweep.py, BENCHMARKS.md 2026-12-03). Its tiles: BLOCK_D
-# output rows of one token over the intermediate axis in BLOCK_I steps, the 8-token sweep's best.
-# FASTGEN_EXPERT_DOWN_KERNEL=0 turns it off (for measuring against Inductor).
-EXPERT_DOWN_CONFIG = dict(BLOCK_D=16, BLOCK_I=128, num_warps=8, num_stages=3)
+# Qwen3-30B-A3B's shapes, alone: 17 us for 2 tokens and 47 us for 8 against Inductor's 21 and 68-75;
+# it loses at 1 token (13.2 against 12.5 us), so it starts at 2. In a 12-layer B8 step: 3.501 ->
+# 2.646 ms (Inductor's down projection there took 110 us a layer, the kernel 48; scripts/
+# moe_down_sweep.py, profile_decode.py --layers 12, BENCHMARKS.md 2026-12-03). Its tiles: BLOCK_D
+# output rows of one token over the intermediate axis in BLOCK_I steps, each sweep's best.
+# Off until its model-level GPU test (tests/test_moe.py, batch 4) has passed on a GPU:
+# FASTGEN_EXPERT_DOWN_KERNEL=1 turns it on.
 EXPERT_DOWN_MIN_TOKENS = 2
-EXPERT_DOWN_ENABLED = os.environ.get("FASTGEN_EXPERT_DOWN_KERNEL", "1") != "0"
+EXPERT_DOWN_ENABLED = os.environ.get("FASTGEN_EXPERT_DOWN_KERNEL", "0") == "1"
+
+
+def expert_down_config(tokens: int) -> dict:
+    return dict(BLOCK_D=16 if tokens >= 8 else 8, BLOCK_I=128, num_warps=8, num_stages=3)
 
 
 def available(x: torch.Tensor) -> bool:
@@ -396,13 +402,13 @@ if triton is not None:
         h: torch.Tensor, expert_ids: torch.Tensor, mix: torch.Tensor, weight: torch.Tensor
     ) -> torch.Tensor:
         """expert_down_mix_reference's contract: the chosen float experts' down projections and their
-        routing-weighted sum in one kernel, each chosen expert read once per token. An opaque op, so
-        Inductor cannot fuse it with the next RMSNorm (Qwen3-30B-A3B's fused kernel read the experts
-        at 1.25 TB/s on the H200, 2026-12-03). Measuring it: scripts/moe_down_sweep.py."""
+        routing-weighted sum in one kernel, each chosen expert read once per token. An opaque op:
+        Inductor's own fusion of these ops took 110 us a layer in a Qwen3-30B-A3B B8 step on the
+        H200, this kernel 48 (see EXPERT_DOWN_MIN_TOKENS). Measuring it: scripts/moe_down_sweep.py."""
         N, k, inter = h.shape
         D = weight.shape[1]
         y = torch.empty((N, D), dtype=h.dtype, device=h.device)
-        cfg = dict(EXPERT_DOWN_CONFIG)
+        cfg = expert_down_config(N)  # scripts/moe_down_sweep.py replaces it to time other tiles
         grid = (triton.cdiv(D, cfg["BLOCK_D"]), N)
         wrap_triton(_expert_down_mix_kernel)[grid](
             h.contiguous(), expert_ids.contiguous(), mix.float().contiguous(), weight, y, D, inter, K_ACTIVE=k, **cfg

@@ -9,7 +9,7 @@ chosen experts at 1.25 TB/s (gate/up reads at 2.78). This times, each replayed i
   inductor         the model's code (model.matvec over the gathered w2, weighted sum), compiled
   inductor+norm    the same plus the residual add and the next RMSNorm, compiled as one graph
                    (what the model's step gets)
-  kernel default   gemv.expert_down_mix with gemv.EXPERT_DOWN_CONFIG (what the model runs)
+  kernel default   gemv.expert_down_mix with gemv.expert_down_config's tile (what the model runs)
   kernel           the same over a grid of tiles (each checked against the reference), best shown
   kernel+norm      the best tile, then the residual and RMSNorm compiled after it
 Bytes = the chosen experts' w2 rows read per token (k x D x I x 2 per token).
@@ -66,12 +66,12 @@ def measure(n, w2, norm, rows):
     fused = torch.compile(lambda: norm(residual + inductor_down_mix(h, ids, mix, w2)), fullgraph=True)
     fused()
     timed("inductor+norm", fused)
-    default = dict(gemv.EXPERT_DOWN_CONFIG)
+    default = gemv.expert_down_config
     assert (expert_down_mix(h, ids, mix, w2).float() - want).abs().max() < 2e-2
     timed("kernel default", lambda: expert_down_mix(h, ids, mix, w2))
     best = None
     for cfg in TILES:
-        gemv.EXPERT_DOWN_CONFIG = cfg  # the tile expert_down_mix launches with
+        gemv.expert_down_config = lambda tokens, cfg=cfg: cfg  # the tile expert_down_mix launches with
         try:
             err = (expert_down_mix(h, ids, mix, w2).float() - want).abs().max().item()
             if err > 2e-2:
@@ -84,12 +84,12 @@ def measure(n, w2, norm, rows):
         print(f"{n} tokens, kernel {cfg}: {ms * 1e3:.1f} us", flush=True)
         if best is None or ms < best[0]:
             best = (ms, cfg)
-    gemv.EXPERT_DOWN_CONFIG = best[1]
+    gemv.expert_down_config = lambda tokens: best[1]
     timed(f"kernel {best[1]}", lambda: expert_down_mix(h, ids, mix, w2))
     after = torch.compile(lambda: norm(residual + expert_down_mix(h, ids, mix, w2)), fullgraph=True)
     after()
     timed("kernel+norm (best tile)", after)
-    gemv.EXPERT_DOWN_CONFIG = default
+    gemv.expert_down_config = default
 
 
 @torch.no_grad()
