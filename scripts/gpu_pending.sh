@@ -10,6 +10,8 @@
 #                                          #   issue 17): its GPU tests, the down-projection sweep at 2 and 4
 #                                          #   tokens (the threshold), then a 12-layer Qwen3-30B-A3B bf16 B8
 #                                          #   step with the kernel and without (FASTGEN_EXPERT_DOWN_KERNEL=0)
+#   bash scripts/gpu_pending.sh cli        # ~8 min: generate.py --compile --json against the engine on the same
+#                                          #   random checkpoints (issue 11's CLI within 5%; bench_cli.py)
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -61,8 +63,12 @@ moedown)
     decode qwen3_b8_kernel 90 --model qwen3-30b-a3b --layers 12 --batch 8
     FASTGEN_EXPERT_DOWN_KERNEL=0 decode qwen3_b8_inductor 90 --model qwen3-30b-a3b --layers 12 --batch 8
     ;;
+cli)
+    step cli 560 python scripts/bench_cli.py --workdir "${TMPDIR:-/tmp}/fastgen-bench-cli"
+    summary+=("$(grep -E '^\| ' "$out/cli.txt")")
+    ;;
 *)
-    echo "unknown mode $mode: use tests, package, moe or moedown" >&2
+    echo "unknown mode $mode: use tests, package, moe, moedown or cli" >&2
     exit 2
     ;;
 esac

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,11 +41,14 @@ def main(argv=None) -> int:
     p.add_argument("--output", type=Path, required=True, metavar="DIR", help="the checkpoint directory to write")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weight dtype (default: bf16)")
     p.add_argument("--device", default="cpu", help="where the random numbers are drawn (default: cpu)")
+    p.add_argument("--layers", type=int, default=0, help="the named shape with this many layers (default: its own)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     model_args = model_args_from_name(args.model)
-    model = build_model(args.model, "bf16", torch.device(args.device), DTYPES[args.dtype])
+    if args.layers:
+        model_args = replace(model_args, n_layers=args.layers)
+    model = build_model(args.model, "bf16", torch.device(args.device), DTYPES[args.dtype], model_args)
     tensors = {k: v.cpu() for k, v in model.state_dict().items()}
     del model
     save_checkpoint(
@@ -55,7 +58,8 @@ def main(argv=None) -> int:
         {"tokenizer.json": word_level_tokenizer(model_args.vocab_size)},
         force=args.force,
     )
-    print(f"Wrote {args.output} ({args.model}, random {args.dtype}) in {time.perf_counter() - t0:.1f} s")
+    layers = f", {model_args.n_layers} layers" if args.layers else ""
+    print(f"Wrote {args.output} ({args.model}{layers}, random {args.dtype}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -497,3 +497,18 @@ def test_compile_prefill_flag_reaches_the_generator(flag):
     assert runner._prepare(Config("smollm2-135m"), slots=32)
     assert (runner.gen.prefill_fn is not generate.prefill) == flag
     assert runner.gen.decode_fn is generate.decode_one  # decode untouched either way
+
+
+def test_bench_cli_table(tmp_path, capsys):
+    """scripts/bench_cli.py on the CPU: a random 2-layer checkpoint, generate.py's --json rate and the
+    engine's on the same prompt, one table row with their ratio."""
+    import bench_cli
+
+    argv = ["--models", "smollm2-135m:2", "--no-compile", "--new-tokens", "6", "--samples", "2"]
+    assert bench_cli.main(argv + ["--device", "cpu", "--workdir", str(tmp_path)]) == 0
+    assert (tmp_path / "smollm2-135m-layers2" / "config.json").is_file()
+    assert json.loads((tmp_path / "smollm2-135m-layers2" / "config.json").read_text())["model_args"]["n_layers"] == 2
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| smollm2-135m:2 |")]
+    assert len(row) == 1
+    cli_rate, engine, ratio, generated = (float(c) for c in row[0].split("|")[2:6])
+    assert cli_rate > 0 and engine > 0 and ratio == pytest.approx(cli_rate / engine, abs=2e-3) and generated == 6
