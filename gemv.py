@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from model import Experts, mix
+from model import Experts
 
 try:  # Triton ships with CUDA builds of torch; a CPU-only install has none
     import triton
@@ -423,12 +423,12 @@ class DownMixExperts(Experts):
     def mixed(self, x, expert_ids, weights):
         if expert_down_mix_available(x, self.w2):
             return expert_down_mix(self.hidden(x, expert_ids), expert_ids, weights, self.w2)
-        return mix(self.gathered(x, expert_ids), weights)
+        return super().mixed(x, expert_ids, weights)
 
 
 def use_expert_down_mix(model: torch.nn.Module) -> None:
-    """Give a model's float experts on a GPU the kernel (generate.Generator.setup calls this). The
-    class changes in place: the parameters, and any compiled step's view of them, stay as they are."""
+    """Give a model's float experts on a GPU the kernel (generate.Generator.setup calls this, before
+    any step is traced). The class changes in place, so the parameters are not copied."""
     for module in model.modules():
         if type(module) is Experts and available(module.w2):
             module.__class__ = DownMixExperts

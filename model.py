@@ -343,7 +343,7 @@ def top_k_by_max(probs, k: int):
     return torch.cat(values, dim=-1), torch.cat(ids, dim=-1)
 
 
-def mix(y, weights):
+def weighted_sum(y, weights):
     """Each token's k expert outputs y [N, k, D] weighted by the router's weights [N, k], summed in fp32."""
     return (y.float() * weights.unsqueeze(-1)).sum(dim=1).to(y.dtype)
 
@@ -376,7 +376,7 @@ class Experts(nn.Module):
     def mixed(self, x, expert_ids, weights):
         """gathered, weighted by the router's weights [N, k] and summed over the k -> [N, D].
         gemv.DownMixExperts (batched decode on a GPU) does the down projection and the sum in one kernel."""
-        return mix(self.gathered(x, expert_ids), weights)
+        return weighted_sum(self.gathered(x, expert_ids), weights)
 
     def grouped(self, x, expert_ids, use_grouped_mm: bool):
         """x [N, D], expert_ids [N, k] -> [N, k, D]. The (token, expert) pairs sorted by expert so
@@ -435,9 +435,9 @@ class MoEFeedForward(nn.Module):
         many = B * T * self.n_active > self.experts.n_experts
         weights, expert_ids = self.route(x2, few=not many)
         if many and grouped_mm_available(x, self.experts):
-            y = mix(self.experts.grouped(x2, expert_ids, use_grouped_mm=True), weights)
+            y = weighted_sum(self.experts.grouped(x2, expert_ids, use_grouped_mm=True), weights)
         elif many and T > 1 and not torch.compiler.is_compiling():  # eager prefill
-            y = mix(self.experts.grouped(x2, expert_ids, use_grouped_mm=False), weights)
+            y = weighted_sum(self.experts.grouped(x2, expert_ids, use_grouped_mm=False), weights)
         else:  # decode steps (CUDA graphs) and compiled code
             y = self.experts.mixed(x2, expert_ids, weights)
         return y.view(B, T, D)
