@@ -12,6 +12,9 @@
 #                                          #   step with the kernel and without (FASTGEN_EXPERT_DOWN_KERNEL=0)
 #   bash scripts/gpu_pending.sh cli        # ~8 min: generate.py --compile --json against the engine on the same
 #                                          #   random checkpoints (issue 11's CLI within 5%; bench_cli.py)
+#   bash scripts/gpu_pending.sh modes      # ~9.5 min: issue 10's report, Llama-3-8B at batch 1 and 8 in every
+#                                          #   weight mode, then the int8/fp8 KV caches (tok/s, peak GB, KV MB);
+#                                          #   gpt-fast too when peers/gpt-fast is carried
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -67,8 +70,18 @@ cli)
     step cli 560 python scripts/bench_cli.py --workdir "${TMPDIR:-/tmp}/fastgen-bench-cli"
     summary+=("$(grep -E '^\| ' "$out/cli.txt")")
     ;;
+modes)
+    common=(--suite smoke --models llama-3-8b --batch 1,8 --compile --new-tokens 100 --runs 2 --no-hf --no-cold-start)
+    [ -d peers/gpt-fast ] && common+=(--gpt-fast-dir peers/gpt-fast)
+    step weights 330 python scripts/bench.py "${common[@]}" --weights bf16,int8,int4-g64,int4-g128 \
+        --time-budget-s 300 --out-dir "$out/modes_weights"
+    summary+=("$(grep -E '^\| llama' "$out/weights.txt")")
+    step kv 230 python scripts/bench.py "${common[@]}" --kv-dtypes int8,fp8 --time-budget-s 200 \
+        --out-dir "$out/modes_kv"
+    summary+=("$(grep -E '^\| llama' "$out/kv.txt")")
+    ;;
 *)
-    echo "unknown mode $mode: use tests, package, moe, moedown or cli" >&2
+    echo "unknown mode $mode: use tests, package, moe, moedown, cli or modes" >&2
     exit 2
     ;;
 esac
