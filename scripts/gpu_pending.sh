@@ -6,10 +6,10 @@
 #   bash scripts/gpu_pending.sh package    # ~8 min: which packaging of the decode step loads on CUDA (issue 19)
 #   bash scripts/gpu_pending.sh moe        # ~9 min: MoE GPU tests, then Qwen3-30B-A3B / Mixtral bf16 and int8
 #                                          #   at batch 1 and 8 (issue 17)
-#   bash scripts/gpu_pending.sh moedown    # ~5 min: batched decode's expert_down_mix (gemv.DownMixExperts,
-#                                          #   issue 17): its GPU tests, the down-projection sweep at 2 and 4
-#                                          #   tokens (the threshold), then a 12-layer Qwen3-30B-A3B bf16 B8
-#                                          #   step with the kernel and without (FASTGEN_EXPERT_DOWN_KERNEL=0)
+#   bash scripts/gpu_pending.sh moedown    # ~9 min: batched decode's expert_down_mix (gemv.DownMixExperts,
+#                                          #   issue 17): its GPU tests, the down-projection sweep at 4 tokens,
+#                                          #   then Qwen3-30B-A3B bf16 B8's whole step with the kernel
+#                                          #   (FASTGEN_EXPERT_DOWN_KERNEL=1) and without
 #   bash scripts/gpu_pending.sh cli        # ~8 min: generate.py --compile --json against the engine on the same
 #                                          #   random checkpoints (issue 11's CLI within 5%; bench_cli.py)
 #   bash scripts/gpu_pending.sh modes      # ~9.5 min: issue 10's report, Llama-3-8B at batch 1 and 8 in every
@@ -60,11 +60,11 @@ moedown)
     step down_tests 100 python -m pytest -m gpu -q -p no:cacheprovider tests/test_moe.py \
         -k "expert_down_mix or compiled_moe_decode"
     summary+=("  $(tail -n 1 "$out/down_tests.txt")")
-    step down_sweep 45 python scripts/moe_down_sweep.py --tokens 2,4
+    step down_sweep 60 python scripts/moe_down_sweep.py --tokens 4
     summary+=("$(grep -E '^\| [0-9]+ \| (inductor|kernel default)' "$out/down_sweep.txt")")
-    # 12 of the 48 layers: the per-layer difference, compiled in a fraction of the time
-    decode qwen3_b8_kernel 90 --model qwen3-30b-a3b --layers 12 --batch 8
-    FASTGEN_EXPERT_DOWN_KERNEL=0 decode qwen3_b8_inductor 90 --model qwen3-30b-a3b --layers 12 --batch 8
+    # the whole model (measured so far: 12 of its 48 layers, 3.501 -> 2.646 ms)
+    FASTGEN_EXPERT_DOWN_KERNEL=1 decode qwen3_b8_kernel 190 --model qwen3-30b-a3b --batch 8
+    FASTGEN_EXPERT_DOWN_KERNEL=0 decode qwen3_b8_inductor 190 --model qwen3-30b-a3b --batch 8
     ;;
 cli)
     step cli 560 python scripts/bench_cli.py --workdir "${TMPDIR:-/tmp}/fastgen-bench-cli"
