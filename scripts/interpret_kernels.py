@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 import gemv  # noqa: E402
 import kv_attention  # noqa: E402
+from model import ModelArgs, MoEFeedForward  # noqa: E402
 
 CASES = [  # B, Hkv, G, D, cache slots, query slot, sliding window (0: none), dtype
     (2, 2, 4, 128, 1000, 700, 0, torch.float32),
@@ -75,6 +76,22 @@ def expert_down_mix(N=1, k=8, E=16, D=300, inter=700, dtype=torch.float32):
     return gemv.expert_down_mix(h, ids, mix, w), gemv.expert_down_mix_reference(h, ids, mix, w)
 
 
+def down_mix_experts(tokens):
+    """A MoE layer whose experts became gemv.DownMixExperts (as Generator.setup does on a GPU) against
+    the same layer's Experts: the model's wiring of expert_down_mix, at each tile (below and from 8)."""
+    args = ModelArgs(
+        dim=64, n_layers=1, n_heads=4, intermediate_size=48, vocab_size=64, n_experts=16, n_active_experts=2
+    )
+    ff = MoEFeedForward(args)  # 8 tokens x 2 = 16 pairs: still few enough to gather
+    for p in ff.parameters():
+        torch.nn.init.normal_(p, 0, 0.2)
+    x = torch.randn(tokens, 1, 64)
+    with torch.no_grad():
+        want = ff(x)
+        ff.experts.__class__ = gemv.DownMixExperts
+        return ff(x), want
+
+
 def main():
     torch.manual_seed(0)
     plain_config = gemv.int8_gemv_config
@@ -90,6 +107,8 @@ def main():
     runs += [
         ("bf16-expert down + mix, 3 tokens x 2 of 8, fp16", lambda: expert_down_mix(3, 2, 8, 96, 250, torch.float16))
     ]
+    gemv.available, gemv.EXPERT_DOWN_ENABLED = lambda t: True, True  # CPU tensors, the kernel on
+    runs += [(f"DownMixExperts, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n)) for n in (2, 8)]
     for name, run in runs:
         got, want = run()
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
