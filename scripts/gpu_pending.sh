@@ -15,6 +15,9 @@
 #   bash scripts/gpu_pending.sh modes      # ~9.5 min: issue 10's report, Llama-3-8B at batch 1 and 8 in every
 #                                          #   weight mode, then the int8/fp8 KV caches (tok/s, peak GB, KV MB);
 #                                          #   gpt-fast too when peers/gpt-fast is carried
+#   bash scripts/gpu_pending.sh autotune   # ~9 min: issue 11 candidate, not tried before: Inductor's max-autotune
+#                                          #   (Triton GEMM templates, so RMSNorm / residual can fuse into the
+#                                          #   matmuls) against the default, SmolLM2-135M and Llama-3-8B B1
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -80,8 +83,14 @@ modes)
         --out-dir "$out/modes_kv"
     summary+=("$(grep -E '^\| llama' "$out/kv.txt")")
     ;;
+autotune)
+    decode smol 90 --model smollm2-135m
+    TORCHINDUCTOR_MAX_AUTOTUNE=1 decode smol_autotune 150 --model smollm2-135m
+    decode llama 100 --model llama-3-8b
+    TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
+    ;;
 *)
-    echo "unknown mode $mode: use tests, package, moe, moedown, cli or modes" >&2
+    echo "unknown mode $mode: use tests, package, moe, moedown, cli, modes or autotune" >&2
     exit 2
     ;;
 esac
