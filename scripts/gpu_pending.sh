@@ -3,6 +3,10 @@
 # 10 minutes each. Run from the repository root on the GPU machine:
 #
 #   bash scripts/gpu_pending.sh tests      # ~6 min: the whole GPU tier (last whole run: 75eff32, 95 passed)
+#   bash scripts/gpu_pending.sh tests-parallel  # the same over 4 pytest-xdist workers (not tried yet: compiles
+#                                          #   are CPU-bound, so it should take a fraction of the time). Before
+#                                          #   the call: pip download pytest-xdist execnet --no-deps -d .whl,
+#                                          #   and name ".whl" in the run's carry
 #   bash scripts/gpu_pending.sh package    # ~8 min: which packaging of the decode step loads on CUDA (issue 19)
 #   bash scripts/gpu_pending.sh moe        # ~9 min: MoE GPU tests, then Qwen3-30B-A3B / Mixtral bf16 and int8
 #                                          #   at batch 1 and 8 (issue 17)
@@ -48,6 +52,13 @@ tests)
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
     ;;
+tests-parallel)
+    # installed, or else the pure-Python wheels straight from .whl on the path (zip imports)
+    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
+    step tier 570 python -m pytest -m gpu -q -p no:cacheprovider -rf -n 4
+    summary+=("  $(tail -n 1 "$out/tier.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
+    ;;
 package)
     step package 560 python scripts/diag_cuda_package.py
     summary+=("$(tail -n 5 "$out/package.txt")")
@@ -90,7 +101,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, package, moe, moedown, cli, modes or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes or autotune" >&2
     exit 2
     ;;
 esac
