@@ -1,5 +1,6 @@
 """Our engine: random-weight models at real shapes, and the timed generate() runs of one job."""
 
+import dataclasses
 import statistics
 import sys
 import time
@@ -37,6 +38,13 @@ def quant_config(weights: str) -> dict | None:
     if weights.startswith("int4"):
         return {"mode": "int4", "groupsize": int(weights.partition("-g")[2] or DEFAULT_INT4_GROUPSIZE)}
     raise ValueError(f"unknown weight mode {weights!r}; use bf16, int8 or int4-g<groupsize>")
+
+
+def named_args(name: str, layers: int = 0):
+    """A named config's ModelArgs; with `layers`, the same shape with that many layers (a per-layer
+    A/B that compiles fast: profile_decode.py / random_checkpoint.py --layers)."""
+    args = model_args_from_name(name)
+    return dataclasses.replace(args, n_layers=layers) if layers else args
 
 
 def build_model(name: str, weights: str, device, dtype, args=None) -> Transformer:

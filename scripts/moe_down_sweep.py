@@ -30,7 +30,7 @@ from triton.testing import do_bench_cudagraph  # noqa: E402
 
 import gemv  # noqa: E402
 from gemv import expert_down_mix, expert_down_mix_reference  # noqa: E402
-from model import RMSNorm, matvec  # noqa: E402
+from model import RMSNorm, matvec, weighted_sum  # noqa: E402
 
 E, D, INTER, K_ACTIVE = 128, 2048, 768, 8  # Qwen3-30B-A3B
 TILES = [
@@ -41,8 +41,7 @@ TILES = [
 
 
 def inductor_down_mix(h, ids, mix, w2):
-    y = matvec(w2[ids], h)  # [N, k, D], as Experts.gathered
-    return (y.float() * mix.unsqueeze(-1)).sum(dim=1).to(h.dtype)  # as MoEFeedForward.forward
+    return weighted_sum(matvec(w2[ids], h), mix)  # Experts.mixed after the hidden activations
 
 
 def measure(n, w2, norm, rows):

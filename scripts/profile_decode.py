@@ -12,7 +12,6 @@ kernel's bytes before deciding what to fuse or tune.
 """
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -22,9 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 from bench_common import kernel_times, random_prompts, sync, time_loop  # noqa: E402
-from bench_ours import build_model, kv_dtype_for  # noqa: E402
+from bench_ours import build_model, kv_dtype_for, named_args  # noqa: E402
 
-from checkpoint import model_args_from_name  # noqa: E402
 from generate import Generator, Sampling, model_weight_bytes  # noqa: E402
 
 NAME_CHARS = 90
@@ -57,10 +55,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # generate.py's defaults
-    model_args = model_args_from_name(args.model)
-    if args.layers:
-        model_args = dataclasses.replace(model_args, n_layers=args.layers)
-    model = build_model(args.model, args.weights, device, dtype, model_args)
+    model = build_model(args.model, args.weights, device, dtype, named_args(args.model, args.layers))
     model.flex_decode_options = args.flex_decode_options
     gen = Generator(model, compile=args.compile)
     slots = args.cache or args.ctx + args.new_tokens

@@ -9,16 +9,16 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from bench_ours import build_model  # noqa: E402
+from bench_ours import build_model, named_args  # noqa: E402
 
-from checkpoint import CONFIGS, model_args_from_name, save_checkpoint  # noqa: E402
+from checkpoint import CONFIGS, save_checkpoint  # noqa: E402
 from common import DTYPES  # noqa: E402
 
 
@@ -45,9 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    model_args = model_args_from_name(args.model)
-    if args.layers:
-        model_args = replace(model_args, n_layers=args.layers)
+    model_args = named_args(args.model, args.layers)
     model = build_model(args.model, "bf16", torch.device(args.device), DTYPES[args.dtype], model_args)
     tensors = {k: v.cpu() for k, v in model.state_dict().items()}
     del model
