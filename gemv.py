@@ -44,19 +44,25 @@ def expert_down_mix_reference(h, expert_ids, mix, weight) -> torch.Tensor:
 
 
 # expert_down_mix: a batched decode step's float experts (MoEFeedForward.forward). On the H200 at
-# Qwen3-30B-A3B's shapes, alone: 17 us for 2 tokens and 47 us for 8 against Inductor's 21 and 68-75;
-# it loses at 1 token (13.2 against 12.5 us), so it starts at 2. In a 12-layer B8 step: 3.501 ->
-# 2.646 ms (Inductor's down projection there took 110 us a layer, the kernel 48; scripts/
-# moe_down_sweep.py, profile_decode.py --layers 12, BENCHMARKS.md 2026-12-03). Its tiles: BLOCK_D
-# output rows of one token over the intermediate axis in BLOCK_I steps, each sweep's best.
-# Off until its model-level GPU test (tests/test_moe.py, batch 4) has passed on a GPU:
-# FASTGEN_EXPERT_DOWN_KERNEL=1 turns it on.
+# Qwen3-30B-A3B's shapes, alone: 17 us for 2 tokens, 27 for 4 and 47 for 8 against Inductor's 21,
+# 35 and 68-75; it loses at 1 token (13.2 against 12.5 us), so it starts at 2. In a 12-layer B8
+# step: 3.501 -> 2.646 ms (Inductor's down projection there took 110 us a layer, the kernel 48;
+# scripts/moe_down_sweep.py, profile_decode.py --layers 12, BENCHMARKS.md 2026-12-03/04). On by
+# default since its model-level GPU test (tests/test_moe.py, batch 4) passed on an H200 (2026-12-04);
+# FASTGEN_EXPERT_DOWN_KERNEL=0 turns it off (Inductor's fusion of the same ops).
 EXPERT_DOWN_MIN_TOKENS = 2
-EXPERT_DOWN_ENABLED = os.environ.get("FASTGEN_EXPERT_DOWN_KERNEL", "0") == "1"
+EXPERT_DOWN_ENABLED = os.environ.get("FASTGEN_EXPERT_DOWN_KERNEL", "1") == "1"
 
 
 def expert_down_config(tokens: int) -> dict:
-    return dict(BLOCK_D=16 if tokens >= 8 else 8, BLOCK_I=128, num_warps=8, num_stages=3)
+    """The tile for a step of `tokens` tokens: BLOCK_D output rows of one token over the intermediate
+    axis in BLOCK_I steps, each the best of the H200 sweep at that count (2: 17.1 us; 4: 27.2 us, where
+    2's tile took 33.4; 8: 47.3 us). 3 and 5-7 tokens take the tile of the nearest count below."""
+    if tokens >= 8:
+        return dict(BLOCK_D=16, BLOCK_I=128, num_warps=8, num_stages=3)
+    if tokens >= 4:
+        return dict(BLOCK_D=2, BLOCK_I=256, num_warps=2, num_stages=3)
+    return dict(BLOCK_D=8, BLOCK_I=128, num_warps=8, num_stages=3)
 
 
 def available(x: torch.Tensor) -> bool:

@@ -2,23 +2,18 @@
 # The GPU runs this repo still owes (NOTES.md says why), batched for a device call of at most
 # 10 minutes each. Run from the repository root on the GPU machine:
 #
-#   bash scripts/gpu_pending.sh tests      # ~6 min: the whole GPU tier (last whole run: 75eff32, 95 passed)
-#   bash scripts/gpu_pending.sh tests-parallel  # the same over 4 pytest-xdist workers (not tried yet: compiles
-#                                          #   are CPU-bound, so it should take a fraction of the time). Before
-#                                          #   the call: pip download pytest-xdist execnet --no-deps -d .whl,
-#                                          #   and name ".whl" in the run's carry
+#   bash scripts/gpu_pending.sh tests-parallel  # ~4 min: the whole GPU tier over 4 pytest-xdist workers
+#                                          #   (xdist is on the H200 image; last run: e642354, 88 passed, 3 min 49 s)
+#   bash scripts/gpu_pending.sh tests      # ~6 min: the same, one worker
 #   bash scripts/gpu_pending.sh package    # ~8 min: which packaging of the decode step loads on CUDA (issue 19)
 #   bash scripts/gpu_pending.sh moe        # ~9 min: MoE GPU tests, then Qwen3-30B-A3B / Mixtral bf16 and int8
 #                                          #   at batch 1 and 8 (issue 17)
-#   bash scripts/gpu_pending.sh moedown    # ~9 min: batched decode's expert_down_mix (gemv.DownMixExperts,
-#                                          #   issue 17): its GPU tests, the down-projection sweep at 4 tokens,
-#                                          #   then Qwen3-30B-A3B bf16 B8's whole step with the kernel
-#                                          #   (FASTGEN_EXPERT_DOWN_KERNEL=1) and without
+#   bash scripts/gpu_pending.sh moedown    # ~9.5 min: Qwen3-30B-A3B bf16 B8's whole step with expert_down_mix
+#                                          #   (the default since 2026-12-04) and without (issue 17)
 #   bash scripts/gpu_pending.sh cli        # ~8 min: generate.py --compile --json against the engine on the same
 #                                          #   random checkpoints (issue 11's CLI within 5%; bench_cli.py)
-#   bash scripts/gpu_pending.sh modes      # ~9.5 min: issue 10's report, Llama-3-8B at batch 1 and 8 in every
-#                                          #   weight mode, then the int8/fp8 KV caches (tok/s, peak GB, KV MB);
-#                                          #   gpt-fast too when peers/gpt-fast is carried
+#   bash scripts/gpu_pending.sh modes      # ~9.5 min: what issue 10's report still lacks: int4 g128 at batch 1
+#                                          #   and 8, then int8 B1 beside gpt-fast bf16/int8 (carry peers/gpt-fast)
 #   bash scripts/gpu_pending.sh autotune   # ~9 min: issue 11 candidate, not tried before: Inductor's max-autotune
 #                                          #   (Triton GEMM templates, so RMSNorm / residual can fuse into the
 #                                          #   matmuls) against the default, SmolLM2-135M and Llama-3-8B B1
@@ -71,28 +66,27 @@ moe)
     summary+=("$(grep -E '^\| (mixtral|qwen)' "$out/moe.txt" | head -8)")
     ;;
 moedown)
-    step down_tests 100 python -m pytest -m gpu -q -p no:cacheprovider tests/test_moe.py \
-        -k "expert_down_mix or compiled_moe_decode"
-    summary+=("  $(tail -n 1 "$out/down_tests.txt")")
-    step down_sweep 60 python scripts/moe_down_sweep.py --tokens 4
-    summary+=("$(grep -E '^\| [0-9]+ \| (inductor|kernel default)' "$out/down_sweep.txt")")
-    # the whole model (measured so far: 12 of its 48 layers, 3.501 -> 2.646 ms)
-    FASTGEN_EXPERT_DOWN_KERNEL=1 decode qwen3_b8_kernel 190 --model qwen3-30b-a3b --batch 8
-    FASTGEN_EXPERT_DOWN_KERNEL=0 decode qwen3_b8_inductor 190 --model qwen3-30b-a3b --batch 8
+    # the whole 48-layer model: 190 s each did not fit the compile (2026-12-04, nothing printed); the
+    # 12-layer step went 3.501 -> 2.646 ms with the kernel, now the default
+    decode qwen3_b8_kernel 280 --model qwen3-30b-a3b --batch 8
+    FASTGEN_EXPERT_DOWN_KERNEL=0 decode qwen3_b8_inductor 280 --model qwen3-30b-a3b --batch 8
     ;;
 cli)
     step cli 560 python scripts/bench_cli.py --workdir "${TMPDIR:-/tmp}/fastgen-bench-cli"
     summary+=("$(grep -E '^\| ' "$out/cli.txt")")
     ;;
 modes)
-    common=(--suite smoke --models llama-3-8b --batch 1,8 --compile --new-tokens 100 --runs 2 --no-hf --no-cold-start)
+    # what issue 10's every-mode report still lacks after 2026-12-04 (BENCHMARKS.md): int4 g128 at batch 1
+    # and 8, gpt-fast int8 beside ours. A compiled Llama-3-8B job takes 45-90 s the first time, gpt-fast's
+    # ~135 s: the bench's time budget drops what does not fit.
+    common=(--suite smoke --models llama-3-8b --compile --new-tokens 100 --runs 2 --no-hf --no-cold-start)
+    step int4 200 python scripts/bench.py "${common[@]}" --batch 1,8 --weights int4-g128 --time-budget-s 180 \
+        --out-dir "$out/modes_int4"
+    summary+=("$(grep -E '^\| llama' "$out/int4.txt")")
     [ -d peers/gpt-fast ] && common+=(--gpt-fast-dir peers/gpt-fast)
-    step weights 330 python scripts/bench.py "${common[@]}" --weights bf16,int8,int4-g64,int4-g128 \
-        --time-budget-s 300 --out-dir "$out/modes_weights"
-    summary+=("$(grep -E '^\| llama' "$out/weights.txt")")
-    step kv 230 python scripts/bench.py "${common[@]}" --kv-dtypes int8,fp8 --time-budget-s 200 \
-        --out-dir "$out/modes_kv"
-    summary+=("$(grep -E '^\| llama' "$out/kv.txt")")
+    step int8 360 python scripts/bench.py "${common[@]}" --batch 1 --weights int8 --time-budget-s 340 \
+        --out-dir "$out/modes_int8"
+    summary+=("$(grep -E '^\| llama' "$out/int8.txt")")
     ;;
 autotune)
     decode smol 90 --model smollm2-135m

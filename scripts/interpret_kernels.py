@@ -108,7 +108,7 @@ def main():
         ("bf16-expert down + mix, 3 tokens x 2 of 8, fp16", lambda: expert_down_mix(3, 2, 8, 96, 250, torch.float16))
     ]
     gemv.available, gemv.EXPERT_DOWN_ENABLED = lambda t: True, True  # CPU tensors, the kernel on
-    runs += [(f"DownMixExperts, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n)) for n in (2, 8)]
+    runs += [(f"DownMixExperts, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n)) for n in (2, 4, 8)]
     for name, run in runs:
         got, want = run()
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()

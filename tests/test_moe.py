@@ -436,7 +436,7 @@ def greedy_tokens(m, prompts, n, compile=False):
 def test_gpu_compiled_moe_decode_equals_cpu_fp32_eager(monkeypatch, batch, down_mix):
     """fp32: the compiled CUDA-graph decode gives the CPU eager tokens, batch 1 (the gather path:
     Inductor fuses the gather into its reduction) and a batch of different lengths (4 tokens x 2 of
-    8 experts: the gather path, and with FASTGEN_EXPERT_DOWN_KERNEL=1 gemv.expert_down_mix for the
+    8 experts: the gather path, and with the kernel on (the default) gemv.expert_down_mix for the
     down projection and the mix)."""
     import gemv
 
