@@ -352,6 +352,19 @@ class Generator:
         """Forget the sequence held in the cache: the next continue_sequence call starts at slot 0."""
         self.position, self.pending = 0, []
 
+    def rewind(self, keep: int):
+        """Keep only the first `keep` ids of the sequence held in the cache (its prompts and sampled ids,
+        the pending one included); the next continue_sequence call writes from there. Slots past it
+        hold stale K/V that no query attends to (each row attends up to its own position) until
+        they are written again."""
+        if self.position is None:
+            raise UsageError("no sequence to rewind: the last call was a batch; call reset() first")
+        held = self.position + len(self.pending)
+        if not 0 <= keep <= held:
+            raise UsageError(f"cannot keep {keep} ids of a held sequence of {held}")
+        if keep < held:
+            self.position, self.pending = keep, []
+
     def room(self, new_ids: list[int]) -> int:
         """Slots left for generated tokens after new_ids continue the sequence held in the cache."""
         return self.model.max_seq_len - (self.position or 0) - len(self.pending) - len(new_ids) - self.extra_slots
@@ -1169,6 +1182,13 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
     # a generated reply's text is not re-encoded (its ids are in the cache already, and its text,
     # special-token strings and all, need not encode back to them).
     transcript = []
+    # A template that rewrites earlier turns when one is added (Mistral v0.3, Qwen3) cannot be
+    # appended to: each turn renders the real conversation whole, as transformers does, the cache
+    # keeps the longest prefix it shares with what it holds, and only the rest is prefilled.
+    rerender = not tokenizer.appends_turns(args.system)
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    messages = []  # rerender: the real conversation, replies as decoded text
+    held = []  # rerender: the ids the Generator's sequence holds (prompts and sampled ids, stop ids too)
     turns = []  # for --json
     while True:
         if interactive:
@@ -1186,15 +1206,25 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
             break
         if text.strip() == "/reset":
             generator.reset()
-            close_reply, transcript = [], []
+            close_reply, transcript, messages, held = [], [], [], []
             turns.append({"reset": True})
             print("(conversation reset)", file=sys.stderr)
             continue
         if not text.strip():
             continue
-        new_ids = close_reply + tokenizer.encode_chat_turn(
-            text, system=args.system, first_turn=generator.position == 0, history=transcript
-        )
+        if rerender:
+            ids = tokenizer.encode_dialog(system + messages + [{"role": "user", "content": text}])
+            keep = 0
+            while keep < min(len(held), len(ids) - 1) and held[keep] == ids[keep]:
+                keep += 1
+            generator.rewind(keep)
+            held = held[:keep]
+            new_ids = ids[keep:]
+        else:
+            keep = generator.position + len(generator.pending)
+            new_ids = close_reply + tokenizer.encode_chat_turn(
+                text, system=args.system, first_turn=generator.position == 0, history=transcript
+            )
         room = generator.room(new_ids)
         if room < 1:
             print(
@@ -1222,7 +1252,13 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
         except KeyboardInterrupt:  # stop this reply, keep the conversation
             print(decoder.flush(), flush=True)
             print("(reply stopped; Ctrl-C again, Ctrl-D or /exit ends the chat)", file=sys.stderr)
-            if reply:  # the Generator kept new_ids + reply in the cache; close it like a cut reply
+            if reply and rerender:  # the Generator kept new_ids + reply; the next render closes it
+                messages += [
+                    {"role": "user", "content": text},
+                    {"role": "assistant", "content": tokenizer.decode(reply)},
+                ]
+                held += new_ids + reply
+            elif reply:  # the Generator kept new_ids + reply in the cache; close it like a cut reply
                 close_reply = tokenizer.encode_reply("")
                 transcript += [{"role": "user", "content": text}, STAND_IN_HISTORY[1]]
             # else stopped in prefill: nothing of this turn counts; the next one starts where it would have
@@ -1234,22 +1270,28 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
                     "stopped": False,
                     "interrupted": True,
                     "cache_slots_used": generator.position,
+                    "cache_slots_reused": keep,
                 }
             )
             continue
         print(decoder.flush(), flush=True)
+        reply_text = tokenizer.decode(res.tokens[0])
         close_reply = []
         transcript += [{"role": "user", "content": text}, STAND_IN_HISTORY[1]]
-        if not res.stopped[0]:  # close the cut reply the way the template expects
-            close_reply = tokenizer.encode_reply("")
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply_text}]
+        held += new_ids + res.tokens[0] + ([res.last_token[0]] if res.stopped[0] else [])  # the stop id too
+        if not res.stopped[0]:
+            if not rerender:  # close the cut reply the way the template expects (a re-render does so itself)
+                close_reply = tokenizer.encode_reply("")
             print(f"(reply cut at {len(res.tokens[0])} tokens)", file=sys.stderr)
         turns.append(
             {
                 "user": text,
-                "reply": tokenizer.decode(res.tokens[0]),
+                "reply": reply_text,
                 "reply_ids": res.tokens[0],
                 "stopped": res.stopped[0],
                 "cache_slots_used": generator.position,
+                "cache_slots_reused": keep,
                 "speculation": res.speculation.as_dict() if res.speculation else None,
             }
         )

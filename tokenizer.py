@@ -34,6 +34,11 @@ class TokenizerError(FastgenError):
     """A tokenizer file is missing, corrupt, unsupported, or does not fit the model."""
 
 
+class NotPrefixStable(TokenizerError):
+    """The chat template rewrites earlier turns when a message is added, so a turn's ids cannot
+    simply be appended to what the KV cache holds (generate.py's --chat re-renders such a chat whole)."""
+
+
 # Pre-tokenizer regexes of Llama-3 (Meta's tiktoken file; GGUF "llama-bpe") and Qwen2 (GGUF "qwen2").
 LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
@@ -208,6 +213,19 @@ class Tokenizer:
         self._suffix(asked, answered)
         return self._suffix(answered, self.encode_dialog(after))
 
+    def appends_turns(self, system: str | None = None) -> bool:
+        """Whether a new turn leaves the ids of the conversation before it as they were (checked on the
+        stand-in history), so that a chat can append each turn's ids to the KV cache. Not so for
+        templates that rewrite earlier turns: Mistral v0.3's system prompt moves into the last user
+        message, Qwen3's drops the reasoning of replies before the last question."""
+        if self.chat_template is None:
+            return True
+        try:
+            self.encode_chat_turn("Hello again.", system, first_turn=False)
+        except NotPrefixStable:
+            return False
+        return True
+
     def encode_reply(self, text: str) -> list[int]:
         """An assistant reply as it sits in the KV cache after generation: its ids, then the stop token."""
         if self.chat_template is None:
@@ -229,7 +247,7 @@ class Tokenizer:
         # (say, one that moves the system prompt to the last user message) cannot be kept in a
         # KV cache turn by turn: each turn would need the whole transcript again.
         if ids[: len(prefix)] != prefix:
-            raise TokenizerError(
+            raise NotPrefixStable(
                 f"{self.chat_template.path}: the chat template is not prefix-stable (adding a message "
                 f"changes the ids of the messages before it): it can render one-turn prompts, not a "
                 f"chat kept in the KV cache turn by turn"

@@ -14,6 +14,8 @@
 #                                          #   random checkpoints (issue 11's CLI within 5%; bench_cli.py)
 #   bash scripts/gpu_pending.sh modes      # ~9.5 min: what issue 10's report still lacks: int4 g128 at batch 1
 #                                          #   and 8, then int8 B1 beside gpt-fast bf16/int8 (carry peers/gpt-fast)
+#   bash scripts/gpu_pending.sh int4rows   # ~1 min: why int4 B8 is slower than bf16 B8: one linear per format
+#                                          #   (bf16, int8, tinygemm g64/g128) at 1-16 rows (int4_rows_sweep.py)
 #   bash scripts/gpu_pending.sh autotune   # ~9 min: issue 11 candidate, not tried before: Inductor's max-autotune
 #                                          #   (Triton GEMM templates, so RMSNorm / residual can fuse into the
 #                                          #   matmuls) against the default, SmolLM2-135M and Llama-3-8B B1
@@ -88,6 +90,10 @@ modes)
         --out-dir "$out/modes_int8"
     summary+=("$(grep -E '^\| llama' "$out/int8.txt")")
     ;;
+int4rows)
+    step int4rows 120 python scripts/int4_rows_sweep.py
+    summary+=("$(grep -E '^\| ' "$out/int4rows.txt")")
+    ;;
 autotune)
     decode smol 90 --model smollm2-135m
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode smol_autotune 150 --model smollm2-135m
@@ -95,7 +101,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, int4rows or autotune" >&2
     exit 2
     ;;
 esac

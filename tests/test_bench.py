@@ -512,3 +512,19 @@ def test_bench_cli_table(tmp_path, capsys):
     assert len(row) == 1
     cli_rate, engine, ratio, generated = (float(c) for c in row[0].split("|")[2:6])
     assert cli_rate > 0 and engine > 0 and ratio == pytest.approx(cli_rate / engine, abs=2e-3) and generated == 6
+
+
+def test_int4_rows_sweep_cpu_table(capsys):
+    """scripts/int4_rows_sweep.py on the CPU: every format through the module the model runs, one row
+    per row count with a time and a rate in each cell; an unknown shape is exit 2."""
+    import int4_rows_sweep
+
+    argv = ["--device", "cpu", "--shapes", "wo", "--rows", "1,2", "--copies", "1", "--iters", "1"]
+    assert int4_rows_sweep.main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| wo |")]
+    assert [r.split("|")[3].strip() for r in rows] == ["1", "2"]
+    for r in rows:
+        cells = [c.strip() for c in r.split("|")[4:-1]]
+        assert len(cells) == len(int4_rows_sweep.FORMATS)
+        assert all(float(c.split(" ")[0]) > 0 and c.endswith(")") for c in cells), r
+    assert int4_rows_sweep.main(["--device", "cpu", "--formats", "int3"]) == 2

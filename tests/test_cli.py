@@ -775,3 +775,109 @@ def test_chat_renders_each_turn_after_the_real_conversation(tiny_checkpoint, tmp
         assert tok.decode(ids) == render(messages, True)[len(held) :], f"turn {i}"
         assert f"user {2 * i + 1}\n" in tok.decode(ids) and f"assistant {2 * i + 2}\n" in tok.decode(ids)
         messages.append({"role": "assistant", "content": reply["reply"]})
+
+
+# Templates that rewrite an earlier turn when a message is added, so a chat cannot append turns:
+# the system prompt goes into the last user message (as Mistral v0.3's does), or replies before the
+# last question lose their reasoning and the reply after it opens with an empty think block (as
+# Qwen3's does). Written for these tests, with ChatML's markers.
+SYSTEM_IN_LAST_USER_TEMPLATE = (
+    "{% for m in messages if m.role != 'system' %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'user' and loop.last and messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}"
+    "{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+THINK_DROPPING_TEMPLATE = (
+    "{% set ns = namespace(last_user=-1) %}"
+    "{% for m in messages %}{% if m.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and loop.index0 > ns.last_user %}<think>\n\n</think>\n\n{{ m.content }}"
+    "{% elif m.role == 'assistant' %}{{ m.content.split('</think>')[-1] }}"
+    "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [SYSTEM_IN_LAST_USER_TEMPLATE, THINK_DROPPING_TEMPLATE], ids=["system", "think"])
+def test_chat_with_a_template_that_rewrites_earlier_turns(template, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """--chat re-renders such a conversation whole each turn, as transformers does: the cache keeps
+    the prefix it shares with the new rendering and prefills the rest, and every reply equals a
+    fresh greedy run over transformers' rendering of the conversation so far."""
+    import io
+
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from generate import Generator, Sampling
+    from tokenizer import load_tokenizer
+
+    ckpt = tmp_path / "rewriting"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=template)))
+    tok = load_tokenizer(ckpt)
+    assert not tok.appends_turns("Be brief.") and load_tokenizer(tiny_checkpoint).appends_turns("Be brief.")
+    sent = []  # the ids each turn sent to the cache
+    real_generate = generate.Generator.generate
+
+    def recording_generate(self, prompts, *args, **kwargs):
+        sent.append(prompts[0])
+        return real_generate(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(generate.Generator, "generate", recording_generate)
+    turns = ["Hi!", "What is 2+2?", "/reset", "Again", "Thanks"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(turns) + "\n"))
+    out_json = tmp_path / "chat.json"
+    argv = ["--checkpoint", ckpt, "--device", "cpu", "--chat", "--temperature", "0", "--max-new-tokens", "5"]
+    code, _, err = run_main(argv + ["--system", "Be brief.", "--json", out_json], capsys)
+    assert code == 0, err
+    monkeypatch.setattr(generate.Generator, "generate", real_generate)
+    replies = json.loads(out_json.read_text())["turns"]
+    assert replies[2] == {"reset": True}
+    from checkpoint import load_model
+
+    model, _ = load_model(ckpt, "cpu", torch.float32)
+    fresh = Generator(model)
+    fresh.setup(1, 256)
+    messages, held = [{"role": "system", "content": "Be brief."}], []
+    for i, (user, reply) in enumerate((u, r) for u, r in zip(turns, replies) if u != "/reset"):
+        if user == "Again":  # after /reset the cache starts over
+            messages, held = messages[:1], []
+        messages.append({"role": "user", "content": user})
+        text = render_jinja_template([messages], chat_template=template, add_generation_prompt=True)[0][0]
+        keep = reply["cache_slots_reused"]
+        assert tok.decode(held[:keep] + sent[i]) == text, f"turn {i}"  # what the cache holds = the rendering
+        if held:  # some of the cache is kept; the system template rewrote an earlier user turn
+            assert 0 < keep <= len(held) and (keep < len(held) or template is THINK_DROPPING_TEMPLATE), f"turn {i}"
+        ids = tok.encode_special(text)
+        assert held[:keep] + sent[i] == ids
+        fresh.reset()
+        assert fresh.generate([ids], 5, Sampling(), tok.stop_ids).tokens[0] == reply["reply_ids"], f"turn {i}"
+        held = ids + reply["reply_ids"]  # cut at 5 tokens: no stop id
+        assert not reply["stopped"] and reply["cache_slots_used"] == len(held) - 1  # the last id is pending
+        messages.append({"role": "assistant", "content": reply["reply"]})
+
+
+def test_rewind_keeps_a_prefix_of_the_held_sequence(tiny_checkpoint):
+    """Generator.rewind: a continued call after it equals a fresh run over the kept ids + the new ones."""
+    from checkpoint import load_model
+    from generate import Generator, Sampling, UsageError
+
+    model, _ = load_model(tiny_checkpoint, "cpu", torch.float32)
+    gen = Generator(model)
+    gen.setup(1, 256)
+    first = list(range(100, 120))
+    res = gen.generate([first], 6, Sampling(), continue_sequence=True)
+    assert gen.position + len(gen.pending) == 20 + 6
+    with pytest.raises(UsageError):
+        gen.rewind(27)
+    gen.rewind(12)
+    assert (gen.position, gen.pending) == (12, [])
+    again = gen.generate([list(range(300, 305))], 6, Sampling(), continue_sequence=True)
+    gen.reset()
+    want = gen.generate([first[:12] + list(range(300, 305))], 6, Sampling())
+    assert again.tokens == want.tokens and res.tokens[0]
+    gen.rewind(gen.position + len(gen.pending))  # keeping it all changes nothing
+    gen.generate([[7, 8]], 2, Sampling())  # a new batch: nothing held to rewind
+    gen.position = None
+    with pytest.raises(UsageError):
+        gen.rewind(0)
