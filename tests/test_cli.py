@@ -798,11 +798,22 @@ THINK_DROPPING_TEMPLATE = (
 )
 
 
-@pytest.mark.parametrize("template", [SYSTEM_IN_LAST_USER_TEMPLATE, THINK_DROPPING_TEMPLATE], ids=["system", "think"])
-def test_chat_with_a_template_that_rewrites_earlier_turns(template, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "template, flags",
+    [
+        (SYSTEM_IN_LAST_USER_TEMPLATE, []),
+        (THINK_DROPPING_TEMPLATE, []),
+        (SYSTEM_IN_LAST_USER_TEMPLATE, ["--prompt-lookup", "2", "--speculate-k", "3"]),
+    ],
+    ids=["system", "think", "system-speculative"],
+)
+def test_chat_with_a_template_that_rewrites_earlier_turns(
+    template, flags, tiny_checkpoint, tmp_path, monkeypatch, capsys
+):
     """--chat re-renders such a conversation whole each turn, as transformers does: the cache keeps
     the prefix it shares with the new rendering and prefills the rest, and every reply equals a
-    fresh greedy run over transformers' rendering of the conversation so far."""
+    fresh greedy run over transformers' rendering of the conversation so far (speculative steps
+    too: the lookup history is rewritten from the kept prefix on)."""
     import io
 
     from transformers.utils.chat_template_utils import render_jinja_template
@@ -828,7 +839,7 @@ def test_chat_with_a_template_that_rewrites_earlier_turns(template, tiny_checkpo
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(turns) + "\n"))
     out_json = tmp_path / "chat.json"
     argv = ["--checkpoint", ckpt, "--device", "cpu", "--chat", "--temperature", "0", "--max-new-tokens", "5"]
-    code, _, err = run_main(argv + ["--system", "Be brief.", "--json", out_json], capsys)
+    code, _, err = run_main(argv + flags + ["--system", "Be brief.", "--json", out_json], capsys)
     assert code == 0, err
     monkeypatch.setattr(generate.Generator, "generate", real_generate)
     replies = json.loads(out_json.read_text())["turns"]
