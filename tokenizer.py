@@ -214,17 +214,20 @@ class Tokenizer:
         return self._suffix(answered, self.encode_dialog(after))
 
     def appends_turns(self, system: str | None = None) -> bool:
-        """Whether a new turn leaves the ids of the conversation before it as they were (checked on the
-        stand-in history), so that a chat can append each turn's ids to the KV cache. Not so for
-        templates that rewrite earlier turns: Mistral v0.3's system prompt moves into the last user
-        message, Qwen3's drops the reasoning of replies before the last question."""
+        """Whether a chat can append each turn's ids to the KV cache: a new turn leaves the ids of the
+        conversation before it as they were (checked on the stand-in history), and a reply renders
+        as its own text, which is what the cache holds of it. Not so for templates that rewrite
+        earlier turns: Mistral v0.3's system prompt moves into the last user message; Qwen3's
+        drops the reasoning of replies before the last question, DeepSeek-R1's of every reply."""
         if self.chat_template is None:
             return True
         try:
             self.encode_chat_turn("Hello again.", system, first_turn=False)
         except NotPrefixStable:
             return False
-        return True
+        reply = "<think>\nA greeting.\n</think>\n\nHello! How can I help?"
+        exchange = [STAND_IN_HISTORY[0], {"role": "assistant", "content": reply}]
+        return reply in self.chat_template.render(exchange, add_generation_prompt=False)
 
     def encode_reply(self, text: str) -> list[int]:
         """An assistant reply as it sits in the KV cache after generation: its ids, then the stop token."""

@@ -618,6 +618,7 @@ def _check_incremental(tok, system):
 
     Each reply goes into the cache as the model would generate it: its text encoded on its own,
     then a stop token."""
+    assert tok.appends_turns(system)  # so --chat appends turns (a template that rewrites them is re-rendered)
     cache, history = [], []
     for turn, (user, reply) in enumerate(CONVO):
         new = tok.encode_chat_turn(user, system=system, first_turn=turn == 0)
