@@ -14,9 +14,11 @@
 #                                          #   random checkpoints (issue 11's CLI within 5%; bench_cli.py)
 #   bash scripts/gpu_pending.sh modes      # ~9.5 min: what issue 10's report still lacks: int4 g128 at batch 1
 #                                          #   and 8, then int8 B1 beside gpt-fast bf16/int8 (carry peers/gpt-fast)
-#   bash scripts/gpu_pending.sh int4rows   # ~5 min: why int4 B8 is slower than bf16 B8: one linear per format
-#                                          #   (bf16, int8, tinygemm g64/g128) at 1-16 rows (int4_rows_sweep.py),
-#                                          #   then 8 layers of the int4 step profiled at B1 and B8
+#   bash scripts/gpu_pending.sh int4rows   # ~8 min: why int4 B8 is slower than bf16 B8: one linear per format
+#                                          #   (bf16, int8, tinygemm g64/g128, the new int4 dot kernel) at 1-16 rows
+#                                          #   (int4_rows_sweep.py), then 8 layers of the int4 step profiled at B1,
+#                                          #   B8, and B8 with FASTGEN_INT4_DOT_KERNEL=1. Run the tier first: its
+#                                          #   test_int4_* tests check the kernel and the layout it reads
 #   bash scripts/gpu_pending.sh autotune   # ~9 min: issue 11 candidate, not tried before: Inductor's max-autotune
 #                                          #   (Triton GEMM templates, so RMSNorm / residual can fuse into the
 #                                          #   matmuls) against the default, SmolLM2-135M and Llama-3-8B B1
@@ -98,6 +100,7 @@ int4rows)
     # sweep shows no gap, the step's extra 2.9 ms is elsewhere: the kernels of 8 layers at B1 and B8
     decode int4_b1 120 --weights int4-g64 --layers 8 --batch 1
     decode int4_b8 120 --weights int4-g64 --layers 8 --batch 8
+    FASTGEN_INT4_DOT_KERNEL=1 decode int4_b8_dot 120 --weights int4-g64 --layers 8 --batch 8
     ;;
 autotune)
     decode smol 90 --model smollm2-135m

@@ -23,7 +23,8 @@ from bench_common import sync, time_loop  # noqa: E402
 from quantize import Int4Linear, Int8Linear, quantize_int4, quantize_int8  # noqa: E402
 
 SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336)}
-FORMATS = ("bf16", "int8", "int4-g64", "int4-g128")
+# -dot: gemv.int4_gemm_few_rows (FASTGEN_INT4_DOT_KERNEL's kernel) on the same packed weight, 2+ rows
+FORMATS = ("bf16", "int8", "int4-g64", "int4-g128", "int4-g64-dot", "int4-g128-dot")
 
 
 def layer(fmt: str, weight: torch.Tensor):
@@ -36,11 +37,16 @@ def layer(fmt: str, weight: torch.Tensor):
         module = Int8Linear(K, N, device=weight.device)
         module.weight, module.scales = quantize_int8(weight)
         return module, N * K + N * 4
-    groupsize = int(fmt.rpartition("g")[2])
+    groupsize = int(fmt.split("-")[1][1:])
     module = Int4Linear(K, N, groupsize=groupsize, device=weight.device)
     module.weight, module.scales_and_zeros = quantize_int4(weight, groupsize)
     module.pack_()
-    return module, N * K // 2 + module.scales_and_zeros.numel() * 2
+    nbytes = N * K // 2 + module.scales_and_zeros.numel() * 2
+    if fmt.endswith("-dot"):
+        import gemv
+
+        return (lambda x: gemv.int4_gemm_few_rows(x, module.weight, module.scales_and_zeros, groupsize)), nbytes
+    return module, nbytes
 
 
 def time_cycling(layers, x, device, iters: int) -> float:
@@ -79,8 +85,14 @@ def main(argv=None) -> int:
         N, K = SHAPES[name]
         cells = {}
         for fmt in formats:
+            if fmt.endswith("-dot") and device.type != "cuda":
+                cells.update({(fmt, r): "-" for r in rows})  # a CUDA kernel
+                continue
             layers = [layer(fmt, torch.randn(N, K, device=device) * 0.02) for _ in range(args.copies)]
             for r in rows:
+                if fmt.endswith("-dot") and r == 1:  # the kernel is for 2-16 rows
+                    cells[fmt, r] = "-"
+                    continue
                 seconds = time_cycling(layers, torch.randn(r, K, device=device, dtype=torch.bfloat16), device, iters)
                 cells[fmt, r] = f"{seconds * 1e6:.1f} ({layers[0][1] / seconds / 1e9:.0f})"
         for r in rows:
