@@ -19,6 +19,8 @@
 #                                          #   (int4_rows_sweep.py), then 8 layers of the int4 step profiled at B1,
 #                                          #   B8, and B8 with FASTGEN_INT4_DOT_KERNEL=1. Run the tier first: its
 #                                          #   test_int4_* tests check the kernel and the layout it reads
+#   bash scripts/gpu_pending.sh int4tiles  # ~6 min: the int4 dot kernel's 64 launch tiles at 8 rows per projection,
+#                                          #   against gemv.int4_gemm_dot_config's (int8's, untuned)
 #   bash scripts/gpu_pending.sh autotune   # ~9 min: issue 11 candidate, not tried before: Inductor's max-autotune
 #                                          #   (Triton GEMM templates, so RMSNorm / residual can fuse into the
 #                                          #   matmuls) against the default, SmolLM2-135M and Llama-3-8B B1
@@ -102,6 +104,10 @@ int4rows)
     decode int4_b8 120 --weights int4-g64 --layers 8 --batch 8
     FASTGEN_INT4_DOT_KERNEL=1 decode int4_b8_dot 120 --weights int4-g64 --layers 8 --batch 8
     ;;
+int4tiles)
+    step int4tiles 540 python scripts/int4_rows_sweep.py --dot-tiles 8
+    summary+=("$(grep -E '^\| ' "$out/int4tiles.txt")")
+    ;;
 autotune)
     decode smol 90 --model smollm2-135m
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode smol_autotune 150 --model smollm2-135m
@@ -109,7 +115,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, int4rows or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, int4rows, int4tiles or autotune" >&2
     exit 2
     ;;
 esac

@@ -2,6 +2,7 @@
 
     python scripts/int4_rows_sweep.py                 # one GPU, well under a minute
     python scripts/int4_rows_sweep.py --device cpu --shapes wo --rows 1,2 --copies 1   # a smoke run
+    python scripts/int4_rows_sweep.py --dot-tiles 8   # one GPU, ~3 min: the int4 dot kernel's tiles at 8 rows
 
 Why: at batch 8 a whole int4 step is slower than bf16's (5.94 vs 4.79 ms on the H200, BENCHMARKS.md
 2026-12-04) while int4 at batch 1 is faster (3.01). This says which projections and row counts
@@ -11,6 +12,7 @@ that the smaller weights are not served from L2. GB/s = weight bytes (+ scales) 
 """
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -20,7 +22,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from bench_common import sync, time_loop  # noqa: E402
 
-from quantize import Int4Linear, Int8Linear, quantize_int4, quantize_int8  # noqa: E402
+from quantize import (  # noqa: E402
+    Int4Linear,
+    Int8Linear,
+    dequantize_int4,
+    int4_inner_k_tiles,
+    quantize_int4,
+    quantize_int8,
+)
 
 SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336)}
 # -dot: gemv.int4_gemm_few_rows (FASTGEN_INT4_DOT_KERNEL's kernel) on the same packed weight, 2+ rows
@@ -59,6 +68,54 @@ def time_cycling(layers, x, device, iters: int) -> float:
         return time_loop(lambda: layers[next(calls) % len(layers)][0](x), device, iters)
 
 
+DOT_TILES = [  # gemv.int4_gemm_dot's launch: output rows per program, K splits, warps, stages
+    dict(BLOCK_N=n, SPLITS=sp, num_warps=w, num_stages=st)
+    for n, sp, w, st in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (4, 8), (2, 3))
+]
+
+
+def dot_calls(weights, tiles):
+    """(callable, 0) per weight copy: the int4 dot kernel with these tiles (None: int4_gemm_few_rows')."""
+    import gemv
+
+    if tiles is None:
+        return [(lambda x, w=w: gemv.int4_gemm_few_rows(x, *w, 64), 0) for w in weights]
+    return [(lambda x, w=w: gemv.int4_gemm_dot(x, *w, 64, **tiles), 0) for w in weights]
+
+
+def dot_tiles_main(rows: int, shapes, copies: int, device) -> int:
+    """Each shape's fastest int4 dot tiles at `rows` rows (group 64), each checked against x @ the
+    dequantized weight. The weight is built in tinygemm's CUDA layout by gemv.int4_tinygemm_cuda_layout
+    (test_gpu.py pins it to torch's), so Triton's interpreter can run this too."""
+    import gemv
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton's interpreter)"
+    print(f"{where}, torch {torch.__version__}; int4 g64 dot kernel at {rows} rows")
+    print("| shape | N x K | today's tiles us | best us | best tiles |")
+    print("|---|---|---|---|---|")
+    for name in shapes:
+        N, K = SHAPES[name]
+        x = torch.randn(rows, K, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float16)
+        weights = []
+        for _ in range(copies):
+            packed, scales_and_zeros = quantize_int4(torch.randn(N, K) * 0.02, 64)
+            layout = gemv.int4_tinygemm_cuda_layout(packed, int4_inner_k_tiles(K))
+            weights.append((layout.to(device), scales_and_zeros.to(device)))
+        want = x.float() @ dequantize_int4(packed, scales_and_zeros, 64).to(device).T  # the last copy's
+
+        results = []
+        for tiles in DOT_TILES:
+            layers = dot_calls(weights, tiles)
+            if ((layers[-1][0](x).float() - want).norm() / want.norm()) > 1e-2:
+                print(f"  wrong: {tiles}")
+                continue
+            results.append((time_cycling(layers, x, device, 40 if device.type == "cuda" else 1), tiles))
+        best = min(results, key=lambda r: r[0])
+        today = time_cycling(dot_calls(weights, None), x, device, 40 if device.type == "cuda" else 1)
+        print(f"| {name} | {N} x {K} | {today * 1e6:.1f} | {best[0] * 1e6:.1f} | {best[1]} |")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -67,6 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--formats", default=",".join(FORMATS), help=f"of {', '.join(FORMATS)}")
     p.add_argument("--copies", type=int, default=4, help="weights cycled through, so L2 holds none")
     p.add_argument("--iters", type=int, default=0, help="timed calls (default: 40 on a GPU, 2 on the CPU)")
+    p.add_argument("--dot-tiles", type=int, default=0, metavar="ROWS", help="sweep the int4 dot kernel's tiles instead")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     shapes = [s for s in args.shapes.split(",") if s]
@@ -74,6 +132,8 @@ def main(argv=None) -> int:
     for name in [s for s in shapes if s not in SHAPES] + [f for f in formats if f not in FORMATS]:
         print(f"error: unknown shape or format {name!r}; shapes: {', '.join(SHAPES)}; formats: {', '.join(FORMATS)}")
         return 2
+    if args.dot_tiles:
+        return dot_tiles_main(args.dot_tiles, shapes, args.copies, device)
     rows = [int(r) for r in args.rows.split(",")]
     iters = args.iters or (40 if device.type == "cuda" else 2)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
