@@ -10,6 +10,8 @@
 #                                          #   at batch 1 and 8 (issue 17)
 #   bash scripts/gpu_pending.sh moedown    # ~9.5 min: Qwen3-30B-A3B bf16 B8's whole step with expert_down_mix
 #                                          #   (the default since 2026-12-04) and without (issue 17)
+#   bash scripts/gpu_pending.sh moeb1      # ~5 min: Qwen3-30B-A3B B1 (12 layers) with expert_down_mix from 1 token
+#                                          #   (gemv.EXPERT_DOWN_MIN_TOKENS = 1) against Inductor (issue 17's B1 gap)
 #   bash scripts/gpu_pending.sh cli        # ~8 min: generate.py --compile --json against the engine on the same
 #                                          #   random checkpoints (issue 11's CLI within 5%; bench_cli.py)
 #   bash scripts/gpu_pending.sh modes      # ~9.5 min: what issue 10's report still lacks: int4 g128 at batch 1
@@ -78,6 +80,15 @@ moedown)
     decode qwen3_b8_kernel 280 --model qwen3-30b-a3b --batch 8
     FASTGEN_EXPERT_DOWN_KERNEL=0 decode qwen3_b8_inductor 280 --model qwen3-30b-a3b --batch 8
     ;;
+moeb1)
+    # Qwen3 B1, 12 layers: expert_down_mix from 1 token against Inductor. Alone the kernel lost by 0.7 us
+    # at 1 token, but in the step Inductor's fused down projection took 20.2 us a layer (BENCHMARKS.md)
+    decode qwen3_b1_inductor 150 --model qwen3-30b-a3b --layers 12
+    step qwen3_b1_kernel 150 python -c "import runpy, sys, gemv; gemv.EXPERT_DOWN_MIN_TOKENS = 1
+sys.argv = ['profile_decode.py', '--top', '8', '--model', 'qwen3-30b-a3b', '--layers', '12']
+runpy.run_path('scripts/profile_decode.py', run_name='__main__')"
+    summary+=("  $(grep -h "replayed step" "$out/qwen3_b1_kernel.txt" | head -1)")
+    ;;
 cli)
     step cli 560 python scripts/bench_cli.py --workdir "${TMPDIR:-/tmp}/fastgen-bench-cli"
     summary+=("$(grep -E '^\| ' "$out/cli.txt")")
@@ -115,7 +126,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, int4rows, int4tiles or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, moeb1, cli, modes, int4rows, int4tiles or autotune" >&2
     exit 2
     ;;
 esac
