@@ -715,6 +715,27 @@ def test_every_script_gives_every_flag_a_help_text(module, capsys):
         assert has_help, f"{module}: {lines[0].strip()} has no help text"
 
 
+def with_chat_template(checkpoint: Path, out: Path, template: str) -> Path:
+    """A copy of checkpoint whose tokenizer_config.json carries this chat template."""
+    shutil.copytree(checkpoint, out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=template)))
+    return out
+
+
+def record_prompts(monkeypatch) -> list:
+    """The ids each Generator.generate call is given (in a chat: each turn's ids for the cache)."""
+    sent = []
+    real_generate = generate.Generator.generate
+
+    def recording_generate(self, prompts, *args, **kwargs):
+        sent.append(prompts[0])
+        return real_generate(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(generate.Generator, "generate", recording_generate)
+    return sent
+
+
 # Numbers every message: a new turn's header depends on how long the conversation is, which a
 # one-exchange stand-in transcript gets wrong from the third turn on.
 NUMBERED_TEMPLATE = (
@@ -732,18 +753,8 @@ def test_chat_renders_each_turn_after_the_real_conversation(tiny_checkpoint, tmp
 
     from tokenizer import load_tokenizer
 
-    ckpt = tmp_path / "numbered"
-    shutil.copytree(tiny_checkpoint, ckpt)
-    config = json.loads((ckpt / "tokenizer_config.json").read_text())
-    (ckpt / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=NUMBERED_TEMPLATE)))
-    sent = []  # the ids each turn sent to the cache
-    real_generate = generate.Generator.generate
-
-    def recording_generate(self, prompts, *args, **kwargs):
-        sent.append(prompts[0])
-        return real_generate(self, prompts, *args, **kwargs)
-
-    monkeypatch.setattr(generate.Generator, "generate", recording_generate)
+    ckpt = with_chat_template(tiny_checkpoint, tmp_path / "numbered", NUMBERED_TEMPLATE)
+    sent = record_prompts(monkeypatch)  # the ids each turn sent to the cache
     turns = ["Hi!", "What is 2+2?", "Thanks", "Bye"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(turns) + "\n"))
     out_json = tmp_path / "chat.json"
@@ -829,27 +840,17 @@ def test_chat_with_a_template_that_rewrites_earlier_turns(
     from generate import Generator, Sampling
     from tokenizer import load_tokenizer
 
-    ckpt = tmp_path / "rewriting"
-    shutil.copytree(tiny_checkpoint, ckpt)
-    config = json.loads((ckpt / "tokenizer_config.json").read_text())
-    (ckpt / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=template)))
+    ckpt = with_chat_template(tiny_checkpoint, tmp_path / "rewriting", template)
     tok = load_tokenizer(ckpt)
     assert not tok.appends_turns("Be brief.") and load_tokenizer(tiny_checkpoint).appends_turns("Be brief.")
-    sent = []  # the ids each turn sent to the cache
-    real_generate = generate.Generator.generate
-
-    def recording_generate(self, prompts, *args, **kwargs):
-        sent.append(prompts[0])
-        return real_generate(self, prompts, *args, **kwargs)
-
-    monkeypatch.setattr(generate.Generator, "generate", recording_generate)
+    sent = record_prompts(monkeypatch)  # the ids each turn sent to the cache
     turns = ["Hi!", "What is 2+2?", "/reset", "Again", "Thanks"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(turns) + "\n"))
     out_json = tmp_path / "chat.json"
     argv = ["--checkpoint", ckpt, "--device", "cpu", "--chat", "--temperature", "0", "--max-new-tokens", "5"]
     code, _, err = run_main(argv + flags + ["--system", "Be brief.", "--json", out_json], capsys)
     assert code == 0, err
-    monkeypatch.setattr(generate.Generator, "generate", real_generate)
+    monkeypatch.undo()  # the fresh runs below are not recorded
     replies = json.loads(out_json.read_text())["turns"]
     assert replies[2] == {"reset": True}
     from checkpoint import load_model
