@@ -1187,8 +1187,8 @@ def chat(args, generator, tokenizer, sampling, kv_cache_dtype, context):
     # keeps the longest prefix it shares with what it holds, and only the rest is prefilled.
     rerender = not tokenizer.appends_turns(args.system)
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
-    messages = []  # rerender: the real conversation, replies as decoded text
-    held = []  # rerender: the ids the Generator's sequence holds (prompts and sampled ids, stop ids too)
+    messages = []  # the real conversation, replies as decoded text (what a re-render renders)
+    held = []  # the ids the Generator's sequence holds: prompts and sampled ids, stop ids too
     turns = []  # for --json
     while True:
         if interactive:

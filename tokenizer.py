@@ -248,7 +248,8 @@ class Tokenizer:
     def _suffix(self, prefix: list[int], ids: list[int]) -> list[int]:
         # A template whose rendering of a longer conversation changes the ids of the shorter one
         # (say, one that moves the system prompt to the last user message) cannot be kept in a
-        # KV cache turn by turn: each turn would need the whole transcript again.
+        # KV cache turn by turn: each turn needs the whole transcript again (--chat does that for
+        # templates that fail appends_turns).
         if ids[: len(prefix)] != prefix:
             raise NotPrefixStable(
                 f"{self.chat_template.path}: the chat template is not prefix-stable (adding a message "
