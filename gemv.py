@@ -95,6 +95,32 @@ def expert_down_mix_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return EXPERT_DOWN_ENABLED and available(x) and weight.is_floating_point() and x.shape[0] >= EXPERT_DOWN_MIN_TOKENS
 
 
+# expert_gate_up: the same steps' gate/up of the chosen float experts, grouped by expert (each chosen
+# expert read once for all the tokens that chose it, through tensor cores) with SiLU(gate) * up in
+# the epilogue. Why: in a 12-layer Qwen3-30B-A3B B8 step Inductor's gathered gate/up became the
+# largest kernel once the down projection had its own (97-124 us a layer, BENCHMARKS.md 2026-12-03),
+# and at 8 tokens x 8 of 128 experts about 50 distinct experts are read 64 times. Opt-in
+# (FASTGEN_EXPERT_GATE_UP_KERNEL=1) until a GPU has timed it (gpu_pending.sh moegateup); checked
+# against Experts.hidden under Triton's interpreter only.
+EXPERT_GATE_UP_MAX_TOKENS = 16  # one pair per token per expert: the kernel's 16-row tile
+EXPERT_GATE_UP_ENABLED = os.environ.get("FASTGEN_EXPERT_GATE_UP_KERNEL", "0") == "1"
+
+
+def expert_gate_up_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """x [N, D] a decode step's tokens, weight the experts' stacked w13: float, on a GPU, 2 <= N <= 16."""
+    return (
+        EXPERT_GATE_UP_ENABLED
+        and available(x)
+        and weight.is_floating_point()
+        and EXPERT_DOWN_MIN_TOKENS <= x.shape[0] <= EXPERT_GATE_UP_MAX_TOKENS
+    )
+
+
+def expert_gate_up_config(tokens: int) -> dict:
+    """BLOCK_I intermediate rows of one expert (gate and up) over D in BLOCK_D steps (unswept)."""
+    return dict(BLOCK_I=64, BLOCK_D=128, num_warps=4, num_stages=3)
+
+
 # Tile sizes: each program reduces BLOCK_N output rows over K in BLOCK_K steps. Chosen by a sweep
 # on an H200 over the Llama-3-8B projections with the prmt conversion (scripts/int8_gemv_sweep.py
 # --convert, BENCHMARKS.md): 1024-wide K steps, 4 warps and no software pipelining everywhere; 8
@@ -503,6 +529,66 @@ if triton is not None:
         )
 
     @triton.jit
+    def _expert_gate_up_kernel(
+        x_ptr,  # [X, D]: pair p reads x row p // rows_per_x
+        order_ptr,  # [R]: the pairs sorted by expert
+        ends_ptr,  # [E]: one past each expert's last position in order
+        w_ptr,  # [E, 2I, D] float: the gate rows, then the up rows
+        h_ptr,  # [R, I]: SiLU(gate) * up of each pair, in pair order
+        D,
+        inter,  # I
+        rows_per_x,
+        BLOCK_M: tl.constexpr,  # >= the most pairs one expert can get (one per token: tokens <= 16)
+        BLOCK_I: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # one expert's pairs at once: its gate and up tiles are read once for all the tokens that
+        # chose it; an expert nobody chose costs a program that exits
+        e, pid_i = tl.program_id(0), tl.program_id(1)
+        start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
+        count = tl.load(ends_ptr + e) - start
+        if count > 0:
+            ms, cols = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
+            rows = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+            m_ok, row_ok = ms < count, rows < inter
+            pairs = tl.load(order_ptr + start + ms, mask=m_ok, other=0)
+            x_rows = x_ptr + (pairs // rows_per_x).to(tl.int64)[:, None] * D
+            gate_rows = w_ptr + e.to(tl.int64) * 2 * inter * D + rows.to(tl.int64)[:, None] * D
+            up_rows = gate_rows + inter * D
+            gate = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+            up = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + cols
+                d_ok = d < D
+                x = tl.load(x_rows + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                w_ok = row_ok[:, None] & d_ok[None, :]
+                w_gate = tl.load(gate_rows + d[None, :], mask=w_ok, other=0.0, eviction_policy="evict_first")
+                w_up = tl.load(up_rows + d[None, :], mask=w_ok, other=0.0, eviction_policy="evict_first")
+                gate = tl.dot(x, tl.trans(w_gate), gate, input_precision="ieee")
+                up = tl.dot(x, tl.trans(w_up), up, input_precision="ieee")
+            h = gate * tl.sigmoid(gate) * up
+            out = h_ptr + pairs.to(tl.int64)[:, None] * inter + rows[None, :]
+            tl.store(out, h.to(h_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :])
+
+    @triton_op("fastgen::expert_gate_up", mutates_args={})
+    def expert_gate_up(x: torch.Tensor, expert_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Experts.hidden's contract: x [N, D] (N <= EXPERT_GATE_UP_MAX_TOKENS), expert_ids [N, k],
+        weight the stacked w13 [E, 2I, D] float -> SiLU(gate) * up [N, k, I] in x.dtype, each chosen
+        expert read once for all the tokens that chose it."""
+        x = x.contiguous()
+        N, k = expert_ids.shape
+        E, inter = weight.shape[0], weight.shape[1] // 2
+        sorted_ids, order = expert_ids.flatten().sort(stable=True)
+        ends = torch.searchsorted(sorted_ids, torch.arange(E, device=x.device, dtype=sorted_ids.dtype), right=True)
+        h = torch.empty((N * k, inter), dtype=x.dtype, device=x.device)
+        cfg = expert_gate_up_config(N)  # scripts/moe_down_sweep.py replaces it to time other tiles
+        grid = (E, triton.cdiv(inter, cfg["BLOCK_I"]))
+        wrap_triton(_expert_gate_up_kernel)[grid](
+            x, order, ends.to(torch.int32), weight, h, x.shape[1], inter, k, BLOCK_M=16, **cfg
+        )
+        return h.view(N, k, inter)
+
+    @triton.jit
     def _expert_down_mix_kernel(
         h_ptr,  # [N, K_ACTIVE, I]
         ids_ptr,  # [N, K_ACTIVE]
@@ -558,7 +644,13 @@ if triton is not None:
 
 class DownMixExperts(Experts):
     """Float experts whose batched decode steps (2+ tokens on a GPU) run the down projection and the
-    routing-weighted sum as one expert_down_mix kernel; everything else is Experts'."""
+    routing-weighted sum as one expert_down_mix kernel, and, opt-in, their gate/up as one
+    expert_gate_up kernel; everything else is Experts'."""
+
+    def hidden(self, x, expert_ids):
+        if expert_gate_up_available(x, self.w13):
+            return expert_gate_up(x, expert_ids, self.w13)
+        return super().hidden(x, expert_ids)
 
     def mixed(self, x, expert_ids, weights):
         if expert_down_mix_available(x, self.w2):

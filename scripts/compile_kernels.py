@@ -103,6 +103,19 @@ def main(argv=None):
             num_warps=cfg["num_warps"],
             num_stages=3,
         )
+    for d, inter in ((2048, 768), (4096, 14336)):  # Qwen3-30B-A3B, Mixtral-8x7B
+        cfg = gemv.expert_gate_up_config(8)
+        build(
+            target,
+            f"expert gate/up D={d} I={inter}",
+            gemv._expert_gate_up_kernel,
+            {"x_ptr": "*bf16", "order_ptr": "*i64", "ends_ptr": "*i32", "w_ptr": "*bf16", "h_ptr": "*bf16",
+             "D": "i32", "inter": "i32", "rows_per_x": "i32"},
+            {"BLOCK_M": 16, "BLOCK_I": cfg["BLOCK_I"], "BLOCK_D": cfg["BLOCK_D"]},
+            (0, 1, 2, 3, 4, 5, 6),
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )  # fmt: skip
     expert_sig = {"x_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*i8", "scale_ptr": "*bf16", "y_ptr": "*bf16"}
     for n, k in ((28672, 4096), (4096, 14336), (1536, 2048)):  # Mixtral w13 / w2, Qwen3-30B-A3B w13
         cfg = gemv.int8_gemv_config(n, k)

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 import gemv  # noqa: E402
 import kv_attention  # noqa: E402
-from model import ModelArgs, MoEFeedForward  # noqa: E402
+from model import Experts, ModelArgs, MoEFeedForward  # noqa: E402
 
 CASES = [  # B, Hkv, G, D, cache slots, query slot, sliding window (0: none), dtype
     (2, 2, 4, 128, 1000, 700, 0, torch.float32),
@@ -76,9 +76,24 @@ def expert_down_mix(N=1, k=8, E=16, D=300, inter=700, dtype=torch.float32):
     return gemv.expert_down_mix(h, ids, mix, w), gemv.expert_down_mix_reference(h, ids, mix, w)
 
 
-def down_mix_experts(tokens):
+def expert_gate_up(N, k, E, D=96, inter=80, dtype=torch.float32):
+    """The grouped gate/up kernel against Experts.hidden (E small: tokens share experts)."""
+    args = ModelArgs(
+        dim=D, n_layers=1, n_heads=4, intermediate_size=inter, vocab_size=64, n_experts=E, n_active_experts=k
+    )
+    experts = Experts(args)
+    torch.nn.init.normal_(experts.w13, 0, 0.1)
+    w13 = experts.w13.detach().to(dtype)
+    x, ids = torch.randn(N, D, dtype=dtype), torch.stack([torch.randperm(E)[:k] for _ in range(N)])
+    with torch.no_grad():
+        return gemv.expert_gate_up(x, ids, w13), Experts.hidden(experts, x.float(), ids)
+
+
+def down_mix_experts(tokens, gate_up=False):
     """A MoE layer whose experts became gemv.DownMixExperts (as Generator.setup does on a GPU) against
-    the same layer's Experts: the model's wiring of expert_down_mix, at each tile (below and from 8)."""
+    the same layer's Experts: the model's wiring of expert_down_mix, at each tile (below and from 8),
+    and with gate_up of expert_gate_up too."""
+    gemv.EXPERT_GATE_UP_ENABLED = gate_up
     args = ModelArgs(
         dim=64, n_layers=1, n_heads=4, intermediate_size=48, vocab_size=64, n_experts=16, n_active_experts=2
     )
@@ -126,8 +141,15 @@ def main():
     runs += [("int4 dot, 8 rows, K 512 (T 8), group 128, one split", lambda: int4_dot(8, 64, 512, 128, SPLITS=1))]
     runs += [("int4 dot, 16 rows, K 96 (T 2), group 32", lambda: int4_dot(16, 40, 96, 32, BLOCK_N=16))]
     runs += [("int4 dot, 5 rows, K 192 (T 4), group 64, fp32", lambda: int4_dot(5, 24, 192, 64, 8, 2, torch.float32))]
+    runs += [("expert gate/up, 2 tokens x 2 of 16", lambda: expert_gate_up(2, 2, 16))]
+    runs += [("expert gate/up, 8 tokens x 2 of 4 (shared experts)", lambda: expert_gate_up(8, 2, 4))]
+    runs += [("expert gate/up, 16 tokens x 8 of 8, fp16", lambda: expert_gate_up(16, 8, 8, 64, 48, torch.float16))]
     gemv.available, gemv.EXPERT_DOWN_ENABLED = lambda t: True, True  # CPU tensors, the kernel on
     runs += [(f"DownMixExperts, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n)) for n in (2, 4, 8)]
+    runs += [
+        (f"DownMixExperts + gate/up kernel, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n, True))
+        for n in (2, 8)
+    ]
     for name, run in runs:
         got, want = run()
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()

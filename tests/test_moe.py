@@ -432,8 +432,10 @@ def greedy_tokens(m, prompts, n, compile=False):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("batch, down_mix", [(1, False), (4, False), (4, True)])
-def test_gpu_compiled_moe_decode_equals_cpu_fp32_eager(monkeypatch, batch, down_mix):
+@pytest.mark.parametrize(
+    "batch, down_mix, gate_up", [(1, False, False), (4, False, False), (4, True, False), (4, True, True)]
+)
+def test_gpu_compiled_moe_decode_equals_cpu_fp32_eager(monkeypatch, batch, down_mix, gate_up):
     """fp32: the compiled CUDA-graph decode gives the CPU eager tokens, batch 1 (the gather path:
     Inductor fuses the gather into its reduction) and a batch of different lengths (4 tokens x 2 of
     8 experts: the gather path, and with the kernel on (the default) gemv.expert_down_mix for the
@@ -441,6 +443,7 @@ def test_gpu_compiled_moe_decode_equals_cpu_fp32_eager(monkeypatch, batch, down_
     import gemv
 
     monkeypatch.setattr(gemv, "EXPERT_DOWN_ENABLED", down_mix)
+    monkeypatch.setattr(gemv, "EXPERT_GATE_UP_ENABLED", gate_up)  # opt-in: its gate/up kernel too
     torch._dynamo.reset()
     cpu = random_moe()
     prompts = GPU_PROMPTS[:batch]
@@ -533,6 +536,38 @@ def test_gpu_expert_down_mix_equals_reference(tokens, k):
     for got in (down.expert_down_mix(h, ids, mix, w2), out):
         assert got.shape == (tokens, D) and got.dtype == torch.bfloat16
         assert rel_err(got.float(), want) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("tokens,k,E", [(2, 8, 128), (8, 2, 4), (16, 8, 16)])
+def test_gpu_expert_gate_up_equals_reference(tokens, k, E, monkeypatch):
+    """gemv.expert_gate_up (FASTGEN_EXPERT_GATE_UP_KERNEL=1: the chosen float experts' gate/up grouped
+    by expert, SiLU(gate) * up in the epilogue) equals Experts.hidden, eager and compiled in a CUDA
+    graph, with tokens sharing experts and an intermediate size that is not a multiple of its tiles;
+    DownMixExperts takes it when it is on."""
+    import gemv
+
+    torch.manual_seed(tokens * 10 + k)
+    D, inter = 256, 200
+    experts = Experts(ModelArgs(dim=D, n_layers=1, n_heads=4, intermediate_size=inter, vocab_size=64,
+                                n_experts=E, n_active_experts=k)).cuda()  # fmt: skip
+    torch.nn.init.normal_(experts.w13, 0, 0.05)
+    x = torch.randn(tokens, D, device="cuda")
+    ids = torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(tokens)])
+    with torch.no_grad():
+        want = experts.hidden(x, ids)
+        w13, xb = experts.w13.to(torch.bfloat16), x.to(torch.bfloat16)
+        compiled = torch.compile(gemv.expert_gate_up, fullgraph=True, mode="reduce-overhead")
+        for _ in range(3):  # warm-up, record, replay
+            out = compiled(xb, ids, w13).clone()
+        for got in (gemv.expert_gate_up(xb, ids, w13), out):
+            assert got.shape == (tokens, k, inter) and got.dtype == torch.bfloat16
+            assert rel_err(got.float(), want) < 2e-2
+        assert rel_err(gemv.expert_gate_up(x, ids, experts.w13), want) < 1e-5  # fp32: ieee dots
+        monkeypatch.setattr(gemv, "EXPERT_GATE_UP_ENABLED", True)
+        experts.__class__ = gemv.DownMixExperts
+        assert rel_err(experts.hidden(x, ids), want) < 1e-5
 
 
 @pytest.mark.gpu
