@@ -1,12 +1,21 @@
-"""Triton GEMV for decode with int8 weights: y[m] = (W_int8 @ x[m]) * scales, one pass over W.
+"""Triton kernels for the decode step's weight reads: quantized linears and mixture-of-experts layers.
 
 At batch 1 a decode step is a chain of matrix-vector products whose cost is reading the weight.
 Inductor turns `F.linear(x, w_int8.to(bf16)) * scales` into a converted bf16 copy of the weight
 plus a cuBLAS GEMV (three weight passes), or into its own reduction kernel at about 45% of copy
-bandwidth (measured, BENCHMARKS.md). This kernel reads each int8 weight byte once, converts in
-registers and accumulates in fp32. It is a `torch.library.triton_op`, so eager code, CUDA graphs
-and torch.compile (fullgraph) all call the same kernel. `int8_gemv_reference` is the plain
-PyTorch computation the GPU tests compare it with.
+bandwidth (measured, BENCHMARKS.md). These kernels read each weight byte once, convert in registers
+and accumulate in fp32. Each is a `torch.library.triton_op`, so eager code, CUDA graphs and
+torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch reference (the
+`*_reference` functions, or the model's own code) that the GPU tests and the interpreter check
+(scripts/interpret_kernels.py) compare it with. What is here, and who calls it:
+
+  int8_gemv                 Int8Linear, 1 row            int8 weight, one pass, CUDA cores
+  int8_gemm_few_rows        Int8Linear, 2-16 rows        tensor cores over a 16-row tile, split over K
+  int8_expert_gemv          Int8Experts, decode          the batch-1 GEMV with the expert picked per row
+  int8_expert_gemm_grouped  Int8Experts, 2-16 tokens     pairs grouped by expert, tensor cores
+  int4_gemm_few_rows        Int4Linear, 2-16 rows        opt-in: tinygemm's packed weight read in place
+  expert_gate_up            DownMixExperts, 2-16 tokens  opt-in: float gate/up grouped by expert
+  expert_down_mix           DownMixExperts, 2+ tokens    float down projection + routing-weighted sum
 """
 
 import os
