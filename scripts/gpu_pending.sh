@@ -10,8 +10,10 @@
 #                                          #   at batch 1 and 8 (issue 17)
 #   bash scripts/gpu_pending.sh moedown    # ~9.5 min: Qwen3-30B-A3B bf16 B8's whole step with expert_down_mix
 #                                          #   (the default since 2026-12-04) and without (issue 17)
-#   bash scripts/gpu_pending.sh moegateup  # ~7 min: the opt-in grouped gate/up kernel for float experts at 2-16
-#                                          #   tokens: its tests, then a 12-layer Qwen3 B8 step with and without it
+#   bash scripts/gpu_pending.sh moegateup  # ~9 min: the opt-in grouped gate/up kernel for float experts at 2-16
+#                                          #   tokens: its tests, its tiles at 8 tokens against Inductor alone
+#                                          #   (moe_down_sweep.py --gate-up), then a 12-layer Qwen3 B8 step with and
+#                                          #   without it
 #   bash scripts/gpu_pending.sh moeb1      # ~5 min: Qwen3-30B-A3B B1 (12 layers) with expert_down_mix from 1 token
 #                                          #   (gemv.EXPERT_DOWN_MIN_TOKENS = 1) against Inductor (issue 17's B1 gap)
 #   bash scripts/gpu_pending.sh cli        # ~8 min: generate.py --compile --json against the engine on the same
@@ -85,10 +87,12 @@ moedown)
 moegateup)
     # the opt-in grouped gate/up kernel (gemv.expert_gate_up): its GPU tests, then a 12-layer Qwen3 B8
     # step with it and without (the down projection's kernel on in both)
-    step gateup_tests 150 python -m pytest -m gpu -q -p no:cacheprovider tests/test_moe.py -k "gate_up or compiled_moe_decode"
+    step gateup_tests 140 python -m pytest -m gpu -q -p no:cacheprovider tests/test_moe.py -k "gate_up or compiled_moe_decode"
     summary+=("  $(tail -n 1 "$out/gateup_tests.txt")")
-    decode qwen3_b8_12 150 --model qwen3-30b-a3b --layers 12 --batch 8
-    FASTGEN_EXPERT_GATE_UP_KERNEL=1 decode qwen3_b8_12_gateup 150 --model qwen3-30b-a3b --layers 12 --batch 8
+    step gateup_sweep 120 python scripts/moe_down_sweep.py --gate-up --tokens 8
+    summary+=("$(grep -E '^\| 8 \| (inductor|gate/up kernel default)' "$out/gateup_sweep.txt")")
+    decode qwen3_b8_12 140 --model qwen3-30b-a3b --layers 12 --batch 8
+    FASTGEN_EXPERT_GATE_UP_KERNEL=1 decode qwen3_b8_12_gateup 140 --model qwen3-30b-a3b --layers 12 --batch 8
     ;;
 moeb1)
     # Qwen3 B1, 12 layers: expert_down_mix from 1 token against Inductor. Alone the kernel lost by 0.7 us

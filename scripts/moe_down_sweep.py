@@ -2,6 +2,7 @@
 
     python scripts/moe_down_sweep.py                  # one GPU, ~1 min: Qwen3-30B-A3B shapes, 1 and 8 tokens
     python scripts/moe_down_sweep.py --tokens 2,4,16  # other token counts
+    python scripts/moe_down_sweep.py --gate-up --tokens 4,8,16   # the experts' gate/up instead (below)
 
 Qwen3-30B-A3B's decode profile (H200, 2026-12-03, BENCHMARKS.md) has the down projection fused by
 Inductor with the weighted sum, the residual and the next RMSNorm in one kernel that reads the
@@ -16,6 +17,11 @@ Bytes = the chosen experts' w2 rows read per token (k x D x I x 2 per token).
 
 The model runs the kernel (gemv.DownMixExperts) from gemv.EXPERT_DOWN_MIN_TOKENS tokens up: these
 numbers chose that threshold and the tile.
+
+--gate-up times the step before it, SiLU(gate) * up of the chosen experts: Inductor's gathered
+reduction (Experts.hidden, compiled) against gemv.expert_gate_up (opt-in, grouped by expert), at its
+default tile and over GATE_UP_TILES. GB/s there counts the distinct chosen experts' w13 (what a
+grouped read must move).
 """
 
 import argparse
@@ -33,11 +39,62 @@ from gemv import expert_down_mix, expert_down_mix_reference  # noqa: E402
 from model import RMSNorm, matvec, weighted_sum  # noqa: E402
 
 E, D, INTER, K_ACTIVE = 128, 2048, 768, 8  # Qwen3-30B-A3B
+DEVICE = "cuda"  # (a dry run under Triton's interpreter sets "cpu")
 TILES = [
     dict(BLOCK_D=d, BLOCK_I=i, num_warps=w, num_stages=s)
     for d, i, w, s in itertools.product((2, 4, 8, 16), (128, 256, 512), (2, 4, 8), (1, 3))
     if d * i // (32 * w) <= 128  # fp32 accumulators per thread
 ]
+
+
+GATE_UP_TILES = [
+    dict(BLOCK_I=i, BLOCK_D=d, num_warps=w, num_stages=s)
+    for i, d, w, s in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (2, 3))
+]
+
+
+def inductor_gate_up(x, ids, w13):
+    gate, up = matvec(w13[ids], x.unsqueeze(1)).chunk(2, dim=-1)  # Experts.hidden
+    return torch.nn.functional.silu(gate) * up
+
+
+def measure_gate_up(n, w13, rows):
+    """Inductor's gathered gate/up against the grouped kernel at n tokens; appends rows."""
+    x = torch.randn(n, D, device=DEVICE, dtype=torch.bfloat16)
+    ids = torch.stack([torch.randperm(E, device=DEVICE)[:K_ACTIVE] for _ in range(n)])
+    nbytes = ids.unique().numel() * 2 * INTER * D * 2
+    want = inductor_gate_up(x.float(), ids, w13.float())
+
+    def timed(name, fn):
+        ms = do_bench_cudagraph(fn, rep=50)
+        rows.append((n, name, ms * 1e3, nbytes / ms / 1e6))
+        print(f"{n} tokens, {name}: {ms * 1e3:.1f} us", flush=True)
+
+    def close(got):
+        return ((got.float() - want).norm() / want.norm()).item() < 2e-2
+
+    compiled = torch.compile(inductor_gate_up, fullgraph=True)
+    assert close(compiled(x, ids, w13))
+    timed("inductor gate/up", lambda: compiled(x, ids, w13))
+    assert close(gemv.expert_gate_up(x, ids, w13))
+    timed("gate/up kernel default", lambda: gemv.expert_gate_up(x, ids, w13))
+    default, best = gemv.expert_gate_up_config, None
+    for cfg in GATE_UP_TILES:
+        gemv.expert_gate_up_config = lambda tokens, cfg=cfg: cfg
+        try:
+            if not close(gemv.expert_gate_up(x, ids, w13)):
+                print(f"{cfg}: wrong output", flush=True)
+                continue
+            ms = do_bench_cudagraph(lambda: gemv.expert_gate_up(x, ids, w13), rep=30)
+        except Exception as e:  # noqa: BLE001 - out of resources: skip the tile
+            print(f"{cfg}: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
+            continue
+        print(f"{n} tokens, gate/up kernel {cfg}: {ms * 1e3:.1f} us", flush=True)
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    gemv.expert_gate_up_config = lambda tokens: best[1]
+    timed(f"gate/up kernel {best[1]}", lambda: gemv.expert_gate_up(x, ids, w13))
+    gemv.expert_gate_up_config = default
 
 
 def inductor_down_mix(h, ids, mix, w2):
@@ -95,15 +152,22 @@ def measure(n, w2, norm, rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="1,8")
+    ap.add_argument("--gate-up", action="store_true", help="time the experts' gate/up instead")
     args = ap.parse_args()
     torch.manual_seed(0)
-    w2 = torch.randn(E, D, INTER, device="cuda", dtype=torch.bfloat16) * 0.02
-    norm = RMSNorm(D).to("cuda", torch.bfloat16)
     rows = []
-    for n in (int(t) for t in args.tokens.split(",")):
-        measure(n, w2, norm, rows)
+    if args.gate_up:
+        w13 = torch.randn(E, 2 * INTER, D, device=DEVICE, dtype=torch.bfloat16) * 0.02
+        for n in (int(t) for t in args.tokens.split(",")):
+            measure_gate_up(n, w13, rows)
+    else:
+        w2 = torch.randn(E, D, INTER, device="cuda", dtype=torch.bfloat16) * 0.02
+        norm = RMSNorm(D).to("cuda", torch.bfloat16)
+        for n in (int(t) for t in args.tokens.split(",")):
+            measure(n, w2, norm, rows)
+    what = "distinct chosen experts' w13" if args.gate_up else "chosen w2"
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; E={E} D={D} I={INTER} k={K_ACTIVE}, bf16")
-    print("| tokens | what | us | GB/s of chosen w2 |")
+    print(f"| tokens | what | us | GB/s of {what} |")
     print("|---|---|---|---|")
     for n, name, us, gbs in rows:
         print(f"| {n} | {name} | {us:.1f} | {gbs:.0f} |")
