@@ -823,8 +823,9 @@ THINK_DROPPING_EVERYWHERE_TEMPLATE = (
         (THINK_DROPPING_TEMPLATE, []),
         (THINK_DROPPING_EVERYWHERE_TEMPLATE, []),
         (SYSTEM_IN_LAST_USER_TEMPLATE, ["--prompt-lookup", "2", "--speculate-k", "3"]),
+        (SYSTEM_IN_LAST_USER_TEMPLATE, ["--draft-checkpoint", "DRAFT", "--speculate-k", "3"]),
     ],
-    ids=["system", "think", "think-everywhere", "system-speculative"],
+    ids=["system", "think", "think-everywhere", "system-lookup", "system-draft"],
 )
 def test_chat_with_a_template_that_rewrites_earlier_turns(
     template, flags, tiny_checkpoint, tmp_path, monkeypatch, capsys
@@ -832,7 +833,7 @@ def test_chat_with_a_template_that_rewrites_earlier_turns(
     """--chat re-renders such a conversation whole each turn, as transformers does: the cache keeps
     the prefix it shares with the new rendering and prefills the rest, and every reply equals a
     fresh greedy run over transformers' rendering of the conversation so far (speculative steps
-    too: the lookup history is rewritten from the kept prefix on)."""
+    too: the lookup history and the draft's cache are rewritten from the kept prefix on)."""
     import io
 
     from transformers.utils.chat_template_utils import render_jinja_template
@@ -848,6 +849,7 @@ def test_chat_with_a_template_that_rewrites_earlier_turns(
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(turns) + "\n"))
     out_json = tmp_path / "chat.json"
     argv = ["--checkpoint", ckpt, "--device", "cpu", "--chat", "--temperature", "0", "--max-new-tokens", "5"]
+    flags = [str(tiny_checkpoint) if f == "DRAFT" else f for f in flags]  # the model drafts for itself
     code, _, err = run_main(argv + flags + ["--system", "Be brief.", "--json", out_json], capsys)
     assert code == 0, err
     monkeypatch.undo()  # the fresh runs below are not recorded
@@ -875,6 +877,7 @@ def test_chat_with_a_template_that_rewrites_earlier_turns(
         assert fresh.generate([ids], 5, Sampling(), tok.stop_ids).tokens[0] == reply["reply_ids"], f"turn {i}"
         held = ids + reply["reply_ids"]  # cut at 5 tokens: no stop id
         assert not reply["stopped"] and reply["cache_slots_used"] == len(held) - 1  # the last id is pending
+        assert (reply["speculation"] is not None) == bool(flags)
         messages.append({"role": "assistant", "content": reply["reply"]})
 
 
