@@ -32,7 +32,8 @@ from quantize import (  # noqa: E402
 )
 
 SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336)}
-# -dot: gemv.int4_gemm_few_rows (FASTGEN_INT4_DOT_KERNEL's kernel) on the same packed weight, 2+ rows
+# -dot: gemv.int4_gemm_few_rows (FASTGEN_INT4_DOT_KERNEL's kernel, which the model runs at 2-16 rows)
+# on the same packed weight; timed at 1 row too, against tinygemm's batch-1 path
 FORMATS = ("bf16", "int8", "int4-g64", "int4-g128", "int4-g64-dot", "int4-g128-dot")
 
 
@@ -150,9 +151,6 @@ def main(argv=None) -> int:
                 continue
             layers = [layer(fmt, torch.randn(N, K, device=device) * 0.02) for _ in range(args.copies)]
             for r in rows:
-                if fmt.endswith("-dot") and r == 1:  # the kernel is for 2-16 rows
-                    cells[fmt, r] = "-"
-                    continue
                 seconds = time_cycling(layers, torch.randn(r, K, device=device, dtype=torch.bfloat16), device, iters)
                 cells[fmt, r] = f"{seconds * 1e6:.1f} ({layers[0][1] / seconds / 1e9:.0f})"
         for r in rows:
