@@ -677,6 +677,14 @@ def build_parser():
         "--system", metavar="TEXT", default=None, help="system prompt for --chat / --chat-template (default: none)"
     )
     p.add_argument(
+        "--chat-template-kwargs",
+        metavar="JSON",
+        default=None,
+        help="variables for the checkpoint's chat template, a JSON object, as transformers' "
+        "apply_chat_template(**kwargs) passes them: '{\"enable_thinking\": false}' turns Qwen3's thinking off "
+        "(default: none)",
+    )
+    p.add_argument(
         "--max-new-tokens",
         type=int,
         metavar="N",
@@ -851,6 +859,12 @@ def validate(args):
         raise UsageError("--package runs the steps compiled into it; drop --compile/--compile-prefill")
     if args.package is not None and (args.prompt_lookup is not None or args.draft_checkpoint is not None):
         raise UsageError("--package has no speculative steps compiled into it; drop --prompt-lookup/--draft-checkpoint")
+    if args.chat_template_kwargs is not None:
+        args.chat_template_kwargs = parse_chat_template_kwargs(args.chat_template_kwargs)
+        if not (args.chat or args.chat_template):
+            raise UsageError(
+                "--chat-template-kwargs sets variables of the chat template: add --chat or --chat-template"
+            )
     if args.stop and args.chat:
         raise UsageError("--stop works with --prompt, not --chat (a chat turn ends at the end-of-turn token)")
     if args.prompt_lookup is not None and args.draft_checkpoint is not None:
@@ -862,6 +876,25 @@ def validate(args):
             raise UsageError("--speculate-k needs a source of guesses: --draft-checkpoint DIR or --prompt-lookup N")
         if args.speculate_k < 1:
             raise UsageError(f"--speculate-k must be at least 1 (got {args.speculate_k})")
+
+
+def parse_chat_template_kwargs(text: str) -> dict:
+    """--chat-template-kwargs: a JSON object whose keys are not the names the render sets itself."""
+    import json
+
+    from tokenizer import CHAT_TEMPLATE_RESERVED
+
+    example = "e.g. '{\"enable_thinking\": false}'"
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--chat-template-kwargs is not JSON ({e.msg} at character {e.pos}); {example}") from None
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"--chat-template-kwargs must be a JSON object, not {type(kwargs).__name__}; {example}")
+    taken = [k for k in kwargs if k in CHAT_TEMPLATE_RESERVED]
+    if taken:
+        raise UsageError(f"--chat-template-kwargs cannot set {', '.join(taken)}: the chat itself gives them")
+    return kwargs
 
 
 def resolve_checkpoint(path, flag="--checkpoint"):
@@ -948,6 +981,11 @@ def run(args):
         raise UsageError("--compile on the CPU with an int4 checkpoint needs --dtype bf16")
     tokenizer = load_tokenizer(checkpoint)
     check_vocab(tokenizer, model.args.vocab_size, checkpoint)
+    if args.chat_template_kwargs:
+        if tokenizer.chat_template is None:
+            built_in = f" (its {tokenizer.chat_format} chat format is built in)" if tokenizer.chat_format else ""
+            raise UsageError(f"{checkpoint} has no chat template{built_in}; drop --chat-template-kwargs")
+        tokenizer.chat_template.variables = args.chat_template_kwargs
     speculation = None
     if args.draft_checkpoint is not None or args.prompt_lookup is not None:
         speculation = Speculation(args.speculate_k or DEFAULT_SPECULATE_K, lookup_ngram=args.prompt_lookup or 0)

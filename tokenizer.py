@@ -388,6 +388,10 @@ def _generation_tag_extension():
     return GenerationTag
 
 
+# The names a template's render gives itself: --chat-template-kwargs cannot set them.
+CHAT_TEMPLATE_RESERVED = ("messages", "add_generation_prompt", "tools", "documents")
+
+
 class ChatTemplate:
     """A checkpoint's jinja chat template, rendered with what transformers gives templates.
 
@@ -409,6 +413,9 @@ class ChatTemplate:
         env.filters["tojson"] = _tojson
         self.path = path
         self.special_tokens = special_tokens
+        # what the user passes the template (generate.py --chat-template-kwargs, like transformers'
+        # apply_chat_template(**kwargs)): Qwen3's enable_thinking, say
+        self.variables: dict = {}
         try:
             self.template = env.from_string(source)
         except jinja2.TemplateError as e:
@@ -423,7 +430,7 @@ class ChatTemplate:
                 add_generation_prompt=add_generation_prompt,
                 tools=None,
                 documents=None,
-                **self.special_tokens,
+                **{**self.special_tokens, **self.variables},
             )
         except (jinja2.TemplateError, TypeError) as e:  # raise_exception(), a sandbox violation, bad messages
             raise TokenizerError(f"{self.path}: chat template: {first_line(e)}") from None

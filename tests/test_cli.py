@@ -905,3 +905,62 @@ def test_rewind_keeps_a_prefix_of_the_held_sequence(tiny_checkpoint):
     gen.position = None
     with pytest.raises(UsageError):
         gen.rewind(0)
+
+
+# Qwen3's switch, written for this test: with enable_thinking false the generation prompt opens an
+# empty think block, so the model answers at once.
+THINKING_SWITCH_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def test_chat_template_kwargs_reach_the_template(tiny_checkpoint, tmp_path, capsys):
+    """--chat-template-kwargs: the prompt is what transformers renders with the same variables."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from tokenizer import load_tokenizer
+
+    ckpt = with_chat_template(tiny_checkpoint, tmp_path / "switch", THINKING_SWITCH_TEMPLATE)
+    tok = load_tokenizer(ckpt)
+    messages = [{"role": "user", "content": "Hi"}]
+    argv = ["--checkpoint", ckpt, "--device", "cpu", "--chat-template", "--prompt", "Hi", "--max-new-tokens", "2"]
+    for kwargs in ({}, {"enable_thinking": False}, {"enable_thinking": True}):
+        out_json = tmp_path / "r.json"
+        flags = ["--chat-template-kwargs", json.dumps(kwargs)] if kwargs else []
+        code, _, err = run_main(argv + flags + ["--json", out_json], capsys)
+        assert code == 0, err
+        text = render_jinja_template([messages], chat_template=THINKING_SWITCH_TEMPLATE, add_generation_prompt=True,
+                                     **kwargs)[0][0]  # fmt: skip
+        assert ("<think>" in text) == (kwargs == {"enable_thinking": False})
+        assert json.loads(out_json.read_text())["rows"][0]["prompt_ids"] == tok.encode_special(text)
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("{enable_thinking: false}", "not JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"messages": []}', "cannot set messages"),
+        ('{"enable_thinking": false}', "add --chat or --chat-template"),
+    ],
+)
+def test_bad_chat_template_kwargs_are_one_line_errors(tiny_checkpoint, value, words, capsys):
+    argv = ["--checkpoint", tiny_checkpoint, "--device", "cpu", "--prompt", "Hi", "--chat-template-kwargs", value]
+    if words != "add --chat or --chat-template":
+        argv.append("--chat-template")
+    code, _, err = run_main(argv, capsys)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_chat_template_kwargs_without_a_template_is_a_one_line_error(tiny_checkpoint, tmp_path, capsys):
+    """A checkpoint whose chat format is built in (no template) has no variables to set."""
+    ckpt = tmp_path / "no-template"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    argv = ["--checkpoint", ckpt, "--device", "cpu", "--prompt", "Hi", "--chat-template"]
+    code, _, err = run_main(argv + ["--chat-template-kwargs", '{"enable_thinking": false}'], capsys)
+    assert code == 2 and "has no chat template" in err and len(err.strip().splitlines()) == 1, err
