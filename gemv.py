@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from model import Experts
+from model import Experts, pairs_by_expert
 
 try:  # Triton ships with CUDA builds of torch; a CPU-only install has none
     import triton
@@ -419,8 +419,7 @@ if triton is not None:
         x = x.contiguous()
         R, K = expert_ids.numel(), x.shape[1]
         E, N = weight.shape[:2]
-        sorted_ids, order = expert_ids.flatten().sort(stable=True)
-        ends = torch.searchsorted(sorted_ids, torch.arange(E, device=x.device, dtype=sorted_ids.dtype), right=True)
+        order, ends = pairs_by_expert(expert_ids, E)
         cfg = int8_gemm_dot_config(N, K)
         splits = cfg.pop("SPLITS")
         k_per_split = triton.cdiv(triton.cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
@@ -587,8 +586,7 @@ if triton is not None:
         x = x.contiguous()
         N, k = expert_ids.shape
         E, inter = weight.shape[0], weight.shape[1] // 2
-        sorted_ids, order = expert_ids.flatten().sort(stable=True)
-        ends = torch.searchsorted(sorted_ids, torch.arange(E, device=x.device, dtype=sorted_ids.dtype), right=True)
+        order, ends = pairs_by_expert(expert_ids, E)
         h = torch.empty((N * k, inter), dtype=x.dtype, device=x.device)
         cfg = expert_gate_up_config(N)  # scripts/moe_down_sweep.py replaces it to time other tiles
         grid = (E, triton.cdiv(inter, cfg["BLOCK_I"]))

@@ -348,6 +348,14 @@ def weighted_sum(y, weights):
     return (y.float() * weights.unsqueeze(-1)).sum(dim=1).to(y.dtype)
 
 
+def pairs_by_expert(expert_ids, n_experts: int):
+    """expert_ids [N, k] -> (order [N * k]: the (token, expert) pairs sorted by expert, stably;
+    ends [n_experts]: one past each expert's last position in order). Static shapes."""
+    sorted_ids, order = expert_ids.flatten().sort(stable=True)
+    experts = torch.arange(n_experts, device=expert_ids.device, dtype=sorted_ids.dtype)
+    return order, torch.searchsorted(sorted_ids, experts, right=True)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stacked per projection: w13 [E, 2I, D] (gate; up) and w2 [E, D, I]."""
 
@@ -383,9 +391,7 @@ class Experts(nn.Module):
         each expert multiplies all its rows at once: torch._grouped_mm (static shapes), or a loop
         over the experts that reads their row counts on the host (eager prefill only)."""
         N, k = expert_ids.shape
-        sorted_ids, order = expert_ids.flatten().sort(stable=True)
-        experts = torch.arange(self.n_experts, device=x.device)
-        ends = torch.searchsorted(sorted_ids, experts, right=True)  # one past each expert's last row
+        order, ends = pairs_by_expert(expert_ids, self.n_experts)
         if use_grouped_mm:
 
             def mm(rows, name):  # _grouped_mm takes [E, in, out]: the transposed view is its layout

@@ -47,6 +47,26 @@ TILES = [
 ]
 
 
+def best_tile(label, tiles, config_name, run, right):
+    """The fastest of `tiles` for run(), each set as gemv.<config_name> (the tile the kernel launches
+    with) and checked with right(output) first; a tile that fails or runs out of resources is skipped."""
+    best = None
+    for cfg in tiles:
+        setattr(gemv, config_name, lambda tokens, cfg=cfg: cfg)
+        try:
+            if not right(run()):
+                print(f"{cfg}: wrong output", flush=True)
+                continue
+            ms = do_bench_cudagraph(run, rep=30)
+        except Exception as e:  # noqa: BLE001 - out of resources: skip the tile
+            print(f"{cfg}: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
+            continue
+        print(f"{label} {cfg}: {ms * 1e3:.1f} us", flush=True)
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    return best[1]
+
+
 GATE_UP_TILES = [
     dict(BLOCK_I=i, BLOCK_D=d, num_warps=w, num_stages=s)
     for i, d, w, s in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (2, 3))
@@ -78,22 +98,11 @@ def measure_gate_up(n, w13, rows):
     timed("inductor gate/up", lambda: compiled(x, ids, w13))
     assert close(gemv.expert_gate_up(x, ids, w13))
     timed("gate/up kernel default", lambda: gemv.expert_gate_up(x, ids, w13))
-    default, best = gemv.expert_gate_up_config, None
-    for cfg in GATE_UP_TILES:
-        gemv.expert_gate_up_config = lambda tokens, cfg=cfg: cfg
-        try:
-            if not close(gemv.expert_gate_up(x, ids, w13)):
-                print(f"{cfg}: wrong output", flush=True)
-                continue
-            ms = do_bench_cudagraph(lambda: gemv.expert_gate_up(x, ids, w13), rep=30)
-        except Exception as e:  # noqa: BLE001 - out of resources: skip the tile
-            print(f"{cfg}: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
-            continue
-        print(f"{n} tokens, gate/up kernel {cfg}: {ms * 1e3:.1f} us", flush=True)
-        if best is None or ms < best[0]:
-            best = (ms, cfg)
-    gemv.expert_gate_up_config = lambda tokens: best[1]
-    timed(f"gate/up kernel {best[1]}", lambda: gemv.expert_gate_up(x, ids, w13))
+    default = gemv.expert_gate_up_config
+    best = best_tile(f"{n} tokens, gate/up kernel", GATE_UP_TILES, "expert_gate_up_config",
+                     lambda: gemv.expert_gate_up(x, ids, w13), close)  # fmt: skip
+    gemv.expert_gate_up_config = lambda tokens: best
+    timed(f"gate/up kernel {best}", lambda: gemv.expert_gate_up(x, ids, w13))
     gemv.expert_gate_up_config = default
 
 
@@ -125,23 +134,10 @@ def measure(n, w2, norm, rows):
     default = gemv.expert_down_config
     assert (expert_down_mix(h, ids, mix, w2).float() - want).abs().max() < 2e-2
     timed("kernel default", lambda: expert_down_mix(h, ids, mix, w2))
-    best = None
-    for cfg in TILES:
-        gemv.expert_down_config = lambda tokens, cfg=cfg: cfg  # the tile expert_down_mix launches with
-        try:
-            err = (expert_down_mix(h, ids, mix, w2).float() - want).abs().max().item()
-            if err > 2e-2:
-                print(f"{cfg}: wrong output (max err {err:.3g})", flush=True)
-                continue
-            ms = do_bench_cudagraph(lambda: expert_down_mix(h, ids, mix, w2), rep=30)
-        except Exception as e:  # noqa: BLE001 - out of resources: skip the tile
-            print(f"{cfg}: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
-            continue
-        print(f"{n} tokens, kernel {cfg}: {ms * 1e3:.1f} us", flush=True)
-        if best is None or ms < best[0]:
-            best = (ms, cfg)
-    gemv.expert_down_config = lambda tokens: best[1]
-    timed(f"kernel {best[1]}", lambda: expert_down_mix(h, ids, mix, w2))
+    best = best_tile(f"{n} tokens, kernel", TILES, "expert_down_config", lambda: expert_down_mix(h, ids, mix, w2),
+                     lambda got: (got.float() - want).abs().max().item() <= 2e-2)  # fmt: skip
+    gemv.expert_down_config = lambda tokens: best
+    timed(f"kernel {best}", lambda: expert_down_mix(h, ids, mix, w2))
     after = torch.compile(lambda: norm(residual + expert_down_mix(h, ids, mix, w2)), fullgraph=True)
     after()
     timed("kernel+norm (best tile)", after)
