@@ -13,8 +13,7 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
   int8_gemm_few_rows        Int8Linear, 2-16 rows        tensor cores over a 16-row tile, split over K
   int8_expert_gemv          Int8Experts, decode          the batch-1 GEMV with the expert picked per row
   int8_expert_gemm_grouped  Int8Experts, 2-16 tokens     pairs grouped by expert, tensor cores
-  int4_gemm_few_rows        Int4Linear, 2-16 rows        opt-in: tinygemm's packed weight read in place
-  expert_gate_up            DownMixExperts, 2-16 tokens  opt-in: float gate/up grouped by expert
+  expert_gate_up            DownMixExperts, 2-16 tokens  float gate/up grouped by expert
   expert_down_mix           DownMixExperts, 2+ tokens    float down projection + routing-weighted sum
 """
 
@@ -52,27 +51,6 @@ def expert_down_mix_reference(h, expert_ids, mix, weight) -> torch.Tensor:
     return (y * mix.float().unsqueeze(-1)).sum(dim=1).to(h.dtype)
 
 
-def int4_tinygemm_cuda_layout(packed: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
-    """uint8 [n, k/2] (quantize_int4's portable nibbles, even column high) -> int32
-    [n/8, k/(16 T), 32, T/2] with T = inner_k_tiles: what torch's _convert_weight_to_int4pack writes on
-    CUDA (tinygemm's m16n8k16 B fragments, as ATen's int4mm.cu documents them), in plain PyTorch, so
-    that the CPU and Triton's interpreter can build it. Word [nt, ko, t, j] holds output row
-    nt * 8 + t // 4 at the 8 columns ko * 16T + 32j + 8i + 2(t % 4) + h (i = 0..3, h = 0..1), the
-    value of (i, h) in bits 4i + 16h."""
-    n, half_k = packed.shape
-    tiles = inner_k_tiles
-    k_outer = 2 * half_k // (16 * tiles)
-    ko = torch.arange(k_outer).view(-1, 1, 1, 1)
-    j = torch.arange(tiles // 2).view(1, -1, 1, 1)
-    c = torch.arange(4).view(1, 1, -1, 1)  # t % 4
-    i = torch.arange(4).view(1, 1, 1, -1)
-    byte = (ko * tiles + 2 * j) * 8 + 4 * i + c  # [ko, j, c, i] -> column pair (2 byte, 2 byte + 1)
-    v = packed.view(n // 8, 8, half_k)[:, :, byte].long()  # [nt, r = t // 4, ko, j, c, i]
-    words = (((v >> 4) << (4 * i)) | ((v & 15) << (16 + 4 * i))).sum(-1)  # disjoint bits: sum = or
-    words = words.permute(0, 2, 1, 4, 3).reshape(n // 8, k_outer, 32, tiles // 2)  # t = 4r + c
-    return (words - (words >= 2**31).long() * 2**32).to(torch.int32)
-
-
 # expert_down_mix: a batched decode step's float experts (MoEFeedForward.forward). On the H200 at
 # Qwen3-30B-A3B's shapes, alone: 17 us for 2 tokens, 27 for 4 and 47 for 8 against Inductor's 21,
 # 35 and 68-75; it loses at 1 token (13.2 against 12.5 us), so it starts at 2. In a 12-layer B8
@@ -108,11 +86,12 @@ def expert_down_mix_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
 # expert read once for all the tokens that chose it, through tensor cores) with SiLU(gate) * up in
 # the epilogue. Why: in a 12-layer Qwen3-30B-A3B B8 step Inductor's gathered gate/up became the
 # largest kernel once the down projection had its own (97-124 us a layer, BENCHMARKS.md 2026-12-03),
-# and at 8 tokens x 8 of 128 experts about 50 distinct experts are read 64 times. Opt-in
-# (FASTGEN_EXPERT_GATE_UP_KERNEL=1) until a GPU has timed it (gpu_pending.sh moegateup); checked
-# against Experts.hidden under Triton's interpreter only.
+# and at 8 tokens x 8 of 128 experts about 50 distinct experts are read 64 times. Alone at 8 tokens
+# it ties Inductor's (97.3 vs 95.9 us, moe_down_sweep.py --gate-up), but in that step it took 2.627
+# -> 2.281 ms on the H200 (2026-12-04: Inductor's version also fuses the RMSNorm, and the two
+# kernels then share nothing). On by default since; FASTGEN_EXPERT_GATE_UP_KERNEL=0 turns it off.
 EXPERT_GATE_UP_MAX_TOKENS = 16  # one pair per token per expert: the kernel's 16-row tile
-EXPERT_GATE_UP_ENABLED = os.environ.get("FASTGEN_EXPERT_GATE_UP_KERNEL", "0") == "1"
+EXPERT_GATE_UP_ENABLED = os.environ.get("FASTGEN_EXPERT_GATE_UP_KERNEL", "1") == "1"
 
 
 def expert_gate_up_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -160,26 +139,6 @@ def int8_gemm_dot_config(n: int, k: int) -> dict:
         num_warps=4,
         num_stages=3,
     )
-
-
-# 2 to 16 rows of an int4 linear (Int4Linear, batched decode) can go through _int4_tinygemm_dot_kernel,
-# which reads tinygemm's CUDA layout in place (no second copy of the weight) and dequantizes into a
-# tensor-core tile. Why: tinygemm runs its 16-row tile for any m <= 16, but a batch-8 int4 step took
-# 5.94 ms against 3.01 at batch 1 on the H200 (bf16 B8: 4.79). Opt-in (FASTGEN_INT4_DOT_KERNEL=1)
-# until a GPU has timed it (scripts/int4_rows_sweep.py, gpu_pending.sh int4rows); checked against its
-# reference under Triton's interpreter only (scripts/interpret_kernels.py).
-INT4_DOT_MAX_ROWS = 16
-INT4_DOT_ENABLED = os.environ.get("FASTGEN_INT4_DOT_KERNEL", "0") == "1"
-
-
-def int4_dot_available(x: torch.Tensor) -> bool:
-    """x [M, K] an int4 linear's bf16 rows: on a GPU, 2 <= M <= 16, the kernel turned on."""
-    return INT4_DOT_ENABLED and available(x) and 2 <= x.shape[0] <= INT4_DOT_MAX_ROWS
-
-
-def int4_gemm_dot_config(n: int, k: int) -> dict:
-    # int8's dot tiles as a start (unmeasured for int4): wider tiles and fewer splits as N grows
-    return dict(BLOCK_N=64 if n > 8192 else 32, SPLITS=1 if n > 65536 else (8 if n <= 4096 else 4), num_warps=4)
 
 
 INT8_CONVERT = 2  # _int8_to_fp32's prmt form: 1-14% more GB/s than cvt on the H200 (BENCHMARKS.md)
@@ -444,99 +403,6 @@ if triton is not None:
         return part.sum(0).to(x.dtype)
 
     @triton.jit
-    def _int4_tinygemm_dot_kernel(
-        x_ptr,  # [M, K] bf16
-        w_ptr,  # [N/8, K/(16 T), 32, T/2] int32: tinygemm's CUDA layout (int4_tinygemm_cuda_layout)
-        sz_ptr,  # [K/GROUP, N, 2] bf16: each group's scale and zero
-        part_ptr,  # [SPLITS, M, N] fp32: each K split's partial product
-        M,
-        N,
-        K,
-        ko_per_split,  # k-blocks of 16T columns per split
-        GROUP: tl.constexpr,
-        T: tl.constexpr,  # inner_k_tiles
-        BLOCK_M: tl.constexpr,  # >= 16 (tl.dot's smallest M): rows past M are masked to 0
-        BLOCK_N: tl.constexpr,  # a multiple of 8
-    ):
-        # Each output row's words for one k-block of 16T columns are 2T consecutive int32 (lanes
-        # t = 4r .. 4r + 3, then j): load them, split the nibbles, and multiply by x gathered in the
-        # same column order (a dot may sum its K axis in any order).
-        pid_n, split = tl.program_id(0), tl.program_id(1)
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
-        k_blocks = K // (16 * T)
-        row_words = (n // 8).to(tl.int64) * k_blocks * (16 * T) + (n % 8) * (2 * T)
-        p = tl.arange(0, 2 * T)  # word within a row's run: c * T/2 + j
-        s = tl.arange(0, 8)  # nibble: i = s % 4, h = s // 4
-        cols = 32 * (p % (T // 2))[:, None] + 8 * (s % 4)[None, :] + 2 * (p // (T // 2))[:, None] + (s // 4)[None, :]
-        cols = tl.reshape(cols, (16 * T,))
-        ms = tl.arange(0, BLOCK_M)
-        m_ok = ms < M
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        ko_lo = split * ko_per_split
-        for ko in range(ko_lo, tl.minimum(ko_lo + ko_per_split, k_blocks)):
-            words = tl.load(
-                w_ptr + row_words[:, None] + ko * (16 * T) + p[None, :],
-                mask=n_ok[:, None],
-                other=0,
-                eviction_policy="evict_first",
-            )
-            q = (words[:, :, None] >> (4 * s)[None, None, :]) & 15  # [BLOCK_N, 2T, 8]
-            group = (ko * (16 * T) + 32 * (p % (T // 2))) // GROUP  # GROUP >= 32: one per word
-            sz = sz_ptr + (group[None, :] * N + n[:, None]) * 2
-            scale = tl.load(sz, mask=n_ok[:, None], other=0.0).to(tl.float32)
-            zero = tl.load(sz + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)
-            w = (q.to(tl.float32) - 8.0) * scale[:, :, None] + zero[:, :, None]
-            w = tl.reshape(w, (BLOCK_N, 16 * T)).to(x_ptr.dtype.element_ty)
-            x = tl.load(x_ptr + ms[:, None] * K + (ko * (16 * T) + cols)[None, :], mask=m_ok[:, None], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-        out = part_ptr + (split * M + ms)[:, None] * N + n[None, :]
-        tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
-
-    def _int4_gemm_dot_launch(launcher, x, weight, scales_and_zeros, groupsize, BLOCK_N, SPLITS, **launch):
-        M, K = x.shape
-        N, tiles = weight.shape[0] * 8, weight.shape[3] * 2
-        ko_per_split = triton.cdiv(K // (16 * tiles), SPLITS)
-        part = torch.empty((SPLITS, M, N), dtype=torch.float32, device=x.device)
-        grid = (triton.cdiv(N, BLOCK_N), SPLITS)
-        launcher(_int4_tinygemm_dot_kernel)[grid](
-            x,
-            weight,
-            scales_and_zeros,
-            part,
-            M,
-            N,
-            K,
-            ko_per_split,
-            GROUP=groupsize,
-            T=tiles,
-            BLOCK_M=16,
-            BLOCK_N=BLOCK_N,
-            **launch,
-        )
-        return part.sum(0).to(x.dtype)
-
-    def int4_gemm_dot(x, weight, scales_and_zeros, groupsize, BLOCK_N=32, SPLITS=4, **launch):
-        """int4_gemm_few_rows with the tile sizes given (a plain function: the sweep's and the
-        interpreter's form)."""
-        return _int4_gemm_dot_launch(
-            lambda kernel: kernel, x, weight, scales_and_zeros, groupsize, BLOCK_N, SPLITS, **launch
-        )
-
-    @triton_op("fastgen::int4_gemm_few_rows", mutates_args={})
-    def int4_gemm_few_rows(
-        x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, groupsize: int
-    ) -> torch.Tensor:
-        """x [M, K] bf16 (2 <= M <= INT4_DOT_MAX_ROWS, contiguous), weight tinygemm's CUDA layout
-        [N/8, K/(16 T), 32, T/2] int32, scales_and_zeros [K/groupsize, N, 2] bf16 -> [M, N]: what
-        aten._weight_int4pack_mm gives."""
-        cfg = int4_gemm_dot_config(weight.shape[0] * 8, x.shape[1])
-        splits = cfg.pop("SPLITS")
-        return _int4_gemm_dot_launch(
-            wrap_triton, x, weight, scales_and_zeros, groupsize, SPLITS=splits, num_stages=3, **cfg
-        )
-
-    @triton.jit
     def _expert_gate_up_kernel(
         x_ptr,  # [X, D]: pair p reads x row p // rows_per_x
         order_ptr,  # [R]: the pairs sorted by expert
@@ -651,7 +517,7 @@ if triton is not None:
 
 class DownMixExperts(Experts):
     """Float experts whose batched decode steps (2+ tokens on a GPU) run the down projection and the
-    routing-weighted sum as one expert_down_mix kernel, and, opt-in, their gate/up as one
+    routing-weighted sum as one expert_down_mix kernel, and (2-16 tokens) their gate/up as one
     expert_gate_up kernel; everything else is Experts'."""
 
     def hidden(self, x, expert_ids):

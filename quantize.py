@@ -265,10 +265,7 @@ class Int4Linear(nn.Module):
             x2 = F.pad(x2, (0, self.padded_in_features - self.in_features))
         # a no-op once packed; guards against a later model.to(dtype) (the CUDA kernel reads bf16 blindly)
         sz = self.scales_and_zeros.to(torch.bfloat16)
-        if gemv.int4_dot_available(x2):
-            # batched decode, opt-in: a Triton kernel reading the same packed weight (gemv.py)
-            y = gemv.int4_gemm_few_rows(x2.contiguous(), self.weight, sz, self.groupsize)
-        elif x.is_cuda:
+        if x.is_cuda:
             y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), self.weight, self.groupsize, sz)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.groupsize, sz)

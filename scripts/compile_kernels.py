@@ -90,19 +90,6 @@ def main(argv=None):
             num_warps=4,
             num_stages=3,
         )
-    int4_sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "part_ptr": "*fp32", "M": "i32", "N": "i32"}
-    for n, k, group, tiles in ((4096, 4096, 64, 8), (28672, 4096, 128, 8), (1000, 96, 32, 2)):
-        cfg = gemv.int4_gemm_dot_config(n, k)
-        build(
-            target,
-            f"int4 dot {n}x{k} g{group} T{tiles}",
-            gemv._int4_tinygemm_dot_kernel,
-            {**int4_sig, "K": "i32", "ko_per_split": "i32"},
-            {"GROUP": group, "T": tiles, "BLOCK_M": 16, "BLOCK_N": cfg["BLOCK_N"]},
-            (0, 1, 2, 3, 6),  # pointers, K: multiples of 16 at run time (N only of 8)
-            num_warps=cfg["num_warps"],
-            num_stages=3,
-        )
     for d, inter in ((2048, 768), (4096, 14336)):  # Qwen3-30B-A3B, Mixtral-8x7B
         cfg = gemv.expert_gate_up_config(8)
         build(

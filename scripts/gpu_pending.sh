@@ -10,26 +10,23 @@
 #                                          #   at batch 1 and 8 (issue 17)
 #   bash scripts/gpu_pending.sh moedown    # ~9.5 min: Qwen3-30B-A3B bf16 B8's whole step with expert_down_mix
 #                                          #   (the default since 2026-12-04) and without (issue 17)
-#   bash scripts/gpu_pending.sh moegateup  # ~9 min: the opt-in grouped gate/up kernel for float experts at 2-16
-#                                          #   tokens: its tests, its tiles at 8 tokens against Inductor alone
+#   bash scripts/gpu_pending.sh moegateup  # ~4 min: the grouped gate/up kernel for float experts (the default since
+#                                          #   2026-12-04): its tests, its tiles at 8 tokens against Inductor alone
 #                                          #   (moe_down_sweep.py --gate-up), then a 12-layer Qwen3 B8 step with and
-#                                          #   without it
+#                                          #   without it (2.281 vs 2.627 ms on the H200)
 #   bash scripts/gpu_pending.sh moeb1      # ~5 min: Qwen3-30B-A3B B1 (12 layers) with expert_down_mix from 1 token
 #                                          #   (gemv.EXPERT_DOWN_MIN_TOKENS = 1) against Inductor (issue 17's B1 gap)
 #   bash scripts/gpu_pending.sh cli        # ~8 min: generate.py --compile --json against the engine on the same
 #                                          #   random checkpoints (issue 11's CLI within 5%; bench_cli.py)
 #   bash scripts/gpu_pending.sh modes      # ~9.5 min: what issue 10's report still lacks: int4 g128 at batch 1
 #                                          #   and 8, then int8 B1 beside gpt-fast bf16/int8 (carry peers/gpt-fast)
-#   bash scripts/gpu_pending.sh int4rows   # ~8 min: why int4 B8 is slower than bf16 B8: one linear per format
-#                                          #   (bf16, int8, tinygemm g64/g128, the new int4 dot kernel) at 1-16 rows
-#                                          #   (int4_rows_sweep.py), then 8 layers of the int4 step profiled at B1,
-#                                          #   B8, and B8 with FASTGEN_INT4_DOT_KERNEL=1. Run the tier first: its
-#                                          #   test_int4_* tests check the kernel and the layout it reads
-#   bash scripts/gpu_pending.sh int4tiles  # ~6 min: the int4 dot kernel's 64 launch tiles at 8 rows per projection,
-#                                          #   against gemv.int4_gemm_dot_config's (int8's, untuned)
-#   bash scripts/gpu_pending.sh autotune   # ~9 min: issue 11 candidate, not tried before: Inductor's max-autotune
-#                                          #   (Triton GEMM templates, so RMSNorm / residual can fuse into the
-#                                          #   matmuls) against the default, SmolLM2-135M and Llama-3-8B B1
+#   bash scripts/gpu_pending.sh int4rows   # ~2 min: why int4 B8 is slower than bf16 B8: one linear per format
+#                                          #   (bf16, int8, tinygemm g64/g128) at 1-16 rows, each replayed in a CUDA
+#                                          #   graph (int4_rows_sweep.py), then 8 layers of the int4 step profiled at
+#                                          #   B1 and B8
+#   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
+#                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
+#                                          #   on a new torch)
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -80,19 +77,20 @@ moe)
     ;;
 moedown)
     # the whole 48-layer model: 190 s each did not fit the compile (2026-12-04, nothing printed); the
-    # 12-layer step went 3.501 -> 2.646 ms with the kernel, now the default
+    # 12-layer step went 3.501 -> 2.646 ms with the kernel, now the default; the gate/up kernel (default)
+    # took it on to 2.281, and the whole step at B8 with both ran 8.486 ms (2026-12-04)
     decode qwen3_b8_kernel 280 --model qwen3-30b-a3b --batch 8
     FASTGEN_EXPERT_DOWN_KERNEL=0 decode qwen3_b8_inductor 280 --model qwen3-30b-a3b --batch 8
     ;;
 moegateup)
-    # the opt-in grouped gate/up kernel (gemv.expert_gate_up): its GPU tests, then a 12-layer Qwen3 B8
+    # the grouped gate/up kernel (the default since 2026-12-04) (gemv.expert_gate_up): its GPU tests, then a 12-layer Qwen3 B8
     # step with it and without (the down projection's kernel on in both)
     step gateup_tests 140 python -m pytest -m gpu -q -p no:cacheprovider tests/test_moe.py -k "gate_up or compiled_moe_decode"
     summary+=("  $(tail -n 1 "$out/gateup_tests.txt")")
     step gateup_sweep 120 python scripts/moe_down_sweep.py --gate-up --tokens 8
     summary+=("$(grep -E '^\| 8 \| (inductor|gate/up kernel default)' "$out/gateup_sweep.txt")")
     decode qwen3_b8_12 140 --model qwen3-30b-a3b --layers 12 --batch 8
-    FASTGEN_EXPERT_GATE_UP_KERNEL=1 decode qwen3_b8_12_gateup 140 --model qwen3-30b-a3b --layers 12 --batch 8
+    FASTGEN_EXPERT_GATE_UP_KERNEL=0 decode qwen3_b8_12_no_gateup 140 --model qwen3-30b-a3b --layers 12 --batch 8
     ;;
 moeb1)
     # Qwen3 B1, 12 layers: expert_down_mix from 1 token against Inductor. Alone the kernel lost by 0.7 us
@@ -127,11 +125,6 @@ int4rows)
     # sweep shows no gap, the step's extra 2.9 ms is elsewhere: the kernels of 8 layers at B1 and B8
     decode int4_b1 120 --weights int4-g64 --layers 8 --batch 1
     decode int4_b8 120 --weights int4-g64 --layers 8 --batch 8
-    FASTGEN_INT4_DOT_KERNEL=1 decode int4_b8_dot 120 --weights int4-g64 --layers 8 --batch 8
-    ;;
-int4tiles)
-    step int4tiles 540 python scripts/int4_rows_sweep.py --dot-tiles 8
-    summary+=("$(grep -E '^\| ' "$out/int4tiles.txt")")
     ;;
 autotune)
     decode smol 90 --model smollm2-135m
@@ -140,7 +133,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, int4tiles or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows or autotune" >&2
     exit 2
     ;;
 esac

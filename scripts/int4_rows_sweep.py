@@ -2,17 +2,18 @@
 
     python scripts/int4_rows_sweep.py                 # one GPU, well under a minute
     python scripts/int4_rows_sweep.py --device cpu --shapes wo --rows 1,2 --copies 1   # a smoke run
-    python scripts/int4_rows_sweep.py --dot-tiles 8   # one GPU, ~3 min: the int4 dot kernel's tiles at 8 rows
 
 Why: at batch 8 a whole int4 step is slower than bf16's (5.94 vs 4.79 ms on the H200, BENCHMARKS.md
 2026-12-04) while int4 at batch 1 is faster (3.01). This says which projections and row counts
 tinygemm loses at, against bf16 F.linear and our int8 path (Int8Linear: gemv.py's kernels on a GPU),
 each through the module the model runs. Each call reads a different copy of the weight (--copies) so
-that the smaller weights are not served from L2. GB/s = weight bytes (+ scales) / time.
+that the smaller weights are not served from L2. GB/s = weight bytes (+ scales) / time. On a GPU the
+calls are captured in a CUDA graph and replayed, as the decode step runs them: timed eagerly, a
+Triton op's ~70-100 us of Python dispatch hid its kernel (the int8 column read 120-470 GB/s in the
+first H200 run, 2026-12-04, where the step reads 2.4 TB/s).
 """
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -32,9 +33,7 @@ from quantize import (  # noqa: E402
 )
 
 SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336)}
-# -dot: gemv.int4_gemm_few_rows (FASTGEN_INT4_DOT_KERNEL's kernel, which the model runs at 2-16 rows)
-# on the same packed weight; timed at 1 row too, against tinygemm's batch-1 path
-FORMATS = ("bf16", "int8", "int4-g64", "int4-g128", "int4-g64-dot", "int4-g128-dot")
+FORMATS = ("bf16", "int8", "int4-g64", "int4-g128")
 
 
 def layer(fmt: str, weight: torch.Tensor):
@@ -51,70 +50,25 @@ def layer(fmt: str, weight: torch.Tensor):
     module = Int4Linear(K, N, groupsize=groupsize, device=weight.device)
     module.weight, module.scales_and_zeros = quantize_int4(weight, groupsize)
     module.pack_()
-    nbytes = N * K // 2 + module.scales_and_zeros.numel() * 2
-    if fmt.endswith("-dot"):
-        import gemv
-
-        return (lambda x: gemv.int4_gemm_few_rows(x, module.weight, module.scales_and_zeros, groupsize)), nbytes
-    return module, nbytes
+    return module, N * K // 2 + module.scales_and_zeros.numel() * 2
 
 
 def time_cycling(layers, x, device, iters: int) -> float:
-    """Seconds per call, each call through the next of `layers` (the first-call work done before)."""
+    """Seconds per call, each call through the next of `layers` (the first-call work done before);
+    on a GPU one CUDA graph of `iters` calls, replayed."""
     with torch.no_grad():
         for fn, _ in layers:
             fn(x)
         sync(device)
-        calls = iter(range(10**9))
-        return time_loop(lambda: layers[next(calls) % len(layers)][0](x), device, iters)
-
-
-DOT_TILES = [  # gemv.int4_gemm_dot's launch: output rows per program, K splits, warps, stages
-    dict(BLOCK_N=n, SPLITS=sp, num_warps=w, num_stages=st)
-    for n, sp, w, st in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (4, 8), (2, 3))
-]
-
-
-def dot_calls(weights, tiles):
-    """(callable, 0) per weight copy: the int4 dot kernel with these tiles (None: int4_gemm_few_rows')."""
-    import gemv
-
-    if tiles is None:
-        return [(lambda x, w=w: gemv.int4_gemm_few_rows(x, *w, 64), 0) for w in weights]
-    return [(lambda x, w=w: gemv.int4_gemm_dot(x, *w, 64, **tiles), 0) for w in weights]
-
-
-def dot_tiles_main(rows: int, shapes, copies: int, device) -> int:
-    """Each shape's fastest int4 dot tiles at `rows` rows (group 64), each checked against x @ the
-    dequantized weight. The weight is built in tinygemm's CUDA layout by gemv.int4_tinygemm_cuda_layout
-    (test_gpu.py pins it to torch's), so Triton's interpreter can run this too."""
-    import gemv
-
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton's interpreter)"
-    print(f"{where}, torch {torch.__version__}; int4 g64 dot kernel at {rows} rows")
-    print("| shape | N x K | today's tiles us | best us | best tiles |")
-    print("|---|---|---|---|---|")
-    for name in shapes:
-        N, K = SHAPES[name]
-        x = torch.randn(rows, K, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float16)
-        weights = []
-        for _ in range(copies):
-            packed, scales_and_zeros = quantize_int4(torch.randn(N, K) * 0.02, 64)
-            layout = gemv.int4_tinygemm_cuda_layout(packed, int4_inner_k_tiles(K))
-            weights.append((layout.to(device), scales_and_zeros.to(device)))
-        want = x.float() @ dequantize_int4(packed, scales_and_zeros, 64).to(device).T  # the last copy's
-
-        results = []
-        for tiles in DOT_TILES:
-            layers = dot_calls(weights, tiles)
-            if ((layers[-1][0](x).float() - want).norm() / want.norm()) > 1e-2:
-                print(f"  wrong: {tiles}")
-                continue
-            results.append((time_cycling(layers, x, device, 40 if device.type == "cuda" else 1), tiles))
-        best = min(results, key=lambda r: r[0])
-        today = time_cycling(dot_calls(weights, None), x, device, 40 if device.type == "cuda" else 1)
-        print(f"| {name} | {N} x {K} | {today * 1e6:.1f} | {best[0] * 1e6:.1f} | {best[1]} |")
-    return 0
+        if device.type != "cuda":
+            calls = iter(range(10**9))
+            return time_loop(lambda: layers[next(calls) % len(layers)][0](x), device, iters)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(iters):
+                layers[i % len(layers)][0](x)
+        graph.replay()  # warm
+        return time_loop(graph.replay, device, 3) / iters
 
 
 def main(argv=None) -> int:
@@ -125,7 +79,6 @@ def main(argv=None) -> int:
     p.add_argument("--formats", default=",".join(FORMATS), help=f"of {', '.join(FORMATS)}")
     p.add_argument("--copies", type=int, default=4, help="weights cycled through, so L2 holds none")
     p.add_argument("--iters", type=int, default=0, help="timed calls (default: 40 on a GPU, 2 on the CPU)")
-    p.add_argument("--dot-tiles", type=int, default=0, metavar="ROWS", help="sweep the int4 dot kernel's tiles instead")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     shapes = [s for s in args.shapes.split(",") if s]
@@ -133,8 +86,6 @@ def main(argv=None) -> int:
     for name in [s for s in shapes if s not in SHAPES] + [f for f in formats if f not in FORMATS]:
         print(f"error: unknown shape or format {name!r}; shapes: {', '.join(SHAPES)}; formats: {', '.join(FORMATS)}")
         return 2
-    if args.dot_tiles:
-        return dot_tiles_main(args.dot_tiles, shapes, args.copies, device)
     rows = [int(r) for r in args.rows.split(",")]
     iters = args.iters or (40 if device.type == "cuda" else 2)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -146,9 +97,6 @@ def main(argv=None) -> int:
         N, K = SHAPES[name]
         cells = {}
         for fmt in formats:
-            if fmt.endswith("-dot") and device.type != "cuda":
-                cells.update({(fmt, r): "-" for r in rows})  # a CUDA kernel
-                continue
             layers = [layer(fmt, torch.randn(N, K, device=device) * 0.02) for _ in range(args.copies)]
             for r in rows:
                 seconds = time_cycling(layers, torch.randn(r, K, device=device, dtype=torch.bfloat16), device, iters)

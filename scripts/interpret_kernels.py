@@ -1,4 +1,4 @@
-"""Checks kv_attention.decode_attention / quantized_decode_attention and gemv's int8 / int4 kernels against
+"""Checks kv_attention.decode_attention / quantized_decode_attention and gemv.s kernels against
 their PyTorch references with Triton's CPU interpreter, no GPU needed. In a venv with
 `pip install triton` beside the CPU torch:
 
@@ -107,21 +107,6 @@ def down_mix_experts(tokens, gate_up=False):
         return ff(x), want
 
 
-def int4_dot(M, N, K, groupsize, BLOCK_N=32, SPLITS=3, dtype=torch.float16):
-    """The int4 multi-row kernel over tinygemm's CUDA layout (built by int4_tinygemm_cuda_layout)
-    against x @ the dequantized weight. Not bf16 here: the interpreter's bf16 dot gives garbage (fp32
-    and fp16 match to 1e-7 / 2e-4 with the same kernel); test_gpu.py checks bf16 on a GPU."""
-    import quantize
-
-    w = torch.randn(N, K)
-    packed, scales_and_zeros = quantize.quantize_int4(w, groupsize)
-    tiles = quantize.int4_inner_k_tiles(K)
-    x = torch.randn(M, K, dtype=dtype)
-    want = x.float() @ quantize.dequantize_int4(packed, scales_and_zeros, groupsize).T
-    layout = gemv.int4_tinygemm_cuda_layout(packed, tiles)
-    return gemv.int4_gemm_dot(x, layout, scales_and_zeros, groupsize, BLOCK_N=BLOCK_N, SPLITS=SPLITS), want
-
-
 def main():
     torch.manual_seed(0)
     plain_config = gemv.int8_gemv_config
@@ -137,10 +122,6 @@ def main():
     runs += [
         ("bf16-expert down + mix, 3 tokens x 2 of 8, fp16", lambda: expert_down_mix(3, 2, 8, 96, 250, torch.float16))
     ]
-    runs += [("int4 dot, 2 rows, K 256 (T 8), group 64", lambda: int4_dot(2, 48, 256, 64))]
-    runs += [("int4 dot, 8 rows, K 512 (T 8), group 128, one split", lambda: int4_dot(8, 64, 512, 128, SPLITS=1))]
-    runs += [("int4 dot, 16 rows, K 96 (T 2), group 32", lambda: int4_dot(16, 40, 96, 32, BLOCK_N=16))]
-    runs += [("int4 dot, 5 rows, K 192 (T 4), group 64, fp32", lambda: int4_dot(5, 24, 192, 64, 8, 2, torch.float32))]
     runs += [("expert gate/up, 2 tokens x 2 of 16", lambda: expert_gate_up(2, 2, 16))]
     runs += [("expert gate/up, 8 tokens x 2 of 4 (shared experts)", lambda: expert_gate_up(8, 2, 4))]
     runs += [("expert gate/up, 16 tokens x 8 of 8, fp16", lambda: expert_gate_up(16, 8, 8, 64, 48, torch.float16))]

@@ -349,46 +349,6 @@ def test_int8_multi_row_kernels_equal_reference(rows, n, k):
         assert ((got.float() - want).norm() / want.norm()) < 1e-2
 
 
-@pytest.mark.parametrize("tiles", [2, 4, 8])
-def test_int4_layout_written_in_python_is_torchs_cuda_layout(tiles):
-    """gemv.int4_tinygemm_cuda_layout (what the int4 multi-row kernel and its CPU checks rely on)
-    writes exactly what torch's _convert_weight_to_int4pack writes on CUDA."""
-    import gemv
-
-    torch.manual_seed(tiles)
-    packed = torch.randint(0, 256, (72, 16 * tiles * 3 // 2), dtype=torch.uint8)
-    want = torch.ops.aten._convert_weight_to_int4pack(packed.cuda(), tiles)
-    assert torch.equal(gemv.int4_tinygemm_cuda_layout(packed, tiles).cuda(), want)
-
-
-@pytest.mark.parametrize(
-    "rows,n,k,groupsize", [(8, 4096, 4096, 64), (2, 1000, 576, 64), (16, 264, 1280, 128), (5, 64, 96, 32)]
-)
-def test_int4_multi_row_kernel_equals_tinygemm(rows, n, k, groupsize, monkeypatch):
-    """gemv.int4_gemm_few_rows (FASTGEN_INT4_DOT_KERNEL=1) reads the weight Int4Linear packed for
-    tinygemm and gives what tinygemm gives, directly, through Int4Linear eager, and compiled."""
-    import gemv
-    import quantize
-
-    torch.manual_seed(rows + n)
-    n = -(-n // 8) * 8
-    linear = quantize.Int4Linear(k, n, groupsize=groupsize, device="cuda")
-    linear.weight, linear.scales_and_zeros = quantize.quantize_int4(torch.randn(n, k, device="cuda"), groupsize)
-    dequantized = quantize.dequantize_int4(linear.weight, linear.scales_and_zeros, groupsize)
-    linear.pack_()
-    x = torch.randn(rows, linear.padded_in_features, device="cuda", dtype=torch.bfloat16)
-    want = x.float() @ dequantized.T
-    tinygemm = torch.ops.aten._weight_int4pack_mm(x, linear.weight, groupsize, linear.scales_and_zeros)
-    assert ((tinygemm.float() - want).norm() / want.norm()) < 1e-2
-    got = gemv.int4_gemm_few_rows(x, linear.weight, linear.scales_and_zeros, groupsize)
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
-    assert ((got.float() - tinygemm.float()).norm() / tinygemm.float().norm()) < 1e-2
-    monkeypatch.setattr(gemv, "INT4_DOT_ENABLED", True)
-    x3 = x[:, :k].reshape(rows, 1, k)  # decode's [B, 1, K]
-    for out in (linear(x3), torch.compile(linear, fullgraph=True)(x3)):
-        assert ((out.view(rows, n).float() - tinygemm.float()).norm() / tinygemm.float().norm()) < 1e-2
-
-
 @pytest.mark.parametrize("convert", [0, 1, 2])
 def test_int8_gemv_conversions_are_exact(convert):
     """Each int8 -> fp32 form of the GEMV (cvt, the 2^23 trick, prmt) reads every byte value at

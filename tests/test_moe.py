@@ -443,7 +443,7 @@ def test_gpu_compiled_moe_decode_equals_cpu_fp32_eager(monkeypatch, batch, down_
     import gemv
 
     monkeypatch.setattr(gemv, "EXPERT_DOWN_ENABLED", down_mix)
-    monkeypatch.setattr(gemv, "EXPERT_GATE_UP_ENABLED", gate_up)  # opt-in: its gate/up kernel too
+    monkeypatch.setattr(gemv, "EXPERT_GATE_UP_ENABLED", gate_up)  # its gate/up kernel too (default on)
     torch._dynamo.reset()
     cpu = random_moe()
     prompts = GPU_PROMPTS[:batch]
@@ -542,8 +542,8 @@ def test_gpu_expert_down_mix_equals_reference(tokens, k):
 @needs_cuda
 @pytest.mark.parametrize("tokens,k,E", [(2, 8, 128), (8, 2, 4), (16, 8, 16)])
 def test_gpu_expert_gate_up_equals_reference(tokens, k, E, monkeypatch):
-    """gemv.expert_gate_up (FASTGEN_EXPERT_GATE_UP_KERNEL=1: the chosen float experts' gate/up grouped
-    by expert, SiLU(gate) * up in the epilogue) equals Experts.hidden, eager and compiled in a CUDA
+    """gemv.expert_gate_up (the chosen float experts' gate/up grouped by expert, SiLU(gate) * up in the
+    epilogue; on by default, FASTGEN_EXPERT_GATE_UP_KERNEL=0 off) equals Experts.hidden, eager and compiled in a CUDA
     graph, with tokens sharing experts and an intermediate size that is not a multiple of its tiles;
     DownMixExperts takes it when it is on."""
     import gemv

@@ -430,23 +430,3 @@ def test_int8_bf16_decode_on_the_cpu_uses_torchs_int8_kernel(quantized, monkeypa
     odd.weight, odd.scales = quantize_int8(torch.randn(33, 40))
     check(odd, torch.randn(1, 40, dtype=torch.bfloat16))
     assert calls == []
-
-
-def test_int4_cuda_layout_holds_each_value_where_the_kernel_reads_it():
-    """gemv.int4_tinygemm_cuda_layout, read back with the int4 multi-row kernel's mapping (row
-    nt * 8 + t // 4; column ko * 16T + 32j + 8i + 2(t % 4) + h in bits 4i + 16h), gives every quantized
-    value at its place. (That it is torch's CUDA layout is a GPU test: test_gpu.py.)"""
-    import gemv
-    from quantize import int4_inner_k_tiles, quantize_int4, unpack_int4
-
-    for n, k in [(16, 256), (8, 96), (24, 192)]:
-        packed, _ = quantize_int4(torch.randn(n, k), 32)
-        tiles = int4_inner_k_tiles(k)
-        words = gemv.int4_tinygemm_cuda_layout(packed, tiles).long() & 0xFFFFFFFF  # [n/8, k/16T, 32, T/2]
-        nt, ko, t, j, i, h = torch.meshgrid(
-            *(torch.arange(d) for d in (n // 8, k // (16 * tiles), 32, tiles // 2, 4, 2)), indexing="ij"
-        )
-        value = (words[nt, ko, t, j] >> (4 * i + 16 * h)) & 15
-        row, col = nt * 8 + t // 4, ko * 16 * tiles + 32 * j + 8 * i + 2 * (t % 4) + h
-        want = unpack_int4(packed).long()
-        assert torch.equal(value, want[row, col]) and row.numel() == n * k
