@@ -9,6 +9,7 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
 `*_reference` functions, or the model's own code) that the GPU tests and the interpreter check
 (scripts/interpret_kernels.py) compare it with. What is here, and who calls it:
 
+  float_gemv                DecodeLinear, 1 row          opt-in: bf16/fp32 weight, one pass (beat cuBLAS alone)
   int8_gemv                 Int8Linear, 1 row            int8 weight, one pass, CUDA cores
   int8_gemm_few_rows        Int8Linear, 2-16 rows        tensor cores over a 16-row tile, split over K
   int8_expert_gemv          Int8Experts, decode          the batch-1 GEMV with the expert picked per row
@@ -122,6 +123,22 @@ def int8_gemv_config(n: int, k: int) -> dict:
     return dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=1, CONVERT=INT8_CONVERT)
 
 
+# float_gemv: a batch-1 decode step's float linears (DecodeLinear), the int8 GEMV's loop over a bf16 /
+# fp32 weight. On the H200 it beat cuBLAS (F.linear) at every projection of SmolLM2-135M and
+# Llama-3-8B, each replayed 2-64 times in a CUDA graph (scripts/small_gemv_sweep.py, 2026-12-04):
+# SmolLM2 wqkv 2.08 vs 3.67 us, wo 1.94 vs 3.37, w13 2.90 vs 4.14, w2 2.34 vs 5.10; Llama-3-8B wqkv
+# 14.5 vs 17.5, wo 10.5 vs 12.8, w13 54.1 vs 55.0, w2 28.8 vs 32.4 (cuBLAS splits wo and w2 over K
+# and adds a reduction kernel). Two rows per program won at every shape; warps and K steps moved
+# the result by a few percent. Opt-in (FASTGEN_FLOAT_GEMV=1) until the whole step has been timed
+# with it and its GPU test has run (gpu_pending.sh floatgemv; written after the device time ran out).
+# Expected from the sweep: SmolLM2's step ~0.95 -> ~0.75 ms, Llama-3-8B's 4.59 -> ~4.25 ms.
+FLOAT_GEMV_ENABLED = os.environ.get("FASTGEN_FLOAT_GEMV", "0") == "1"
+
+
+def float_gemv_config(n: int, k: int) -> dict:
+    return dict(BLOCK_N=2, BLOCK_K=2048 if k > 4096 else 1024, num_warps=2 if k > 4096 else 4)
+
+
 # 2 to 16 activation rows (batch 2-16 decode) go through _int8_gemm_dot_kernel: tensor cores over a
 # 16-row tile, split over K so that a short N still fills the GPU. On the H200 it read 830-3340 GB/s
 # of int8 weight at 2, 4, 8 and 16 rows, against 245-1770 for the batch-1 kernel once per row or a
@@ -179,8 +196,9 @@ if triton is not None:
         return f
 
     @triton.jit
-    def _int8_gemv_block(x_ptr, w_ptr, scale_ptr, y_ptr, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT):
-        # BLOCK_N outputs of one activation row: x_ptr [K], w_ptr [N, K] int8, scale_ptr [N], y_ptr [N]
+    def _int8_gemv_block(x_ptr, w_ptr, scale_ptr, y_ptr, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT, HAS_SCALES):
+        # BLOCK_N outputs of one activation row: x_ptr [K], w_ptr [N, K] int8 (or float: CONVERT 0 and
+        # no scales), scale_ptr [N], y_ptr [N]
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         row_ok = rows < N
@@ -194,8 +212,9 @@ if triton is not None:
                 w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0, eviction_policy="evict_first"
             )  # read once: keep L2 for x
             acc += _int8_to_fp32(w, CONVERT) * x[None, :]
-        scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        y = tl.sum(acc, axis=1) * scale
+        y = tl.sum(acc, axis=1)
+        if HAS_SCALES:
+            y = y * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
@@ -204,7 +223,12 @@ if triton is not None:
     ):
         # one program: BLOCK_N outputs of activation row m
         pid_n, m = tl.program_id(0), tl.program_id(1)
-        _int8_gemv_block(x_ptr + m * K, w_ptr, scale_ptr, y_ptr + m * N, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT)
+        _int8_gemv_block(x_ptr + m * K, w_ptr, scale_ptr, y_ptr + m * N, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT, True)
+
+    @triton.jit
+    def _float_gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one program: BLOCK_N outputs of the one activation row, the float weight read once
+        _int8_gemv_block(x_ptr, w_ptr, w_ptr, y_ptr, tl.program_id(0), N, K, BLOCK_N, BLOCK_K, 0, False)
 
     @triton.jit
     def _int8_expert_gemv_kernel(
@@ -225,7 +249,7 @@ if triton is not None:
         e = tl.load(ids_ptr + r).to(tl.int64)
         w = w_ptr + e * N * K
         x = x_ptr + (r // rows_per_x) * K
-        _int8_gemv_block(x, w, scale_ptr + e * N, y_ptr + r * N, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT)
+        _int8_gemv_block(x, w, scale_ptr + e * N, y_ptr + r * N, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT, True)
 
     @triton.jit
     def _int8_expert_dot_kernel(
@@ -349,6 +373,15 @@ if triton is not None:
         cfg = int8_gemv_config(N, K)
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), M)
         wrap_triton(_int8_gemv_kernel)[grid](x, weight, scales, y, N, K, **cfg)
+        return y
+
+    @triton_op("fastgen::float_gemv", mutates_args={})
+    def float_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [1, K] (contiguous), weight [N, K] float -> [1, N] in x.dtype: F.linear(x, weight)."""
+        K, N = x.shape[1], weight.shape[0]
+        y = torch.empty((1, N), dtype=x.dtype, device=x.device)
+        cfg = float_gemv_config(N, K)
+        wrap_triton(_float_gemv_kernel)[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, y, N, K, **cfg)
         return y
 
     @triton_op("fastgen::int8_expert_gemv", mutates_args={})
@@ -531,9 +564,24 @@ class DownMixExperts(Experts):
         return super().mixed(x, expert_ids, weights)
 
 
-def use_expert_down_mix(model: torch.nn.Module) -> None:
-    """Give a model's float experts on a GPU the kernel (generate.Generator.setup calls this, before
-    any step is traced). The class changes in place, so the parameters are not copied."""
+class DecodeLinear(torch.nn.Linear):
+    """A float nn.Linear whose batch-1 decode calls (one activation row, on a GPU) go through
+    float_gemv instead of cuBLAS; every other call is nn.Linear's."""
+
+    def forward(self, x):
+        if FLOAT_GEMV_ENABLED and x.numel() == self.in_features and available(x):
+            y = float_gemv(x.reshape(1, -1).contiguous(), self.weight).view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return super().forward(x)
+
+
+def use_decode_kernels(model: torch.nn.Module) -> None:
+    """Give a model on a GPU this file's float decode kernels (generate.Generator.setup calls this,
+    before any step is traced): its float experts become DownMixExperts, its float nn.Linears
+    DecodeLinear. The class changes in place, so the parameters are not copied; quantized linears
+    (quantize.py's) and everything on the CPU stay as they are."""
     for module in model.modules():
         if type(module) is Experts and available(module.w2):
             module.__class__ = DownMixExperts
+        elif type(module) is torch.nn.Linear and available(module.weight) and module.weight.is_floating_point():
+            module.__class__ = DecodeLinear

@@ -414,7 +414,7 @@ class Generator:
         ):
             compute_dtype = m.tok_embeddings.weight.dtype
             m.setup_caches(batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype))
-        gemv.use_expert_down_mix(m)
+        gemv.use_decode_kernels(m)
         spec = self.speculation
         if spec is not None:
             if spec.draft is not None and (
@@ -424,7 +424,7 @@ class Generator:
                 spec.draft.setup_caches(
                     batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype)
                 )
-                gemv.use_expert_down_mix(spec.draft)
+                gemv.use_decode_kernels(spec.draft)
             # Each row's text by slot (prompt, generated tokens, its last token at its position): the
             # tokens prompt lookup searches and the draft is fed. One spare slot: a step writes its
             # tokens after the last token.

@@ -69,6 +69,17 @@ def main(argv=None):
                 range(6),
                 **launch,
             )
+    for n, k in ((960, 576), (4096, 14336)):  # SmolLM2's wqkv, Llama-3-8B's w2
+        cfg = gemv.float_gemv_config(n, k)
+        build(
+            target,
+            f"float gemv {n}x{k}",
+            gemv._float_gemv_kernel,
+            {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "K": "i32"},
+            {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]},
+            range(5),
+            num_warps=cfg["num_warps"],
+        )
     dot_sig = {
         "x_ptr": "*bf16",
         "w_ptr": "*i8",

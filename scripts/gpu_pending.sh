@@ -24,6 +24,9 @@
 #                                          #   (bf16, int8, tinygemm g64/g128) at 1-16 rows, each replayed in a CUDA
 #                                          #   graph (int4_rows_sweep.py), then 8 layers of the int4 step profiled at
 #                                          #   B1 and B8
+#   bash scripts/gpu_pending.sh floatgemv  # ~5 min: the opt-in batch-1 float GEMV (gemv.float_gemv, FASTGEN_FLOAT_GEMV=1;
+#                                          #   it beat cuBLAS at every SmolLM2 / Llama-3-8B projection alone):
+#                                          #   its GPU test, then SmolLM2-135M and Llama-3-8B B1 steps with and without
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -126,6 +129,14 @@ int4rows)
     decode int4_b1 120 --weights int4-g64 --layers 8 --batch 1
     decode int4_b8 120 --weights int4-g64 --layers 8 --batch 8
     ;;
+floatgemv)
+    step floatgemv_tests 90 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "float_gemv"
+    summary+=("  $(tail -n 1 "$out/floatgemv_tests.txt")")
+    decode smol 90 --model smollm2-135m
+    FASTGEN_FLOAT_GEMV=1 decode smol_gemv 90 --model smollm2-135m
+    decode llama 100 --model llama-3-8b
+    FASTGEN_FLOAT_GEMV=1 decode llama_gemv 100 --model llama-3-8b
+    ;;
 autotune)
     decode smol 90 --model smollm2-135m
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode smol_autotune 150 --model smollm2-135m
@@ -133,7 +144,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv or autotune" >&2
     exit 2
     ;;
 esac

@@ -26,8 +26,6 @@ from bench_common import sync, time_loop  # noqa: E402
 from quantize import (  # noqa: E402
     Int4Linear,
     Int8Linear,
-    dequantize_int4,
-    int4_inner_k_tiles,
     quantize_int4,
     quantize_int8,
 )

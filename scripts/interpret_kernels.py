@@ -61,6 +61,11 @@ def int8_gemv(M=3, N=300, K=1030):
     return gemv.int8_gemv(x, w, scales), gemv.int8_gemv_reference(x, w, scales)
 
 
+def float_gemv(N=301, K=5000, dtype=torch.float32):  # K > 4096: the 2048-wide K step; N odd: a half tile
+    x, w = torch.randn(1, K, dtype=dtype), torch.randn(N, K, dtype=dtype) / 30
+    return gemv.float_gemv(x, w), torch.nn.functional.linear(x.float(), w.float()).to(dtype)
+
+
 def int8_expert_gemv(R=6, E=8, N=96, K=1100, X=6, grouped=False):  # X < R: each x row through R / X experts
     x, ids = torch.randn(X, K, dtype=torch.float16), torch.randint(0, E, (R,))
     if grouped:  # a token's experts are distinct (top k): at most one pair per (token, expert)
@@ -114,6 +119,10 @@ def main():
     gemv.INT8_CONVERT = 1
     runs = [(f"{case}", lambda case=case: unquantized(*case)) for case in CASES] + [("int8 KV", int8)]
     runs += [("int8 gemv", int8_gemv), ("int8 expert gemv", int8_expert_gemv)]
+    runs += [
+        ("float gemv, fp32, K 5000", float_gemv),
+        ("float gemv, fp16, 576", lambda: float_gemv(960, 576, torch.float16)),
+    ]
     runs += [("int8 expert gemv, 1 token x 8 experts", lambda: int8_expert_gemv(R=8, X=1))]
     runs += [("int8 expert gemv, 3 tokens x 2 experts", lambda: int8_expert_gemv(R=6, X=3))]
     runs += [("int8 grouped experts, 8 tokens x 2 of 8", lambda: int8_expert_gemv(R=16, X=8, grouped=True))]

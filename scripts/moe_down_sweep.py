@@ -19,9 +19,9 @@ The model runs the kernel (gemv.DownMixExperts) from gemv.EXPERT_DOWN_MIN_TOKENS
 numbers chose that threshold and the tile.
 
 --gate-up times the step before it, SiLU(gate) * up of the chosen experts: Inductor's gathered
-reduction (Experts.hidden, compiled) against gemv.expert_gate_up (grouped by expert, the default from 2 to 16 tokens), at its
-default tile and over GATE_UP_TILES. GB/s there counts the distinct chosen experts' w13 (what a
-grouped read must move).
+reduction (Experts.hidden, compiled) against gemv.expert_gate_up (grouped by expert, the default
+from 2 to 16 tokens), at its default tile and over GATE_UP_TILES. GB/s there counts the distinct
+chosen experts' w13 (what a grouped read must move).
 """
 
 import argparse

@@ -42,8 +42,7 @@ SHAPES = {  # name: (N, K), the model's own [out, in]
     "llama-w2": (4096, 14336),
 }
 TRITON_TILES = [
-    dict(BLOCK_N=n, BLOCK_K=k, num_warps=w)
-    for n, k, w in itertools.product((2, 4, 8, 16), (256, 512, 1024), (2, 4))
+    dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n, k, w in itertools.product((2, 4, 8, 16), (256, 512, 1024), (2, 4))
 ]
 L2_BYTES = 64 * 2**20  # more than an H100's / H200's 50 MB: the copies cycled fill it
 
@@ -80,11 +79,63 @@ def triton_gemv(x, w, ones, tiles):
     return y
 
 
+COLUMNS = ["copies", "cublas", "triton (best tile)", "inductor", "norm+cublas", "norm+inductor"]
+
+
+def shape_row(name, copies, device, dtype, iters, compile_variants) -> dict:
+    """{column: cell} for one shape: us per call (GB/s of weight)."""
+    N, K = SHAPES[name]
+    nbytes = N * K * torch.finfo(dtype).bits // 8
+    copies = copies or max(2, min(64, -(-L2_BYTES // nbytes)))
+    weights = [torch.randn(N, K, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
+    gamma = torch.rand(K, device=device, dtype=dtype) + 0.5
+    x = torch.randn(1, K, device=device, dtype=dtype)
+    want = F.linear(x, weights[0]).float()
+
+    def timed(call):
+        seconds = time_calls(call, copies, device, iters)
+        return seconds, f"{seconds * 1e6:.2f} ({nbytes / seconds / 1e9:.0f})"
+
+    cells = {"copies": str(copies), "cublas": timed(lambda i: F.linear(x, weights[i]))[1]}
+    cells.update({c: "-" for c in COLUMNS[2:]})
+    if device.type == "cuda":
+        ones = torch.ones(N, device=device, dtype=torch.float32)
+        best = None
+        for tiles in TRITON_TILES:
+            if tiles["BLOCK_K"] > max(256, 1 << (K - 1).bit_length()):
+                continue
+            got = triton_gemv(x, weights[0], ones, tiles).float()
+            if (got - want).norm() / want.norm() > 1e-2:
+                print(f"  wrong: {name} {tiles}")
+                continue
+            result = timed(lambda i, t=tiles: triton_gemv(x, weights[i], ones, t))
+            if best is None or result[0] < best[0][0]:
+                best = (result, tiles)
+        (_, cell), tiles = best
+        cells["triton (best tile)"] = f"{cell} {tiles['BLOCK_N']}/{tiles['BLOCK_K']}/{tiles['num_warps']}w"
+    if compile_variants:
+        variants = {
+            "inductor": lambda x, g, w: (x.float().unsqueeze(-2) * w.float()).sum(-1).to(x.dtype),
+            "norm+cublas": lambda x, g, w: F.linear(rms_norm(x, g), w),
+            "norm+inductor": lambda x, g, w: (rms_norm(x, g).float().unsqueeze(-2) * w.float()).sum(-1).to(x.dtype),
+        }
+        for column, fn in variants.items():
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+            if column == "inductor":
+                got = compiled(x, gamma, weights[0]).float()
+                assert (got - want).norm() / want.norm() < 1e-2, column
+            cells[column] = timed(lambda i, f=compiled: f(x, gamma, weights[i]))[1]
+    return cells
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
-    p.add_argument("--copies", type=int, default=0, help="weights cycled through (default: enough to overflow L2, <= 64)")
+    p.add_argument(
+        "--copies", type=int, default=0, help="weights cycled through (default: enough to overflow L2, <= 64)"
+    )
     p.add_argument("--iters", type=int, default=0, help="graph replays timed (default 20 on a GPU, 2 on the CPU)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
     args = p.parse_args(argv)
@@ -96,60 +147,14 @@ def main(argv=None) -> int:
             return 2
     iters = args.iters or (20 if device.type == "cuda" else 2)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    use_triton = device.type == "cuda"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{where}, torch {torch.__version__}, {dtype}; us per call (GB/s of weight), batch 1")
-    columns = ["cublas", "triton (best tile)", "inductor", "norm+cublas", "norm+inductor"]
-    print("| shape | N x K | copies | " + " | ".join(columns) + " |")
-    print("|---|---|---|" + "---|" * len(columns))
+    print("| shape | N x K | copies | " + " | ".join(COLUMNS[1:]) + " |")
+    print("|---|---|---|" + "---|" * (len(COLUMNS) - 1))
     torch.manual_seed(0)
     for name in shapes:
-        N, K = SHAPES[name]
-        nbytes = N * K * torch.finfo(dtype).bits // 8
-        copies = args.copies or max(2, min(64, -(-L2_BYTES // nbytes)))
-        weights = [torch.randn(N, K, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
-        gamma = torch.rand(K, device=device, dtype=dtype) + 0.5
-        x = torch.randn(1, K, device=device, dtype=dtype)
-        want = F.linear(x, weights[0]).float()
-        cells = {}
-
-        def cell(seconds):
-            return f"{seconds * 1e6:.2f} ({nbytes / seconds / 1e9:.0f})"
-
-        cells["cublas"] = cell(time_calls(lambda i: F.linear(x, weights[i]), copies, device, iters))
-        if use_triton:
-            ones = torch.ones(N, device=device, dtype=torch.float32)
-            best = None
-            for tiles in TRITON_TILES:
-                if tiles["BLOCK_K"] > max(256, 1 << (K - 1).bit_length()):
-                    continue
-                got = triton_gemv(x, weights[0], ones, tiles).float()
-                if (got - want).norm() / want.norm() > 1e-2:
-                    print(f"  wrong: {name} {tiles}")
-                    continue
-                seconds = time_calls(lambda i, t=tiles: triton_gemv(x, weights[i], ones, t), copies, device, iters)
-                if best is None or seconds < best[0]:
-                    best = (seconds, tiles)
-            tiles = best[1]
-            cells["triton (best tile)"] = f"{cell(best[0])} {tiles['BLOCK_N']}/{tiles['BLOCK_K']}/{tiles['num_warps']}w"
-        else:
-            cells["triton (best tile)"] = "-"
-        if args.no_compile:
-            cells.update({c: "-" for c in columns[2:]})
-        else:
-            variants = {
-                "inductor": lambda x, g, w: (x.float().unsqueeze(-2) * w.float()).sum(-1).to(x.dtype),
-                "norm+cublas": lambda x, g, w: F.linear(rms_norm(x, g), w),
-                "norm+inductor": lambda x, g, w: (rms_norm(x, g).float().unsqueeze(-2) * w.float()).sum(-1).to(x.dtype),
-            }
-            for column, fn in variants.items():
-                torch._dynamo.reset()
-                compiled = torch.compile(fn, fullgraph=True, dynamic=False)
-                if column == "inductor":
-                    got = compiled(x, gamma, weights[0]).float()
-                    assert (got - want).norm() / want.norm() < 1e-2, column
-                cells[column] = cell(time_calls(lambda i: compiled(x, gamma, weights[i]), copies, device, iters))
-        print(f"| {name} | {N} x {K} | {copies} | " + " | ".join(cells[c] for c in columns) + " |", flush=True)
+        cells = shape_row(name, args.copies, device, dtype, iters, not args.no_compile)
+        print(f"| {name} | {' x '.join(map(str, SHAPES[name]))} | " + " | ".join(cells[c] for c in COLUMNS) + " |")
     return 0
 
 

@@ -528,3 +528,17 @@ def test_int4_rows_sweep_cpu_table(capsys):
         assert len(cells) == len(int4_rows_sweep.FORMATS)
         assert all(float(c.split(" ")[0]) > 0 and c.endswith(")") for c in cells), r
     assert int4_rows_sweep.main(["--device", "cpu", "--formats", "int3"]) == 2
+
+
+def test_small_gemv_sweep_cpu_table(capsys):
+    """scripts/small_gemv_sweep.py on the CPU: cuBLAS's column (F.linear here) timed, the GPU-only
+    columns a dash, the torch.compile columns skipped on request; an unknown shape is exit 2."""
+    import small_gemv_sweep
+
+    argv = ["--device", "cpu", "--shapes", "smol-wo", "--copies", "2", "--iters", "1", "--no-compile"]
+    assert small_gemv_sweep.main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| smol-wo |")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].split("|")[3:-1]]
+    assert cells[0] == "2" and float(cells[1].split(" ")[0]) > 0 and cells[2:] == ["-"] * 4
+    assert small_gemv_sweep.main(["--device", "cpu", "--shapes", "smol-x"]) == 2

@@ -349,6 +349,33 @@ def test_int8_multi_row_kernels_equal_reference(rows, n, k):
         assert ((got.float() - want).norm() / want.norm()) < 1e-2
 
 
+@pytest.mark.parametrize("n,k", [(960, 576), (1000, 4100), (7, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_float_gemv_equals_linear(n, k, dtype, monkeypatch):
+    """gemv.float_gemv (a batch-1 step's float linears) gives F.linear, at shapes that do not fill
+    its tiles; DecodeLinear takes it for one row, eager and compiled, and keeps nn.Linear (cuBLAS)
+    for more rows; use_decode_kernels gives the class to a model's float linears."""
+    import gemv
+
+    torch.manual_seed(n)
+    linear = torch.nn.Linear(k, n, bias=True, device="cuda", dtype=dtype)
+    x = torch.randn(1, 1, k, device="cuda", dtype=dtype)
+    want = torch.nn.functional.linear(x, linear.weight, linear.bias).float()
+    got = gemv.float_gemv(x.view(1, k), linear.weight)
+    assert got.dtype == dtype and got.shape == (1, n)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert ((got.float() + linear.bias.float() - want).norm() / want.norm()) < tol
+    linear.__class__ = gemv.DecodeLinear
+    monkeypatch.setattr(gemv, "FLOAT_GEMV_ENABLED", True)  # opt-in until timed in the step
+    for out in (linear(x), torch.compile(linear, fullgraph=True)(x)):
+        assert out.shape == (1, 1, n) and ((out.float() - want).norm() / want.norm()) < tol
+    x4 = torch.randn(4, 1, k, device="cuda", dtype=dtype)
+    assert torch.equal(linear(x4), torch.nn.functional.linear(x4, linear.weight, linear.bias))
+    model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, intermediate_size=96, vocab_size=100)).cuda()
+    gemv.use_decode_kernels(model)
+    assert type(model.output) is gemv.DecodeLinear and type(model.layers[0].attention.wqkv) is gemv.DecodeLinear
+
+
 @pytest.mark.parametrize("convert", [0, 1, 2])
 def test_int8_gemv_conversions_are_exact(convert):
     """Each int8 -> fp32 form of the GEMV (cvt, the 2^23 trick, prmt) reads every byte value at

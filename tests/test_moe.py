@@ -206,7 +206,7 @@ def test_grouped_paths_equal_gather(monkeypatch):
 
 def test_mixed_is_the_weighted_sum_and_cpu_experts_keep_their_class():
     """Experts.mixed (the decode path's gathered outputs, weighted and summed) equals the sum written
-    out; gemv.use_expert_down_mix gives the kernel class only to experts on a GPU."""
+    out; gemv.use_decode_kernels gives the kernel classes only to experts and linears on a GPU."""
     import gemv
 
     torch.manual_seed(0)
@@ -221,8 +221,8 @@ def test_mixed_is_the_weighted_sum_and_cpu_experts_keep_their_class():
     weights, ids = ff.route(x)
     want = (ff.experts.gathered(x, ids) * weights.unsqueeze(-1)).sum(1)
     assert rel_err(ff.experts.mixed(x, ids, weights), want) < 1e-6
-    gemv.use_expert_down_mix(m)
-    assert type(ff.experts) is Experts
+    gemv.use_decode_kernels(m)
+    assert type(ff.experts) is Experts and type(m.output) is torch.nn.Linear
     ff.experts.__class__ = gemv.DownMixExperts  # on the CPU it falls back to Experts.mixed
     assert rel_err(ff.experts.mixed(x, ids, weights), want) < 1e-6
 
