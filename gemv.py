@@ -9,7 +9,8 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
 `*_reference` functions, or the model's own code) that the GPU tests and the interpreter check
 (scripts/interpret_kernels.py) compare it with. What is here, and who calls it:
 
-  float_gemv                DecodeLinear, 1 row          opt-in: bf16/fp32 weight, one pass (beat cuBLAS alone)
+  float_gemv                DecodeLinear, DecodeBlock    opt-in: a float weight, 1 row, one pass (beat cuBLAS
+                                                         alone), with the norm / SiLU * up / residual around it
   int8_gemv                 Int8Linear, 1 row            int8 weight, one pass, CUDA cores
   int8_gemm_few_rows        Int8Linear, 2-16 rows        tensor cores over a 16-row tile, split over K
   int8_expert_gemv          Int8Experts, decode          the batch-1 GEMV with the expert picked per row
@@ -22,7 +23,7 @@ import os
 
 import torch
 
-from model import Experts, pairs_by_expert
+from model import Experts, FeedForward, RMSNorm, TransformerBlock, pairs_by_expert
 
 try:  # Triton ships with CUDA builds of torch; a CPU-only install has none
     import triton
@@ -50,6 +51,20 @@ def expert_down_mix_reference(h, expert_ids, mix, weight) -> torch.Tensor:
     (the routing weights), weight [E, D, I] float -> [N, D] in h.dtype: sum_j mix_j (w2[e_j] @ h_j)."""
     y = (weight[expert_ids].float() @ h.float().unsqueeze(-1)).squeeze(-1)  # [N, k, D]
     return (y * mix.float().unsqueeze(-1)).sum(dim=1).to(h.dtype)
+
+
+def float_gemv_reference(x, weight, norm_weight=None, residual=None, eps=0.0, glu=False) -> torch.Tensor:
+    """x [1, K] (with glu [1, 2K]: gate, then up), weight [N, K] float, norm_weight [K], residual
+    [1, N] -> [1, N] in x.dtype: residual + weight @ rms_norm(SiLU(gate) * up), each part only where
+    asked for, in fp32."""
+    h = x.float()
+    if glu:
+        gate, up = h.chunk(2, dim=-1)
+        h = torch.nn.functional.silu(gate) * up
+    if norm_weight is not None:
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+    y = h @ weight.float().T
+    return (y if residual is None else y + residual.float()).to(x.dtype)
 
 
 # expert_down_mix: a batched decode step's float experts (MoEFeedForward.forward). On the H200 at
@@ -133,6 +148,10 @@ def int8_gemv_config(n: int, k: int) -> dict:
 # with it and its GPU test has run (gpu_pending.sh floatgemv; written after the device time ran out).
 # Expected from the sweep: SmolLM2's step ~0.95 -> ~0.75 ms, Llama-3-8B's 4.59 -> ~4.25 ms.
 FLOAT_GEMV_ENABLED = os.environ.get("FASTGEN_FLOAT_GEMV", "0") == "1"
+# The same kernel with the block around it folded in (DecodeBlock: norm, SiLU * up, residual), a
+# batch-1 layer in 9 kernels instead of 12. Written after the device time ran out: opt-in
+# (FASTGEN_FUSED_DECODE=1) until gpu_pending.sh floatgemv has timed it against the two above.
+FUSED_DECODE_ENABLED = os.environ.get("FASTGEN_FUSED_DECODE", "0") == "1"
 
 
 def float_gemv_config(n: int, k: int) -> dict:
@@ -196,9 +215,8 @@ if triton is not None:
         return f
 
     @triton.jit
-    def _int8_gemv_block(x_ptr, w_ptr, scale_ptr, y_ptr, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT, HAS_SCALES):
-        # BLOCK_N outputs of one activation row: x_ptr [K], w_ptr [N, K] int8 (or float: CONVERT 0 and
-        # no scales), scale_ptr [N], y_ptr [N]
+    def _int8_gemv_block(x_ptr, w_ptr, scale_ptr, y_ptr, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT):
+        # BLOCK_N outputs of one activation row: x_ptr [K], w_ptr [N, K] int8, scale_ptr [N], y_ptr [N]
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         row_ok = rows < N
@@ -212,9 +230,8 @@ if triton is not None:
                 w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0, eviction_policy="evict_first"
             )  # read once: keep L2 for x
             acc += _int8_to_fp32(w, CONVERT) * x[None, :]
-        y = tl.sum(acc, axis=1)
-        if HAS_SCALES:
-            y = y * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        y = tl.sum(acc, axis=1) * scale
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
@@ -223,12 +240,53 @@ if triton is not None:
     ):
         # one program: BLOCK_N outputs of activation row m
         pid_n, m = tl.program_id(0), tl.program_id(1)
-        _int8_gemv_block(x_ptr + m * K, w_ptr, scale_ptr, y_ptr + m * N, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT, True)
+        _int8_gemv_block(x_ptr + m * K, w_ptr, scale_ptr, y_ptr + m * N, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT)
 
     @triton.jit
-    def _float_gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # one program: BLOCK_N outputs of the one activation row, the float weight read once
-        _int8_gemv_block(x_ptr, w_ptr, w_ptr, y_ptr, tl.program_id(0), N, K, BLOCK_N, BLOCK_K, 0, False)
+    def _float_gemv_kernel(
+        x_ptr,  # [K], or with GLU [2K]: the gate half, then the up half
+        w_ptr,  # [N, K] float
+        norm_ptr,  # [K]: the RMSNorm weight applied to x first (NORM)
+        res_ptr,  # [N]: the residual stream, added to the output (RESIDUAL)
+        y_ptr,  # [N]
+        N,
+        K,
+        EPS: tl.constexpr,  # the RMSNorm's (a constant: a float argument would reach the kernel as fp64)
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        NORM: tl.constexpr,
+        GLU: tl.constexpr,
+        RESIDUAL: tl.constexpr,
+    ):
+        # BLOCK_N outputs of the one activation row, the weight read once. Each program reads all of
+        # x anyway, so the norm costs no pass of its own: W (g * x * r) = r * (W (g * x)), with the
+        # scalar r = rsqrt(mean(x^2) + eps) summed along the way and applied at the end.
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        row_ok = rows < N
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + cols
+            k_ok = k < K
+            x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            if GLU:  # SiLU(gate) * up, FeedForward's hidden
+                up = tl.load(x_ptr + K + k, mask=k_ok, other=0.0).to(tl.float32)
+                x = x * tl.sigmoid(x) * up
+            if NORM:
+                squares += x * x
+                x = x * tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(
+                w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first"
+            )  # read once: keep L2 for x
+            acc += w.to(tl.float32) * x[None, :]
+        y = tl.sum(acc, axis=1)
+        if NORM:
+            y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + EPS)
+        if RESIDUAL:
+            y += tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
     def _int8_expert_gemv_kernel(
@@ -249,7 +307,7 @@ if triton is not None:
         e = tl.load(ids_ptr + r).to(tl.int64)
         w = w_ptr + e * N * K
         x = x_ptr + (r // rows_per_x) * K
-        _int8_gemv_block(x, w, scale_ptr + e * N, y_ptr + r * N, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT, True)
+        _int8_gemv_block(x, w, scale_ptr + e * N, y_ptr + r * N, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT)
 
     @triton.jit
     def _int8_expert_dot_kernel(
@@ -376,12 +434,32 @@ if triton is not None:
         return y
 
     @triton_op("fastgen::float_gemv", mutates_args={})
-    def float_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x [1, K] (contiguous), weight [N, K] float -> [1, N] in x.dtype: F.linear(x, weight)."""
-        K, N = x.shape[1], weight.shape[0]
+    def float_gemv(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        norm_weight: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+        eps: float = 0.0,
+        glu: bool = False,
+    ) -> torch.Tensor:
+        """float_gemv_reference's contract, one kernel: x [1, K] ([1, 2K] with glu), contiguous."""
+        K, N = weight.shape[1], weight.shape[0]
         y = torch.empty((1, N), dtype=x.dtype, device=x.device)
         cfg = float_gemv_config(N, K)
-        wrap_triton(_float_gemv_kernel)[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, y, N, K, **cfg)
+        wrap_triton(_float_gemv_kernel)[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+            x,
+            weight,
+            weight if norm_weight is None else norm_weight,  # never read without NORM
+            weight if residual is None else residual,  # never read without RESIDUAL
+            y,
+            N,
+            K,
+            EPS=eps,
+            NORM=norm_weight is not None,
+            GLU=glu,
+            RESIDUAL=residual is not None,
+            **cfg,
+        )
         return y
 
     @triton_op("fastgen::int8_expert_gemv", mutates_args={})
@@ -575,13 +653,55 @@ class DecodeLinear(torch.nn.Linear):
         return super().forward(x)
 
 
+class DecodeBlock(TransformerBlock):
+    """A dense block whose batch-1 decode step (one token, on a GPU) runs its four projections as
+    float_gemv with the rest of the block folded in: the RMSNorm into wqkv's and w13's loop, the
+    residual add into wo's and w2's store, SiLU(gate) * up into w2's load. Three fewer kernels a
+    layer than the compiled nn.Linear path, besides the GEMV itself. Every other call, and every
+    call with FASTGEN_FUSED_DECODE unset, is TransformerBlock's."""
+
+    def forward(self, x, cos, sin, attend, input_pos):
+        if not (FUSED_DECODE_ENABLED and x.numel() == x.shape[-1] and available(x)):
+            return super().forward(x, cos, sin, attend, input_pos)
+        attention, ffn = self.attention, self.feed_forward
+        x1 = x.reshape(1, -1)  # [1, D]
+        qkv = float_gemv(x1, attention.wqkv.weight, self.attention_norm.weight, eps=self.attention_norm.eps)
+        if attention.wqkv.bias is not None:
+            qkv = qkv + attention.wqkv.bias
+        heads = attention.attend_qkv(qkv.view(1, 1, -1), cos, sin, attend, input_pos).reshape(1, -1)
+        h = float_gemv(heads, attention.wo.weight, residual=x1)
+        hidden = float_gemv(h, ffn.w13.weight, self.ffn_norm.weight, eps=self.ffn_norm.eps)
+        return float_gemv(hidden, ffn.w2.weight, residual=h, glu=True).view_as(x)
+
+
+def fusable_block(block: torch.nn.Module) -> bool:
+    """A dense block of float nn.Linears without hooks (tensor parallel's all-reduces are forward
+    hooks on wo and w2: the fused path would skip them) and without biases past wqkv's."""
+    if type(block) is not TransformerBlock or type(block.feed_forward) is not FeedForward:
+        return False
+    if type(block.attention_norm) is not RMSNorm or type(block.ffn_norm) is not RMSNorm:
+        return False
+    a, f = block.attention, block.feed_forward
+    linears = (a.wqkv, a.wo, f.w13, f.w2)
+    return (
+        all(type(m) in (torch.nn.Linear, DecodeLinear) and m.weight.is_floating_point() for m in linears)
+        and all(not m._forward_hooks and not m._forward_pre_hooks for m in linears)
+        and a.wo.bias is None
+        and f.w13.bias is None
+        and f.w2.bias is None
+        and available(a.wo.weight)
+    )
+
+
 def use_decode_kernels(model: torch.nn.Module) -> None:
     """Give a model on a GPU this file's float decode kernels (generate.Generator.setup calls this,
-    before any step is traced): its float experts become DownMixExperts, its float nn.Linears
-    DecodeLinear. The class changes in place, so the parameters are not copied; quantized linears
-    (quantize.py's) and everything on the CPU stay as they are."""
+    before any step is traced): its dense float blocks become DecodeBlock, its float experts
+    DownMixExperts, its float nn.Linears DecodeLinear. The class changes in place, so the parameters
+    are not copied; quantized linears (quantize.py's) and everything on the CPU stay as they are."""
     for module in model.modules():
-        if type(module) is Experts and available(module.w2):
+        if fusable_block(module):
+            module.__class__ = DecodeBlock
+        elif type(module) is Experts and available(module.w2):
             module.__class__ = DownMixExperts
         elif type(module) is torch.nn.Linear and available(module.weight) and module.weight.is_floating_point():
             module.__class__ = DecodeLinear

@@ -275,9 +275,14 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, attend, input_pos):
-        B, T, _ = x.shape
+        return self.wo(self.attend_qkv(self.wqkv(x), cos, sin, attend, input_pos))
+
+    def attend_qkv(self, qkv, cos, sin, attend, input_pos):
+        """qkv [B, T, (Hq + 2 Hkv) D], wqkv's output -> the heads' output [B, T, Hq D], before wo
+        (a separate method so that gemv.DecodeBlock can run the projections its own way)."""
+        B, T, _ = qkv.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
@@ -288,8 +293,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         self.kv_cache.update(input_pos, k, v)
         y = attend(q, self.kv_cache)  # reads the cache it needs, within each row's valid slots
-        y = y.to(x.dtype).transpose(1, 2).reshape(B, T, q_size)
-        return self.wo(y)
+        return y.to(qkv.dtype).transpose(1, 2).reshape(B, T, q_size)
 
 
 class FeedForward(nn.Module):

@@ -69,15 +69,23 @@ def main(argv=None):
                 range(6),
                 **launch,
             )
-    for n, k in ((960, 576), (4096, 14336)):  # SmolLM2's wqkv, Llama-3-8B's w2
+    float_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "norm_ptr": "*bf16", "res_ptr": "*bf16", "y_ptr": "*bf16"}
+    for n, k, norm, glu, residual in ((960, 576, 1, 0, 0), (4096, 14336, 0, 1, 1), (128256, 4096, 0, 0, 0)):
         cfg = gemv.float_gemv_config(n, k)
         build(
             target,
-            f"float gemv {n}x{k}",
+            f"float gemv {n}x{k} norm={norm} glu={glu} residual={residual}",
             gemv._float_gemv_kernel,
-            {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "K": "i32"},
-            {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]},
-            range(5),
+            {**float_sig, "N": "i32", "K": "i32"},
+            {
+                "EPS": 1e-5,
+                "BLOCK_N": cfg["BLOCK_N"],
+                "BLOCK_K": cfg["BLOCK_K"],
+                "NORM": norm,
+                "GLU": glu,
+                "RESIDUAL": residual,
+            },
+            range(7),
             num_warps=cfg["num_warps"],
         )
     dot_sig = {

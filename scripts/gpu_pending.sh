@@ -24,9 +24,11 @@
 #                                          #   (bf16, int8, tinygemm g64/g128) at 1-16 rows, each replayed in a CUDA
 #                                          #   graph (int4_rows_sweep.py), then 8 layers of the int4 step profiled at
 #                                          #   B1 and B8
-#   bash scripts/gpu_pending.sh floatgemv  # ~5 min: the opt-in batch-1 float GEMV (gemv.float_gemv, FASTGEN_FLOAT_GEMV=1;
-#                                          #   it beat cuBLAS at every SmolLM2 / Llama-3-8B projection alone):
-#                                          #   its GPU test, then SmolLM2-135M and Llama-3-8B B1 steps with and without
+#   bash scripts/gpu_pending.sh floatgemv  # ~8 min: the opt-in batch-1 float GEMV (gemv.float_gemv; it beat cuBLAS at
+#                                          #   every SmolLM2 / Llama-3-8B projection alone): its GPU tests, then
+#                                          #   SmolLM2-135M and Llama-3-8B B1 steps with cuBLAS, with the GEMV for
+#                                          #   every linear (FASTGEN_FLOAT_GEMV=1), and with the fused block on top
+#                                          #   (FASTGEN_FUSED_DECODE=1: norm, SiLU * up, residual folded in)
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -130,12 +132,13 @@ int4rows)
     decode int4_b8 120 --weights int4-g64 --layers 8 --batch 8
     ;;
 floatgemv)
-    step floatgemv_tests 90 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "float_gemv"
+    step floatgemv_tests 120 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "float_gemv or fused_decode"
     summary+=("  $(tail -n 1 "$out/floatgemv_tests.txt")")
-    decode smol 90 --model smollm2-135m
-    FASTGEN_FLOAT_GEMV=1 decode smol_gemv 90 --model smollm2-135m
-    decode llama 100 --model llama-3-8b
-    FASTGEN_FLOAT_GEMV=1 decode llama_gemv 100 --model llama-3-8b
+    for model in smollm2-135m llama-3-8b; do
+        decode "${model}_cublas" 75 --model "$model"
+        FASTGEN_FLOAT_GEMV=1 decode "${model}_gemv" 75 --model "$model"
+        FASTGEN_FLOAT_GEMV=1 FASTGEN_FUSED_DECODE=1 decode "${model}_fused" 75 --model "$model"
+    done
     ;;
 autotune)
     decode smol 90 --model smollm2-135m

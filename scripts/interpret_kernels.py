@@ -61,9 +61,34 @@ def int8_gemv(M=3, N=300, K=1030):
     return gemv.int8_gemv(x, w, scales), gemv.int8_gemv_reference(x, w, scales)
 
 
-def float_gemv(N=301, K=5000, dtype=torch.float32):  # K > 4096: the 2048-wide K step; N odd: a half tile
-    x, w = torch.randn(1, K, dtype=dtype), torch.randn(N, K, dtype=dtype) / 30
-    return gemv.float_gemv(x, w), torch.nn.functional.linear(x.float(), w.float()).to(dtype)
+def float_gemv(N=301, K=5000, dtype=torch.float32, norm=False, glu=False, residual=False):
+    """K > 4096: the 2048-wide K step; N odd: a half tile. The folded-in parts against the reference."""
+    x = torch.randn(1, 2 * K if glu else K, dtype=dtype)
+    w = torch.randn(N, K, dtype=dtype) / 30
+    extra = dict(
+        norm_weight=torch.rand(K, dtype=dtype) + 0.5 if norm else None,
+        residual=torch.randn(1, N, dtype=dtype) if residual else None,
+        eps=1e-5 if norm else 0.0,
+        glu=glu,
+    )
+    return gemv.float_gemv(x, w, **extra), gemv.float_gemv_reference(x, w, **extra)
+
+
+def decode_block(layers=2):
+    """A tiny dense model's decode step through gemv.DecodeBlock (the fused batch-1 path) against
+    the plain blocks' step, one token after a 5-token prefill."""
+    from model import ModelArgs, Transformer
+
+    args = ModelArgs(dim=64, n_layers=layers, n_heads=4, n_kv_heads=2, intermediate_size=96, vocab_size=50)
+    m = Transformer(args)
+    m.setup_caches(1, 16)
+    with torch.no_grad():
+        m(torch.randint(0, 50, (1, 5)), torch.arange(5))
+        want = m(torch.tensor([[7]]), torch.tensor([5]))
+        gemv.FUSED_DECODE_ENABLED = True
+        gemv.use_decode_kernels(m)
+        assert type(m.layers[0]) is gemv.DecodeBlock
+        return m(torch.tensor([[7]]), torch.tensor([5])), want
 
 
 def int8_expert_gemv(R=6, E=8, N=96, K=1100, X=6, grouped=False):  # X < R: each x row through R / X experts
@@ -122,6 +147,9 @@ def main():
     runs += [
         ("float gemv, fp32, K 5000", float_gemv),
         ("float gemv, fp16, 576", lambda: float_gemv(960, 576, torch.float16)),
+        ("float gemv + norm + residual", lambda: float_gemv(97, 576, norm=True, residual=True)),
+        ("float gemv, SiLU(gate) * up + residual", lambda: float_gemv(64, 1536, glu=True, residual=True)),
+        ("float gemv + norm, K 5000, fp16", lambda: float_gemv(40, 5000, torch.float16, norm=True)),
     ]
     runs += [("int8 expert gemv, 1 token x 8 experts", lambda: int8_expert_gemv(R=8, X=1))]
     runs += [("int8 expert gemv, 3 tokens x 2 experts", lambda: int8_expert_gemv(R=6, X=3))]
@@ -135,6 +163,7 @@ def main():
     runs += [("expert gate/up, 8 tokens x 2 of 4 (shared experts)", lambda: expert_gate_up(8, 2, 4))]
     runs += [("expert gate/up, 16 tokens x 8 of 8, fp16", lambda: expert_gate_up(16, 8, 8, 64, 48, torch.float16))]
     gemv.available, gemv.EXPERT_DOWN_ENABLED = lambda t: True, True  # CPU tensors, the kernel on
+    runs += [("DecodeBlock, a 2-layer model's decode step", decode_block)]
     runs += [(f"DownMixExperts, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n)) for n in (2, 4, 8)]
     runs += [
         (f"DownMixExperts + gate/up kernel, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n, True))

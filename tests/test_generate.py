@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from generate import Generator, Sampling, UsageError, sample
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, TransformerBlock
 
 VOCAB = 97
 
@@ -285,3 +285,40 @@ def test_split_kv_cache_decode_plumbing(monkeypatch):
         assert gen.generate(prompts, 12, Sampling()).tokens == plain
         assert calls == 11 * model.args.n_layers
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(qkv_bias=True, qk_norm=True, sliding_window=6)])
+def test_fused_decode_block_plumbing(monkeypatch, overrides):
+    """gemv.DecodeBlock (FASTGEN_FUSED_DECODE=1: a batch-1 step's four projections as float_gemv with
+    the norms, SiLU * up and the residual adds folded in), run here with float_gemv_reference standing
+    in for the CUDA kernel, eager and compiled, decodes to the tokens of the plain block; batches and
+    prefill stay on the plain path, and a block with tensor parallel's hooks is never fused."""
+    import gemv
+
+    model = tiny_model(**overrides)
+    prompt = [[5, 17, 3, 88, 41, 9, 2, 30, 11]]
+    plain = greedy(model, prompt, 12, 64).tokens
+    batch = greedy(model, PROMPTS[:2], 6, 64).tokens
+    calls = torch.zeros((), dtype=torch.long)  # a tensor, so the compiled step can count too
+
+    def reference(x, weight, norm_weight=None, residual=None, eps=0.0, glu=False):
+        assert x.shape[0] == 1  # one token
+        calls.add_(1)
+        return gemv.float_gemv_reference(x, weight, norm_weight, residual, eps, glu)
+
+    monkeypatch.setattr(gemv, "available", lambda t: True)
+    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
+    monkeypatch.setattr(gemv, "float_gemv", reference, raising=False)
+    for compile, max_seq_len in ((False, 72), (True, 80)):
+        torch._dynamo.reset()
+        calls.zero_()
+        assert greedy(model, prompt, 12, max_seq_len, compile=compile).tokens == plain
+        assert type(model.layers[0]) is gemv.DecodeBlock
+        assert calls == 11 * 4 * model.args.n_layers  # the 11 decode steps, 4 projections a layer
+        assert greedy(model, PROMPTS[:2], 6, max_seq_len, compile=compile).tokens == batch
+        assert calls == 11 * 4 * model.args.n_layers
+    torch._dynamo.reset()
+    hooked = tiny_model()
+    hooked.layers[0].attention.wo.register_forward_hook(lambda module, inputs, output: output)
+    gemv.use_decode_kernels(hooked)
+    assert type(hooked.layers[0]) is TransformerBlock and type(hooked.layers[1]) is gemv.DecodeBlock

@@ -376,6 +376,48 @@ def test_float_gemv_equals_linear(n, k, dtype, monkeypatch):
     assert type(model.output) is gemv.DecodeLinear and type(model.layers[0].attention.wqkv) is gemv.DecodeLinear
 
 
+@pytest.mark.parametrize("norm, glu, residual", [(True, False, False), (False, True, True), (True, False, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_float_gemv_folded_parts_equal_reference(norm, glu, residual, dtype):
+    """float_gemv with the RMSNorm, SiLU(gate) * up and the residual folded in (DecodeBlock's
+    calls) equals float_gemv_reference, at SmolLM2's w13 / w2 shapes and one with K > 4096."""
+    import gemv
+
+    for n, k in ((3072, 576), (576, 1536), (300, 5000)):
+        torch.manual_seed(n)
+        x = torch.randn(1, 2 * k if glu else k, device="cuda", dtype=dtype)
+        w = torch.randn(n, k, device="cuda", dtype=dtype) / 30
+        extra = dict(
+            norm_weight=torch.rand(k, device="cuda", dtype=dtype) + 0.5 if norm else None,
+            residual=torch.randn(1, n, device="cuda", dtype=dtype) if residual else None,
+            eps=1e-5 if norm else 0.0,
+            glu=glu,
+        )
+        want = gemv.float_gemv_reference(x, w, **extra).float()
+        got = gemv.float_gemv(x, w, **extra)
+        assert got.dtype == dtype and ((got.float() - want).norm() / want.norm()) < (
+            1e-2 if dtype == torch.bfloat16 else 1e-5
+        )
+
+
+@pytest.mark.parametrize("shape", ["gqa-hd128", "window", "tied"])
+def test_fused_decode_block_compiled_equals_cpu_fp32_eager(monkeypatch, shape):
+    """FASTGEN_FUSED_DECODE=1 (and FASTGEN_FLOAT_GEMV=1 for the output projection): the compiled
+    CUDA-graph decode of a batch-1 prompt through gemv.DecodeBlock gives the CPU fp32 eager tokens,
+    and a batch still decodes through the plain blocks to the same tokens."""
+    import gemv
+
+    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
+    monkeypatch.setattr(gemv, "FLOAT_GEMV_ENABLED", True)
+    cpu = random_model(shape)
+    want = [greedy(cpu, [p], 40, 128)[0] for p in PROMPTS[:2]]
+    cuda = on(cpu, "cuda")
+    assert [greedy(cuda, [p], 40, 128, compile=True)[0] for p in PROMPTS[:2]] == want
+    assert type(cuda.layers[0]) is gemv.DecodeBlock
+    assert cuda.output is None or type(cuda.output) is gemv.DecodeLinear  # tied: the embedding's matmul
+    assert greedy(cuda, PROMPTS[:2], 40, 128, compile=True) == want
+
+
 @pytest.mark.parametrize("convert", [0, 1, 2])
 def test_int8_gemv_conversions_are_exact(convert):
     """Each int8 -> fp32 form of the GEMV (cvt, the 2^23 trick, prmt) reads every byte value at
