@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from model import Experts, FeedForward, RMSNorm, TransformerBlock, pairs_by_expert
+from model import Experts, FeedForward, MoEFeedForward, RMSNorm, TransformerBlock, pairs_by_expert
 
 try:  # Triton ships with CUDA builds of torch; a CPU-only install has none
     import triton
@@ -654,10 +654,10 @@ class DecodeLinear(torch.nn.Linear):
 
 
 class DecodeBlock(TransformerBlock):
-    """A dense block whose batch-1 decode step (one token, on a GPU) runs its four projections as
-    float_gemv with the rest of the block folded in: the RMSNorm into wqkv's and w13's loop, the
-    residual add into wo's and w2's store, SiLU(gate) * up into w2's load. Three fewer kernels a
-    layer than the compiled nn.Linear path, besides the GEMV itself. Every other call, and every
+    """A block whose batch-1 decode step (one token, on a GPU) runs its projections as float_gemv
+    with the rest of the block folded in: the RMSNorm into wqkv's (and w13's) loop, the residual add
+    into wo's (and w2's) store, SiLU(gate) * up into w2's loads. A dense layer takes 9 kernels instead
+    of 12; a mixture-of-experts layer folds its attention half only. Every other call, and every
     call with FASTGEN_FUSED_DECODE unset, is TransformerBlock's."""
 
     def forward(self, x, cos, sin, attend, input_pos):
@@ -670,32 +670,35 @@ class DecodeBlock(TransformerBlock):
             qkv = qkv + attention.wqkv.bias
         heads = attention.attend_qkv(qkv.view(1, 1, -1), cos, sin, attend, input_pos).reshape(1, -1)
         h = float_gemv(heads, attention.wo.weight, residual=x1)
+        if type(ffn) is not FeedForward:  # experts: routed as TransformerBlock routes them
+            h = h.view_as(x)
+            return h + ffn(self.ffn_norm(h))
         hidden = float_gemv(h, ffn.w13.weight, self.ffn_norm.weight, eps=self.ffn_norm.eps)
         return float_gemv(hidden, ffn.w2.weight, residual=h, glu=True).view_as(x)
 
 
 def fusable_block(block: torch.nn.Module) -> bool:
-    """A dense block of float nn.Linears without hooks (tensor parallel's all-reduces are forward
-    hooks on wo and w2: the fused path would skip them) and without biases past wqkv's."""
-    if type(block) is not TransformerBlock or type(block.feed_forward) is not FeedForward:
+    """A block whose projections are float nn.Linears without hooks (tensor parallel's all-reduces
+    are forward hooks on wo and w2 or the experts: the fused path would skip them) and without biases
+    past wqkv's; a mixture of experts keeps its own feed-forward."""
+    if type(block) is not TransformerBlock or type(block.feed_forward) not in (FeedForward, MoEFeedForward):
         return False
     if type(block.attention_norm) is not RMSNorm or type(block.ffn_norm) is not RMSNorm:
         return False
     a, f = block.attention, block.feed_forward
-    linears = (a.wqkv, a.wo, f.w13, f.w2)
+    linears = (a.wqkv, a.wo) + ((f.w13, f.w2) if type(f) is FeedForward else ())
+    hooked = [m for m in (*linears, f) if m._forward_hooks or m._forward_pre_hooks]
     return (
         all(type(m) in (torch.nn.Linear, DecodeLinear) and m.weight.is_floating_point() for m in linears)
-        and all(not m._forward_hooks and not m._forward_pre_hooks for m in linears)
-        and a.wo.bias is None
-        and f.w13.bias is None
-        and f.w2.bias is None
+        and not hooked
+        and all(m.bias is None for m in linears[1:])
         and available(a.wo.weight)
     )
 
 
 def use_decode_kernels(model: torch.nn.Module) -> None:
     """Give a model on a GPU this file's float decode kernels (generate.Generator.setup calls this,
-    before any step is traced): its dense float blocks become DecodeBlock, its float experts
+    before any step is traced): its float blocks become DecodeBlock, its float experts
     DownMixExperts, its float nn.Linears DecodeLinear. The class changes in place, so the parameters
     are not copied; quantized linears (quantize.py's) and everything on the CPU stay as they are."""
     for module in model.modules():

@@ -29,6 +29,8 @@
 #                                          #   SmolLM2-135M and Llama-3-8B B1 steps with cuBLAS, with the GEMV for
 #                                          #   every linear (FASTGEN_FLOAT_GEMV=1), and with the fused block on top
 #                                          #   (FASTGEN_FUSED_DECODE=1: norm, SiLU * up, residual folded in)
+#   bash scripts/gpu_pending.sh fusedmoe   # ~3 min: Qwen3-30B-A3B B1 (12 layers) with the fused attention half
+#                                          #   (FASTGEN_FUSED_DECODE=1, router through the float GEMV) and without
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -132,13 +134,18 @@ int4rows)
     decode int4_b8 120 --weights int4-g64 --layers 8 --batch 8
     ;;
 floatgemv)
-    step floatgemv_tests 120 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "float_gemv or fused_decode"
+    step floatgemv_tests 150 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_moe.py \
+        -k "float_gemv or fused_decode or compiled_moe_decode"
     summary+=("  $(tail -n 1 "$out/floatgemv_tests.txt")")
     for model in smollm2-135m llama-3-8b; do
         decode "${model}_cublas" 75 --model "$model"
         FASTGEN_FLOAT_GEMV=1 decode "${model}_gemv" 75 --model "$model"
         FASTGEN_FLOAT_GEMV=1 FASTGEN_FUSED_DECODE=1 decode "${model}_fused" 75 --model "$model"
     done
+    ;;
+fusedmoe)
+    decode qwen3_b1 100 --model qwen3-30b-a3b --layers 12
+    FASTGEN_FLOAT_GEMV=1 FASTGEN_FUSED_DECODE=1 decode qwen3_b1_fused 100 --model qwen3-30b-a3b --layers 12
     ;;
 autotune)
     decode smol 90 --model smollm2-135m
@@ -147,7 +154,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

@@ -287,12 +287,15 @@ def test_split_kv_cache_decode_plumbing(monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(qkv_bias=True, qk_norm=True, sliding_window=6)])
+@pytest.mark.parametrize(
+    "overrides", [{}, dict(qkv_bias=True, qk_norm=True, sliding_window=6), dict(n_experts=4, n_active_experts=2)]
+)
 def test_fused_decode_block_plumbing(monkeypatch, overrides):
     """gemv.DecodeBlock (FASTGEN_FUSED_DECODE=1: a batch-1 step's four projections as float_gemv with
-    the norms, SiLU * up and the residual adds folded in), run here with float_gemv_reference standing
-    in for the CUDA kernel, eager and compiled, decodes to the tokens of the plain block; batches and
-    prefill stay on the plain path, and a block with tensor parallel's hooks is never fused."""
+    the norms, SiLU * up and the residual adds folded in; a mixture of experts' two attention ones),
+    run here with float_gemv_reference standing in for the CUDA kernel, eager and compiled, decodes
+    to the tokens of the plain block; batches and prefill stay on the plain path, and a block with
+    tensor parallel's hooks is never fused."""
     import gemv
 
     model = tiny_model(**overrides)
@@ -308,15 +311,18 @@ def test_fused_decode_block_plumbing(monkeypatch, overrides):
 
     monkeypatch.setattr(gemv, "available", lambda t: True)
     monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
+    monkeypatch.setattr(gemv, "EXPERT_DOWN_ENABLED", False)  # the experts' own kernels: CUDA only
+    monkeypatch.setattr(gemv, "EXPERT_GATE_UP_ENABLED", False)
     monkeypatch.setattr(gemv, "float_gemv", reference, raising=False)
     for compile, max_seq_len in ((False, 72), (True, 80)):
         torch._dynamo.reset()
         calls.zero_()
         assert greedy(model, prompt, 12, max_seq_len, compile=compile).tokens == plain
         assert type(model.layers[0]) is gemv.DecodeBlock
-        assert calls == 11 * 4 * model.args.n_layers  # the 11 decode steps, 4 projections a layer
+        fused = 2 if model.args.n_experts else 4  # projections a layer through float_gemv
+        assert calls == 11 * fused * model.args.n_layers  # the 11 decode steps
         assert greedy(model, PROMPTS[:2], 6, max_seq_len, compile=compile).tokens == batch
-        assert calls == 11 * 4 * model.args.n_layers
+        assert calls == 11 * fused * model.args.n_layers
     torch._dynamo.reset()
     hooked = tiny_model()
     hooked.layers[0].attention.wo.register_forward_hook(lambda module, inputs, output: output)

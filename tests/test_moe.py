@@ -433,15 +433,19 @@ def greedy_tokens(m, prompts, n, compile=False):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize(
-    "batch, down_mix, gate_up", [(1, False, False), (4, False, False), (4, True, False), (4, True, True)]
+    "batch, down_mix, gate_up, fused",
+    [(1, False, False, False), (1, False, False, True), (4, False, False, False), (4, True, False, False)]
+    + [(4, True, True, False)],
 )
-def test_gpu_compiled_moe_decode_equals_cpu_fp32_eager(monkeypatch, batch, down_mix, gate_up):
+def test_gpu_compiled_moe_decode_equals_cpu_fp32_eager(monkeypatch, batch, down_mix, gate_up, fused):
     """fp32: the compiled CUDA-graph decode gives the CPU eager tokens, batch 1 (the gather path:
-    Inductor fuses the gather into its reduction) and a batch of different lengths (4 tokens x 2 of
-    8 experts: the gather path, and with the kernel on (the default) gemv.expert_down_mix for the
-    down projection and the mix)."""
+    Inductor fuses the gather into its reduction; fused: the attention half through gemv.DecodeBlock,
+    FASTGEN_FUSED_DECODE=1) and a batch of different lengths (4 tokens x 2 of 8 experts: the gather
+    path, and with the kernel on (the default) gemv.expert_down_mix for the down projection and the
+    mix)."""
     import gemv
 
+    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", fused)
     monkeypatch.setattr(gemv, "EXPERT_DOWN_ENABLED", down_mix)
     monkeypatch.setattr(gemv, "EXPERT_GATE_UP_ENABLED", gate_up)  # its gate/up kernel too (default on)
     torch._dynamo.reset()
