@@ -23,7 +23,8 @@ import os
 
 import torch
 
-from model import Experts, FeedForward, MoEFeedForward, RMSNorm, TransformerBlock, pairs_by_expert
+import kv_attention
+from model import Experts, FeedForward, KVCache, MoEFeedForward, RMSNorm, TransformerBlock, pairs_by_expert
 
 try:  # Triton ships with CUDA builds of torch; a CPU-only install has none
     import triton
@@ -148,9 +149,10 @@ def int8_gemv_config(n: int, k: int) -> dict:
 # with it and its GPU test has run (gpu_pending.sh floatgemv; written after the device time ran out).
 # Expected from the sweep: SmolLM2's step ~0.95 -> ~0.75 ms, Llama-3-8B's 4.59 -> ~4.25 ms.
 FLOAT_GEMV_ENABLED = os.environ.get("FASTGEN_FLOAT_GEMV", "0") == "1"
-# The same kernel with the block around it folded in (DecodeBlock: norm, SiLU * up, residual), a
-# batch-1 layer in 9 kernels instead of 12. Written after the device time ran out: opt-in
-# (FASTGEN_FUSED_DECODE=1) until gpu_pending.sh floatgemv has timed it against the two above.
+# The same kernel with the block around it folded in (DecodeBlock: norm, SiLU * up, residual, and
+# kv_attention.rope_write_kv for the norms, RoPE and cache write), a batch-1 layer in 7 kernels, not
+# 12. Written after the device time ran out: opt-in (FASTGEN_FUSED_DECODE=1) until gpu_pending.sh
+# floatgemv has timed it against the two above.
 FUSED_DECODE_ENABLED = os.environ.get("FASTGEN_FUSED_DECODE", "0") == "1"
 
 
@@ -656,8 +658,9 @@ class DecodeLinear(torch.nn.Linear):
 class DecodeBlock(TransformerBlock):
     """A block whose batch-1 decode step (one token, on a GPU) runs its projections as float_gemv
     with the rest of the block folded in: the RMSNorm into wqkv's (and w13's) loop, the residual add
-    into wo's (and w2's) store, SiLU(gate) * up into w2's loads. A dense layer takes 9 kernels instead
-    of 12; a mixture-of-experts layer folds its attention half only. Every other call, and every
+    into wo's (and w2's) store, SiLU(gate) * up into w2's loads; and the query/key norms, RoPE and the
+    cache write as one kernel (kv_attention.rope_write_kv, for an unquantized cache). A dense layer
+    takes 7 kernels instead of 12; a mixture-of-experts layer folds its attention half only. Every other call, and every
     call with FASTGEN_FUSED_DECODE unset, is TransformerBlock's."""
 
     def forward(self, x, cos, sin, attend, input_pos):
@@ -668,7 +671,24 @@ class DecodeBlock(TransformerBlock):
         qkv = float_gemv(x1, attention.wqkv.weight, self.attention_norm.weight, eps=self.attention_norm.eps)
         if attention.wqkv.bias is not None:
             qkv = qkv + attention.wqkv.bias
-        heads = attention.attend_qkv(qkv.view(1, 1, -1), cos, sin, attend, input_pos).reshape(1, -1)
+        cache = attention.kv_cache
+        if type(cache) in (KVCache, kv_attention.SplitKVCache):  # one kernel for the norms, RoPE and the write
+            q_norm, k_norm = attention.q_norm, attention.k_norm
+            q = kv_attention.rope_write_kv(
+                qkv,
+                cos.reshape(-1),
+                sin.reshape(-1),
+                cache.k_cache,
+                cache.v_cache,
+                input_pos.reshape(1),
+                attention.n_heads,
+                None if q_norm is None else q_norm.weight,
+                None if k_norm is None else k_norm.weight,
+                0.0 if q_norm is None else q_norm.eps,
+            )
+            heads = attend(q, cache).to(qkv.dtype).reshape(1, -1)
+        else:  # a quantized cache quantizes as it writes
+            heads = attention.attend_qkv(qkv.view(1, 1, -1), cos, sin, attend, input_pos).reshape(1, -1)
         h = float_gemv(heads, attention.wo.weight, residual=x1)
         if type(ffn) is not FeedForward:  # experts: routed as TransformerBlock routes them
             h = h.view_as(x)

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from model import KVCache, valid_kv
+from model import KVCache, valid_kv, write_slots
 
 try:  # Triton ships with CUDA builds of torch; a CPU-only install has none
     import triton
@@ -82,6 +82,26 @@ def quantized_decode_attention_reference(q, k_cache, k_scale, v_cache, v_scale, 
     scores = (q.float() @ k.transpose(-1, -2)) * D**-0.5  # [B, Hq, 1, S]
     scores = scores.masked_fill(~ok.view(B, 1, 1, S), float("-inf"))
     return (scores.softmax(dim=-1) @ v).to(q.dtype)
+
+
+def rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot, n_heads, q_norm_weight, k_norm_weight, eps):
+    """One token of batch 1 (gemv.DecodeBlock's step): qkv [1, (Hq + 2 Hkv) D], wqkv's output; cos,
+    sin [D] at its position; caches [1, Hkv, S, D]; slot [1]; the per-head RMSNorm weights [D] (Qwen3)
+    or None. Writes the token's k (normed, rotated) and v into the caches at slot and returns q
+    (normed, rotated) [1, Hq, 1, D] in qkv.dtype: Attention.attend_qkv's steps, in fp32."""
+    D, n_kv_heads = k_cache.shape[-1], k_cache.shape[1]
+    # [1, H, 1, D] throughout, the layout attention takes (Inductor's CPU flex lowering reads it)
+    q, k, v = qkv.float().view(1, -1, 1, D).split([n_heads, n_kv_heads, n_kv_heads], dim=1)
+
+    def norm_rope(x, weight):
+        if weight is not None:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+        rotated = torch.cat((-x[..., D // 2 :], x[..., : D // 2]), dim=-1)
+        return x * cos.float().view(D) + rotated * sin.float().view(D)
+
+    write_slots(k_cache, slot.view(1), norm_rope(k, k_norm_weight).to(k_cache.dtype))
+    write_slots(v_cache, slot.view(1), v.to(v_cache.dtype))
+    return norm_rope(q, q_norm_weight).to(qkv.dtype)
 
 
 def num_splits(batch: int, n_kv_heads: int, cache_len: int, target_programs: int) -> int:
@@ -281,3 +301,93 @@ if triton is not None:
             num_warps=4,
         )
         return y
+
+    @triton.jit
+    def _rope_write_kv_kernel(
+        qkv_ptr,  # [(Hq + 2 Hkv) D]: one token's wqkv output
+        cos_ptr,  # [D]
+        sin_ptr,  # [D]
+        q_ptr,  # [Hq, D]: the rotated query, out
+        k_ptr,  # [Hkv, S, D]: the cache, written at slot
+        v_ptr,
+        slot_ptr,  # [1]
+        q_norm_ptr,  # [D]: per-head RMSNorm weights (QK_NORM)
+        k_norm_ptr,
+        S,
+        HQ: tl.constexpr,
+        HKV: tl.constexpr,
+        D: tl.constexpr,
+        D_PAD: tl.constexpr,
+        EPS: tl.constexpr,
+        QK_NORM: tl.constexpr,
+    ):
+        # one program per head: a query head is normed, rotated and returned; a kv head's k is normed,
+        # rotated and written to the cache with its v. RoPE's rotate_half pairs dim i with i +- D/2.
+        head = tl.program_id(0)
+        dims = tl.arange(0, D_PAD)
+        ok = dims < D
+        partner = tl.where(dims < D // 2, dims + D // 2, dims - D // 2)
+        sign = tl.where(dims < D // 2, -1.0, 1.0)
+        x = tl.load(qkv_ptr + head * D + dims, mask=ok, other=0.0).to(tl.float32)
+        x_partner = tl.load(qkv_ptr + head * D + partner, mask=ok, other=0.0).to(tl.float32)
+        if QK_NORM:
+            r = tl.rsqrt(tl.sum(x * x, axis=0) / D + EPS)
+            is_q = head < HQ
+            w = tl.where(
+                is_q, tl.load(q_norm_ptr + dims, mask=ok, other=0.0), tl.load(k_norm_ptr + dims, mask=ok, other=0.0)
+            )
+            w_partner = tl.where(
+                is_q,
+                tl.load(q_norm_ptr + partner, mask=ok, other=0.0),
+                tl.load(k_norm_ptr + partner, mask=ok, other=0.0),
+            )
+            x = x * r * w.to(tl.float32)
+            x_partner = x_partner * r * w_partner.to(tl.float32)
+        cos = tl.load(cos_ptr + dims, mask=ok, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + dims, mask=ok, other=0.0).to(tl.float32)
+        y = x * cos + sign * x_partner * sin
+        if head < HQ:
+            tl.store(q_ptr + head * D + dims, y.to(q_ptr.dtype.element_ty), mask=ok)
+        else:
+            j = head - HQ
+            row = (j * S + tl.load(slot_ptr)).to(tl.int64) * D
+            tl.store(k_ptr + row + dims, y.to(k_ptr.dtype.element_ty), mask=ok)
+            v = tl.load(qkv_ptr + (HQ + HKV + j) * D + dims, mask=ok, other=0.0)
+            tl.store(v_ptr + row + dims, v.to(v_ptr.dtype.element_ty), mask=ok)
+
+    @triton_op("fastgen::rope_write_kv", mutates_args={"k_cache", "v_cache"})
+    def rope_write_kv(
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot: torch.Tensor,
+        n_heads: int,
+        q_norm_weight: torch.Tensor | None = None,
+        k_norm_weight: torch.Tensor | None = None,
+        eps: float = 0.0,
+    ) -> torch.Tensor:
+        """rope_write_kv_reference's contract in one kernel (qkv, cos, sin contiguous)."""
+        n_kv_heads, S, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+        q = torch.empty((1, n_heads, 1, D), dtype=qkv.dtype, device=qkv.device)
+        wrap_triton(_rope_write_kv_kernel)[(n_heads + n_kv_heads,)](
+            qkv,
+            cos,
+            sin,
+            q,
+            k_cache,
+            v_cache,
+            slot,
+            cos if q_norm_weight is None else q_norm_weight,  # never read without QK_NORM
+            cos if k_norm_weight is None else k_norm_weight,
+            S,
+            HQ=n_heads,
+            HKV=n_kv_heads,
+            D=D,
+            D_PAD=triton.next_power_of_2(D),
+            EPS=eps,
+            QK_NORM=q_norm_weight is not None,
+            num_warps=1,
+        )
+        return q

@@ -88,6 +88,18 @@ def main(argv=None):
             range(7),
             num_warps=cfg["num_warps"],
         )
+    rope_sig = {n: "*bf16" for n in ("qkv_ptr", "cos_ptr", "sin_ptr", "q_ptr", "k_ptr", "v_ptr")}
+    rope_sig.update({"slot_ptr": "*i64", "q_norm_ptr": "*bf16", "k_norm_ptr": "*bf16", "S": "i32"})
+    for hq, hkv, d, qk_norm in ((9, 3, 64, 0), (32, 4, 128, 1)):  # SmolLM2, Qwen3
+        build(
+            target,
+            f"rope + cache write Hq={hq} Hkv={hkv} D={d} qk_norm={qk_norm}",
+            kv_attention._rope_write_kv_kernel,
+            rope_sig,
+            {"HQ": hq, "HKV": hkv, "D": d, "D_PAD": d, "EPS": 1e-6, "QK_NORM": qk_norm},
+            range(9),
+            num_warps=1,
+        )
     dot_sig = {
         "x_ptr": "*bf16",
         "w_ptr": "*i8",

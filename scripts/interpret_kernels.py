@@ -74,6 +74,25 @@ def float_gemv(N=301, K=5000, dtype=torch.float32, norm=False, glu=False, residu
     return gemv.float_gemv(x, w, **extra), gemv.float_gemv_reference(x, w, **extra)
 
 
+def rope_write_kv(D=96, n_heads=6, n_kv_heads=2, qk_norm=True):
+    """The query/key norms, RoPE and the cache write in one kernel against the reference: q, and the
+    whole of both caches afterwards (one tensor, so one error)."""
+    import kv_attention
+
+    qkv = torch.randn(1, (n_heads + 2 * n_kv_heads) * D)
+    angles = torch.rand(D // 2) * 6
+    cos, sin = torch.cat((angles, angles)).cos(), torch.cat((angles, angles)).sin()
+    norms = [torch.rand(D) + 0.5 if qk_norm else None for _ in range(2)]
+    caches = [torch.randn(1, n_kv_heads, 12, D) for _ in range(2)]
+    want_caches = [c.clone() for c in caches]
+    slot = torch.tensor([7])
+    want = kv_attention.rope_write_kv_reference(qkv, cos, sin, *want_caches, slot, n_heads, *norms, 1e-6)
+    got = kv_attention.rope_write_kv(qkv, cos, sin, *caches, slot, n_heads, *norms, 1e-6)
+    return torch.cat([got.flatten(), *(c.flatten() for c in caches)]), torch.cat(
+        [want.flatten(), *(c.flatten() for c in want_caches)]
+    )
+
+
 def decode_block(layers=2):
     """A tiny dense model's decode step through gemv.DecodeBlock (the fused batch-1 path) against
     the plain blocks' step, one token after a 5-token prefill."""
@@ -163,6 +182,10 @@ def main():
     runs += [("expert gate/up, 8 tokens x 2 of 4 (shared experts)", lambda: expert_gate_up(8, 2, 4))]
     runs += [("expert gate/up, 16 tokens x 8 of 8, fp16", lambda: expert_gate_up(16, 8, 8, 64, 48, torch.float16))]
     gemv.available, gemv.EXPERT_DOWN_ENABLED = lambda t: True, True  # CPU tensors, the kernel on
+    runs += [
+        ("rope + cache write, qk norm, D 96", rope_write_kv),
+        ("rope + cache write, D 64", lambda: rope_write_kv(64, 9, 3, False)),
+    ]
     runs += [("DecodeBlock, a 2-layer model's decode step", decode_block)]
     runs += [(f"DownMixExperts, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n)) for n in (2, 4, 8)]
     runs += [

@@ -292,11 +292,13 @@ def test_split_kv_cache_decode_plumbing(monkeypatch):
 )
 def test_fused_decode_block_plumbing(monkeypatch, overrides):
     """gemv.DecodeBlock (FASTGEN_FUSED_DECODE=1: a batch-1 step's four projections as float_gemv with
-    the norms, SiLU * up and the residual adds folded in; a mixture of experts' two attention ones),
-    run here with float_gemv_reference standing in for the CUDA kernel, eager and compiled, decodes
+    the norms, SiLU * up and the residual adds folded in; a mixture of experts' two attention ones;
+    RoPE and the cache write as one kernel), run here with the references standing in for the CUDA
+    kernels, eager and compiled, decodes
     to the tokens of the plain block; batches and prefill stay on the plain path, and a block with
     tensor parallel's hooks is never fused."""
     import gemv
+    import kv_attention
 
     model = tiny_model(**overrides)
     prompt = [[5, 17, 3, 88, 41, 9, 2, 30, 11]]
@@ -314,10 +316,19 @@ def test_fused_decode_block_plumbing(monkeypatch, overrides):
     monkeypatch.setattr(gemv, "EXPERT_DOWN_ENABLED", False)  # the experts' own kernels: CUDA only
     monkeypatch.setattr(gemv, "EXPERT_GATE_UP_ENABLED", False)
     monkeypatch.setattr(gemv, "float_gemv", reference, raising=False)
+    rope_calls = torch.zeros((), dtype=torch.long)
+
+    def rope_reference(*args):
+        rope_calls.add_(1)
+        return kv_attention.rope_write_kv_reference(*args)
+
+    monkeypatch.setattr(kv_attention, "rope_write_kv", rope_reference, raising=False)
     for compile, max_seq_len in ((False, 72), (True, 80)):
         torch._dynamo.reset()
         calls.zero_()
+        rope_calls.zero_()
         assert greedy(model, prompt, 12, max_seq_len, compile=compile).tokens == plain
+        assert rope_calls == 11 * model.args.n_layers
         assert type(model.layers[0]) is gemv.DecodeBlock
         fused = 2 if model.args.n_experts else 4  # projections a layer through float_gemv
         assert calls == 11 * fused * model.args.n_layers  # the 11 decode steps

@@ -400,6 +400,30 @@ def test_float_gemv_folded_parts_equal_reference(norm, glu, residual, dtype):
         )
 
 
+@pytest.mark.parametrize("D, n_heads, n_kv_heads, qk_norm", [(64, 9, 3, False), (128, 32, 4, True), (96, 4, 4, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_write_kv_equals_reference(D, n_heads, n_kv_heads, qk_norm, dtype):
+    """kv_attention.rope_write_kv (DecodeBlock's one kernel for the query/key norms, RoPE and the
+    cache write) returns the reference's q and writes the reference's k, v at the slot, nothing else."""
+    import kv_attention
+
+    torch.manual_seed(D)
+    qkv = torch.randn(1, (n_heads + 2 * n_kv_heads) * D, device="cuda", dtype=dtype)
+    angles = torch.rand(D // 2, device="cuda") * 6
+    cos, sin = torch.cat((angles, angles)).cos().to(dtype), torch.cat((angles, angles)).sin().to(dtype)
+    norms = [torch.rand(D, device="cuda", dtype=dtype) + 0.5 if qk_norm else None for _ in range(2)]
+    caches = [torch.randn(1, n_kv_heads, 40, D, device="cuda", dtype=dtype) for _ in range(2)]
+    want_caches = [c.clone() for c in caches]
+    slot = torch.tensor([29], device="cuda")
+    want = kv_attention.rope_write_kv_reference(qkv, cos, sin, *want_caches, slot, n_heads, *norms, 1e-6)
+    got = kv_attention.rope_write_kv(qkv, cos, sin, *caches, slot, n_heads, *norms, 1e-6)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert got.shape == (1, n_heads, 1, D) and ((got.float() - want.float()).norm() / want.float().norm()) < tol
+    for c, w in zip(caches, want_caches):
+        assert torch.equal(c[:, :, :29], w[:, :, :29]) and torch.equal(c[:, :, 30:], w[:, :, 30:])
+        assert ((c[:, :, 29].float() - w[:, :, 29].float()).norm() / w[:, :, 29].float().norm()) < tol
+
+
 @pytest.mark.parametrize("shape", ["gqa-hd128", "window", "tied"])
 def test_fused_decode_block_compiled_equals_cpu_fp32_eager(monkeypatch, shape):
     """FASTGEN_FUSED_DECODE=1 (and FASTGEN_FLOAT_GEMV=1 for the output projection): the compiled
