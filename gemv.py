@@ -9,7 +9,7 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
 `*_reference` functions, or the model's own code) that the GPU tests and the interpreter check
 (scripts/interpret_kernels.py) compare it with. What is here, and who calls it:
 
-  float_gemv                DecodeLinear, DecodeBlock    opt-in: a float weight, 1 row, one pass (beat cuBLAS
+  decode_gemv                DecodeLinear, DecodeBlock    opt-in: a float weight, 1 row, one pass (beat cuBLAS
                                                          alone), with the norm / SiLU * up / residual around it
   int8_gemv                 Int8Linear, 1 row            int8 weight, one pass, CUDA cores
   int8_gemm_few_rows        Int8Linear, 2-16 rows        tensor cores over a 16-row tile, split over K
@@ -54,17 +54,18 @@ def expert_down_mix_reference(h, expert_ids, mix, weight) -> torch.Tensor:
     return (y * mix.float().unsqueeze(-1)).sum(dim=1).to(h.dtype)
 
 
-def float_gemv_reference(x, weight, norm_weight=None, residual=None, eps=0.0, glu=False) -> torch.Tensor:
-    """x [1, K] (with glu [1, 2K]: gate, then up), weight [N, K] float, norm_weight [K], residual
-    [1, N] -> [1, N] in x.dtype: residual + weight @ rms_norm(SiLU(gate) * up), each part only where
-    asked for, in fp32."""
+def decode_gemv_reference(x, weight, scales=None, norm_weight=None, residual=None, eps=0.0, glu=False):
+    """x [1, K] (with glu [1, 2K]: gate, then up), weight [N, K] float (or int8 with scales [N]),
+    norm_weight [K], residual [1, N] -> [1, N] in x.dtype: residual + weight @ rms_norm(SiLU(gate) *
+    up), each part only where asked for, in fp32."""
     h = x.float()
     if glu:
         gate, up = h.chunk(2, dim=-1)
         h = torch.nn.functional.silu(gate) * up
     if norm_weight is not None:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
-    y = h @ weight.float().T
+    w = weight.float() if scales is None else weight.float() * scales.float().unsqueeze(-1)
+    y = h @ w.T
     return (y if residual is None else y + residual.float()).to(x.dtype)
 
 
@@ -139,7 +140,7 @@ def int8_gemv_config(n: int, k: int) -> dict:
     return dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=1, CONVERT=INT8_CONVERT)
 
 
-# float_gemv: a batch-1 decode step's float linears (DecodeLinear), the int8 GEMV's loop over a bf16 /
+# decode_gemv: a batch-1 decode step's float linears (DecodeLinear), the int8 GEMV's loop over a bf16 /
 # fp32 weight. On the H200 it beat cuBLAS (F.linear) at every projection of SmolLM2-135M and
 # Llama-3-8B, each replayed 2-64 times in a CUDA graph (scripts/small_gemv_sweep.py, 2026-12-04):
 # SmolLM2 wqkv 2.08 vs 3.67 us, wo 1.94 vs 3.37, w13 2.90 vs 4.14, w2 2.34 vs 5.10; Llama-3-8B wqkv
@@ -156,7 +157,7 @@ FLOAT_GEMV_ENABLED = os.environ.get("FASTGEN_FLOAT_GEMV", "0") == "1"
 FUSED_DECODE_ENABLED = os.environ.get("FASTGEN_FUSED_DECODE", "0") == "1"
 
 
-def float_gemv_config(n: int, k: int) -> dict:
+def decode_gemv_config(n: int, k: int) -> dict:
     return dict(BLOCK_N=2, BLOCK_K=2048 if k > 4096 else 1024, num_warps=2 if k > 4096 else 4)
 
 
@@ -245,9 +246,10 @@ if triton is not None:
         _int8_gemv_block(x_ptr + m * K, w_ptr, scale_ptr, y_ptr + m * N, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT)
 
     @triton.jit
-    def _float_gemv_kernel(
+    def _decode_gemv_kernel(
         x_ptr,  # [K], or with GLU [2K]: the gate half, then the up half
-        w_ptr,  # [N, K] float
+        w_ptr,  # [N, K] float, or int8 (CONVERT >= 0)
+        scale_ptr,  # [N]: an int8 weight's per-row scales
         norm_ptr,  # [K]: the RMSNorm weight applied to x first (NORM)
         res_ptr,  # [N]: the residual stream, added to the output (RESIDUAL)
         y_ptr,  # [N]
@@ -259,6 +261,7 @@ if triton is not None:
         NORM: tl.constexpr,
         GLU: tl.constexpr,
         RESIDUAL: tl.constexpr,
+        CONVERT: tl.constexpr,  # -1: a float weight; else an int8 one, converted as _int8_to_fp32 does
     ):
         # BLOCK_N outputs of the one activation row, the weight read once. Each program reads all of
         # x anyway, so the norm costs no pass of its own: W (g * x * r) = r * (W (g * x)), with the
@@ -280,10 +283,15 @@ if triton is not None:
                 squares += x * x
                 x = x * tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
             w = tl.load(
-                w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first"
+                w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0, eviction_policy="evict_first"
             )  # read once: keep L2 for x
-            acc += w.to(tl.float32) * x[None, :]
+            if CONVERT >= 0:
+                acc += _int8_to_fp32(w, CONVERT) * x[None, :]
+            else:
+                acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1)
+        if CONVERT >= 0:
+            y = y * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         if NORM:
             y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + EPS)
         if RESIDUAL:
@@ -435,22 +443,25 @@ if triton is not None:
         wrap_triton(_int8_gemv_kernel)[grid](x, weight, scales, y, N, K, **cfg)
         return y
 
-    @triton_op("fastgen::float_gemv", mutates_args={})
-    def float_gemv(
+    @triton_op("fastgen::decode_gemv", mutates_args={})
+    def decode_gemv(
         x: torch.Tensor,
         weight: torch.Tensor,
+        scales: torch.Tensor | None = None,
         norm_weight: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
         eps: float = 0.0,
         glu: bool = False,
     ) -> torch.Tensor:
-        """float_gemv_reference's contract, one kernel: x [1, K] ([1, 2K] with glu), contiguous."""
+        """decode_gemv_reference's contract, one kernel: x [1, K] ([1, 2K] with glu), contiguous."""
         K, N = weight.shape[1], weight.shape[0]
         y = torch.empty((1, N), dtype=x.dtype, device=x.device)
-        cfg = float_gemv_config(N, K)
-        wrap_triton(_float_gemv_kernel)[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+        # an int8 weight keeps int8_gemv's tiles (swept on the H200), a float one the float sweep's
+        cfg = int8_gemv_config(N, K) if scales is not None else {**decode_gemv_config(N, K), "CONVERT": -1}
+        wrap_triton(_decode_gemv_kernel)[(triton.cdiv(N, cfg["BLOCK_N"]),)](
             x,
             weight,
+            weight if scales is None else scales,  # never read without an int8 weight
             weight if norm_weight is None else norm_weight,  # never read without NORM
             weight if residual is None else residual,  # never read without RESIDUAL
             y,
@@ -646,17 +657,17 @@ class DownMixExperts(Experts):
 
 class DecodeLinear(torch.nn.Linear):
     """A float nn.Linear whose batch-1 decode calls (one activation row, on a GPU) go through
-    float_gemv instead of cuBLAS; every other call is nn.Linear's."""
+    decode_gemv instead of cuBLAS; every other call is nn.Linear's."""
 
     def forward(self, x):
         if FLOAT_GEMV_ENABLED and x.numel() == self.in_features and available(x):
-            y = float_gemv(x.reshape(1, -1).contiguous(), self.weight).view(*x.shape[:-1], self.out_features)
+            y = decode_gemv(x.reshape(1, -1).contiguous(), self.weight).view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return super().forward(x)
 
 
 class DecodeBlock(TransformerBlock):
-    """A block whose batch-1 decode step (one token, on a GPU) runs its projections as float_gemv
+    """A block whose batch-1 decode step (one token, on a GPU) runs its projections as decode_gemv
     with the rest of the block folded in: the RMSNorm into wqkv's (and w13's) loop, the residual add
     into wo's (and w2's) store, SiLU(gate) * up into w2's loads; and the query/key norms, RoPE and the
     cache write as one kernel (kv_attention.rope_write_kv, for an unquantized cache). A dense layer
@@ -668,7 +679,7 @@ class DecodeBlock(TransformerBlock):
             return super().forward(x, cos, sin, attend, input_pos)
         attention, ffn = self.attention, self.feed_forward
         x1 = x.reshape(1, -1)  # [1, D]
-        qkv = float_gemv(x1, attention.wqkv.weight, self.attention_norm.weight, eps=self.attention_norm.eps)
+        qkv = project(attention.wqkv, x1, norm_weight=self.attention_norm.weight, eps=self.attention_norm.eps)
         if attention.wqkv.bias is not None:
             qkv = qkv + attention.wqkv.bias
         cache = attention.kv_cache
@@ -689,28 +700,36 @@ class DecodeBlock(TransformerBlock):
             heads = attend(q, cache).to(qkv.dtype).reshape(1, -1)
         else:  # a quantized cache quantizes as it writes
             heads = attention.attend_qkv(qkv.view(1, 1, -1), cos, sin, attend, input_pos).reshape(1, -1)
-        h = float_gemv(heads, attention.wo.weight, residual=x1)
+        h = project(attention.wo, heads, residual=x1)
         if type(ffn) is not FeedForward:  # experts: routed as TransformerBlock routes them
             h = h.view_as(x)
             return h + ffn(self.ffn_norm(h))
-        hidden = float_gemv(h, ffn.w13.weight, self.ffn_norm.weight, eps=self.ffn_norm.eps)
-        return float_gemv(hidden, ffn.w2.weight, residual=h, glu=True).view_as(x)
+        hidden = project(ffn.w13, h, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps)
+        return project(ffn.w2, hidden, residual=h, glu=True).view_as(x)
+
+
+def project(linear: torch.nn.Module, x: torch.Tensor, **folded) -> torch.Tensor:
+    """One row through a bias-free float nn.Linear or quantize.Int8Linear (its int8 weight and
+    per-row scales), with what DecodeBlock folds in."""
+    return decode_gemv(x, linear.weight, getattr(linear, "scales", None), **folded)
 
 
 def fusable_block(block: torch.nn.Module) -> bool:
-    """A block whose projections are float nn.Linears without hooks (tensor parallel's all-reduces
-    are forward hooks on wo and w2 or the experts: the fused path would skip them) and without biases
-    past wqkv's; a mixture of experts keeps its own feed-forward."""
+    """A block whose projections are float nn.Linears or quantize.Int8Linears, without hooks (tensor
+    parallel's all-reduces are forward hooks on wo and w2: the fused path would skip them) and without
+    biases past wqkv's; a mixture of experts keeps its own feed-forward."""
+    from quantize import Int8Linear  # quantize imports this file
+
     if type(block) is not TransformerBlock or type(block.feed_forward) not in (FeedForward, MoEFeedForward):
         return False
     if type(block.attention_norm) is not RMSNorm or type(block.ffn_norm) is not RMSNorm:
         return False
     a, f = block.attention, block.feed_forward
     linears = (a.wqkv, a.wo) + ((f.w13, f.w2) if type(f) is FeedForward else ())
-    hooked = [m for m in (*linears, f) if m._forward_hooks or m._forward_pre_hooks]
+    float_linear = (torch.nn.Linear, DecodeLinear)
     return (
-        all(type(m) in (torch.nn.Linear, DecodeLinear) and m.weight.is_floating_point() for m in linears)
-        and not hooked
+        all(type(m) in float_linear and m.weight.is_floating_point() or type(m) is Int8Linear for m in linears)
+        and not any(m._forward_hooks or m._forward_pre_hooks for m in (*linears, f))
         and all(m.bias is None for m in linears[1:])
         and available(a.wo.weight)
     )

@@ -69,24 +69,26 @@ def main(argv=None):
                 range(6),
                 **launch,
             )
-    float_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "norm_ptr": "*bf16", "res_ptr": "*bf16", "y_ptr": "*bf16"}
-    for n, k, norm, glu, residual in ((960, 576, 1, 0, 0), (4096, 14336, 0, 1, 1), (128256, 4096, 0, 0, 0)):
-        cfg = gemv.float_gemv_config(n, k)
+    decode_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "scale_ptr": "*fp32", "norm_ptr": "*bf16", "res_ptr": "*bf16"}
+    decode_sig.update({"y_ptr": "*bf16", "N": "i32", "K": "i32"})
+    for n, k, norm, glu, residual, int8 in (
+        (960, 576, 1, 0, 0, 0),
+        (4096, 14336, 0, 1, 1, 0),
+        (128256, 4096, 0, 0, 0, 0),
+        (6144, 4096, 1, 0, 0, 1),
+        (4096, 14336, 0, 1, 1, 1),
+    ):
+        cfg = gemv.int8_gemv_config(n, k) if int8 else {**gemv.decode_gemv_config(n, k), "CONVERT": -1}
+        consts = {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": cfg["CONVERT"]}
         build(
             target,
-            f"float gemv {n}x{k} norm={norm} glu={glu} residual={residual}",
-            gemv._float_gemv_kernel,
-            {**float_sig, "N": "i32", "K": "i32"},
-            {
-                "EPS": 1e-5,
-                "BLOCK_N": cfg["BLOCK_N"],
-                "BLOCK_K": cfg["BLOCK_K"],
-                "NORM": norm,
-                "GLU": glu,
-                "RESIDUAL": residual,
-            },
-            range(7),
+            f"decode gemv {n}x{k} norm={norm} glu={glu} residual={residual} int8={int8}",
+            gemv._decode_gemv_kernel,
+            {**decode_sig, "w_ptr": "*i8" if int8 else "*bf16"},
+            {**consts, "NORM": norm, "GLU": glu, "RESIDUAL": residual},
+            range(8),
             num_warps=cfg["num_warps"],
+            num_stages=cfg.get("num_stages", 3),
         )
     rope_sig = {n: "*bf16" for n in ("qkv_ptr", "cos_ptr", "sin_ptr", "q_ptr", "k_ptr", "v_ptr")}
     rope_sig.update({"slot_ptr": "*i64", "q_norm_ptr": "*bf16", "k_norm_ptr": "*bf16", "S": "i32"})

@@ -24,11 +24,13 @@
 #                                          #   (bf16, int8, tinygemm g64/g128) at 1-16 rows, each replayed in a CUDA
 #                                          #   graph (int4_rows_sweep.py), then 8 layers of the int4 step profiled at
 #                                          #   B1 and B8
-#   bash scripts/gpu_pending.sh floatgemv  # ~8 min: the opt-in batch-1 float GEMV (gemv.float_gemv; it beat cuBLAS at
+#   bash scripts/gpu_pending.sh floatgemv  # ~8 min: the opt-in batch-1 float GEMV (gemv.decode_gemv; it beat cuBLAS at
 #                                          #   every SmolLM2 / Llama-3-8B projection alone): its GPU tests, then
 #                                          #   SmolLM2-135M and Llama-3-8B B1 steps with cuBLAS, with the GEMV for
 #                                          #   every linear (FASTGEN_FLOAT_GEMV=1), and with the fused block on top
-#                                          #   (FASTGEN_FUSED_DECODE=1: norm, SiLU * up, residual folded in)
+#                                          #   (FASTGEN_FUSED_DECODE=1: norm, SiLU * up, residual folded in, RoPE +
+#                                          #   cache write as one kernel)
+#   bash scripts/gpu_pending.sh fusedint8  # ~4 min: int8 Llama-3-8B B1 with the fused block (FASTGEN_FUSED_DECODE=1) and without
 #   bash scripts/gpu_pending.sh fusedmoe   # ~3 min: Qwen3-30B-A3B B1 (12 layers) with the fused attention half
 #                                          #   (FASTGEN_FUSED_DECODE=1, router through the float GEMV) and without
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
@@ -135,13 +137,17 @@ int4rows)
     ;;
 floatgemv)
     step floatgemv_tests 150 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_moe.py \
-        -k "float_gemv or fused_decode or compiled_moe_decode"
+        -k "decode_gemv or fused_decode or rope_write_kv or compiled_moe_decode"
     summary+=("  $(tail -n 1 "$out/floatgemv_tests.txt")")
     for model in smollm2-135m llama-3-8b; do
         decode "${model}_cublas" 75 --model "$model"
         FASTGEN_FLOAT_GEMV=1 decode "${model}_gemv" 75 --model "$model"
         FASTGEN_FLOAT_GEMV=1 FASTGEN_FUSED_DECODE=1 decode "${model}_fused" 75 --model "$model"
     done
+    ;;
+fusedint8)
+    decode llama_int8 100 --model llama-3-8b --weights int8
+    FASTGEN_FUSED_DECODE=1 decode llama_int8_fused 100 --model llama-3-8b --weights int8
     ;;
 fusedmoe)
     decode qwen3_b1 100 --model qwen3-30b-a3b --layers 12
@@ -154,7 +160,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

@@ -61,17 +61,18 @@ def int8_gemv(M=3, N=300, K=1030):
     return gemv.int8_gemv(x, w, scales), gemv.int8_gemv_reference(x, w, scales)
 
 
-def float_gemv(N=301, K=5000, dtype=torch.float32, norm=False, glu=False, residual=False):
+def decode_gemv(N=301, K=5000, dtype=torch.float32, norm=False, glu=False, residual=False, int8=False):
     """K > 4096: the 2048-wide K step; N odd: a half tile. The folded-in parts against the reference."""
     x = torch.randn(1, 2 * K if glu else K, dtype=dtype)
-    w = torch.randn(N, K, dtype=dtype) / 30
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8) if int8 else torch.randn(N, K, dtype=dtype) / 30
     extra = dict(
+        scales=torch.rand(N) / 3000 if int8 else None,
         norm_weight=torch.rand(K, dtype=dtype) + 0.5 if norm else None,
         residual=torch.randn(1, N, dtype=dtype) if residual else None,
         eps=1e-5 if norm else 0.0,
         glu=glu,
     )
-    return gemv.float_gemv(x, w, **extra), gemv.float_gemv_reference(x, w, **extra)
+    return gemv.decode_gemv(x, w, **extra), gemv.decode_gemv_reference(x, w, **extra)
 
 
 def rope_write_kv(D=96, n_heads=6, n_kv_heads=2, qk_norm=True):
@@ -164,11 +165,13 @@ def main():
     runs = [(f"{case}", lambda case=case: unquantized(*case)) for case in CASES] + [("int8 KV", int8)]
     runs += [("int8 gemv", int8_gemv), ("int8 expert gemv", int8_expert_gemv)]
     runs += [
-        ("float gemv, fp32, K 5000", float_gemv),
-        ("float gemv, fp16, 576", lambda: float_gemv(960, 576, torch.float16)),
-        ("float gemv + norm + residual", lambda: float_gemv(97, 576, norm=True, residual=True)),
-        ("float gemv, SiLU(gate) * up + residual", lambda: float_gemv(64, 1536, glu=True, residual=True)),
-        ("float gemv + norm, K 5000, fp16", lambda: float_gemv(40, 5000, torch.float16, norm=True)),
+        ("decode gemv, fp32, K 5000", decode_gemv),
+        ("decode gemv, fp16, 576", lambda: decode_gemv(960, 576, torch.float16)),
+        ("decode gemv + norm + residual", lambda: decode_gemv(97, 576, norm=True, residual=True)),
+        ("decode gemv, SiLU(gate) * up + residual", lambda: decode_gemv(64, 1536, glu=True, residual=True)),
+        ("decode gemv + norm, K 5000, fp16", lambda: decode_gemv(40, 5000, torch.float16, norm=True)),
+        ("decode gemv, int8 weight + norm", lambda: decode_gemv(70, 1100, norm=True, int8=True)),
+        ("decode gemv, int8, SiLU * up + residual", lambda: decode_gemv(33, 5000, glu=True, residual=True, int8=True)),
     ]
     runs += [("int8 expert gemv, 1 token x 8 experts", lambda: int8_expert_gemv(R=8, X=1))]
     runs += [("int8 expert gemv, 3 tokens x 2 experts", lambda: int8_expert_gemv(R=6, X=3))]

@@ -288,34 +288,48 @@ def test_split_kv_cache_decode_plumbing(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "overrides", [{}, dict(qkv_bias=True, qk_norm=True, sliding_window=6), dict(n_experts=4, n_active_experts=2)]
+    "overrides",
+    [{}, dict(qkv_bias=True, qk_norm=True, sliding_window=6), dict(n_experts=4, n_active_experts=2), "int8"],
 )
 def test_fused_decode_block_plumbing(monkeypatch, overrides):
-    """gemv.DecodeBlock (FASTGEN_FUSED_DECODE=1: a batch-1 step's four projections as float_gemv with
-    the norms, SiLU * up and the residual adds folded in; a mixture of experts' two attention ones;
-    RoPE and the cache write as one kernel), run here with the references standing in for the CUDA
-    kernels, eager and compiled, decodes
-    to the tokens of the plain block; batches and prefill stay on the plain path, and a block with
-    tensor parallel's hooks is never fused."""
+    """gemv.DecodeBlock (FASTGEN_FUSED_DECODE=1: a batch-1 step's four projections as decode_gemv with
+    the norms, SiLU * up and the residual adds folded in, float or int8 weights; a mixture of experts'
+    two attention ones; RoPE and the cache write as one kernel), run here with the references standing
+    in for the CUDA kernels, eager and compiled, decodes to the tokens of the plain block; batches and
+    prefill stay on the plain path, and a block with tensor parallel's hooks is never fused."""
     import gemv
     import kv_attention
+    import quantize
 
-    model = tiny_model(**overrides)
+    if overrides == "int8":
+        model = tiny_model(qkv_bias=True)
+        floats = {name: (m.weight.detach(), m.bias) for name, m in quantize.quantizable_linears(model)}
+        quantize.apply_quantization(model, {"mode": "int8"})
+        for name, (weight, bias) in floats.items():
+            linear = model.get_submodule(name)
+            linear.weight, linear.scales = quantize.quantize_int8(weight)
+            if bias is not None:
+                linear.bias = bias
+        # their batch-1 / few-row GPU kernels, here as their reference (gemv.available is True below)
+        monkeypatch.setattr(gemv, "int8_gemv", gemv.int8_gemv_reference, raising=False)
+        monkeypatch.setattr(gemv, "int8_gemm_few_rows", gemv.int8_gemv_reference, raising=False)
+    else:
+        model = tiny_model(**overrides)
     prompt = [[5, 17, 3, 88, 41, 9, 2, 30, 11]]
     plain = greedy(model, prompt, 12, 64).tokens
     batch = greedy(model, PROMPTS[:2], 6, 64).tokens
     calls = torch.zeros((), dtype=torch.long)  # a tensor, so the compiled step can count too
 
-    def reference(x, weight, norm_weight=None, residual=None, eps=0.0, glu=False):
+    def reference(x, weight, scales=None, norm_weight=None, residual=None, eps=0.0, glu=False):
         assert x.shape[0] == 1  # one token
         calls.add_(1)
-        return gemv.float_gemv_reference(x, weight, norm_weight, residual, eps, glu)
+        return gemv.decode_gemv_reference(x, weight, scales, norm_weight, residual, eps, glu)
 
     monkeypatch.setattr(gemv, "available", lambda t: True)
     monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
     monkeypatch.setattr(gemv, "EXPERT_DOWN_ENABLED", False)  # the experts' own kernels: CUDA only
     monkeypatch.setattr(gemv, "EXPERT_GATE_UP_ENABLED", False)
-    monkeypatch.setattr(gemv, "float_gemv", reference, raising=False)
+    monkeypatch.setattr(gemv, "decode_gemv", reference, raising=False)
     rope_calls = torch.zeros((), dtype=torch.long)
 
     def rope_reference(*args):
@@ -330,7 +344,7 @@ def test_fused_decode_block_plumbing(monkeypatch, overrides):
         assert greedy(model, prompt, 12, max_seq_len, compile=compile).tokens == plain
         assert rope_calls == 11 * model.args.n_layers
         assert type(model.layers[0]) is gemv.DecodeBlock
-        fused = 2 if model.args.n_experts else 4  # projections a layer through float_gemv
+        fused = 2 if model.args.n_experts else 4  # projections a layer through decode_gemv
         assert calls == 11 * fused * model.args.n_layers  # the 11 decode steps
         assert greedy(model, PROMPTS[:2], 6, max_seq_len, compile=compile).tokens == batch
         assert calls == 11 * fused * model.args.n_layers

@@ -351,8 +351,8 @@ def test_int8_multi_row_kernels_equal_reference(rows, n, k):
 
 @pytest.mark.parametrize("n,k", [(960, 576), (1000, 4100), (7, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_float_gemv_equals_linear(n, k, dtype, monkeypatch):
-    """gemv.float_gemv (a batch-1 step's float linears) gives F.linear, at shapes that do not fill
+def test_decode_gemv_equals_linear(n, k, dtype, monkeypatch):
+    """gemv.decode_gemv (a batch-1 step's float linears) gives F.linear, at shapes that do not fill
     its tiles; DecodeLinear takes it for one row, eager and compiled, and keeps nn.Linear (cuBLAS)
     for more rows; use_decode_kernels gives the class to a model's float linears."""
     import gemv
@@ -361,7 +361,7 @@ def test_float_gemv_equals_linear(n, k, dtype, monkeypatch):
     linear = torch.nn.Linear(k, n, bias=True, device="cuda", dtype=dtype)
     x = torch.randn(1, 1, k, device="cuda", dtype=dtype)
     want = torch.nn.functional.linear(x, linear.weight, linear.bias).float()
-    got = gemv.float_gemv(x.view(1, k), linear.weight)
+    got = gemv.decode_gemv(x.view(1, k), linear.weight)
     assert got.dtype == dtype and got.shape == (1, n)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     assert ((got.float() + linear.bias.float() - want).norm() / want.norm()) < tol
@@ -376,25 +376,30 @@ def test_float_gemv_equals_linear(n, k, dtype, monkeypatch):
     assert type(model.output) is gemv.DecodeLinear and type(model.layers[0].attention.wqkv) is gemv.DecodeLinear
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
 @pytest.mark.parametrize("norm, glu, residual", [(True, False, False), (False, True, True), (True, False, True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_float_gemv_folded_parts_equal_reference(norm, glu, residual, dtype):
-    """float_gemv with the RMSNorm, SiLU(gate) * up and the residual folded in (DecodeBlock's
-    calls) equals float_gemv_reference, at SmolLM2's w13 / w2 shapes and one with K > 4096."""
+def test_decode_gemv_folded_parts_equal_reference(norm, glu, residual, dtype, int8):
+    """decode_gemv with the RMSNorm, SiLU(gate) * up and the residual folded in (DecodeBlock's
+    calls), over a float or an int8 weight, equals decode_gemv_reference, at SmolLM2's w13 / w2 shapes
+    and one with K > 4096."""
     import gemv
 
     for n, k in ((3072, 576), (576, 1536), (300, 5000)):
         torch.manual_seed(n)
         x = torch.randn(1, 2 * k if glu else k, device="cuda", dtype=dtype)
         w = torch.randn(n, k, device="cuda", dtype=dtype) / 30
+        if int8:
+            w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
         extra = dict(
+            scales=torch.rand(n, device="cuda") / 3000 if int8 else None,
             norm_weight=torch.rand(k, device="cuda", dtype=dtype) + 0.5 if norm else None,
             residual=torch.randn(1, n, device="cuda", dtype=dtype) if residual else None,
             eps=1e-5 if norm else 0.0,
             glu=glu,
         )
-        want = gemv.float_gemv_reference(x, w, **extra).float()
-        got = gemv.float_gemv(x, w, **extra)
+        want = gemv.decode_gemv_reference(x, w, **extra).float()
+        got = gemv.decode_gemv(x, w, **extra)
         assert got.dtype == dtype and ((got.float() - want).norm() / want.norm()) < (
             1e-2 if dtype == torch.bfloat16 else 1e-5
         )
@@ -440,6 +445,25 @@ def test_fused_decode_block_compiled_equals_cpu_fp32_eager(monkeypatch, shape):
     assert type(cuda.layers[0]) is gemv.DecodeBlock
     assert cuda.output is None or type(cuda.output) is gemv.DecodeLinear  # tied: the embedding's matmul
     assert greedy(cuda, PROMPTS[:2], 40, 128, compile=True) == want
+
+
+def test_fused_decode_block_over_int8_weights_keeps_the_tokens(monkeypatch):
+    """An int8-quantized model's compiled batch-1 decode gives the same tokens through DecodeBlock
+    (FASTGEN_FUSED_DECODE=1, decode_gemv over the int8 weights and scales) as through Int8Linear."""
+    import gemv
+    import quantize
+
+    cpu = random_model("gqa-hd128")
+    floats = {name: m.weight.detach() for name, m in quantize.quantizable_linears(cpu)}
+    quantize.apply_quantization(cpu, {"mode": "int8"})
+    for name, weight in floats.items():
+        linear = cpu.get_submodule(name)
+        linear.weight, linear.scales = quantize.quantize_int8(weight)
+    want = [greedy(cpu.cuda(), [p], 40, 128, compile=True)[0] for p in PROMPTS[:2]]
+    torch._dynamo.reset()
+    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
+    got = [greedy(cpu, [p], 40, 128, compile=True)[0] for p in PROMPTS[:2]]
+    assert type(cpu.layers[0]) is gemv.DecodeBlock and got == want
 
 
 @pytest.mark.parametrize("convert", [0, 1, 2])
