@@ -679,9 +679,15 @@ class DecodeBlock(TransformerBlock):
             return super().forward(x, cos, sin, attend, input_pos)
         attention, ffn = self.attention, self.feed_forward
         x1 = x.reshape(1, -1)  # [1, D]
-        qkv = project(attention.wqkv, x1, norm_weight=self.attention_norm.weight, eps=self.attention_norm.eps)
-        if attention.wqkv.bias is not None:
-            qkv = qkv + attention.wqkv.bias
+        bias = attention.wqkv.bias  # Qwen2's: added where a residual would be
+        norm = self.attention_norm
+        qkv = project(
+            attention.wqkv,
+            x1,
+            norm_weight=norm.weight,
+            eps=norm.eps,
+            residual=None if bias is None else bias.view(1, -1),
+        )
         cache = attention.kv_cache
         if type(cache) in (KVCache, kv_attention.SplitKVCache):  # one kernel for the norms, RoPE and the write
             q_norm, k_norm = attention.q_norm, attention.k_norm
