@@ -453,7 +453,8 @@ if triton is not None:
         eps: float = 0.0,
         glu: bool = False,
     ) -> torch.Tensor:
-        """decode_gemv_reference's contract, one kernel: x [1, K] ([1, 2K] with glu), contiguous."""
+        """decode_gemv_reference's contract, one kernel: x [1, K] ([1, 2K] with glu)."""
+        x, weight = x.contiguous(), weight.contiguous()  # no-ops for the model's own tensors
         K, N = weight.shape[1], weight.shape[0]
         y = torch.empty((1, N), dtype=x.dtype, device=x.device)
         # an int8 weight keeps int8_gemv's tiles (swept on the H200), a float one the float sweep's
