@@ -136,7 +136,7 @@ int4rows)
     decode int4_b8 120 --weights int4-g64 --layers 8 --batch 8
     ;;
 floatgemv)
-    step floatgemv_tests 150 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_moe.py \
+    step floatgemv_tests 180 python -m pytest -m gpu -q -p no:cacheprovider -n 4 tests/test_gpu.py tests/test_moe.py \
         -k "decode_gemv or fused_decode or rope_write_kv or compiled_moe_decode"
     summary+=("  $(tail -n 1 "$out/floatgemv_tests.txt")")
     for model in smollm2-135m llama-3-8b; do
