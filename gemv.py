@@ -9,8 +9,9 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
 `*_reference` functions, or the model's own code) that the GPU tests and the interpreter check
 (scripts/interpret_kernels.py) compare it with. What is here, and who calls it:
 
-  decode_gemv                DecodeLinear, DecodeBlock    opt-in: a float weight, 1 row, one pass (beat cuBLAS
-                                                         alone), with the norm / SiLU * up / residual around it
+  decode_gemv               DecodeLinear, DecodeBlock    opt-in: 1 row, a float or int8 weight, one pass (beat
+                                                         cuBLAS alone), the norm / SiLU * up / residual folded in
+  decode_gemv_experts       DecodeBlock, 1 token         opt-in: the same over the token's k float experts
   int8_gemv                 Int8Linear, 1 row            int8 weight, one pass, CUDA cores
   int8_gemm_few_rows        Int8Linear, 2-16 rows        tensor cores over a 16-row tile, split over K
   int8_expert_gemv          Int8Experts, decode          the batch-1 GEMV with the expert picked per row
@@ -24,7 +25,16 @@ import os
 import torch
 
 import kv_attention
-from model import Experts, FeedForward, KVCache, MoEFeedForward, RMSNorm, TransformerBlock, pairs_by_expert
+from model import (
+    Experts,
+    FeedForward,
+    KVCache,
+    MoEFeedForward,
+    RMSNorm,
+    TransformerBlock,
+    pairs_by_expert,
+    weighted_sum,
+)
 
 try:  # Triton ships with CUDA builds of torch; a CPU-only install has none
     import triton
@@ -54,19 +64,31 @@ def expert_down_mix_reference(h, expert_ids, mix, weight) -> torch.Tensor:
     return (y * mix.float().unsqueeze(-1)).sum(dim=1).to(h.dtype)
 
 
-def decode_gemv_reference(x, weight, scales=None, norm_weight=None, residual=None, eps=0.0, glu=False):
-    """x [1, K] (with glu [1, 2K]: gate, then up), weight [N, K] float (or int8 with scales [N]),
-    norm_weight [K], residual [1, N] -> [1, N] in x.dtype: residual + weight @ rms_norm(SiLU(gate) *
-    up), each part only where asked for, in fp32."""
+def folded_input(x, norm_weight=None, eps=0.0, glu=False) -> torch.Tensor:
+    """What decode_gemv multiplies the weight by, in fp32: rms_norm(SiLU(gate) * up) of x [..., K]
+    ([..., 2K] with glu: gate, then up), each part only where asked for."""
     h = x.float()
     if glu:
         gate, up = h.chunk(2, dim=-1)
         h = torch.nn.functional.silu(gate) * up
     if norm_weight is not None:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+    return h
+
+
+def decode_gemv_reference(x, weight, scales=None, norm_weight=None, residual=None, eps=0.0, glu=False):
+    """x [1, K] (with glu [1, 2K]), weight [N, K] float (or int8 with scales [N]), norm_weight [K],
+    residual [1, N] -> [1, N] in x.dtype: residual + weight @ folded_input(x), in fp32."""
     w = weight.float() if scales is None else weight.float() * scales.float().unsqueeze(-1)
-    y = h @ w.T
+    y = folded_input(x, norm_weight, eps, glu) @ w.T
     return (y if residual is None else y + residual.float()).to(x.dtype)
+
+
+def decode_gemv_experts_reference(x, expert_ids, weight, norm_weight=None, eps=0.0, glu=False):
+    """x [X, K] (with glu [X, 2K]), expert_ids [R] (R a multiple of X), weight [E, N, K] float ->
+    [R, N] in x.dtype: row r is expert expert_ids[r] times folded_input(x row r // (R / X))."""
+    h = folded_input(x, norm_weight, eps, glu).repeat_interleave(expert_ids.numel() // x.shape[0], dim=0)
+    return (weight[expert_ids].float() @ h.unsqueeze(-1)).squeeze(-1).to(x.dtype)
 
 
 # expert_down_mix: a batched decode step's float experts (MoEFeedForward.forward). On the H200 at
@@ -155,6 +177,12 @@ FLOAT_GEMV_ENABLED = os.environ.get("FASTGEN_FLOAT_GEMV", "0") == "1"
 # 12. Written after the device time ran out: opt-in (FASTGEN_FUSED_DECODE=1) until gpu_pending.sh
 # floatgemv has timed it against the two above.
 FUSED_DECODE_ENABLED = os.environ.get("FASTGEN_FUSED_DECODE", "0") == "1"
+# With it, a mixture-of-experts block's one token also goes through its k float experts as
+# decode_gemv_experts (the norm folded into gate/up, SiLU * up into the down projection's loads).
+# A Triton expert GEMV lost to Inductor's gathered reduction on 2026-12-03 (1664 vs 1531 us a Qwen3
+# step) with int8's 4-8 rows a program; bf16 won against cuBLAS only at 2 (small_gemv_sweep.py).
+# Opt-in on top of FASTGEN_FUSED_DECODE (FASTGEN_EXPERT_GEMV=1) until gpu_pending.sh fusedmoe times it.
+EXPERT_GEMV_ENABLED = os.environ.get("FASTGEN_EXPERT_GEMV", "0") == "1"
 
 
 def decode_gemv_config(n: int, k: int) -> dict:
@@ -253,8 +281,10 @@ if triton is not None:
         norm_ptr,  # [K]: the RMSNorm weight applied to x first (NORM)
         res_ptr,  # [N]: the residual stream, added to the output (RESIDUAL)
         y_ptr,  # [N]
+        ids_ptr,  # [R]: with EXPERTS, output row r goes through expert ids[r] of w [E, N, K]
         N,
         K,
+        rows_per_x,  # with EXPERTS: output row r reads x row r // rows_per_x
         EPS: tl.constexpr,  # the RMSNorm's (a constant: a float argument would reach the kernel as fp64)
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -262,10 +292,18 @@ if triton is not None:
         GLU: tl.constexpr,
         RESIDUAL: tl.constexpr,
         CONVERT: tl.constexpr,  # -1: a float weight; else an int8 one, converted as _int8_to_fp32 does
+        EXPERTS: tl.constexpr,
     ):
-        # BLOCK_N outputs of the one activation row, the weight read once. Each program reads all of
+        # BLOCK_N outputs of one activation row, the weight read once. Each program reads all of
         # x anyway, so the norm costs no pass of its own: W (g * x * r) = r * (W (g * x)), with the
         # scalar r = rsqrt(mean(x^2) + eps) summed along the way and applied at the end.
+        if EXPERTS:  # program axis 1: the (token, expert) pair
+            r = tl.program_id(1)
+            e = tl.load(ids_ptr + r).to(tl.int64)
+            w_ptr += e * N * K
+            scale_ptr += e * N
+            x_ptr += (r // rows_per_x).to(tl.int64) * (2 * K if GLU else K)
+            y_ptr += r.to(tl.int64) * N
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         row_ok = rows < N
@@ -455,23 +493,42 @@ if triton is not None:
     ) -> torch.Tensor:
         """decode_gemv_reference's contract, one kernel: x [1, K] ([1, 2K] with glu)."""
         x, weight = x.contiguous(), weight.contiguous()  # no-ops for the model's own tensors
-        K, N = weight.shape[1], weight.shape[0]
-        y = torch.empty((1, N), dtype=x.dtype, device=x.device)
+        return _decode_gemv_launch(x, weight, None, scales, norm_weight, residual, eps, glu)
+
+    @triton_op("fastgen::decode_gemv_experts", mutates_args={})
+    def decode_gemv_experts(
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weight: torch.Tensor,
+        norm_weight: torch.Tensor | None = None,
+        eps: float = 0.0,
+        glu: bool = False,
+    ) -> torch.Tensor:
+        """decode_gemv_experts_reference's contract, one kernel."""
+        return _decode_gemv_launch(x.contiguous(), weight, expert_ids, None, norm_weight, None, eps, glu)
+
+    def _decode_gemv_launch(x, weight, expert_ids, scales, norm_weight, residual, eps, glu):
+        N, K = weight.shape[-2], weight.shape[-1]
+        R = 1 if expert_ids is None else expert_ids.numel()
+        y = torch.empty((R, N), dtype=x.dtype, device=x.device)
         # an int8 weight keeps int8_gemv's tiles (swept on the H200), a float one the float sweep's
         cfg = int8_gemv_config(N, K) if scales is not None else {**decode_gemv_config(N, K), "CONVERT": -1}
-        wrap_triton(_decode_gemv_kernel)[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+        wrap_triton(_decode_gemv_kernel)[(triton.cdiv(N, cfg["BLOCK_N"]), R)](
             x,
             weight,
             weight if scales is None else scales,  # never read without an int8 weight
             weight if norm_weight is None else norm_weight,  # never read without NORM
             weight if residual is None else residual,  # never read without RESIDUAL
             y,
+            weight if expert_ids is None else expert_ids,  # never read without EXPERTS
             N,
             K,
+            R // x.shape[0],
             EPS=eps,
             NORM=norm_weight is not None,
             GLU=glu,
             RESIDUAL=residual is not None,
+            EXPERTS=expert_ids is not None,
             **cfg,
         )
         return y
@@ -708,9 +765,18 @@ class DecodeBlock(TransformerBlock):
         else:  # a quantized cache quantizes as it writes
             heads = attention.attend_qkv(qkv.view(1, 1, -1), cos, sin, attend, input_pos).reshape(1, -1)
         h = project(attention.wo, heads, residual=x1)
-        if type(ffn) is not FeedForward:  # experts: routed as TransformerBlock routes them
-            h = h.view_as(x)
+        if type(ffn) is not FeedForward and not (
+            EXPERT_GEMV_ENABLED and type(ffn.experts) in (Experts, DownMixExperts)
+        ):
+            h = h.view_as(x)  # experts: routed as TransformerBlock routes them
             return h + ffn(self.ffn_norm(h))
+        if type(ffn) is not FeedForward:  # the token's k float experts through decode_gemv_experts
+            norm = self.ffn_norm
+            weights, expert_ids = ffn.route(norm(h), few=True)  # [1, k] each
+            ids = expert_ids.view(-1)
+            hidden = decode_gemv_experts(h, ids, ffn.experts.w13, norm.weight, eps=norm.eps)  # [k, 2I]
+            down = decode_gemv_experts(hidden, ids, ffn.experts.w2, glu=True)  # [k, D]
+            return (h + weighted_sum(down.unsqueeze(0), weights)).view_as(x)
         hidden = project(ffn.w13, h, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps)
         return project(ffn.w2, hidden, residual=h, glu=True).view_as(x)
 

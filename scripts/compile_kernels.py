@@ -70,23 +70,25 @@ def main(argv=None):
                 **launch,
             )
     decode_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "scale_ptr": "*fp32", "norm_ptr": "*bf16", "res_ptr": "*bf16"}
-    decode_sig.update({"y_ptr": "*bf16", "N": "i32", "K": "i32"})
-    for n, k, norm, glu, residual, int8 in (
-        (960, 576, 1, 0, 0, 0),
-        (4096, 14336, 0, 1, 1, 0),
-        (128256, 4096, 0, 0, 0, 0),
-        (6144, 4096, 1, 0, 0, 1),
-        (4096, 14336, 0, 1, 1, 1),
+    decode_sig.update({"y_ptr": "*bf16", "ids_ptr": "*i64", "N": "i32", "K": "i32", "rows_per_x": "i32"})
+    for n, k, norm, glu, residual, int8, experts in (
+        (960, 576, 1, 0, 0, 0, 0),
+        (4096, 14336, 0, 1, 1, 0, 0),
+        (128256, 4096, 0, 0, 0, 0, 0),
+        (6144, 4096, 1, 0, 0, 1, 0),
+        (4096, 14336, 0, 1, 1, 1, 0),
+        (1536, 2048, 1, 0, 0, 0, 1),  # Qwen3-30B-A3B's experts: gate/up, then down
+        (2048, 768, 0, 1, 0, 0, 1),
     ):
         cfg = gemv.int8_gemv_config(n, k) if int8 else {**gemv.decode_gemv_config(n, k), "CONVERT": -1}
         consts = {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": cfg["CONVERT"]}
         build(
             target,
-            f"decode gemv {n}x{k} norm={norm} glu={glu} residual={residual} int8={int8}",
+            f"decode gemv {n}x{k} norm={norm} glu={glu} res={residual} int8={int8} experts={experts}",
             gemv._decode_gemv_kernel,
             {**decode_sig, "w_ptr": "*i8" if int8 else "*bf16"},
-            {**consts, "NORM": norm, "GLU": glu, "RESIDUAL": residual},
-            range(8),
+            {**consts, "NORM": norm, "GLU": glu, "RESIDUAL": residual, "EXPERTS": experts},
+            range(9),
             num_warps=cfg["num_warps"],
             num_stages=cfg.get("num_stages", 3),
         )

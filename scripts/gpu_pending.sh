@@ -31,8 +31,9 @@
 #                                          #   (FASTGEN_FUSED_DECODE=1: norm, SiLU * up, residual folded in, RoPE +
 #                                          #   cache write as one kernel)
 #   bash scripts/gpu_pending.sh fusedint8  # ~4 min: int8 Llama-3-8B B1 with the fused block (FASTGEN_FUSED_DECODE=1) and without
-#   bash scripts/gpu_pending.sh fusedmoe   # ~3 min: Qwen3-30B-A3B B1 (12 layers) with the fused attention half
-#                                          #   (FASTGEN_FUSED_DECODE=1, router through the float GEMV) and without
+#   bash scripts/gpu_pending.sh fusedmoe   # ~5 min: Qwen3-30B-A3B B1 (12 layers) plain, with the fused attention half
+#                                          #   (FASTGEN_FUSED_DECODE=1), and with the token's experts through
+#                                          #   decode_gemv_experts too (FASTGEN_EXPERT_GEMV=1)
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -152,6 +153,8 @@ fusedint8)
 fusedmoe)
     decode qwen3_b1 100 --model qwen3-30b-a3b --layers 12
     FASTGEN_FLOAT_GEMV=1 FASTGEN_FUSED_DECODE=1 decode qwen3_b1_fused 100 --model qwen3-30b-a3b --layers 12
+    FASTGEN_FLOAT_GEMV=1 FASTGEN_FUSED_DECODE=1 FASTGEN_EXPERT_GEMV=1 decode qwen3_b1_experts 100 \
+        --model qwen3-30b-a3b --layers 12
     ;;
 autotune)
     decode smol 90 --model smollm2-135m

@@ -75,6 +75,14 @@ def decode_gemv(N=301, K=5000, dtype=torch.float32, norm=False, glu=False, resid
     return gemv.decode_gemv(x, w, **extra), gemv.decode_gemv_reference(x, w, **extra)
 
 
+def decode_gemv_experts(X=1, k=8, E=16, N=48, K=96, norm=True, glu=False):
+    """A token's k experts (or X tokens' pairs) through decode_gemv_experts against its reference."""
+    x, ids = torch.randn(X, 2 * K if glu else K), torch.randint(0, E, (X * k,))
+    w, norm_weight = torch.randn(E, N, K) / 10, torch.rand(K) + 0.5 if norm else None
+    got = gemv.decode_gemv_experts(x, ids, w, norm_weight, 1e-5, glu)
+    return got, gemv.decode_gemv_experts_reference(x, ids, w, norm_weight, 1e-5, glu)
+
+
 def rope_write_kv(D=96, n_heads=6, n_kv_heads=2, qk_norm=True):
     """The query/key norms, RoPE and the cache write in one kernel against the reference: q, and the
     whole of both caches afterwards (one tensor, so one error)."""
@@ -171,6 +179,8 @@ def main():
         ("decode gemv, SiLU(gate) * up + residual", lambda: decode_gemv(64, 1536, glu=True, residual=True)),
         ("decode gemv + norm, K 5000, fp16", lambda: decode_gemv(40, 5000, torch.float16, norm=True)),
         ("decode gemv, int8 weight + norm", lambda: decode_gemv(70, 1100, norm=True, int8=True)),
+        ("decode gemv experts, 8 of 16, norm", decode_gemv_experts),
+        ("decode gemv experts, SiLU * up, 3 tokens x 2", lambda: decode_gemv_experts(3, 2, 5, 30, 1100, False, True)),
         ("decode gemv, int8, SiLU * up + residual", lambda: decode_gemv(33, 5000, glu=True, residual=True, int8=True)),
     ]
     runs += [("int8 expert gemv, 1 token x 8 experts", lambda: int8_expert_gemv(R=8, X=1))]

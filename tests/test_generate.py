@@ -289,7 +289,7 @@ def test_split_kv_cache_decode_plumbing(monkeypatch):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, dict(qkv_bias=True, qk_norm=True, sliding_window=6), dict(n_experts=4, n_active_experts=2), "int8"],
+    [{}, dict(qkv_bias=True, qk_norm=True, sliding_window=6), dict(n_experts=4, n_active_experts=2), "experts", "int8"],
 )
 def test_fused_decode_block_plumbing(monkeypatch, overrides):
     """gemv.DecodeBlock (FASTGEN_FUSED_DECODE=1: a batch-1 step's four projections as decode_gemv with
@@ -313,6 +313,9 @@ def test_fused_decode_block_plumbing(monkeypatch, overrides):
         # their batch-1 / few-row GPU kernels, here as their reference (gemv.available is True below)
         monkeypatch.setattr(gemv, "int8_gemv", gemv.int8_gemv_reference, raising=False)
         monkeypatch.setattr(gemv, "int8_gemm_few_rows", gemv.int8_gemv_reference, raising=False)
+    elif overrides == "experts":  # the token's experts through decode_gemv_experts too
+        model = tiny_model(n_experts=4, n_active_experts=2)
+        monkeypatch.setattr(gemv, "EXPERT_GEMV_ENABLED", True)
     else:
         model = tiny_model(**overrides)
     prompt = [[5, 17, 3, 88, 41, 9, 2, 30, 11]]
@@ -330,6 +333,12 @@ def test_fused_decode_block_plumbing(monkeypatch, overrides):
     monkeypatch.setattr(gemv, "EXPERT_DOWN_ENABLED", False)  # the experts' own kernels: CUDA only
     monkeypatch.setattr(gemv, "EXPERT_GATE_UP_ENABLED", False)
     monkeypatch.setattr(gemv, "decode_gemv", reference, raising=False)
+
+    def experts_reference(x, expert_ids, weight, norm_weight=None, eps=0.0, glu=False):
+        calls.add_(1)
+        return gemv.decode_gemv_experts_reference(x, expert_ids, weight, norm_weight, eps, glu)
+
+    monkeypatch.setattr(gemv, "decode_gemv_experts", experts_reference, raising=False)
     rope_calls = torch.zeros((), dtype=torch.long)
 
     def rope_reference(*args):
@@ -344,7 +353,7 @@ def test_fused_decode_block_plumbing(monkeypatch, overrides):
         assert greedy(model, prompt, 12, max_seq_len, compile=compile).tokens == plain
         assert rope_calls == 11 * model.args.n_layers
         assert type(model.layers[0]) is gemv.DecodeBlock
-        fused = 2 if model.args.n_experts else 4  # projections a layer through decode_gemv
+        fused = 2 if model.args.n_experts and overrides != "experts" else 4  # projections a layer, fused
         assert calls == 11 * fused * model.args.n_layers  # the 11 decode steps
         assert greedy(model, PROMPTS[:2], 6, max_seq_len, compile=compile).tokens == batch
         assert calls == 11 * fused * model.args.n_layers

@@ -434,18 +434,19 @@ def greedy_tokens(m, prompts, n, compile=False):
 @needs_cuda
 @pytest.mark.parametrize(
     "batch, down_mix, gate_up, fused",
-    [(1, False, False, False), (1, False, False, True), (4, False, False, False), (4, True, False, False)]
-    + [(4, True, True, False)],
+    [(1, False, False, False), (1, False, False, True), (1, False, False, "experts"), (4, False, False, False)]
+    + [(4, True, False, False), (4, True, True, False)],
 )
 def test_gpu_compiled_moe_decode_equals_cpu_fp32_eager(monkeypatch, batch, down_mix, gate_up, fused):
     """fp32: the compiled CUDA-graph decode gives the CPU eager tokens, batch 1 (the gather path:
     Inductor fuses the gather into its reduction; fused: the attention half through gemv.DecodeBlock,
-    FASTGEN_FUSED_DECODE=1) and a batch of different lengths (4 tokens x 2 of 8 experts: the gather
-    path, and with the kernel on (the default) gemv.expert_down_mix for the down projection and the
-    mix)."""
+    FASTGEN_FUSED_DECODE=1, and with "experts" the token's experts through decode_gemv_experts) and a
+    batch of different lengths (4 tokens x 2 of 8 experts: the gather path, and with the kernel on
+    (the default) gemv.expert_down_mix for the down projection and the mix)."""
     import gemv
 
-    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", fused)
+    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", bool(fused))
+    monkeypatch.setattr(gemv, "EXPERT_GEMV_ENABLED", fused == "experts")
     monkeypatch.setattr(gemv, "EXPERT_DOWN_ENABLED", down_mix)
     monkeypatch.setattr(gemv, "EXPERT_GATE_UP_ENABLED", gate_up)  # its gate/up kernel too (default on)
     torch._dynamo.reset()
@@ -540,6 +541,34 @@ def test_gpu_expert_down_mix_equals_reference(tokens, k):
     for got in (down.expert_down_mix(h, ids, mix, w2), out):
         assert got.shape == (tokens, D) and got.dtype == torch.bfloat16
         assert rel_err(got.float(), want) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_decode_gemv_experts_equals_reference(dtype):
+    """gemv.decode_gemv_experts (FASTGEN_EXPERT_GEMV=1: one token's experts, the norm folded into
+    gate/up and SiLU * up into the down projection) equals its reference at Qwen3-30B-A3B's shapes
+    and one that does not fill its tiles."""
+    import gemv
+
+    for E, k, D, inter in ((128, 8, 2048, 768), (6, 2, 100, 70)):
+        torch.manual_seed(E)
+        x = torch.randn(1, D, device="cuda", dtype=dtype)
+        ids = torch.randperm(E, device="cuda")[:k]
+        w13 = torch.randn(E, 2 * inter, D, device="cuda", dtype=dtype) / 30
+        w2 = torch.randn(E, D, inter, device="cuda", dtype=dtype) / 30
+        norm_weight = torch.rand(D, device="cuda", dtype=dtype) + 0.5
+        hidden = gemv.decode_gemv_experts(x, ids, w13, norm_weight, eps=1e-6)
+        want = gemv.decode_gemv_experts_reference(x, ids, w13, norm_weight, eps=1e-6)
+        assert hidden.shape == (k, 2 * inter) and rel_err(hidden.float(), want.float()) < (
+            1e-2 if dtype == torch.bfloat16 else 1e-5
+        )
+        down = gemv.decode_gemv_experts(want, ids, w2, glu=True)
+        want = gemv.decode_gemv_experts_reference(want, ids, w2, glu=True)
+        assert down.shape == (k, D) and rel_err(down.float(), want.float()) < (
+            1e-2 if dtype == torch.bfloat16 else 1e-5
+        )
 
 
 @pytest.mark.gpu
