@@ -729,8 +729,9 @@ class DecodeBlock(TransformerBlock):
     with the rest of the block folded in: the RMSNorm into wqkv's (and w13's) loop, the residual add
     into wo's (and w2's) store, SiLU(gate) * up into w2's loads; and the query/key norms, RoPE and the
     cache write as one kernel (kv_attention.rope_write_kv, for an unquantized cache). A dense layer
-    takes 7 kernels instead of 12; a mixture-of-experts layer folds its attention half only. Every other call, and every
-    call with FASTGEN_FUSED_DECODE unset, is TransformerBlock's."""
+    takes 7 kernels instead of 12. A mixture-of-experts layer folds its attention half, and with
+    FASTGEN_EXPERT_GEMV its float experts run decode_gemv_experts. Every other call, and every call
+    with FASTGEN_FUSED_DECODE unset, is TransformerBlock's."""
 
     def forward(self, x, cos, sin, attend, input_pos):
         if not (FUSED_DECODE_ENABLED and x.numel() == x.shape[-1] and available(x)):
@@ -765,20 +766,18 @@ class DecodeBlock(TransformerBlock):
         else:  # a quantized cache quantizes as it writes
             heads = attention.attend_qkv(qkv.view(1, 1, -1), cos, sin, attend, input_pos).reshape(1, -1)
         h = project(attention.wo, heads, residual=x1)
-        if type(ffn) is not FeedForward and not (
-            EXPERT_GEMV_ENABLED and type(ffn.experts) in (Experts, DownMixExperts)
-        ):
-            h = h.view_as(x)  # experts: routed as TransformerBlock routes them
-            return h + ffn(self.ffn_norm(h))
-        if type(ffn) is not FeedForward:  # the token's k float experts through decode_gemv_experts
+        if type(ffn) is FeedForward:
+            hidden = project(ffn.w13, h, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps)
+            return project(ffn.w2, hidden, residual=h, glu=True).view_as(x)
+        if EXPERT_GEMV_ENABLED and type(ffn.experts) in (Experts, DownMixExperts):  # the token's k float experts
             norm = self.ffn_norm
             weights, expert_ids = ffn.route(norm(h), few=True)  # [1, k] each
             ids = expert_ids.view(-1)
             hidden = decode_gemv_experts(h, ids, ffn.experts.w13, norm.weight, eps=norm.eps)  # [k, 2I]
             down = decode_gemv_experts(hidden, ids, ffn.experts.w2, glu=True)  # [k, D]
             return (h + weighted_sum(down.unsqueeze(0), weights)).view_as(x)
-        hidden = project(ffn.w13, h, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps)
-        return project(ffn.w2, hidden, residual=h, glu=True).view_as(x)
+        h = h.view_as(x)  # other experts: routed as TransformerBlock routes them
+        return h + ffn(self.ffn_norm(h))
 
 
 def project(linear: torch.nn.Module, x: torch.Tensor, **folded) -> torch.Tensor:
