@@ -719,7 +719,7 @@ class DecodeLinear(torch.nn.Linear):
 
     def forward(self, x):
         if FLOAT_GEMV_ENABLED and x.numel() == self.in_features and available(x):
-            y = decode_gemv(x.reshape(1, -1).contiguous(), self.weight).view(*x.shape[:-1], self.out_features)
+            y = decode_gemv(x.reshape(1, -1), self.weight).view(*x.shape[:-1], self.out_features)  # contiguous there
             return y if self.bias is None else y + self.bias
         return super().forward(x)
 

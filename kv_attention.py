@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from model import KVCache, valid_kv, write_slots
+from model import KVCache, rotate_half, valid_kv, write_slots
 
 try:  # Triton ships with CUDA builds of torch; a CPU-only install has none
     import triton
@@ -99,8 +99,7 @@ def rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot, n_heads, q_no
     def norm_rope(x, weight):
         if weight is not None:
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-        rotated = torch.cat((-x[..., D // 2 :], x[..., : D // 2]), dim=-1)
-        return x * cos.float().view(D) + rotated * sin.float().view(D)
+        return x * cos.float().view(D) + rotate_half(x) * sin.float().view(D)
 
     write_slots(k_cache, slot.view(1), norm_rope(k, k_norm_weight).to(k_cache.dtype))
     write_slots(v_cache, slot.view(1), v.to(v_cache.dtype))

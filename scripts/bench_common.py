@@ -57,6 +57,24 @@ def time_loop(fn, device, iters):
     return (time.perf_counter() - t) / iters
 
 
+def time_cycled(call, n: int, device, iters: int) -> float:
+    """Seconds per call(i), i in range(n) (each i e.g. another weight copy, so L2 holds none), the
+    first-call work done before: on a GPU the n calls captured once in a CUDA graph and the graph
+    replayed iters times, as a decode step runs them; on the CPU the n calls looped iters times."""
+    with torch.no_grad():
+        for i in range(n):
+            call(i)
+        sync(device)
+        if device.type != "cuda":
+            return time_loop(lambda: [call(i) for i in range(n)], device, iters) / n
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(n):
+                call(i)
+        graph.replay()  # warm
+        return time_loop(graph.replay, device, iters) / n
+
+
 def kernel_times(fn, steps: int, device) -> dict:
     """{kernel name: [calls, total us]} over `steps` calls of fn: CUDA kernels on a GPU (read from
     the trace, which holds the kernels of CUDA-graph replays), operators' self time on the CPU."""

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from bench_common import sync, time_loop  # noqa: E402
+from bench_common import time_cycled  # noqa: E402
 
 from quantize import (  # noqa: E402
     Int4Linear,
@@ -49,24 +49,6 @@ def layer(fmt: str, weight: torch.Tensor):
     module.weight, module.scales_and_zeros = quantize_int4(weight, groupsize)
     module.pack_()
     return module, N * K // 2 + module.scales_and_zeros.numel() * 2
-
-
-def time_cycling(layers, x, device, iters: int) -> float:
-    """Seconds per call, each call through the next of `layers` (the first-call work done before);
-    on a GPU one CUDA graph of `iters` calls, replayed."""
-    with torch.no_grad():
-        for fn, _ in layers:
-            fn(x)
-        sync(device)
-        if device.type != "cuda":
-            calls = iter(range(10**9))
-            return time_loop(lambda: layers[next(calls) % len(layers)][0](x), device, iters)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(iters):
-                layers[i % len(layers)][0](x)
-        graph.replay()  # warm
-        return time_loop(graph.replay, device, 3) / iters
 
 
 def main(argv=None) -> int:
@@ -97,7 +79,10 @@ def main(argv=None) -> int:
         for fmt in formats:
             layers = [layer(fmt, torch.randn(N, K, device=device) * 0.02) for _ in range(args.copies)]
             for r in rows:
-                seconds = time_cycling(layers, torch.randn(r, K, device=device, dtype=torch.bfloat16), device, iters)
+                x = torch.randn(r, K, device=device, dtype=torch.bfloat16)
+                calls = max(iters, len(layers))  # each through the next weight copy
+                reps = 3 if device.type == "cuda" else 1
+                seconds = time_cycled(lambda i, ls=layers, x=x: ls[i % len(ls)][0](x), calls, device, reps)
                 cells[fmt, r] = f"{seconds * 1e6:.1f} ({layers[0][1] / seconds / 1e9:.0f})"
         for r in rows:
             print(f"| {name} | {N} x {K} | {r} | " + " | ".join(cells[fmt, r] for fmt in formats) + " |")

@@ -10,8 +10,10 @@ weight read is a small part of each. Before a fused decode path (norm in the GEM
 up in w2's, the residual in the epilogue) is worth writing, this says what one GEMV costs each way:
 
   cublas         F.linear (what the compiled step runs today)
-  triton         gemv.py's batch-1 GEMV kernel with a float weight (CONVERT=0: w.to(fp32), scales 1),
-                 the fastest of its launch tiles (each checked against F.linear)
+  triton         gemv.decode_gemv's kernel (what DecodeLinear runs), nothing folded in, the fastest of
+                 its launch tiles (each checked against F.linear). The H200 run in BENCHMARKS.md
+                 (f4a06e7) timed gemv.py's int8 GEMV kernel over the bf16 weight with unit scales:
+                 the same loop with a scale multiply more.
   inductor       torch.compile of (x * w).sum(-1): Inductor's own reduction kernel
   norm+cublas    torch.compile of F.linear(rms_norm(x)): the norm kernel, then cuBLAS
   norm+inductor  torch.compile of (rms_norm(x) * w).sum(-1): can Inductor fuse the two?
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from bench_common import sync, time_loop  # noqa: E402
+from bench_common import time_cycled  # noqa: E402
 
 SHAPES = {  # name: (N, K), the model's own [out, in]
     "smol-wqkv": (960, 576),
@@ -52,30 +54,14 @@ def rms_norm(x, weight, eps=1e-5):
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
-def time_calls(call, copies: int, device, iters: int) -> float:
-    """Seconds per call(i), i cycling over the weight copies (the first-call work done before); on
-    a GPU the calls captured once in a CUDA graph and the graph replayed."""
-    with torch.no_grad():
-        for i in range(copies):
-            call(i)
-        sync(device)
-        if device.type != "cuda":
-            return time_loop(lambda: [call(i) for i in range(copies)], device, iters) / copies
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(copies):
-                call(i)
-        graph.replay()
-        return time_loop(graph.replay, device, iters) / copies
-
-
-def triton_gemv(x, w, ones, tiles):
+def triton_gemv(x, w, tiles):
+    """gemv.decode_gemv's kernel (what DecodeLinear runs) with these tiles, nothing folded in."""
     import gemv
 
     N, K = w.shape
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
-    grid = (-(-N // tiles["BLOCK_N"]), 1)
-    gemv._int8_gemv_kernel[grid](x, w, ones, y, N, K, CONVERT=0, **tiles)
+    flags = dict(EPS=0.0, NORM=False, GLU=False, RESIDUAL=False, CONVERT=-1, EXPERTS=False)
+    gemv._decode_gemv_kernel[(-(-N // tiles["BLOCK_N"]), 1)](x, w, w, w, w, y, w, N, K, 1, **flags, **tiles)
     return y
 
 
@@ -93,22 +79,21 @@ def shape_row(name, copies, device, dtype, iters, compile_variants) -> dict:
     want = F.linear(x, weights[0]).float()
 
     def timed(call):
-        seconds = time_calls(call, copies, device, iters)
+        seconds = time_cycled(call, copies, device, iters)
         return seconds, f"{seconds * 1e6:.2f} ({nbytes / seconds / 1e9:.0f})"
 
     cells = {"copies": str(copies), "cublas": timed(lambda i: F.linear(x, weights[i]))[1]}
     cells.update({c: "-" for c in COLUMNS[2:]})
     if device.type == "cuda":
-        ones = torch.ones(N, device=device, dtype=torch.float32)
         best = None
         for tiles in TRITON_TILES:
             if tiles["BLOCK_K"] > max(256, 1 << (K - 1).bit_length()):
                 continue
-            got = triton_gemv(x, weights[0], ones, tiles).float()
+            got = triton_gemv(x, weights[0], tiles).float()
             if (got - want).norm() / want.norm() > 1e-2:
                 print(f"  wrong: {name} {tiles}")
                 continue
-            result = timed(lambda i, t=tiles: triton_gemv(x, weights[i], ones, t))
+            result = timed(lambda i, t=tiles: triton_gemv(x, weights[i], t))
             if best is None or result[0] < best[0][0]:
                 best = (result, tiles)
         (_, cell), tiles = best
