@@ -9,9 +9,9 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
 `*_reference` functions, or the model's own code) that the GPU tests and the interpreter check
 (scripts/interpret_kernels.py) compare it with. What is here, and who calls it:
 
-  decode_gemv               DecodeLinear, DecodeBlock    opt-in: 1 row, a float or int8 weight, one pass (beat
-                                                         cuBLAS alone), the norm / SiLU * up / residual folded in
-  decode_gemv_experts       DecodeBlock, 1 token         opt-in: the same over the token's k float experts
+  decode_gemv               DecodeLinear, DecodeBlock    1 row, a float or int8 weight, one pass (beats cuBLAS),
+                                                         the norm / SiLU * up / residual folded in
+  decode_gemv_experts       DecodeBlock, 1 token         the same over the token's k float experts
   int8_gemv                 Int8Linear, 1 row            int8 weight, one pass, CUDA cores
   int8_gemm_few_rows        Int8Linear, 2-16 rows        tensor cores over a 16-row tile, split over K
   int8_expert_gemv          Int8Experts, decode          the batch-1 GEMV with the expert picked per row
@@ -64,31 +64,37 @@ def expert_down_mix_reference(h, expert_ids, mix, weight) -> torch.Tensor:
     return (y * mix.float().unsqueeze(-1)).sum(dim=1).to(h.dtype)
 
 
-def folded_input(x, norm_weight=None, eps=0.0, glu=False) -> torch.Tensor:
-    """What decode_gemv multiplies the weight by, in fp32: rms_norm(SiLU(gate) * up) of x [..., K]
-    ([..., 2K] with glu: gate, then up), each part only where asked for."""
+def folded_input(x, norm_weight=None, eps=0.0) -> torch.Tensor:
+    """What decode_gemv multiplies the weight by, in fp32: rms_norm(x) with norm_weight, else x."""
     h = x.float()
-    if glu:
-        gate, up = h.chunk(2, dim=-1)
-        h = torch.nn.functional.silu(gate) * up
     if norm_weight is not None:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
     return h
 
 
+def glu_output(y: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of a w13 output [..., 2I] (gate, then up) -> [..., I]: FeedForward's hidden."""
+    gate, up = y.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
 def decode_gemv_reference(x, weight, scales=None, norm_weight=None, residual=None, eps=0.0, glu=False):
-    """x [1, K] (with glu [1, 2K]), weight [N, K] float (or int8 with scales [N]), norm_weight [K],
-    residual [1, N] -> [1, N] in x.dtype: residual + weight @ folded_input(x), in fp32."""
+    """x [1, K], weight [N, K] float (or int8 with scales [N]), norm_weight [K], residual [1, N] ->
+    [1, N] in x.dtype: residual + weight @ folded_input(x), in fp32; with glu (a w13 weight, N = 2I,
+    no residual) glu_output of that, [1, I]."""
     w = weight.float() if scales is None else weight.float() * scales.float().unsqueeze(-1)
-    y = folded_input(x, norm_weight, eps, glu) @ w.T
+    y = folded_input(x, norm_weight, eps) @ w.T
+    if glu:
+        y = glu_output(y)
     return (y if residual is None else y + residual.float()).to(x.dtype)
 
 
 def decode_gemv_experts_reference(x, expert_ids, weight, norm_weight=None, eps=0.0, glu=False):
-    """x [X, K] (with glu [X, 2K]), expert_ids [R] (R a multiple of X), weight [E, N, K] float ->
-    [R, N] in x.dtype: row r is expert expert_ids[r] times folded_input(x row r // (R / X))."""
-    h = folded_input(x, norm_weight, eps, glu).repeat_interleave(expert_ids.numel() // x.shape[0], dim=0)
-    return (weight[expert_ids].float() @ h.unsqueeze(-1)).squeeze(-1).to(x.dtype)
+    """x [X, K], expert_ids [R] (R a multiple of X), weight [E, N, K] float -> [R, N] in x.dtype: row
+    r is expert expert_ids[r] times folded_input(x row r // (R / X)); with glu, glu_output of it."""
+    h = folded_input(x, norm_weight, eps).repeat_interleave(expert_ids.numel() // x.shape[0], dim=0)
+    y = (weight[expert_ids].float() @ h.unsqueeze(-1)).squeeze(-1)
+    return (glu_output(y) if glu else y).to(x.dtype)
 
 
 # expert_down_mix: a batched decode step's float experts (MoEFeedForward.forward). On the H200 at
@@ -168,25 +174,44 @@ def int8_gemv_config(n: int, k: int) -> dict:
 # SmolLM2 wqkv 2.08 vs 3.67 us, wo 1.94 vs 3.37, w13 2.90 vs 4.14, w2 2.34 vs 5.10; Llama-3-8B wqkv
 # 14.5 vs 17.5, wo 10.5 vs 12.8, w13 54.1 vs 55.0, w2 28.8 vs 32.4 (cuBLAS splits wo and w2 over K
 # and adds a reduction kernel). Two rows per program won at every shape; warps and K steps moved
-# the result by a few percent. Opt-in (FASTGEN_FLOAT_GEMV=1) until the whole step has been timed
-# with it and its GPU test has run (gpu_pending.sh floatgemv; written after the device time ran out).
-# Expected from the sweep: SmolLM2's step ~0.95 -> ~0.75 ms, Llama-3-8B's 4.59 -> ~4.25 ms.
-FLOAT_GEMV_ENABLED = os.environ.get("FASTGEN_FLOAT_GEMV", "0") == "1"
+# the result by a few percent. In the whole replayed step (2026-12-04, third session): SmolLM2-135M
+# 0.952 -> 0.763 ms, Llama-3-8B 4.616 -> 4.144 ms. On by default; FASTGEN_FLOAT_GEMV=0 gives cuBLAS.
+FLOAT_GEMV_ENABLED = os.environ.get("FASTGEN_FLOAT_GEMV", "1") == "1"
 # The same kernel with the block around it folded in (DecodeBlock: norm, SiLU * up, residual, and
 # kv_attention.rope_write_kv for the norms, RoPE and cache write), a batch-1 layer in 7 kernels, not
-# 12. Written after the device time ran out: opt-in (FASTGEN_FUSED_DECODE=1) until gpu_pending.sh
-# floatgemv has timed it against the two above.
-FUSED_DECODE_ENABLED = os.environ.get("FASTGEN_FUSED_DECODE", "0") == "1"
+# 12. Measured in the whole step on the H200 against the unfused GEMV (2026-12-04, third session):
+# SmolLM2-135M (dim 576) 0.763 -> 0.693 ms, Qwen3-30B-A3B's attention half (dim 2048, 12 layers)
+# 1.109 -> 0.999 ms, int8 Llama-3-8B 3.061 -> 2.995 ms; but bf16 Llama-3-8B (dim 4096) lost, 4.144
+# -> 4.833 ms. Those runs folded SiLU(gate) * up into w2's loads, so each of w2's N / 2 programs
+# recomputed all I sigmoids: 2048 x 14336 = 29M a Llama layer, ~7 us of the SFUs' exp alone (~4.2
+# T/s on an H200), as much again for the division, against w2's 29 us. Since then w13's programs
+# read gate row n and up row I + n and store SiLU(gate) * up, each sigmoid computed once (not yet
+# timed on a GPU). The norm's fold re-reads x and its weight per program (2 rows a program for a
+# float weight, int8's 4-8). By default ("auto") a float block is fused only up to
+# FUSED_FLOAT_MAX_DIM, an int8 block always; FASTGEN_FUSED_DECODE=1 fuses every block, =0 none.
+FUSED_DECODE = os.environ.get("FASTGEN_FUSED_DECODE", "auto")
+FUSED_DECODE_ENABLED = FUSED_DECODE != "0"
+FUSED_FLOAT_MAX_DIM = 2048 if FUSED_DECODE == "auto" else 1 << 30
 # With it, a mixture-of-experts block's one token also goes through its k float experts as
-# decode_gemv_experts (the norm folded into gate/up, SiLU * up into the down projection's loads).
+# decode_gemv_experts (the norm folded into gate/up's loads, SiLU(gate) * up into its stores).
 # A Triton expert GEMV lost to Inductor's gathered reduction on 2026-12-03 (1664 vs 1531 us a Qwen3
-# step) with int8's 4-8 rows a program; bf16 won against cuBLAS only at 2 (small_gemv_sweep.py).
-# Opt-in on top of FASTGEN_FUSED_DECODE (FASTGEN_EXPERT_GEMV=1) until gpu_pending.sh fusedmoe times it.
-EXPERT_GEMV_ENABLED = os.environ.get("FASTGEN_EXPERT_GEMV", "0") == "1"
+# step) with int8's 4-8 rows a program; at 2 rows it won: Qwen3-30B-A3B B1, 12 layers, 0.999 ->
+# 0.965 ms (2026-12-04, third session). On by default; FASTGEN_EXPERT_GEMV=0 leaves the experts to Inductor.
+EXPERT_GEMV_ENABLED = os.environ.get("FASTGEN_EXPERT_GEMV", "1") == "1"
 
 
 def decode_gemv_config(n: int, k: int) -> dict:
     return dict(BLOCK_N=2, BLOCK_K=2048 if k > 4096 else 1024, num_warps=2 if k > 4096 else 4)
+
+
+def decode_gemv_tiles(n: int, k: int, int8: bool, glu: bool) -> dict:
+    """_decode_gemv_kernel's launch for an [n, k] weight: an int8 one keeps int8_gemv's tiles (swept
+    on the H200), a float one the float sweep's; with glu a program's BLOCK_N outputs read twice as
+    many weight rows, so it takes half as many."""
+    cfg = int8_gemv_config(n, k) if int8 else {**decode_gemv_config(n, k), "CONVERT": -1}
+    if glu:
+        cfg["BLOCK_N"] = max(1, cfg["BLOCK_N"] // 2)
+    return cfg
 
 
 # 2 to 16 activation rows (batch 2-16 decode) go through _int8_gemm_dot_kernel: tensor cores over a
@@ -275,9 +300,9 @@ if triton is not None:
 
     @triton.jit
     def _decode_gemv_kernel(
-        x_ptr,  # [K], or with GLU [2K]: the gate half, then the up half
-        w_ptr,  # [N, K] float, or int8 (CONVERT >= 0)
-        scale_ptr,  # [N]: an int8 weight's per-row scales
+        x_ptr,  # [K]
+        w_ptr,  # [N, K] float, or int8 (CONVERT >= 0); with GLU [2N, K]: gate rows, then up rows
+        scale_ptr,  # [N] ([2N] with GLU): an int8 weight's per-row scales
         norm_ptr,  # [K]: the RMSNorm weight applied to x first (NORM)
         res_ptr,  # [N]: the residual stream, added to the output (RESIDUAL)
         y_ptr,  # [N]
@@ -296,42 +321,57 @@ if triton is not None:
     ):
         # BLOCK_N outputs of one activation row, the weight read once. Each program reads all of
         # x anyway, so the norm costs no pass of its own: W (g * x * r) = r * (W (g * x)), with the
-        # scalar r = rsqrt(mean(x^2) + eps) summed along the way and applied at the end.
+        # scalar r = rsqrt(mean(x^2) + eps) summed along the way and applied at the end. With GLU a
+        # program reads gate row n and up row N + n and writes SiLU(gate) * up: the hidden of w13,
+        # its SiLU computed once (folded into w2's loads instead, every w2 program recomputed it).
         if EXPERTS:  # program axis 1: the (token, expert) pair
             r = tl.program_id(1)
             e = tl.load(ids_ptr + r).to(tl.int64)
+            if GLU:  # each expert's weight has 2N rows
+                e = e * 2
             w_ptr += e * N * K
             scale_ptr += e * N
-            x_ptr += (r // rows_per_x).to(tl.int64) * (2 * K if GLU else K)
+            x_ptr += (r // rows_per_x).to(tl.int64) * K
             y_ptr += r.to(tl.int64) * N
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         row_ok = rows < N
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
+        up_rows = w_ptr + (rows + N).to(tl.int64)[:, None] * K  # read only with GLU
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + cols
             k_ok = k < K
+            w_ok = row_ok[:, None] & k_ok[None, :]
             x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            if GLU:  # SiLU(gate) * up, FeedForward's hidden
-                up = tl.load(x_ptr + K + k, mask=k_ok, other=0.0).to(tl.float32)
-                x = x * tl.sigmoid(x) * up
             if NORM:
                 squares += x * x
                 x = x * tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(
-                w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0, eviction_policy="evict_first"
-            )  # read once: keep L2 for x
+            w = tl.load(w_rows + k[None, :], mask=w_ok, other=0, eviction_policy="evict_first")  # read once: keep L2 for x
             if CONVERT >= 0:
                 acc += _int8_to_fp32(w, CONVERT) * x[None, :]
             else:
                 acc += w.to(tl.float32) * x[None, :]
+            if GLU:
+                w_up = tl.load(up_rows + k[None, :], mask=w_ok, other=0, eviction_policy="evict_first")
+                if CONVERT >= 0:
+                    acc_up += _int8_to_fp32(w_up, CONVERT) * x[None, :]
+                else:
+                    acc_up += w_up.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1)
+        up = tl.sum(acc_up, axis=1)
         if CONVERT >= 0:
             y = y * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            if GLU:
+                up = up * tl.load(scale_ptr + N + rows, mask=row_ok, other=0.0).to(tl.float32)
         if NORM:
-            y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + EPS)
+            inv_rms = tl.rsqrt(tl.sum(squares, axis=0) / K + EPS)
+            y = y * inv_rms
+            up = up * inv_rms
+        if GLU:  # SiLU(gate) * up, FeedForward's hidden
+            y = y * tl.sigmoid(y) * up
         if RESIDUAL:
             y += tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
@@ -491,7 +531,7 @@ if triton is not None:
         eps: float = 0.0,
         glu: bool = False,
     ) -> torch.Tensor:
-        """decode_gemv_reference's contract, one kernel: x [1, K] ([1, 2K] with glu)."""
+        """decode_gemv_reference's contract, one kernel: x [1, K] -> [1, N] ([1, N / 2] with glu)."""
         x, weight = x.contiguous(), weight.contiguous()  # no-ops for the model's own tensors
         return _decode_gemv_launch(x, weight, None, scales, norm_weight, residual, eps, glu)
 
@@ -509,10 +549,10 @@ if triton is not None:
 
     def _decode_gemv_launch(x, weight, expert_ids, scales, norm_weight, residual, eps, glu):
         N, K = weight.shape[-2], weight.shape[-1]
+        cfg = decode_gemv_tiles(N, K, scales is not None, glu)
+        N = N // 2 if glu else N  # outputs: SiLU(gate) * up of the two halves
         R = 1 if expert_ids is None else expert_ids.numel()
         y = torch.empty((R, N), dtype=x.dtype, device=x.device)
-        # an int8 weight keeps int8_gemv's tiles (swept on the H200), a float one the float sweep's
-        cfg = int8_gemv_config(N, K) if scales is not None else {**decode_gemv_config(N, K), "CONVERT": -1}
         wrap_triton(_decode_gemv_kernel)[(triton.cdiv(N, cfg["BLOCK_N"]), R)](
             x,
             weight,
@@ -727,11 +767,12 @@ class DecodeLinear(torch.nn.Linear):
 class DecodeBlock(TransformerBlock):
     """A block whose batch-1 decode step (one token, on a GPU) runs its projections as decode_gemv
     with the rest of the block folded in: the RMSNorm into wqkv's (and w13's) loop, the residual add
-    into wo's (and w2's) store, SiLU(gate) * up into w2's loads; and the query/key norms, RoPE and the
+    into wo's (and w2's) store, SiLU(gate) * up into w13's store; and the query/key norms, RoPE and the
     cache write as one kernel (kv_attention.rope_write_kv, for an unquantized cache). A dense layer
     takes 7 kernels instead of 12. A mixture-of-experts layer folds its attention half, and with
     FASTGEN_EXPERT_GEMV its float experts run decode_gemv_experts. Every other call, and every call
-    with FASTGEN_FUSED_DECODE unset, is TransformerBlock's."""
+    with FASTGEN_FUSED_DECODE=0, is TransformerBlock's. use_decode_kernels picks the blocks (see
+    FUSED_DECODE: float blocks up to FUSED_FLOAT_MAX_DIM wide, int8 blocks)."""
 
     def forward(self, x, cos, sin, attend, input_pos):
         if not (FUSED_DECODE_ENABLED and x.numel() == x.shape[-1] and available(x)):
@@ -767,14 +808,14 @@ class DecodeBlock(TransformerBlock):
             heads = attention.attend_qkv(qkv.view(1, 1, -1), cos, sin, attend, input_pos).reshape(1, -1)
         h = project(attention.wo, heads, residual=x1)
         if type(ffn) is FeedForward:
-            hidden = project(ffn.w13, h, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps)
-            return project(ffn.w2, hidden, residual=h, glu=True).view_as(x)
+            hidden = project(ffn.w13, h, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, glu=True)  # [1, I]
+            return project(ffn.w2, hidden, residual=h).view_as(x)
         if EXPERT_GEMV_ENABLED and type(ffn.experts) in (Experts, DownMixExperts):  # the token's k float experts
             norm = self.ffn_norm
             weights, expert_ids = ffn.route(norm(h), few=True)  # [1, k] each
             ids = expert_ids.view(-1)
-            hidden = decode_gemv_experts(h, ids, ffn.experts.w13, norm.weight, eps=norm.eps)  # [k, 2I]
-            down = decode_gemv_experts(hidden, ids, ffn.experts.w2, glu=True)  # [k, D]
+            hidden = decode_gemv_experts(h, ids, ffn.experts.w13, norm.weight, eps=norm.eps, glu=True)  # [k, I]
+            down = decode_gemv_experts(hidden, ids, ffn.experts.w2)  # [k, D]
             return (h + weighted_sum(down.unsqueeze(0), weights)).view_as(x)
         h = h.view_as(x)  # other experts: routed as TransformerBlock routes them
         return h + ffn(self.ffn_norm(h))
@@ -807,13 +848,20 @@ def fusable_block(block: torch.nn.Module) -> bool:
     )
 
 
+def fused_by_default(block: TransformerBlock) -> bool:
+    """An int8 block, or a float one no wider than FUSED_FLOAT_MAX_DIM (see FUSED_DECODE)."""
+    from quantize import Int8Linear  # quantize imports this file
+
+    return type(block.attention.wqkv) is Int8Linear or block.attention.wqkv.in_features <= FUSED_FLOAT_MAX_DIM
+
+
 def use_decode_kernels(model: torch.nn.Module) -> None:
     """Give a model on a GPU this file's float decode kernels (generate.Generator.setup calls this,
     before any step is traced): its float blocks become DecodeBlock, its float experts
     DownMixExperts, its float nn.Linears DecodeLinear. The class changes in place, so the parameters
     are not copied; quantized linears (quantize.py's) and everything on the CPU stay as they are."""
     for module in model.modules():
-        if fusable_block(module):
+        if fusable_block(module) and fused_by_default(module):
             module.__class__ = DecodeBlock
         elif type(module) is Experts and available(module.w2):
             module.__class__ = DownMixExperts

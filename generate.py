@@ -110,10 +110,22 @@ def sampleable(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     return logits if sampling.vocab_size is None else logits[..., : sampling.vocab_size]
 
 
+def greedy_token(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """logits [B, V] -> argmax [B, 1] (ties: the first), as a max over chunks of the vocabulary and
+    then over the chunks' maxima. Inductor runs an argmax as one program a row: 21.8 us of a
+    Llama-3-8B step on an H200 for 128k logits (2026-12-04); chunked, the first stage has a program
+    a chunk."""
+    B, V = logits.shape
+    padded = F.pad(logits, (0, -V % chunk), value=float("-inf")).view(B, -1, chunk)  # [B, V / chunk, chunk]
+    best_in_chunk, where_in_chunk = padded.max(dim=-1)  # [B, V / chunk] each
+    best_chunk = best_in_chunk.argmax(dim=-1, keepdim=True)  # [B, 1]
+    return best_chunk * chunk + where_in_chunk.gather(-1, best_chunk)
+
+
 def sample(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """logits [B, V] fp32 -> next token ids [B, 1]. No host syncs: safe inside a CUDA graph."""
     if sampling.temperature == 0:
-        return sampleable(logits, sampling).argmax(dim=-1, keepdim=True)
+        return greedy_token(sampleable(logits, sampling))
     # Exponential race (speculative.draw): draws from the probabilities without a multinomial sync.
     return draw(sampling_probs(logits, sampling)).unsqueeze(-1)
 

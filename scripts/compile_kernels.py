@@ -73,14 +73,15 @@ def main(argv=None):
     decode_sig.update({"y_ptr": "*bf16", "ids_ptr": "*i64", "N": "i32", "K": "i32", "rows_per_x": "i32"})
     for n, k, norm, glu, residual, int8, experts in (
         (960, 576, 1, 0, 0, 0, 0),
-        (4096, 14336, 0, 1, 1, 0, 0),
+        (28672, 4096, 1, 1, 0, 0, 0),  # Llama-3-8B's w13, SiLU(gate) * up stored
+        (4096, 14336, 0, 0, 1, 0, 0),
         (128256, 4096, 0, 0, 0, 0, 0),
         (6144, 4096, 1, 0, 0, 1, 0),
-        (4096, 14336, 0, 1, 1, 1, 0),
-        (1536, 2048, 1, 0, 0, 0, 1),  # Qwen3-30B-A3B's experts: gate/up, then down
-        (2048, 768, 0, 1, 0, 0, 1),
+        (28672, 4096, 1, 1, 0, 1, 0),
+        (1536, 2048, 1, 1, 0, 0, 1),  # Qwen3-30B-A3B's experts: gate/up, then down
+        (2048, 768, 0, 0, 0, 0, 1),
     ):
-        cfg = gemv.int8_gemv_config(n, k) if int8 else {**gemv.decode_gemv_config(n, k), "CONVERT": -1}
+        cfg = gemv.decode_gemv_tiles(n, k, int8, glu)
         consts = {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": cfg["CONVERT"]}
         build(
             target,

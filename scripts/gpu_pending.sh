@@ -24,16 +24,21 @@
 #                                          #   (bf16, int8, tinygemm g64/g128) at 1-16 rows, each replayed in a CUDA
 #                                          #   graph (int4_rows_sweep.py), then 8 layers of the int4 step profiled at
 #                                          #   B1 and B8
-#   bash scripts/gpu_pending.sh floatgemv  # ~8 min: the opt-in batch-1 float GEMV (gemv.decode_gemv; it beat cuBLAS at
-#                                          #   every SmolLM2 / Llama-3-8B projection alone): its GPU tests, then
-#                                          #   SmolLM2-135M and Llama-3-8B B1 steps with cuBLAS, with the GEMV for
-#                                          #   every linear (FASTGEN_FLOAT_GEMV=1), and with the fused block on top
-#                                          #   (FASTGEN_FUSED_DECODE=1: norm, SiLU * up, residual folded in, RoPE +
-#                                          #   cache write as one kernel)
-#   bash scripts/gpu_pending.sh fusedint8  # ~4 min: int8 Llama-3-8B B1 with the fused block (FASTGEN_FUSED_DECODE=1) and without
-#   bash scripts/gpu_pending.sh fusedmoe   # ~5 min: Qwen3-30B-A3B B1 (12 layers) plain, with the fused attention half
-#                                          #   (FASTGEN_FUSED_DECODE=1), and with the token's experts through
-#                                          #   decode_gemv_experts too (FASTGEN_EXPERT_GEMV=1)
+#   bash scripts/gpu_pending.sh fusedcheck # ~9 min: FIRST after 2026-12-04 (third session): the GPU tier with the
+#                                          #   fused decode defaults, then the fused block with SiLU(gate) * up moved
+#                                          #   into w13's stores (untimed) at Llama-3-8B (forced; it lost with the SiLU
+#                                          #   in w2's loads, 4.833 vs 4.144 ms unfused), SmolLM2-135M (0.693 before),
+#                                          #   int8 Llama-3-8B (2.995) and 12 Qwen3-30B-A3B layers (0.965)
+#   bash scripts/gpu_pending.sh floatgemv  # ~9 min: the batch-1 float GEMV (gemv.decode_gemv, the default since
+#                                          #   2026-12-04): its GPU tests, then SmolLM2-135M and Llama-3-8B B1 steps
+#                                          #   with cuBLAS, the GEMV unfused, and the fused block forced on
+#   bash scripts/gpu_pending.sh fusedrows  # ~4 min: the fused float block at 4 and 8 rows a program (Llama-3-8B,
+#                                          #   SmolLM2): it lost at Llama's width with 2 (why float blocks wider
+#                                          #   than gemv.FUSED_FLOAT_MAX_DIM are not fused)
+#   bash scripts/gpu_pending.sh fusedint8  # ~4 min: int8 Llama-3-8B B1 without the fused block and with (default)
+#   bash scripts/gpu_pending.sh fusedmoe   # ~5 min: Qwen3-30B-A3B B1 (12 layers) plain, with the fused attention
+#                                          #   half, and with the token's experts through decode_gemv_experts too
+#                                          #   (the default)
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -136,25 +141,52 @@ int4rows)
     decode int4_b1 120 --weights int4-g64 --layers 8 --batch 1
     decode int4_b8 120 --weights int4-g64 --layers 8 --batch 8
     ;;
+fusedcheck)
+    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
+    step tier 300 python -m pytest -m gpu -q -p no:cacheprovider -rf -n 4
+    summary+=("  $(tail -n 1 "$out/tier.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
+    FASTGEN_FUSED_DECODE=1 decode llama_fused 100 --model llama-3-8b
+    decode smol 80 --model smollm2-135m
+    decode llama_int8 90 --model llama-3-8b --weights int8
+    decode qwen3_b1_12 60 --model qwen3-30b-a3b --layers 12
+    ;;
 floatgemv)
+    # 2026-12-04 (third session): SmolLM2 0.952 / 0.763 / 0.693 ms, Llama-3-8B 4.616 / 4.144 / 4.833 ms
     step floatgemv_tests 180 python -m pytest -m gpu -q -p no:cacheprovider -n 4 tests/test_gpu.py tests/test_moe.py \
         -k "decode_gemv or fused_decode or rope_write_kv or compiled_moe_decode"
     summary+=("  $(tail -n 1 "$out/floatgemv_tests.txt")")
     for model in smollm2-135m llama-3-8b; do
-        decode "${model}_cublas" 75 --model "$model"
-        FASTGEN_FLOAT_GEMV=1 decode "${model}_gemv" 75 --model "$model"
-        FASTGEN_FLOAT_GEMV=1 FASTGEN_FUSED_DECODE=1 decode "${model}_fused" 75 --model "$model"
+        FASTGEN_FLOAT_GEMV=0 FASTGEN_FUSED_DECODE=0 decode "${model}_cublas" 110 --model "$model"
+        FASTGEN_FUSED_DECODE=0 decode "${model}_gemv" 110 --model "$model"
+        FASTGEN_FUSED_DECODE=1 decode "${model}_fused" 110 --model "$model"
     done
     ;;
+fusedrows)
+    # the fused float block lost at Llama-3-8B's width with 2 rows a program (4.833 vs 4.144 ms unfused,
+    # 2026-12-04): does 4 or 8 rows a program (the folds' L2 re-reads amortised over more rows) win it back?
+    rows_profile() {  # rows_profile NAME ROWS MODEL
+        step "$1" 110 env FASTGEN_FUSED_DECODE=1 python -c "import runpy, sys; sys.path.insert(0, '.'); import gemv
+base = gemv.decode_gemv_config
+gemv.decode_gemv_config = lambda n, k: {**base(n, k), 'BLOCK_N': $2}
+sys.argv = ['profile_decode.py', '--top', '8', '--model', '$3']
+runpy.run_path('scripts/profile_decode.py', run_name='__main__')"
+        summary+=("  $(grep -h "replayed step" "$out/$1.txt" | head -1)")
+    }
+    rows_profile llama_fused_rows4 4 llama-3-8b
+    rows_profile llama_fused_rows8 8 llama-3-8b
+    rows_profile smol_fused_rows4 4 smollm2-135m
+    ;;
 fusedint8)
-    decode llama_int8 100 --model llama-3-8b --weights int8
-    FASTGEN_FUSED_DECODE=1 decode llama_int8_fused 100 --model llama-3-8b --weights int8
+    # 2026-12-04 (third session): 3.061 -> 2.995 ms with the fused block (now the default for int8 blocks)
+    FASTGEN_FUSED_DECODE=0 decode llama_int8 100 --model llama-3-8b --weights int8
+    decode llama_int8_fused 100 --model llama-3-8b --weights int8
     ;;
 fusedmoe)
-    decode qwen3_b1 100 --model qwen3-30b-a3b --layers 12
-    FASTGEN_FLOAT_GEMV=1 FASTGEN_FUSED_DECODE=1 decode qwen3_b1_fused 100 --model qwen3-30b-a3b --layers 12
-    FASTGEN_FLOAT_GEMV=1 FASTGEN_FUSED_DECODE=1 FASTGEN_EXPERT_GEMV=1 decode qwen3_b1_experts 100 \
-        --model qwen3-30b-a3b --layers 12
+    # 2026-12-04 (third session): 1.109 / 0.999 / 0.965 ms (the last is the default now)
+    FASTGEN_FLOAT_GEMV=0 FASTGEN_FUSED_DECODE=0 FASTGEN_EXPERT_GEMV=0 decode qwen3_b1 100 --model qwen3-30b-a3b --layers 12
+    FASTGEN_EXPERT_GEMV=0 decode qwen3_b1_fused 100 --model qwen3-30b-a3b --layers 12
+    decode qwen3_b1_experts 100 --model qwen3-30b-a3b --layers 12
     ;;
 autotune)
     decode smol 90 --model smollm2-135m
@@ -163,7 +195,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, fusedcheck, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

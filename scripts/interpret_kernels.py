@@ -63,7 +63,7 @@ def int8_gemv(M=3, N=300, K=1030):
 
 def decode_gemv(N=301, K=5000, dtype=torch.float32, norm=False, glu=False, residual=False, int8=False):
     """K > 4096: the 2048-wide K step; N odd: a half tile. The folded-in parts against the reference."""
-    x = torch.randn(1, 2 * K if glu else K, dtype=dtype)
+    x = torch.randn(1, K, dtype=dtype)
     w = torch.randint(-127, 128, (N, K), dtype=torch.int8) if int8 else torch.randn(N, K, dtype=dtype) / 30
     extra = dict(
         scales=torch.rand(N) / 3000 if int8 else None,
@@ -77,7 +77,7 @@ def decode_gemv(N=301, K=5000, dtype=torch.float32, norm=False, glu=False, resid
 
 def decode_gemv_experts(X=1, k=8, E=16, N=48, K=96, norm=True, glu=False):
     """A token's k experts (or X tokens' pairs) through decode_gemv_experts against its reference."""
-    x, ids = torch.randn(X, 2 * K if glu else K), torch.randint(0, E, (X * k,))
+    x, ids = torch.randn(X, K), torch.randint(0, E, (X * k,))
     w, norm_weight = torch.randn(E, N, K) / 10, torch.rand(K) + 0.5 if norm else None
     got = gemv.decode_gemv_experts(x, ids, w, norm_weight, 1e-5, glu)
     return got, gemv.decode_gemv_experts_reference(x, ids, w, norm_weight, 1e-5, glu)
@@ -176,12 +176,14 @@ def main():
         ("decode gemv, fp32, K 5000", decode_gemv),
         ("decode gemv, fp16, 576", lambda: decode_gemv(960, 576, torch.float16)),
         ("decode gemv + norm + residual", lambda: decode_gemv(97, 576, norm=True, residual=True)),
-        ("decode gemv, SiLU(gate) * up + residual", lambda: decode_gemv(64, 1536, glu=True, residual=True)),
+        ("decode gemv + norm, SiLU(gate) * up of the halves", lambda: decode_gemv(3072, 576, norm=True, glu=True)),
+        ("decode gemv, SiLU(gate) * up, odd halves, fp16", lambda: decode_gemv(70, 1536, torch.float16, glu=True)),
         ("decode gemv + norm, K 5000, fp16", lambda: decode_gemv(40, 5000, torch.float16, norm=True)),
         ("decode gemv, int8 weight + norm", lambda: decode_gemv(70, 1100, norm=True, int8=True)),
         ("decode gemv experts, 8 of 16, norm", decode_gemv_experts),
+        ("decode gemv experts, norm + SiLU * up, 1 token x 8", lambda: decode_gemv_experts(1, 8, 16, 96, 200, True, True)),
         ("decode gemv experts, SiLU * up, 3 tokens x 2", lambda: decode_gemv_experts(3, 2, 5, 30, 1100, False, True)),
-        ("decode gemv, int8, SiLU * up + residual", lambda: decode_gemv(33, 5000, glu=True, residual=True, int8=True)),
+        ("decode gemv, int8, norm + SiLU * up", lambda: decode_gemv(66, 5000, norm=True, glu=True, int8=True)),
     ]
     runs += [("int8 expert gemv, 1 token x 8 experts", lambda: int8_expert_gemv(R=8, X=1))]
     runs += [("int8 expert gemv, 3 tokens x 2 experts", lambda: int8_expert_gemv(R=6, X=3))]

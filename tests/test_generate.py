@@ -142,6 +142,26 @@ def test_continued_sequence_equals_one_shot(first_call_ends):
     )
 
 
+def test_greedy_token_is_argmax():
+    """generate.greedy_token (argmax over chunks, then over the chunks' maxima) picks argmax's token,
+    the first of equal maxima too, at vocabularies shorter than, equal to and not a multiple of its
+    chunk, eager and compiled."""
+    from generate import greedy_token
+
+    torch.manual_seed(0)
+    compiled = torch.compile(greedy_token, fullgraph=True, dynamic=False)
+    for V in (50, 1024, 3000, 49152 + 7):
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = (torch.randn(3, V) * 3).to(dtype)
+            logits[1, [V // 3, V - 1]] = 100.0  # a tie across chunks: the first wins
+            logits[2, :] = 0.0  # all tied: id 0
+            want = logits.argmax(-1, keepdim=True)
+            assert torch.equal(greedy_token(logits), want), (V, dtype)
+            assert want[1].item() == V // 3 and want[2].item() == 0
+            if V == 3000:
+                assert torch.equal(compiled(logits), want)
+
+
 def test_sampling_rules():
     torch.manual_seed(0)
     logits = torch.randn(4, 50) * 3
@@ -315,9 +335,9 @@ def test_fused_decode_block_plumbing(monkeypatch, overrides):
         monkeypatch.setattr(gemv, "int8_gemm_few_rows", gemv.int8_gemv_reference, raising=False)
     elif overrides == "experts":  # the token's experts through decode_gemv_experts too
         model = tiny_model(n_experts=4, n_active_experts=2)
-        monkeypatch.setattr(gemv, "EXPERT_GEMV_ENABLED", True)
     else:
         model = tiny_model(**overrides)
+    monkeypatch.setattr(gemv, "EXPERT_GEMV_ENABLED", overrides == "experts")
     prompt = [[5, 17, 3, 88, 41, 9, 2, 30, 11]]
     plain = greedy(model, prompt, 12, 64).tokens
     batch = greedy(model, PROMPTS[:2], 6, 64).tokens
@@ -353,12 +373,24 @@ def test_fused_decode_block_plumbing(monkeypatch, overrides):
         assert greedy(model, prompt, 12, max_seq_len, compile=compile).tokens == plain
         assert rope_calls == 11 * model.args.n_layers
         assert type(model.layers[0]) is gemv.DecodeBlock
-        fused = 2 if model.args.n_experts and overrides != "experts" else 4  # projections a layer, fused
-        assert calls == 11 * fused * model.args.n_layers  # the 11 decode steps
+        # decode_gemv calls a layer: four fused projections; or a mixture of experts' two attention ones, its
+        # router (a DecodeLinear; compiled, MoEFeedForward.route's matvec) and, with decode_gemv_experts, the
+        # experts' two
+        fused = 4 if not model.args.n_experts else 2 + (not compile) + 2 * (overrides == "experts")
+        # the 11 decode steps, and the output projection (DecodeLinear) of those and of the prompt's last row
+        output = 0 if overrides == "int8" else 12  # an Int8Linear output projection keeps int8_gemv
+        assert calls == 11 * fused * model.args.n_layers + output
         assert greedy(model, PROMPTS[:2], 6, max_seq_len, compile=compile).tokens == batch
-        assert calls == 11 * fused * model.args.n_layers
+        assert calls == 11 * fused * model.args.n_layers + output
     torch._dynamo.reset()
     hooked = tiny_model()
     hooked.layers[0].attention.wo.register_forward_hook(lambda module, inputs, output: output)
     gemv.use_decode_kernels(hooked)
     assert type(hooked.layers[0]) is TransformerBlock and type(hooked.layers[1]) is gemv.DecodeBlock
+    # by default a float block wider than FUSED_FLOAT_MAX_DIM stays plain (the folds lost at Llama-3-8B's
+    # 4096 on the H200) and gets DecodeLinears; an int8 block of any width is fused
+    monkeypatch.setattr(gemv, "FUSED_FLOAT_MAX_DIM", model.args.dim - 1)
+    wide = tiny_model()
+    gemv.use_decode_kernels(wide)
+    assert type(wide.layers[0]) is TransformerBlock and type(wide.layers[0].attention.wqkv) is gemv.DecodeLinear
+    assert gemv.fused_by_default(model.layers[0]) == (overrides == "int8")

@@ -547,8 +547,8 @@ def test_gpu_expert_down_mix_equals_reference(tokens, k):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_decode_gemv_experts_equals_reference(dtype):
-    """gemv.decode_gemv_experts (FASTGEN_EXPERT_GEMV=1: one token's experts, the norm folded into
-    gate/up and SiLU * up into the down projection) equals its reference at Qwen3-30B-A3B's shapes
+    """gemv.decode_gemv_experts (a batch-1 step's experts: one token's, the norm folded into gate/up's
+    loads and SiLU(gate) * up into its stores, then the down projection) equals its reference at Qwen3-30B-A3B's shapes
     and one that does not fill its tiles."""
     import gemv
 
@@ -559,13 +559,13 @@ def test_gpu_decode_gemv_experts_equals_reference(dtype):
         w13 = torch.randn(E, 2 * inter, D, device="cuda", dtype=dtype) / 30
         w2 = torch.randn(E, D, inter, device="cuda", dtype=dtype) / 30
         norm_weight = torch.rand(D, device="cuda", dtype=dtype) + 0.5
-        hidden = gemv.decode_gemv_experts(x, ids, w13, norm_weight, eps=1e-6)
-        want = gemv.decode_gemv_experts_reference(x, ids, w13, norm_weight, eps=1e-6)
-        assert hidden.shape == (k, 2 * inter) and rel_err(hidden.float(), want.float()) < (
+        hidden = gemv.decode_gemv_experts(x, ids, w13, norm_weight, eps=1e-6, glu=True)
+        want = gemv.decode_gemv_experts_reference(x, ids, w13, norm_weight, eps=1e-6, glu=True)
+        assert hidden.shape == (k, inter) and rel_err(hidden.float(), want.float()) < (
             1e-2 if dtype == torch.bfloat16 else 1e-5
         )
-        down = gemv.decode_gemv_experts(want, ids, w2, glu=True)
-        want = gemv.decode_gemv_experts_reference(want, ids, w2, glu=True)
+        down = gemv.decode_gemv_experts(want, ids, w2)
+        want = gemv.decode_gemv_experts_reference(want, ids, w2)
         assert down.shape == (k, D) and rel_err(down.float(), want.float()) < (
             1e-2 if dtype == torch.bfloat16 else 1e-5
         )
