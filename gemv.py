@@ -349,7 +349,9 @@ if triton is not None:
             if NORM:
                 squares += x * x
                 x = x * tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + k[None, :], mask=w_ok, other=0, eviction_policy="evict_first")  # read once: keep L2 for x
+            w = tl.load(
+                w_rows + k[None, :], mask=w_ok, other=0, eviction_policy="evict_first"
+            )  # read once: keep L2 for x
             if CONVERT >= 0:
                 acc += _int8_to_fp32(w, CONVERT) * x[None, :]
             else:
@@ -758,8 +760,9 @@ class DecodeLinear(torch.nn.Linear):
     decode_gemv instead of cuBLAS; every other call is nn.Linear's."""
 
     def forward(self, x):
-        if FLOAT_GEMV_ENABLED and x.numel() == self.in_features and available(x):
-            y = decode_gemv(x.reshape(1, -1), self.weight).view(*x.shape[:-1], self.out_features)  # contiguous there
+        # a strided weight stays on cuBLAS: decode_gemv would copy it every step
+        if FLOAT_GEMV_ENABLED and x.numel() == self.in_features and available(x) and self.weight.is_contiguous():
+            y = decode_gemv(x.reshape(1, -1), self.weight).view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return super().forward(x)
 
@@ -843,6 +846,7 @@ def fusable_block(block: torch.nn.Module) -> bool:
     return (
         all(type(m) in float_linear and m.weight.is_floating_point() or type(m) is Int8Linear for m in linears)
         and not any(m._forward_hooks or m._forward_pre_hooks for m in (*linears, f))
+        and all(m.weight.is_contiguous() for m in linears)  # decode_gemv would copy a strided one every step
         and all(m.bias is None for m in linears[1:])
         and available(a.wo.weight)
     )

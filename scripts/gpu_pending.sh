@@ -29,6 +29,9 @@
 #                                          #   into w13's stores (untimed) at Llama-3-8B (forced; it lost with the SiLU
 #                                          #   in w2's loads, 4.833 vs 4.144 ms unfused), SmolLM2-135M (0.693 before),
 #                                          #   int8 Llama-3-8B (2.995) and 12 Qwen3-30B-A3B layers (0.965)
+#   bash scripts/gpu_pending.sh fusedsweep # ~6 min: each fused GEMV call alone (fused_gemv_sweep.py): plain vs
+#                                          #   folded at the default tile, and the folded call's best tile, at SmolLM2,
+#                                          #   Llama-3-8B and Qwen3-30B-A3B expert shapes: set decode_gemv_config from it
 #   bash scripts/gpu_pending.sh floatgemv  # ~9 min: the batch-1 float GEMV (gemv.decode_gemv, the default since
 #                                          #   2026-12-04): its GPU tests, then SmolLM2-135M and Llama-3-8B B1 steps
 #                                          #   with cuBLAS, the GEMV unfused, and the fused block forced on
@@ -151,6 +154,10 @@ fusedcheck)
     decode llama_int8 90 --model llama-3-8b --weights int8
     decode qwen3_b1_12 60 --model qwen3-30b-a3b --layers 12
     ;;
+fusedsweep)
+    step fusedsweep 560 python scripts/fused_gemv_sweep.py
+    summary+=("$(grep -E '^\| ' "$out/fusedsweep.txt")")
+    ;;
 floatgemv)
     # 2026-12-04 (third session): SmolLM2 0.952 / 0.763 / 0.693 ms, Llama-3-8B 4.616 / 4.144 / 4.833 ms
     step floatgemv_tests 180 python -m pytest -m gpu -q -p no:cacheprovider -n 4 tests/test_gpu.py tests/test_moe.py \
@@ -195,7 +202,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, fusedcheck, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, fusedcheck, fusedsweep, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

@@ -181,7 +181,10 @@ def main():
         ("decode gemv + norm, K 5000, fp16", lambda: decode_gemv(40, 5000, torch.float16, norm=True)),
         ("decode gemv, int8 weight + norm", lambda: decode_gemv(70, 1100, norm=True, int8=True)),
         ("decode gemv experts, 8 of 16, norm", decode_gemv_experts),
-        ("decode gemv experts, norm + SiLU * up, 1 token x 8", lambda: decode_gemv_experts(1, 8, 16, 96, 200, True, True)),
+        (
+            "decode gemv experts, norm + SiLU * up, 1 token x 8",
+            lambda: decode_gemv_experts(1, 8, 16, 96, 200, True, True),
+        ),
         ("decode gemv experts, SiLU * up, 3 tokens x 2", lambda: decode_gemv_experts(3, 2, 5, 30, 1100, False, True)),
         ("decode gemv, int8, norm + SiLU * up", lambda: decode_gemv(66, 5000, norm=True, glu=True, int8=True)),
     ]

@@ -387,6 +387,20 @@ def test_fused_decode_block_plumbing(monkeypatch, overrides):
     hooked.layers[0].attention.wo.register_forward_hook(lambda module, inputs, output: output)
     gemv.use_decode_kernels(hooked)
     assert type(hooked.layers[0]) is TransformerBlock and type(hooked.layers[1]) is gemv.DecodeBlock
+    # a strided weight (a transposed copy) is never handed to decode_gemv, which would copy it every step
+    strided = tiny_model()
+    wo = strided.layers[0].attention.wo
+    wo.weight = torch.nn.Parameter(wo.weight.detach().t().contiguous().t(), requires_grad=False)
+    gemv.use_decode_kernels(strided)
+    assert type(strided.layers[0]) is TransformerBlock and type(strided.layers[1]) is gemv.DecodeBlock
+    assert type(wo) is gemv.DecodeLinear
+    calls.zero_()
+    with torch.no_grad():
+        assert torch.equal(
+            wo(torch.ones(1, 1, wo.in_features)),
+            torch.nn.functional.linear(torch.ones(1, 1, wo.in_features), wo.weight),
+        )
+    assert calls == 0
     # by default a float block wider than FUSED_FLOAT_MAX_DIM stays plain (the folds lost at Llama-3-8B's
     # 4096 on the H200) and gets DecodeLinears; an int8 block of any width is fused
     monkeypatch.setattr(gemv, "FUSED_FLOAT_MAX_DIM", model.args.dim - 1)

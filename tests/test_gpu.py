@@ -400,8 +400,10 @@ def test_decode_gemv_folded_parts_equal_reference(norm, glu, residual, dtype, in
         )
         want = gemv.decode_gemv_reference(x, w, **extra).float()
         got = gemv.decode_gemv(x, w, **extra)
-        assert got.shape == (1, n // 2 if glu else n) and got.dtype == dtype and ((got.float() - want).norm() / want.norm()) < (
-            1e-2 if dtype == torch.bfloat16 else 1e-5
+        assert (
+            got.shape == (1, n // 2 if glu else n)
+            and got.dtype == dtype
+            and ((got.float() - want).norm() / want.norm()) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
         )
 
 
