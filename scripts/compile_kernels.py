@@ -6,11 +6,15 @@ any device time is spent. Needs Triton next to torch (a CPU-only torch has none)
     /tmp/tri/bin/python scripts/compile_kernels.py            # sm_90 (H100/H200)
     /tmp/tri/bin/python scripts/compile_kernels.py --arch 80  # A100
 
+`--sass-hash` adds a hash of each kernel's machine code: a refactor meant to leave a kernel as it
+was (a helper pulled out, say) can be checked to compile to the same code before any GPU sees it.
+
 It compiles only: correctness is the GPU tests' job (and, for some kernels, Triton's CPU interpreter,
 TRITON_INTERPRET=1, which cannot run inline asm or int8 -> bf16).
 """
 
 import argparse
+import hashlib
 import os
 import re
 import subprocess
@@ -26,14 +30,21 @@ from triton.compiler import ASTSource  # noqa: E402
 import gemv  # noqa: E402
 import kv_attention  # noqa: E402
 
+SASS_HASH = False  # --sass-hash: a refactor that should not change a kernel can be checked by its machine code
+
 
 def resources(cubin: bytes) -> str:
-    """REG / SHARED / LOCAL (spills) as cuobjdump reports them."""
+    """REG / SHARED / LOCAL (spills) as cuobjdump reports them (and a hash of the SASS, if asked)."""
     path = "/tmp/compile_kernels.cubin"
     Path(path).write_bytes(cubin)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     report = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
-    return " ".join(re.findall(r"REG:\d+|SHARED:\d+|LOCAL:\d+", report))
+    found = " ".join(re.findall(r"REG:\d+|SHARED:\d+|LOCAL:\d+", report))
+    if SASS_HASH:
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+        code = "\n".join(line.split("*/", 1)[-1] for line in sass.splitlines() if "/*" in line and "*/" in line)
+        found += " SASS:" + hashlib.sha256(code.encode()).hexdigest()[:12]
+    return found
 
 
 def build(target, name, fn, signature, constexprs, divisible, **options):
@@ -52,7 +63,11 @@ def build(target, name, fn, signature, constexprs, divisible, **options):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default: 90)")
-    target = GPUTarget("cuda", p.parse_args(argv).arch, 32)
+    p.add_argument("--sass-hash", action="store_true", help="also print a hash of each kernel's machine code")
+    args = p.parse_args(argv)
+    global SASS_HASH
+    SASS_HASH = args.sass_hash
+    target = GPUTarget("cuda", args.arch, 32)
     print(f"triton {triton.__version__}, sm_{target.arch}")
     gemv_sig = {"x_ptr": "*bf16", "w_ptr": "*i8", "scale_ptr": "*fp32", "y_ptr": "*bf16", "N": "i32", "K": "i32"}
     for convert in (0, 1, 2):
