@@ -34,6 +34,9 @@
 #                                          #   Llama-3-8B and Qwen3-30B-A3B expert shapes: set decode_gemv_config from it
 #   bash scripts/gpu_pending.sh batch32    # ~4 min: Llama-3-8B bf16 batch 1 and 32, short context (issue 11's 25x;
 #                                          #   30.8x on the H100 at f2a76b4, not run on the H200 since B1 got faster)
+#   bash scripts/gpu_pending.sh longctx    # ~3 min: Llama-3-8B bf16 B1 with 8k filled of a 32k cache, and B8 8k with
+#                                          #   a bf16 / int8 KV cache (issue 11's 85% incl. KV: 4.979 ms, 76% at
+#                                          #   16c7312 before the batch-1 GEMV; issue 10's KV 1.1x: 1.00x then)
 #   bash scripts/gpu_pending.sh floatgemv  # ~9 min: the batch-1 float GEMV (gemv.decode_gemv, the default since
 #                                          #   2026-12-04): its GPU tests, then SmolLM2-135M and Llama-3-8B B1 steps
 #                                          #   with cuBLAS, the GEMV unfused, and the fused block forced on
@@ -165,6 +168,11 @@ batch32)
         --compile --new-tokens 100 --runs 2 --no-cold-start --no-hf --time-budget-s 260 --out-dir "$out/batch32"
     summary+=("$(grep -E '^\| llama' "$out/batch32.txt")")
     ;;
+longctx)
+    decode llama_8k_of_32k 110 --model llama-3-8b --ctx 8192 --cache 32768
+    decode llama_b8_8k_bf16kv 110 --model llama-3-8b --batch 8 --ctx 8192
+    decode llama_b8_8k_int8kv 110 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
+    ;;
 floatgemv)
     # 2026-12-04 (third session): SmolLM2 0.952 / 0.763 / 0.693 ms, Llama-3-8B 4.616 / 4.144 / 4.833 ms
     step floatgemv_tests 180 python -m pytest -m gpu -q -p no:cacheprovider -n 4 tests/test_gpu.py tests/test_moe.py \
@@ -209,7 +217,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, fusedcheck, fusedsweep, batch32, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, fusedcheck, fusedsweep, batch32, longctx, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac
