@@ -154,10 +154,11 @@ fusedcheck)
     step tier 300 python -m pytest -m gpu -q -p no:cacheprovider -rf -n 4
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
-    FASTGEN_FUSED_DECODE=1 decode llama_fused 100 --model llama-3-8b
+    # most important first: the run tool stops a call at 600 s, and each log lands in $OUT as it goes
+    FASTGEN_FUSED_DECODE=1 decode llama_fused 120 --model llama-3-8b
+    decode qwen3_b1_12 60 --model qwen3-30b-a3b --layers 12
     decode smol 80 --model smollm2-135m
     decode llama_int8 90 --model llama-3-8b --weights int8
-    decode qwen3_b1_12 60 --model qwen3-30b-a3b --layers 12
     ;;
 fusedsweep)
     step fusedsweep 560 python scripts/fused_gemv_sweep.py
