@@ -322,8 +322,9 @@ if triton is not None:
         # BLOCK_N outputs of one activation row, the weight read once. Each program reads all of
         # x anyway, so the norm costs no pass of its own: W (g * x * r) = r * (W (g * x)), with the
         # scalar r = rsqrt(mean(x^2) + eps) summed along the way and applied at the end. With GLU a
-        # program reads gate row n and up row N + n and writes SiLU(gate) * up: the hidden of w13,
-        # its SiLU computed once (folded into w2's loads instead, every w2 program recomputed it).
+        # program reads gate row n and up row N + n and writes SiLU(gate) * up, w13's hidden, each
+        # sigmoid computed once (folded into w2's loads, as it was until 2026-12-04, every w2 program
+        # recomputed all of them).
         if EXPERTS:  # program axis 1: the (token, expert) pair
             r = tl.program_id(1)
             e = tl.load(ids_ptr + r).to(tl.int64)
