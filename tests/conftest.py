@@ -16,3 +16,44 @@ def smollm2_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
     convert_gguf(smollm2_gguf_path(), out)
     return out
+
+
+@pytest.fixture
+def reference_decode_kernels(monkeypatch):
+    """A function that puts gemv's batch-1 decode path (DecodeLinear, DecodeBlock, decode_gemv_experts)
+    on the CPU, its CUDA kernels replaced by their PyTorch references: what the GPU would run, step
+    for step (call it after the plain runs to compare with). It returns two counters (tensors, so a
+    compiled step counts too): decode_gemv(_experts) calls and rope_write_kv calls."""
+
+    def enable():
+        import torch
+
+        import gemv
+        import kv_attention
+
+        calls, rope_calls = torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long)
+
+        def decode_gemv(x, weight, scales=None, norm_weight=None, residual=None, eps=0.0, glu=False):
+            assert x.shape[0] == 1  # one token
+            calls.add_(1)
+            return gemv.decode_gemv_reference(x, weight, scales, norm_weight, residual, eps, glu)
+
+        def decode_gemv_experts(x, expert_ids, weight, norm_weight=None, eps=0.0, glu=False):
+            calls.add_(1)
+            return gemv.decode_gemv_experts_reference(x, expert_ids, weight, norm_weight, eps, glu)
+
+        def rope_write_kv(*args):
+            rope_calls.add_(1)
+            return kv_attention.rope_write_kv_reference(*args)
+
+        monkeypatch.setattr(gemv, "available", lambda t: True)
+        monkeypatch.setattr(gemv, "FLOAT_GEMV_ENABLED", True)
+        monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
+        monkeypatch.setattr(gemv, "EXPERT_DOWN_ENABLED", False)  # the experts' batched kernels: CUDA only
+        monkeypatch.setattr(gemv, "EXPERT_GATE_UP_ENABLED", False)
+        monkeypatch.setattr(gemv, "decode_gemv", decode_gemv, raising=False)
+        monkeypatch.setattr(gemv, "decode_gemv_experts", decode_gemv_experts, raising=False)
+        monkeypatch.setattr(kv_attention, "rope_write_kv", rope_write_kv, raising=False)
+        return calls, rope_calls
+
+    return enable

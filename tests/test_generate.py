@@ -311,14 +311,13 @@ def test_split_kv_cache_decode_plumbing(monkeypatch):
     "overrides",
     [{}, dict(qkv_bias=True, qk_norm=True, sliding_window=6), dict(n_experts=4, n_active_experts=2), "experts", "int8"],
 )
-def test_fused_decode_block_plumbing(monkeypatch, overrides):
+def test_fused_decode_block_plumbing(monkeypatch, reference_decode_kernels, overrides):
     """gemv.DecodeBlock (FASTGEN_FUSED_DECODE=1: a batch-1 step's four projections as decode_gemv with
     the norms, SiLU * up and the residual adds folded in, float or int8 weights; a mixture of experts'
     two attention ones; RoPE and the cache write as one kernel), run here with the references standing
     in for the CUDA kernels, eager and compiled, decodes to the tokens of the plain block; batches and
     prefill stay on the plain path, and a block with tensor parallel's hooks is never fused."""
     import gemv
-    import kv_attention
     import quantize
 
     if overrides == "int8":
@@ -341,31 +340,7 @@ def test_fused_decode_block_plumbing(monkeypatch, overrides):
     prompt = [[5, 17, 3, 88, 41, 9, 2, 30, 11]]
     plain = greedy(model, prompt, 12, 64).tokens
     batch = greedy(model, PROMPTS[:2], 6, 64).tokens
-    calls = torch.zeros((), dtype=torch.long)  # a tensor, so the compiled step can count too
-
-    def reference(x, weight, scales=None, norm_weight=None, residual=None, eps=0.0, glu=False):
-        assert x.shape[0] == 1  # one token
-        calls.add_(1)
-        return gemv.decode_gemv_reference(x, weight, scales, norm_weight, residual, eps, glu)
-
-    monkeypatch.setattr(gemv, "available", lambda t: True)
-    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
-    monkeypatch.setattr(gemv, "EXPERT_DOWN_ENABLED", False)  # the experts' own kernels: CUDA only
-    monkeypatch.setattr(gemv, "EXPERT_GATE_UP_ENABLED", False)
-    monkeypatch.setattr(gemv, "decode_gemv", reference, raising=False)
-
-    def experts_reference(x, expert_ids, weight, norm_weight=None, eps=0.0, glu=False):
-        calls.add_(1)
-        return gemv.decode_gemv_experts_reference(x, expert_ids, weight, norm_weight, eps, glu)
-
-    monkeypatch.setattr(gemv, "decode_gemv_experts", experts_reference, raising=False)
-    rope_calls = torch.zeros((), dtype=torch.long)
-
-    def rope_reference(*args):
-        rope_calls.add_(1)
-        return kv_attention.rope_write_kv_reference(*args)
-
-    monkeypatch.setattr(kv_attention, "rope_write_kv", rope_reference, raising=False)
+    calls, rope_calls = reference_decode_kernels()
     for compile, max_seq_len in ((False, 72), (True, 80)):
         torch._dynamo.reset()
         calls.zero_()

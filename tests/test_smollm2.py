@@ -159,3 +159,26 @@ def test_readme_chat_demo_builds_on_the_first_reply(smollm2_checkpoint, monkeypa
     replies = capsys.readouterr().out.splitlines()
     assert "\n".join(replies) in readme  # the README shows exactly what the model says
     assert "Paris" in replies[0] and "Eiffel Tower" in replies[1], replies
+
+
+def test_fused_decode_path_answers_as_the_plain_one(smollm2_checkpoint, reference_decode_kernels):
+    """The batch-1 path a GPU takes by default for this model (gemv.DecodeBlock: 576 wide, so fused;
+    the tied output projection stays F.linear), run with the kernels' references: the real
+    model's greedy answer is the plain path's, token for token, and every layer went through it."""
+    import gemv
+
+    model, _ = load_model(smollm2_checkpoint, "cpu", torch.float32)
+    tok = load_tokenizer(smollm2_checkpoint)
+    ids = tok.encode_dialog([{"role": "user", "content": "What is the capital of France?"}])
+    gen = Generator(model)
+    gen.setup(1, 128)
+    plain = gen.generate([ids], 20, Sampling(), tok.stop_ids).tokens
+    calls, rope_calls = reference_decode_kernels()
+    gen = Generator(model)
+    gen.setup(1, 160)  # a new length: new caches (SplitKVCache or not, as the plain run had)
+    assert all(type(layer) is gemv.DecodeBlock for layer in model.layers)
+    fused = gen.generate([ids], 20, Sampling(), tok.stop_ids).tokens
+    assert fused == plain and "Paris" in tok.decode(fused[0])
+    # every decode step, every layer: one rope_write_kv and four GEMVs (the stop token's step included)
+    steps = rope_calls.item() // model.args.n_layers
+    assert steps >= len(fused[0]) - 1 and rope_calls == steps * model.args.n_layers and calls == 4 * rope_calls
