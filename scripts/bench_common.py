@@ -75,9 +75,11 @@ def time_cycled(call, n: int, device, iters: int) -> float:
         return time_loop(graph.replay, device, iters) / n
 
 
-def kernel_times(fn, steps: int, device) -> dict:
+def kernel_times(fn, steps: int, device, by_launch: bool = False) -> dict:
     """{kernel name: [calls, total us]} over `steps` calls of fn: CUDA kernels on a GPU (read from
-    the trace, which holds the kernels of CUDA-graph replays), operators' self time on the CPU."""
+    the trace, which holds the kernels of CUDA-graph replays), operators' self time on the CPU.
+    by_launch: a GPU kernel's launches with another grid or block size count apart (one Triton GEMV
+    over four projections becomes four rows)."""
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -98,8 +100,12 @@ def kernel_times(fn, steps: int, device) -> dict:
             events = json.load(f).get("traceEvents", [])
     for e in events:
         if e.get("cat") == "kernel" and "dur" in e:
-            table[e["name"]][0] += 1
-            table[e["name"]][1] += float(e["dur"])
+            key = e["name"]
+            if by_launch:
+                launch = e.get("args", {})
+                key = f"{key[:60]} grid={launch.get('grid', '?')} block={launch.get('block', '?')}".replace(" ", "")
+            table[key][0] += 1
+            table[key][1] += float(e["dur"])
     return table
 
 

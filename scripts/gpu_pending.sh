@@ -155,9 +155,10 @@ fusedcheck)
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
     # most important first: the run tool stops a call at 600 s, and each log lands in $OUT as it goes
-    FASTGEN_FUSED_DECODE=1 decode llama_fused 120 --model llama-3-8b
-    decode qwen3_b1_12 60 --model qwen3-30b-a3b --layers 12
-    decode smol 80 --model smollm2-135m
+    # --by-launch: each projection's GEMV on a row of its own (the grid / block size tell them apart)
+    FASTGEN_FUSED_DECODE=1 decode llama_fused 120 --model llama-3-8b --by-launch --top 16
+    decode qwen3_b1_12 60 --model qwen3-30b-a3b --layers 12 --by-launch --top 16
+    decode smol 80 --model smollm2-135m --by-launch --top 16
     decode llama_int8 90 --model llama-3-8b --weights int8
     ;;
 fusedsweep)

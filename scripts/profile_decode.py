@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=10, help="profiled decode steps")
     p.add_argument("--top", type=int, default=20)
+    p.add_argument(
+        "--by-launch", action="store_true", help="a kernel's launches of another grid / block size on rows of their own"
+    )
     p.add_argument("--no-compile", dest="compile", action="store_false", help="the eager (CUDA-graph) step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
     sync(device)
     replay_ms = time_loop(step, device, 50 if device.type == "cuda" else 3) * 1e3
     steps = args.steps
-    table = kernel_times(step, steps, device)
+    table = kernel_times(step, steps, device, by_launch=args.by_launch)
     kernel_us = sum(us for _, us in table.values()) / steps
     calls = sum(c for c, _ in table.values()) / steps
     weight_gb = model_weight_bytes(model) / 1e9
