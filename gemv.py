@@ -816,7 +816,11 @@ class DecodeBlock(TransformerBlock):
             return project(ffn.w2, hidden, residual=h).view_as(x)
         if EXPERT_GEMV_ENABLED and type(ffn.experts) in (Experts, DownMixExperts):  # the token's k float experts
             norm = self.ffn_norm
-            weights, expert_ids = ffn.route(norm(h), few=True)  # [1, k] each
+            # the router as decode_gemv too, the norm folded in: Inductor's router kernel (matvec,
+            # softmax, top k) and the norm's took 5.4 us a Qwen3-30B-A3B layer on the H200 (not yet
+            # timed this way, 2026-12-04)
+            router_logits = decode_gemv(h, ffn.gate.weight, norm_weight=norm.weight, eps=norm.eps)  # [1, E]
+            weights, expert_ids = ffn.pick(router_logits, few=True)  # [1, k] each
             ids = expert_ids.view(-1)
             hidden = decode_gemv_experts(h, ids, ffn.experts.w13, norm.weight, eps=norm.eps, glu=True)  # [k, I]
             down = decode_gemv_experts(hidden, ids, ffn.experts.w2)  # [k, D]

@@ -429,11 +429,15 @@ class MoEFeedForward(nn.Module):
         `few` tokens (decode) under the compiler: the router as a reduction and top k as k rounds
         of max, which Inductor fuses into two small kernels; cuBLAS and torch.topk take four
         launches (~14 us a layer on an H200, ~15% of a Qwen3-30B-A3B step)."""
+        few_compiled = few and torch.compiler.is_compiling()
+        return self.pick(matvec(self.gate.weight, x) if few_compiled else self.gate(x), few)
+
+    def pick(self, logits, few: bool = False):
+        """The router's logits [N, E] -> route's (weights, expert_ids)."""
+        probs = logits.float().softmax(dim=-1)
         if few and torch.compiler.is_compiling():
-            probs = matvec(self.gate.weight, x).float().softmax(dim=-1)
             weights, expert_ids = top_k_by_max(probs, self.n_active)
         else:
-            probs = self.gate(x).float().softmax(dim=-1)
             weights, expert_ids = probs.topk(self.n_active, dim=-1)
         return weights / weights.sum(dim=-1, keepdim=True), expert_ids
 

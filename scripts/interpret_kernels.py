@@ -102,18 +102,23 @@ def rope_write_kv(D=96, n_heads=6, n_kv_heads=2, qk_norm=True):
     )
 
 
-def decode_block(layers=2):
-    """A tiny dense model's decode step through gemv.DecodeBlock (the fused batch-1 path) against
-    the plain blocks' step, one token after a 5-token prefill."""
+def decode_block(layers=2, n_experts=0):
+    """A tiny model's decode step through gemv.DecodeBlock (the fused batch-1 path; with experts,
+    the router and the token's experts through decode_gemv too) against the plain blocks' step, one
+    token after a 5-token prefill."""
     from model import ModelArgs, Transformer
 
-    args = ModelArgs(dim=64, n_layers=layers, n_heads=4, n_kv_heads=2, intermediate_size=96, vocab_size=50)
+    experts = dict(n_experts=n_experts, n_active_experts=2 if n_experts else 0)
+    args = ModelArgs(dim=64, n_layers=layers, n_heads=4, n_kv_heads=2, intermediate_size=96, vocab_size=50, **experts)
     m = Transformer(args)
+    for layer in m.layers if n_experts else ():
+        for weight in (layer.feed_forward.experts.w13, layer.feed_forward.experts.w2):
+            torch.nn.init.normal_(weight, std=0.1)  # allocated empty: a checkpoint fills them
     m.setup_caches(1, 16)
     with torch.no_grad():
         m(torch.randint(0, 50, (1, 5)), torch.arange(5))
         want = m(torch.tensor([[7]]), torch.tensor([5]))
-        gemv.FUSED_DECODE_ENABLED = True
+        gemv.FUSED_DECODE_ENABLED = gemv.EXPERT_GEMV_ENABLED = True
         gemv.use_decode_kernels(m)
         assert type(m.layers[0]) is gemv.DecodeBlock
         return m(torch.tensor([[7]]), torch.tensor([5])), want
@@ -205,6 +210,7 @@ def main():
         ("rope + cache write, D 64", lambda: rope_write_kv(64, 9, 3, False)),
     ]
     runs += [("DecodeBlock, a 2-layer model's decode step", decode_block)]
+    runs += [("DecodeBlock, a 2-layer MoE model's decode step, 2 of 8 experts", lambda: decode_block(2, 8))]
     runs += [(f"DownMixExperts, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n)) for n in (2, 4, 8)]
     runs += [
         (f"DownMixExperts + gate/up kernel, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n, True))

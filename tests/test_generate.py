@@ -348,10 +348,10 @@ def test_fused_decode_block_plumbing(monkeypatch, reference_decode_kernels, over
         assert greedy(model, prompt, 12, max_seq_len, compile=compile).tokens == plain
         assert rope_calls == 11 * model.args.n_layers
         assert type(model.layers[0]) is gemv.DecodeBlock
-        # decode_gemv calls a layer: four fused projections; or a mixture of experts' two attention ones, its
-        # router (a DecodeLinear; compiled, MoEFeedForward.route's matvec) and, with decode_gemv_experts, the
-        # experts' two
-        fused = 4 if not model.args.n_experts else 2 + (not compile) + 2 * (overrides == "experts")
+        # decode_gemv calls a layer: four fused projections; or a mixture of experts' two attention ones and
+        # its router (a DecodeLinear; compiled, MoEFeedForward.route's matvec); or with decode_gemv_experts
+        # those two, the router (decode_gemv, the norm folded in) and the experts' two
+        fused = 4 if not model.args.n_experts else 5 if overrides == "experts" else 2 + (not compile)
         # the 11 decode steps, and the output projection (DecodeLinear) of those and of the prompt's last row
         output = 0 if overrides == "int8" else 12  # an Int8Linear output projection keeps int8_gemv
         assert calls == 11 * fused * model.args.n_layers + output
