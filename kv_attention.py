@@ -13,8 +13,8 @@ cache) attends over an unquantized cache: faster than flex decoding at every len
 `quantized_decode_attention_reference` is the plain PyTorch computation (dequantize, dense mask,
 fp32 softmax) that the GPU tests compare the kernel with.
 
-`rope_write_kv` (gemv.DecodeBlock's batch-1 step, opt-in) does what precedes the attention in one
-kernel: the query/key norms (Qwen3), RoPE, and the write of the token's k and v into the cache.
+`rope_write_kv` (gemv.DecodeBlock's batch-1 step) does what precedes the attention in one kernel:
+the query/key norms (Qwen3), RoPE, and the write of the token's k and v into the cache.
 """
 
 import os

@@ -312,7 +312,7 @@ def test_split_kv_cache_decode_plumbing(monkeypatch):
     [{}, dict(qkv_bias=True, qk_norm=True, sliding_window=6), dict(n_experts=4, n_active_experts=2), "experts", "int8"],
 )
 def test_fused_decode_block_plumbing(monkeypatch, reference_decode_kernels, overrides):
-    """gemv.DecodeBlock (FASTGEN_FUSED_DECODE=1: a batch-1 step's four projections as decode_gemv with
+    """gemv.DecodeBlock (a GPU's default batch-1 path: the step's four projections as decode_gemv with
     the norms, SiLU * up and the residual adds folded in, float or int8 weights; a mixture of experts'
     two attention ones; RoPE and the cache write as one kernel), run here with the references standing
     in for the CUDA kernels, eager and compiled, decodes to the tokens of the plain block; batches and

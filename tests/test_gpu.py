@@ -433,7 +433,7 @@ def test_rope_write_kv_equals_reference(D, n_heads, n_kv_heads, qk_norm, dtype):
 
 @pytest.mark.parametrize("shape", ["gqa-hd128", "window", "tied"])
 def test_fused_decode_block_compiled_equals_cpu_fp32_eager(monkeypatch, shape):
-    """FASTGEN_FUSED_DECODE=1 (and FASTGEN_FLOAT_GEMV=1 for the output projection): the compiled
+    """The fused decode block (forced on at every width; DecodeLinear for the output projection): the compiled
     CUDA-graph decode of a batch-1 prompt through gemv.DecodeBlock gives the CPU fp32 eager tokens,
     and a batch still decodes through the plain blocks to the same tokens."""
     import gemv
@@ -451,7 +451,7 @@ def test_fused_decode_block_compiled_equals_cpu_fp32_eager(monkeypatch, shape):
 
 def test_fused_decode_block_over_int8_weights_keeps_the_tokens(monkeypatch):
     """An int8-quantized model's compiled batch-1 decode gives the same tokens through DecodeBlock
-    (FASTGEN_FUSED_DECODE=1, decode_gemv over the int8 weights and scales) as through Int8Linear."""
+    (the default for int8 blocks: decode_gemv over the int8 weights and scales) as through Int8Linear."""
     import gemv
     import quantize
 

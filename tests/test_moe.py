@@ -440,7 +440,7 @@ def greedy_tokens(m, prompts, n, compile=False):
 def test_gpu_compiled_moe_decode_equals_cpu_fp32_eager(monkeypatch, batch, down_mix, gate_up, fused):
     """fp32: the compiled CUDA-graph decode gives the CPU eager tokens, batch 1 (the gather path:
     Inductor fuses the gather into its reduction; fused: the attention half through gemv.DecodeBlock,
-    FASTGEN_FUSED_DECODE=1, and with "experts" the token's experts through decode_gemv_experts) and a
+    the fused block, and with "experts" the router and the token's experts through decode_gemv too) and a
     batch of different lengths (4 tokens x 2 of 8 experts: the gather path, and with the kernel on
     (the default) gemv.expert_down_mix for the down projection and the mix)."""
     import gemv
