@@ -550,9 +550,11 @@ if triton is not None:
         """decode_gemv_experts_reference's contract, one kernel."""
         return _decode_gemv_launch(x.contiguous(), weight, expert_ids, None, norm_weight, None, eps, glu)
 
-    def _decode_gemv_launch(x, weight, expert_ids, scales, norm_weight, residual, eps, glu):
+    def _decode_gemv_launch(x, weight, expert_ids, scales, norm_weight, residual, eps, glu, tiles=None):
+        """Both ops' launch; `tiles` (BLOCK_N outputs a program, BLOCK_K, num_warps) replaces
+        decode_gemv_tiles' for the sweeps (scripts/small_gemv_sweep.py, fused_gemv_sweep.py)."""
         N, K = weight.shape[-2], weight.shape[-1]
-        cfg = decode_gemv_tiles(N, K, scales is not None, glu)
+        cfg = {**decode_gemv_tiles(N, K, scales is not None, glu), **(tiles or {})}
         N = N // 2 if glu else N  # outputs: SiLU(gate) * up of the two halves
         R = 1 if expert_ids is None else expert_ids.numel()
         y = torch.empty((R, N), dtype=x.dtype, device=x.device)
@@ -815,14 +817,14 @@ class DecodeBlock(TransformerBlock):
             hidden = project(ffn.w13, h, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, glu=True)  # [1, I]
             return project(ffn.w2, hidden, residual=h).view_as(x)
         if EXPERT_GEMV_ENABLED and type(ffn.experts) in (Experts, DownMixExperts):  # the token's k float experts
-            norm = self.ffn_norm
+            ffn_norm = self.ffn_norm
             # the router as decode_gemv too, the norm folded in: Inductor's router kernel (matvec,
             # softmax, top k) and the norm's took 5.4 us a Qwen3-30B-A3B layer on the H200 (not yet
             # timed this way, 2026-12-04)
-            router_logits = decode_gemv(h, ffn.gate.weight, norm_weight=norm.weight, eps=norm.eps)  # [1, E]
+            router_logits = decode_gemv(h, ffn.gate.weight, norm_weight=ffn_norm.weight, eps=ffn_norm.eps)  # [1, E]
             weights, expert_ids = ffn.pick(router_logits, few=True)  # [1, k] each
             ids = expert_ids.view(-1)
-            hidden = decode_gemv_experts(h, ids, ffn.experts.w13, norm.weight, eps=norm.eps, glu=True)  # [k, I]
+            hidden = decode_gemv_experts(h, ids, ffn.experts.w13, ffn_norm.weight, eps=ffn_norm.eps, glu=True)  # [k, I]
             down = decode_gemv_experts(hidden, ids, ffn.experts.w2)  # [k, D]
             return (h + weighted_sum(down.unsqueeze(0), weights)).view_as(x)
         h = h.view_as(x)  # other experts: routed as TransformerBlock routes them

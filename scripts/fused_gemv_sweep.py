@@ -52,32 +52,10 @@ L2_BYTES = 64 * 2**20  # more than an H100's / H200's 50 MB
 
 
 def launch(x, w, ids, norm_weight, residual, folds, tile):
-    """_decode_gemv_kernel once, as gemv._decode_gemv_launch calls it, with this tile's BLOCK_N
-    outputs a program (2 x BLOCK_N weight rows with glu)."""
-    rows, K = w.shape[-2], w.shape[-1]
-    N = rows // 2 if folds.get("glu") else rows
-    R = 1 if ids is None else ids.numel()
-    y = torch.empty((R, N), dtype=x.dtype, device=x.device)
-    gemv._decode_gemv_kernel[(-(-N // tile["BLOCK_N"]), R)](
-        x,
-        w,
-        w,
-        w if norm_weight is None else norm_weight,
-        w if residual is None else residual,
-        y,
-        w if ids is None else ids,
-        N,
-        K,
-        R // x.shape[0],
-        EPS=1e-5 if norm_weight is not None else 0.0,
-        NORM=norm_weight is not None,
-        GLU=bool(folds.get("glu")),
-        RESIDUAL=residual is not None,
-        CONVERT=-1,
-        EXPERTS=ids is not None,
-        **tile,
-    )
-    return y
+    """DecodeBlock's call (gemv._decode_gemv_launch, what decode_gemv and decode_gemv_experts run)
+    with this tile's BLOCK_N outputs a program (2 x BLOCK_N weight rows with glu)."""
+    eps = 1e-5 if norm_weight is not None else 0.0
+    return gemv._decode_gemv_launch(x, w, ids, None, norm_weight, residual, eps, bool(folds.get("glu")), tile)
 
 
 def shape_row(name, tiles, device, dtype, iters) -> list[str]:

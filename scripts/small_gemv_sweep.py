@@ -58,11 +58,7 @@ def triton_gemv(x, w, tiles):
     """gemv.decode_gemv's kernel (what DecodeLinear runs) with these tiles, nothing folded in."""
     import gemv
 
-    N, K = w.shape
-    y = torch.empty((1, N), dtype=x.dtype, device=x.device)
-    flags = dict(EPS=0.0, NORM=False, GLU=False, RESIDUAL=False, CONVERT=-1, EXPERTS=False)
-    gemv._decode_gemv_kernel[(-(-N // tiles["BLOCK_N"]), 1)](x, w, w, w, w, y, w, N, K, 1, **flags, **tiles)
-    return y
+    return gemv._decode_gemv_launch(x, w, None, None, None, None, 0.0, False, tiles)
 
 
 COLUMNS = ["copies", "cublas", "triton (best tile)", "inductor", "norm+cublas", "norm+inductor"]
