@@ -9,12 +9,11 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
 `*_reference` functions, or the model's own code) that the GPU tests and the interpreter check
 (scripts/interpret_kernels.py) compare it with. What is here, and who calls it:
 
-  decode_gemv               DecodeLinear, DecodeBlock    1 row, a float or int8 weight, one pass (beats cuBLAS),
-                                                         the norm / SiLU * up / residual folded in
+  decode_gemv               DecodeLinear, DecodeBlock,   1 row, a float or int8 weight, one pass (beats cuBLAS),
+                            Int8Linear                   the norm / SiLU * up / residual folded in
   decode_gemv_experts       DecodeBlock, 1 token         the same over the token's k float experts
-  int8_gemv                 Int8Linear, 1 row            int8 weight, one pass, CUDA cores
   int8_gemm_few_rows        Int8Linear, 2-16 rows        tensor cores over a 16-row tile, split over K
-  int8_expert_gemv          Int8Experts, decode          the batch-1 GEMV with the expert picked per row
+  int8_expert_gemv          Int8Experts, decode          decode_gemv's kernel with the int8 expert picked per row
   int8_expert_gemm_grouped  Int8Experts, 2-16 tokens     pairs grouped by expert, tensor cores
   expert_gate_up            DownMixExperts, 2-16 tokens  float gate/up grouped by expert
   expert_down_mix           DownMixExperts, 2+ tokens    float down projection + routing-weighted sum
@@ -155,11 +154,12 @@ def expert_gate_up_config(tokens: int) -> dict:
     return dict(BLOCK_I=64, BLOCK_D=128, num_warps=4, num_stages=3)
 
 
-# Tile sizes: each program reduces BLOCK_N output rows over K in BLOCK_K steps. Chosen by a sweep
-# on an H200 over the Llama-3-8B projections with the prmt conversion (scripts/int8_gemv_sweep.py
-# --convert, BENCHMARKS.md): 1024-wide K steps, 4 warps and no software pipelining everywhere; 8
-# rows per program where there are few rows or a long K (wo, w2), 4 for wqkv and w13, 8 again for
-# the vocab projection.
+# An int8 weight's tiles in _decode_gemv_kernel: each program reduces BLOCK_N output rows over K in
+# BLOCK_K steps. Chosen by a sweep on an H200 over the Llama-3-8B projections with the prmt conversion
+# (scripts/int8_gemv_sweep.py --convert, BENCHMARKS.md; it swept the int8-only kernel that
+# _decode_gemv_kernel replaced on 2026-12-04, whose loop compiled to the same sm_90 instructions):
+# 1024-wide K steps, 4 warps and no software pipelining everywhere; 8 rows per program where there
+# are few rows or a long K (wo, w2), 4 for wqkv and w13, 8 again for the vocab projection.
 def int8_gemv_config(n: int, k: int) -> dict:
     if k > 4096 or n <= 4096:
         return dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4, num_stages=1, CONVERT=INT8_CONVERT)
@@ -205,8 +205,8 @@ def decode_gemv_config(n: int, k: int) -> dict:
 
 
 def decode_gemv_tiles(n: int, k: int, int8: bool, glu: bool) -> dict:
-    """_decode_gemv_kernel's launch for an [n, k] weight: an int8 one keeps int8_gemv's tiles (swept
-    on the H200), a float one the float sweep's; with glu a program's BLOCK_N outputs read twice as
+    """_decode_gemv_kernel's launch for an [n, k] weight: an int8 one takes int8_gemv_config's
+    (swept on the H200), a float one the float sweep's; with glu a program's BLOCK_N outputs read twice as
     many weight rows, so it takes half as many."""
     cfg = int8_gemv_config(n, k) if int8 else {**decode_gemv_config(n, k), "CONVERT": -1}
     if glu:
@@ -269,34 +269,6 @@ if triton is not None:
                 pack=4,
             )
         return f
-
-    @triton.jit
-    def _int8_gemv_block(x_ptr, w_ptr, scale_ptr, y_ptr, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT):
-        # BLOCK_N outputs of one activation row: x_ptr [K], w_ptr [N, K] int8, scale_ptr [N], y_ptr [N]
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, BLOCK_K)
-        row_ok = rows < N
-        w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + cols
-            k_ok = k < K
-            x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(
-                w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0, eviction_policy="evict_first"
-            )  # read once: keep L2 for x
-            acc += _int8_to_fp32(w, CONVERT) * x[None, :]
-        scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        y = tl.sum(acc, axis=1) * scale
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
-
-    @triton.jit
-    def _int8_gemv_kernel(
-        x_ptr, w_ptr, scale_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT: tl.constexpr = 0
-    ):
-        # one program: BLOCK_N outputs of activation row m
-        pid_n, m = tl.program_id(0), tl.program_id(1)
-        _int8_gemv_block(x_ptr + m * K, w_ptr, scale_ptr, y_ptr + m * N, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT)
 
     @triton.jit
     def _decode_gemv_kernel(
@@ -378,27 +350,6 @@ if triton is not None:
         if RESIDUAL:
             y += tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
-
-    @triton.jit
-    def _int8_expert_gemv_kernel(
-        x_ptr,  # [R / rows_per_x, K]: output row r reads x row r // rows_per_x
-        ids_ptr,  # [R]: the expert each output row goes through
-        w_ptr,  # [E, N, K] int8
-        scale_ptr,  # [E, N]
-        y_ptr,  # [R, N]
-        N,
-        K,
-        rows_per_x,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        CONVERT: tl.constexpr = 0,
-    ):
-        # the batch-1 GEMV with the weight chosen per row: a decode step reads only the chosen experts
-        pid_n, r = tl.program_id(0), tl.program_id(1)
-        e = tl.load(ids_ptr + r).to(tl.int64)
-        w = w_ptr + e * N * K
-        x = x_ptr + (r // rows_per_x) * K
-        _int8_gemv_block(x, w, scale_ptr + e * N, y_ptr + r * N, pid_n, N, K, BLOCK_N, BLOCK_K, CONVERT)
 
     @triton.jit
     def _int8_expert_dot_kernel(
@@ -513,17 +464,6 @@ if triton is not None:
         N, K = weight.shape
         return _int8_gemm_dot_launch(wrap_triton, x, weight, scales, **int8_gemm_dot_config(N, K))
 
-    @triton_op("fastgen::int8_gemv", mutates_args={})
-    def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """x [M, K] (contiguous), weight [N, K] int8, scales [N] -> [M, N] in x.dtype."""
-        M, K = x.shape
-        N = weight.shape[0]
-        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-        cfg = int8_gemv_config(N, K)
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), M)
-        wrap_triton(_int8_gemv_kernel)[grid](x, weight, scales, y, N, K, **cfg)
-        return y
-
     @triton_op("fastgen::decode_gemv", mutates_args={})
     def decode_gemv(
         x: torch.Tensor,
@@ -586,14 +526,7 @@ if triton is not None:
         output row r is x row r // (R / X) times expert expert_ids[r] (X = R: a row per pair; X =
         tokens: each token through its k experts, never copied k times). Each output row reads its
         expert once (rows that share an expert read it again: fine for a decode step's few rows)."""
-        x = x.contiguous()
-        R, K = expert_ids.numel(), x.shape[1]
-        N = weight.shape[1]
-        y = torch.empty((R, N), dtype=x.dtype, device=x.device)
-        cfg = int8_gemv_config(N, K)
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), R)
-        wrap_triton(_int8_expert_gemv_kernel)[grid](x, expert_ids, weight, scales, y, N, K, R // x.shape[0], **cfg)
-        return y
+        return _decode_gemv_launch(x.contiguous(), weight, expert_ids, scales, None, None, 0.0, False)
 
     @triton_op("fastgen::int8_expert_gemm_grouped", mutates_args={})
     def int8_expert_gemm_grouped(

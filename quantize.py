@@ -96,7 +96,7 @@ class Int8Linear(nn.Module):
         rows = x.numel() // x.shape[-1]
         if rows == 1 and gemv.available(x):
             # batch-1 decode on a GPU: one Triton pass over the int8 weight (gemv.py)
-            y = gemv.int8_gemv(x.reshape(rows, -1).contiguous(), self.weight, self.scales)
+            y = gemv.decode_gemv(x.reshape(rows, -1), self.weight, self.scales)
             y = y.view(*x.shape[:-1], self.out_features)
         elif rows <= gemv.INT8_DOT_MAX_ROWS and gemv.available(x):
             # batched decode on a GPU: tensor cores, still one pass over the int8 weight (gemv.py)

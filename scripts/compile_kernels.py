@@ -69,21 +69,6 @@ def main(argv=None):
     SASS_HASH = args.sass_hash
     target = GPUTarget("cuda", args.arch, 32)
     print(f"triton {triton.__version__}, sm_{target.arch}")
-    gemv_sig = {"x_ptr": "*bf16", "w_ptr": "*i8", "scale_ptr": "*fp32", "y_ptr": "*bf16", "N": "i32", "K": "i32"}
-    for convert in (0, 1, 2):
-        for n, k in ((4096, 4096), (28672, 4096), (128256, 4096)):
-            cfg = gemv.int8_gemv_config(n, k)
-            consts = {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": convert}
-            launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-            build(
-                target,
-                f"int8 gemv {n}x{k} convert={convert}",
-                gemv._int8_gemv_kernel,
-                gemv_sig,
-                consts,
-                range(6),
-                **launch,
-            )
     decode_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "scale_ptr": "*fp32", "norm_ptr": "*bf16", "res_ptr": "*bf16"}
     decode_sig.update({"y_ptr": "*bf16", "ids_ptr": "*i64", "N": "i32", "K": "i32", "rows_per_x": "i32"})
     for n, k, norm, glu, residual, int8, experts in (
@@ -93,21 +78,25 @@ def main(argv=None):
         (128256, 4096, 0, 0, 0, 0, 0),
         (6144, 4096, 1, 0, 0, 1, 0),
         (28672, 4096, 1, 1, 0, 1, 0),
+        (4096, 4096, 0, 0, 0, 1, 0),  # Int8Linear's one row (wo, unfused), and int8 experts (Mixtral's w2)
+        (4096, 14336, 0, 0, 0, 1, 1),
         (1536, 2048, 1, 1, 0, 0, 1),  # Qwen3-30B-A3B's experts: gate/up, then down
         (2048, 768, 0, 0, 0, 0, 1),
     ):
         cfg = gemv.decode_gemv_tiles(n, k, int8, glu)
-        consts = {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": cfg["CONVERT"]}
-        build(
-            target,
-            f"decode gemv {n}x{k} norm={norm} glu={glu} res={residual} int8={int8} experts={experts}",
-            gemv._decode_gemv_kernel,
-            {**decode_sig, "w_ptr": "*i8" if int8 else "*bf16"},
-            {**consts, "NORM": norm, "GLU": glu, "RESIDUAL": residual, "EXPERTS": experts},
-            range(9),
-            num_warps=cfg["num_warps"],
-            num_stages=cfg.get("num_stages", 3),
-        )
+        for convert in (0, 1, 2) if int8 and not glu else (cfg["CONVERT"],):  # each int8 -> fp32 form
+            consts = {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": convert}
+            build(
+                target,
+                f"decode gemv {n}x{k} norm={norm} glu={glu} res={residual} int8={int8} experts={experts}"
+                + (f" convert={convert}" if int8 else ""),
+                gemv._decode_gemv_kernel,
+                {**decode_sig, "w_ptr": "*i8" if int8 else "*bf16"},
+                {**consts, "NORM": norm, "GLU": glu, "RESIDUAL": residual, "EXPERTS": experts},
+                range(9),
+                num_warps=cfg["num_warps"],
+                num_stages=cfg.get("num_stages", 3),
+            )
     rope_sig = {n: "*bf16" for n in ("qkv_ptr", "cos_ptr", "sin_ptr", "q_ptr", "k_ptr", "v_ptr")}
     rope_sig.update({"slot_ptr": "*i64", "q_norm_ptr": "*bf16", "k_norm_ptr": "*bf16", "S": "i32"})
     for hq, hkv, d, qk_norm in ((9, 3, 64, 0), (32, 4, 128, 1)):  # SmolLM2, Qwen3
@@ -154,19 +143,7 @@ def main(argv=None):
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )  # fmt: skip
-    expert_sig = {"x_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*i8", "scale_ptr": "*bf16", "y_ptr": "*bf16"}
     for n, k in ((28672, 4096), (4096, 14336), (1536, 2048)):  # Mixtral w13 / w2, Qwen3-30B-A3B w13
-        cfg = gemv.int8_gemv_config(n, k)
-        build(
-            target,
-            f"int8 expert gemv {n}x{k}",
-            gemv._int8_expert_gemv_kernel,
-            {**expert_sig, "N": "i32", "K": "i32", "rows_per_x": "i32"},
-            {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": cfg["CONVERT"]},
-            range(7),
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
-        )
         cfg = gemv.int8_gemm_dot_config(n, k)
         build(
             target,

@@ -43,10 +43,9 @@ CONVERT_CONFIGS = [
 ]
 
 
-def launch(x, w, s, y, cfg):
-    N, K = w.shape
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), x.shape[0])
-    gemv._int8_gemv_kernel[grid](x, w, s, y, N, K, **cfg)
+def launch(x, w, s, cfg):
+    """One row through decode_gemv's kernel at the tiles of cfg (CONVERT defaults to gemv.INT8_CONVERT)."""
+    return gemv._decode_gemv_launch(x, w, None, s, None, None, 0.0, False, cfg)
 
 
 DOT_CONFIGS = [  # gemv.int8_gemm_dot (tensor cores, split over K)
@@ -110,18 +109,16 @@ def main():
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
         s = torch.rand(N, device="cuda") / 100
-        y = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
         nbytes = N * K + N * 4 + K * 2 + N * 2
         ref = gemv.int8_gemv_reference(x, w, s)
         results = []
         for cfg in configs:
-            y.fill_(float("nan"))
-            launch(x, w, s, y, cfg)
+            y = launch(x, w, s, cfg)
             err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
             if not err < 1e-2:
                 print(f"  {name} {cfg}: wrong (rel err {err})")
                 continue
-            ms = do_bench(lambda: launch(x, w, s, y, cfg), warmup=10, rep=40, return_mode="median")  # noqa: B023 - run here
+            ms = do_bench(lambda: launch(x, w, s, cfg), warmup=10, rep=40, return_mode="median")  # noqa: B023 - run here
             results.append((nbytes / ms / 1e6, cfg))
         default = gemv.int8_gemv_config(N, K)
         default_gbs = next(g for g, c in results if c == default)
@@ -133,7 +130,7 @@ def main():
         print("  top 5: " + "; ".join(f"{g:.0f} {c}" for g, c in top))
         if "--convert" in sys.argv:
             for conv in (0, 1, 2):
-                g, c = max((r for r in results if r[1].get("CONVERT", 0) == conv), key=lambda r: r[0])
+                g, c = max((r for r in results if r[1].get("CONVERT", gemv.INT8_CONVERT) == conv), key=lambda r: r[0])
                 print(f"  CONVERT={conv}: best {g:.0f} GB/s {c}")
 
 

@@ -56,9 +56,9 @@ def int8(B=2, Hkv=2, G=4, D=128, S=3000, slot=2100):
     return got, want
 
 
-def int8_gemv(M=3, N=300, K=1030):
-    x, w, scales = torch.randn(M, K), torch.randint(-128, 128, (N, K), dtype=torch.int8), torch.rand(N) / 100
-    return gemv.int8_gemv(x, w, scales), gemv.int8_gemv_reference(x, w, scales)
+def int8_gemv(N=300, K=1030):
+    x, w, scales = torch.randn(1, K), torch.randint(-128, 128, (N, K), dtype=torch.int8), torch.rand(N) / 100
+    return gemv.decode_gemv(x, w, scales), gemv.int8_gemv_reference(x, w, scales)
 
 
 def decode_gemv(N=301, K=5000, dtype=torch.float32, norm=False, glu=False, residual=False, int8=False):

@@ -329,8 +329,8 @@ def test_fused_decode_block_plumbing(monkeypatch, reference_decode_kernels, over
             linear.weight, linear.scales = quantize.quantize_int8(weight)
             if bias is not None:
                 linear.bias = bias
-        # their batch-1 / few-row GPU kernels, here as their reference (gemv.available is True below)
-        monkeypatch.setattr(gemv, "int8_gemv", gemv.int8_gemv_reference, raising=False)
+        # their few-row GPU kernel, here as its reference (gemv.available is True below); one row goes
+        # through decode_gemv, which reference_decode_kernels replaces
         monkeypatch.setattr(gemv, "int8_gemm_few_rows", gemv.int8_gemv_reference, raising=False)
     elif overrides == "experts":  # the token's experts through decode_gemv_experts too
         model = tiny_model(n_experts=4, n_active_experts=2)
@@ -353,7 +353,7 @@ def test_fused_decode_block_plumbing(monkeypatch, reference_decode_kernels, over
         # those two, the router (decode_gemv, the norm folded in) and the experts' two
         fused = 4 if not model.args.n_experts else 5 if overrides == "experts" else 2 + (not compile)
         # the 11 decode steps, and the output projection (DecodeLinear) of those and of the prompt's last row
-        output = 0 if overrides == "int8" else 12  # an Int8Linear output projection keeps int8_gemv
+        output = 12  # a DecodeLinear's or an Int8Linear's: both decode_gemv at one row
         assert calls == 11 * fused * model.args.n_layers + output
         assert greedy(model, PROMPTS[:2], 6, max_seq_len, compile=compile).tokens == batch
         assert calls == 11 * fused * model.args.n_layers + output

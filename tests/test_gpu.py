@@ -308,19 +308,20 @@ def test_quantized_kv_decode_uses_the_kernel_compiled_and_eager(monkeypatch):
 # ----------------------------------------------------------------------------- quantized weights
 
 
-@pytest.mark.parametrize("rows,n,k", [(1, 4096, 4096), (1, 1000, 576), (3, 520, 1300), (4, 64, 8200)])
-def test_int8_gemv_kernel_equals_reference(rows, n, k):
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 576), (520, 1300), (64, 8200)])
+def test_int8_decode_gemv_equals_reference(n, k):
+    """One row through an int8 weight: decode_gemv (Int8Linear's batch-1 path), eager and replayed."""
     import gemv
 
-    torch.manual_seed(rows + n + k)
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    torch.manual_seed(n + k)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
     scales = torch.rand(n, device="cuda") / 100
-    got = gemv.int8_gemv(x, w, scales)
+    got = gemv.decode_gemv(x, w, scales)
     want = gemv.int8_gemv_reference(x, w, scales)
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    assert got.dtype == torch.bfloat16 and got.shape == (1, n)
     assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
-    compiled = torch.compile(gemv.int8_gemv, fullgraph=True, mode="reduce-overhead")
+    compiled = torch.compile(gemv.decode_gemv, fullgraph=True, mode="reduce-overhead")
     for _ in range(3):  # warm-up, record, replay
         out = compiled(x, w, scales).clone()
     assert torch.equal(out, got)
@@ -481,12 +482,11 @@ def test_int8_gemv_conversions_are_exact(convert):
     x = torch.zeros(len(columns), k, device="cuda", dtype=torch.bfloat16)
     x[range(len(columns)), columns] = 1.0
     scales = torch.ones(n, device="cuda")
-    cfg = {**gemv.int8_gemv_config(n, k), "CONVERT": convert}
     for block_k in (512, 1024):
-        y = torch.full((len(columns), n), float("nan"), device="cuda", dtype=torch.bfloat16)
-        grid = (n // cfg["BLOCK_N"], len(columns))
-        gemv._int8_gemv_kernel[grid](x, w, scales, y, n, k, **{**cfg, "BLOCK_K": block_k})
-        assert torch.equal(y.float(), w[:, columns].T.float())
+        for row, column in enumerate(columns):
+            tiles = {"CONVERT": convert, "BLOCK_K": block_k}
+            y = gemv._decode_gemv_launch(x[row : row + 1], w, None, scales, None, None, 0.0, False, tiles)
+            assert torch.equal(y[0].float(), w[:, column].float())
 
 
 @pytest.fixture(scope="module")
