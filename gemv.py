@@ -17,6 +17,7 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
   int8_expert_gemm_grouped  Int8Experts, 2-16 tokens     pairs grouped by expert, tensor cores
   expert_gate_up            DownMixExperts, 2-16 tokens  float gate/up grouped by expert
   expert_down_mix           DownMixExperts, 2+ tokens    float down projection + routing-weighted sum
+  int4_gemv                 Int4Linear, 1 row (opt-in)   tinygemm's int4 weight, one pass, bf16x2 math
 """
 
 import os
@@ -61,6 +62,23 @@ def expert_down_mix_reference(h, expert_ids, mix, weight) -> torch.Tensor:
     (the routing weights), weight [E, D, I] float -> [N, D] in h.dtype: sum_j mix_j (w2[e_j] @ h_j)."""
     y = (weight[expert_ids].float() @ h.float().unsqueeze(-1)).squeeze(-1)  # [N, k, D]
     return (y * mix.float().unsqueeze(-1)).sum(dim=1).to(h.dtype)
+
+
+def int4_tinygemm_layout(packed: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
+    """quantize.quantize_int4's portable uint8 [n, k/2] (even column in the high nibble) -> the int32
+    [n/8, k/(16 * inner_k_tiles), 32, inner_k_tiles/2] that torch's CUDA _convert_weight_to_int4pack
+    writes (the index math of its packing kernel, in PyTorch): what int4_gemv reads, built without a
+    GPU for the interpreter; a GPU test checks it equals torch's op. Row n, supertile o: 2 *
+    inner_k_tiles words at [n // 8, o, 4 * (n % 8) + c, i]; their nibble j (bits 4j, the high nibbles)
+    and 4 + j (bits 16 + 4j, the low ones) hold k = 16 * inner_k_tiles * o + 32 i + 2 c + 8 j (+1)."""
+    n, half_k = packed.shape
+    supertiles = 2 * half_k // (16 * inner_k_tiles)
+    b = packed.view(n // 8, 8, supertiles, inner_k_tiles // 2, 4, 4).to(torch.int64)  # tile, r, o, i, j, c
+    b = b.permute(0, 2, 1, 5, 3, 4)  # tile, o, r, c, i, j
+    shifts = 4 * torch.arange(4)
+    word = ((b >> 4) << shifts).sum(-1) | ((b & 15) << (16 + shifts)).sum(-1)
+    word = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+    return word.reshape(n // 8, supertiles, 32, inner_k_tiles // 2).contiguous()
 
 
 def folded_input(x, norm_weight=None, eps=0.0) -> torch.Tensor:
@@ -166,6 +184,28 @@ def int8_gemv_config(n: int, k: int) -> dict:
     if n > 65536:
         return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, num_stages=1, CONVERT=INT8_CONVERT)
     return dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=1, CONVERT=INT8_CONVERT)
+
+
+# int4_gemv: Int4Linear's one row on a GPU, reading tinygemm's own packed weight (so batched decode
+# and prefill keep tinygemm, and nothing is stored twice). tinygemm reads 830-1480 GB/s of int4 at
+# batch 1 (H100, BENCHMARKS.md "Tried and lost: an int4 Triton GEMV"): it is instruction-bound, and
+# so was the Triton GEMV that lost to it (~6 instructions a nibble). This one converts a word's 8
+# nibbles as bf16 pairs (lop3 under the exponent of 128, one fma takes 136 off: q - 8 exactly) and
+# multiplies them with bf16x2 fmas against x's pairs; the group's zero enters once per word through
+# the sum of its x. Its loop compiled (sm_90, Triton 3.6) to ~4.1 instructions a nibble. NOT YET RUN
+# ON A GPU (2026-12-04): off by default; FASTGEN_INT4_GEMV=1 turns it on. Tiles: the compile's best.
+INT4_GEMV_ENABLED = os.environ.get("FASTGEN_INT4_GEMV", "0") == "1"
+INT4_ASM = True  # the bf16x2 PTX; False: the same arithmetic in fp32 Triton (the interpreter has no PTX)
+
+
+def int4_gemv_config(n: int, k: int, inner_k_tiles: int) -> dict:
+    """BLOCK_N rows a program over SUPERTILES * 16 * inner_k_tiles k a step. Each thread should hold
+    several rows of the same words (x's unpacking and sum are per word, not per row) while the grid
+    keeps ~1000 warps in flight: 16 rows x 8 supertiles on 4 warps (4 rows a thread, 4.9 instructions
+    a nibble compiled) for 128-wide supertiles; 1 warp (4 rows a thread) for narrower ones."""
+    if inner_k_tiles == 8:
+        return dict(BLOCK_N=16, SUPERTILES=8, num_warps=4, num_stages=2)
+    return dict(BLOCK_N=8, SUPERTILES=4, num_warps=1, num_stages=2)
 
 
 # decode_gemv: a batch-1 decode step's float linears (DecodeLinear), the int8 GEMV's loop over a bf16 /
@@ -671,6 +711,152 @@ if triton is not None:
         grid = (triton.cdiv(D, cfg["BLOCK_D"]), N)
         wrap_triton(_expert_down_mix_kernel)[grid](
             h.contiguous(), expert_ids.contiguous(), mix.float().contiguous(), weight, y, D, inter, K_ACTIVE=k, **cfg
+        )
+        return y
+
+    @triton.jit
+    def _int4_word_dot(w, x0, x1, x2, x3, ASM: tl.constexpr):
+        # sum over a word's 8 nibbles of (q - 8) * x, in fp32. w: 8 nibbles of tinygemm's layout, nibble
+        # j (bits 4j) at the even k of pair j and nibble 4 + j (bits 16 + 4j) at its odd k; x_j: that bf16
+        # pair as an int32 (even k in the low half, as the nibbles are).
+        if ASM:
+            d = tl.inline_asm_elementwise(
+                """
+                {
+                .reg .b32 t, v, acc, lo, hi, magic, minus136, one, zero;
+                mov.b32 magic, 0x43004300;
+                mov.b32 minus136, 0xC308C308;
+                mov.b32 one, 0x3F803F80;
+                mov.b32 zero, 0x80008000;
+                lop3.b32 v, $1, 0x000F000F, magic, 0xEA;
+                fma.rn.bf16x2 v, v, one, minus136;
+                fma.rn.bf16x2 acc, v, $2, zero;
+                shr.u32 t, $1, 4;
+                lop3.b32 v, t, 0x000F000F, magic, 0xEA;
+                fma.rn.bf16x2 v, v, one, minus136;
+                fma.rn.bf16x2 acc, v, $3, acc;
+                shr.u32 t, $1, 8;
+                lop3.b32 v, t, 0x000F000F, magic, 0xEA;
+                fma.rn.bf16x2 v, v, one, minus136;
+                fma.rn.bf16x2 acc, v, $4, acc;
+                shr.u32 t, $1, 12;
+                lop3.b32 v, t, 0x000F000F, magic, 0xEA;
+                fma.rn.bf16x2 v, v, one, minus136;
+                fma.rn.bf16x2 acc, v, $5, acc;
+                shl.b32 lo, acc, 16;
+                and.b32 hi, acc, 0xFFFF0000;
+                add.f32 $0, lo, hi;
+                }
+                """,
+                "=r,r,r,r,r,r",
+                [w, x0, x1, x2, x3],
+                dtype=tl.float32,
+                is_pure=True,
+                pack=1,
+            )
+        else:
+            d = tl.zeros(w.shape, dtype=tl.float32)
+            for j in tl.static_range(4):
+                xj = x0 if j == 0 else x1 if j == 1 else x2 if j == 2 else x3
+                q_even = ((w >> (4 * j)) & 15).to(tl.float32) - 8.0
+                q_odd = ((w >> (16 + 4 * j)) & 15).to(tl.float32) - 8.0
+                d += q_even * (xj << 16).to(tl.float32, bitcast=True)
+                d += q_odd * (xj & -65536).to(tl.float32, bitcast=True)
+        return d
+
+    @triton.jit
+    def _int4_gemv_kernel(
+        x_ptr,  # [K] bf16 (K padded to whole groups)
+        w_ptr,  # int32 [N / 8, K / (16 IKT), 32, IKT / 2]: tinygemm's layout (int4_tinygemm_layout)
+        sz_ptr,  # bf16 [K / GROUP, N, 2]: scale, zero
+        y_ptr,  # [N]
+        N,
+        K,
+        GROUP: tl.constexpr,
+        IKT: tl.constexpr,  # tinygemm's inner k tiles: a supertile is 16 * IKT k, 2 * IKT words a row
+        BLOCK_N: tl.constexpr,
+        SUPERTILES: tl.constexpr,  # supertiles a loop step
+        EVEN: tl.constexpr,  # SUPERTILES divides K / (16 IKT): no step is partial, no masks
+        ASM: tl.constexpr,
+    ):
+        # BLOCK_N outputs. The program's rows are interleaved (lane l -> row l % 2 * BLOCK_N / 2 + l // 2)
+        # so that the scales' load, contiguous in rows, does not pick the tile's layout: the weight's does.
+        WORDS: tl.constexpr = SUPERTILES * 2 * IKT
+        lanes = tl.arange(0, BLOCK_N)
+        rows = tl.program_id(0) * BLOCK_N + (lanes % 2) * (BLOCK_N // 2) + lanes // 2
+        row_ok = rows < N
+        x_pairs = x_ptr.to(tl.pointer_type(tl.int32))
+        sz_pairs = sz_ptr.to(tl.pointer_type(tl.int32))
+        word = tl.arange(0, WORDS)
+        o = word // (2 * IKT)  # the word's supertile in the step, its lane column c, its inner index i
+        c = (word % (2 * IKT)) // (IKT // 2)
+        i = word % (IKT // 2)
+        n_supertiles = K // (16 * IKT)
+        row_words = tl.multiple_of(
+            ((rows // 8).to(tl.int64) * n_supertiles * 32 + (rows % 8) * 4) * (IKT // 2), IKT // 2
+        )
+        word_offset = tl.max_contiguous(tl.multiple_of(o * (16 * IKT) + c * (IKT // 2) + i, IKT // 2), IKT // 2)
+        word_pair = o * (8 * IKT) + 16 * i + c  # x pair (k / 2) of the word's nibbles 0 and 4
+        acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        for o0 in range(0, n_supertiles, SUPERTILES):
+            o_ok = (o0 + o < n_supertiles) | EVEN
+            w = tl.load(
+                w_ptr + row_words[:, None] + (o0 * (16 * IKT) + word_offset)[None, :],
+                mask=row_ok[:, None] & o_ok[None, :],  # rows: N is a multiple of 8, of BLOCK_N mostly
+                other=0,
+                eviction_policy="evict_first",
+            )  # read once: keep L2 for x
+            pair = o0 * (8 * IKT) + word_pair
+            x0 = tl.load(x_pairs + pair, mask=o_ok, other=0)
+            x1 = tl.load(x_pairs + pair + 4, mask=o_ok, other=0)
+            x2 = tl.load(x_pairs + pair + 8, mask=o_ok, other=0)
+            x3 = tl.load(x_pairs + pair + 12, mask=o_ok, other=0)
+            x_sum = tl.zeros((WORDS,), dtype=tl.float32)
+            for xj in tl.static_range(4):
+                pairs = x0 if xj == 0 else x1 if xj == 1 else x2 if xj == 2 else x3
+                x_sum += (pairs << 16).to(tl.float32, bitcast=True) + (pairs & -65536).to(tl.float32, bitcast=True)
+            group = (2 * pair) // GROUP  # a word's 8 nibbles lie in one 32-wide k block, so in one group
+            sz = tl.load(sz_pairs + group[None, :] * N + rows[:, None], mask=row_ok[:, None] & o_ok[None, :], other=0)
+            scale = (sz << 16).to(tl.float32, bitcast=True)
+            zero = (sz & -65536).to(tl.float32, bitcast=True)
+            tile: tl.constexpr = (BLOCK_N, WORDS)
+            d = _int4_word_dot(
+                w,
+                tl.broadcast_to(x0[None, :], tile),
+                tl.broadcast_to(x1[None, :], tile),
+                tl.broadcast_to(x2[None, :], tile),
+                tl.broadcast_to(x3[None, :], tile),
+                ASM,
+            )
+            # (q - 8) * scale + zero, summed: scale * sum (q - 8) x + zero * sum x
+            acc += d * scale + zero * x_sum[None, :]
+        y = tl.sum(acc, axis=1)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton_op("fastgen::int4_gemv", mutates_args={})
+    def int4_gemv(
+        x: torch.Tensor, weight: torch.Tensor, groupsize: int, scales_and_zeros: torch.Tensor
+    ) -> torch.Tensor:
+        """x [1, K] bf16 (K = the padded in_features), weight int32 [N / 8, K / (16 t), 32, t / 2]
+        (tinygemm's, as Int4Linear holds it on CUDA), scales_and_zeros bf16 [K / groupsize, N, 2] -> [1, N]
+        bf16: torch.ops.aten._weight_int4pack_mm's contract at one row, one pass over the int4 bytes."""
+        K, N = x.shape[1], scales_and_zeros.shape[1]
+        inner_k_tiles = 2 * weight.shape[3]
+        cfg = int4_gemv_config(N, K, inner_k_tiles)
+        even = (K // (16 * inner_k_tiles)) % cfg["SUPERTILES"] == 0
+        y = torch.empty((1, N), dtype=x.dtype, device=x.device)
+        wrap_triton(_int4_gemv_kernel)[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+            x.contiguous(),
+            weight,
+            scales_and_zeros,
+            y,
+            N,
+            K,
+            GROUP=groupsize,
+            IKT=inner_k_tiles,
+            EVEN=even,
+            ASM=INT4_ASM,
+            **cfg,
         )
         return y
 

@@ -265,7 +265,10 @@ class Int4Linear(nn.Module):
             x2 = F.pad(x2, (0, self.padded_in_features - self.in_features))
         # a no-op once packed; guards against a later model.to(dtype) (the CUDA kernel reads bf16 blindly)
         sz = self.scales_and_zeros.to(torch.bfloat16)
-        if x.is_cuda:
+        if x.is_cuda and x2.shape[0] == 1 and gemv.INT4_GEMV_ENABLED:
+            # batch-1 decode: gemv.py's int4 GEMV over the same packed weight (opt-in, not yet timed)
+            y = gemv.int4_gemv(x2, self.weight, self.groupsize, sz)
+        elif x.is_cuda:
             y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), self.weight, self.groupsize, sz)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.groupsize, sz)

@@ -29,6 +29,11 @@
 #                                          #   into w13's stores (untimed) at Llama-3-8B (forced; it lost with the SiLU
 #                                          #   in w2's loads, 4.833 vs 4.144 ms unfused), SmolLM2-135M (0.693 before),
 #                                          #   int8 Llama-3-8B (2.995) and 12 Qwen3-30B-A3B layers (0.965)
+#   bash scripts/gpu_pending.sh int4gemv   # ~8 min: gemv.int4_gemv (opt-in, never run on a GPU; written 2026-12-04):
+#                                          #   its GPU tests (the layout against torch's packing, the kernel against
+#                                          #   tinygemm), one linear per format replayed in a graph, its tiles
+#                                          #   (int4_gemv_sweep.py), then the int4-g64 Llama-3-8B step without / with
+#                                          #   it (tinygemm: 3.01 ms, 332.3 tok/s on the H200; issue 10 wants 450)
 #   bash scripts/gpu_pending.sh fusedsweep # ~6 min: each fused GEMV call alone (fused_gemv_sweep.py): plain vs
 #                                          #   folded at the default tile, and the folded call's best tile, at SmolLM2,
 #                                          #   Llama-3-8B and Qwen3-30B-A3B expert shapes: set decode_gemv_config from it
@@ -160,6 +165,17 @@ fusedcheck)
     decode qwen3_b1_12 60 --model qwen3-30b-a3b --layers 12 --by-launch --top 16
     decode smol 80 --model smollm2-135m --by-launch --top 16
     decode llama_int8 90 --model llama-3-8b --weights int8
+    ;;
+int4gemv)
+    step int4_tests 120 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k int4
+    summary+=("  $(tail -n 1 "$out/int4_tests.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/int4_tests.txt" | head -6)")
+    step int4_rows 70 python scripts/int4_rows_sweep.py --rows 1 --formats int4-g64,int4-g64-gemv,int4-g128,int4-g128-gemv
+    summary+=("$(grep -E '^\| w' "$out/int4_rows.txt")")
+    decode llama_int4 95 --model llama-3-8b --weights int4-g64
+    FASTGEN_INT4_GEMV=1 decode llama_int4_gemv 95 --model llama-3-8b --weights int4-g64
+    step int4_sweep 200 python scripts/int4_gemv_sweep.py
+    summary+=("$(grep -E '^\| w' "$out/int4_sweep.txt")")
     ;;
 fusedsweep)
     step fusedsweep 560 python scripts/fused_gemv_sweep.py

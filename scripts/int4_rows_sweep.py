@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from bench_common import time_cycled  # noqa: E402
 
+import gemv  # noqa: E402
 from quantize import (  # noqa: E402
     Int4Linear,
     Int8Linear,
@@ -31,7 +32,8 @@ from quantize import (  # noqa: E402
 )
 
 SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336)}
-FORMATS = ("bf16", "int8", "int4-g64", "int4-g128")
+# "-gemv": Int4Linear with FASTGEN_INT4_GEMV's switch on (gemv.int4_gemv at one row; tinygemm at more)
+FORMATS = ("bf16", "int8", "int4-g64", "int4-g128", "int4-g64-gemv", "int4-g128-gemv")
 
 
 def layer(fmt: str, weight: torch.Tensor):
@@ -48,7 +50,18 @@ def layer(fmt: str, weight: torch.Tensor):
     module = Int4Linear(K, N, groupsize=groupsize, device=weight.device)
     module.weight, module.scales_and_zeros = quantize_int4(weight, groupsize)
     module.pack_()
-    return module, N * K // 2 + module.scales_and_zeros.numel() * 2
+    nbytes = N * K // 2 + module.scales_and_zeros.numel() * 2
+    if not fmt.endswith("-gemv"):
+        return module, nbytes
+
+    def with_int4_gemv(x):  # the switch is read as the call is traced or captured
+        gemv.INT4_GEMV_ENABLED = True
+        try:
+            return module(x)
+        finally:
+            gemv.INT4_GEMV_ENABLED = False
+
+    return with_int4_gemv, nbytes
 
 
 def main(argv=None) -> int:
@@ -56,7 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     p.add_argument("--rows", default="1,2,4,8,16", help="activation rows (batch x tokens)")
-    p.add_argument("--formats", default=",".join(FORMATS), help=f"of {', '.join(FORMATS)}")
+    p.add_argument("--formats", default=",".join(FORMATS[:4]), help=f"of {', '.join(FORMATS)}")
     p.add_argument("--copies", type=int, default=4, help="weights cycled through, so L2 holds none")
     p.add_argument("--iters", type=int, default=0, help="timed calls (default: 40 on a GPU, 2 on the CPU)")
     args = p.parse_args(argv)
