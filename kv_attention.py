@@ -54,6 +54,13 @@ ENABLED = os.environ.get("FASTGEN_KV_KERNEL", "1") == "1"
 # SplitKVCache. FASTGEN_DECODE_KERNEL=0 gives flex decoding back, for comparing.
 UNQUANTIZED_ENABLED = os.environ.get("FASTGEN_DECODE_KERNEL", "1") == "1"
 
+# The split that finishes last for a (row, kv head) merges all of them itself (it counts finished
+# splits with an atomic in split_counts), so a decode attention is one kernel, not two: at batch 1 the
+# merge kernel is a launch a layer (split + merge took 4.5-4.7 us at short context on the H200,
+# scripts/kv_kernel_sweep.py). NOT YET RUN ON A GPU (written 2026-12-04): off by default;
+# FASTGEN_MERGE_IN_SPLITS=1 turns it on.
+MERGE_IN_SPLITS = os.environ.get("FASTGEN_MERGE_IN_SPLITS", "0") == "1"
+
 
 def available(q: torch.Tensor) -> bool:
     return ENABLED and triton is not None and q.is_cuda
@@ -62,12 +69,24 @@ def available(q: torch.Tensor) -> bool:
 class SplitKVCache(KVCache):
     """An unquantized KVCache whose decode (T = 1, CUDA) attends through this file's kernel."""
 
+    def __init__(self, batch_size, n_kv_heads, cache_len, head_dim, dtype, device=None):
+        super().__init__(batch_size, n_kv_heads, cache_len, head_dim, dtype, device)
+        self.register_buffer("split_counts", new_split_counts(batch_size, n_kv_heads, device), persistent=False)
+
     def attends_at_decode(self) -> bool:
         return triton is not None and self.k_cache.is_cuda
 
     def attend_at_decode(self, q, row_start, q_slot, sliding_window: int | None):
         """q [B, Hq, 1, D] at slot q_slot [1] over each row's valid slots -> [B, Hq, 1, D]."""
-        return decode_attention(q, self.k_cache, self.v_cache, row_start, q_slot, sliding_window or 0)
+        return decode_attention(
+            q, self.k_cache, self.v_cache, row_start, q_slot, sliding_window or 0, self.split_counts
+        )
+
+
+def new_split_counts(batch_size: int, n_kv_heads: int, device=None) -> torch.Tensor:
+    """The decode kernels' scratch count of finished splits per (row, kv head): zero between calls
+    (the split that merges puts it back), owned by the cache so that it is made once, not per step."""
+    return torch.zeros(batch_size * n_kv_heads, dtype=torch.int32, device=device)
 
 
 def quantized_decode_attention_reference(q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window):
@@ -127,6 +146,8 @@ if triton is not None:
         acc_ptr,  # [B * Hkv, SPLITS, G_PAD, D_PAD] fp32: each split's unnormalised output
         max_ptr,  # [B * Hkv, SPLITS, G_PAD] fp32: its running max (log2 units)
         sum_ptr,  # [B * Hkv, SPLITS, G_PAD] fp32: its softmax denominator
+        count_ptr,  # [B * Hkv] int32, zero: finished splits (MERGE)
+        y_ptr,  # [B * Hkv * G, D]: the attention output (MERGE)
         n_kv_heads,
         S,
         window,  # sliding window; 0: none
@@ -136,7 +157,9 @@ if triton is not None:
         D_PAD: tl.constexpr,
         BLOCK: tl.constexpr,
         SPLITS: tl.constexpr,
+        SPLITS_PAD: tl.constexpr,
         HAS_SCALES: tl.constexpr,  # False: an unquantized cache
+        MERGE: tl.constexpr,  # the last split to finish merges (MERGE_IN_SPLITS); else _merge_splits_kernel does
     ):
         # head_dim ** -0.5 * log2(e), from the constant D: a float argument would reach the kernel as
         # fp64 under Inductor and promote the scores to fp64
@@ -196,6 +219,47 @@ if triton is not None:
         tl.store(max_ptr + part * G_PAD + heads, running_max)
         tl.store(sum_ptr + part * G_PAD + heads, running_sum)
         tl.store(acc_ptr + (part * G_PAD + heads)[:, None] * D_PAD + dims[None, :], acc)
+        if MERGE:
+            # every thread's stores before the count (bar.sync, then one thread's gpu-scope acq_rel
+            # atomic: the pattern of a cooperative grid sync); the last split reads the others' from L2
+            tl.debug_barrier()
+            finished = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel", scope="gpu")
+            if finished == SPLITS - 1:
+                tl.store(count_ptr + bh, 0)  # zero again for the next call
+                for g in range(G):
+                    _merge_head(acc_ptr, max_ptr, sum_ptr, y_ptr, bh, g, D, G, G_PAD, D_PAD, SPLITS, SPLITS_PAD, ".cg")
+
+    @triton.jit
+    def _merge_head(
+        acc_ptr,
+        max_ptr,
+        sum_ptr,
+        y_ptr,
+        bh,
+        g,
+        D: tl.constexpr,
+        G: tl.constexpr,
+        G_PAD: tl.constexpr,
+        D_PAD: tl.constexpr,
+        SPLITS: tl.constexpr,
+        SPLITS_PAD: tl.constexpr,
+        CACHE: tl.constexpr,
+    ):
+        # query head g of (row, kv head) bh, all its splits in one load: each split weighted by
+        # 2^(its max - the overall max). An empty split has max -inf and weight 0; the query's own
+        # slot makes one split non-empty. CACHE: the loads' cache modifier ("" or ".cg": L2 only).
+        splits, dims = tl.arange(0, SPLITS_PAD), tl.arange(0, D_PAD)
+        split_ok = splits < SPLITS
+        parts = (bh * SPLITS + splits) * G_PAD + g  # [SPLITS_PAD]
+        maxes = tl.load(max_ptr + parts, mask=split_ok, other=float("-inf"), cache_modifier=CACHE)
+        weight = tl.exp2(maxes - tl.max(maxes, axis=0))
+        sums = tl.load(sum_ptr + parts, mask=split_ok, other=0.0, cache_modifier=CACHE)
+        total = tl.sum(weight * sums, axis=0)
+        accs = tl.load(
+            acc_ptr + parts[:, None] * D_PAD + dims[None, :], mask=split_ok[:, None], other=0.0, cache_modifier=CACHE
+        )
+        out = tl.sum(weight[:, None] * accs, axis=0) / total  # [D_PAD]
+        tl.store(y_ptr + (bh * G + g) * D + dims, out.to(y_ptr.dtype.element_ty), mask=dims < D)
 
     @triton.jit
     def _merge_splits_kernel(
@@ -210,23 +274,12 @@ if triton is not None:
         SPLITS: tl.constexpr,
         SPLITS_PAD: tl.constexpr,
     ):
-        # one program per query head, all its splits in one load (a loop over the splits, one
-        # program per kv head, took 22 us a layer at 64 splits on the H200): each split weighted by
-        # 2^(its max - the overall max). An empty split has max -inf and weight 0; the query's own
-        # slot makes one split non-empty.
+        # one program per query head (a loop over the splits, one program per kv head, took 22 us a
+        # layer at 64 splits on the H200)
         row = tl.program_id(0)  # (b * Hkv + h) * G + g
-        bh, g = row // G, row % G
-        splits, dims = tl.arange(0, SPLITS_PAD), tl.arange(0, D_PAD)
-        split_ok = splits < SPLITS
-        parts = (bh * SPLITS + splits) * G_PAD + g  # [SPLITS_PAD]
-        maxes = tl.load(max_ptr + parts, mask=split_ok, other=float("-inf"))
-        weight = tl.exp2(maxes - tl.max(maxes, axis=0))
-        total = tl.sum(weight * tl.load(sum_ptr + parts, mask=split_ok, other=0.0), axis=0)
-        accs = tl.load(acc_ptr + parts[:, None] * D_PAD + dims[None, :], mask=split_ok[:, None], other=0.0)
-        out = tl.sum(weight[:, None] * accs, axis=0) / total  # [D_PAD]
-        tl.store(y_ptr + row * D + dims, out.to(y_ptr.dtype.element_ty), mask=dims < D)
+        _merge_head(acc_ptr, max_ptr, sum_ptr, y_ptr, row // G, row % G, D, G, G_PAD, D_PAD, SPLITS, SPLITS_PAD, "")
 
-    @triton_op("fastgen::quantized_decode_attention", mutates_args={})
+    @triton_op("fastgen::quantized_decode_attention", mutates_args={"split_counts"})
     def quantized_decode_attention(
         q: torch.Tensor,
         k_cache: torch.Tensor,
@@ -236,12 +289,16 @@ if triton is not None:
         row_start: torch.Tensor,
         q_slot: torch.Tensor,
         sliding_window: int,
+        split_counts: torch.Tensor,
     ) -> torch.Tensor:
         """q [B, Hq, 1, D]; caches [B, Hkv, S, D]; scales [B, Hkv, S, 1]; row_start [B]; q_slot [1];
-        sliding_window 0 for none. -> [B, Hq, 1, D] in q.dtype."""
-        return _split_kv_attention(q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window, True)
+        sliding_window 0 for none; split_counts new_split_counts(B, Hkv) (zero, and zero again after).
+        -> [B, Hq, 1, D] in q.dtype."""
+        return _split_kv_attention(
+            q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window, split_counts, True
+        )
 
-    @triton_op("fastgen::decode_attention", mutates_args={})
+    @triton_op("fastgen::decode_attention", mutates_args={"split_counts"})
     def decode_attention(
         q: torch.Tensor,
         k_cache: torch.Tensor,
@@ -249,12 +306,18 @@ if triton is not None:
         row_start: torch.Tensor,
         q_slot: torch.Tensor,
         sliding_window: int,
+        split_counts: torch.Tensor,
     ) -> torch.Tensor:
         """The same over an unquantized cache (bf16/fp16/fp32, any dtype q's converts to)."""
-        return _split_kv_attention(q, k_cache, k_cache, v_cache, v_cache, row_start, q_slot, sliding_window, False)
+        return _split_kv_attention(
+            q, k_cache, k_cache, v_cache, v_cache, row_start, q_slot, sliding_window, split_counts, False
+        )
 
-    def _split_kv_attention(q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window, has_scales):
-        """Both launches; without has_scales the scale arguments are any tensors, never read."""
+    def _split_kv_attention(
+        q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window, split_counts, has_scales
+    ):
+        """Both launches (one with MERGE_IN_SPLITS); without has_scales the scale arguments are any
+        tensors, never read."""
         B, n_heads, _, D = q.shape
         n_kv_heads, S = k_cache.shape[1], k_cache.shape[2]
         G = n_heads // n_kv_heads
@@ -264,6 +327,7 @@ if triton is not None:
         acc = torch.empty((*parts, D_PAD), dtype=torch.float32, device=q.device)
         running_max = torch.empty(parts, dtype=torch.float32, device=q.device)
         running_sum = torch.empty(parts, dtype=torch.float32, device=q.device)
+        y = torch.empty((B, n_heads, 1, D), dtype=q.dtype, device=q.device)
         wrap_triton(_quantized_decode_kernel)[(B * n_kv_heads, splits)](
             q.contiguous(),
             k_cache,
@@ -275,6 +339,8 @@ if triton is not None:
             acc,
             running_max,
             running_sum,
+            split_counts,
+            y,
             n_kv_heads,
             S,
             sliding_window,
@@ -284,11 +350,14 @@ if triton is not None:
             D_PAD=D_PAD,
             BLOCK=BLOCK_N,
             SPLITS=splits,
+            SPLITS_PAD=triton.next_power_of_2(splits),
             HAS_SCALES=has_scales,
+            MERGE=MERGE_IN_SPLITS,
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES,
         )
-        y = torch.empty((B, n_heads, 1, D), dtype=q.dtype, device=q.device)
+        if MERGE_IN_SPLITS:
+            return y
         wrap_triton(_merge_splits_kernel)[(B * n_heads,)](
             acc,
             running_max,

@@ -75,10 +75,7 @@ def kv_dtype_for(kv: str, dtype):
 
 def kv_bytes_per_slot(model: Transformer) -> int:
     """Bytes of KV cache per slot, over all rows and layers (scales included for quantized caches)."""
-    total = 0
-    for layer in model.layers:
-        total += sum(b.numel() * b.element_size() for b in layer.attention.kv_cache.buffers())
-    return total // model.cache_len
+    return kv_cache_bytes(model) // model.cache_len
 
 
 def weight_param_count(model, tied: bool) -> int:

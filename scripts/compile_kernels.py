@@ -172,7 +172,7 @@ def main(argv=None):
     kv_sig = {
         "q_ptr": "*bf16", "k_ptr": "*i8", "k_scale_ptr": "*bf16", "v_ptr": "*i8", "v_scale_ptr": "*bf16",
         "row_start_ptr": "*i32", "q_slot_ptr": "*i64", "acc_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
-        "n_kv_heads": "i32", "S": "i32", "window": "i32",
+        "count_ptr": "*i32", "y_ptr": "*bf16", "n_kv_heads": "i32", "S": "i32", "window": "i32",
     }  # fmt: skip
     for store in ("*i8", "*fp8e4nv", None):  # None: an unquantized cache (decode_attention), no scales
         for dtype in ("*bf16", "*fp16", "*fp32"):
@@ -185,26 +185,29 @@ def main(argv=None):
                     "k_ptr": store or dtype,
                     "v_ptr": store or dtype,
                 }
-                consts = dict(
-                    D=head_dim,
-                    G=group,
-                    G_PAD=16,
-                    D_PAD=triton.next_power_of_2(head_dim),
-                    BLOCK=kv_attention.BLOCK_N,
-                    SPLITS=8,
-                    HAS_SCALES=store is not None,
-                )
-                name = f"kv decode {(store or dtype)[1:]} cache, {dtype[1:]}, G={group}, D={head_dim}"
-                build(
-                    target,
-                    name,
-                    kv_attention._quantized_decode_kernel,
-                    sig,
-                    consts,
-                    (*range(10), 11),  # pointers and S: multiples of 16 at run time
-                    num_warps=4,
-                    num_stages=1,
-                )
+                for merge in (False, True):  # the last split merges (kv_attention.MERGE_IN_SPLITS)
+                    consts = dict(
+                        D=head_dim,
+                        G=group,
+                        G_PAD=16,
+                        D_PAD=triton.next_power_of_2(head_dim),
+                        BLOCK=kv_attention.BLOCK_N,
+                        SPLITS=8,
+                        SPLITS_PAD=8,
+                        HAS_SCALES=store is not None,
+                        MERGE=merge,
+                    )
+                    name = f"kv decode {(store or dtype)[1:]} cache, {dtype[1:]}, G={group}, D={head_dim}"
+                    build(
+                        target,
+                        name + (", merged in the last split" if merge else ""),
+                        kv_attention._quantized_decode_kernel,
+                        {**sig, "y_ptr": dtype},
+                        consts,
+                        (*range(12), 13),  # pointers and S: multiples of 16 at run time
+                        num_warps=4,
+                        num_stages=1,
+                    )
     merge_sig = {"acc_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32", "y_ptr": "*bf16"}
     for splits in (2, 10, 64):
         consts = dict(D=128, G=4, G_PAD=16, D_PAD=128, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits))

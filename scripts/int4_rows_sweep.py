@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     p.add_argument("--rows", default="1,2,4,8,16", help="activation rows (batch x tokens)")
-    p.add_argument("--formats", default=",".join(FORMATS[:4]), help=f"of {', '.join(FORMATS)}")
+    p.add_argument("--formats", default=",".join(FORMATS), help=f"of {', '.join(FORMATS)}")
     p.add_argument("--copies", type=int, default=4, help="weights cycled through, so L2 holds none")
     p.add_argument("--iters", type=int, default=0, help="timed calls (default: 40 on a GPU, 2 on the CPU)")
     args = p.parse_args(argv)

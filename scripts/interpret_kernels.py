@@ -41,9 +41,20 @@ def unquantized(B, Hkv, G, D, S, slot, window, dtype):
     for b in range(B):
         k_nan[b, :, : row_start[b]] = v_nan[b, :, : row_start[b]] = float("nan")
     q_slot = torch.tensor([slot])
-    got = kv_attention.decode_attention(q, k_nan, v_nan, row_start, q_slot, window)
+    counts = kv_attention.new_split_counts(B, Hkv)
+    got = kv_attention.decode_attention(q, k_nan, v_nan, row_start, q_slot, window, counts)
+    assert not counts.any()  # zero again after the call (with MERGE_IN_SPLITS)
     want = kv_attention.quantized_decode_attention_reference(q, k, None, v, None, row_start, q_slot, window or None)
     return got, want
+
+
+def merged_in_splits(run, *args):
+    """run(*args) with kv_attention.MERGE_IN_SPLITS on: the last split to finish merges them all."""
+    kv_attention.MERGE_IN_SPLITS = True
+    try:
+        return run(*args)
+    finally:
+        kv_attention.MERGE_IN_SPLITS = False
 
 
 def int8(B=2, Hkv=2, G=4, D=128, S=3000, slot=2100):
@@ -51,7 +62,8 @@ def int8(B=2, Hkv=2, G=4, D=128, S=3000, slot=2100):
     k, v = torch.randint(-127, 128, (2, B, Hkv, S, D), dtype=torch.int8)
     k_scale, v_scale = torch.rand(2, B, Hkv, S, 1) / 100
     row_start, q_slot = torch.tensor([0, 30], dtype=torch.int32), torch.tensor([slot])
-    got = kv_attention.quantized_decode_attention(q, k, k_scale, v, v_scale, row_start, q_slot, 0)
+    counts = kv_attention.new_split_counts(B, Hkv)
+    got = kv_attention.quantized_decode_attention(q, k, k_scale, v, v_scale, row_start, q_slot, 0, counts)
     want = kv_attention.quantized_decode_attention_reference(q, k, k_scale, v, v_scale, row_start, q_slot, None)
     return got, want
 
@@ -189,6 +201,10 @@ def main():
     gemv.INT8_CONVERT = 1
     gemv.INT4_ASM = False
     runs = [(f"{case}", lambda case=case: unquantized(*case)) for case in CASES] + [("int8 KV", int8)]
+    runs += [
+        (f"{case}, merged in the last split", lambda case=case: merged_in_splits(unquantized, *case)) for case in CASES
+    ]
+    runs += [("int8 KV, merged in the last split", lambda: merged_in_splits(int8))]
     runs += [("int8 gemv", int8_gemv), ("int8 expert gemv", int8_expert_gemv)]
     runs += [
         ("int4 gemv, SmolLM2's 576 (9 supertiles of 64: a partial step), group 64", int4_gemv),
