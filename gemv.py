@@ -32,6 +32,7 @@ from model import (
     MoEFeedForward,
     RMSNorm,
     TransformerBlock,
+    cache_attention_at_decode,
     pairs_by_expert,
     weighted_sum,
 )
@@ -914,8 +915,28 @@ class DecodeBlock(TransformerBlock):
             residual=None if bias is None else bias.view(1, -1),
         )
         cache = attention.kv_cache
-        if type(cache) in (KVCache, kv_attention.SplitKVCache):  # one kernel for the norms, RoPE and the write
-            q_norm, k_norm = attention.q_norm, attention.k_norm
+        q_norm, k_norm = attention.q_norm, attention.k_norm
+        # model.Transformer's decode attention through the cache (a partial of cache_attention_at_decode)
+        cache_attends = getattr(attend, "func", None) is cache_attention_at_decode
+        if kv_attention.ROPE_IN_ATTENTION and type(cache) is kv_attention.SplitKVCache and cache_attends:
+            # the norms, RoPE, the cache write and the attention as one kernel
+            mask = attend.keywords  # row_start, q_slot, sliding_window
+            heads = kv_attention.rope_decode_attention(
+                qkv,
+                cos.reshape(-1),
+                sin.reshape(-1),
+                cache.k_cache,
+                cache.v_cache,
+                mask["row_start"],
+                mask["q_slot"],
+                mask["sliding_window"] or 0,
+                cache.split_counts,
+                attention.n_heads,
+                None if q_norm is None else q_norm.weight,
+                None if k_norm is None else k_norm.weight,
+                0.0 if q_norm is None else q_norm.eps,
+            ).reshape(1, -1)
+        elif type(cache) in (KVCache, kv_attention.SplitKVCache):  # one kernel for the norms, RoPE and the write
             q = kv_attention.rope_write_kv(
                 qkv,
                 cos.reshape(-1),

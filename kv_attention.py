@@ -61,6 +61,13 @@ UNQUANTIZED_ENABLED = os.environ.get("FASTGEN_DECODE_KERNEL", "1") == "1"
 # FASTGEN_MERGE_IN_SPLITS=1 turns it on.
 MERGE_IN_SPLITS = os.environ.get("FASTGEN_MERGE_IN_SPLITS", "0") == "1"
 
+# gemv.DecodeBlock's batch-1 step attends through rope_decode_attention: the query/key norms, RoPE and
+# the cache write done by the attention kernel's own programs (each rotates its query heads; the split
+# holding the query's slot writes the token's k and v first), so rope_write_kv's kernel goes (1.5 us
+# and a launch a layer on the H200). NOT YET RUN ON A GPU (written 2026-12-04): off by default;
+# FASTGEN_ROPE_IN_ATTENTION=1 turns it on.
+ROPE_IN_ATTENTION = os.environ.get("FASTGEN_ROPE_IN_ATTENTION", "0") == "1"
+
 
 def available(q: torch.Tensor) -> bool:
     return ENABLED and triton is not None and q.is_cuda
@@ -125,6 +132,17 @@ def rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot, n_heads, q_no
     return norm_rope(q, q_norm_weight).to(qkv.dtype)
 
 
+def rope_decode_attention_reference(
+    qkv, cos, sin, k_cache, v_cache, row_start, q_slot, sliding_window, n_heads, q_norm_weight, k_norm_weight, eps
+):
+    """rope_write_kv_reference, then attention over the cache: what rope_decode_attention does in one
+    kernel (batch 1; sliding_window 0 or None for none). Writes the caches; -> [1, Hq, 1, D]."""
+    q = rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, q_slot, n_heads, q_norm_weight, k_norm_weight, eps)
+    return quantized_decode_attention_reference(
+        q, k_cache, None, v_cache, None, row_start, q_slot, sliding_window or None
+    )
+
+
 def num_splits(batch: int, n_kv_heads: int, cache_len: int, target_programs: int) -> int:
     """Splits of the slot axis per (row, kv head): enough programs to fill the GPU, each at least
     one tile. Static for a cache shape, so a CUDA graph replays the same launch at every length."""
@@ -135,8 +153,28 @@ def num_splits(batch: int, n_kv_heads: int, cache_len: int, target_programs: int
 if triton is not None:
 
     @triton.jit
+    def _norm_rope(
+        qkv_ptr, head, head_ok, dims, cos, sin, norm_ptr, D: tl.constexpr, EPS: tl.constexpr, NORM: tl.constexpr
+    ):
+        # heads `head` [R] of one token's wqkv output, RMSNormed (NORM: Qwen3's per-head q/k norm) and
+        # rotated -> fp32 [R, D_PAD]. RoPE's rotate_half pairs dim i with i +- D/2.
+        d_ok = dims < D
+        partner = tl.where(dims < D // 2, dims + D // 2, dims - D // 2)
+        sign = tl.where(dims < D // 2, -1.0, 1.0)
+        ok = head_ok[:, None] & d_ok[None, :]
+        rows = qkv_ptr + head[:, None] * D
+        x = tl.load(rows + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+        x_partner = tl.load(rows + partner[None, :], mask=ok, other=0.0).to(tl.float32)
+        if NORM:
+            r = tl.rsqrt(tl.sum(x * x, axis=1) / D + EPS)[:, None]
+            x = x * r * tl.load(norm_ptr + dims, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+            x_partner = x_partner * r * tl.load(norm_ptr + partner, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        return x * cos[None, :] + sign[None, :] * x_partner * sin[None, :]
+
+    @triton.jit
     def _quantized_decode_kernel(
-        q_ptr,  # [B * Hkv * G, D] contiguous: query head h * G + g of row b at row (b * Hkv + h) * G + g
+        q_ptr,  # [B * Hkv * G, D] contiguous: query head h * G + g of row b at row (b * Hkv + h) * G + g;
+        # with ROPE, wqkv's output [(Hq + 2 Hkv) D] of one token (B = 1)
         k_ptr,  # [B * Hkv, S, D] int8 / fp8
         k_scale_ptr,  # [B * Hkv, S]; unread without HAS_SCALES
         v_ptr,
@@ -148,6 +186,10 @@ if triton is not None:
         sum_ptr,  # [B * Hkv, SPLITS, G_PAD] fp32: its softmax denominator
         count_ptr,  # [B * Hkv] int32, zero: finished splits (MERGE)
         y_ptr,  # [B * Hkv * G, D]: the attention output (MERGE)
+        cos_ptr,  # [D] (ROPE)
+        sin_ptr,
+        q_norm_ptr,  # [D]: the per-head RMSNorm weights (ROPE with QK_NORM)
+        k_norm_ptr,
         n_kv_heads,
         S,
         window,  # sliding window; 0: none
@@ -160,6 +202,9 @@ if triton is not None:
         SPLITS_PAD: tl.constexpr,
         HAS_SCALES: tl.constexpr,  # False: an unquantized cache
         MERGE: tl.constexpr,  # the last split to finish merges (MERGE_IN_SPLITS); else _merge_splits_kernel does
+        ROPE: tl.constexpr,  # q is raw wqkv output: norm and rotate it here, and write the token's k, v (B = 1)
+        QK_NORM: tl.constexpr,
+        EPS: tl.constexpr,
     ):
         # head_dim ** -0.5 * log2(e), from the constant D: a float argument would reach the kernel as
         # fp64 under Inductor and promote the scores to fp64
@@ -180,8 +225,23 @@ if triton is not None:
         heads, dims, slots = tl.arange(0, G_PAD), tl.arange(0, D_PAD), tl.arange(0, BLOCK)
         g_ok, d_ok = heads < G, dims < D
         dot_dtype = q_ptr.dtype.element_ty  # the compute dtype; int8 and e4m3 values convert exactly
-        q = tl.load(q_ptr + (bh * G + heads)[:, None] * D + dims[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0)
         kv_rows = bh.to(tl.int64) * S
+        if ROPE:  # batch 1: bh is the kv head
+            cos = tl.load(cos_ptr + dims, mask=d_ok, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + dims, mask=d_ok, other=0.0).to(tl.float32)
+            q = _norm_rope(q_ptr, bh * G + heads, g_ok, dims, cos, sin, q_norm_ptr, D, EPS, QK_NORM).to(dot_dtype)
+            if last_tile % SPLITS == split:  # this split holds the query's slot: the token's k, v go there first
+                kv_head = n_kv_heads * G + bh + tl.arange(0, 1)
+                k_new = _norm_rope(q_ptr, kv_head, kv_head >= 0, dims, cos, sin, k_norm_ptr, D, EPS, QK_NORM)
+                at = (kv_rows + last) * D + dims[None, :]
+                tl.store(k_ptr + at, k_new.to(k_ptr.dtype.element_ty), mask=d_ok[None, :])
+                v_new = tl.load(q_ptr + (kv_head + n_kv_heads)[:, None] * D + dims[None, :], mask=d_ok[None, :])
+                tl.store(v_ptr + at, v_new.to(v_ptr.dtype.element_ty), mask=d_ok[None, :])
+                tl.debug_barrier()  # the tile loads below read that slot: the block's own stores, visible
+        else:
+            q = tl.load(
+                q_ptr + (bh * G + heads)[:, None] * D + dims[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0
+            )
 
         running_max = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
         running_sum = tl.zeros((G_PAD,), dtype=tl.float32)
@@ -313,13 +373,38 @@ if triton is not None:
             q, k_cache, k_cache, v_cache, v_cache, row_start, q_slot, sliding_window, split_counts, False
         )
 
+    @triton_op("fastgen::rope_decode_attention", mutates_args={"k_cache", "v_cache", "split_counts"})
+    def rope_decode_attention(
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        row_start: torch.Tensor,
+        q_slot: torch.Tensor,
+        sliding_window: int,
+        split_counts: torch.Tensor,
+        n_heads: int,
+        q_norm_weight: torch.Tensor | None = None,
+        k_norm_weight: torch.Tensor | None = None,
+        eps: float = 0.0,
+    ) -> torch.Tensor:
+        """rope_decode_attention_reference's contract (qkv [1, (Hq + 2 Hkv) D], cos, sin [D] contiguous;
+        an unquantized cache [1, Hkv, S, D]): rope_write_kv and decode_attention as one kernel."""
+        rope = (cos, sin, n_heads, q_norm_weight, k_norm_weight, eps)
+        return _split_kv_attention(
+            qkv, k_cache, k_cache, v_cache, v_cache, row_start, q_slot, sliding_window, split_counts, False, rope
+        )
+
     def _split_kv_attention(
-        q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window, split_counts, has_scales
+        q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window, split_counts, has_scales, rope=None
     ):
         """Both launches (one with MERGE_IN_SPLITS); without has_scales the scale arguments are any
-        tensors, never read."""
-        B, n_heads, _, D = q.shape
-        n_kv_heads, S = k_cache.shape[1], k_cache.shape[2]
+        tensors, never read. rope: (cos, sin, n_heads, q_norm_weight, k_norm_weight, eps) when q is one
+        token's wqkv output, to norm, rotate and write as rope_write_kv does (batch 1)."""
+        n_kv_heads, S, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+        B, n_heads = (q.shape[0], q.shape[1]) if rope is None else (1, rope[2])
+        cos, sin, _, q_norm_weight, k_norm_weight, eps = rope or (q, q, 0, None, None, 0.0)
         G = n_heads // n_kv_heads
         G_PAD, D_PAD = max(16, triton.next_power_of_2(G)), triton.next_power_of_2(D)
         splits = num_splits(B, n_kv_heads, S, TARGET_PROGRAMS_QUANTIZED if has_scales else TARGET_PROGRAMS)
@@ -341,6 +426,10 @@ if triton is not None:
             running_sum,
             split_counts,
             y,
+            cos,  # cos .. k_norm: read only with ROPE (QK_NORM)
+            sin,
+            q if q_norm_weight is None else q_norm_weight,
+            q if k_norm_weight is None else k_norm_weight,
             n_kv_heads,
             S,
             sliding_window,
@@ -353,6 +442,9 @@ if triton is not None:
             SPLITS_PAD=triton.next_power_of_2(splits),
             HAS_SCALES=has_scales,
             MERGE=MERGE_IN_SPLITS,
+            ROPE=rope is not None,
+            QK_NORM=q_norm_weight is not None,
+            EPS=eps,
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES,
         )
@@ -393,36 +485,21 @@ if triton is not None:
         QK_NORM: tl.constexpr,
     ):
         # one program per head: a query head is normed, rotated and returned; a kv head's k is normed,
-        # rotated and written to the cache with its v. RoPE's rotate_half pairs dim i with i +- D/2.
+        # rotated and written to the cache with its v
         head = tl.program_id(0)
         dims = tl.arange(0, D_PAD)
         ok = dims < D
-        partner = tl.where(dims < D // 2, dims + D // 2, dims - D // 2)
-        sign = tl.where(dims < D // 2, -1.0, 1.0)
-        x = tl.load(qkv_ptr + head * D + dims, mask=ok, other=0.0).to(tl.float32)
-        x_partner = tl.load(qkv_ptr + head * D + partner, mask=ok, other=0.0).to(tl.float32)
-        if QK_NORM:
-            r = tl.rsqrt(tl.sum(x * x, axis=0) / D + EPS)
-            is_q = head < HQ
-            w = tl.where(
-                is_q, tl.load(q_norm_ptr + dims, mask=ok, other=0.0), tl.load(k_norm_ptr + dims, mask=ok, other=0.0)
-            )
-            w_partner = tl.where(
-                is_q,
-                tl.load(q_norm_ptr + partner, mask=ok, other=0.0),
-                tl.load(k_norm_ptr + partner, mask=ok, other=0.0),
-            )
-            x = x * r * w.to(tl.float32)
-            x_partner = x_partner * r * w_partner.to(tl.float32)
         cos = tl.load(cos_ptr + dims, mask=ok, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + dims, mask=ok, other=0.0).to(tl.float32)
-        y = x * cos + sign * x_partner * sin
+        one = head + tl.arange(0, 1)  # [1]: _norm_rope takes rows of heads
         if head < HQ:
-            tl.store(q_ptr + head * D + dims, y.to(q_ptr.dtype.element_ty), mask=ok)
+            y = _norm_rope(qkv_ptr, one, one >= 0, dims, cos, sin, q_norm_ptr, D, EPS, QK_NORM)
+            tl.store(q_ptr + head * D + dims[None, :], y.to(q_ptr.dtype.element_ty), mask=ok[None, :])
         else:
+            y = _norm_rope(qkv_ptr, one, one >= 0, dims, cos, sin, k_norm_ptr, D, EPS, QK_NORM)
             j = head - HQ
             row = (j * S + tl.load(slot_ptr)).to(tl.int64) * D
-            tl.store(k_ptr + row + dims, y.to(k_ptr.dtype.element_ty), mask=ok)
+            tl.store(k_ptr + row + dims[None, :], y.to(k_ptr.dtype.element_ty), mask=ok[None, :])
             v = tl.load(qkv_ptr + (HQ + HKV + j) * D + dims, mask=ok, other=0.0)
             tl.store(v_ptr + row + dims, v.to(v_ptr.dtype.element_ty), mask=ok)
 

@@ -172,7 +172,8 @@ def main(argv=None):
     kv_sig = {
         "q_ptr": "*bf16", "k_ptr": "*i8", "k_scale_ptr": "*bf16", "v_ptr": "*i8", "v_scale_ptr": "*bf16",
         "row_start_ptr": "*i32", "q_slot_ptr": "*i64", "acc_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
-        "count_ptr": "*i32", "y_ptr": "*bf16", "n_kv_heads": "i32", "S": "i32", "window": "i32",
+        "count_ptr": "*i32", "y_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "q_norm_ptr": "*bf16",
+        "k_norm_ptr": "*bf16", "n_kv_heads": "i32", "S": "i32", "window": "i32",
     }  # fmt: skip
     for store in ("*i8", "*fp8e4nv", None):  # None: an unquantized cache (decode_attention), no scales
         for dtype in ("*bf16", "*fp16", "*fp32"):
@@ -185,7 +186,12 @@ def main(argv=None):
                     "k_ptr": store or dtype,
                     "v_ptr": store or dtype,
                 }
-                for merge in (False, True):  # the last split merges (kv_attention.MERGE_IN_SPLITS)
+                # the last split merges (kv_attention.MERGE_IN_SPLITS); q is wqkv's output, normed and
+                # rotated here, the token's k / v written (ROPE_IN_ATTENTION: unquantized caches only)
+                modes = [(False, False, False), (True, False, False)]
+                if store is None:
+                    modes += [(False, True, False), (True, True, True)]
+                for merge, rope, qk_norm in modes:
                     consts = dict(
                         D=head_dim,
                         G=group,
@@ -196,15 +202,21 @@ def main(argv=None):
                         SPLITS_PAD=8,
                         HAS_SCALES=store is not None,
                         MERGE=merge,
+                        ROPE=rope,
+                        QK_NORM=qk_norm,
+                        EPS=1e-6,
                     )
                     name = f"kv decode {(store or dtype)[1:]} cache, {dtype[1:]}, G={group}, D={head_dim}"
                     build(
                         target,
-                        name + (", merged in the last split" if merge else ""),
+                        name
+                        + (", merged in the last split" if merge else "")
+                        + (", rope" if rope else "")
+                        + (" + qk norm" if qk_norm else ""),
                         kv_attention._quantized_decode_kernel,
-                        {**sig, "y_ptr": dtype},
+                        {**sig, **{n: dtype for n in ("y_ptr", "cos_ptr", "sin_ptr", "q_norm_ptr", "k_norm_ptr")}},
                         consts,
-                        (*range(12), 13),  # pointers and S: multiples of 16 at run time
+                        (*range(16), 17),  # pointers and S: multiples of 16 at run time
                         num_warps=4,
                         num_stages=1,
                     )

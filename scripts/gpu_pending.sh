@@ -34,10 +34,12 @@
 #                                          #   tinygemm), one linear per format replayed in a graph, its tiles
 #                                          #   (int4_gemv_sweep.py), then the int4-g64 Llama-3-8B step without / with
 #                                          #   it (tinygemm: 3.01 ms, 332.3 tok/s on the H200; issue 10 wants 450)
-#   bash scripts/gpu_pending.sh mergesplits # ~8 min: kv_attention.MERGE_IN_SPLITS (opt-in, never run on a GPU;
-#                                          #   written 2026-12-04): the last split merges, one attention kernel a
-#                                          #   layer instead of two. Its GPU tests, the launch sweep's default
-#                                          #   config without / with it, SmolLM2-135M's B1 step without / with it
+#   bash scripts/gpu_pending.sh attnfold   # ~9 min: kv_attention.MERGE_IN_SPLITS and ROPE_IN_ATTENTION (opt-in, never
+#                                          #   run on a GPU; written 2026-12-04): the last split merges, and the
+#                                          #   attention kernel norms, rotates and writes the token's k / v itself:
+#                                          #   one kernel a layer instead of three. Their GPU tests, the launch
+#                                          #   sweep's default config without / with the merge, and SmolLM2-135M's
+#                                          #   B1 step plain / merged / merged + rope (0.693 ms at 714bafb)
 #   bash scripts/gpu_pending.sh fusedsweep # ~6 min: each fused GEMV call alone (fused_gemv_sweep.py): plain vs
 #                                          #   folded at the default tile, and the folded call's best tile, at SmolLM2,
 #                                          #   Llama-3-8B and Qwen3-30B-A3B expert shapes: set decode_gemv_config from it
@@ -181,16 +183,19 @@ int4gemv)
     step int4_sweep 200 python scripts/int4_gemv_sweep.py
     summary+=("$(grep -E '^\| w' "$out/int4_sweep.txt")")
     ;;
-mergesplits)
-    step merge_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k "decode_attention or split_kv"
-    summary+=("  $(tail -n 1 "$out/merge_tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/merge_tests.txt" | head -6)")
-    step kv_sweep 80 python scripts/kv_kernel_sweep.py --quick --time-budget-s 65
-    summary+=("$(grep -E '^\| ' "$out/kv_sweep.txt" | head -6)")
-    FASTGEN_MERGE_IN_SPLITS=1 step kv_sweep_merged 80 python scripts/kv_kernel_sweep.py --quick --time-budget-s 65
-    summary+=("$(grep -E '^\| ' "$out/kv_sweep_merged.txt" | head -6)")
+attnfold)
+    step attn_tests 170 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py \
+        -k "decode_attention or split_kv or rope"
+    summary+=("  $(tail -n 1 "$out/attn_tests.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/attn_tests.txt" | head -6)")
     decode smol 70 --model smollm2-135m --by-launch --top 16
     FASTGEN_MERGE_IN_SPLITS=1 decode smol_merged 70 --model smollm2-135m --by-launch --top 16
+    FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode smol_merged_rope 70 --model smollm2-135m \
+        --by-launch --top 16
+    step kv_sweep 75 python scripts/kv_kernel_sweep.py --quick --time-budget-s 60
+    summary+=("$(grep -E '^\| ' "$out/kv_sweep.txt" | head -6)")
+    FASTGEN_MERGE_IN_SPLITS=1 step kv_sweep_merged 75 python scripts/kv_kernel_sweep.py --quick --time-budget-s 60
+    summary+=("$(grep -E '^\| ' "$out/kv_sweep_merged.txt" | head -6)")
     ;;
 fusedsweep)
     step fusedsweep 560 python scripts/fused_gemv_sweep.py

@@ -48,6 +48,25 @@ def unquantized(B, Hkv, G, D, S, slot, window, dtype):
     return got, want
 
 
+def rope_attention(Hq=9, Hkv=3, D=64, S=300, slot=130, start=0, window=0, qk_norm=False, dtype=torch.float32):
+    """rope_decode_attention against rope_write_kv's reference then attention: the output and the
+    cache (the token's k, v written at slot, nothing else touched)."""
+    qkv = torch.randn(1, (Hq + 2 * Hkv) * D, dtype=dtype)
+    cos, sin = torch.randn(2, D, dtype=dtype)
+    norms = (torch.rand(D, dtype=dtype) + 0.5, torch.rand(D, dtype=dtype) + 0.5) if qk_norm else (None, None)
+    k, v = torch.randn(2, 1, Hkv, S, D, dtype=dtype)
+    row_start, q_slot = torch.tensor([start], dtype=torch.int32), torch.tensor([slot])
+    caches = k.clone(), v.clone()
+    got = kv_attention.rope_decode_attention(
+        qkv, cos, sin, *caches, row_start, q_slot, window, kv_attention.new_split_counts(1, Hkv), Hq, *norms, 1e-6
+    )
+    want = kv_attention.rope_decode_attention_reference(
+        qkv, cos, sin, k, v, row_start, q_slot, window, Hq, *norms, 1e-6
+    )
+    assert torch.allclose(caches[0], k, atol=1e-5) and torch.equal(caches[1], v)  # the same write
+    return got, want
+
+
 def merged_in_splits(run, *args):
     """run(*args) with kv_attention.MERGE_IN_SPLITS on: the last split to finish merges them all."""
     kv_attention.MERGE_IN_SPLITS = True
@@ -205,6 +224,15 @@ def main():
         (f"{case}, merged in the last split", lambda case=case: merged_in_splits(unquantized, *case)) for case in CASES
     ]
     runs += [("int8 KV, merged in the last split", lambda: merged_in_splits(int8))]
+    runs += [
+        ("rope + attention, SmolLM2's heads", rope_attention),
+        ("rope + attention, the slot opening a tile", lambda: rope_attention(slot=128, start=3)),
+        ("rope + attention, qk norm, G 4, D 128, window", lambda: rope_attention(16, 4, 128, 700, 650, 0, 100, True)),
+        (
+            "rope + attention, fp16, merged in the last split",
+            lambda: merged_in_splits(rope_attention, 8, 2, 64, 257, 5, 0, 0, False, torch.float16),
+        ),
+    ]
     runs += [("int8 gemv", int8_gemv), ("int8 expert gemv", int8_expert_gemv)]
     runs += [
         ("int4 gemv, SmolLM2's 576 (9 supertiles of 64: a partial step), group 64", int4_gemv),

@@ -449,6 +449,61 @@ def test_rope_write_kv_equals_reference(D, n_heads, n_kv_heads, qk_norm, dtype):
         assert ((c[:, :, 29].float() - w[:, :, 29].float()).norm() / w[:, :, 29].float().norm()) < tol
 
 
+@pytest.mark.parametrize(
+    "D, n_heads, n_kv_heads, qk_norm, slot, window",
+    [(64, 9, 3, False, 29, 0), (128, 32, 4, True, 640, 0), (96, 4, 4, True, 700, 100), (64, 8, 2, False, 64, 0)],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("merge_in_splits", [False, True])
+def test_rope_decode_attention_equals_reference(
+    D, n_heads, n_kv_heads, qk_norm, slot, window, dtype, merge_in_splits, monkeypatch
+):
+    """kv_attention.rope_decode_attention (ROPE_IN_ATTENTION: the norms, RoPE, the cache write and the
+    attention in one kernel) gives rope_write_kv's reference then attention, and writes the token's
+    k, v at the slot and nothing else; with the splits merged by the last one too."""
+    import kv_attention
+
+    monkeypatch.setattr(kv_attention, "MERGE_IN_SPLITS", merge_in_splits)
+    torch.manual_seed(D + slot)
+    qkv = torch.randn(1, (n_heads + 2 * n_kv_heads) * D, device="cuda", dtype=dtype)
+    angles = torch.rand(D // 2, device="cuda") * 6
+    cos, sin = torch.cat((angles, angles)).cos().to(dtype), torch.cat((angles, angles)).sin().to(dtype)
+    norms = [torch.rand(D, device="cuda", dtype=dtype) + 0.5 if qk_norm else None for _ in range(2)]
+    caches = [torch.randn(1, n_kv_heads, 1024, D, device="cuda", dtype=dtype) for _ in range(2)]
+    want_caches = [c.clone() for c in caches]
+    row_start, q_slot = torch.tensor([3], dtype=torch.int32, device="cuda"), torch.tensor([slot], device="cuda")
+    want = kv_attention.rope_decode_attention_reference(
+        qkv, cos, sin, *want_caches, row_start, q_slot, window, n_heads, *norms, 1e-6
+    )
+    counts = kv_attention.new_split_counts(1, n_kv_heads, "cuda")
+    got = kv_attention.rope_decode_attention(
+        qkv, cos, sin, *caches, row_start, q_slot, window, counts, n_heads, *norms, 1e-6
+    )
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert got.shape == (1, n_heads, 1, D) and ((got.float() - want.float()).norm() / want.float().norm()) < tol
+    assert not counts.any()
+    for c, w in zip(caches, want_caches):
+        assert torch.equal(c[:, :, :slot], w[:, :, :slot]) and torch.equal(c[:, :, slot + 1 :], w[:, :, slot + 1 :])
+        assert ((c[:, :, slot].float() - w[:, :, slot].float()).norm() / w[:, :, slot].float().norm()) < tol
+
+
+@pytest.mark.parametrize("shape", ["gqa-hd128", "window"])
+def test_rope_in_attention_decodes_like_the_cpu(monkeypatch, shape):
+    """DecodeBlock with ROPE_IN_ATTENTION and MERGE_IN_SPLITS (one attention kernel a layer, the counts
+    mutated inside the CUDA graph): the compiled decode of a batch-1 prompt gives the CPU fp32 tokens."""
+    import gemv
+    import kv_attention
+
+    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
+    monkeypatch.setattr(kv_attention, "ROPE_IN_ATTENTION", True)
+    monkeypatch.setattr(kv_attention, "MERGE_IN_SPLITS", True)
+    cpu = random_model(shape)
+    want = [greedy(cpu, [p], 40, 128)[0] for p in PROMPTS[:2]]
+    cuda = on(cpu, "cuda")
+    assert [greedy(cuda, [p], 40, 128, compile=True)[0] for p in PROMPTS[:2]] == want
+    assert type(cuda.layers[0]) is gemv.DecodeBlock
+
+
 @pytest.mark.parametrize("shape", ["gqa-hd128", "window", "tied"])
 def test_fused_decode_block_compiled_equals_cpu_fp32_eager(monkeypatch, shape):
     """The fused decode block (these models are narrower than FUSED_FLOAT_MAX_DIM; DecodeLinear for the
