@@ -916,6 +916,9 @@ class DecodeBlock(TransformerBlock):
         )
         cache = attention.kv_cache
         q_norm, k_norm = attention.q_norm, attention.k_norm
+        # the query/key norms' weights and eps (Qwen3), after the cache: both kernels' last arguments
+        norms = (None, None, 0.0) if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps)
+        cos_d, sin_d = cos.reshape(-1), sin.reshape(-1)  # [D]: the token's angles
         # model.Transformer's decode attention through the cache (a partial of cache_attention_at_decode)
         cache_attends = getattr(attend, "func", None) is cache_attention_at_decode
         if kv_attention.ROPE_IN_ATTENTION and type(cache) is kv_attention.SplitKVCache and cache_attends:
@@ -923,8 +926,8 @@ class DecodeBlock(TransformerBlock):
             mask = attend.keywords  # row_start, q_slot, sliding_window
             heads = kv_attention.rope_decode_attention(
                 qkv,
-                cos.reshape(-1),
-                sin.reshape(-1),
+                cos_d,
+                sin_d,
                 cache.k_cache,
                 cache.v_cache,
                 mask["row_start"],
@@ -932,22 +935,12 @@ class DecodeBlock(TransformerBlock):
                 mask["sliding_window"] or 0,
                 cache.split_counts,
                 attention.n_heads,
-                None if q_norm is None else q_norm.weight,
-                None if k_norm is None else k_norm.weight,
-                0.0 if q_norm is None else q_norm.eps,
+                *norms,
             ).reshape(1, -1)
         elif type(cache) in (KVCache, kv_attention.SplitKVCache):  # one kernel for the norms, RoPE and the write
+            slot = input_pos.reshape(1)
             q = kv_attention.rope_write_kv(
-                qkv,
-                cos.reshape(-1),
-                sin.reshape(-1),
-                cache.k_cache,
-                cache.v_cache,
-                input_pos.reshape(1),
-                attention.n_heads,
-                None if q_norm is None else q_norm.weight,
-                None if k_norm is None else k_norm.weight,
-                0.0 if q_norm is None else q_norm.eps,
+                qkv, cos_d, sin_d, cache.k_cache, cache.v_cache, slot, attention.n_heads, *norms
             )
             heads = attend(q, cache).to(qkv.dtype).reshape(1, -1)
         else:  # a quantized cache quantizes as it writes

@@ -85,9 +85,11 @@ class SplitKVCache(KVCache):
 
     def attend_at_decode(self, q, row_start, q_slot, sliding_window: int | None):
         """q [B, Hq, 1, D] at slot q_slot [1] over each row's valid slots -> [B, Hq, 1, D]."""
-        return decode_attention(
-            q, self.k_cache, self.v_cache, row_start, q_slot, sliding_window or 0, self.split_counts
-        )
+        if MERGE_IN_SPLITS:
+            return decode_attention_merged(
+                q, self.k_cache, self.v_cache, row_start, q_slot, sliding_window or 0, self.split_counts
+            )
+        return decode_attention(q, self.k_cache, self.v_cache, row_start, q_slot, sliding_window or 0)
 
 
 def new_split_counts(batch_size: int, n_kv_heads: int, device=None) -> torch.Tensor:
@@ -339,8 +341,38 @@ if triton is not None:
         row = tl.program_id(0)  # (b * Hkv + h) * G + g
         _merge_head(acc_ptr, max_ptr, sum_ptr, y_ptr, row // G, row % G, D, G, G_PAD, D_PAD, SPLITS, SPLITS_PAD, "")
 
-    @triton_op("fastgen::quantized_decode_attention", mutates_args={"split_counts"})
+    @triton_op("fastgen::quantized_decode_attention", mutates_args={})
     def quantized_decode_attention(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        k_scale: torch.Tensor,
+        v_cache: torch.Tensor,
+        v_scale: torch.Tensor,
+        row_start: torch.Tensor,
+        q_slot: torch.Tensor,
+        sliding_window: int,
+    ) -> torch.Tensor:
+        """q [B, Hq, 1, D]; caches [B, Hkv, S, D]; scales [B, Hkv, S, 1]; row_start [B]; q_slot [1];
+        sliding_window 0 for none. -> [B, Hq, 1, D] in q.dtype."""
+        return _split_kv_attention(q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window, True)
+
+    @triton_op("fastgen::decode_attention", mutates_args={})
+    def decode_attention(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        row_start: torch.Tensor,
+        q_slot: torch.Tensor,
+        sliding_window: int,
+    ) -> torch.Tensor:
+        """The same over an unquantized cache (bf16/fp16/fp32, any dtype q's converts to)."""
+        return _split_kv_attention(q, k_cache, k_cache, v_cache, v_cache, row_start, q_slot, sliding_window, False)
+
+    # MERGE_IN_SPLITS' forms of the two: one kernel, the last split to finish merging; split_counts is
+    # new_split_counts(B, Hkv), zero before and after. Ops of their own, so that the default ones mutate
+    # nothing (a mutated argument the compiler failed to reinplace would cost a copy a layer).
+    @triton_op("fastgen::quantized_decode_attention_merged", mutates_args={"split_counts"})
+    def quantized_decode_attention_merged(
         q: torch.Tensor,
         k_cache: torch.Tensor,
         k_scale: torch.Tensor,
@@ -351,15 +383,12 @@ if triton is not None:
         sliding_window: int,
         split_counts: torch.Tensor,
     ) -> torch.Tensor:
-        """q [B, Hq, 1, D]; caches [B, Hkv, S, D]; scales [B, Hkv, S, 1]; row_start [B]; q_slot [1];
-        sliding_window 0 for none; split_counts new_split_counts(B, Hkv) (zero, and zero again after).
-        -> [B, Hq, 1, D] in q.dtype."""
         return _split_kv_attention(
-            q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window, split_counts, True
+            q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window, True, split_counts=split_counts
         )
 
-    @triton_op("fastgen::decode_attention", mutates_args={"split_counts"})
-    def decode_attention(
+    @triton_op("fastgen::decode_attention_merged", mutates_args={"split_counts"})
+    def decode_attention_merged(
         q: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
@@ -368,9 +397,8 @@ if triton is not None:
         sliding_window: int,
         split_counts: torch.Tensor,
     ) -> torch.Tensor:
-        """The same over an unquantized cache (bf16/fp16/fp32, any dtype q's converts to)."""
         return _split_kv_attention(
-            q, k_cache, k_cache, v_cache, v_cache, row_start, q_slot, sliding_window, split_counts, False
+            q, k_cache, k_cache, v_cache, v_cache, row_start, q_slot, sliding_window, False, split_counts=split_counts
         )
 
     @triton_op("fastgen::rope_decode_attention", mutates_args={"k_cache", "v_cache", "split_counts"})
@@ -392,16 +420,27 @@ if triton is not None:
         """rope_decode_attention_reference's contract (qkv [1, (Hq + 2 Hkv) D], cos, sin [D] contiguous;
         an unquantized cache [1, Hkv, S, D]): rope_write_kv and decode_attention as one kernel."""
         rope = (cos, sin, n_heads, q_norm_weight, k_norm_weight, eps)
+        merge = split_counts if MERGE_IN_SPLITS else None
         return _split_kv_attention(
-            qkv, k_cache, k_cache, v_cache, v_cache, row_start, q_slot, sliding_window, split_counts, False, rope
+            qkv, k_cache, k_cache, v_cache, v_cache, row_start, q_slot, sliding_window, False, rope, merge
         )
 
     def _split_kv_attention(
-        q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window, split_counts, has_scales, rope=None
+        q,
+        k_cache,
+        k_scale,
+        v_cache,
+        v_scale,
+        row_start,
+        q_slot,
+        sliding_window,
+        has_scales,
+        rope=None,
+        split_counts=None,
     ):
-        """Both launches (one with MERGE_IN_SPLITS); without has_scales the scale arguments are any
-        tensors, never read. rope: (cos, sin, n_heads, q_norm_weight, k_norm_weight, eps) when q is one
-        token's wqkv output, to norm, rotate and write as rope_write_kv does (batch 1)."""
+        """Both launches, or one with split_counts (the last split merges); without has_scales the scale
+        arguments are any tensors, never read. rope: (cos, sin, n_heads, q_norm_weight, k_norm_weight,
+        eps) when q is one token's wqkv output, to norm, rotate and write as rope_write_kv does (batch 1)."""
         n_kv_heads, S, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
         B, n_heads = (q.shape[0], q.shape[1]) if rope is None else (1, rope[2])
         cos, sin, _, q_norm_weight, k_norm_weight, eps = rope or (q, q, 0, None, None, 0.0)
@@ -424,7 +463,7 @@ if triton is not None:
             acc,
             running_max,
             running_sum,
-            split_counts,
+            acc if split_counts is None else split_counts,  # never read without MERGE
             y,
             cos,  # cos .. k_norm: read only with ROPE (QK_NORM)
             sin,
@@ -441,14 +480,14 @@ if triton is not None:
             SPLITS=splits,
             SPLITS_PAD=triton.next_power_of_2(splits),
             HAS_SCALES=has_scales,
-            MERGE=MERGE_IN_SPLITS,
+            MERGE=split_counts is not None,
             ROPE=rope is not None,
             QK_NORM=q_norm_weight is not None,
             EPS=eps,
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES,
         )
-        if MERGE_IN_SPLITS:
+        if split_counts is not None:
             return y
         wrap_triton(_merge_splits_kernel)[(B * n_heads,)](
             acc,

@@ -41,9 +41,12 @@ def unquantized(B, Hkv, G, D, S, slot, window, dtype):
     for b in range(B):
         k_nan[b, :, : row_start[b]] = v_nan[b, :, : row_start[b]] = float("nan")
     q_slot = torch.tensor([slot])
-    counts = kv_attention.new_split_counts(B, Hkv)
-    got = kv_attention.decode_attention(q, k_nan, v_nan, row_start, q_slot, window, counts)
-    assert not counts.any()  # zero again after the call (with MERGE_IN_SPLITS)
+    if kv_attention.MERGE_IN_SPLITS:  # the one-kernel form: the last split merges
+        counts = kv_attention.new_split_counts(B, Hkv)
+        got = kv_attention.decode_attention_merged(q, k_nan, v_nan, row_start, q_slot, window, counts)
+        assert not counts.any()  # zero again for the next call
+    else:
+        got = kv_attention.decode_attention(q, k_nan, v_nan, row_start, q_slot, window)
     want = kv_attention.quantized_decode_attention_reference(q, k, None, v, None, row_start, q_slot, window or None)
     return got, want
 
@@ -81,8 +84,12 @@ def int8(B=2, Hkv=2, G=4, D=128, S=3000, slot=2100):
     k, v = torch.randint(-127, 128, (2, B, Hkv, S, D), dtype=torch.int8)
     k_scale, v_scale = torch.rand(2, B, Hkv, S, 1) / 100
     row_start, q_slot = torch.tensor([0, 30], dtype=torch.int32), torch.tensor([slot])
-    counts = kv_attention.new_split_counts(B, Hkv)
-    got = kv_attention.quantized_decode_attention(q, k, k_scale, v, v_scale, row_start, q_slot, 0, counts)
+    if kv_attention.MERGE_IN_SPLITS:
+        counts = kv_attention.new_split_counts(B, Hkv)
+        got = kv_attention.quantized_decode_attention_merged(q, k, k_scale, v, v_scale, row_start, q_slot, 0, counts)
+        assert not counts.any()
+    else:
+        got = kv_attention.quantized_decode_attention(q, k, k_scale, v, v_scale, row_start, q_slot, 0)
     want = kv_attention.quantized_decode_attention_reference(q, k, k_scale, v, v_scale, row_start, q_slot, None)
     return got, want
 
@@ -145,10 +152,11 @@ def rope_write_kv(D=96, n_heads=6, n_kv_heads=2, qk_norm=True):
     )
 
 
-def decode_block(layers=2, n_experts=0):
+def decode_block(layers=2, n_experts=0, rope_in_attention=False):
     """A tiny model's decode step through gemv.DecodeBlock (the fused batch-1 path; with experts,
-    the router and the token's experts through decode_gemv too) against the plain blocks' step, one
-    token after a 5-token prefill."""
+    the router and the token's experts through decode_gemv too; with rope_in_attention, a SplitKVCache
+    and kv_attention.rope_decode_attention with the merge in the last split) against the plain blocks'
+    step, one token after a 5-token prefill."""
     from model import ModelArgs, Transformer
 
     experts = dict(n_experts=n_experts, n_active_experts=2 if n_experts else 0)
@@ -158,13 +166,25 @@ def decode_block(layers=2, n_experts=0):
         for weight in (layer.feed_forward.experts.w13, layer.feed_forward.experts.w2):
             torch.nn.init.normal_(weight, std=0.1)  # allocated empty: a checkpoint fills them
     m.setup_caches(1, 16)
+    prompt = torch.randint(0, 50, (1, 5))
     with torch.no_grad():
-        m(torch.randint(0, 50, (1, 5)), torch.arange(5))
+        m(prompt, torch.arange(5))
         want = m(torch.tensor([[7]]), torch.tensor([5]))
         gemv.FUSED_DECODE_ENABLED = gemv.EXPERT_GEMV_ENABLED = True
+        if rope_in_attention:  # the same prefill into the kernel's cache, then its one-kernel decode attention
+            m.setup_caches(1, 16, None, kv_attention.SplitKVCache)
+            m(prompt, torch.arange(5))
+            kv_attention.ROPE_IN_ATTENTION = kv_attention.MERGE_IN_SPLITS = True
         gemv.use_decode_kernels(m)
         assert type(m.layers[0]) is gemv.DecodeBlock
-        return m(torch.tensor([[7]]), torch.tensor([5])), want
+        attends = kv_attention.SplitKVCache.attends_at_decode
+        if rope_in_attention:
+            kv_attention.SplitKVCache.attends_at_decode = lambda self: True  # CPU tensors, interpreted kernels
+        try:
+            return m(torch.tensor([[7]]), torch.tensor([5])), want
+        finally:
+            kv_attention.ROPE_IN_ATTENTION = kv_attention.MERGE_IN_SPLITS = False
+            kv_attention.SplitKVCache.attends_at_decode = attends
 
 
 def int8_expert_gemv(R=6, E=8, N=96, K=1100, X=6, grouped=False):  # X < R: each x row through R / X experts
@@ -274,6 +294,7 @@ def main():
     ]
     runs += [("DecodeBlock, a 2-layer model's decode step", decode_block)]
     runs += [("DecodeBlock, a 2-layer MoE model's decode step, 2 of 8 experts", lambda: decode_block(2, 8))]
+    runs += [("DecodeBlock, rope + attention + merge in one kernel", lambda: decode_block(rope_in_attention=True))]
     runs += [(f"DownMixExperts, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n)) for n in (2, 4, 8)]
     runs += [
         (f"DownMixExperts + gate/up kernel, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n, True))

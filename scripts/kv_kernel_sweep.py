@@ -64,10 +64,15 @@ def make_case(dtype, batch, slots, filled):
     q_slot = torch.tensor([filled - 1], device="cuda")
     ref = kv_attention.quantized_decode_attention_reference(q, k, k_scale, v, v_scale, row_start, q_slot, 0)
     counts = kv_attention.new_split_counts(batch, N_KV_HEADS, "cuda")
-    if k_scale is None:
-        run = lambda: kv_attention.decode_attention(q, k, v, row_start, q_slot, 0, counts)  # noqa: E731
+    merged = kv_attention.MERGE_IN_SPLITS  # FASTGEN_MERGE_IN_SPLITS=1: the one-kernel forms
+    if k_scale is None and merged:
+        run = lambda: kv_attention.decode_attention_merged(q, k, v, row_start, q_slot, 0, counts)  # noqa: E731
+    elif k_scale is None:
+        run = lambda: kv_attention.decode_attention(q, k, v, row_start, q_slot, 0)  # noqa: E731
     else:
-        run = lambda: kv_attention.quantized_decode_attention(q, k, k_scale, v, v_scale, row_start, q_slot, 0, counts)  # noqa: E731
+        args = (q, k, k_scale, v, v_scale, row_start, q_slot, 0)
+        op = kv_attention.quantized_decode_attention_merged if merged else kv_attention.quantized_decode_attention
+        run = lambda: op(*args, counts) if merged else op(*args)  # noqa: E731
     return run, ref, nbytes
 
 

@@ -286,7 +286,7 @@ def test_split_kv_cache_decode_plumbing(monkeypatch):
     plain = gen.generate(prompts, 12, Sampling()).tokens
     calls = torch.zeros((), dtype=torch.long)  # a tensor, so the compiled step can count too
 
-    def reference(q, k_cache, v_cache, row_start, q_slot, sliding_window, split_counts):
+    def reference(q, k_cache, v_cache, row_start, q_slot, sliding_window):
         assert q.shape[2] == 1  # decode steps only
         calls.add_(1)
         return kv_attention.quantized_decode_attention_reference(
@@ -328,7 +328,7 @@ def test_rope_in_attention_plumbing(monkeypatch, reference_decode_kernels, overr
             qkv, cos, sin, k_cache, v_cache, row_start, q_slot, window, *rest
         )
 
-    def decode_attention(q, k_cache, v_cache, row_start, q_slot, window, counts):
+    def decode_attention(q, k_cache, v_cache, row_start, q_slot, window):
         return kv_attention.quantized_decode_attention_reference(
             q, k_cache, None, v_cache, None, row_start, q_slot, window or None
         )

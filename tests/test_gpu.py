@@ -212,7 +212,7 @@ KV_KERNEL_CASES = [  # B, Hq, Hkv, D, cache slots, query slot, row starts, windo
 @pytest.mark.parametrize("storage", ["int8", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("case", KV_KERNEL_CASES)
-def test_quantized_decode_attention_kernel_equals_reference(storage, dtype, case, monkeypatch):
+def test_quantized_decode_attention_kernel_equals_reference(storage, dtype, case):
     """kv_attention's kernel against its dequantize-then-SDPA reference, and it never reads a slot
     outside a row's valid range: there the scales are NaN, which any read would spread."""
     import kv_attention
@@ -231,24 +231,21 @@ def test_quantized_decode_attention_kernel_equals_reference(storage, dtype, case
     slots = torch.arange(S, device="cuda").view(1, S)
     outside = ~valid_kv(row_start.view(B, 1), slot.view(1, 1), slots, window).view(B, 1, S, 1)
     poisoned = [s.masked_fill(outside, float("nan")) for s in scales]
-    counts = kv_attention.new_split_counts(B, Hkv, "cuda")
-    got = kv_attention.quantized_decode_attention(
-        q, caches[0], poisoned[0], caches[1], poisoned[1], row_start, slot, window or 0, counts
-    )
-    assert got.dtype == dtype and got.shape == want.shape and not counts.any()
+    args = (q, caches[0], poisoned[0], caches[1], poisoned[1], row_start, slot, window or 0)
+    got = kv_attention.quantized_decode_attention(*args)
+    assert got.dtype == dtype and got.shape == want.shape
     err = ((got.float() - want.float()).norm() / want.float().norm()).item()
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
-    monkeypatch.setattr(kv_attention, "MERGE_IN_SPLITS", True)  # the merge in the last split
-    args = (q, caches[0], poisoned[0], caches[1], poisoned[1], row_start, slot, window or 0, counts)
-    for _ in range(2):
-        merged = kv_attention.quantized_decode_attention(*args)
+    counts = kv_attention.new_split_counts(B, Hkv, "cuda")
+    for _ in range(2):  # the one-kernel form (MERGE_IN_SPLITS): the same output, the counts zero again
+        merged = kv_attention.quantized_decode_attention_merged(*args, counts)
         assert not counts.any()
         assert ((merged.float() - got.float()).norm() / got.float().norm()).item() < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("case", KV_KERNEL_CASES)
-def test_unquantized_decode_attention_kernel_equals_reference(dtype, case, monkeypatch):
+def test_unquantized_decode_attention_kernel_equals_reference(dtype, case):
     """The same kernel over a bf16/fp16/fp32 cache (kv_attention.decode_attention, SplitKVCache):
     equal to the dense reference, and K/V outside each row's valid range (NaN here) are never read."""
     import kv_attention
@@ -265,13 +262,12 @@ def test_unquantized_decode_attention_kernel_equals_reference(dtype, case, monke
     slots = torch.arange(S, device="cuda").view(1, S)
     outside = ~valid_kv(row_start.view(B, 1), slot.view(1, 1), slots, window).view(B, 1, S, 1)
     poisoned = [c.masked_fill(outside, float("nan")) for c in caches]
+    args = (q, poisoned[0], poisoned[1], row_start, slot, window or 0)
+    got = kv_attention.decode_attention(*args)
+    assert got.dtype == dtype and got.shape == want.shape
     counts = kv_attention.new_split_counts(B, Hkv, "cuda")
-    got = kv_attention.decode_attention(q, poisoned[0], poisoned[1], row_start, slot, window or 0, counts)
-    assert got.dtype == dtype and got.shape == want.shape and not counts.any()
-    # the merge in the last split: the same output, and the counts back to zero for the next call
-    monkeypatch.setattr(kv_attention, "MERGE_IN_SPLITS", True)
-    for _ in range(2):
-        merged = kv_attention.decode_attention(q, poisoned[0], poisoned[1], row_start, slot, window or 0, counts)
+    for _ in range(2):  # the one-kernel form (MERGE_IN_SPLITS): the same output, the counts zero again
+        merged = kv_attention.decode_attention_merged(*args, counts)
         assert not counts.any()
         assert ((merged.float() - got.float()).norm() / got.float().norm()).item() < 1e-6
     err = ((got.float() - want.float()).norm() / want.float().norm()).item()

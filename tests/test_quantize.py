@@ -144,7 +144,7 @@ def test_quantized_cache_decode_attention_plumbing(monkeypatch, window):
     dequantized = gen.generate(prompts, 12, Sampling()).tokens
     calls = torch.zeros((), dtype=torch.long)  # a tensor, so the compiled step can count too
 
-    def reference(q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window, split_counts):
+    def reference(q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window):
         assert q.shape[2] == 1  # decode steps only
         calls.add_(1)
         return kv_attention.quantized_decode_attention_reference(
