@@ -483,32 +483,22 @@ def test_rope_decode_attention_equals_reference(
         assert ((c[:, :, slot].float() - w[:, :, slot].float()).norm() / w[:, :, slot].float().norm()) < tol
 
 
-@pytest.mark.parametrize("shape", ["gqa-hd128", "window"])
-def test_rope_in_attention_decodes_like_the_cpu(monkeypatch, shape):
-    """DecodeBlock with ROPE_IN_ATTENTION and MERGE_IN_SPLITS (one attention kernel a layer, the counts
-    mutated inside the CUDA graph): the compiled decode of a batch-1 prompt gives the CPU fp32 tokens."""
+@pytest.mark.parametrize(
+    "shape, one_attention_kernel",
+    [("gqa-hd128", False), ("window", False), ("tied", False), ("gqa-hd128", True), ("window", True)],
+)
+def test_fused_decode_block_compiled_equals_cpu_fp32_eager(monkeypatch, shape, one_attention_kernel):
+    """The fused decode block (these models are narrower than FUSED_FLOAT_MAX_DIM; DecodeLinear for the
+    output projection): the compiled CUDA-graph decode of a batch-1 prompt through gemv.DecodeBlock
+    gives the CPU fp32 eager tokens, and a batch still decodes through the plain blocks to the same tokens.
+    one_attention_kernel: with ROPE_IN_ATTENTION and MERGE_IN_SPLITS (the counts mutated inside the graph)."""
     import gemv
     import kv_attention
 
     monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
-    monkeypatch.setattr(kv_attention, "ROPE_IN_ATTENTION", True)
-    monkeypatch.setattr(kv_attention, "MERGE_IN_SPLITS", True)
-    cpu = random_model(shape)
-    want = [greedy(cpu, [p], 40, 128)[0] for p in PROMPTS[:2]]
-    cuda = on(cpu, "cuda")
-    assert [greedy(cuda, [p], 40, 128, compile=True)[0] for p in PROMPTS[:2]] == want
-    assert type(cuda.layers[0]) is gemv.DecodeBlock
-
-
-@pytest.mark.parametrize("shape", ["gqa-hd128", "window", "tied"])
-def test_fused_decode_block_compiled_equals_cpu_fp32_eager(monkeypatch, shape):
-    """The fused decode block (these models are narrower than FUSED_FLOAT_MAX_DIM; DecodeLinear for the
-    output projection): the compiled CUDA-graph decode of a batch-1 prompt through gemv.DecodeBlock
-    gives the CPU fp32 eager tokens, and a batch still decodes through the plain blocks to the same tokens."""
-    import gemv
-
-    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
     monkeypatch.setattr(gemv, "FLOAT_GEMV_ENABLED", True)
+    monkeypatch.setattr(kv_attention, "ROPE_IN_ATTENTION", one_attention_kernel)
+    monkeypatch.setattr(kv_attention, "MERGE_IN_SPLITS", one_attention_kernel)
     cpu = random_model(shape)
     want = [greedy(cpu, [p], 40, 128)[0] for p in PROMPTS[:2]]
     cuda = on(cpu, "cuda")
