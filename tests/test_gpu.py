@@ -421,6 +421,23 @@ def test_decode_gemv_folded_parts_equal_reference(norm, glu, residual, dtype, in
         )
 
 
+def one_token_qkv(D, n_heads, n_kv_heads, qk_norm, slots, dtype):
+    """A token's wqkv output, its RoPE angles, the q/k norm weights (or None) and two caches of `slots`."""
+    qkv = torch.randn(1, (n_heads + 2 * n_kv_heads) * D, device="cuda", dtype=dtype)
+    angles = torch.rand(D // 2, device="cuda") * 6
+    cos, sin = torch.cat((angles, angles)).cos().to(dtype), torch.cat((angles, angles)).sin().to(dtype)
+    norms = [torch.rand(D, device="cuda", dtype=dtype) + 0.5 if qk_norm else None for _ in range(2)]
+    caches = [torch.randn(1, n_kv_heads, slots, D, device="cuda", dtype=dtype) for _ in range(2)]
+    return qkv, cos, sin, norms, caches
+
+
+def assert_written_at(caches, want_caches, slot, tol):
+    """The caches equal the reference's: the token's k, v at slot (within tol), every other slot untouched."""
+    for c, w in zip(caches, want_caches):
+        assert torch.equal(c[:, :, :slot], w[:, :, :slot]) and torch.equal(c[:, :, slot + 1 :], w[:, :, slot + 1 :])
+        assert ((c[:, :, slot].float() - w[:, :, slot].float()).norm() / w[:, :, slot].float().norm()) < tol
+
+
 @pytest.mark.parametrize("D, n_heads, n_kv_heads, qk_norm", [(64, 9, 3, False), (128, 32, 4, True), (96, 4, 4, True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rope_write_kv_equals_reference(D, n_heads, n_kv_heads, qk_norm, dtype):
@@ -429,20 +446,14 @@ def test_rope_write_kv_equals_reference(D, n_heads, n_kv_heads, qk_norm, dtype):
     import kv_attention
 
     torch.manual_seed(D)
-    qkv = torch.randn(1, (n_heads + 2 * n_kv_heads) * D, device="cuda", dtype=dtype)
-    angles = torch.rand(D // 2, device="cuda") * 6
-    cos, sin = torch.cat((angles, angles)).cos().to(dtype), torch.cat((angles, angles)).sin().to(dtype)
-    norms = [torch.rand(D, device="cuda", dtype=dtype) + 0.5 if qk_norm else None for _ in range(2)]
-    caches = [torch.randn(1, n_kv_heads, 40, D, device="cuda", dtype=dtype) for _ in range(2)]
+    qkv, cos, sin, norms, caches = one_token_qkv(D, n_heads, n_kv_heads, qk_norm, 40, dtype)
     want_caches = [c.clone() for c in caches]
     slot = torch.tensor([29], device="cuda")
     want = kv_attention.rope_write_kv_reference(qkv, cos, sin, *want_caches, slot, n_heads, *norms, 1e-6)
     got = kv_attention.rope_write_kv(qkv, cos, sin, *caches, slot, n_heads, *norms, 1e-6)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     assert got.shape == (1, n_heads, 1, D) and ((got.float() - want.float()).norm() / want.float().norm()) < tol
-    for c, w in zip(caches, want_caches):
-        assert torch.equal(c[:, :, :29], w[:, :, :29]) and torch.equal(c[:, :, 30:], w[:, :, 30:])
-        assert ((c[:, :, 29].float() - w[:, :, 29].float()).norm() / w[:, :, 29].float().norm()) < tol
+    assert_written_at(caches, want_caches, 29, tol)
 
 
 @pytest.mark.parametrize(
@@ -461,11 +472,7 @@ def test_rope_decode_attention_equals_reference(
 
     monkeypatch.setattr(kv_attention, "MERGE_IN_SPLITS", merge_in_splits)
     torch.manual_seed(D + slot)
-    qkv = torch.randn(1, (n_heads + 2 * n_kv_heads) * D, device="cuda", dtype=dtype)
-    angles = torch.rand(D // 2, device="cuda") * 6
-    cos, sin = torch.cat((angles, angles)).cos().to(dtype), torch.cat((angles, angles)).sin().to(dtype)
-    norms = [torch.rand(D, device="cuda", dtype=dtype) + 0.5 if qk_norm else None for _ in range(2)]
-    caches = [torch.randn(1, n_kv_heads, 1024, D, device="cuda", dtype=dtype) for _ in range(2)]
+    qkv, cos, sin, norms, caches = one_token_qkv(D, n_heads, n_kv_heads, qk_norm, 1024, dtype)
     want_caches = [c.clone() for c in caches]
     row_start, q_slot = torch.tensor([3], dtype=torch.int32, device="cuda"), torch.tensor([slot], device="cuda")
     want = kv_attention.rope_decode_attention_reference(
@@ -478,9 +485,7 @@ def test_rope_decode_attention_equals_reference(
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     assert got.shape == (1, n_heads, 1, D) and ((got.float() - want.float()).norm() / want.float().norm()) < tol
     assert not counts.any()
-    for c, w in zip(caches, want_caches):
-        assert torch.equal(c[:, :, :slot], w[:, :, :slot]) and torch.equal(c[:, :, slot + 1 :], w[:, :, slot + 1 :])
-        assert ((c[:, :, slot].float() - w[:, :, slot].float()).norm() / w[:, :, slot].float().norm()) < tol
+    assert_written_at(caches, want_caches, slot, tol)
 
 
 @pytest.mark.parametrize(
