@@ -68,6 +68,18 @@ MERGE_IN_SPLITS = os.environ.get("FASTGEN_MERGE_IN_SPLITS", "0") == "1"
 # FASTGEN_ROPE_IN_ATTENTION=1 turns it on.
 ROPE_IN_ATTENTION = os.environ.get("FASTGEN_ROPE_IN_ATTENTION", "0") == "1"
 
+# An int8 / fp8 cache's K/V tiles converted to fp16 in registers as they arrive (exactly: int8 by
+# prmt under 1024's exponent, e4m3 by cvt two at a time), and the two products in fp16 (the query
+# converted once, p * v_scale rescaled into [0, 1] first). By default Triton moves the 8-bit tile
+# through shared memory byte by byte and converts it there (fp8 to fp16, then to bf16): the sm_90 loop
+# compiles to 6.9 (int8) / 6.7 (fp8) instructions a K/V element, 64 one-byte shared-memory loads a
+# thread a tile, against the bf16 cache's 3.1; this form compiles to 4.8, with ldmatrix. The int8
+# cache ran at 2.2 TB/s against bf16's 3.9 (issue 10 wants 1.1x bf16 at batch 8, 8k filled). fp16's
+# range: a query past 65504 would overflow (RoPE'd queries stay far below); fp32 queries keep the
+# default. NOT YET RUN ON A GPU (written 2026-12-04): off by default; FASTGEN_KV_TILES_FP16=1 turns it on.
+KV_TILES_FP16 = os.environ.get("FASTGEN_KV_TILES_FP16", "0") == "1"
+KV_ASM = True  # the PTX conversions; False: Triton's own (the interpreter has no inline PTX)
+
 
 def available(q: torch.Tensor) -> bool:
     return ENABLED and triton is not None and q.is_cuda
@@ -174,6 +186,51 @@ if triton is not None:
         return x * cos[None, :] + sign[None, :] * x_partner * sin[None, :]
 
     @triton.jit
+    def _tile_to_fp16(w, ASM: tl.constexpr):
+        # an int8 or e4m3 tile -> fp16, exactly, in registers, four values (one 32-bit register) an asm
+        # call. int8: prmt puts byte i of the sign-flipped word under the exponent of 1024 (1024 + 128
+        # + w), one fp16x2 subtraction a pair. e4m3: cvt two at a time. Not pure on purpose: Triton
+        # would move a pure conversion past the tile's trip through shared memory into the dot's
+        # layout, and that trip then goes byte by byte (LDS.U8, as the default .to() does), not by ldmatrix.
+        if not ASM:
+            return w.to(tl.float16)
+        if w.dtype == tl.int8:
+            return tl.inline_asm_elementwise(
+                """
+                {
+                .reg .b32 biased, magic, bias;
+                xor.b32 biased, $2, 0x80808080;
+                mov.b32 magic, 0x64646464;
+                mov.b32 bias, 0x64806480;
+                prmt.b32 $0, biased, magic, 0x7150;
+                prmt.b32 $1, biased, magic, 0x7352;
+                sub.f16x2 $0, $0, bias;
+                sub.f16x2 $1, $1, bias;
+                }
+                """,
+                "=r,=r,r",
+                [w],
+                dtype=tl.float16,
+                is_pure=False,
+                pack=4,
+            )
+        return tl.inline_asm_elementwise(
+            """
+            {
+            .reg .b16 lo, hi;
+            mov.b32 {lo, hi}, $2;
+            cvt.rn.f16x2.e4m3x2 $0, lo;
+            cvt.rn.f16x2.e4m3x2 $1, hi;
+            }
+            """,
+            "=r,=r,r",
+            [w],
+            dtype=tl.float16,
+            is_pure=False,
+            pack=4,
+        )
+
+    @triton.jit
     def _quantized_decode_kernel(
         q_ptr,  # [B * Hkv * G, D] contiguous: query head h * G + g of row b at row (b * Hkv + h) * G + g;
         # with ROPE, wqkv's output [(Hq + 2 Hkv) D] of one token (B = 1)
@@ -205,6 +262,8 @@ if triton is not None:
         HAS_SCALES: tl.constexpr,  # False: an unquantized cache
         MERGE: tl.constexpr,  # the last split to finish merges (MERGE_IN_SPLITS); else _merge_splits_kernel does
         ROPE: tl.constexpr,  # q is raw wqkv output: norm and rotate it here, and write the token's k, v (B = 1)
+        TILES_FP16: tl.constexpr,  # an int8 / fp8 cache's tiles converted to fp16 in registers (KV_TILES_FP16)
+        ASM: tl.constexpr,  # KV_ASM
         QK_NORM: tl.constexpr,
         EPS: tl.constexpr,
     ):
@@ -245,6 +304,10 @@ if triton is not None:
                 q_ptr + (bh * G + heads)[:, None] * D + dims[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0
             )
 
+        if TILES_FP16:
+            dot_dtype = tl.float16
+            q = q.to(tl.float16)
+
         running_max = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
         running_sum = tl.zeros((G_PAD,), dtype=tl.float32)
         acc = tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
@@ -256,7 +319,10 @@ if triton is not None:
             # both tiles' loads first, so K's and V's bytes are in flight together
             k = tl.load(k_ptr + offsets, mask=tile_ok, other=0.0)
             v = tl.load(v_ptr + offsets, mask=tile_ok, other=0.0)
-            k, v = k.to(dot_dtype), v.to(dot_dtype)
+            if TILES_FP16:
+                k, v = _tile_to_fp16(k, ASM), _tile_to_fp16(v, ASM)
+            else:
+                k, v = k.to(dot_dtype), v.to(dot_dtype)
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
             if HAS_SCALES:
                 k_scale = tl.load(k_scale_ptr + kv_rows + slot, mask=ok, other=0).to(tl.float32)
@@ -270,7 +336,11 @@ if triton is not None:
             p = tl.exp2(scores - new_max[:, None])
             running_sum = running_sum * correction + tl.sum(p, axis=1)
             # V's per-slot scale folds into the probabilities: sum_j p_j (s_j v_j) = sum_j (p_j s_j) v_j
-            if HAS_SCALES:
+            if TILES_FP16:  # p * v_scale over the tile's largest v_scale: in [0, 1], where fp16 is precise
+                v_scale_max = tl.maximum(tl.max(v_scale, axis=0), 1e-30)
+                pv_weight = (p * (v_scale / v_scale_max)[None, :]).to(tl.float16)
+                pv = tl.dot(pv_weight, v, input_precision="ieee") * v_scale_max
+            elif HAS_SCALES:
                 pv = tl.dot((p * v_scale[None, :]).to(dot_dtype), v, input_precision="ieee")
             else:
                 pv = tl.dot(p.to(dot_dtype), v, input_precision="ieee")
@@ -482,6 +552,8 @@ if triton is not None:
             HAS_SCALES=has_scales,
             MERGE=split_counts is not None,
             ROPE=rope is not None,
+            TILES_FP16=KV_TILES_FP16 and has_scales and q.dtype != torch.float32,
+            ASM=KV_ASM,
             QK_NORM=q_norm_weight is not None,
             EPS=eps,
             num_warps=NUM_WARPS,

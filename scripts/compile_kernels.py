@@ -188,10 +188,12 @@ def main(argv=None):
                 }
                 # the last split merges (kv_attention.MERGE_IN_SPLITS); q is wqkv's output, normed and
                 # rotated here, the token's k / v written (ROPE_IN_ATTENTION: unquantized caches only)
-                modes = [(False, False, False), (True, False, False)]
+                modes = [(False, False, False, False), (True, False, False, False)]
                 if store is None:
-                    modes += [(False, True, False), (True, True, True)]
-                for merge, rope, qk_norm in modes:
+                    modes += [(False, True, False, False), (True, True, True, False)]
+                if store is not None and dtype != "*fp32":  # KV_TILES_FP16: the tiles in fp16, converted in registers
+                    modes += [(False, False, False, True)]
+                for merge, rope, qk_norm, tiles_fp16 in modes:
                     consts = dict(
                         D=head_dim,
                         G=group,
@@ -203,6 +205,8 @@ def main(argv=None):
                         HAS_SCALES=store is not None,
                         MERGE=merge,
                         ROPE=rope,
+                        TILES_FP16=tiles_fp16,
+                        ASM=True,
                         QK_NORM=qk_norm,
                         EPS=1e-6,
                     )
@@ -212,7 +216,8 @@ def main(argv=None):
                         name
                         + (", merged in the last split" if merge else "")
                         + (", rope" if rope else "")
-                        + (" + qk norm" if qk_norm else ""),
+                        + (" + qk norm" if qk_norm else "")
+                        + (", tiles in fp16" if tiles_fp16 else ""),
                         kv_attention._quantized_decode_kernel,
                         {**sig, **{n: dtype for n in ("y_ptr", "cos_ptr", "sin_ptr", "q_norm_ptr", "k_norm_ptr")}},
                         consts,

@@ -70,6 +70,22 @@ def rope_attention(Hq=9, Hkv=3, D=64, S=300, slot=130, start=0, window=0, qk_nor
     return got, want
 
 
+def int8_tiles_in_fp16(dtype=torch.bfloat16, v_scale_size=1e-2):
+    """KV_TILES_FP16 (the int8 tiles converted to fp16 as they arrive, both products in fp16) on an int8
+    cache, against the fp32 reference; v scales far below fp16's normal range too."""
+    B, Hkv, G, D, S, slot = 2, 2, 4, 128, 3000, 2100
+    q = (torch.randn(B, Hkv * G, 1, D) * 3).to(dtype)
+    k, v = torch.randint(-127, 128, (2, B, Hkv, S, D), dtype=torch.int8)
+    k_scale, v_scale = torch.rand(B, Hkv, S, 1).to(dtype) / 100, (torch.rand(B, Hkv, S, 1) * v_scale_size).to(dtype)
+    row_start, q_slot = torch.tensor([0, 30], dtype=torch.int32), torch.tensor([slot])
+    kv_attention.KV_TILES_FP16 = True
+    try:
+        got = kv_attention.quantized_decode_attention(q, k, k_scale, v, v_scale, row_start, q_slot, 0)
+    finally:
+        kv_attention.KV_TILES_FP16 = False
+    return got, kv_attention.quantized_decode_attention_reference(q, k, k_scale, v, v_scale, row_start, q_slot, None)
+
+
 def merged_in_splits(run, *args):
     """run(*args) with kv_attention.MERGE_IN_SPLITS on: the last split to finish merges them all."""
     kv_attention.MERGE_IN_SPLITS = True
@@ -239,11 +255,16 @@ def main():
     gemv.int8_gemv_config = lambda n, k: {**plain_config(n, k), "CONVERT": 1}  # no inline PTX here
     gemv.INT8_CONVERT = 1
     gemv.INT4_ASM = False
+    kv_attention.KV_ASM = False
     runs = [(f"{case}", lambda case=case: unquantized(*case)) for case in CASES] + [("int8 KV", int8)]
     runs += [
         (f"{case}, merged in the last split", lambda case=case: merged_in_splits(unquantized, *case)) for case in CASES
     ]
     runs += [("int8 KV, merged in the last split", lambda: merged_in_splits(int8))]
+    runs += [
+        ("int8 KV tiles in fp16, bf16 queries", int8_tiles_in_fp16),
+        ("int8 KV tiles in fp16, fp16 queries, v scales ~1e-5", lambda: int8_tiles_in_fp16(torch.float16, 1e-5)),
+    ]
     runs += [
         ("rope + attention, SmolLM2's heads", rope_attention),
         ("rope + attention, the slot opening a tile", lambda: rope_attention(slot=128, start=3)),

@@ -274,6 +274,41 @@ def test_unquantized_decode_attention_kernel_equals_reference(dtype, case):
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
 
 
+@pytest.mark.parametrize("storage", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", KV_KERNEL_CASES)
+def test_kv_tiles_in_fp16_equal_reference(storage, dtype, case, monkeypatch):
+    """KV_TILES_FP16: the int8 / e4m3 tiles converted to fp16 in registers (exactly) and both products
+    in fp16 give the dequantize-then-SDPA reference, as close as the default path does, and read no
+    slot outside a row's valid range (NaN scales there)."""
+    import kv_attention
+
+    B, Hq, Hkv, D, S, q_slot, starts, window = case
+    torch.manual_seed(S + D)
+    store = torch.int8 if storage == "int8" else torch.float8_e4m3fn
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype) * 3
+    caches = [(torch.randn(B, Hkv, S, D, device="cuda") * 60).clamp(-127, 127).to(store) for _ in range(2)]
+    # v scales far below fp16's normal range too: the kernel rescales p * v_scale into [0, 1] first
+    scales = [(torch.rand(B, Hkv, S, 1, device="cuda") * size + size / 10).to(dtype) for size in (1e-2, 1e-5)]
+    row_start = torch.tensor(starts, dtype=torch.int32, device="cuda")
+    slot = torch.tensor([q_slot], device="cuda")
+    want = kv_attention.quantized_decode_attention_reference(
+        q, caches[0], scales[0], caches[1], scales[1], row_start, slot, window
+    )
+    slots = torch.arange(S, device="cuda").view(1, S)
+    outside = ~valid_kv(row_start.view(B, 1), slot.view(1, 1), slots, window).view(B, 1, S, 1)
+    poisoned = [s.masked_fill(outside, float("nan")) for s in scales]
+    args = (q, caches[0], poisoned[0], caches[1], poisoned[1], row_start, slot, window or 0)
+    monkeypatch.setattr(kv_attention, "KV_TILES_FP16", True)
+    got = kv_attention.quantized_decode_attention(*args)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+    compiled = torch.compile(kv_attention.quantized_decode_attention, fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):  # warm-up, record, replay: the same kernel
+        out = compiled(*args).clone()
+    assert torch.equal(out, got)
+
+
 @pytest.mark.parametrize("merge_in_splits", [False, True])
 def test_split_kv_cache_decodes_like_the_flex_path(monkeypatch, merge_in_splits):
     """The default bf16 cache on CUDA (kv_attention.SplitKVCache) decodes a batch of different-length
