@@ -6,8 +6,12 @@ any device time is spent. Needs Triton next to torch (a CPU-only torch has none)
     /tmp/tri/bin/python scripts/compile_kernels.py            # sm_90 (H100/H200)
     /tmp/tri/bin/python scripts/compile_kernels.py --arch 80  # A100
 
-`--sass-hash` adds a hash of each kernel's machine code: a refactor meant to leave a kernel as it
-was (a helper pulled out, say) can be checked to compile to the same code before any GPU sees it.
+`--loop` adds the size of each kernel's main loop (its longest backward branch) in SASS instructions and
+its commonest opcodes: per element of work, that is what says a kernel is instruction-bound, and it
+showed the split-KV kernel moving an int8 tile through shared memory a byte at a time (LDS.U8;
+kv_attention.KV_TILES_FP16). `--sass-hash` adds a hash of each kernel's machine code: a refactor
+meant to leave a kernel as it was (a helper pulled out, say) can be checked to compile to the same
+code before any GPU sees it.
 
 It compiles only: correctness is the GPU tests' job (and, for some kernels, Triton's CPU interpreter,
 TRITON_INTERPRET=1, which cannot run inline asm or int8 -> bf16).
@@ -19,6 +23,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,6 +36,21 @@ import gemv  # noqa: E402
 import kv_attention  # noqa: E402
 
 SASS_HASH = False  # --sass-hash: a refactor that should not change a kernel can be checked by its machine code
+LOOP = False  # --loop: the main loop's instruction count and commonest opcodes
+
+
+def main_loop(code: list[str]) -> str:
+    """The longest loop of a kernel's SASS (instructions between a backward branch and its target):
+    its length and its six commonest opcodes."""
+    address = [int(line.split("*/", 1)[0].split("/*")[-1], 16) for line in code]
+    body = []
+    for i, line in enumerate(code):
+        target = re.search(r"BRA\s.*?0x([0-9a-f]+)", line)
+        if target and int(target.group(1), 16) < address[i]:
+            loop = [c for c, a in zip(code, address) if int(target.group(1), 16) <= a <= address[i]]
+            body = max(body, loop, key=len)
+    ops = Counter(re.sub(r"^(@!?U?P\w+\s+)", "", c.split("*/", 1)[1].strip()).split()[0] for c in body)
+    return f"loop:{len(body)} " + ",".join(f"{op}x{n}" for op, n in ops.most_common(6))
 
 
 def resources(cubin: bytes) -> str:
@@ -40,8 +60,12 @@ def resources(cubin: bytes) -> str:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     report = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
     found = " ".join(re.findall(r"REG:\d+|SHARED:\d+|LOCAL:\d+", report))
-    if SASS_HASH:
+    if SASS_HASH or LOOP:
         sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+        lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+        if LOOP:
+            found += " " + main_loop(lines)
+    if SASS_HASH:
         code = "\n".join(line.split("*/", 1)[-1] for line in sass.splitlines() if "/*" in line and "*/" in line)
         found += " SASS:" + hashlib.sha256(code.encode()).hexdigest()[:12]
     return found
@@ -64,9 +88,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default: 90)")
     p.add_argument("--sass-hash", action="store_true", help="also print a hash of each kernel's machine code")
+    p.add_argument("--loop", action="store_true", help="also print each kernel's main loop: SASS length, opcodes")
     args = p.parse_args(argv)
-    global SASS_HASH
-    SASS_HASH = args.sass_hash
+    global SASS_HASH, LOOP
+    SASS_HASH, LOOP = args.sass_hash, args.loop
     target = GPUTarget("cuda", args.arch, 32)
     print(f"triton {triton.__version__}, sm_{target.arch}")
     decode_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "scale_ptr": "*fp32", "norm_ptr": "*bf16", "res_ptr": "*bf16"}
