@@ -54,12 +54,13 @@ def main_loop(code: list[str]) -> str:
 
 
 def resources(cubin: bytes) -> str:
-    """REG / SHARED / LOCAL (spills) as cuobjdump reports them (and a hash of the SASS, if asked)."""
+    """REG / STACK (spilled registers live there) / SHARED / LOCAL as cuobjdump reports them (and a hash
+    of the SASS, or its main loop, if asked)."""
     path = "/tmp/compile_kernels.cubin"
     Path(path).write_bytes(cubin)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     report = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
-    found = " ".join(re.findall(r"REG:\d+|SHARED:\d+|LOCAL:\d+", report))
+    found = " ".join(re.findall(r"REG:\d+|STACK:\d+|SHARED:\d+|LOCAL:\d+", report))  # STACK: spills
     if SASS_HASH or LOOP:
         sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
         lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
