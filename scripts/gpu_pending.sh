@@ -24,11 +24,11 @@
 #                                          #   (bf16, int8, tinygemm g64/g128) at 1-16 rows, each replayed in a CUDA
 #                                          #   graph (int4_rows_sweep.py), then 8 layers of the int4 step profiled at
 #                                          #   B1 and B8
-#   bash scripts/gpu_pending.sh fusedcheck # ~9 min: FIRST after 2026-12-04 (third session): the GPU tier with the
+#   bash scripts/gpu_pending.sh fusedcheck # ~10 min: FIRST after 2026-12-04 (third session): the GPU tier with the
 #                                          #   fused decode defaults, then the fused block with SiLU(gate) * up moved
 #                                          #   into w13's stores (untimed) at Llama-3-8B (forced; it lost with the SiLU
-#                                          #   in w2's loads, 4.833 vs 4.144 ms unfused), SmolLM2-135M (0.693 before),
-#                                          #   int8 Llama-3-8B (2.995) and 12 Qwen3-30B-A3B layers (0.965)
+#                                          #   in w2's loads, 4.833 vs 4.144 ms unfused), SmolLM2-135M (0.693 before)
+#                                          #   and int8 Llama-3-8B (2.995); 12 Qwen3 layers (0.965) are in attnfold
 #   bash scripts/gpu_pending.sh int4gemv   # ~8 min: gemv.int4_gemv (opt-in, never run on a GPU; written 2026-12-04):
 #                                          #   its GPU tests (the layout against torch's packing, the kernel against
 #                                          #   tinygemm), one linear per format replayed in a graph, its tiles
@@ -169,15 +169,15 @@ int4rows)
     ;;
 fusedcheck)
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    step tier 300 python -m pytest -m gpu -q -p no:cacheprovider -rf -n 4
+    # the tier grew to ~170 tests on 2026-12-04 (fourth session): 360 s for it, Qwen3's row moved to attnfold
+    step tier 360 python -m pytest -m gpu -q -p no:cacheprovider -rf -n 4
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
     # most important first: the run tool stops a call at 600 s, and each log lands in $OUT as it goes
     # --by-launch: each projection's GEMV on a row of its own (the grid / block size tell them apart)
-    FASTGEN_FUSED_DECODE=1 decode llama_fused 120 --model llama-3-8b --by-launch --top 16
-    decode qwen3_b1_12 60 --model qwen3-30b-a3b --layers 12 --by-launch --top 16
-    decode smol 80 --model smollm2-135m --by-launch --top 16
-    decode llama_int8 90 --model llama-3-8b --weights int8
+    FASTGEN_FUSED_DECODE=1 decode llama_fused 100 --model llama-3-8b --by-launch --top 16
+    decode smol 60 --model smollm2-135m --by-launch --top 16
+    decode llama_int8 75 --model llama-3-8b --weights int8
     ;;
 int4gemv)
     step int4_tests 120 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k int4
@@ -203,6 +203,8 @@ attnfold)
     summary+=("$(grep -E '^\| ' "$out/kv_sweep.txt" | head -6)")
     FASTGEN_MERGE_IN_SPLITS=1 step kv_sweep_merged 75 python scripts/kv_kernel_sweep.py --quick --time-budget-s 60
     summary+=("$(grep -E '^\| ' "$out/kv_sweep_merged.txt" | head -6)")
+    # fusedcheck's Qwen3 row (12 of 48 layers; 0.965 ms at 714bafb, the router through decode_gemv since)
+    decode qwen3_b1_12 60 --model qwen3-30b-a3b --layers 12 --by-launch --top 16
     ;;
 kvfp16)
     # also issue 11's long context (B1, 8k of 32k) and the bf16 cache at B8 8k: the longctx mode's runs
