@@ -438,25 +438,10 @@ if triton is not None:
         """The same over an unquantized cache (bf16/fp16/fp32, any dtype q's converts to)."""
         return _split_kv_attention(q, k_cache, k_cache, v_cache, v_cache, row_start, q_slot, sliding_window, False)
 
-    # MERGE_IN_SPLITS' forms of the two: one kernel, the last split to finish merging; split_counts is
-    # new_split_counts(B, Hkv), zero before and after. Ops of their own, so that the default ones mutate
-    # nothing (a mutated argument the compiler failed to reinplace would cost a copy a layer).
-    @triton_op("fastgen::quantized_decode_attention_merged", mutates_args={"split_counts"})
-    def quantized_decode_attention_merged(
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        k_scale: torch.Tensor,
-        v_cache: torch.Tensor,
-        v_scale: torch.Tensor,
-        row_start: torch.Tensor,
-        q_slot: torch.Tensor,
-        sliding_window: int,
-        split_counts: torch.Tensor,
-    ) -> torch.Tensor:
-        return _split_kv_attention(
-            q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window, True, split_counts=split_counts
-        )
-
+    # MERGE_IN_SPLITS' form of the two (an int8 / fp8 cache with its scales, an unquantized one
+    # without): one kernel, the last split to finish merging; split_counts is new_split_counts(B, Hkv),
+    # zero before and after. An op of its own, so that the default ones mutate nothing (a mutated
+    # argument the compiler failed to reinplace would cost a copy a layer).
     @triton_op("fastgen::decode_attention_merged", mutates_args={"split_counts"})
     def decode_attention_merged(
         q: torch.Tensor,
@@ -466,9 +451,13 @@ if triton is not None:
         q_slot: torch.Tensor,
         sliding_window: int,
         split_counts: torch.Tensor,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        scaled = k_scale is not None
+        k_scale, v_scale = (k_scale, v_scale) if scaled else (k_cache, v_cache)  # never read unscaled
         return _split_kv_attention(
-            q, k_cache, k_cache, v_cache, v_cache, row_start, q_slot, sliding_window, False, split_counts=split_counts
+            q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window, scaled, split_counts=split_counts
         )
 
     @triton_op("fastgen::rope_decode_attention", mutates_args={"k_cache", "v_cache", "split_counts"})

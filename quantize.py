@@ -444,10 +444,14 @@ class QuantizedKVCache(nn.Module):
 
     def attend_at_decode(self, q, row_start, q_slot, sliding_window: int | None):
         """q [B, Hq, 1, D] at slot q_slot [1] over each row's valid slots -> [B, Hq, 1, D] (kv_attention)."""
-        args = (q, self.k_cache, self.k_scale, self.v_cache, self.v_scale, row_start, q_slot, sliding_window or 0)
+        window = sliding_window or 0
         if kv_attention.MERGE_IN_SPLITS:  # one kernel: the last split merges (not yet timed)
-            return kv_attention.quantized_decode_attention_merged(*args, self.split_counts)
-        return kv_attention.quantized_decode_attention(*args)
+            return kv_attention.decode_attention_merged(
+                q, self.k_cache, self.v_cache, row_start, q_slot, window, self.split_counts, self.k_scale, self.v_scale
+            )
+        return kv_attention.quantized_decode_attention(
+            q, self.k_cache, self.k_scale, self.v_cache, self.v_scale, row_start, q_slot, window
+        )
 
 
 def check_fp8_supported(device=None):

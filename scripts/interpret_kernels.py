@@ -70,39 +70,24 @@ def rope_attention(Hq=9, Hkv=3, D=64, S=300, slot=130, start=0, window=0, qk_nor
     return got, want
 
 
-def int8_tiles_in_fp16(dtype=torch.bfloat16, v_scale_size=1e-2):
-    """KV_TILES_FP16 (the int8 tiles converted to fp16 as they arrive, both products in fp16) on an int8
-    cache, against the fp32 reference; v scales far below fp16's normal range too."""
-    B, Hkv, G, D, S, slot = 2, 2, 4, 128, 3000, 2100
-    q = (torch.randn(B, Hkv * G, 1, D) * 3).to(dtype)
+def with_switch(name, run, *args, **kwargs):
+    """run(*args, **kwargs) with kv_attention's switch `name` on (MERGE_IN_SPLITS, KV_TILES_FP16)."""
+    setattr(kv_attention, name, True)
+    try:
+        return run(*args, **kwargs)
+    finally:
+        setattr(kv_attention, name, False)
+
+
+def int8(B=2, Hkv=2, G=4, D=128, S=3000, slot=2100, dtype=torch.float32, q_size=1.0, v_scale_size=1e-2):
+    """An int8 cache; v_scale_size far below 6e-5: fp16's subnormals (KV_TILES_FP16 rescales first)."""
+    q = (torch.randn(B, Hkv * G, 1, D) * q_size).to(dtype)
     k, v = torch.randint(-127, 128, (2, B, Hkv, S, D), dtype=torch.int8)
     k_scale, v_scale = torch.rand(B, Hkv, S, 1).to(dtype) / 100, (torch.rand(B, Hkv, S, 1) * v_scale_size).to(dtype)
     row_start, q_slot = torch.tensor([0, 30], dtype=torch.int32), torch.tensor([slot])
-    kv_attention.KV_TILES_FP16 = True
-    try:
-        got = kv_attention.quantized_decode_attention(q, k, k_scale, v, v_scale, row_start, q_slot, 0)
-    finally:
-        kv_attention.KV_TILES_FP16 = False
-    return got, kv_attention.quantized_decode_attention_reference(q, k, k_scale, v, v_scale, row_start, q_slot, None)
-
-
-def merged_in_splits(run, *args):
-    """run(*args) with kv_attention.MERGE_IN_SPLITS on: the last split to finish merges them all."""
-    kv_attention.MERGE_IN_SPLITS = True
-    try:
-        return run(*args)
-    finally:
-        kv_attention.MERGE_IN_SPLITS = False
-
-
-def int8(B=2, Hkv=2, G=4, D=128, S=3000, slot=2100):
-    q = torch.randn(B, Hkv * G, 1, D)
-    k, v = torch.randint(-127, 128, (2, B, Hkv, S, D), dtype=torch.int8)
-    k_scale, v_scale = torch.rand(2, B, Hkv, S, 1) / 100
-    row_start, q_slot = torch.tensor([0, 30], dtype=torch.int32), torch.tensor([slot])
     if kv_attention.MERGE_IN_SPLITS:
         counts = kv_attention.new_split_counts(B, Hkv)
-        got = kv_attention.quantized_decode_attention_merged(q, k, k_scale, v, v_scale, row_start, q_slot, 0, counts)
+        got = kv_attention.decode_attention_merged(q, k, v, row_start, q_slot, 0, counts, k_scale, v_scale)
         assert not counts.any()
     else:
         got = kv_attention.quantized_decode_attention(q, k, k_scale, v, v_scale, row_start, q_slot, 0)
@@ -258,12 +243,19 @@ def main():
     kv_attention.KV_ASM = False
     runs = [(f"{case}", lambda case=case: unquantized(*case)) for case in CASES] + [("int8 KV", int8)]
     runs += [
-        (f"{case}, merged in the last split", lambda case=case: merged_in_splits(unquantized, *case)) for case in CASES
+        (f"{case}, merged in the last split", lambda case=case: with_switch("MERGE_IN_SPLITS", unquantized, *case))
+        for case in CASES
     ]
-    runs += [("int8 KV, merged in the last split", lambda: merged_in_splits(int8))]
+    runs += [("int8 KV, merged in the last split", lambda: with_switch("MERGE_IN_SPLITS", int8))]
     runs += [
-        ("int8 KV tiles in fp16, bf16 queries", int8_tiles_in_fp16),
-        ("int8 KV tiles in fp16, fp16 queries, v scales ~1e-5", lambda: int8_tiles_in_fp16(torch.float16, 1e-5)),
+        (
+            "int8 KV tiles in fp16, bf16 queries",
+            lambda: with_switch("KV_TILES_FP16", int8, dtype=torch.bfloat16, q_size=3),
+        ),
+        (
+            "int8 KV tiles in fp16, fp16 queries, v scales ~1e-5",
+            lambda: with_switch("KV_TILES_FP16", int8, dtype=torch.float16, q_size=3, v_scale_size=1e-5),
+        ),
     ]
     runs += [
         ("rope + attention, SmolLM2's heads", rope_attention),
@@ -271,7 +263,7 @@ def main():
         ("rope + attention, qk norm, G 4, D 128, window", lambda: rope_attention(16, 4, 128, 700, 650, 0, 100, True)),
         (
             "rope + attention, fp16, merged in the last split",
-            lambda: merged_in_splits(rope_attention, 8, 2, 64, 257, 5, 0, 0, False, torch.float16),
+            lambda: with_switch("MERGE_IN_SPLITS", rope_attention, 8, 2, 64, 257, 5, 0, 0, False, torch.float16),
         ),
     ]
     runs += [("int8 gemv", int8_gemv), ("int8 expert gemv", int8_expert_gemv)]

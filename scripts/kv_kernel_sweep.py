@@ -69,10 +69,10 @@ def make_case(dtype, batch, slots, filled):
         run = lambda: kv_attention.decode_attention_merged(q, k, v, row_start, q_slot, 0, counts)  # noqa: E731
     elif k_scale is None:
         run = lambda: kv_attention.decode_attention(q, k, v, row_start, q_slot, 0)  # noqa: E731
+    elif merged:
+        run = lambda: kv_attention.decode_attention_merged(q, k, v, row_start, q_slot, 0, counts, k_scale, v_scale)  # noqa: E731
     else:
-        args = (q, k, k_scale, v, v_scale, row_start, q_slot, 0)
-        op = kv_attention.quantized_decode_attention_merged if merged else kv_attention.quantized_decode_attention
-        run = lambda: op(*args, counts) if merged else op(*args)  # noqa: E731
+        run = lambda: kv_attention.quantized_decode_attention(q, k, k_scale, v, v_scale, row_start, q_slot, 0)  # noqa: E731
     return run, ref, nbytes
 
 

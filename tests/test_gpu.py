@@ -209,6 +209,15 @@ KV_KERNEL_CASES = [  # B, Hq, Hkv, D, cache slots, query slot, row starts, windo
 ]
 
 
+def nan_outside_rows(tensors, row_start, slot, window):
+    """Copies of [B, H, S, X] tensors with NaN at every slot outside each row's valid range: a kernel
+    that reads one spreads NaN into its output."""
+    B, S = tensors[0].shape[0], tensors[0].shape[2]
+    slots = torch.arange(S, device=tensors[0].device).view(1, S)
+    outside = ~valid_kv(row_start.view(B, 1), slot.view(1, 1), slots, window).view(B, 1, S, 1)
+    return [t.masked_fill(outside, float("nan")) for t in tensors]
+
+
 @pytest.mark.parametrize("storage", ["int8", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("case", KV_KERNEL_CASES)
@@ -228,9 +237,7 @@ def test_quantized_decode_attention_kernel_equals_reference(storage, dtype, case
     want = kv_attention.quantized_decode_attention_reference(
         q, caches[0], scales[0], caches[1], scales[1], row_start, slot, window
     )
-    slots = torch.arange(S, device="cuda").view(1, S)
-    outside = ~valid_kv(row_start.view(B, 1), slot.view(1, 1), slots, window).view(B, 1, S, 1)
-    poisoned = [s.masked_fill(outside, float("nan")) for s in scales]
+    poisoned = nan_outside_rows(scales, row_start, slot, window)
     args = (q, caches[0], poisoned[0], caches[1], poisoned[1], row_start, slot, window or 0)
     got = kv_attention.quantized_decode_attention(*args)
     assert got.dtype == dtype and got.shape == want.shape
@@ -238,7 +245,9 @@ def test_quantized_decode_attention_kernel_equals_reference(storage, dtype, case
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
     counts = kv_attention.new_split_counts(B, Hkv, "cuda")
     for _ in range(2):  # the one-kernel form (MERGE_IN_SPLITS): the same output, the counts zero again
-        merged = kv_attention.quantized_decode_attention_merged(*args, counts)
+        merged = kv_attention.decode_attention_merged(
+            q, caches[0], caches[1], row_start, slot, window or 0, counts, poisoned[0], poisoned[1]
+        )
         assert not counts.any()
         assert ((merged.float() - got.float()).norm() / got.float().norm()).item() < 1e-6
 
@@ -259,9 +268,7 @@ def test_unquantized_decode_attention_kernel_equals_reference(dtype, case):
     want = kv_attention.quantized_decode_attention_reference(
         q, caches[0], None, caches[1], None, row_start, slot, window
     )
-    slots = torch.arange(S, device="cuda").view(1, S)
-    outside = ~valid_kv(row_start.view(B, 1), slot.view(1, 1), slots, window).view(B, 1, S, 1)
-    poisoned = [c.masked_fill(outside, float("nan")) for c in caches]
+    poisoned = nan_outside_rows(caches, row_start, slot, window)
     args = (q, poisoned[0], poisoned[1], row_start, slot, window or 0)
     got = kv_attention.decode_attention(*args)
     assert got.dtype == dtype and got.shape == want.shape
@@ -295,9 +302,7 @@ def test_kv_tiles_in_fp16_equal_reference(storage, dtype, case, monkeypatch):
     want = kv_attention.quantized_decode_attention_reference(
         q, caches[0], scales[0], caches[1], scales[1], row_start, slot, window
     )
-    slots = torch.arange(S, device="cuda").view(1, S)
-    outside = ~valid_kv(row_start.view(B, 1), slot.view(1, 1), slots, window).view(B, 1, S, 1)
-    poisoned = [s.masked_fill(outside, float("nan")) for s in scales]
+    poisoned = nan_outside_rows(scales, row_start, slot, window)
     args = (q, caches[0], poisoned[0], caches[1], poisoned[1], row_start, slot, window or 0)
     monkeypatch.setattr(kv_attention, "KV_TILES_FP16", True)
     got = kv_attention.quantized_decode_attention(*args)
