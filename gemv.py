@@ -276,6 +276,8 @@ def int8_gemm_dot_config(n: int, k: int) -> dict:
 
 INT8_CONVERT = 2  # _int8_to_fp32's prmt form: 1-14% more GB/s than cvt on the H200 (BENCHMARKS.md)
 if triton is not None:
+    from kv_attention import pdl_launch_next, pdl_wait, prefetch_l2  # programmatic dependent launch (PDL)
+
     # int8 -> fp32 without cvt: I2F runs at a quarter of the FP32 rate on sm_80/90, and at batch 1
     # there is one conversion per weight byte. prmt puts byte i of the sign-flipped word under the
     # exponent of 2^23, so the float is 2^23 + 128 + w exactly; one subtraction recovers w. Four
@@ -331,6 +333,7 @@ if triton is not None:
         RESIDUAL: tl.constexpr,
         CONVERT: tl.constexpr,  # -1: a float weight; else an int8 one, converted as _int8_to_fp32 does
         EXPERTS: tl.constexpr,
+        PDL: tl.constexpr,  # launched with programmatic dependent launch (kv_attention.PDL)
     ):
         # BLOCK_N outputs of one activation row, the weight read once. Each program reads all of
         # x anyway, so the norm costs no pass of its own: W (g * x * r) = r * (W (g * x)), with the
@@ -338,6 +341,15 @@ if triton is not None:
         # program reads gate row n and up row N + n and writes SiLU(gate) * up, w13's hidden, each
         # sigmoid computed once (folded into w2's loads, as it was until 2026-12-04, every w2 program
         # recomputed all of them).
+        if PDL and not EXPERTS:  # the first weight tile's lines to L2 while the previous kernel finishes
+            first = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # elements a 128-byte line
+            at = tl.minimum(tl.arange(0, BLOCK_K // LINE) * LINE, K - 1)  # clamped: no address outside w
+            lines = w_ptr + tl.minimum(first, N - 1).to(tl.int64)[:, None] * K + at[None, :]
+            prefetch_l2(lines)
+            if GLU:
+                prefetch_l2(lines + N.to(tl.int64) * K)
+        pdl_wait(PDL)  # the expert ids, x, the residual: written by earlier kernels
         if EXPERTS:  # program axis 1: the (token, expert) pair
             r = tl.program_id(1)
             e = tl.load(ids_ptr + r).to(tl.int64)
@@ -376,6 +388,7 @@ if triton is not None:
                     acc_up += _int8_to_fp32(w_up, CONVERT) * x[None, :]
                 else:
                     acc_up += w_up.to(tl.float32) * x[None, :]
+        pdl_launch_next(PDL)
         y = tl.sum(acc, axis=1)
         up = tl.sum(acc_up, axis=1)
         if CONVERT >= 0:
@@ -556,6 +569,7 @@ if triton is not None:
             RESIDUAL=residual is not None,
             EXPERTS=expert_ids is not None,
             **cfg,
+            **kv_attention.pdl_launch(x),
         )
         return y
 

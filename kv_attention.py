@@ -17,6 +17,7 @@ fp32 softmax) that the GPU tests compare the kernel with.
 the query/key norms (Qwen3), RoPE, and the write of the token's k and v into the cache.
 """
 
+import functools
 import os
 
 import torch
@@ -80,9 +81,36 @@ ROPE_IN_ATTENTION = os.environ.get("FASTGEN_ROPE_IN_ATTENTION", "0") == "1"
 KV_TILES_FP16 = os.environ.get("FASTGEN_KV_TILES_FP16", "0") == "1"
 KV_ASM = True  # the PTX conversions; False: Triton's own (the interpreter has no inline PTX)
 
+# Programmatic dependent launch (sm_90+) for the batch-1 decode chain's kernels (these attention
+# kernels, rope_write_kv, gemv.decode_gemv): each is launched with the attribute that lets it start
+# while the kernel before it in the stream finishes, and waits (griddepcontrol.wait) before it touches
+# anything another kernel may write; decode_gemv first asks L2 for its first weight tile, which no
+# kernel writes. A kernel that has finished its main loop lets the next one launch. In a CUDA graph
+# the launch gap and ramp between dependent kernels (~150 a SmolLM2-135M step, 0.693 ms) is what
+# this hides. Only where this repo launches the kernel itself: generate.py's CUDA-graph step without
+# --compile (under torch.compile, Inductor launches user kernels without the attribute, torch
+# 2.11-2.13). NOT YET RUN ON A GPU (written 2026-12-05): off by default; FASTGEN_PDL=1 turns it on.
+PDL = os.environ.get("FASTGEN_PDL", "0") == "1"
+
 
 def available(q: torch.Tensor) -> bool:
     return ENABLED and triton is not None and q.is_cuda
+
+
+def pdl_launch(x: torch.Tensor) -> dict:
+    """What a PDL-capable kernel's launch on x's device adds: its PDL constexpr, and with it on,
+    Triton's launch_pdl option (the launch attribute). On only with PDL, on sm_90+, and where the
+    kernel is launched here, not traced: Inductor would take launch_pdl for a kernel argument."""
+    from torch._library.triton import is_wrap_triton_enabled  # True while torch.compile traces the op
+
+    if not (PDL and x.is_cuda and not is_wrap_triton_enabled() and _compute_capability(x.device.index) >= 9):
+        return {"PDL": False}
+    return {"PDL": True, "launch_pdl": True}
+
+
+@functools.cache
+def _compute_capability(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 class SplitKVCache(KVCache):
@@ -165,6 +193,28 @@ def num_splits(batch: int, n_kv_heads: int, cache_len: int, target_programs: int
 
 
 if triton is not None:
+
+    @triton.jit
+    def pdl_wait(PDL: tl.constexpr):
+        # launched with PDL, a kernel may run before the previous one has finished: this waits for it
+        # (and its memory) before the first read of anything a kernel writes, and before any write
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def pdl_launch_next(PDL: tl.constexpr):
+        # the next kernel (launched with PDL) may start now: its programs wait in pdl_wait until this
+        # kernel has finished
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def prefetch_l2(ptrs):
+        # ask L2 for the 128-byte line at each pointer (one pointer a line): bytes on their way while a
+        # PDL kernel waits for the previous one. Only for what no kernel writes (weights).
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1]; // $0 unused", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+        )
 
     @triton.jit
     def _norm_rope(
@@ -266,7 +316,9 @@ if triton is not None:
         ASM: tl.constexpr,  # KV_ASM
         QK_NORM: tl.constexpr,
         EPS: tl.constexpr,
+        PDL: tl.constexpr,  # launched with programmatic dependent launch (kv_attention.PDL)
     ):
+        pdl_wait(PDL)
         # head_dim ** -0.5 * log2(e), from the constant D: a float argument would reach the kernel as
         # fp64 under Inductor and promote the scores to fp64
         qk_scale = 1.4426950408889634 / (D**0.5)
@@ -347,6 +399,7 @@ if triton is not None:
             acc = acc * correction[:, None] + pv
             running_max = new_max
 
+        pdl_launch_next(PDL)
         part = bh * SPLITS + split
         tl.store(max_ptr + part * G_PAD + heads, running_max)
         tl.store(sum_ptr + part * G_PAD + heads, running_sum)
@@ -405,9 +458,12 @@ if triton is not None:
         D_PAD: tl.constexpr,
         SPLITS: tl.constexpr,
         SPLITS_PAD: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         # one program per query head (a loop over the splits, one program per kv head, took 22 us a
         # layer at 64 splits on the H200)
+        pdl_wait(PDL)
+        pdl_launch_next(PDL)
         row = tl.program_id(0)  # (b * Hkv + h) * G + g
         _merge_head(acc_ptr, max_ptr, sum_ptr, y_ptr, row // G, row % G, D, G, G_PAD, D_PAD, SPLITS, SPLITS_PAD, "")
 
@@ -547,6 +603,7 @@ if triton is not None:
             EPS=eps,
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES,
+            **pdl_launch(q),
         )
         if split_counts is not None:
             return y
@@ -562,6 +619,7 @@ if triton is not None:
             SPLITS=splits,
             SPLITS_PAD=triton.next_power_of_2(splits),
             num_warps=4,
+            **pdl_launch(q),
         )
         return y
 
@@ -583,9 +641,12 @@ if triton is not None:
         D_PAD: tl.constexpr,
         EPS: tl.constexpr,
         QK_NORM: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         # one program per head: a query head is normed, rotated and returned; a kv head's k is normed,
         # rotated and written to the cache with its v
+        pdl_wait(PDL)
+        pdl_launch_next(PDL)
         head = tl.program_id(0)
         dims = tl.arange(0, D_PAD)
         ok = dims < D
@@ -637,5 +698,6 @@ if triton is not None:
             EPS=eps,
             QK_NORM=q_norm_weight is not None,
             num_warps=1,
+            **pdl_launch(qkv),
         )
         return q

@@ -97,31 +97,39 @@ def main(argv=None):
     print(f"triton {triton.__version__}, sm_{target.arch}")
     decode_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "scale_ptr": "*fp32", "norm_ptr": "*bf16", "res_ptr": "*bf16"}
     decode_sig.update({"y_ptr": "*bf16", "ids_ptr": "*i64", "N": "i32", "K": "i32", "rows_per_x": "i32"})
-    for n, k, norm, glu, residual, int8, experts in (
-        (960, 576, 1, 0, 0, 0, 0),
-        (28672, 4096, 1, 1, 0, 0, 0),  # Llama-3-8B's w13, SiLU(gate) * up stored
-        (4096, 14336, 0, 0, 1, 0, 0),
-        (128256, 4096, 0, 0, 0, 0, 0),
-        (6144, 4096, 1, 0, 0, 1, 0),
-        (28672, 4096, 1, 1, 0, 1, 0),
-        (4096, 4096, 0, 0, 0, 1, 0),  # Int8Linear's one row (wo, unfused), and int8 experts (Mixtral's w2)
-        (4096, 14336, 0, 0, 0, 1, 1),
-        (1536, 2048, 1, 1, 0, 0, 1),  # Qwen3-30B-A3B's experts: gate/up, then down
-        (2048, 768, 0, 0, 0, 0, 1),
+    for n, k, norm, glu, residual, int8, experts, pdl in (
+        (960, 576, 1, 0, 0, 0, 0, 0),
+        (28672, 4096, 1, 1, 0, 0, 0, 0),  # Llama-3-8B's w13, SiLU(gate) * up stored
+        (4096, 14336, 0, 0, 1, 0, 0, 0),
+        (128256, 4096, 0, 0, 0, 0, 0, 0),
+        (6144, 4096, 1, 0, 0, 1, 0, 0),
+        (28672, 4096, 1, 1, 0, 1, 0, 0),
+        (4096, 4096, 0, 0, 0, 1, 0, 0),  # Int8Linear's one row (wo, unfused), and int8 experts (Mixtral's w2)
+        (4096, 14336, 0, 0, 0, 1, 1, 0),
+        (1536, 2048, 1, 1, 0, 0, 1, 0),  # Qwen3-30B-A3B's experts: gate/up, then down
+        (2048, 768, 0, 0, 0, 0, 1, 0),
+        # launched with programmatic dependent launch (kv_attention.PDL): the weight's first tile to L2, then the wait
+        (960, 576, 1, 0, 0, 0, 0, 1),
+        (3072, 576, 1, 1, 0, 0, 0, 1),  # SmolLM2's w13
+        (576, 1536, 0, 0, 1, 0, 0, 1),
+        (6144, 4096, 1, 0, 0, 1, 0, 1),
+        (1536, 2048, 1, 1, 0, 0, 1, 1),
     ):
         cfg = gemv.decode_gemv_tiles(n, k, int8, glu)
-        for convert in (0, 1, 2) if int8 and not glu else (cfg["CONVERT"],):  # each int8 -> fp32 form
+        for convert in (0, 1, 2) if int8 and not glu and not pdl else (cfg["CONVERT"],):  # each int8 -> fp32 form
             consts = {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": convert}
             build(
                 target,
                 f"decode gemv {n}x{k} norm={norm} glu={glu} res={residual} int8={int8} experts={experts}"
-                + (f" convert={convert}" if int8 else ""),
+                + (f" convert={convert}" if int8 else "")
+                + (" pdl" if pdl else ""),
                 gemv._decode_gemv_kernel,
                 {**decode_sig, "w_ptr": "*i8" if int8 else "*bf16"},
-                {**consts, "NORM": norm, "GLU": glu, "RESIDUAL": residual, "EXPERTS": experts},
+                {**consts, "NORM": norm, "GLU": glu, "RESIDUAL": residual, "EXPERTS": experts, "PDL": pdl},
                 range(9),
                 num_warps=cfg["num_warps"],
                 num_stages=cfg.get("num_stages", 3),
+                launch_pdl=bool(pdl),
             )
     for n, k, group, inner_k_tiles in ((6144, 4096, 64, 8), (4096, 14336, 128, 8), (960, 576, 64, 4)):
         cfg = gemv.int4_gemv_config(n, k, inner_k_tiles)
@@ -138,15 +146,16 @@ def main(argv=None):
         )  # fmt: skip
     rope_sig = {n: "*bf16" for n in ("qkv_ptr", "cos_ptr", "sin_ptr", "q_ptr", "k_ptr", "v_ptr")}
     rope_sig.update({"slot_ptr": "*i64", "q_norm_ptr": "*bf16", "k_norm_ptr": "*bf16", "S": "i32"})
-    for hq, hkv, d, qk_norm in ((9, 3, 64, 0), (32, 4, 128, 1)):  # SmolLM2, Qwen3
+    for hq, hkv, d, qk_norm, pdl in ((9, 3, 64, 0, 0), (32, 4, 128, 1, 0), (9, 3, 64, 0, 1)):  # SmolLM2, Qwen3
         build(
             target,
-            f"rope + cache write Hq={hq} Hkv={hkv} D={d} qk_norm={qk_norm}",
+            f"rope + cache write Hq={hq} Hkv={hkv} D={d} qk_norm={qk_norm}" + (" pdl" if pdl else ""),
             kv_attention._rope_write_kv_kernel,
             rope_sig,
-            {"HQ": hq, "HKV": hkv, "D": d, "D_PAD": d, "EPS": 1e-6, "QK_NORM": qk_norm},
+            {"HQ": hq, "HKV": hkv, "D": d, "D_PAD": d, "EPS": 1e-6, "QK_NORM": qk_norm, "PDL": pdl},
             range(9),
             num_warps=1,
+            launch_pdl=bool(pdl),
         )
     dot_sig = {
         "x_ptr": "*bf16",
@@ -214,12 +223,14 @@ def main(argv=None):
                 }
                 # the last split merges (kv_attention.MERGE_IN_SPLITS); q is wqkv's output, normed and
                 # rotated here, the token's k / v written (ROPE_IN_ATTENTION: unquantized caches only)
-                modes = [(False, False, False, False), (True, False, False, False)]
+                modes = [(False, False, False, False, False), (True, False, False, False, False)]
                 if store is None:
-                    modes += [(False, True, False, False), (True, True, True, False)]
+                    modes += [(False, True, False, False, False), (True, True, True, False, False)]
+                    if dtype == "*bf16":  # launched with programmatic dependent launch (kv_attention.PDL)
+                        modes += [(False, False, False, False, True), (True, True, False, False, True)]
                 if store is not None and dtype != "*fp32":  # KV_TILES_FP16: the tiles in fp16, converted in registers
-                    modes += [(False, False, False, True)]
-                for merge, rope, qk_norm, tiles_fp16 in modes:
+                    modes += [(False, False, False, True, False)]
+                for merge, rope, qk_norm, tiles_fp16, pdl in modes:
                     consts = dict(
                         D=head_dim,
                         G=group,
@@ -235,6 +246,7 @@ def main(argv=None):
                         ASM=True,
                         QK_NORM=qk_norm,
                         EPS=1e-6,
+                        PDL=pdl,
                     )
                     name = f"kv decode {(store or dtype)[1:]} cache, {dtype[1:]}, G={group}, D={head_dim}"
                     build(
@@ -243,25 +255,28 @@ def main(argv=None):
                         + (", merged in the last split" if merge else "")
                         + (", rope" if rope else "")
                         + (" + qk norm" if qk_norm else "")
-                        + (", tiles in fp16" if tiles_fp16 else ""),
+                        + (", tiles in fp16" if tiles_fp16 else "")
+                        + (", pdl" if pdl else ""),
                         kv_attention._quantized_decode_kernel,
                         {**sig, **{n: dtype for n in ("y_ptr", "cos_ptr", "sin_ptr", "q_norm_ptr", "k_norm_ptr")}},
                         consts,
                         (*range(16), 17),  # pointers and S: multiples of 16 at run time
                         num_warps=4,
                         num_stages=1,
+                        launch_pdl=pdl,
                     )
     merge_sig = {"acc_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32", "y_ptr": "*bf16"}
-    for splits in (2, 10, 64):
+    for splits, pdl in ((2, 0), (10, 0), (64, 0), (10, 1)):
         consts = dict(D=128, G=4, G_PAD=16, D_PAD=128, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits))
         build(
             target,
-            f"kv merge of {splits} splits",
+            f"kv merge of {splits} splits" + (" pdl" if pdl else ""),
             kv_attention._merge_splits_kernel,
             merge_sig,
-            consts,
+            {**consts, "PDL": pdl},
             range(4),
             num_warps=4,
+            launch_pdl=bool(pdl),
         )
     return 0
 

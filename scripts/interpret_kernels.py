@@ -1,8 +1,9 @@
 """Checks kv_attention.decode_attention / quantized_decode_attention and gemv.s kernels against
 their PyTorch references with Triton's CPU interpreter, no GPU needed. In a venv with
-`pip install triton` beside the CPU torch:
+`pip install triton==3.6.0 "numpy<2.3"` beside the CPU torch (numpy 2.3+ breaks Triton 3.6's
+interpreter: "only 0-dimensional arrays can be converted to Python scalars"):
 
-    python scripts/interpret_kernels.py     # ~10 s; prints each case's relative error
+    TRITON_INTERPRET=1 python scripts/interpret_kernels.py     # ~70 s; prints each case's relative error
 
 The interpreter has no inline PTX, so the int8 kernels run their plain-Triton conversion (CONVERT=1,
 the same arithmetic as the prmt form); test_gpu.py checks that the conversions agree on a GPU.

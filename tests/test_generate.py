@@ -307,6 +307,34 @@ def test_split_kv_cache_decode_plumbing(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_pdl_launch_only_where_this_repo_launches_on_sm90(monkeypatch):
+    """kv_attention.pdl_launch: programmatic dependent launch (the PDL constexpr and Triton's launch_pdl)
+    only with kv_attention.PDL on, for a CUDA tensor of an sm_90+ device, in an op's eager call (a
+    triton_op runs its body with wrap_triton off); never while torch.compile traces the op (Inductor
+    would take launch_pdl for a kernel argument), on the CPU, or before Hopper."""
+    from types import SimpleNamespace
+
+    from torch._library.triton import set_wrap_triton_enabled
+
+    import kv_attention
+
+    cuda = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))  # stands in for a CUDA tensor
+    capability = {0: 9}
+    monkeypatch.setattr(kv_attention, "_compute_capability", lambda index: capability[index])
+    on = {"PDL": True, "launch_pdl": True}
+    with set_wrap_triton_enabled(False):  # an eager call
+        assert kv_attention.pdl_launch(cuda) == {"PDL": False}  # FASTGEN_PDL unset: off
+        monkeypatch.setattr(kv_attention, "PDL", True)
+        assert kv_attention.pdl_launch(cuda) == on
+        assert kv_attention.pdl_launch(torch.zeros(1)) == {"PDL": False}
+        capability[0] = 8
+        assert kv_attention.pdl_launch(cuda) == {"PDL": False}
+        capability[0] = 10
+        assert kv_attention.pdl_launch(cuda) == on
+    with set_wrap_triton_enabled(True):  # traced
+        assert kv_attention.pdl_launch(cuda) == {"PDL": False}
+
+
 @pytest.mark.parametrize("overrides", [{}, dict(qkv_bias=True, qk_norm=True, sliding_window=6)])
 def test_rope_in_attention_plumbing(monkeypatch, reference_decode_kernels, overrides):
     """With kv_attention.ROPE_IN_ATTENTION a DecodeBlock's step hands wqkv's output straight to

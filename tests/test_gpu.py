@@ -553,6 +553,42 @@ def test_fused_decode_block_compiled_equals_cpu_fp32_eager(monkeypatch, shape, o
     assert greedy(cuda, PROMPTS[:2], 40, 128, compile=True) == want
 
 
+def launched_with_pdl(kernel) -> list[bool]:
+    """Each compiled variant of a Triton kernel in Triton's cache: was it built for a PDL launch?"""
+    return [k.metadata.launch_pdl for cache in kernel.device_caches.values() for k in cache[0].values()]
+
+
+@pytest.mark.parametrize(
+    "shape, one_attention_kernel, compile",
+    [("gqa-hd128", False, False), ("window", True, False), ("tied", False, False), ("gqa-hd128", True, True)],
+)
+def test_pdl_launches_keep_the_tokens(monkeypatch, shape, one_attention_kernel, compile):
+    """kv_attention.PDL (programmatic dependent launch): the eager CUDA-graph decode (generate.py without
+    --compile) of a batch-1 prompt through gemv.DecodeBlock, each kernel of the chain launched to start
+    while the one before it finishes and waiting for it in-kernel, gives the CPU fp32 eager tokens, and
+    the kernels really were launched that way. Under torch.compile (Inductor launches them) PDL stays off
+    and the tokens are the same."""
+    import gemv
+    import kv_attention
+
+    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
+    monkeypatch.setattr(gemv, "FLOAT_GEMV_ENABLED", True)
+    monkeypatch.setattr(kv_attention, "ROPE_IN_ATTENTION", one_attention_kernel)
+    monkeypatch.setattr(kv_attention, "MERGE_IN_SPLITS", one_attention_kernel)
+    monkeypatch.setattr(kv_attention, "PDL", True)
+    cpu = random_model(shape)
+    want = [greedy(cpu, [p], 40, 128)[0] for p in PROMPTS[:2]]
+    cuda = on(cpu, "cuda")
+    assert [greedy(cuda, [p], 40, 128, compile=compile)[0] for p in PROMPTS[:2]] == want
+    assert type(cuda.layers[0]) is gemv.DecodeBlock
+    if compile:  # Inductor compiled and launched its own copies of the kernels, without PDL
+        return
+    kernels = [gemv._decode_gemv_kernel, kv_attention._quantized_decode_kernel]
+    kernels += [] if one_attention_kernel else [kv_attention._rope_write_kv_kernel, kv_attention._merge_splits_kernel]
+    for kernel in kernels:
+        assert any(launched_with_pdl(kernel)), kernel
+
+
 def test_fused_decode_block_over_int8_weights_keeps_the_tokens(monkeypatch):
     """An int8-quantized model's compiled batch-1 decode gives the same tokens through DecodeBlock
     (the default for int8 blocks: decode_gemv over the int8 weights and scales) as through Int8Linear."""
