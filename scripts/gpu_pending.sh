@@ -47,6 +47,13 @@
 #                                          #   an int8 cache without / with it and with a bf16 cache (6.719 / 6.729
 #                                          #   ms at 16c7312: issue 10 wants 1.1x), and B1 8k of 32k (issue 11's
 #                                          #   85% with KV; 76% at 16c7312, before the batch-1 GEMV)
+#   bash scripts/gpu_pending.sh pdl        # ~7 min: kv_attention.PDL (opt-in, never run on a GPU; written 2026-12-05):
+#                                          #   the batch-1 chain's kernels launched with programmatic dependent launch
+#                                          #   in the eager CUDA-graph step (no --compile). Its GPU tests, then
+#                                          #   SmolLM2-135M eager without / with PDL (+ the one-kernel attention),
+#                                          #   compiled (0.693 ms at 714bafb) and compiled with Inductor's own PDL
+#                                          #   (TORCHINDUCTOR_ENABLE_PDL=1), then 12 Qwen3 layers and Llama-3-8B
+#                                          #   (fused block forced) eager without / with PDL
 #   bash scripts/gpu_pending.sh fusedsweep # ~6 min: each fused GEMV call alone (fused_gemv_sweep.py): plain vs
 #                                          #   folded at the default tile, and the folded call's best tile, at SmolLM2,
 #                                          #   Llama-3-8B and Qwen3-30B-A3B expert shapes: set decode_gemv_config from it
@@ -90,6 +97,7 @@ decode() {  # decode NAME TIMEOUT_S profile_decode args...: one replayed-step li
     shift 2
     step "$name" "$limit" python scripts/profile_decode.py --top 8 "$@"
     summary+=("  $(grep -h "replayed step" "$out/$name.txt" | head -1)")
+    summary+=("  $(grep -h "per step:" "$out/$name.txt" | head -1)")  # kernels a step, their share of it
 }
 
 case $mode in
@@ -216,6 +224,24 @@ kvfp16)
     decode llama_b8_8k_bf16kv 110 --model llama-3-8b --batch 8 --ctx 8192
     decode llama_8k_of_32k 110 --model llama-3-8b --ctx 8192 --cache 32768
     ;;
+pdl)
+    step pdl_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k pdl
+    summary+=("  $(tail -n 1 "$out/pdl_tests.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/pdl_tests.txt" | head -6)")
+    # the eager step launches ~25 more small kernels than the compiled one outside the blocks (RoPE
+    # angles, the final norm, sampling): the gap PDL must beat. "busy" in each summary line is the
+    # kernels' share of the replayed step: the launch gaps PDL hides are the rest.
+    decode smol_eager 60 --model smollm2-135m --no-compile --by-launch --top 16
+    FASTGEN_PDL=1 decode smol_eager_pdl 60 --model smollm2-135m --no-compile --by-launch --top 16
+    FASTGEN_PDL=1 FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode smol_eager_pdl_one_attention 60 \
+        --model smollm2-135m --no-compile --by-launch --top 16
+    decode smol_compiled 70 --model smollm2-135m
+    TORCHINDUCTOR_ENABLE_PDL=1 decode smol_compiled_inductor_pdl 70 --model smollm2-135m
+    decode qwen3_12_eager 60 --model qwen3-30b-a3b --layers 12 --no-compile
+    FASTGEN_PDL=1 decode qwen3_12_eager_pdl 60 --model qwen3-30b-a3b --layers 12 --no-compile
+    FASTGEN_FUSED_DECODE=1 decode llama_fused_eager 60 --model llama-3-8b --no-compile
+    FASTGEN_FUSED_DECODE=1 FASTGEN_PDL=1 decode llama_fused_eager_pdl 60 --model llama-3-8b --no-compile
+    ;;
 fusedsweep)
     step fusedsweep 560 python scripts/fused_gemv_sweep.py
     summary+=("$(grep -E '^\| ' "$out/fusedsweep.txt")")
@@ -274,7 +300,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, fusedcheck, fusedsweep, batch32, longctx, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, fusedcheck, pdl, fusedsweep, batch32, longctx, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac
