@@ -917,6 +917,8 @@ class DecodeBlock(TransformerBlock):
     def forward(self, x, cos, sin, attend, input_pos):
         if not (FUSED_DECODE_ENABLED and x.numel() == x.shape[-1] and available(x)):
             return super().forward(x, cos, sin, attend, input_pos)
+        if kv_attention.PDL and torch.compiler.is_compiling():  # run eager, where its kernels launch with PDL
+            return _decode_block_eager(self, x, cos, sin, attend, input_pos)
         attention, ffn = self.attention, self.feed_forward
         x1 = x.reshape(1, -1)  # [1, D]
         bias = attention.wqkv.bias  # Qwen2's: added where a residual would be
@@ -976,6 +978,10 @@ class DecodeBlock(TransformerBlock):
             return (h + weighted_sum(down.unsqueeze(0), weights)).view_as(x)
         h = h.view_as(x)  # other experts: routed as TransformerBlock routes them
         return h + ffn(self.ffn_norm(h))
+
+
+# A graph break under torch.compile (generate.Generator compiles around the blocks when kv_attention.PDL is on)
+_decode_block_eager = torch.compiler.disable(DecodeBlock.forward)
 
 
 def project(linear: torch.nn.Module, x: torch.Tensor, **folded) -> torch.Tensor:

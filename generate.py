@@ -30,6 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import gemv  # noqa: E402
+import kv_attention  # noqa: E402
 import tp  # noqa: E402  (tensor parallel under torchrun)
 from checkpoint import load_model  # noqa: E402
 from common import DTYPES, peak_memory_bytes, write_json_atomic  # noqa: E402
@@ -347,7 +348,13 @@ class Generator:
         # Without --compile a GPU still replays the decode step as a CUDA graph (no compiler).
         self.decode_fn = CUDAGraphStep(decode_one) if self.device.type == "cuda" else decode_one
         self.prefill_fn = prefill
-        if compile:
+        if compile and kv_attention.PDL:
+            # Programmatic dependent launch happens only where this repo launches its kernels: the
+            # compiler fuses what surrounds the batch-1 blocks, the blocks run eager (gemv.DecodeBlock
+            # breaks the graph), and the whole step is one CUDA graph of ours.
+            compiled = torch.compile(decode_one, fullgraph=False)
+            self.decode_fn = CUDAGraphStep(compiled) if self.device.type == "cuda" else compiled
+        elif compile:
             # Static shapes: one compile, then CUDA-graph replays.
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self.decode_fn = torch.compile(decode_one, mode=mode, fullgraph=True)

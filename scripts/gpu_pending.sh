@@ -47,13 +47,13 @@
 #                                          #   an int8 cache without / with it and with a bf16 cache (6.719 / 6.729
 #                                          #   ms at 16c7312: issue 10 wants 1.1x), and B1 8k of 32k (issue 11's
 #                                          #   85% with KV; 76% at 16c7312, before the batch-1 GEMV)
-#   bash scripts/gpu_pending.sh pdl        # ~7 min: kv_attention.PDL (opt-in, never run on a GPU; written 2026-12-05):
+#   bash scripts/gpu_pending.sh pdl        # ~8 min: kv_attention.PDL (opt-in, never run on a GPU; written 2026-12-05):
 #                                          #   the batch-1 chain's kernels launched with programmatic dependent launch
-#                                          #   in the eager CUDA-graph step (no --compile). Its GPU tests, then
-#                                          #   SmolLM2-135M eager without / with PDL (+ the one-kernel attention),
-#                                          #   compiled (0.693 ms at 714bafb) and compiled with Inductor's own PDL
-#                                          #   (TORCHINDUCTOR_ENABLE_PDL=1), then 12 Qwen3 layers and Llama-3-8B
-#                                          #   (fused block forced) eager without / with PDL
+#                                          #   (blocks eager, the rest compiled, one CUDA graph). Its GPU tests, then
+#                                          #   SmolLM2-135M compiled without / with PDL (0.693 ms at 714bafb), eager
+#                                          #   without / with, with the one-kernel attention, with Inductor's own PDL
+#                                          #   (TORCHINDUCTOR_ENABLE_PDL=1); 12 Qwen3 layers without / with; Llama-3-8B
+#                                          #   (fused block forced) with
 #   bash scripts/gpu_pending.sh fusedsweep # ~6 min: each fused GEMV call alone (fused_gemv_sweep.py): plain vs
 #                                          #   folded at the default tile, and the folded call's best tile, at SmolLM2,
 #                                          #   Llama-3-8B and Qwen3-30B-A3B expert shapes: set decode_gemv_config from it
@@ -228,19 +228,19 @@ pdl)
     step pdl_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k pdl
     summary+=("  $(tail -n 1 "$out/pdl_tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/pdl_tests.txt" | head -6)")
-    # the eager step launches ~25 more small kernels than the compiled one outside the blocks (RoPE
-    # angles, the final norm, sampling): the gap PDL must beat. "busy" in each summary line is the
-    # kernels' share of the replayed step: the launch gaps PDL hides are the rest.
-    decode smol_eager 60 --model smollm2-135m --no-compile --by-launch --top 16
-    FASTGEN_PDL=1 decode smol_eager_pdl 60 --model smollm2-135m --no-compile --by-launch --top 16
-    FASTGEN_PDL=1 FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode smol_eager_pdl_one_attention 60 \
-        --model smollm2-135m --no-compile --by-launch --top 16
-    decode smol_compiled 70 --model smollm2-135m
+    # "busy" in each summary line is the kernels' share of the replayed step: the launch gaps PDL hides
+    # are the rest. With --compile and PDL the compiler fuses what surrounds the blocks, the blocks run
+    # eager (their kernels launched with PDL), one CUDA graph a step (generate.Generator).
+    decode smol_compiled 70 --model smollm2-135m --by-launch --top 16
+    FASTGEN_PDL=1 decode smol_compiled_pdl 70 --model smollm2-135m --by-launch --top 16
+    decode smol_eager 50 --model smollm2-135m --no-compile
+    FASTGEN_PDL=1 decode smol_eager_pdl 50 --model smollm2-135m --no-compile
+    FASTGEN_PDL=1 FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode smol_compiled_pdl_one_attention 70 \
+        --model smollm2-135m
     TORCHINDUCTOR_ENABLE_PDL=1 decode smol_compiled_inductor_pdl 70 --model smollm2-135m
-    decode qwen3_12_eager 60 --model qwen3-30b-a3b --layers 12 --no-compile
-    FASTGEN_PDL=1 decode qwen3_12_eager_pdl 60 --model qwen3-30b-a3b --layers 12 --no-compile
-    FASTGEN_FUSED_DECODE=1 decode llama_fused_eager 60 --model llama-3-8b --no-compile
-    FASTGEN_FUSED_DECODE=1 FASTGEN_PDL=1 decode llama_fused_eager_pdl 60 --model llama-3-8b --no-compile
+    decode qwen3_12 70 --model qwen3-30b-a3b --layers 12
+    FASTGEN_PDL=1 decode qwen3_12_pdl 70 --model qwen3-30b-a3b --layers 12
+    FASTGEN_FUSED_DECODE=1 FASTGEN_PDL=1 decode llama_fused_pdl 80 --model llama-3-8b
     ;;
 fusedsweep)
     step fusedsweep 560 python scripts/fused_gemv_sweep.py

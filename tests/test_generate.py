@@ -335,6 +335,34 @@ def test_pdl_launch_only_where_this_repo_launches_on_sm90(monkeypatch):
         assert kv_attention.pdl_launch(cuda) == {"PDL": False}
 
 
+def test_pdl_compiles_around_the_fused_blocks(monkeypatch, reference_decode_kernels):
+    """With kv_attention.PDL, --compile compiles what surrounds the batch-1 blocks and runs each
+    gemv.DecodeBlock eager (a graph break), where its kernels can launch with PDL: the plain block's
+    tokens, and every decode step's block projections called outside the compiler."""
+    import gemv
+    import kv_attention
+
+    model = tiny_model()
+    prompt = [[5, 17, 3, 88, 41, 9, 2, 30, 11]]
+    plain = greedy(model, prompt, 12, 64).tokens
+    reference_decode_kernels()
+    stand_in = gemv.decode_gemv
+    eager_calls = []
+
+    def decode_gemv(*args, **kwargs):
+        in_block = kwargs.get("norm_weight") is not None or kwargs.get("residual") is not None  # not the output's
+        if in_block and not torch.compiler.is_compiling():  # traced code never touches the list (else a guard)
+            eager_calls.append(1)
+        return stand_in(*args, **kwargs)
+
+    monkeypatch.setattr(gemv, "decode_gemv", decode_gemv)
+    monkeypatch.setattr(kv_attention, "PDL", True)
+    torch._dynamo.reset()
+    assert greedy(model, prompt, 12, 72, compile=True).tokens == plain
+    assert sum(eager_calls) == 11 * 4 * model.args.n_layers  # 11 decode steps, 4 projections a layer
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("overrides", [{}, dict(qkv_bias=True, qk_norm=True, sliding_window=6)])
 def test_rope_in_attention_plumbing(monkeypatch, reference_decode_kernels, overrides):
     """With kv_attention.ROPE_IN_ATTENTION a DecodeBlock's step hands wqkv's output straight to

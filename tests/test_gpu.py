@@ -563,11 +563,11 @@ def launched_with_pdl(kernel) -> list[bool]:
     [("gqa-hd128", False, False), ("window", True, False), ("tied", False, False), ("gqa-hd128", True, True)],
 )
 def test_pdl_launches_keep_the_tokens(monkeypatch, shape, one_attention_kernel, compile):
-    """kv_attention.PDL (programmatic dependent launch): the eager CUDA-graph decode (generate.py without
-    --compile) of a batch-1 prompt through gemv.DecodeBlock, each kernel of the chain launched to start
-    while the one before it finishes and waiting for it in-kernel, gives the CPU fp32 eager tokens, and
-    the kernels really were launched that way. Under torch.compile (Inductor launches them) PDL stays off
-    and the tokens are the same."""
+    """kv_attention.PDL (programmatic dependent launch): the CUDA-graph decode of a batch-1 prompt through
+    gemv.DecodeBlock, each kernel of the chain launched to start while the one before it finishes and
+    waiting for it in-kernel, gives the CPU fp32 eager tokens, and the kernels really were launched that
+    way: eager (generate.py without --compile), and compiled around the blocks (--compile with PDL: the
+    blocks run eager inside the step's one CUDA graph)."""
     import gemv
     import kv_attention
 
@@ -581,8 +581,6 @@ def test_pdl_launches_keep_the_tokens(monkeypatch, shape, one_attention_kernel, 
     cuda = on(cpu, "cuda")
     assert [greedy(cuda, [p], 40, 128, compile=compile)[0] for p in PROMPTS[:2]] == want
     assert type(cuda.layers[0]) is gemv.DecodeBlock
-    if compile:  # Inductor compiled and launched its own copies of the kernels, without PDL
-        return
     kernels = [gemv._decode_gemv_kernel, kv_attention._quantized_decode_kernel]
     kernels += [] if one_attention_kernel else [kv_attention._rope_write_kv_kernel, kv_attention._merge_splits_kernel]
     for kernel in kernels:
