@@ -348,10 +348,11 @@ class Generator:
         # Without --compile a GPU still replays the decode step as a CUDA graph (no compiler).
         self.decode_fn = CUDAGraphStep(decode_one) if self.device.type == "cuda" else decode_one
         self.prefill_fn = prefill
-        if compile and kv_attention.PDL:
-            # Programmatic dependent launch happens only where this repo launches its kernels: the
-            # compiler fuses what surrounds the batch-1 blocks, the blocks run eager (gemv.DecodeBlock
-            # breaks the graph), and the whole step is one CUDA graph of ours.
+        # Programmatic dependent launch happens only where this repo launches its kernels: the compiler
+        # fuses what surrounds the batch-1 blocks, the blocks run eager (gemv.run_blocks_eager_under_compile:
+        # graph breaks), and the whole step is one CUDA graph of ours.
+        self.compile_around_blocks = compile and kv_attention.PDL
+        if self.compile_around_blocks:
             compiled = torch.compile(decode_one, fullgraph=False)
             self.decode_fn = CUDAGraphStep(compiled) if self.device.type == "cuda" else compiled
         elif compile:
@@ -435,6 +436,8 @@ class Generator:
             compute_dtype = m.tok_embeddings.weight.dtype
             m.setup_caches(batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype))
         gemv.use_decode_kernels(m)
+        if self.compile_around_blocks:  # the target's blocks only: a draft's steps compile whole (fullgraph)
+            gemv.run_blocks_eager_under_compile(m)
         spec = self.speculation
         if spec is not None:
             if spec.draft is not None and (

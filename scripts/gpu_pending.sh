@@ -231,13 +231,13 @@ pdl)
     # "busy" in each summary line is the kernels' share of the replayed step: the launch gaps PDL hides
     # are the rest. With --compile and PDL the compiler fuses what surrounds the blocks, the blocks run
     # eager (their kernels launched with PDL), one CUDA graph a step (generate.Generator).
-    decode smol_compiled 70 --model smollm2-135m --by-launch --top 16
-    FASTGEN_PDL=1 decode smol_compiled_pdl 70 --model smollm2-135m --by-launch --top 16
+    decode smol_compiled 110 --model smollm2-135m --by-launch --top 16
+    FASTGEN_PDL=1 decode smol_compiled_pdl 110 --model smollm2-135m --by-launch --top 16
     decode smol_eager 50 --model smollm2-135m --no-compile
     FASTGEN_PDL=1 decode smol_eager_pdl 50 --model smollm2-135m --no-compile
-    FASTGEN_PDL=1 FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode smol_compiled_pdl_one_attention 70 \
+    FASTGEN_PDL=1 FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode smol_compiled_pdl_one_attention 110 \
         --model smollm2-135m
-    TORCHINDUCTOR_ENABLE_PDL=1 decode smol_compiled_inductor_pdl 70 --model smollm2-135m
+    TORCHINDUCTOR_ENABLE_PDL=1 decode smol_compiled_inductor_pdl 110 --model smollm2-135m
     decode qwen3_12 70 --model qwen3-30b-a3b --layers 12
     FASTGEN_PDL=1 decode qwen3_12_pdl 70 --model qwen3-30b-a3b --layers 12
     FASTGEN_FUSED_DECODE=1 FASTGEN_PDL=1 decode llama_fused_pdl 80 --model llama-3-8b
