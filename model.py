@@ -560,10 +560,17 @@ class Transformer(nn.Module):
         angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, T, D]
         x = self.tok_embeddings(tokens)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attend, input_pos)
+        x = self.run_layers(x, cos, sin, attend, input_pos)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
         logits = F.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
         return logits.float()
+
+    def run_layers(self, x, cos, sin, attend, input_pos):
+        # A method of its own so that a block that runs eager under torch.compile (gemv.DecodeBlock with
+        # programmatic dependent launch) breaks the graph here, at a call, not inside forward's loop:
+        # Dynamo runs a whole frame eager after a graph break in a loop
+        for layer in self.layers:
+            x = layer(x, cos, sin, attend, input_pos)
+        return x

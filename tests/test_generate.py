@@ -360,7 +360,12 @@ def test_pdl_compiles_around_the_fused_blocks(monkeypatch, reference_decode_kern
     monkeypatch.setattr(gemv, "decode_gemv", decode_gemv)
     monkeypatch.setattr(kv_attention, "PDL", True)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     assert greedy(model, prompt, 12, 72, compile=True).tokens == plain
+    # Transformer.forward itself stays compiled (its prologue, its final norm): the graph breaks at
+    # run_layers' call and resumes after it; a break inside forward's own loop would run all of it eager
+    resumed = torch._dynamo.utils.counters["resumes"]
+    assert any(name.startswith("torch_dynamo_resume_in_forward") for name in resumed) == (not overrides)
     dense = not overrides
     assert sum(eager_calls) == (11 * 4 * model.args.n_layers if dense else 0)  # 11 steps, 4 projections a layer
     torch._dynamo.reset()
