@@ -528,46 +528,33 @@ def test_rope_decode_attention_equals_reference(
     assert_written_at(caches, want_caches, slot, tol)
 
 
-@pytest.mark.parametrize(
-    "shape, one_attention_kernel",
-    [("gqa-hd128", False), ("window", False), ("tied", False), ("gqa-hd128", True), ("window", True)],
-)
-def test_fused_decode_block_compiled_equals_cpu_fp32_eager(monkeypatch, shape, one_attention_kernel):
-    """The fused decode block (these models are narrower than FUSED_FLOAT_MAX_DIM; DecodeLinear for the
-    output projection): the compiled CUDA-graph decode of a batch-1 prompt through gemv.DecodeBlock
-    gives the CPU fp32 eager tokens, and a batch still decodes through the plain blocks to the same tokens.
-    one_attention_kernel: with ROPE_IN_ATTENTION and MERGE_IN_SPLITS (the counts mutated inside the graph)."""
-    import gemv
-    import kv_attention
-
-    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
-    monkeypatch.setattr(gemv, "FLOAT_GEMV_ENABLED", True)
-    monkeypatch.setattr(kv_attention, "ROPE_IN_ATTENTION", one_attention_kernel)
-    monkeypatch.setattr(kv_attention, "MERGE_IN_SPLITS", one_attention_kernel)
-    cpu = random_model(shape)
-    want = [greedy(cpu, [p], 40, 128)[0] for p in PROMPTS[:2]]
-    cuda = on(cpu, "cuda")
-    assert [greedy(cuda, [p], 40, 128, compile=True)[0] for p in PROMPTS[:2]] == want
-    assert type(cuda.layers[0]) is gemv.DecodeBlock
-    assert cuda.output is None or type(cuda.output) is gemv.DecodeLinear  # tied: the embedding's matmul
-    assert greedy(cuda, PROMPTS[:2], 40, 128, compile=True) == want
-
-
 def launched_with_pdl(kernel) -> list[bool]:
     """Each compiled variant of a Triton kernel in Triton's cache: was it built for a PDL launch?"""
     return [k.metadata.launch_pdl for cache in kernel.device_caches.values() for k in cache[0].values()]
 
 
 @pytest.mark.parametrize(
-    "shape, one_attention_kernel, compile",
-    [("gqa-hd128", False, False), ("window", True, False), ("tied", False, False), ("gqa-hd128", True, True)],
+    "shape, one_attention_kernel, pdl, compile",
+    [
+        ("gqa-hd128", False, False, True),
+        ("window", False, False, True),
+        ("tied", False, False, True),
+        ("gqa-hd128", True, False, True),
+        ("window", True, False, True),
+        ("gqa-hd128", False, True, False),
+        ("window", True, True, False),
+        ("tied", False, True, False),
+        ("gqa-hd128", True, True, True),
+    ],
 )
-def test_pdl_launches_keep_the_tokens(monkeypatch, shape, one_attention_kernel, compile):
-    """kv_attention.PDL (programmatic dependent launch): the CUDA-graph decode of a batch-1 prompt through
-    gemv.DecodeBlock, each kernel of the chain launched to start while the one before it finishes and
-    waiting for it in-kernel, gives the CPU fp32 eager tokens, and the kernels really were launched that
-    way: eager (generate.py without --compile), and compiled around the blocks (--compile with PDL: the
-    blocks run eager inside the step's one CUDA graph)."""
+def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, one_attention_kernel, pdl, compile):
+    """The fused decode block (these models are narrower than FUSED_FLOAT_MAX_DIM; DecodeLinear for the
+    output projection): the CUDA-graph decode of a batch-1 prompt through gemv.DecodeBlock gives the CPU
+    fp32 eager tokens, and a batch still decodes through the plain blocks to the same tokens.
+    one_attention_kernel: with ROPE_IN_ATTENTION and MERGE_IN_SPLITS (the counts mutated inside the graph).
+    pdl: kv_attention.PDL, each kernel of the chain launched to start while the one before it finishes and
+    waiting for it in-kernel, and really launched that way: eager (generate.py without --compile) and
+    compiled around the blocks (--compile with PDL: the blocks run eager inside the step's one CUDA graph)."""
     import gemv
     import kv_attention
 
@@ -575,16 +562,21 @@ def test_pdl_launches_keep_the_tokens(monkeypatch, shape, one_attention_kernel, 
     monkeypatch.setattr(gemv, "FLOAT_GEMV_ENABLED", True)
     monkeypatch.setattr(kv_attention, "ROPE_IN_ATTENTION", one_attention_kernel)
     monkeypatch.setattr(kv_attention, "MERGE_IN_SPLITS", one_attention_kernel)
-    monkeypatch.setattr(kv_attention, "PDL", True)
+    monkeypatch.setattr(kv_attention, "PDL", pdl)
     cpu = random_model(shape)
     want = [greedy(cpu, [p], 40, 128)[0] for p in PROMPTS[:2]]
     cuda = on(cpu, "cuda")
     assert [greedy(cuda, [p], 40, 128, compile=compile)[0] for p in PROMPTS[:2]] == want
     assert type(cuda.layers[0]) is gemv.DecodeBlock
-    kernels = [gemv._decode_gemv_kernel, kv_attention._quantized_decode_kernel]
-    kernels += [] if one_attention_kernel else [kv_attention._rope_write_kv_kernel, kv_attention._merge_splits_kernel]
-    for kernel in kernels:
-        assert any(launched_with_pdl(kernel)), kernel
+    assert cuda.output is None or type(cuda.output) is gemv.DecodeLinear  # tied: the embedding's matmul
+    assert greedy(cuda, PROMPTS[:2], 40, 128, compile=compile) == want
+    if pdl:
+        kernels = [gemv._decode_gemv_kernel, kv_attention._quantized_decode_kernel]
+        kernels += (
+            [] if one_attention_kernel else [kv_attention._rope_write_kv_kernel, kv_attention._merge_splits_kernel]
+        )
+        for kernel in kernels:
+            assert any(launched_with_pdl(kernel)), kernel
 
 
 def test_fused_decode_block_over_int8_weights_keeps_the_tokens(monkeypatch):
