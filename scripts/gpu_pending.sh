@@ -24,7 +24,7 @@
 #                                          #   (bf16, int8, tinygemm g64/g128) at 1-16 rows, each replayed in a CUDA
 #                                          #   graph (int4_rows_sweep.py), then 8 layers of the int4 step profiled at
 #                                          #   B1 and B8
-#   bash scripts/gpu_pending.sh fusedcheck # ~10 min: FIRST after 2026-12-04 (third session): the GPU tier with the
+#   bash scripts/gpu_pending.sh fusedcheck # ~8 min (ran 2026-12-05: 169 passed, 3 failed, BENCHMARKS.md): the GPU tier with the
 #                                          #   fused decode defaults, then the fused block with SiLU(gate) * up moved
 #                                          #   into w13's stores (untimed) at Llama-3-8B (forced; it lost with the SiLU
 #                                          #   in w2's loads, 4.833 vs 4.144 ms unfused), SmolLM2-135M (0.693 before)
