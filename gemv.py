@@ -34,6 +34,7 @@ from model import (
     TransformerBlock,
     cache_attention_at_decode,
     pairs_by_expert,
+    top_k_by_max,
     weighted_sum,
 )
 
@@ -56,6 +57,13 @@ def int8_expert_gemv_reference(x, expert_ids, weight, scales) -> torch.Tensor:
     x = x.repeat_interleave(expert_ids.numel() // x.shape[0], dim=0)
     w = weight[expert_ids].float() * scales[expert_ids].float().unsqueeze(-1)
     return (w @ x.float().unsqueeze(-1)).squeeze(-1).to(x.dtype)
+
+
+def route_reference(logits, k: int):
+    """logits [N, E] -> (weights [N, k] fp32, expert_ids [N, k]): MoEFeedForward.pick (softmax, top k,
+    renormalised), what route does in one kernel."""
+    weights, expert_ids = top_k_by_max(logits.float().softmax(dim=-1), k)
+    return weights / weights.sum(dim=-1, keepdim=True), expert_ids
 
 
 def expert_down_mix_reference(h, expert_ids, mix, weight) -> torch.Tensor:
@@ -683,14 +691,18 @@ if triton is not None:
         mix_ptr,  # [N, K_ACTIVE] fp32
         w_ptr,  # [E, D, I] float
         y_ptr,  # [N, D]
+        res_ptr,  # [N, D]: the residual stream, added to the output (RESIDUAL)
         D,
         inter,  # I, the intermediate size
         K_ACTIVE: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_I: tl.constexpr,
+        RESIDUAL: tl.constexpr,
+        PDL: tl.constexpr,  # launched with programmatic dependent launch (kv_attention.PDL)
     ):
         # BLOCK_D outputs of token n, summed over its K_ACTIVE experts in one fp32 accumulator: the
         # routing weight scales h (I values) rather than each expert's output (D values)
+        pdl_wait(PDL)
         pid_d, n = tl.program_id(0), tl.program_id(1)
         rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         cols = tl.arange(0, BLOCK_I)
@@ -709,14 +721,23 @@ if triton is not None:
                     w_rows + i[None, :], mask=row_ok[:, None] & i_ok[None, :], other=0.0, eviction_policy="evict_first"
                 )
                 acc += w.to(tl.float32) * h[None, :]
-        tl.store(y_ptr + n * D + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+        pdl_launch_next(PDL)
+        y = tl.sum(acc, axis=1)
+        if RESIDUAL:
+            y += tl.load(res_ptr + n * D + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + n * D + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
     @triton_op("fastgen::expert_down_mix", mutates_args={})
     def expert_down_mix(
-        h: torch.Tensor, expert_ids: torch.Tensor, mix: torch.Tensor, weight: torch.Tensor
+        h: torch.Tensor,
+        expert_ids: torch.Tensor,
+        mix: torch.Tensor,
+        weight: torch.Tensor,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """expert_down_mix_reference's contract: the chosen float experts' down projections and their
-        routing-weighted sum in one kernel, each chosen expert read once per token. An opaque op:
+        """expert_down_mix_reference's contract (plus residual [N, D], added when given): the chosen float
+        experts' down projections and their routing-weighted sum in one kernel, each chosen expert read
+        once per token. An opaque op:
         Inductor's own fusion of these ops took 110 us a layer in a Qwen3-30B-A3B B8 step on the
         H200, this kernel 48 (see EXPERT_DOWN_MIN_TOKENS). Measuring it: scripts/moe_down_sweep.py."""
         N, k, inter = h.shape
@@ -725,9 +746,73 @@ if triton is not None:
         cfg = expert_down_config(N)  # scripts/moe_down_sweep.py replaces it to time other tiles
         grid = (triton.cdiv(D, cfg["BLOCK_D"]), N)
         wrap_triton(_expert_down_mix_kernel)[grid](
-            h.contiguous(), expert_ids.contiguous(), mix.float().contiguous(), weight, y, D, inter, K_ACTIVE=k, **cfg
+            h.contiguous(),
+            expert_ids.contiguous(),
+            mix.float().contiguous(),
+            weight,
+            y,
+            y if residual is None else residual,  # never read without RESIDUAL
+            D,
+            inter,
+            K_ACTIVE=k,
+            RESIDUAL=residual is not None,
+            **cfg,
+            **kv_attention.pdl_launch(h),
         )
         return y
+
+    @triton.jit
+    def _route_kernel(
+        logits_ptr,  # [N, E]: the router's logits
+        weights_ptr,  # [N, K_ACTIVE] fp32, out
+        ids_ptr,  # [N, K_ACTIVE] int64, out
+        E,
+        K_ACTIVE: tl.constexpr,
+        K_PAD: tl.constexpr,
+        E_PAD: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
+        # one token a program: its top K_ACTIVE logits by rounds of max (ties: the lowest id, as
+        # model.top_k_by_max), and the softmax over them, which is the softmax over all E renormalised
+        # over the chosen k (MoEFeedForward.pick)
+        pdl_wait(PDL)
+        pdl_launch_next(PDL)
+        n = tl.program_id(0)
+        experts = tl.arange(0, E_PAD)
+        logits = tl.load(logits_ptr + n * E + experts, mask=experts < E, other=float("-inf")).to(tl.float32)
+        slots = tl.arange(0, K_PAD)
+        chosen = tl.full((K_PAD,), float("-inf"), dtype=tl.float32)
+        chosen_ids = tl.zeros((K_PAD,), dtype=tl.int32)
+        for j in tl.static_range(K_ACTIVE):
+            best = tl.max(logits, axis=0)
+            best_id = tl.min(tl.where(logits == best, experts, E_PAD), axis=0)
+            chosen = tl.where(slots == j, best, chosen)
+            chosen_ids = tl.where(slots == j, best_id, chosen_ids)
+            logits = tl.where(experts == best_id, float("-inf"), logits)
+        weights = tl.exp(chosen - tl.max(chosen, axis=0))  # 0 in the padding
+        ok = slots < K_ACTIVE
+        tl.store(weights_ptr + n * K_ACTIVE + slots, weights / tl.sum(weights, axis=0), mask=ok)
+        tl.store(ids_ptr + n * K_ACTIVE + slots, chosen_ids.to(tl.int64), mask=ok)
+
+    @triton_op("fastgen::route", mutates_args={})
+    def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """route_reference's contract (MoEFeedForward.pick's) in one kernel: logits [N, E] -> (weights [N, k]
+        fp32, expert_ids [N, k] int64), largest first."""
+        N, E = logits.shape
+        weights = torch.empty((N, k), dtype=torch.float32, device=logits.device)
+        ids = torch.empty((N, k), dtype=torch.int64, device=logits.device)
+        wrap_triton(_route_kernel)[(N,)](
+            logits.contiguous(),
+            weights,
+            ids,
+            E,
+            K_ACTIVE=k,
+            K_PAD=triton.next_power_of_2(k),
+            E_PAD=triton.next_power_of_2(E),
+            num_warps=1,
+            **kv_attention.pdl_launch(logits),
+        )
+        return weights, ids
 
     @triton.jit
     def _int4_word_dot(w, x0, x1, x2, x3, ASM: tl.constexpr):
@@ -974,9 +1059,15 @@ class DecodeBlock(TransformerBlock):
             # softmax, top k) and the norm's took 5.4 us a Qwen3-30B-A3B layer on the H200 (not yet
             # timed this way, 2026-12-04)
             router_logits = decode_gemv(h, ffn.gate.weight, norm_weight=ffn_norm.weight, eps=ffn_norm.eps)  # [1, E]
-            weights, expert_ids = ffn.pick(router_logits, few=True)  # [1, k] each
+            # traced, Inductor fuses the pick (softmax, top k) and the weighted sum + residual into a few
+            # kernels; eager (no --compile, or run_blocks_eager_under_compile) they are one kernel each here
+            # instead of ~10 ATen ones, so the whole block is this repo's kernels (all launched with PDL)
+            traced = torch.compiler.is_compiling()
+            weights, expert_ids = ffn.pick(router_logits, few=True) if traced else route(router_logits, ffn.n_active)
             ids = expert_ids.view(-1)
             hidden = decode_gemv_experts(h, ids, ffn.experts.w13, ffn_norm.weight, eps=ffn_norm.eps, glu=True)  # [k, I]
+            if not traced:
+                return expert_down_mix(hidden.unsqueeze(0), expert_ids, weights, ffn.experts.w2, h).view_as(x)
             down = decode_gemv_experts(hidden, ids, ffn.experts.w2)  # [k, D]
             return (h + weighted_sum(down.unsqueeze(0), weights)).view_as(x)
         h = h.view_as(x)  # other experts: routed as TransformerBlock routes them
@@ -988,13 +1079,19 @@ _decode_block_eager = torch.compiler.disable(DecodeBlock.forward)
 
 
 def run_blocks_eager_under_compile(model: torch.nn.Module) -> None:
-    """Make a model's dense DecodeBlocks run their batch-1 step eager inside torch.compile (a graph break
-    each), so that their kernels launch with kv_attention.PDL while the compiler fuses what surrounds them
+    """Make a model's DecodeBlocks run their batch-1 step eager inside torch.compile (a graph break each),
+    so that their kernels launch with kv_attention.PDL while the compiler fuses what surrounds them
     (generate.Generator with --compile and PDL; the whole step is then one CUDAGraphStep). Measured on the
-    H200 (2026-12-05): SmolLM2-135M 0.629 -> 0.504 ms a step. Mixture-of-experts blocks stay traced: run
-    eager, their router and weighted sum lose Inductor's fusion (12 Qwen3 layers 0.887 -> 1.168 ms)."""
+    H200 (2026-12-05): SmolLM2-135M 0.629 -> 0.504 ms a step. Mixture-of-experts blocks ran eager then
+    with their router pick and weighted sum as ATen kernels and lost (12 Qwen3 layers 0.887 -> 1.168 ms);
+    eager, a float MoE block now runs route and expert_down_mix instead (not yet timed), so it is included;
+    int8 experts (quantize.Int8Experts) are not."""
     for module in model.modules():
-        if type(module) is DecodeBlock and type(module.feed_forward) is FeedForward:
+        if type(module) is DecodeBlock and (
+            type(module.feed_forward) is FeedForward
+            or EXPERT_GEMV_ENABLED
+            and type(module.feed_forward.experts) in (Experts, DownMixExperts)
+        ):
             module.eager_under_compile = True
 
 

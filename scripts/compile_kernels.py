@@ -265,6 +265,30 @@ def main(argv=None):
                         num_stages=1,
                         launch_pdl=pdl,
                     )
+    for tokens, residual, pdl in ((1, 1, 1), (1, 0, 0), (8, 0, 0)):  # Qwen3-30B-A3B's experts' down projection + mix
+        cfg = gemv.expert_down_config(tokens)
+        build(
+            target,
+            f"expert down + mix, {tokens} token(s)" + (" + residual" if residual else "") + (" pdl" if pdl else ""),
+            gemv._expert_down_mix_kernel,
+            {"h_ptr": "*bf16", "ids_ptr": "*i64", "mix_ptr": "*fp32", "w_ptr": "*bf16", "y_ptr": "*bf16",
+             "res_ptr": "*bf16", "D": "i32", "inter": "i32"},
+            {"K_ACTIVE": 8, "BLOCK_D": cfg["BLOCK_D"], "BLOCK_I": cfg["BLOCK_I"], "RESIDUAL": residual, "PDL": pdl},
+            range(8),
+            num_warps=cfg.get("num_warps", 4),
+            launch_pdl=bool(pdl),
+        )  # fmt: skip
+    for experts, k, pdl in ((128, 8, 1), (8, 2, 0)):  # Qwen3-30B-A3B, Mixtral: the router's pick
+        build(
+            target,
+            f"route, top {k} of {experts}" + (" pdl" if pdl else ""),
+            gemv._route_kernel,
+            {"logits_ptr": "*bf16", "weights_ptr": "*fp32", "ids_ptr": "*i64", "E": "i32"},
+            {"K_ACTIVE": k, "K_PAD": k, "E_PAD": experts, "PDL": pdl},
+            range(3),
+            num_warps=1,
+            launch_pdl=bool(pdl),
+        )
     merge_sig = {"acc_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32", "y_ptr": "*bf16"}
     for splits, pdl in ((2, 0), (10, 0), (64, 0), (10, 1)):
         consts = dict(D=128, G=4, G_PAD=16, D_PAD=128, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits))

@@ -198,10 +198,22 @@ def int8_expert_gemv(R=6, E=8, N=96, K=1100, X=6, grouped=False):  # X < R: each
     return op(x, ids, w, scales), gemv.int8_expert_gemv_reference(x, ids, w, scales)
 
 
-def expert_down_mix(N=1, k=8, E=16, D=300, inter=700, dtype=torch.float32):
+def expert_down_mix(N=1, k=8, E=16, D=300, inter=700, dtype=torch.float32, residual=False):
     h, ids = torch.randn(N, k, inter, dtype=dtype), torch.stack([torch.randperm(E)[:k] for _ in range(N)])
     mix, w = torch.rand(N, k).softmax(-1), torch.randn(E, D, inter, dtype=dtype) / 30
-    return gemv.expert_down_mix(h, ids, mix, w), gemv.expert_down_mix_reference(h, ids, mix, w)
+    want = gemv.expert_down_mix_reference(h, ids, mix, w)
+    if not residual:
+        return gemv.expert_down_mix(h, ids, mix, w), want
+    res = torch.randn(N, D, dtype=dtype)
+    return gemv.expert_down_mix(h, ids, mix, w, res), want + res
+
+
+def route(N=3, E=128, k=8):
+    """The router's pick: the chosen ids exactly, their weights (both compared, ids as floats)."""
+    logits = torch.randn(N, E) * 3
+    weights, ids = gemv.route(logits, k)
+    want_weights, want_ids = gemv.route_reference(logits, k)
+    return torch.cat([weights, ids.float()], dim=1), torch.cat([want_weights, want_ids.float()], dim=1)
 
 
 def expert_gate_up(N, k, E, D=96, inter=80, dtype=torch.float32):
@@ -298,6 +310,8 @@ def main():
     runs += [
         ("bf16-expert down + mix, 3 tokens x 2 of 8, fp16", lambda: expert_down_mix(3, 2, 8, 96, 250, torch.float16))
     ]
+    runs += [("bf16-expert down + mix + residual, 1 token x 8 of 16", lambda: expert_down_mix(residual=True))]
+    runs += [("route, 3 tokens, 8 of 128", route), ("route, 1 token, 3 of 10", lambda: route(1, 10, 3))]
     runs += [("expert gate/up, 2 tokens x 2 of 16", lambda: expert_gate_up(2, 2, 16))]
     runs += [("expert gate/up, 8 tokens x 2 of 4 (shared experts)", lambda: expert_gate_up(8, 2, 4))]
     runs += [("expert gate/up, 16 tokens x 8 of 8, fp16", lambda: expert_gate_up(16, 8, 8, 64, 48, torch.float16))]

@@ -46,6 +46,15 @@ def reference_decode_kernels(monkeypatch):
             rope_calls.add_(1)
             return kv_attention.rope_write_kv_reference(*args)
 
+        def route(logits, k):  # an eager MoE block's pick
+            calls.add_(1)
+            return gemv.route_reference(logits, k)
+
+        def expert_down_mix(h, expert_ids, mix, weight, residual=None):  # and its down projection + mix
+            calls.add_(1)
+            y = gemv.expert_down_mix_reference(h, expert_ids, mix, weight)
+            return y if residual is None else (y.float() + residual.float()).to(y.dtype)
+
         monkeypatch.setattr(gemv, "available", lambda t: True)
         monkeypatch.setattr(gemv, "FLOAT_GEMV_ENABLED", True)
         monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
@@ -54,6 +63,8 @@ def reference_decode_kernels(monkeypatch):
         monkeypatch.setattr(gemv, "decode_gemv", decode_gemv, raising=False)
         monkeypatch.setattr(gemv, "decode_gemv_experts", decode_gemv_experts, raising=False)
         monkeypatch.setattr(kv_attention, "rope_write_kv", rope_write_kv, raising=False)
+        monkeypatch.setattr(gemv, "route", route, raising=False)
+        monkeypatch.setattr(gemv, "expert_down_mix", expert_down_mix, raising=False)
         return calls, rope_calls
 
     return enable

@@ -29,6 +29,8 @@ SHAPES = {
     "window": dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=256, sliding_window=24),
     "tied": dict(dim=128, n_layers=3, n_heads=4, n_kv_heads=1, intermediate_size=256, tie_embeddings=True),
 }
+# the fused decode block's mixture of experts (its own test only)
+MOE_SHAPE = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96, n_experts=8, n_active_experts=2)
 PROMPTS = [[5, 17, 3, 88, 41, 2, 9, 300, 411, 7], [60, 1, 7], list(range(100, 141)), [12]]
 
 
@@ -44,7 +46,7 @@ def fresh_dynamo():
 def random_model(shape: str, seed: int = 0) -> Transformer:
     """A random fp32 model on the CPU whose logits are spread far from ties."""
     torch.manual_seed(seed)
-    args = ModelArgs(**SHAPES[shape], vocab_size=VOCAB, max_position_embeddings=8192)
+    args = ModelArgs(**(MOE_SHAPE if shape == "moe" else SHAPES[shape]), vocab_size=VOCAB, max_position_embeddings=8192)
     model = Transformer(args).eval()
     with torch.no_grad():
         model.tok_embeddings.weight.normal_(0, 1.0)
@@ -545,6 +547,9 @@ def launched_with_pdl(kernel) -> list[bool]:
         ("window", True, True, False),
         ("tied", False, True, False),
         ("gqa-hd128", True, True, True),
+        ("moe", False, False, False),
+        ("moe", False, True, False),
+        ("moe", False, True, True),
     ],
 )
 def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, one_attention_kernel, pdl, compile):
@@ -554,7 +559,8 @@ def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, one_attent
     one_attention_kernel: with ROPE_IN_ATTENTION and MERGE_IN_SPLITS (the counts mutated inside the graph).
     pdl: kv_attention.PDL, each kernel of the chain launched to start while the one before it finishes and
     waiting for it in-kernel, and really launched that way: eager (generate.py without --compile) and
-    compiled around the blocks (--compile with PDL: the blocks run eager inside the step's one CUDA graph)."""
+    compiled around the blocks (--compile with PDL: the blocks run eager inside the step's one CUDA graph).
+    moe: eager, a mixture of experts' block picks with gemv.route and mixes with gemv.expert_down_mix."""
     import gemv
     import kv_attention
 
@@ -572,6 +578,7 @@ def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, one_attent
     assert greedy(cuda, PROMPTS[:2], 40, 128, compile=compile) == want
     if pdl:
         kernels = [gemv._decode_gemv_kernel, kv_attention._quantized_decode_kernel]
+        kernels += [gemv._route_kernel, gemv._expert_down_mix_kernel] if shape == "moe" else []
         kernels += (
             [] if one_attention_kernel else [kv_attention._rope_write_kv_kernel, kv_attention._merge_splits_kernel]
         )
