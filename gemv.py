@@ -1060,13 +1060,14 @@ class DecodeBlock(TransformerBlock):
             # timed this way, 2026-12-04)
             router_logits = decode_gemv(h, ffn.gate.weight, norm_weight=ffn_norm.weight, eps=ffn_norm.eps)  # [1, E]
             # traced, Inductor fuses the pick (softmax, top k) and the weighted sum + residual into a few
-            # kernels; eager (no --compile, or run_blocks_eager_under_compile) they are one kernel each here
-            # instead of ~10 ATen ones, so the whole block is this repo's kernels (all launched with PDL)
-            traced = torch.compiler.is_compiling()
-            weights, expert_ids = ffn.pick(router_logits, few=True) if traced else route(router_logits, ffn.n_active)
+            # kernels; eager with PDL (run_blocks_eager_under_compile, or no --compile) they are one kernel
+            # each here instead of ~10 ATen ones, so the whole block is this repo's kernels, all launched
+            # with PDL (not yet run on a GPU, 2026-12-05: hence only with PDL)
+            ours = kv_attention.PDL and not torch.compiler.is_compiling()
+            weights, expert_ids = route(router_logits, ffn.n_active) if ours else ffn.pick(router_logits, few=True)
             ids = expert_ids.view(-1)
             hidden = decode_gemv_experts(h, ids, ffn.experts.w13, ffn_norm.weight, eps=ffn_norm.eps, glu=True)  # [k, I]
-            if not traced:
+            if ours:
                 return expert_down_mix(hidden.unsqueeze(0), expert_ids, weights, ffn.experts.w2, h).view_as(x)
             down = decode_gemv_experts(hidden, ids, ffn.experts.w2)  # [k, D]
             return (h + weighted_sum(down.unsqueeze(0), weights)).view_as(x)
@@ -1084,8 +1085,8 @@ def run_blocks_eager_under_compile(model: torch.nn.Module) -> None:
     (generate.Generator with --compile and PDL; the whole step is then one CUDAGraphStep). Measured on the
     H200 (2026-12-05): SmolLM2-135M 0.629 -> 0.504 ms a step. Mixture-of-experts blocks ran eager then
     with their router pick and weighted sum as ATen kernels and lost (12 Qwen3 layers 0.887 -> 1.168 ms);
-    eager, a float MoE block now runs route and expert_down_mix instead (not yet timed), so it is included;
-    int8 experts (quantize.Int8Experts) are not."""
+    eager with PDL, a float MoE block now runs route and expert_down_mix instead (not yet timed), so it is
+    included; int8 experts (quantize.Int8Experts) are not."""
     for module in model.modules():
         if type(module) is DecodeBlock and (
             type(module.feed_forward) is FeedForward

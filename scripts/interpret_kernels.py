@@ -322,6 +322,15 @@ def main():
     ]
     runs += [("DecodeBlock, a 2-layer model's decode step", decode_block)]
     runs += [("DecodeBlock, a 2-layer MoE model's decode step, 2 of 8 experts", lambda: decode_block(2, 8))]
+
+    def with_pdl(run):  # kv_attention.PDL: an eager MoE block picks with route, mixes with expert_down_mix
+        kv_attention.PDL = True
+        try:
+            return run()
+        finally:
+            kv_attention.PDL = False
+
+    runs += [("DecodeBlock, MoE, eager with PDL (route, down + mix)", lambda: with_pdl(lambda: decode_block(2, 8)))]
     runs += [("DecodeBlock, rope + attention + merge in one kernel", lambda: decode_block(rope_in_attention=True))]
     runs += [(f"DownMixExperts, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n)) for n in (2, 4, 8)]
     runs += [

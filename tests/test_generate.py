@@ -454,10 +454,8 @@ def test_fused_decode_block_plumbing(monkeypatch, reference_decode_kernels, over
         assert type(model.layers[0]) is gemv.DecodeBlock
         # decode_gemv calls a layer: four fused projections; or a mixture of experts' two attention ones and
         # its router (a DecodeLinear; compiled, MoEFeedForward.route's matvec); or with decode_gemv_experts
-        # those two, the router (decode_gemv, the norm folded in) and the experts' two, eager the second as
-        # expert_down_mix (with the weighted sum and the residual) after route's pick: one more
-        experts = 5 + (not compile)
-        fused = 4 if not model.args.n_experts else experts if overrides == "experts" else 2 + (not compile)
+        # those two, the router (decode_gemv, the norm folded in) and the experts' two
+        fused = 4 if not model.args.n_experts else 5 if overrides == "experts" else 2 + (not compile)
         # the 11 decode steps, and the output projection (DecodeLinear) of those and of the prompt's last row
         output = 12  # a DecodeLinear's or an Int8Linear's: both decode_gemv at one row
         assert calls == 11 * fused * model.args.n_layers + output
