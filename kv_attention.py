@@ -578,7 +578,10 @@ if triton is not None:
             acc,
             running_max,
             running_sum,
-            acc if split_counts is None else split_counts,  # never read without MERGE
+            # never touched without MERGE. Not acc: a kernel with inline asm (TILES_FP16) defeats Inductor's
+            # analysis of what it writes (torch 2.11: "assuming every input is mutated"), and a written
+            # buffer passed twice then came back as the unwritten copy: compiled != eager (2026-12-05 tier)
+            row_start if split_counts is None else split_counts,
             y,
             cos,  # cos .. k_norm: read only with ROPE (QK_NORM)
             sin,
