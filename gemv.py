@@ -16,7 +16,9 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
   int8_expert_gemv          Int8Experts, decode          decode_gemv's kernel with the int8 expert picked per row
   int8_expert_gemm_grouped  Int8Experts, 2-16 tokens     pairs grouped by expert, tensor cores
   expert_gate_up            DownMixExperts, 2-16 tokens  float gate/up grouped by expert
-  expert_down_mix           DownMixExperts, 2+ tokens    float down projection + routing-weighted sum
+  expert_down_mix           DownMixExperts, 2+ tokens;   float down projection + routing-weighted sum
+                            DecodeBlock, eager with PDL  (+ the residual)
+  route                     DecodeBlock, eager with PDL  the router's softmax, top k, renormalised
   int4_gemv                 Int4Linear, 1 row (opt-in)   tinygemm's int4 weight, one pass, bf16x2 math
 """
 
