@@ -351,11 +351,11 @@ if triton is not None:
         # program reads gate row n and up row N + n and writes SiLU(gate) * up, w13's hidden, each
         # sigmoid computed once (folded into w2's loads, as it was until 2026-12-04, every w2 program
         # recomputed all of them).
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         if PDL and not EXPERTS:  # the first weight tile's lines to L2 while the previous kernel finishes
-            first = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
             LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # elements a 128-byte line
             at = tl.minimum(tl.arange(0, BLOCK_K // LINE) * LINE, K - 1)  # clamped: no address outside w
-            lines = w_ptr + tl.minimum(first, N - 1).to(tl.int64)[:, None] * K + at[None, :]
+            lines = w_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * K + at[None, :]
             prefetch_l2(lines)
             if GLU:
                 prefetch_l2(lines + N.to(tl.int64) * K)
@@ -369,7 +369,6 @@ if triton is not None:
             scale_ptr += e * N
             x_ptr += (r // rows_per_x).to(tl.int64) * K
             y_ptr += r.to(tl.int64) * N
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         row_ok = rows < N
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * K

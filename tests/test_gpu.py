@@ -220,6 +220,27 @@ def nan_outside_rows(tensors, row_start, slot, window):
     return [t.masked_fill(outside, float("nan")) for t in tensors]
 
 
+def quantized_attention_case(case, storage, dtype, q_size, scale_ranges):
+    """One KV_KERNEL_CASES case over an int8 / fp8 cache: (the kernel's arguments, with NaN scales at
+    every slot outside a row's valid range, and the reference's output). q ~ N(0, q_size); each cache's
+    scales uniform in [low, low + width) for its (low, width) (K's, then V's)."""
+    import kv_attention
+
+    B, Hq, Hkv, D, S, q_slot, starts, window = case
+    torch.manual_seed(S + D)
+    store = torch.int8 if storage == "int8" else torch.float8_e4m3fn
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype) * q_size
+    caches = [(torch.randn(B, Hkv, S, D, device="cuda") * 60).clamp(-127, 127).to(store) for _ in range(2)]
+    scales = [(torch.rand(B, Hkv, S, 1, device="cuda") * width + low).to(dtype) for low, width in scale_ranges]
+    row_start = torch.tensor(starts, dtype=torch.int32, device="cuda")
+    slot = torch.tensor([q_slot], device="cuda")
+    want = kv_attention.quantized_decode_attention_reference(
+        q, caches[0], scales[0], caches[1], scales[1], row_start, slot, window
+    )
+    poisoned = nan_outside_rows(scales, row_start, slot, window)
+    return (q, caches[0], poisoned[0], caches[1], poisoned[1], row_start, slot, window or 0), want
+
+
 @pytest.mark.parametrize("storage", ["int8", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("case", KV_KERNEL_CASES)
@@ -228,19 +249,9 @@ def test_quantized_decode_attention_kernel_equals_reference(storage, dtype, case
     outside a row's valid range: there the scales are NaN, which any read would spread."""
     import kv_attention
 
-    B, Hq, Hkv, D, S, q_slot, starts, window = case
-    torch.manual_seed(S + D)
-    store = torch.int8 if storage == "int8" else torch.float8_e4m3fn
-    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype)
-    caches = [(torch.randn(B, Hkv, S, D, device="cuda") * 60).clamp(-127, 127).to(store) for _ in range(2)]
-    scales = [(torch.rand(B, Hkv, S, 1, device="cuda") / 50 + 1e-3).to(dtype) for _ in range(2)]
-    row_start = torch.tensor(starts, dtype=torch.int32, device="cuda")
-    slot = torch.tensor([q_slot], device="cuda")
-    want = kv_attention.quantized_decode_attention_reference(
-        q, caches[0], scales[0], caches[1], scales[1], row_start, slot, window
-    )
-    poisoned = nan_outside_rows(scales, row_start, slot, window)
-    args = (q, caches[0], poisoned[0], caches[1], poisoned[1], row_start, slot, window or 0)
+    B, Hkv = case[0], case[2]
+    args, want = quantized_attention_case(case, storage, dtype, 1, ((1e-3, 1 / 50), (1e-3, 1 / 50)))
+    q, k_cache, k_scale, v_cache, v_scale, row_start, slot, window = args
     got = kv_attention.quantized_decode_attention(*args)
     assert got.dtype == dtype and got.shape == want.shape
     err = ((got.float() - want.float()).norm() / want.float().norm()).item()
@@ -248,7 +259,7 @@ def test_quantized_decode_attention_kernel_equals_reference(storage, dtype, case
     counts = kv_attention.new_split_counts(B, Hkv, "cuda")
     for _ in range(2):  # the one-kernel form (MERGE_IN_SPLITS): the same output, the counts zero again
         merged = kv_attention.decode_attention_merged(
-            q, caches[0], caches[1], row_start, slot, window or 0, counts, poisoned[0], poisoned[1]
+            q, k_cache, v_cache, row_start, slot, window, counts, k_scale, v_scale
         )
         assert not counts.any()
         assert ((merged.float() - got.float()).norm() / got.float().norm()).item() < 1e-6
@@ -292,20 +303,8 @@ def test_kv_tiles_in_fp16_equal_reference(storage, dtype, case, monkeypatch):
     slot outside a row's valid range (NaN scales there)."""
     import kv_attention
 
-    B, Hq, Hkv, D, S, q_slot, starts, window = case
-    torch.manual_seed(S + D)
-    store = torch.int8 if storage == "int8" else torch.float8_e4m3fn
-    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype) * 3
-    caches = [(torch.randn(B, Hkv, S, D, device="cuda") * 60).clamp(-127, 127).to(store) for _ in range(2)]
     # v scales far below fp16's normal range too: the kernel rescales p * v_scale into [0, 1] first
-    scales = [(torch.rand(B, Hkv, S, 1, device="cuda") * size + size / 10).to(dtype) for size in (1e-2, 1e-5)]
-    row_start = torch.tensor(starts, dtype=torch.int32, device="cuda")
-    slot = torch.tensor([q_slot], device="cuda")
-    want = kv_attention.quantized_decode_attention_reference(
-        q, caches[0], scales[0], caches[1], scales[1], row_start, slot, window
-    )
-    poisoned = nan_outside_rows(scales, row_start, slot, window)
-    args = (q, caches[0], poisoned[0], caches[1], poisoned[1], row_start, slot, window or 0)
+    args, want = quantized_attention_case(case, storage, dtype, 3, ((1e-3, 1e-2), (1e-6, 1e-5)))
     monkeypatch.setattr(kv_attention, "KV_TILES_FP16", True)
     got = kv_attention.quantized_decode_attention(*args)
     assert got.dtype == dtype and got.shape == want.shape
