@@ -89,8 +89,9 @@ KV_ASM = True  # the PTX conversions; False: Triton's own (the interpreter has n
 # the launch gap and ramp between dependent kernels (~150 a SmolLM2-135M step, 0.693 ms) is what
 # this hides. Only where this repo launches the kernel itself: generate.py's CUDA-graph step without
 # --compile (under torch.compile, Inductor launches user kernels without the attribute, torch
-# 2.11-2.13). NOT YET RUN ON A GPU (written 2026-12-05): off by default; FASTGEN_PDL=1 turns it on.
-PDL = os.environ.get("FASTGEN_PDL", "0") == "1"
+# 2.11-2.13). On by default since 2026-12-05's second session (SmolLM2-135M 0.629 -> 0.504 ms a step on an
+# H200, BENCHMARKS.md); FASTGEN_PDL=0 turns it off.
+PDL = os.environ.get("FASTGEN_PDL", "1") == "1"
 
 
 def available(q: torch.Tensor) -> bool:
@@ -109,6 +110,12 @@ def pdl_launch(x: torch.Tensor) -> dict:
 
 
 @functools.cache
+def pdl_applies(device: torch.device) -> bool:
+    """Whether this repo's kernels launch with PDL on this device (generate.Generator compiles around
+    the batch-1 blocks only then: on older GPUs and CPUs a graph break would buy nothing)."""
+    return PDL and device.type == "cuda" and _compute_capability(device.index) >= 9
+
+
 def _compute_capability(index: int | None) -> int:
     return torch.cuda.get_device_capability(index)[0]
 

@@ -47,10 +47,9 @@
 #                                          #   an int8 cache without / with it and with a bf16 cache (6.719 / 6.729
 #                                          #   ms at 16c7312: issue 10 wants 1.1x), and B1 8k of 32k (issue 11's
 #                                          #   85% with KV; 76% at 16c7312, before the batch-1 GEMV)
-#   bash scripts/gpu_pending.sh pdltier    # ~8 min: FIRST after 2026-12-05: the GPU tier with both PDL switches on
-#                                          #   (FASTGEN_PDL=1 TORCHINDUCTOR_ENABLE_PDL=1; measured wins, not yet the
-#                                          #   defaults because the tier has not run with them), then SmolLM2-135M
-#                                          #   and Llama-3-8B with both (0.496 / ~4.09 ms on 2026-12-05)
+#   bash scripts/gpu_pending.sh pdltier    # ~9 min: the GPU tier with both PDL switches on (the defaults since
+#                                          #   2026-12-05's second session), then SmolLM2-135M, 12 Qwen3 layers and
+#                                          #   Llama-3-8B with both (0.496 / - / ~4.09 ms on 2026-12-05)
 #   bash scripts/gpu_pending.sh pdl        # ~8 min: kv_attention.PDL (opt-in, never run on a GPU; written 2026-12-05):
 #                                          #   the batch-1 chain's kernels launched with programmatic dependent launch
 #                                          #   (blocks eager, the rest compiled, one CUDA graph). Its GPU tests, then
@@ -229,13 +228,16 @@ kvfp16)
     decode llama_8k_of_32k 110 --model llama-3-8b --ctx 8192 --cache 32768
     ;;
 pdltier)
+    # both PDL switches on by default since the second session of 2026-12-05 (kv_attention.PDL, and
+    # generate.Generator sets Inductor's); the env var covers the tests that compile outside Generator
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    export FASTGEN_PDL=1 TORCHINDUCTOR_ENABLE_PDL=1
-    step tier 360 python -m pytest -m gpu -q -p no:cacheprovider -rf -n 4
+    export TORCHINDUCTOR_ENABLE_PDL=1
+    step tier 330 python -m pytest -m gpu -q -p no:cacheprovider -rf -n 6
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
-    decode smol_both 110 --model smollm2-135m
-    decode llama_both 170 --model llama-3-8b
+    decode smol_both 60 --model smollm2-135m
+    decode qwen3_12_both 70 --model qwen3-30b-a3b --layers 12 --by-launch --top 12
+    decode llama_both 100 --model llama-3-8b
     ;;
 pdl)
     step pdl_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k fused_decode_block_equals

@@ -323,8 +323,9 @@ def test_pdl_launch_only_where_this_repo_launches_on_sm90(monkeypatch):
     monkeypatch.setattr(kv_attention, "_compute_capability", lambda index: capability[index])
     on = {"PDL": True, "launch_pdl": True}
     with set_wrap_triton_enabled(False):  # an eager call
-        assert kv_attention.pdl_launch(cuda) == {"PDL": False}  # FASTGEN_PDL unset: off
-        monkeypatch.setattr(kv_attention, "PDL", True)
+        monkeypatch.setattr(kv_attention, "PDL", False)  # FASTGEN_PDL=0: off
+        assert kv_attention.pdl_launch(cuda) == {"PDL": False}
+        monkeypatch.setattr(kv_attention, "PDL", True)  # the default
         assert kv_attention.pdl_launch(cuda) == on
         assert kv_attention.pdl_launch(torch.zeros(1)) == {"PDL": False}
         capability[0] = 8
@@ -359,6 +360,7 @@ def test_pdl_compiles_around_the_fused_blocks(monkeypatch, reference_decode_kern
 
     monkeypatch.setattr(gemv, "decode_gemv", decode_gemv)
     monkeypatch.setattr(kv_attention, "PDL", True)
+    monkeypatch.setattr(kv_attention, "pdl_applies", lambda device: True)  # a CPU stands in for an sm_90 GPU
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     assert greedy(model, prompt, 12, 72, compile=True).tokens == plain
@@ -422,6 +424,7 @@ def test_fused_decode_block_plumbing(monkeypatch, reference_decode_kernels, over
     in for the CUDA kernels, eager and compiled, decodes to the tokens of the plain block; batches and
     prefill stay on the plain path, and a block with tensor parallel's hooks is never fused."""
     import gemv
+    import kv_attention
     import quantize
 
     if overrides == "int8":
@@ -455,7 +458,9 @@ def test_fused_decode_block_plumbing(monkeypatch, reference_decode_kernels, over
         # decode_gemv calls a layer: four fused projections; or a mixture of experts' two attention ones and
         # its router (a DecodeLinear; compiled, MoEFeedForward.route's matvec); or with decode_gemv_experts
         # those two, the router (decode_gemv, the norm folded in) and the experts' two
-        fused = 4 if not model.args.n_experts else 5 if overrides == "experts" else 2 + (not compile)
+        # (eager with kv_attention.PDL, the default, route picks too, and expert_down_mix takes the experts' second)
+        routed = overrides == "experts" and not compile and kv_attention.PDL
+        fused = 4 if not model.args.n_experts else 5 + routed if overrides == "experts" else 2 + (not compile)
         # the 11 decode steps, and the output projection (DecodeLinear) of those and of the prompt's last row
         output = 12  # a DecodeLinear's or an Int8Linear's: both decode_gemv at one row
         assert calls == 11 * fused * model.args.n_layers + output
