@@ -1006,7 +1006,9 @@ class DecodeBlock(TransformerBlock):
     def forward(self, x, cos, sin, attend, input_pos):
         if not (FUSED_DECODE_ENABLED and x.numel() == x.shape[-1] and available(x)):
             return super().forward(x, cos, sin, attend, input_pos)
-        if self.eager_under_compile and torch.compiler.is_compiling():  # eager: its kernels launch with PDL
+        # eager: its kernels launch with PDL. Not when the cache has no kernel of ours (attend is then
+        # flex_attention, which only the compiler makes a kernel of: eager it is math, with host copies)
+        if self.eager_under_compile and torch.compiler.is_compiling() and self.attention.kv_cache.attends_at_decode():
             return _decode_block_eager(self, x, cos, sin, attend, input_pos)
         attention, ffn = self.attention, self.feed_forward
         x1 = x.reshape(1, -1)  # [1, D]
@@ -1086,8 +1088,9 @@ def run_blocks_eager_under_compile(model: torch.nn.Module) -> None:
     (generate.Generator with --compile and PDL; the whole step is then one CUDAGraphStep). Measured on the
     H200 (2026-12-05): SmolLM2-135M 0.629 -> 0.504 ms a step. Mixture-of-experts blocks ran eager then
     with their router pick and weighted sum as ATen kernels and lost (12 Qwen3 layers 0.887 -> 1.168 ms);
-    eager with PDL, a float MoE block now runs route and expert_down_mix instead (not yet timed), so it is
-    included; int8 experts (quantize.Int8Experts) are not."""
+    eager with PDL, a float MoE block now runs route and expert_down_mix instead: 0.870 ms (0.873 with
+    Inductor's PDL alone; 2026-12-05, second session), so it is included; int8 experts
+    (quantize.Int8Experts) are not."""
     for module in model.modules():
         if type(module) is DecodeBlock and (
             type(module.feed_forward) is FeedForward

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from generate import Generator, Sampling, UsageError, sample
-from model import ModelArgs, Transformer, TransformerBlock
+from model import KVCache, ModelArgs, Transformer, TransformerBlock
 
 VOCAB = 97
 
@@ -341,9 +341,16 @@ def test_pdl_compiles_around_the_fused_blocks(monkeypatch, reference_decode_kern
     """With kv_attention.PDL, --compile compiles what surrounds the batch-1 blocks and runs each
     gemv.DecodeBlock eager (a graph break), where its kernels can launch with PDL: the plain block's
     tokens, and every decode step's block projections called outside the compiler (a mixture of experts'
-    two attention projections and its router; its pick and mix as route and expert_down_mix)."""
+    two attention projections and its router; its pick and mix as route and expert_down_mix). Not when the
+    cache has no attention kernel of ours (FASTGEN_DECODE_KERNEL=0: flex_attention, which eager is math with
+    host copies that a CUDA graph capture refuses): the blocks are traced then."""
     import gemv
     import kv_attention
+
+    def split_kv_reference(q, k_cache, v_cache, row_start, q_slot, sliding_window):  # the CUDA kernel's stand-in
+        return kv_attention.quantized_decode_attention_reference(
+            q, k_cache, None, v_cache, None, row_start, q_slot, sliding_window or None
+        )
 
     model = tiny_model(**overrides)
     prompt = [[5, 17, 3, 88, 41, 9, 2, 30, 11]]
@@ -361,6 +368,9 @@ def test_pdl_compiles_around_the_fused_blocks(monkeypatch, reference_decode_kern
     monkeypatch.setattr(gemv, "decode_gemv", decode_gemv)
     monkeypatch.setattr(kv_attention, "PDL", True)
     monkeypatch.setattr(kv_attention, "pdl_applies", lambda device: True)  # a CPU stands in for an sm_90 GPU
+    monkeypatch.setattr(kv_attention, "UNQUANTIZED_ENABLED", True)
+    monkeypatch.setattr(kv_attention.SplitKVCache, "attends_at_decode", lambda self: True)
+    monkeypatch.setattr(kv_attention, "decode_attention", split_kv_reference, raising=False)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     assert greedy(model, prompt, 12, 72, compile=True).tokens == plain
@@ -370,6 +380,11 @@ def test_pdl_compiles_around_the_fused_blocks(monkeypatch, reference_decode_kern
     assert any(name.startswith("torch_dynamo_resume_in_forward") for name in resumed)
     per_layer = 3 if overrides else 4  # wqkv, wo, and w13, w2 or the router (the ones with a norm or residual)
     assert sum(eager_calls) == 11 * per_layer * model.args.n_layers  # 11 decode steps
+    monkeypatch.setattr(kv_attention, "UNQUANTIZED_ENABLED", False)  # the plain cache: flex_attention
+    torch._dynamo.reset()
+    eager_calls.clear()
+    assert greedy(model, prompt, 12, 80, compile=True).tokens == plain
+    assert type(model.layers[0].attention.kv_cache) is KVCache and not eager_calls
     torch._dynamo.reset()
 
 
