@@ -104,7 +104,7 @@ def pdl_launch(x: torch.Tensor) -> dict:
     kernel is launched here, not traced: Inductor would take launch_pdl for a kernel argument."""
     from torch._library.triton import is_wrap_triton_enabled  # True while torch.compile traces the op
 
-    if not (PDL and x.is_cuda and not is_wrap_triton_enabled() and _compute_capability(x.device.index) >= 9):
+    if not (PDL and x.is_cuda and not is_wrap_triton_enabled() and _nvidia_sm90_or_later(x.device.index)):
         return {"PDL": False}
     return {"PDL": True, "launch_pdl": True}
 
@@ -113,7 +113,12 @@ def pdl_launch(x: torch.Tensor) -> dict:
 def pdl_applies(device: torch.device) -> bool:
     """Whether this repo's kernels launch with PDL on this device (generate.Generator compiles around
     the batch-1 blocks only then: on older GPUs and CPUs a graph break would buy nothing)."""
-    return PDL and device.type == "cuda" and _compute_capability(device.index) >= 9
+    return PDL and device.type == "cuda" and _nvidia_sm90_or_later(device.index)
+
+
+def _nvidia_sm90_or_later(index: int | None) -> bool:
+    # griddepcontrol is PTX: not on ROCm, whose "cuda" devices report their gfx version as the capability
+    return torch.version.hip is None and _compute_capability(index) >= 9
 
 
 def _compute_capability(index: int | None) -> int:

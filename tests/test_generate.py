@@ -332,6 +332,10 @@ def test_pdl_launch_only_where_this_repo_launches_on_sm90(monkeypatch):
         assert kv_attention.pdl_launch(cuda) == {"PDL": False}
         capability[0] = 10
         assert kv_attention.pdl_launch(cuda) == on
+        assert kv_attention.pdl_applies(cuda.device)
+        monkeypatch.setattr(torch.version, "hip", "6.4")  # ROCm: no griddepcontrol, whatever its capability
+        assert kv_attention.pdl_launch(cuda) == {"PDL": False} and not kv_attention.pdl_applies(cuda.device)
+        monkeypatch.setattr(torch.version, "hip", None)
     with set_wrap_triton_enabled(True):  # traced
         assert kv_attention.pdl_launch(cuda) == {"PDL": False}
 
