@@ -109,7 +109,6 @@ def pdl_launch(x: torch.Tensor) -> dict:
     return {"PDL": True, "launch_pdl": True}
 
 
-@functools.cache
 def pdl_applies(device: torch.device) -> bool:
     """Whether this repo's kernels launch with PDL on this device (generate.Generator compiles around
     the batch-1 blocks only then: on older GPUs and CPUs a graph break would buy nothing)."""
@@ -121,6 +120,7 @@ def _nvidia_sm90_or_later(index: int | None) -> bool:
     return torch.version.hip is None and _compute_capability(index) >= 9
 
 
+@functools.cache
 def _compute_capability(index: int | None) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
