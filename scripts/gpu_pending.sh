@@ -47,6 +47,9 @@
 #                                          #   an int8 cache without / with it and with a bf16 cache (6.719 / 6.729
 #                                          #   ms at 16c7312: issue 10 wants 1.1x), and B1 8k of 32k (issue 11's
 #                                          #   85% with KV; 76% at 16c7312, before the batch-1 GEMV)
+#   bash scripts/gpu_pending.sh next       # ~7.5 min: FIRST next time: 4cf7e70's fix on a GPU, then Qwen3-30B-A3B B1
+#                                          #   (48 layers) fused / unfused, expert_down_mix's 1-token tile, SmolLM2
+#                                          #   unfused (issue 17's 60%, issue 11's 2500 tok/s)
 #   bash scripts/gpu_pending.sh pdltier    # ~9 min: the GPU tier with both PDL switches on (the defaults since
 #                                          #   2026-12-05's second session), then SmolLM2-135M, 12 Qwen3 layers and
 #                                          #   Llama-3-8B with both (0.496 / - / ~4.09 ms on 2026-12-05)
@@ -227,6 +230,24 @@ kvfp16)
     decode llama_b8_8k_bf16kv 110 --model llama-3-8b --batch 8 --ctx 8192
     decode llama_8k_of_32k 110 --model llama-3-8b --ctx 8192 --cache 32768
     ;;
+next)
+    # FIRST after 2026-12-05's second session: 4cf7e70's fix (blocks eager under the compiler only over our
+    # attention kernel) on a GPU, then issue 17's Qwen3 B1 (3.036 ms, 48% of copy on active bytes): with PDL
+    # the folds' saved launches matter less, so the unfused blocks may now win (the folded wqkv read 21 MB
+    # in 12 us); expert_down_mix at 1 token runs the 2-token tile (the sweep's "kernel default" row against
+    # its best); SmolLM2 unfused too (0.486 ms fused)
+    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
+    export TORCHINDUCTOR_ENABLE_PDL=1  # the tests that compile outside generate.Generator
+    step tests 100 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -n 4 \
+        -k "compiled_decode_attends_through_flex or fused_decode_block_equals"
+    summary+=("  $(tail -n 1 "$out/tests.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/tests.txt" | head -6)")
+    decode qwen3_48 70 --model qwen3-30b-a3b --by-launch --top 12
+    FASTGEN_FUSED_DECODE=0 decode qwen3_48_unfused 70 --model qwen3-30b-a3b --by-launch --top 12
+    step down_1 100 python scripts/moe_down_sweep.py --tokens 1
+    summary+=("$(grep -E '^\| 1 ' "$out/down_1.txt")")
+    FASTGEN_FUSED_DECODE=0 decode smol_unfused 45 --model smollm2-135m
+    ;;
 pdltier)
     # both PDL switches on by default since the second session of 2026-12-05 (kv_attention.PDL, and
     # generate.Generator sets Inductor's); the env var covers the tests that compile outside Generator
@@ -315,7 +336,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, fusedcheck, pdltier, pdl, fusedsweep, batch32, longctx, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, next, fusedcheck, pdltier, pdl, fusedsweep, batch32, longctx, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac
