@@ -585,11 +585,17 @@ def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, one_attent
             assert any(launched_with_pdl(kernel)), kernel
 
 
-def test_fused_decode_block_over_int8_weights_keeps_the_tokens(monkeypatch):
+@pytest.mark.parametrize("pdl", [False, True])
+def test_fused_decode_block_over_int8_weights_keeps_the_tokens(monkeypatch, pdl):
     """An int8-quantized model's compiled batch-1 decode gives the same tokens through DecodeBlock
-    (the default for int8 blocks: decode_gemv over the int8 weights and scales) as through Int8Linear."""
+    (the default for int8 blocks: decode_gemv over the int8 weights and scales) as through Int8Linear.
+    pdl False: torch.compile(mode="reduce-overhead", fullgraph=True), what a GPU before sm_90 runs (issue
+    10 wants int8 to compile so); True: the blocks eager inside our CUDA graph (the default on sm_90+)."""
     import gemv
+    import kv_attention
     import quantize
+
+    monkeypatch.setattr(kv_attention, "PDL", pdl)
 
     cpu = random_model("gqa-hd128")
     floats = {name: m.weight.detach() for name, m in quantize.quantizable_linears(cpu)}
