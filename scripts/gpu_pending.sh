@@ -50,6 +50,8 @@
 #   bash scripts/gpu_pending.sh next       # ~7.5 min: FIRST next time: 4cf7e70's fix on a GPU, then Qwen3-30B-A3B B1
 #                                          #   (48 layers) fused / unfused, expert_down_mix's 1-token tile, SmolLM2
 #                                          #   unfused (issue 17's 60%, issue 11's 2500 tok/s)
+#   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
+#                                          #   10: why int8 reads at half bf16's rate), if ncu is on the machine
 #   bash scripts/gpu_pending.sh pdltier    # ~9 min: the GPU tier with both PDL switches on (the defaults since
 #                                          #   2026-12-05's second session), then SmolLM2-135M, 12 Qwen3 layers and
 #                                          #   Llama-3-8B with both (0.496 / - / ~4.09 ms on 2026-12-05)
@@ -248,6 +250,22 @@ next)
     summary+=("$(grep -E '^\| 1 ' "$out/down_1.txt")")
     FASTGEN_FUSED_DECODE=0 decode smol_unfused 45 --model smollm2-135m
     ;;
+ncukv)
+    # issue 10's int8 KV: at B8 8k its attention reads 134 MB a layer at ~2.3 TB/s, bf16's 268 MB at 4.2,
+    # and the fp16 tiles (fewer instructions a K/V element) did not move it: Nsight Compute's stall reasons
+    # and memory throughput for the default launch of each (the first launch of --case is the default)
+    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    if [ -z "$NCU" ]; then
+        summary+=("ncu: not on this machine")
+    else
+        for case in "int8 B8" "bf16 B8"; do
+            step "ncu_${case// /_}" 200 "$NCU" --set full -k regex:_quantized_decode_kernel -c 1 \
+                python scripts/kv_kernel_sweep.py --quick --case "$case" --time-budget-s 5
+            summary+=("$(grep -E 'Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy' \
+                "$out/ncu_${case// /_}.txt" | head -8)")
+        done
+    fi
+    ;;
 pdltier)
     # both PDL switches on by default since the second session of 2026-12-05 (kv_attention.PDL, and
     # generate.Generator sets Inductor's); the env var covers the tests that compile outside Generator
@@ -336,7 +354,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, next, fusedcheck, pdltier, pdl, fusedsweep, batch32, longctx, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, next, ncukv, fusedcheck, pdltier, pdl, fusedsweep, batch32, longctx, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

@@ -2,6 +2,7 @@
 
     python scripts/kv_kernel_sweep.py              # one GPU, ~3 min: Llama-3-8B attention shapes
     python scripts/kv_kernel_sweep.py --quick      # the default launch and a few neighbours
+    python scripts/kv_kernel_sweep.py --quick --case "int8 B8"   # one case (its first launch: the default)
 
 Each case is one decode attention call (split kernel + merge) replayed in a CUDA graph. Bytes =
 the valid K/V slots (+ their scales for int8), so GB/s compares directly with the copy bandwidth.
@@ -85,10 +86,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--time-budget-s", type=float, default=400)
+    ap.add_argument("--case", default="", help="only the cases whose name contains this (e.g. 'int8 B8')")
     args = ap.parse_args()
     t0 = time.time()
     rows = []
     for name, dtype, batch, slots, filled in CASES:
+        if args.case not in name:
+            continue
         run, ref, nbytes = make_case(dtype, batch, slots, filled)
         default = DEFAULT["int8" if dtype == torch.int8 else "bf16"]
         results = []
