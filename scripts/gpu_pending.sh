@@ -47,9 +47,9 @@
 #                                          #   an int8 cache without / with it and with a bf16 cache (6.719 / 6.729
 #                                          #   ms at 16c7312: issue 10 wants 1.1x), and B1 8k of 32k (issue 11's
 #                                          #   85% with KV; 76% at 16c7312, before the batch-1 GEMV)
-#   bash scripts/gpu_pending.sh next       # ~7.5 min: FIRST next time: 4cf7e70's fix on a GPU, then Qwen3-30B-A3B B1
+#   bash scripts/gpu_pending.sh next       # ~8 min: FIRST next time: 4cf7e70's fix on a GPU, then Qwen3-30B-A3B B1
 #                                          #   (48 layers) fused / unfused, expert_down_mix's 1-token tile, SmolLM2
-#                                          #   unfused (issue 17's 60%, issue 11's 2500 tok/s)
+#                                          #   unfused (issue 17's 60%, issue 11's 2500 tok/s), Llama-3.2-1B
 #   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
 #                                          #   10: why int8 reads at half bf16's rate), if ncu is on the machine
 #   bash scripts/gpu_pending.sh pdltier    # ~9 min: the GPU tier with both PDL switches on (the defaults since
@@ -249,6 +249,9 @@ next)
     step down_1 100 python scripts/moe_down_sweep.py --tokens 1
     summary+=("$(grep -E '^\| 1 ' "$out/down_1.txt")")
     FASTGEN_FUSED_DECODE=0 decode smol_unfused 45 --model smollm2-135m
+    # never measured: Llama-3.2-1B, the anchor of Hazy Research's "No Bubbles" megakernel (78% of an H100's
+    # bandwidth; vLLM and SGLang at most 50%, shared/anchors.md)
+    decode llama1b 50 --model llama-3.2-1b
     ;;
 ncukv)
     # issue 10's int8 KV: at B8 8k its attention reads 134 MB a layer at ~2.3 TB/s, bf16's 268 MB at 4.2,
