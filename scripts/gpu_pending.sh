@@ -246,6 +246,8 @@ next)
     summary+=("$(grep -E '^FAILED' "$out/tests.txt" | head -6)")
     decode qwen3_48 70 --model qwen3-30b-a3b --by-launch --top 12
     FASTGEN_FUSED_DECODE=0 decode qwen3_48_unfused 70 --model qwen3-30b-a3b --by-launch --top 12
+    # each kernel's own time: with PDL a kernel's duration includes its wait for the one before it
+    FASTGEN_PDL=0 TORCHINDUCTOR_ENABLE_PDL=0 decode qwen3_48_no_pdl 70 --model qwen3-30b-a3b --by-launch --top 12
     step down_1 100 python scripts/moe_down_sweep.py --tokens 1
     summary+=("$(grep -E '^\| 1 ' "$out/down_1.txt")")
     FASTGEN_FUSED_DECODE=0 decode smol_unfused 45 --model smollm2-135m
