@@ -20,9 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+import torch._inductor.config  # noqa: E402
 from bench_common import kernel_times, random_prompts, sync, time_loop  # noqa: E402
 from bench_ours import build_model, kv_dtype_for, named_args  # noqa: E402
 
+import kv_attention  # noqa: E402
 from generate import Generator, Sampling, model_weight_bytes  # noqa: E402
 
 NAME_CHARS = 90
@@ -96,6 +98,9 @@ def main(argv=None) -> int:
     )
     what = "kernels" if device.type == "cuda" else "operators (self time)"
     print(f"{what} per step: {calls:.0f}, their sum {kernel_us / 1e3:.3f} ms ({kernel_us / 1e3 / replay_ms:.0%} busy)")
+    if kv_attention.pdl_applies(device) or torch._inductor.config.triton.enable_pdl and device.type == "cuda":
+        # a kernel launched with PDL starts before the one ahead of it ends and waits in-kernel
+        print("programmatic dependent launch on: a kernel's time includes its wait for the one before it")
     print(f"| us/step | calls/step | us/call | share | {what} |")
     print("|---|---|---|---|---|")
     for name, (c, us) in sorted(table.items(), key=lambda kv: -kv[1][1])[: args.top]:
