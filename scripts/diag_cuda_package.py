@@ -147,8 +147,9 @@ def main(argv=None) -> int:
                 text=True,
             )
             lines = (child.stdout + child.stderr).strip().splitlines()
-            if child.returncode == 0:
-                outcome = lines[-1]
+            if child.returncode == 0:  # its result is its last stdout line (stderr may end with a warning:
+                # a CUDA build of torch on a machine without a GPU warns about the missing CUDA runtime)
+                outcome = (child.stdout.strip().splitlines() or ["no output"])[-1]
             else:
                 stage = (
                     "while loading" if "loading" in child.stdout and "loaded" not in child.stdout else "after loading"
