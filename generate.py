@@ -353,11 +353,12 @@ class Generator:
         # graph breaks), and the whole step is one CUDA graph of ours.
         self.compile_around_blocks = compile and kv_attention.pdl_applies(self.device)
         if compile and self.device.type == "cuda" and "TORCHINDUCTOR_ENABLE_PDL" not in os.environ:
-            # Inductor's own kernels with PDL too (off in torch by default; acts on sm_90+ only): SmolLM2-135M
-            # 0.504 -> 0.496 ms a step with ours, Llama-3-8B 4.184 -> 4.093 alone (H200, BENCHMARKS.md 2026-12-05)
+            # Inductor's own kernels with PDL too (off in torch by default; acts on sm_90+ only; in torch 2.11-2.14):
+            # SmolLM2-135M 0.504 -> 0.496 ms a step with ours, Llama-3-8B 4.184 -> 4.093 alone (H200, BENCHMARKS.md)
             import torch._inductor.config as inductor_config
 
-            inductor_config.triton.enable_pdl = True
+            if hasattr(inductor_config.triton, "enable_pdl"):
+                inductor_config.triton.enable_pdl = True
         if self.compile_around_blocks:
             compiled = torch.compile(decode_one, fullgraph=False)
             self.decode_fn = CUDAGraphStep(compiled) if self.device.type == "cuda" else compiled
