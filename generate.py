@@ -35,7 +35,7 @@ import tp  # noqa: E402  (tensor parallel under torchrun)
 from checkpoint import load_model  # noqa: E402
 from common import DTYPES, peak_memory_bytes, write_json_atomic  # noqa: E402
 from errors import FastgenError  # noqa: E402
-from model import KVCache, Transformer  # noqa: E402
+from model import KVCache, Transformer, TransformerBlock  # noqa: E402
 from speculative import DraftMismatch, SpeculationStats, accept, check_same_tokens, draw, propose_by_lookup  # noqa: E402
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-135M-Instruct"
@@ -319,6 +319,17 @@ class DeviceTokenReader:
         return self.host[step].tolist()
 
 
+def compile_each_block(model: Transformer) -> None:
+    """--compile-blocks: compile each plain TransformerBlock alone (fullgraph). Dynamo keys its cache on
+    the code and takes the layers' weights and caches as inputs, so one compile serves every layer: a
+    decode graph, a prefill graph, and a dynamic-length one from the second prompt length on. Against
+    compiling the whole step, fusion stops at block boundaries (the residual add and the next block's
+    norm stay two kernels). gemv.DecodeBlocks are left alone: their batch-1 step is this repo's kernels."""
+    for layer in model.layers:
+        if type(layer) is TransformerBlock:
+            layer.compile(fullgraph=True)  # again on a later setup: a new wrapper over the same cached code
+
+
 @dataclass
 class Speculation:
     """Speculative decoding settings: k guesses per step, from a draft model or from prompt lookup
@@ -339,8 +350,16 @@ class Generator:
         compile_prefill: bool = False,
         prefill_chunk_size: int = 2048,
         speculation: Speculation | None = None,
+        compile_blocks: bool = False,
     ):
+        if compile_blocks and (compile or compile_prefill or speculation is not None):
+            raise ValueError(
+                "compile_blocks compiles the blocks alone: not with compile, compile_prefill or speculation"
+            )
         self.model = model
+        # One transformer block compiled and reused by every layer (compile_each_block), the step around it
+        # eager (a CUDA graph on a GPU): a start-up of seconds where the whole step's compile takes a minute
+        self.compile_blocks = compile_blocks
         # Long prompts are prefilled in chunks of this many slots per row: activations (the
         # [B, T, 2 * ffn] gate/up output above all) stay bounded whatever the prompt length.
         self.prefill_chunk_size = prefill_chunk_size
@@ -443,6 +462,8 @@ class Generator:
             compute_dtype = m.tok_embeddings.weight.dtype
             m.setup_caches(batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype))
         gemv.use_decode_kernels(m)
+        if self.compile_blocks:
+            compile_each_block(m)
         if self.compile_around_blocks:  # the target's blocks only: a draft's steps compile whole (fullgraph)
             gemv.run_blocks_eager_under_compile(m)
         spec = self.speculation
@@ -779,6 +800,12 @@ def build_parser():
     )
     p.add_argument("--compile-prefill", action="store_true", help="compile prefill too, dynamic shapes (default: off)")
     p.add_argument(
+        "--compile-blocks",
+        action="store_true",
+        help="compile one transformer block and reuse it for every layer, the step around it a CUDA graph: "
+        "seconds to start instead of about a minute at 8B, a little slower than --compile (default: off)",
+    )
+    p.add_argument(
         "--package",
         type=Path,
         metavar="PKG.pt2",
@@ -885,8 +912,12 @@ def validate(args):
         raise UsageError("--chat reads the conversation from stdin; drop --prompt/--prompt-file")
     if args.stop and any(not s for s in args.stop):
         raise UsageError('--stop "" would stop before the first token; give some text')
-    if args.package is not None and (args.compile or args.compile_prefill):
-        raise UsageError("--package runs the steps compiled into it; drop --compile/--compile-prefill")
+    if args.package is not None and (args.compile or args.compile_prefill or args.compile_blocks):
+        raise UsageError("--package runs the steps compiled into it; drop --compile/--compile-prefill/--compile-blocks")
+    if args.compile_blocks and (args.compile or args.compile_prefill):
+        raise UsageError("--compile-blocks compiles the blocks alone: drop --compile/--compile-prefill, or it")
+    if args.compile_blocks and (args.prompt_lookup is not None or args.draft_checkpoint is not None):
+        raise UsageError("--compile-blocks does not compile speculative steps yet: use --compile with them")
     if args.package is not None and (args.prompt_lookup is not None or args.draft_checkpoint is not None):
         raise UsageError("--package has no speculative steps compiled into it; drop --prompt-lookup/--draft-checkpoint")
     if args.chat_template_kwargs is not None:
@@ -1023,7 +1054,7 @@ def run(args):
         speculation.draft = load_draft(args.draft_checkpoint, model, tokenizer, device, dtype, args.compile)
     load_s = time.perf_counter() - t0
     print(f"Loaded {checkpoint} in {load_s:.2f} s ({device}, {str(dtype).removeprefix('torch.')})", file=sys.stderr)
-    if device.type == "cpu" and (args.compile or args.compile_prefill):
+    if device.type == "cpu" and (args.compile or args.compile_prefill or args.compile_blocks):
         # said before the pause: the first token waits for Inductor, and nothing else shows meanwhile
         print(
             "Compiling for the CPU: the first run takes a while (minutes on 2 cores); later runs reuse "
@@ -1049,6 +1080,7 @@ def run(args):
             compile_prefill=args.compile_prefill,
             prefill_chunk_size=args.prefill_chunk_size,
             speculation=speculation,
+            compile_blocks=args.compile_blocks,
         )
     # Start-up is over: Ctrl-C now raises KeyboardInterrupt, and generation shows what it has so far
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -1154,7 +1186,7 @@ def run(args):
                 "achieved_GBps": model_weight_bytes(model) * steps_s / 1e9 if steps_s else None,
                 "peak_memory_bytes": peak_memory_bytes(device),
                 "kv_cache_bytes": kv_cache_bytes(model),
-                "compile_s": (res.first_decode_s if args.compile else None),
+                "compile_s": (res.first_decode_s if args.compile or args.compile_blocks else None),
                 "load_s": load_s,
                 "torch_version": torch.__version__,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -254,6 +254,9 @@ next)
     # never measured: Llama-3.2-1B, the anchor of Hazy Research's "No Bubbles" megakernel (78% of an H100's
     # bandwidth; vLLM and SGLang at most 50%, shared/anchors.md)
     decode llama1b 50 --model llama-3.2-1b
+    # --compile-blocks (one block compiled for every layer): its first step (the compile: 61.0 s for the whole
+    # step on 2026-12-05) and its replayed step against the whole step's 4.034 ms
+    decode llama_blocks 80 --model llama-3-8b --compile-blocks
     ;;
 ncukv)
     # issue 10's int8 KV: at B8 8k its attention reads 134 MB a layer at ~2.3 TB/s, bf16's 268 MB at 4.2,

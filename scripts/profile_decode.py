@@ -46,6 +46,9 @@ def main(argv=None) -> int:
         "--by-launch", action="store_true", help="a kernel's launches of another grid / block size on rows of their own"
     )
     p.add_argument("--no-compile", dest="compile", action="store_false", help="the eager (CUDA-graph) step")
+    p.add_argument(
+        "--compile-blocks", action="store_true", help="each block compiled alone, the step eager (generate.py's flag)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--layers", type=int, default=0, help="the named shape with this many layers (a per-layer A/B, compiled fast)"
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # generate.py's defaults
     model = build_model(args.model, args.weights, device, dtype, named_args(args.model, args.layers))
     model.flex_decode_options = args.flex_decode_options
-    gen = Generator(model, compile=args.compile)
+    gen = Generator(model, compile=args.compile and not args.compile_blocks, compile_blocks=args.compile_blocks)
     slots = args.cache or args.ctx + args.new_tokens
     gen.setup(args.batch, slots, kv_dtype_for(args.kv_dtype, dtype))
     prompts = random_prompts(args.batch, args.ctx, model.args.vocab_size).tolist()
@@ -88,7 +91,8 @@ def main(argv=None) -> int:
     print(
         f"{where}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}: {args.model} "
         f"layers={model.args.n_layers} w={args.weights} "
-        f"kv={args.kv_dtype} B={args.batch} ctx={args.ctx} slots={slots} compile={args.compile} "
+        f"kv={args.kv_dtype} B={args.batch} ctx={args.ctx} slots={slots} "
+        f"compile={'blocks' if args.compile_blocks else args.compile} "
         f"flex decode options={args.flex_decode_options}"
     )
     print(

@@ -340,6 +340,28 @@ def test_pdl_launch_only_where_this_repo_launches_on_sm90(monkeypatch):
         assert kv_attention.pdl_launch(cuda) == {"PDL": False}
 
 
+def test_compile_blocks_compiles_one_block_for_every_layer():
+    """Generator(compile_blocks=True) (--compile-blocks): each TransformerBlock compiled alone, one compile
+    serving every layer (a decode graph and a prefill graph for 4 layers, not 4 of each), with the plain
+    eager tokens; a batch of other prompt lengths adds at most the dynamic-length prefill graph."""
+    model = tiny_model(n_layers=4)
+    prompt = [[5, 17, 3, 88, 41, 9, 2, 30, 11]]
+    plain = greedy(model, prompt, 12, 64).tokens
+    batch = greedy(model, PROMPTS, 6, 64).tokens
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    gen = Generator(model, compile_blocks=True)
+    gen.setup(1, 64)
+    assert gen.generate(prompt, 12, Sampling()).tokens == plain
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    gen.setup(len(PROMPTS), 64)
+    assert gen.generate(PROMPTS, 6, Sampling()).tokens == batch
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4  # + batch 4's decode, dynamic prefill
+    with pytest.raises(ValueError, match="compile_blocks"):
+        Generator(model, compile=True, compile_blocks=True)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("overrides", [{}, dict(n_experts=4, n_active_experts=2)])
 def test_pdl_compiles_around_the_fused_blocks(monkeypatch, reference_decode_kernels, overrides):
     """With kv_attention.PDL, --compile compiles what surrounds the batch-1 blocks and runs each

@@ -76,6 +76,22 @@ def test_compiled_cuda_graph_decode_equals_cpu_fp32_eager(shape):
     assert got == want
 
 
+def test_compile_blocks_decode_equals_cpu_fp32_eager(monkeypatch):
+    """--compile-blocks on CUDA (generate.compile_each_block): each plain TransformerBlock compiled alone,
+    called from the eager step that CUDAGraphStep records: a batch of different-length prompts gives the
+    CPU fp32 eager tokens, batch 1 too."""
+    import gemv
+
+    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", False)  # plain blocks: the ones compile_each_block compiles
+    cpu = random_model("gqa-hd128")
+    want = greedy(cpu, PROMPTS[:3], 40, 128)
+    cuda = on(cpu, "cuda")
+    for prompts, expected in ((PROMPTS[:3], want), (PROMPTS[:1], want[:1])):
+        gen = Generator(cuda, compile_blocks=True)
+        gen.setup(len(prompts), 128)
+        assert gen.generate(prompts, 40, Sampling()).tokens == expected
+
+
 @pytest.mark.parametrize("split_kv_kernel", [False, True])
 def test_compiled_decode_attends_through_flex_or_the_kernel(monkeypatch, split_kv_kernel):
     """--compile's decode steps trace flex_attention (FASTGEN_DECODE_KERNEL=0) or the split-KV kernel
