@@ -371,7 +371,7 @@ class Generator:
         # fuses what surrounds the batch-1 blocks, the blocks run eager (gemv.run_blocks_eager_under_compile:
         # graph breaks), and the whole step is one CUDA graph of ours.
         self.compile_around_blocks = compile and kv_attention.pdl_applies(self.device)
-        if compile and self.device.type == "cuda" and "TORCHINDUCTOR_ENABLE_PDL" not in os.environ:
+        if (compile or compile_blocks) and self.device.type == "cuda" and "TORCHINDUCTOR_ENABLE_PDL" not in os.environ:
             # Inductor's own kernels with PDL too (off in torch by default; acts on sm_90+ only; in torch 2.11-2.14):
             # SmolLM2-135M 0.504 -> 0.496 ms a step with ours, Llama-3-8B 4.184 -> 4.093 alone (H200, BENCHMARKS.md)
             import torch._inductor.config as inductor_config
