@@ -320,14 +320,14 @@ class DeviceTokenReader:
 
 
 def compile_each_block(model: Transformer) -> None:
-    """--compile-blocks: compile each plain TransformerBlock alone (fullgraph). Dynamo keys its cache on
-    the code and takes the layers' weights and caches as inputs, so one compile serves every layer: a
-    decode graph, a prefill graph, and a dynamic-length one from the second prompt length on. Against
-    compiling the whole step, fusion stops at block boundaries (the residual add and the next block's
-    norm stay two kernels). gemv.DecodeBlocks are left alone: their batch-1 step is this repo's kernels."""
+    """--compile-blocks: compile each block alone. Dynamo keys its cache on the code and takes the layers'
+    weights and caches as inputs, so one compile serves every layer: a decode graph, a prefill graph, and a
+    dynamic-length one from the second prompt length on. Against compiling the whole step, fusion stops at
+    block boundaries (the residual add and the next block's norm stay two kernels). A gemv.DecodeBlock set
+    to run its batch-1 step eager (PDL) breaks the graph there, so it is compiled without fullgraph."""
     for layer in model.layers:
-        if type(layer) is TransformerBlock:
-            layer.compile(fullgraph=True)  # again on a later setup: a new wrapper over the same cached code
+        if isinstance(layer, TransformerBlock):  # again on a later setup: a new wrapper over the same cached code
+            layer.compile(fullgraph=not getattr(layer, "eager_under_compile", False))
 
 
 @dataclass
@@ -462,10 +462,11 @@ class Generator:
             compute_dtype = m.tok_embeddings.weight.dtype
             m.setup_caches(batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype))
         gemv.use_decode_kernels(m)
+        # the target's blocks only: a draft's steps compile whole (fullgraph)
+        if self.compile_around_blocks or self.compile_blocks and kv_attention.pdl_applies(self.device):
+            gemv.run_blocks_eager_under_compile(m)
         if self.compile_blocks:
             compile_each_block(m)
-        if self.compile_around_blocks:  # the target's blocks only: a draft's steps compile whole (fullgraph)
-            gemv.run_blocks_eager_under_compile(m)
         spec = self.speculation
         if spec is not None:
             if spec.draft is not None and (

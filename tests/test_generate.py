@@ -363,15 +363,22 @@ def test_compile_blocks_compiles_one_block_for_every_layer():
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(n_experts=4, n_active_experts=2)])
-def test_pdl_compiles_around_the_fused_blocks(monkeypatch, reference_decode_kernels, overrides):
+@pytest.mark.parametrize("compile_blocks", [False, True])
+def test_pdl_compiles_around_the_fused_blocks(monkeypatch, reference_decode_kernels, overrides, compile_blocks):
     """With kv_attention.PDL, --compile compiles what surrounds the batch-1 blocks and runs each
     gemv.DecodeBlock eager (a graph break), where its kernels can launch with PDL: the plain block's
     tokens, and every decode step's block projections called outside the compiler (a mixture of experts'
     two attention projections and its router; its pick and mix as route and expert_down_mix). Not when the
     cache has no attention kernel of ours (FASTGEN_DECODE_KERNEL=0: flex_attention, which eager is math with
-    host copies that a CUDA graph capture refuses): the blocks are traced then."""
+    host copies that a CUDA graph capture refuses): the blocks are traced then. compile_blocks
+    (--compile-blocks): each DecodeBlock compiled alone, its batch-1 step breaking out the same way."""
     import gemv
     import kv_attention
+
+    def run(max_seq_len):
+        gen = Generator(model, compile=not compile_blocks, compile_blocks=compile_blocks)
+        gen.setup(1, max_seq_len)
+        return gen.generate(prompt, 12, Sampling()).tokens
 
     def split_kv_reference(q, k_cache, v_cache, row_start, q_slot, sliding_window):  # the CUDA kernel's stand-in
         return kv_attention.quantized_decode_attention_reference(
@@ -399,17 +406,17 @@ def test_pdl_compiles_around_the_fused_blocks(monkeypatch, reference_decode_kern
     monkeypatch.setattr(kv_attention, "decode_attention", split_kv_reference, raising=False)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    assert greedy(model, prompt, 12, 72, compile=True).tokens == plain
+    assert run(72) == plain
     # Transformer.forward itself stays compiled (its prologue, its final norm): the graph breaks at
     # run_layers' call and resumes after it; a break inside forward's own loop would run all of it eager
     resumed = torch._dynamo.utils.counters["resumes"]
-    assert any(name.startswith("torch_dynamo_resume_in_forward") for name in resumed)
+    assert compile_blocks or any(name.startswith("torch_dynamo_resume_in_forward") for name in resumed)
     per_layer = 3 if overrides else 4  # wqkv, wo, and w13, w2 or the router (the ones with a norm or residual)
     assert sum(eager_calls) == 11 * per_layer * model.args.n_layers  # 11 decode steps
     monkeypatch.setattr(kv_attention, "UNQUANTIZED_ENABLED", False)  # the plain cache: flex_attention
     torch._dynamo.reset()
     eager_calls.clear()
-    assert greedy(model, prompt, 12, 80, compile=True).tokens == plain
+    assert run(80) == plain
     assert type(model.layers[0].attention.kv_cache) is KVCache and not eager_calls
     torch._dynamo.reset()
 
