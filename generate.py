@@ -916,7 +916,7 @@ def validate(args):
     if args.package is not None and (args.compile or args.compile_prefill or args.compile_blocks):
         raise UsageError("--package runs the steps compiled into it; drop --compile/--compile-prefill/--compile-blocks")
     if args.compile_blocks and (args.compile or args.compile_prefill):
-        raise UsageError("--compile-blocks compiles the blocks alone: drop --compile/--compile-prefill, or it")
+        raise UsageError("--compile-blocks replaces --compile/--compile-prefill: give one or the other")
     if args.compile_blocks and (args.prompt_lookup is not None or args.draft_checkpoint is not None):
         raise UsageError("--compile-blocks does not compile speculative steps yet: use --compile with them")
     if args.package is not None and (args.prompt_lookup is not None or args.draft_checkpoint is not None):

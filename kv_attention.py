@@ -87,10 +87,11 @@ KV_ASM = True  # the PTX conversions; False: Triton's own (the interpreter has n
 # anything another kernel may write; decode_gemv first asks L2 for its first weight tile, which no
 # kernel writes. A kernel that has finished its main loop lets the next one launch. In a CUDA graph
 # the launch gap and ramp between dependent kernels (~150 a SmolLM2-135M step, 0.693 ms) is what
-# this hides. Only where this repo launches the kernel itself: generate.py's CUDA-graph step without
-# --compile (under torch.compile, Inductor launches user kernels without the attribute, torch
-# 2.11-2.13). On by default since 2026-12-05's second session (SmolLM2-135M 0.629 -> 0.504 ms a step on an
-# H200, BENCHMARKS.md); FASTGEN_PDL=0 turns it off.
+# this hides. Only where this repo launches the kernel itself (Inductor launches user kernels without the
+# attribute, torch 2.11-2.14): eager, so with --compile the batch-1 blocks run eager inside the compiled
+# step (generate.Generator, gemv.run_blocks_eager_under_compile). On by default since 2026-12-05's second
+# session (SmolLM2-135M 0.629 -> 0.486 ms a step on an H200 with Inductor's PDL too, BENCHMARKS.md);
+# FASTGEN_PDL=0 turns it off.
 PDL = os.environ.get("FASTGEN_PDL", "1") == "1"
 
 

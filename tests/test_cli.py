@@ -158,7 +158,7 @@ def test_sampling_with_seed_is_reproducible(tiny_checkpoint, tmp_path, capsys):
         (["--max-seq-length", "100000"], "exceeds the model's context"),
         (["--prompt", "hi", "--max-seq-length", "8", "--max-new-tokens", "20"], "exceeds --max-seq-length"),
         (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read --prompt-file"),
-        (["--compile", "--compile-blocks"], "--compile-blocks compiles the blocks alone"),
+        (["--compile", "--compile-blocks"], "--compile-blocks replaces --compile"),
         (["--compile-blocks", "--prompt-lookup", "2"], "--compile-blocks does not compile speculative steps"),
     ],
 )
