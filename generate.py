@@ -319,10 +319,17 @@ class DeviceTokenReader:
         return self.host[step].tolist()
 
 
+def prefill_blocks_eager(model: Transformer, tokens, input_pos, sampling: Sampling):
+    """prefill with --compile-blocks: the compiled blocks run eager here, so a prompt never waits for a
+    compile (nor does a later prompt of another length: no dynamic-shape recompile mid-chat)."""
+    with torch.compiler.set_stance("force_eager"):
+        return prefill(model, tokens, input_pos, sampling)
+
+
 def compile_each_block(model: Transformer) -> None:
     """--compile-blocks: compile each block alone. Dynamo keys its cache on the code and takes the layers'
-    weights and caches as inputs, so one compile serves every layer: a decode graph, a prefill graph, and a
-    dynamic-length one from the second prompt length on. Against compiling the whole step, fusion stops at
+    weights and caches as inputs, so one compile serves every layer (a graph per batch size, for decode
+    only: prefill_blocks_eager). Against compiling the whole step, fusion stops at
     block boundaries (the residual add and the next block's norm stay two kernels). A gemv.DecodeBlock set
     to run its batch-1 step eager (PDL) breaks the graph there, so it is compiled without fullgraph."""
     for layer in model.layers:
@@ -387,6 +394,8 @@ class Generator:
             self.decode_fn = torch.compile(decode_one, mode=mode, fullgraph=True)
         if compile_prefill:
             self.prefill_fn = torch.compile(prefill, dynamic=True, fullgraph=True)
+        if compile_blocks:
+            self.prefill_fn = prefill_blocks_eager
         self.speculation = speculation
         if speculation is not None:
             self._setup_speculation(speculation, compile)
