@@ -812,8 +812,8 @@ def build_parser():
     p.add_argument(
         "--compile-blocks",
         action="store_true",
-        help="compile one transformer block and reuse it for every layer, the step around it a CUDA graph: "
-        "seconds to start instead of about a minute at 8B, a little slower than --compile (default: off)",
+        help="instead of --compile: one transformer block compiled for decode and reused by every layer, the step "
+        "around it eager (a CUDA graph on a GPU); SmolLM2 on 2 CPU cores starts in 15 s, not 142 (default: off)",
     )
     p.add_argument(
         "--package",
