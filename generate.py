@@ -900,9 +900,11 @@ def resolve_dtype(name, flag, default, choices=DTYPES):
 
 def validate(args):
     one_process_only = [flag for flag, value in (("--prompt-lookup", args.prompt_lookup),
-        ("--draft-checkpoint", args.draft_checkpoint), ("--package", args.package)) if value is not None]  # fmt: skip
+        ("--draft-checkpoint", args.draft_checkpoint), ("--package", args.package),
+        ("--compile-blocks", args.compile_blocks or None)) if value is not None]  # fmt: skip
     if tp.launched_by_torchrun() and one_process_only:
-        # not built for a sharded model yet: the draft would load whole on every rank, a package holds one rank's steps
+        # not built for a sharded model yet: the draft would load whole on every rank, a package holds one rank's
+        # steps, the blocks compiled alone have not been tried with tensor parallel's hooks and all-reduces
         raise UsageError(f"{', '.join(one_process_only)} run in one process; drop them under torchrun")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")

@@ -224,7 +224,9 @@ def test_more_ranks_than_gpus_is_a_one_line_error(monkeypatch):
         tp.local_device(torch.device("cuda"))
 
 
-@pytest.mark.parametrize("flags", [["--prompt-lookup", "3"], ["--draft-checkpoint", "d"], ["--package", "p.pt2"]])
+@pytest.mark.parametrize(
+    "flags", [["--prompt-lookup", "3"], ["--draft-checkpoint", "d"], ["--package", "p.pt2"], ["--compile-blocks"]]
+)
 def test_one_process_features_under_torchrun_are_a_one_line_error(monkeypatch, flags):
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = generate.parse_args(["--checkpoint", "c", "--prompt", "hi", *flags])
