@@ -752,7 +752,7 @@ if triton is not None:
             mix.float().contiguous(),
             weight,
             y,
-            y if residual is None else residual,  # never read without RESIDUAL
+            weight if residual is None else residual,  # never read without RESIDUAL (an input, as in decode_gemv)
             D,
             inter,
             K_ACTIVE=k,
@@ -1006,9 +1006,7 @@ class DecodeBlock(TransformerBlock):
     def forward(self, x, cos, sin, attend, input_pos):
         if not (FUSED_DECODE_ENABLED and x.numel() == x.shape[-1] and available(x)):
             return super().forward(x, cos, sin, attend, input_pos)
-        # eager: its kernels launch with PDL. Not when the cache has no kernel of ours (attend is then
-        # flex_attention, which only the compiler makes a kernel of: eager it is math, with host copies)
-        if self.eager_under_compile and torch.compiler.is_compiling() and self.attention.kv_cache.attends_at_decode():
+        if self.eager_under_compile and torch.compiler.is_compiling():  # eager: its kernels launch with PDL
             return _decode_block_eager(self, x, cos, sin, attend, input_pos)
         attention, ffn = self.attention, self.feed_forward
         x1 = x.reshape(1, -1)  # [1, D]
@@ -1065,7 +1063,7 @@ class DecodeBlock(TransformerBlock):
             # traced, Inductor fuses the pick (softmax, top k) and the weighted sum + residual into a few
             # kernels; eager with PDL (run_blocks_eager_under_compile, or no --compile) they are one kernel
             # each here instead of ~10 ATen ones, so the whole block is this repo's kernels, all launched
-            # with PDL (not yet run on a GPU, 2026-12-05: hence only with PDL)
+            # with PDL (timed only with PDL: 12 Qwen3 layers 0.870 ms, 2026-12-05; hence only with it)
             ours = kv_attention.PDL and not torch.compiler.is_compiling()
             weights, expert_ids = route(router_logits, ffn.n_active) if ours else ffn.pick(router_logits, few=True)
             ids = expert_ids.view(-1)
@@ -1090,14 +1088,16 @@ def run_blocks_eager_under_compile(model: torch.nn.Module) -> None:
     with their router pick and weighted sum as ATen kernels and lost (12 Qwen3 layers 0.887 -> 1.168 ms);
     eager with PDL, a float MoE block now runs route and expert_down_mix instead: 0.870 ms (0.873 with
     Inductor's PDL alone; 2026-12-05, second session), so it is included; int8 experts
-    (quantize.Int8Experts) are not."""
+    (quantize.Int8Experts) are not. Nor is a block whose cache has no attention kernel of ours (attend is
+    then flex_attention, which only the compiler makes a kernel of: eager it is math, with host copies that
+    a CUDA graph capture refuses). Called after the caches are made (Generator.setup)."""
     for module in model.modules():
-        if type(module) is DecodeBlock and (
-            type(module.feed_forward) is FeedForward
-            or EXPERT_GEMV_ENABLED
-            and type(module.feed_forward.experts) in (Experts, DownMixExperts)
-        ):
-            module.eager_under_compile = True
+        if type(module) is DecodeBlock:
+            ffn = module.feed_forward
+            eager_ffn = (
+                type(ffn) is FeedForward or EXPERT_GEMV_ENABLED and type(ffn.experts) in (Experts, DownMixExperts)
+            )
+            module.eager_under_compile = eager_ffn and module.attention.kv_cache.attends_at_decode()
 
 
 def project(linear: torch.nn.Module, x: torch.Tensor, **folded) -> torch.Tensor:

@@ -472,7 +472,7 @@ class Generator:
             m.setup_caches(batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype))
         gemv.use_decode_kernels(m)
         # the target's blocks only: a draft's steps compile whole (fullgraph)
-        if self.compile_around_blocks or self.compile_blocks and kv_attention.pdl_applies(self.device):
+        if kv_attention.pdl_applies(self.device) and (self.compile_around_blocks or self.compile_blocks):
             gemv.run_blocks_eager_under_compile(m)
         if self.compile_blocks:
             compile_each_block(m)
