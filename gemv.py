@@ -11,6 +11,7 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
 
   decode_gemv               DecodeLinear, DecodeBlock,   1 row, a float or int8 weight, one pass (beats cuBLAS),
                             Int8Linear                   the norm / SiLU * up / residual folded in
+  decode_gemv_rope_kv       DecodeBlock (opt-in)         wqkv's decode_gemv, RoPE and the cache write in its epilogue
   decode_gemv_experts       DecodeBlock, 1 token         the same over the token's k float experts
   int8_gemm_few_rows        Int8Linear, 2-16 rows        tensor cores over a 16-row tile, split over K
   int8_expert_gemv          Int8Experts, decode          decode_gemv's kernel with the int8 expert picked per row
@@ -115,6 +116,13 @@ def decode_gemv_reference(x, weight, scales=None, norm_weight=None, residual=Non
     if glu:
         y = glu_output(y)
     return (y if residual is None else y + residual.float()).to(x.dtype)
+
+
+def decode_gemv_rope_kv_reference(x, weight, scales, norm_weight, bias, eps, cos, sin, k_cache, v_cache, slot, n_heads):
+    """wqkv's decode_gemv (bias [1, N] where a residual goes), then kv_attention.rope_write_kv_reference
+    without the query/key norms: writes the token's k and v into the caches at slot, returns q [1, Hq, 1, D]."""
+    qkv = decode_gemv_reference(x, weight, scales, norm_weight, bias, eps)
+    return kv_attention.rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot, n_heads, None, None, 0.0)
 
 
 def decode_gemv_experts_reference(x, expert_ids, weight, norm_weight=None, eps=0.0, glu=False):
@@ -249,6 +257,13 @@ FUSED_FLOAT_MAX_DIM = 2048 if FUSED_DECODE == "auto" else 1 << 30
 # step) with int8's 4-8 rows a program; at 2 rows it won: Qwen3-30B-A3B B1, 12 layers, 0.999 ->
 # 0.965 ms (2026-12-04, third session). On by default; FASTGEN_EXPERT_GEMV=0 leaves the experts to Inductor.
 EXPERT_GEMV_ENABLED = os.environ.get("FASTGEN_EXPERT_GEMV", "1") == "1"
+# With it, a DecodeBlock without query/key norms (SmolLM2, Llama; not Qwen3) over an unquantized cache
+# runs RoPE and the cache write in wqkv's epilogue (decode_gemv_rope_kv: a program reads rows i and
+# i + D/2 of a head, rotate_half's pairs), so rope_write_kv's kernel goes: a layer in 6 kernels. For
+# SmolLM2-135M (issue 11: 0.486 ms, 217 kernels, ~2.2 us each with PDL; 2500 tok/s needs 0.4) that is
+# 30 launches, predicted ~0.43-0.44 ms. NOT YET RUN ON A GPU (written 2026-12-05, third session):
+# off by default; FASTGEN_ROPE_IN_QKV=1 turns it on.
+ROPE_IN_QKV = os.environ.get("FASTGEN_ROPE_IN_QKV", "0") == "1"
 
 
 def decode_gemv_config(n: int, k: int) -> dict:
@@ -335,6 +350,12 @@ if triton is not None:
         N,
         K,
         rows_per_x,  # with EXPERTS: output row r reads x row r // rows_per_x
+        cos_ptr,  # [HEAD_DIM] (ROPE, and all below): the token's RoPE angles
+        sin_ptr,
+        k_ptr,  # [HKV, S, HEAD_DIM]: the KV cache of batch 1, written at slot
+        v_ptr,
+        slot_ptr,  # [1]
+        S,
         EPS: tl.constexpr,  # the RMSNorm's (a constant: a float argument would reach the kernel as fp64)
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -344,14 +365,26 @@ if triton is not None:
         CONVERT: tl.constexpr,  # -1: a float weight; else an int8 one, converted as _int8_to_fp32 does
         EXPERTS: tl.constexpr,
         PDL: tl.constexpr,  # launched with programmatic dependent launch (kv_attention.PDL)
+        ROPE: tl.constexpr,  # wqkv: RoPE and the cache write in the epilogue (decode_gemv_rope_kv)
+        HQ: tl.constexpr,  # with ROPE: query heads, kv heads, head dim
+        HKV: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
     ):
         # BLOCK_N outputs of one activation row, the weight read once. Each program reads all of
         # x anyway, so the norm costs no pass of its own: W (g * x * r) = r * (W (g * x)), with the
         # scalar r = rsqrt(mean(x^2) + eps) summed along the way and applied at the end. With GLU a
         # program reads gate row n and up row N + n and writes SiLU(gate) * up, w13's hidden, each
         # sigmoid computed once (folded into w2's loads, as it was until 2026-12-04, every w2 program
-        # recomputed all of them).
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        # recomputed all of them). With ROPE a program reads rows i and i + HEAD_DIM / 2 of a head,
+        # rotate_half's pairs, so that it can rotate its outputs itself.
+        PAIRED: tl.constexpr = GLU or ROPE  # each output reads a second weight row
+        if ROPE:
+            pairs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            rows = pairs // (HEAD_DIM // 2) * HEAD_DIM + pairs % (HEAD_DIM // 2)
+            partners = rows + HEAD_DIM // 2
+        else:
+            rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            partners = rows + N  # GLU's up rows
         if PDL and not EXPERTS:  # the first weight tile's lines to L2 while the previous kernel finishes
             LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # elements a 128-byte line
             at = tl.minimum(tl.arange(0, BLOCK_K // LINE) * LINE, K - 1)  # clamped: no address outside w
@@ -359,6 +392,8 @@ if triton is not None:
             prefetch_l2(lines)
             if GLU:
                 prefetch_l2(lines + N.to(tl.int64) * K)
+            if ROPE:
+                prefetch_l2(w_ptr + tl.minimum(partners, N - 1).to(tl.int64)[:, None] * K + at[None, :])
         pdl_wait(PDL)  # the expert ids, x, the residual: written by earlier kernels
         if EXPERTS:  # program axis 1: the (token, expert) pair
             r = tl.program_id(1)
@@ -372,7 +407,7 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_K)
         row_ok = rows < N
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
-        up_rows = w_ptr + (rows + N).to(tl.int64)[:, None] * K  # read only with GLU
+        up_rows = w_ptr + partners.to(tl.int64)[:, None] * K  # read only if PAIRED
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -391,7 +426,7 @@ if triton is not None:
                 acc += _int8_to_fp32(w, CONVERT) * x[None, :]
             else:
                 acc += w.to(tl.float32) * x[None, :]
-            if GLU:
+            if PAIRED:
                 w_up = tl.load(up_rows + k[None, :], mask=w_ok, other=0, eviction_policy="evict_first")
                 if CONVERT >= 0:
                     acc_up += _int8_to_fp32(w_up, CONVERT) * x[None, :]
@@ -404,15 +439,64 @@ if triton is not None:
             y = y * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
             if GLU:
                 up = up * tl.load(scale_ptr + N + rows, mask=row_ok, other=0.0).to(tl.float32)
+            if ROPE:
+                up = up * tl.load(scale_ptr + partners, mask=row_ok, other=0.0).to(tl.float32)
         if NORM:
             inv_rms = tl.rsqrt(tl.sum(squares, axis=0) / K + EPS)
             y = y * inv_rms
             up = up * inv_rms
         if GLU:  # SiLU(gate) * up, FeedForward's hidden
             y = y * tl.sigmoid(y) * up
-        if RESIDUAL:
+        if RESIDUAL:  # with ROPE, wqkv's bias (Qwen2)
             y += tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+            if ROPE:
+                up += tl.load(res_ptr + partners, mask=row_ok, other=0.0).to(tl.float32)
+        if ROPE:
+            _rope_store(y, up, rows, row_ok, y_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, S, HQ, HKV, HEAD_DIM)
+        else:
+            tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
+    def _rope_store(
+        x,
+        x_partner,
+        rows,
+        row_ok,
+        q_ptr,
+        cos_ptr,
+        sin_ptr,
+        k_ptr,
+        v_ptr,
+        slot_ptr,
+        S,
+        HQ: tl.constexpr,
+        HKV: tl.constexpr,
+        D: tl.constexpr,
+    ):
+        # wqkv's outputs at rows (i < D / 2 of a head) and rows + D / 2, in fp32: rounded as wqkv's output
+        # would be, then kv_attention.rope_write_kv's arithmetic: q and k rotated (q to q_ptr [HQ * D]), k
+        # and v written to the cache at slot.
+        x = x.to(q_ptr.dtype.element_ty).to(tl.float32)
+        x_partner = x_partner.to(q_ptr.dtype.element_ty).to(tl.float32)
+        head, i = rows // D, rows % D
+        cos = tl.load(cos_ptr + i, mask=row_ok, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + i, mask=row_ok, other=0.0).to(tl.float32)
+        cos_partner = tl.load(cos_ptr + i + D // 2, mask=row_ok, other=0.0).to(tl.float32)
+        sin_partner = tl.load(sin_ptr + i + D // 2, mask=row_ok, other=0.0).to(tl.float32)
+        rotate = head < HQ + HKV  # v is not rotated
+        y = tl.where(rotate, x * cos + -1.0 * x_partner * sin, x)
+        y_partner = tl.where(rotate, x_partner * cos_partner + x * sin_partner, x_partner)
+        is_q = head < HQ
+        tl.store(q_ptr + rows, y.to(q_ptr.dtype.element_ty), mask=row_ok & is_q)
+        tl.store(q_ptr + rows + D // 2, y_partner.to(q_ptr.dtype.element_ty), mask=row_ok & is_q)
+        kv_head = tl.where(rotate, head - HQ, head - HQ - HKV)
+        at = (kv_head * S + tl.load(slot_ptr)).to(tl.int64) * D + i  # [HKV, S, D]
+        is_k = row_ok & ~is_q & rotate
+        is_v = row_ok & ~rotate
+        tl.store(k_ptr + at, y.to(k_ptr.dtype.element_ty), mask=is_k)
+        tl.store(k_ptr + at + D // 2, y_partner.to(k_ptr.dtype.element_ty), mask=is_k)
+        tl.store(v_ptr + at, y.to(v_ptr.dtype.element_ty), mask=is_v)
+        tl.store(v_ptr + at + D // 2, y_partner.to(v_ptr.dtype.element_ty), mask=is_v)
 
     @triton.jit
     def _int8_expert_dot_kernel(
@@ -553,15 +637,19 @@ if triton is not None:
         """decode_gemv_experts_reference's contract, one kernel."""
         return _decode_gemv_launch(x.contiguous(), weight, expert_ids, None, norm_weight, None, eps, glu)
 
-    def _decode_gemv_launch(x, weight, expert_ids, scales, norm_weight, residual, eps, glu, tiles=None):
-        """Both ops' launch; `tiles` (BLOCK_N outputs a program, BLOCK_K, num_warps) replaces
-        decode_gemv_tiles' for the sweeps (scripts/small_gemv_sweep.py, fused_gemv_sweep.py)."""
+    def _decode_gemv_launch(x, weight, expert_ids, scales, norm_weight, residual, eps, glu, tiles=None, rope=None):
+        """The ops' launch; `tiles` (BLOCK_N outputs a program, BLOCK_K, num_warps) replaces
+        decode_gemv_tiles' for the sweeps (scripts/small_gemv_sweep.py, fused_gemv_sweep.py). rope:
+        decode_gemv_rope_kv's (cos, sin, k_cache, v_cache, slot, n_heads); the output is then the query."""
         N, K = weight.shape[-2], weight.shape[-1]
-        cfg = {**decode_gemv_tiles(N, K, scales is not None, glu), **(tiles or {})}
-        N = N // 2 if glu else N  # outputs: SiLU(gate) * up of the two halves
+        cfg = {**decode_gemv_tiles(N, K, scales is not None, glu or rope is not None), **(tiles or {})}
+        outputs = N // 2 if glu else N  # SiLU(gate) * up of the two halves
+        programs = N // 2 if glu or rope is not None else N  # with rope: a program a row pair, times BLOCK_N
         R = 1 if expert_ids is None else expert_ids.numel()
-        y = torch.empty((R, N), dtype=x.dtype, device=x.device)
-        wrap_triton(_decode_gemv_kernel)[(triton.cdiv(N, cfg["BLOCK_N"]), R)](
+        cos, sin, k_cache, v_cache, slot, n_heads = rope or (weight, weight, weight, weight, weight, 0)
+        _, n_kv_heads, S, head_dim = k_cache.shape if rope else (0, 0, 0, 2)
+        y = torch.empty((R, n_heads * head_dim if rope else outputs), dtype=x.dtype, device=x.device)
+        wrap_triton(_decode_gemv_kernel)[(triton.cdiv(programs, cfg["BLOCK_N"]), R)](
             x,
             weight,
             weight if scales is None else scales,  # never read without an int8 weight
@@ -569,18 +657,50 @@ if triton is not None:
             weight if residual is None else residual,  # never read without RESIDUAL
             y,
             weight if expert_ids is None else expert_ids,  # never read without EXPERTS
-            N,
+            outputs,
             K,
             R // x.shape[0],
+            cos,  # cos .. slot: read (the caches written) only with ROPE
+            sin,
+            k_cache,
+            v_cache,
+            slot,
+            S,
             EPS=eps,
             NORM=norm_weight is not None,
             GLU=glu,
             RESIDUAL=residual is not None,
             EXPERTS=expert_ids is not None,
+            ROPE=rope is not None,
+            HQ=n_heads,
+            HKV=n_kv_heads,
+            HEAD_DIM=head_dim,
             **cfg,
             **kv_attention.pdl_launch(x),
         )
         return y
+
+    @triton_op("fastgen::decode_gemv_rope_kv", mutates_args={"k_cache", "v_cache"})
+    def decode_gemv_rope_kv(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        scales: torch.Tensor | None,
+        norm_weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot: torch.Tensor,
+        n_heads: int,
+    ) -> torch.Tensor:
+        """decode_gemv_rope_kv_reference's contract, one kernel: wqkv's GEMV with RoPE and the cache
+        write in its epilogue (kv_attention.rope_write_kv's work, without the query/key norms)."""
+        x, weight = x.contiguous(), weight.contiguous()  # no-ops for the model's own tensors
+        rope = (cos, sin, k_cache, v_cache, slot, n_heads)
+        q = _decode_gemv_launch(x, weight, None, scales, norm_weight, bias, eps, False, rope=rope)
+        return q.view(1, n_heads, 1, k_cache.shape[-1])
 
     @triton_op("fastgen::int8_expert_gemv", mutates_args={})
     def int8_expert_gemv(
@@ -994,8 +1114,9 @@ class DecodeBlock(TransformerBlock):
     """A block whose batch-1 decode step (one token, on a GPU) runs its projections as decode_gemv
     with the rest of the block folded in: the RMSNorm into wqkv's (and w13's) loop, the residual add
     into wo's (and w2's) store, SiLU(gate) * up into w13's store; and the query/key norms, RoPE and the
-    cache write as one kernel (kv_attention.rope_write_kv, for an unquantized cache). A dense layer
-    takes 7 kernels instead of 12. A mixture-of-experts layer folds its attention half, and with
+    cache write as one kernel (kv_attention.rope_write_kv, for an unquantized cache; with ROPE_IN_QKV
+    and no query/key norms, in wqkv's epilogue instead). A dense layer takes 7 kernels instead of 12
+    (6 with ROPE_IN_QKV). A mixture-of-experts layer folds its attention half, and with
     FASTGEN_EXPERT_GEMV its float experts run decode_gemv_experts. Every other call, and every call
     with FASTGEN_FUSED_DECODE=0, is TransformerBlock's. use_decode_kernels picks the blocks (see
     FUSED_DECODE: float blocks up to FUSED_FLOAT_MAX_DIM wide, int8 blocks)."""
@@ -1010,47 +1131,7 @@ class DecodeBlock(TransformerBlock):
             return _decode_block_eager(self, x, cos, sin, attend, input_pos)
         attention, ffn = self.attention, self.feed_forward
         x1 = x.reshape(1, -1)  # [1, D]
-        bias = attention.wqkv.bias  # Qwen2's: added where a residual would be
-        norm = self.attention_norm
-        qkv = project(
-            attention.wqkv,
-            x1,
-            norm_weight=norm.weight,
-            eps=norm.eps,
-            residual=None if bias is None else bias.view(1, -1),
-        )
-        cache = attention.kv_cache
-        q_norm, k_norm = attention.q_norm, attention.k_norm
-        # the query/key norms' weights and eps (Qwen3), after the cache: both kernels' last arguments
-        norms = (None, None, 0.0) if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps)
-        cos_d, sin_d = cos.reshape(-1), sin.reshape(-1)  # [D]: the token's angles
-        # model.Transformer's decode attention through the cache (a partial of cache_attention_at_decode)
-        cache_attends = getattr(attend, "func", None) is cache_attention_at_decode
-        if kv_attention.ROPE_IN_ATTENTION and type(cache) is kv_attention.SplitKVCache and cache_attends:
-            # the norms, RoPE, the cache write and the attention as one kernel
-            mask = attend.keywords  # row_start, q_slot, sliding_window
-            heads = kv_attention.rope_decode_attention(
-                qkv,
-                cos_d,
-                sin_d,
-                cache.k_cache,
-                cache.v_cache,
-                mask["row_start"],
-                mask["q_slot"],
-                mask["sliding_window"] or 0,
-                cache.split_counts,
-                attention.n_heads,
-                *norms,
-            ).reshape(1, -1)
-        elif type(cache) in (KVCache, kv_attention.SplitKVCache):  # one kernel for the norms, RoPE and the write
-            slot = input_pos.reshape(1)
-            q = kv_attention.rope_write_kv(
-                qkv, cos_d, sin_d, cache.k_cache, cache.v_cache, slot, attention.n_heads, *norms
-            )
-            heads = attend(q, cache).to(qkv.dtype).reshape(1, -1)
-        else:  # a quantized cache quantizes as it writes
-            heads = attention.attend_qkv(qkv.view(1, 1, -1), cos, sin, attend, input_pos).reshape(1, -1)
-        h = project(attention.wo, heads, residual=x1)
+        h = project(attention.wo, self.attention_heads(x1, cos, sin, attend, input_pos), residual=x1)
         if type(ffn) is FeedForward:
             hidden = project(ffn.w13, h, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, glu=True)  # [1, I]
             return project(ffn.w2, hidden, residual=h).view_as(x)
@@ -1074,6 +1155,64 @@ class DecodeBlock(TransformerBlock):
             return (h + weighted_sum(down.unsqueeze(0), weights)).view_as(x)
         h = h.view_as(x)  # other experts: routed as TransformerBlock routes them
         return h + ffn(self.ffn_norm(h))
+
+    def attention_heads(self, x1, cos, sin, attend, input_pos):
+        """The batch-1 step's attention half up to wo: x1 [1, D], the block's input -> the heads [1, Hq * head_dim]."""
+        attention = self.attention
+        wqkv, norm = attention.wqkv, self.attention_norm
+        # Qwen2's bias: added where a residual would be
+        bias = None if wqkv.bias is None else wqkv.bias.view(1, -1)
+        cache = attention.kv_cache
+        q_norm, k_norm = attention.q_norm, attention.k_norm
+        # the query/key norms' weights and eps (Qwen3), after the cache: both kernels' last arguments
+        norms = (None, None, 0.0) if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps)
+        cos_d, sin_d = cos.reshape(-1), sin.reshape(-1)  # [D]: the token's angles
+        # model.Transformer's decode attention through the cache (a partial of cache_attention_at_decode)
+        cache_attends = getattr(attend, "func", None) is cache_attention_at_decode
+        unquantized_cache = type(cache) in (KVCache, kv_attention.SplitKVCache)
+        if ROPE_IN_QKV and q_norm is None and unquantized_cache:  # wqkv, RoPE and the cache write: one kernel
+            scales = getattr(wqkv, "scales", None)  # an Int8Linear's
+            slot = input_pos.reshape(1)
+            q = decode_gemv_rope_kv(
+                x1,
+                wqkv.weight,
+                scales,
+                norm.weight,
+                bias,
+                norm.eps,
+                cos_d,
+                sin_d,
+                cache.k_cache,
+                cache.v_cache,
+                slot,
+                attention.n_heads,
+            )
+            return attend(q, cache).to(x1.dtype).reshape(1, -1)
+        qkv = project(wqkv, x1, norm_weight=norm.weight, eps=norm.eps, residual=bias)
+        if kv_attention.ROPE_IN_ATTENTION and type(cache) is kv_attention.SplitKVCache and cache_attends:
+            # the norms, RoPE, the cache write and the attention as one kernel
+            mask = attend.keywords  # row_start, q_slot, sliding_window
+            return kv_attention.rope_decode_attention(
+                qkv,
+                cos_d,
+                sin_d,
+                cache.k_cache,
+                cache.v_cache,
+                mask["row_start"],
+                mask["q_slot"],
+                mask["sliding_window"] or 0,
+                cache.split_counts,
+                attention.n_heads,
+                *norms,
+            ).reshape(1, -1)
+        if unquantized_cache:  # one kernel for the norms, RoPE and the write
+            slot = input_pos.reshape(1)
+            q = kv_attention.rope_write_kv(
+                qkv, cos_d, sin_d, cache.k_cache, cache.v_cache, slot, attention.n_heads, *norms
+            )
+            return attend(q, cache).to(qkv.dtype).reshape(1, -1)
+        # a quantized cache quantizes as it writes
+        return attention.attend_qkv(qkv.view(1, 1, -1), cos, sin, attend, input_pos).reshape(1, -1)
 
 
 # A graph break under torch.compile: see run_blocks_eager_under_compile

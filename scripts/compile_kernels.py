@@ -97,6 +97,9 @@ def main(argv=None):
     print(f"triton {triton.__version__}, sm_{target.arch}")
     decode_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "scale_ptr": "*fp32", "norm_ptr": "*bf16", "res_ptr": "*bf16"}
     decode_sig.update({"y_ptr": "*bf16", "ids_ptr": "*i64", "N": "i32", "K": "i32", "rows_per_x": "i32"})
+    decode_sig.update({"cos_ptr": "*bf16", "sin_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "slot_ptr": "*i64"})
+    decode_sig["S"] = "i32"
+    no_rope = {"ROPE": 0, "HQ": 0, "HKV": 0, "HEAD_DIM": 2}
     for n, k, norm, glu, residual, int8, experts, pdl in (
         (960, 576, 1, 0, 0, 0, 0, 0),
         (28672, 4096, 1, 1, 0, 0, 0, 0),  # Llama-3-8B's w13, SiLU(gate) * up stored
@@ -125,12 +128,32 @@ def main(argv=None):
                 + (" pdl" if pdl else ""),
                 gemv._decode_gemv_kernel,
                 {**decode_sig, "w_ptr": "*i8" if int8 else "*bf16"},
-                {**consts, "NORM": norm, "GLU": glu, "RESIDUAL": residual, "EXPERTS": experts, "PDL": pdl},
+                {**consts, "NORM": norm, "GLU": glu, "RESIDUAL": residual, "EXPERTS": experts, "PDL": pdl, **no_rope},
                 range(9),
                 num_warps=cfg["num_warps"],
                 num_stages=cfg.get("num_stages", 3),
                 launch_pdl=bool(pdl),
             )
+    # wqkv with RoPE and the cache write in its epilogue (gemv.decode_gemv_rope_kv): SmolLM2, Llama-3-8B int8
+    for n, k, hq, hkv, d, int8, pdl in (
+        (960, 576, 9, 3, 64, 0, 0),
+        (960, 576, 9, 3, 64, 0, 1),
+        (6144, 4096, 32, 8, 128, 1, 1),
+    ):
+        cfg = gemv.decode_gemv_tiles(n, k, int8, True)
+        rope = {"ROPE": 1, "HQ": hq, "HKV": hkv, "HEAD_DIM": d}
+        build(
+            target,
+            f"wqkv + rope + cache write {n}x{k} norm=1 int8={int8}" + (" pdl" if pdl else ""),
+            gemv._decode_gemv_kernel,
+            {**decode_sig, "w_ptr": "*i8" if int8 else "*bf16"},
+            {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": cfg["CONVERT"], "NORM": 1,
+             "GLU": 0, "RESIDUAL": 0, "EXPERTS": 0, "PDL": pdl, **rope},
+            range(9),
+            num_warps=cfg["num_warps"],
+            num_stages=cfg.get("num_stages", 3),
+            launch_pdl=bool(pdl),
+        )  # fmt: skip
     for n, k, group, inner_k_tiles in ((6144, 4096, 64, 8), (4096, 14336, 128, 8), (960, 576, 64, 4)):
         cfg = gemv.int4_gemv_config(n, k, inner_k_tiles)
         build(

@@ -50,6 +50,9 @@
 #   bash scripts/gpu_pending.sh next       # ~8 min: FIRST next time: 4cf7e70's fix on a GPU, then Qwen3-30B-A3B B1
 #                                          #   (48 layers) fused / unfused, expert_down_mix's 1-token tile, SmolLM2
 #                                          #   unfused (issue 17's 60%, issue 11's 2500 tok/s), Llama-3.2-1B
+#   bash scripts/gpu_pending.sh ropeqkv    # ~8 min: gemv.ROPE_IN_QKV (opt-in, never run on a GPU; written 2026-12-05):
+#                                          #   RoPE and the cache write in wqkv's epilogue. Its GPU tests, SmolLM2-135M
+#                                          #   without / with it (and with the merge in the last split), int8 Llama-3-8B
 #   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
 #                                          #   10: why int8 reads at half bf16's rate), if ncu is on the machine
 #   bash scripts/gpu_pending.sh pdltier    # ~9 min: the GPU tier with both PDL switches on (the defaults since
@@ -257,6 +260,23 @@ next)
     # --compile-blocks (one block compiled for every layer): its first step (the compile: 61.0 s for the whole
     # step on 2026-12-05) and its replayed step against the whole step's 4.034 ms
     decode llama_blocks 80 --model llama-3-8b --compile-blocks
+    ;;
+ropeqkv)
+    # gemv.ROPE_IN_QKV (opt-in, never run on a GPU; written 2026-12-05, third session): RoPE and the cache write
+    # in wqkv's epilogue, rope_write_kv's launch gone (a dense layer in 6 kernels). Its GPU tests, then
+    # SmolLM2-135M without / with it (0.486 ms, 217 kernels; issue 11 wants 0.4), with the merge in the last split
+    # too (5 kernels a layer), and int8 Llama-3-8B (fused by default) without / with it
+    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
+    export TORCHINDUCTOR_ENABLE_PDL=1  # the tests that compile outside generate.Generator
+    step tests 170 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -n 4 \
+        -k "rope_kv or rope_in_qkv or over_int8_weights"
+    summary+=("  $(tail -n 1 "$out/tests.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/tests.txt" | head -6)")
+    decode smol 45 --model smollm2-135m --by-launch --top 12
+    FASTGEN_ROPE_IN_QKV=1 decode smol_rope_qkv 45 --model smollm2-135m --by-launch --top 12
+    FASTGEN_ROPE_IN_QKV=1 FASTGEN_MERGE_IN_SPLITS=1 decode smol_rope_qkv_merged 45 --model smollm2-135m --by-launch --top 12
+    decode llama_int8 80 --model llama-3-8b --weights int8
+    FASTGEN_ROPE_IN_QKV=1 decode llama_int8_rope_qkv 80 --model llama-3-8b --weights int8
     ;;
 ncukv)
     # issue 10's int8 KV: at B8 8k its attention reads 134 MB a layer at ~2.3 TB/s, bf16's 268 MB at 4.2,

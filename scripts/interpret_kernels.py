@@ -154,7 +154,31 @@ def rope_write_kv(D=96, n_heads=6, n_kv_heads=2, qk_norm=True):
     )
 
 
-def decode_block(layers=2, n_experts=0, rope_in_attention=False):
+def decode_gemv_rope_kv(n_heads=9, n_kv_heads=3, D=64, K=576, dtype=torch.float32, int8=False, bias=False, tiles=None):
+    """wqkv's GEMV with RoPE and the cache write in its epilogue against decode_gemv then rope_write_kv's
+    reference: q, and the whole of both caches afterwards (one tensor, so one error)."""
+    N = (n_heads + 2 * n_kv_heads) * D
+    x = torch.randn(1, K, dtype=dtype)
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8) if int8 else torch.randn(N, K, dtype=dtype) / 30
+    scales = torch.rand(N) / 3000 if int8 else None
+    norm_weight, b = torch.rand(K, dtype=dtype) + 0.5, torch.randn(1, N, dtype=dtype) if bias else None
+    angles = torch.rand(D // 2) * 6
+    cos, sin = (torch.cat((angles, angles)).cos().to(dtype), torch.cat((angles, angles)).sin().to(dtype))
+    caches = [torch.randn(1, n_kv_heads, 12, D, dtype=dtype) for _ in range(2)]
+    want_caches = [c.clone() for c in caches]
+    slot = torch.tensor([7])
+    want = gemv.decode_gemv_rope_kv_reference(x, w, scales, norm_weight, b, 1e-5, cos, sin, *want_caches, slot, n_heads)
+    if tiles:  # another tile than the default (more pairs a program)
+        rope = (cos, sin, *caches, slot, n_heads)
+        got = gemv._decode_gemv_launch(x, w, None, scales, norm_weight, b, 1e-5, False, tiles, rope).view(want.shape)
+    else:
+        got = gemv.decode_gemv_rope_kv(x, w, scales, norm_weight, b, 1e-5, cos, sin, *caches, slot, n_heads)
+    return torch.cat([got.flatten(), *(c.flatten() for c in caches)]), torch.cat(
+        [want.flatten(), *(c.flatten() for c in want_caches)]
+    )
+
+
+def decode_block(layers=2, n_experts=0, rope_in_attention=False, rope_in_qkv=False):
     """A tiny model's decode step through gemv.DecodeBlock (the fused batch-1 path; with experts,
     the router and the token's experts through decode_gemv too; with rope_in_attention, a SplitKVCache
     and kv_attention.rope_decode_attention with the merge in the last split) against the plain blocks'
@@ -173,6 +197,7 @@ def decode_block(layers=2, n_experts=0, rope_in_attention=False):
         m(prompt, torch.arange(5))
         want = m(torch.tensor([[7]]), torch.tensor([5]))
         gemv.FUSED_DECODE_ENABLED = gemv.EXPERT_GEMV_ENABLED = True
+        gemv.ROPE_IN_QKV = rope_in_qkv
         if rope_in_attention:  # the same prefill into the kernel's cache, then its one-kernel decode attention
             m.setup_caches(1, 16, None, kv_attention.SplitKVCache)
             m(prompt, torch.arange(5))
@@ -185,7 +210,7 @@ def decode_block(layers=2, n_experts=0, rope_in_attention=False):
         try:
             return m(torch.tensor([[7]]), torch.tensor([5])), want
         finally:
-            kv_attention.ROPE_IN_ATTENTION = kv_attention.MERGE_IN_SPLITS = False
+            kv_attention.ROPE_IN_ATTENTION = kv_attention.MERGE_IN_SPLITS = gemv.ROPE_IN_QKV = False
             kv_attention.SplitKVCache.attends_at_decode = attends
 
 
@@ -321,6 +346,19 @@ def main():
         ("rope + cache write, D 64", lambda: rope_write_kv(64, 9, 3, False)),
     ]
     runs += [("DecodeBlock, a 2-layer model's decode step", decode_block)]
+    runs += [
+        ("wqkv + rope + cache write, SmolLM2's heads", decode_gemv_rope_kv),
+        (
+            "wqkv + rope + cache write, fp16, bias, D 128",
+            lambda: decode_gemv_rope_kv(4, 2, 128, 1100, torch.float16, bias=True),
+        ),
+        ("wqkv + rope + cache write, int8 weight", lambda: decode_gemv_rope_kv(6, 2, 64, 1030, int8=True)),
+        (
+            "wqkv + rope + cache write, 4 pairs a program, 2 warps",
+            lambda: decode_gemv_rope_kv(tiles=dict(BLOCK_N=4, BLOCK_K=256, num_warps=2)),
+        ),
+        ("DecodeBlock, wqkv + rope + cache write in one kernel", lambda: decode_block(rope_in_qkv=True)),
+    ]
     runs += [("DecodeBlock, a 2-layer MoE model's decode step, 2 of 8 experts", lambda: decode_block(2, 8))]
 
     def with_pdl(run):  # kv_attention.PDL: an eager MoE block picks with route, mixes with expert_down_mix

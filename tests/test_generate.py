@@ -461,6 +461,38 @@ def test_rope_in_attention_plumbing(monkeypatch, reference_decode_kernels, overr
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("overrides", [dict(qkv_bias=True, sliding_window=6), dict(qk_norm=True)])
+def test_rope_in_qkv_plumbing(monkeypatch, reference_decode_kernels, overrides):
+    """With gemv.ROPE_IN_QKV a DecodeBlock's step runs wqkv, RoPE and the cache write as one
+    decode_gemv_rope_kv (its reference here; wqkv's bias where a residual goes): the plain block's
+    tokens, eager and compiled, rope_write_kv never called; a block with query/key norms (Qwen3: a
+    head's norm needs the whole head, a program has two rows of it) keeps rope_write_kv."""
+    import gemv
+
+    model = tiny_model(**overrides)
+    prompt = [[5, 17, 3, 88, 41, 9, 2, 30, 11]]
+    plain = greedy(model, prompt, 12, 64).tokens
+    calls, rope_calls = reference_decode_kernels()
+    fused_calls = torch.zeros((), dtype=torch.long)  # a tensor, so the compiled step can count too
+
+    def decode_gemv_rope_kv(*args):
+        fused_calls.add_(1)
+        return gemv.decode_gemv_rope_kv_reference(*args)
+
+    monkeypatch.setattr(gemv, "ROPE_IN_QKV", True)
+    monkeypatch.setattr(gemv, "decode_gemv_rope_kv", decode_gemv_rope_kv, raising=False)
+    qk_norm = model.args.qk_norm
+    for compile, max_seq_len in ((False, 72), (True, 80)):
+        torch._dynamo.reset()
+        for counter in (calls, rope_calls, fused_calls):
+            counter.zero_()
+        assert greedy(model, prompt, 12, max_seq_len, compile=compile).tokens == plain
+        steps = 11 * model.args.n_layers
+        assert (fused_calls, rope_calls) == ((0, steps) if qk_norm else (steps, 0))
+        assert calls == (4 if qk_norm else 3) * steps + 12  # the block's other GEMVs, and the output's
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize(
     "overrides",
     [{}, dict(qkv_bias=True, qk_norm=True, sliding_window=6), dict(n_experts=4, n_active_experts=2), "experts", "int8"],

@@ -545,6 +545,38 @@ def test_rope_decode_attention_equals_reference(
     assert_written_at(caches, want_caches, slot, tol)
 
 
+@pytest.mark.parametrize("D, n_heads, n_kv_heads", [(64, 9, 3), (128, 32, 8), (96, 4, 4)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("int8, bias", [(False, False), (False, True), (True, False)], ids=["float", "bias", "int8"])
+def test_decode_gemv_rope_kv_equals_reference(D, n_heads, n_kv_heads, dtype, int8, bias):
+    """gemv.decode_gemv_rope_kv (ROPE_IN_QKV: wqkv's GEMV, its norm folded in, with RoPE and the cache
+    write in its epilogue) returns decode_gemv then rope_write_kv's reference q and writes their k, v at
+    the slot and nothing else: SmolLM2's, Llama-3-8B's (int8 too) and an odd head dim's heads."""
+    import gemv
+
+    torch.manual_seed(D)
+    K = 1100
+    N = (n_heads + 2 * n_kv_heads) * D
+    _, cos, sin, _, caches = one_token_qkv(D, n_heads, n_kv_heads, False, 40, dtype)
+    x = torch.randn(1, K, device="cuda", dtype=dtype)
+    w = torch.randn(N, K, device="cuda", dtype=dtype) / 30
+    scales = None
+    if int8:
+        w, scales = (
+            torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8),
+            torch.rand(N, device="cuda") / 3000,
+        )
+    norm_weight = torch.rand(K, device="cuda", dtype=dtype) + 0.5
+    b = torch.randn(1, N, device="cuda", dtype=dtype) if bias else None
+    want_caches = [c.clone() for c in caches]
+    slot = torch.tensor([29], device="cuda")
+    want = gemv.decode_gemv_rope_kv_reference(x, w, scales, norm_weight, b, 1e-5, cos, sin, *want_caches, slot, n_heads)
+    got = gemv.decode_gemv_rope_kv(x, w, scales, norm_weight, b, 1e-5, cos, sin, *caches, slot, n_heads)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert got.shape == (1, n_heads, 1, D) and ((got.float() - want.float()).norm() / want.float().norm()) < tol
+    assert_written_at(caches, want_caches, 29, tol)
+
+
 def launched_with_pdl(kernel) -> list[bool]:
     """Each compiled variant of a Triton kernel in Triton's cache: was it built for a PDL launch?"""
     return [k.metadata.launch_pdl for cache in kernel.device_caches.values() for k in cache[0].values()]
@@ -601,17 +633,51 @@ def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, one_attent
             assert any(launched_with_pdl(kernel)), kernel
 
 
-@pytest.mark.parametrize("pdl", [False, True])
-def test_fused_decode_block_over_int8_weights_keeps_the_tokens(monkeypatch, pdl):
+@pytest.mark.parametrize(
+    "shape, pdl, compile",
+    [
+        ("gqa-hd128", False, False),
+        ("gqa-hd128", False, True),
+        ("window", True, True),
+        ("tied", True, False),
+        ("moe", True, True),
+    ],
+)
+def test_rope_in_qkv_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, pdl, compile):
+    """With gemv.ROPE_IN_QKV (RoPE and the cache write in wqkv's epilogue: decode_gemv_rope_kv, no
+    rope_write_kv) the fused decode block's CUDA-graph decode gives the CPU fp32 eager tokens, eager,
+    compiled, and compiled around the blocks with PDL; eager, every layer's step calls the op."""
+    import gemv
+    import kv_attention
+
+    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
+    monkeypatch.setattr(gemv, "ROPE_IN_QKV", True)
+    monkeypatch.setattr(kv_attention, "PDL", pdl)
+    calls = []
+    if not compile:  # counted only eager: a count appended inside a traced step would recompile it every step
+        op = gemv.decode_gemv_rope_kv
+        monkeypatch.setattr(gemv, "decode_gemv_rope_kv", lambda *args: calls.append(1) or op(*args))
+    cpu = random_model(shape)
+    want = [greedy(cpu, [p], 40, 128)[0] for p in PROMPTS[:2]]
+    cuda = on(cpu, "cuda")
+    assert [greedy(cuda, [p], 40, 128, compile=compile)[0] for p in PROMPTS[:2]] == want
+    assert type(cuda.layers[0]) is gemv.DecodeBlock
+    assert compile or len(calls) >= cuda.args.n_layers  # each layer's step (recorded into a CUDA graph, replayed)
+
+
+@pytest.mark.parametrize("pdl, rope_in_qkv", [(False, False), (True, False), (True, True)])
+def test_fused_decode_block_over_int8_weights_keeps_the_tokens(monkeypatch, pdl, rope_in_qkv):
     """An int8-quantized model's compiled batch-1 decode gives the same tokens through DecodeBlock
     (the default for int8 blocks: decode_gemv over the int8 weights and scales) as through Int8Linear.
     pdl False: torch.compile(mode="reduce-overhead", fullgraph=True), what a GPU before sm_90 runs (issue
-    10 wants int8 to compile so); True: the blocks eager inside our CUDA graph (the default on sm_90+)."""
+    10 wants int8 to compile so); True: the blocks eager inside our CUDA graph (the default on sm_90+).
+    rope_in_qkv: gemv.ROPE_IN_QKV, RoPE and the cache write in the int8 wqkv's epilogue."""
     import gemv
     import kv_attention
     import quantize
 
     monkeypatch.setattr(kv_attention, "PDL", pdl)
+    monkeypatch.setattr(gemv, "ROPE_IN_QKV", rope_in_qkv)
 
     cpu = random_model("gqa-hd128")
     floats = {name: m.weight.detach() for name, m in quantize.quantizable_linears(cpu)}
