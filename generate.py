@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -944,11 +945,29 @@ def validate(args):
         raise UsageError("--prompt-lookup and --draft-checkpoint are two sources of guesses; pick one")
     if args.prompt_lookup is not None and args.prompt_lookup < 1:
         raise UsageError(f"--prompt-lookup must be at least 1 token (got {args.prompt_lookup})")
+    for flag, path in (("--json", args.json), ("--profile", args.profile)):
+        if path is not None:
+            check_writable(flag, Path(path))
     if args.speculate_k is not None:
         if args.prompt_lookup is None and args.draft_checkpoint is None:
             raise UsageError("--speculate-k needs a source of guesses: --draft-checkpoint DIR or --prompt-lookup N")
         if args.speculate_k < 1:
             raise UsageError(f"--speculate-k must be at least 1 (got {args.speculate_k})")
+
+
+def check_writable(flag: str, path: Path):
+    """An output file can be written once the run is over (its folders made then): checked before the
+    model loads, so a typo in the path does not cost a whole generation."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file path")
+    folder = path.parent.absolute()
+    while not folder.exists():  # the nearest folder that exists: the rest is made at write time
+        folder = folder.parent
+    try:
+        with tempfile.TemporaryFile(dir=folder):  # a real write: root passes every os.access check
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write under {folder} ({e.strerror}); pick another path") from None
 
 
 def parse_chat_template_kwargs(text: str) -> dict:

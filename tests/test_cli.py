@@ -173,6 +173,26 @@ def test_bad_input_is_one_line_exit_2(tiny_checkpoint, capsys, extra, message):
     assert "Traceback" not in err
 
 
+def test_unwritable_outputs_fail_before_the_model_loads(tiny_checkpoint, tmp_path, capsys):
+    """--json / --profile that cannot be written (a directory, a path under a file) are one-line errors
+    before anything loads or generates: not a traceback after the whole run. A new folder is fine."""
+    (tmp_path / "file").write_text("x")
+    for extra, message in (
+        (["--json", str(tmp_path)], "is a directory"),
+        (["--json", str(tmp_path / "file" / "r.json")], "cannot write under"),
+        (["--profile", str(tmp_path / "file" / "deeper" / "trace.json")], "cannot write under"),
+    ):
+        code, out, err = run_main(
+            ["--checkpoint", tiny_checkpoint, "--device", "cpu", "--prompt", "hi"] + extra, capsys
+        )
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and message in lines[0] and extra[0] in lines[0], err
+        assert not out and "Loaded" not in err  # nothing ran
+    argv = ["--checkpoint", tiny_checkpoint, "--device", "cpu", "--prompt", "hi", "--max-new-tokens", "2"]
+    assert run_main(argv + ["--json", str(tmp_path / "new" / "sub" / "r.json")], capsys)[0] == 0
+    assert json.loads((tmp_path / "new" / "sub" / "r.json").read_text())["rows"]
+
+
 def test_bad_checkpoints(tiny_checkpoint, tmp_path, capsys):
     code, _, err = run_main(["--checkpoint", tmp_path / "missing", "--device", "cpu"], capsys)
     assert code == 2 and "does not exist" in err
