@@ -52,7 +52,8 @@
 #                                          #   unfused (issue 17's 60%, issue 11's 2500 tok/s), Llama-3.2-1B
 #   bash scripts/gpu_pending.sh ropeqkv    # ~8 min: gemv.ROPE_IN_QKV (opt-in, never run on a GPU; written 2026-12-05):
 #                                          #   RoPE and the cache write in wqkv's epilogue. Its GPU tests, SmolLM2-135M
-#                                          #   without / with it (and with the merge in the last split), int8 Llama-3-8B
+#                                          #   without / with it (and with the merge in the last split), int8 Llama-3-8B,
+#                                          #   12 Qwen3 layers with the one-kernel attention
 #   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
 #                                          #   10: why int8 reads at half bf16's rate), if ncu is on the machine
 #   bash scripts/gpu_pending.sh pdltier    # ~9 min: the GPU tier with both PDL switches on (the defaults since
@@ -277,6 +278,11 @@ ropeqkv)
     FASTGEN_ROPE_IN_QKV=1 FASTGEN_MERGE_IN_SPLITS=1 decode smol_rope_qkv_merged 45 --model smollm2-135m --by-launch --top 12
     decode llama_int8 80 --model llama-3-8b --weights int8
     FASTGEN_ROPE_IN_QKV=1 decode llama_int8_rope_qkv 80 --model llama-3-8b --weights int8
+    # issue 17: Qwen3 has query/key norms (no ROPE_IN_QKV); its short-context attention is 3 kernels a layer
+    # (rope_write_kv 2.1 + split 3.9 + merge 1.4 us with PDL): the one-kernel form, never timed at Qwen3
+    decode qwen3_b1_12 50 --model qwen3-30b-a3b --layers 12 --by-launch --top 12
+    FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_folded 50 --model qwen3-30b-a3b \
+        --layers 12 --by-launch --top 12
     ;;
 ncukv)
     # issue 10's int8 KV: at B8 8k its attention reads 134 MB a layer at ~2.3 TB/s, bf16's 268 MB at 4.2,
