@@ -21,6 +21,7 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
                             DecodeBlock, eager with PDL  (+ the residual)
   route                     DecodeBlock, eager with PDL  the router's softmax, top k, renormalised
   int4_gemv                 Int4Linear, 1 row (opt-in)   tinygemm's int4 weight, one pass, bf16x2 math
+  (DecodeTransformer: the final norm folded into the output projection's decode_gemv, opt-in)
 """
 
 import os
@@ -34,6 +35,7 @@ from model import (
     KVCache,
     MoEFeedForward,
     RMSNorm,
+    Transformer,
     TransformerBlock,
     cache_attention_at_decode,
     pairs_by_expert,
@@ -264,6 +266,12 @@ EXPERT_GEMV_ENABLED = os.environ.get("FASTGEN_EXPERT_GEMV", "1") == "1"
 # 30 launches, predicted ~0.43-0.44 ms. NOT YET RUN ON A GPU (written 2026-12-05, third session):
 # off by default; FASTGEN_ROPE_IN_QKV=1 turns it on.
 ROPE_IN_QKV = os.environ.get("FASTGEN_ROPE_IN_QKV", "0") == "1"
+# With it, the batch-1 logits run the final RMSNorm folded into the output projection's decode_gemv
+# (DecodeTransformer): the norm's kernel goes, ~2 us with PDL. The fold re-reads x and the norm weight
+# per program, which may cost more than that on a wide projection (Llama-3-8B's 1 GB), so it is for
+# models whose blocks are fused (FUSED_FLOAT_MAX_DIM), SmolLM2's tied 57 MB table first. NOT YET RUN
+# ON A GPU (written 2026-12-05, third session): off by default; FASTGEN_FOLD_FINAL_NORM=1 turns it on.
+FOLD_FINAL_NORM = os.environ.get("FASTGEN_FOLD_FINAL_NORM", "0") == "1"
 
 
 def decode_gemv_config(n: int, k: int) -> dict:
@@ -1110,6 +1118,27 @@ class DecodeLinear(torch.nn.Linear):
         return super().forward(x)
 
 
+class DecodeTransformer(Transformer):
+    """A model whose batch-1 decode logits (one row, on a GPU) run the final RMSNorm folded into the
+    output projection's decode_gemv (the embedding table, when tied): one kernel instead of the norm's and
+    the projection's. Every other call, and every call with FASTGEN_FUSED_DECODE=0, is Transformer's.
+    use_decode_kernels makes a model one with FOLD_FINAL_NORM, up to FUSED_FLOAT_MAX_DIM wide."""
+
+    def logits(self, x):
+        head = self.output
+        if FUSED_DECODE_ENABLED and x.numel() == x.shape[-1] and available(x) and type(self.norm) is RMSNorm:
+            if head is None:  # tied: the embedding table, always float
+                y = decode_gemv(
+                    x.reshape(1, -1), self.tok_embeddings.weight, norm_weight=self.norm.weight, eps=self.norm.eps
+                )
+                return y.view(*x.shape[:-1], -1)
+            if foldable_linear(head) and head.bias is None:
+                return project(head, x.reshape(1, -1), norm_weight=self.norm.weight, eps=self.norm.eps).view(
+                    *x.shape[:-1], -1
+                )
+        return super().logits(x)
+
+
 class DecodeBlock(TransformerBlock):
     """A block whose batch-1 decode step (one token, on a GPU) runs its projections as decode_gemv
     with the rest of the block folded in: the RMSNorm into wqkv's (and w13's) loop, the residual add
@@ -1249,21 +1278,33 @@ def fusable_block(block: torch.nn.Module) -> bool:
     """A block whose projections are float nn.Linears or quantize.Int8Linears, without hooks (tensor
     parallel's all-reduces are forward hooks on wo and w2: the fused path would skip them) and without
     biases past wqkv's; a mixture of experts keeps its own feed-forward."""
-    from quantize import Int8Linear  # quantize imports this file
-
     if type(block) is not TransformerBlock or type(block.feed_forward) not in (FeedForward, MoEFeedForward):
         return False
     if type(block.attention_norm) is not RMSNorm or type(block.ffn_norm) is not RMSNorm:
         return False
     a, f = block.attention, block.feed_forward
     linears = (a.wqkv, a.wo) + ((f.w13, f.w2) if type(f) is FeedForward else ())
-    float_linear = (torch.nn.Linear, DecodeLinear)
     return (
-        all(type(m) in float_linear and m.weight.is_floating_point() or type(m) is Int8Linear for m in linears)
-        and not any(m._forward_hooks or m._forward_pre_hooks for m in (*linears, f))
-        and all(m.weight.is_contiguous() for m in linears)  # decode_gemv would copy a strided one every step
+        all(foldable_linear(m) for m in linears)
+        and not f._forward_hooks
+        and not f._forward_pre_hooks
         and all(m.bias is None for m in linears[1:])
         and available(a.wo.weight)
+    )
+
+
+def foldable_linear(linear: torch.nn.Module) -> bool:
+    """A float nn.Linear or a quantize.Int8Linear that project() can run: contiguous (decode_gemv would
+    copy a strided weight every step), without hooks (tensor parallel's all-reduces are forward hooks:
+    the folded path would skip them)."""
+    from quantize import Int8Linear  # quantize imports this file
+
+    float_linear = type(linear) in (torch.nn.Linear, DecodeLinear) and linear.weight.is_floating_point()
+    return (
+        (float_linear or type(linear) is Int8Linear)
+        and linear.weight.is_contiguous()
+        and not linear._forward_hooks
+        and not linear._forward_pre_hooks
     )
 
 
@@ -1277,8 +1318,17 @@ def fused_by_default(block: TransformerBlock) -> bool:
 def use_decode_kernels(model: torch.nn.Module) -> None:
     """Give a model on a GPU this file's float decode kernels (generate.Generator.setup calls this,
     before any step is traced): its float blocks become DecodeBlock, its float experts
-    DownMixExperts, its float nn.Linears DecodeLinear. The class changes in place, so the parameters
-    are not copied; quantized linears (quantize.py's) and everything on the CPU stay as they are."""
+    DownMixExperts, its float nn.Linears DecodeLinear (and with FOLD_FINAL_NORM the model itself
+    DecodeTransformer). The class changes in place, so the parameters are not copied; quantized linears
+    (quantize.py's) and everything on the CPU stay as they are."""
+    embeddings = model.tok_embeddings.weight if type(model) is Transformer else None
+    if (
+        FOLD_FINAL_NORM
+        and embeddings is not None
+        and available(embeddings)
+        and embeddings.shape[1] <= FUSED_FLOAT_MAX_DIM
+    ):
+        model.__class__ = DecodeTransformer
     for module in model.modules():
         if fusable_block(module) and fused_by_default(module):
             module.__class__ = DecodeBlock

@@ -269,13 +269,15 @@ ropeqkv)
     # too (5 kernels a layer), and int8 Llama-3-8B (fused by default) without / with it
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
     export TORCHINDUCTOR_ENABLE_PDL=1  # the tests that compile outside generate.Generator
-    step tests 170 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -n 4 \
-        -k "rope_kv or rope_in_qkv or over_int8_weights"
+    step tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -n 4 \
+        -k "rope_kv or opt_in_decode_folds or over_int8_weights"
     summary+=("  $(tail -n 1 "$out/tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tests.txt" | head -6)")
-    decode smol 45 --model smollm2-135m --by-launch --top 12
-    FASTGEN_ROPE_IN_QKV=1 decode smol_rope_qkv 45 --model smollm2-135m --by-launch --top 12
-    FASTGEN_ROPE_IN_QKV=1 FASTGEN_MERGE_IN_SPLITS=1 decode smol_rope_qkv_merged 45 --model smollm2-135m --by-launch --top 12
+    decode smol 40 --model smollm2-135m --by-launch --top 12
+    FASTGEN_ROPE_IN_QKV=1 decode smol_rope_qkv 40 --model smollm2-135m --by-launch --top 12
+    FASTGEN_ROPE_IN_QKV=1 FASTGEN_MERGE_IN_SPLITS=1 decode smol_rope_qkv_merged 40 --model smollm2-135m --by-launch --top 12
+    # gemv.FOLD_FINAL_NORM too (the final norm in the tied output projection's GEMV: one kernel fewer a step)
+    FASTGEN_ROPE_IN_QKV=1 FASTGEN_FOLD_FINAL_NORM=1 decode smol_rope_qkv_fold 40 --model smollm2-135m --by-launch --top 12
     decode llama_int8 80 --model llama-3-8b --weights int8
     FASTGEN_ROPE_IN_QKV=1 decode llama_int8_rope_qkv 80 --model llama-3-8b --weights int8
     # issue 17: Qwen3 has query/key norms (no ROPE_IN_QKV); its short-context attention is 3 kernels a layer
