@@ -149,12 +149,17 @@ EXPERT_DOWN_ENABLED = os.environ.get("FASTGEN_EXPERT_DOWN_KERNEL", "1") == "1"
 def expert_down_config(tokens: int) -> dict:
     """The tile for a step of `tokens` tokens: BLOCK_D output rows of one token over the intermediate
     axis in BLOCK_I steps, each the best of the H200 sweep at that count (2: 17.1 us; 4: 27.2 us, where
-    2's tile took 33.4; 8: 47.3 us). 3 and 5-7 tokens take the tile of the nearest count below."""
+    2's tile took 33.4; 8: 47.3 us). 3 and 5-7 tokens take the tile of the nearest count below. 1 token
+    (DecodeBlock's eager MoE step with PDL): the 2026-12-03 sweep's best, 13.2 us; the 2-token tile it ran
+    until 2026-12-05 makes 256 programs of 8 warps, 2 an SM, where this one makes 1024 of 4 (not yet timed
+    in the step: gpu_pending.sh next sweeps 1 token again)."""
     if tokens >= 8:
         return dict(BLOCK_D=16, BLOCK_I=128, num_warps=8, num_stages=3)
     if tokens >= 4:
         return dict(BLOCK_D=2, BLOCK_I=256, num_warps=2, num_stages=3)
-    return dict(BLOCK_D=8, BLOCK_I=128, num_warps=8, num_stages=3)
+    if tokens >= 2:
+        return dict(BLOCK_D=8, BLOCK_I=128, num_warps=8, num_stages=3)
+    return dict(BLOCK_D=2, BLOCK_I=512, num_warps=4, num_stages=3)
 
 
 def available(x: torch.Tensor) -> bool:

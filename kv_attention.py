@@ -77,8 +77,15 @@ ROPE_IN_ATTENTION = os.environ.get("FASTGEN_ROPE_IN_ATTENTION", "0") == "1"
 # thread a tile, against the bf16 cache's 3.1; this form compiles to 4.8, with ldmatrix. The int8
 # cache ran at 2.2 TB/s against bf16's 3.9 (issue 10 wants 1.1x bf16 at batch 8, 8k filled). fp16's
 # range: a query past 65504 would overflow (RoPE'd queries stay far below); fp32 queries keep the
-# default. NOT YET RUN ON A GPU (written 2026-12-04): off by default; FASTGEN_KV_TILES_FP16=1 turns it on.
+# default. Off by default; FASTGEN_KV_TILES_FP16=1 turns it on. Timed on the H200 (2026-12-05, second
+# session) at 3 stages: the int8 attention 59.2 -> 59.8 us a layer at B8 8k, no gain. Found after (on the
+# CPU, scripts/compile_kernels.py's occupancy): at 3 stages its tiles take 69.6 KB of shared memory, 3
+# programs an SM, so the 512 programs ran in two waves (132 x 3 = 396); at 2 stages, 53.2 KB, 4 an SM, one
+# wave (the default form: 38.9 KB, 4 an SM by its 128 registers). It launches with 2 stages now (not yet
+# timed). Predicted ~40-45 us a layer: the default's loop is 909 instructions a tile a warp, 16 warps an
+# SM x 16 tiles each = 29 us of issue at 4 a clock, so its 59 us is ~50% issue-bound; this form's is 612.
 KV_TILES_FP16 = os.environ.get("FASTGEN_KV_TILES_FP16", "0") == "1"
+NUM_STAGES_TILES_FP16 = 2
 KV_ASM = True  # the PTX conversions; False: Triton's own (the interpreter has no inline PTX)
 
 # Programmatic dependent launch (sm_90+) for the batch-1 decode chain's kernels (these attention
@@ -580,6 +587,7 @@ if triton is not None:
         running_max = torch.empty(parts, dtype=torch.float32, device=q.device)
         running_sum = torch.empty(parts, dtype=torch.float32, device=q.device)
         y = torch.empty((B, n_heads, 1, D), dtype=q.dtype, device=q.device)
+        tiles_fp16 = KV_TILES_FP16 and has_scales and q.dtype != torch.float32
         wrap_triton(_quantized_decode_kernel)[(B * n_kv_heads, splits)](
             q.contiguous(),
             k_cache,
@@ -613,12 +621,12 @@ if triton is not None:
             HAS_SCALES=has_scales,
             MERGE=split_counts is not None,
             ROPE=rope is not None,
-            TILES_FP16=KV_TILES_FP16 and has_scales and q.dtype != torch.float32,
+            TILES_FP16=tiles_fp16,
             ASM=KV_ASM,
             QK_NORM=q_norm_weight is not None,
             EPS=eps,
             num_warps=NUM_WARPS,
-            num_stages=NUM_STAGES,
+            num_stages=NUM_STAGES_TILES_FP16 if tiles_fp16 else NUM_STAGES,
             **pdl_launch(q),
         )
         if split_counts is not None:

@@ -72,9 +72,21 @@ def resources(cubin: bytes) -> str:
     return found
 
 
+def programs_per_sm(registers: int, shared: int, num_warps: int, arch: int) -> int:
+    """How many programs of a kernel an SM holds at once, by its registers (65536 an SM, allocated per
+    warp in 256s), its shared memory (228 KB an SM on sm_90, 164 on sm_80; 1 KB reserved a program) and
+    its warps (64 an SM). With the grid's size this says how many waves it runs in: a grid just over a
+    wave takes two program lifetimes (KV_TILES_FP16 at 3 stages: 69.6 KB, 3 an SM, 512 programs)."""
+    warp_registers = -(-registers * 32 // 256) * 256
+    by_registers = 65536 // warp_registers // num_warps
+    by_shared = (228 if arch >= 90 else 164) * 1024 // (shared + 1024)
+    return min(by_registers, by_shared, 64 // num_warps, 32)
+
+
 def build(target, name, fn, signature, constexprs, divisible, **options):
     """divisible: indices of the arguments Triton may assume are multiples of 16 (as it does at
-    run time for such values); without them every load comes out byte-wide."""
+    run time for such values); without them every load comes out byte-wide. Prints the resources,
+    the shared memory the launch asks for (SMEM, with the pipeline's stages) and programs an SM (PER_SM)."""
     src = ASTSource(
         fn=fn,
         signature={**signature, **{k: "constexpr" for k in constexprs}},
@@ -82,7 +94,11 @@ def build(target, name, fn, signature, constexprs, divisible, **options):
         attrs={(i,): [["tt.divisibility", 16]] for i in divisible},
     )
     kernel = triton.compile(src, target=target, options=options)
-    print(f"{name:60s} {resources(kernel.asm['cubin'])}")
+    found = resources(kernel.asm["cubin"])
+    registers = int(re.search(r"REG:(\d+)", found).group(1))
+    shared = kernel.metadata.shared
+    per_sm = programs_per_sm(registers, shared, options.get("num_warps", 4), target.arch)
+    print(f"{name:60s} {found} SMEM:{shared} PER_SM:{per_sm}")
 
 
 def main(argv=None):
@@ -284,8 +300,8 @@ def main(argv=None):
                         {**sig, **{n: dtype for n in ("y_ptr", "cos_ptr", "sin_ptr", "q_norm_ptr", "k_norm_ptr")}},
                         consts,
                         (*range(16), 17),  # pointers and S: multiples of 16 at run time
-                        num_warps=4,
-                        num_stages=1,
+                        num_warps=kv_attention.NUM_WARPS,  # the launch's stages: the shared memory it asks for
+                        num_stages=kv_attention.NUM_STAGES_TILES_FP16 if tiles_fp16 else kv_attention.NUM_STAGES,
                         launch_pdl=pdl,
                     )
     for tokens, residual, pdl in ((1, 1, 1), (1, 0, 0), (8, 0, 0)):  # Qwen3-30B-A3B's experts' down projection + mix

@@ -40,13 +40,12 @@
 #                                          #   one kernel a layer instead of three. Their GPU tests, the launch
 #                                          #   sweep's default config without / with the merge, and SmolLM2-135M's
 #                                          #   B1 step plain / merged / merged + rope (0.693 ms at 714bafb)
-#   bash scripts/gpu_pending.sh kvfp16     # ~9 min: kv_attention.KV_TILES_FP16 (opt-in, never run on a GPU; written
-#                                          #   2026-12-04): int8 / fp8 K/V tiles converted to fp16 in registers,
+#   bash scripts/gpu_pending.sh kvfp16     # ~8 min: kv_attention.KV_TILES_FP16 (opt-in; timed at 3 stages 2026-12-05, no gain;
+#                                          #   2 stages since, one wave): int8 / fp8 K/V tiles converted to fp16 in registers,
 #                                          #   both products in fp16 (4.8 / 4.0 instructions a K/V element compiled,
-#                                          #   against 6.9 / 6.7). Its GPU tests, then Llama-3-8B B8 8k filled with
-#                                          #   an int8 cache without / with it and with a bf16 cache (6.719 / 6.729
-#                                          #   ms at 16c7312: issue 10 wants 1.1x), and B1 8k of 32k (issue 11's
-#                                          #   85% with KV; 76% at 16c7312, before the batch-1 GEMV)
+#                                          #   against 6.9 / 6.7). Its launch sweep at B8 8k, its GPU tests, then
+#                                          #   Llama-3-8B B8 8k filled with an int8 cache without / with it and with
+#                                          #   a bf16 cache (6.456 / 6.337 / 6.407 ms on 2026-12-05: issue 10 wants 1.1x)
 #   bash scripts/gpu_pending.sh next       # ~8 min: FIRST next time: 4cf7e70's fix on a GPU, then Qwen3-30B-A3B B1
 #                                          #   (48 layers) fused / unfused, expert_down_mix's 1-token tile, SmolLM2
 #                                          #   unfused (issue 17's 60%, issue 11's 2500 tok/s), Llama-3.2-1B
@@ -227,14 +226,19 @@ attnfold)
     decode qwen3_b1_12 60 --model qwen3-30b-a3b --layers 12 --by-launch --top 16
     ;;
 kvfp16)
-    # also issue 11's long context (B1, 8k of 32k) and the bf16 cache at B8 8k: the longctx mode's runs
+    # 2026-12-05 (third session): KV_TILES_FP16 now launches with 2 stages (53 KB of shared memory, 4 programs an
+    # SM: its 512 programs in one wave; at 3 stages, 69.6 KB, 3 an SM, two waves, which is how it was timed). Its
+    # launches at B8 8k (2 and 3 stages, 512 / 1024 programs), then the steps
+    FASTGEN_KV_TILES_FP16=1 step kv_sweep_fp16 70 python scripts/kv_kernel_sweep.py --quick --case "int8 B8" \
+        --time-budget-s 55
+    summary+=("$(grep -E '^\| ' "$out/kv_sweep_fp16.txt" | head -3)")
+    # and the bf16 cache at B8 8k, the baseline of issue 10's 1.1x (issue 11's long context: the longctx mode)
     step kvfp16_tests 110 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k "tiles_in_fp16"
     summary+=("  $(tail -n 1 "$out/kvfp16_tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/kvfp16_tests.txt" | head -6)")
     decode llama_b8_8k_int8kv 110 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
     FASTGEN_KV_TILES_FP16=1 decode llama_b8_8k_int8kv_fp16 110 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
     decode llama_b8_8k_bf16kv 110 --model llama-3-8b --batch 8 --ctx 8192
-    decode llama_8k_of_32k 110 --model llama-3-8b --ctx 8192 --cache 32768
     ;;
 next)
     # FIRST after 2026-12-05's second session: 4cf7e70's fix (blocks eager under the compiler only over our

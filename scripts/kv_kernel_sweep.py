@@ -33,14 +33,19 @@ N_HEADS, N_KV_HEADS, HEAD_DIM = 32, 8, 128
 KV = kv_attention
 DEFAULT = {  # today's launch per cache kind
     "bf16": (KV.BLOCK_N, KV.TARGET_PROGRAMS, KV.NUM_WARPS, KV.NUM_STAGES),
-    "int8": (KV.BLOCK_N, KV.TARGET_PROGRAMS_QUANTIZED, KV.NUM_WARPS, KV.NUM_STAGES),
+    "int8": (
+        KV.BLOCK_N,
+        KV.TARGET_PROGRAMS_QUANTIZED,
+        KV.NUM_WARPS,
+        KV.NUM_STAGES_TILES_FP16 if KV.KV_TILES_FP16 else KV.NUM_STAGES,  # FASTGEN_KV_TILES_FP16=1's launch
+    ),
 }
 
 
 def configs(quick: bool, default):
     """(BLOCK_N, target programs, num_warps, num_stages); the default first."""
     if quick:
-        grid = itertools.product((64, 128), (512, 1024), (4, 8), (3,))
+        grid = itertools.product((64, 128), (512, 1024), (4, 8), (2, 3))
     else:
         grid = itertools.product((32, 64, 128), (256, 512, 1024, 2048), (4, 8), (2, 3, 4))
     return [default] + [c for c in grid if c != default]
@@ -79,6 +84,7 @@ def make_case(dtype, batch, slots, filled):
 
 def set_launch(cfg):
     KV.BLOCK_N, programs, KV.NUM_WARPS, KV.NUM_STAGES = cfg
+    KV.NUM_STAGES_TILES_FP16 = KV.NUM_STAGES
     KV.TARGET_PROGRAMS = KV.TARGET_PROGRAMS_QUANTIZED = programs
 
 
