@@ -207,7 +207,9 @@ def rope_decode_attention_reference(
 
 def num_splits(batch: int, n_kv_heads: int, cache_len: int, target_programs: int) -> int:
     """Splits of the slot axis per (row, kv head): enough programs to fill the GPU, each at least
-    one tile. Static for a cache shape, so a CUDA graph replays the same launch at every length."""
+    one tile. Static for a cache shape, so a CUDA graph replays the same launch at every length. One
+    split (Llama-3-8B from batch 32 over a bf16 cache, 64 over int8) writes the output itself: no merge
+    kernel (since 2026-12-05, third session; not yet timed, it only removes work)."""
     tiles = triton.cdiv(cache_len, BLOCK_N)
     return max(1, min(MAX_SPLITS, tiles, triton.cdiv(target_programs, batch * n_kv_heads)))
 
@@ -420,6 +422,12 @@ if triton is not None:
             running_max = new_max
 
         pdl_launch_next(PDL)
+        if SPLITS == 1:  # one split saw every tile (a big batch, or a cache of one tile): its output is the
+            # answer (the merge's arithmetic with one split), so no merge runs
+            y = acc / running_sum[:, None]
+            y_ok = g_ok[:, None] & d_ok[None, :]
+            tl.store(y_ptr + (bh * G + heads)[:, None] * D + dims[None, :], y.to(y_ptr.dtype.element_ty), mask=y_ok)
+            return
         part = bh * SPLITS + split
         tl.store(max_ptr + part * G_PAD + heads, running_max)
         tl.store(sum_ptr + part * G_PAD + heads, running_sum)
@@ -629,7 +637,7 @@ if triton is not None:
             num_stages=NUM_STAGES_TILES_FP16 if tiles_fp16 else NUM_STAGES,
             **pdl_launch(q),
         )
-        if split_counts is not None:
+        if split_counts is not None or splits == 1:  # merged by the last split, or nothing to merge
             return y
         wrap_triton(_merge_splits_kernel)[(B * n_heads,)](
             acc,

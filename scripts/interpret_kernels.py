@@ -30,6 +30,7 @@ CASES = [  # B, Hkv, G, D, cache slots, query slot, sliding window (0: none), dt
     (3, 1, 2, 80, 300, 299, 100, torch.float32),
     (2, 2, 4, 64, 257, 5, 0, torch.float16),
     (1, 2, 1, 64, 2048, 2047, 600, torch.float16),
+    (2, 2, 4, 64, 50, 40, 0, torch.float32),  # one tile: one split writes the output, no merge
 ]
 
 
@@ -281,6 +282,7 @@ def main():
     gemv.INT4_ASM = False
     kv_attention.KV_ASM = False
     runs = [(f"{case}", lambda case=case: unquantized(*case)) for case in CASES] + [("int8 KV", int8)]
+    runs += [("int8 KV, one tile: one split, no merge", lambda: int8(S=50, slot=40))]
     runs += [
         (f"{case}, merged in the last split", lambda case=case: with_switch("MERGE_IN_SPLITS", unquantized, *case))
         for case in CASES

@@ -224,6 +224,8 @@ KV_KERNEL_CASES = [  # B, Hq, Hkv, D, cache slots, query slot, row starts, windo
     (3, 8, 2, 64, 2048, 700, [0, 17, 650], None),
     (2, 4, 2, 80, 384, 300, [3, 0], 24),
     (2, 8, 8, 64, 8192, 8000, [0, 7000], None),
+    (2, 8, 2, 64, 50, 40, [0, 9], None),  # one tile: one split, no merge
+    (32, 32, 16, 64, 300, 250, [0, 5] * 16, None),  # 512 (row, kv head) programs: one split, no merge
 ]
 
 
