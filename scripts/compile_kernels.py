@@ -304,6 +304,19 @@ def main(argv=None):
                         num_stages=kv_attention.NUM_STAGES_TILES_FP16 if tiles_fp16 else kv_attention.NUM_STAGES,
                         launch_pdl=pdl,
                     )
+    for store in ("*i8", "*bf16"):  # one split (a big batch, a one-tile cache): it writes the output, no merge
+        build(
+            target,
+            f"kv decode {store[1:]} cache, bf16, G=4, D=128, one split",
+            kv_attention._quantized_decode_kernel,
+            {**kv_sig, "k_ptr": store, "v_ptr": store},
+            dict(D=128, G=4, G_PAD=16, D_PAD=128, BLOCK=kv_attention.BLOCK_N, SPLITS=1, SPLITS_PAD=1,
+                 HAS_SCALES=store == "*i8", MERGE=False, ROPE=False, TILES_FP16=False, ASM=True, QK_NORM=False,
+                 EPS=1e-6, PDL=False),
+            (*range(16), 17),
+            num_warps=kv_attention.NUM_WARPS,
+            num_stages=kv_attention.NUM_STAGES,
+        )  # fmt: skip
     for tokens, residual, pdl in ((1, 1, 1), (1, 0, 0), (8, 0, 0)):  # Qwen3-30B-A3B's experts' down projection + mix
         cfg = gemv.expert_down_config(tokens)
         build(
