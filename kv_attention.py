@@ -40,6 +40,12 @@ MAX_SPLITS = 64
 TARGET_PROGRAMS = 256
 TARGET_PROGRAMS_QUANTIZED = 512
 NUM_WARPS, NUM_STAGES = 4, 3  # the split kernel's launch (3 stages: Triton's default on CUDA)
+# A cache of at most this many tiles attends in one split a (row, kv head): no merge kernel, the tiles
+# read in turn by one program. generate.py's default cache is just prompt + new tokens (216 slots, 4
+# tiles, for a 16-token prompt and 200 new), where the 4 splits' merge is a launch a layer in the batch-1
+# chain (SmolLM2: 30 of its 217 kernels). NOT YET RUN ON A GPU (written 2026-12-05, third session):
+# 0 (off) by default; FASTGEN_SINGLE_SPLIT_TILES=4 turns it on up to 4 tiles.
+SINGLE_SPLIT_MAX_TILES = int(os.environ.get("FASTGEN_SINGLE_SPLIT_TILES", "0"))
 
 
 # On by default since the H200 run of 2026-12-02 (BENCHMARKS.md): B8 at 8k filled 6.55 ms/step against
@@ -208,10 +214,13 @@ def rope_decode_attention_reference(
 def num_splits(batch: int, n_kv_heads: int, cache_len: int, target_programs: int) -> int:
     """Splits of the slot axis per (row, kv head): enough programs to fill the GPU, each at least
     one tile. Static for a cache shape, so a CUDA graph replays the same launch at every length. One
-    split (Llama-3-8B from batch 32 over a bf16 cache, 64 over int8) writes the output itself: no merge
-    kernel (since 2026-12-05, third session; not yet timed, it only removes work)."""
-    tiles = triton.cdiv(cache_len, BLOCK_N)
-    return max(1, min(MAX_SPLITS, tiles, triton.cdiv(target_programs, batch * n_kv_heads)))
+    split (Llama-3-8B from batch 32 over a bf16 cache, 64 over int8; a cache of one tile, or of at most
+    SINGLE_SPLIT_MAX_TILES, opt-in) writes the output itself: no merge kernel (since 2026-12-05, third
+    session; not yet timed)."""
+    tiles = -(-cache_len // BLOCK_N)
+    if tiles <= SINGLE_SPLIT_MAX_TILES:
+        return 1
+    return max(1, min(MAX_SPLITS, tiles, -(-target_programs // (batch * n_kv_heads))))
 
 
 if triton is not None:

@@ -49,9 +49,9 @@
 #   bash scripts/gpu_pending.sh next       # ~8 min: FIRST next time: 4cf7e70's fix on a GPU, then Qwen3-30B-A3B B1
 #                                          #   (48 layers) fused / unfused, expert_down_mix's 1-token tile, SmolLM2
 #                                          #   unfused (issue 17's 60%, issue 11's 2500 tok/s), Llama-3.2-1B
-#   bash scripts/gpu_pending.sh ropeqkv    # ~8 min: gemv.ROPE_IN_QKV (opt-in, never run on a GPU; written 2026-12-05):
-#                                          #   RoPE and the cache write in wqkv's epilogue. Its GPU tests, SmolLM2-135M
-#                                          #   without / with it (and with the merge in the last split), int8 Llama-3-8B,
+#   bash scripts/gpu_pending.sh ropeqkv    # ~8 min: the SmolLM2 chain's opt-in folds (never run on a GPU; written
+#                                          #   2026-12-05): ROPE_IN_QKV, FOLD_FINAL_NORM, SINGLE_SPLIT_TILES 4,
+#                                          #   MERGE_IN_SPLITS. Their GPU tests, SmolLM2-135M with each added,
 #                                          #   12 Qwen3 layers with the one-kernel attention
 #   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
 #                                          #   10: why int8 reads at half bf16's rate), if ncu is on the machine
@@ -267,10 +267,13 @@ next)
     decode llama_blocks 80 --model llama-3-8b --compile-blocks
     ;;
 ropeqkv)
-    # gemv.ROPE_IN_QKV (opt-in, never run on a GPU; written 2026-12-05, third session): RoPE and the cache write
-    # in wqkv's epilogue, rope_write_kv's launch gone (a dense layer in 6 kernels). Its GPU tests, then
-    # SmolLM2-135M without / with it (0.486 ms, 217 kernels; issue 11 wants 0.4), with the merge in the last split
-    # too (5 kernels a layer), and int8 Llama-3-8B (fused by default) without / with it
+    # issue 11's SmolLM2-135M (0.486 ms, 217 kernels, ~2.2 us each with PDL; 0.4 wanted): the batch-1 chain's
+    # opt-in folds, none run on a GPU (written 2026-12-05, third session). gemv.ROPE_IN_QKV: RoPE and the cache
+    # write in wqkv's epilogue (no rope_write_kv: 6 kernels a layer); gemv.FOLD_FINAL_NORM: the final norm in the
+    # tied output projection's GEMV; kv_attention.SINGLE_SPLIT_MAX_TILES 4: the 216-slot cache (4 tiles) attended
+    # in one split, no merge kernel (5 a layer); MERGE_IN_SPLITS, the other way to drop the merge. Their GPU
+    # tests first (and the one-split attention cases, on by default), then 12 Qwen3 layers (issue 17) without /
+    # with the one-kernel attention (never timed at Qwen3)
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
     export TORCHINDUCTOR_ENABLE_PDL=1  # the tests that compile outside generate.Generator
     step tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -n 4 \
@@ -279,16 +282,15 @@ ropeqkv)
     summary+=("$(grep -E '^FAILED' "$out/tests.txt" | head -6)")
     decode smol 40 --model smollm2-135m --by-launch --top 12
     FASTGEN_ROPE_IN_QKV=1 decode smol_rope_qkv 40 --model smollm2-135m --by-launch --top 12
-    FASTGEN_ROPE_IN_QKV=1 FASTGEN_MERGE_IN_SPLITS=1 decode smol_rope_qkv_merged 40 --model smollm2-135m --by-launch --top 12
-    # gemv.FOLD_FINAL_NORM too (the final norm in the tied output projection's GEMV: one kernel fewer a step)
     FASTGEN_ROPE_IN_QKV=1 FASTGEN_FOLD_FINAL_NORM=1 decode smol_rope_qkv_fold 40 --model smollm2-135m --by-launch --top 12
-    decode llama_int8 80 --model llama-3-8b --weights int8
-    FASTGEN_ROPE_IN_QKV=1 decode llama_int8_rope_qkv 80 --model llama-3-8b --weights int8
-    # issue 17: Qwen3 has query/key norms (no ROPE_IN_QKV); its short-context attention is 3 kernels a layer
-    # (rope_write_kv 2.1 + split 3.9 + merge 1.4 us with PDL): the one-kernel form, never timed at Qwen3
+    FASTGEN_ROPE_IN_QKV=1 FASTGEN_FOLD_FINAL_NORM=1 FASTGEN_SINGLE_SPLIT_TILES=4 decode smol_one_split 40 \
+        --model smollm2-135m --by-launch --top 12
+    FASTGEN_ROPE_IN_QKV=1 FASTGEN_FOLD_FINAL_NORM=1 FASTGEN_MERGE_IN_SPLITS=1 decode smol_merged 40 \
+        --model smollm2-135m --by-launch --top 12
     decode qwen3_b1_12 50 --model qwen3-30b-a3b --layers 12 --by-launch --top 12
     FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_folded 50 --model qwen3-30b-a3b \
         --layers 12 --by-launch --top 12
+    # not here (time): int8 Llama-3-8B with ROPE_IN_QKV (its blocks are fused by default)
     ;;
 ncukv)
     # issue 10's int8 KV: at B8 8k its attention reads 134 MB a layer at ~2.3 TB/s, bf16's 268 MB at 4.2,

@@ -72,13 +72,14 @@ def rope_attention(Hq=9, Hkv=3, D=64, S=300, slot=130, start=0, window=0, qk_nor
     return got, want
 
 
-def with_switch(name, run, *args, **kwargs):
-    """run(*args, **kwargs) with kv_attention's switch `name` on (MERGE_IN_SPLITS, KV_TILES_FP16)."""
-    setattr(kv_attention, name, True)
+def with_switch(name, run, *args, value=True, **kwargs):
+    """run(*args, **kwargs) with kv_attention's switch `name` on (MERGE_IN_SPLITS, KV_TILES_FP16), or `value`."""
+    before = getattr(kv_attention, name)
+    setattr(kv_attention, name, value)
     try:
         return run(*args, **kwargs)
     finally:
-        setattr(kv_attention, name, False)
+        setattr(kv_attention, name, before)
 
 
 def int8(B=2, Hkv=2, G=4, D=128, S=3000, slot=2100, dtype=torch.float32, q_size=1.0, v_scale_size=1e-2):
@@ -283,6 +284,14 @@ def main():
     kv_attention.KV_ASM = False
     runs = [(f"{case}", lambda case=case: unquantized(*case)) for case in CASES] + [("int8 KV", int8)]
     runs += [("int8 KV, one tile: one split, no merge", lambda: int8(S=50, slot=40))]
+    runs += [
+        (
+            "(1, 3, 3, 64, 216, 200), 4 tiles in one split (SINGLE_SPLIT_MAX_TILES 4)",
+            lambda: with_switch(
+                "SINGLE_SPLIT_MAX_TILES", unquantized, 1, 3, 3, 64, 216, 200, 0, torch.float32, value=4
+            ),
+        )
+    ]
     runs += [
         (f"{case}, merged in the last split", lambda case=case: with_switch("MERGE_IN_SPLITS", unquantized, *case))
         for case in CASES

@@ -165,3 +165,20 @@ def test_unwritten_slots_never_attended():
     out = compiled_flex(q, k, v, block_mask=bm)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, sdpa_reference(q, k, v, start, q_start, None), rtol=1e-5, atol=1e-5)
+
+
+def test_split_kv_splits(monkeypatch):
+    """kv_attention.num_splits: enough (row, kv head, split) programs to fill a GPU, at least a tile a
+    split; one split (no merge kernel) for a cache of one tile, for a batch that fills the GPU alone, and
+    with SINGLE_SPLIT_MAX_TILES for a cache of at most that many tiles."""
+    import kv_attention
+
+    assert kv_attention.num_splits(1, 8, 8448, 256) == 32  # 256 programs, Llama-3-8B's 8 kv heads
+    assert kv_attention.num_splits(1, 3, 32768, 256) == 64  # MAX_SPLITS
+    assert kv_attention.num_splits(1, 3, 216, 256) == 4  # a tile a split at most
+    assert kv_attention.num_splits(2, 8, 50, 256) == 1  # one tile
+    assert kv_attention.num_splits(32, 8, 8448, 256) == 1  # B32 fills 256 programs alone
+    assert kv_attention.num_splits(32, 8, 8448, 512) == 2
+    monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", 4)
+    assert kv_attention.num_splits(1, 3, 216, 256) == 1
+    assert kv_attention.num_splits(1, 3, 320, 256) == 5  # 5 tiles: split as before
