@@ -290,6 +290,8 @@ ropeqkv)
     decode qwen3_b1_12 50 --model qwen3-30b-a3b --layers 12 --by-launch --top 12
     FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_folded 50 --model qwen3-30b-a3b \
         --layers 12 --by-launch --top 12
+    FASTGEN_SINGLE_SPLIT_TILES=4 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_one_split 50 --model qwen3-30b-a3b \
+        --layers 12 --by-launch --top 12
     # not here (time): int8 Llama-3-8B with ROPE_IN_QKV (its blocks are fused by default)
     ;;
 ncukv)
