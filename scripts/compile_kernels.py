@@ -11,7 +11,9 @@ its commonest opcodes: per element of work, that is what says a kernel is instru
 showed the split-KV kernel moving an int8 tile through shared memory a byte at a time (LDS.U8;
 kv_attention.KV_TILES_FP16). `--sass-hash` adds a hash of each kernel's machine code: a refactor
 meant to leave a kernel as it was (a helper pulled out, say) can be checked to compile to the same
-code before any GPU sees it.
+code before any GPU sees it. Every line also gives the shared memory the launch asks for (SMEM, with its
+pipeline stages) and the programs an SM holds (PER_SM): with the grid's size, how many waves it runs in
+(the fp16 KV tiles ran 512 programs at 3 an SM, two waves, and gained nothing until that was seen).
 
 It compiles only: correctness is the GPU tests' job (and, for some kernels, Triton's CPU interpreter,
 TRITON_INTERPRET=1, which cannot run inline asm or int8 -> bf16).
