@@ -283,12 +283,16 @@ def test_quantized_decode_attention_kernel_equals_reference(storage, dtype, case
         assert ((merged.float() - got.float()).norm() / got.float().norm()).item() < 1e-6
 
 
+@pytest.mark.parametrize("single_split_tiles", [0, 8], ids=["splits", "one-split-up-to-8-tiles"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("case", KV_KERNEL_CASES)
-def test_unquantized_decode_attention_kernel_equals_reference(dtype, case):
+def test_unquantized_decode_attention_kernel_equals_reference(dtype, case, single_split_tiles, monkeypatch):
     """The same kernel over a bf16/fp16/fp32 cache (kv_attention.decode_attention, SplitKVCache):
-    equal to the dense reference, and K/V outside each row's valid range (NaN here) are never read."""
+    equal to the dense reference, and K/V outside each row's valid range (NaN here) are never read; with
+    SINGLE_SPLIT_MAX_TILES 8 the caches of up to 8 tiles attend in one split (no merge), the others as before."""
     import kv_attention
+
+    monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", single_split_tiles)
 
     B, Hq, Hkv, D, S, q_slot, starts, window = case
     torch.manual_seed(S + D)
@@ -648,7 +652,8 @@ def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, one_attent
 def test_opt_in_decode_folds_equal_cpu_fp32_eager(monkeypatch, shape, pdl, compile):
     """With gemv.ROPE_IN_QKV (RoPE and the cache write in wqkv's epilogue: decode_gemv_rope_kv, no
     rope_write_kv) and gemv.FOLD_FINAL_NORM (the final norm in the output projection's decode_gemv,
-    gemv.DecodeTransformer; the tied shape's is the embedding table) the fused decode block's CUDA-graph
+    gemv.DecodeTransformer; the tied shape's is the embedding table) and kv_attention.SINGLE_SPLIT_MAX_TILES
+    (the 128-slot cache, 2 tiles, attended in one split: no merge) the fused decode block's CUDA-graph
     decode gives the CPU fp32 eager tokens, eager, compiled, and compiled around the blocks with PDL;
     eager, every layer's step calls decode_gemv_rope_kv."""
     import gemv
@@ -657,6 +662,7 @@ def test_opt_in_decode_folds_equal_cpu_fp32_eager(monkeypatch, shape, pdl, compi
     monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
     monkeypatch.setattr(gemv, "ROPE_IN_QKV", True)
     monkeypatch.setattr(gemv, "FOLD_FINAL_NORM", True)
+    monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", 4)
     monkeypatch.setattr(kv_attention, "PDL", pdl)
     calls = []
     if not compile:  # counted only eager: a count appended inside a traced step would recompile it every step
