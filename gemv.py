@@ -1130,18 +1130,14 @@ class DecodeTransformer(Transformer):
     use_decode_kernels makes a model one with FOLD_FINAL_NORM, up to FUSED_FLOAT_MAX_DIM wide."""
 
     def logits(self, x):
-        head = self.output
-        if FUSED_DECODE_ENABLED and x.numel() == x.shape[-1] and available(x) and type(self.norm) is RMSNorm:
-            if head is None:  # tied: the embedding table, always float
-                y = decode_gemv(
-                    x.reshape(1, -1), self.tok_embeddings.weight, norm_weight=self.norm.weight, eps=self.norm.eps
-                )
-                return y.view(*x.shape[:-1], -1)
-            if foldable_linear(head) and head.bias is None:
-                return project(head, x.reshape(1, -1), norm_weight=self.norm.weight, eps=self.norm.eps).view(
-                    *x.shape[:-1], -1
-                )
-        return super().logits(x)
+        if not (FUSED_DECODE_ENABLED and x.numel() == x.shape[-1] and available(x)):
+            return super().logits(x)
+        head = self.output  # None: tied, the embedding table (float); else a float or int8 linear, no bias
+        weight = self.tok_embeddings.weight if head is None else head.weight
+        y = decode_gemv(
+            x.reshape(1, -1), weight, getattr(head, "scales", None), norm_weight=self.norm.weight, eps=self.norm.eps
+        )
+        return y.view(*x.shape[:-1], -1)
 
 
 class DecodeBlock(TransformerBlock):
@@ -1204,9 +1200,9 @@ class DecodeBlock(TransformerBlock):
         # model.Transformer's decode attention through the cache (a partial of cache_attention_at_decode)
         cache_attends = getattr(attend, "func", None) is cache_attention_at_decode
         unquantized_cache = type(cache) in (KVCache, kv_attention.SplitKVCache)
+        slot = input_pos.reshape(1)  # the token's cache slot
         if ROPE_IN_QKV and q_norm is None and unquantized_cache:  # wqkv, RoPE and the cache write: one kernel
             scales = getattr(wqkv, "scales", None)  # an Int8Linear's
-            slot = input_pos.reshape(1)
             q = decode_gemv_rope_kv(
                 x1,
                 wqkv.weight,
@@ -1240,7 +1236,6 @@ class DecodeBlock(TransformerBlock):
                 *norms,
             ).reshape(1, -1)
         if unquantized_cache:  # one kernel for the norms, RoPE and the write
-            slot = input_pos.reshape(1)
             q = kv_attention.rope_write_kv(
                 qkv, cos_d, sin_d, cache.k_cache, cache.v_cache, slot, attention.n_heads, *norms
             )
@@ -1313,6 +1308,19 @@ def foldable_linear(linear: torch.nn.Module) -> bool:
     )
 
 
+def final_norm_foldable(model: Transformer) -> bool:
+    """DecodeTransformer's fold applies: an RMSNorm, a model no wider than FUSED_FLOAT_MAX_DIM (see
+    FOLD_FINAL_NORM) on a GPU, and a tied head or one project() can run without a bias. Decided once, at
+    setup, not per step."""
+    head = model.output
+    return (
+        type(model.norm) is RMSNorm
+        and model.args.dim <= FUSED_FLOAT_MAX_DIM
+        and available(model.tok_embeddings.weight)
+        and (head is None or foldable_linear(head) and head.bias is None)
+    )
+
+
 def fused_by_default(block: TransformerBlock) -> bool:
     """An int8 block, or a float one no wider than FUSED_FLOAT_MAX_DIM (see FUSED_DECODE)."""
     from quantize import Int8Linear  # quantize imports this file
@@ -1326,13 +1334,7 @@ def use_decode_kernels(model: torch.nn.Module) -> None:
     DownMixExperts, its float nn.Linears DecodeLinear (and with FOLD_FINAL_NORM the model itself
     DecodeTransformer). The class changes in place, so the parameters are not copied; quantized linears
     (quantize.py's) and everything on the CPU stay as they are."""
-    embeddings = model.tok_embeddings.weight if type(model) is Transformer else None
-    if (
-        FOLD_FINAL_NORM
-        and embeddings is not None
-        and available(embeddings)
-        and embeddings.shape[1] <= FUSED_FLOAT_MAX_DIM
-    ):
+    if FOLD_FINAL_NORM and type(model) is Transformer and final_norm_foldable(model):
         model.__class__ = DecodeTransformer
     for module in model.modules():
         if fusable_block(module) and fused_by_default(module):

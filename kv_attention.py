@@ -599,11 +599,14 @@ if triton is not None:
         G = n_heads // n_kv_heads
         G_PAD, D_PAD = max(16, triton.next_power_of_2(G)), triton.next_power_of_2(D)
         splits = num_splits(B, n_kv_heads, S, TARGET_PROGRAMS_QUANTIZED if has_scales else TARGET_PROGRAMS)
-        parts = (B * n_kv_heads, splits, G_PAD)
-        acc = torch.empty((*parts, D_PAD), dtype=torch.float32, device=q.device)
-        running_max = torch.empty(parts, dtype=torch.float32, device=q.device)
-        running_sum = torch.empty(parts, dtype=torch.float32, device=q.device)
         y = torch.empty((B, n_heads, 1, D), dtype=q.dtype, device=q.device)
+        if splits == 1:  # the split writes y itself: no partials (q stands in, an input, never touched)
+            acc = running_max = running_sum = q
+        else:
+            parts = (B * n_kv_heads, splits, G_PAD)
+            acc = torch.empty((*parts, D_PAD), dtype=torch.float32, device=q.device)
+            running_max = torch.empty(parts, dtype=torch.float32, device=q.device)
+            running_sum = torch.empty(parts, dtype=torch.float32, device=q.device)
         tiles_fp16 = KV_TILES_FP16 and has_scales and q.dtype != torch.float32
         wrap_triton(_quantized_decode_kernel)[(B * n_kv_heads, splits)](
             q.contiguous(),
