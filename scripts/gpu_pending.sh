@@ -273,11 +273,12 @@ ropeqkv)
     # tied output projection's GEMV; kv_attention.SINGLE_SPLIT_MAX_TILES 4: the 216-slot cache (4 tiles) attended
     # in one split, no merge kernel (5 a layer); MERGE_IN_SPLITS, the other way to drop the merge. Their GPU
     # tests first (and the one-split attention cases, on by default), then 12 Qwen3 layers (issue 17) without /
-    # with the one-kernel attention (never timed at Qwen3)
+    # with gemv.ROUTE_IN_GEMV (route's work in the router's GEMV: 8 kernels a layer, not 9; written 2026-12-05,
+    # fourth session) / with that and the one-kernel attention (never timed at Qwen3)
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
     export TORCHINDUCTOR_ENABLE_PDL=1  # the tests that compile outside generate.Generator
-    step tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -n 4 \
-        -k "rope_kv or opt_in_decode_folds or over_int8_weights or decode_attention_kernel_equals"
+    step tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py tests/test_moe.py -n 4 \
+        -k "rope_kv or opt_in_decode_folds or over_int8_weights or decode_attention_kernel_equals or route"
     summary+=("  $(tail -n 1 "$out/tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tests.txt" | head -6)")
     decode smol 40 --model smollm2-135m --by-launch --top 12
@@ -288,10 +289,11 @@ ropeqkv)
     FASTGEN_ROPE_IN_QKV=1 FASTGEN_FOLD_FINAL_NORM=1 FASTGEN_MERGE_IN_SPLITS=1 decode smol_merged 40 \
         --model smollm2-135m --by-launch --top 12
     decode qwen3_b1_12 50 --model qwen3-30b-a3b --layers 12 --by-launch --top 12
-    FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_folded 50 --model qwen3-30b-a3b \
-        --layers 12 --by-launch --top 12
-    FASTGEN_SINGLE_SPLIT_TILES=4 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_one_split 50 --model qwen3-30b-a3b \
-        --layers 12 --by-launch --top 12
+    FASTGEN_ROUTE_IN_GEMV=1 decode qwen3_b1_12_route 50 --model qwen3-30b-a3b --layers 12 --by-launch --top 12
+    FASTGEN_ROUTE_IN_GEMV=1 FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_folded 50 \
+        --model qwen3-30b-a3b --layers 12 --by-launch --top 12
+    FASTGEN_ROUTE_IN_GEMV=1 FASTGEN_SINGLE_SPLIT_TILES=4 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_one_split 50 \
+        --model qwen3-30b-a3b --layers 12 --by-launch --top 12
     # not here (time): int8 Llama-3-8B with ROPE_IN_QKV (its blocks are fused by default)
     ;;
 ncukv)
