@@ -49,10 +49,11 @@
 #   bash scripts/gpu_pending.sh next       # ~8 min: FIRST next time: 4cf7e70's fix on a GPU, then Qwen3-30B-A3B B1
 #                                          #   (48 layers) fused / unfused, expert_down_mix's 1-token tile, SmolLM2
 #                                          #   unfused (issue 17's 60%, issue 11's 2500 tok/s), Llama-3.2-1B
-#   bash scripts/gpu_pending.sh ropeqkv    # ~8 min: the SmolLM2 chain's opt-in folds (never run on a GPU; written
+#   bash scripts/gpu_pending.sh ropeqkv    # ~8.5 min: the batch-1 chain's opt-in folds (never run on a GPU; written
 #                                          #   2026-12-05): ROPE_IN_QKV, FOLD_FINAL_NORM, SINGLE_SPLIT_TILES 4,
-#                                          #   MERGE_IN_SPLITS. Their GPU tests, SmolLM2-135M with each added,
-#                                          #   12 Qwen3 layers with the one-kernel attention
+#                                          #   MERGE_IN_SPLITS, ROUTE_IN_GEMV. Their GPU tests, SmolLM2-135M with each
+#                                          #   added, 12 Qwen3 layers with the router's pick in its GEMV, then also
+#                                          #   the one-kernel attention
 #   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
 #                                          #   10: why int8 reads at half bf16's rate), if ncu is on the machine
 #   bash scripts/gpu_pending.sh pdltier    # ~9 min: the GPU tier with both PDL switches on (the defaults since
