@@ -267,6 +267,37 @@ next)
     # step on 2026-12-05) and its replayed step against the whole step's 4.034 ms
     decode llama_blocks 80 --model llama-3-8b --compile-blocks
     ;;
+tiersmol)
+    # 2026-12-05, fourth session, call 1 (~8 min): the whole GPU tier at HEAD (defaults changed since its last
+    # run: one-split attention without a merge, the 1-token expert_down tile, route's helper; new opt-in tests),
+    # then SmolLM2-135M with the opt-in folds added one by one (issue 11: 0.486 ms, 0.4 wanted)
+    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
+    TORCHINDUCTOR_ENABLE_PDL=1 step tier 330 python -m pytest -m gpu -q -p no:cacheprovider -rf -n 6
+    summary+=("  $(tail -n 1 "$out/tier.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -10)")
+    decode smol 40 --model smollm2-135m --by-launch --top 12
+    FASTGEN_ROPE_IN_QKV=1 decode smol_rope_qkv 40 --model smollm2-135m --by-launch --top 12
+    FASTGEN_ROPE_IN_QKV=1 FASTGEN_FOLD_FINAL_NORM=1 decode smol_rope_qkv_fold 40 --model smollm2-135m --by-launch --top 12
+    FASTGEN_ROPE_IN_QKV=1 FASTGEN_FOLD_FINAL_NORM=1 FASTGEN_SINGLE_SPLIT_TILES=4 decode smol_one_split 40 \
+        --model smollm2-135m --by-launch --top 12
+    ;;
+qwen3b1)
+    # 2026-12-05, fourth session, call 2 (~9 min): issue 17's Qwen3-30B-A3B B1 (3.036 ms; 2.4 wanted): 12 layers
+    # default / + ROUTE_IN_GEMV / + the one-kernel attention (merged or one split); the 48-layer step with
+    # and without PDL (each kernel's own time); expert_down_mix at 1 token; SmolLM2 with the merge in the splits
+    decode qwen3_b1_12 50 --model qwen3-30b-a3b --layers 12 --by-launch --top 12
+    FASTGEN_ROUTE_IN_GEMV=1 decode qwen3_b1_12_route 50 --model qwen3-30b-a3b --layers 12 --by-launch --top 12
+    FASTGEN_ROUTE_IN_GEMV=1 FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_folded 50 \
+        --model qwen3-30b-a3b --layers 12 --by-launch --top 12
+    FASTGEN_ROUTE_IN_GEMV=1 FASTGEN_SINGLE_SPLIT_TILES=4 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_one_split 50 \
+        --model qwen3-30b-a3b --layers 12 --by-launch --top 12
+    decode qwen3_48 75 --model qwen3-30b-a3b --by-launch --top 12
+    FASTGEN_PDL=0 TORCHINDUCTOR_ENABLE_PDL=0 decode qwen3_48_no_pdl 75 --model qwen3-30b-a3b --by-launch --top 12
+    step down_1 80 python scripts/moe_down_sweep.py --tokens 1
+    summary+=("$(grep -E '^\| 1 ' "$out/down_1.txt")")
+    FASTGEN_ROPE_IN_QKV=1 FASTGEN_FOLD_FINAL_NORM=1 FASTGEN_MERGE_IN_SPLITS=1 decode smol_merged 40 \
+        --model smollm2-135m --by-launch --top 12
+    ;;
 ropeqkv)
     # issue 11's SmolLM2-135M (0.486 ms, 217 kernels, ~2.2 us each with PDL; 0.4 wanted): the batch-1 chain's
     # opt-in folds, none run on a GPU (written 2026-12-05, third session). gemv.ROPE_IN_QKV: RoPE and the cache
@@ -401,7 +432,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, next, ncukv, fusedcheck, pdltier, pdl, fusedsweep, batch32, longctx, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, tiersmol, qwen3b1, next, ncukv, fusedcheck, pdltier, pdl, fusedsweep, batch32, longctx, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac
