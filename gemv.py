@@ -20,7 +20,6 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
   expert_down_mix           DownMixExperts, 2+ tokens;   float down projection + routing-weighted sum
                             DecodeBlock, eager with PDL  (+ the residual)
   route                     DecodeBlock, eager with PDL  the router's softmax, top k, renormalised
-  decode_gemv_route         DecodeBlock (opt-in)         the router's decode_gemv, route in its last program
   int4_gemv                 Int4Linear, 1 row (opt-in)   tinygemm's int4 weight, one pass, bf16x2 math
   (DecodeTransformer: the final norm folded into the output projection's decode_gemv, opt-in)
 """
@@ -126,12 +125,6 @@ def decode_gemv_rope_kv_reference(x, weight, scales, norm_weight, bias, eps, cos
     without the query/key norms: writes the token's k and v into the caches at slot, returns q [1, Hq, 1, D]."""
     qkv = decode_gemv_reference(x, weight, scales, norm_weight, bias, eps)
     return kv_attention.rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot, n_heads, None, None, 0.0)
-
-
-def decode_gemv_route_reference(x, weight, norm_weight, eps, k: int):
-    """x [1, K], the router's weight [E, K] -> route_reference of the router's logits (rounded to x's dtype,
-    as decode_gemv stores them)."""
-    return route_reference(decode_gemv_reference(x, weight, None, norm_weight, None, eps), k)
 
 
 def decode_gemv_experts_reference(x, expert_ids, weight, norm_weight=None, eps=0.0, glu=False):
@@ -284,13 +277,6 @@ ROPE_IN_QKV = os.environ.get("FASTGEN_ROPE_IN_QKV", "0") == "1"
 # models whose blocks are fused (FUSED_FLOAT_MAX_DIM), SmolLM2's tied 57 MB table first. NOT YET RUN
 # ON A GPU (written 2026-12-05, third session): off by default; FASTGEN_FOLD_FINAL_NORM=1 turns it on.
 FOLD_FINAL_NORM = os.environ.get("FASTGEN_FOLD_FINAL_NORM", "0") == "1"
-# With it, a mixture-of-experts DecodeBlock's eager step with PDL (the route path) picks its experts in the
-# router's decode_gemv: the program that stores the last logits (an atomic count, as kv_attention's
-# MERGE_IN_SPLITS) runs route's arithmetic over them, so route's kernel goes: 8 kernels a Qwen3-30B-A3B layer,
-# not 9. route took ~2.3 us a layer with PDL on the H200 (2026-12-05, an upper bound: with PDL a kernel's
-# time includes its wait), ~0.1 ms of Qwen3's 3.04 ms step (issue 17: 2.4 wanted). NOT YET RUN ON A GPU
-# (written 2026-12-05, fourth session): off by default; FASTGEN_ROUTE_IN_GEMV=1 turns it on.
-ROUTE_IN_GEMV = os.environ.get("FASTGEN_ROUTE_IN_GEMV", "0") == "1"
 
 
 def decode_gemv_config(n: int, k: int) -> dict:
@@ -383,9 +369,6 @@ if triton is not None:
         v_ptr,
         slot_ptr,  # [1]
         S,
-        route_weights_ptr,  # [1, ROUTE] fp32 (ROUTE, and the two below): the router's pick, out
-        route_ids_ptr,  # [1, ROUTE] int64, out
-        route_count_ptr,  # [1] int32: programs that have stored their logits; zero between calls
         EPS: tl.constexpr,  # the RMSNorm's (a constant: a float argument would reach the kernel as fp64)
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -399,9 +382,6 @@ if triton is not None:
         HQ: tl.constexpr,  # with ROPE: query heads, kv heads, head dim
         HKV: tl.constexpr,
         HEAD_DIM: tl.constexpr,
-        ROUTE: tl.constexpr,  # > 0: the router's logits, and its top ROUTE picked by the last program (route's work)
-        ROUTE_K_PAD: tl.constexpr,
-        ROUTE_E_PAD: tl.constexpr,
     ):
         # BLOCK_N outputs of one activation row, the weight read once. Each program reads all of
         # x anyway, so the norm costs no pass of its own: W (g * x * r) = r * (W (g * x)), with the
@@ -488,14 +468,6 @@ if triton is not None:
             _rope_store(y, up, rows, row_ok, y_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, S, HQ, HKV, HEAD_DIM)
         else:
             tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
-            if ROUTE > 0:
-                # every thread's stores before the count (bar.sync, then a gpu-scope acq_rel atomic, as
-                # kv_attention's MERGE_IN_SPLITS); the last program reads all the logits from L2
-                tl.debug_barrier()
-                finished = tl.atomic_add(route_count_ptr, 1, sem="acq_rel", scope="gpu")
-                if finished == tl.num_programs(0) - 1:
-                    tl.store(route_count_ptr, 0)  # zero again for the next call
-                    _route_token(y_ptr, route_weights_ptr, route_ids_ptr, 0, N, ROUTE, ROUTE_K_PAD, ROUTE_E_PAD, ".cg")
 
     @triton.jit
     def _rope_store(
@@ -678,13 +650,10 @@ if triton is not None:
         """decode_gemv_experts_reference's contract, one kernel."""
         return _decode_gemv_launch(x.contiguous(), weight, expert_ids, None, norm_weight, None, eps, glu)
 
-    def _decode_gemv_launch(
-        x, weight, expert_ids, scales, norm_weight, residual, eps, glu, tiles=None, rope=None, route=None
-    ):
+    def _decode_gemv_launch(x, weight, expert_ids, scales, norm_weight, residual, eps, glu, tiles=None, rope=None):
         """The ops' launch; `tiles` (BLOCK_N outputs a program, BLOCK_K, num_warps) replaces
         decode_gemv_tiles' for the sweeps (scripts/small_gemv_sweep.py, fused_gemv_sweep.py). rope:
-        decode_gemv_rope_kv's (cos, sin, k_cache, v_cache, slot, n_heads); the output is then the query.
-        route: decode_gemv_route's (weights, ids, count), filled by the last program."""
+        decode_gemv_rope_kv's (cos, sin, k_cache, v_cache, slot, n_heads); the output is then the query."""
         N, K = weight.shape[-2], weight.shape[-1]
         cfg = {**decode_gemv_tiles(N, K, scales is not None, glu or rope is not None), **(tiles or {})}
         outputs = N // 2 if glu else N  # SiLU(gate) * up of the two halves
@@ -693,8 +662,6 @@ if triton is not None:
         cos, sin, k_cache, v_cache, slot, n_heads = rope or (weight, weight, weight, weight, weight, 0)
         _, n_kv_heads, S, head_dim = k_cache.shape if rope else (0, 0, 0, 2)
         y = torch.empty((R, n_heads * head_dim if rope else outputs), dtype=x.dtype, device=x.device)
-        route_weights, route_ids, route_count = route or (weight, weight, weight)
-        k_active = route_ids.shape[-1] if route else 0
         wrap_triton(_decode_gemv_kernel)[(triton.cdiv(programs, cfg["BLOCK_N"]), R)](
             x,
             weight,
@@ -712,9 +679,6 @@ if triton is not None:
             v_cache,
             slot,
             S,
-            route_weights,  # route_weights .. route_count: written only with ROUTE
-            route_ids,
-            route_count,
             EPS=eps,
             NORM=norm_weight is not None,
             GLU=glu,
@@ -724,9 +688,6 @@ if triton is not None:
             HQ=n_heads,
             HKV=n_kv_heads,
             HEAD_DIM=head_dim,
-            ROUTE=k_active,
-            ROUTE_K_PAD=triton.next_power_of_2(max(k_active, 1)),
-            ROUTE_E_PAD=triton.next_power_of_2(outputs),
             **cfg,
             **kv_attention.pdl_launch(x),
         )
@@ -753,24 +714,6 @@ if triton is not None:
         rope = (cos, sin, k_cache, v_cache, slot, n_heads)
         q = _decode_gemv_launch(x, weight, None, scales, norm_weight, bias, eps, False, rope=rope)
         return q.view(1, n_heads, 1, k_cache.shape[-1])
-
-    @triton_op("fastgen::decode_gemv_route", mutates_args={"route_count"})
-    def decode_gemv_route(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        norm_weight: torch.Tensor | None,
-        eps: float,
-        k: int,
-        route_count: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """decode_gemv_route_reference's contract, one kernel: the router's decode_gemv (x [1, K], weight
-        [E, K]), whose last program to finish picks the top k (route's work) -> (weights [1, k] fp32,
-        expert_ids [1, k] int64). route_count: a zeroed int32 [1] the kernel counts in (and zeroes again)."""
-        x, weight = x.contiguous(), weight.contiguous()  # no-ops for the model's own tensors
-        weights = torch.empty((1, k), dtype=torch.float32, device=x.device)
-        ids = torch.empty((1, k), dtype=torch.int64, device=x.device)
-        _decode_gemv_launch(x, weight, None, None, norm_weight, None, eps, False, route=(weights, ids, route_count))
-        return weights, ids
 
     @triton_op("fastgen::int8_expert_gemv", mutates_args={})
     def int8_expert_gemv(
@@ -953,24 +896,24 @@ if triton is not None:
         return y
 
     @triton.jit
-    def _route_token(
+    def _route_kernel(
         logits_ptr,  # [N, E]: the router's logits
         weights_ptr,  # [N, K_ACTIVE] fp32, out
         ids_ptr,  # [N, K_ACTIVE] int64, out
-        n,  # the token
         E,
         K_ACTIVE: tl.constexpr,
         K_PAD: tl.constexpr,
         E_PAD: tl.constexpr,
-        CACHE: tl.constexpr,  # the logits' load: "" or ".cg" (L2 only: other programs of the kernel wrote them)
+        PDL: tl.constexpr,
     ):
-        # token n's top K_ACTIVE logits by rounds of max (ties: the lowest id, as model.top_k_by_max), and
-        # the softmax over them, which is the softmax over all E renormalised over the chosen k
-        # (MoEFeedForward.pick)
+        # one token a program: its top K_ACTIVE logits by rounds of max (ties: the lowest id, as
+        # model.top_k_by_max), and the softmax over them, which is the softmax over all E renormalised
+        # over the chosen k (MoEFeedForward.pick)
+        pdl_wait(PDL)
+        pdl_launch_next(PDL)
+        n = tl.program_id(0)
         experts = tl.arange(0, E_PAD)
-        logits = tl.load(logits_ptr + n * E + experts, mask=experts < E, other=float("-inf"), cache_modifier=CACHE).to(
-            tl.float32
-        )
+        logits = tl.load(logits_ptr + n * E + experts, mask=experts < E, other=float("-inf")).to(tl.float32)
         slots = tl.arange(0, K_PAD)
         chosen = tl.full((K_PAD,), float("-inf"), dtype=tl.float32)
         chosen_ids = tl.zeros((K_PAD,), dtype=tl.int32)
@@ -984,22 +927,6 @@ if triton is not None:
         ok = slots < K_ACTIVE
         tl.store(weights_ptr + n * K_ACTIVE + slots, weights / tl.sum(weights, axis=0), mask=ok)
         tl.store(ids_ptr + n * K_ACTIVE + slots, chosen_ids.to(tl.int64), mask=ok)
-
-    @triton.jit
-    def _route_kernel(
-        logits_ptr,  # [N, E]: the router's logits
-        weights_ptr,  # [N, K_ACTIVE] fp32, out
-        ids_ptr,  # [N, K_ACTIVE] int64, out
-        E,
-        K_ACTIVE: tl.constexpr,
-        K_PAD: tl.constexpr,
-        E_PAD: tl.constexpr,
-        PDL: tl.constexpr,
-    ):
-        # one token a program
-        pdl_wait(PDL)
-        pdl_launch_next(PDL)
-        _route_token(logits_ptr, weights_ptr, ids_ptr, tl.program_id(0), E, K_ACTIVE, K_PAD, E_PAD, "")
 
     @triton_op("fastgen::route", mutates_args={})
     def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1220,8 +1147,7 @@ class DecodeBlock(TransformerBlock):
     cache write as one kernel (kv_attention.rope_write_kv, for an unquantized cache; with ROPE_IN_QKV
     and no query/key norms, in wqkv's epilogue instead). A dense layer takes 7 kernels instead of 12
     (6 with ROPE_IN_QKV). A mixture-of-experts layer folds its attention half, and with
-    FASTGEN_EXPERT_GEMV its float experts run decode_gemv_experts (with ROUTE_IN_GEMV, eager with PDL, the
-    router's decode_gemv also picks them). Every other call, and every call
+    FASTGEN_EXPERT_GEMV its float experts run decode_gemv_experts. Every other call, and every call
     with FASTGEN_FUSED_DECODE=0, is TransformerBlock's. use_decode_kernels picks the blocks (see
     FUSED_DECODE: float blocks up to FUSED_FLOAT_MAX_DIM wide, int8 blocks)."""
 
@@ -1241,19 +1167,16 @@ class DecodeBlock(TransformerBlock):
             return project(ffn.w2, hidden, residual=h).view_as(x)
         if EXPERT_GEMV_ENABLED and type(ffn.experts) in (Experts, DownMixExperts):  # the token's k float experts
             ffn_norm = self.ffn_norm
-            # the router as decode_gemv too, the norm folded in (Inductor's router kernel and the norm's
-            # took 5.4 us a Qwen3-30B-A3B layer on the H200, 2026-12-04). Traced, Inductor fuses the pick
-            # (softmax, top k) and the weighted sum + residual into a few kernels; eager with PDL
-            # (run_blocks_eager_under_compile, or no --compile) they are one kernel each here instead of
-            # ~10 ATen ones, so the whole block is this repo's kernels, all launched with PDL (timed only
-            # with PDL: 12 Qwen3 layers 0.870 ms, 2026-12-05; hence only with it)
+            # the router as decode_gemv too, the norm folded in: Inductor's router kernel (matvec,
+            # softmax, top k) and the norm's took 5.4 us a Qwen3-30B-A3B layer on the H200 (not yet
+            # timed this way, 2026-12-04)
+            router_logits = decode_gemv(h, ffn.gate.weight, norm_weight=ffn_norm.weight, eps=ffn_norm.eps)  # [1, E]
+            # traced, Inductor fuses the pick (softmax, top k) and the weighted sum + residual into a few
+            # kernels; eager with PDL (run_blocks_eager_under_compile, or no --compile) they are one kernel
+            # each here instead of ~10 ATen ones, so the whole block is this repo's kernels, all launched
+            # with PDL (timed only with PDL: 12 Qwen3 layers 0.870 ms, 2026-12-05; hence only with it)
             ours = kv_attention.PDL and not torch.compiler.is_compiling()
-            if ours and ROUTE_IN_GEMV:  # the pick in the router's kernel: [1, k] each
-                router = (ffn.gate.weight, ffn_norm.weight, ffn_norm.eps)
-                weights, expert_ids = decode_gemv_route(h, *router, ffn.n_active, self.route_count)
-            else:
-                router_logits = decode_gemv(h, ffn.gate.weight, norm_weight=ffn_norm.weight, eps=ffn_norm.eps)  # [1, E]
-                weights, expert_ids = route(router_logits, ffn.n_active) if ours else ffn.pick(router_logits, few=True)
+            weights, expert_ids = route(router_logits, ffn.n_active) if ours else ffn.pick(router_logits, few=True)
             ids = expert_ids.view(-1)
             hidden = decode_gemv_experts(h, ids, ffn.experts.w13, ffn_norm.weight, eps=ffn_norm.eps, glu=True)  # [k, I]
             if ours:
@@ -1416,9 +1339,6 @@ def use_decode_kernels(model: torch.nn.Module) -> None:
     for module in model.modules():
         if fusable_block(module) and fused_by_default(module):
             module.__class__ = DecodeBlock
-            if type(module.feed_forward) is MoEFeedForward:  # decode_gemv_route's count (ROUTE_IN_GEMV)
-                count = torch.zeros(1, dtype=torch.int32, device=module.attention.wo.weight.device)
-                module.register_buffer("route_count", count, persistent=False)
         elif type(module) is Experts and available(module.w2):
             module.__class__ = DownMixExperts
         elif type(module) is torch.nn.Linear and available(module.weight) and module.weight.is_floating_point():

@@ -116,8 +116,8 @@ def main(argv=None):
     decode_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "scale_ptr": "*fp32", "norm_ptr": "*bf16", "res_ptr": "*bf16"}
     decode_sig.update({"y_ptr": "*bf16", "ids_ptr": "*i64", "N": "i32", "K": "i32", "rows_per_x": "i32"})
     decode_sig.update({"cos_ptr": "*bf16", "sin_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "slot_ptr": "*i64"})
-    decode_sig.update({"S": "i32", "route_weights_ptr": "*fp32", "route_ids_ptr": "*i64", "route_count_ptr": "*i32"})
-    no_rope = {"ROPE": 0, "HQ": 0, "HKV": 0, "HEAD_DIM": 2, "ROUTE": 0, "ROUTE_K_PAD": 1, "ROUTE_E_PAD": 1}
+    decode_sig["S"] = "i32"
+    no_rope = {"ROPE": 0, "HQ": 0, "HKV": 0, "HEAD_DIM": 2}
     for n, k, norm, glu, residual, int8, experts, pdl in (
         (960, 576, 1, 0, 0, 0, 0, 0),
         (28672, 4096, 1, 1, 0, 0, 0, 0),  # Llama-3-8B's w13, SiLU(gate) * up stored
@@ -159,7 +159,7 @@ def main(argv=None):
         (6144, 4096, 32, 8, 128, 1, 1),
     ):
         cfg = gemv.decode_gemv_tiles(n, k, int8, True)
-        rope = {"ROPE": 1, "HQ": hq, "HKV": hkv, "HEAD_DIM": d, "ROUTE": 0, "ROUTE_K_PAD": 1, "ROUTE_E_PAD": 1}
+        rope = {"ROPE": 1, "HQ": hq, "HKV": hkv, "HEAD_DIM": d}
         build(
             target,
             f"wqkv + rope + cache write {n}x{k} norm=1 int8={int8}" + (" pdl" if pdl else ""),
@@ -167,22 +167,6 @@ def main(argv=None):
             {**decode_sig, "w_ptr": "*i8" if int8 else "*bf16"},
             {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": cfg["CONVERT"], "NORM": 1,
              "GLU": 0, "RESIDUAL": 0, "EXPERTS": 0, "PDL": pdl, **rope},
-            range(9),
-            num_warps=cfg["num_warps"],
-            num_stages=cfg.get("num_stages", 3),
-            launch_pdl=bool(pdl),
-        )  # fmt: skip
-    # the router's GEMV with route in its last program (gemv.decode_gemv_route): Qwen3-30B-A3B, Mixtral
-    for n, k, top, pdl in ((128, 2048, 8, 1), (8, 4096, 2, 0)):
-        cfg = gemv.decode_gemv_tiles(n, k, False, False)
-        route = {"ROPE": 0, "HQ": 0, "HKV": 0, "HEAD_DIM": 2, "ROUTE": top, "ROUTE_K_PAD": top, "ROUTE_E_PAD": n}
-        build(
-            target,
-            f"router gemv + route, top {top} of {n}, K {k}" + (" pdl" if pdl else ""),
-            gemv._decode_gemv_kernel,
-            decode_sig,
-            {"EPS": 1e-6, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": -1, "NORM": 1, "GLU": 0,
-             "RESIDUAL": 0, "EXPERTS": 0, "PDL": pdl, **route},
             range(9),
             num_warps=cfg["num_warps"],
             num_stages=cfg.get("num_stages", 3),

@@ -51,9 +51,8 @@
 #                                          #   unfused (issue 17's 60%, issue 11's 2500 tok/s), Llama-3.2-1B
 #   bash scripts/gpu_pending.sh ropeqkv    # ~8.5 min: the batch-1 chain's opt-in folds (never run on a GPU; written
 #                                          #   2026-12-05): ROPE_IN_QKV, FOLD_FINAL_NORM, SINGLE_SPLIT_TILES 4,
-#                                          #   MERGE_IN_SPLITS, ROUTE_IN_GEMV. Their GPU tests, SmolLM2-135M with each
-#                                          #   added, 12 Qwen3 layers with the router's pick in its GEMV, then also
-#                                          #   the one-kernel attention
+#                                          #   MERGE_IN_SPLITS. Their GPU tests, SmolLM2-135M with each added, 12 Qwen3
+#                                          #   layers with the one-kernel attention
 #   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
 #                                          #   10: why int8 reads at half bf16's rate), if ncu is on the machine
 #   bash scripts/gpu_pending.sh pdltier    # ~9 min: the GPU tier with both PDL switches on (the defaults since
@@ -268,7 +267,8 @@ next)
     decode llama_blocks 80 --model llama-3-8b --compile-blocks
     ;;
 tiersmol)
-    # 2026-12-05, fourth session, call 1 (~8 min): the whole GPU tier at HEAD (defaults changed since its last
+    # 2026-12-05, fourth session, call 1 (ran on an H100 in 425 s; the tier needs more than 330 s at -n 6 there:
+    # it reached 100% and was cut off before its summary; rerun at -n 8: 248 passed in 3 min 51 s): the whole GPU tier at HEAD (defaults changed since its last
     # run: one-split attention without a merge, the 1-token expert_down tile, route's helper; new opt-in tests),
     # then SmolLM2-135M with the opt-in folds added one by one (issue 11: 0.486 ms, 0.4 wanted)
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
@@ -282,14 +282,14 @@ tiersmol)
         --model smollm2-135m --by-launch --top 12
     ;;
 qwen3b1)
-    # 2026-12-05, fourth session, call 2 (~9 min): issue 17's Qwen3-30B-A3B B1 (3.036 ms; 2.4 wanted): 12 layers
-    # default / + ROUTE_IN_GEMV / + the one-kernel attention (merged or one split); the 48-layer step with
-    # and without PDL (each kernel's own time); expert_down_mix at 1 token; SmolLM2 with the merge in the splits
+    # 2026-12-05, fourth session, call 2 (ran on an H100 in 255 s; BENCHMARKS.md): issue 17's Qwen3-30B-A3B B1:
+    # 12 layers default / + the one-kernel attention (merged or one split); the 48-layer step with and without
+    # PDL (each kernel's own time; without did not compile in 75 s); expert_down_mix at 1 token; SmolLM2 with
+    # the merge in the splits. (It also timed gemv.ROUTE_IN_GEMV, which lost and was removed.)
     decode qwen3_b1_12 50 --model qwen3-30b-a3b --layers 12 --by-launch --top 12
-    FASTGEN_ROUTE_IN_GEMV=1 decode qwen3_b1_12_route 50 --model qwen3-30b-a3b --layers 12 --by-launch --top 12
-    FASTGEN_ROUTE_IN_GEMV=1 FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_folded 50 \
+    FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_folded 50 \
         --model qwen3-30b-a3b --layers 12 --by-launch --top 12
-    FASTGEN_ROUTE_IN_GEMV=1 FASTGEN_SINGLE_SPLIT_TILES=4 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_one_split 50 \
+    FASTGEN_SINGLE_SPLIT_TILES=4 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_one_split 50 \
         --model qwen3-30b-a3b --layers 12 --by-launch --top 12
     decode qwen3_48 75 --model qwen3-30b-a3b --by-launch --top 12
     FASTGEN_PDL=0 TORCHINDUCTOR_ENABLE_PDL=0 decode qwen3_48_no_pdl 75 --model qwen3-30b-a3b --by-launch --top 12
@@ -305,12 +305,11 @@ ropeqkv)
     # tied output projection's GEMV; kv_attention.SINGLE_SPLIT_MAX_TILES 4: the 216-slot cache (4 tiles) attended
     # in one split, no merge kernel (5 a layer); MERGE_IN_SPLITS, the other way to drop the merge. Their GPU
     # tests first (and the one-split attention cases, on by default), then 12 Qwen3 layers (issue 17) without /
-    # with gemv.ROUTE_IN_GEMV (route's work in the router's GEMV: 8 kernels a layer, not 9; written 2026-12-05,
-    # fourth session) / with that and the one-kernel attention (never timed at Qwen3)
+    # with the one-kernel attention (never timed at Qwen3)
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
     export TORCHINDUCTOR_ENABLE_PDL=1  # the tests that compile outside generate.Generator
-    step tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py tests/test_moe.py -n 4 \
-        -k "rope_kv or opt_in_decode_folds or over_int8_weights or decode_attention_kernel_equals or route"
+    step tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -n 4 \
+        -k "rope_kv or opt_in_decode_folds or over_int8_weights or decode_attention_kernel_equals"
     summary+=("  $(tail -n 1 "$out/tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tests.txt" | head -6)")
     decode smol 40 --model smollm2-135m --by-launch --top 12
@@ -321,11 +320,10 @@ ropeqkv)
     FASTGEN_ROPE_IN_QKV=1 FASTGEN_FOLD_FINAL_NORM=1 FASTGEN_MERGE_IN_SPLITS=1 decode smol_merged 40 \
         --model smollm2-135m --by-launch --top 12
     decode qwen3_b1_12 50 --model qwen3-30b-a3b --layers 12 --by-launch --top 12
-    FASTGEN_ROUTE_IN_GEMV=1 decode qwen3_b1_12_route 50 --model qwen3-30b-a3b --layers 12 --by-launch --top 12
-    FASTGEN_ROUTE_IN_GEMV=1 FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_folded 50 \
-        --model qwen3-30b-a3b --layers 12 --by-launch --top 12
-    FASTGEN_ROUTE_IN_GEMV=1 FASTGEN_SINGLE_SPLIT_TILES=4 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_one_split 50 \
-        --model qwen3-30b-a3b --layers 12 --by-launch --top 12
+    FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_folded 50 --model qwen3-30b-a3b \
+        --layers 12 --by-launch --top 12
+    FASTGEN_SINGLE_SPLIT_TILES=4 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_one_split 50 --model qwen3-30b-a3b \
+        --layers 12 --by-launch --top 12
     # not here (time): int8 Llama-3-8B with ROPE_IN_QKV (its blocks are fused by default)
     ;;
 ncukv)

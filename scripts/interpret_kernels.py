@@ -180,9 +180,7 @@ def decode_gemv_rope_kv(n_heads=9, n_kv_heads=3, D=64, K=576, dtype=torch.float3
     )
 
 
-def decode_block(
-    layers=2, n_experts=0, rope_in_attention=False, rope_in_qkv=False, fold_final_norm=False, route_in_gemv=False
-):
+def decode_block(layers=2, n_experts=0, rope_in_attention=False, rope_in_qkv=False, fold_final_norm=False):
     """A tiny model's decode step through gemv.DecodeBlock (the fused batch-1 path; with experts,
     the router and the token's experts through decode_gemv too; with rope_in_attention, a SplitKVCache
     and kv_attention.rope_decode_attention with the merge in the last split) against the plain blocks'
@@ -201,7 +199,7 @@ def decode_block(
         m(prompt, torch.arange(5))
         want = m(torch.tensor([[7]]), torch.tensor([5]))
         gemv.FUSED_DECODE_ENABLED = gemv.EXPERT_GEMV_ENABLED = True
-        gemv.ROPE_IN_QKV, gemv.FOLD_FINAL_NORM, gemv.ROUTE_IN_GEMV = rope_in_qkv, fold_final_norm, route_in_gemv
+        gemv.ROPE_IN_QKV, gemv.FOLD_FINAL_NORM = rope_in_qkv, fold_final_norm
         if rope_in_attention:  # the same prefill into the kernel's cache, then its one-kernel decode attention
             m.setup_caches(1, 16, None, kv_attention.SplitKVCache)
             m(prompt, torch.arange(5))
@@ -215,7 +213,7 @@ def decode_block(
             return m(torch.tensor([[7]]), torch.tensor([5])), want
         finally:
             kv_attention.ROPE_IN_ATTENTION = kv_attention.MERGE_IN_SPLITS = gemv.ROPE_IN_QKV = False
-            gemv.FOLD_FINAL_NORM = gemv.ROUTE_IN_GEMV = False
+            gemv.FOLD_FINAL_NORM = False
             kv_attention.SplitKVCache.attends_at_decode = attends
 
 
@@ -244,22 +242,6 @@ def route(N=3, E=128, k=8):
     weights, ids = gemv.route(logits, k)
     want_weights, want_ids = gemv.route_reference(logits, k)
     return torch.cat([weights, ids.float()], dim=1), torch.cat([want_weights, want_ids.float()], dim=1)
-
-
-def decode_gemv_route(E=128, k=8, K=576, dtype=torch.float32, calls=3):
-    """The router's GEMV with route in its last program against route_reference of the GEMV's
-    reference, `calls` times with new inputs through one count (each call must zero it again)."""
-    count = torch.zeros(1, dtype=torch.int32)
-    got, want = [], []
-    for _ in range(calls):
-        x, w = torch.randn(1, K, dtype=dtype), (torch.randn(E, K) / 3).to(dtype)
-        norm_weight = torch.rand(K, dtype=dtype) + 0.5
-        weights, ids = gemv.decode_gemv_route(x, w, norm_weight, 1e-5, k, count)
-        want_weights, want_ids = gemv.decode_gemv_route_reference(x, w, norm_weight, 1e-5, k)
-        got.append(torch.cat([weights, ids.float()], dim=1))
-        want.append(torch.cat([want_weights, want_ids.float()], dim=1))
-    assert count.item() == 0, count
-    return torch.cat(got), torch.cat(want)
 
 
 def expert_gate_up(N, k, E, D=96, inter=80, dtype=torch.float32):
@@ -367,11 +349,6 @@ def main():
     ]
     runs += [("bf16-expert down + mix + residual, 1 token x 8 of 16", lambda: expert_down_mix(residual=True))]
     runs += [("route, 3 tokens, 8 of 128", route), ("route, 1 token, 3 of 10", lambda: route(1, 10, 3))]
-    runs += [
-        ("router gemv + route in its last program, 8 of 128, 3 calls", decode_gemv_route),
-        ("router gemv + route, 2 of 8, fp16, K 2048", lambda: decode_gemv_route(8, 2, 2048, torch.float16)),
-        ("router gemv + route, 3 of 60 (E not a power of 2)", lambda: decode_gemv_route(60, 3, 96)),
-    ]
     runs += [("expert gate/up, 2 tokens x 2 of 16", lambda: expert_gate_up(2, 2, 16))]
     runs += [("expert gate/up, 8 tokens x 2 of 4 (shared experts)", lambda: expert_gate_up(8, 2, 4))]
     runs += [("expert gate/up, 16 tokens x 8 of 8, fp16", lambda: expert_gate_up(16, 8, 8, 64, 48, torch.float16))]
@@ -408,12 +385,6 @@ def main():
             kv_attention.PDL = False
 
     runs += [("DecodeBlock, MoE, eager with PDL (route, down + mix)", lambda: with_pdl(lambda: decode_block(2, 8)))]
-    runs += [
-        (
-            "DecodeBlock, MoE, eager with PDL, route in the router's gemv",
-            lambda: with_pdl(lambda: decode_block(2, 8, route_in_gemv=True)),
-        )
-    ]
     runs += [("DecodeBlock, rope + attention + merge in one kernel", lambda: decode_block(rope_in_attention=True))]
     runs += [(f"DownMixExperts, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n)) for n in (2, 4, 8)]
     runs += [

@@ -50,10 +50,6 @@ def reference_decode_kernels(monkeypatch):
             calls.add_(1)
             return gemv.route_reference(logits, k)
 
-        def decode_gemv_route(x, weight, norm_weight, eps, k, route_count):  # with ROUTE_IN_GEMV: router + pick
-            calls.add_(1)
-            return gemv.decode_gemv_route_reference(x, weight, norm_weight, eps, k)
-
         def expert_down_mix(h, expert_ids, mix, weight, residual=None):  # and its down projection + mix
             calls.add_(1)
             y = gemv.expert_down_mix_reference(h, expert_ids, mix, weight)
@@ -68,7 +64,6 @@ def reference_decode_kernels(monkeypatch):
         monkeypatch.setattr(gemv, "decode_gemv_experts", decode_gemv_experts, raising=False)
         monkeypatch.setattr(kv_attention, "rope_write_kv", rope_write_kv, raising=False)
         monkeypatch.setattr(gemv, "route", route, raising=False)
-        monkeypatch.setattr(gemv, "decode_gemv_route", decode_gemv_route, raising=False)
         monkeypatch.setattr(gemv, "expert_down_mix", expert_down_mix, raising=False)
         return calls, rope_calls
 

@@ -542,38 +542,6 @@ def test_rope_in_qkv_plumbing(monkeypatch, reference_decode_kernels, overrides):
     torch._dynamo.reset()
 
 
-def test_route_in_gemv_plumbing(monkeypatch, reference_decode_kernels):
-    """With gemv.ROUTE_IN_GEMV a mixture of experts' DecodeBlock, eager with PDL, picks its experts in the
-    router's kernel (decode_gemv_route; its reference here) instead of decode_gemv then route: the plain
-    block's tokens, one call a layer a step, route never called, each layer with its own zeroed count;
-    compiled (traced blocks: Inductor's pick) it is never called."""
-    import gemv
-    import kv_attention
-
-    model = tiny_model(n_experts=4, n_active_experts=2)
-    prompt = [[5, 17, 3, 88, 41, 9, 2, 30, 11]]
-    plain = greedy(model, prompt, 12, 64).tokens
-    calls, _ = reference_decode_kernels()
-    fused_calls, route_calls = [], []
-    stand_in, route = gemv.decode_gemv_route, gemv.route
-    monkeypatch.setattr(gemv, "decode_gemv_route", lambda *args: fused_calls.append(args[-1]) or stand_in(*args))
-    monkeypatch.setattr(gemv, "route", lambda *args: route_calls.append(1) or route(*args))
-    monkeypatch.setattr(gemv, "EXPERT_GEMV_ENABLED", True)
-    monkeypatch.setattr(gemv, "ROUTE_IN_GEMV", True)
-    monkeypatch.setattr(kv_attention, "PDL", True)
-    assert greedy(model, prompt, 12, 72).tokens == plain
-    assert len(fused_calls) == 11 * model.args.n_layers and not route_calls
-    counts = {id(count) for count in fused_calls}
-    assert len(counts) == model.args.n_layers  # one per layer, made by use_decode_kernels
-    assert all(c.dtype == torch.int32 and c.shape == (1,) and c.item() == 0 for c in fused_calls)
-    assert "route_count" not in model.state_dict()  # scratch, never saved
-    fused_calls.clear()
-    torch._dynamo.reset()
-    assert greedy(model, prompt, 12, 80, compile=True).tokens == plain
-    assert not fused_calls and not route_calls
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize(
     "overrides",
     [{}, dict(qkv_bias=True, qk_norm=True, sliding_window=6), dict(n_experts=4, n_active_experts=2), "experts", "int8"],
