@@ -21,7 +21,6 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
                             DecodeBlock, eager with PDL  (+ the residual)
   route                     DecodeBlock, eager with PDL  the router's softmax, top k, renormalised
   int4_gemv                 Int4Linear, 1 row (opt-in)   tinygemm's int4 weight, one pass, bf16x2 math
-  (DecodeTransformer: the final norm folded into the output projection's decode_gemv, opt-in)
 """
 
 import os
@@ -35,7 +34,6 @@ from model import (
     KVCache,
     MoEFeedForward,
     RMSNorm,
-    Transformer,
     TransformerBlock,
     cache_attention_at_decode,
     pairs_by_expert,
@@ -271,12 +269,6 @@ EXPERT_GEMV_ENABLED = os.environ.get("FASTGEN_EXPERT_GEMV", "1") == "1"
 # 30 launches, predicted ~0.43-0.44 ms. NOT YET RUN ON A GPU (written 2026-12-05, third session):
 # off by default; FASTGEN_ROPE_IN_QKV=1 turns it on.
 ROPE_IN_QKV = os.environ.get("FASTGEN_ROPE_IN_QKV", "0") == "1"
-# With it, the batch-1 logits run the final RMSNorm folded into the output projection's decode_gemv
-# (DecodeTransformer): the norm's kernel goes, ~2 us with PDL. The fold re-reads x and the norm weight
-# per program, which may cost more than that on a wide projection (Llama-3-8B's 1 GB), so it is for
-# models whose blocks are fused (FUSED_FLOAT_MAX_DIM), SmolLM2's tied 57 MB table first. NOT YET RUN
-# ON A GPU (written 2026-12-05, third session): off by default; FASTGEN_FOLD_FINAL_NORM=1 turns it on.
-FOLD_FINAL_NORM = os.environ.get("FASTGEN_FOLD_FINAL_NORM", "0") == "1"
 
 
 def decode_gemv_config(n: int, k: int) -> dict:
@@ -1123,23 +1115,6 @@ class DecodeLinear(torch.nn.Linear):
         return super().forward(x)
 
 
-class DecodeTransformer(Transformer):
-    """A model whose batch-1 decode logits (one row, on a GPU) run the final RMSNorm folded into the
-    output projection's decode_gemv (the embedding table, when tied): one kernel instead of the norm's and
-    the projection's. Every other call, and every call with FASTGEN_FUSED_DECODE=0, is Transformer's.
-    use_decode_kernels makes a model one with FOLD_FINAL_NORM, up to FUSED_FLOAT_MAX_DIM wide."""
-
-    def logits(self, x):
-        if not (FUSED_DECODE_ENABLED and x.numel() == x.shape[-1] and available(x)):
-            return super().logits(x)
-        head = self.output  # None: tied, the embedding table (float); else a float or int8 linear, no bias
-        weight = self.tok_embeddings.weight if head is None else head.weight
-        y = decode_gemv(
-            x.reshape(1, -1), weight, getattr(head, "scales", None), norm_weight=self.norm.weight, eps=self.norm.eps
-        )
-        return y.view(*x.shape[:-1], -1)
-
-
 class DecodeBlock(TransformerBlock):
     """A block whose batch-1 decode step (one token, on a GPU) runs its projections as decode_gemv
     with the rest of the block folded in: the RMSNorm into wqkv's (and w13's) loop, the residual add
@@ -1308,19 +1283,6 @@ def foldable_linear(linear: torch.nn.Module) -> bool:
     )
 
 
-def final_norm_foldable(model: Transformer) -> bool:
-    """DecodeTransformer's fold applies: an RMSNorm, a model no wider than FUSED_FLOAT_MAX_DIM (see
-    FOLD_FINAL_NORM) on a GPU, and a tied head or one project() can run without a bias. Decided once, at
-    setup, not per step."""
-    head = model.output
-    return (
-        type(model.norm) is RMSNorm
-        and model.args.dim <= FUSED_FLOAT_MAX_DIM
-        and available(model.tok_embeddings.weight)
-        and (head is None or foldable_linear(head) and head.bias is None)
-    )
-
-
 def fused_by_default(block: TransformerBlock) -> bool:
     """An int8 block, or a float one no wider than FUSED_FLOAT_MAX_DIM (see FUSED_DECODE)."""
     from quantize import Int8Linear  # quantize imports this file
@@ -1330,12 +1292,9 @@ def fused_by_default(block: TransformerBlock) -> bool:
 
 def use_decode_kernels(model: torch.nn.Module) -> None:
     """Give a model on a GPU this file's float decode kernels (generate.Generator.setup calls this,
-    before any step is traced): its float blocks become DecodeBlock, its float experts
-    DownMixExperts, its float nn.Linears DecodeLinear (and with FOLD_FINAL_NORM the model itself
-    DecodeTransformer). The class changes in place, so the parameters are not copied; quantized linears
-    (quantize.py's) and everything on the CPU stay as they are."""
-    if FOLD_FINAL_NORM and type(model) is Transformer and final_norm_foldable(model):
-        model.__class__ = DecodeTransformer
+    before any step is traced): its float blocks become DecodeBlock, its float experts DownMixExperts,
+    its float nn.Linears DecodeLinear. The class changes in place, so the parameters are not copied;
+    quantized linears (quantize.py's) and everything on the CPU stay as they are."""
     for module in model.modules():
         if fusable_block(module) and fused_by_default(module):
             module.__class__ = DecodeBlock

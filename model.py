@@ -566,8 +566,7 @@ class Transformer(nn.Module):
         return self.logits(x).float()
 
     def logits(self, x):
-        """The final norm and the output projection (the embedding table's, when tied): [..., D] -> [..., V]
-        (a method of its own so that gemv.DecodeTransformer can fold the norm into the projection)."""
+        """The final norm and the output projection (the embedding table's, when tied): [..., D] -> [..., V]."""
         x = self.norm(x)
         return F.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
 

@@ -50,7 +50,7 @@
 #                                          #   (48 layers) fused / unfused, expert_down_mix's 1-token tile, SmolLM2
 #                                          #   unfused (issue 17's 60%, issue 11's 2500 tok/s), Llama-3.2-1B
 #   bash scripts/gpu_pending.sh ropeqkv    # ~8.5 min: the batch-1 chain's opt-in folds (never run on a GPU; written
-#                                          #   2026-12-05): ROPE_IN_QKV, FOLD_FINAL_NORM, SINGLE_SPLIT_TILES 4,
+#                                          #   2026-12-05): ROPE_IN_QKV, SINGLE_SPLIT_TILES 4,
 #                                          #   MERGE_IN_SPLITS. Their GPU tests, SmolLM2-135M with each added, 12 Qwen3
 #                                          #   layers with the one-kernel attention
 #   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
@@ -270,15 +270,16 @@ tiersmol)
     # 2026-12-05, fourth session, call 1 (ran on an H100 in 425 s; the tier needs more than 330 s at -n 6 there:
     # it reached 100% and was cut off before its summary; rerun at -n 8: 248 passed in 3 min 51 s): the whole GPU tier at HEAD (defaults changed since its last
     # run: one-split attention without a merge, the 1-token expert_down tile, route's helper; new opt-in tests),
-    # then SmolLM2-135M with the opt-in folds added one by one (issue 11: 0.486 ms, 0.4 wanted)
+    # then SmolLM2-135M with the opt-in folds added one by one (issue 11: 0.486 ms, 0.4 wanted; smol_rope_qkv_fold
+    # and smol_one_split ran with gemv.FOLD_FINAL_NORM too, which lost and was removed)
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
     TORCHINDUCTOR_ENABLE_PDL=1 step tier 330 python -m pytest -m gpu -q -p no:cacheprovider -rf -n 6
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -10)")
     decode smol 40 --model smollm2-135m --by-launch --top 12
     FASTGEN_ROPE_IN_QKV=1 decode smol_rope_qkv 40 --model smollm2-135m --by-launch --top 12
-    FASTGEN_ROPE_IN_QKV=1 FASTGEN_FOLD_FINAL_NORM=1 decode smol_rope_qkv_fold 40 --model smollm2-135m --by-launch --top 12
-    FASTGEN_ROPE_IN_QKV=1 FASTGEN_FOLD_FINAL_NORM=1 FASTGEN_SINGLE_SPLIT_TILES=4 decode smol_one_split 40 \
+    FASTGEN_ROPE_IN_QKV=1 decode smol_rope_qkv_fold 40 --model smollm2-135m --by-launch --top 12
+    FASTGEN_ROPE_IN_QKV=1 FASTGEN_SINGLE_SPLIT_TILES=4 decode smol_one_split 40 \
         --model smollm2-135m --by-launch --top 12
     ;;
 qwen3b1)
@@ -295,14 +296,13 @@ qwen3b1)
     FASTGEN_PDL=0 TORCHINDUCTOR_ENABLE_PDL=0 decode qwen3_48_no_pdl 75 --model qwen3-30b-a3b --by-launch --top 12
     step down_1 80 python scripts/moe_down_sweep.py --tokens 1
     summary+=("$(grep -E '^\| 1 ' "$out/down_1.txt")")
-    FASTGEN_ROPE_IN_QKV=1 FASTGEN_FOLD_FINAL_NORM=1 FASTGEN_MERGE_IN_SPLITS=1 decode smol_merged 40 \
+    FASTGEN_ROPE_IN_QKV=1 FASTGEN_MERGE_IN_SPLITS=1 decode smol_merged 40 \
         --model smollm2-135m --by-launch --top 12
     ;;
 ropeqkv)
     # issue 11's SmolLM2-135M (0.486 ms, 217 kernels, ~2.2 us each with PDL; 0.4 wanted): the batch-1 chain's
     # opt-in folds, none run on a GPU (written 2026-12-05, third session). gemv.ROPE_IN_QKV: RoPE and the cache
-    # write in wqkv's epilogue (no rope_write_kv: 6 kernels a layer); gemv.FOLD_FINAL_NORM: the final norm in the
-    # tied output projection's GEMV; kv_attention.SINGLE_SPLIT_MAX_TILES 4: the 216-slot cache (4 tiles) attended
+    # write in wqkv's epilogue (no rope_write_kv: 6 kernels a layer); kv_attention.SINGLE_SPLIT_MAX_TILES 4: the 216-slot cache (4 tiles) attended
     # in one split, no merge kernel (5 a layer); MERGE_IN_SPLITS, the other way to drop the merge. Their GPU
     # tests first (and the one-split attention cases, on by default), then 12 Qwen3 layers (issue 17) without /
     # with the one-kernel attention (never timed at Qwen3)
@@ -314,10 +314,10 @@ ropeqkv)
     summary+=("$(grep -E '^FAILED' "$out/tests.txt" | head -6)")
     decode smol 40 --model smollm2-135m --by-launch --top 12
     FASTGEN_ROPE_IN_QKV=1 decode smol_rope_qkv 40 --model smollm2-135m --by-launch --top 12
-    FASTGEN_ROPE_IN_QKV=1 FASTGEN_FOLD_FINAL_NORM=1 decode smol_rope_qkv_fold 40 --model smollm2-135m --by-launch --top 12
-    FASTGEN_ROPE_IN_QKV=1 FASTGEN_FOLD_FINAL_NORM=1 FASTGEN_SINGLE_SPLIT_TILES=4 decode smol_one_split 40 \
+    FASTGEN_ROPE_IN_QKV=1 decode smol_rope_qkv_fold 40 --model smollm2-135m --by-launch --top 12
+    FASTGEN_ROPE_IN_QKV=1 FASTGEN_SINGLE_SPLIT_TILES=4 decode smol_one_split 40 \
         --model smollm2-135m --by-launch --top 12
-    FASTGEN_ROPE_IN_QKV=1 FASTGEN_FOLD_FINAL_NORM=1 FASTGEN_MERGE_IN_SPLITS=1 decode smol_merged 40 \
+    FASTGEN_ROPE_IN_QKV=1 FASTGEN_MERGE_IN_SPLITS=1 decode smol_merged 40 \
         --model smollm2-135m --by-launch --top 12
     decode qwen3_b1_12 50 --model qwen3-30b-a3b --layers 12 --by-launch --top 12
     FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_folded 50 --model qwen3-30b-a3b \

@@ -180,7 +180,7 @@ def decode_gemv_rope_kv(n_heads=9, n_kv_heads=3, D=64, K=576, dtype=torch.float3
     )
 
 
-def decode_block(layers=2, n_experts=0, rope_in_attention=False, rope_in_qkv=False, fold_final_norm=False):
+def decode_block(layers=2, n_experts=0, rope_in_attention=False, rope_in_qkv=False):
     """A tiny model's decode step through gemv.DecodeBlock (the fused batch-1 path; with experts,
     the router and the token's experts through decode_gemv too; with rope_in_attention, a SplitKVCache
     and kv_attention.rope_decode_attention with the merge in the last split) against the plain blocks'
@@ -199,13 +199,13 @@ def decode_block(layers=2, n_experts=0, rope_in_attention=False, rope_in_qkv=Fal
         m(prompt, torch.arange(5))
         want = m(torch.tensor([[7]]), torch.tensor([5]))
         gemv.FUSED_DECODE_ENABLED = gemv.EXPERT_GEMV_ENABLED = True
-        gemv.ROPE_IN_QKV, gemv.FOLD_FINAL_NORM = rope_in_qkv, fold_final_norm
+        gemv.ROPE_IN_QKV = rope_in_qkv
         if rope_in_attention:  # the same prefill into the kernel's cache, then its one-kernel decode attention
             m.setup_caches(1, 16, None, kv_attention.SplitKVCache)
             m(prompt, torch.arange(5))
             kv_attention.ROPE_IN_ATTENTION = kv_attention.MERGE_IN_SPLITS = True
         gemv.use_decode_kernels(m)
-        assert type(m.layers[0]) is gemv.DecodeBlock and (type(m) is gemv.DecodeTransformer) == fold_final_norm
+        assert type(m.layers[0]) is gemv.DecodeBlock
         attends = kv_attention.SplitKVCache.attends_at_decode
         if rope_in_attention:
             kv_attention.SplitKVCache.attends_at_decode = lambda self: True  # CPU tensors, interpreted kernels
@@ -213,7 +213,6 @@ def decode_block(layers=2, n_experts=0, rope_in_attention=False, rope_in_qkv=Fal
             return m(torch.tensor([[7]]), torch.tensor([5])), want
         finally:
             kv_attention.ROPE_IN_ATTENTION = kv_attention.MERGE_IN_SPLITS = gemv.ROPE_IN_QKV = False
-            gemv.FOLD_FINAL_NORM = False
             kv_attention.SplitKVCache.attends_at_decode = attends
 
 
@@ -370,10 +369,6 @@ def main():
             lambda: decode_gemv_rope_kv(tiles=dict(BLOCK_N=4, BLOCK_K=256, num_warps=2)),
         ),
         ("DecodeBlock, wqkv + rope + cache write in one kernel", lambda: decode_block(rope_in_qkv=True)),
-        (
-            "DecodeBlock, wqkv + rope + cache write, the final norm in the output projection",
-            lambda: decode_block(rope_in_qkv=True, fold_final_norm=True),
-        ),
     ]
     runs += [("DecodeBlock, a 2-layer MoE model's decode step, 2 of 8 experts", lambda: decode_block(2, 8))]
 

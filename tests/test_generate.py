@@ -1,7 +1,5 @@
 """The generation loop on a tiny random model: cache sizes, batching, compile, limits, sampling."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -460,53 +458,6 @@ def test_rope_in_attention_plumbing(monkeypatch, reference_decode_kernels, overr
         assert fused_calls == 11 * model.args.n_layers and rope_calls == 0
         assert greedy(model, PROMPTS[:2], 6, max_seq_len, compile=compile).tokens == batch
         assert fused_calls == 11 * model.args.n_layers
-    torch._dynamo.reset()
-
-
-@pytest.mark.parametrize("head", ["untied", "tied", "int8"])
-def test_fold_final_norm_plumbing(monkeypatch, reference_decode_kernels, head):
-    """With gemv.FOLD_FINAL_NORM a one-row step's logits run the final RMSNorm folded into the output
-    projection's decode_gemv (gemv.DecodeTransformer; the references stand in for the kernels): the plain
-    model's tokens, eager and compiled, the projection given the norm's weight at every one-row step (the
-    prompt's last row and 11 decode steps); a batch keeps Transformer.logits."""
-    import gemv
-    import quantize
-
-    if head == "tied":
-        torch.manual_seed(0)
-        args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96, vocab_size=VOCAB)
-        model = Transformer(replace(args, tie_embeddings=True)).eval()
-        with torch.no_grad():
-            model.tok_embeddings.weight.normal_(0, 1.0)
-    else:
-        model = tiny_model()
-    if head == "int8":  # the untied output projection int8 too (every linear: the checkpoint's mode)
-        floats = {name: m.weight.detach() for name, m in quantize.quantizable_linears(model)}
-        quantize.apply_quantization(model, {"mode": "int8"})
-        for name, weight in floats.items():
-            linear = model.get_submodule(name)
-            linear.weight, linear.scales = quantize.quantize_int8(weight)
-        monkeypatch.setattr(gemv, "int8_gemm_few_rows", gemv.int8_gemv_reference, raising=False)
-    prompt = [[5, 17, 3, 88, 41, 9, 2, 30, 11]]
-    plain = greedy(model, prompt, 12, 64).tokens
-    batch = greedy(model, PROMPTS[:2], 6, 64).tokens
-    reference_decode_kernels()
-    stand_in, folded = gemv.decode_gemv, torch.zeros((), dtype=torch.long)  # a tensor: a compiled step counts too
-
-    def decode_gemv(x, weight, scales=None, norm_weight=None, residual=None, eps=0.0, glu=False):
-        if norm_weight is model.norm.weight:
-            folded.add_(1)
-        return stand_in(x, weight, scales, norm_weight, residual, eps, glu)
-
-    monkeypatch.setattr(gemv, "decode_gemv", decode_gemv)
-    monkeypatch.setattr(gemv, "FOLD_FINAL_NORM", True)
-    for compile, max_seq_len in ((False, 72), (True, 80)):
-        torch._dynamo.reset()
-        folded.zero_()
-        assert greedy(model, prompt, 12, max_seq_len, compile=compile).tokens == plain
-        assert type(model) is gemv.DecodeTransformer and folded == 12
-        assert greedy(model, PROMPTS[:2], 6, max_seq_len, compile=compile).tokens == batch
-        assert folded == 12
     torch._dynamo.reset()
 
 

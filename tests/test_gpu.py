@@ -651,17 +651,14 @@ def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, one_attent
 )
 def test_opt_in_decode_folds_equal_cpu_fp32_eager(monkeypatch, shape, pdl, compile):
     """With gemv.ROPE_IN_QKV (RoPE and the cache write in wqkv's epilogue: decode_gemv_rope_kv, no
-    rope_write_kv) and gemv.FOLD_FINAL_NORM (the final norm in the output projection's decode_gemv,
-    gemv.DecodeTransformer; the tied shape's is the embedding table) and kv_attention.SINGLE_SPLIT_MAX_TILES
-    (the 128-slot cache, 2 tiles, attended in one split: no merge) the fused decode block's CUDA-graph
-    decode gives the CPU fp32 eager tokens, eager, compiled, and compiled around the blocks with PDL;
-    eager, every layer's step calls decode_gemv_rope_kv."""
+    rope_write_kv) and kv_attention.SINGLE_SPLIT_MAX_TILES (the 128-slot cache, 2 tiles, attended in one
+    split: no merge) the fused decode block's CUDA-graph decode gives the CPU fp32 eager tokens, eager,
+    compiled, and compiled around the blocks with PDL; eager, every layer's step calls decode_gemv_rope_kv."""
     import gemv
     import kv_attention
 
     monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
     monkeypatch.setattr(gemv, "ROPE_IN_QKV", True)
-    monkeypatch.setattr(gemv, "FOLD_FINAL_NORM", True)
     monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", 4)
     monkeypatch.setattr(kv_attention, "PDL", pdl)
     calls = []
@@ -672,7 +669,7 @@ def test_opt_in_decode_folds_equal_cpu_fp32_eager(monkeypatch, shape, pdl, compi
     want = [greedy(cpu, [p], 40, 128)[0] for p in PROMPTS[:2]]
     cuda = on(cpu, "cuda")
     assert [greedy(cuda, [p], 40, 128, compile=compile)[0] for p in PROMPTS[:2]] == want
-    assert type(cuda.layers[0]) is gemv.DecodeBlock and type(cuda) is gemv.DecodeTransformer
+    assert type(cuda.layers[0]) is gemv.DecodeBlock
     assert compile or len(calls) >= cuda.args.n_layers  # each layer's step (recorded into a CUDA graph, replayed)
 
 
