@@ -49,10 +49,9 @@
 #   bash scripts/gpu_pending.sh next       # ~8 min: FIRST next time: 4cf7e70's fix on a GPU, then Qwen3-30B-A3B B1
 #                                          #   (48 layers) fused / unfused, expert_down_mix's 1-token tile, SmolLM2
 #                                          #   unfused (issue 17's 60%, issue 11's 2500 tok/s), Llama-3.2-1B
-#   bash scripts/gpu_pending.sh ropeqkv    # ~8.5 min: the batch-1 chain's opt-in folds (never run on a GPU; written
-#                                          #   2026-12-05): ROPE_IN_QKV, SINGLE_SPLIT_TILES 4,
-#                                          #   MERGE_IN_SPLITS. Their GPU tests, SmolLM2-135M with each added, 12 Qwen3
-#                                          #   layers with the one-kernel attention
+#   bash scripts/gpu_pending.sh ropeqkv    # ~4 min: FIRST next time: SmolLM2-135M with SINGLE_SPLIT_TILES 4 alone
+#                                          #   and with ROPE_IN_QKV (the H100 run of 2026-12-05 had a removed fold in
+#                                          #   it), 12 Qwen3 layers with the one split, Qwen3 B1 through bench.py
 #   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
 #                                          #   10: why int8 reads at half bf16's rate), if ncu is on the machine
 #   bash scripts/gpu_pending.sh pdltier    # ~9 min: the GPU tier with both PDL switches on (the defaults since
@@ -266,65 +265,22 @@ next)
     # step on 2026-12-05) and its replayed step against the whole step's 4.034 ms
     decode llama_blocks 80 --model llama-3-8b --compile-blocks
     ;;
-tiersmol)
-    # 2026-12-05, fourth session, call 1 (ran on an H100 in 425 s; the tier needs more than 330 s at -n 6 there:
-    # it reached 100% and was cut off before its summary; rerun at -n 8: 248 passed in 3 min 51 s): the whole GPU tier at HEAD (defaults changed since its last
-    # run: one-split attention without a merge, the 1-token expert_down tile, route's helper; new opt-in tests),
-    # then SmolLM2-135M with the opt-in folds added one by one (issue 11: 0.486 ms, 0.4 wanted; smol_rope_qkv_fold
-    # and smol_one_split ran with gemv.FOLD_FINAL_NORM too, which lost and was removed)
-    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    TORCHINDUCTOR_ENABLE_PDL=1 step tier 330 python -m pytest -m gpu -q -p no:cacheprovider -rf -n 6
-    summary+=("  $(tail -n 1 "$out/tier.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -10)")
-    decode smol 40 --model smollm2-135m --by-launch --top 12
-    FASTGEN_ROPE_IN_QKV=1 decode smol_rope_qkv 40 --model smollm2-135m --by-launch --top 12
-    FASTGEN_ROPE_IN_QKV=1 decode smol_rope_qkv_fold 40 --model smollm2-135m --by-launch --top 12
-    FASTGEN_ROPE_IN_QKV=1 FASTGEN_SINGLE_SPLIT_TILES=4 decode smol_one_split 40 \
-        --model smollm2-135m --by-launch --top 12
-    ;;
-qwen3b1)
-    # 2026-12-05, fourth session, call 2 (ran on an H100 in 255 s; BENCHMARKS.md): issue 17's Qwen3-30B-A3B B1:
-    # 12 layers default / + the one-kernel attention (merged or one split); the 48-layer step with and without
-    # PDL (each kernel's own time; without did not compile in 75 s); expert_down_mix at 1 token; SmolLM2 with
-    # the merge in the splits. (It also timed gemv.ROUTE_IN_GEMV, which lost and was removed.)
-    decode qwen3_b1_12 50 --model qwen3-30b-a3b --layers 12 --by-launch --top 12
-    FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_folded 50 \
-        --model qwen3-30b-a3b --layers 12 --by-launch --top 12
-    FASTGEN_SINGLE_SPLIT_TILES=4 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_one_split 50 \
-        --model qwen3-30b-a3b --layers 12 --by-launch --top 12
-    decode qwen3_48 75 --model qwen3-30b-a3b --by-launch --top 12
-    FASTGEN_PDL=0 TORCHINDUCTOR_ENABLE_PDL=0 decode qwen3_48_no_pdl 75 --model qwen3-30b-a3b --by-launch --top 12
-    step down_1 80 python scripts/moe_down_sweep.py --tokens 1
-    summary+=("$(grep -E '^\| 1 ' "$out/down_1.txt")")
-    FASTGEN_ROPE_IN_QKV=1 FASTGEN_MERGE_IN_SPLITS=1 decode smol_merged 40 \
-        --model smollm2-135m --by-launch --top 12
-    ;;
 ropeqkv)
-    # issue 11's SmolLM2-135M (0.486 ms, 217 kernels, ~2.2 us each with PDL; 0.4 wanted): the batch-1 chain's
-    # opt-in folds, none run on a GPU (written 2026-12-05, third session). gemv.ROPE_IN_QKV: RoPE and the cache
-    # write in wqkv's epilogue (no rope_write_kv: 6 kernels a layer); kv_attention.SINGLE_SPLIT_MAX_TILES 4: the 216-slot cache (4 tiles) attended
-    # in one split, no merge kernel (5 a layer); MERGE_IN_SPLITS, the other way to drop the merge. Their GPU
-    # tests first (and the one-split attention cases, on by default), then 12 Qwen3 layers (issue 17) without /
-    # with the one-kernel attention (never timed at Qwen3)
-    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    export TORCHINDUCTOR_ENABLE_PDL=1  # the tests that compile outside generate.Generator
-    step tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -n 4 \
-        -k "rope_kv or opt_in_decode_folds or over_int8_weights or decode_attention_kernel_equals"
-    summary+=("  $(tail -n 1 "$out/tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/tests.txt" | head -6)")
+    # FIRST next time (~4 min). The opt-in folds ran on an H100 on 2026-12-05 (fourth session; the tier passed,
+    # BENCHMARKS.md): SmolLM2-135M 0.510 ms default, 0.523 with gemv.ROPE_IN_QKV, 0.495 with
+    # kv_attention.SINGLE_SPLIT_MAX_TILES 4 too, but that run also had a final-norm fold (since removed) that
+    # cost ~14 us. Never timed: SINGLE_SPLIT_TILES alone, and with ROPE_IN_QKV without the fold. Flip what wins
+    # (the tier must pass with it), delete what loses. Then Qwen3 (issue 17: 59.5% of copy, 60 wanted) with the
+    # one-split attention alone, the 48-layer step, and bench.py's B1 (copy in the same run)
     decode smol 40 --model smollm2-135m --by-launch --top 12
-    FASTGEN_ROPE_IN_QKV=1 decode smol_rope_qkv 40 --model smollm2-135m --by-launch --top 12
-    FASTGEN_ROPE_IN_QKV=1 decode smol_rope_qkv_fold 40 --model smollm2-135m --by-launch --top 12
-    FASTGEN_ROPE_IN_QKV=1 FASTGEN_SINGLE_SPLIT_TILES=4 decode smol_one_split 40 \
-        --model smollm2-135m --by-launch --top 12
-    FASTGEN_ROPE_IN_QKV=1 FASTGEN_MERGE_IN_SPLITS=1 decode smol_merged 40 \
-        --model smollm2-135m --by-launch --top 12
+    FASTGEN_SINGLE_SPLIT_TILES=4 decode smol_one_split 40 --model smollm2-135m --by-launch --top 12
+    FASTGEN_SINGLE_SPLIT_TILES=4 FASTGEN_ROPE_IN_QKV=1 decode smol_one_split_rope 40 --model smollm2-135m \
+        --by-launch --top 12
     decode qwen3_b1_12 50 --model qwen3-30b-a3b --layers 12 --by-launch --top 12
-    FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_folded 50 --model qwen3-30b-a3b \
-        --layers 12 --by-launch --top 12
-    FASTGEN_SINGLE_SPLIT_TILES=4 FASTGEN_ROPE_IN_ATTENTION=1 decode qwen3_b1_12_one_split 50 --model qwen3-30b-a3b \
-        --layers 12 --by-launch --top 12
-    # not here (time): int8 Llama-3-8B with ROPE_IN_QKV (its blocks are fused by default)
+    FASTGEN_SINGLE_SPLIT_TILES=4 decode qwen3_b1_12_one_split 50 --model qwen3-30b-a3b --layers 12 --by-launch --top 12
+    step qwen3_bench 200 python scripts/bench.py --suite moe --models qwen3-30b-a3b --weights bf16 --batch 1 \
+        --no-cold-start --time-budget-s 150
+    summary+=("$(grep -E 'copy|^\| qwen' "$out/qwen3_bench.txt" | head -3)")
     ;;
 ncukv)
     # issue 10's int8 KV: at B8 8k its attention reads 134 MB a layer at ~2.3 TB/s, bf16's 268 MB at 4.2,
@@ -430,7 +386,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, tiersmol, qwen3b1, next, ncukv, fusedcheck, pdltier, pdl, fusedsweep, batch32, longctx, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, next, ncukv, fusedcheck, pdltier, pdl, fusedsweep, batch32, longctx, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac
