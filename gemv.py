@@ -148,9 +148,8 @@ def expert_down_config(tokens: int) -> dict:
     """The tile for a step of `tokens` tokens: BLOCK_D output rows of one token over the intermediate
     axis in BLOCK_I steps, each the best of the H200 sweep at that count (2: 17.1 us; 4: 27.2 us, where
     2's tile took 33.4; 8: 47.3 us). 3 and 5-7 tokens take the tile of the nearest count below. 1 token
-    (DecodeBlock's eager MoE step with PDL): the 2026-12-03 sweep's best, 13.2 us; the 2-token tile it ran
-    until 2026-12-05 makes 256 programs of 8 warps, 2 an SM, where this one makes 1024 of 4 (not yet timed
-    in the step: gpu_pending.sh next sweeps 1 token again)."""
+    (DecodeBlock's eager MoE step with PDL): the sweep's best, 13.2 us on the H200 (2026-12-03), 13.8 on an
+    H100 (2026-12-05), where the 2-token tile it ran until then (256 programs of 8 warps) took 23.4."""
     if tokens >= 8:
         return dict(BLOCK_D=16, BLOCK_I=128, num_warps=8, num_stages=3)
     if tokens >= 4:
@@ -265,9 +264,9 @@ EXPERT_GEMV_ENABLED = os.environ.get("FASTGEN_EXPERT_GEMV", "1") == "1"
 # With it, a DecodeBlock without query/key norms (SmolLM2, Llama; not Qwen3) over an unquantized cache
 # runs RoPE and the cache write in wqkv's epilogue (decode_gemv_rope_kv: a program reads rows i and
 # i + D/2 of a head, rotate_half's pairs), so rope_write_kv's kernel goes: a layer in 6 kernels. For
-# SmolLM2-135M (issue 11: 0.486 ms, 217 kernels, ~2.2 us each with PDL; 2500 tok/s needs 0.4) that is
-# 30 launches, predicted ~0.43-0.44 ms. NOT YET RUN ON A GPU (written 2026-12-05, third session):
-# off by default; FASTGEN_ROPE_IN_QKV=1 turns it on.
+# SmolLM2-135M that is 30 launches, predicted ~0.43 ms; on an H100 (2026-12-05) it lost alone, 0.510 ->
+# 0.523 ms: under PDL the launch was already overlapped, and the attention kernel waits on wqkv's longer
+# tail (BENCHMARKS.md). Off by default; FASTGEN_ROPE_IN_QKV=1 turns it on.
 ROPE_IN_QKV = os.environ.get("FASTGEN_ROPE_IN_QKV", "0") == "1"
 
 

@@ -43,8 +43,9 @@ NUM_WARPS, NUM_STAGES = 4, 3  # the split kernel's launch (3 stages: Triton's de
 # A cache of at most this many tiles attends in one split a (row, kv head): no merge kernel, the tiles
 # read in turn by one program. generate.py's default cache is just prompt + new tokens (216 slots, 4
 # tiles, for a 16-token prompt and 200 new), where the 4 splits' merge is a launch a layer in the batch-1
-# chain (SmolLM2: 30 of its 217 kernels). NOT YET RUN ON A GPU (written 2026-12-05, third session):
-# 0 (off) by default; FASTGEN_SINGLE_SPLIT_TILES=4 turns it on up to 4 tiles.
+# chain (SmolLM2: 30 of its 217 kernels). Its GPU tests pass (H100, 2026-12-05); timed only with other
+# opt-in folds (SmolLM2 0.510 -> 0.495 ms, BENCHMARKS.md), not alone: 0 (off) by default;
+# FASTGEN_SINGLE_SPLIT_TILES=4 turns it on up to 4 tiles.
 SINGLE_SPLIT_MAX_TILES = int(os.environ.get("FASTGEN_SINGLE_SPLIT_TILES", "0"))
 
 

@@ -563,12 +563,9 @@ class Transformer(nn.Module):
         x = self.run_layers(x, cos, sin, attend, input_pos)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.logits(x).float()
-
-    def logits(self, x):
-        """The final norm and the output projection (the embedding table's, when tied): [..., D] -> [..., V]."""
         x = self.norm(x)
-        return F.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
+        logits = F.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
+        return logits.float()
 
     def run_layers(self, x, cos, sin, attend, input_pos):
         # A method of its own so that a block that runs eager under torch.compile (gemv.DecodeBlock with
