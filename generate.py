@@ -159,6 +159,24 @@ def decode_one(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor,
     return sample(logits[:, -1], sampling)
 
 
+def advancing(step):
+    """step(model, token, input_pos, sampling) -> next token [B, 1], made into a step that leaves the
+    next step's inputs in place: `token` is overwritten by the next token, `input_pos` moves one slot
+    on, and both come back. Recorded in a CUDAGraphStep, whose own input buffers then come back, the
+    decode loop replays with no GPU work between replays (no copies in, no clone of the output, no
+    increment: small kernels each step that keep the GPU waiting on the next replay's launch)."""
+
+    def step_and_advance(model, token, input_pos, sampling):
+        token.copy_(step(model, token, input_pos, sampling))
+        input_pos.add_(1)
+        return token, input_pos
+
+    return step_and_advance
+
+
+decode_next = advancing(decode_one)  # the Generator's decode step, eager
+
+
 def draft_step(draft: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, sampling: Sampling):
     """One draft-model step at per-row slots input_pos [B, T]: its guess [B, 1] for the token after
     the last, and the distribution it was drawn from [B, V] (None when greedy)."""
@@ -210,7 +228,7 @@ class CUDAGraphStep:
             self.record(model, args)
             self.key = key
         for buffer, a in zip(self.inputs, args):
-            if isinstance(a, torch.Tensor):
+            if isinstance(a, torch.Tensor) and a is not buffer:  # an advancing step hands its buffers back
                 buffer.copy_(a)
         self.graph.replay()
         return self.outputs
@@ -373,7 +391,7 @@ class Generator:
         self.prefill_chunk_size = prefill_chunk_size
         self.device = model.tok_embeddings.weight.device
         # Without --compile a GPU still replays the decode step as a CUDA graph (no compiler).
-        self.decode_fn = CUDAGraphStep(decode_one) if self.device.type == "cuda" else decode_one
+        self.decode_fn = CUDAGraphStep(decode_next) if self.device.type == "cuda" else decode_next
         self.prefill_fn = prefill
         # Programmatic dependent launch happens only where this repo launches its kernels: the compiler
         # fuses what surrounds the batch-1 blocks, the blocks run eager (gemv.run_blocks_eager_under_compile:
@@ -388,11 +406,13 @@ class Generator:
                 inductor_config.triton.enable_pdl = True
         if self.compile_around_blocks:
             compiled = torch.compile(decode_one, fullgraph=False)
-            self.decode_fn = CUDAGraphStep(compiled) if self.device.type == "cuda" else compiled
+            self.decode_fn = advancing(compiled)
+            if self.device.type == "cuda":
+                self.decode_fn = CUDAGraphStep(self.decode_fn)
         elif compile:
             # Static shapes: one compile, then CUDA-graph replays.
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self.decode_fn = torch.compile(decode_one, mode=mode, fullgraph=True)
+            self.decode_fn = advancing(torch.compile(decode_one, mode=mode, fullgraph=True))
         if compile_prefill:
             self.prefill_fn = torch.compile(prefill, dynamic=True, fullgraph=True)
         if compile_blocks:
@@ -611,17 +631,16 @@ class Generator:
         if self.speculation is not None:
             return self._decode_speculative(token, slot, sampling, rows)
         model, result, max_new_tokens = self.model, rows.result, rows.max_new_tokens
-        # The position is one device tensor updated in place; the step never rebinds state.
-        input_pos = torch.tensor([slot], device=self.device)
+        # The step's state: the token [B, 1] and the position [1], device tensors every step overwrites
+        # in place (a CUDA graph's step hands back its own input buffers: nothing is copied between replays).
+        token, input_pos = token.clone(), torch.tensor([slot], device=self.device)
         reader = DeviceTokenReader(self.device, max_new_tokens, token.shape[0])
         t1 = time.perf_counter()
         for step in range(1, max_new_tokens):
-            token = self.decode_fn(model, token, input_pos, sampling)
+            token, input_pos = self.decode_fn(model, token, input_pos, sampling)
             if step == 1:
                 reader.synchronize()
                 result.first_decode_s = time.perf_counter() - t1
-            token = token.clone()  # a CUDA-graph output is overwritten by the next replay
-            input_pos += 1
             result.decode_steps = step
             ids = reader.read(step, token)
             if ids is not None and rows.take(ids):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from errors import FastgenError
-from generate import CUDAGraphStep, Generator, RowTokens, Sampling, UsageError, sample
+from generate import CUDAGraphStep, Generator, RowTokens, Sampling, UsageError, advancing, sample
 
 PACKAGE_FORMAT = 1
 METADATA_KEY = "fastgen"  # the package's metadata entry that holds our JSON
@@ -192,7 +192,9 @@ class PackageGenerator(Generator):
         self.package = package
         self.prefill_fn = package.step
         # On CUDA the package's decode call (and sampling) replays as one CUDA graph.
-        self.decode_fn = CUDAGraphStep(package.step) if self.device.type == "cuda" and cuda_graph else package.step
+        self.decode_fn = advancing(package.step)
+        if self.device.type == "cuda" and cuda_graph:
+            self.decode_fn = CUDAGraphStep(self.decode_fn)
 
     @classmethod
     def load(cls, path, meta: dict, model, prefill_chunk_size: int = 2048, cuda_graph: bool | None = None):

@@ -496,7 +496,7 @@ def test_compile_prefill_flag_reaches_the_generator(flag):
     runner = bench_ours.OursRunner(bench.parse_args(argv), torch.device("cpu"), torch.float32)
     assert runner._prepare(Config("smollm2-135m"), slots=32)
     assert (runner.gen.prefill_fn is not generate.prefill) == flag
-    assert runner.gen.decode_fn is generate.decode_one  # decode untouched either way
+    assert runner.gen.decode_fn is generate.decode_next  # decode untouched either way
 
 
 def test_bench_cli_table(tmp_path, capsys):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from generate import Generator, Sampling, UsageError, sample
+from generate import Generator, Sampling, UsageError, decode_next, decode_one, sample
 from model import KVCache, ModelArgs, Transformer, TransformerBlock
 
 VOCAB = 97
@@ -92,6 +92,21 @@ def test_compiled_decode_equals_eager():
     eager = greedy(model, PROMPTS[:2], 12, 64).tokens
     compiled = greedy(model, PROMPTS[:2], 12, 64, compile=True).tokens
     assert compiled == eager
+
+
+@torch.no_grad()
+def test_decode_step_leaves_the_next_steps_inputs_in_place():
+    """generate.decode_next (the Generator's step) overwrites its token with the next token and moves its
+    position one slot on, handing both back: a CUDA graph of it replays with nothing between replays."""
+    model = tiny_model()
+    model.setup_caches(2, 32)
+    model(torch.tensor([[5, 17, 3], [60, 1, 7]]), torch.arange(3))
+    token, input_pos = torch.tensor([[41], [9]]), torch.tensor([3])
+    want = decode_one(model, token.clone(), input_pos.clone(), Sampling())
+    model(torch.tensor([[5, 17, 3], [60, 1, 7]]), torch.arange(3))  # the same cache again
+    got_token, got_pos = decode_next(model, token, input_pos, Sampling())
+    assert got_token is token and got_pos is input_pos  # the caller's tensors, overwritten
+    assert torch.equal(token, want) and input_pos.tolist() == [4]
 
 
 def test_cache_fills_exactly_and_one_more_token_is_a_clear_error():

@@ -187,6 +187,28 @@ def test_eager_cuda_graph_step_samples_and_rerecords():
     assert sampled != three  # temperature 1 over spread logits: not the greedy path
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_decode_loop_replays_with_nothing_between_replays(compile):
+    """The decode loop hands each CUDA-graph replay its own input buffers back (generate.advancing): between
+    replays the host queues only the token's copy to the host, no input copies, clone or increment (each a
+    small kernel the GPU runs before the next replay)."""
+    model = on(random_model("tied"), "cuda", torch.bfloat16)
+    gen = Generator(model, compile=compile)
+    gen.setup(1, 128)
+    gen.generate([PROMPTS[0]], 24, Sampling())  # records (and compiles)
+
+    def ops_of(new_tokens):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            gen.generate([PROMPTS[0]], new_tokens, Sampling())
+        return {e.key: e.count for e in prof.key_averages()}
+
+    short, long = ops_of(8), ops_of(24)
+    per_16_steps = {op: long[op] - short.get(op, 0) for op in long if long[op] != short.get(op, 0)}
+    # 16 more steps: 16 replays, each followed by its token's copy to the host and nothing else
+    assert per_16_steps.get("aten::copy_") == 16 and "aten::clone" not in per_16_steps, per_16_steps
+    assert "aten::add_" not in per_16_steps and "aten::add" not in per_16_steps, per_16_steps
+
+
 @pytest.mark.parametrize("q_len", [1, 40])  # decode (plain matmuls on CUDA) and prefill (fused SDPA)
 def test_eager_attention_on_cuda_equals_sliced_sdpa(q_len):
     from test_attention import FilledCache, sdpa_reference, valid_pairs
