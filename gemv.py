@@ -225,10 +225,17 @@ def int4_gemv_config(n: int, k: int, inner_k_tiles: int) -> dict:
     """BLOCK_N rows a program over SUPERTILES * 16 * inner_k_tiles k a step. Each thread should hold
     several rows of the same words (x's unpacking and sum are per word, not per row) while the grid
     keeps ~1000 warps in flight: 16 rows x 8 supertiles on 4 warps (4 rows a thread, 4.9 instructions
-    a nibble compiled) for 128-wide supertiles; 1 warp (4 rows a thread) for narrower ones."""
-    if inner_k_tiles == 8:
-        return dict(BLOCK_N=16, SUPERTILES=8, num_warps=4, num_stages=2)
-    return dict(BLOCK_N=8, SUPERTILES=4, num_warps=1, num_stages=2)
+    a nibble compiled) for 128-wide supertiles; 1 warp (4 rows a thread) for narrower ones. The H200
+    tile sweep at Llama-3-8B's shapes (int4_gemv_sweep.py, 2026-12-05, g64) moved two of them: the
+    4096-row outputs (wo, w2) take 8 rows a program (wo 432 -> 886 GB/s, w2 1376 -> 1505: twice the
+    programs), the 28672-row w13 1 warp over 2 supertiles (1742 -> 2085: 4x the warps in flight)."""
+    if inner_k_tiles != 8:
+        return dict(BLOCK_N=8, SUPERTILES=4, num_warps=1, num_stages=2)
+    if n <= 4096:
+        return dict(BLOCK_N=8, SUPERTILES=8, num_warps=4, num_stages=2)
+    if n >= 4 * k:
+        return dict(BLOCK_N=16, SUPERTILES=2, num_warps=1, num_stages=2)
+    return dict(BLOCK_N=16, SUPERTILES=8, num_warps=4, num_stages=2)
 
 
 # decode_gemv: a batch-1 decode step's float linears (DecodeLinear), the int8 GEMV's loop over a bf16 /

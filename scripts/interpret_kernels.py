@@ -321,6 +321,7 @@ def main():
         ("int4 gemv, 128-wide supertiles, group 32", lambda: int4_gemv(40, 1024, 32)),
         ("int4 gemv, group 128, K 1100 padded", lambda: int4_gemv(24, 1100, 128)),
         ("int4 gemv, group 256, 32-wide supertiles", lambda: int4_gemv(16, 1280 - 256 - 32 * 3, 256)),
+        ("int4 gemv, a tall one (w13's tiles), 9 supertiles of 128", lambda: int4_gemv(4624, 1152, 64)),
     ]
     runs += [
         ("decode gemv, fp32, K 5000", decode_gemv),

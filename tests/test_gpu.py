@@ -757,8 +757,17 @@ def test_int4_tinygemm_layout_is_torchs(n, k, inner_k_tiles):
 @pytest.mark.parametrize(
     "n,k,groupsize",
     # Llama-3-8B's wo / wqkv / w2; SmolLM2's 576 (64-wide supertiles); padded K with 32-wide supertiles
-    # and a partial loop step; group 256 with a partial step
-    [(4096, 4096, 64), (6144, 4096, 128), (4096, 14336, 128), (1000, 576, 64), (64, 8200, 32), (520, 1300, 256)],
+    # and a partial loop step; group 256 with a partial step; a w13-like tall one (1 warp, 2 supertiles a
+    # step) whose 9 supertiles end in a partial step
+    [
+        (4096, 4096, 64),
+        (6144, 4096, 128),
+        (4096, 14336, 128),
+        (1000, 576, 64),
+        (64, 8200, 32),
+        (520, 1300, 256),
+        (4816, 1152, 64),
+    ],
 )
 def test_int4_gemv_equals_tinygemm(n, k, groupsize, monkeypatch):
     """One row through gemv.int4_gemv equals tinygemm (_weight_int4pack_mm) on the same packed weight,
