@@ -172,7 +172,13 @@ def main(argv=None):
             num_stages=cfg.get("num_stages", 3),
             launch_pdl=bool(pdl),
         )  # fmt: skip
-    for n, k, group, inner_k_tiles in ((6144, 4096, 64, 8), (4096, 14336, 128, 8), (960, 576, 64, 4)):
+    # Llama-3-8B wqkv, w2, w13 (its own tiles) and SmolLM2
+    for n, k, group, inner_k_tiles in (
+        (6144, 4096, 64, 8),
+        (4096, 14336, 128, 8),
+        (28672, 4096, 64, 8),
+        (960, 576, 64, 4),
+    ):
         cfg = gemv.int4_gemv_config(n, k, inner_k_tiles)
         build(
             target,
