@@ -49,7 +49,11 @@
 #   bash scripts/gpu_pending.sh next       # ~8 min: FIRST next time: 4cf7e70's fix on a GPU, then Qwen3-30B-A3B B1
 #                                          #   (48 layers) fused / unfused, expert_down_mix's 1-token tile, SmolLM2
 #                                          #   unfused (issue 17's 60%, issue 11's 2500 tok/s), Llama-3.2-1B
-#   bash scripts/gpu_pending.sh ropeqkv    # ~4 min: FIRST next time: SmolLM2-135M with SINGLE_SPLIT_TILES 4 alone
+#   bash scripts/gpu_pending.sh inplace    # ~9 min: FIRST next time: the decode loop with nothing between its CUDA-graph
+#                                          #   replays (c93a4b2, generate.advancing): its GPU tests, SmolLM2's generate()
+#                                          #   rate against its replayed step, Qwen3-30B-A3B bf16 and Mixtral int8 B1
+#                                          #   through bench.py on an H100 (issue 17's 60% of copy on active bytes)
+#   bash scripts/gpu_pending.sh ropeqkv    # ~4 min: next: SmolLM2-135M with SINGLE_SPLIT_TILES 4 alone
 #                                          #   and with ROPE_IN_QKV (the H100 run of 2026-12-05 had a removed fold in
 #                                          #   it), 12 Qwen3 layers with the one split, Qwen3 B1 through bench.py
 #   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
@@ -198,6 +202,8 @@ fusedcheck)
     decode llama_int8 75 --model llama-3-8b --weights int8
     ;;
 int4gemv)
+    # gemv.int4_gemv_config has the H200 sweep's tiles since 0d8bb72 (wo / w2 8 rows a program,
+    # w13 1 warp over 2 supertiles): the step with them against tinygemm (2.787 vs 2.852 ms with the old tiles)
     step int4_tests 120 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k int4
     summary+=("  $(tail -n 1 "$out/int4_tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/int4_tests.txt" | head -6)")
@@ -264,6 +270,27 @@ next)
     # --compile-blocks (one block compiled for every layer): its first step (the compile: 61.0 s for the whole
     # step on 2026-12-05) and its replayed step against the whole step's 4.034 ms
     decode llama_blocks 80 --model llama-3-8b --compile-blocks
+    ;;
+inplace)
+    # c93a4b2: each replay of the decode step hands back its own input buffers, so the loop queues only the
+    # token's copy to the host between replays (before: two input copies, a clone, an increment). Before it,
+    # generate() ran 18 us a step slower than the replayed step at SmolLM2 (0.528 vs 0.510 ms, H100) and 43 us
+    # at Qwen3-30B-A3B (3.41 vs 3.367 ms: bench.py 59.5% of copy, issue 17 wants 60). profile_decode's replayed
+    # step still copies its inputs in each call; generate()'s rate is the loop as users run it
+    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
+    step tests 110 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -n 4 -k \
+        "nothing_between_replays or cuda_graph_decode_equals or samples_and_rerecords or chat_turns or never_compiles"
+    summary+=("  $(tail -n 1 "$out/tests.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/tests.txt" | head -6)")
+    decode smol 45 --model smollm2-135m --new-tokens 256
+    summary+=("  $(grep -h 'generate()' "$out/smol.txt" | head -1)")
+    step qwen3_bench 175 python scripts/bench.py --suite moe --models qwen3-30b-a3b --weights bf16 --batch 1 \
+        --no-cold-start --time-budget-s 130
+    summary+=("$(grep -iE 'copy|^\| qwen' "$out/qwen3_bench.txt" | head -3)")
+    # Mixtral int8 B1: 63% of copy on the H200 (2026-12-03), 46% on the H100 before the int8 expert GEMV
+    step mixtral_bench 175 python scripts/bench.py --suite moe --models mixtral-8x7b --weights int8 --batch 1 \
+        --no-cold-start --time-budget-s 130
+    summary+=("$(grep -iE 'copy|^\| mixtral' "$out/mixtral_bench.txt" | head -3)")
     ;;
 ropeqkv)
     # FIRST next time (~4 min). The opt-in folds ran on an H100 on 2026-12-05 (fourth session; the tier passed,
@@ -386,7 +413,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, next, ncukv, fusedcheck, pdltier, pdl, fusedsweep, batch32, longctx, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, inplace, ropeqkv, next, ncukv, fusedcheck, pdltier, pdl, fusedsweep, batch32, longctx, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac
