@@ -215,8 +215,10 @@ def int8_gemv_config(n: int, k: int) -> dict:
 # so was the Triton GEMV that lost to it (~6 instructions a nibble). This one converts a word's 8
 # nibbles as bf16 pairs (lop3 under the exponent of 128, one fma takes 136 off: q - 8 exactly) and
 # multiplies them with bf16x2 fmas against x's pairs; the group's zero enters once per word through
-# the sum of its x. Its loop compiled (sm_90, Triton 3.6) to ~4.1 instructions a nibble. NOT YET RUN
-# ON A GPU (2026-12-04): off by default; FASTGEN_INT4_GEMV=1 turns it on. Tiles: the compile's best.
+# the sum of its x. Its loop compiled (sm_90, Triton 3.6) to ~4.1 instructions a nibble. On the H200
+# (2026-12-05) the int4-g64 Llama-3-8B step went 2.852 -> 2.787 ms with it (2%, short of issue 10's ~2.2),
+# so it stays opt-in: FASTGEN_INT4_GEMV=1 turns it on. Tiles: int4_gemv_config (the sweep's, not yet timed
+# in the step).
 INT4_GEMV_ENABLED = os.environ.get("FASTGEN_INT4_GEMV", "0") == "1"
 INT4_ASM = True  # the bf16x2 PTX; False: the same arithmetic in fp32 Triton (the interpreter has no PTX)
 
