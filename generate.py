@@ -633,6 +633,8 @@ class Generator:
         model, result, max_new_tokens = self.model, rows.result, rows.max_new_tokens
         # The step's state: the token [B, 1] and the position [1], device tensors every step overwrites
         # in place (a CUDA graph's step hands back its own input buffers: nothing is copied between replays).
+        # A copy of prefill's token, once a call: off a CUDA graph the step overwrites what it is given, and
+        # prefill's output may be a compiled program's (a package's).
         token, input_pos = token.clone(), torch.tensor([slot], device=self.device)
         reader = DeviceTokenReader(self.device, max_new_tokens, token.shape[0])
         t1 = time.perf_counter()
