@@ -271,6 +271,36 @@ next)
     # step on 2026-12-05) and its replayed step against the whole step's 4.034 ms
     decode llama_blocks 80 --model llama-3-8b --compile-blocks
     ;;
+mega)
+    # ~6 min. megakernel.py (opt-in FASTGEN_MEGAKERNEL=1, never run on a GPU): every layer of the batch-1 step
+    # as one persistent kernel, its programs meeting at grid barriers. Its GPU tests (a hang = the barrier:
+    # the timeout ends it), then SmolLM2-135M without / with (issue 11: 0.4 ms wanted; 0.486-0.510 now), eager
+    # and compiled. Then the decode-loop tests of `inplace`
+    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
+    step mega_tests 200 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k megakernel -x
+    summary+=("  $(tail -n 1 "$out/mega_tests.txt")")
+    summary+=("$(grep -E '^FAILED|Error' "$out/mega_tests.txt" | head -6)")
+    decode smol 45 --model smollm2-135m --new-tokens 256
+    summary+=("  $(grep -h 'generate()' "$out/smol.txt" | head -1)")
+    FASTGEN_MEGAKERNEL=1 decode smol_mega 60 --model smollm2-135m --new-tokens 256
+    summary+=("  $(grep -h 'generate()' "$out/smol_mega.txt" | head -1)")
+    FASTGEN_MEGAKERNEL=1 decode smol_mega_eager 45 --model smollm2-135m --new-tokens 256 --no-compile
+    summary+=("  $(grep -h 'generate()' "$out/smol_mega_eager.txt" | head -1)")
+    step tests 110 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -n 4 -k \
+        "nothing_between_replays or cuda_graph_decode_equals or samples_and_rerecords or chat_turns or never_compiles"
+    summary+=("  $(tail -n 1 "$out/tests.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/tests.txt" | head -6)")
+    ;;
+moebench)
+    # ~6 min: issue 17 on an H100: Qwen3-30B-A3B bf16 B1 (59.5% of copy before the in-place decode loop) and
+    # Mixtral int8 B1 (63% on the H200; not on an H100 since the int8 expert GEMV), copy in the same run
+    step qwen3_bench 175 python scripts/bench.py --suite moe --models qwen3-30b-a3b --weights bf16 --batch 1 \
+        --no-cold-start --time-budget-s 130
+    summary+=("$(grep -iE 'copy|^\| qwen' "$out/qwen3_bench.txt" | head -3)")
+    step mixtral_bench 175 python scripts/bench.py --suite moe --models mixtral-8x7b --weights int8 --batch 1 \
+        --no-cold-start --time-budget-s 130
+    summary+=("$(grep -iE 'copy|^\| mixtral' "$out/mixtral_bench.txt" | head -3)")
+    ;;
 inplace)
     # c93a4b2: each replay of the decode step hands back its own input buffers, so the loop queues only the
     # token's copy to the host between replays (before: two input copies, a clone, an increment). Before it,

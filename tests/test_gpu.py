@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import torch
 
 from checkpoint import load_model, model_args_from_dict, read_checkpoint_config, save_checkpoint
 from generate import Generator, Sampling, UsageError
-from model import ModelArgs, Transformer, valid_kv
+from model import ModelArgs, Transformer, offset_length_dense_mask, sdpa_attention_over_cache, valid_kv
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -721,6 +722,70 @@ def test_fused_decode_block_over_int8_weights_keeps_the_tokens(monkeypatch, pdl,
     monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
     got = [greedy(cpu, [p], 40, 128, compile=True)[0] for p in PROMPTS[:2]]
     assert type(cpu.layers[0]) is gemv.DecodeBlock and got == want
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, context",
+    [
+        ("gqa-hd128", torch.float32, 20),
+        ("gqa-hd128", torch.float32, 700),  # 3 splits of the valid slots, merged
+        ("window", torch.float32, 300),  # 24 slots of 300 attended
+        ("tied", torch.bfloat16, 500),
+    ],
+)
+def test_megakernel_equals_the_models_layers(shape, dtype, context):
+    """megakernel.decode_layers, every layer in one persistent kernel whose programs meet at grid barriers:
+    over 6 decode steps in a row (the barrier's generation carried from call to call) its output and
+    every layer's cache equal the model's own layers (Transformer.run_layers) run on the same input."""
+    import megakernel
+
+    model = on(random_model(shape), "cuda", dtype)
+    model.setup_caches(1, context + 16)
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (1, context), device="cuda"), torch.arange(context, device="cuda"))
+    assert megakernel.use_layer_kernel(model) and type(model) is megakernel.LayerKernelTransformer
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for step in range(6):
+        caches = [(b.attention.kv_cache.k_cache, b.attention.kv_cache.v_cache) for b in model.layers]
+        before = [(k.clone(), v.clone()) for k, v in caches]
+        input_pos = torch.tensor([context + step], device="cuda")
+        x = torch.randn(1, 1, model.args.dim, device="cuda", dtype=dtype)
+        angles = (input_pos.float() * model.inv_freq).repeat(2).view(1, 1, 1, -1)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        with torch.no_grad():
+            got = megakernel.decode_layers(
+                model, model.layer_kernel_table, x, cos, sin, input_pos, model.layer_kernel_programs
+            )
+            got_caches = [(k.clone(), v.clone()) for k, v in caches]
+            for (k, v), (k0, v0) in zip(caches, before):
+                k.copy_(k0), v.copy_(v0)
+            mask = offset_length_dense_mask(model.row_start, input_pos, 1, model.cache_len, model.args.sliding_window)
+            group = model.args.n_heads // model.args.n_kv_heads
+            attend = partial(sdpa_attention_over_cache, folded_mask=mask.repeat(1, 1, group, 1))  # the eager path's
+            want = megakernel.decode_layers_reference(model, x, cos, sin, attend, input_pos)
+        torch.cuda.synchronize()
+        assert ((got.float() - want.float()).norm() / want.float().norm()) < tol, step
+        for (k, v), (k_want, v_want) in zip(got_caches, caches):
+            assert torch.allclose(k.float(), k_want.float(), rtol=tol, atol=tol), step
+            assert torch.allclose(v.float(), v_want.float(), rtol=tol, atol=tol), step
+
+
+@pytest.mark.parametrize("shape, compile", [("gqa-hd128", False), ("window", True), ("tied", True)])
+def test_megakernel_decode_equals_cpu_fp32_eager(monkeypatch, shape, compile):
+    """generate.Generator with FASTGEN_MEGAKERNEL (megakernel.ENABLED): the CUDA-graph decode of a batch-1
+    prompt runs every layer as one persistent kernel, eager and compiled around it, and gives the CPU
+    fp32 eager tokens (a 300-token prompt too: its attention split and merged); a batch still decodes
+    through the blocks to the same tokens."""
+    import megakernel
+
+    monkeypatch.setattr(megakernel, "ENABLED", True)
+    cpu = random_model(shape)
+    prompts = PROMPTS[:2] + [[(7 * i) % VOCAB for i in range(300)]]
+    want = [greedy(cpu, [p], 30, 400)[0] for p in prompts]
+    cuda = on(cpu, "cuda")
+    assert [greedy(cuda, [p], 30, 400, compile=compile)[0] for p in prompts] == want
+    assert type(cuda) is megakernel.LayerKernelTransformer
+    assert greedy(cuda, prompts, 30, 400, compile=compile) == want
 
 
 @pytest.mark.parametrize("convert", [0, 1, 2])

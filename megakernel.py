@@ -1,0 +1,433 @@
+"""One persistent kernel for every layer of a batch-1 decode step: dense float models on a GPU.
+
+A small model's step is bound by its chain of kernels, not its bytes: SmolLM2-135M reads ~0.27 GB a
+step (~0.09 ms at copy bandwidth) but runs ~180 kernels of ~2.7 us each, each waiting for the last
+(0.486-0.510 ms on an H100/H200 with programmatic dependent launch; issue 11 wants 0.4). Here one
+program per SM runs every layer's phases in turn, meeting the others at a grid barrier (two atomic
+counters) between phases instead of ending a kernel:
+
+  0  RMSNorm + wqkv + RoPE, k and v written into the cache at the token's slot, q kept
+  1  attention over the valid slots [row start (or the window's first slot), slot], split over programs
+  2  (only when it took more than one split) the splits merged
+  3  wo + the residual                    -> h
+  4  RMSNorm + w13, SiLU(gate) * up       -> hidden
+  5  w2 + the residual                    -> the next layer's input
+
+Each program takes a few rows of each projection (its weights read once, in fp32 accumulation, the
+norms folded in as gemv.decode_gemv folds them) or a (kv head, split) of the attention. The layers'
+weights and caches are reached through a table of their addresses ([L, 8] int64), so nothing is copied or
+stacked. Data other programs wrote is read with ".cg" loads (L2, never a stale L1 line).
+
+The barrier needs every program resident at once: one program an SM, launched alone (not with PDL).
+Triton's CPU interpreter runs programs one after another, where a barrier would wait forever: there
+the same kernel runs one phase of one layer per launch (PERSISTENT=0), so the phases' arithmetic is
+checked without a GPU (scripts/interpret_kernels.py); the barrier is the GPU tests'.
+
+`decode_layers_reference` is the model's own blocks; the tests compare the kernel with it.
+Opt-in (FASTGEN_MEGAKERNEL=1) until a GPU has measured it; generate.Generator installs it with
+use_layer_kernel.
+"""
+
+import os
+
+import torch
+
+from model import FeedForward, KVCache, RMSNorm, Transformer
+
+try:  # Triton ships with CUDA builds of torch; a CPU-only install has none
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+ENABLED = os.environ.get("FASTGEN_MEGAKERNEL", "0") == "1"
+# Programs: one an SM by default (FASTGEN_MEGAKERNEL_PROGRAMS to sweep); every one must be resident.
+PROGRAMS = int(os.environ.get("FASTGEN_MEGAKERNEL_PROGRAMS", "0"))
+MAX_DIM = 2048  # the widest model it takes: a program's rows of a projection stay a few KB
+BLOCK_K = 128  # input elements a step of a projection's loop
+BLOCK_S = 16  # cache slots a step of the attention's loop (32: 248 registers a thread at 8 warps)
+MAX_SPLITS = 32  # the attention's splits of the valid slots, at most
+MIN_SPLIT_SLOTS = 256  # and at least this many slots each (a short context attends in one split)
+NUM_WARPS = 8  # SmolLM2 compiles to 225 registers a thread (sm_90, no spills): one program an SM
+# the table's columns: each layer's addresses
+WQKV, WO, W13, W2, ATTENTION_NORM, FFN_NORM, K_CACHE, V_CACHE = range(8)
+
+
+def eligible(model: Transformer) -> bool:
+    """A dense Llama-family model whose every layer the kernel can run: plain float linears without
+    biases, no query/key norms, RMSNorms, an unquantized cache in the activations' dtype, power-of-two
+    head dims, at most MAX_DIM wide."""
+    args = model.args
+    if args.n_experts or args.qk_norm or args.qkv_bias or args.dim > MAX_DIM:
+        return False
+    hd = args.head_dim
+    if hd & (hd - 1) or not 16 <= hd <= 256 or args.intermediate_size > 4 * MAX_DIM:
+        return False
+    dtype = model.tok_embeddings.weight.dtype
+    for layer in model.layers:
+        a, f = layer.attention, layer.feed_forward
+        cache = a.kv_cache
+        if (
+            type(f) is not FeedForward
+            or type(layer.attention_norm) is not RMSNorm
+            or type(layer.ffn_norm) is not RMSNorm
+        ):
+            return False
+        if cache is None or not isinstance(cache, KVCache) or type(cache).update is not KVCache.update:
+            return False  # a quantized cache, or none yet
+        if cache.k_cache.dtype != dtype or cache.k_cache.shape[0] != 1:
+            return False
+        for linear in (a.wqkv, a.wo, f.w13, f.w2):
+            w = linear.weight
+            if not isinstance(linear, torch.nn.Linear) or linear.bias is not None or w.dtype != dtype:
+                return False
+            if not w.is_contiguous() or linear._forward_hooks or linear._forward_pre_hooks:
+                return False
+    return True
+
+
+def addresses(model: Transformer) -> list[list[int]]:
+    """Each layer's weights, norm weights and caches, by the column names above."""
+    rows = []
+    for layer in model.layers:
+        a, f = layer.attention, layer.feed_forward
+        tensors = (a.wqkv.weight, a.wo.weight, f.w13.weight, f.w2.weight)
+        tensors += (layer.attention_norm.weight, layer.ffn_norm.weight, a.kv_cache.k_cache, a.kv_cache.v_cache)
+        rows.append([t.data_ptr() for t in tensors])
+    return rows
+
+
+def rows_per_program(n: int, programs: int, cap: int = 32) -> int:
+    """A power of two near n / programs (at least 1, at most cap): one round of blocks where it fits."""
+    return min(cap, triton.next_power_of_2(-(-n // programs)))
+
+
+def decode_layers_reference(model: Transformer, x, cos, sin, attend, input_pos) -> torch.Tensor:
+    """What the kernel computes: the model's own layers, one after another."""
+    return Transformer.run_layers(model, x, cos, sin, attend, input_pos)
+
+
+def decode_layers(model: Transformer, table, x, cos, sin, input_pos, programs: int, persistent: bool = True):
+    """x [1, 1, D] (the embedded token), cos/sin [.., HD] at its position, input_pos [1] (its slot)
+    -> [1, 1, D], every layer applied; writes each layer's k and v into its cache at the slot.
+    persistent=False launches each phase of each layer on its own (Triton's interpreter)."""
+    args = model.args
+    D, HQ, HKV, HD, inter = args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.intermediate_size
+    dtype, device = x.dtype, x.device
+    S = model.cache_len
+    x_in = x.reshape(D)
+    out = torch.empty(D, dtype=dtype, device=device)
+    h = torch.empty(D, dtype=dtype, device=device)
+    q = torch.empty(HQ * HD, dtype=dtype, device=device)
+    attn = torch.empty(HQ * HD, dtype=dtype, device=device)
+    parts = torch.empty(HQ * MAX_SPLITS * (HD + 2), dtype=torch.float32, device=device)
+    hidden = torch.empty(inter, dtype=dtype, device=device)
+    sync = model.layer_kernel_sync
+    blocks = dict(
+        QKV_PAIRS=rows_per_program((HQ + 2 * HKV) * HD // 2, programs),
+        WO_ROWS=rows_per_program(D, programs),
+        W13_ROWS=rows_per_program(inter, programs, cap=16),  # gate and up rows: twice the registers
+        W2_ROWS=rows_per_program(D, programs),
+    )
+    launch = dict(
+        D=D,
+        HQ=HQ,
+        HKV=HKV,
+        HD=HD,
+        INTER=inter,
+        G_PAD=triton.next_power_of_2(HQ // HKV),
+        QK_SCALE=HD**-0.5 * 1.4426950408889634,
+        EPS=args.norm_eps,
+        BLOCK_K=BLOCK_K,
+        BLOCK_S=BLOCK_S,
+        MAX_SPLITS=MAX_SPLITS,
+        MIN_SPLIT_SLOTS=MIN_SPLIT_SLOTS,
+        num_warps=NUM_WARPS,
+        **blocks,
+    )
+    common = (x_in, out, h, q, attn, parts, hidden, table, cos.reshape(-1), sin.reshape(-1), input_pos.reshape(1))
+    common += (model.row_start, sync, S, args.sliding_window or 0)
+    n_layers = len(model.layers)
+    if persistent:
+        _layers_kernel[(programs,)](*common, 0, n_layers, 0, PERSISTENT=True, **launch)
+    else:
+        for layer in range(n_layers):
+            for phase in range(6):
+                _layers_kernel[(programs,)](*common, layer, 1, phase, PERSISTENT=False, **launch)
+    return out.view(1, 1, D)
+
+
+# eager even inside torch.compile (a graph break, as gemv's PDL blocks): the launch reads addresses
+_decode_layers_eager = torch.compiler.disable(decode_layers)
+
+
+class LayerKernelTransformer(Transformer):
+    """A Transformer whose batch-1 decode step (one token, on a GPU) runs its layers as one kernel;
+    every other call is Transformer's. Set by use_layer_kernel, which also builds the address table."""
+
+    def run_layers(self, x, cos, sin, attend, input_pos):
+        if x.shape[0] * x.shape[1] == 1 and input_pos.dim() == 1 and x.is_cuda:
+            return _decode_layers_eager(
+                self, self.layer_kernel_table, x, cos, sin, input_pos, self.layer_kernel_programs
+            )
+        return super().run_layers(x, cos, sin, attend, input_pos)
+
+
+def use_layer_kernel(model: Transformer) -> bool:
+    """Run the model's batch-1 decode layers as one kernel if it is eligible and on a GPU (again after
+    every setup_caches: the table holds the caches' addresses). Returns whether it does."""
+    if triton is None or not model.tok_embeddings.weight.is_cuda or not eligible(model):
+        if type(model) is LayerKernelTransformer:
+            model.__class__ = Transformer
+        return False
+    device = model.tok_embeddings.weight.device
+    table = addresses(model)
+    # the same caches (setup again with the same sizes): keep the tensors a recorded CUDA graph reads
+    if type(model) is not LayerKernelTransformer or model.layer_kernel_table.tolist() != table:
+        model.layer_kernel_table = torch.tensor(table, dtype=torch.int64, device=device)  # [L, 8]
+        model.layer_kernel_sync = torch.zeros(2, dtype=torch.int32, device=device)  # arrivals, generation
+    model.layer_kernel_programs = PROGRAMS or torch.cuda.get_device_properties(device).multi_processor_count
+    model.__class__ = LayerKernelTransformer
+    return True
+
+
+if triton is not None:
+
+    @triton.jit
+    def _grid_sync(sync_ptr, n_programs, generation):
+        # Every program arrives once; the last to arrive resets the count and opens the barrier by moving
+        # the generation on, which the others wait for. Release/acquire at GPU scope: what each program
+        # stored before it arrived is visible to every program after the barrier.
+        tl.debug_barrier()  # every warp of this program has stored its part
+        arrived = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_programs - 1:
+            tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
+            tl.atomic_add(sync_ptr + 1, 1, sem="release", scope="gpu")
+            generation += 1
+        else:
+            while tl.load(sync_ptr + 1, volatile=True) == generation:
+                pass
+            # the acquire (its value used: an unused atomic add of 0 is compiled away)
+            generation = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+        return generation
+
+    @triton.jit
+    def _inv_rms(v_ptr, K: tl.constexpr, EPS: tl.constexpr, BLOCK_K: tl.constexpr):
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            v = tl.load(v_ptr + k, mask=k < K, other=0.0, cache_modifier=".cg").to(tl.float32)
+            squares += v * v
+        return tl.rsqrt(tl.sum(squares, axis=0) / K + EPS)
+
+    @triton.jit
+    def _rows_dot(w_ptr, rows, row_ok, v_ptr, g_ptr, K: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr):
+        # fp32 [R]: weight rows `rows` of w [N, K] times v (times the norm weight g, where g_ptr is given)
+        acc = tl.zeros((R, BLOCK_K), dtype=tl.float32)
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            v = tl.load(v_ptr + k, mask=k_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            if g_ptr is not None:
+                v = v * tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(
+                w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first"
+            )
+            acc += w.to(tl.float32) * v[None, :]
+        return tl.sum(acc, axis=1)
+
+    @triton.jit
+    def _layers_kernel(
+        x_in_ptr,  # [D]: the first layer's input, the embedded token
+        x_ptr,  # [D]: each layer's output (the last one's is the result)
+        h_ptr,  # [D]: a layer's stream after its attention
+        q_ptr,  # [HQ * HD]: the token's queries, rotated
+        attn_ptr,  # [HQ * HD]: the attention's output, wo's input
+        parts_ptr,  # [HQ, MAX_SPLITS, HD + 2] fp32: each split's unnormalised output, its max and its sum
+        hidden_ptr,  # [INTER]: SiLU(gate) * up
+        table_ptr,  # [L, 8] int64: each layer's addresses (megakernel.WQKV ... V_CACHE)
+        cos_ptr,  # [HD]: the token's RoPE angles
+        sin_ptr,
+        slot_ptr,  # [1]: the token's cache slot
+        row_start_ptr,  # [1]: the row's first valid slot
+        sync_ptr,  # [2] int32: the barrier's arrivals and generation
+        S,  # cache slots
+        WINDOW,  # sliding window (0: none)
+        first_layer,
+        n_layers,
+        phase,  # PERSISTENT=False: the one phase to run
+        PERSISTENT: tl.constexpr,
+        D: tl.constexpr,
+        HQ: tl.constexpr,
+        HKV: tl.constexpr,
+        HD: tl.constexpr,
+        INTER: tl.constexpr,
+        G_PAD: tl.constexpr,
+        QK_SCALE: tl.constexpr,  # HD ** -0.5 * log2(e): the softmax in base 2
+        EPS: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        MAX_SPLITS: tl.constexpr,
+        MIN_SPLIT_SLOTS: tl.constexpr,
+        QKV_PAIRS: tl.constexpr,
+        WO_ROWS: tl.constexpr,
+        W13_ROWS: tl.constexpr,
+        W2_ROWS: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        programs = tl.num_programs(0)
+        dtype = x_ptr.dtype.element_ty
+        half: tl.constexpr = HD // 2
+        G: tl.constexpr = HQ // HKV
+        generation = 0
+        if PERSISTENT:  # stable here: no barrier opens before every program has arrived, this one too
+            generation = tl.load(sync_ptr + 1, volatile=True)
+        # the valid slots, the same in every layer: [start, slot], cut into n_splits chunks of `chunk`
+        slot = tl.load(slot_ptr).to(tl.int32)
+        start = tl.load(row_start_ptr).to(tl.int32)
+        if WINDOW > 0:
+            start = tl.maximum(start, slot - WINDOW + 1)
+        n_valid = slot - start + 1
+        n_splits = tl.minimum(MAX_SPLITS, tl.cdiv(n_valid, MIN_SPLIT_SLOTS))
+        chunk = tl.cdiv(tl.cdiv(n_valid, n_splits), BLOCK_S) * BLOCK_S
+        dims = tl.arange(0, HD)
+        for layer in range(first_layer, first_layer + n_layers):
+            row = table_ptr + layer * 8
+            wqkv = tl.load(row + 0).to(tl.pointer_type(dtype))
+            wo = tl.load(row + 1).to(tl.pointer_type(dtype))
+            w13 = tl.load(row + 2).to(tl.pointer_type(dtype))
+            w2 = tl.load(row + 3).to(tl.pointer_type(dtype))
+            attention_norm = tl.load(row + 4).to(tl.pointer_type(dtype))
+            ffn_norm = tl.load(row + 5).to(tl.pointer_type(dtype))
+            k_cache = tl.load(row + 6).to(tl.pointer_type(dtype))
+            v_cache = tl.load(row + 7).to(tl.pointer_type(dtype))
+            x_src = x_ptr
+            if layer == 0:
+                x_src = x_in_ptr
+
+            # 0: RMSNorm + wqkv; RoPE on q and k (rotate_half pairs dim i with i + HD/2: a program takes
+            # both rows of its pairs); k and v into the cache at the slot, q kept for the attention
+            if PERSISTENT or phase == 0:
+                inv_rms = _inv_rms(x_src, D, EPS, BLOCK_K)
+                n_pairs = (HQ + 2 * HKV) * half
+                for block in range(pid, tl.cdiv(n_pairs, QKV_PAIRS), programs):
+                    pairs = block * QKV_PAIRS + tl.arange(0, QKV_PAIRS)
+                    ok = pairs < n_pairs
+                    head, i = pairs // half, pairs % half
+                    lo_rows = head * HD + i
+                    y1 = _rows_dot(wqkv, lo_rows, ok, x_src, attention_norm, D, QKV_PAIRS, BLOCK_K) * inv_rms
+                    y2 = _rows_dot(wqkv, lo_rows + half, ok, x_src, attention_norm, D, QKV_PAIRS, BLOCK_K) * inv_rms
+                    y1 = y1.to(dtype).to(tl.float32)  # wqkv's output, in the activations' dtype as the model has it
+                    y2 = y2.to(dtype).to(tl.float32)
+                    c = tl.load(cos_ptr + i, mask=ok, other=0.0).to(tl.float32)
+                    s = tl.load(sin_ptr + i, mask=ok, other=0.0).to(tl.float32)
+                    rotated = head < HQ + HKV  # q and k heads; v is not rotated
+                    o1 = tl.where(rotated, y1 * c - y2 * s, y1)
+                    o2 = tl.where(rotated, y2 * c + y1 * s, y2)
+                    is_q = ok & (head < HQ)
+                    tl.store(q_ptr + lo_rows, o1.to(dtype), mask=is_q)
+                    tl.store(q_ptr + lo_rows + half, o2.to(dtype), mask=is_q)
+                    kv_head = tl.where(head < HQ + HKV, head - HQ, head - HQ - HKV)
+                    at = (kv_head * S + slot).to(tl.int64) * HD + i
+                    is_k = ok & (head >= HQ) & (head < HQ + HKV)
+                    is_v = ok & (head >= HQ + HKV)
+                    tl.store(k_cache + at, o1.to(dtype), mask=is_k)
+                    tl.store(k_cache + at + half, o2.to(dtype), mask=is_k)
+                    tl.store(v_cache + at, o1.to(dtype), mask=is_v)
+                    tl.store(v_cache + at + half, o2.to(dtype), mask=is_v)
+            if PERSISTENT:
+                generation = _grid_sync(sync_ptr, programs, generation)
+
+            # 1: attention, a (kv head, split) a unit: its G query heads over the split's slots, online softmax
+            if PERSISTENT or phase == 1:
+                g = tl.arange(0, G_PAD)
+                g_ok = g < G
+                for unit in range(pid, HKV * n_splits, programs):
+                    kv_head = unit // n_splits
+                    split = unit % n_splits
+                    lo = start + split * chunk
+                    hi = tl.minimum(lo + chunk, slot + 1)
+                    heads = kv_head * G + g
+                    q_at = heads[:, None] * HD + dims[None, :]
+                    qh = tl.load(q_ptr + q_at, mask=g_ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+                    qh = qh * QK_SCALE
+                    m = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
+                    l_sum = tl.zeros((G_PAD,), dtype=tl.float32)
+                    acc = tl.zeros((G_PAD, HD), dtype=tl.float32)
+                    cache_rows = kv_head.to(tl.int64) * S
+                    for s0 in range(lo, hi, BLOCK_S):
+                        slots = s0 + tl.arange(0, BLOCK_S)
+                        s_ok = slots < hi
+                        kv_at = (cache_rows + slots)[:, None] * HD + dims[None, :]
+                        k = tl.load(k_cache + kv_at, mask=s_ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+                        v = tl.load(v_cache + kv_at, mask=s_ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+                        scores = tl.sum(qh[:, None, :] * k[None, :, :], axis=2)  # [G_PAD, BLOCK_S]
+                        scores = tl.where(s_ok[None, :], scores, float("-inf"))
+                        m_new = tl.maximum(m, tl.max(scores, axis=1))
+                        p = tl.exp2(scores - m_new[:, None])
+                        alpha = tl.exp2(m - m_new)
+                        l_sum = l_sum * alpha + tl.sum(p, axis=1)
+                        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+                        m = m_new
+                    if n_splits == 1:
+                        tl.store(attn_ptr + q_at, (acc / l_sum[:, None]).to(dtype), mask=g_ok[:, None])
+                    else:
+                        part = parts_ptr + (heads * MAX_SPLITS + split) * (HD + 2)
+                        tl.store(part[:, None] + dims[None, :], acc, mask=g_ok[:, None])
+                        tl.store(part + HD, m, mask=g_ok)
+                        tl.store(part + HD + 1, l_sum, mask=g_ok)
+            if PERSISTENT and n_splits > 1:  # the same in every program: all or none wait here
+                generation = _grid_sync(sync_ptr, programs, generation)
+
+            # 2: the splits merged, a query head a unit
+            if (PERSISTENT or phase == 2) and n_splits > 1:
+                splits = tl.arange(0, MAX_SPLITS)
+                split_ok = splits < n_splits
+                for head in range(pid, HQ, programs):
+                    part = parts_ptr + (head * MAX_SPLITS + splits) * (HD + 2)
+                    m = tl.load(part + HD, mask=split_ok, other=float("-inf"), cache_modifier=".cg")
+                    l_sum = tl.load(part + HD + 1, mask=split_ok, other=0.0, cache_modifier=".cg")
+                    o = tl.load(part[:, None] + dims[None, :], mask=split_ok[:, None], other=0.0, cache_modifier=".cg")
+                    weight = tl.where(split_ok, tl.exp2(m - tl.max(m, axis=0)), 0.0)  # an empty split: m = -inf, 0
+                    y = tl.sum(weight[:, None] * o, axis=0) / tl.sum(weight * l_sum, axis=0)
+                    tl.store(attn_ptr + head * HD + dims, y.to(dtype))
+            if PERSISTENT:
+                generation = _grid_sync(sync_ptr, programs, generation)
+
+            # 3: wo + the residual -> h
+            if PERSISTENT or phase == 3:
+                for block in range(pid, tl.cdiv(D, WO_ROWS), programs):
+                    rows = block * WO_ROWS + tl.arange(0, WO_ROWS)
+                    ok = rows < D
+                    y = _rows_dot(wo, rows, ok, attn_ptr, None, HQ * HD, WO_ROWS, BLOCK_K)
+                    y += tl.load(x_src + rows, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+                    tl.store(h_ptr + rows, y.to(dtype), mask=ok)
+            if PERSISTENT:
+                generation = _grid_sync(sync_ptr, programs, generation)
+
+            # 4: RMSNorm + w13 (gate rows, then up rows), SiLU(gate) * up -> hidden
+            if PERSISTENT or phase == 4:
+                inv_rms = _inv_rms(h_ptr, D, EPS, BLOCK_K)
+                for block in range(pid, tl.cdiv(INTER, W13_ROWS), programs):
+                    rows = block * W13_ROWS + tl.arange(0, W13_ROWS)
+                    ok = rows < INTER
+                    gate = _rows_dot(w13, rows, ok, h_ptr, ffn_norm, D, W13_ROWS, BLOCK_K) * inv_rms
+                    up = _rows_dot(w13, rows + INTER, ok, h_ptr, ffn_norm, D, W13_ROWS, BLOCK_K) * inv_rms
+                    gate = gate.to(dtype).to(tl.float32)  # w13's output, in the activations' dtype
+                    up = up.to(dtype).to(tl.float32)
+                    tl.store(hidden_ptr + rows, (gate * tl.sigmoid(gate) * up).to(dtype), mask=ok)
+            if PERSISTENT:
+                generation = _grid_sync(sync_ptr, programs, generation)
+
+            # 5: w2 + the residual -> the layer's output
+            if PERSISTENT or phase == 5:
+                for block in range(pid, tl.cdiv(D, W2_ROWS), programs):
+                    rows = block * W2_ROWS + tl.arange(0, W2_ROWS)
+                    ok = rows < D
+                    y = _rows_dot(w2, rows, ok, hidden_ptr, None, INTER, W2_ROWS, BLOCK_K)
+                    y += tl.load(h_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+                    tl.store(x_ptr + rows, y.to(dtype), mask=ok)
+            if PERSISTENT and layer < first_layer + n_layers - 1:
+                generation = _grid_sync(sync_ptr, programs, generation)
