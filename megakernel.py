@@ -48,6 +48,10 @@ BLOCK_K = 128  # input elements a step of a projection's loop
 BLOCK_S = 16  # cache slots a step of the attention's loop (32: 248 registers a thread at 8 warps)
 MAX_SPLITS = 32  # the attention's splits of the valid slots, at most
 MIN_SPLIT_SLOTS = 256  # and at least this many slots each (a short context attends in one split)
+# Each layer's weights on their way to L2 during the layer before (SmolLM2: 7 MB a layer; not a model whose
+# layer would crowd the L2 out: 50 MB on an H100). FASTGEN_MEGAKERNEL_PREFETCH=0 turns it off, for timing.
+PREFETCH = os.environ.get("FASTGEN_MEGAKERNEL_PREFETCH", "1") == "1"
+PREFETCH_MAX_BYTES = 16 << 20
 NUM_WARPS = 8  # SmolLM2 compiles to 225 registers a thread (sm_90, no spills): one program an SM
 # the table's columns: each layer's addresses
 WQKV, WO, W13, W2, ATTENTION_NORM, FFN_NORM, K_CACHE, V_CACHE = range(8)
@@ -97,6 +101,12 @@ def addresses(model: Transformer) -> list[list[int]]:
     return rows
 
 
+def layer_bytes(model: Transformer) -> int:
+    layer = model.layers[0]
+    a, f = layer.attention, layer.feed_forward
+    return sum(m.weight.numel() * m.weight.element_size() for m in (a.wqkv, a.wo, f.w13, f.w2))
+
+
 def rows_per_program(n: int, programs: int, cap: int = 32) -> int:
     """A power of two near n / programs (at least 1, at most cap): one round of blocks where it fits."""
     return min(cap, triton.next_power_of_2(-(-n // programs)))
@@ -129,6 +139,7 @@ def decode_layers(model: Transformer, table, x, cos, sin, input_pos, programs: i
         W13_ROWS=rows_per_program(inter, programs, cap=16),  # gate and up rows: twice the registers
         W2_ROWS=rows_per_program(D, programs),
     )
+    lines = dict(LINES_D=D, LINES_A=HQ * HD, LINES_I=inter)  # input lengths of the projections
     launch = dict(
         D=D,
         HQ=HQ,
@@ -143,6 +154,8 @@ def decode_layers(model: Transformer, table, x, cos, sin, input_pos, programs: i
         MAX_SPLITS=MAX_SPLITS,
         MIN_SPLIT_SLOTS=MIN_SPLIT_SLOTS,
         num_warps=NUM_WARPS,
+        PREFETCH=persistent and PREFETCH and layer_bytes(model) <= PREFETCH_MAX_BYTES,
+        **{name: triton.next_power_of_2(-(-k * x.element_size() // 128)) for name, k in lines.items()},
         **blocks,
     )
     common = (x_in, out, h, q, attn, parts, hidden, table, cos.reshape(-1), sin.reshape(-1), input_pos.reshape(1))
@@ -192,6 +205,7 @@ def use_layer_kernel(model: Transformer) -> bool:
 
 
 if triton is not None:
+    from kv_attention import prefetch_l2  # the PTX prefetch (L2), as gemv's kernels use it under PDL
 
     @triton.jit
     def _grid_sync(sync_ptr, n_programs, generation):
@@ -239,6 +253,58 @@ if triton is not None:
         return tl.sum(acc, axis=1)
 
     @triton.jit
+    def _prefetch_rows(w_ptr, rows, row_ok, K: tl.constexpr, LINES: tl.constexpr):
+        # each 128-byte line of weight rows `rows` of w [N, K] asked of L2 (LINES: a power of two >= the lines a row)
+        LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # elements a line
+        at = tl.minimum(tl.arange(0, LINES) * LINE, K - 1)  # clamped: no address past the row
+        rows = tl.where(row_ok, rows, 0)
+        prefetch_l2(w_ptr + rows.to(tl.int64)[:, None] * K + at[None, :])
+
+    @triton.jit
+    def _prefetch_layer(
+        table_ptr,
+        layer,
+        pid,
+        programs,
+        dtype: tl.constexpr,
+        D: tl.constexpr,
+        HQ: tl.constexpr,
+        HKV: tl.constexpr,
+        HD: tl.constexpr,
+        INTER: tl.constexpr,
+        QKV_PAIRS: tl.constexpr,
+        WO_ROWS: tl.constexpr,
+        W13_ROWS: tl.constexpr,
+        W2_ROWS: tl.constexpr,
+        LINES_D: tl.constexpr,
+        LINES_A: tl.constexpr,
+        LINES_I: tl.constexpr,
+    ):
+        # this program's rows of every projection of `layer` (the rows its phases will read) on their way to L2
+        row = table_ptr + layer * 8
+        wqkv = tl.load(row + 0).to(tl.pointer_type(dtype))
+        wo = tl.load(row + 1).to(tl.pointer_type(dtype))
+        w13 = tl.load(row + 2).to(tl.pointer_type(dtype))
+        w2 = tl.load(row + 3).to(tl.pointer_type(dtype))
+        half: tl.constexpr = HD // 2
+        n_pairs: tl.constexpr = (HQ + 2 * HKV) * half
+        for block in range(pid, tl.cdiv(n_pairs, QKV_PAIRS), programs):
+            pairs = block * QKV_PAIRS + tl.arange(0, QKV_PAIRS)
+            lo_rows = pairs // half * HD + pairs % half
+            _prefetch_rows(wqkv, lo_rows, pairs < n_pairs, D, LINES_D)
+            _prefetch_rows(wqkv, lo_rows + half, pairs < n_pairs, D, LINES_D)
+        for block in range(pid, tl.cdiv(D, WO_ROWS), programs):
+            rows = block * WO_ROWS + tl.arange(0, WO_ROWS)
+            _prefetch_rows(wo, rows, rows < D, HQ * HD, LINES_A)
+        for block in range(pid, tl.cdiv(INTER, W13_ROWS), programs):
+            rows = block * W13_ROWS + tl.arange(0, W13_ROWS)
+            _prefetch_rows(w13, rows, rows < INTER, D, LINES_D)
+            _prefetch_rows(w13, rows + INTER, rows < INTER, D, LINES_D)
+        for block in range(pid, tl.cdiv(D, W2_ROWS), programs):
+            rows = block * W2_ROWS + tl.arange(0, W2_ROWS)
+            _prefetch_rows(w2, rows, rows < D, INTER, LINES_I)
+
+    @triton.jit
     def _layers_kernel(
         x_in_ptr,  # [D]: the first layer's input, the embedded token
         x_ptr,  # [D]: each layer's output (the last one's is the result)
@@ -275,6 +341,10 @@ if triton is not None:
         WO_ROWS: tl.constexpr,
         W13_ROWS: tl.constexpr,
         W2_ROWS: tl.constexpr,
+        PREFETCH: tl.constexpr,  # each layer's weights asked of L2 during the layer before it (GPU only: PTX)
+        LINES_D: tl.constexpr,  # with PREFETCH: powers of two >= the 128-byte lines of a row of D, of HQ * HD,
+        LINES_A: tl.constexpr,  # and of INTER elements
+        LINES_I: tl.constexpr,
     ):
         pid = tl.program_id(0)
         programs = tl.num_programs(0)
@@ -293,7 +363,48 @@ if triton is not None:
         n_splits = tl.minimum(MAX_SPLITS, tl.cdiv(n_valid, MIN_SPLIT_SLOTS))
         chunk = tl.cdiv(tl.cdiv(n_valid, n_splits), BLOCK_S) * BLOCK_S
         dims = tl.arange(0, HD)
+        last_layer = first_layer + n_layers - 1
+        if PREFETCH:
+            _prefetch_layer(
+                table_ptr,
+                first_layer,
+                pid,
+                programs,
+                dtype,
+                D,
+                HQ,
+                HKV,
+                HD,
+                INTER,
+                QKV_PAIRS,
+                WO_ROWS,
+                W13_ROWS,
+                W2_ROWS,
+                LINES_D,
+                LINES_A,
+                LINES_I,
+            )
         for layer in range(first_layer, first_layer + n_layers):
+            if PREFETCH and layer < last_layer:  # the next layer's weights read from DRAM while this one runs
+                _prefetch_layer(
+                    table_ptr,
+                    layer + 1,
+                    pid,
+                    programs,
+                    dtype,
+                    D,
+                    HQ,
+                    HKV,
+                    HD,
+                    INTER,
+                    QKV_PAIRS,
+                    WO_ROWS,
+                    W13_ROWS,
+                    W2_ROWS,
+                    LINES_D,
+                    LINES_A,
+                    LINES_I,
+                )
             row = table_ptr + layer * 8
             wqkv = tl.load(row + 0).to(tl.pointer_type(dtype))
             wo = tl.load(row + 1).to(tl.pointer_type(dtype))
@@ -429,5 +540,5 @@ if triton is not None:
                     y = _rows_dot(w2, rows, ok, hidden_ptr, None, INTER, W2_ROWS, BLOCK_K)
                     y += tl.load(h_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
                     tl.store(x_ptr + rows, y.to(dtype), mask=ok)
-            if PERSISTENT and layer < first_layer + n_layers - 1:
+            if PERSISTENT and layer < last_layer:
                 generation = _grid_sync(sync_ptr, programs, generation)

@@ -286,6 +286,9 @@ mega)
     summary+=("  $(grep -h 'generate()' "$out/smol_mega.txt" | head -1)")
     FASTGEN_MEGAKERNEL=1 decode smol_mega_eager 45 --model smollm2-135m --new-tokens 256 --no-compile
     summary+=("  $(grep -h 'generate()' "$out/smol_mega_eager.txt" | head -1)")
+    FASTGEN_MEGAKERNEL=1 FASTGEN_MEGAKERNEL_PREFETCH=0 decode smol_mega_no_prefetch 60 --model smollm2-135m \
+        --new-tokens 256
+    summary+=("  $(grep -h 'generate()' "$out/smol_mega_no_prefetch.txt" | head -1)")
     step tests 110 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -n 4 -k \
         "nothing_between_replays or cuda_graph_decode_equals or samples_and_rerecords or chat_turns or never_compiles"
     summary+=("  $(tail -n 1 "$out/tests.txt")")
