@@ -53,8 +53,6 @@ MIN_SPLIT_SLOTS = 256  # and at least this many slots each (a short context atte
 PREFETCH = os.environ.get("FASTGEN_MEGAKERNEL_PREFETCH", "1") == "1"
 PREFETCH_MAX_BYTES = 16 << 20
 NUM_WARPS = 8  # SmolLM2 compiles to 225 registers a thread (sm_90, no spills): one program an SM
-# the table's columns: each layer's addresses
-WQKV, WO, W13, W2, ATTENTION_NORM, FFN_NORM, K_CACHE, V_CACHE = range(8)
 
 
 def eligible(model: Transformer) -> bool:
@@ -91,7 +89,7 @@ def eligible(model: Transformer) -> bool:
 
 
 def addresses(model: Transformer) -> list[list[int]]:
-    """Each layer's weights, norm weights and caches, by the column names above."""
+    """Each layer's addresses, the kernel's table: wqkv, wo, w13, w2, the two norm weights, the k and v caches."""
     rows = []
     for layer in model.layers:
         a, f = layer.attention, layer.feed_forward
@@ -313,7 +311,7 @@ if triton is not None:
         attn_ptr,  # [HQ * HD]: the attention's output, wo's input
         parts_ptr,  # [HQ, MAX_SPLITS, HD + 2] fp32: each split's unnormalised output, its max and its sum
         hidden_ptr,  # [INTER]: SiLU(gate) * up
-        table_ptr,  # [L, 8] int64: each layer's addresses (megakernel.WQKV ... V_CACHE)
+        table_ptr,  # [L, 8] int64: each layer's addresses (megakernel.addresses)
         cos_ptr,  # [HD]: the token's RoPE angles
         sin_ptr,
         slot_ptr,  # [1]: the token's cache slot
