@@ -735,8 +735,9 @@ def test_fused_decode_block_over_int8_weights_keeps_the_tokens(monkeypatch, pdl,
 )
 def test_megakernel_equals_the_models_layers(shape, dtype, context):
     """megakernel.decode_layers, every layer in one persistent kernel whose programs meet at grid barriers:
-    over 6 decode steps in a row (the barrier's generation carried from call to call) its output and
-    every layer's cache equal the model's own layers (Transformer.run_layers) run on the same input."""
+    over 6 decode steps in a row (the barrier's generation carried from call to call) its output and every
+    layer's cache equal, bit for bit, the same kernel launched a phase at a time (no barrier), and match
+    the model's own layers (Transformer.run_layers) run on the same input."""
     import megakernel
 
     model = on(random_model(shape), "cuda", dtype)
@@ -744,7 +745,7 @@ def test_megakernel_equals_the_models_layers(shape, dtype, context):
     with torch.no_grad():
         model(torch.randint(0, VOCAB, (1, context), device="cuda"), torch.arange(context, device="cuda"))
     assert megakernel.use_layer_kernel(model) and type(model) is megakernel.LayerKernelTransformer
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    tol = 4e-2 if dtype == torch.bfloat16 else 1e-4  # bf16: the model rounds in other places (1.9e-2 measured)
     for step in range(6):
         caches = [(b.attention.kv_cache.k_cache, b.attention.kv_cache.v_cache) for b in model.layers]
         before = [(k.clone(), v.clone()) for k, v in caches]
@@ -759,11 +760,22 @@ def test_megakernel_equals_the_models_layers(shape, dtype, context):
             got_caches = [(k.clone(), v.clone()) for k, v in caches]
             for (k, v), (k0, v0) in zip(caches, before):
                 k.copy_(k0), v.copy_(v0)
+            # the same kernel a phase of a layer a launch (no barrier): the same arithmetic, in the same order
+            by_phase = megakernel.decode_layers(
+                model, model.layer_kernel_table, x, cos, sin, input_pos, model.layer_kernel_programs, persistent=False
+            )
+            by_phase_caches = [(k.clone(), v.clone()) for k, v in caches]
+            for (k, v), (k0, v0) in zip(caches, before):
+                k.copy_(k0), v.copy_(v0)
             mask = offset_length_dense_mask(model.row_start, input_pos, 1, model.cache_len, model.args.sliding_window)
             group = model.args.n_heads // model.args.n_kv_heads
             attend = partial(sdpa_attention_over_cache, folded_mask=mask.repeat(1, 1, group, 1))  # the eager path's
             want = megakernel.decode_layers_reference(model, x, cos, sin, attend, input_pos)
         torch.cuda.synchronize()
+        assert torch.equal(got, by_phase), step  # what the barrier must give: every phase saw the last one's writes
+        assert all(
+            torch.equal(a, b) for pair, pair_by in zip(got_caches, by_phase_caches) for a, b in zip(pair, pair_by)
+        )
         assert ((got.float() - want.float()).norm() / want.float().norm()) < tol, step
         for (k, v), (k_want, v_want) in zip(got_caches, caches):
             assert torch.allclose(k.float(), k_want.float(), rtol=tol, atol=tol), step
