@@ -3,8 +3,8 @@
 A small model's step is bound by its chain of kernels, not its bytes: SmolLM2-135M reads ~0.27 GB a
 step (~0.09 ms at copy bandwidth) but runs ~180 kernels of ~2.7 us each, each waiting for the last
 (0.486-0.510 ms on an H100/H200 with programmatic dependent launch; issue 11 wants 0.4). Here one
-program per SM runs every layer's phases in turn, meeting the others at a grid barrier (two atomic
-counters) between phases instead of ending a kernel:
+program per SM runs every layer's phases in turn, meeting the others at a grid barrier (an atomic
+count of arrivals) between phases instead of ending a kernel:
 
   0  RMSNorm + wqkv + RoPE, k and v written into the cache at the token's slot, q kept
   1  attention over the valid slots [row start (or the window's first slot), slot], split over programs
@@ -130,7 +130,6 @@ def decode_layers(model: Transformer, table, x, cos, sin, input_pos, programs: i
     attn = torch.empty(HQ * HD, dtype=dtype, device=device)
     parts = torch.empty(HQ * MAX_SPLITS * (HD + 2), dtype=torch.float32, device=device)
     hidden = torch.empty(inter, dtype=dtype, device=device)
-    sync = model.layer_kernel_sync
     blocks = dict(
         QKV_PAIRS=rows_per_program((HQ + 2 * HKV) * HD // 2, programs),
         WO_ROWS=rows_per_program(D, programs),
@@ -157,7 +156,7 @@ def decode_layers(model: Transformer, table, x, cos, sin, input_pos, programs: i
         **blocks,
     )
     common = (x_in, out, h, q, attn, parts, hidden, table, cos.reshape(-1), sin.reshape(-1), input_pos.reshape(1))
-    common += (model.row_start, sync, S, args.sliding_window or 0)
+    common += (model.row_start, model.layer_kernel_arrivals, S, args.sliding_window or 0)
     n_layers = len(model.layers)
     if persistent:
         _layers_kernel[(programs,)](*common, 0, n_layers, 0, PERSISTENT=True, **launch)
@@ -196,7 +195,7 @@ def use_layer_kernel(model: Transformer) -> bool:
     # the same caches (setup again with the same sizes): keep the tensors a recorded CUDA graph reads
     if type(model) is not LayerKernelTransformer or model.layer_kernel_table.tolist() != table:
         model.layer_kernel_table = torch.tensor(table, dtype=torch.int64, device=device)  # [L, 8]
-        model.layer_kernel_sync = torch.zeros(2, dtype=torch.int32, device=device)  # arrivals, generation
+        model.layer_kernel_arrivals = torch.zeros(1, dtype=torch.int64, device=device)  # the barrier's count
     model.layer_kernel_programs = PROGRAMS or torch.cuda.get_device_properties(device).multi_processor_count
     model.__class__ = LayerKernelTransformer
     return True
@@ -206,23 +205,18 @@ if triton is not None:
     from kv_attention import prefetch_l2  # the PTX prefetch (L2), as gemv's kernels use it under PDL
 
     @triton.jit
-    def _grid_sync(sync_ptr, n_programs, generation):
-        # Every program arrives once; the last to arrive resets the count and opens the barrier by moving
-        # the generation on, which the others wait for. Release/acquire at GPU scope: what each program
-        # stored before it arrived is visible to every program after the barrier.
+    def _grid_sync(arrivals_ptr, n_programs, target):
+        # Every program adds one arrival and waits until all have: the count only ever grows (int64: never
+        # wraps), each barrier's target n_programs above the last, so no program resets anything. Release on
+        # arriving, acquire while waiting (GPU scope): what each program stored before it arrived is visible
+        # to every program after the barrier.
         tl.debug_barrier()  # every warp of this program has stored its part
-        arrived = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu")
-        if arrived == n_programs - 1:
-            tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
-            tl.atomic_add(sync_ptr + 1, 1, sem="release", scope="gpu")
-            generation += 1
-        else:
-            while tl.load(sync_ptr + 1, volatile=True) == generation:
-                pass
-            # the acquire (its value used: an unused atomic add of 0 is compiled away)
-            generation = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
+        tl.atomic_add(arrivals_ptr, 1, sem="release", scope="gpu")
+        target += n_programs
+        while tl.atomic_add(arrivals_ptr, 0, sem="acquire", scope="gpu") < target:  # compiles to ld.acquire
+            pass
         tl.debug_barrier()
-        return generation
+        return target
 
     @triton.jit
     def _inv_rms(v_ptr, K: tl.constexpr, EPS: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -316,7 +310,7 @@ if triton is not None:
         sin_ptr,
         slot_ptr,  # [1]: the token's cache slot
         row_start_ptr,  # [1]: the row's first valid slot
-        sync_ptr,  # [2] int32: the barrier's arrivals and generation
+        arrivals_ptr,  # [1] int64: the barrier's count of arrivals, ever growing
         S,  # cache slots
         WINDOW,  # sliding window (0: none)
         first_layer,
@@ -349,9 +343,10 @@ if triton is not None:
         dtype = x_ptr.dtype.element_ty
         half: tl.constexpr = HD // 2
         G: tl.constexpr = HQ // HKV
-        generation = 0
-        if PERSISTENT:  # stable here: no barrier opens before every program has arrived, this one too
-            generation = tl.load(sync_ptr + 1, volatile=True)
+        target = tl.zeros((), dtype=tl.int64)  # the arrivals the next barrier waits for, less n_programs
+        if PERSISTENT:  # every call adds a multiple of n_programs: rounded down, those before this call
+            arrived = tl.load(arrivals_ptr, volatile=True)  # (some of this call's may be in already)
+            target = arrived - arrived % programs
         # the valid slots, the same in every layer: [start, slot], cut into n_splits chunks of `chunk`
         slot = tl.load(slot_ptr).to(tl.int32)
         start = tl.load(row_start_ptr).to(tl.int32)
@@ -447,7 +442,7 @@ if triton is not None:
                     tl.store(v_cache + at, o1.to(dtype), mask=is_v)
                     tl.store(v_cache + at + half, o2.to(dtype), mask=is_v)
             if PERSISTENT:
-                generation = _grid_sync(sync_ptr, programs, generation)
+                target = _grid_sync(arrivals_ptr, programs, target)
 
             # 1: attention, a (kv head, split) a unit: its G query heads over the split's slots, online softmax
             if PERSISTENT or phase == 1:
@@ -488,7 +483,7 @@ if triton is not None:
                         tl.store(part + HD, m, mask=g_ok)
                         tl.store(part + HD + 1, l_sum, mask=g_ok)
             if PERSISTENT and n_splits > 1:  # the same in every program: all or none wait here
-                generation = _grid_sync(sync_ptr, programs, generation)
+                target = _grid_sync(arrivals_ptr, programs, target)
 
             # 2: the splits merged, a query head a unit
             if (PERSISTENT or phase == 2) and n_splits > 1:
@@ -503,7 +498,7 @@ if triton is not None:
                     y = tl.sum(weight[:, None] * o, axis=0) / tl.sum(weight * l_sum, axis=0)
                     tl.store(attn_ptr + head * HD + dims, y.to(dtype))
             if PERSISTENT:
-                generation = _grid_sync(sync_ptr, programs, generation)
+                target = _grid_sync(arrivals_ptr, programs, target)
 
             # 3: wo + the residual -> h
             if PERSISTENT or phase == 3:
@@ -514,7 +509,7 @@ if triton is not None:
                     y += tl.load(x_src + rows, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
                     tl.store(h_ptr + rows, y.to(dtype), mask=ok)
             if PERSISTENT:
-                generation = _grid_sync(sync_ptr, programs, generation)
+                target = _grid_sync(arrivals_ptr, programs, target)
 
             # 4: RMSNorm + w13 (gate rows, then up rows), SiLU(gate) * up -> hidden
             if PERSISTENT or phase == 4:
@@ -528,7 +523,7 @@ if triton is not None:
                     up = up.to(dtype).to(tl.float32)
                     tl.store(hidden_ptr + rows, (gate * tl.sigmoid(gate) * up).to(dtype), mask=ok)
             if PERSISTENT:
-                generation = _grid_sync(sync_ptr, programs, generation)
+                target = _grid_sync(arrivals_ptr, programs, target)
 
             # 5: w2 + the residual -> the layer's output
             if PERSISTENT or phase == 5:
@@ -539,4 +534,4 @@ if triton is not None:
                     y += tl.load(h_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
                     tl.store(x_ptr + rows, y.to(dtype), mask=ok)
             if PERSISTENT and layer < last_layer:
-                generation = _grid_sync(sync_ptr, programs, generation)
+                target = _grid_sync(arrivals_ptr, programs, target)
