@@ -8,10 +8,10 @@ count of arrivals) between phases instead of ending a kernel:
 
   0  RMSNorm + wqkv + RoPE, k and v written into the cache at the token's slot, q kept
   1  attention over the valid slots [row start (or the window's first slot), slot], split over programs
-  2  (only when it took more than one split) the splits merged
-  3  wo + the residual                    -> h
-  4  RMSNorm + w13, SiLU(gate) * up       -> hidden
-  5  w2 + the residual                    -> the next layer's input
+     (a kv head's last split to finish merges them, counting finished splits with an atomic)
+  2  wo + the residual                    -> h
+  3  RMSNorm + w13, SiLU(gate) * up       -> hidden
+  4  w2 + the residual                    -> the next layer's input
 
 Each program takes a few rows of each projection (its weights read once, in fp32 accumulation, the
 norms folded in as gemv.decode_gemv folds them) or a (kv head, split) of the attention. The layers'
@@ -47,12 +47,12 @@ MAX_DIM = 2048  # the widest model it takes: a program's rows of a projection st
 BLOCK_K = 128  # input elements a step of a projection's loop
 BLOCK_S = 16  # cache slots a step of the attention's loop (32: 248 registers a thread at 8 warps)
 MAX_SPLITS = 32  # the attention's splits of the valid slots, at most
-MIN_SPLIT_SLOTS = 256  # and at least this many slots each (a short context attends in one split)
+MIN_SPLIT_SLOTS = 32  # and at least this many slots each: enough splits to keep the loop short
 # Each layer's weights on their way to L2 during the layer before (SmolLM2: 7 MB a layer; not a model whose
 # layer would crowd the L2 out: 50 MB on an H100). FASTGEN_MEGAKERNEL_PREFETCH=0 turns it off, for timing.
 PREFETCH = os.environ.get("FASTGEN_MEGAKERNEL_PREFETCH", "1") == "1"
 PREFETCH_MAX_BYTES = 16 << 20
-NUM_WARPS = 8  # SmolLM2 compiles to 225 registers a thread (sm_90, no spills): one program an SM
+NUM_WARPS = 8  # SmolLM2 compiles to 228 registers a thread (sm_90, no spills): one program an SM
 
 
 def eligible(model: Transformer) -> bool:
@@ -156,13 +156,13 @@ def decode_layers(model: Transformer, table, x, cos, sin, input_pos, programs: i
         **blocks,
     )
     common = (x_in, out, h, q, attn, parts, hidden, table, cos.reshape(-1), sin.reshape(-1), input_pos.reshape(1))
-    common += (model.row_start, model.layer_kernel_arrivals, S, args.sliding_window or 0)
+    common += (model.row_start, model.layer_kernel_counts, S, args.sliding_window or 0)
     n_layers = len(model.layers)
     if persistent:
         _layers_kernel[(programs,)](*common, 0, n_layers, 0, PERSISTENT=True, **launch)
     else:
         for layer in range(n_layers):
-            for phase in range(6):
+            for phase in range(5):
                 _layers_kernel[(programs,)](*common, layer, 1, phase, PERSISTENT=False, **launch)
     return out.view(1, 1, D)
 
@@ -195,7 +195,8 @@ def use_layer_kernel(model: Transformer) -> bool:
     # the same caches (setup again with the same sizes): keep the tensors a recorded CUDA graph reads
     if type(model) is not LayerKernelTransformer or model.layer_kernel_table.tolist() != table:
         model.layer_kernel_table = torch.tensor(table, dtype=torch.int64, device=device)  # [L, 8]
-        model.layer_kernel_arrivals = torch.zeros(1, dtype=torch.int64, device=device)  # the barrier's count
+        # the barrier's arrivals, then each kv head's finished attention splits (megakernel._layers_kernel)
+        model.layer_kernel_counts = torch.zeros(1 + model.args.n_kv_heads, dtype=torch.int64, device=device)
     model.layer_kernel_programs = PROGRAMS or torch.cuda.get_device_properties(device).multi_processor_count
     model.__class__ = LayerKernelTransformer
     return True
@@ -310,7 +311,7 @@ if triton is not None:
         sin_ptr,
         slot_ptr,  # [1]: the token's cache slot
         row_start_ptr,  # [1]: the row's first valid slot
-        arrivals_ptr,  # [1] int64: the barrier's count of arrivals, ever growing
+        counts_ptr,  # [1 + HKV] int64: the barrier's arrivals (ever growing), each kv head's finished splits
         S,  # cache slots
         WINDOW,  # sliding window (0: none)
         first_layer,
@@ -345,7 +346,7 @@ if triton is not None:
         G: tl.constexpr = HQ // HKV
         target = tl.zeros((), dtype=tl.int64)  # the arrivals the next barrier waits for, less n_programs
         if PERSISTENT:  # every call adds a multiple of n_programs: rounded down, those before this call
-            arrived = tl.load(arrivals_ptr, volatile=True)  # (some of this call's may be in already)
+            arrived = tl.load(counts_ptr, volatile=True)  # (some of this call's may be in already)
             target = arrived - arrived % programs
         # the valid slots, the same in every layer: [start, slot], cut into n_splits chunks of `chunk`
         slot = tl.load(slot_ptr).to(tl.int32)
@@ -353,7 +354,7 @@ if triton is not None:
         if WINDOW > 0:
             start = tl.maximum(start, slot - WINDOW + 1)
         n_valid = slot - start + 1
-        n_splits = tl.minimum(MAX_SPLITS, tl.cdiv(n_valid, MIN_SPLIT_SLOTS))
+        n_splits = tl.minimum(tl.minimum(MAX_SPLITS, tl.maximum(programs // HKV, 1)), tl.cdiv(n_valid, MIN_SPLIT_SLOTS))
         chunk = tl.cdiv(tl.cdiv(n_valid, n_splits), BLOCK_S) * BLOCK_S
         dims = tl.arange(0, HD)
         last_layer = first_layer + n_layers - 1
@@ -442,7 +443,7 @@ if triton is not None:
                     tl.store(v_cache + at, o1.to(dtype), mask=is_v)
                     tl.store(v_cache + at + half, o2.to(dtype), mask=is_v)
             if PERSISTENT:
-                target = _grid_sync(arrivals_ptr, programs, target)
+                target = _grid_sync(counts_ptr, programs, target)
 
             # 1: attention, a (kv head, split) a unit: its G query heads over the split's slots, online softmax
             if PERSISTENT or phase == 1:
@@ -482,26 +483,33 @@ if triton is not None:
                         tl.store(part[:, None] + dims[None, :], acc, mask=g_ok[:, None])
                         tl.store(part + HD, m, mask=g_ok)
                         tl.store(part + HD + 1, l_sum, mask=g_ok)
-            if PERSISTENT and n_splits > 1:  # the same in every program: all or none wait here
-                target = _grid_sync(arrivals_ptr, programs, target)
-
-            # 2: the splits merged, a query head a unit
-            if (PERSISTENT or phase == 2) and n_splits > 1:
-                splits = tl.arange(0, MAX_SPLITS)
-                split_ok = splits < n_splits
-                for head in range(pid, HQ, programs):
-                    part = parts_ptr + (head * MAX_SPLITS + splits) * (HD + 2)
-                    m = tl.load(part + HD, mask=split_ok, other=float("-inf"), cache_modifier=".cg")
-                    l_sum = tl.load(part + HD + 1, mask=split_ok, other=0.0, cache_modifier=".cg")
-                    o = tl.load(part[:, None] + dims[None, :], mask=split_ok[:, None], other=0.0, cache_modifier=".cg")
-                    weight = tl.where(split_ok, tl.exp2(m - tl.max(m, axis=0)), 0.0)  # an empty split: m = -inf, 0
-                    y = tl.sum(weight[:, None] * o, axis=0) / tl.sum(weight * l_sum, axis=0)
-                    tl.store(attn_ptr + head * HD + dims, y.to(dtype))
+                        # the kv head's split that finishes last merges them all: no barrier and phase of its own
+                        tl.debug_barrier()  # this program's partials all stored
+                        done = tl.atomic_add(counts_ptr + 1 + kv_head, 1, sem="acq_rel", scope="gpu")
+                        if done == n_splits - 1:
+                            tl.atomic_xchg(
+                                counts_ptr + 1 + kv_head, 0, sem="relaxed", scope="gpu"
+                            )  # for the next layer
+                            splits = tl.arange(0, MAX_SPLITS)
+                            both_ok = g_ok[:, None] & (splits < n_splits)[None, :]  # [G_PAD, MAX_SPLITS]
+                            parts_at = parts_ptr + (heads[:, None] * MAX_SPLITS + splits[None, :]) * (HD + 2)
+                            m_all = tl.load(parts_at + HD, mask=both_ok, other=float("-inf"), cache_modifier=".cg")
+                            l_all = tl.load(parts_at + HD + 1, mask=both_ok, other=0.0, cache_modifier=".cg")
+                            o_all = tl.load(
+                                parts_at[:, :, None] + dims[None, None, :],
+                                mask=both_ok[:, :, None],
+                                other=0.0,
+                                cache_modifier=".cg",
+                            )
+                            # an empty split (m = -inf) weighs 0; a padded head's row is never stored
+                            weight = tl.where(both_ok, tl.exp2(m_all - tl.max(m_all, axis=1)[:, None]), 0.0)
+                            y = tl.sum(weight[:, :, None] * o_all, axis=1) / tl.sum(weight * l_all, axis=1)[:, None]
+                            tl.store(attn_ptr + q_at, y.to(dtype), mask=g_ok[:, None])
             if PERSISTENT:
-                target = _grid_sync(arrivals_ptr, programs, target)
+                target = _grid_sync(counts_ptr, programs, target)
 
-            # 3: wo + the residual -> h
-            if PERSISTENT or phase == 3:
+            # 2: wo + the residual -> h
+            if PERSISTENT or phase == 2:
                 for block in range(pid, tl.cdiv(D, WO_ROWS), programs):
                     rows = block * WO_ROWS + tl.arange(0, WO_ROWS)
                     ok = rows < D
@@ -509,10 +517,10 @@ if triton is not None:
                     y += tl.load(x_src + rows, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
                     tl.store(h_ptr + rows, y.to(dtype), mask=ok)
             if PERSISTENT:
-                target = _grid_sync(arrivals_ptr, programs, target)
+                target = _grid_sync(counts_ptr, programs, target)
 
-            # 4: RMSNorm + w13 (gate rows, then up rows), SiLU(gate) * up -> hidden
-            if PERSISTENT or phase == 4:
+            # 3: RMSNorm + w13 (gate rows, then up rows), SiLU(gate) * up -> hidden
+            if PERSISTENT or phase == 3:
                 inv_rms = _inv_rms(h_ptr, D, EPS, BLOCK_K)
                 for block in range(pid, tl.cdiv(INTER, W13_ROWS), programs):
                     rows = block * W13_ROWS + tl.arange(0, W13_ROWS)
@@ -523,10 +531,10 @@ if triton is not None:
                     up = up.to(dtype).to(tl.float32)
                     tl.store(hidden_ptr + rows, (gate * tl.sigmoid(gate) * up).to(dtype), mask=ok)
             if PERSISTENT:
-                target = _grid_sync(arrivals_ptr, programs, target)
+                target = _grid_sync(counts_ptr, programs, target)
 
-            # 5: w2 + the residual -> the layer's output
-            if PERSISTENT or phase == 5:
+            # 4: w2 + the residual -> the layer's output
+            if PERSISTENT or phase == 4:
                 for block in range(pid, tl.cdiv(D, W2_ROWS), programs):
                     rows = block * W2_ROWS + tl.arange(0, W2_ROWS)
                     ok = rows < D
@@ -534,4 +542,4 @@ if triton is not None:
                     y += tl.load(h_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
                     tl.store(x_ptr + rows, y.to(dtype), mask=ok)
             if PERSISTENT and layer < last_layer:
-                target = _grid_sync(arrivals_ptr, programs, target)
+                target = _grid_sync(counts_ptr, programs, target)

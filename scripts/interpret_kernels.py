@@ -248,7 +248,7 @@ def layer_kernel(dim=96, n_heads=3, n_kv_heads=1, head_dim=32, context=280, wind
         for c, (k, v) in zip(caches, before):
             c.k_cache.copy_(k), c.v_cache.copy_(v)
         table = torch.tensor(megakernel.addresses(m), dtype=torch.int64)
-        m.layer_kernel_arrivals = torch.zeros(1, dtype=torch.int64)
+        m.layer_kernel_counts = torch.zeros(1 + n_kv_heads, dtype=torch.int64)
         m.run_layers = lambda x, cos, sin, attend, input_pos: megakernel.decode_layers(
             m, table, x, cos, sin, input_pos, 4, persistent=False
         )
