@@ -221,7 +221,8 @@ def decode_block(layers=2, n_experts=0, rope_in_attention=False, rope_in_qkv=Fal
 
 def layer_kernel(dim=96, n_heads=3, n_kv_heads=1, head_dim=32, context=280, window=None, start=0, layers=3):
     """megakernel.decode_layers (each phase of each layer its own launch, 4 programs) against the model's
-    own layers: a decode step's logits and every layer's cache after it. 280 filled slots: 2 splits, merged."""
+    own layers: a decode step's logits and every layer's cache after it. 280 filled slots: 4 splits (4
+    programs, 1 kv head), merged by the last to finish."""
     import megakernel
     from model import Transformer
 
@@ -401,10 +402,13 @@ def main():
     ]
     runs += [("DecodeBlock, a 2-layer model's decode step", decode_block)]
     runs += [
-        ("megakernel, 3 layers, 2 splits merged", layer_kernel),
+        ("megakernel, 3 layers, 4 splits merged by the last", layer_kernel),
         ("megakernel, a row start, one split", lambda: layer_kernel(context=20, start=3)),
         ("megakernel, a window of 100 of 600", lambda: layer_kernel(context=600, window=100)),
-        ("megakernel, no GQA, head dim 16, 8 splits", lambda: layer_kernel(64, 4, 4, 16, 2000, layers=2)),
+        (
+            "megakernel, no GQA, head dim 16, 2000 slots in one split a head",
+            lambda: layer_kernel(64, 4, 4, 16, 2000, layers=2),
+        ),
     ]
     runs += [
         ("wqkv + rope + cache write, SmolLM2's heads", decode_gemv_rope_kv),
