@@ -43,10 +43,11 @@ NUM_WARPS, NUM_STAGES = 4, 3  # the split kernel's launch (3 stages: Triton's de
 # A cache of at most this many tiles attends in one split a (row, kv head): no merge kernel, the tiles
 # read in turn by one program. generate.py's default cache is just prompt + new tokens (216 slots, 4
 # tiles, for a 16-token prompt and 200 new), where the 4 splits' merge is a launch a layer in the batch-1
-# chain (SmolLM2: 30 of its 217 kernels). Its GPU tests pass (H100, 2026-12-05); timed only with other
-# opt-in folds (SmolLM2 0.510 -> 0.495 ms, BENCHMARKS.md), not alone: 0 (off) by default;
-# FASTGEN_SINGLE_SPLIT_TILES=4 turns it on up to 4 tiles.
-SINGLE_SPLIT_MAX_TILES = int(os.environ.get("FASTGEN_SINGLE_SPLIT_TILES", "0"))
+# chain (SmolLM2: 30 of its 217 kernels). Its GPU tests pass (H100, 2026-12-05). On by default since it
+# won alone on an H100 (2026-12-05, sixth session, bench.py twice each): Qwen3-30B-A3B bf16 batch 1
+# 293.0 / 292.9 -> 295.2 / 294.9 tok/s (59.4 -> 59.8% of copy on the active bytes). FASTGEN_SINGLE_SPLIT_TILES=0
+# turns it off.
+SINGLE_SPLIT_MAX_TILES = int(os.environ.get("FASTGEN_SINGLE_SPLIT_TILES", "4"))
 
 
 # On by default since the H200 run of 2026-12-02 (BENCHMARKS.md): B8 at 8k filled 6.55 ms/step against
@@ -216,8 +217,7 @@ def num_splits(batch: int, n_kv_heads: int, cache_len: int, target_programs: int
     """Splits of the slot axis per (row, kv head): enough programs to fill the GPU, each at least
     one tile. Static for a cache shape, so a CUDA graph replays the same launch at every length. One
     split (Llama-3-8B from batch 32 over a bf16 cache, 64 over int8; a cache of one tile, or of at most
-    SINGLE_SPLIT_MAX_TILES, opt-in) writes the output itself: no merge kernel (since 2026-12-05, third
-    session; not yet timed)."""
+    SINGLE_SPLIT_MAX_TILES) writes the output itself: no merge kernel."""
     tiles = -(-cache_len // BLOCK_N)
     if tiles <= SINGLE_SPLIT_MAX_TILES:
         return 1
