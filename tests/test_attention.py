@@ -173,12 +173,13 @@ def test_split_kv_splits(monkeypatch):
     with SINGLE_SPLIT_MAX_TILES for a cache of at most that many tiles."""
     import kv_attention
 
+    monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", 0)  # off (FASTGEN_SINGLE_SPLIT_TILES=0)
     assert kv_attention.num_splits(1, 8, 8448, 256) == 32  # 256 programs, Llama-3-8B's 8 kv heads
     assert kv_attention.num_splits(1, 3, 32768, 256) == 64  # MAX_SPLITS
     assert kv_attention.num_splits(1, 3, 216, 256) == 4  # a tile a split at most
     assert kv_attention.num_splits(2, 8, 50, 256) == 1  # one tile
     assert kv_attention.num_splits(32, 8, 8448, 256) == 1  # B32 fills 256 programs alone
     assert kv_attention.num_splits(32, 8, 8448, 512) == 2
-    monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", 4)
+    monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", 4)  # the default
     assert kv_attention.num_splits(1, 3, 216, 256) == 1
     assert kv_attention.num_splits(1, 3, 320, 256) == 5  # 5 tiles: split as before

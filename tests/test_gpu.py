@@ -371,6 +371,7 @@ def test_split_kv_cache_decodes_like_the_flex_path(monkeypatch, merge_in_splits)
     want = greedy(cuda, PROMPTS[:3], 20, 128)
     monkeypatch.setattr(kv_attention, "UNQUANTIZED_ENABLED", True)
     monkeypatch.setattr(kv_attention, "MERGE_IN_SPLITS", merge_in_splits)
+    monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", 0)  # these 4-tile caches split (and merge)
     for compile, max_seq_len in ((False, 144), (True, 160)):  # a new length makes setup() remake the caches
         assert greedy(cuda, PROMPTS[:3], 20, max_seq_len, compile=compile) == want
         assert isinstance(cuda.layers[0].attention.kv_cache, kv_attention.SplitKVCache)
@@ -644,6 +645,8 @@ def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, one_attent
     monkeypatch.setattr(gemv, "FLOAT_GEMV_ENABLED", True)
     monkeypatch.setattr(kv_attention, "ROPE_IN_ATTENTION", one_attention_kernel)
     monkeypatch.setattr(kv_attention, "MERGE_IN_SPLITS", one_attention_kernel)
+    if one_attention_kernel:  # split the 2-tile caches, so that the last split merges (one split is the default)
+        monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", 0)
     monkeypatch.setattr(kv_attention, "PDL", pdl)
     cpu = random_model(shape)
     want = [greedy(cpu, [p], 40, 128)[0] for p in PROMPTS[:2]]
