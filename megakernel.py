@@ -529,9 +529,11 @@ if triton is not None:
                                 other=0.0,
                                 cache_modifier=".cg",
                             )
-                            # an empty split (m = -inf) weighs 0; a padded head's row is never stored
-                            weight = tl.where(both_ok, tl.exp2(m_all - tl.max(m_all, axis=1)[:, None]), 0.0)
-                            y = tl.sum(weight[:, :, None] * o_all, axis=1) / tl.sum(weight * l_all, axis=1)[:, None]
+                            # an empty split (m = -inf) weighs 0; a padded head (all -inf) gets 0 / 1, never stored
+                            m_max = tl.where(g_ok, tl.max(m_all, axis=1), 0.0)
+                            weight = tl.where(both_ok, tl.exp2(m_all - m_max[:, None]), 0.0)
+                            total = tl.where(g_ok, tl.sum(weight * l_all, axis=1), 1.0)
+                            y = tl.sum(weight[:, :, None] * o_all, axis=1) / total[:, None]
                             tl.store(attn_ptr + q_at, y.to(dtype), mask=g_ok[:, None])
             if PERSISTENT:
                 target = _grid_sync(counts_ptr, programs, target)
