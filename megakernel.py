@@ -115,10 +115,13 @@ def decode_layers_reference(model: Transformer, x, cos, sin, attend, input_pos) 
     return Transformer.run_layers(model, x, cos, sin, attend, input_pos)
 
 
-def decode_layers(model: Transformer, table, x, cos, sin, input_pos, programs: int, persistent: bool = True):
+def decode_layers(
+    model: Transformer, table, x, cos, sin, input_pos, programs: int, persistent: bool = True, times=None
+):
     """x [1, 1, D] (the embedded token), cos/sin [.., HD] at its position, input_pos [1] (its slot)
     -> [1, 1, D], every layer applied; writes each layer's k and v into its cache at the slot.
-    persistent=False launches each phase of each layer on its own (Triton's interpreter)."""
+    persistent=False launches each phase of each layer on its own (Triton's interpreter). times: an int64
+    [programs, L, 5, 2] tensor to take each phase's end and barrier exit (megakernel_phases.py), or None."""
     args = model.args
     D, HQ, HKV, HD, inter = args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.intermediate_size
     dtype, device = x.dtype, x.device
@@ -156,14 +159,14 @@ def decode_layers(model: Transformer, table, x, cos, sin, input_pos, programs: i
         **blocks,
     )
     common = (x_in, out, h, q, attn, parts, hidden, table, cos.reshape(-1), sin.reshape(-1), input_pos.reshape(1))
-    common += (model.row_start, model.layer_kernel_counts, S, args.sliding_window or 0)
+    common += (model.row_start, model.layer_kernel_counts, times, S, args.sliding_window or 0)
     n_layers = len(model.layers)
     if persistent:
-        _layers_kernel[(programs,)](*common, 0, n_layers, 0, PERSISTENT=True, **launch)
+        _layers_kernel[(programs,)](*common, 0, n_layers, 0, PERSISTENT=True, TIMED=times is not None, **launch)
     else:
         for layer in range(n_layers):
             for phase in range(5):
-                _layers_kernel[(programs,)](*common, layer, 1, phase, PERSISTENT=False, **launch)
+                _layers_kernel[(programs,)](*common, layer, 1, phase, PERSISTENT=False, TIMED=False, **launch)
     return out.view(1, 1, D)
 
 
@@ -217,6 +220,19 @@ if triton is not None:
         while tl.atomic_add(arrivals_ptr, 0, sem="acquire", scope="gpu") < target:  # compiles to ld.acquire
             pass
         tl.debug_barrier()
+        return target
+
+    @triton.jit
+    def _phase_done(
+        counts_ptr, programs, target, times_ptr, pid, layer, n_layers, PHASE: tl.constexpr, TIMED: tl.constexpr
+    ):
+        # the barrier after a phase; TIMED: the GPU's clock (ns) when this program finished the phase and when it
+        # left the barrier, at times[pid, layer, PHASE] (scripts/megakernel_phases.py reads them)
+        if TIMED:
+            tl.store(times_ptr + ((pid * n_layers + layer) * 5 + PHASE) * 2, tl.extra.cuda.globaltimer())
+        target = _grid_sync(counts_ptr, programs, target)
+        if TIMED:
+            tl.store(times_ptr + ((pid * n_layers + layer) * 5 + PHASE) * 2 + 1, tl.extra.cuda.globaltimer())
         return target
 
     @triton.jit
@@ -337,12 +353,14 @@ if triton is not None:
         slot_ptr,  # [1]: the token's cache slot
         row_start_ptr,  # [1]: the row's first valid slot
         counts_ptr,  # [1 + HKV] int64: the barrier's arrivals (ever growing), each kv head's finished splits
+        times_ptr,  # TIMED: [programs, L, 5, 2] int64 (see _phase_done); else None
         S,  # cache slots
         WINDOW,  # sliding window (0: none)
         first_layer,
         n_layers,
         phase,  # PERSISTENT=False: the one phase to run
         PERSISTENT: tl.constexpr,
+        TIMED: tl.constexpr,
         D: tl.constexpr,
         HQ: tl.constexpr,
         HKV: tl.constexpr,
@@ -471,7 +489,7 @@ if triton is not None:
                     tl.store(v_cache + at, o1.to(dtype), mask=is_v)
                     tl.store(v_cache + at + half, o2.to(dtype), mask=is_v)
             if PERSISTENT:
-                target = _grid_sync(counts_ptr, programs, target)
+                target = _phase_done(counts_ptr, programs, target, times_ptr, pid, layer, n_layers, 0, TIMED)
 
             # 1: attention, a (kv head, split) a unit: its G query heads over the split's slots, online softmax
             if PERSISTENT or phase == 1:
@@ -536,7 +554,7 @@ if triton is not None:
                             y = tl.sum(weight[:, :, None] * o_all, axis=1) / total[:, None]
                             tl.store(attn_ptr + q_at, y.to(dtype), mask=g_ok[:, None])
             if PERSISTENT:
-                target = _grid_sync(counts_ptr, programs, target)
+                target = _phase_done(counts_ptr, programs, target, times_ptr, pid, layer, n_layers, 1, TIMED)
 
             # 2: wo + the residual -> h
             if PERSISTENT or phase == 2:
@@ -547,7 +565,7 @@ if triton is not None:
                     y += tl.load(x_src + rows, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
                     tl.store(h_ptr + rows, y.to(dtype), mask=ok)
             if PERSISTENT:
-                target = _grid_sync(counts_ptr, programs, target)
+                target = _phase_done(counts_ptr, programs, target, times_ptr, pid, layer, n_layers, 2, TIMED)
 
             # 3: RMSNorm + w13 (gate rows, then up rows), SiLU(gate) * up -> hidden
             if PERSISTENT or phase == 3:
@@ -562,7 +580,7 @@ if triton is not None:
                     up = up.to(dtype).to(tl.float32)
                     tl.store(hidden_ptr + rows, (gate * tl.sigmoid(gate) * up).to(dtype), mask=ok)
             if PERSISTENT:
-                target = _grid_sync(counts_ptr, programs, target)
+                target = _phase_done(counts_ptr, programs, target, times_ptr, pid, layer, n_layers, 3, TIMED)
 
             # 4: w2 + the residual -> the layer's output
             if PERSISTENT or phase == 4:
@@ -573,4 +591,4 @@ if triton is not None:
                     y += tl.load(h_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
                     tl.store(x_ptr + rows, y.to(dtype), mask=ok)
             if PERSISTENT and layer < last_layer:
-                target = _grid_sync(counts_ptr, programs, target)
+                target = _phase_done(counts_ptr, programs, target, times_ptr, pid, layer, n_layers, 4, TIMED)

@@ -294,6 +294,21 @@ mega)
     summary+=("  $(tail -n 1 "$out/tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tests.txt" | head -6)")
     ;;
+megaphases)
+    # ~3 min. FIRST next time: the megakernel's unrolled form (9d3d56f, not yet timed; its rolled first form took
+    # 0.732 ms a SmolLM2 step against 0.503 for the default, H100 2026-12-05) and where its step goes phase by
+    # phase (scripts/megakernel_phases.py: each phase's work, spread and barrier, from the GPU's clock)
+    step mega_tests 180 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k megakernel -x
+    summary+=("  $(tail -n 1 "$out/mega_tests.txt")")
+    decode smol 45 --model smollm2-135m --new-tokens 256
+    summary+=("  $(grep -h 'generate()' "$out/smol.txt" | head -1)")
+    FASTGEN_MEGAKERNEL=1 decode smol_mega 60 --model smollm2-135m --new-tokens 256
+    summary+=("  $(grep -h 'generate()' "$out/smol_mega.txt" | head -1)")
+    step phases 60 python scripts/megakernel_phases.py --model smollm2-135m
+    summary+=("$(tail -n 8 "$out/phases.txt")")
+    step phases_8k 60 python scripts/megakernel_phases.py --model smollm2-135m --ctx 8000
+    summary+=("$(tail -n 7 "$out/phases_8k.txt")")
+    ;;
 moebench)
     # ~6 min: issue 17 on an H100: Qwen3-30B-A3B bf16 B1 (59.5% of copy before the in-place decode loop) and
     # Mixtral int8 B1 (63% on the H200; not on an H100 since the int8 expert GEMV), copy in the same run
