@@ -49,10 +49,13 @@
 #   bash scripts/gpu_pending.sh next       # ~8 min: FIRST next time: 4cf7e70's fix on a GPU, then Qwen3-30B-A3B B1
 #                                          #   (48 layers) fused / unfused, expert_down_mix's 1-token tile, SmolLM2
 #                                          #   unfused (issue 17's 60%, issue 11's 2500 tok/s), Llama-3.2-1B
-#   bash scripts/gpu_pending.sh inplace    # ~9 min: FIRST next time: the decode loop with nothing between its CUDA-graph
-#                                          #   replays (c93a4b2, generate.advancing): its GPU tests, SmolLM2's generate()
-#                                          #   rate against its replayed step, Qwen3-30B-A3B bf16 and Mixtral int8 B1
-#                                          #   through bench.py on an H100 (issue 17's 60% of copy on active bytes)
+#   bash scripts/gpu_pending.sh megaphases # ~3 min: FIRST next time: the unrolled megakernel (9d3d56f) against the
+#                                          #   default SmolLM2 step, and its phases' times (megakernel_phases.py)
+#   bash scripts/gpu_pending.sh mega       # ~4 min: the megakernel's GPU tests, SmolLM2 with it (132 / 66 programs,
+#                                          #   no prefetch), the decode-loop tests (ran 2026-12-05, sixth session)
+#   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
+#   bash scripts/gpu_pending.sh inplace    # ~9 min: the in-place decode loop's tests, SmolLM2, Qwen3 and Mixtral
+#                                          #   B1 (ran as `mega` + `moebench` in the sixth session)
 #   bash scripts/gpu_pending.sh ropeqkv    # ~4 min: next: SmolLM2-135M with SINGLE_SPLIT_TILES 4 alone
 #                                          #   and with ROPE_IN_QKV (the H100 run of 2026-12-05 had a removed fold in
 #                                          #   it), 12 Qwen3 layers with the one split, Qwen3 B1 through bench.py
