@@ -46,7 +46,7 @@
 #                                          #   against 6.9 / 6.7). Its launch sweep at B8 8k, its GPU tests, then
 #                                          #   Llama-3-8B B8 8k filled with an int8 cache without / with it and with
 #                                          #   a bf16 cache (6.456 / 6.337 / 6.407 ms on 2026-12-05: issue 10 wants 1.1x)
-#   bash scripts/gpu_pending.sh next       # ~8 min: FIRST next time: 4cf7e70's fix on a GPU, then Qwen3-30B-A3B B1
+#   bash scripts/gpu_pending.sh next       # ~8 min: 4cf7e70's fix on a GPU, then Qwen3-30B-A3B B1
 #                                          #   (48 layers) fused / unfused, expert_down_mix's 1-token tile, SmolLM2
 #                                          #   unfused (issue 17's 60%, issue 11's 2500 tok/s), Llama-3.2-1B
 #   bash scripts/gpu_pending.sh megaphases # ~3 min: FIRST next time: the unrolled megakernel (9d3d56f) against the
