@@ -249,7 +249,7 @@ kvfp16)
     decode llama_b8_8k_bf16kv 110 --model llama-3-8b --batch 8 --ctx 8192
     ;;
 next)
-    # FIRST after 2026-12-05's second session: 4cf7e70's fix (blocks eager under the compiler only over our
+    # After 2026-12-05's second session: 4cf7e70's fix (blocks eager under the compiler only over our
     # attention kernel) on a GPU, then issue 17's Qwen3 B1 (3.036 ms, 48% of copy on active bytes): with PDL
     # the folds' saved launches matter less, so the unfused blocks may now win (the folded wqkv read 21 MB
     # in 12 us); expert_down_mix at 1 token runs the 2-token tile (the sweep's "kernel default" row against
@@ -344,7 +344,7 @@ inplace)
     summary+=("$(grep -iE 'copy|^\| mixtral' "$out/mixtral_bench.txt" | head -3)")
     ;;
 ropeqkv)
-    # FIRST next time (~4 min). The opt-in folds ran on an H100 on 2026-12-05 (fourth session; the tier passed,
+    # ~4 min. The opt-in folds ran on an H100 on 2026-12-05 (fourth session; the tier passed,
     # BENCHMARKS.md): SmolLM2-135M 0.510 ms default, 0.523 with gemv.ROPE_IN_QKV, 0.495 with
     # kv_attention.SINGLE_SPLIT_MAX_TILES 4 too, but that run also had a final-norm fold (since removed) that
     # cost ~14 us. Never timed: SINGLE_SPLIT_TILES alone, and with ROPE_IN_QKV without the fold. Flip what wins
