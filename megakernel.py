@@ -245,34 +245,17 @@ if triton is not None:
         return tl.rsqrt(tl.sum(squares, axis=0) / K + EPS)
 
     @triton.jit
-    def _rows_dot(w_ptr, rows, row_ok, v_ptr, g_ptr, K: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr):
-        # fp32 [R]: weight rows `rows` of w [N, K] times v (times the norm weight g, where g_ptr is given).
-        # The loop is unrolled so that all of a program's loads are issued before the first one is used: a
-        # program reads only a few KB a phase, so its time is the round trips, one instead of K / BLOCK_K
-        # (a rolled loop: SmolLM2 0.691 ms a step in this kernel on an H100, 2026-12-05)
-        acc = tl.zeros((R, BLOCK_K), dtype=tl.float32)
-        w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
-        for k0 in tl.static_range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < K
-            v = tl.load(v_ptr + k, mask=k_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-            if g_ptr is not None:
-                v = v * tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(
-                w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first"
-            )
-            acc += w.to(tl.float32) * v[None, :]
-        return tl.sum(acc, axis=1)
-
-    @triton.jit
-    def _rows_dot_pair(
+    def _rows_dot(
         w_ptr, rows, other_rows, row_ok, v_ptr, g_ptr, K: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr
     ):
-        # _rows_dot for two sets of rows at once (RoPE's pairs, gate and up): both sets' loads in flight together
+        # fp32 [R] twice: weight rows `rows` and `other_rows` (RoPE's pairs, gate and up; None: one set, the
+        # second result 0) of w [N, K] times v (times the norm weight g, where g_ptr is given). The loop is
+        # unrolled so that all of a program's loads are issued before the first one is used: a program reads
+        # only a few KB a phase, so its time is the round trips, one instead of K / BLOCK_K (rolled, with
+        # each set in a loop of its own: SmolLM2 0.691 ms a step in this kernel on an H100, 2026-12-05)
         acc = tl.zeros((R, BLOCK_K), dtype=tl.float32)
         acc_other = tl.zeros((R, BLOCK_K), dtype=tl.float32)
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
-        w_other = w_ptr + other_rows.to(tl.int64)[:, None] * K
         for k0 in tl.static_range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < K
@@ -281,10 +264,34 @@ if triton is not None:
                 v = v * tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
             w_ok = row_ok[:, None] & k_ok[None, :]
             w = tl.load(w_rows + k[None, :], mask=w_ok, other=0.0, eviction_policy="evict_first")
-            w2 = tl.load(w_other + k[None, :], mask=w_ok, other=0.0, eviction_policy="evict_first")
             acc += w.to(tl.float32) * v[None, :]
-            acc_other += w2.to(tl.float32) * v[None, :]
+            if other_rows is not None:
+                w_other = w_ptr + other_rows.to(tl.int64)[:, None] * K + k[None, :]
+                acc_other += (
+                    tl.load(w_other, mask=w_ok, other=0.0, eviction_policy="evict_first").to(tl.float32) * v[None, :]
+                )
         return tl.sum(acc, axis=1), tl.sum(acc_other, axis=1)
+
+    @triton.jit
+    def _residual_projection(
+        w_ptr,
+        v_ptr,
+        res_ptr,
+        out_ptr,
+        pid,
+        programs,
+        N: tl.constexpr,
+        K: tl.constexpr,
+        R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        # out = res + w [N, K] @ v, R output rows a block, the blocks dealt round the programs (wo, w2)
+        for block in range(pid, tl.cdiv(N, R), programs):
+            rows = block * R + tl.arange(0, R)
+            ok = rows < N
+            y, _ = _rows_dot(w_ptr, rows, None, ok, v_ptr, None, K, R, BLOCK_K)
+            y += tl.load(res_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _prefetch_rows(w_ptr, rows, row_ok, K: tl.constexpr, LINES: tl.constexpr):
@@ -401,28 +408,9 @@ if triton is not None:
         chunk = tl.cdiv(tl.cdiv(n_valid, n_splits), BLOCK_S) * BLOCK_S
         dims = tl.arange(0, HD)
         last_layer = first_layer + n_layers - 1
-        if PREFETCH:
-            _prefetch_layer(
-                table_ptr,
-                first_layer,
-                pid,
-                programs,
-                dtype,
-                D,
-                HQ,
-                HKV,
-                HD,
-                INTER,
-                QKV_PAIRS,
-                WO_ROWS,
-                W13_ROWS,
-                W2_ROWS,
-                LINES_D,
-                LINES_A,
-                LINES_I,
-            )
         for layer in range(first_layer, first_layer + n_layers):
             if PREFETCH and layer < last_layer:  # the next layer's weights read from DRAM while this one runs
+                # (the first layer's are not: one layer of many)
                 _prefetch_layer(
                     table_ptr,
                     layer + 1,
@@ -465,9 +453,7 @@ if triton is not None:
                     ok = pairs < n_pairs
                     head, i = pairs // half, pairs % half
                     lo_rows = head * HD + i
-                    y1, y2 = _rows_dot_pair(
-                        wqkv, lo_rows, lo_rows + half, ok, x_src, attention_norm, D, QKV_PAIRS, BLOCK_K
-                    )
+                    y1, y2 = _rows_dot(wqkv, lo_rows, lo_rows + half, ok, x_src, attention_norm, D, QKV_PAIRS, BLOCK_K)
                     y1 *= inv_rms
                     y2 *= inv_rms
                     y1 = y1.to(dtype).to(tl.float32)  # wqkv's output, in the activations' dtype as the model has it
@@ -558,12 +544,7 @@ if triton is not None:
 
             # 2: wo + the residual -> h
             if PERSISTENT or phase == 2:
-                for block in range(pid, tl.cdiv(D, WO_ROWS), programs):
-                    rows = block * WO_ROWS + tl.arange(0, WO_ROWS)
-                    ok = rows < D
-                    y = _rows_dot(wo, rows, ok, attn_ptr, None, HQ * HD, WO_ROWS, BLOCK_K)
-                    y += tl.load(x_src + rows, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-                    tl.store(h_ptr + rows, y.to(dtype), mask=ok)
+                _residual_projection(wo, attn_ptr, x_src, h_ptr, pid, programs, D, HQ * HD, WO_ROWS, BLOCK_K)
             if PERSISTENT:
                 target = _phase_done(counts_ptr, programs, target, times_ptr, pid, layer, n_layers, 2, TIMED)
 
@@ -573,7 +554,7 @@ if triton is not None:
                 for block in range(pid, tl.cdiv(INTER, W13_ROWS), programs):
                     rows = block * W13_ROWS + tl.arange(0, W13_ROWS)
                     ok = rows < INTER
-                    gate, up = _rows_dot_pair(w13, rows, rows + INTER, ok, h_ptr, ffn_norm, D, W13_ROWS, BLOCK_K)
+                    gate, up = _rows_dot(w13, rows, rows + INTER, ok, h_ptr, ffn_norm, D, W13_ROWS, BLOCK_K)
                     gate *= inv_rms
                     up *= inv_rms
                     gate = gate.to(dtype).to(tl.float32)  # w13's output, in the activations' dtype
@@ -584,11 +565,6 @@ if triton is not None:
 
             # 4: w2 + the residual -> the layer's output
             if PERSISTENT or phase == 4:
-                for block in range(pid, tl.cdiv(D, W2_ROWS), programs):
-                    rows = block * W2_ROWS + tl.arange(0, W2_ROWS)
-                    ok = rows < D
-                    y = _rows_dot(w2, rows, ok, hidden_ptr, None, INTER, W2_ROWS, BLOCK_K)
-                    y += tl.load(h_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-                    tl.store(x_ptr + rows, y.to(dtype), mask=ok)
+                _residual_projection(w2, hidden_ptr, h_ptr, x_ptr, pid, programs, D, INTER, W2_ROWS, BLOCK_K)
             if PERSISTENT and layer < last_layer:
                 target = _phase_done(counts_ptr, programs, target, times_ptr, pid, layer, n_layers, 4, TIMED)

@@ -52,10 +52,8 @@
 #   bash scripts/gpu_pending.sh megaphases # ~3 min: FIRST next time: the unrolled megakernel (9d3d56f) against the
 #                                          #   default SmolLM2 step, and its phases' times (megakernel_phases.py)
 #   bash scripts/gpu_pending.sh mega       # ~4 min: the megakernel's GPU tests, SmolLM2 with it (132 / 66 programs,
-#                                          #   no prefetch), the decode-loop tests (ran 2026-12-05, sixth session)
+#                                          #   no prefetch), the in-place decode loop's tests (ran 2026-12-05, sixth session)
 #   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
-#   bash scripts/gpu_pending.sh inplace    # ~9 min: the in-place decode loop's tests, SmolLM2, Qwen3 and Mixtral
-#                                          #   B1 (ran as `mega` + `moebench` in the sixth session)
 #   bash scripts/gpu_pending.sh ropeqkv    # ~4 min: next: SmolLM2-135M with SINGLE_SPLIT_TILES 4 alone
 #                                          #   and with ROPE_IN_QKV (the H100 run of 2026-12-05 had a removed fold in
 #                                          #   it), 12 Qwen3 layers with the one split, Qwen3 B1 through bench.py
@@ -278,7 +276,7 @@ mega)
     # ~6 min. megakernel.py (opt-in FASTGEN_MEGAKERNEL=1, never run on a GPU): every layer of the batch-1 step
     # as one persistent kernel, its programs meeting at grid barriers. Its GPU tests (a hang = the barrier:
     # the timeout ends it), then SmolLM2-135M without / with (issue 11: 0.4 ms wanted; 0.486-0.510 now), eager
-    # and compiled. Then the decode-loop tests of `inplace`
+    # and compiled. Then the in-place decode loop's tests (c93a4b2)
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
     step mega_tests 180 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k megakernel -x
     summary+=("  $(tail -n 1 "$out/mega_tests.txt")")
@@ -318,27 +316,6 @@ moebench)
     step qwen3_bench 175 python scripts/bench.py --suite moe --models qwen3-30b-a3b --weights bf16 --batch 1 \
         --no-cold-start --time-budget-s 130
     summary+=("$(grep -iE 'copy|^\| qwen' "$out/qwen3_bench.txt" | head -3)")
-    step mixtral_bench 175 python scripts/bench.py --suite moe --models mixtral-8x7b --weights int8 --batch 1 \
-        --no-cold-start --time-budget-s 130
-    summary+=("$(grep -iE 'copy|^\| mixtral' "$out/mixtral_bench.txt" | head -3)")
-    ;;
-inplace)
-    # c93a4b2: each replay of the decode step hands back its own input buffers, so the loop queues only the
-    # token's copy to the host between replays (before: two input copies, a clone, an increment). Before it,
-    # generate() ran 18 us a step slower than the replayed step at SmolLM2 (0.528 vs 0.510 ms, H100) and 43 us
-    # at Qwen3-30B-A3B (3.41 vs 3.367 ms: bench.py 59.5% of copy, issue 17 wants 60). profile_decode's replayed
-    # step still copies its inputs in each call; generate()'s rate is the loop as users run it
-    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    step tests 110 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -n 4 -k \
-        "nothing_between_replays or cuda_graph_decode_equals or samples_and_rerecords or chat_turns or never_compiles"
-    summary+=("  $(tail -n 1 "$out/tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/tests.txt" | head -6)")
-    decode smol 45 --model smollm2-135m --new-tokens 256
-    summary+=("  $(grep -h 'generate()' "$out/smol.txt" | head -1)")
-    step qwen3_bench 175 python scripts/bench.py --suite moe --models qwen3-30b-a3b --weights bf16 --batch 1 \
-        --no-cold-start --time-budget-s 130
-    summary+=("$(grep -iE 'copy|^\| qwen' "$out/qwen3_bench.txt" | head -3)")
-    # Mixtral int8 B1: 63% of copy on the H200 (2026-12-03), 46% on the H100 before the int8 expert GEMV
     step mixtral_bench 175 python scripts/bench.py --suite moe --models mixtral-8x7b --weights int8 --batch 1 \
         --no-cold-start --time-budget-s 130
     summary+=("$(grep -iE 'copy|^\| mixtral' "$out/mixtral_bench.txt" | head -3)")
@@ -464,7 +441,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, inplace, ropeqkv, next, ncukv, fusedcheck, pdltier, pdl, fusedsweep, batch32, longctx, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, megaphases, mega, moebench, ropeqkv, next, ncukv, fusedcheck, pdltier, pdl, fusedsweep, batch32, longctx, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac
