@@ -786,6 +786,33 @@ def test_megakernel_equals_the_models_layers(shape, dtype, context):
             assert torch.allclose(v.float(), v_want.float(), rtol=tol, atol=tol), step
 
 
+def test_megakernel_clock_stamps_order_every_phase():
+    """megakernel.decode_layers(times=...) (scripts/megakernel_phases.py): every program stamps each phase's end
+    and its exit from the barrier after it, and the stamps say what a grid barrier is: no program leaves a
+    barrier before the last one has finished the phase; the output is the untimed kernel's."""
+    import megakernel
+
+    model = on(random_model("tied"), "cuda", torch.float32)
+    model.setup_caches(1, 64)
+    assert megakernel.use_layer_kernel(model)
+    L, programs = model.args.n_layers, model.layer_kernel_programs
+    times = torch.zeros(programs, L, 5, 2, dtype=torch.int64, device="cuda")
+    x = torch.randn(1, 1, model.args.dim, device="cuda")
+    cos, sin = (
+        torch.ones(1, 1, 1, model.args.head_dim, device="cuda"),
+        torch.zeros(1, 1, 1, model.args.head_dim, device="cuda"),
+    )
+    input_pos = torch.tensor([0], device="cuda")
+    with torch.no_grad():
+        plain = megakernel.decode_layers(model, model.layer_kernel_table, x, cos, sin, input_pos, programs)
+        timed = megakernel.decode_layers(model, model.layer_kernel_table, x, cos, sin, input_pos, programs, times=times)
+    assert torch.allclose(plain, timed, rtol=1e-5, atol=1e-6)  # compiled apart: an FMA may differ
+    done, left = times[..., 0].flatten(1)[:, :-1], times[..., 1].flatten(1)[:, :-1]  # the last w2 has no barrier
+    assert (done > 0).all() and (left >= done).all()
+    assert (done[:, 1:] >= left[:, :-1]).all()  # a program's phases in order
+    assert (left.min(dim=0).values >= done.max(dim=0).values).all()  # the barrier: all finished before any left
+
+
 @pytest.mark.parametrize("shape, compile", [("gqa-hd128", False), ("window", True), ("tied", True)])
 def test_megakernel_decode_equals_cpu_fp32_eager(monkeypatch, shape, compile):
     """generate.Generator with FASTGEN_MEGAKERNEL (megakernel.ENABLED): the CUDA-graph decode of a batch-1
