@@ -495,7 +495,7 @@ class Generator:
             m.setup_caches(batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype))
         gemv.use_decode_kernels(m)
         # every layer of the batch-1 step as one kernel (opt-in): not inside a fullgraph compile (its launch is eager)
-        if megakernel.ENABLED and (self.compile_around_blocks or self.compile_blocks or not self.step_compiled_whole):
+        if megakernel.ENABLED and not self.step_compiled_whole:
             megakernel.use_layer_kernel(m)
         # the target's blocks only: a draft's steps compile whole (fullgraph)
         if kv_attention.pdl_applies(self.device) and (self.compile_around_blocks or self.compile_blocks):
