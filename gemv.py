@@ -283,13 +283,28 @@ def decode_gemv_config(n: int, k: int) -> dict:
     return dict(BLOCK_N=2, BLOCK_K=2048 if k > 4096 else 1024, num_warps=2 if k > 4096 else 4)
 
 
+# A float weight of at most this many elements (SmolLM2-135M's w13 and w2) is read by fewer, longer
+# programs: its step is latency-bound, not bandwidth-bound. On an H100 (2026-12-05, seventh session;
+# scripts/fused_gemv_sweep.py, then the whole replayed step) SmolLM2's w13 with the norm and SiLU * up went
+# 4.64 -> 3.55 us a call at 2 outputs (4 rows) a program and 2 warps, w2 2.87 -> 2.57 at 2048-wide K steps
+# and 8 warps; the step 0.503 -> 0.472 -> 0.460 ms. The same w13 tile for Qwen3-30B-A3B's experts (8 x 3.1M)
+# won alone (21.6 -> 19.0 us) but lost in the step (12 layers 0.993 -> 1.115 ms: under programmatic dependent
+# launch the next kernel waits for the longer programs' tail), so larger weights keep the tiles above.
+SMALL_FLOAT_WEIGHT = 2 * 2**20
+
+
 def decode_gemv_tiles(n: int, k: int, int8: bool, glu: bool) -> dict:
     """_decode_gemv_kernel's launch for an [n, k] weight: an int8 one takes int8_gemv_config's
     (swept on the H200), a float one the float sweep's; with glu a program's BLOCK_N outputs read twice as
     many weight rows, so it takes half as many."""
     cfg = int8_gemv_config(n, k) if int8 else {**decode_gemv_config(n, k), "CONVERT": -1}
-    if glu:
+    small = not int8 and n * k <= SMALL_FLOAT_WEIGHT
+    if glu and small:
+        cfg.update(BLOCK_N=2, num_warps=2)
+    elif glu:
         cfg["BLOCK_N"] = max(1, cfg["BLOCK_N"] // 2)
+    elif small and k > 1024:
+        cfg.update(BLOCK_K=2048, num_warps=8)
     return cfg
 
 

@@ -44,6 +44,8 @@ SHAPES = {
     "llama-wo": (4096, 4096, dict(residual=True)),
     "llama-w13": (28672, 4096, dict(norm=True, glu=True)),
     "llama-w2": (4096, 14336, dict(residual=True)),
+    "qwen3-wqkv": (5120, 2048, dict(norm=True)),
+    "qwen3-wo": (2048, 4096, dict(residual=True)),
     "qwen3-experts-w13": (1536, 2048, dict(norm=True, glu=True, experts=(128, 8))),
     "qwen3-experts-w2": (2048, 768, dict(experts=(128, 8))),
 }
