@@ -2,6 +2,13 @@
 # The GPU runs this repo still owes (NOTES.md says why), batched for a device call of at most
 # 10 minutes each. Run from the repository root on the GPU machine:
 #
+#   bash scripts/gpu_pending.sh downall    # ~5 min: FIRST next time: expert_down_mix's 1-token form that loads every
+#                                          #   chosen expert's rows at once (gemv.EXPERT_DOWN_ALL_AT_ONCE, the default
+#                                          #   since 2026-12-05, seventh session; never on a GPU): its GPU tests, the
+#                                          #   kernel alone against the expert-by-expert loop (13.8 us on the H100),
+#                                          #   12 Qwen3 layers with and without (0.993 ms without)
+#   bash scripts/gpu_pending.sh downbench  # ~6 min: then Qwen3-30B-A3B B1 through bench.py with and without it (issue
+#                                          #   17: 295.2 tok/s = 59.8% of copy without, wants 60%)
 #   bash scripts/gpu_pending.sh tests-parallel  # ~4 min: the whole GPU tier over 4 pytest-xdist workers
 #                                          #   (xdist is on the H200 image; last run: e642354, 88 passed, 3 min 49 s)
 #   bash scripts/gpu_pending.sh tests      # ~6 min: the same, one worker
@@ -294,6 +301,24 @@ mega)
         "nothing_between_replays or cuda_graph_decode_equals or samples_and_rerecords or chat_turns or never_compiles"
     summary+=("  $(tail -n 1 "$out/tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tests.txt" | head -6)")
+    ;;
+downall)
+    step down_tests 240 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_moe.py tests/test_gpu.py -k "moe or expert"
+    summary+=("  $(tail -n 1 "$out/down_tests.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/down_tests.txt" | head -8)")
+    step down1_all 90 python scripts/moe_down_sweep.py --tokens 1
+    summary+=("$(grep -E '^\| 1 \| kernel default' "$out/down1_all.txt")  (every expert at once)")
+    FASTGEN_EXPERT_DOWN_ALL_AT_ONCE=0 step down1_loop 90 python scripts/moe_down_sweep.py --tokens 1
+    summary+=("$(grep -E '^\| 1 \| (inductor|kernel)' "$out/down1_loop.txt")  (expert by expert)")
+    decode q12_all 120 --model qwen3-30b-a3b --layers 12
+    FASTGEN_EXPERT_DOWN_ALL_AT_ONCE=0 decode q12_loop 120 --model qwen3-30b-a3b --layers 12
+    ;;
+downbench)
+    for v in 1 0; do
+        FASTGEN_EXPERT_DOWN_ALL_AT_ONCE=$v step "qwen3_bench_$v" 175 python scripts/bench.py --suite moe \
+            --models qwen3-30b-a3b --weights bf16 --batch 1 --no-cold-start --time-budget-s 130
+        summary+=("all at once $v: $(grep -iE 'copy|^\| qwen' "$out/qwen3_bench_$v.txt" | head -3)")
+    done
     ;;
 megaphases)
     # ~3 min. FIRST next time: the megakernel's unrolled form (9d3d56f, not yet timed; its rolled first form took
