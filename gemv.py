@@ -145,8 +145,8 @@ EXPERT_DOWN_ENABLED = os.environ.get("FASTGEN_EXPERT_DOWN_KERNEL", "1") == "1"
 # At one token the kernel loads every chosen expert's rows at once (ALL_EXPERTS) rather than expert by
 # expert. Written 2026-12-05 (seventh session) after the H100's Qwen3-30B-A3B profile had this kernel as the
 # step's slowest reader (15.8 us a layer, 1.6 TB/s of the 25 MB of 8 experts' w2, where the gate/up GEMV
-# reads 2.1-2.6 TB/s); NOT YET TIMED ON A GPU. FASTGEN_EXPERT_DOWN_ALL_AT_ONCE=0 gives the loop back.
-EXPERT_DOWN_ALL_AT_ONCE = os.environ.get("FASTGEN_EXPERT_DOWN_ALL_AT_ONCE", "1") == "1"
+# reads 2.1-2.6 TB/s); NOT YET ON A GPU, so off by default: FASTGEN_EXPERT_DOWN_ALL_AT_ONCE=1 turns it on.
+EXPERT_DOWN_ALL_AT_ONCE = os.environ.get("FASTGEN_EXPERT_DOWN_ALL_AT_ONCE", "0") == "1"
 
 
 def expert_down_config(tokens: int) -> dict:

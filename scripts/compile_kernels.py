@@ -325,16 +325,18 @@ def main(argv=None):
             num_warps=kv_attention.NUM_WARPS,
             num_stages=kv_attention.NUM_STAGES,
         )  # fmt: skip
-    for tokens, residual, pdl in ((1, 1, 1), (1, 0, 0), (8, 0, 0)):  # Qwen3-30B-A3B's experts' down projection + mix
-        cfg = gemv.expert_down_config(tokens)
+    # Qwen3-30B-A3B's experts' down projection + mix (at once: gemv.EXPERT_DOWN_ALL_AT_ONCE's 1-token form)
+    for tokens, residual, pdl, at_once in ((1, 1, 1, 0), (1, 1, 1, 1), (1, 0, 0, 0), (8, 0, 0, 0)):
+        cfg = {**gemv.expert_down_config(tokens), "ALL_EXPERTS": bool(at_once)}
         build(
             target,
-            f"expert down + mix, {tokens} token(s)" + (" + residual" if residual else "") + (" pdl" if pdl else ""),
+            f"expert down + mix, {tokens} token(s)" + (" + residual" if residual else "") + (" pdl" if pdl else "")
+            + (", at once" if at_once else ""),
             gemv._expert_down_mix_kernel,
             {"h_ptr": "*bf16", "ids_ptr": "*i64", "mix_ptr": "*fp32", "w_ptr": "*bf16", "y_ptr": "*bf16",
              "res_ptr": "*bf16", "D": "i32", "inter": "i32"},
             {"K_ACTIVE": 8, "BLOCK_D": cfg["BLOCK_D"], "BLOCK_I": cfg["BLOCK_I"], "RESIDUAL": residual, "PDL": pdl,
-             "ALL_EXPERTS": cfg.get("ALL_EXPERTS", False), "K_PAD": 8},
+             "ALL_EXPERTS": cfg["ALL_EXPERTS"], "K_PAD": 8},
             range(8),
             num_warps=cfg.get("num_warps", 4),
             launch_pdl=bool(pdl),

@@ -3,8 +3,8 @@
 # 10 minutes each. Run from the repository root on the GPU machine:
 #
 #   bash scripts/gpu_pending.sh downall    # ~5 min: FIRST next time: expert_down_mix's 1-token form that loads every
-#                                          #   chosen expert's rows at once (gemv.EXPERT_DOWN_ALL_AT_ONCE, the default
-#                                          #   since 2026-12-05, seventh session; never on a GPU): its GPU tests, the
+#                                          #   chosen expert's rows at once (gemv.EXPERT_DOWN_ALL_AT_ONCE, opt-in,
+#                                          #   written 2026-12-05, seventh session; never on a GPU): its GPU tests, the
 #                                          #   kernel alone against the expert-by-expert loop (13.8 us on the H100),
 #                                          #   12 Qwen3 layers with and without (0.993 ms without)
 #   bash scripts/gpu_pending.sh downbench  # ~6 min: then Qwen3-30B-A3B B1 through bench.py with and without it (issue
@@ -306,11 +306,11 @@ downall)
     step down_tests 240 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_moe.py tests/test_gpu.py -k "moe or expert"
     summary+=("  $(tail -n 1 "$out/down_tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/down_tests.txt" | head -8)")
-    step down1_all 90 python scripts/moe_down_sweep.py --tokens 1
+    FASTGEN_EXPERT_DOWN_ALL_AT_ONCE=1 step down1_all 90 python scripts/moe_down_sweep.py --tokens 1
     summary+=("$(grep -E '^\| 1 \| kernel default' "$out/down1_all.txt")  (every expert at once)")
     FASTGEN_EXPERT_DOWN_ALL_AT_ONCE=0 step down1_loop 90 python scripts/moe_down_sweep.py --tokens 1
     summary+=("$(grep -E '^\| 1 \| (inductor|kernel)' "$out/down1_loop.txt")  (expert by expert)")
-    decode q12_all 120 --model qwen3-30b-a3b --layers 12
+    FASTGEN_EXPERT_DOWN_ALL_AT_ONCE=1 decode q12_all 120 --model qwen3-30b-a3b --layers 12
     FASTGEN_EXPERT_DOWN_ALL_AT_ONCE=0 decode q12_loop 120 --model qwen3-30b-a3b --layers 12
     ;;
 downbench)

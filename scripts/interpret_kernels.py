@@ -392,19 +392,17 @@ def main():
     runs += [("int8 expert gemv, 3 tokens x 2 experts", lambda: int8_expert_gemv(R=6, X=3))]
     runs += [("int8 grouped experts, 8 tokens x 2 of 8", lambda: int8_expert_gemv(R=16, X=8, grouped=True))]
     runs += [("int8 grouped experts, 16 pairs x 1 of 4", lambda: int8_expert_gemv(R=16, E=4, X=16, grouped=True))]
-    runs += [("bf16-expert down + mix, 1 token x 8 of 16, every expert's rows at once", expert_down_mix)]
-    runs += [
-        ("bf16-expert down + mix, 1 token x 3 of 10 (a padded expert), at once", lambda: expert_down_mix(1, 3, 10))
-    ]
+    runs += [("bf16-expert down + mix, 1 token x 8 of 16", expert_down_mix)]
 
-    def expert_by_expert():
-        gemv.EXPERT_DOWN_ALL_AT_ONCE = False
+    def all_at_once(*args):  # gemv.EXPERT_DOWN_ALL_AT_ONCE: every chosen expert's rows in one load
+        gemv.EXPERT_DOWN_ALL_AT_ONCE = True
         try:
-            return expert_down_mix()
+            return expert_down_mix(*args)
         finally:
-            gemv.EXPERT_DOWN_ALL_AT_ONCE = True
+            gemv.EXPERT_DOWN_ALL_AT_ONCE = False
 
-    runs += [("bf16-expert down + mix, 1 token x 8 of 16, expert by expert", expert_by_expert)]
+    runs += [("bf16-expert down + mix, 1 token x 8 of 16, every expert's rows at once", all_at_once)]
+    runs += [("bf16-expert down + mix, 1 token x 3 of 10 (a padded expert), at once", lambda: all_at_once(1, 3, 10))]
     runs += [
         ("bf16-expert down + mix, 3 tokens x 2 of 8, fp16", lambda: expert_down_mix(3, 2, 8, 96, 250, torch.float16))
     ]
