@@ -9,6 +9,11 @@
 #                                          #   12 Qwen3 layers with and without (0.993 ms without)
 #   bash scripts/gpu_pending.sh downbench  # ~6 min: then Qwen3-30B-A3B B1 through bench.py with and without it (issue
 #                                          #   17: 295.2 tok/s = 59.8% of copy without, wants 60%)
+#   bash scripts/gpu_pending.sh smolnext   # ~5 min: issue 11's SmolLM2-135M (0.460 ms replayed on the H100, 2026-12-05,
+#                                          #   seventh session; 0.4 wanted): its 272-slot cache in one split
+#                                          #   (FASTGEN_SINGLE_SPLIT_TILES=8: no merge kernel), with ROPE_IN_QKV too;
+#                                          #   the megakernel's phases with its prefetch off / at each layer's top /
+#                                          #   in the attention phase (FASTGEN_MEGAKERNEL_PREFETCH 0 / 1 / 2)
 #   bash scripts/gpu_pending.sh tests-parallel  # ~4 min: the whole GPU tier over 4 pytest-xdist workers
 #                                          #   (xdist is on the H200 image; last run: e642354, 88 passed, 3 min 49 s)
 #   bash scripts/gpu_pending.sh tests      # ~6 min: the same, one worker
@@ -301,6 +306,18 @@ mega)
         "nothing_between_replays or cuda_graph_decode_equals or samples_and_rerecords or chat_turns or never_compiles"
     summary+=("  $(tail -n 1 "$out/tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tests.txt" | head -6)")
+    ;;
+smolnext)
+    decode smol 45 --model smollm2-135m --new-tokens 256
+    FASTGEN_SINGLE_SPLIT_TILES=8 decode smol_split8 45 --model smollm2-135m --new-tokens 256
+    FASTGEN_SINGLE_SPLIT_TILES=8 FASTGEN_ROPE_IN_QKV=1 decode smol_split8_ropeqkv 45 --model smollm2-135m \
+        --new-tokens 256
+    for p in 0 1 2; do
+        FASTGEN_MEGAKERNEL=1 FASTGEN_MEGAKERNEL_PREFETCH=$p decode "smol_mega_p$p" 60 --model smollm2-135m \
+            --new-tokens 256
+        FASTGEN_MEGAKERNEL_PREFETCH=$p step "phases_p$p" 60 python scripts/megakernel_phases.py --model smollm2-135m
+        summary+=("prefetch $p:" "$(tail -n 8 "$out/phases_p$p.txt")")
+    done
     ;;
 downall)
     step down_tests 240 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_moe.py tests/test_gpu.py -k "moe or expert"
