@@ -415,25 +415,8 @@ if triton is not None:
         for layer in range(first_layer, first_layer + n_layers):
             if PREFETCH == 1 and layer < last_layer:  # the next layer's weights read from DRAM while this one runs
                 # (the first layer's are not: one layer of many)
-                _prefetch_layer(
-                    table_ptr,
-                    layer + 1,
-                    pid,
-                    programs,
-                    dtype,
-                    D,
-                    HQ,
-                    HKV,
-                    HD,
-                    INTER,
-                    QKV_PAIRS,
-                    WO_ROWS,
-                    W13_ROWS,
-                    W2_ROWS,
-                    LINES_D,
-                    LINES_A,
-                    LINES_I,
-                )
+                _prefetch_layer(table_ptr, layer + 1, pid, programs, dtype, D, HQ, HKV, HD, INTER, QKV_PAIRS, WO_ROWS,
+                               W13_ROWS, W2_ROWS, LINES_D, LINES_A, LINES_I)  # fmt: skip
             row = table_ptr + layer * 8
             wqkv = tl.load(row + 0).to(tl.pointer_type(dtype))
             wo = tl.load(row + 1).to(tl.pointer_type(dtype))
@@ -544,25 +527,8 @@ if triton is not None:
                             y = tl.sum(weight[:, :, None] * o_all, axis=1) / total[:, None]
                             tl.store(attn_ptr + q_at, y.to(dtype), mask=g_ok[:, None])
             if PREFETCH == 2 and layer < last_layer:  # after this program's attention units (most have none)
-                _prefetch_layer(
-                    table_ptr,
-                    layer + 1,
-                    pid,
-                    programs,
-                    dtype,
-                    D,
-                    HQ,
-                    HKV,
-                    HD,
-                    INTER,
-                    QKV_PAIRS,
-                    WO_ROWS,
-                    W13_ROWS,
-                    W2_ROWS,
-                    LINES_D,
-                    LINES_A,
-                    LINES_I,
-                )
+                _prefetch_layer(table_ptr, layer + 1, pid, programs, dtype, D, HQ, HKV, HD, INTER, QKV_PAIRS, WO_ROWS,
+                               W13_ROWS, W2_ROWS, LINES_D, LINES_A, LINES_I)  # fmt: skip
             if PERSISTENT:
                 target = _phase_done(counts_ptr, programs, target, times_ptr, pid, layer, n_layers, 1, TIMED)
 
