@@ -14,6 +14,10 @@
 #                                          #   (FASTGEN_SINGLE_SPLIT_TILES=8: no merge kernel), with ROPE_IN_QKV too;
 #                                          #   the megakernel's phases with its prefetch off / at each layer's top /
 #                                          #   in the attention phase (FASTGEN_MEGAKERNEL_PREFETCH 0 / 1 / 2)
+#   bash scripts/gpu_pending.sh steptiles  # ~5 min: the tiles that won alone (fused_gemv_sweep.py, H100 2026-12-05) in the
+#                                          #   whole step (profile_decode.py --tile): 12 Qwen3 layers with the experts'
+#                                          #   w13 at 2 outputs a program (4 lost: 0.993 -> 1.115 ms), wqkv 8/512/4,
+#                                          #   wo 2/2048/2; SmolLM2's wqkv 4/1024/8
 #   bash scripts/gpu_pending.sh tests-parallel  # ~4 min: the whole GPU tier over 4 pytest-xdist workers
 #                                          #   (xdist is on the H200 image; last run: e642354, 88 passed, 3 min 49 s)
 #   bash scripts/gpu_pending.sh tests      # ~6 min: the same, one worker
@@ -306,6 +310,15 @@ mega)
         "nothing_between_replays or cuda_graph_decode_equals or samples_and_rerecords or chat_turns or never_compiles"
     summary+=("  $(tail -n 1 "$out/tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tests.txt" | head -6)")
+    ;;
+steptiles)
+    decode q12 120 --model qwen3-30b-a3b --layers 12
+    decode q12_w13_2x4 120 --model qwen3-30b-a3b --layers 12 --tile 1536,2048,glu=2/1024/4
+    decode q12_w13_2x2 120 --model qwen3-30b-a3b --layers 12 --tile 1536,2048,glu=2/1024/2
+    decode q12_wqkv 120 --model qwen3-30b-a3b --layers 12 --tile 5120,2048=8/512/4
+    decode q12_wo 120 --model qwen3-30b-a3b --layers 12 --tile 2048,4096=2/2048/2
+    decode smol 45 --model smollm2-135m --new-tokens 256
+    decode smol_wqkv 45 --model smollm2-135m --new-tokens 256 --tile 960,576=4/1024/8
     ;;
 smolnext)
     decode smol 45 --model smollm2-135m --new-tokens 256

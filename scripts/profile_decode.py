@@ -30,6 +30,33 @@ from generate import Generator, Sampling, model_weight_bytes  # noqa: E402
 NAME_CHARS = 90
 
 
+def parse_tile(text: str) -> tuple:
+    """'1536,2048,glu=4/1024/4' -> ((1536, 2048, True), {BLOCK_N: 4, BLOCK_K: 1024, num_warps: 4})."""
+    try:
+        shape, tile = text.split("=")
+        rows, k, *glu = shape.split(",")
+        outputs, block_k, warps = (int(v) for v in tile.split("/"))
+        if glu not in ([], ["glu"]):
+            raise ValueError
+        return (int(rows), int(k), glu == ["glu"]), dict(BLOCK_N=outputs, BLOCK_K=block_k, num_warps=warps)
+    except ValueError:
+        raise argparse.ArgumentTypeError(  # noqa: B904 (argparse prints this one line: the ValueError adds nothing)
+            f"{text!r}: want ROWS,K[,glu]=OUTPUTS/BLOCK_K/WARPS, e.g. 1536,2048,glu=4/1024/4"
+        )
+
+
+def use_tiles(tiles: dict) -> None:
+    """gemv's float GEMV launches these tiles for these weight shapes (the rest keep theirs)."""
+    import gemv
+
+    default = gemv.decode_gemv_tiles
+
+    def decode_gemv_tiles(n, k, int8, glu):
+        return {**default(n, k, int8, glu), **({} if int8 else tiles.get((n, k, glu), {}))}
+
+    gemv.decode_gemv_tiles = decode_gemv_tiles
+
+
 @torch.no_grad()
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,7 +87,19 @@ def main(argv=None) -> int:
         metavar="JSON",
         help="Inductor flex-decoding kernel options at decode, e.g. '{\"SPLIT_KV\": 1}' (model.flex_decode_options)",
     )
+    p.add_argument(
+        "--tile",
+        action="append",
+        default=[],
+        type=parse_tile,
+        metavar="ROWS,K[,glu]=OUTPUTS/BLOCK_K/WARPS",
+        help="the batch-1 float GEMV's launch for a [ROWS, K] weight (glu: w13's, SiLU(gate) * up of its halves) "
+        "in place of gemv.decode_gemv_tiles' (repeatable): a tile's A/B in the whole step, where programmatic "
+        "dependent launch makes the next kernel wait for the slowest program (fused_gemv_sweep.py times calls alone)",
+    )
     args = p.parse_args(argv)
+    if args.tile:
+        use_tiles(dict(args.tile))
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # generate.py's defaults
     model = build_model(args.model, args.weights, device, dtype, named_args(args.model, args.layers))
@@ -96,7 +135,7 @@ def main(argv=None) -> int:
         f"layers={model.args.n_layers} w={args.weights} "
         f"kv={args.kv_dtype} B={args.batch} ctx={args.ctx} slots={slots} "
         f"compile={'blocks' if args.compile_blocks else args.compile} "
-        f"flex decode options={args.flex_decode_options}"
+        f"flex decode options={args.flex_decode_options}" + "".join(f" tile {t}" for t in args.tile)
     )
     print(
         f"generate(): {res.decode_steps * args.batch / res.decode_s:.1f} tok/s "

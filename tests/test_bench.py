@@ -486,6 +486,28 @@ def test_profile_decode_cpu_table(capsys):
     assert "smollm2-135m layers=4 " in out and "ms" in out  # --layers: the named shape, fewer layers
 
 
+def test_profile_decode_tile_replaces_one_shapes_launch(monkeypatch):
+    """profile_decode.py --tile: the named float weight shape launches the given tile in the step, every
+    other shape (and an int8 weight of that shape) keeps gemv.decode_gemv_tiles'; a bad spec is a one-line
+    argparse error."""
+    import profile_decode
+
+    import gemv
+
+    default = gemv.decode_gemv_tiles
+    monkeypatch.setattr(gemv, "decode_gemv_tiles", default)  # put back after the test
+    spec = profile_decode.parse_tile("1536,2048,glu=4/512/8")
+    assert spec == ((1536, 2048, True), dict(BLOCK_N=4, BLOCK_K=512, num_warps=8))
+    profile_decode.use_tiles(dict([spec]))
+    got = gemv.decode_gemv_tiles(1536, 2048, False, True)
+    assert {k: got[k] for k in spec[1]} == spec[1] and got != default(1536, 2048, False, True)
+    for other in [(1536, 2048, True, True), (1536, 2048, False, False), (576, 1536, False, False)]:
+        assert gemv.decode_gemv_tiles(*other) == default(*other)  # int8, not glu, another shape: their own
+    with pytest.raises(SystemExit) as exit_info:
+        profile_decode.main(["--tile", "1536,2048,gate=4/512/8"])
+    assert exit_info.value.code == 2
+
+
 @pytest.mark.parametrize("flag", [False, True])
 def test_compile_prefill_flag_reaches_the_generator(flag):
     """bench.py --compile-prefill measures our prefill compiled (issue 11's 2k-prompt row), as
