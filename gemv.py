@@ -35,7 +35,6 @@ from model import (
     MoEFeedForward,
     RMSNorm,
     TransformerBlock,
-    cache_attention_at_decode,
     pairs_by_expert,
     top_k_by_max,
     weighted_sum,
@@ -1230,8 +1229,6 @@ class DecodeBlock(TransformerBlock):
         # the query/key norms' weights and eps (Qwen3), after the cache: both kernels' last arguments
         norms = (None, None, 0.0) if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps)
         cos_d, sin_d = cos.reshape(-1), sin.reshape(-1)  # [D]: the token's angles
-        # model.Transformer's decode attention through the cache (a partial of cache_attention_at_decode)
-        cache_attends = getattr(attend, "func", None) is cache_attention_at_decode
         unquantized_cache = type(cache) in (KVCache, kv_attention.SplitKVCache)
         slot = input_pos.reshape(1)  # the token's cache slot
         if ROPE_IN_QKV and q_norm is None and unquantized_cache:  # wqkv, RoPE and the cache write: one kernel
@@ -1252,22 +1249,6 @@ class DecodeBlock(TransformerBlock):
             )
             return attend(q, cache).to(x1.dtype).reshape(1, -1)
         qkv = project(wqkv, x1, norm_weight=norm.weight, eps=norm.eps, residual=bias)
-        if kv_attention.ROPE_IN_ATTENTION and type(cache) is kv_attention.SplitKVCache and cache_attends:
-            # the norms, RoPE, the cache write and the attention as one kernel
-            mask = attend.keywords  # row_start, q_slot, sliding_window
-            return kv_attention.rope_decode_attention(
-                qkv,
-                cos_d,
-                sin_d,
-                cache.k_cache,
-                cache.v_cache,
-                mask["row_start"],
-                mask["q_slot"],
-                mask["sliding_window"] or 0,
-                cache.split_counts,
-                attention.n_heads,
-                *norms,
-            ).reshape(1, -1)
         if unquantized_cache:  # one kernel for the norms, RoPE and the write
             q = kv_attention.rope_write_kv(
                 qkv, cos_d, sin_d, cache.k_cache, cache.v_cache, slot, attention.n_heads, *norms

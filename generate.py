@@ -66,8 +66,7 @@ def kv_cache_bytes(model: Transformer) -> int:
         t.numel() * t.element_size()
         for layer in model.layers
         if layer.attention.kv_cache is not None
-        for name, t in layer.attention.kv_cache.named_buffers()
-        if name != "split_counts"  # the decode kernel's scratch counts, not cache
+        for t in layer.attention.kv_cache.buffers()
     )
 
 

@@ -63,20 +63,6 @@ ENABLED = os.environ.get("FASTGEN_KV_KERNEL", "1") == "1"
 # SplitKVCache. FASTGEN_DECODE_KERNEL=0 gives flex decoding back, for comparing.
 UNQUANTIZED_ENABLED = os.environ.get("FASTGEN_DECODE_KERNEL", "1") == "1"
 
-# The split that finishes last for a (row, kv head) merges all of them itself (it counts finished
-# splits with an atomic in split_counts), so a decode attention is one kernel, not two: at batch 1 the
-# merge kernel is a launch a layer (split + merge took 4.5-4.7 us at short context on the H200,
-# scripts/kv_kernel_sweep.py). NOT YET RUN ON A GPU (written 2026-12-04): off by default;
-# FASTGEN_MERGE_IN_SPLITS=1 turns it on.
-MERGE_IN_SPLITS = os.environ.get("FASTGEN_MERGE_IN_SPLITS", "0") == "1"
-
-# gemv.DecodeBlock's batch-1 step attends through rope_decode_attention: the query/key norms, RoPE and
-# the cache write done by the attention kernel's own programs (each rotates its query heads; the split
-# holding the query's slot writes the token's k and v first), so rope_write_kv's kernel goes (1.5 us
-# and a launch a layer on the H200). NOT YET RUN ON A GPU (written 2026-12-04): off by default;
-# FASTGEN_ROPE_IN_ATTENTION=1 turns it on.
-ROPE_IN_ATTENTION = os.environ.get("FASTGEN_ROPE_IN_ATTENTION", "0") == "1"
-
 # An int8 / fp8 cache's K/V tiles converted to fp16 in registers as they arrive (exactly: int8 by
 # prmt under 1024's exponent, e4m3 by cvt two at a time), and the two products in fp16 (the query
 # converted once, p * v_scale rescaled into [0, 1] first). By default Triton moves the 8-bit tile
@@ -144,26 +130,12 @@ def _compute_capability(index: int | None) -> int:
 class SplitKVCache(KVCache):
     """An unquantized KVCache whose decode (T = 1, CUDA) attends through this file's kernel."""
 
-    def __init__(self, batch_size, n_kv_heads, cache_len, head_dim, dtype, device=None):
-        super().__init__(batch_size, n_kv_heads, cache_len, head_dim, dtype, device)
-        self.register_buffer("split_counts", new_split_counts(batch_size, n_kv_heads, device), persistent=False)
-
     def attends_at_decode(self) -> bool:
         return triton is not None and self.k_cache.is_cuda
 
     def attend_at_decode(self, q, row_start, q_slot, sliding_window: int | None):
         """q [B, Hq, 1, D] at slot q_slot [1] over each row's valid slots -> [B, Hq, 1, D]."""
-        if MERGE_IN_SPLITS:
-            return decode_attention_merged(
-                q, self.k_cache, self.v_cache, row_start, q_slot, sliding_window or 0, self.split_counts
-            )
         return decode_attention(q, self.k_cache, self.v_cache, row_start, q_slot, sliding_window or 0)
-
-
-def new_split_counts(batch_size: int, n_kv_heads: int, device=None) -> torch.Tensor:
-    """The decode kernels' scratch count of finished splits per (row, kv head): zero between calls
-    (the split that merges puts it back), owned by the cache so that it is made once, not per step."""
-    return torch.zeros(batch_size * n_kv_heads, dtype=torch.int32, device=device)
 
 
 def quantized_decode_attention_reference(q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window):
@@ -200,17 +172,6 @@ def rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot, n_heads, q_no
     write_slots(k_cache, slot.view(1), norm_rope(k, k_norm_weight).to(k_cache.dtype))
     write_slots(v_cache, slot.view(1), v.to(v_cache.dtype))
     return norm_rope(q, q_norm_weight).to(qkv.dtype)
-
-
-def rope_decode_attention_reference(
-    qkv, cos, sin, k_cache, v_cache, row_start, q_slot, sliding_window, n_heads, q_norm_weight, k_norm_weight, eps
-):
-    """rope_write_kv_reference, then attention over the cache: what rope_decode_attention does in one
-    kernel (batch 1; sliding_window 0 or None for none). Writes the caches; -> [1, Hq, 1, D]."""
-    q = rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, q_slot, n_heads, q_norm_weight, k_norm_weight, eps)
-    return quantized_decode_attention_reference(
-        q, k_cache, None, v_cache, None, row_start, q_slot, sliding_window or None
-    )
 
 
 def num_splits(batch: int, n_kv_heads: int, cache_len: int, target_programs: int) -> int:
@@ -314,8 +275,7 @@ if triton is not None:
 
     @triton.jit
     def _quantized_decode_kernel(
-        q_ptr,  # [B * Hkv * G, D] contiguous: query head h * G + g of row b at row (b * Hkv + h) * G + g;
-        # with ROPE, wqkv's output [(Hq + 2 Hkv) D] of one token (B = 1)
+        q_ptr,  # [B * Hkv * G, D] contiguous: query head h * G + g of row b at row (b * Hkv + h) * G + g
         k_ptr,  # [B * Hkv, S, D] int8 / fp8
         k_scale_ptr,  # [B * Hkv, S]; unread without HAS_SCALES
         v_ptr,
@@ -325,12 +285,7 @@ if triton is not None:
         acc_ptr,  # [B * Hkv, SPLITS, G_PAD, D_PAD] fp32: each split's unnormalised output
         max_ptr,  # [B * Hkv, SPLITS, G_PAD] fp32: its running max (log2 units)
         sum_ptr,  # [B * Hkv, SPLITS, G_PAD] fp32: its softmax denominator
-        count_ptr,  # [B * Hkv] int32, zero: finished splits (MERGE)
-        y_ptr,  # [B * Hkv * G, D]: the attention output (MERGE)
-        cos_ptr,  # [D] (ROPE)
-        sin_ptr,
-        q_norm_ptr,  # [D]: the per-head RMSNorm weights (ROPE with QK_NORM)
-        k_norm_ptr,
+        y_ptr,  # [B * Hkv * G, D]: the attention output (one split)
         n_kv_heads,
         S,
         window,  # sliding window; 0: none
@@ -342,12 +297,8 @@ if triton is not None:
         SPLITS: tl.constexpr,
         SPLITS_PAD: tl.constexpr,
         HAS_SCALES: tl.constexpr,  # False: an unquantized cache
-        MERGE: tl.constexpr,  # the last split to finish merges (MERGE_IN_SPLITS); else _merge_splits_kernel does
-        ROPE: tl.constexpr,  # q is raw wqkv output: norm and rotate it here, and write the token's k, v (B = 1)
         TILES_FP16: tl.constexpr,  # an int8 / fp8 cache's tiles converted to fp16 in registers (KV_TILES_FP16)
         ASM: tl.constexpr,  # KV_ASM
-        QK_NORM: tl.constexpr,
-        EPS: tl.constexpr,
         PDL: tl.constexpr,  # launched with programmatic dependent launch (kv_attention.PDL)
     ):
         pdl_wait(PDL)
@@ -371,22 +322,7 @@ if triton is not None:
         g_ok, d_ok = heads < G, dims < D
         dot_dtype = q_ptr.dtype.element_ty  # the compute dtype; int8 and e4m3 values convert exactly
         kv_rows = bh.to(tl.int64) * S
-        if ROPE:  # batch 1: bh is the kv head
-            cos = tl.load(cos_ptr + dims, mask=d_ok, other=0.0).to(tl.float32)
-            sin = tl.load(sin_ptr + dims, mask=d_ok, other=0.0).to(tl.float32)
-            q = _norm_rope(q_ptr, bh * G + heads, g_ok, dims, cos, sin, q_norm_ptr, D, EPS, QK_NORM).to(dot_dtype)
-            if last_tile % SPLITS == split:  # this split holds the query's slot: the token's k, v go there first
-                kv_head = n_kv_heads * G + bh + tl.arange(0, 1)
-                k_new = _norm_rope(q_ptr, kv_head, kv_head >= 0, dims, cos, sin, k_norm_ptr, D, EPS, QK_NORM)
-                at = (kv_rows + last) * D + dims[None, :]
-                tl.store(k_ptr + at, k_new.to(k_ptr.dtype.element_ty), mask=d_ok[None, :])
-                v_new = tl.load(q_ptr + (kv_head + n_kv_heads)[:, None] * D + dims[None, :], mask=d_ok[None, :])
-                tl.store(v_ptr + at, v_new.to(v_ptr.dtype.element_ty), mask=d_ok[None, :])
-                tl.debug_barrier()  # the tile loads below read that slot: the block's own stores, visible
-        else:
-            q = tl.load(
-                q_ptr + (bh * G + heads)[:, None] * D + dims[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0
-            )
+        q = tl.load(q_ptr + (bh * G + heads)[:, None] * D + dims[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0)
 
         if TILES_FP16:
             dot_dtype = tl.float16
@@ -442,47 +378,6 @@ if triton is not None:
         tl.store(max_ptr + part * G_PAD + heads, running_max)
         tl.store(sum_ptr + part * G_PAD + heads, running_sum)
         tl.store(acc_ptr + (part * G_PAD + heads)[:, None] * D_PAD + dims[None, :], acc)
-        if MERGE:
-            # every thread's stores before the count (bar.sync, then one thread's gpu-scope acq_rel
-            # atomic: the pattern of a cooperative grid sync); the last split reads the others' from L2
-            tl.debug_barrier()
-            finished = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel", scope="gpu")
-            if finished == SPLITS - 1:
-                tl.store(count_ptr + bh, 0)  # zero again for the next call
-                for g in range(G):
-                    _merge_head(acc_ptr, max_ptr, sum_ptr, y_ptr, bh, g, D, G, G_PAD, D_PAD, SPLITS, SPLITS_PAD, ".cg")
-
-    @triton.jit
-    def _merge_head(
-        acc_ptr,
-        max_ptr,
-        sum_ptr,
-        y_ptr,
-        bh,
-        g,
-        D: tl.constexpr,
-        G: tl.constexpr,
-        G_PAD: tl.constexpr,
-        D_PAD: tl.constexpr,
-        SPLITS: tl.constexpr,
-        SPLITS_PAD: tl.constexpr,
-        CACHE: tl.constexpr,
-    ):
-        # query head g of (row, kv head) bh, all its splits in one load: each split weighted by
-        # 2^(its max - the overall max). An empty split has max -inf and weight 0; the query's own
-        # slot makes one split non-empty. CACHE: the loads' cache modifier ("" or ".cg": L2 only).
-        splits, dims = tl.arange(0, SPLITS_PAD), tl.arange(0, D_PAD)
-        split_ok = splits < SPLITS
-        parts = (bh * SPLITS + splits) * G_PAD + g  # [SPLITS_PAD]
-        maxes = tl.load(max_ptr + parts, mask=split_ok, other=float("-inf"), cache_modifier=CACHE)
-        weight = tl.exp2(maxes - tl.max(maxes, axis=0))
-        sums = tl.load(sum_ptr + parts, mask=split_ok, other=0.0, cache_modifier=CACHE)
-        total = tl.sum(weight * sums, axis=0)
-        accs = tl.load(
-            acc_ptr + parts[:, None] * D_PAD + dims[None, :], mask=split_ok[:, None], other=0.0, cache_modifier=CACHE
-        )
-        out = tl.sum(weight[:, None] * accs, axis=0) / total  # [D_PAD]
-        tl.store(y_ptr + (bh * G + g) * D + dims, out.to(y_ptr.dtype.element_ty), mask=dims < D)
 
     @triton.jit
     def _merge_splits_kernel(
@@ -499,11 +394,23 @@ if triton is not None:
         PDL: tl.constexpr,
     ):
         # one program per query head (a loop over the splits, one program per kv head, took 22 us a
-        # layer at 64 splits on the H200)
+        # layer at 64 splits on the H200): query head g of (row, kv head) bh, all its splits in one load,
+        # each weighted by 2^(its max - the overall max). An empty split has max -inf and weight 0; the
+        # query's own slot makes one split non-empty.
         pdl_wait(PDL)
         pdl_launch_next(PDL)
         row = tl.program_id(0)  # (b * Hkv + h) * G + g
-        _merge_head(acc_ptr, max_ptr, sum_ptr, y_ptr, row // G, row % G, D, G, G_PAD, D_PAD, SPLITS, SPLITS_PAD, "")
+        bh, g = row // G, row % G
+        splits, dims = tl.arange(0, SPLITS_PAD), tl.arange(0, D_PAD)
+        split_ok = splits < SPLITS
+        parts = (bh * SPLITS + splits) * G_PAD + g  # [SPLITS_PAD]
+        maxes = tl.load(max_ptr + parts, mask=split_ok, other=float("-inf"))
+        weight = tl.exp2(maxes - tl.max(maxes, axis=0))
+        sums = tl.load(sum_ptr + parts, mask=split_ok, other=0.0)
+        total = tl.sum(weight * sums, axis=0)
+        accs = tl.load(acc_ptr + parts[:, None] * D_PAD + dims[None, :], mask=split_ok[:, None], other=0.0)
+        out = tl.sum(weight[:, None] * accs, axis=0) / total  # [D_PAD]
+        tl.store(y_ptr + row * D + dims, out.to(y_ptr.dtype.element_ty), mask=dims < D)
 
     @triton_op("fastgen::quantized_decode_attention", mutates_args={})
     def quantized_decode_attention(
@@ -532,52 +439,6 @@ if triton is not None:
         """The same over an unquantized cache (bf16/fp16/fp32, any dtype q's converts to)."""
         return _split_kv_attention(q, k_cache, k_cache, v_cache, v_cache, row_start, q_slot, sliding_window, False)
 
-    # MERGE_IN_SPLITS' form of the two (an int8 / fp8 cache with its scales, an unquantized one
-    # without): one kernel, the last split to finish merging; split_counts is new_split_counts(B, Hkv),
-    # zero before and after. An op of its own, so that the default ones mutate nothing (a mutated
-    # argument the compiler failed to reinplace would cost a copy a layer).
-    @triton_op("fastgen::decode_attention_merged", mutates_args={"split_counts"})
-    def decode_attention_merged(
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        row_start: torch.Tensor,
-        q_slot: torch.Tensor,
-        sliding_window: int,
-        split_counts: torch.Tensor,
-        k_scale: torch.Tensor | None = None,
-        v_scale: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        scaled = k_scale is not None
-        k_scale, v_scale = (k_scale, v_scale) if scaled else (k_cache, v_cache)  # never read unscaled
-        return _split_kv_attention(
-            q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window, scaled, split_counts=split_counts
-        )
-
-    @triton_op("fastgen::rope_decode_attention", mutates_args={"k_cache", "v_cache", "split_counts"})
-    def rope_decode_attention(
-        qkv: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        row_start: torch.Tensor,
-        q_slot: torch.Tensor,
-        sliding_window: int,
-        split_counts: torch.Tensor,
-        n_heads: int,
-        q_norm_weight: torch.Tensor | None = None,
-        k_norm_weight: torch.Tensor | None = None,
-        eps: float = 0.0,
-    ) -> torch.Tensor:
-        """rope_decode_attention_reference's contract (qkv [1, (Hq + 2 Hkv) D], cos, sin [D] contiguous;
-        an unquantized cache [1, Hkv, S, D]): rope_write_kv and decode_attention as one kernel."""
-        rope = (cos, sin, n_heads, q_norm_weight, k_norm_weight, eps)
-        merge = split_counts if MERGE_IN_SPLITS else None
-        return _split_kv_attention(
-            qkv, k_cache, k_cache, v_cache, v_cache, row_start, q_slot, sliding_window, False, rope, merge
-        )
-
     def _split_kv_attention(
         q,
         k_cache,
@@ -588,15 +449,11 @@ if triton is not None:
         q_slot,
         sliding_window,
         has_scales,
-        rope=None,
-        split_counts=None,
     ):
-        """Both launches, or one with split_counts (the last split merges); without has_scales the scale
-        arguments are any tensors, never read. rope: (cos, sin, n_heads, q_norm_weight, k_norm_weight,
-        eps) when q is one token's wqkv output, to norm, rotate and write as rope_write_kv does (batch 1)."""
+        """The split kernel, then the merge unless one split saw every tile; without has_scales the scale
+        arguments are any tensors, never read."""
         n_kv_heads, S, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-        B, n_heads = (q.shape[0], q.shape[1]) if rope is None else (1, rope[2])
-        cos, sin, _, q_norm_weight, k_norm_weight, eps = rope or (q, q, 0, None, None, 0.0)
+        B, n_heads = q.shape[0], q.shape[1]
         G = n_heads // n_kv_heads
         G_PAD, D_PAD = max(16, triton.next_power_of_2(G)), triton.next_power_of_2(D)
         splits = num_splits(B, n_kv_heads, S, TARGET_PROGRAMS_QUANTIZED if has_scales else TARGET_PROGRAMS)
@@ -620,15 +477,7 @@ if triton is not None:
             acc,
             running_max,
             running_sum,
-            # never touched without MERGE. Not acc: a kernel with inline asm (TILES_FP16) defeats Inductor's
-            # analysis of what it writes (torch 2.11: "assuming every input is mutated"), and a written
-            # buffer passed twice then came back as the unwritten copy: compiled != eager (2026-12-05 tier)
-            row_start if split_counts is None else split_counts,
             y,
-            cos,  # cos .. k_norm: read only with ROPE (QK_NORM)
-            sin,
-            q if q_norm_weight is None else q_norm_weight,
-            q if k_norm_weight is None else k_norm_weight,
             n_kv_heads,
             S,
             sliding_window,
@@ -640,17 +489,13 @@ if triton is not None:
             SPLITS=splits,
             SPLITS_PAD=triton.next_power_of_2(splits),
             HAS_SCALES=has_scales,
-            MERGE=split_counts is not None,
-            ROPE=rope is not None,
             TILES_FP16=tiles_fp16,
             ASM=KV_ASM,
-            QK_NORM=q_norm_weight is not None,
-            EPS=eps,
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES_TILES_FP16 if tiles_fp16 else NUM_STAGES,
             **pdl_launch(q),
         )
-        if split_counts is not None or splits == 1:  # merged by the last split, or nothing to merge
+        if splits == 1:  # nothing to merge
             return y
         wrap_triton(_merge_splits_kernel)[(B * n_heads,)](
             acc,

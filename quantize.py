@@ -406,8 +406,6 @@ class QuantizedKVCache(nn.Module):
             self.register_buffer(
                 f"{name}_scale", torch.zeros(scale_shape, dtype=compute_dtype, device=device), persistent=False
             )
-        splits = kv_attention.new_split_counts(batch_size, n_kv_heads, device)
-        self.register_buffer("split_counts", splits, persistent=False)
 
     def _quantize(self, x):
         """x [B, H, T, D] -> (storage-dtype values, compute-dtype scale [B, H, T, 1]): one scale per token-head."""
@@ -445,10 +443,6 @@ class QuantizedKVCache(nn.Module):
     def attend_at_decode(self, q, row_start, q_slot, sliding_window: int | None):
         """q [B, Hq, 1, D] at slot q_slot [1] over each row's valid slots -> [B, Hq, 1, D] (kv_attention)."""
         window = sliding_window or 0
-        if kv_attention.MERGE_IN_SPLITS:  # one kernel: the last split merges (not yet timed)
-            return kv_attention.decode_attention_merged(
-                q, self.k_cache, self.v_cache, row_start, q_slot, window, self.split_counts, self.k_scale, self.v_scale
-            )
         return kv_attention.quantized_decode_attention(
             q, self.k_cache, self.k_scale, self.v_cache, self.v_scale, row_start, q_slot, window
         )

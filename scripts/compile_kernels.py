@@ -255,9 +255,9 @@ def main(argv=None):
     kv_sig = {
         "q_ptr": "*bf16", "k_ptr": "*i8", "k_scale_ptr": "*bf16", "v_ptr": "*i8", "v_scale_ptr": "*bf16",
         "row_start_ptr": "*i32", "q_slot_ptr": "*i64", "acc_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
-        "count_ptr": "*i32", "y_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "q_norm_ptr": "*bf16",
-        "k_norm_ptr": "*bf16", "n_kv_heads": "i32", "S": "i32", "window": "i32",
+        "y_ptr": "*bf16", "n_kv_heads": "i32", "S": "i32", "window": "i32",
     }  # fmt: skip
+    kv_divisible = (*range(11), 12)  # pointers and S: multiples of 16 at run time
     for store in ("*i8", "*fp8e4nv", None):  # None: an unquantized cache (decode_attention), no scales
         for dtype in ("*bf16", "*fp16", "*fp32"):
             for group, head_dim in ((4, 128), (1, 80)):
@@ -268,17 +268,14 @@ def main(argv=None):
                     "v_scale_ptr": dtype,
                     "k_ptr": store or dtype,
                     "v_ptr": store or dtype,
+                    "y_ptr": dtype,
                 }
-                # the last split merges (kv_attention.MERGE_IN_SPLITS); q is wqkv's output, normed and
-                # rotated here, the token's k / v written (ROPE_IN_ATTENTION: unquantized caches only)
-                modes = [(False, False, False, False, False), (True, False, False, False, False)]
-                if store is None:
-                    modes += [(False, True, False, False, False), (True, True, True, False, False)]
-                    if dtype == "*bf16":  # launched with programmatic dependent launch (kv_attention.PDL)
-                        modes += [(False, False, False, False, True), (True, True, False, False, True)]
+                modes = [(False, False)]  # (tiles in fp16, launched with programmatic dependent launch)
+                if store is None and dtype == "*bf16":  # kv_attention.PDL
+                    modes += [(False, True)]
                 if store is not None and dtype != "*fp32":  # KV_TILES_FP16: the tiles in fp16, converted in registers
-                    modes += [(False, False, False, True, False)]
-                for merge, rope, qk_norm, tiles_fp16, pdl in modes:
+                    modes += [(True, False)]
+                for tiles_fp16, pdl in modes:
                     consts = dict(
                         D=head_dim,
                         G=group,
@@ -288,27 +285,18 @@ def main(argv=None):
                         SPLITS=8,
                         SPLITS_PAD=8,
                         HAS_SCALES=store is not None,
-                        MERGE=merge,
-                        ROPE=rope,
                         TILES_FP16=tiles_fp16,
                         ASM=True,
-                        QK_NORM=qk_norm,
-                        EPS=1e-6,
                         PDL=pdl,
                     )
                     name = f"kv decode {(store or dtype)[1:]} cache, {dtype[1:]}, G={group}, D={head_dim}"
                     build(
                         target,
-                        name
-                        + (", merged in the last split" if merge else "")
-                        + (", rope" if rope else "")
-                        + (" + qk norm" if qk_norm else "")
-                        + (", tiles in fp16" if tiles_fp16 else "")
-                        + (", pdl" if pdl else ""),
+                        name + (", tiles in fp16" if tiles_fp16 else "") + (", pdl" if pdl else ""),
                         kv_attention._quantized_decode_kernel,
-                        {**sig, **{n: dtype for n in ("y_ptr", "cos_ptr", "sin_ptr", "q_norm_ptr", "k_norm_ptr")}},
+                        sig,
                         consts,
-                        (*range(16), 17),  # pointers and S: multiples of 16 at run time
+                        kv_divisible,
                         num_warps=kv_attention.NUM_WARPS,  # the launch's stages: the shared memory it asks for
                         num_stages=kv_attention.NUM_STAGES_TILES_FP16 if tiles_fp16 else kv_attention.NUM_STAGES,
                         launch_pdl=pdl,
@@ -320,9 +308,8 @@ def main(argv=None):
             kv_attention._quantized_decode_kernel,
             {**kv_sig, "k_ptr": store, "v_ptr": store},
             dict(D=128, G=4, G_PAD=16, D_PAD=128, BLOCK=kv_attention.BLOCK_N, SPLITS=1, SPLITS_PAD=1,
-                 HAS_SCALES=store == "*i8", MERGE=False, ROPE=False, TILES_FP16=False, ASM=True, QK_NORM=False,
-                 EPS=1e-6, PDL=False),
-            (*range(16), 17),
+                 HAS_SCALES=store == "*i8", TILES_FP16=False, ASM=True, PDL=False),
+            kv_divisible,
             num_warps=kv_attention.NUM_WARPS,
             num_stages=kv_attention.NUM_STAGES,
         )  # fmt: skip

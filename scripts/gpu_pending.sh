@@ -44,18 +44,12 @@
 #                                          #   fused decode defaults, then the fused block with SiLU(gate) * up moved
 #                                          #   into w13's stores (untimed) at Llama-3-8B (forced; it lost with the SiLU
 #                                          #   in w2's loads, 4.833 vs 4.144 ms unfused), SmolLM2-135M (0.693 before)
-#                                          #   and int8 Llama-3-8B (2.995); 12 Qwen3 layers (0.965) are in attnfold
+#                                          #   and int8 Llama-3-8B (2.995)
 #   bash scripts/gpu_pending.sh int4gemv   # ~8 min: gemv.int4_gemv (opt-in, never run on a GPU; written 2026-12-04):
 #                                          #   its GPU tests (the layout against torch's packing, the kernel against
 #                                          #   tinygemm), one linear per format replayed in a graph, its tiles
 #                                          #   (int4_gemv_sweep.py), then the int4-g64 Llama-3-8B step without / with
 #                                          #   it (tinygemm: 3.01 ms, 332.3 tok/s on the H200; issue 10 wants 450)
-#   bash scripts/gpu_pending.sh attnfold   # ~9 min: kv_attention.MERGE_IN_SPLITS and ROPE_IN_ATTENTION (opt-in, never
-#                                          #   run on a GPU; written 2026-12-04): the last split merges, and the
-#                                          #   attention kernel norms, rotates and writes the token's k / v itself:
-#                                          #   one kernel a layer instead of three. Their GPU tests, the launch
-#                                          #   sweep's default config without / with the merge, and SmolLM2-135M's
-#                                          #   B1 step plain / merged / merged + rope (0.693 ms at 714bafb)
 #   bash scripts/gpu_pending.sh kvfp16     # ~8 min: kv_attention.KV_TILES_FP16 (opt-in; timed at 3 stages 2026-12-05, no gain;
 #                                          #   2 stages since, one wave): int8 / fp8 K/V tiles converted to fp16 in registers,
 #                                          #   both products in fp16 (4.8 / 4.0 instructions a K/V element compiled,
@@ -208,7 +202,7 @@ int4rows)
     ;;
 fusedcheck)
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    # the tier grew to ~170 tests on 2026-12-04 (fourth session): 360 s for it, Qwen3's row moved to attnfold
+    # the tier grew to ~170 tests on 2026-12-04 (fourth session): 360 s for it
     step tier 360 python -m pytest -m gpu -q -p no:cacheprovider -rf -n 4
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
@@ -230,22 +224,6 @@ int4gemv)
     FASTGEN_INT4_GEMV=1 decode llama_int4_gemv 95 --model llama-3-8b --weights int4-g64
     step int4_sweep 200 python scripts/int4_gemv_sweep.py
     summary+=("$(grep -E '^\| w' "$out/int4_sweep.txt")")
-    ;;
-attnfold)
-    step attn_tests 170 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py \
-        -k "decode_attention or split_kv or rope"
-    summary+=("  $(tail -n 1 "$out/attn_tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/attn_tests.txt" | head -6)")
-    decode smol 70 --model smollm2-135m --by-launch --top 16
-    FASTGEN_MERGE_IN_SPLITS=1 decode smol_merged 70 --model smollm2-135m --by-launch --top 16
-    FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode smol_merged_rope 70 --model smollm2-135m \
-        --by-launch --top 16
-    step kv_sweep 75 python scripts/kv_kernel_sweep.py --quick --time-budget-s 60
-    summary+=("$(grep -E '^\| ' "$out/kv_sweep.txt" | head -6)")
-    FASTGEN_MERGE_IN_SPLITS=1 step kv_sweep_merged 75 python scripts/kv_kernel_sweep.py --quick --time-budget-s 60
-    summary+=("$(grep -E '^\| ' "$out/kv_sweep_merged.txt" | head -6)")
-    # fusedcheck's Qwen3 row (12 of 48 layers; 0.965 ms at 714bafb, the router through decode_gemv since)
-    decode qwen3_b1_12 60 --model qwen3-30b-a3b --layers 12 --by-launch --top 16
     ;;
 kvfp16)
     # 2026-12-05 (third session): KV_TILES_FP16 now launches with 2 stages (53 KB of shared memory, 4 programs an
@@ -431,8 +409,6 @@ pdl)
     FASTGEN_PDL=1 decode smol_compiled_pdl 110 --model smollm2-135m --by-launch --top 16
     decode smol_eager 50 --model smollm2-135m --no-compile
     FASTGEN_PDL=1 decode smol_eager_pdl 50 --model smollm2-135m --no-compile
-    FASTGEN_PDL=1 FASTGEN_MERGE_IN_SPLITS=1 FASTGEN_ROPE_IN_ATTENTION=1 decode smol_compiled_pdl_one_attention 110 \
-        --model smollm2-135m
     TORCHINDUCTOR_ENABLE_PDL=1 decode smol_compiled_inductor_pdl 110 --model smollm2-135m
     decode qwen3_12 70 --model qwen3-30b-a3b --layers 12
     FASTGEN_PDL=1 decode qwen3_12_pdl 70 --model qwen3-30b-a3b --layers 12

@@ -52,37 +52,13 @@ def unquantized(B, Hkv, G, D, S, slot, window, dtype):
     for b in range(B):
         k_nan[b, :, : row_start[b]] = v_nan[b, :, : row_start[b]] = float("nan")
     q_slot = torch.tensor([slot])
-    if kv_attention.MERGE_IN_SPLITS:  # the one-kernel form: the last split merges
-        counts = kv_attention.new_split_counts(B, Hkv)
-        got = kv_attention.decode_attention_merged(q, k_nan, v_nan, row_start, q_slot, window, counts)
-        assert not counts.any()  # zero again for the next call
-    else:
-        got = kv_attention.decode_attention(q, k_nan, v_nan, row_start, q_slot, window)
+    got = kv_attention.decode_attention(q, k_nan, v_nan, row_start, q_slot, window)
     want = kv_attention.quantized_decode_attention_reference(q, k, None, v, None, row_start, q_slot, window or None)
     return got, want
 
 
-def rope_attention(Hq=9, Hkv=3, D=64, S=300, slot=130, start=0, window=0, qk_norm=False, dtype=torch.float32):
-    """rope_decode_attention against rope_write_kv's reference then attention: the output and the
-    cache (the token's k, v written at slot, nothing else touched)."""
-    qkv = torch.randn(1, (Hq + 2 * Hkv) * D, dtype=dtype)
-    cos, sin = torch.randn(2, D, dtype=dtype)
-    norms = (torch.rand(D, dtype=dtype) + 0.5, torch.rand(D, dtype=dtype) + 0.5) if qk_norm else (None, None)
-    k, v = torch.randn(2, 1, Hkv, S, D, dtype=dtype)
-    row_start, q_slot = torch.tensor([start], dtype=torch.int32), torch.tensor([slot])
-    caches = k.clone(), v.clone()
-    got = kv_attention.rope_decode_attention(
-        qkv, cos, sin, *caches, row_start, q_slot, window, kv_attention.new_split_counts(1, Hkv), Hq, *norms, 1e-6
-    )
-    want = kv_attention.rope_decode_attention_reference(
-        qkv, cos, sin, k, v, row_start, q_slot, window, Hq, *norms, 1e-6
-    )
-    assert torch.allclose(caches[0], k, atol=1e-5) and torch.equal(caches[1], v)  # the same write
-    return got, want
-
-
 def with_switch(name, run, *args, value=True, **kwargs):
-    """run(*args, **kwargs) with kv_attention's switch `name` on (MERGE_IN_SPLITS, KV_TILES_FP16), or `value`."""
+    """run(*args, **kwargs) with kv_attention's switch `name` on (KV_TILES_FP16), or `value`."""
     before = getattr(kv_attention, name)
     setattr(kv_attention, name, value)
     try:
@@ -97,12 +73,7 @@ def int8(B=2, Hkv=2, G=4, D=128, S=3000, slot=2100, dtype=torch.float32, q_size=
     k, v = torch.randint(-127, 128, (2, B, Hkv, S, D), dtype=torch.int8)
     k_scale, v_scale = torch.rand(B, Hkv, S, 1).to(dtype) / 100, (torch.rand(B, Hkv, S, 1) * v_scale_size).to(dtype)
     row_start, q_slot = torch.tensor([0, 30], dtype=torch.int32), torch.tensor([slot])
-    if kv_attention.MERGE_IN_SPLITS:
-        counts = kv_attention.new_split_counts(B, Hkv)
-        got = kv_attention.decode_attention_merged(q, k, v, row_start, q_slot, 0, counts, k_scale, v_scale)
-        assert not counts.any()
-    else:
-        got = kv_attention.quantized_decode_attention(q, k, k_scale, v, v_scale, row_start, q_slot, 0)
+    got = kv_attention.quantized_decode_attention(q, k, k_scale, v, v_scale, row_start, q_slot, 0)
     want = kv_attention.quantized_decode_attention_reference(q, k, k_scale, v, v_scale, row_start, q_slot, None)
     return got, want
 
@@ -189,11 +160,10 @@ def decode_gemv_rope_kv(n_heads=9, n_kv_heads=3, D=64, K=576, dtype=torch.float3
     )
 
 
-def decode_block(layers=2, n_experts=0, rope_in_attention=False, rope_in_qkv=False):
+def decode_block(layers=2, n_experts=0, rope_in_qkv=False):
     """A tiny model's decode step through gemv.DecodeBlock (the fused batch-1 path; with experts,
-    the router and the token's experts through decode_gemv too; with rope_in_attention, a SplitKVCache
-    and kv_attention.rope_decode_attention with the merge in the last split) against the plain blocks'
-    step, one token after a 5-token prefill."""
+    the router and the token's experts through decode_gemv too) against the plain blocks' step, one
+    token after a 5-token prefill."""
     from model import ModelArgs, Transformer
 
     experts = dict(n_experts=n_experts, n_active_experts=2 if n_experts else 0)
@@ -209,20 +179,12 @@ def decode_block(layers=2, n_experts=0, rope_in_attention=False, rope_in_qkv=Fal
         want = m(torch.tensor([[7]]), torch.tensor([5]))
         gemv.FUSED_DECODE_ENABLED = gemv.EXPERT_GEMV_ENABLED = True
         gemv.ROPE_IN_QKV = rope_in_qkv
-        if rope_in_attention:  # the same prefill into the kernel's cache, then its one-kernel decode attention
-            m.setup_caches(1, 16, None, kv_attention.SplitKVCache)
-            m(prompt, torch.arange(5))
-            kv_attention.ROPE_IN_ATTENTION = kv_attention.MERGE_IN_SPLITS = True
         gemv.use_decode_kernels(m)
         assert type(m.layers[0]) is gemv.DecodeBlock
-        attends = kv_attention.SplitKVCache.attends_at_decode
-        if rope_in_attention:
-            kv_attention.SplitKVCache.attends_at_decode = lambda self: True  # CPU tensors, interpreted kernels
         try:
             return m(torch.tensor([[7]]), torch.tensor([5])), want
         finally:
-            kv_attention.ROPE_IN_ATTENTION = kv_attention.MERGE_IN_SPLITS = gemv.ROPE_IN_QKV = False
-            kv_attention.SplitKVCache.attends_at_decode = attends
+            gemv.ROPE_IN_QKV = False
 
 
 def layer_kernel(dim=96, n_heads=3, n_kv_heads=1, head_dim=32, context=280, window=None, start=0, layers=3):
@@ -341,11 +303,6 @@ def main():
         )
     ]
     runs += [
-        (f"{case}, merged in the last split", lambda case=case: with_switch("MERGE_IN_SPLITS", unquantized, *case))
-        for case in CASES
-    ]
-    runs += [("int8 KV, merged in the last split", lambda: with_switch("MERGE_IN_SPLITS", int8))]
-    runs += [
         (
             "int8 KV tiles in fp16, bf16 queries",
             lambda: with_switch("KV_TILES_FP16", int8, dtype=torch.bfloat16, q_size=3),
@@ -353,15 +310,6 @@ def main():
         (
             "int8 KV tiles in fp16, fp16 queries, v scales ~1e-5",
             lambda: with_switch("KV_TILES_FP16", int8, dtype=torch.float16, q_size=3, v_scale_size=1e-5),
-        ),
-    ]
-    runs += [
-        ("rope + attention, SmolLM2's heads", rope_attention),
-        ("rope + attention, the slot opening a tile", lambda: rope_attention(slot=128, start=3)),
-        ("rope + attention, qk norm, G 4, D 128, window", lambda: rope_attention(16, 4, 128, 700, 650, 0, 100, True)),
-        (
-            "rope + attention, fp16, merged in the last split",
-            lambda: with_switch("MERGE_IN_SPLITS", rope_attention, 8, 2, 64, 257, 5, 0, 0, False, torch.float16),
         ),
     ]
     runs += [("int8 gemv", int8_gemv), ("int8 expert gemv", int8_expert_gemv)]
@@ -449,7 +397,6 @@ def main():
             kv_attention.PDL = False
 
     runs += [("DecodeBlock, MoE, eager with PDL (route, down + mix)", lambda: with_pdl(lambda: decode_block(2, 8)))]
-    runs += [("DecodeBlock, rope + attention + merge in one kernel", lambda: decode_block(rope_in_attention=True))]
     runs += [(f"DownMixExperts, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n)) for n in (2, 4, 8)]
     runs += [
         (f"DownMixExperts + gate/up kernel, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n, True))

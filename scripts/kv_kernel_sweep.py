@@ -69,14 +69,8 @@ def make_case(dtype, batch, slots, filled):
     row_start = torch.zeros(batch, dtype=torch.int32, device="cuda")
     q_slot = torch.tensor([filled - 1], device="cuda")
     ref = kv_attention.quantized_decode_attention_reference(q, k, k_scale, v, v_scale, row_start, q_slot, 0)
-    counts = kv_attention.new_split_counts(batch, N_KV_HEADS, "cuda")
-    merged = kv_attention.MERGE_IN_SPLITS  # FASTGEN_MERGE_IN_SPLITS=1: the one-kernel forms
-    if k_scale is None and merged:
-        run = lambda: kv_attention.decode_attention_merged(q, k, v, row_start, q_slot, 0, counts)  # noqa: E731
-    elif k_scale is None:
+    if k_scale is None:
         run = lambda: kv_attention.decode_attention(q, k, v, row_start, q_slot, 0)  # noqa: E731
-    elif merged:
-        run = lambda: kv_attention.decode_attention_merged(q, k, v, row_start, q_slot, 0, counts, k_scale, v_scale)  # noqa: E731
     else:
         run = lambda: kv_attention.quantized_decode_attention(q, k, k_scale, v, v_scale, row_start, q_slot, 0)  # noqa: E731
     return run, ref, nbytes

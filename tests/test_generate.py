@@ -438,46 +438,6 @@ def test_pdl_compiles_around_the_fused_blocks(monkeypatch, reference_decode_kern
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(qkv_bias=True, qk_norm=True, sliding_window=6)])
-def test_rope_in_attention_plumbing(monkeypatch, reference_decode_kernels, overrides):
-    """With kv_attention.ROPE_IN_ATTENTION a DecodeBlock's step hands wqkv's output straight to
-    rope_decode_attention (the norms, RoPE, the cache write and the attention in one kernel; its
-    reference here) with the cache's mask: the plain block's tokens, eager and compiled, rope_write_kv
-    never called; batches keep decode_attention."""
-    import kv_attention
-
-    model = tiny_model(**overrides)
-    prompt = [[5, 17, 3, 88, 41, 9, 2, 30, 11]]
-    plain = greedy(model, prompt, 12, 64).tokens
-    batch = greedy(model, PROMPTS[:2], 6, 64).tokens
-    _, rope_calls = reference_decode_kernels()
-    fused_calls = torch.zeros((), dtype=torch.long)  # a tensor, so the compiled step can count too
-
-    def rope_decode_attention(qkv, cos, sin, k_cache, v_cache, row_start, q_slot, window, counts, *rest):
-        fused_calls.add_(1)
-        return kv_attention.rope_decode_attention_reference(
-            qkv, cos, sin, k_cache, v_cache, row_start, q_slot, window, *rest
-        )
-
-    def decode_attention(q, k_cache, v_cache, row_start, q_slot, window):
-        return kv_attention.quantized_decode_attention_reference(
-            q, k_cache, None, v_cache, None, row_start, q_slot, window or None
-        )
-
-    monkeypatch.setattr(kv_attention, "ROPE_IN_ATTENTION", True)
-    monkeypatch.setattr(kv_attention.SplitKVCache, "attends_at_decode", lambda self: True)
-    monkeypatch.setattr(kv_attention, "rope_decode_attention", rope_decode_attention, raising=False)
-    monkeypatch.setattr(kv_attention, "decode_attention", decode_attention, raising=False)
-    for compile, max_seq_len in ((False, 72), (True, 80)):
-        torch._dynamo.reset()
-        fused_calls.zero_()
-        assert greedy(model, prompt, 12, max_seq_len, compile=compile).tokens == plain
-        assert fused_calls == 11 * model.args.n_layers and rope_calls == 0
-        assert greedy(model, PROMPTS[:2], 6, max_seq_len, compile=compile).tokens == batch
-        assert fused_calls == 11 * model.args.n_layers
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("overrides", [dict(qkv_bias=True, sliding_window=6), dict(qk_norm=True)])
 def test_rope_in_qkv_plumbing(monkeypatch, reference_decode_kernels, overrides):
     """With gemv.ROPE_IN_QKV a DecodeBlock's step runs wqkv, RoPE and the cache write as one

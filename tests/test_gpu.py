@@ -290,20 +290,11 @@ def test_quantized_decode_attention_kernel_equals_reference(storage, dtype, case
     outside a row's valid range: there the scales are NaN, which any read would spread."""
     import kv_attention
 
-    B, Hkv = case[0], case[2]
     args, want = quantized_attention_case(case, storage, dtype, 1, ((1e-3, 1 / 50), (1e-3, 1 / 50)))
-    q, k_cache, k_scale, v_cache, v_scale, row_start, slot, window = args
     got = kv_attention.quantized_decode_attention(*args)
     assert got.dtype == dtype and got.shape == want.shape
     err = ((got.float() - want.float()).norm() / want.float().norm()).item()
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
-    counts = kv_attention.new_split_counts(B, Hkv, "cuda")
-    for _ in range(2):  # the one-kernel form (MERGE_IN_SPLITS): the same output, the counts zero again
-        merged = kv_attention.decode_attention_merged(
-            q, k_cache, v_cache, row_start, slot, window, counts, k_scale, v_scale
-        )
-        assert not counts.any()
-        assert ((merged.float() - got.float()).norm() / got.float().norm()).item() < 1e-6
 
 
 @pytest.mark.parametrize("single_split_tiles", [0, 8], ids=["splits", "one-split-up-to-8-tiles"])
@@ -330,11 +321,6 @@ def test_unquantized_decode_attention_kernel_equals_reference(dtype, case, singl
     args = (q, poisoned[0], poisoned[1], row_start, slot, window or 0)
     got = kv_attention.decode_attention(*args)
     assert got.dtype == dtype and got.shape == want.shape
-    counts = kv_attention.new_split_counts(B, Hkv, "cuda")
-    for _ in range(2):  # the one-kernel form (MERGE_IN_SPLITS): the same output, the counts zero again
-        merged = kv_attention.decode_attention_merged(*args, counts)
-        assert not counts.any()
-        assert ((merged.float() - got.float()).norm() / got.float().norm()).item() < 1e-6
     err = ((got.float() - want.float()).norm() / want.float().norm()).item()
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
 
@@ -360,17 +346,14 @@ def test_kv_tiles_in_fp16_equal_reference(storage, dtype, case, monkeypatch):
     assert torch.equal(out, got)
 
 
-@pytest.mark.parametrize("merge_in_splits", [False, True])
-def test_split_kv_cache_decodes_like_the_flex_path(monkeypatch, merge_in_splits):
+def test_split_kv_cache_decodes_like_the_flex_path(monkeypatch):
     """The default bf16 cache on CUDA (kv_attention.SplitKVCache) decodes a batch of different-length
-    prompts to the tokens of the plain KVCache, eager and compiled (fp32, so no near-ties flip); also
-    with the splits merged by the last one to finish (its count buffer mutated inside the CUDA graph)."""
+    prompts to the tokens of the plain KVCache, eager and compiled (fp32, so no near-ties flip)."""
     import kv_attention
 
     cuda = on(random_model("gqa-hd128"), "cuda", torch.float32)
     want = greedy(cuda, PROMPTS[:3], 20, 128)
     monkeypatch.setattr(kv_attention, "UNQUANTIZED_ENABLED", True)
-    monkeypatch.setattr(kv_attention, "MERGE_IN_SPLITS", merge_in_splits)
     monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", 0)  # these 4-tile caches split (and merge)
     for compile, max_seq_len in ((False, 144), (True, 160)):  # a new length makes setup() remake the caches
         assert greedy(cuda, PROMPTS[:3], 20, max_seq_len, compile=compile) == want
@@ -543,38 +526,6 @@ def test_rope_write_kv_equals_reference(D, n_heads, n_kv_heads, qk_norm, dtype):
     assert_written_at(caches, want_caches, 29, tol)
 
 
-@pytest.mark.parametrize(
-    "D, n_heads, n_kv_heads, qk_norm, slot, window",
-    [(64, 9, 3, False, 29, 0), (128, 32, 4, True, 640, 0), (96, 4, 4, True, 700, 100), (64, 8, 2, False, 64, 0)],
-)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("merge_in_splits", [False, True])
-def test_rope_decode_attention_equals_reference(
-    D, n_heads, n_kv_heads, qk_norm, slot, window, dtype, merge_in_splits, monkeypatch
-):
-    """kv_attention.rope_decode_attention (ROPE_IN_ATTENTION: the norms, RoPE, the cache write and the
-    attention in one kernel) gives rope_write_kv's reference then attention, and writes the token's
-    k, v at the slot and nothing else; with the splits merged by the last one too."""
-    import kv_attention
-
-    monkeypatch.setattr(kv_attention, "MERGE_IN_SPLITS", merge_in_splits)
-    torch.manual_seed(D + slot)
-    qkv, cos, sin, norms, caches = one_token_qkv(D, n_heads, n_kv_heads, qk_norm, 1024, dtype)
-    want_caches = [c.clone() for c in caches]
-    row_start, q_slot = torch.tensor([3], dtype=torch.int32, device="cuda"), torch.tensor([slot], device="cuda")
-    want = kv_attention.rope_decode_attention_reference(
-        qkv, cos, sin, *want_caches, row_start, q_slot, window, n_heads, *norms, 1e-6
-    )
-    counts = kv_attention.new_split_counts(1, n_kv_heads, "cuda")
-    got = kv_attention.rope_decode_attention(
-        qkv, cos, sin, *caches, row_start, q_slot, window, counts, n_heads, *norms, 1e-6
-    )
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    assert got.shape == (1, n_heads, 1, D) and ((got.float() - want.float()).norm() / want.float().norm()) < tol
-    assert not counts.any()
-    assert_written_at(caches, want_caches, slot, tol)
-
-
 @pytest.mark.parametrize("D, n_heads, n_kv_heads", [(64, 9, 3), (128, 32, 8), (96, 4, 4)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("int8, bias", [(False, False), (False, True), (True, False)], ids=["float", "bias", "int8"])
@@ -613,7 +564,7 @@ def launched_with_pdl(kernel) -> list[bool]:
 
 
 @pytest.mark.parametrize(
-    "shape, one_attention_kernel, pdl, compile",
+    "shape, split, pdl, compile",
     [
         ("gqa-hd128", False, False, True),
         ("window", False, False, True),
@@ -629,11 +580,11 @@ def launched_with_pdl(kernel) -> list[bool]:
         ("moe", False, True, True),
     ],
 )
-def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, one_attention_kernel, pdl, compile):
+def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, split, pdl, compile):
     """The fused decode block (these models are narrower than FUSED_FLOAT_MAX_DIM; DecodeLinear for the
     output projection): the CUDA-graph decode of a batch-1 prompt through gemv.DecodeBlock gives the CPU
     fp32 eager tokens, and a batch still decodes through the plain blocks to the same tokens.
-    one_attention_kernel: with ROPE_IN_ATTENTION and MERGE_IN_SPLITS (the counts mutated inside the graph).
+    split: the 2-tile caches attended in splits and merged (SINGLE_SPLIT_MAX_TILES 0; else one split).
     pdl: kv_attention.PDL, each kernel of the chain launched to start while the one before it finishes and
     waiting for it in-kernel, and really launched that way: eager (generate.py without --compile) and
     compiled around the blocks (--compile with PDL: the blocks run eager inside the step's one CUDA graph).
@@ -643,9 +594,7 @@ def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, one_attent
 
     monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
     monkeypatch.setattr(gemv, "FLOAT_GEMV_ENABLED", True)
-    monkeypatch.setattr(kv_attention, "ROPE_IN_ATTENTION", one_attention_kernel)
-    monkeypatch.setattr(kv_attention, "MERGE_IN_SPLITS", one_attention_kernel)
-    if one_attention_kernel:  # split the 2-tile caches, so that the last split merges (one split is the default)
+    if split:
         monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", 0)
     monkeypatch.setattr(kv_attention, "PDL", pdl)
     cpu = random_model(shape)
@@ -656,11 +605,9 @@ def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, one_attent
     assert cuda.output is None or type(cuda.output) is gemv.DecodeLinear  # tied: the embedding's matmul
     assert greedy(cuda, PROMPTS[:2], 40, 128, compile=compile) == want
     if pdl:
-        kernels = [gemv._decode_gemv_kernel, kv_attention._quantized_decode_kernel]
+        kernels = [gemv._decode_gemv_kernel, kv_attention._quantized_decode_kernel, kv_attention._rope_write_kv_kernel]
         kernels += [gemv._route_kernel, gemv._expert_down_mix_kernel] if shape == "moe" else []
-        kernels += (
-            [] if one_attention_kernel else [kv_attention._rope_write_kv_kernel, kv_attention._merge_splits_kernel]
-        )
+        kernels += [kv_attention._merge_splits_kernel] if split else []
         for kernel in kernels:
             assert any(launched_with_pdl(kernel)), kernel
 
