@@ -2,7 +2,7 @@
 # The GPU runs this repo still owes (NOTES.md says why), batched for a device call of at most
 # 10 minutes each. Run from the repository root on the GPU machine:
 #
-#   bash scripts/gpu_pending.sh downall    # ~5 min: FIRST next time: expert_down_mix's 1-token form that loads every
+#   bash scripts/gpu_pending.sh downall    # ~5 min: next (after tests-parallel): expert_down_mix's 1-token form that loads every
 #                                          #   chosen expert's rows at once (gemv.EXPERT_DOWN_ALL_AT_ONCE, opt-in,
 #                                          #   written 2026-12-05, seventh session; never on a GPU): its GPU tests, the
 #                                          #   kernel alone against the expert-by-expert loop (13.8 us on the H100),
@@ -59,8 +59,8 @@
 #   bash scripts/gpu_pending.sh next       # ~8 min: 4cf7e70's fix on a GPU, then Qwen3-30B-A3B B1
 #                                          #   (48 layers) fused / unfused, expert_down_mix's 1-token tile, SmolLM2
 #                                          #   unfused (issue 17's 60%, issue 11's 2500 tok/s), Llama-3.2-1B
-#   bash scripts/gpu_pending.sh megaphases # ~3 min: FIRST next time: the unrolled megakernel (9d3d56f) against the
-#                                          #   default SmolLM2 step, and its phases' times (megakernel_phases.py)
+#   bash scripts/gpu_pending.sh megaphases # ~3 min (ran 2026-12-05, seventh session: 0.644 ms against 0.503): the
+#                                          #   megakernel's tests, its SmolLM2 step against the default, its phases' times
 #   bash scripts/gpu_pending.sh mega       # ~4 min: the megakernel's GPU tests, SmolLM2 with it (132 / 66 programs,
 #                                          #   no prefetch), the in-place decode loop's tests (ran 2026-12-05, sixth session)
 #   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
@@ -329,9 +329,9 @@ downbench)
     done
     ;;
 megaphases)
-    # ~3 min. FIRST next time: the megakernel's unrolled form (9d3d56f, not yet timed; its rolled first form took
-    # 0.732 ms a SmolLM2 step against 0.503 for the default, H100 2026-12-05) and where its step goes phase by
-    # phase (scripts/megakernel_phases.py: each phase's work, spread and barrier, from the GPU's clock)
+    # ~3 min: the megakernel against the default SmolLM2 step (H100, 2026-12-05, seventh session: 0.644 ms against
+    # 0.503) and where its step goes phase by phase (scripts/megakernel_phases.py: each phase's work, spread and
+    # barrier, from the GPU's clock)
     step mega_tests 180 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k megakernel -x
     summary+=("  $(tail -n 1 "$out/mega_tests.txt")")
     decode smol 45 --model smollm2-135m --new-tokens 256
