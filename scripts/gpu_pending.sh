@@ -18,20 +18,14 @@
 #                                          #   whole step (profile_decode.py --tile): 12 Qwen3 layers with the experts'
 #                                          #   w13 at 2 outputs a program (4 lost: 0.993 -> 1.115 ms), wqkv 8/512/4,
 #                                          #   wo 2/2048/2; SmolLM2's wqkv 4/1024/8
-#   bash scripts/gpu_pending.sh tests-parallel  # ~4 min: the whole GPU tier over 4 pytest-xdist workers
-#                                          #   (xdist is on the H200 image; last run: e642354, 88 passed, 3 min 49 s)
+#   bash scripts/gpu_pending.sh tests-parallel  # ~7 min: the whole GPU tier over 4 pytest-xdist workers (xdist from
+#                                          #   .whl: carry it; last run: 0e0cb74 on an H100, 258 passed, 6 min 37 s)
 #   bash scripts/gpu_pending.sh tests      # ~6 min: the same, one worker
 #   bash scripts/gpu_pending.sh package    # ~8 min: which packaging of the decode step loads on CUDA (issue 19)
 #   bash scripts/gpu_pending.sh moe        # ~9 min: MoE GPU tests, then Qwen3-30B-A3B / Mixtral bf16 and int8
 #                                          #   at batch 1 and 8 (issue 17)
 #   bash scripts/gpu_pending.sh moedown    # ~9.5 min: Qwen3-30B-A3B bf16 B8's whole step with expert_down_mix
 #                                          #   (the default since 2026-12-04) and without (issue 17)
-#   bash scripts/gpu_pending.sh moegateup  # ~4 min: the grouped gate/up kernel for float experts (the default since
-#                                          #   2026-12-04): its tests, its tiles at 8 tokens against Inductor alone
-#                                          #   (moe_down_sweep.py --gate-up), then a 12-layer Qwen3 B8 step with and
-#                                          #   without it (2.281 vs 2.627 ms on the H200)
-#   bash scripts/gpu_pending.sh moeb1      # ~5 min: Qwen3-30B-A3B B1 (12 layers) with expert_down_mix from 1 token
-#                                          #   (gemv.EXPERT_DOWN_MIN_TOKENS = 1) against Inductor (issue 17's B1 gap)
 #   bash scripts/gpu_pending.sh cli        # ~8 min: generate.py --compile --json against the engine on the same
 #                                          #   random checkpoints (issue 11's CLI within 5%; bench_cli.py)
 #   bash scripts/gpu_pending.sh modes      # ~9.5 min: what issue 10's report still lacks: int4 g128 at batch 1
@@ -40,11 +34,6 @@
 #                                          #   (bf16, int8, tinygemm g64/g128) at 1-16 rows, each replayed in a CUDA
 #                                          #   graph (int4_rows_sweep.py), then 8 layers of the int4 step profiled at
 #                                          #   B1 and B8
-#   bash scripts/gpu_pending.sh fusedcheck # ~8 min (ran 2026-12-05: 169 passed, 3 failed, BENCHMARKS.md): the GPU tier with the
-#                                          #   fused decode defaults, then the fused block with SiLU(gate) * up moved
-#                                          #   into w13's stores (untimed) at Llama-3-8B (forced; it lost with the SiLU
-#                                          #   in w2's loads, 4.833 vs 4.144 ms unfused), SmolLM2-135M (0.693 before)
-#                                          #   and int8 Llama-3-8B (2.995)
 #   bash scripts/gpu_pending.sh int4gemv   # ~8 min: gemv.int4_gemv (opt-in, never run on a GPU; written 2026-12-04):
 #                                          #   its GPU tests (the layout against torch's packing, the kernel against
 #                                          #   tinygemm), one linear per format replayed in a graph, its tiles
@@ -56,29 +45,11 @@
 #                                          #   against 6.9 / 6.7). Its launch sweep at B8 8k, its GPU tests, then
 #                                          #   Llama-3-8B B8 8k filled with an int8 cache without / with it and with
 #                                          #   a bf16 cache (6.456 / 6.337 / 6.407 ms on 2026-12-05: issue 10 wants 1.1x)
-#   bash scripts/gpu_pending.sh next       # ~8 min: 4cf7e70's fix on a GPU, then Qwen3-30B-A3B B1
-#                                          #   (48 layers) fused / unfused, expert_down_mix's 1-token tile, SmolLM2
-#                                          #   unfused (issue 17's 60%, issue 11's 2500 tok/s), Llama-3.2-1B
 #   bash scripts/gpu_pending.sh megaphases # ~3 min (ran 2026-12-05, seventh session: 0.644 ms against 0.503): the
 #                                          #   megakernel's tests, its SmolLM2 step against the default, its phases' times
-#   bash scripts/gpu_pending.sh mega       # ~4 min: the megakernel's GPU tests, SmolLM2 with it (132 / 66 programs,
-#                                          #   no prefetch), the in-place decode loop's tests (ran 2026-12-05, sixth session)
 #   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
-#   bash scripts/gpu_pending.sh ropeqkv    # ~4 min: next: SmolLM2-135M with SINGLE_SPLIT_TILES 4 alone
-#                                          #   and with ROPE_IN_QKV (the H100 run of 2026-12-05 had a removed fold in
-#                                          #   it), 12 Qwen3 layers with the one split, Qwen3 B1 through bench.py
 #   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
 #                                          #   10: why int8 reads at half bf16's rate), if ncu is on the machine
-#   bash scripts/gpu_pending.sh pdltier    # ~9 min: the GPU tier with both PDL switches on (the defaults since
-#                                          #   2026-12-05's second session), then SmolLM2-135M, 12 Qwen3 layers and
-#                                          #   Llama-3-8B with both (0.496 / - / ~4.09 ms on 2026-12-05)
-#   bash scripts/gpu_pending.sh pdl        # ~8 min: kv_attention.PDL (opt-in, never run on a GPU; written 2026-12-05):
-#                                          #   the batch-1 chain's kernels launched with programmatic dependent launch
-#                                          #   (blocks eager, the rest compiled, one CUDA graph). Its GPU tests, then
-#                                          #   SmolLM2-135M compiled without / with PDL (0.693 ms at 714bafb), eager
-#                                          #   without / with, with the one-kernel attention, with Inductor's own PDL
-#                                          #   (TORCHINDUCTOR_ENABLE_PDL=1); 12 Qwen3 layers without / with; Llama-3-8B
-#                                          #   (fused block forced) with
 #   bash scripts/gpu_pending.sh fusedsweep # ~6 min: each fused GEMV call alone (fused_gemv_sweep.py): plain vs
 #                                          #   folded at the default tile, and the folded call's best tile, at SmolLM2,
 #                                          #   Llama-3-8B and Qwen3-30B-A3B expert shapes: set decode_gemv_config from it
@@ -87,9 +58,6 @@
 #   bash scripts/gpu_pending.sh longctx    # ~3 min: Llama-3-8B bf16 B1 with 8k filled of a 32k cache, and B8 8k with
 #                                          #   a bf16 / int8 KV cache (issue 11's 85% incl. KV: 4.979 ms, 76% at
 #                                          #   16c7312 before the batch-1 GEMV; issue 10's KV 1.1x: 1.00x then)
-#   bash scripts/gpu_pending.sh floatgemv  # ~9 min: the batch-1 float GEMV (gemv.decode_gemv, the default since
-#                                          #   2026-12-04): its GPU tests, then SmolLM2-135M and Llama-3-8B B1 steps
-#                                          #   with cuBLAS, the GEMV unfused, and the fused block forced on
 #   bash scripts/gpu_pending.sh fusedrows  # ~4 min: the fused float block at 4 and 8 rows a program (Llama-3-8B,
 #                                          #   SmolLM2): it lost at Llama's width with 2 (why float blocks wider
 #                                          #   than gemv.FUSED_FLOAT_MAX_DIM are not fused)
@@ -100,6 +68,9 @@
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
+#
+# Modes whose runs are recorded in BENCHMARKS.md (pdl, pdltier, fusedcheck, next, floatgemv, moegateup, moeb1,
+# ropeqkv, mega) were removed on 2026-12-05; git history has them.
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -156,25 +127,6 @@ moedown)
     decode qwen3_b8_kernel 280 --model qwen3-30b-a3b --batch 8
     FASTGEN_EXPERT_DOWN_KERNEL=0 decode qwen3_b8_inductor 280 --model qwen3-30b-a3b --batch 8
     ;;
-moegateup)
-    # the grouped gate/up kernel (the default since 2026-12-04) (gemv.expert_gate_up): its GPU tests, then a 12-layer Qwen3 B8
-    # step with it and without (the down projection's kernel on in both)
-    step gateup_tests 140 python -m pytest -m gpu -q -p no:cacheprovider tests/test_moe.py -k "gate_up or compiled_moe_decode"
-    summary+=("  $(tail -n 1 "$out/gateup_tests.txt")")
-    step gateup_sweep 120 python scripts/moe_down_sweep.py --gate-up --tokens 8
-    summary+=("$(grep -E '^\| 8 \| (inductor|gate/up kernel default)' "$out/gateup_sweep.txt")")
-    decode qwen3_b8_12 140 --model qwen3-30b-a3b --layers 12 --batch 8
-    FASTGEN_EXPERT_GATE_UP_KERNEL=0 decode qwen3_b8_12_no_gateup 140 --model qwen3-30b-a3b --layers 12 --batch 8
-    ;;
-moeb1)
-    # Qwen3 B1, 12 layers: expert_down_mix from 1 token against Inductor. Alone the kernel lost by 0.7 us
-    # at 1 token, but in the step Inductor's fused down projection took 20.2 us a layer (BENCHMARKS.md)
-    decode qwen3_b1_inductor 150 --model qwen3-30b-a3b --layers 12
-    step qwen3_b1_kernel 150 python -c "import runpy, sys, gemv; gemv.EXPERT_DOWN_MIN_TOKENS = 1
-sys.argv = ['profile_decode.py', '--top', '8', '--model', 'qwen3-30b-a3b', '--layers', '12']
-runpy.run_path('scripts/profile_decode.py', run_name='__main__')"
-    summary+=("  $(grep -h "replayed step" "$out/qwen3_b1_kernel.txt" | head -1)")
-    ;;
 cli)
     step cli 560 python scripts/bench_cli.py --workdir "${TMPDIR:-/tmp}/fastgen-bench-cli"
     summary+=("$(grep -E '^\| ' "$out/cli.txt")")
@@ -199,18 +151,6 @@ int4rows)
     # sweep shows no gap, the step's extra 2.9 ms is elsewhere: the kernels of 8 layers at B1 and B8
     decode int4_b1 120 --weights int4-g64 --layers 8 --batch 1
     decode int4_b8 120 --weights int4-g64 --layers 8 --batch 8
-    ;;
-fusedcheck)
-    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    # the tier grew to ~170 tests on 2026-12-04 (fourth session): 360 s for it
-    step tier 360 python -m pytest -m gpu -q -p no:cacheprovider -rf -n 4
-    summary+=("  $(tail -n 1 "$out/tier.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
-    # most important first: the run tool stops a call at 600 s, and each log lands in $OUT as it goes
-    # --by-launch: each projection's GEMV on a row of its own (the grid / block size tell them apart)
-    FASTGEN_FUSED_DECODE=1 decode llama_fused 100 --model llama-3-8b --by-launch --top 16
-    decode smol 60 --model smollm2-135m --by-launch --top 16
-    decode llama_int8 75 --model llama-3-8b --weights int8
     ;;
 int4gemv)
     # gemv.int4_gemv_config has the H200 sweep's tiles since 0d8bb72 (wo / w2 8 rows a program,
@@ -239,55 +179,6 @@ kvfp16)
     decode llama_b8_8k_int8kv 110 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
     FASTGEN_KV_TILES_FP16=1 decode llama_b8_8k_int8kv_fp16 110 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
     decode llama_b8_8k_bf16kv 110 --model llama-3-8b --batch 8 --ctx 8192
-    ;;
-next)
-    # After 2026-12-05's second session: 4cf7e70's fix (blocks eager under the compiler only over our
-    # attention kernel) on a GPU, then issue 17's Qwen3 B1 (3.036 ms, 48% of copy on active bytes): with PDL
-    # the folds' saved launches matter less, so the unfused blocks may now win (the folded wqkv read 21 MB
-    # in 12 us); expert_down_mix at 1 token runs the 2-token tile (the sweep's "kernel default" row against
-    # its best); SmolLM2 unfused too (0.486 ms fused)
-    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    export TORCHINDUCTOR_ENABLE_PDL=1  # the tests that compile outside generate.Generator
-    step tests 100 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -n 4 \
-        -k "compiled_decode_attends_through_flex or fused_decode_block_equals"
-    summary+=("  $(tail -n 1 "$out/tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/tests.txt" | head -6)")
-    decode qwen3_48 70 --model qwen3-30b-a3b --by-launch --top 12
-    FASTGEN_FUSED_DECODE=0 decode qwen3_48_unfused 70 --model qwen3-30b-a3b --by-launch --top 12
-    # each kernel's own time: with PDL a kernel's duration includes its wait for the one before it
-    FASTGEN_PDL=0 TORCHINDUCTOR_ENABLE_PDL=0 decode qwen3_48_no_pdl 70 --model qwen3-30b-a3b --by-launch --top 12
-    step down_1 100 python scripts/moe_down_sweep.py --tokens 1
-    summary+=("$(grep -E '^\| 1 ' "$out/down_1.txt")")
-    FASTGEN_FUSED_DECODE=0 decode smol_unfused 45 --model smollm2-135m
-    # never measured: Llama-3.2-1B, the anchor of Hazy Research's "No Bubbles" megakernel (78% of an H100's
-    # bandwidth; vLLM and SGLang at most 50%, shared/anchors.md)
-    decode llama1b 50 --model llama-3.2-1b
-    # --compile-blocks (one block compiled for every layer): its first step (the compile: 61.0 s for the whole
-    # step on 2026-12-05) and its replayed step against the whole step's 4.034 ms
-    decode llama_blocks 80 --model llama-3-8b --compile-blocks
-    ;;
-mega)
-    # ~6 min. megakernel.py (opt-in FASTGEN_MEGAKERNEL=1, never run on a GPU): every layer of the batch-1 step
-    # as one persistent kernel, its programs meeting at grid barriers. Its GPU tests (a hang = the barrier:
-    # the timeout ends it), then SmolLM2-135M without / with (issue 11: 0.4 ms wanted; 0.486-0.510 now), eager
-    # and compiled. Then the in-place decode loop's tests (c93a4b2)
-    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    step mega_tests 180 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k megakernel -x
-    summary+=("  $(tail -n 1 "$out/mega_tests.txt")")
-    summary+=("$(grep -E '^FAILED|Error' "$out/mega_tests.txt" | head -6)")
-    decode smol 45 --model smollm2-135m --new-tokens 256
-    summary+=("  $(grep -h 'generate()' "$out/smol.txt" | head -1)")
-    FASTGEN_MEGAKERNEL=1 decode smol_mega 60 --model smollm2-135m --new-tokens 256
-    summary+=("  $(grep -h 'generate()' "$out/smol_mega.txt" | head -1)")
-    FASTGEN_MEGAKERNEL=1 FASTGEN_MEGAKERNEL_PROGRAMS=66 decode smol_mega_66 60 --model smollm2-135m --new-tokens 256
-    summary+=("  $(grep -h 'generate()' "$out/smol_mega_66.txt" | head -1)")
-    FASTGEN_MEGAKERNEL=1 FASTGEN_MEGAKERNEL_PREFETCH=0 decode smol_mega_no_prefetch 60 --model smollm2-135m \
-        --new-tokens 256
-    summary+=("  $(grep -h 'generate()' "$out/smol_mega_no_prefetch.txt" | head -1)")
-    step tests 110 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -n 4 -k \
-        "nothing_between_replays or cuda_graph_decode_equals or samples_and_rerecords or chat_turns or never_compiles"
-    summary+=("  $(tail -n 1 "$out/tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/tests.txt" | head -6)")
     ;;
 steptiles)
     decode q12 120 --model qwen3-30b-a3b --layers 12
@@ -353,23 +244,6 @@ moebench)
         --no-cold-start --time-budget-s 130
     summary+=("$(grep -iE 'copy|^\| mixtral' "$out/mixtral_bench.txt" | head -3)")
     ;;
-ropeqkv)
-    # ~4 min. The opt-in folds ran on an H100 on 2026-12-05 (fourth session; the tier passed,
-    # BENCHMARKS.md): SmolLM2-135M 0.510 ms default, 0.523 with gemv.ROPE_IN_QKV, 0.495 with
-    # kv_attention.SINGLE_SPLIT_MAX_TILES 4 too, but that run also had a final-norm fold (since removed) that
-    # cost ~14 us. Never timed: SINGLE_SPLIT_TILES alone, and with ROPE_IN_QKV without the fold. Flip what wins
-    # (the tier must pass with it), delete what loses. Then Qwen3 (issue 17: 59.5% of copy, 60 wanted) with the
-    # one-split attention alone, the 48-layer step, and bench.py's B1 (copy in the same run)
-    decode smol 40 --model smollm2-135m --by-launch --top 12
-    FASTGEN_SINGLE_SPLIT_TILES=4 decode smol_one_split 40 --model smollm2-135m --by-launch --top 12
-    FASTGEN_SINGLE_SPLIT_TILES=4 FASTGEN_ROPE_IN_QKV=1 decode smol_one_split_rope 40 --model smollm2-135m \
-        --by-launch --top 12
-    decode qwen3_b1_12 50 --model qwen3-30b-a3b --layers 12 --by-launch --top 12
-    FASTGEN_SINGLE_SPLIT_TILES=4 decode qwen3_b1_12_one_split 50 --model qwen3-30b-a3b --layers 12 --by-launch --top 12
-    step qwen3_bench 200 python scripts/bench.py --suite moe --models qwen3-30b-a3b --weights bf16 --batch 1 \
-        --no-cold-start --time-budget-s 150
-    summary+=("$(grep -E 'copy|^\| qwen' "$out/qwen3_bench.txt" | head -3)")
-    ;;
 ncukv)
     # issue 10's int8 KV: at B8 8k its attention reads 134 MB a layer at ~2.3 TB/s, bf16's 268 MB at 4.2,
     # and the fp16 tiles (fewer instructions a K/V element) did not move it: Nsight Compute's stall reasons
@@ -386,34 +260,6 @@ ncukv)
         done
     fi
     ;;
-pdltier)
-    # both PDL switches on by default since the second session of 2026-12-05 (kv_attention.PDL, and
-    # generate.Generator sets Inductor's); the env var covers the tests that compile outside Generator
-    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    export TORCHINDUCTOR_ENABLE_PDL=1
-    step tier 330 python -m pytest -m gpu -q -p no:cacheprovider -rf -n 6
-    summary+=("  $(tail -n 1 "$out/tier.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
-    decode smol_both 60 --model smollm2-135m
-    decode qwen3_12_both 70 --model qwen3-30b-a3b --layers 12 --by-launch --top 12
-    decode llama_both 100 --model llama-3-8b
-    ;;
-pdl)
-    step pdl_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k fused_decode_block_equals
-    summary+=("  $(tail -n 1 "$out/pdl_tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/pdl_tests.txt" | head -6)")
-    # "busy" in each summary line is the kernels' share of the replayed step: the launch gaps PDL hides
-    # are the rest. With --compile and PDL the compiler fuses what surrounds the blocks, the blocks run
-    # eager (their kernels launched with PDL), one CUDA graph a step (generate.Generator).
-    decode smol_compiled 110 --model smollm2-135m --by-launch --top 16
-    FASTGEN_PDL=1 decode smol_compiled_pdl 110 --model smollm2-135m --by-launch --top 16
-    decode smol_eager 50 --model smollm2-135m --no-compile
-    FASTGEN_PDL=1 decode smol_eager_pdl 50 --model smollm2-135m --no-compile
-    TORCHINDUCTOR_ENABLE_PDL=1 decode smol_compiled_inductor_pdl 110 --model smollm2-135m
-    decode qwen3_12 70 --model qwen3-30b-a3b --layers 12
-    FASTGEN_PDL=1 decode qwen3_12_pdl 70 --model qwen3-30b-a3b --layers 12
-    FASTGEN_FUSED_DECODE=1 FASTGEN_PDL=1 decode llama_fused_pdl 80 --model llama-3-8b
-    ;;
 fusedsweep)
     step fusedsweep 560 python scripts/fused_gemv_sweep.py
     summary+=("$(grep -E '^\| ' "$out/fusedsweep.txt")")
@@ -427,17 +273,6 @@ longctx)
     decode llama_8k_of_32k 110 --model llama-3-8b --ctx 8192 --cache 32768
     decode llama_b8_8k_bf16kv 110 --model llama-3-8b --batch 8 --ctx 8192
     decode llama_b8_8k_int8kv 110 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
-    ;;
-floatgemv)
-    # 2026-12-04 (third session): SmolLM2 0.952 / 0.763 / 0.693 ms, Llama-3-8B 4.616 / 4.144 / 4.833 ms
-    step floatgemv_tests 180 python -m pytest -m gpu -q -p no:cacheprovider -n 4 tests/test_gpu.py tests/test_moe.py \
-        -k "decode_gemv or fused_decode or rope_write_kv or compiled_moe_decode"
-    summary+=("  $(tail -n 1 "$out/floatgemv_tests.txt")")
-    for model in smollm2-135m llama-3-8b; do
-        FASTGEN_FLOAT_GEMV=0 FASTGEN_FUSED_DECODE=0 decode "${model}_cublas" 110 --model "$model"
-        FASTGEN_FUSED_DECODE=0 decode "${model}_gemv" 110 --model "$model"
-        FASTGEN_FUSED_DECODE=1 decode "${model}_fused" 110 --model "$model"
-    done
     ;;
 fusedrows)
     # the fused float block lost at Llama-3-8B's width with 2 rows a program (4.833 vs 4.144 ms unfused,
