@@ -307,7 +307,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, megaphases, mega, moebench, ropeqkv, next, ncukv, fusedcheck, pdltier, pdl, fusedsweep, batch32, longctx, package, moe, moedown, moegateup, moeb1, cli, modes, int4rows, floatgemv, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, int4rows, int4gemv, kvfp16, steptiles, smolnext, downall, downbench, megaphases, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac
