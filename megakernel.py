@@ -46,6 +46,12 @@ PROGRAMS = int(os.environ.get("FASTGEN_MEGAKERNEL_PROGRAMS", "0"))
 MAX_DIM = 2048  # the widest model it takes: a program's rows of a projection stay a few KB
 BLOCK_K = 128  # input elements a step of a projection's loop
 BLOCK_S = 16  # cache slots a step of the attention's loop (32: 248 registers a thread at 8 warps)
+# The attention's loop as two tensor-core dots over 64-slot tiles (the query heads padded to 16 rows, as
+# kv_attention's kernel does) instead of broadcast products over 16-slot steps. On an H100 (2026-12-05,
+# seventh session) the broadcast loop took 5.7 us over 17 slots and ~2.5 us a 16-slot step at 8000 slots
+# (megakernel_phases.py). NOT YET ON A GPU: FASTGEN_MEGAKERNEL_ATTN_DOT=1 turns it on, for timing.
+ATTN_DOT = os.environ.get("FASTGEN_MEGAKERNEL_ATTN_DOT", "0") == "1"
+ATTN_DOT_SLOTS = 64
 MAX_SPLITS = 32  # the attention's splits of the valid slots, at most
 MIN_SPLIT_SLOTS = 32  # and at least this many slots each: enough splits to keep the loop short
 # Each layer's weights on their way to L2 during the layer before (SmolLM2: 7 MB a layer; not a model whose
@@ -150,10 +156,12 @@ def decode_layers(
         HD=HD,
         INTER=inter,
         G_PAD=triton.next_power_of_2(HQ // HKV),
+        G_ROWS=max(16, triton.next_power_of_2(HQ // HKV)) if ATTN_DOT else triton.next_power_of_2(HQ // HKV),
+        ATTN_DOT=ATTN_DOT,
         QK_SCALE=HD**-0.5 * 1.4426950408889634,
         EPS=args.norm_eps,
         BLOCK_K=BLOCK_K,
-        BLOCK_S=BLOCK_S,
+        BLOCK_S=ATTN_DOT_SLOTS if ATTN_DOT else BLOCK_S,
         MAX_SPLITS=MAX_SPLITS,
         MIN_SPLIT_SLOTS=MIN_SPLIT_SLOTS,
         num_warps=NUM_WARPS,
@@ -377,6 +385,8 @@ if triton is not None:
         HD: tl.constexpr,
         INTER: tl.constexpr,
         G_PAD: tl.constexpr,
+        G_ROWS: tl.constexpr,  # the attention loop's query rows: G_PAD, or >= 16 for ATTN_DOT (tl.dot's smallest M)
+        ATTN_DOT: tl.constexpr,
         QK_SCALE: tl.constexpr,  # HD ** -0.5 * log2(e): the softmax in base 2
         EPS: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -466,7 +476,7 @@ if triton is not None:
 
             # 1: attention, a (kv head, split) a unit: its G query heads over the split's slots, online softmax
             if PERSISTENT or phase == 1:
-                g = tl.arange(0, G_PAD)
+                g = tl.arange(0, G_ROWS)
                 g_ok = g < G
                 for unit in range(pid, HKV * n_splits, programs):
                     kv_head = unit // n_splits
@@ -475,25 +485,32 @@ if triton is not None:
                     hi = tl.minimum(lo + chunk, slot + 1)
                     heads = kv_head * G + g
                     q_at = heads[:, None] * HD + dims[None, :]
-                    qh = tl.load(q_ptr + q_at, mask=g_ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
-                    qh = qh * QK_SCALE
-                    m = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
-                    l_sum = tl.zeros((G_PAD,), dtype=tl.float32)
-                    acc = tl.zeros((G_PAD, HD), dtype=tl.float32)
+                    q_raw = tl.load(q_ptr + q_at, mask=g_ok[:, None], other=0.0, cache_modifier=".cg")
+                    qh = q_raw.to(tl.float32) * QK_SCALE
+                    m = tl.full((G_ROWS,), float("-inf"), dtype=tl.float32)
+                    l_sum = tl.zeros((G_ROWS,), dtype=tl.float32)
+                    acc = tl.zeros((G_ROWS, HD), dtype=tl.float32)
                     cache_rows = kv_head.to(tl.int64) * S
                     for s0 in range(lo, hi, BLOCK_S):
                         slots = s0 + tl.arange(0, BLOCK_S)
                         s_ok = slots < hi
                         kv_at = (cache_rows + slots)[:, None] * HD + dims[None, :]
-                        k = tl.load(k_cache + kv_at, mask=s_ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
-                        v = tl.load(v_cache + kv_at, mask=s_ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
-                        scores = tl.sum(qh[:, None, :] * k[None, :, :], axis=2)  # [G_PAD, BLOCK_S]
+                        k = tl.load(k_cache + kv_at, mask=s_ok[:, None], other=0.0, cache_modifier=".cg")
+                        v = tl.load(v_cache + kv_at, mask=s_ok[:, None], other=0.0, cache_modifier=".cg")
+                        if ATTN_DOT:  # [G_ROWS, BLOCK_S]
+                            scores = tl.dot(q_raw, tl.trans(k), input_precision="ieee") * QK_SCALE
+                        else:
+                            scores = tl.sum(qh[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
                         scores = tl.where(s_ok[None, :], scores, float("-inf"))
                         m_new = tl.maximum(m, tl.max(scores, axis=1))
                         p = tl.exp2(scores - m_new[:, None])
                         alpha = tl.exp2(m - m_new)
                         l_sum = l_sum * alpha + tl.sum(p, axis=1)
-                        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+                        if ATTN_DOT:
+                            pv = tl.dot(p.to(dtype), v, input_precision="ieee")
+                        else:
+                            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+                        acc = acc * alpha[:, None] + pv
                         m = m_new
                     if n_splits == 1:
                         tl.store(attn_ptr + q_at, (acc / l_sum[:, None]).to(dtype), mask=g_ok[:, None])
@@ -509,9 +526,12 @@ if triton is not None:
                             tl.atomic_xchg(
                                 counts_ptr + 1 + kv_head, 0, sem="relaxed", scope="gpu"
                             )  # for the next layer
+                            gm = tl.arange(0, G_PAD)  # the merge's query heads: no dot, no rows past G_PAD
+                            gm_ok = gm < G
+                            heads_m = kv_head * G + gm
                             splits = tl.arange(0, MAX_SPLITS)
-                            both_ok = g_ok[:, None] & (splits < n_splits)[None, :]  # [G_PAD, MAX_SPLITS]
-                            parts_at = parts_ptr + (heads[:, None] * MAX_SPLITS + splits[None, :]) * (HD + 2)
+                            both_ok = gm_ok[:, None] & (splits < n_splits)[None, :]  # [G_PAD, MAX_SPLITS]
+                            parts_at = parts_ptr + (heads_m[:, None] * MAX_SPLITS + splits[None, :]) * (HD + 2)
                             m_all = tl.load(parts_at + HD, mask=both_ok, other=float("-inf"), cache_modifier=".cg")
                             l_all = tl.load(parts_at + HD + 1, mask=both_ok, other=0.0, cache_modifier=".cg")
                             o_all = tl.load(
@@ -521,11 +541,11 @@ if triton is not None:
                                 cache_modifier=".cg",
                             )
                             # an empty split (m = -inf) weighs 0; a padded head (all -inf) gets 0 / 1, never stored
-                            m_max = tl.where(g_ok, tl.max(m_all, axis=1), 0.0)
+                            m_max = tl.where(gm_ok, tl.max(m_all, axis=1), 0.0)
                             weight = tl.where(both_ok, tl.exp2(m_all - m_max[:, None]), 0.0)
-                            total = tl.where(g_ok, tl.sum(weight * l_all, axis=1), 1.0)
+                            total = tl.where(gm_ok, tl.sum(weight * l_all, axis=1), 1.0)
                             y = tl.sum(weight[:, :, None] * o_all, axis=1) / total[:, None]
-                            tl.store(attn_ptr + q_at, y.to(dtype), mask=g_ok[:, None])
+                            tl.store(attn_ptr + heads_m[:, None] * HD + dims[None, :], y.to(dtype), mask=gm_ok[:, None])
             if PREFETCH == 2 and layer < last_layer:  # after this program's attention units (most have none)
                 _prefetch_layer(table_ptr, layer + 1, pid, programs, dtype, D, HQ, HKV, HD, INTER, QKV_PAIRS, WO_ROWS,
                                W13_ROWS, W2_ROWS, LINES_D, LINES_A, LINES_I)  # fmt: skip

@@ -354,22 +354,24 @@ def main(argv=None):
             launch_pdl=bool(pdl),
         )
     # the persistent megakernel at SmolLM2-135M's shape, as megakernel.decode_layers launches it (one
-    # program an SM must fit: PER_SM >= 1), with the next layer's prefetch at each of its places
+    # program an SM must fit: PER_SM >= 1), with the next layer's prefetch at each of its places, and the
+    # attention as tensor-core dots (megakernel.ATTN_DOT)
     mega_sig = {name: "*bf16" for name in ("x_in_ptr", "x_ptr", "h_ptr", "q_ptr", "attn_ptr")}
     mega_sig.update({"parts_ptr": "*fp32", "hidden_ptr": "*bf16", "table_ptr": "*i64", "cos_ptr": "*bf16"})
     mega_sig.update({"sin_ptr": "*bf16", "slot_ptr": "*i64", "row_start_ptr": "*i32", "counts_ptr": "*i64"})
     mega_sig.update({"times_ptr": "*i64", "S": "i32", "WINDOW": "i32", "first_layer": "i32", "n_layers": "i32"})
     mega_sig["phase"] = "i32"
     D, HQ, HKV, HD, inter, programs = 576, 9, 3, 64, 1536, 132
-    for prefetch in (1, 2):
+    for prefetch, dot in ((1, 0), (2, 0), (1, 1)):
         build(
             target,
-            f"megakernel, SmolLM2-135M, prefetch {prefetch}",
+            f"megakernel, SmolLM2-135M, prefetch {prefetch}" + (", attention dots" if dot else ""),
             megakernel._layers_kernel,
             mega_sig,
             dict(PERSISTENT=True, TIMED=False, D=D, HQ=HQ, HKV=HKV, HD=HD, INTER=inter, G_PAD=4,
+                 G_ROWS=16 if dot else 4, ATTN_DOT=bool(dot),
                  QK_SCALE=HD**-0.5 * 1.4426950408889634, EPS=1e-5, BLOCK_K=megakernel.BLOCK_K,
-                 BLOCK_S=megakernel.BLOCK_S, MAX_SPLITS=megakernel.MAX_SPLITS,
+                 BLOCK_S=megakernel.ATTN_DOT_SLOTS if dot else megakernel.BLOCK_S, MAX_SPLITS=megakernel.MAX_SPLITS,
                  MIN_SPLIT_SLOTS=megakernel.MIN_SPLIT_SLOTS,
                  QKV_PAIRS=megakernel.rows_per_program((HQ + 2 * HKV) * HD // 2, programs),
                  WO_ROWS=megakernel.rows_per_program(D, programs),

@@ -14,6 +14,9 @@
 #                                          #   (FASTGEN_SINGLE_SPLIT_TILES=8: no merge kernel), with ROPE_IN_QKV too;
 #                                          #   the megakernel's phases with its prefetch off / at each layer's top /
 #                                          #   in the attention phase (FASTGEN_MEGAKERNEL_PREFETCH 0 / 1 / 2)
+#   bash scripts/gpu_pending.sh megadot    # ~4 min: the megakernel's attention as tensor-core dots over 64-slot tiles
+#                                          #   (FASTGEN_MEGAKERNEL_ATTN_DOT=1; never on a GPU): its tests, SmolLM2's
+#                                          #   step, its phases at 16 and 8000 slots (5.7 / 41 us without)
 #   bash scripts/gpu_pending.sh steptiles  # ~5 min: the tiles that won alone (fused_gemv_sweep.py, H100 2026-12-05) in the
 #                                          #   whole step (profile_decode.py --tile): 12 Qwen3 layers with the experts'
 #                                          #   w13 at 2 outputs a program (4 lost: 0.993 -> 1.115 ms), wqkv 8/512/4,
@@ -201,6 +204,17 @@ smolnext)
         summary+=("prefetch $p:" "$(tail -n 8 "$out/phases_p$p.txt")")
     done
     ;;
+megadot)
+    # the megakernel's attention loop as tensor-core dots over 64-slot tiles (megakernel.ATTN_DOT), tests first
+    step mega_dot_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k megakernel_equals
+    summary+=("  $(tail -n 1 "$out/mega_dot_tests.txt")")
+    FASTGEN_MEGAKERNEL=1 FASTGEN_MEGAKERNEL_ATTN_DOT=1 decode smol_mega_dot 60 --model smollm2-135m --new-tokens 256
+    for ctx in 16 8000; do
+        FASTGEN_MEGAKERNEL_ATTN_DOT=1 step "phases_dot_$ctx" 60 python scripts/megakernel_phases.py \
+            --model smollm2-135m --ctx "$ctx"
+        summary+=("attention dots, ctx $ctx:" "$(tail -n 8 "$out/phases_dot_$ctx.txt")")
+    done
+    ;;
 downall)
     step down_tests 240 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_moe.py tests/test_gpu.py -k "moe or expert"
     summary+=("  $(tail -n 1 "$out/down_tests.txt")")
@@ -307,7 +321,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, int4rows, int4gemv, kvfp16, steptiles, smolnext, downall, downbench, megaphases, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, int4rows, int4gemv, kvfp16, steptiles, smolnext, megadot, downall, downbench, megaphases, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

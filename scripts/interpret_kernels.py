@@ -374,6 +374,23 @@ def main():
             lambda: layer_kernel(64, 4, 4, 16, 2000, layers=2),
         ),
     ]
+
+    def attention_dots(*args, **kwargs):  # megakernel.ATTN_DOT: the attention loop as tensor-core dots
+        import megakernel
+
+        megakernel.ATTN_DOT = True
+        try:
+            return layer_kernel(*args, **kwargs)
+        finally:
+            megakernel.ATTN_DOT = False
+
+    runs += [
+        ("megakernel, attention dots, 4 splits merged by the last", attention_dots),
+        (
+            "megakernel, attention dots, no GQA, head dim 16, 2000 slots",
+            lambda: attention_dots(64, 4, 4, 16, 2000, layers=2),
+        ),
+    ]
     runs += [
         ("wqkv + rope + cache write, SmolLM2's heads", decode_gemv_rope_kv),
         (

@@ -675,20 +675,24 @@ def test_fused_decode_block_over_int8_weights_keeps_the_tokens(monkeypatch, pdl,
 
 
 @pytest.mark.parametrize(
-    "shape, dtype, context",
+    "shape, dtype, context, attn_dot",
     [
-        ("gqa-hd128", torch.float32, 20),
-        ("gqa-hd128", torch.float32, 700),  # 3 splits of the valid slots, merged
-        ("window", torch.float32, 300),  # 24 slots of 300 attended
-        ("tied", torch.bfloat16, 500),
+        ("gqa-hd128", torch.float32, 20, False),
+        ("gqa-hd128", torch.float32, 700, False),  # 3 splits of the valid slots, merged
+        ("window", torch.float32, 300, False),  # 24 slots of 300 attended
+        ("tied", torch.bfloat16, 500, False),
+        ("gqa-hd128", torch.float32, 700, True),
+        ("tied", torch.bfloat16, 500, True),
     ],
 )
-def test_megakernel_equals_the_models_layers(shape, dtype, context):
+def test_megakernel_equals_the_models_layers(shape, dtype, context, attn_dot, monkeypatch):
     """megakernel.decode_layers, every layer in one persistent kernel whose programs meet at grid barriers:
     over 6 decode steps in a row (the barrier's generation carried from call to call) its output and every
     layer's cache equal the same kernel launched a phase at a time (no barrier), and match
-    the model's own layers (Transformer.run_layers) run on the same input."""
+    the model's own layers (Transformer.run_layers) run on the same input; attn_dot: megakernel.ATTN_DOT."""
     import megakernel
+
+    monkeypatch.setattr(megakernel, "ATTN_DOT", attn_dot)
 
     model = on(random_model(shape), "cuda", dtype)
     model.setup_caches(1, context + 16)
