@@ -66,7 +66,7 @@ def resources(cubin: bytes) -> str:
     found = " ".join(re.findall(r"REG:\d+|STACK:\d+|SHARED:\d+|LOCAL:\d+", report))  # STACK: spills
     if SASS_HASH or LOOP:
         sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
-        lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+        lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
         if LOOP:
             found += " " + main_loop(lines)
     if SASS_HASH:
