@@ -124,6 +124,35 @@ def decode_layers_reference(model: Transformer, x, cos, sin, attend, input_pos) 
     return Transformer.run_layers(model, x, cos, sin, attend, input_pos)
 
 
+def launch_constants(args, programs: int, element_size: int, attn_dot: bool) -> dict:
+    """_layers_kernel's constexprs and warps for a model's shape (all but PERSISTENT, TIMED and PREFETCH)."""
+    D, HQ, HKV, HD, inter = args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.intermediate_size
+    g_pad = triton.next_power_of_2(HQ // HKV)
+    lines = dict(LINES_D=D, LINES_A=HQ * HD, LINES_I=inter)  # input lengths of the projections
+    return dict(
+        D=D,
+        HQ=HQ,
+        HKV=HKV,
+        HD=HD,
+        INTER=inter,
+        G_PAD=g_pad,
+        G_ROWS=max(16, g_pad) if attn_dot else g_pad,
+        ATTN_DOT=attn_dot,
+        QK_SCALE=HD**-0.5 * 1.4426950408889634,
+        EPS=args.norm_eps,
+        BLOCK_K=BLOCK_K,
+        BLOCK_S=ATTN_DOT_SLOTS if attn_dot else BLOCK_S,
+        MAX_SPLITS=MAX_SPLITS,
+        MIN_SPLIT_SLOTS=MIN_SPLIT_SLOTS,
+        num_warps=NUM_WARPS,
+        **{name: triton.next_power_of_2(-(-k * element_size // 128)) for name, k in lines.items()},
+        QKV_PAIRS=rows_per_program((HQ + 2 * HKV) * HD // 2, programs),
+        WO_ROWS=rows_per_program(D, programs),
+        W13_ROWS=rows_per_program(inter, programs, cap=16),  # gate and up rows: twice the registers
+        W2_ROWS=rows_per_program(D, programs),
+    )
+
+
 def decode_layers(
     model: Transformer, table, x, cos, sin, input_pos, programs: int, persistent: bool = True, times=None
 ):
@@ -132,7 +161,7 @@ def decode_layers(
     persistent=False launches each phase of each layer on its own (Triton's interpreter). times: an int64
     [programs, L, 5, 2] tensor to take each phase's end and barrier exit (megakernel_phases.py), or None."""
     args = model.args
-    D, HQ, HKV, HD, inter = args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.intermediate_size
+    D, HQ, HD, inter = args.dim, args.n_heads, args.head_dim, args.intermediate_size
     dtype, device = x.dtype, x.device
     S = model.cache_len
     x_in = x.reshape(D)
@@ -142,33 +171,8 @@ def decode_layers(
     attn = torch.empty(HQ * HD, dtype=dtype, device=device)
     parts = torch.empty(HQ * MAX_SPLITS * (HD + 2), dtype=torch.float32, device=device)
     hidden = torch.empty(inter, dtype=dtype, device=device)
-    blocks = dict(
-        QKV_PAIRS=rows_per_program((HQ + 2 * HKV) * HD // 2, programs),
-        WO_ROWS=rows_per_program(D, programs),
-        W13_ROWS=rows_per_program(inter, programs, cap=16),  # gate and up rows: twice the registers
-        W2_ROWS=rows_per_program(D, programs),
-    )
-    lines = dict(LINES_D=D, LINES_A=HQ * HD, LINES_I=inter)  # input lengths of the projections
-    launch = dict(
-        D=D,
-        HQ=HQ,
-        HKV=HKV,
-        HD=HD,
-        INTER=inter,
-        G_PAD=triton.next_power_of_2(HQ // HKV),
-        G_ROWS=max(16, triton.next_power_of_2(HQ // HKV)) if ATTN_DOT else triton.next_power_of_2(HQ // HKV),
-        ATTN_DOT=ATTN_DOT,
-        QK_SCALE=HD**-0.5 * 1.4426950408889634,
-        EPS=args.norm_eps,
-        BLOCK_K=BLOCK_K,
-        BLOCK_S=ATTN_DOT_SLOTS if ATTN_DOT else BLOCK_S,
-        MAX_SPLITS=MAX_SPLITS,
-        MIN_SPLIT_SLOTS=MIN_SPLIT_SLOTS,
-        num_warps=NUM_WARPS,
-        PREFETCH=PREFETCH if persistent and layer_bytes(model) <= PREFETCH_MAX_BYTES else 0,
-        **{name: triton.next_power_of_2(-(-k * x.element_size() // 128)) for name, k in lines.items()},
-        **blocks,
-    )
+    launch = launch_constants(args, programs, x.element_size(), ATTN_DOT)
+    launch["PREFETCH"] = PREFETCH if persistent and layer_bytes(model) <= PREFETCH_MAX_BYTES else 0
     common = (x_in, out, h, q, attn, parts, hidden, table, cos.reshape(-1), sin.reshape(-1), input_pos.reshape(1))
     common += (model.row_start, model.layer_kernel_counts, times, S, args.sliding_window or 0)
     n_layers = len(model.layers)

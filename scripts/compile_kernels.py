@@ -37,6 +37,7 @@ from triton.compiler import ASTSource  # noqa: E402
 import gemv  # noqa: E402
 import kv_attention  # noqa: E402
 import megakernel  # noqa: E402
+from model import ModelArgs  # noqa: E402
 
 SASS_HASH = False  # --sass-hash: a refactor that should not change a kernel can be checked by its machine code
 LOOP = False  # --loop: the main loop's instruction count and commonest opcodes
@@ -361,27 +362,19 @@ def main(argv=None):
     mega_sig.update({"sin_ptr": "*bf16", "slot_ptr": "*i64", "row_start_ptr": "*i32", "counts_ptr": "*i64"})
     mega_sig.update({"times_ptr": "*i64", "S": "i32", "WINDOW": "i32", "first_layer": "i32", "n_layers": "i32"})
     mega_sig["phase"] = "i32"
-    D, HQ, HKV, HD, inter, programs = 576, 9, 3, 64, 1536, 132
+    smollm2 = ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536, norm_eps=1e-5)
     for prefetch, dot in ((1, 0), (2, 0), (1, 1)):
+        launch = megakernel.launch_constants(smollm2, 132, 2, bool(dot))  # an H100's SMs, bf16
+        warps = launch.pop("num_warps")
         build(
             target,
             f"megakernel, SmolLM2-135M, prefetch {prefetch}" + (", attention dots" if dot else ""),
             megakernel._layers_kernel,
             mega_sig,
-            dict(PERSISTENT=True, TIMED=False, D=D, HQ=HQ, HKV=HKV, HD=HD, INTER=inter, G_PAD=4,
-                 G_ROWS=16 if dot else 4, ATTN_DOT=bool(dot),
-                 QK_SCALE=HD**-0.5 * 1.4426950408889634, EPS=1e-5, BLOCK_K=megakernel.BLOCK_K,
-                 BLOCK_S=megakernel.ATTN_DOT_SLOTS if dot else megakernel.BLOCK_S, MAX_SPLITS=megakernel.MAX_SPLITS,
-                 MIN_SPLIT_SLOTS=megakernel.MIN_SPLIT_SLOTS,
-                 QKV_PAIRS=megakernel.rows_per_program((HQ + 2 * HKV) * HD // 2, programs),
-                 WO_ROWS=megakernel.rows_per_program(D, programs),
-                 W13_ROWS=megakernel.rows_per_program(inter, programs, cap=16),
-                 W2_ROWS=megakernel.rows_per_program(D, programs), PREFETCH=prefetch,
-                 LINES_D=triton.next_power_of_2(D * 2 // 128), LINES_A=triton.next_power_of_2(HQ * HD * 2 // 128),
-                 LINES_I=triton.next_power_of_2(inter * 2 // 128)),
+            {**launch, "PERSISTENT": True, "TIMED": False, "PREFETCH": prefetch},
             range(13),
-            num_warps=megakernel.NUM_WARPS,
-        )  # fmt: skip
+            num_warps=warps,
+        )
     return 0
 
 

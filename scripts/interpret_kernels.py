@@ -57,14 +57,15 @@ def unquantized(B, Hkv, G, D, S, slot, window, dtype):
     return got, want
 
 
-def with_switch(name, run, *args, value=True, **kwargs):
-    """run(*args, **kwargs) with kv_attention's switch `name` on (KV_TILES_FP16), or `value`."""
-    before = getattr(kv_attention, name)
-    setattr(kv_attention, name, value)
+def with_switch(name, run, *args, value=True, module=kv_attention, **kwargs):
+    """run(*args, **kwargs) with the module's switch `name` on (kv_attention.KV_TILES_FP16, gemv.
+    EXPERT_DOWN_ALL_AT_ONCE, megakernel.ATTN_DOT), or `value`."""
+    before = getattr(module, name)
+    setattr(module, name, value)
     try:
         return run(*args, **kwargs)
     finally:
-        setattr(kv_attention, name, before)
+        setattr(module, name, before)
 
 
 def int8(B=2, Hkv=2, G=4, D=128, S=3000, slot=2100, dtype=torch.float32, q_size=1.0, v_scale_size=1e-2):
@@ -342,12 +343,8 @@ def main():
     runs += [("int8 grouped experts, 16 pairs x 1 of 4", lambda: int8_expert_gemv(R=16, E=4, X=16, grouped=True))]
     runs += [("bf16-expert down + mix, 1 token x 8 of 16", expert_down_mix)]
 
-    def all_at_once(*args):  # gemv.EXPERT_DOWN_ALL_AT_ONCE: every chosen expert's rows in one load
-        gemv.EXPERT_DOWN_ALL_AT_ONCE = True
-        try:
-            return expert_down_mix(*args)
-        finally:
-            gemv.EXPERT_DOWN_ALL_AT_ONCE = False
+    def all_at_once(*args):  # every chosen expert's rows in one load
+        return with_switch("EXPERT_DOWN_ALL_AT_ONCE", expert_down_mix, *args, module=gemv)
 
     runs += [("bf16-expert down + mix, 1 token x 8 of 16, every expert's rows at once", all_at_once)]
     runs += [("bf16-expert down + mix, 1 token x 3 of 10 (a padded expert), at once", lambda: all_at_once(1, 3, 10))]
@@ -375,14 +372,10 @@ def main():
         ),
     ]
 
-    def attention_dots(*args, **kwargs):  # megakernel.ATTN_DOT: the attention loop as tensor-core dots
+    def attention_dots(*args, **kwargs):  # the attention loop as tensor-core dots
         import megakernel
 
-        megakernel.ATTN_DOT = True
-        try:
-            return layer_kernel(*args, **kwargs)
-        finally:
-            megakernel.ATTN_DOT = False
+        return with_switch("ATTN_DOT", layer_kernel, *args, module=megakernel, **kwargs)
 
     runs += [
         ("megakernel, attention dots, 4 splits merged by the last", attention_dots),
@@ -406,14 +399,8 @@ def main():
     ]
     runs += [("DecodeBlock, a 2-layer MoE model's decode step, 2 of 8 experts", lambda: decode_block(2, 8))]
 
-    def with_pdl(run):  # kv_attention.PDL: an eager MoE block picks with route, mixes with expert_down_mix
-        kv_attention.PDL = True
-        try:
-            return run()
-        finally:
-            kv_attention.PDL = False
-
-    runs += [("DecodeBlock, MoE, eager with PDL (route, down + mix)", lambda: with_pdl(lambda: decode_block(2, 8)))]
+    # kv_attention.PDL: an eager MoE block picks with route, mixes with expert_down_mix
+    runs += [("DecodeBlock, MoE, eager with PDL (route, down + mix)", lambda: with_switch("PDL", decode_block, 2, 8))]
     runs += [(f"DownMixExperts, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n)) for n in (2, 4, 8)]
     runs += [
         (f"DownMixExperts + gate/up kernel, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n, True))

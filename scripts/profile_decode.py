@@ -40,9 +40,9 @@ def parse_tile(text: str) -> tuple:
             raise ValueError
         return (int(rows), int(k), glu == ["glu"]), dict(BLOCK_N=outputs, BLOCK_K=block_k, num_warps=warps)
     except ValueError:
-        raise argparse.ArgumentTypeError(  # noqa: B904 (argparse prints this one line: the ValueError adds nothing)
+        raise argparse.ArgumentTypeError(
             f"{text!r}: want ROWS,K[,glu]=OUTPUTS/BLOCK_K/WARPS, e.g. 1536,2048,glu=4/1024/4"
-        )
+        ) from None
 
 
 def use_tiles(tiles: dict) -> None:
