@@ -276,11 +276,12 @@ FUSED_FLOAT_MAX_DIM = 2048 if FUSED_DECODE == "auto" else 1 << 30
 EXPERT_GEMV_ENABLED = os.environ.get("FASTGEN_EXPERT_GEMV", "1") == "1"
 # With it, a DecodeBlock without query/key norms (SmolLM2, Llama; not Qwen3) over an unquantized cache
 # runs RoPE and the cache write in wqkv's epilogue (decode_gemv_rope_kv: a program reads rows i and
-# i + D/2 of a head, rotate_half's pairs), so rope_write_kv's kernel goes: a layer in 6 kernels. For
-# SmolLM2-135M that is 30 launches, predicted ~0.43 ms; on an H100 (2026-12-05) it lost alone, 0.510 ->
-# 0.523 ms: under PDL the launch was already overlapped, and the attention kernel waits on wqkv's longer
-# tail (BENCHMARKS.md). Off by default; FASTGEN_ROPE_IN_QKV=1 turns it on.
-ROPE_IN_QKV = os.environ.get("FASTGEN_ROPE_IN_QKV", "0") == "1"
+# i + D/2 of a head, rotate_half's pairs), so rope_write_kv's kernel goes: a layer in 6 kernels. It lost
+# on an H100 while the small weights had the default tiles (2026-12-05, fourth session: SmolLM2 0.510 ->
+# 0.523 ms) and won once they had their own (eighth session, the same run each: H200 0.428 -> 0.401 ms
+# replayed, generate() 2285 -> 2436 tok/s; H100 with one split 0.432 -> 0.400). "float" (the default): float
+# weights only, since only they were timed; "1": int8 weights too; "0": never.
+ROPE_IN_QKV = os.environ.get("FASTGEN_ROPE_IN_QKV", "float")
 
 
 def decode_gemv_config(n: int, k: int) -> dict:
@@ -296,6 +297,13 @@ def decode_gemv_config(n: int, k: int) -> dict:
 # launch the next kernel waits for the longer programs' tail), so larger weights keep the tiles above.
 SMALL_FLOAT_WEIGHT = 2 * 2**20
 
+# A larger float weight with a short K (Qwen3-30B-A3B's wqkv, [5120, 2048]) takes 8 outputs a program over
+# 512-wide K steps: at 2 outputs and 1024-wide steps a program is only two loads deep. On an H100 (2026-12-05,
+# eighth session; profile_decode.py --tile, the whole replayed step under PDL) 12 Qwen3 layers went 0.978 ->
+# 0.943 ms. Measured at that shape only, so the rule stops at n = 8192 (a vocabulary-wide head keeps its tile).
+SHORT_K_FLOAT = 2048
+SHORT_K_MAX_N = 8192
+
 
 def decode_gemv_tiles(n: int, k: int, int8: bool, glu: bool) -> dict:
     """_decode_gemv_kernel's launch for an [n, k] weight: an int8 one takes int8_gemv_config's
@@ -309,6 +317,8 @@ def decode_gemv_tiles(n: int, k: int, int8: bool, glu: bool) -> dict:
         cfg["BLOCK_N"] = max(1, cfg["BLOCK_N"] // 2)
     elif small and k > 1024:
         cfg.update(BLOCK_K=2048, num_warps=8)
+    elif not int8 and not small and k <= SHORT_K_FLOAT and n <= SHORT_K_MAX_N:
+        cfg.update(BLOCK_N=8, BLOCK_K=512)
     return cfg
 
 
@@ -1231,8 +1241,9 @@ class DecodeBlock(TransformerBlock):
         cos_d, sin_d = cos.reshape(-1), sin.reshape(-1)  # [D]: the token's angles
         unquantized_cache = type(cache) in (KVCache, kv_attention.SplitKVCache)
         slot = input_pos.reshape(1)  # the token's cache slot
-        if ROPE_IN_QKV and q_norm is None and unquantized_cache:  # wqkv, RoPE and the cache write: one kernel
-            scales = getattr(wqkv, "scales", None)  # an Int8Linear's
+        scales = getattr(wqkv, "scales", None)  # an Int8Linear's
+        rope_in_qkv = ROPE_IN_QKV == "1" or (ROPE_IN_QKV == "float" and scales is None)
+        if rope_in_qkv and q_norm is None and unquantized_cache:  # wqkv, RoPE and the cache write: one kernel
             q = decode_gemv_rope_kv(
                 x1,
                 wqkv.weight,

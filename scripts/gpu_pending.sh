@@ -108,7 +108,7 @@ tests)
 tests-parallel)
     # installed, or else the pure-Python wheels straight from .whl on the path (zip imports)
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    step tier 570 python -m pytest -m gpu -q -p no:cacheprovider -rf -n 4
+    step tier 570 python -m pytest -m gpu -q -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
     ;;
@@ -191,6 +191,19 @@ steptiles)
     decode q12_wo 120 --model qwen3-30b-a3b --layers 12 --tile 2048,4096=2/2048/2
     decode smol 45 --model smollm2-135m --new-tokens 256
     decode smol_wqkv 45 --model smollm2-135m --new-tokens 256 --tile 960,576=4/1024/8
+    ;;
+wqkvtile)
+    # ~7 min: SmolLM2 with RoPE and the cache write in wqkv's epilogue (ROPE_IN_QKV) alone and with its cache in one
+    # split (0.400 ms replayed with both, 2026-12-05 eighth session; generate() 0.445: the one split grows with
+    # the context), then Qwen3-30B-A3B's 48 layers with wqkv's short-K tile (the default since then) against the
+    # old one, and bench.py B1 (issue 17: 295.2 tok/s = 59.8% of copy with the old tile)
+    decode smol 45 --model smollm2-135m --new-tokens 256
+    FASTGEN_ROPE_IN_QKV=0 decode smol_rope_apart 45 --model smollm2-135m --new-tokens 256
+    decode q48 130 --model qwen3-30b-a3b
+    decode q48_oldwqkv 130 --model qwen3-30b-a3b --tile 5120,2048=2/1024/4
+    step qwen3_bench 175 python scripts/bench.py --suite moe --models qwen3-30b-a3b --weights bf16 --batch 1 \
+        --no-cold-start --time-budget-s 130
+    summary+=("$(grep -iE 'copy|^\| qwen' "$out/qwen3_bench.txt" | head -3)")
     ;;
 smolnext)
     decode smol 45 --model smollm2-135m --new-tokens 256

@@ -179,13 +179,13 @@ def decode_block(layers=2, n_experts=0, rope_in_qkv=False):
         m(prompt, torch.arange(5))
         want = m(torch.tensor([[7]]), torch.tensor([5]))
         gemv.FUSED_DECODE_ENABLED = gemv.EXPERT_GEMV_ENABLED = True
-        gemv.ROPE_IN_QKV = rope_in_qkv
+        default, gemv.ROPE_IN_QKV = gemv.ROPE_IN_QKV, "1" if rope_in_qkv else "0"
         gemv.use_decode_kernels(m)
         assert type(m.layers[0]) is gemv.DecodeBlock
         try:
             return m(torch.tensor([[7]]), torch.tensor([5])), want
         finally:
-            gemv.ROPE_IN_QKV = False
+            gemv.ROPE_IN_QKV = default
 
 
 def layer_kernel(dim=96, n_heads=3, n_kv_heads=1, head_dim=32, context=280, window=None, start=0, layers=3):

@@ -60,6 +60,8 @@ def reference_decode_kernels(monkeypatch):
         monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
         monkeypatch.setattr(gemv, "EXPERT_DOWN_ENABLED", False)  # the experts' batched kernels: CUDA only
         monkeypatch.setattr(gemv, "EXPERT_GATE_UP_ENABLED", False)
+        # rope_write_kv apart, whose calls the tests count; test_rope_in_qkv_plumbing turns the fold on
+        monkeypatch.setattr(gemv, "ROPE_IN_QKV", "0")
         monkeypatch.setattr(gemv, "decode_gemv", decode_gemv, raising=False)
         monkeypatch.setattr(gemv, "decode_gemv_experts", decode_gemv_experts, raising=False)
         monkeypatch.setattr(kv_attention, "rope_write_kv", rope_write_kv, raising=False)

@@ -440,7 +440,7 @@ def test_pdl_compiles_around_the_fused_blocks(monkeypatch, reference_decode_kern
 
 @pytest.mark.parametrize("overrides", [dict(qkv_bias=True, sliding_window=6), dict(qk_norm=True)])
 def test_rope_in_qkv_plumbing(monkeypatch, reference_decode_kernels, overrides):
-    """With gemv.ROPE_IN_QKV a DecodeBlock's step runs wqkv, RoPE and the cache write as one
+    """With gemv.ROPE_IN_QKV at its default a float DecodeBlock's step runs wqkv, RoPE and the cache write as one
     decode_gemv_rope_kv (its reference here; wqkv's bias where a residual goes): the plain block's
     tokens, eager and compiled, rope_write_kv never called; a block with query/key norms (Qwen3: a
     head's norm needs the whole head, a program has two rows of it) keeps rope_write_kv."""
@@ -456,7 +456,7 @@ def test_rope_in_qkv_plumbing(monkeypatch, reference_decode_kernels, overrides):
         fused_calls.add_(1)
         return gemv.decode_gemv_rope_kv_reference(*args)
 
-    monkeypatch.setattr(gemv, "ROPE_IN_QKV", True)
+    monkeypatch.setattr(gemv, "ROPE_IN_QKV", "float")  # the default: float weights fold it
     monkeypatch.setattr(gemv, "decode_gemv_rope_kv", decode_gemv_rope_kv, raising=False)
     qk_norm = model.args.qk_norm
     for compile, max_seq_len in ((False, 72), (True, 80)):
@@ -587,3 +587,20 @@ def test_layer_kernel_leaves_a_cpu_model_as_it_is(monkeypatch):
     monkeypatch.setattr(megakernel, "ENABLED", True)
     assert greedy(model, [[1, 2, 3]], 6, 32).tokens == want
     assert type(model) is Transformer and not megakernel.use_layer_kernel(model)
+
+
+def test_decode_gemv_tiles_follow_the_measured_shapes():
+    """gemv.decode_gemv_tiles gives each float weight shape the tile its whole-step A/B won with (BENCHMARKS.md):
+    SmolLM2's small w13 / w2 theirs, Qwen3-30B-A3B's short-K wqkv 8 outputs over 512-wide K steps; wider
+    K (Llama-3-8B's wqkv), a vocabulary-wide head and int8 weights keep theirs."""
+    import gemv
+
+    def tile(n, k, int8=False, glu=False):
+        cfg = gemv.decode_gemv_tiles(n, k, int8, glu)
+        return cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]
+
+    assert tile(1536 * 2, 576, glu=True) == (2, 1024, 2)  # SmolLM2 w13 (small, glu)
+    assert tile(576, 1536) == (2, 2048, 8)  # SmolLM2 w2 (small, K > 1024)
+    assert tile(5120, 2048) == (8, 512, 4)  # Qwen3-30B-A3B wqkv (short K)
+    assert tile(960, 576) == tile(6144, 4096) == tile(151936, 2048) == (2, 1024, 4)  # the plain tile
+    assert tile(5120, 2048, int8=True) == (4, 1024, 4)  # int8: int8_gemv_config's

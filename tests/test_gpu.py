@@ -631,7 +631,7 @@ def test_opt_in_decode_folds_equal_cpu_fp32_eager(monkeypatch, shape, pdl, compi
     import kv_attention
 
     monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
-    monkeypatch.setattr(gemv, "ROPE_IN_QKV", True)
+    monkeypatch.setattr(gemv, "ROPE_IN_QKV", "1")
     monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", 4)
     monkeypatch.setattr(kv_attention, "PDL", pdl)
     calls = []
@@ -658,7 +658,7 @@ def test_fused_decode_block_over_int8_weights_keeps_the_tokens(monkeypatch, pdl,
     import quantize
 
     monkeypatch.setattr(kv_attention, "PDL", pdl)
-    monkeypatch.setattr(gemv, "ROPE_IN_QKV", rope_in_qkv)
+    monkeypatch.setattr(gemv, "ROPE_IN_QKV", "1" if rope_in_qkv else "0")
 
     cpu = random_model("gqa-hd128")
     floats = {name: m.weight.detach() for name, m in quantize.quantizable_linears(cpu)}
