@@ -141,11 +141,6 @@ def decode_gemv_experts_reference(x, expert_ids, weight, norm_weight=None, eps=0
 # FASTGEN_EXPERT_DOWN_KERNEL=0 turns it off (Inductor's fusion of the same ops).
 EXPERT_DOWN_MIN_TOKENS = 2
 EXPERT_DOWN_ENABLED = os.environ.get("FASTGEN_EXPERT_DOWN_KERNEL", "1") == "1"
-# At one token the kernel loads every chosen expert's rows at once (ALL_EXPERTS) rather than expert by
-# expert. Written 2026-12-05 (seventh session) after the H100's Qwen3-30B-A3B profile had this kernel as the
-# step's slowest reader (15.8 us a layer, 1.6 TB/s of the 25 MB of 8 experts' w2, where the gate/up GEMV
-# reads 2.1-2.6 TB/s); NOT YET ON A GPU, so off by default: FASTGEN_EXPERT_DOWN_ALL_AT_ONCE=1 turns it on.
-EXPERT_DOWN_ALL_AT_ONCE = os.environ.get("FASTGEN_EXPERT_DOWN_ALL_AT_ONCE", "0") == "1"
 
 
 def expert_down_config(tokens: int) -> dict:
@@ -160,7 +155,7 @@ def expert_down_config(tokens: int) -> dict:
         return dict(BLOCK_D=2, BLOCK_I=256, num_warps=2, num_stages=3)
     if tokens >= 2:
         return dict(BLOCK_D=8, BLOCK_I=128, num_warps=8, num_stages=3)
-    return dict(BLOCK_D=2, BLOCK_I=512, num_warps=4, num_stages=3, ALL_EXPERTS=EXPERT_DOWN_ALL_AT_ONCE)
+    return dict(BLOCK_D=2, BLOCK_I=512, num_warps=4, num_stages=3)
 
 
 def available(x: torch.Tensor) -> bool:
@@ -862,8 +857,6 @@ if triton is not None:
         BLOCK_I: tl.constexpr,
         RESIDUAL: tl.constexpr,
         PDL: tl.constexpr,  # launched with programmatic dependent launch (kv_attention.PDL)
-        ALL_EXPERTS: tl.constexpr,  # every chosen expert's rows in one load (expert_down_config's 1-token tile)
-        K_PAD: tl.constexpr,  # K_ACTIVE rounded up to a power of two
     ):
         # BLOCK_D outputs of token n, summed over its K_ACTIVE experts in one fp32 accumulator: the
         # routing weight scales h (I values) rather than each expert's output (D values)
@@ -872,47 +865,24 @@ if triton is not None:
         rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         cols = tl.arange(0, BLOCK_I)
         row_ok = rows < D
-        if ALL_EXPERTS:
-            # [K_PAD, BLOCK_D, BLOCK_I] a step: the experts' ids and weights first, then every expert's
-            # rows asked for at once. Looping over the experts instead made each a dependent round trip
-            # (its id, then its rows): 16 in turn a program at one token, 1.6 TB/s on an H100 (2026-12-05).
-            js = tl.arange(0, K_PAD)
-            j_ok = js < K_ACTIVE
-            experts = tl.load(ids_ptr + n * K_ACTIVE + js, mask=j_ok, other=0).to(tl.int64)
-            mixes = tl.load(mix_ptr + n * K_ACTIVE + js, mask=j_ok, other=0.0)
-            w_rows = w_ptr + (experts[:, None] * D + rows[None, :]) * inter  # [K_PAD, BLOCK_D]
-            h_rows = h_ptr + (n * K_ACTIVE + js) * inter  # [K_PAD]
-            both_ok = j_ok[:, None] & row_ok[None, :]
-            acc = tl.zeros((BLOCK_D, BLOCK_I), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_D, BLOCK_I), dtype=tl.float32)
+        # expert by expert: all their rows at once was tried and lost (25.0 vs 13.7 us, H100, 2026-12-05; BENCHMARKS.md)
+        for j in range(K_ACTIVE):
+            e = tl.load(ids_ptr + n * K_ACTIVE + j).to(tl.int64)
+            mix = tl.load(mix_ptr + n * K_ACTIVE + j)
+            w_rows = w_ptr + e * D * inter + rows.to(tl.int64)[:, None] * inter
+            h_row = h_ptr + (n * K_ACTIVE + j) * inter
             for i0 in range(0, inter, BLOCK_I):
                 i = i0 + cols
                 i_ok = i < inter
-                h = tl.load(h_rows[:, None] + i[None, :], mask=j_ok[:, None] & i_ok[None, :], other=0.0)
+                h = tl.load(h_row + i, mask=i_ok, other=0.0).to(tl.float32) * mix
                 w = tl.load(
-                    w_rows[:, :, None] + i[None, None, :],
-                    mask=both_ok[:, :, None] & i_ok[None, None, :],
+                    w_rows + i[None, :],
+                    mask=row_ok[:, None] & i_ok[None, :],
                     other=0.0,
                     eviction_policy="evict_first",
                 )
-                acc += tl.sum(w.to(tl.float32) * (h.to(tl.float32) * mixes[:, None])[:, None, :], axis=0)
-        else:
-            acc = tl.zeros((BLOCK_D, BLOCK_I), dtype=tl.float32)
-            for j in range(K_ACTIVE):
-                e = tl.load(ids_ptr + n * K_ACTIVE + j).to(tl.int64)
-                mix = tl.load(mix_ptr + n * K_ACTIVE + j)
-                w_rows = w_ptr + e * D * inter + rows.to(tl.int64)[:, None] * inter
-                h_row = h_ptr + (n * K_ACTIVE + j) * inter
-                for i0 in range(0, inter, BLOCK_I):
-                    i = i0 + cols
-                    i_ok = i < inter
-                    h = tl.load(h_row + i, mask=i_ok, other=0.0).to(tl.float32) * mix
-                    w = tl.load(
-                        w_rows + i[None, :],
-                        mask=row_ok[:, None] & i_ok[None, :],
-                        other=0.0,
-                        eviction_policy="evict_first",
-                    )
-                    acc += w.to(tl.float32) * h[None, :]
+                acc += w.to(tl.float32) * h[None, :]
         pdl_launch_next(PDL)
         y = tl.sum(acc, axis=1)
         if RESIDUAL:
@@ -948,8 +918,7 @@ if triton is not None:
             inter,
             K_ACTIVE=k,
             RESIDUAL=residual is not None,
-            K_PAD=triton.next_power_of_2(k),
-            **{"ALL_EXPERTS": False, **cfg},
+            **cfg,
             **kv_attention.pdl_launch(h),
         )
         return y

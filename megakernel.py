@@ -55,11 +55,10 @@ ATTN_DOT_SLOTS = 64
 MAX_SPLITS = 32  # the attention's splits of the valid slots, at most
 MIN_SPLIT_SLOTS = 32  # and at least this many slots each: enough splits to keep the loop short
 # Each layer's weights on their way to L2 during the layer before (SmolLM2: 7 MB a layer; not a model whose
-# layer would crowd the L2 out: 50 MB on an H100). Where it is asked for: 1 at the top of each layer (every
-# program, before its first phase's loads: on an H100 the first two phases were the slow ones, 2026-12-05,
-# seventh session), 2 in the attention phase after a program's attention units (at short context most
-# programs have none), 0 never. FASTGEN_MEGAKERNEL_PREFETCH picks, for timing.
-PREFETCH = int(os.environ.get("FASTGEN_MEGAKERNEL_PREFETCH", "1"))
+# layer would crowd the L2 out: 50 MB on an H100), asked for at the top of each layer. Asking in the attention
+# phase instead was tried: SmolLM2 0.629 ms a step against 0.644, and 0.635 without: noise (H100, 2026-12-05;
+# BENCHMARKS.md). FASTGEN_MEGAKERNEL_PREFETCH=0 turns it off, for timing.
+PREFETCH = os.environ.get("FASTGEN_MEGAKERNEL_PREFETCH", "1") == "1"
 PREFETCH_MAX_BYTES = 16 << 20
 NUM_WARPS = 8  # SmolLM2 compiles to 228 registers a thread (sm_90, no spills): one program an SM
 
@@ -172,7 +171,7 @@ def decode_layers(
     parts = torch.empty(HQ * MAX_SPLITS * (HD + 2), dtype=torch.float32, device=device)
     hidden = torch.empty(inter, dtype=dtype, device=device)
     launch = launch_constants(args, programs, x.element_size(), ATTN_DOT)
-    launch["PREFETCH"] = PREFETCH if persistent and layer_bytes(model) <= PREFETCH_MAX_BYTES else 0
+    launch["PREFETCH"] = persistent and PREFETCH and layer_bytes(model) <= PREFETCH_MAX_BYTES
     common = (x_in, out, h, q, attn, parts, hidden, table, cos.reshape(-1), sin.reshape(-1), input_pos.reshape(1))
     common += (model.row_start, model.layer_kernel_counts, times, S, args.sliding_window or 0)
     n_layers = len(model.layers)
@@ -401,8 +400,7 @@ if triton is not None:
         WO_ROWS: tl.constexpr,
         W13_ROWS: tl.constexpr,
         W2_ROWS: tl.constexpr,
-        PREFETCH: tl.constexpr,  # each layer's weights asked of L2 during the layer before it (GPU only: PTX):
-        # 0 never, 1 at the top of the layer before, 2 in its attention phase
+        PREFETCH: tl.constexpr,  # each layer's weights asked of L2 during the layer before it (GPU only: PTX)
         LINES_D: tl.constexpr,  # with PREFETCH: powers of two >= the 128-byte lines of a row of D, of HQ * HD,
         LINES_A: tl.constexpr,  # and of INTER elements
         LINES_I: tl.constexpr,
@@ -427,7 +425,7 @@ if triton is not None:
         dims = tl.arange(0, HD)
         last_layer = first_layer + n_layers - 1
         for layer in range(first_layer, first_layer + n_layers):
-            if PREFETCH == 1 and layer < last_layer:  # the next layer's weights read from DRAM while this one runs
+            if PREFETCH and layer < last_layer:  # the next layer's weights read from DRAM while this one runs
                 # (the first layer's are not: one layer of many)
                 _prefetch_layer(table_ptr, layer + 1, pid, programs, dtype, D, HQ, HKV, HD, INTER, QKV_PAIRS, WO_ROWS,
                                W13_ROWS, W2_ROWS, LINES_D, LINES_A, LINES_I)  # fmt: skip
@@ -550,9 +548,6 @@ if triton is not None:
                             total = tl.where(gm_ok, tl.sum(weight * l_all, axis=1), 1.0)
                             y = tl.sum(weight[:, :, None] * o_all, axis=1) / total[:, None]
                             tl.store(attn_ptr + heads_m[:, None] * HD + dims[None, :], y.to(dtype), mask=gm_ok[:, None])
-            if PREFETCH == 2 and layer < last_layer:  # after this program's attention units (most have none)
-                _prefetch_layer(table_ptr, layer + 1, pid, programs, dtype, D, HQ, HKV, HD, INTER, QKV_PAIRS, WO_ROWS,
-                               W13_ROWS, W2_ROWS, LINES_D, LINES_A, LINES_I)  # fmt: skip
             if PERSISTENT:
                 target = _phase_done(counts_ptr, programs, target, times_ptr, pid, layer, n_layers, 1, TIMED)
 

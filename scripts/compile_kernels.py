@@ -314,18 +314,16 @@ def main(argv=None):
             num_warps=kv_attention.NUM_WARPS,
             num_stages=kv_attention.NUM_STAGES,
         )  # fmt: skip
-    # Qwen3-30B-A3B's experts' down projection + mix (at once: gemv.EXPERT_DOWN_ALL_AT_ONCE's 1-token form)
-    for tokens, residual, pdl, at_once in ((1, 1, 1, 0), (1, 1, 1, 1), (1, 0, 0, 0), (8, 0, 0, 0)):
-        cfg = {**gemv.expert_down_config(tokens), "ALL_EXPERTS": bool(at_once)}
+    # Qwen3-30B-A3B's experts' down projection + mix
+    for tokens, residual, pdl in ((1, 1, 1), (1, 0, 0), (8, 0, 0)):
+        cfg = gemv.expert_down_config(tokens)
         build(
             target,
-            f"expert down + mix, {tokens} token(s)" + (" + residual" if residual else "") + (" pdl" if pdl else "")
-            + (", at once" if at_once else ""),
+            f"expert down + mix, {tokens} token(s)" + (" + residual" if residual else "") + (" pdl" if pdl else ""),
             gemv._expert_down_mix_kernel,
             {"h_ptr": "*bf16", "ids_ptr": "*i64", "mix_ptr": "*fp32", "w_ptr": "*bf16", "y_ptr": "*bf16",
              "res_ptr": "*bf16", "D": "i32", "inter": "i32"},
-            {"K_ACTIVE": 8, "BLOCK_D": cfg["BLOCK_D"], "BLOCK_I": cfg["BLOCK_I"], "RESIDUAL": residual, "PDL": pdl,
-             "ALL_EXPERTS": cfg["ALL_EXPERTS"], "K_PAD": 8},
+            {"K_ACTIVE": 8, "BLOCK_D": cfg["BLOCK_D"], "BLOCK_I": cfg["BLOCK_I"], "RESIDUAL": residual, "PDL": pdl},
             range(8),
             num_warps=cfg.get("num_warps", 4),
             launch_pdl=bool(pdl),
@@ -355,23 +353,23 @@ def main(argv=None):
             launch_pdl=bool(pdl),
         )
     # the persistent megakernel at SmolLM2-135M's shape, as megakernel.decode_layers launches it (one
-    # program an SM must fit: PER_SM >= 1), with the next layer's prefetch at each of its places, and the
-    # attention as tensor-core dots (megakernel.ATTN_DOT)
+    # program an SM must fit: PER_SM >= 1), with the next layer's prefetch, and the attention as tensor-core
+    # dots (megakernel.ATTN_DOT)
     mega_sig = {name: "*bf16" for name in ("x_in_ptr", "x_ptr", "h_ptr", "q_ptr", "attn_ptr")}
     mega_sig.update({"parts_ptr": "*fp32", "hidden_ptr": "*bf16", "table_ptr": "*i64", "cos_ptr": "*bf16"})
     mega_sig.update({"sin_ptr": "*bf16", "slot_ptr": "*i64", "row_start_ptr": "*i32", "counts_ptr": "*i64"})
     mega_sig.update({"times_ptr": "*i64", "S": "i32", "WINDOW": "i32", "first_layer": "i32", "n_layers": "i32"})
     mega_sig["phase"] = "i32"
     smollm2 = ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536, norm_eps=1e-5)
-    for prefetch, dot in ((1, 0), (2, 0), (1, 1)):
+    for dot in (0, 1):
         launch = megakernel.launch_constants(smollm2, 132, 2, bool(dot))  # an H100's SMs, bf16
         warps = launch.pop("num_warps")
         build(
             target,
-            f"megakernel, SmolLM2-135M, prefetch {prefetch}" + (", attention dots" if dot else ""),
+            "megakernel, SmolLM2-135M, prefetch" + (", attention dots" if dot else ""),
             megakernel._layers_kernel,
             mega_sig,
-            {**launch, "PERSISTENT": True, "TIMED": False, "PREFETCH": prefetch},
+            {**launch, "PERSISTENT": True, "TIMED": False, "PREFETCH": True},
             range(13),
             num_warps=warps,
         )

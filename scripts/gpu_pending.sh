@@ -2,18 +2,6 @@
 # The GPU runs this repo still owes (NOTES.md says why), batched for a device call of at most
 # 10 minutes each. Run from the repository root on the GPU machine:
 #
-#   bash scripts/gpu_pending.sh downall    # ~5 min: next (after tests-parallel): expert_down_mix's 1-token form that loads every
-#                                          #   chosen expert's rows at once (gemv.EXPERT_DOWN_ALL_AT_ONCE, opt-in,
-#                                          #   written 2026-12-05, seventh session; never on a GPU): its GPU tests, the
-#                                          #   kernel alone against the expert-by-expert loop (13.8 us on the H100),
-#                                          #   12 Qwen3 layers with and without (0.993 ms without)
-#   bash scripts/gpu_pending.sh downbench  # ~6 min: then Qwen3-30B-A3B B1 through bench.py with and without it (issue
-#                                          #   17: 295.2 tok/s = 59.8% of copy without, wants 60%)
-#   bash scripts/gpu_pending.sh smolnext   # ~5 min: issue 11's SmolLM2-135M (0.460 ms replayed on the H100, 2026-12-05,
-#                                          #   seventh session; 0.4 wanted): its 272-slot cache in one split
-#                                          #   (FASTGEN_SINGLE_SPLIT_TILES=8: no merge kernel), with ROPE_IN_QKV too;
-#                                          #   the megakernel's phases with its prefetch off / at each layer's top /
-#                                          #   in the attention phase (FASTGEN_MEGAKERNEL_PREFETCH 0 / 1 / 2)
 #   bash scripts/gpu_pending.sh megadot    # ~4 min: the megakernel's attention as tensor-core dots over 64-slot tiles
 #                                          #   (FASTGEN_MEGAKERNEL_ATTN_DOT=1; never on a GPU): its tests, SmolLM2's
 #                                          #   step, its phases at 16 and 8000 slots (5.7 / 41 us without)
@@ -73,7 +61,7 @@
 #                                          #   on a new torch)
 #
 # Modes whose runs are recorded in BENCHMARKS.md (pdl, pdltier, fusedcheck, next, floatgemv, moegateup, moeb1,
-# ropeqkv, mega) were removed on 2026-12-05; git history has them.
+# ropeqkv, mega, downall, downbench, smolnext) were removed on 2026-12-05; git history has them.
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -205,18 +193,6 @@ wqkvtile)
         --no-cold-start --time-budget-s 130
     summary+=("$(grep -iE 'copy|^\| qwen' "$out/qwen3_bench.txt" | head -3)")
     ;;
-smolnext)
-    decode smol 45 --model smollm2-135m --new-tokens 256
-    FASTGEN_SINGLE_SPLIT_TILES=8 decode smol_split8 45 --model smollm2-135m --new-tokens 256
-    FASTGEN_SINGLE_SPLIT_TILES=8 FASTGEN_ROPE_IN_QKV=1 decode smol_split8_ropeqkv 45 --model smollm2-135m \
-        --new-tokens 256
-    for p in 0 1 2; do
-        FASTGEN_MEGAKERNEL=1 FASTGEN_MEGAKERNEL_PREFETCH=$p decode "smol_mega_p$p" 60 --model smollm2-135m \
-            --new-tokens 256
-        FASTGEN_MEGAKERNEL_PREFETCH=$p step "phases_p$p" 60 python scripts/megakernel_phases.py --model smollm2-135m
-        summary+=("prefetch $p:" "$(tail -n 8 "$out/phases_p$p.txt")")
-    done
-    ;;
 megadot)
     # the megakernel's attention loop as tensor-core dots over 64-slot tiles (megakernel.ATTN_DOT), tests first
     step mega_dot_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k megakernel_equals
@@ -226,24 +202,6 @@ megadot)
         FASTGEN_MEGAKERNEL_ATTN_DOT=1 step "phases_dot_$ctx" 60 python scripts/megakernel_phases.py \
             --model smollm2-135m --ctx "$ctx"
         summary+=("attention dots, ctx $ctx:" "$(tail -n 8 "$out/phases_dot_$ctx.txt")")
-    done
-    ;;
-downall)
-    step down_tests 240 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_moe.py tests/test_gpu.py -k "moe or expert"
-    summary+=("  $(tail -n 1 "$out/down_tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/down_tests.txt" | head -8)")
-    FASTGEN_EXPERT_DOWN_ALL_AT_ONCE=1 step down1_all 90 python scripts/moe_down_sweep.py --tokens 1
-    summary+=("$(grep -E '^\| 1 \| kernel default' "$out/down1_all.txt")  (every expert at once)")
-    FASTGEN_EXPERT_DOWN_ALL_AT_ONCE=0 step down1_loop 90 python scripts/moe_down_sweep.py --tokens 1
-    summary+=("$(grep -E '^\| 1 \| (inductor|kernel)' "$out/down1_loop.txt")  (expert by expert)")
-    FASTGEN_EXPERT_DOWN_ALL_AT_ONCE=1 decode q12_all 120 --model qwen3-30b-a3b --layers 12
-    FASTGEN_EXPERT_DOWN_ALL_AT_ONCE=0 decode q12_loop 120 --model qwen3-30b-a3b --layers 12
-    ;;
-downbench)
-    for v in 1 0; do
-        FASTGEN_EXPERT_DOWN_ALL_AT_ONCE=$v step "qwen3_bench_$v" 175 python scripts/bench.py --suite moe \
-            --models qwen3-30b-a3b --weights bf16 --batch 1 --no-cold-start --time-budget-s 130
-        summary+=("all at once $v: $(grep -iE 'copy|^\| qwen' "$out/qwen3_bench_$v.txt" | head -3)")
     done
     ;;
 megaphases)
@@ -334,7 +292,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, int4rows, int4gemv, kvfp16, steptiles, smolnext, megadot, downall, downbench, megaphases, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, int4rows, int4gemv, kvfp16, steptiles, megadot, megaphases, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

@@ -58,8 +58,8 @@ def unquantized(B, Hkv, G, D, S, slot, window, dtype):
 
 
 def with_switch(name, run, *args, value=True, module=kv_attention, **kwargs):
-    """run(*args, **kwargs) with the module's switch `name` on (kv_attention.KV_TILES_FP16, gemv.
-    EXPERT_DOWN_ALL_AT_ONCE, megakernel.ATTN_DOT), or `value`."""
+    """run(*args, **kwargs) with the module's switch `name` on (kv_attention.KV_TILES_FP16,
+    megakernel.ATTN_DOT), or `value`."""
     before = getattr(module, name)
     setattr(module, name, value)
     try:
@@ -342,12 +342,6 @@ def main():
     runs += [("int8 grouped experts, 8 tokens x 2 of 8", lambda: int8_expert_gemv(R=16, X=8, grouped=True))]
     runs += [("int8 grouped experts, 16 pairs x 1 of 4", lambda: int8_expert_gemv(R=16, E=4, X=16, grouped=True))]
     runs += [("bf16-expert down + mix, 1 token x 8 of 16", expert_down_mix)]
-
-    def all_at_once(*args):  # every chosen expert's rows in one load
-        return with_switch("EXPERT_DOWN_ALL_AT_ONCE", expert_down_mix, *args, module=gemv)
-
-    runs += [("bf16-expert down + mix, 1 token x 8 of 16, every expert's rows at once", all_at_once)]
-    runs += [("bf16-expert down + mix, 1 token x 3 of 10 (a padded expert), at once", lambda: all_at_once(1, 3, 10))]
     runs += [
         ("bf16-expert down + mix, 3 tokens x 2 of 8, fp16", lambda: expert_down_mix(3, 2, 8, 96, 250, torch.float16))
     ]
