@@ -11,7 +11,7 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
 
   decode_gemv               DecodeLinear, DecodeBlock,   1 row, a float or int8 weight, one pass (beats cuBLAS),
                             Int8Linear                   the norm / SiLU * up / residual folded in
-  decode_gemv_rope_kv       DecodeBlock (opt-in)         wqkv's decode_gemv, RoPE and the cache write in its epilogue
+  decode_gemv_rope_kv       DecodeBlock (float)          wqkv's decode_gemv, RoPE and the cache write in its epilogue
   decode_gemv_experts       DecodeBlock, 1 token         the same over the token's k float experts
   int8_gemm_few_rows        Int8Linear, 2-16 rows        tensor cores over a 16-row tile, split over K
   int8_expert_gemv          Int8Experts, decode          decode_gemv's kernel with the int8 expert picked per row

@@ -5,10 +5,9 @@
 #   bash scripts/gpu_pending.sh megadot    # ~4 min: the megakernel's attention as tensor-core dots over 64-slot tiles
 #                                          #   (FASTGEN_MEGAKERNEL_ATTN_DOT=1; never on a GPU): its tests, SmolLM2's
 #                                          #   step, its phases at 16 and 8000 slots (5.7 / 41 us without)
-#   bash scripts/gpu_pending.sh steptiles  # ~5 min: the tiles that won alone (fused_gemv_sweep.py, H100 2026-12-05) in the
-#                                          #   whole step (profile_decode.py --tile): 12 Qwen3 layers with the experts'
-#                                          #   w13 at 2 outputs a program (4 lost: 0.993 -> 1.115 ms), wqkv 8/512/4,
-#                                          #   wo 2/2048/2; SmolLM2's wqkv 4/1024/8
+#   bash scripts/gpu_pending.sh smoltiles  # ~5 min: issue 11's SmolLM2-135M (0.426 ms replayed on the H100, 2026-12-05,
+#                                          #   eighth session; 0.4 wanted): wqkv's tile now that its epilogue does RoPE
+#                                          #   and the cache write, and wo's, each in the whole step
 #   bash scripts/gpu_pending.sh tests-parallel  # ~7 min: the whole GPU tier over 4 pytest-xdist workers (xdist from
 #                                          #   .whl: carry it; last run: 0e0cb74 on an H100, 258 passed, 6 min 37 s)
 #   bash scripts/gpu_pending.sh tests      # ~6 min: the same, one worker
@@ -61,7 +60,8 @@
 #                                          #   on a new torch)
 #
 # Modes whose runs are recorded in BENCHMARKS.md (pdl, pdltier, fusedcheck, next, floatgemv, moegateup, moeb1,
-# ropeqkv, mega, downall, downbench, smolnext) were removed on 2026-12-05; git history has them.
+# ropeqkv, mega, downall, downbench, smolnext,
+# steptiles, wqkvtile) were removed on 2026-12-05; git history has them.
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -171,27 +171,15 @@ kvfp16)
     FASTGEN_KV_TILES_FP16=1 decode llama_b8_8k_int8kv_fp16 110 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
     decode llama_b8_8k_bf16kv 110 --model llama-3-8b --batch 8 --ctx 8192
     ;;
-steptiles)
-    decode q12 120 --model qwen3-30b-a3b --layers 12
-    decode q12_w13_2x4 120 --model qwen3-30b-a3b --layers 12 --tile 1536,2048,glu=2/1024/4
-    decode q12_w13_2x2 120 --model qwen3-30b-a3b --layers 12 --tile 1536,2048,glu=2/1024/2
-    decode q12_wqkv 120 --model qwen3-30b-a3b --layers 12 --tile 5120,2048=8/512/4
-    decode q12_wo 120 --model qwen3-30b-a3b --layers 12 --tile 2048,4096=2/2048/2
+smoltiles)
+    # wqkv's tile carrying RoPE and the cache write: a rope launch takes the glu tiles (a program's BLOCK_N pairs
+    # are 2 * BLOCK_N rows), the small glu tile 2 / 1024 / 2 by default, never swept with the epilogue; wo
+    # (576 x 576) takes the plain 2 / 1024 / 4. Each against the default in the whole step, one run.
     decode smol 45 --model smollm2-135m --new-tokens 256
-    decode smol_wqkv 45 --model smollm2-135m --new-tokens 256 --tile 960,576=4/1024/8
-    ;;
-wqkvtile)
-    # ~7 min: SmolLM2 with RoPE and the cache write in wqkv's epilogue (ROPE_IN_QKV) alone and with its cache in one
-    # split (0.400 ms replayed with both, 2026-12-05 eighth session; generate() 0.445: the one split grows with
-    # the context), then Qwen3-30B-A3B's 48 layers with wqkv's short-K tile (the default since then) against the
-    # old one, and bench.py B1 (issue 17: 295.2 tok/s = 59.8% of copy with the old tile)
-    decode smol 45 --model smollm2-135m --new-tokens 256
-    FASTGEN_ROPE_IN_QKV=0 decode smol_rope_apart 45 --model smollm2-135m --new-tokens 256
-    decode q48 130 --model qwen3-30b-a3b
-    decode q48_oldwqkv 130 --model qwen3-30b-a3b --tile 5120,2048=2/1024/4
-    step qwen3_bench 175 python scripts/bench.py --suite moe --models qwen3-30b-a3b --weights bf16 --batch 1 \
-        --no-cold-start --time-budget-s 130
-    summary+=("$(grep -iE 'copy|^\| qwen' "$out/qwen3_bench.txt" | head -3)")
+    for t in 960,576,glu=1/1024/2 960,576,glu=1/1024/4 960,576,glu=4/1024/4 576,576=1/1024/2 576,576=2/1024/2 \
+        576,576=4/1024/4; do
+        decode "smol_${t//[,=\/]/_}" 45 --model smollm2-135m --new-tokens 256 --tile "$t"
+    done
     ;;
 megadot)
     # the megakernel's attention loop as tensor-core dots over 64-slot tiles (megakernel.ATTN_DOT), tests first
@@ -292,7 +280,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, int4rows, int4gemv, kvfp16, steptiles, megadot, megaphases, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, int4rows, int4gemv, kvfp16, smoltiles, megadot, megaphases, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac
