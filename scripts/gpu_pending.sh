@@ -5,6 +5,11 @@
 #   bash scripts/gpu_pending.sh megadot    # ~4 min: the megakernel's attention as tensor-core dots over 64-slot tiles
 #                                          #   (FASTGEN_MEGAKERNEL_ATTN_DOT=1; never on a GPU): its tests, SmolLM2's
 #                                          #   step, its phases at 16 and 8000 slots (5.7 / 41 us without)
+#   bash scripts/gpu_pending.sh mergewo    # ~7 min: wo's GEMV merging the split attention's partials as it reads them
+#                                          #   (FASTGEN_MERGE_IN_WO=1, written 2026-12-05 eighth session; never on a
+#                                          #   GPU): its GPU tests, SmolLM2's 272-slot step (5 splits) without / with,
+#                                          #   bench.py's 216-slot shape in one split (the default) against 4 splits
+#                                          #   merged in wo, and bench.py SmolLM2 both ways (issue 11's measure)
 #   bash scripts/gpu_pending.sh smoltiles  # ~5 min: issue 11's SmolLM2-135M (0.426 ms replayed on the H100, 2026-12-05,
 #                                          #   eighth session; 0.4 wanted): wqkv's tile now that its epilogue does RoPE
 #                                          #   and the cache write, and wo's, each in the whole step
@@ -171,6 +176,20 @@ kvfp16)
     FASTGEN_KV_TILES_FP16=1 decode llama_b8_8k_int8kv_fp16 110 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
     decode llama_b8_8k_bf16kv 110 --model llama-3-8b --batch 8 --ctx 8192
     ;;
+mergewo)
+    step merge_tests 300 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k merge_in_wo
+    summary+=("  $(tail -n 1 "$out/merge_tests.txt")")
+    decode smol 45 --model smollm2-135m --new-tokens 256
+    FASTGEN_MERGE_IN_WO=1 decode smol_mergewo 45 --model smollm2-135m --new-tokens 256
+    FASTGEN_MERGE_IN_WO=1 decode smol_mergewo_wo8 45 --model smollm2-135m --new-tokens 256 --tile 576,576=8/1024/4
+    decode smol216 45 --model smollm2-135m --new-tokens 200  # bench.py's shape: 216 slots, 4 tiles, one split
+    FASTGEN_SINGLE_SPLIT_TILES=0 FASTGEN_MERGE_IN_WO=1 decode smol216_mergewo 45 --model smollm2-135m --new-tokens 200
+    for v in 0 1; do
+        FASTGEN_SINGLE_SPLIT_TILES=$((4 - 4 * v)) FASTGEN_MERGE_IN_WO=$v step "smol_bench_$v" 150 python scripts/bench.py \
+            --suite quick --models smollm2-135m --no-hf --no-cold-start --time-budget-s 120
+        summary+=("merge in wo $v: $(grep -E '^\| smollm2' "$out/smol_bench_$v.txt" | head -1)")
+    done
+    ;;
 smoltiles)
     # wqkv's tile carrying RoPE and the cache write: a rope launch takes the glu tiles (a program's BLOCK_N pairs
     # are 2 * BLOCK_N rows), the small glu tile 2 / 1024 / 2 by default, never swept with the epilogue; wo
@@ -280,7 +299,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, int4rows, int4gemv, kvfp16, smoltiles, megadot, megaphases, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, int4rows, int4gemv, kvfp16, mergewo, smoltiles, megadot, megaphases, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

@@ -604,3 +604,47 @@ def test_decode_gemv_tiles_follow_the_measured_shapes():
     assert tile(5120, 2048) == (8, 512, 4)  # Qwen3-30B-A3B wqkv (short K)
     assert tile(960, 576) == tile(6144, 4096) == tile(151936, 2048) == (2, 1024, 4)  # the plain tile
     assert tile(5120, 2048, int8=True) == (4, 1024, 4)  # int8: int8_gemv_config's
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(qk_norm=True, sliding_window=40)])
+def test_merge_in_wo_plumbing(monkeypatch, reference_decode_kernels, overrides):
+    """With gemv.MERGE_IN_WO a DecodeBlock over a cache attended in several splits (kv_attention's kernel:
+    here its references) takes the splits' partials, unmerged, and wo's GEMV merges them as it reads them
+    (decode_gemv_merge): the plain model's tokens, eager and compiled; a cache of one split keeps the merge
+    (nothing to merge in wo). The partials' reference matches the attention's reference (same tokens)."""
+    import gemv
+    import kv_attention
+
+    model = tiny_model(**overrides)
+    prompt = [[5, 17, 3, 88, 41, 9, 2, 30, 11]]
+    plain = greedy(model, prompt, 12, 320).tokens
+    calls, _ = reference_decode_kernels()
+    parts_calls, merge_calls = torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long)
+
+    def decode_attention(q, k_cache, v_cache, row_start, q_slot, window):
+        return kv_attention.quantized_decode_attention_reference(
+            q, k_cache, None, v_cache, None, row_start, q_slot, window or None
+        ).to(q.dtype)
+
+    def decode_attention_parts(q, k_cache, v_cache, row_start, q_slot, window):
+        parts_calls.add_(1)
+        splits = kv_attention.num_splits(q.shape[0], k_cache.shape[1], k_cache.shape[2], kv_attention.TARGET_PROGRAMS)
+        return kv_attention.decode_attention_parts_reference(q, k_cache, v_cache, row_start, q_slot, window, splits)
+
+    def decode_gemv_merge(*args):
+        merge_calls.add_(1)
+        return gemv.decode_gemv_merge_reference(*args)
+
+    monkeypatch.setattr(gemv, "MERGE_IN_WO", True)
+    monkeypatch.setattr(kv_attention.SplitKVCache, "attends_at_decode", lambda self: True)
+    monkeypatch.setattr(kv_attention, "decode_attention", decode_attention, raising=False)
+    monkeypatch.setattr(kv_attention, "decode_attention_parts", decode_attention_parts, raising=False)
+    monkeypatch.setattr(gemv, "decode_gemv_merge", decode_gemv_merge, raising=False)
+    steps = 11 * model.args.n_layers
+    for compile, max_seq_len, merged in ((False, 320, True), (True, 330, True), (False, 200, False)):
+        torch._dynamo.reset()
+        for counter in (calls, parts_calls, merge_calls):
+            counter.zero_()
+        assert greedy(model, prompt, 12, max_seq_len, compile=compile).tokens == plain
+        assert (parts_calls, merge_calls) == ((steps, steps) if merged else (0, 0))
+    torch._dynamo.reset()
