@@ -10,6 +10,9 @@
 #                                          #   GPU): its GPU tests, SmolLM2's 272-slot step (5 splits) without / with,
 #                                          #   bench.py's 216-slot shape in one split (the default) against 4 splits
 #                                          #   merged in wo, and bench.py SmolLM2 both ways (issue 11's measure)
+#   bash scripts/gpu_pending.sh shortk     # ~2 min: gemv.SHORT_K_FLOAT's tile (won at Qwen3-30B-A3B's wqkv, 2026-12-05
+#                                          #   eighth session) at the other shapes it now takes: Llama-3.2-1B's wqkv
+#                                          #   [3072, 2048] and wo [2048, 2048], against their old tile, in the step
 #   bash scripts/gpu_pending.sh smoltiles  # ~5 min: issue 11's SmolLM2-135M (0.426 ms replayed on the H100, 2026-12-05,
 #                                          #   eighth session; 0.4 wanted): wqkv's tile now that its epilogue does RoPE
 #                                          #   and the cache write, and wo's, each in the whole step
@@ -190,6 +193,11 @@ mergewo)
         summary+=("merge in wo $v: $(grep -E '^\| smollm2' "$out/smol_bench_$v.txt" | head -1)")
     done
     ;;
+shortk)
+    decode llama1b 60 --model llama-3.2-1b
+    decode llama1b_old 60 --model llama-3.2-1b --tile 3072,2048=2/1024/4 --tile 2048,2048=2/1024/4
+    decode llama1b_old_wo 60 --model llama-3.2-1b --tile 2048,2048=2/1024/4
+    ;;
 smoltiles)
     # wqkv's tile carrying RoPE and the cache write: a rope launch takes the glu tiles (a program's BLOCK_N pairs
     # are 2 * BLOCK_N rows), the small glu tile 2 / 1024 / 2 by default, never swept with the epilogue; wo
@@ -299,7 +307,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, int4rows, int4gemv, kvfp16, mergewo, smoltiles, megadot, megaphases, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, int4rows, int4gemv, kvfp16, mergewo, shortk, smoltiles, megadot, megaphases, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac
