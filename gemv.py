@@ -742,17 +742,18 @@ if triton is not None:
         decode_gemv_rope_kv's (cos, sin, k_cache, v_cache, slot, n_heads); the output is then the query.
         merge: decode_gemv_merge's (running_max, running_sum, n_heads); x is then the partials (acc)."""
         N, K = weight.shape[-2], weight.shape[-1]
-        running_max, running_sum, merged_heads = merge or (weight, weight, 0)
-        splits, g_pad, d_pad = x.shape[1:] if merge else (0, 1, 1)
         cfg = {**decode_gemv_tiles(N, K, scales is not None, glu or rope is not None), **(tiles or {})}
         outputs = N // 2 if glu else N  # SiLU(gate) * up of the two halves
         programs = N // 2 if glu or rope is not None else N  # with rope: a program a row pair, times BLOCK_N
         R = 1 if expert_ids is None else expert_ids.numel()
         cos, sin, k_cache, v_cache, slot, n_heads = rope or (weight, weight, weight, weight, weight, 0)
         _, n_kv_heads, S, head_dim = k_cache.shape if rope else (0, 0, 0, 2)
-        if merge:
-            n_kv_heads, head_dim = x.shape[0], K // merged_heads
-        dtype = residual.dtype if merge else x.dtype  # merged: x is fp32 partials, y the compute dtype
+        running_max, running_sum, splits, group, g_pad, d_pad = weight, weight, 0, 1, 1, 1  # read only with merge
+        if merge:  # x: the partials [Hkv, splits, G_PAD, D_PAD] fp32; y: the compute dtype, the residual's
+            running_max, running_sum, merged_heads = merge
+            n_kv_heads, splits, g_pad, d_pad = x.shape
+            group, head_dim = merged_heads // n_kv_heads, K // merged_heads
+        dtype = residual.dtype if merge else x.dtype
         y = torch.empty((R, n_heads * head_dim if rope else outputs), dtype=dtype, device=x.device)
         wrap_triton(_decode_gemv_kernel)[(triton.cdiv(programs, cfg["BLOCK_N"]), R)](
             x,
@@ -771,7 +772,7 @@ if triton is not None:
             v_cache,
             slot,
             S,
-            running_max,  # read only with MERGE_SPLITS
+            running_max,
             running_sum,
             EPS=eps,
             NORM=norm_weight is not None,
@@ -783,7 +784,7 @@ if triton is not None:
             HKV=n_kv_heads,
             HEAD_DIM=head_dim,
             MERGE_SPLITS=splits,
-            G=merged_heads // max(1, n_kv_heads) if merge else 1,
+            G=group,
             G_PAD=g_pad,
             D_PAD=d_pad,
             **cfg,
