@@ -1245,9 +1245,10 @@ class DecodeBlock(TransformerBlock):
     """A block whose batch-1 decode step (one token, on a GPU) runs its projections as decode_gemv
     with the rest of the block folded in: the RMSNorm into wqkv's (and w13's) loop, the residual add
     into wo's (and w2's) store, SiLU(gate) * up into w13's store; and the query/key norms, RoPE and the
-    cache write as one kernel (kv_attention.rope_write_kv, for an unquantized cache; with ROPE_IN_QKV
-    and no query/key norms, in wqkv's epilogue instead). A dense layer takes 7 kernels instead of 12
-    (6 with ROPE_IN_QKV). A mixture-of-experts layer folds its attention half, and with
+    cache write as one kernel (kv_attention.rope_write_kv, for an unquantized cache; with ROPE_IN_QKV,
+    by default for float weights, and no query/key norms, in wqkv's epilogue instead). A dense layer takes
+    7 kernels instead of 12 (6 with ROPE_IN_QKV; one fewer again with MERGE_IN_WO over a cache attended in
+    splits, whose merge kernel goes). A mixture-of-experts layer folds its attention half, and with
     FASTGEN_EXPERT_GEMV its float experts run decode_gemv_experts. Every other call, and every call
     with FASTGEN_FUSED_DECODE=0, is TransformerBlock's. use_decode_kernels picks the blocks (see
     FUSED_DECODE: float blocks up to FUSED_FLOAT_MAX_DIM wide, int8 blocks)."""
