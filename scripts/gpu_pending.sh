@@ -92,6 +92,7 @@ decode() {  # decode NAME TIMEOUT_S profile_decode args...: one replayed-step li
     shift 2
     step "$name" "$limit" python scripts/profile_decode.py --top 8 "$@"
     summary+=("  $(grep -h "replayed step" "$out/$name.txt" | head -1)")
+    summary+=("  $(grep -h "without its token reads" "$out/$name.txt" | head -1)")
     summary+=("  $(grep -h "per step:" "$out/$name.txt" | head -1)")  # kernels a step, their share of it
 }
 

@@ -120,10 +120,21 @@ def main(argv=None) -> int:
         # instead. On the CPU the step moves input_pos on one slot a call (16 calls by default)
         return gen.decode_fn(model, token, input_pos, sampling)
 
+    def loop_without_reads():
+        # generate()'s decode loop (the step's buffers handed back, the position moving on from ctx over
+        # the new tokens' slots) without its token reads: generate() minus this is what the reads cost,
+        # this minus the replayed step what the context's growth costs
+        t, pos = token.clone(), torch.tensor([args.ctx], device=device)
+        for _ in range(args.new_tokens - 1):
+            t, pos = gen.decode_fn(model, t, pos, sampling)
+
+    loop_ms = time_loop(loop_without_reads, device, 3) * 1e3 / max(1, args.new_tokens - 1)
+
     for _ in range(3):
         step()
     sync(device)
     replay_ms = time_loop(step, device, 50 if device.type == "cuda" else 3) * 1e3
+
     steps = args.steps
     table = kernel_times(step, steps, device, by_launch=args.by_launch)
     kernel_us = sum(us for _, us in table.values()) / steps
@@ -142,6 +153,7 @@ def main(argv=None) -> int:
         f"({res.decode_s / res.decode_steps * 1e3:.3f} ms a step, first step {warm.first_decode_s:.1f} s); "
         f"replayed step {replay_ms:.3f} ms = {weight_gb * 1e3 / replay_ms:.0f} GB/s of {weight_gb:.2f} GB weights"
     )
+    print(f"generate()'s loop without its token reads: {loop_ms:.3f} ms a step")
     what = "kernels" if device.type == "cuda" else "operators (self time)"
     print(f"{what} per step: {calls:.0f}, their sum {kernel_us / 1e3:.3f} ms ({kernel_us / 1e3 / replay_ms:.0%} busy)")
     if kv_attention.pdl_applies(device) or torch._inductor.config.triton.enable_pdl and device.type == "cuda":

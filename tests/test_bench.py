@@ -484,6 +484,8 @@ def test_profile_decode_cpu_table(capsys):
     assert us_per_step == sorted(us_per_step, reverse=True) and us_per_step[0] > 0
     assert "aten::mm" in rows[0], out  # a decode step is matrix-vector products, above all else
     assert "smollm2-135m layers=4 " in out and "ms" in out  # --layers: the named shape, fewer layers
+    loop_ms = float(out.split("generate()'s loop without its token reads: ")[1].split(" ms")[0])
+    assert loop_ms > 0  # the advancing loop ran (its steps on the CPU take milliseconds)
 
 
 def test_profile_decode_tile_replaces_one_shapes_launch(monkeypatch):
