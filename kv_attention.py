@@ -166,6 +166,11 @@ def quantized_decode_attention_reference(q, k_cache, k_scale, v_cache, v_scale, 
     return (scores.softmax(dim=-1) @ v).to(q.dtype)
 
 
+def parts_padding(G: int, D: int) -> tuple[int, int]:
+    """The split partials' padded query heads a kv head (>= 16: tl.dot's smallest M) and head dim."""
+    return max(16, 1 << (G - 1).bit_length()), 1 << (D - 1).bit_length()
+
+
 def decode_attention_parts_reference(q, k_cache, v_cache, row_start, q_slot, sliding_window, splits):
     """decode_attention_parts' contract in fp32: q [B, Hq, 1, D], caches [B, Hkv, S, D] -> acc [B * Hkv,
     splits, G_PAD, D_PAD], running max and sum [B * Hkv, splits, G_PAD], tile t (BLOCK_N slots) in split
@@ -173,7 +178,7 @@ def decode_attention_parts_reference(q, k_cache, v_cache, row_start, q_slot, sli
     B, n_heads, _, D = q.shape
     n_kv_heads, S = k_cache.shape[1], k_cache.shape[2]
     G = n_heads // n_kv_heads
-    G_PAD, D_PAD = max(16, 1 << (G - 1).bit_length()), 1 << (D - 1).bit_length()
+    G_PAD, D_PAD = parts_padding(G, D)
     slots = torch.arange(S, device=q.device).view(1, S)
     ok = valid_kv(row_start.view(B, 1), q_slot.view(1, 1), slots, sliding_window or None)  # [B, S]; 0: none
     k = k_cache.float().view(B, n_kv_heads, 1, S, D)
@@ -519,7 +524,7 @@ if triton is not None:
         n_kv_heads, S, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
         B, n_heads = q.shape[0], q.shape[1]
         G = n_heads // n_kv_heads
-        G_PAD, D_PAD = max(16, triton.next_power_of_2(G)), triton.next_power_of_2(D)
+        G_PAD, D_PAD = parts_padding(G, D)
         splits = num_splits(B, n_kv_heads, S, TARGET_PROGRAMS_QUANTIZED if has_scales else TARGET_PROGRAMS)
         assert merge or splits > 1, "partials need a cache of more than one split"
         y = torch.empty((B, n_heads, 1, D), dtype=q.dtype, device=q.device) if merge else q  # q: never written
