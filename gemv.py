@@ -226,7 +226,8 @@ def int8_gemv_config(n: int, k: int) -> dict:
 # so was the Triton GEMV that lost to it (~6 instructions a nibble). This one converts a word's 8
 # nibbles as bf16 pairs (lop3 under the exponent of 128, one fma takes 136 off: q - 8 exactly) and
 # multiplies them with bf16x2 fmas against x's pairs; the group's zero enters once per word through
-# the sum of its x. Its loop compiled (sm_90, Triton 3.6) to ~4.1 instructions a nibble. On the H200
+# the sum of its x. Its loop compiled (sm_90, Triton 3.6) to ~4.1 instructions a nibble, ~3.4-3.8 since
+# 2026-12-05 (ninth session: no masks on whole tiles, scales once a group; not yet timed). On the H200
 # (2026-12-05) the int4-g64 Llama-3-8B step went 2.852 -> 2.787 ms with it (2%, short of issue 10's ~2.2),
 # so it stays opt-in: FASTGEN_INT4_GEMV=1 turns it on. Tiles: int4_gemv_config (the sweep's, not yet timed
 # in the step).
@@ -237,11 +238,11 @@ INT4_ASM = True  # the bf16x2 PTX; False: the same arithmetic in fp32 Triton (th
 def int4_gemv_config(n: int, k: int, inner_k_tiles: int) -> dict:
     """BLOCK_N rows a program over SUPERTILES * 16 * inner_k_tiles k a step. Each thread should hold
     several rows of the same words (x's unpacking and sum are per word, not per row) while the grid
-    keeps ~1000 warps in flight: 16 rows x 8 supertiles on 4 warps (4 rows a thread, 4.9 instructions
-    a nibble compiled) for 128-wide supertiles; 1 warp (4 rows a thread) for narrower ones. The H200
-    tile sweep at Llama-3-8B's shapes (int4_gemv_sweep.py, 2026-12-05, g64) moved two of them: the
-    4096-row outputs (wo, w2) take 8 rows a program (wo 432 -> 886 GB/s, w2 1376 -> 1505: twice the
-    programs), the 28672-row w13 1 warp over 2 supertiles (1742 -> 2085: 4x the warps in flight)."""
+    keeps ~1000 warps in flight: 16 rows x 8 supertiles on 4 warps (4 rows a thread) for 128-wide
+    supertiles; 1 warp (4 rows a thread) for narrower ones. The H200 tile sweep at Llama-3-8B's
+    shapes (int4_gemv_sweep.py, 2026-12-05, g64) moved two of them: the 4096-row outputs (wo, w2) take
+    8 rows a program (wo 432 -> 886 GB/s, w2 1376 -> 1505: twice the programs), the 28672-row w13 1 warp
+    over 2 supertiles (1742 -> 2085: 4x the warps in flight)."""
     if inner_k_tiles != 8:
         return dict(BLOCK_N=8, SUPERTILES=4, num_warps=1, num_stages=2)
     if n <= 4096:
@@ -1128,15 +1129,15 @@ if triton is not None:
         IKT: tl.constexpr,  # tinygemm's inner k tiles: a supertile is 16 * IKT k, 2 * IKT words a row
         BLOCK_N: tl.constexpr,
         SUPERTILES: tl.constexpr,  # supertiles a loop step
-        EVEN: tl.constexpr,  # SUPERTILES divides K / (16 IKT): no step is partial, no masks
+        EVEN: tl.constexpr,  # SUPERTILES divides K / (16 IKT): no step is partial
+        EVEN_N: tl.constexpr,  # BLOCK_N divides N: no program has rows past the end
         ASM: tl.constexpr,
     ):
-        # BLOCK_N outputs. The program's rows are interleaved (lane l -> row l % 2 * BLOCK_N / 2 + l // 2)
-        # so that the scales' load, contiguous in rows, does not pick the tile's layout: the weight's does.
+        # BLOCK_N outputs. Masks only where a step or the last program is partial (EVEN, EVEN_N): at Llama-3-8B's
+        # shapes they cost 8-16 instructions of a loop of ~450 (sm_90).
         WORDS: tl.constexpr = SUPERTILES * 2 * IKT
-        lanes = tl.arange(0, BLOCK_N)
-        rows = tl.program_id(0) * BLOCK_N + (lanes % 2) * (BLOCK_N // 2) + lanes // 2
-        row_ok = rows < N
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = (rows < N) | EVEN_N
         x_pairs = x_ptr.to(tl.pointer_type(tl.int32))
         sz_pairs = sz_ptr.to(tl.pointer_type(tl.int32))
         word = tl.arange(0, WORDS)
@@ -1149,12 +1150,20 @@ if triton is not None:
         )
         word_offset = tl.max_contiguous(tl.multiple_of(o * (16 * IKT) + c * (IKT // 2) + i, IKT // 2), IKT // 2)
         word_pair = o * (8 * IKT) + 16 * i + c  # x pair (k / 2) of the word's nibbles 0 and 4
-        acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        # A thread holds a row's IKT / 2 consecutive words (one 16-byte load): k blocks 32 apart, so WPG of them
+        # share a group. Their sums are added before the group's scale and zero are applied, and the scales
+        # are loaded once a chunk of WPG words, not once a word (sm_90: w13's loop 458 -> 433 instructions).
+        WPG: tl.constexpr = min(IKT // 2, GROUP // 32)
+        chunk = tl.arange(0, WORDS // WPG) * WPG  # a chunk's first word
+        chunk_o = chunk // (2 * IKT)
+        chunk_k = chunk_o * (16 * IKT) + 32 * (chunk % (IKT // 2))  # its first k in the step
+        acc = tl.zeros((BLOCK_N, WORDS // WPG), dtype=tl.float32)
         for o0 in range(0, n_supertiles, SUPERTILES):
             o_ok = (o0 + o < n_supertiles) | EVEN
+            chunk_ok = (o0 + chunk_o < n_supertiles) | EVEN
             w = tl.load(
                 w_ptr + row_words[:, None] + (o0 * (16 * IKT) + word_offset)[None, :],
-                mask=row_ok[:, None] & o_ok[None, :],  # rows: N is a multiple of 8, of BLOCK_N mostly
+                mask=row_ok[:, None] & o_ok[None, :],
                 other=0,
                 eviction_policy="evict_first",
             )  # read once: keep L2 for x
@@ -1167,10 +1176,6 @@ if triton is not None:
             for xj in tl.static_range(4):
                 pairs = x0 if xj == 0 else x1 if xj == 1 else x2 if xj == 2 else x3
                 x_sum += (pairs << 16).to(tl.float32, bitcast=True) + (pairs & -65536).to(tl.float32, bitcast=True)
-            group = (2 * pair) // GROUP  # a word's 8 nibbles lie in one 32-wide k block, so in one group
-            sz = tl.load(sz_pairs + group[None, :] * N + rows[:, None], mask=row_ok[:, None] & o_ok[None, :], other=0)
-            scale = (sz << 16).to(tl.float32, bitcast=True)
-            zero = (sz & -65536).to(tl.float32, bitcast=True)
             tile: tl.constexpr = (BLOCK_N, WORDS)
             d = _int4_word_dot(
                 w,
@@ -1180,6 +1185,15 @@ if triton is not None:
                 tl.broadcast_to(x3[None, :], tile),
                 ASM,
             )
+            # a group's words among a thread's consecutive ones, summed before the group's scale
+            d = tl.sum(tl.reshape(d, (BLOCK_N, WORDS // WPG, WPG)), axis=2)
+            x_sum = tl.sum(tl.reshape(x_sum, (WORDS // WPG, WPG)), axis=1)
+            group = (o0 * (16 * IKT) + chunk_k) // GROUP
+            sz = tl.load(
+                sz_pairs + group[None, :] * N + rows[:, None], mask=row_ok[:, None] & chunk_ok[None, :], other=0
+            )
+            scale = (sz << 16).to(tl.float32, bitcast=True)
+            zero = (sz & -65536).to(tl.float32, bitcast=True)
             # (q - 8) * scale + zero, summed: scale * sum (q - 8) x + zero * sum x
             acc += d * scale + zero * x_sum[None, :]
         y = tl.sum(acc, axis=1)
@@ -1207,6 +1221,7 @@ if triton is not None:
             GROUP=groupsize,
             IKT=inner_k_tiles,
             EVEN=even,
+            EVEN_N=N % cfg["BLOCK_N"] == 0,
             ASM=INT4_ASM,
             **cfg,
         )

@@ -32,7 +32,7 @@
 #                                          #   (bf16, int8, tinygemm g64/g128) at 1-16 rows, each replayed in a CUDA
 #                                          #   graph (int4_rows_sweep.py), then 8 layers of the int4 step profiled at
 #                                          #   B1 and B8
-#   bash scripts/gpu_pending.sh int4gemv   # ~8 min: gemv.int4_gemv (opt-in, never run on a GPU; written 2026-12-04):
+#   bash scripts/gpu_pending.sh int4gemv   # ~8 min: gemv.int4_gemv (opt-in; its loop 15-25% shorter since 2026-12-05, ninth session):
 #                                          #   its GPU tests (the layout against torch's packing, the kernel against
 #                                          #   tinygemm), one linear per format replayed in a graph, its tiles
 #                                          #   (int4_gemv_sweep.py), then the int4-g64 Llama-3-8B step without / with
@@ -154,7 +154,10 @@ int4rows)
     ;;
 int4gemv)
     # gemv.int4_gemv_config has the H200 sweep's tiles since 0d8bb72 (wo / w2 8 rows a program,
-    # w13 1 warp over 2 supertiles): the step with them against tinygemm (2.787 vs 2.852 ms with the old tiles)
+    # w13 1 warp over 2 supertiles): the step with them against tinygemm (2.787 vs 2.852 ms with the old tiles).
+    # Since the ninth session's change (no masks on whole tiles, a group's scale once) its loops are 433-434
+    # instructions for wqkv / w13 (510-582 before) and 236-243 for w2 / wo (316-323), at 56-96 registers
+    # (80-168): predicted, if it is instruction-bound, ~10-15% off the int4 linears (~2.787 -> ~2.5 ms on the H200)
     step int4_tests 120 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k int4
     summary+=("  $(tail -n 1 "$out/int4_tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/int4_tests.txt" | head -6)")

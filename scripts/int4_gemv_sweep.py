@@ -36,7 +36,18 @@ def launch(x, weight, groupsize, scales_and_zeros, cfg):
     even = (K // (16 * inner_k_tiles)) % cfg["SUPERTILES"] == 0
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
     gemv._int4_gemv_kernel[grid](
-        x, weight, scales_and_zeros, y, N, K, GROUP=groupsize, IKT=inner_k_tiles, EVEN=even, ASM=True, **cfg
+        x,
+        weight,
+        scales_and_zeros,
+        y,
+        N,
+        K,
+        GROUP=groupsize,
+        IKT=inner_k_tiles,
+        EVEN=even,
+        EVEN_N=N % cfg["BLOCK_N"] == 0,
+        ASM=True,
+        **cfg,
     )
     return y
 

@@ -854,7 +854,7 @@ def test_int4_tinygemm_layout_is_torchs(n, k, inner_k_tiles):
     "n,k,groupsize",
     # Llama-3-8B's wo / wqkv / w2; SmolLM2's 576 (64-wide supertiles); padded K with 32-wide supertiles
     # and a partial loop step; group 256 with a partial step; a w13-like tall one (1 warp, 2 supertiles a
-    # step) whose 9 supertiles end in a partial step
+    # step) whose 9 supertiles end in a partial step; a tall one whose last 16-row program is half past N
     [
         (4096, 4096, 64),
         (6144, 4096, 128),
@@ -863,6 +863,7 @@ def test_int4_tinygemm_layout_is_torchs(n, k, inner_k_tiles):
         (64, 8200, 32),
         (520, 1300, 256),
         (4816, 1152, 64),
+        (4104, 1024, 64),
     ],
 )
 def test_int4_gemv_equals_tinygemm(n, k, groupsize, monkeypatch):
