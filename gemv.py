@@ -261,6 +261,11 @@ def int4_gemv_config(n: int, k: int, inner_k_tiles: int) -> dict:
 # the result by a few percent. In the whole replayed step (2026-12-04, third session): SmolLM2-135M
 # 0.952 -> 0.763 ms, Llama-3-8B 4.616 -> 4.144 ms. On by default; FASTGEN_FLOAT_GEMV=0 gives cuBLAS.
 FLOAT_GEMV_ENABLED = os.environ.get("FASTGEN_FLOAT_GEMV", "1") == "1"
+# A GEMV whose tiles divide its weight (every Llama-3-8B and Qwen3 projection) is built without masks:
+# no predicated loads, no zeroed registers for them. sm_90 loops (compile_kernels.py --loop, 2026-12-05,
+# ninth session): Llama-3-8B's bf16 w2 293 -> 239 instructions, the head 83 -> 68, w13 117 -> 105, int8 wo
+# 284 -> 265, int8 wqkv 191 -> 182. Not yet timed on a GPU; FASTGEN_WHOLE_TILES=0 keeps the masks, to compare.
+WHOLE_TILES = os.environ.get("FASTGEN_WHOLE_TILES", "1") == "1"
 # The same kernel with the block around it folded in (DecodeBlock: norm, SiLU * up, residual, and
 # kv_attention.rope_write_kv for the norms, RoPE and cache write), a batch-1 layer in 7 kernels, not
 # 12. Measured in the whole step on the H200 against the unfused GEMV (2026-12-04, third session):
@@ -432,6 +437,8 @@ if triton is not None:
         G: tl.constexpr,  # with MERGE_SPLITS (and HEAD_DIM): query heads a kv head, the partials' padding
         G_PAD: tl.constexpr,
         D_PAD: tl.constexpr,
+        EVEN_K: tl.constexpr,  # BLOCK_K divides K: no K step is partial
+        EVEN_N: tl.constexpr,  # BLOCK_N divides the programs' outputs (with ROPE, their row pairs)
     ):
         # BLOCK_N outputs of one activation row, the weight read once. Each program reads all of
         # x anyway, so the norm costs no pass of its own: W (g * x * r) = r * (W (g * x)), with the
@@ -468,7 +475,7 @@ if triton is not None:
             x_ptr += (r // rows_per_x).to(tl.int64) * K
             y_ptr += r.to(tl.int64) * N
         cols = tl.arange(0, BLOCK_K)
-        row_ok = rows < N
+        row_ok = (rows < N) | EVEN_N
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
         up_rows = w_ptr + partners.to(tl.int64)[:, None] * K  # read only if PAIRED
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -476,7 +483,7 @@ if triton is not None:
         squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + cols
-            k_ok = k < K
+            k_ok = (k < K) | EVEN_K
             w_ok = row_ok[:, None] & k_ok[None, :]
             if MERGE_SPLITS > 0:
                 x = _merged_heads(x_ptr, max_ptr, sum_ptr, k, k_ok, MERGE_SPLITS, G, G_PAD, HEAD_DIM, D_PAD, y_ptr)
@@ -788,6 +795,8 @@ if triton is not None:
             G=group,
             G_PAD=g_pad,
             D_PAD=d_pad,
+            EVEN_K=WHOLE_TILES and K % cfg["BLOCK_K"] == 0,
+            EVEN_N=WHOLE_TILES and programs % cfg["BLOCK_N"] == 0,
             **cfg,
             **kv_attention.pdl_launch(x),
         )
@@ -1221,7 +1230,7 @@ if triton is not None:
             GROUP=groupsize,
             IKT=inner_k_tiles,
             EVEN=even,
-            EVEN_N=N % cfg["BLOCK_N"] == 0,
+            EVEN_N=WHOLE_TILES and N % cfg["BLOCK_N"] == 0,
             ASM=INT4_ASM,
             **cfg,
         )

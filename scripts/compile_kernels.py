@@ -87,6 +87,12 @@ def programs_per_sm(registers: int, shared: int, num_warps: int, arch: int) -> i
     return min(by_registers, by_shared, 64 // num_warps, 32)
 
 
+def even_tiles(programs: int, k: int, cfg: dict) -> dict:
+    """_decode_gemv_kernel's EVEN_K / EVEN_N, as gemv._decode_gemv_launch sets them (programs: its outputs, or
+    with RoPE its row pairs)."""
+    return {"EVEN_K": k % cfg["BLOCK_K"] == 0, "EVEN_N": programs % cfg["BLOCK_N"] == 0}
+
+
 def build(target, name, fn, signature, constexprs, divisible, **options):
     """divisible: indices of the arguments Triton may assume are multiples of 16 (as it does at
     run time for such values); without them every load comes out byte-wide. Prints the resources,
@@ -142,6 +148,7 @@ def main(argv=None):
         cfg = gemv.decode_gemv_tiles(n, k, int8, glu)
         for convert in (0, 1, 2) if int8 and not glu and not pdl else (cfg["CONVERT"],):  # each int8 -> fp32 form
             consts = {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": convert}
+            consts.update(even_tiles(n // 2 if glu else n, k, cfg))
             build(
                 target,
                 f"decode gemv {n}x{k} norm={norm} glu={glu} res={residual} int8={int8} experts={experts}"
@@ -169,7 +176,7 @@ def main(argv=None):
             gemv._decode_gemv_kernel,
             {**decode_sig, "w_ptr": "*i8" if int8 else "*bf16"},
             {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": cfg["CONVERT"], "NORM": 1,
-             "GLU": 0, "RESIDUAL": 0, "EXPERTS": 0, "PDL": pdl, **rope},
+             "GLU": 0, "RESIDUAL": 0, "EXPERTS": 0, "PDL": pdl, **rope, **even_tiles(n // 2, k, cfg)},
             range(9),
             num_warps=cfg["num_warps"],
             num_stages=cfg.get("num_stages", 3),
@@ -185,7 +192,7 @@ def main(argv=None):
             gemv._decode_gemv_kernel,
             {**decode_sig, "x_ptr": "*fp32", "w_ptr": "*i8" if int8 else "*bf16"},
             {"EPS": 0.0, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": cfg["CONVERT"], "NORM": 0,
-             "GLU": 0, "RESIDUAL": 1, "EXPERTS": 0, "PDL": 1, **merge},
+             "GLU": 0, "RESIDUAL": 1, "EXPERTS": 0, "PDL": 1, **merge, **even_tiles(n, k, cfg)},
             range(9),
             num_warps=cfg["num_warps"],
             num_stages=cfg.get("num_stages", 3),

@@ -10,6 +10,9 @@
 #                                          #   GPU): its GPU tests, SmolLM2's 272-slot step (5 splits) without / with,
 #                                          #   bench.py's 216-slot shape in one split (the default) against 4 splits
 #                                          #   merged in wo, and bench.py SmolLM2 both ways (issue 11's measure)
+#   bash scripts/gpu_pending.sh wholetiles # ~5 min: GEMVs built without masks where their tiles divide the weight
+#                                          #   (gemv.WHOLE_TILES, the default since 2026-12-05 ninth session; untimed):
+#                                          #   Llama-3-8B bf16 and int8 B1 with FASTGEN_WHOLE_TILES=0 / 1
 #   bash scripts/gpu_pending.sh shortk     # ~2 min: gemv.SHORT_K_FLOAT's tile (won at Qwen3-30B-A3B's wqkv, 2026-12-05
 #                                          #   eighth session) at the other shapes it now takes: Llama-3.2-1B's wqkv
 #                                          #   [3072, 2048] and wo [2048, 2048], against their old tile, in the step
@@ -126,6 +129,13 @@ moedown)
     # took it on to 2.281, and the whole step at B8 with both ran 8.486 ms (2026-12-04)
     decode qwen3_b8_kernel 280 --model qwen3-30b-a3b --batch 8
     FASTGEN_EXPERT_DOWN_KERNEL=0 decode qwen3_b8_inductor 280 --model qwen3-30b-a3b --batch 8
+    ;;
+wholetiles)
+    # predicted: bf16 (88% of copy) moves <= 1%; int8 (64% on the H200, its loops 5-7% shorter) ~1-3%
+    FASTGEN_WHOLE_TILES=0 decode llama_bf16_masks 110 --model llama-3-8b
+    decode llama_bf16_whole 110 --model llama-3-8b
+    FASTGEN_WHOLE_TILES=0 decode llama_int8_masks 110 --model llama-3-8b --weights int8
+    decode llama_int8_whole 110 --model llama-3-8b --weights int8
     ;;
 cli)
     step cli 560 python scripts/bench_cli.py --workdir "${TMPDIR:-/tmp}/fastgen-bench-cli"

@@ -363,6 +363,11 @@ def main():
         ),
         ("decode gemv experts, SiLU * up, 3 tokens x 2", lambda: decode_gemv_experts(3, 2, 5, 30, 1100, False, True)),
         ("decode gemv, int8, norm + SiLU * up", lambda: decode_gemv(66, 5000, norm=True, glu=True, int8=True)),
+        # whole tiles: BLOCK_K divides K and BLOCK_N the outputs, so the kernel is built without masks
+        ("decode gemv, whole tiles, norm + residual", lambda: decode_gemv(64, 2048, norm=True, residual=True)),
+        ("decode gemv, whole tiles, norm + SiLU(gate) * up", lambda: decode_gemv(128, 2048, norm=True, glu=True)),
+        ("decode gemv, whole tiles, int8", lambda: decode_gemv(64, 1024, int8=True)),
+        ("decode gemv experts, whole tiles, SiLU * up", lambda: decode_gemv_experts(1, 8, 16, 64, 1024, True, True)),
     ]
     runs += [("int8 expert gemv, 1 token x 8 experts", lambda: int8_expert_gemv(R=8, X=1))]
     runs += [("int8 expert gemv, 3 tokens x 2 experts", lambda: int8_expert_gemv(R=6, X=3))]
@@ -416,6 +421,10 @@ def main():
             "wqkv + rope + cache write, 4 pairs a program, 2 warps",
             lambda: decode_gemv_rope_kv(tiles=dict(BLOCK_N=4, BLOCK_K=256, num_warps=2)),
         ),
+        (
+            "wqkv + rope + cache write, whole tiles (64-wide K steps)",
+            lambda: decode_gemv_rope_kv(tiles=dict(BLOCK_N=4, BLOCK_K=64, num_warps=2)),
+        ),
         ("DecodeBlock, wqkv + rope + cache write in one kernel", lambda: decode_block(rope_in_qkv=True)),
     ]
     runs += [("DecodeBlock, a 2-layer MoE model's decode step, 2 of 8 experts", lambda: decode_block(2, 8))]
@@ -432,6 +441,7 @@ def main():
         ("the same, fp16, a 100-slot window, int8 wo", lambda: merged_wo(window=100, dtype=torch.float16, int8=True))
     ]
     runs += [("the same over the reference's partials", lambda: merged_wo(S=1000, slot=990, reference_parts=True))]
+    runs += [("the same, whole tiles (K 1024: 8 heads of 128)", lambda: merged_wo(Hkv=2, G=4, D=128))]
     failed = []
     for name, run in runs:
         got, want = run()
