@@ -10,9 +10,10 @@
 #                                          #   GPU): its GPU tests, SmolLM2's 272-slot step (5 splits) without / with,
 #                                          #   bench.py's 216-slot shape in one split (the default) against 4 splits
 #                                          #   merged in wo, and bench.py SmolLM2 both ways (issue 11's measure)
-#   bash scripts/gpu_pending.sh wholetiles # ~5 min: GEMVs built without masks where their tiles divide the weight
+#   bash scripts/gpu_pending.sh wholetiles # ~6 min: GEMVs built without masks where their tiles divide the weight
 #                                          #   (gemv.WHOLE_TILES, the default since 2026-12-05 ninth session; untimed):
-#                                          #   Llama-3-8B bf16 and int8 B1 with FASTGEN_WHOLE_TILES=0 / 1
+#                                          #   Llama-3-8B bf16 and int8 B1 with FASTGEN_WHOLE_TILES=0 / 1; then int8 with
+#                                          #   RoPE in wqkv's epilogue (FASTGEN_ROPE_IN_QKV=1, untimed on int8)
 #   bash scripts/gpu_pending.sh shortk     # ~2 min: gemv.SHORT_K_FLOAT's tile (won at Qwen3-30B-A3B's wqkv, 2026-12-05
 #                                          #   eighth session) at the other shapes it now takes: Llama-3.2-1B's wqkv
 #                                          #   [3072, 2048] and wo [2048, 2048], against their old tile, in the step
@@ -136,6 +137,9 @@ wholetiles)
     decode llama_bf16_whole 110 --model llama-3-8b
     FASTGEN_WHOLE_TILES=0 decode llama_int8_masks 110 --model llama-3-8b --weights int8
     decode llama_int8_whole 110 --model llama-3-8b --weights int8
+    # int8 blocks with RoPE and the cache write in wqkv's epilogue (FASTGEN_ROPE_IN_QKV=1; float blocks take it by
+    # default since it won at SmolLM2; never timed on int8): one kernel fewer a layer
+    FASTGEN_ROPE_IN_QKV=1 decode llama_int8_rope_in_qkv 110 --model llama-3-8b --weights int8
     ;;
 cli)
     step cli 560 python scripts/bench_cli.py --workdir "${TMPDIR:-/tmp}/fastgen-bench-cli"
