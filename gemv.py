@@ -261,11 +261,6 @@ def int4_gemv_config(n: int, k: int, inner_k_tiles: int) -> dict:
 # the result by a few percent. In the whole replayed step (2026-12-04, third session): SmolLM2-135M
 # 0.952 -> 0.763 ms, Llama-3-8B 4.616 -> 4.144 ms. On by default; FASTGEN_FLOAT_GEMV=0 gives cuBLAS.
 FLOAT_GEMV_ENABLED = os.environ.get("FASTGEN_FLOAT_GEMV", "1") == "1"
-# A GEMV whose tiles divide its weight (every Llama-3-8B and Qwen3 projection) is built without masks:
-# no predicated loads, no zeroed registers for them. sm_90 loops (compile_kernels.py --loop, 2026-12-05,
-# ninth session): Llama-3-8B's bf16 w2 293 -> 239 instructions, the head 83 -> 68, w13 117 -> 105, int8 wo
-# 284 -> 265, int8 wqkv 191 -> 182. Not yet timed on a GPU; FASTGEN_WHOLE_TILES=0 keeps the masks, to compare.
-WHOLE_TILES = os.environ.get("FASTGEN_WHOLE_TILES", "1") == "1"
 # The same kernel with the block around it folded in (DecodeBlock: norm, SiLU * up, residual, and
 # kv_attention.rope_write_kv for the norms, RoPE and cache write), a batch-1 layer in 7 kernels, not
 # 12. Measured in the whole step on the H200 against the unfused GEMV (2026-12-04, third session):
@@ -795,8 +790,8 @@ if triton is not None:
             G=group,
             G_PAD=g_pad,
             D_PAD=d_pad,
-            EVEN_K=WHOLE_TILES and K % cfg["BLOCK_K"] == 0,
-            EVEN_N=WHOLE_TILES and programs % cfg["BLOCK_N"] == 0,
+            EVEN_K=kv_attention.WHOLE_TILES and K % cfg["BLOCK_K"] == 0,
+            EVEN_N=kv_attention.WHOLE_TILES and programs % cfg["BLOCK_N"] == 0,
             **cfg,
             **kv_attention.pdl_launch(x),
         )
@@ -1230,7 +1225,7 @@ if triton is not None:
             GROUP=groupsize,
             IKT=inner_k_tiles,
             EVEN=even,
-            EVEN_N=WHOLE_TILES and N % cfg["BLOCK_N"] == 0,
+            EVEN_N=kv_attention.WHOLE_TILES and N % cfg["BLOCK_N"] == 0,
             ASM=INT4_ASM,
             **cfg,
         )

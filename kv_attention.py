@@ -49,6 +49,12 @@ NUM_WARPS, NUM_STAGES = 4, 3  # the split kernel's launch (3 stages: Triton's de
 # 293.0 / 292.9 -> 295.2 / 294.9 tok/s (59.4 -> 59.8% of copy on the active bytes). FASTGEN_SINGLE_SPLIT_TILES=0
 # turns it off.
 SINGLE_SPLIT_MAX_TILES = int(os.environ.get("FASTGEN_SINGLE_SPLIT_TILES", "4"))
+# Kernels take no masks where every element of a tile is valid: the split-KV attention over the tiles between
+# a row's first and last (those two keep theirs), gemv's batch-1 GEMVs whose tiles divide the weight. sm_90
+# loops (compile_kernels.py --loop, 2026-12-05, ninth session): the attention over a bf16 cache 407 -> 309
+# instructions, int8 898 -> 806, int8 in fp16 tiles 612 -> 550, at no loss of programs an SM; Llama-3-8B's bf16
+# w2 293 -> 239. Not yet timed on a GPU; FASTGEN_WHOLE_TILES=0 masks every tile, to compare.
+WHOLE_TILES = os.environ.get("FASTGEN_WHOLE_TILES", "1") == "1"
 
 
 # On by default since the H200 run of 2026-12-02 (BENCHMARKS.md): B8 at 8k filled 6.55 ms/step against
@@ -328,6 +334,68 @@ if triton is not None:
         )
 
     @triton.jit
+    def _attend_tile(
+        q,  # [G_PAD, D_PAD]: the row's query heads of one kv head, in the dot's dtype
+        acc,  # [G_PAD, D_PAD] fp32: the running softmax's unnormalised output, its max and sum
+        running_max,
+        running_sum,
+        tile,  # BLOCK slots from tile * BLOCK
+        first,  # the row's valid slots [first, last]
+        last,
+        k_ptr,
+        k_scale_ptr,
+        v_ptr,
+        v_scale_ptr,
+        kv_rows,
+        S,
+        slots,
+        dims,
+        qk_scale,
+        D: tl.constexpr,
+        BLOCK: tl.constexpr,
+        HAS_SCALES: tl.constexpr,
+        TILES_FP16: tl.constexpr,
+        ASM: tl.constexpr,
+        WHOLE: tl.constexpr,  # every slot of the tile is valid: no masks but on dims past D
+    ):
+        # one tile of K/V slots into the running softmax -> (acc, running_max, running_sum)
+        dot_dtype = q.dtype  # the compute dtype (fp16 with TILES_FP16); int8 and e4m3 values convert exactly
+        slot = tile * BLOCK + slots
+        offsets = (kv_rows + slot)[:, None] * D + dims[None, :]
+        ok = ((slot >= first) & (slot <= last) & (slot < S)) | WHOLE
+        tile_ok = ok[:, None] & (dims < D)[None, :]
+        # both tiles' loads first, so K's and V's bytes are in flight together
+        k = tl.load(k_ptr + offsets, mask=tile_ok, other=0.0)
+        v = tl.load(v_ptr + offsets, mask=tile_ok, other=0.0)
+        if TILES_FP16:
+            k, v = _tile_to_fp16(k, ASM), _tile_to_fp16(v, ASM)
+        else:
+            k, v = k.to(dot_dtype), v.to(dot_dtype)
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        if HAS_SCALES:
+            k_scale = tl.load(k_scale_ptr + kv_rows + slot, mask=ok, other=0).to(tl.float32)
+            v_scale = tl.load(v_scale_ptr + kv_rows + slot, mask=ok, other=0).to(tl.float32)
+            scores = scores * (k_scale * qk_scale)[None, :]
+        else:
+            scores = scores * qk_scale
+        if not WHOLE:
+            scores = tl.where(ok[None, :], scores, float("-inf"))  # [G_PAD, BLOCK]
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        correction = tl.exp2(running_max - new_max)
+        p = tl.exp2(scores - new_max[:, None])
+        running_sum = running_sum * correction + tl.sum(p, axis=1)
+        # V's per-slot scale folds into the probabilities: sum_j p_j (s_j v_j) = sum_j (p_j s_j) v_j
+        if TILES_FP16:  # p * v_scale over the tile's largest v_scale: in [0, 1], where fp16 is precise
+            v_scale_max = tl.maximum(tl.max(v_scale, axis=0), 1e-30)
+            pv_weight = (p * (v_scale / v_scale_max)[None, :]).to(tl.float16)
+            pv = tl.dot(pv_weight, v, input_precision="ieee") * v_scale_max
+        elif HAS_SCALES:
+            pv = tl.dot((p * v_scale[None, :]).to(dot_dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(dot_dtype), v, input_precision="ieee")
+        return acc * correction[:, None] + pv, new_max, running_sum
+
+    @triton.jit
     def _quantized_decode_kernel(
         q_ptr,  # [B * Hkv * G, D] contiguous: query head h * G + g of row b at row (b * Hkv + h) * G + g
         k_ptr,  # [B * Hkv, S, D] int8 / fp8
@@ -354,6 +422,7 @@ if triton is not None:
         TILES_FP16: tl.constexpr,  # an int8 / fp8 cache's tiles converted to fp16 in registers (KV_TILES_FP16)
         ASM: tl.constexpr,  # KV_ASM
         PDL: tl.constexpr,  # launched with programmatic dependent launch (kv_attention.PDL)
+        WHOLE_TILES: tl.constexpr,  # kv_attention.WHOLE_TILES
     ):
         pdl_wait(PDL)
         # head_dim ** -0.5 * log2(e), from the constant D: a float argument would reach the kernel as
@@ -374,52 +443,80 @@ if triton is not None:
 
         heads, dims, slots = tl.arange(0, G_PAD), tl.arange(0, D_PAD), tl.arange(0, BLOCK)
         g_ok, d_ok = heads < G, dims < D
-        dot_dtype = q_ptr.dtype.element_ty  # the compute dtype; int8 and e4m3 values convert exactly
         kv_rows = bh.to(tl.int64) * S
         q = tl.load(q_ptr + (bh * G + heads)[:, None] * D + dims[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0)
 
         if TILES_FP16:
-            dot_dtype = tl.float16
             q = q.to(tl.float16)
 
         running_max = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
         running_sum = tl.zeros((G_PAD,), dtype=tl.float32)
         acc = tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
-        for tile in range(my_first_tile, last_tile + 1, SPLITS):  # every tile holds a valid slot
-            slot = tile * BLOCK + slots
-            ok = (slot >= first) & (slot <= last) & (slot < S)
-            offsets = (kv_rows + slot)[:, None] * D + dims[None, :]
-            tile_ok = ok[:, None] & d_ok[None, :]
-            # both tiles' loads first, so K's and V's bytes are in flight together
-            k = tl.load(k_ptr + offsets, mask=tile_ok, other=0.0)
-            v = tl.load(v_ptr + offsets, mask=tile_ok, other=0.0)
-            if TILES_FP16:
-                k, v = _tile_to_fp16(k, ASM), _tile_to_fp16(v, ASM)
-            else:
-                k, v = k.to(dot_dtype), v.to(dot_dtype)
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-            if HAS_SCALES:
-                k_scale = tl.load(k_scale_ptr + kv_rows + slot, mask=ok, other=0).to(tl.float32)
-                v_scale = tl.load(v_scale_ptr + kv_rows + slot, mask=ok, other=0).to(tl.float32)
-                scores = scores * (k_scale * qk_scale)[None, :]
-            else:
-                scores = scores * qk_scale
-            scores = tl.where(ok[None, :], scores, float("-inf"))  # [G_PAD, BLOCK]
-            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-            correction = tl.exp2(running_max - new_max)
-            p = tl.exp2(scores - new_max[:, None])
-            running_sum = running_sum * correction + tl.sum(p, axis=1)
-            # V's per-slot scale folds into the probabilities: sum_j p_j (s_j v_j) = sum_j (p_j s_j) v_j
-            if TILES_FP16:  # p * v_scale over the tile's largest v_scale: in [0, 1], where fp16 is precise
-                v_scale_max = tl.maximum(tl.max(v_scale, axis=0), 1e-30)
-                pv_weight = (p * (v_scale / v_scale_max)[None, :]).to(tl.float16)
-                pv = tl.dot(pv_weight, v, input_precision="ieee") * v_scale_max
-            elif HAS_SCALES:
-                pv = tl.dot((p * v_scale[None, :]).to(dot_dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(dot_dtype), v, input_precision="ieee")
-            acc = acc * correction[:, None] + pv
-            running_max = new_max
+        # Only the first and the last tile can hold slots outside [first, last]. The split's tiles (my_first_tile,
+        # + SPLITS, ... up to last_tile) strictly between them are whole: their loop takes no masks. Then the
+        # split's share of the two ends, masked, as a range of 0, 1 or 2 tiles (the running softmax takes tiles
+        # in any order). Without WHOLE_TILES, one loop masks every tile.
+        first_is_mine = (my_first_tile == first_tile) & WHOLE_TILES
+        last_is_mine = (
+            (last_tile > first_tile) & (last_tile >= my_first_tile) & ((last_tile - my_first_tile) % SPLITS == 0)
+        )
+        whole_stop = last_tile if WHOLE_TILES else my_first_tile
+        for tile in range(tl.where(first_is_mine, my_first_tile + SPLITS, my_first_tile), whole_stop, SPLITS):
+            acc, running_max, running_sum = _attend_tile(
+                q,
+                acc,
+                running_max,
+                running_sum,
+                tile,
+                first,
+                last,
+                k_ptr,
+                k_scale_ptr,
+                v_ptr,
+                v_scale_ptr,
+                kv_rows,
+                S,
+                slots,
+                dims,
+                qk_scale,
+                D,
+                BLOCK,
+                HAS_SCALES,
+                TILES_FP16,
+                ASM,
+                WHOLE=True,
+            )
+        if WHOLE_TILES:
+            end_start = tl.where(first_is_mine, first_tile, last_tile)
+            end_stop = tl.where(last_is_mine, last_tile + 1, tl.where(first_is_mine, first_tile + 1, last_tile))
+            end_step = tl.where(first_is_mine & last_is_mine, last_tile - first_tile, 1)
+        else:
+            end_start, end_stop, end_step = my_first_tile, last_tile + 1, SPLITS
+        for tile in range(end_start, end_stop, end_step):
+            acc, running_max, running_sum = _attend_tile(
+                q,
+                acc,
+                running_max,
+                running_sum,
+                tile,
+                first,
+                last,
+                k_ptr,
+                k_scale_ptr,
+                v_ptr,
+                v_scale_ptr,
+                kv_rows,
+                S,
+                slots,
+                dims,
+                qk_scale,
+                D,
+                BLOCK,
+                HAS_SCALES,
+                TILES_FP16,
+                ASM,
+                WHOLE=False,
+            )
 
         pdl_launch_next(PDL)
         if SPLITS == 1:  # one split saw every tile (a big batch, or a cache of one tile): its output is the
@@ -561,6 +658,7 @@ if triton is not None:
             HAS_SCALES=has_scales,
             TILES_FP16=tiles_fp16,
             ASM=KV_ASM,
+            WHOLE_TILES=WHOLE_TILES,
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES_TILES_FP16 if tiles_fp16 else NUM_STAGES,
             **pdl_launch(q),

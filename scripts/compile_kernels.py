@@ -314,6 +314,7 @@ def main(argv=None):
                         TILES_FP16=tiles_fp16,
                         ASM=True,
                         PDL=pdl,
+                        WHOLE_TILES=kv_attention.WHOLE_TILES,
                     )
                     name = f"kv decode {(store or dtype)[1:]} cache, {dtype[1:]}, G={group}, D={head_dim}"
                     build(
@@ -334,7 +335,8 @@ def main(argv=None):
             kv_attention._quantized_decode_kernel,
             {**kv_sig, "k_ptr": store, "v_ptr": store},
             dict(D=128, G=4, G_PAD=16, D_PAD=128, BLOCK=kv_attention.BLOCK_N, SPLITS=1, SPLITS_PAD=1,
-                 HAS_SCALES=store == "*i8", TILES_FP16=False, ASM=True, PDL=False),
+                 HAS_SCALES=store == "*i8", TILES_FP16=False, ASM=True, PDL=False,
+                 WHOLE_TILES=kv_attention.WHOLE_TILES),
             kv_divisible,
             num_warps=kv_attention.NUM_WARPS,
             num_stages=kv_attention.NUM_STAGES,

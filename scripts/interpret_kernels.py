@@ -40,6 +40,9 @@ CASES = [  # B, Hkv, G, D, cache slots, query slot, sliding window (0: none), dt
     (2, 2, 4, 64, 257, 5, 0, torch.float16),
     (1, 2, 1, 64, 2048, 2047, 600, torch.float16),
     (2, 2, 4, 64, 50, 40, 0, torch.float32),  # one tile: one split writes the output, no merge
+    # 8 splits of 2 tiles a row: whole tiles (no masks) beside each row's masked first and last
+    (4, 8, 2, 64, 1024, 1000, 0, torch.float32),
+    (4, 8, 2, 64, 1024, 1000, 300, torch.float16),
 ]
 
 
@@ -320,6 +323,7 @@ def main():
     kv_attention.KV_ASM = False
     runs = [(f"{case}", lambda case=case: unquantized(*case)) for case in CASES] + [("int8 KV", int8)]
     runs += [("int8 KV, one tile: one split, no merge", lambda: int8(S=50, slot=40))]
+    runs += [("int8 KV, 32 splits of 2 tiles a row (whole tiles)", lambda: int8(Hkv=8, S=4096, slot=3000))]
     runs += [
         (
             "(1, 3, 3, 64, 216, 200), 4 tiles in one split (SINGLE_SPLIT_MAX_TILES 4)",
@@ -336,6 +340,10 @@ def main():
         (
             "int8 KV tiles in fp16, fp16 queries, v scales ~1e-5",
             lambda: with_switch("KV_TILES_FP16", int8, dtype=torch.float16, q_size=3, v_scale_size=1e-5),
+        ),
+        (
+            "int8 KV tiles in fp16, 32 splits of 2 tiles a row (whole tiles)",
+            lambda: with_switch("KV_TILES_FP16", int8, Hkv=8, S=4096, slot=3000, dtype=torch.bfloat16),
         ),
     ]
     runs += [("int8 gemv", int8_gemv), ("int8 expert gemv", int8_expert_gemv)]
