@@ -340,17 +340,9 @@ if triton is not None:
         running_max,
         running_sum,
         tile,  # BLOCK slots from tile * BLOCK
-        first,  # the row's valid slots [first, last]
-        last,
-        k_ptr,
-        k_scale_ptr,
-        v_ptr,
-        v_scale_ptr,
-        kv_rows,
-        S,
-        slots,
-        dims,
-        qk_scale,
+        row,  # (first, last, kv_rows, slots, dims, qk_scale): the row's valid slots [first, last], its offset in
+        # the cache, the tile's slot and dim indices, the scores' scale
+        cache,  # (k_ptr, k_scale_ptr, v_ptr, v_scale_ptr, S)
         D: tl.constexpr,
         BLOCK: tl.constexpr,
         HAS_SCALES: tl.constexpr,
@@ -358,6 +350,8 @@ if triton is not None:
         ASM: tl.constexpr,
         WHOLE: tl.constexpr,  # every slot of the tile is valid: no masks but on dims past D
     ):
+        first, last, kv_rows, slots, dims, qk_scale = row
+        k_ptr, k_scale_ptr, v_ptr, v_scale_ptr, S = cache
         # one tile of K/V slots into the running softmax -> (acc, running_max, running_sum)
         dot_dtype = q.dtype  # the compute dtype (fp16 with TILES_FP16); int8 and e4m3 values convert exactly
         slot = tile * BLOCK + slots
@@ -456,6 +450,7 @@ if triton is not None:
         # + SPLITS, ... up to last_tile) strictly between them are whole: their loop takes no masks. Then the
         # split's share of the two ends, masked, as a range of 0, 1 or 2 tiles (the running softmax takes tiles
         # in any order). Without WHOLE_TILES, one loop masks every tile.
+        row, cache = (first, last, kv_rows, slots, dims, qk_scale), (k_ptr, k_scale_ptr, v_ptr, v_scale_ptr, S)
         first_is_mine = (my_first_tile == first_tile) & WHOLE_TILES
         last_is_mine = (
             (last_tile > first_tile) & (last_tile >= my_first_tile) & ((last_tile - my_first_tile) % SPLITS == 0)
@@ -463,28 +458,7 @@ if triton is not None:
         whole_stop = last_tile if WHOLE_TILES else my_first_tile
         for tile in range(tl.where(first_is_mine, my_first_tile + SPLITS, my_first_tile), whole_stop, SPLITS):
             acc, running_max, running_sum = _attend_tile(
-                q,
-                acc,
-                running_max,
-                running_sum,
-                tile,
-                first,
-                last,
-                k_ptr,
-                k_scale_ptr,
-                v_ptr,
-                v_scale_ptr,
-                kv_rows,
-                S,
-                slots,
-                dims,
-                qk_scale,
-                D,
-                BLOCK,
-                HAS_SCALES,
-                TILES_FP16,
-                ASM,
-                WHOLE=True,
+                q, acc, running_max, running_sum, tile, row, cache, D, BLOCK, HAS_SCALES, TILES_FP16, ASM, WHOLE=True
             )
         if WHOLE_TILES:
             end_start = tl.where(first_is_mine, first_tile, last_tile)
@@ -494,28 +468,7 @@ if triton is not None:
             end_start, end_stop, end_step = my_first_tile, last_tile + 1, SPLITS
         for tile in range(end_start, end_stop, end_step):
             acc, running_max, running_sum = _attend_tile(
-                q,
-                acc,
-                running_max,
-                running_sum,
-                tile,
-                first,
-                last,
-                k_ptr,
-                k_scale_ptr,
-                v_ptr,
-                v_scale_ptr,
-                kv_rows,
-                S,
-                slots,
-                dims,
-                qk_scale,
-                D,
-                BLOCK,
-                HAS_SCALES,
-                TILES_FP16,
-                ASM,
-                WHOLE=False,
+                q, acc, running_max, running_sum, tile, row, cache, D, BLOCK, HAS_SCALES, TILES_FP16, ASM, WHOLE=False
             )
 
         pdl_launch_next(PDL)
