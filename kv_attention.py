@@ -350,9 +350,9 @@ if triton is not None:
         ASM: tl.constexpr,
         WHOLE: tl.constexpr,  # every slot of the tile is valid: no masks but on dims past D
     ):
+        # one tile of K/V slots into the running softmax -> (acc, running_max, running_sum)
         first, last, kv_rows, slots, dims, qk_scale = row
         k_ptr, k_scale_ptr, v_ptr, v_scale_ptr, S = cache
-        # one tile of K/V slots into the running softmax -> (acc, running_max, running_sum)
         dot_dtype = q.dtype  # the compute dtype (fp16 with TILES_FP16); int8 and e4m3 values convert exactly
         slot = tile * BLOCK + slots
         offsets = (kv_rows + slot)[:, None] * D + dims[None, :]
