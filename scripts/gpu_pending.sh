@@ -41,6 +41,7 @@
 #                                          #   tinygemm), one linear per format replayed in a graph, its tiles
 #                                          #   (int4_gemv_sweep.py), then the int4-g64 Llama-3-8B step without / with
 #                                          #   it (tinygemm: 3.01 ms, 332.3 tok/s on the H200; issue 10 wants 450)
+#   bash scripts/gpu_pending.sh ninth      # ~8 min: FASTGEN_WHOLE_TILES=0 / 1 at Llama-3-8B bf16 B1, int8 B1, B8 8k int8 KV
 #   bash scripts/gpu_pending.sh kvwhole    # ~8 min: Llama-3-8B B8 with 8k filled (issue 10's 1.1x): an int8 cache with
 #                                          #   and without FASTGEN_WHOLE_TILES (the attention's whole tiles unmasked),
 #                                          #   in fp16 tiles (FASTGEN_KV_TILES_FP16=1), and a bf16 cache with and without
@@ -197,6 +198,16 @@ kvfp16)
     summary+=("  $(tail -n 1 "$out/kvfp16_tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/kvfp16_tests.txt" | head -6)")
     # (the steps: `kvwhole`, which times them beside the masked attention)
+    ;;
+ninth)
+    # the ninth session's default, timed against its old form in one call: whole tiles without masks (GEMVs at
+    # Llama-3-8B bf16 and int8 B1; the attention at B8 with 8k filled, int8 cache)
+    FASTGEN_WHOLE_TILES=0 decode llama_bf16_masks 100 --model llama-3-8b
+    decode llama_bf16_whole 100 --model llama-3-8b
+    FASTGEN_WHOLE_TILES=0 decode llama_int8_masks 100 --model llama-3-8b --weights int8
+    decode llama_int8_whole 100 --model llama-3-8b --weights int8
+    FASTGEN_WHOLE_TILES=0 decode llama_b8_8k_int8kv_masks 100 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
+    decode llama_b8_8k_int8kv 100 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
     ;;
 kvwhole)
     # issue 10's 1.1x at B8 8k: the attention without masks on whole tiles (the ninth session's default; int8's
