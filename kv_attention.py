@@ -55,6 +55,7 @@ SINGLE_SPLIT_MAX_TILES = int(os.environ.get("FASTGEN_SINGLE_SPLIT_TILES", "4"))
 # instructions, int8 898 -> 806, int8 in fp16 tiles 612 -> 550, at no loss of programs an SM; Llama-3-8B's bf16
 # w2 293 -> 239. Not yet timed on a GPU; FASTGEN_WHOLE_TILES=0 masks every tile, to compare.
 WHOLE_TILES = os.environ.get("FASTGEN_WHOLE_TILES", "1") == "1"
+WHOLE_TILES_MIN_PER_SPLIT = 8  # the attention's unmasked loop: for caches of at least this many tiles a split
 
 
 # On by default since the H200 run of 2026-12-02 (BENCHMARKS.md): B8 at 8k filled 6.55 ms/step against
@@ -611,7 +612,9 @@ if triton is not None:
             HAS_SCALES=has_scales,
             TILES_FP16=tiles_fp16,
             ASM=KV_ASM,
-            WHOLE_TILES=WHOLE_TILES,
+            # a split's middle tiles unmasked only where a split has several: over a tile or two a split the
+            # second loop cost 0.3 us a call (SmolLM2's 272-slot cache, H100, 2026-12-05, ninth session)
+            WHOLE_TILES=WHOLE_TILES and -(-S // BLOCK_N) >= WHOLE_TILES_MIN_PER_SPLIT * splits,
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES_TILES_FP16 if tiles_fp16 else NUM_STAGES,
             **pdl_launch(q),

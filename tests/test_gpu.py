@@ -605,7 +605,11 @@ def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, split, pdl
     assert cuda.output is None or type(cuda.output) is gemv.DecodeLinear  # tied: the embedding's matmul
     assert greedy(cuda, PROMPTS[:2], 40, 128, compile=compile) == want
     if pdl:
-        kernels = [gemv._decode_gemv_kernel, kv_attention._quantized_decode_kernel, kv_attention._rope_write_kv_kernel]
+        kernels = [gemv._decode_gemv_kernel, kv_attention._quantized_decode_kernel]
+        # RoPE and the cache write: wqkv's epilogue for these float blocks (ROPE_IN_QKV "float", the default),
+        # else their own kernel
+        rope_in_qkv = gemv.ROPE_IN_QKV != "0" and cuda.layers[0].attention.q_norm is None
+        kernels += [] if rope_in_qkv else [kv_attention._rope_write_kv_kernel]
         kernels += [gemv._route_kernel, gemv._expert_down_mix_kernel] if shape == "moe" else []
         kernels += [kv_attention._merge_splits_kernel] if split else []
         for kernel in kernels:
