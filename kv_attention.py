@@ -50,12 +50,13 @@ NUM_WARPS, NUM_STAGES = 4, 3  # the split kernel's launch (3 stages: Triton's de
 # turns it off.
 SINGLE_SPLIT_MAX_TILES = int(os.environ.get("FASTGEN_SINGLE_SPLIT_TILES", "4"))
 # Kernels take no masks where every element of a tile is valid: the split-KV attention over the tiles between
-# a row's first and last (those two keep theirs), gemv's batch-1 GEMVs whose tiles divide the weight. sm_90
-# loops (compile_kernels.py --loop, 2026-12-05, ninth session): the attention over a bf16 cache 407 -> 309
-# instructions, int8 898 -> 806, int8 in fp16 tiles 612 -> 550, at no loss of programs an SM; Llama-3-8B's bf16
-# w2 293 -> 239. Not yet timed on a GPU; FASTGEN_WHOLE_TILES=0 masks every tile, to compare.
+# a row's first and last (those two keep theirs; caches of WHOLE_TILES_MIN_PER_SPLIT tiles a split or more), and
+# gemv's batch-1 GEMVs over int8 weights whose tiles divide the weight. sm_90 loops (compile_kernels.py --loop):
+# the attention over an int8 cache 898 -> 806 instructions, bf16 407 -> 309, at no loss of programs an SM. On an
+# H100 (2026-12-05, ninth session): Llama-3-8B B8 with 8k filled, int8 cache, 8.133 -> 7.813 ms a step (the
+# attention 60.5 -> 55.9 us a layer), int8 weights B1 3.789 -> 3.303 ms. FASTGEN_WHOLE_TILES=0 masks every tile.
 WHOLE_TILES = os.environ.get("FASTGEN_WHOLE_TILES", "1") == "1"
-WHOLE_TILES_MIN_PER_SPLIT = 8  # the attention's unmasked loop: for caches of at least this many tiles a split
+WHOLE_TILES_MIN_PER_SPLIT = 8  # over 1-2 tiles a split the unmasked loop's setup cost SmolLM2 0.3 us a call
 
 
 # On by default since the H200 run of 2026-12-02 (BENCHMARKS.md): B8 at 8k filled 6.55 ms/step against
@@ -612,8 +613,6 @@ if triton is not None:
             HAS_SCALES=has_scales,
             TILES_FP16=tiles_fp16,
             ASM=KV_ASM,
-            # a split's middle tiles unmasked only where a split has several: over a tile or two a split the
-            # second loop cost 0.3 us a call (SmolLM2's 272-slot cache, H100, 2026-12-05, ninth session)
             WHOLE_TILES=WHOLE_TILES and -(-S // BLOCK_N) >= WHOLE_TILES_MIN_PER_SPLIT * splits,
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES_TILES_FP16 if tiles_fp16 else NUM_STAGES,

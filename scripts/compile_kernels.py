@@ -89,8 +89,9 @@ def programs_per_sm(registers: int, shared: int, num_warps: int, arch: int) -> i
 
 def even_tiles(programs: int, k: int, cfg: dict) -> dict:
     """_decode_gemv_kernel's EVEN_K / EVEN_N, as gemv._decode_gemv_launch sets them (programs: its outputs, or
-    with RoPE its row pairs)."""
-    return {"EVEN_K": k % cfg["BLOCK_K"] == 0, "EVEN_N": programs % cfg["BLOCK_N"] == 0}
+    with RoPE its row pairs; int8 weights only)."""
+    whole = cfg["CONVERT"] >= 0
+    return {"EVEN_K": whole and k % cfg["BLOCK_K"] == 0, "EVEN_N": whole and programs % cfg["BLOCK_N"] == 0}
 
 
 def build(target, name, fn, signature, constexprs, divisible, **options):
