@@ -56,6 +56,21 @@ SINGLE_SPLIT_MAX_TILES = int(os.environ.get("FASTGEN_SINGLE_SPLIT_TILES", "4"))
 # H100 (2026-12-05, ninth session): Llama-3-8B B8 with 8k filled, int8 cache, 8.133 -> 7.813 ms a step (the
 # attention 60.5 -> 55.9 us a layer), int8 weights B1 3.789 -> 3.303 ms. FASTGEN_WHOLE_TILES=0 masks every tile.
 WHOLE_TILES = os.environ.get("FASTGEN_WHOLE_TILES", "1") == "1"
+
+
+def _tag_compile_cache_with_switches() -> None:
+    """Inductor's FX graph cache keys a compiled graph by its ops, not by what our ops (triton_op) read when
+    traced: the FASTGEN_* switches pick the kernels and constants a graph holds, so a run with one switch set
+    could load the graph a run without it compiled (an H100, 2026-12-05: an A/B of FASTGEN_WHOLE_TILES timed
+    the same kernels twice, and a KV_TILES_FP16 test compared against another form's compile). The switches'
+    values go into torch.compile's cache key tag."""
+    switches = ",".join(f"{name}={value}" for name, value in sorted(os.environ.items()) if name.startswith("FASTGEN_"))
+    config = getattr(torch.compiler, "config", None)
+    if switches and config is not None and hasattr(config, "cache_key_tag"):
+        config.cache_key_tag = ";".join(t for t in (config.cache_key_tag, switches) if t)
+
+
+_tag_compile_cache_with_switches()
 WHOLE_TILES_MIN_PER_SPLIT = 8  # over 1-2 tiles a split the unmasked loop's setup cost SmolLM2 0.3 us a call
 
 

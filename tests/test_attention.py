@@ -183,3 +183,21 @@ def test_split_kv_splits(monkeypatch):
     monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", 4)  # the default
     assert kv_attention.num_splits(1, 3, 216, 256) == 1
     assert kv_attention.num_splits(1, 3, 320, 256) == 5  # 5 tiles: split as before
+
+
+def test_fastgen_switches_tag_the_compile_cache():
+    """The FASTGEN_* switches pick the kernels our ops put in a compiled graph, which Inductor's cache key does
+    not see: importing kv_attention puts their values in torch.compile's cache key tag, so a run with a switch
+    set never loads a graph compiled without it."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import torch, kv_attention; print(torch.compiler.config.cache_key_tag)"
+    env = {**os.environ, "FASTGEN_WHOLE_TILES": "0", "FASTGEN_KV_TILES_FP16": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tag = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
+    assert "FASTGEN_KV_TILES_FP16=1" in tag.stdout and "FASTGEN_WHOLE_TILES=0" in tag.stdout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTGEN_")}
+    tag = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
+    assert "FASTGEN_" not in tag.stdout
