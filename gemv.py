@@ -12,7 +12,6 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
   decode_gemv               DecodeLinear, DecodeBlock,   1 row, a float or int8 weight, one pass (beats cuBLAS),
                             Int8Linear                   the norm / SiLU * up / residual folded in
   decode_gemv_rope_kv       DecodeBlock (float)          wqkv's decode_gemv, RoPE and the cache write in its epilogue
-  decode_gemv_merge         DecodeBlock (opt-in)         wo's decode_gemv, the split attention merged in its loads
   decode_gemv_experts       DecodeBlock, 1 token         the same over the token's k float experts
   int8_gemm_few_rows        Int8Linear, 2-16 rows        tensor cores over a 16-row tile, split over K
   int8_expert_gemv          Int8Experts, decode          decode_gemv's kernel with the int8 expert picked per row
@@ -24,7 +23,6 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
   int4_gemv                 Int4Linear, 1 row (opt-in)   tinygemm's int4 weight, one pass, bf16x2 math
 """
 
-import functools
 import os
 
 import torch
@@ -37,7 +35,6 @@ from model import (
     MoEFeedForward,
     RMSNorm,
     TransformerBlock,
-    cache_attention_at_decode,
     pairs_by_expert,
     top_k_by_max,
     weighted_sum,
@@ -125,15 +122,6 @@ def decode_gemv_rope_kv_reference(x, weight, scales, norm_weight, bias, eps, cos
     without the query/key norms: writes the token's k and v into the caches at slot, returns q [1, Hq, 1, D]."""
     qkv = decode_gemv_reference(x, weight, scales, norm_weight, bias, eps)
     return kv_attention.rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot, n_heads, None, None, 0.0)
-
-
-def decode_gemv_merge_reference(acc, running_max, running_sum, weight, scales, residual, n_heads):
-    """kv_attention's merge of batch 1's attention partials ([Hkv, splits, G_PAD, D_PAD], maxes and sums
-    [Hkv, splits, G_PAD]), rounded to residual's dtype as the merge kernel stores it, then wo's
-    decode_gemv with the residual [1, N] added -> [1, N]."""
-    head_dim = weight.shape[-1] // n_heads
-    heads = kv_attention.merge_parts_reference(acc, running_max, running_sum, n_heads // acc.shape[0], head_dim)
-    return decode_gemv_reference(heads.to(residual.dtype).reshape(1, -1), weight, scales, residual=residual)
 
 
 def decode_gemv_experts_reference(x, expert_ids, weight, norm_weight=None, eps=0.0, glu=False):
@@ -290,13 +278,6 @@ EXPERT_GEMV_ENABLED = os.environ.get("FASTGEN_EXPERT_GEMV", "1") == "1"
 # replayed, generate() 2285 -> 2436 tok/s; H100 with one split 0.432 -> 0.400). "float" (the default): float
 # weights only, since only they were timed; "1": int8 weights too; "0": never.
 ROPE_IN_QKV = os.environ.get("FASTGEN_ROPE_IN_QKV", "float")
-# With it, a float or int8 DecodeBlock over a cache whose decode attention runs in splits (kv_attention:
-# more than SINGLE_SPLIT_MAX_TILES tiles) takes the splits' partials and merges them in wo's loads
-# (decode_gemv_merge): no merge kernel, a layer in 5 kernels. SmolLM2-135M's 272-slot profile spends 1.53 us
-# a layer in _merge_splits_kernel (H100, 2026-12-05, eighth session), and one split instead (no merge) loses
-# generate() as the context grows (one program a kv head walks every tile). Each wo program merges all of x
-# itself: 5 splits x 576 fp32 partials from L2. NOT YET ON A GPU, so off: FASTGEN_MERGE_IN_WO=1 turns it on.
-MERGE_IN_WO = os.environ.get("FASTGEN_MERGE_IN_WO", "0") == "1"
 
 
 def decode_gemv_config(n: int, k: int) -> dict:
@@ -413,8 +394,6 @@ if triton is not None:
         v_ptr,
         slot_ptr,  # [1]
         S,
-        max_ptr,  # with MERGE_SPLITS: x_ptr is the attention's partials (decode_gemv_merge), these their
-        sum_ptr,  # running maxes and sums
         EPS: tl.constexpr,  # the RMSNorm's (a constant: a float argument would reach the kernel as fp64)
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -428,10 +407,6 @@ if triton is not None:
         HQ: tl.constexpr,  # with ROPE: query heads, kv heads, head dim
         HKV: tl.constexpr,
         HEAD_DIM: tl.constexpr,
-        MERGE_SPLITS: tl.constexpr,  # > 0: x merged from this many splits' partials as it is read (wo)
-        G: tl.constexpr,  # with MERGE_SPLITS (and HEAD_DIM): query heads a kv head, the partials' padding
-        G_PAD: tl.constexpr,
-        D_PAD: tl.constexpr,
         EVEN_K: tl.constexpr,  # BLOCK_K divides K: no K step is partial
         EVEN_N: tl.constexpr,  # BLOCK_N divides the programs' outputs (with ROPE, their row pairs)
     ):
@@ -480,10 +455,7 @@ if triton is not None:
             k = k0 + cols
             k_ok = (k < K) | EVEN_K
             w_ok = row_ok[:, None] & k_ok[None, :]
-            if MERGE_SPLITS > 0:
-                x = _merged_heads(x_ptr, max_ptr, sum_ptr, k, k_ok, MERGE_SPLITS, G, G_PAD, HEAD_DIM, D_PAD, y_ptr)
-            else:
-                x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
             if NORM:
                 squares += x * x
                 x = x * tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
@@ -523,38 +495,6 @@ if triton is not None:
             _rope_store(y, up, rows, row_ok, y_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, S, HQ, HKV, HEAD_DIM)
         else:
             tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
-
-    @triton.jit
-    def _merged_heads(
-        acc_ptr,
-        max_ptr,
-        sum_ptr,
-        k,
-        k_ok,
-        SPLITS: tl.constexpr,
-        G: tl.constexpr,
-        G_PAD: tl.constexpr,
-        D: tl.constexpr,
-        D_PAD: tl.constexpr,
-        y_ptr,
-    ):
-        # x[k], k = head * D + d, of the attention output, merged from the splits' partials (kv_attention's
-        # [Hkv, SPLITS, G_PAD, D_PAD] layout) as _merge_splits_kernel merges them: each split weighted by
-        # 2^(its max - the overall max); rounded to the compute dtype (y's), as the merge kernel stores it
-        head, d = k // D, k % D
-        first = (head // G * SPLITS) * G_PAD + head % G  # the head's part in split 0
-        top = tl.full(k.shape, float("-inf"), dtype=tl.float32)
-        for split in tl.static_range(SPLITS):
-            top = tl.maximum(top, tl.load(max_ptr + first + split * G_PAD, mask=k_ok, other=0.0))
-        total = tl.zeros(k.shape, dtype=tl.float32)
-        out = tl.zeros(k.shape, dtype=tl.float32)
-        for split in tl.static_range(SPLITS):
-            part = first + split * G_PAD
-            weight = tl.exp2(tl.load(max_ptr + part, mask=k_ok, other=0.0) - top)  # an empty split: 0
-            total += weight * tl.load(sum_ptr + part, mask=k_ok, other=0.0)
-            out += weight * tl.load(acc_ptr + part * D_PAD + d, mask=k_ok, other=0.0)
-        x = out / tl.where(k_ok, total, 1.0)  # past K: 0 / 1
-        return x.to(y_ptr.dtype.element_ty).to(tl.float32)
 
     @triton.jit
     def _rope_store(
@@ -737,13 +677,10 @@ if triton is not None:
         """decode_gemv_experts_reference's contract, one kernel."""
         return _decode_gemv_launch(x.contiguous(), weight, expert_ids, None, norm_weight, None, eps, glu)
 
-    def _decode_gemv_launch(
-        x, weight, expert_ids, scales, norm_weight, residual, eps, glu, tiles=None, rope=None, merge=None
-    ):
+    def _decode_gemv_launch(x, weight, expert_ids, scales, norm_weight, residual, eps, glu, tiles=None, rope=None):
         """The ops' launch; `tiles` (BLOCK_N outputs a program, BLOCK_K, num_warps) replaces
         decode_gemv_tiles' for the sweeps (scripts/small_gemv_sweep.py, fused_gemv_sweep.py). rope:
-        decode_gemv_rope_kv's (cos, sin, k_cache, v_cache, slot, n_heads); the output is then the query.
-        merge: decode_gemv_merge's (running_max, running_sum, n_heads); x is then the partials (acc)."""
+        decode_gemv_rope_kv's (cos, sin, k_cache, v_cache, slot, n_heads); the output is then the query."""
         N, K = weight.shape[-2], weight.shape[-1]
         cfg = {**decode_gemv_tiles(N, K, scales is not None, glu or rope is not None), **(tiles or {})}
         outputs = N // 2 if glu else N  # SiLU(gate) * up of the two halves
@@ -751,13 +688,7 @@ if triton is not None:
         R = 1 if expert_ids is None else expert_ids.numel()
         cos, sin, k_cache, v_cache, slot, n_heads = rope or (weight, weight, weight, weight, weight, 0)
         _, n_kv_heads, S, head_dim = k_cache.shape if rope else (0, 0, 0, 2)
-        running_max, running_sum, splits, group, g_pad, d_pad = weight, weight, 0, 1, 1, 1  # read only with merge
-        if merge:  # x: the partials [Hkv, splits, G_PAD, D_PAD] fp32; y: the compute dtype, the residual's
-            running_max, running_sum, merged_heads = merge
-            n_kv_heads, splits, g_pad, d_pad = x.shape
-            group, head_dim = merged_heads // n_kv_heads, K // merged_heads
-        dtype = residual.dtype if merge else x.dtype
-        y = torch.empty((R, n_heads * head_dim if rope else outputs), dtype=dtype, device=x.device)
+        y = torch.empty((R, n_heads * head_dim if rope else outputs), dtype=x.dtype, device=x.device)
         # no masks where the tiles divide the weight, for int8 weights: Llama-3-8B int8 B1 3.789 -> 3.303 ms a step,
         # 300.5 tok/s in bench.py; a float weight's step lost 0.6-1.6% without them (5.359 -> 5.391 ms; H100,
         # 2026-12-05, ninth session), so float weights keep them
@@ -779,8 +710,6 @@ if triton is not None:
             v_cache,
             slot,
             S,
-            running_max,
-            running_sum,
             EPS=eps,
             NORM=norm_weight is not None,
             GLU=glu,
@@ -790,31 +719,12 @@ if triton is not None:
             HQ=n_heads,
             HKV=n_kv_heads,
             HEAD_DIM=head_dim,
-            MERGE_SPLITS=splits,
-            G=group,
-            G_PAD=g_pad,
-            D_PAD=d_pad,
             EVEN_K=whole_tiles and K % cfg["BLOCK_K"] == 0,
             EVEN_N=whole_tiles and programs % cfg["BLOCK_N"] == 0,
             **cfg,
             **kv_attention.pdl_launch(x),
         )
         return y
-
-    @triton_op("fastgen::decode_gemv_merge", mutates_args={})
-    def decode_gemv_merge(
-        acc: torch.Tensor,
-        running_max: torch.Tensor,
-        running_sum: torch.Tensor,
-        weight: torch.Tensor,
-        scales: torch.Tensor | None,
-        residual: torch.Tensor,
-        n_heads: int,
-    ) -> torch.Tensor:
-        """decode_gemv_merge_reference's contract, one kernel: wo's GEMV whose x, the attention output,
-        is merged from the splits' partials as it is read (no merge kernel)."""
-        merge = (running_max, running_sum, n_heads)
-        return _decode_gemv_launch(acc, weight.contiguous(), None, scales, None, residual, 0.0, False, merge=merge)
 
     @triton_op("fastgen::decode_gemv_rope_kv", mutates_args={"k_cache", "v_cache"})
     def decode_gemv_rope_kv(
@@ -1270,8 +1180,7 @@ class DecodeBlock(TransformerBlock):
     into wo's (and w2's) store, SiLU(gate) * up into w13's store; and the query/key norms, RoPE and the
     cache write as one kernel (kv_attention.rope_write_kv, for an unquantized cache; with ROPE_IN_QKV,
     by default for float weights, and no query/key norms, in wqkv's epilogue instead). A dense layer takes
-    7 kernels instead of 12 (6 with ROPE_IN_QKV; one fewer again with MERGE_IN_WO over a cache attended in
-    splits, whose merge kernel goes). A mixture-of-experts layer folds its attention half, and with
+    7 kernels instead of 12 (6 with ROPE_IN_QKV). A mixture-of-experts layer folds its attention half, and with
     FASTGEN_EXPERT_GEMV its float experts run decode_gemv_experts. Every other call, and every call
     with FASTGEN_FUSED_DECODE=0, is TransformerBlock's. use_decode_kernels picks the blocks (see
     FUSED_DECODE: float blocks up to FUSED_FLOAT_MAX_DIM wide, int8 blocks)."""
@@ -1286,14 +1195,7 @@ class DecodeBlock(TransformerBlock):
             return _decode_block_eager(self, x, cos, sin, attend, input_pos)
         attention, ffn = self.attention, self.feed_forward
         x1 = x.reshape(1, -1)  # [1, D]
-        cache = attention.kv_cache
-        if MERGE_IN_WO and attends_in_splits(cache, attend):  # the split partials, merged in wo's loads
-            parts = self.attention_heads(x1, cos, sin, attend, input_pos, parts=True)
-            h = decode_gemv_merge(
-                *parts, attention.wo.weight, getattr(attention.wo, "scales", None), x1, attention.n_heads
-            )
-        else:
-            h = project(attention.wo, self.attention_heads(x1, cos, sin, attend, input_pos), residual=x1)
+        h = project(attention.wo, self.attention_heads(x1, cos, sin, attend, input_pos), residual=x1)
         if type(ffn) is FeedForward:
             hidden = project(ffn.w13, h, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, glu=True)  # [1, I]
             return project(ffn.w2, hidden, residual=h).view_as(x)
@@ -1318,9 +1220,8 @@ class DecodeBlock(TransformerBlock):
         h = h.view_as(x)  # other experts: routed as TransformerBlock routes them
         return h + ffn(self.ffn_norm(h))
 
-    def attention_heads(self, x1, cos, sin, attend, input_pos, parts=False):
-        """The batch-1 step's attention half up to wo: x1 [1, D], the block's input -> the heads [1, Hq * head_dim]
-        (with parts, an unquantized cache's split partials: kv_attention.SplitKVCache.attend_parts_at_decode)."""
+    def attention_heads(self, x1, cos, sin, attend, input_pos):
+        """The batch-1 step's attention half up to wo: x1 [1, D], the block's input -> the heads [1, Hq * head_dim]."""
         attention = self.attention
         wqkv, norm = attention.wqkv, self.attention_norm
         # Qwen2's bias: added where a residual would be
@@ -1349,13 +1250,13 @@ class DecodeBlock(TransformerBlock):
                 slot,
                 attention.n_heads,
             )
-            return attend(q, cache, parts=True) if parts else attend(q, cache).to(x1.dtype).reshape(1, -1)
+            return attend(q, cache).to(x1.dtype).reshape(1, -1)
         qkv = project(wqkv, x1, norm_weight=norm.weight, eps=norm.eps, residual=bias)
         if unquantized_cache:  # one kernel for the norms, RoPE and the write
             q = kv_attention.rope_write_kv(
                 qkv, cos_d, sin_d, cache.k_cache, cache.v_cache, slot, attention.n_heads, *norms
             )
-            return attend(q, cache, parts=True) if parts else attend(q, cache).to(qkv.dtype).reshape(1, -1)
+            return attend(q, cache).to(qkv.dtype).reshape(1, -1)
         # a quantized cache quantizes as it writes
         return attention.attend_qkv(qkv.view(1, 1, -1), cos, sin, attend, input_pos).reshape(1, -1)
 
@@ -1382,19 +1283,6 @@ def run_blocks_eager_under_compile(model: torch.nn.Module) -> None:
                 type(ffn) is FeedForward or EXPERT_GEMV_ENABLED and type(ffn.experts) in (Experts, DownMixExperts)
             )
             module.eager_under_compile = eager_ffn and module.attention.kv_cache.attends_at_decode()
-
-
-def attends_in_splits(cache, attend) -> bool:
-    """Whether a batch-1 decode step attends through kv_attention's split kernel in more than one split
-    (what decode_gemv_merge merges): an unquantized SplitKVCache on the GPU, reached through the cache's
-    own attention (model.cache_attention_at_decode; not flex, SDPA or an export's)."""
-    through_cache = isinstance(attend, functools.partial) and attend.func is cache_attention_at_decode
-    return (
-        through_cache
-        and type(cache) is kv_attention.SplitKVCache
-        and cache.attends_at_decode()
-        and cache.decode_splits(1) > 1
-    )
 
 
 def project(linear: torch.nn.Module, x: torch.Tensor, **folded) -> torch.Tensor:

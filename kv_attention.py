@@ -18,7 +18,6 @@ the query/key norms (Qwen3), RoPE, and the write of the token's k and v into the
 """
 
 import functools
-import math
 import os
 
 import torch
@@ -165,12 +164,6 @@ class SplitKVCache(KVCache):
         """Splits of the slot axis its decode kernel runs at this batch (1: no partials, no merge)."""
         return num_splits(batch, self.k_cache.shape[1], self.k_cache.shape[2], TARGET_PROGRAMS)
 
-    def attend_parts_at_decode(self, q, row_start, q_slot, sliding_window: int | None):
-        """attend_at_decode without the merge (decode_splits > 1): each split's unnormalised output,
-        running max (log2 units) and softmax denominator, for a kernel that merges them as it reads them
-        (gemv.decode_gemv_merge, wo's GEMV)."""
-        return decode_attention_parts(q, self.k_cache, self.v_cache, row_start, q_slot, sliding_window or 0)
-
 
 def quantized_decode_attention_reference(q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window):
     """q [B, Hq, 1, D]; caches [B, Hkv, S, D] int8/fp8 (or unquantized, scales None); scales
@@ -187,49 +180,6 @@ def quantized_decode_attention_reference(q, k_cache, k_scale, v_cache, v_scale, 
     scores = (q.float() @ k.transpose(-1, -2)) * D**-0.5  # [B, Hq, 1, S]
     scores = scores.masked_fill(~ok.view(B, 1, 1, S), float("-inf"))
     return (scores.softmax(dim=-1) @ v).to(q.dtype)
-
-
-def parts_padding(G: int, D: int) -> tuple[int, int]:
-    """The split partials' padded query heads a kv head (>= 16: tl.dot's smallest M) and head dim."""
-    return max(16, 1 << (G - 1).bit_length()), 1 << (D - 1).bit_length()
-
-
-def decode_attention_parts_reference(q, k_cache, v_cache, row_start, q_slot, sliding_window, splits):
-    """decode_attention_parts' contract in fp32: q [B, Hq, 1, D], caches [B, Hkv, S, D] -> acc [B * Hkv,
-    splits, G_PAD, D_PAD], running max and sum [B * Hkv, splits, G_PAD], tile t (BLOCK_N slots) in split
-    t % splits as the kernel reads them; an empty split (or a padded head) has max -inf, sum 0, acc 0."""
-    B, n_heads, _, D = q.shape
-    n_kv_heads, S = k_cache.shape[1], k_cache.shape[2]
-    G = n_heads // n_kv_heads
-    G_PAD, D_PAD = parts_padding(G, D)
-    slots = torch.arange(S, device=q.device).view(1, S)
-    ok = valid_kv(row_start.view(B, 1), q_slot.view(1, 1), slots, sliding_window or None)  # [B, S]; 0: none
-    k = k_cache.float().view(B, n_kv_heads, 1, S, D)
-    scores = (q.float().view(B, n_kv_heads, G, 1, D) @ k.transpose(-1, -2)).squeeze(-2)  # [B, Hkv, G, S]
-    scores = scores * (D**-0.5 / math.log(2))  # log2 units, as the kernel's exp2
-    acc = torch.zeros(B * n_kv_heads, splits, G_PAD, D_PAD, device=q.device)
-    running_max = torch.full((B * n_kv_heads, splits, G_PAD), float("-inf"), device=q.device)
-    running_sum = torch.zeros(B * n_kv_heads, splits, G_PAD, device=q.device)
-    for split in range(splits):
-        mine = ok & ((slots // BLOCK_N) % splits == split)  # [B, S]
-        masked = scores.masked_fill(~mine.view(B, 1, 1, S), float("-inf"))
-        top = masked.amax(-1, keepdim=True)  # [B, Hkv, G, 1]
-        p = torch.exp2(masked - top.clamp(min=-1e30)).nan_to_num(0.0)  # an empty split: all 0
-        running_max[:, split, :G] = top.reshape(B * n_kv_heads, G)
-        running_sum[:, split, :G] = p.sum(-1).reshape(B * n_kv_heads, G)
-        acc[:, split, :G, :D] = (p @ v_cache.float()).reshape(B * n_kv_heads, G, D)
-    return acc, running_max, running_sum
-
-
-def merge_parts_reference(acc, running_max, running_sum, G, head_dim):
-    """The merge kernel's arithmetic in fp32: partials [B * Hkv, splits, G_PAD, D_PAD] -> [B * Hkv * G,
-    head_dim] (query head h * G + g of row b at row (b * Hkv + h) * G + g), each split weighted by 2^(its
-    max - the overall max)."""
-    top = running_max[:, :, :G].amax(1, keepdim=True)  # [B * Hkv, 1, G]
-    weight = torch.exp2(running_max[:, :, :G] - top)  # [B * Hkv, splits, G]
-    total = (weight * running_sum[:, :, :G]).sum(1)  # [B * Hkv, G]
-    out = (weight.unsqueeze(-1) * acc[:, :, :G, :head_dim]).sum(1) / total.unsqueeze(-1)
-    return out.reshape(-1, head_dim)
 
 
 def rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot, n_heads, q_norm_weight, k_norm_weight, eps):
@@ -560,20 +510,6 @@ if triton is not None:
         """The same over an unquantized cache (bf16/fp16/fp32, any dtype q's converts to)."""
         return _split_kv_attention(q, k_cache, k_cache, v_cache, v_cache, row_start, q_slot, sliding_window, False)
 
-    @triton_op("fastgen::decode_attention_parts", mutates_args={})
-    def decode_attention_parts(
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        row_start: torch.Tensor,
-        q_slot: torch.Tensor,
-        sliding_window: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """decode_attention_parts_reference's contract (a cache of more than one split): the split kernel
-        without the merge."""
-        args = (q, k_cache, k_cache, v_cache, v_cache, row_start, q_slot, sliding_window, False)
-        return _split_kv_attention(*args, merge=False)
-
     def _split_kv_attention(
         q,
         k_cache,
@@ -584,17 +520,15 @@ if triton is not None:
         q_slot,
         sliding_window,
         has_scales,
-        merge=True,
     ):
-        """The split kernel, then the merge unless one split saw every tile (without merge: the partials);
-        without has_scales the scale arguments are any tensors, never read."""
+        """The split kernel, then the merge unless one split saw every tile; without has_scales the scale
+        arguments are any tensors, never read."""
         n_kv_heads, S, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
         B, n_heads = q.shape[0], q.shape[1]
         G = n_heads // n_kv_heads
-        G_PAD, D_PAD = parts_padding(G, D)
+        G_PAD, D_PAD = max(16, triton.next_power_of_2(G)), triton.next_power_of_2(D)  # >= 16: tl.dot's smallest M
         splits = num_splits(B, n_kv_heads, S, TARGET_PROGRAMS_QUANTIZED if has_scales else TARGET_PROGRAMS)
-        assert merge or splits > 1, "partials need a cache of more than one split"
-        y = torch.empty((B, n_heads, 1, D), dtype=q.dtype, device=q.device) if merge else q  # q: never written
+        y = torch.empty((B, n_heads, 1, D), dtype=q.dtype, device=q.device)
         if splits == 1:  # the split writes y itself: no partials (q stands in, an input, never touched)
             acc = running_max = running_sum = q
         else:
@@ -635,8 +569,6 @@ if triton is not None:
         )
         if splits == 1:  # nothing to merge
             return y
-        if not merge:
-            return acc, running_max, running_sum
         wrap_triton(_merge_splits_kernel)[(B * n_heads,)](
             acc,
             running_max,

@@ -249,12 +249,9 @@ def sdpa_attention_over_cache(q, cache, folded_mask: torch.Tensor):
     return y.reshape(B, n_heads, T, D)
 
 
-def cache_attention_at_decode(q, cache, row_start, q_slot, sliding_window: int | None, parts: bool = False):
+def cache_attention_at_decode(q, cache, row_start, q_slot, sliding_window: int | None):
     """Decode (T = 1) through the cache's own attention: quantize.QuantizedKVCache on CUDA, whose
-    kernel reads the int8/fp8 values and scales over each row's valid slots (no dequantized copy).
-    parts: the split partials, unmerged (gemv.DecodeBlock merges them in wo's loads)."""
-    if parts:
-        return cache.attend_parts_at_decode(q, row_start, q_slot, sliding_window)
+    kernel reads the int8/fp8 values and scales over each row's valid slots (no dequantized copy)."""
     return cache.attend_at_decode(q, row_start, q_slot, sliding_window)
 
 

@@ -125,9 +125,8 @@ def main(argv=None):
     decode_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "scale_ptr": "*fp32", "norm_ptr": "*bf16", "res_ptr": "*bf16"}
     decode_sig.update({"y_ptr": "*bf16", "ids_ptr": "*i64", "N": "i32", "K": "i32", "rows_per_x": "i32"})
     decode_sig.update({"cos_ptr": "*bf16", "sin_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "slot_ptr": "*i64"})
-    decode_sig.update({"S": "i32", "max_ptr": "*fp32", "sum_ptr": "*fp32"})
-    no_merge = {"MERGE_SPLITS": 0, "G": 1, "G_PAD": 1, "D_PAD": 1}
-    no_rope = {"ROPE": 0, "HQ": 0, "HKV": 0, "HEAD_DIM": 2, **no_merge}
+    decode_sig.update({"S": "i32"})
+    no_rope = {"ROPE": 0, "HQ": 0, "HKV": 0, "HEAD_DIM": 2}
     for n, k, norm, glu, residual, int8, experts, pdl in (
         (960, 576, 1, 0, 0, 0, 0, 0),
         (28672, 4096, 1, 1, 0, 0, 0, 0),  # Llama-3-8B's w13, SiLU(gate) * up stored
@@ -170,7 +169,7 @@ def main(argv=None):
         (6144, 4096, 32, 8, 128, 1, 1),
     ):
         cfg = gemv.decode_gemv_tiles(n, k, int8, True)
-        rope = {"ROPE": 1, "HQ": hq, "HKV": hkv, "HEAD_DIM": d, **no_merge}
+        rope = {"ROPE": 1, "HQ": hq, "HKV": hkv, "HEAD_DIM": d}
         build(
             target,
             f"wqkv + rope + cache write {n}x{k} norm=1 int8={int8}" + (" pdl" if pdl else ""),
@@ -182,22 +181,6 @@ def main(argv=None):
             num_warps=cfg["num_warps"],
             num_stages=cfg.get("num_stages", 3),
             launch_pdl=bool(pdl),
-        )  # fmt: skip
-    # wo merging the split attention's partials in its loads (gemv.decode_gemv_merge): SmolLM2's 272-slot cache
-    for n, k, g, d, splits, int8 in ((576, 576, 3, 64, 5, 0), (4096, 4096, 4, 128, 8, 1)):
-        cfg = gemv.decode_gemv_tiles(n, k, int8, False)
-        merge = {"MERGE_SPLITS": splits, "G": g, "G_PAD": 16, "D_PAD": d, "HEAD_DIM": d, "ROPE": 0, "HQ": 0, "HKV": 0}
-        build(
-            target,
-            f"wo + split merge {n}x{k} splits={splits} int8={int8} pdl",
-            gemv._decode_gemv_kernel,
-            {**decode_sig, "x_ptr": "*fp32", "w_ptr": "*i8" if int8 else "*bf16"},
-            {"EPS": 0.0, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": cfg["CONVERT"], "NORM": 0,
-             "GLU": 0, "RESIDUAL": 1, "EXPERTS": 0, "PDL": 1, **merge, **even_tiles(n, k, cfg)},
-            range(9),
-            num_warps=cfg["num_warps"],
-            num_stages=cfg.get("num_stages", 3),
-            launch_pdl=True,
         )  # fmt: skip
     # Llama-3-8B wqkv, w2, w13 (its own tiles) and SmolLM2
     for n, k, group, inner_k_tiles in (

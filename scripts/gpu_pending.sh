@@ -5,15 +5,9 @@
 #   bash scripts/gpu_pending.sh megadot    # ~4 min: the megakernel's attention as tensor-core dots over 64-slot tiles
 #                                          #   (FASTGEN_MEGAKERNEL_ATTN_DOT=1; never on a GPU): its tests, SmolLM2's
 #                                          #   step, its phases at 16 and 8000 slots (5.7 / 41 us without)
-#   bash scripts/gpu_pending.sh mergewo    # ~7 min: wo's GEMV merging the split attention's partials as it reads them
-#                                          #   (FASTGEN_MERGE_IN_WO=1, written 2026-12-05 eighth session; never on a
-#                                          #   GPU): its GPU tests, SmolLM2's 272-slot step (5 splits) without / with,
-#                                          #   bench.py's 216-slot shape in one split (the default) against 4 splits
-#                                          #   merged in wo, and bench.py SmolLM2 both ways (issue 11's measure)
-#   bash scripts/gpu_pending.sh wholetiles # ~6 min: GEMVs built without masks where their tiles divide the weight
-#                                          #   (gemv.WHOLE_TILES, the default since 2026-12-05 ninth session; untimed):
-#                                          #   Llama-3-8B bf16 and int8 B1 with FASTGEN_WHOLE_TILES=0 / 1; then int8 with
-#                                          #   RoPE in wqkv's epilogue (FASTGEN_ROPE_IN_QKV=1, untimed on int8)
+#   bash scripts/gpu_pending.sh int8rope   # ~2 min: int8 Llama-3-8B B1 with RoPE and the cache write in wqkv's epilogue
+#                                          #   (FASTGEN_ROPE_IN_QKV=1, never timed on int8) against the default (3.30 ms
+#                                          #   on the H100, 2026-12-05, ninth session)
 #   bash scripts/gpu_pending.sh shortk     # ~2 min: gemv.SHORT_K_FLOAT's tile (won at Qwen3-30B-A3B's wqkv, 2026-12-05
 #                                          #   eighth session) at the other shapes it now takes: Llama-3.2-1B's wqkv
 #                                          #   [3072, 2048] and wo [2048, 2048], against their old tile, in the step
@@ -41,7 +35,6 @@
 #                                          #   tinygemm), one linear per format replayed in a graph, its tiles
 #                                          #   (int4_gemv_sweep.py), then the int4-g64 Llama-3-8B step without / with
 #                                          #   it (tinygemm: 3.01 ms, 332.3 tok/s on the H200; issue 10 wants 450)
-#   bash scripts/gpu_pending.sh ninth      # ~8 min: FASTGEN_WHOLE_TILES=0 / 1 at Llama-3-8B bf16 B1, int8 B1, B8 8k int8 KV
 #   bash scripts/gpu_pending.sh kvwhole    # ~8 min: Llama-3-8B B8 with 8k filled (issue 10's 1.1x): an int8 cache with
 #                                          #   and without FASTGEN_WHOLE_TILES (the attention's whole tiles unmasked),
 #                                          #   in fp16 tiles (FASTGEN_KV_TILES_FP16=1), and a bf16 cache with and without
@@ -76,7 +69,7 @@
 #                                          #   on a new torch)
 #
 # Modes whose runs are recorded in BENCHMARKS.md (pdl, pdltier, fusedcheck, next, floatgemv, moegateup, moeb1,
-# ropeqkv, mega, downall, downbench, smolnext,
+# ropeqkv, mega, downall, downbench, smolnext, mergewo, ninth, wholetiles,
 # steptiles, wqkvtile) were removed on 2026-12-05; git history has them.
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
@@ -135,14 +128,10 @@ moedown)
     decode qwen3_b8_kernel 280 --model qwen3-30b-a3b --batch 8
     FASTGEN_EXPERT_DOWN_KERNEL=0 decode qwen3_b8_inductor 280 --model qwen3-30b-a3b --batch 8
     ;;
-wholetiles)
-    # predicted: bf16 (88% of copy) moves <= 1%; int8 (64% on the H200, its loops 5-7% shorter) ~1-3%
-    FASTGEN_WHOLE_TILES=0 decode llama_bf16_masks 110 --model llama-3-8b
-    decode llama_bf16_whole 110 --model llama-3-8b
-    FASTGEN_WHOLE_TILES=0 decode llama_int8_masks 110 --model llama-3-8b --weights int8
-    decode llama_int8_whole 110 --model llama-3-8b --weights int8
-    # int8 blocks with RoPE and the cache write in wqkv's epilogue (FASTGEN_ROPE_IN_QKV=1; float blocks take it by
-    # default since it won at SmolLM2; never timed on int8): one kernel fewer a layer
+int8rope)
+    # int8 blocks with RoPE and the cache write in wqkv's epilogue (float blocks take it by default since it won at
+    # SmolLM2): one kernel fewer a layer
+    decode llama_int8 110 --model llama-3-8b --weights int8
     FASTGEN_ROPE_IN_QKV=1 decode llama_int8_rope_in_qkv 110 --model llama-3-8b --weights int8
     ;;
 cli)
@@ -199,16 +188,6 @@ kvfp16)
     summary+=("$(grep -E '^FAILED' "$out/kvfp16_tests.txt" | head -6)")
     # (the steps: `kvwhole`, which times them beside the masked attention)
     ;;
-ninth)
-    # the ninth session's default, timed against its old form in one call: whole tiles without masks (GEMVs at
-    # Llama-3-8B bf16 and int8 B1; the attention at B8 with 8k filled, int8 cache)
-    FASTGEN_WHOLE_TILES=0 decode llama_bf16_masks 100 --model llama-3-8b
-    decode llama_bf16_whole 100 --model llama-3-8b
-    FASTGEN_WHOLE_TILES=0 decode llama_int8_masks 100 --model llama-3-8b --weights int8
-    decode llama_int8_whole 100 --model llama-3-8b --weights int8
-    FASTGEN_WHOLE_TILES=0 decode llama_b8_8k_int8kv_masks 100 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
-    decode llama_b8_8k_int8kv 100 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
-    ;;
 kvwhole)
     # issue 10's 1.1x at B8 8k: the attention without masks on whole tiles (the ninth session's default; int8's
     # loop 898 -> 806 instructions, bf16's 407 -> 309) against FASTGEN_WHOLE_TILES=0, the int8 cache in fp16 tiles
@@ -218,20 +197,6 @@ kvwhole)
     FASTGEN_KV_TILES_FP16=1 decode llama_b8_8k_int8kv_fp16 110 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
     FASTGEN_WHOLE_TILES=0 decode llama_b8_8k_bf16kv_masks 110 --model llama-3-8b --batch 8 --ctx 8192
     decode llama_b8_8k_bf16kv 110 --model llama-3-8b --batch 8 --ctx 8192
-    ;;
-mergewo)
-    step merge_tests 300 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k merge_in_wo
-    summary+=("  $(tail -n 1 "$out/merge_tests.txt")")
-    decode smol 45 --model smollm2-135m --new-tokens 256
-    FASTGEN_MERGE_IN_WO=1 decode smol_mergewo 45 --model smollm2-135m --new-tokens 256
-    FASTGEN_MERGE_IN_WO=1 decode smol_mergewo_wo8 45 --model smollm2-135m --new-tokens 256 --tile 576,576=8/1024/4
-    decode smol216 45 --model smollm2-135m --new-tokens 200  # bench.py's shape: 216 slots, 4 tiles, one split
-    FASTGEN_SINGLE_SPLIT_TILES=0 FASTGEN_MERGE_IN_WO=1 decode smol216_mergewo 45 --model smollm2-135m --new-tokens 200
-    for v in 0 1; do
-        FASTGEN_SINGLE_SPLIT_TILES=$((4 - 4 * v)) FASTGEN_MERGE_IN_WO=$v step "smol_bench_$v" 150 python scripts/bench.py \
-            --suite quick --models smollm2-135m --no-hf --no-cold-start --time-budget-s 120
-        summary+=("merge in wo $v: $(grep -E '^\| smollm2' "$out/smol_bench_$v.txt" | head -1)")
-    done
     ;;
 shortk)
     decode llama1b 60 --model llama-3.2-1b
@@ -347,7 +312,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, int4rows, int4gemv, kvfp16, mergewo, shortk, smoltiles, megadot, megaphases, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, int4rows, int4gemv, int8rope, kvwhole, kvfp16, shortk, smoltiles, megadot, megaphases, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

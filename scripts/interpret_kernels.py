@@ -164,31 +164,6 @@ def decode_gemv_rope_kv(n_heads=9, n_kv_heads=3, D=64, K=576, dtype=torch.float3
     )
 
 
-def merged_wo(Hkv=3, G=3, D=64, S=300, slot=250, window=0, dtype=torch.float32, int8=False, reference_parts=False):
-    """wo's GEMV merging the split attention's partials in its loads (decode_gemv_merge) after
-    decode_attention_parts, against the attention's reference then decode_gemv's; reference_parts: the
-    kernel over the reference's partials against decode_gemv_merge_reference."""
-    n_heads, N = Hkv * G, 96
-    q = torch.randn(1, n_heads, 1, D, dtype=dtype)
-    k, v = torch.randn(2, 1, Hkv, S, D, dtype=dtype)
-    k_nan, v_nan = k.clone(), v.clone()
-    k_nan[:, :, slot + 1 :] = v_nan[:, :, slot + 1 :] = float("nan")  # past the query: the kernel never reads them
-    row_start, q_slot = torch.tensor([0], dtype=torch.int32), torch.tensor([slot])
-    K = n_heads * D
-    w = torch.randint(-127, 128, (N, K), dtype=torch.int8) if int8 else torch.randn(N, K, dtype=dtype) / 30
-    scales = torch.rand(N) / 3000 if int8 else None
-    residual = torch.randn(1, N, dtype=dtype)
-    if reference_parts:
-        splits = kv_attention.num_splits(1, Hkv, S, kv_attention.TARGET_PROGRAMS)
-        parts = kv_attention.decode_attention_parts_reference(q, k, v, row_start, q_slot, window, splits)
-        got = gemv.decode_gemv_merge(*parts, w, scales, residual, n_heads)
-        return got, gemv.decode_gemv_merge_reference(*parts, w, scales, residual, n_heads)
-    parts = kv_attention.decode_attention_parts(q, k_nan, v_nan, row_start, q_slot, window)
-    got = gemv.decode_gemv_merge(*parts, w, scales, residual, n_heads)
-    heads = kv_attention.quantized_decode_attention_reference(q, k, None, v, None, row_start, q_slot, window or None)
-    return got, gemv.decode_gemv_reference(heads.to(dtype).reshape(1, -1), w, scales, residual=residual)
-
-
 def decode_block(layers=2, n_experts=0, rope_in_qkv=False):
     """A tiny model's decode step through gemv.DecodeBlock (the fused batch-1 path; with experts,
     the router and the token's experts through decode_gemv too) against the plain blocks' step, one
@@ -444,12 +419,6 @@ def main():
         (f"DownMixExperts + gate/up kernel, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n, True))
         for n in (2, 8)
     ]
-    runs += [("split attention merged in wo's loads, 272 slots (5 splits), SmolLM2's heads", merged_wo)]
-    runs += [
-        ("the same, fp16, a 100-slot window, int8 wo", lambda: merged_wo(window=100, dtype=torch.float16, int8=True))
-    ]
-    runs += [("the same over the reference's partials", lambda: merged_wo(S=1000, slot=990, reference_parts=True))]
-    runs += [("the same, whole tiles (K 1024: 8 heads of 128)", lambda: merged_wo(Hkv=2, G=4, D=128))]
     failed = []
     for name, run in runs:
         got, want = run()

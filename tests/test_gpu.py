@@ -650,43 +650,6 @@ def test_opt_in_decode_folds_equal_cpu_fp32_eager(monkeypatch, shape, pdl, compi
     assert compile or len(calls) >= cuda.args.n_layers  # each layer's step (recorded into a CUDA graph, replayed)
 
 
-@pytest.mark.parametrize(
-    "shape, pdl, compile",
-    [("gqa-hd128", False, False), ("window", True, True), ("moe", True, True), ("int8", True, True)],
-)
-def test_merge_in_wo_keeps_the_tokens(monkeypatch, shape, pdl, compile):
-    """With gemv.MERGE_IN_WO (wo's GEMV merges the split attention's partials as it reads them: no merge
-    kernel) a 320-slot cache (5 tiles, 5 splits) gives the tokens of the default fused block (the merge
-    kernel, then wo), eager, compiled, with PDL and over int8 weights; eager, every layer's step calls
-    decode_gemv_merge."""
-    import gemv
-    import kv_attention
-    import quantize
-
-    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
-    monkeypatch.setattr(kv_attention, "PDL", pdl)
-    cpu = random_model("gqa-hd128" if shape == "int8" else shape)
-    if shape == "int8":
-        floats = {name: m.weight.detach() for name, m in quantize.quantizable_linears(cpu)}
-        quantize.apply_quantization(cpu, {"mode": "int8"})
-        for name, weight in floats.items():
-            linear = cpu.get_submodule(name)
-            linear.weight, linear.scales = quantize.quantize_int8(weight)
-    cuda = cpu.cuda()
-    want = [greedy(cuda, [p], 40, 320)[0] for p in PROMPTS[:2]]  # the merge kernel, then wo
-    assert kv_attention.num_splits(1, cuda.args.n_kv_heads, 320, kv_attention.TARGET_PROGRAMS) > 1
-    monkeypatch.setattr(gemv, "MERGE_IN_WO", True)
-    calls = []
-    if not compile:  # counted only eager (a count inside a traced step would recompile it every step)
-        op = gemv.decode_gemv_merge
-        monkeypatch.setattr(gemv, "decode_gemv_merge", lambda *args: calls.append(1) or op(*args))
-    torch._dynamo.reset()
-    assert [greedy(cuda, [p], 40, 320, compile=compile)[0] for p in PROMPTS[:2]] == want
-    assert type(cuda.layers[0]) is gemv.DecodeBlock
-    assert compile or len(calls) >= cuda.args.n_layers  # each layer's step (recorded into a CUDA graph)
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("pdl, rope_in_qkv", [(False, False), (True, False), (True, True)])
 def test_fused_decode_block_over_int8_weights_keeps_the_tokens(monkeypatch, pdl, rope_in_qkv):
     """An int8-quantized model's compiled batch-1 decode gives the same tokens through DecodeBlock
