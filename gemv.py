@@ -301,6 +301,15 @@ SHORT_K_FLOAT = 2048
 SHORT_K_MAX_N = 8192
 
 
+def decode_gemv_whole_tiles(programs: int, k: int, cfg: dict) -> dict:
+    """_decode_gemv_kernel's EVEN_K / EVEN_N for a launch of `programs` outputs (with RoPE, row pairs) over K
+    with the tiles of cfg: no masks where the tiles divide the weight, for int8 weights only (CONVERT >= 0).
+    Llama-3-8B int8 B1 went 3.789 -> 3.303 ms a step without them, bench.py 300.5 tok/s; a float weight's step
+    lost 0.6-1.6% (5.359 -> 5.391 ms; H100, 2026-12-05, ninth session), so float weights keep them."""
+    whole = kv_attention.WHOLE_TILES and cfg["CONVERT"] >= 0
+    return {"EVEN_K": whole and k % cfg["BLOCK_K"] == 0, "EVEN_N": whole and programs % cfg["BLOCK_N"] == 0}
+
+
 def decode_gemv_tiles(n: int, k: int, int8: bool, glu: bool) -> dict:
     """_decode_gemv_kernel's launch for an [n, k] weight: an int8 one takes int8_gemv_config's
     (swept on the H200), a float one the float sweep's; with glu a program's BLOCK_N outputs read twice as
@@ -689,10 +698,6 @@ if triton is not None:
         cos, sin, k_cache, v_cache, slot, n_heads = rope or (weight, weight, weight, weight, weight, 0)
         _, n_kv_heads, S, head_dim = k_cache.shape if rope else (0, 0, 0, 2)
         y = torch.empty((R, n_heads * head_dim if rope else outputs), dtype=x.dtype, device=x.device)
-        # no masks where the tiles divide the weight, for int8 weights: Llama-3-8B int8 B1 3.789 -> 3.303 ms a step,
-        # 300.5 tok/s in bench.py; a float weight's step lost 0.6-1.6% without them (5.359 -> 5.391 ms; H100,
-        # 2026-12-05, ninth session), so float weights keep them
-        whole_tiles = kv_attention.WHOLE_TILES and scales is not None
         wrap_triton(_decode_gemv_kernel)[(triton.cdiv(programs, cfg["BLOCK_N"]), R)](
             x,
             weight,
@@ -719,8 +724,7 @@ if triton is not None:
             HQ=n_heads,
             HKV=n_kv_heads,
             HEAD_DIM=head_dim,
-            EVEN_K=whole_tiles and K % cfg["BLOCK_K"] == 0,
-            EVEN_N=whole_tiles and programs % cfg["BLOCK_N"] == 0,
+            **decode_gemv_whole_tiles(programs, K, cfg),
             **cfg,
             **kv_attention.pdl_launch(x),
         )

@@ -160,10 +160,6 @@ class SplitKVCache(KVCache):
         """q [B, Hq, 1, D] at slot q_slot [1] over each row's valid slots -> [B, Hq, 1, D]."""
         return decode_attention(q, self.k_cache, self.v_cache, row_start, q_slot, sliding_window or 0)
 
-    def decode_splits(self, batch: int) -> int:
-        """Splits of the slot axis its decode kernel runs at this batch (1: no partials, no merge)."""
-        return num_splits(batch, self.k_cache.shape[1], self.k_cache.shape[2], TARGET_PROGRAMS)
-
 
 def quantized_decode_attention_reference(q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window):
     """q [B, Hq, 1, D]; caches [B, Hkv, S, D] int8/fp8 (or unquantized, scales None); scales

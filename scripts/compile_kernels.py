@@ -87,13 +87,6 @@ def programs_per_sm(registers: int, shared: int, num_warps: int, arch: int) -> i
     return min(by_registers, by_shared, 64 // num_warps, 32)
 
 
-def even_tiles(programs: int, k: int, cfg: dict) -> dict:
-    """_decode_gemv_kernel's EVEN_K / EVEN_N, as gemv._decode_gemv_launch sets them (programs: its outputs, or
-    with RoPE its row pairs; int8 weights only)."""
-    whole = cfg["CONVERT"] >= 0
-    return {"EVEN_K": whole and k % cfg["BLOCK_K"] == 0, "EVEN_N": whole and programs % cfg["BLOCK_N"] == 0}
-
-
 def build(target, name, fn, signature, constexprs, divisible, **options):
     """divisible: indices of the arguments Triton may assume are multiples of 16 (as it does at
     run time for such values); without them every load comes out byte-wide. Prints the resources,
@@ -148,7 +141,7 @@ def main(argv=None):
         cfg = gemv.decode_gemv_tiles(n, k, int8, glu)
         for convert in (0, 1, 2) if int8 and not glu and not pdl else (cfg["CONVERT"],):  # each int8 -> fp32 form
             consts = {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": convert}
-            consts.update(even_tiles(n // 2 if glu else n, k, cfg))
+            consts.update(gemv.decode_gemv_whole_tiles(n // 2 if glu else n, k, cfg))
             build(
                 target,
                 f"decode gemv {n}x{k} norm={norm} glu={glu} res={residual} int8={int8} experts={experts}"
@@ -176,7 +169,7 @@ def main(argv=None):
             gemv._decode_gemv_kernel,
             {**decode_sig, "w_ptr": "*i8" if int8 else "*bf16"},
             {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": cfg["CONVERT"], "NORM": 1,
-             "GLU": 0, "RESIDUAL": 0, "EXPERTS": 0, "PDL": pdl, **rope, **even_tiles(n // 2, k, cfg)},
+             "GLU": 0, "RESIDUAL": 0, "EXPERTS": 0, "PDL": pdl, **rope, **gemv.decode_gemv_whole_tiles(n // 2, k, cfg)},
             range(9),
             num_warps=cfg["num_warps"],
             num_stages=cfg.get("num_stages", 3),

@@ -40,7 +40,7 @@ CASES = [  # B, Hkv, G, D, cache slots, query slot, sliding window (0: none), dt
     (2, 2, 4, 64, 257, 5, 0, torch.float16),
     (1, 2, 1, 64, 2048, 2047, 600, torch.float16),
     (2, 2, 4, 64, 50, 40, 0, torch.float32),  # one tile: one split writes the output, no merge
-    # 8 splits of 2 tiles a row: whole tiles (no masks) beside each row's masked first and last
+    # 8 splits of 2 tiles a row (run again below with the whole tiles between each row's ends unmasked)
     (4, 8, 2, 64, 1024, 1000, 0, torch.float32),
     (4, 8, 2, 64, 1024, 1000, 300, torch.float16),
 ]
@@ -69,6 +69,12 @@ def with_switch(name, run, *args, value=True, module=kv_attention, **kwargs):
         return run(*args, **kwargs)
     finally:
         setattr(module, name, before)
+
+
+def whole_tiles(run, *args, **kwargs):
+    """run with the attention's unmasked loop over the tiles between a row's ends for any cache (by default only
+    for caches of kv_attention.WHOLE_TILES_MIN_PER_SPLIT tiles a split, more than a case here has)."""
+    return with_switch("WHOLE_TILES_MIN_PER_SPLIT", run, *args, value=1, **kwargs)
 
 
 def int8(B=2, Hkv=2, G=4, D=128, S=3000, slot=2100, dtype=torch.float32, q_size=1.0, v_scale_size=1e-2):
@@ -298,7 +304,8 @@ def main():
     kv_attention.KV_ASM = False
     runs = [(f"{case}", lambda case=case: unquantized(*case)) for case in CASES] + [("int8 KV", int8)]
     runs += [("int8 KV, one tile: one split, no merge", lambda: int8(S=50, slot=40))]
-    runs += [("int8 KV, 32 splits of 2 tiles a row (whole tiles)", lambda: int8(Hkv=8, S=4096, slot=3000))]
+    runs += [(f"{case}, whole tiles", lambda case=case: whole_tiles(unquantized, *case)) for case in CASES[-2:]]
+    runs += [("int8 KV, 32 splits of 2 tiles a row, whole tiles", lambda: whole_tiles(int8, Hkv=8, S=4096, slot=3000))]
     runs += [
         (
             "(1, 3, 3, 64, 216, 200), 4 tiles in one split (SINGLE_SPLIT_MAX_TILES 4)",
@@ -317,8 +324,8 @@ def main():
             lambda: with_switch("KV_TILES_FP16", int8, dtype=torch.float16, q_size=3, v_scale_size=1e-5),
         ),
         (
-            "int8 KV tiles in fp16, 32 splits of 2 tiles a row (whole tiles)",
-            lambda: with_switch("KV_TILES_FP16", int8, Hkv=8, S=4096, slot=3000, dtype=torch.bfloat16),
+            "int8 KV tiles in fp16, 32 splits of 2 tiles a row, whole tiles",
+            lambda: whole_tiles(with_switch, "KV_TILES_FP16", int8, Hkv=8, S=4096, slot=3000, dtype=torch.bfloat16),
         ),
     ]
     runs += [("int8 gemv", int8_gemv), ("int8 expert gemv", int8_expert_gemv)]
@@ -346,11 +353,18 @@ def main():
         ),
         ("decode gemv experts, SiLU * up, 3 tokens x 2", lambda: decode_gemv_experts(3, 2, 5, 30, 1100, False, True)),
         ("decode gemv, int8, norm + SiLU * up", lambda: decode_gemv(66, 5000, norm=True, glu=True, int8=True)),
-        # whole tiles: BLOCK_K divides K and BLOCK_N the outputs, so the kernel is built without masks
-        ("decode gemv, whole tiles, norm + residual", lambda: decode_gemv(64, 2048, norm=True, residual=True)),
-        ("decode gemv, whole tiles, norm + SiLU(gate) * up", lambda: decode_gemv(128, 2048, norm=True, glu=True)),
+        # tiles that divide the weight: an int8 weight's kernel is then built without masks (a float one keeps them)
+        (
+            "decode gemv, K 2048 in whole steps, norm + residual",
+            lambda: decode_gemv(64, 2048, norm=True, residual=True),
+        ),
+        ("decode gemv, K 2048 in whole steps, SiLU(gate) * up", lambda: decode_gemv(128, 2048, norm=True, glu=True)),
         ("decode gemv, whole tiles, int8", lambda: decode_gemv(64, 1024, int8=True)),
-        ("decode gemv experts, whole tiles, SiLU * up", lambda: decode_gemv_experts(1, 8, 16, 64, 1024, True, True)),
+        (
+            "decode gemv, whole tiles, int8, SiLU(gate) * up",
+            lambda: decode_gemv(128, 2048, norm=True, glu=True, int8=True),
+        ),
+        ("decode gemv experts, K 1024 in whole steps", lambda: decode_gemv_experts(1, 8, 16, 64, 1024, True, True)),
     ]
     runs += [("int8 expert gemv, 1 token x 8 experts", lambda: int8_expert_gemv(R=8, X=1))]
     runs += [("int8 expert gemv, 3 tokens x 2 experts", lambda: int8_expert_gemv(R=6, X=3))]
@@ -405,8 +419,8 @@ def main():
             lambda: decode_gemv_rope_kv(tiles=dict(BLOCK_N=4, BLOCK_K=256, num_warps=2)),
         ),
         (
-            "wqkv + rope + cache write, whole tiles (64-wide K steps)",
-            lambda: decode_gemv_rope_kv(tiles=dict(BLOCK_N=4, BLOCK_K=64, num_warps=2)),
+            "wqkv + rope + cache write, whole tiles (64-wide K steps), int8",
+            lambda: decode_gemv_rope_kv(int8=True, tiles=dict(BLOCK_N=4, BLOCK_K=64, num_warps=2)),
         ),
         ("DecodeBlock, wqkv + rope + cache write in one kernel", lambda: decode_block(rope_in_qkv=True)),
     ]
