@@ -296,8 +296,11 @@ SMALL_FLOAT_WEIGHT = 2 * 2**20
 # A larger float weight with a short K (Qwen3-30B-A3B's wqkv, [5120, 2048]) takes 8 outputs a program over
 # 512-wide K steps: at 2 outputs and 1024-wide steps a program is only two loads deep. On an H100 (2026-12-05,
 # eighth session; profile_decode.py --tile, the whole replayed step under PDL) 12 Qwen3 layers went 0.978 ->
-# 0.943 ms. Measured at that shape only, so the rule stops at n = 8192 (a vocabulary-wide head keeps its tile).
+# 0.943 ms. A square one loses with it: Llama-3.2-1B's wo [2048, 2048] 1.126 -> 1.177 ms a step (its wqkv
+# [3072, 2048] neither gains nor loses: 1.127 with both on their old tile; H100, 2026-12-05, tenth session), and
+# a vocabulary-wide head was never measured, so the rule holds for 3072 <= n <= 8192.
 SHORT_K_FLOAT = 2048
+SHORT_K_MIN_N = 3072
 SHORT_K_MAX_N = 8192
 
 
@@ -322,7 +325,7 @@ def decode_gemv_tiles(n: int, k: int, int8: bool, glu: bool) -> dict:
         cfg["BLOCK_N"] = max(1, cfg["BLOCK_N"] // 2)
     elif small and k > 1024:
         cfg.update(BLOCK_K=2048, num_warps=8)
-    elif not int8 and not small and k <= SHORT_K_FLOAT and n <= SHORT_K_MAX_N:
+    elif not int8 and not small and k <= SHORT_K_FLOAT and SHORT_K_MIN_N <= n <= SHORT_K_MAX_N:
         cfg.update(BLOCK_N=8, BLOCK_K=512)
     return cfg
 

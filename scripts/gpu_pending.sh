@@ -5,12 +5,6 @@
 #   bash scripts/gpu_pending.sh megadot    # ~4 min: the megakernel's attention as tensor-core dots over 64-slot tiles
 #                                          #   (FASTGEN_MEGAKERNEL_ATTN_DOT=1; never on a GPU): its tests, SmolLM2's
 #                                          #   step, its phases at 16 and 8000 slots (5.7 / 41 us without)
-#   bash scripts/gpu_pending.sh int8rope   # ~2 min: int8 Llama-3-8B B1 with RoPE and the cache write in wqkv's epilogue
-#                                          #   (FASTGEN_ROPE_IN_QKV=1, never timed on int8) against the default (3.30 ms
-#                                          #   on the H100, 2026-12-05, ninth session)
-#   bash scripts/gpu_pending.sh shortk     # ~2 min: gemv.SHORT_K_FLOAT's tile (won at Qwen3-30B-A3B's wqkv, 2026-12-05
-#                                          #   eighth session) at the other shapes it now takes: Llama-3.2-1B's wqkv
-#                                          #   [3072, 2048] and wo [2048, 2048], against their old tile, in the step
 #   bash scripts/gpu_pending.sh smoltiles  # ~5 min: issue 11's SmolLM2-135M (0.426 ms replayed on the H100, 2026-12-05,
 #                                          #   eighth session; 0.4 wanted): wqkv's tile now that its epilogue does RoPE
 #                                          #   and the cache write, and wo's, each in the whole step
@@ -26,6 +20,8 @@
 #                                          #   random checkpoints (issue 11's CLI within 5%; bench_cli.py)
 #   bash scripts/gpu_pending.sh modes      # ~9.5 min: what issue 10's report still lacks: int4 g128 at batch 1
 #                                          #   and 8, then int8 B1 beside gpt-fast bf16/int8 (carry peers/gpt-fast)
+#   bash scripts/gpu_pending.sh kvbench    # ~9.5 min: issue 10's KV targets through bench.py (B8 short: bf16 / int8 /
+#                                          #   fp8 caches; B8 with 8k filled: bf16 / int8)
 #   bash scripts/gpu_pending.sh int4rows   # ~2 min: why int4 B8 is slower than bf16 B8: one linear per format
 #                                          #   (bf16, int8, tinygemm g64/g128) at 1-16 rows, each replayed in a CUDA
 #                                          #   graph (int4_rows_sweep.py), then 8 layers of the int4 step profiled at
@@ -34,16 +30,14 @@
 #                                          #   its GPU tests (the layout against torch's packing, the kernel against
 #                                          #   tinygemm), one linear per format replayed in a graph, its tiles
 #                                          #   (int4_gemv_sweep.py), then the int4-g64 Llama-3-8B step without / with
-#                                          #   it (tinygemm: 3.01 ms, 332.3 tok/s on the H200; issue 10 wants 450)
-#   bash scripts/gpu_pending.sh kvwhole    # ~8 min: Llama-3-8B B8 with 8k filled (issue 10's 1.1x): an int8 cache with
-#                                          #   and without FASTGEN_WHOLE_TILES (the attention's whole tiles unmasked),
-#                                          #   in fp16 tiles (FASTGEN_KV_TILES_FP16=1), and a bf16 cache with and without
+#                                          #   it (H100, tenth session: tinygemm 2.751 ms, the GEMV 2.777: a tie;
+#                                          #   issue 10 wants 450 tok/s, 2.22 ms)
 #   bash scripts/gpu_pending.sh kvfp16     # ~3 min: kv_attention.KV_TILES_FP16 (opt-in; timed at 3 stages 2026-12-05, no gain;
 #                                          #   2 stages since, one wave): int8 / fp8 K/V tiles converted to fp16 in registers,
 #                                          #   both products in fp16 (4.8 / 4.0 instructions a K/V element compiled,
-#                                          #   against 6.9 / 6.7). Its launch sweep at B8 8k and its GPU tests (the
-#                                          #   steps: kvwhole; 6.456 / 6.337 / 6.407 ms int8 / fp16 tiles / bf16 on
-#                                          #   2026-12-05: issue 10 wants 1.1x)
+#                                          #   against 6.9 / 6.7). Its launch sweep at B8 8k and its GPU tests (its
+#                                          #   step at 2 stages lost on the H100, tenth session: 8.392 ms against
+#                                          #   7.952 for the int8 cache's default)
 #   bash scripts/gpu_pending.sh megaphases # ~3 min (ran 2026-12-05, seventh session: 0.644 ms against 0.503): the
 #                                          #   megakernel's tests, its SmolLM2 step against the default, its phases' times
 #   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
@@ -70,7 +64,7 @@
 #
 # Modes whose runs are recorded in BENCHMARKS.md (pdl, pdltier, fusedcheck, next, floatgemv, moegateup, moeb1,
 # ropeqkv, mega, downall, downbench, smolnext, mergewo, ninth, wholetiles,
-# steptiles, wqkvtile) were removed on 2026-12-05; git history has them.
+# steptiles, wqkvtile, tier-int4, kvwhole, int8rope, shortk) were removed on 2026-12-05; git history has them.
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -110,16 +104,6 @@ tests-parallel)
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
     ;;
-tier-int4)
-    # the whole tier (as tests-parallel), then the int4-g64 step with tinygemm and with the int4 GEMV, every
-    # kernel listed (why the GEMV's step is 0.18 ms longer though its kernels' sum is lower: count them)
-    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    step tier 340 python -m pytest -m gpu -q -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
-    summary+=("  $(tail -n 1 "$out/tier.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
-    decode llama_int4 95 --model llama-3-8b --weights int4-g64 --top 40
-    FASTGEN_INT4_GEMV=1 decode llama_int4_gemv 95 --model llama-3-8b --weights int4-g64 --top 40
-    ;;
 package)
     step package 560 python scripts/diag_cuda_package.py
     summary+=("$(tail -n 5 "$out/package.txt")")
@@ -138,12 +122,6 @@ moedown)
     decode qwen3_b8_kernel 280 --model qwen3-30b-a3b --batch 8
     FASTGEN_EXPERT_DOWN_KERNEL=0 decode qwen3_b8_inductor 280 --model qwen3-30b-a3b --batch 8
     ;;
-int8rope)
-    # int8 blocks with RoPE and the cache write in wqkv's epilogue (float blocks take it by default since it won at
-    # SmolLM2): one kernel fewer a layer
-    decode llama_int8 110 --model llama-3-8b --weights int8
-    FASTGEN_ROPE_IN_QKV=1 decode llama_int8_rope_in_qkv 110 --model llama-3-8b --weights int8
-    ;;
 cli)
     step cli 560 python scripts/bench_cli.py --workdir "${TMPDIR:-/tmp}/fastgen-bench-cli"
     summary+=("$(grep -E '^\| ' "$out/cli.txt")")
@@ -160,6 +138,17 @@ modes)
     step int8 360 python scripts/bench.py "${common[@]}" --batch 1 --weights int8 --time-budget-s 340 \
         --out-dir "$out/modes_int8"
     summary+=("$(grep -E '^\| llama' "$out/int8.txt")")
+    ;;
+kvbench)
+    # issue 10's KV targets through bench.py itself (the issue's instrument; met in profile_decode.py's replayed
+    # step on the H100, 2026-12-05, tenth session: B8 8k 1.134x, B8 short int8 1.4% faster, B1 0.9% slower)
+    common=(--suite smoke --models llama-3-8b --compile --new-tokens 100 --runs 2 --no-hf --no-cold-start)
+    step kv_short 290 python scripts/bench.py "${common[@]}" --batch 8 --kv-dtypes bf16,int8,fp8 \
+        --time-budget-s 270 --out-dir "$out/kv_short"
+    summary+=("$(grep -E '^\| (model|llama)' "$out/kv_short.txt")")
+    step kv_8k 280 python scripts/bench.py "${common[@]}" --batch 8 --ctx 8192 --kv-dtypes bf16,int8 \
+        --time-budget-s 260 --out-dir "$out/kv_8k"
+    summary+=("$(grep -E '^\| llama' "$out/kv_8k.txt")")
     ;;
 int4rows)
     step int4rows 120 python scripts/int4_rows_sweep.py
@@ -196,22 +185,6 @@ kvfp16)
     step kvfp16_tests 110 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k "tiles_in_fp16"
     summary+=("  $(tail -n 1 "$out/kvfp16_tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/kvfp16_tests.txt" | head -6)")
-    # (the steps: `kvwhole`, which times them beside the masked attention)
-    ;;
-kvwhole)
-    # issue 10's 1.1x at B8 8k: the attention without masks on whole tiles (the ninth session's default; int8's
-    # loop 898 -> 806 instructions, bf16's 407 -> 309) against FASTGEN_WHOLE_TILES=0, the int8 cache in fp16 tiles
-    # (KV_TILES_FP16 at 2 stages, never timed so), and the bf16 cache, the 1.1x's baseline
-    FASTGEN_WHOLE_TILES=0 decode llama_b8_8k_int8kv_masks 110 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
-    decode llama_b8_8k_int8kv 110 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
-    FASTGEN_KV_TILES_FP16=1 decode llama_b8_8k_int8kv_fp16 110 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
-    FASTGEN_WHOLE_TILES=0 decode llama_b8_8k_bf16kv_masks 110 --model llama-3-8b --batch 8 --ctx 8192
-    decode llama_b8_8k_bf16kv 110 --model llama-3-8b --batch 8 --ctx 8192
-    ;;
-shortk)
-    decode llama1b 60 --model llama-3.2-1b
-    decode llama1b_old 60 --model llama-3.2-1b --tile 3072,2048=2/1024/4 --tile 2048,2048=2/1024/4
-    decode llama1b_old_wo 60 --model llama-3.2-1b --tile 2048,2048=2/1024/4
     ;;
 smoltiles)
     # wqkv's tile carrying RoPE and the cache write: a rope launch takes the glu tiles (a program's BLOCK_N pairs
@@ -322,7 +295,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, tier-int4, package, moe, moedown, cli, modes, int4rows, int4gemv, int8rope, kvwhole, kvfp16, shortk, smoltiles, megadot, megaphases, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, kvbench, int4rows, int4gemv, kvfp16, smoltiles, megadot, megaphases, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

@@ -592,7 +592,8 @@ def test_layer_kernel_leaves_a_cpu_model_as_it_is(monkeypatch):
 def test_decode_gemv_tiles_follow_the_measured_shapes():
     """gemv.decode_gemv_tiles gives each float weight shape the tile its whole-step A/B won with (BENCHMARKS.md):
     SmolLM2's small w13 / w2 theirs, Qwen3-30B-A3B's short-K wqkv 8 outputs over 512-wide K steps; wider
-    K (Llama-3-8B's wqkv), a vocabulary-wide head and int8 weights keep theirs."""
+    K (Llama-3-8B's wqkv), a square short-K weight (Llama-3.2-1B's wo), a vocabulary-wide head and int8 weights
+    keep theirs."""
     import gemv
 
     def tile(n, k, int8=False, glu=False):
@@ -603,4 +604,5 @@ def test_decode_gemv_tiles_follow_the_measured_shapes():
     assert tile(576, 1536) == (2, 2048, 8)  # SmolLM2 w2 (small, K > 1024)
     assert tile(5120, 2048) == (8, 512, 4)  # Qwen3-30B-A3B wqkv (short K)
     assert tile(960, 576) == tile(6144, 4096) == tile(151936, 2048) == (2, 1024, 4)  # the plain tile
+    assert tile(2048, 2048) == (2, 1024, 4)  # Llama-3.2-1B's wo: square, lost with the short-K tile
     assert tile(5120, 2048, int8=True) == (4, 1024, 4)  # int8: int8_gemv_config's
