@@ -318,6 +318,23 @@ def main(argv=None):
             num_warps=kv_attention.NUM_WARPS,
             num_stages=kv_attention.NUM_STAGES,
         )  # fmt: skip
+    # SINGLE_SPLIT_BLOCK (opt-in): a one-split cache in wider tiles, launched as tile_launch says
+    for store, head_dim, slots in (("*bf16", 64, 256), ("*bf16", 64, 128), ("*bf16", 128, 128), ("*i8", 128, 128)):
+        before, kv_attention.SINGLE_SPLIT_BLOCK = kv_attention.SINGLE_SPLIT_BLOCK, slots
+        launch = kv_attention.tile_launch(slots, head_dim)
+        kv_attention.SINGLE_SPLIT_BLOCK = before
+        build(
+            target,
+            f"kv decode {store[1:]} cache, bf16, G=3, D={head_dim}, one split, {launch['BLOCK']}-slot tiles",
+            kv_attention._quantized_decode_kernel,
+            {**kv_sig, "k_ptr": store, "v_ptr": store},
+            dict(D=head_dim, G=3, G_PAD=16, D_PAD=head_dim, BLOCK=launch["BLOCK"], SPLITS=1, SPLITS_PAD=1,
+                 HAS_SCALES=store == "*i8", TILES_FP16=False, ASM=True, PDL=True, WHOLE_TILES=False),
+            kv_divisible,
+            num_warps=launch["num_warps"],
+            num_stages=launch["num_stages"],
+            launch_pdl=True,
+        )  # fmt: skip
     # Qwen3-30B-A3B's experts' down projection + mix
     for tokens, residual, pdl in ((1, 1, 1), (1, 0, 0), (8, 0, 0)):
         cfg = gemv.expert_down_config(tokens)

@@ -5,6 +5,8 @@
 #   bash scripts/gpu_pending.sh megadot    # ~4 min: the megakernel's attention as tensor-core dots over 64-slot tiles
 #                                          #   (FASTGEN_MEGAKERNEL_ATTN_DOT=1; never on a GPU): its tests, SmolLM2's
 #                                          #   step, its phases at 16 and 8000 slots (5.7 / 41 us without)
+#   bash scripts/gpu_pending.sh smolattn   # ~7 min: kv_attention.SINGLE_SPLIT_BLOCK (opt-in, never on a GPU): its
+#                                          #   GPU test, then bench.py's SmolLM2 with 64 (default), 256, 128-slot tiles
 #   bash scripts/gpu_pending.sh smoltiles  # ~5 min: issue 11's SmolLM2-135M (0.426 ms replayed on the H100, 2026-12-05,
 #                                          #   eighth session; 0.4 wanted): wqkv's tile now that its epilogue does RoPE
 #                                          #   and the cache write, and wo's, each in the whole step
@@ -196,6 +198,21 @@ smoltiles)
         decode "smol_${t//[,=\/]/_}" 45 --model smollm2-135m --new-tokens 256 --tile "$t"
     done
     ;;
+smolattn)
+    # kv_attention.SINGLE_SPLIT_BLOCK (opt-in, never on a GPU): bench.py's SmolLM2 cache (216 slots, one split)
+    # read in one 256-slot tile or two of 128, not up to four of 64 in a dependent chain. Its GPU test, then
+    # bench.py at each (SmolLM2 at 2242.3 tok/s on the H100 in the ninth session; issue 11 wants 2500)
+    step wide_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k "wide-tiles"
+    summary+=("  $(tail -n 1 "$out/wide_tests.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/wide_tests.txt" | head -6)")
+    for block in 64 256 128; do
+        FASTGEN_SINGLE_SPLIT_BLOCK=$block step "smol_bench_$block" 120 python scripts/bench.py --suite smoke \
+            --models smollm2-135m --compile --no-hf --no-cold-start --batch 1 --runs 3 --time-budget-s 100 \
+            --out-dir "$out/smol_bench_$block"
+        summary+=("SINGLE_SPLIT_BLOCK=$block $(grep -E '^\| smollm2' "$out/smol_bench_$block.txt")")
+    done
+    FASTGEN_SINGLE_SPLIT_BLOCK=256 decode smol_wide 60 --model smollm2-135m --new-tokens 200
+    ;;
 megadot)
     # the megakernel's attention loop as tensor-core dots over 64-slot tiles (megakernel.ATTN_DOT), tests first
     step mega_dot_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k megakernel_equals
@@ -295,7 +312,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, kvbench, int4rows, int4gemv, kvfp16, smoltiles, megadot, megaphases, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, kvbench, int4rows, int4gemv, kvfp16, smolattn, smoltiles, megadot, megaphases, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

@@ -314,6 +314,17 @@ def main():
             ),
         )
     ]
+    runs += [  # SINGLE_SPLIT_BLOCK: a one-split cache in wider tiles (216 slots in one of 256; 250 in 2 of 128)
+        (
+            f"(1, 3, 3, 64, {S}, {slot}), one split in {block}-slot tiles",
+            lambda S=S, slot=slot, block=block: with_switch(
+                "SINGLE_SPLIT_BLOCK", unquantized, 1, 3, 3, 64, S, slot, 0, torch.float32, value=block
+            ),
+        )
+        for S, slot, block in ((216, 200, 256), (216, 40, 256), (250, 249, 128))
+    ]
+    runs += [("int8 KV, 200 slots, one split in 128-slot tiles", lambda: with_switch(
+        "SINGLE_SPLIT_BLOCK", int8, B=2, Hkv=2, G=4, D=128, S=200, slot=150, value=128))]  # fmt: skip
     runs += [
         (
             "int8 KV tiles in fp16, bf16 queries",

@@ -297,16 +297,24 @@ def test_quantized_decode_attention_kernel_equals_reference(storage, dtype, case
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
 
 
-@pytest.mark.parametrize("single_split_tiles", [0, 8], ids=["splits", "one-split-up-to-8-tiles"])
+@pytest.mark.parametrize(
+    "single_split_tiles, single_split_block",
+    [(0, 64), (8, 64), (8, 256)],
+    ids=["splits", "one-split-up-to-8-tiles", "one-split-in-wide-tiles"],
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("case", KV_KERNEL_CASES)
-def test_unquantized_decode_attention_kernel_equals_reference(dtype, case, single_split_tiles, monkeypatch):
+def test_unquantized_decode_attention_kernel_equals_reference(
+    dtype, case, single_split_tiles, single_split_block, monkeypatch
+):
     """The same kernel over a bf16/fp16/fp32 cache (kv_attention.decode_attention, SplitKVCache):
     equal to the dense reference, and K/V outside each row's valid range (NaN here) are never read; with
-    SINGLE_SPLIT_MAX_TILES 8 the caches of up to 8 tiles attend in one split (no merge), the others as before."""
+    SINGLE_SPLIT_MAX_TILES 8 the caches of up to 8 tiles attend in one split (no merge), the others as before,
+    and with SINGLE_SPLIT_BLOCK 256 those one-split caches in tiles of up to 256 slots (tile_launch)."""
     import kv_attention
 
     monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", single_split_tiles)
+    monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_BLOCK", single_split_block)
 
     B, Hq, Hkv, D, S, q_slot, starts, window = case
     torch.manual_seed(S + D)
