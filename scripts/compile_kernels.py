@@ -176,21 +176,22 @@ def main(argv=None):
             launch_pdl=bool(pdl),
         )  # fmt: skip
     # Llama-3-8B wqkv, w2, w13 (its own tiles) and SmolLM2
-    for n, k, group, inner_k_tiles in (
-        (6144, 4096, 64, 8),
-        (4096, 14336, 128, 8),
-        (28672, 4096, 64, 8),
-        (960, 576, 64, 4),
+    for n, k, group, inner_k_tiles, x_tile in (
+        (6144, 4096, 64, 8, False),
+        (4096, 14336, 128, 8, False),
+        (28672, 4096, 64, 8, False),
+        (28672, 4096, 64, 8, True),  # INT4_X_TILE (opt-in)
+        (960, 576, 64, 4, False),
     ):
         cfg = gemv.int4_gemv_config(n, k, inner_k_tiles)
         build(
             target,
-            f"int4 gemv {n}x{k} group={group} inner_k_tiles={inner_k_tiles}",
+            f"int4 gemv {n}x{k} group={group} inner_k_tiles={inner_k_tiles}" + (", x in tiles" if x_tile else ""),
             gemv._int4_gemv_kernel,
             {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "K": "i32"},
             {"GROUP": group, "IKT": inner_k_tiles, "BLOCK_N": cfg["BLOCK_N"], "SUPERTILES": cfg["SUPERTILES"],
              "EVEN": (k // (16 * inner_k_tiles)) % cfg["SUPERTILES"] == 0, "EVEN_N": n % cfg["BLOCK_N"] == 0,
-             "ASM": True},
+             "ASM": True, "X_TILE": x_tile},
             range(6),
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],

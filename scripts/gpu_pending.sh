@@ -30,9 +30,10 @@
 #                                          #   B1 and B8
 #   bash scripts/gpu_pending.sh int4gemv   # ~8 min: gemv.int4_gemv (opt-in; its loop 15-25% shorter since 2026-12-05, ninth session):
 #                                          #   its GPU tests (the layout against torch's packing, the kernel against
-#                                          #   tinygemm), one linear per format replayed in a graph, its tiles
-#                                          #   (int4_gemv_sweep.py), then the int4-g64 Llama-3-8B step without / with
-#                                          #   it (H100, tenth session: tinygemm 2.751 ms, the GEMV 2.777: a tie;
+#                                          #   tinygemm), the int4-g64 Llama-3-8B step with tinygemm, the GEMV and the
+#                                          #   GEMV with x as a broadcast row (INT4_X_TILE), then its tiles
+#                                          #   (int4_gemv_sweep.py; with FASTGEN_INT4_X_TILE=1 set, in that form)
+#                                          #   (H100, tenth session: tinygemm 2.751 ms, the GEMV 2.777: a tie;
 #                                          #   issue 10 wants 450 tok/s, 2.22 ms)
 #   bash scripts/gpu_pending.sh kvfp16     # ~3 min: kv_attention.KV_TILES_FP16 (opt-in; timed at 3 stages 2026-12-05, no gain;
 #                                          #   2 stages since, one wave): int8 / fp8 K/V tiles converted to fp16 in registers,
@@ -169,11 +170,11 @@ int4gemv)
     step int4_tests 120 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k int4
     summary+=("  $(tail -n 1 "$out/int4_tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/int4_tests.txt" | head -6)")
-    step int4_rows 70 python scripts/int4_rows_sweep.py --rows 1 --formats int4-g64,int4-g64-gemv,int4-g128,int4-g128-gemv
-    summary+=("$(grep -E '^\| w' "$out/int4_rows.txt")")
     decode llama_int4 95 --model llama-3-8b --weights int4-g64
     FASTGEN_INT4_GEMV=1 decode llama_int4_gemv 95 --model llama-3-8b --weights int4-g64
-    step int4_sweep 200 python scripts/int4_gemv_sweep.py
+    # x as a broadcast row (gemv.INT4_X_TILE: 3 barriers fewer an iteration, 32 programs an SM not 21)
+    FASTGEN_INT4_GEMV=1 FASTGEN_INT4_X_TILE=1 decode llama_int4_gemv_xtile 95 --model llama-3-8b --weights int4-g64
+    step int4_sweep 180 python scripts/int4_gemv_sweep.py
     summary+=("$(grep -E '^\| w' "$out/int4_sweep.txt")")
     ;;
 kvfp16)

@@ -344,6 +344,10 @@ def main():
         ("int4 gemv, SmolLM2's 576 (9 supertiles of 64: a partial step), group 64", int4_gemv),
         ("int4 gemv, 128-wide supertiles, group 32", lambda: int4_gemv(40, 1024, 32)),
         ("int4 gemv, group 128, K 1100 padded", lambda: int4_gemv(24, 1100, 128)),
+        (
+            "int4 gemv, x as a broadcast row (INT4_X_TILE), K 1100 padded",
+            lambda: with_switch("INT4_X_TILE", int4_gemv, 24, 1100, 128, module=gemv),
+        ),
         ("int4 gemv, 32-wide supertiles (one word a chunk), group 32", lambda: int4_gemv(16, 96, 32)),
         ("int4 gemv, 16 rows a program, the last one half out of range", lambda: int4_gemv(4104, 256, 64)),
         ("int4 gemv, group 256, 32-wide supertiles", lambda: int4_gemv(16, 1280 - 256 - 32 * 3, 256)),

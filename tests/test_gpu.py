@@ -841,13 +841,17 @@ def test_int4_tinygemm_layout_is_torchs(n, k, inner_k_tiles):
         (4104, 1024, 64),
     ],
 )
-def test_int4_gemv_equals_tinygemm(n, k, groupsize, monkeypatch):
+@pytest.mark.parametrize("x_tile", [False, True], ids=["x-vector", "x-row-broadcast"])
+def test_int4_gemv_equals_tinygemm(n, k, groupsize, x_tile, monkeypatch):
     """One row through gemv.int4_gemv equals tinygemm (_weight_int4pack_mm) on the same packed weight,
-    eager, replayed in a CUDA graph, and through Int4Linear with FASTGEN_INT4_GEMV's switch on."""
+    eager, replayed in a CUDA graph, and through Int4Linear with FASTGEN_INT4_GEMV's switch on; with
+    INT4_X_TILE (x loaded as a row and broadcast over the tile) too."""
     import torch.nn.functional as F
 
     import gemv
     import quantize
+
+    monkeypatch.setattr(gemv, "INT4_X_TILE", x_tile)
 
     torch.manual_seed(n + k)
     linear = quantize.Int4Linear(k, n, groupsize=groupsize, device="cuda")
