@@ -222,8 +222,9 @@ def int8_gemv_config(n: int, k: int) -> dict:
 INT4_GEMV_ENABLED = os.environ.get("FASTGEN_INT4_GEMV", "0") == "1"
 INT4_ASM = True  # the bf16x2 PTX; False: the same arithmetic in fp32 Triton (the interpreter has no PTX)
 # x's pairs loaded as a [1, words] row and broadcast over the tile's rows (shuffles), not as a 1-D vector moved
-# into the tile's layout through shared memory. sm_90, w13's tile (compile_kernels.py --loop): 5 -> 2 barriers
-# an iteration, 96 -> 64 registers (21 -> 32 programs an SM), for 433 -> 469 instructions a loop (SHFL 3 -> 19).
+# into the tile's layout through shared memory. sm_90 (compile_kernels.py --loop), Llama-3-8B's tiles: w13 5 -> 2
+# barriers an iteration, 96 -> 64 registers (21 -> 32 programs an SM), 433 -> 469 instructions a loop; wo / w2
+# 10 -> 4 barriers, 56 -> 45 registers, 243 -> 254; but wqkv's 4-warp tile 12 -> 18 barriers (95 -> 56 registers).
 # The ninth session judged this form by instructions alone; more programs in flight may matter more in a
 # latency-bound loop. Opt-in (FASTGEN_INT4_X_TILE=1), not yet timed: `gpu_pending.sh int4gemv`.
 INT4_X_TILE = os.environ.get("FASTGEN_INT4_X_TILE", "0") == "1"
