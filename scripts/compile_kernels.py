@@ -186,7 +186,7 @@ def main(argv=None):
         cfg = gemv.int4_gemv_config(n, k, inner_k_tiles)
         build(
             target,
-            f"int4 gemv {n}x{k} group={group} inner_k_tiles={inner_k_tiles}" + (", x in tiles" if x_tile else ""),
+            f"int4 gemv {n}x{k} group={group} inner_k_tiles={inner_k_tiles}" + (", x as a row" if x_tile else ""),
             gemv._int4_gemv_kernel,
             {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "K": "i32"},
             {"GROUP": group, "IKT": inner_k_tiles, "BLOCK_N": cfg["BLOCK_N"], "SUPERTILES": cfg["SUPERTILES"],
