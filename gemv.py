@@ -1110,25 +1110,22 @@ if triton is not None:
                 pairs = x0 if xj == 0 else x1 if xj == 1 else x2 if xj == 2 else x3
                 x_sum += (pairs << 16).to(tl.float32, bitcast=True) + (pairs & -65536).to(tl.float32, bitcast=True)
             tile: tl.constexpr = (BLOCK_N, WORDS)
-            if X_TILE:  # x as [1, words] rows, broadcast by shuffles: no layout conversion through shared memory
+            if X_TILE:  # x again as [1, words] rows, broadcast by shuffles: no layout conversion through shared memory
                 pair_row, o_ok_row = pair[None, :], o_ok[None, :]
-                d = _int4_word_dot(
-                    w,
-                    tl.broadcast_to(tl.load(x_pairs + pair_row, mask=o_ok_row, other=0), tile),
-                    tl.broadcast_to(tl.load(x_pairs + pair_row + 4, mask=o_ok_row, other=0), tile),
-                    tl.broadcast_to(tl.load(x_pairs + pair_row + 8, mask=o_ok_row, other=0), tile),
-                    tl.broadcast_to(tl.load(x_pairs + pair_row + 12, mask=o_ok_row, other=0), tile),
-                    ASM,
-                )
+                x0 = tl.load(x_pairs + pair_row, mask=o_ok_row, other=0)
+                x1 = tl.load(x_pairs + pair_row + 4, mask=o_ok_row, other=0)
+                x2 = tl.load(x_pairs + pair_row + 8, mask=o_ok_row, other=0)
+                x3 = tl.load(x_pairs + pair_row + 12, mask=o_ok_row, other=0)
             else:
-                d = _int4_word_dot(
-                    w,
-                    tl.broadcast_to(x0[None, :], tile),
-                    tl.broadcast_to(x1[None, :], tile),
-                    tl.broadcast_to(x2[None, :], tile),
-                    tl.broadcast_to(x3[None, :], tile),
-                    ASM,
-                )
+                x0, x1, x2, x3 = x0[None, :], x1[None, :], x2[None, :], x3[None, :]
+            d = _int4_word_dot(
+                w,
+                tl.broadcast_to(x0, tile),
+                tl.broadcast_to(x1, tile),
+                tl.broadcast_to(x2, tile),
+                tl.broadcast_to(x3, tile),
+                ASM,
+            )
             # a group's words among a thread's consecutive ones, summed before the group's scale
             d = tl.sum(tl.reshape(d, (BLOCK_N, WORDS // WPG, WPG)), axis=2)
             x_sum = tl.sum(tl.reshape(x_sum, (WORDS // WPG, WPG)), axis=1)

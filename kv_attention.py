@@ -63,6 +63,7 @@ SINGLE_SPLIT_BLOCK = int(os.environ.get("FASTGEN_SINGLE_SPLIT_BLOCK", str(BLOCK_
 # H100 (2026-12-05, ninth session): Llama-3-8B B8 with 8k filled, int8 cache, 8.133 -> 7.813 ms a step (the
 # attention 60.5 -> 55.9 us a layer), int8 weights B1 3.789 -> 3.303 ms. FASTGEN_WHOLE_TILES=0 masks every tile.
 WHOLE_TILES = os.environ.get("FASTGEN_WHOLE_TILES", "1") == "1"
+WHOLE_TILES_MIN_PER_SPLIT = 8  # over 1-2 tiles a split the unmasked loop's setup cost SmolLM2 0.3 us a call
 
 
 def _tag_compile_cache_with_switches() -> None:
@@ -78,7 +79,6 @@ def _tag_compile_cache_with_switches() -> None:
 
 
 _tag_compile_cache_with_switches()
-WHOLE_TILES_MIN_PER_SPLIT = 8  # over 1-2 tiles a split the unmasked loop's setup cost SmolLM2 0.3 us a call
 
 
 # On by default since the H200 run of 2026-12-02 (BENCHMARKS.md): B8 at 8k filled 6.55 ms/step against
