@@ -221,13 +221,10 @@ def int8_gemv_config(n: int, k: int) -> dict:
 # in the step).
 INT4_GEMV_ENABLED = os.environ.get("FASTGEN_INT4_GEMV", "0") == "1"
 INT4_ASM = True  # the bf16x2 PTX; False: the same arithmetic in fp32 Triton (the interpreter has no PTX)
-# x's pairs loaded as a [1, words] row and broadcast over the tile's rows (shuffles), not as a 1-D vector moved
-# into the tile's layout through shared memory. sm_90 (compile_kernels.py --loop), Llama-3-8B's tiles: w13 5 -> 2
-# barriers an iteration, 96 -> 64 registers (21 -> 32 programs an SM), 433 -> 469 instructions a loop; wo / w2
-# 10 -> 4 barriers, 56 -> 45 registers, 243 -> 254; but wqkv's 4-warp tile 12 -> 18 barriers (95 -> 56 registers).
-# The ninth session judged this form by instructions alone; more programs in flight may matter more in a
-# latency-bound loop. Opt-in (FASTGEN_INT4_X_TILE=1), not yet timed: `gpu_pending.sh int4gemv`.
-INT4_X_TILE = os.environ.get("FASTGEN_INT4_X_TILE", "0") == "1"
+# x's pairs reach the tile's layout through shared memory (w13's loop: 5 barriers an iteration, sm_90). Loading
+# them as a [1, words] row and broadcasting it instead (2 barriers, 64 registers not 96, 8% more instructions)
+# made the int4-g64 Llama-3-8B step 13% slower on the H100 (2026-12-06: 2.788 -> 3.136 ms): the loop is bound by
+# its instructions, not its barriers or occupancy. Removed.
 
 
 def int4_gemv_config(n: int, k: int, inner_k_tiles: int) -> dict:
@@ -1064,7 +1061,6 @@ if triton is not None:
         EVEN: tl.constexpr,  # SUPERTILES divides K / (16 IKT): no step is partial
         EVEN_N: tl.constexpr,  # BLOCK_N divides N: no program has rows past the end
         ASM: tl.constexpr,
-        X_TILE: tl.constexpr,  # INT4_X_TILE
     ):
         # BLOCK_N outputs. Masks only where a step or the last program is partial (EVEN, EVEN_N): the rows' masks
         # cost 8-52 instructions of loops of 316-582 at Llama-3-8B's shapes (sm_90).
@@ -1110,20 +1106,12 @@ if triton is not None:
                 pairs = x0 if xj == 0 else x1 if xj == 1 else x2 if xj == 2 else x3
                 x_sum += (pairs << 16).to(tl.float32, bitcast=True) + (pairs & -65536).to(tl.float32, bitcast=True)
             tile: tl.constexpr = (BLOCK_N, WORDS)
-            if X_TILE:  # x again as [1, words] rows, broadcast by shuffles: no layout conversion through shared memory
-                pair_row, o_ok_row = pair[None, :], o_ok[None, :]
-                x0 = tl.load(x_pairs + pair_row, mask=o_ok_row, other=0)
-                x1 = tl.load(x_pairs + pair_row + 4, mask=o_ok_row, other=0)
-                x2 = tl.load(x_pairs + pair_row + 8, mask=o_ok_row, other=0)
-                x3 = tl.load(x_pairs + pair_row + 12, mask=o_ok_row, other=0)
-            else:
-                x0, x1, x2, x3 = x0[None, :], x1[None, :], x2[None, :], x3[None, :]
             d = _int4_word_dot(
                 w,
-                tl.broadcast_to(x0, tile),
-                tl.broadcast_to(x1, tile),
-                tl.broadcast_to(x2, tile),
-                tl.broadcast_to(x3, tile),
+                tl.broadcast_to(x0[None, :], tile),
+                tl.broadcast_to(x1[None, :], tile),
+                tl.broadcast_to(x2[None, :], tile),
+                tl.broadcast_to(x3[None, :], tile),
                 ASM,
             )
             # a group's words among a thread's consecutive ones, summed before the group's scale
@@ -1164,7 +1152,6 @@ if triton is not None:
             EVEN=even,
             EVEN_N=kv_attention.WHOLE_TILES and N % cfg["BLOCK_N"] == 0,
             ASM=INT4_ASM,
-            X_TILE=INT4_X_TILE,
             **cfg,
         )
         return y

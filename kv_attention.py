@@ -48,14 +48,9 @@ NUM_WARPS, NUM_STAGES = 4, 3  # the split kernel's launch (3 stages: Triton's de
 # 293.0 / 292.9 -> 295.2 / 294.9 tok/s (59.4 -> 59.8% of copy on the active bytes). FASTGEN_SINGLE_SPLIT_TILES=0
 # turns it off.
 SINGLE_SPLIT_MAX_TILES = int(os.environ.get("FASTGEN_SINGLE_SPLIT_TILES", "4"))
-# Such a cache's program reads its valid tiles one after another: each tile's dots and softmax wait for the
-# last one's, so the call grows by a tile's chain with every 64 slots of context (bench.py's SmolLM2: 0.406 ms
-# a replayed step at 16 slots filled of 216, 0.446 a step over its 200 new tokens on the H100). Tiles of this
-# many slots (a power of two, at least BLOCK_N) read it in fewer, wider steps: one for bench.py's 216 slots at
-# 256. Wider tiles take more warps (4 a 64 slots, up to 16) and 2 stages (tile_launch); a tile's masked slots
-# past the row's last cost their lanes' math, never their bytes.
-# Opt-in (FASTGEN_SINGLE_SPLIT_BLOCK=128 or 256), not yet timed on a GPU: `gpu_pending.sh smolattn`.
-SINGLE_SPLIT_BLOCK = int(os.environ.get("FASTGEN_SINGLE_SPLIT_BLOCK", str(BLOCK_N)))
+# Such a cache's program reads its valid tiles one after another, 64 slots each. Reading it in one or two
+# wider tiles (128 / 256 slots, 8-16 warps, 2 stages) lost in bench.py's SmolLM2 on the H100 (2026-12-06):
+# 2265.9 tok/s with 64-slot tiles, 2215.9 with 128, 2158.1 with 256. Removed.
 # Kernels take no masks where every element of a tile is valid: the split-KV attention over the tiles between
 # a row's first and last (those two keep theirs; caches of WHOLE_TILES_MIN_PER_SPLIT tiles a split or more), and
 # gemv's batch-1 GEMVs over int8 weights whose tiles divide the weight. sm_90 loops (compile_kernels.py --loop):
@@ -203,19 +198,6 @@ def rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot, n_heads, q_no
     write_slots(k_cache, slot.view(1), norm_rope(k, k_norm_weight).to(k_cache.dtype))
     write_slots(v_cache, slot.view(1), v.to(v_cache.dtype))
     return norm_rope(q, q_norm_weight).to(qkv.dtype)
-
-
-def tile_launch(cache_len: int, head_dim: int) -> dict:
-    """The split kernel's tile (slots) and launch over a cache of cache_len slots: BLOCK_N at NUM_WARPS and
-    NUM_STAGES, but for a cache the small-cache rule reads in one split (SINGLE_SPLIT_MAX_TILES), tiles of up
-    to SINGLE_SPLIT_BLOCK slots, no wider than the cache needs nor than two stages of bf16 K and V tiles fit
-    in an SM's shared memory (16384 slots x head_dim rounded up to a power of two: 2 stages x 2 x 2 bytes x
-    16384 = 128 KB of its 227)."""
-    if 1 < -(-cache_len // BLOCK_N) <= SINGLE_SPLIT_MAX_TILES:
-        block = min(SINGLE_SPLIT_BLOCK, 1 << (cache_len - 1).bit_length(), 16384 >> (head_dim - 1).bit_length())
-        if block > BLOCK_N:
-            return {"BLOCK": block, "num_warps": min(16, NUM_WARPS * block // BLOCK_N), "num_stages": 2}
-    return {"BLOCK": BLOCK_N, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
 
 
 def num_splits(batch: int, n_kv_heads: int, cache_len: int, target_programs: int) -> int:
@@ -554,7 +536,6 @@ if triton is not None:
             running_max = torch.empty(parts, dtype=torch.float32, device=q.device)
             running_sum = torch.empty(parts, dtype=torch.float32, device=q.device)
         tiles_fp16 = KV_TILES_FP16 and has_scales and q.dtype != torch.float32
-        launch = tile_launch(S, D)
         wrap_triton(_quantized_decode_kernel)[(B * n_kv_heads, splits)](
             q.contiguous(),
             k_cache,
@@ -574,15 +555,15 @@ if triton is not None:
             G=G,
             G_PAD=G_PAD,
             D_PAD=D_PAD,
-            BLOCK=launch["BLOCK"],
+            BLOCK=BLOCK_N,
             SPLITS=splits,
             SPLITS_PAD=triton.next_power_of_2(splits),
             HAS_SCALES=has_scales,
             TILES_FP16=tiles_fp16,
             ASM=KV_ASM,
-            WHOLE_TILES=WHOLE_TILES and -(-S // launch["BLOCK"]) >= WHOLE_TILES_MIN_PER_SPLIT * splits,
-            num_warps=launch["num_warps"],
-            num_stages=NUM_STAGES_TILES_FP16 if tiles_fp16 else launch["num_stages"],
+            WHOLE_TILES=WHOLE_TILES and -(-S // BLOCK_N) >= WHOLE_TILES_MIN_PER_SPLIT * splits,
+            num_warps=NUM_WARPS,
+            num_stages=NUM_STAGES_TILES_FP16 if tiles_fp16 else NUM_STAGES,
             **pdl_launch(q),
         )
         if splits == 1:  # nothing to merge

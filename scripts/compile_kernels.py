@@ -176,22 +176,21 @@ def main(argv=None):
             launch_pdl=bool(pdl),
         )  # fmt: skip
     # Llama-3-8B wqkv, w2, w13 (its own tiles) and SmolLM2
-    for n, k, group, inner_k_tiles, x_tile in (
-        (6144, 4096, 64, 8, False),
-        (4096, 14336, 128, 8, False),
-        (28672, 4096, 64, 8, False),
-        (28672, 4096, 64, 8, True),  # INT4_X_TILE (opt-in)
-        (960, 576, 64, 4, False),
+    for n, k, group, inner_k_tiles in (
+        (6144, 4096, 64, 8),
+        (4096, 14336, 128, 8),
+        (28672, 4096, 64, 8),
+        (960, 576, 64, 4),
     ):
         cfg = gemv.int4_gemv_config(n, k, inner_k_tiles)
         build(
             target,
-            f"int4 gemv {n}x{k} group={group} inner_k_tiles={inner_k_tiles}" + (", x as a row" if x_tile else ""),
+            f"int4 gemv {n}x{k} group={group} inner_k_tiles={inner_k_tiles}",
             gemv._int4_gemv_kernel,
             {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "K": "i32"},
             {"GROUP": group, "IKT": inner_k_tiles, "BLOCK_N": cfg["BLOCK_N"], "SUPERTILES": cfg["SUPERTILES"],
              "EVEN": (k // (16 * inner_k_tiles)) % cfg["SUPERTILES"] == 0, "EVEN_N": n % cfg["BLOCK_N"] == 0,
-             "ASM": True, "X_TILE": x_tile},
+             "ASM": True},
             range(6),
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
@@ -318,23 +317,6 @@ def main(argv=None):
             kv_divisible,
             num_warps=kv_attention.NUM_WARPS,
             num_stages=kv_attention.NUM_STAGES,
-        )  # fmt: skip
-    # SINGLE_SPLIT_BLOCK (opt-in): a one-split cache in wider tiles, launched as tile_launch says
-    for store, head_dim, slots in (("*bf16", 64, 256), ("*bf16", 64, 128), ("*bf16", 128, 128), ("*i8", 128, 128)):
-        before, kv_attention.SINGLE_SPLIT_BLOCK = kv_attention.SINGLE_SPLIT_BLOCK, slots
-        launch = kv_attention.tile_launch(slots, head_dim)
-        kv_attention.SINGLE_SPLIT_BLOCK = before
-        build(
-            target,
-            f"kv decode {store[1:]} cache, bf16, G=3, D={head_dim}, one split, {launch['BLOCK']}-slot tiles",
-            kv_attention._quantized_decode_kernel,
-            {**kv_sig, "k_ptr": store, "v_ptr": store},
-            dict(D=head_dim, G=3, G_PAD=16, D_PAD=head_dim, BLOCK=launch["BLOCK"], SPLITS=1, SPLITS_PAD=1,
-                 HAS_SCALES=store == "*i8", TILES_FP16=False, ASM=True, PDL=True, WHOLE_TILES=False),
-            kv_divisible,
-            num_warps=launch["num_warps"],
-            num_stages=launch["num_stages"],
-            launch_pdl=True,
         )  # fmt: skip
     # Qwen3-30B-A3B's experts' down projection + mix
     for tokens, residual, pdl in ((1, 1, 1), (1, 0, 0), (8, 0, 0)):

@@ -5,8 +5,6 @@
 #   bash scripts/gpu_pending.sh megadot    # ~4 min: the megakernel's attention as tensor-core dots over 64-slot tiles
 #                                          #   (FASTGEN_MEGAKERNEL_ATTN_DOT=1; never on a GPU): its tests, SmolLM2's
 #                                          #   step, its phases at 16 and 8000 slots (5.7 / 41 us without)
-#   bash scripts/gpu_pending.sh smolattn   # ~7 min: kv_attention.SINGLE_SPLIT_BLOCK (opt-in, never on a GPU): its
-#                                          #   GPU test, then bench.py's SmolLM2 with 64 (default), 256, 128-slot tiles
 #   bash scripts/gpu_pending.sh smoltiles  # ~5 min: issue 11's SmolLM2-135M (0.426 ms replayed on the H100, 2026-12-05,
 #                                          #   eighth session; 0.4 wanted): wqkv's tile now that its epilogue does RoPE
 #                                          #   and the cache write, and wo's, each in the whole step
@@ -30,11 +28,9 @@
 #                                          #   B1 and B8
 #   bash scripts/gpu_pending.sh int4gemv   # ~8 min: gemv.int4_gemv (opt-in; its loop 15-25% shorter since 2026-12-05, ninth session):
 #                                          #   its GPU tests (the layout against torch's packing, the kernel against
-#                                          #   tinygemm), the int4-g64 Llama-3-8B step with tinygemm, the GEMV and the
-#                                          #   GEMV with x as a broadcast row (INT4_X_TILE), then its tiles
-#                                          #   (int4_gemv_sweep.py; with FASTGEN_INT4_X_TILE=1 set, in that form)
-#                                          #   (H100, tenth session: tinygemm 2.751 ms, the GEMV 2.777: a tie;
-#                                          #   issue 10 wants 450 tok/s, 2.22 ms)
+#                                          #   tinygemm), the int4-g64 Llama-3-8B step with tinygemm and with the GEMV,
+#                                          #   then its tiles (int4_gemv_sweep.py) (H100, eleventh session: tinygemm
+#                                          #   2.779 ms, the GEMV 2.788: a tie; issue 10 wants 450 tok/s, 2.22 ms)
 #   bash scripts/gpu_pending.sh kvfp16     # ~3 min: kv_attention.KV_TILES_FP16 (opt-in; timed at 3 stages 2026-12-05, no gain;
 #                                          #   2 stages since, one wave): int8 / fp8 K/V tiles converted to fp16 in registers,
 #                                          #   both products in fp16 (4.8 / 4.0 instructions a K/V element compiled,
@@ -173,8 +169,6 @@ int4gemv)
     summary+=("$(grep -E '^FAILED' "$out/int4_tests.txt" | head -6)")
     decode llama_int4 95 --model llama-3-8b --weights int4-g64
     FASTGEN_INT4_GEMV=1 decode llama_int4_gemv 95 --model llama-3-8b --weights int4-g64
-    # x as a broadcast row (gemv.INT4_X_TILE: 3 barriers fewer an iteration, 32 programs an SM not 21)
-    FASTGEN_INT4_GEMV=1 FASTGEN_INT4_X_TILE=1 decode llama_int4_gemv_xtile 95 --model llama-3-8b --weights int4-g64
     step int4_sweep 180 python scripts/int4_gemv_sweep.py
     summary+=("$(grep -E '^\| w' "$out/int4_sweep.txt")")
     ;;
@@ -199,21 +193,6 @@ smoltiles)
         576,576=4/1024/4; do
         decode "smol_${t//[,=\/]/_}" 45 --model smollm2-135m --new-tokens 256 --tile "$t"
     done
-    ;;
-smolattn)
-    # kv_attention.SINGLE_SPLIT_BLOCK (opt-in, never on a GPU): bench.py's SmolLM2 cache (216 slots, one split)
-    # read in one 256-slot tile or two of 128, not up to four of 64 in a dependent chain. Its GPU test, then
-    # bench.py at each (SmolLM2 at 2242.3 tok/s on the H100 in the ninth session; issue 11 wants 2500)
-    step wide_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k "wide-tiles"
-    summary+=("  $(tail -n 1 "$out/wide_tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/wide_tests.txt" | head -6)")
-    for block in 64 256 128; do
-        FASTGEN_SINGLE_SPLIT_BLOCK=$block step "smol_bench_$block" 120 python scripts/bench.py --suite smoke \
-            --models smollm2-135m --compile --no-hf --no-cold-start --batch 1 --runs 3 --time-budget-s 100 \
-            --out-dir "$out/smol_bench_$block"
-        summary+=("SINGLE_SPLIT_BLOCK=$block $(grep -E '^\| smollm2' "$out/smol_bench_$block.txt")")
-    done
-    FASTGEN_SINGLE_SPLIT_BLOCK=256 decode smol_wide 60 --model smollm2-135m --new-tokens 200
     ;;
 megadot)
     # the megakernel's attention loop as tensor-core dots over 64-slot tiles (megakernel.ATTN_DOT), tests first

@@ -47,7 +47,6 @@ def launch(x, weight, groupsize, scales_and_zeros, cfg):
         EVEN=even,
         EVEN_N=N % cfg["BLOCK_N"] == 0,
         ASM=True,
-        X_TILE=gemv.INT4_X_TILE,
         **cfg,
     )
     return y

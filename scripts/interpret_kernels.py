@@ -314,17 +314,6 @@ def main():
             ),
         )
     ]
-    runs += [  # SINGLE_SPLIT_BLOCK: a one-split cache in wider tiles (216 slots in one of 256; 250 in 2 of 128)
-        (
-            f"(1, 3, 3, 64, {S}, {slot}), one split in {block}-slot tiles",
-            lambda S=S, slot=slot, block=block: with_switch(
-                "SINGLE_SPLIT_BLOCK", unquantized, 1, 3, 3, 64, S, slot, 0, torch.float32, value=block
-            ),
-        )
-        for S, slot, block in ((216, 200, 256), (216, 40, 256), (250, 249, 128))
-    ]
-    runs += [("int8 KV, 200 slots, one split in 128-slot tiles", lambda: with_switch(
-        "SINGLE_SPLIT_BLOCK", int8, B=2, Hkv=2, G=4, D=128, S=200, slot=150, value=128))]  # fmt: skip
     runs += [
         (
             "int8 KV tiles in fp16, bf16 queries",
@@ -344,10 +333,6 @@ def main():
         ("int4 gemv, SmolLM2's 576 (9 supertiles of 64: a partial step), group 64", int4_gemv),
         ("int4 gemv, 128-wide supertiles, group 32", lambda: int4_gemv(40, 1024, 32)),
         ("int4 gemv, group 128, K 1100 padded", lambda: int4_gemv(24, 1100, 128)),
-        (
-            "int4 gemv, x as a broadcast row (INT4_X_TILE), K 1100 padded",
-            lambda: with_switch("INT4_X_TILE", int4_gemv, 24, 1100, 128, module=gemv),
-        ),
         ("int4 gemv, 32-wide supertiles (one word a chunk), group 32", lambda: int4_gemv(16, 96, 32)),
         ("int4 gemv, 16 rows a program, the last one half out of range", lambda: int4_gemv(4104, 256, 64)),
         ("int4 gemv, group 256, 32-wide supertiles", lambda: int4_gemv(16, 1280 - 256 - 32 * 3, 256)),

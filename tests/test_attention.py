@@ -185,27 +185,6 @@ def test_split_kv_splits(monkeypatch):
     assert kv_attention.num_splits(1, 3, 320, 256) == 5  # 5 tiles: split as before
 
 
-def test_one_split_cache_in_wider_tiles(monkeypatch):
-    """kv_attention.tile_launch: 64-slot tiles at the default launch, unless SINGLE_SPLIT_BLOCK is set and the
-    small-cache rule reads the cache in one split: then tiles as wide as the cache needs (a power of two), up
-    to SINGLE_SPLIT_BLOCK and to 16384 slots over head_dim rounded up to a power of two (two stages of K and V
-    in shared memory), more warps, two stages. (scripts/interpret_kernels.py, which CI runs, checks the
-    kernel over such tiles.)"""
-    import kv_attention
-
-    default = {"BLOCK": 64, "num_warps": kv_attention.NUM_WARPS, "num_stages": kv_attention.NUM_STAGES}
-    assert kv_attention.tile_launch(216, 64) == default  # off by default (SINGLE_SPLIT_BLOCK = BLOCK_N)
-    monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_BLOCK", 256)
-    assert kv_attention.tile_launch(216, 64) == {"BLOCK": 256, "num_warps": 16, "num_stages": 2}  # bench.py's SmolLM2
-    assert kv_attention.tile_launch(100, 64) == {"BLOCK": 128, "num_warps": 8, "num_stages": 2}  # what 100 needs
-    assert kv_attention.tile_launch(216, 128)["BLOCK"] == 128  # 16384 / head_dim
-    assert kv_attention.tile_launch(216, 80)["BLOCK"] == 128  # 16384 / 128: head_dim's tile is 128 wide
-    assert kv_attention.tile_launch(64, 64) == default  # one tile already
-    assert kv_attention.tile_launch(320, 64) == default  # 5 tiles: split, 64-slot tiles
-    monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", 0)  # no small-cache rule: nothing in one split
-    assert kv_attention.tile_launch(216, 64) == default
-
-
 def test_fastgen_switches_tag_the_compile_cache():
     """The FASTGEN_* switches pick the kernels our ops put in a compiled graph, which Inductor's cache key does
     not see: importing kv_attention puts their values in torch.compile's cache key tag, so a run with a switch

@@ -297,24 +297,16 @@ def test_quantized_decode_attention_kernel_equals_reference(storage, dtype, case
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
 
 
-@pytest.mark.parametrize(
-    "single_split_tiles, single_split_block",
-    [(0, 64), (8, 64), (8, 256)],
-    ids=["splits", "one-split-up-to-8-tiles", "one-split-in-wide-tiles"],
-)
+@pytest.mark.parametrize("single_split_tiles", [0, 8], ids=["splits", "one-split-up-to-8-tiles"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("case", KV_KERNEL_CASES)
-def test_unquantized_decode_attention_kernel_equals_reference(
-    dtype, case, single_split_tiles, single_split_block, monkeypatch
-):
+def test_unquantized_decode_attention_kernel_equals_reference(dtype, case, single_split_tiles, monkeypatch):
     """The same kernel over a bf16/fp16/fp32 cache (kv_attention.decode_attention, SplitKVCache):
     equal to the dense reference, and K/V outside each row's valid range (NaN here) are never read; with
-    SINGLE_SPLIT_MAX_TILES 8 the caches of up to 8 tiles attend in one split (no merge), the others as before,
-    and with SINGLE_SPLIT_BLOCK 256 those one-split caches in tiles of up to 256 slots (tile_launch)."""
+    SINGLE_SPLIT_MAX_TILES 8 the caches of up to 8 tiles attend in one split (no merge), the others as before."""
     import kv_attention
 
     monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", single_split_tiles)
-    monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_BLOCK", single_split_block)
 
     B, Hq, Hkv, D, S, q_slot, starts, window = case
     torch.manual_seed(S + D)
@@ -841,17 +833,13 @@ def test_int4_tinygemm_layout_is_torchs(n, k, inner_k_tiles):
         (4104, 1024, 64),
     ],
 )
-@pytest.mark.parametrize("x_tile", [False, True], ids=["x-vector", "x-row-broadcast"])
-def test_int4_gemv_equals_tinygemm(n, k, groupsize, x_tile, monkeypatch):
+def test_int4_gemv_equals_tinygemm(n, k, groupsize, monkeypatch):
     """One row through gemv.int4_gemv equals tinygemm (_weight_int4pack_mm) on the same packed weight,
-    eager, replayed in a CUDA graph, and through Int4Linear with FASTGEN_INT4_GEMV's switch on; with
-    INT4_X_TILE (x loaded as a row and broadcast over the tile) too."""
+    eager, replayed in a CUDA graph, and through Int4Linear with FASTGEN_INT4_GEMV's switch on."""
     import torch.nn.functional as F
 
     import gemv
     import quantize
-
-    monkeypatch.setattr(gemv, "INT4_X_TILE", x_tile)
 
     torch.manual_seed(n + k)
     linear = quantize.Int4Linear(k, n, groupsize=groupsize, device="cuda")
