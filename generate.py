@@ -32,7 +32,6 @@ import torch.nn.functional as F  # noqa: E402
 
 import gemv  # noqa: E402
 import kv_attention  # noqa: E402
-import megakernel  # noqa: E402
 import tp  # noqa: E402  (tensor parallel under torchrun)
 from checkpoint import load_model  # noqa: E402
 from common import DTYPES, peak_memory_bytes, write_json_atomic  # noqa: E402
@@ -397,7 +396,6 @@ class Generator:
         # fuses what surrounds the batch-1 blocks, the blocks run eager (gemv.run_blocks_eager_under_compile:
         # graph breaks), and the whole step is one CUDA graph of ours.
         self.compile_around_blocks = compile and kv_attention.pdl_applies(self.device)
-        self.step_compiled_whole = compile and not self.compile_around_blocks  # fullgraph: no eager launch inside
         if (compile or compile_blocks) and self.device.type == "cuda" and "TORCHINDUCTOR_ENABLE_PDL" not in os.environ:
             # Inductor's own kernels with PDL too (off in torch by default; acts on sm_90+ only; in torch 2.11-2.14):
             # SmolLM2-135M 0.504 -> 0.496 ms a step with ours, Llama-3-8B 4.184 -> 4.093 alone (H200, BENCHMARKS.md)
@@ -493,9 +491,6 @@ class Generator:
             compute_dtype = m.tok_embeddings.weight.dtype
             m.setup_caches(batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype))
         gemv.use_decode_kernels(m)
-        # every layer of the batch-1 step as one kernel (opt-in): not inside a fullgraph compile (its launch is eager)
-        if megakernel.ENABLED and not self.step_compiled_whole:
-            megakernel.use_layer_kernel(m)
         # the target's blocks only: a draft's steps compile whole (fullgraph)
         if kv_attention.pdl_applies(self.device) and (self.compile_around_blocks or self.compile_blocks):
             gemv.run_blocks_eager_under_compile(m)

@@ -36,8 +36,6 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import gemv  # noqa: E402
 import kv_attention  # noqa: E402
-import megakernel  # noqa: E402
-from model import ModelArgs  # noqa: E402
 
 SASS_HASH = False  # --sass-hash: a refactor that should not change a kernel can be checked by its machine code
 LOOP = False  # --loop: the main loop's instruction count and commonest opcodes
@@ -355,27 +353,6 @@ def main(argv=None):
             range(4),
             num_warps=4,
             launch_pdl=bool(pdl),
-        )
-    # the persistent megakernel at SmolLM2-135M's shape, as megakernel.decode_layers launches it (one
-    # program an SM must fit: PER_SM >= 1), with the next layer's prefetch, and the attention as tensor-core
-    # dots (megakernel.ATTN_DOT)
-    mega_sig = {name: "*bf16" for name in ("x_in_ptr", "x_ptr", "h_ptr", "q_ptr", "attn_ptr")}
-    mega_sig.update({"parts_ptr": "*fp32", "hidden_ptr": "*bf16", "table_ptr": "*i64", "cos_ptr": "*bf16"})
-    mega_sig.update({"sin_ptr": "*bf16", "slot_ptr": "*i64", "row_start_ptr": "*i32", "counts_ptr": "*i64"})
-    mega_sig.update({"times_ptr": "*i64", "S": "i32", "WINDOW": "i32", "first_layer": "i32", "n_layers": "i32"})
-    mega_sig["phase"] = "i32"
-    smollm2 = ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536, norm_eps=1e-5)
-    for dot in (0, 1):
-        launch = megakernel.launch_constants(smollm2, 132, 2, bool(dot))  # an H100's SMs, bf16
-        warps = launch.pop("num_warps")
-        build(
-            target,
-            "megakernel, SmolLM2-135M, prefetch" + (", attention dots" if dot else ""),
-            megakernel._layers_kernel,
-            mega_sig,
-            {**launch, "PERSISTENT": True, "TIMED": False, "PREFETCH": True},
-            range(13),
-            num_warps=warps,
         )
     return 0
 

@@ -7,9 +7,6 @@ interpreter: "only 0-dimensional arrays can be converted to Python scalars"):
 
 CI runs it this way (.ci/run), in a venv of its own so the test suite runs without triton, as a CPU install does.
 
-`megakernel.decode_layers` runs each phase of each layer as its own launch here (its grid barrier
-would wait forever: the interpreter runs programs one after another).
-
 The interpreter has no inline PTX, so the int8 kernels run their plain-Triton conversion (CONVERT=1,
 the same arithmetic as the prmt form); test_gpu.py checks that the conversions agree on a GPU.
 
@@ -60,15 +57,14 @@ def unquantized(B, Hkv, G, D, S, slot, window, dtype):
     return got, want
 
 
-def with_switch(name, run, *args, value=True, module=kv_attention, **kwargs):
-    """run(*args, **kwargs) with the module's switch `name` on (kv_attention.KV_TILES_FP16,
-    megakernel.ATTN_DOT), or `value`."""
-    before = getattr(module, name)
-    setattr(module, name, value)
+def with_switch(name, run, *args, value=True, **kwargs):
+    """run(*args, **kwargs) with kv_attention's switch `name` on (KV_TILES_FP16), or `value`."""
+    before = getattr(kv_attention, name)
+    setattr(kv_attention, name, value)
     try:
         return run(*args, **kwargs)
     finally:
-        setattr(module, name, before)
+        setattr(kv_attention, name, before)
 
 
 def whole_tiles(run, *args, **kwargs):
@@ -195,46 +191,6 @@ def decode_block(layers=2, n_experts=0, rope_in_qkv=False):
             return m(torch.tensor([[7]]), torch.tensor([5])), want
         finally:
             gemv.ROPE_IN_QKV = default
-
-
-def layer_kernel(dim=96, n_heads=3, n_kv_heads=1, head_dim=32, context=280, window=None, start=0, layers=3):
-    """megakernel.decode_layers (each phase of each layer its own launch, 4 programs) against the model's
-    own layers: a decode step's logits and every layer's cache after it. 280 filled slots: 4 splits (4
-    programs, 1 kv head), merged by the last to finish."""
-    import megakernel
-    from model import Transformer
-
-    args = ModelArgs(
-        dim=dim, n_layers=layers, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, intermediate_size=160,
-        vocab_size=64, sliding_window=window,
-    )  # fmt: skip
-    m = Transformer(args).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-        for layer in m.layers:
-            layer.attention_norm.weight.uniform_(0.5, 1.5), layer.ffn_norm.weight.uniform_(0.5, 1.5)
-    m.setup_caches(1, context + 8)
-    m.set_row_starts(torch.tensor([start], dtype=torch.int32))
-    assert megakernel.eligible(m)
-    token, slot = torch.tensor([[7]]), torch.tensor([context])
-    with torch.no_grad():
-        m(torch.randint(0, 64, (1, context)), torch.arange(context))
-        caches = [layer.attention.kv_cache for layer in m.layers]
-        before = [(c.k_cache.clone(), c.v_cache.clone()) for c in caches]
-        want = m(token, slot)
-        want_caches = torch.cat([torch.cat([c.k_cache, c.v_cache]) for c in caches])
-        for c, (k, v) in zip(caches, before):
-            c.k_cache.copy_(k), c.v_cache.copy_(v)
-        table = torch.tensor(megakernel.addresses(m), dtype=torch.int64)
-        m.layer_kernel_counts = torch.zeros(1 + n_kv_heads, dtype=torch.int64)
-        m.run_layers = lambda x, cos, sin, attend, input_pos: megakernel.decode_layers(
-            m, table, x, cos, sin, input_pos, 4, persistent=False
-        )
-        got = m(token, slot)
-    got_caches = torch.cat([torch.cat([c.k_cache, c.v_cache]) for c in caches])
-    assert torch.allclose(got_caches, want_caches, atol=1e-4), (got_caches - want_caches).abs().max()
-    return got, want
 
 
 def int8_expert_gemv(R=6, E=8, N=96, K=1100, X=6, grouped=False):  # X < R: each x row through R / X experts
@@ -385,28 +341,6 @@ def main():
         ("rope + cache write, D 64", lambda: rope_write_kv(64, 9, 3, False)),
     ]
     runs += [("DecodeBlock, a 2-layer model's decode step", decode_block)]
-    runs += [
-        ("megakernel, 3 layers, 4 splits merged by the last", layer_kernel),
-        ("megakernel, a row start, one split", lambda: layer_kernel(context=20, start=3)),
-        ("megakernel, a window of 100 of 600", lambda: layer_kernel(context=600, window=100)),
-        (
-            "megakernel, no GQA, head dim 16, 2000 slots in one split a head",
-            lambda: layer_kernel(64, 4, 4, 16, 2000, layers=2),
-        ),
-    ]
-
-    def attention_dots(*args, **kwargs):  # the attention loop as tensor-core dots
-        import megakernel
-
-        return with_switch("ATTN_DOT", layer_kernel, *args, module=megakernel, **kwargs)
-
-    runs += [
-        ("megakernel, attention dots, 4 splits merged by the last", attention_dots),
-        (
-            "megakernel, attention dots, no GQA, head dim 16, 2000 slots",
-            lambda: attention_dots(64, 4, 4, 16, 2000, layers=2),
-        ),
-    ]
     runs += [
         ("wqkv + rope + cache write, SmolLM2's heads", decode_gemv_rope_kv),
         (

@@ -1,7 +1,5 @@
 """The generation loop on a tiny random model: cache sizes, batching, compile, limits, sampling."""
 
-from functools import partial
-
 import pytest
 import torch
 
@@ -549,44 +547,6 @@ def test_fused_decode_block_plumbing(monkeypatch, reference_decode_kernels, over
     gemv.use_decode_kernels(wide)
     assert type(wide.layers[0]) is TransformerBlock and type(wide.layers[0].attention.wqkv) is gemv.DecodeLinear
     assert gemv.fused_by_default(model.layers[0]) == (overrides == "int8")
-
-
-def test_layer_kernel_takes_only_the_models_it_runs():
-    """megakernel.eligible: a dense float model with an unquantized batch-1 cache in its own dtype; not a
-    mixture of experts, query/key norms, a qkv bias, int8 weights, an int8 cache, a batch, or no cache."""
-    import megakernel
-    from quantize import QuantizedKVCache, apply_quantization
-
-    def ready(model, batch=1, **cache):
-        model.setup_caches(batch, 32, **cache)
-        return megakernel.eligible(model)
-
-    assert ready(tiny_model()) and ready(tiny_model(sliding_window=8))
-    assert not megakernel.eligible(tiny_model())  # no cache yet
-    assert not ready(tiny_model(n_experts=4, n_active_experts=2))
-    assert not ready(tiny_model(qk_norm=True)) and not ready(tiny_model(qkv_bias=True))
-    assert not ready(tiny_model(head_dim=24)) and not ready(tiny_model(dim=4096, n_heads=32))
-    assert not ready(tiny_model(), batch=2)
-    assert not ready(tiny_model(), kv_cache_dtype=torch.bfloat16)  # a cache in another dtype than the weights
-    int8_cache = partial(QuantizedKVCache, compute_dtype=torch.float32)
-    assert not ready(
-        tiny_model(), kv_cache_dtype=torch.int8, cache_class=lambda *a: int8_cache(*a[:4], torch.int8, a[5])
-    )
-    quantized = tiny_model()
-    apply_quantization(quantized, {"mode": "int8"})
-    assert not ready(quantized)
-
-
-def test_layer_kernel_leaves_a_cpu_model_as_it_is(monkeypatch):
-    """FASTGEN_MEGAKERNEL on a CPU: Generator.setup keeps the model's own layers (the kernel needs a GPU),
-    and decoding gives the same tokens."""
-    import megakernel
-
-    model = tiny_model()
-    want = greedy(model, [[1, 2, 3]], 6, 32).tokens
-    monkeypatch.setattr(megakernel, "ENABLED", True)
-    assert greedy(model, [[1, 2, 3]], 6, 32).tokens == want
-    assert type(model) is Transformer and not megakernel.use_layer_kernel(model)
 
 
 def test_decode_gemv_tiles_follow_the_measured_shapes():

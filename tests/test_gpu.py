@@ -11,7 +11,6 @@ import json
 import subprocess
 import sys
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -213,8 +212,6 @@ def test_decode_loop_replays_with_nothing_between_replays(compile):
 @pytest.mark.parametrize("q_len", [1, 40])  # decode (plain matmuls on CUDA) and prefill (fused SDPA)
 def test_eager_attention_on_cuda_equals_sliced_sdpa(q_len):
     from test_attention import FilledCache, sdpa_reference, valid_pairs
-
-    from model import offset_length_dense_mask, sdpa_attention_over_cache
 
     torch.manual_seed(q_len)
     starts, q_start, kv_len, window = [0, 5, 130], 200, 512, None
@@ -676,114 +673,6 @@ def test_fused_decode_block_over_int8_weights_keeps_the_tokens(monkeypatch, pdl,
     monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
     got = [greedy(cpu, [p], 40, 128, compile=True)[0] for p in PROMPTS[:2]]
     assert type(cpu.layers[0]) is gemv.DecodeBlock and got == want
-
-
-@pytest.mark.parametrize(
-    "shape, dtype, context, attn_dot",
-    [
-        ("gqa-hd128", torch.float32, 20, False),
-        ("gqa-hd128", torch.float32, 700, False),  # 3 splits of the valid slots, merged
-        ("window", torch.float32, 300, False),  # 24 slots of 300 attended
-        ("tied", torch.bfloat16, 500, False),
-        ("gqa-hd128", torch.float32, 700, True),
-        ("tied", torch.bfloat16, 500, True),
-    ],
-)
-def test_megakernel_equals_the_models_layers(shape, dtype, context, attn_dot, monkeypatch):
-    """megakernel.decode_layers, every layer in one persistent kernel whose programs meet at grid barriers:
-    over 6 decode steps in a row (the barrier's generation carried from call to call) its output and every
-    layer's cache equal the same kernel launched a phase at a time (no barrier), and match
-    the model's own layers (Transformer.run_layers) run on the same input; attn_dot: megakernel.ATTN_DOT."""
-    import megakernel
-
-    monkeypatch.setattr(megakernel, "ATTN_DOT", attn_dot)
-
-    model = on(random_model(shape), "cuda", dtype)
-    model.setup_caches(1, context + 16)
-    with torch.no_grad():
-        model(torch.randint(0, VOCAB, (1, context), device="cuda"), torch.arange(context, device="cuda"))
-    assert megakernel.use_layer_kernel(model) and type(model) is megakernel.LayerKernelTransformer
-    tol = 4e-2 if dtype == torch.bfloat16 else 1e-4  # bf16: the model rounds in other places (1.9e-2 measured)
-    for step in range(6):
-        caches = [(b.attention.kv_cache.k_cache, b.attention.kv_cache.v_cache) for b in model.layers]
-        before = [(k.clone(), v.clone()) for k, v in caches]
-        input_pos = torch.tensor([context + step], device="cuda")
-        x = torch.randn(1, 1, model.args.dim, device="cuda", dtype=dtype)
-        angles = (input_pos.float() * model.inv_freq).repeat(2).view(1, 1, 1, -1)
-        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-        with torch.no_grad():
-            got = megakernel.decode_layers(
-                model, model.layer_kernel_table, x, cos, sin, input_pos, model.layer_kernel_programs
-            )
-            got_caches = [(k.clone(), v.clone()) for k, v in caches]
-            for (k, v), (k0, v0) in zip(caches, before):
-                k.copy_(k0), v.copy_(v0)
-            # the same kernel a phase of a layer a launch (no barrier): the same arithmetic, in the same order
-            by_phase = megakernel.decode_layers(
-                model, model.layer_kernel_table, x, cos, sin, input_pos, model.layer_kernel_programs, persistent=False
-            )
-            by_phase_caches = [(k.clone(), v.clone()) for k, v in caches]
-            for (k, v), (k0, v0) in zip(caches, before):
-                k.copy_(k0), v.copy_(v0)
-            mask = offset_length_dense_mask(model.row_start, input_pos, 1, model.cache_len, model.args.sliding_window)
-            group = model.args.n_heads // model.args.n_kv_heads
-            attend = partial(sdpa_attention_over_cache, folded_mask=mask.repeat(1, 1, group, 1))  # the eager path's
-            want = megakernel.decode_layers_reference(model, x, cos, sin, attend, input_pos)
-        torch.cuda.synchronize()
-        # what the barrier must give: every phase saw the last one's writes (the two compile apart, so an FMA
-        # may differ: not bit for bit; a stale read would be far off)
-        same = 1e-5 if dtype == torch.float32 else 1e-2
-        for a, b in [(got, by_phase)] + [ab for pairs in zip(got_caches, by_phase_caches) for ab in zip(*pairs)]:
-            assert ((a.float() - b.float()).norm() / b.float().norm()) < same, step
-        assert ((got.float() - want.float()).norm() / want.float().norm()) < tol, step
-        for (k, v), (k_want, v_want) in zip(got_caches, caches):
-            assert torch.allclose(k.float(), k_want.float(), rtol=tol, atol=tol), step
-            assert torch.allclose(v.float(), v_want.float(), rtol=tol, atol=tol), step
-
-
-def test_megakernel_clock_stamps_order_every_phase():
-    """megakernel.decode_layers(times=...) (scripts/megakernel_phases.py): every program stamps each phase's end
-    and its exit from the barrier after it, and the stamps say what a grid barrier is: no program leaves a
-    barrier before the last one has finished the phase; the output is the untimed kernel's."""
-    import megakernel
-
-    model = on(random_model("tied"), "cuda", torch.float32)
-    model.setup_caches(1, 64)
-    assert megakernel.use_layer_kernel(model)
-    L, programs = model.args.n_layers, model.layer_kernel_programs
-    times = torch.zeros(programs, L, 5, 2, dtype=torch.int64, device="cuda")
-    x = torch.randn(1, 1, model.args.dim, device="cuda")
-    cos, sin = (
-        torch.ones(1, 1, 1, model.args.head_dim, device="cuda"),
-        torch.zeros(1, 1, 1, model.args.head_dim, device="cuda"),
-    )
-    input_pos = torch.tensor([0], device="cuda")
-    with torch.no_grad():
-        plain = megakernel.decode_layers(model, model.layer_kernel_table, x, cos, sin, input_pos, programs)
-        timed = megakernel.decode_layers(model, model.layer_kernel_table, x, cos, sin, input_pos, programs, times=times)
-    assert torch.allclose(plain, timed, rtol=1e-5, atol=1e-6)  # compiled apart: an FMA may differ
-    done, left = times[..., 0].flatten(1)[:, :-1], times[..., 1].flatten(1)[:, :-1]  # the last w2 has no barrier
-    assert (done > 0).all() and (left >= done).all()
-    assert (done[:, 1:] >= left[:, :-1]).all()  # a program's phases in order
-    assert (left.min(dim=0).values >= done.max(dim=0).values).all()  # the barrier: all finished before any left
-
-
-@pytest.mark.parametrize("shape, compile", [("gqa-hd128", False), ("window", True), ("tied", True)])
-def test_megakernel_decode_equals_cpu_fp32_eager(monkeypatch, shape, compile):
-    """generate.Generator with FASTGEN_MEGAKERNEL (megakernel.ENABLED): the CUDA-graph decode of a batch-1
-    prompt runs every layer as one persistent kernel, eager and compiled around it, and gives the CPU
-    fp32 eager tokens (a 300-token prompt too: its attention split and merged); a batch still decodes
-    through the blocks to the same tokens."""
-    import megakernel
-
-    monkeypatch.setattr(megakernel, "ENABLED", True)
-    cpu = random_model(shape)
-    prompts = PROMPTS[:2] + [[(7 * i) % VOCAB for i in range(300)]]
-    want = [greedy(cpu, [p], 30, 400)[0] for p in prompts]
-    cuda = on(cpu, "cuda")
-    assert [greedy(cuda, [p], 30, 400, compile=compile)[0] for p in prompts] == want
-    assert type(cuda) is megakernel.LayerKernelTransformer
-    assert greedy(cuda, prompts, 30, 400, compile=compile) == want
 
 
 @pytest.mark.parametrize("convert", [0, 1, 2])
