@@ -106,6 +106,18 @@ UNQUANTIZED_ENABLED = os.environ.get("FASTGEN_DECODE_KERNEL", "1") == "1"
 # SM x 16 tiles each = 29 us of issue at 4 a clock, so its 59 us is ~50% issue-bound; this form's is 612.
 KV_TILES_FP16 = os.environ.get("FASTGEN_KV_TILES_FP16", "0") == "1"
 NUM_STAGES_TILES_FP16 = 2
+# An fp8 cache under bf16 queries, converted to bf16 without F2F: e4m3 -> fp16 by cvt two at a time, fp16 ->
+# fp32 (HADD2.F32), and each fp32's top half is its bf16 (exact: an e4m3 value has 4 significant bits), so the
+# conversion pipe runs one instruction a pair, not three. The default form's sm_90 loop holds 128 F2F.BF16.F16
+# and 64 F2FP.F16.E4M3 a tile a thread (compile_kernels.py --loop): at an assumed 16 conversions a clock an SM
+# (CUDA's throughput table; not measured) that caps the fp8 attention at ~2.5 TB/s, and it ran at ~2.0 at B8
+# 8k (H100, 2026-12-06: 8.38 ms a step against the int8 cache's 8.03, whose conversion is prmt and bf16 adds,
+# no conversion pipe). Everything else is the int8 default's form: the tile crosses into the dot's layout a
+# byte at a time (the asm is pure, so Triton converts after that trip), 3 stages, bf16 dots; loop 925
+# instructions (int8's 921, fp8's default 892), 64 of them on the conversion pipe (fp8's default 192).
+# KV_TILES_FP16's form (2-byte trip, fp16 dots) lost for int8 although its loop was shorter. Opt-in
+# (FASTGEN_KV_FP8_VIA_F32=1), not yet timed: `gpu_pending.sh fp8kv`.
+KV_FP8_VIA_F32 = os.environ.get("FASTGEN_KV_FP8_VIA_F32", "0") == "1"
 KV_ASM = True  # the PTX conversions; False: Triton's own (the interpreter has no inline PTX)
 
 # Programmatic dependent launch (sm_90+) for the batch-1 decode chain's kernels (these attention
@@ -300,6 +312,36 @@ if triton is not None:
         )
 
     @triton.jit
+    def _fp8_tile_to_bf16(w):
+        # an e4m3 tile -> bf16, exactly, four values (one 32-bit register) an asm call (KV_FP8_VIA_F32); pure,
+        # so Triton converts after the tile's byte-wide trip into the dot's layout, as int8's default does
+        return tl.inline_asm_elementwise(
+            """
+            {
+            .reg .b16 lo, hi, h0, h1, h2, h3;
+            .reg .b32 p0, p1;
+            .reg .f32 f0, f1, f2, f3;
+            mov.b32 {lo, hi}, $2;
+            cvt.rn.f16x2.e4m3x2 p0, lo;
+            cvt.rn.f16x2.e4m3x2 p1, hi;
+            mov.b32 {h0, h1}, p0;
+            mov.b32 {h2, h3}, p1;
+            cvt.f32.f16 f0, h0;
+            cvt.f32.f16 f1, h1;
+            cvt.f32.f16 f2, h2;
+            cvt.f32.f16 f3, h3;
+            prmt.b32 $0, f0, f1, 0x7632;
+            prmt.b32 $1, f2, f3, 0x7632;
+            }
+            """,
+            "=r,=r,r",
+            [w],
+            dtype=tl.bfloat16,
+            is_pure=True,
+            pack=4,
+        )
+
+    @triton.jit
     def _attend_tile(
         q,  # [G_PAD, D_PAD]: the row's query heads of one kv head, in the dot's dtype
         acc,  # [G_PAD, D_PAD] fp32: the running softmax's unnormalised output, its max and sum
@@ -313,6 +355,7 @@ if triton is not None:
         BLOCK: tl.constexpr,
         HAS_SCALES: tl.constexpr,
         TILES_FP16: tl.constexpr,
+        FP8_VIA_F32: tl.constexpr,
         ASM: tl.constexpr,
         WHOLE: tl.constexpr,  # every slot of the tile is valid: no masks but on dims past D
     ):
@@ -329,6 +372,8 @@ if triton is not None:
         v = tl.load(v_ptr + offsets, mask=tile_ok, other=0.0)
         if TILES_FP16:
             k, v = _tile_to_fp16(k, ASM), _tile_to_fp16(v, ASM)
+        elif FP8_VIA_F32:
+            k, v = _fp8_tile_to_bf16(k), _fp8_tile_to_bf16(v)
         else:
             k, v = k.to(dot_dtype), v.to(dot_dtype)
         scores = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -380,6 +425,7 @@ if triton is not None:
         SPLITS_PAD: tl.constexpr,
         HAS_SCALES: tl.constexpr,  # False: an unquantized cache
         TILES_FP16: tl.constexpr,  # an int8 / fp8 cache's tiles converted to fp16 in registers (KV_TILES_FP16)
+        FP8_VIA_F32: tl.constexpr,  # an fp8 cache's tiles to bf16 through fp32 (KV_FP8_VIA_F32)
         ASM: tl.constexpr,  # KV_ASM
         PDL: tl.constexpr,  # launched with programmatic dependent launch (kv_attention.PDL)
         WHOLE_TILES: tl.constexpr,  # kv_attention.WHOLE_TILES
@@ -424,8 +470,9 @@ if triton is not None:
         whole_stop = last_tile if WHOLE_TILES else my_first_tile
         for tile in range(tl.where(first_is_mine, my_first_tile + SPLITS, my_first_tile), whole_stop, SPLITS):
             acc, running_max, running_sum = _attend_tile(
-                q, acc, running_max, running_sum, tile, row, cache, D, BLOCK, HAS_SCALES, TILES_FP16, ASM, WHOLE=True
-            )
+                q, acc, running_max, running_sum, tile, row, cache, D, BLOCK, HAS_SCALES, TILES_FP16, FP8_VIA_F32, ASM,
+                WHOLE=True,
+            )  # fmt: skip
         if WHOLE_TILES:
             end_start = tl.where(first_is_mine, first_tile, last_tile)
             end_stop = tl.where(last_is_mine, last_tile + 1, tl.where(first_is_mine, first_tile + 1, last_tile))
@@ -434,8 +481,9 @@ if triton is not None:
             end_start, end_stop, end_step = my_first_tile, last_tile + 1, SPLITS
         for tile in range(end_start, end_stop, end_step):
             acc, running_max, running_sum = _attend_tile(
-                q, acc, running_max, running_sum, tile, row, cache, D, BLOCK, HAS_SCALES, TILES_FP16, ASM, WHOLE=False
-            )
+                q, acc, running_max, running_sum, tile, row, cache, D, BLOCK, HAS_SCALES, TILES_FP16, FP8_VIA_F32, ASM,
+                WHOLE=False,
+            )  # fmt: skip
 
         pdl_launch_next(PDL)
         if SPLITS == 1:  # one split saw every tile (a big batch, or a cache of one tile): its output is the
@@ -536,6 +584,8 @@ if triton is not None:
             running_max = torch.empty(parts, dtype=torch.float32, device=q.device)
             running_sum = torch.empty(parts, dtype=torch.float32, device=q.device)
         tiles_fp16 = KV_TILES_FP16 and has_scales and q.dtype != torch.float32
+        fp8_via_f32 = KV_FP8_VIA_F32 and KV_ASM and not tiles_fp16 and k_cache.dtype == torch.float8_e4m3fn
+        fp8_via_f32 = fp8_via_f32 and q.dtype == torch.bfloat16
         wrap_triton(_quantized_decode_kernel)[(B * n_kv_heads, splits)](
             q.contiguous(),
             k_cache,
@@ -560,6 +610,7 @@ if triton is not None:
             SPLITS_PAD=triton.next_power_of_2(splits),
             HAS_SCALES=has_scales,
             TILES_FP16=tiles_fp16,
+            FP8_VIA_F32=fp8_via_f32,
             ASM=KV_ASM,
             WHOLE_TILES=WHOLE_TILES and -(-S // BLOCK_N) >= WHOLE_TILES_MIN_PER_SPLIT * splits,
             num_warps=NUM_WARPS,

@@ -271,12 +271,14 @@ def main(argv=None):
                     "v_ptr": store or dtype,
                     "y_ptr": dtype,
                 }
-                modes = [(False, False)]  # (tiles in fp16, launched with programmatic dependent launch)
+                modes = [(False, False, False)]  # (tiles in fp16, fp8 via fp32, launched with PDL)
                 if store is None and dtype == "*bf16":  # kv_attention.PDL
-                    modes += [(False, True)]
+                    modes += [(False, False, True)]
                 if store is not None and dtype != "*fp32":  # KV_TILES_FP16: the tiles in fp16, converted in registers
-                    modes += [(True, False)]
-                for tiles_fp16, pdl in modes:
+                    modes += [(True, False, False)]
+                if store == "*fp8e4nv" and dtype == "*bf16":  # KV_FP8_VIA_F32
+                    modes += [(False, True, False)]
+                for tiles_fp16, fp8_via_f32, pdl in modes:
                     consts = dict(
                         D=head_dim,
                         G=group,
@@ -287,6 +289,7 @@ def main(argv=None):
                         SPLITS_PAD=8,
                         HAS_SCALES=store is not None,
                         TILES_FP16=tiles_fp16,
+                        FP8_VIA_F32=fp8_via_f32,
                         ASM=True,
                         PDL=pdl,
                         WHOLE_TILES=kv_attention.WHOLE_TILES,
@@ -294,7 +297,10 @@ def main(argv=None):
                     name = f"kv decode {(store or dtype)[1:]} cache, {dtype[1:]}, G={group}, D={head_dim}"
                     build(
                         target,
-                        name + (", tiles in fp16" if tiles_fp16 else "") + (", pdl" if pdl else ""),
+                        name
+                        + (", tiles in fp16" if tiles_fp16 else "")
+                        + (", via fp32" if fp8_via_f32 else "")
+                        + (", pdl" if pdl else ""),
                         kv_attention._quantized_decode_kernel,
                         sig,
                         consts,
@@ -310,7 +316,7 @@ def main(argv=None):
             kv_attention._quantized_decode_kernel,
             {**kv_sig, "k_ptr": store, "v_ptr": store},
             dict(D=128, G=4, G_PAD=16, D_PAD=128, BLOCK=kv_attention.BLOCK_N, SPLITS=1, SPLITS_PAD=1,
-                 HAS_SCALES=store == "*i8", TILES_FP16=False, ASM=True, PDL=False,
+                 HAS_SCALES=store == "*i8", TILES_FP16=False, FP8_VIA_F32=False, ASM=True, PDL=False,
                  WHOLE_TILES=kv_attention.WHOLE_TILES),
             kv_divisible,
             num_warps=kv_attention.NUM_WARPS,

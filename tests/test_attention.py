@@ -185,6 +185,17 @@ def test_split_kv_splits(monkeypatch):
     assert kv_attention.num_splits(1, 3, 320, 256) == 5  # 5 tiles: split as before
 
 
+def test_an_e4m3_values_bf16_is_the_top_half_of_its_fp32():
+    """kv_attention.KV_FP8_VIA_F32 converts an fp8 cache's values to bf16 by taking the top 16 bits of their fp32
+    (one prmt a pair): exact for every e4m3 value (at most 4 significant bits, exponents inside bf16's), the
+    subnormals and both zeros included. test_gpu.py runs the PTX itself against the default conversion."""
+    every = torch.arange(256, dtype=torch.uint8)
+    every = every[(every & 0x7F) != 0x7F].view(torch.float8_e4m3fn)  # without the two NaNs
+    top_half = (every.float().view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
+    assert torch.equal(top_half.view(torch.int16), every.to(torch.bfloat16).view(torch.int16))
+    assert torch.equal(top_half.float(), every.float())
+
+
 def test_fastgen_switches_tag_the_compile_cache():
     """The FASTGEN_* switches pick the kernels our ops put in a compiled graph, which Inductor's cache key does
     not see: importing kv_attention puts their values in torch.compile's cache key tag, so a run with a switch

@@ -343,6 +343,31 @@ def test_kv_tiles_in_fp16_equal_reference(storage, dtype, case, monkeypatch):
     assert torch.equal(out, got)
 
 
+@pytest.mark.parametrize("case", KV_KERNEL_CASES)
+def test_fp8_tiles_via_fp32_equal_the_default(case, monkeypatch):
+    """KV_FP8_VIA_F32: an fp8 cache's tiles converted to bf16 through fp32 (PTX: cvt to fp16 pairs, to fp32, the
+    top halves) give the default form's output, which converts the same values exactly another way, over random
+    tiles and over tiles holding every e4m3 byte (subnormals, the largest, both zeros), and the reference."""
+    import kv_attention
+
+    args, want = quantized_attention_case(case, "fp8", torch.bfloat16, 1, ((1e-3, 1 / 50), (1e-3, 1 / 50)))
+    every_byte = torch.arange(args[1].numel(), device="cuda").remainder(256).to(torch.uint8).view(args[1].shape)
+    every_byte[(every_byte & 0x7F) == 0x7F] = 0  # e4m3fn's two NaNs
+    for k_cache, v_cache in (
+        (args[1], args[3]),
+        (every_byte.view(torch.float8_e4m3fn), every_byte.flip(-1).view(torch.float8_e4m3fn)),
+    ):
+        inputs = (args[0], k_cache, args[2], v_cache, *args[4:])
+        monkeypatch.setattr(kv_attention, "KV_FP8_VIA_F32", False)
+        default = kv_attention.quantized_decode_attention(*inputs)
+        monkeypatch.setattr(kv_attention, "KV_FP8_VIA_F32", True)
+        got = kv_attention.quantized_decode_attention(*inputs)
+        assert got.dtype == torch.bfloat16 and got.shape == default.shape
+        assert ((got.float() - default.float()).norm() / default.float().norm()).item() < 1e-5
+    got = kv_attention.quantized_decode_attention(*args)
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
 def test_split_kv_cache_decodes_like_the_flex_path(monkeypatch):
     """The default bf16 cache on CUDA (kv_attention.SplitKVCache) decodes a batch of different-length
     prompts to the tokens of the plain KVCache, eager and compiled (fp32, so no near-ties flip)."""
