@@ -2,6 +2,8 @@
 # The GPU runs this repo still owes (NOTES.md says why), batched for a device call of at most
 # 10 minutes each. Run from the repository root on the GPU machine:
 #
+#   bash scripts/gpu_pending.sh issue11    # ~9.5 min: bench.py's quick suite without transformers (issue 11's rows, 200
+#                                          #   new tokens): Llama-3-8B B1 / 32k / 8k of 32k / B8 and SmolLM2-135M
 #   bash scripts/gpu_pending.sh smoltiles  # ~5 min: issue 11's SmolLM2-135M (0.426 ms replayed on the H100, 2026-12-05,
 #                                          #   eighth session; 0.4 wanted): wqkv's tile now that its epilogue does RoPE
 #                                          #   and the cache write, and wo's, each in the whole step
@@ -181,6 +183,14 @@ kvfp16)
     summary+=("  $(tail -n 1 "$out/kvfp16_tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/kvfp16_tests.txt" | head -6)")
     ;;
+issue11)
+    # issue 11's instrument: bench.py's quick suite (200 new tokens, median of 3, compiled; the H100's copy in the
+    # same run) without transformers: Llama-3-8B B1, 32k cache, 8k of 32k, B8, and SmolLM2-135M (2500 wanted; the
+    # smoke rows above ran 8 new tokens, whose first step's sync weighs on 7 steps)
+    step quick 560 python scripts/bench.py --suite quick --no-hf --no-cold-start --time-budget-s 500 \
+        --out-dir "$out/quick"
+    summary+=("$(grep -E '^\| (model|llama|smollm2)' "$out/quick.txt")")
+    ;;
 smoltiles)
     # wqkv's tile carrying RoPE and the cache write: a rope launch takes the glu tiles (a program's BLOCK_N pairs
     # are 2 * BLOCK_N rows), the small glu tile 2 / 1024 / 2 by default, never swept with the epilogue; wo
@@ -285,7 +295,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, int4rows, int4gemv, kvfp16, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4rows, int4gemv, kvfp16, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac
