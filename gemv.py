@@ -214,11 +214,10 @@ def int8_gemv_config(n: int, k: int) -> dict:
 # so was the Triton GEMV that lost to it (~6 instructions a nibble). This one converts a word's 8
 # nibbles as bf16 pairs (lop3 under the exponent of 128, one fma takes 136 off: q - 8 exactly) and
 # multiplies them with bf16x2 fmas against x's pairs; the group's zero enters once per word through
-# the sum of its x. Its loop compiled (sm_90, Triton 3.6) to ~4.1 instructions a nibble, ~3.4-3.8 since
-# 2026-12-05 (ninth session: no masks on whole tiles, scales once a group; not yet timed). On the H200
-# (2026-12-05) the int4-g64 Llama-3-8B step went 2.852 -> 2.787 ms with it (2%, short of issue 10's ~2.2),
-# so it stays opt-in: FASTGEN_INT4_GEMV=1 turns it on. Tiles: int4_gemv_config (the sweep's, not yet timed
-# in the step).
+# the sum of its x. Its loop compiled (sm_90, Triton 3.6) to ~3.4-3.8 instructions a nibble (no masks on
+# whole tiles, scales once a group). The int4-g64 Llama-3-8B step with it and its tiles (int4_gemv_config)
+# ties tinygemm on the H100 (2026-12-06: 2.788 against 2.779 ms; issue 10 wants ~2.2), so it stays opt-in:
+# FASTGEN_INT4_GEMV=1 turns it on.
 INT4_GEMV_ENABLED = os.environ.get("FASTGEN_INT4_GEMV", "0") == "1"
 INT4_ASM = True  # the bf16x2 PTX; False: the same arithmetic in fp32 Triton (the interpreter has no PTX)
 # x's pairs reach the tile's layout through shared memory (w13's loop: 5 barriers an iteration, sm_90). Loading

@@ -101,9 +101,9 @@ UNQUANTIZED_ENABLED = os.environ.get("FASTGEN_DECODE_KERNEL", "1") == "1"
 # session) at 3 stages: the int8 attention 59.2 -> 59.8 us a layer at B8 8k, no gain. Found after (on the
 # CPU, scripts/compile_kernels.py's occupancy): at 3 stages its tiles take 69.6 KB of shared memory, 3
 # programs an SM, so the 512 programs ran in two waves (132 x 3 = 396); at 2 stages, 53.2 KB, 4 an SM, one
-# wave (the default form: 38.9 KB, 4 an SM by its 128 registers). It launches with 2 stages now (not yet
-# timed). Predicted ~40-45 us a layer: the default's loop is 909 instructions a tile a warp, 16 warps an
-# SM x 16 tiles each = 29 us of issue at 4 a clock, so its 59 us is ~50% issue-bound; this form's is 612.
+# wave (the default form: 38.9 KB, 4 an SM by its 128 registers). At 2 stages it lost again on the H100
+# (2026-12-05, tenth session): the int8 attention 67.2 us a layer at B8 8k against the default's 56.9,
+# although its loop is 621 instructions against 921: that attention is not bound by its instructions.
 KV_TILES_FP16 = os.environ.get("FASTGEN_KV_TILES_FP16", "0") == "1"
 NUM_STAGES_TILES_FP16 = 2
 # An fp8 cache under bf16 queries, converted to bf16 without F2F: e4m3 -> fp16 by cvt two at a time, fp16 ->
