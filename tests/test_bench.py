@@ -568,3 +568,19 @@ def test_small_gemv_sweep_cpu_table(capsys):
     cells = [c.strip() for c in rows[0].split("|")[3:-1]]
     assert cells[0] == "2" and float(cells[1].split(" ")[0]) > 0 and cells[2:] == ["-"] * 4
     assert small_gemv_sweep.main(["--device", "cpu", "--shapes", "smol-x"]) == 2
+
+
+def test_gpu_pending_modes_are_listed_dispatched_and_parse():
+    """scripts/gpu_pending.sh (the batched GPU runs NOTES.md queues): every mode its header documents has a case,
+    every case is documented and named in its unknown-mode message, and bash parses it, so a mode removed or
+    added in one place only (the 2026-12-06 removals touched three) fails here, not on a GPU machine's clock."""
+    import re
+
+    script = (ROOT / "scripts" / "gpu_pending.sh").read_text()
+    documented = set(re.findall(r"^#   bash scripts/gpu_pending.sh (\S+)", script, re.M))
+    cases = set(re.findall(r"^([a-z0-9-]+)\)$", script, re.M))
+    usage = re.search(r'unknown mode \$mode: use ([^"]*?) or ([\w-]+)"', script)
+    named = {m.strip() for m in usage.group(1).split(",")} | {usage.group(2)}
+    assert documented == cases == named, (documented ^ cases, cases ^ named)
+    assert {"tests-parallel", "fp8kv", "issue11", "kvbench"} <= cases
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_pending.sh")]).returncode == 0
