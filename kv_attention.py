@@ -584,8 +584,12 @@ if triton is not None:
             running_max = torch.empty(parts, dtype=torch.float32, device=q.device)
             running_sum = torch.empty(parts, dtype=torch.float32, device=q.device)
         tiles_fp16 = KV_TILES_FP16 and has_scales and q.dtype != torch.float32
-        fp8_via_f32 = KV_FP8_VIA_F32 and KV_ASM and not tiles_fp16 and k_cache.dtype == torch.float8_e4m3fn
-        fp8_via_f32 = fp8_via_f32 and q.dtype == torch.bfloat16
+        fp8_via_f32 = (  # the PTX form, for e4m3 under bf16 queries only
+            KV_FP8_VIA_F32
+            and KV_ASM
+            and not tiles_fp16
+            and (k_cache.dtype, q.dtype) == (torch.float8_e4m3fn, torch.bfloat16)
+        )
         wrap_triton(_quantized_decode_kernel)[(B * n_kv_heads, splits)](
             q.contiguous(),
             k_cache,
