@@ -65,7 +65,7 @@ def _tag_compile_cache_with_switches() -> None:
     """Inductor's FX graph cache keys a compiled graph by its ops, not by what our ops (triton_op) read when
     traced: the FASTGEN_* switches pick the kernels and constants a graph holds, so a run with one switch set
     could load the graph a run without it compiled (an H100, 2026-12-05: an A/B of FASTGEN_WHOLE_TILES timed
-    the same kernels twice, and a KV_TILES_FP16 test compared against another form's compile). The switches'
+    the same kernels twice, and a KV cache test compared against another form's compile). The switches'
     values go into torch.compile's cache key tag."""
     switches = ",".join(f"{name}={value}" for name, value in sorted(os.environ.items()) if name.startswith("FASTGEN_"))
     config = getattr(torch.compiler, "config", None)
@@ -89,36 +89,20 @@ ENABLED = os.environ.get("FASTGEN_KV_KERNEL", "1") == "1"
 # SplitKVCache. FASTGEN_DECODE_KERNEL=0 gives flex decoding back, for comparing.
 UNQUANTIZED_ENABLED = os.environ.get("FASTGEN_DECODE_KERNEL", "1") == "1"
 
-# An int8 / fp8 cache's K/V tiles converted to fp16 in registers as they arrive (exactly: int8 by
-# prmt under 1024's exponent, e4m3 by cvt two at a time), and the two products in fp16 (the query
-# converted once, p * v_scale rescaled into [0, 1] first). By default Triton moves the 8-bit tile
-# through shared memory byte by byte and converts it there (fp8 to fp16, then to bf16): the sm_90 loop
-# compiles to 6.9 (int8) / 6.7 (fp8) instructions a K/V element, 64 one-byte shared-memory loads a
-# thread a tile, against the bf16 cache's 3.1; this form compiles to 4.8, with ldmatrix. The int8
-# cache ran at 2.2 TB/s against bf16's 3.9 (issue 10 wants 1.1x bf16 at batch 8, 8k filled). fp16's
-# range: a query past 65504 would overflow (RoPE'd queries stay far below); fp32 queries keep the
-# default. Off by default; FASTGEN_KV_TILES_FP16=1 turns it on. Timed on the H200 (2026-12-05, second
-# session) at 3 stages: the int8 attention 59.2 -> 59.8 us a layer at B8 8k, no gain. Found after (on the
-# CPU, scripts/compile_kernels.py's occupancy): at 3 stages its tiles take 69.6 KB of shared memory, 3
-# programs an SM, so the 512 programs ran in two waves (132 x 3 = 396); at 2 stages, 53.2 KB, 4 an SM, one
-# wave (the default form: 38.9 KB, 4 an SM by its 128 registers). At 2 stages it lost again on the H100
-# (2026-12-05, tenth session): the int8 attention 67.2 us a layer at B8 8k against the default's 56.9,
-# although its loop is 621 instructions against 921: that attention is not bound by its instructions.
-KV_TILES_FP16 = os.environ.get("FASTGEN_KV_TILES_FP16", "0") == "1"
-NUM_STAGES_TILES_FP16 = 2
 # An fp8 cache under bf16 queries, converted to bf16 without F2F: e4m3 -> fp16 by cvt two at a time, fp16 ->
 # fp32 (HADD2.F32), and each fp32's top half is its bf16 (exact: an e4m3 value has 4 significant bits), so the
-# conversion pipe runs one instruction a pair, not three. The default form's sm_90 loop holds 128 F2F.BF16.F16
-# and 64 F2FP.F16.E4M3 a tile a thread (compile_kernels.py --loop): at an assumed 16 conversions a clock an SM
-# (CUDA's throughput table; not measured) that caps the fp8 attention at ~2.5 TB/s, and it ran at ~2.0 at B8
-# 8k (H100, 2026-12-06: 8.38 ms a step against the int8 cache's 8.03, whose conversion is prmt and bf16 adds,
-# no conversion pipe). Everything else is the int8 default's form: the tile crosses into the dot's layout a
-# byte at a time (the asm is pure, so Triton converts after that trip), 3 stages, bf16 dots; loop 925
-# instructions (int8's 921, fp8's default 892), 64 of them on the conversion pipe (fp8's default 192).
-# KV_TILES_FP16's form (2-byte trip, fp16 dots) lost for int8 although its loop was shorter. Opt-in
-# (FASTGEN_KV_FP8_VIA_F32=1), not yet timed: `gpu_pending.sh fp8kv`.
-KV_FP8_VIA_F32 = os.environ.get("FASTGEN_KV_FP8_VIA_F32", "0") == "1"
-KV_ASM = True  # the PTX conversions; False: Triton's own (the interpreter has no inline PTX)
+# conversion pipe runs one instruction a pair, not three. Triton's own form (e4m3 -> fp16 -> bf16) holds 128
+# F2F.BF16.F16 and 64 F2FP.F16.E4M3 a tile a thread in its sm_90 loop (compile_kernels.py --loop), int8's
+# none; this one 64. Everything else is the int8 cache's form: the tile crosses into the dot's layout a byte
+# at a time (the asm is pure, so Triton converts after that trip), 3 stages, bf16 dots. H100 (2026-12-06, twelfth
+# session), Llama-3-8B B8 with 8k filled: 8.538 -> 8.041 ms replayed (int8's cache ~8.0), and in bench.py the fp8
+# cache went from 1.088x to 1.121x the bf16 cache (issue 10 wants 1.1x); short context unchanged (B8 1265.8 vs
+# 1264.5 tok/s). On by default; FASTGEN_KV_FP8_VIA_F32=0 gives Triton's conversion back, for comparing.
+# (Tiles converted to fp16 with fp16 dots, KV_TILES_FP16, gained nothing on an H200 and lost twice on an H100,
+# int8 67.2 vs 56.9 us a layer, fp8 8.374 vs 8.041 ms a step, and was removed: that attention is not bound by its
+# instructions.)
+KV_FP8_VIA_F32 = os.environ.get("FASTGEN_KV_FP8_VIA_F32", "1") == "1"
+KV_ASM = True  # the PTX conversion; False: Triton's own (the interpreter has no inline PTX)
 
 # Programmatic dependent launch (sm_90+) for the batch-1 decode chain's kernels (these attention
 # kernels, rope_write_kv, gemv.decode_gemv): each is launched with the attribute that lets it start
@@ -267,51 +251,6 @@ if triton is not None:
         return x * cos[None, :] + sign[None, :] * x_partner * sin[None, :]
 
     @triton.jit
-    def _tile_to_fp16(w, ASM: tl.constexpr):
-        # an int8 or e4m3 tile -> fp16, exactly, in registers, four values (one 32-bit register) an asm
-        # call. int8: prmt puts byte i of the sign-flipped word under the exponent of 1024 (1024 + 128
-        # + w), one fp16x2 subtraction a pair. e4m3: cvt two at a time. Not pure on purpose: Triton
-        # would move a pure conversion past the tile's trip through shared memory into the dot's
-        # layout, and that trip then goes byte by byte (LDS.U8, as the default .to() does), not by ldmatrix.
-        if not ASM:
-            return w.to(tl.float16)
-        if w.dtype == tl.int8:
-            return tl.inline_asm_elementwise(
-                """
-                {
-                .reg .b32 biased, magic, bias;
-                xor.b32 biased, $2, 0x80808080;
-                mov.b32 magic, 0x64646464;
-                mov.b32 bias, 0x64806480;
-                prmt.b32 $0, biased, magic, 0x7150;
-                prmt.b32 $1, biased, magic, 0x7352;
-                sub.f16x2 $0, $0, bias;
-                sub.f16x2 $1, $1, bias;
-                }
-                """,
-                "=r,=r,r",
-                [w],
-                dtype=tl.float16,
-                is_pure=False,
-                pack=4,
-            )
-        return tl.inline_asm_elementwise(
-            """
-            {
-            .reg .b16 lo, hi;
-            mov.b32 {lo, hi}, $2;
-            cvt.rn.f16x2.e4m3x2 $0, lo;
-            cvt.rn.f16x2.e4m3x2 $1, hi;
-            }
-            """,
-            "=r,=r,r",
-            [w],
-            dtype=tl.float16,
-            is_pure=False,
-            pack=4,
-        )
-
-    @triton.jit
     def _fp8_tile_to_bf16(w):
         # an e4m3 tile -> bf16, exactly, four values (one 32-bit register) an asm call (KV_FP8_VIA_F32); pure,
         # so Triton converts after the tile's byte-wide trip into the dot's layout, as int8's default does
@@ -354,15 +293,13 @@ if triton is not None:
         D: tl.constexpr,
         BLOCK: tl.constexpr,
         HAS_SCALES: tl.constexpr,
-        TILES_FP16: tl.constexpr,
         FP8_VIA_F32: tl.constexpr,
-        ASM: tl.constexpr,
         WHOLE: tl.constexpr,  # every slot of the tile is valid: no masks but on dims past D
     ):
         # one tile of K/V slots into the running softmax -> (acc, running_max, running_sum)
         first, last, kv_rows, slots, dims, qk_scale = row
         k_ptr, k_scale_ptr, v_ptr, v_scale_ptr, S = cache
-        dot_dtype = q.dtype  # the compute dtype (fp16 with TILES_FP16); int8 and e4m3 values convert exactly
+        dot_dtype = q.dtype  # the compute dtype; int8 and e4m3 values convert to it exactly
         slot = tile * BLOCK + slots
         offsets = (kv_rows + slot)[:, None] * D + dims[None, :]
         ok = ((slot >= first) & (slot <= last) & (slot < S)) | WHOLE
@@ -370,9 +307,7 @@ if triton is not None:
         # both tiles' loads first, so K's and V's bytes are in flight together
         k = tl.load(k_ptr + offsets, mask=tile_ok, other=0.0)
         v = tl.load(v_ptr + offsets, mask=tile_ok, other=0.0)
-        if TILES_FP16:
-            k, v = _tile_to_fp16(k, ASM), _tile_to_fp16(v, ASM)
-        elif FP8_VIA_F32:
+        if FP8_VIA_F32:
             k, v = _fp8_tile_to_bf16(k), _fp8_tile_to_bf16(v)
         else:
             k, v = k.to(dot_dtype), v.to(dot_dtype)
@@ -390,11 +325,7 @@ if triton is not None:
         p = tl.exp2(scores - new_max[:, None])
         running_sum = running_sum * correction + tl.sum(p, axis=1)
         # V's per-slot scale folds into the probabilities: sum_j p_j (s_j v_j) = sum_j (p_j s_j) v_j
-        if TILES_FP16:  # p * v_scale over the tile's largest v_scale: in [0, 1], where fp16 is precise
-            v_scale_max = tl.maximum(tl.max(v_scale, axis=0), 1e-30)
-            pv_weight = (p * (v_scale / v_scale_max)[None, :]).to(tl.float16)
-            pv = tl.dot(pv_weight, v, input_precision="ieee") * v_scale_max
-        elif HAS_SCALES:
+        if HAS_SCALES:
             pv = tl.dot((p * v_scale[None, :]).to(dot_dtype), v, input_precision="ieee")
         else:
             pv = tl.dot(p.to(dot_dtype), v, input_precision="ieee")
@@ -424,9 +355,7 @@ if triton is not None:
         SPLITS: tl.constexpr,
         SPLITS_PAD: tl.constexpr,
         HAS_SCALES: tl.constexpr,  # False: an unquantized cache
-        TILES_FP16: tl.constexpr,  # an int8 / fp8 cache's tiles converted to fp16 in registers (KV_TILES_FP16)
         FP8_VIA_F32: tl.constexpr,  # an fp8 cache's tiles to bf16 through fp32 (KV_FP8_VIA_F32)
-        ASM: tl.constexpr,  # KV_ASM
         PDL: tl.constexpr,  # launched with programmatic dependent launch (kv_attention.PDL)
         WHOLE_TILES: tl.constexpr,  # kv_attention.WHOLE_TILES
     ):
@@ -452,9 +381,6 @@ if triton is not None:
         kv_rows = bh.to(tl.int64) * S
         q = tl.load(q_ptr + (bh * G + heads)[:, None] * D + dims[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0)
 
-        if TILES_FP16:
-            q = q.to(tl.float16)
-
         running_max = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
         running_sum = tl.zeros((G_PAD,), dtype=tl.float32)
         acc = tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
@@ -470,7 +396,7 @@ if triton is not None:
         whole_stop = last_tile if WHOLE_TILES else my_first_tile
         for tile in range(tl.where(first_is_mine, my_first_tile + SPLITS, my_first_tile), whole_stop, SPLITS):
             acc, running_max, running_sum = _attend_tile(
-                q, acc, running_max, running_sum, tile, row, cache, D, BLOCK, HAS_SCALES, TILES_FP16, FP8_VIA_F32, ASM,
+                q, acc, running_max, running_sum, tile, row, cache, D, BLOCK, HAS_SCALES, FP8_VIA_F32,
                 WHOLE=True,
             )  # fmt: skip
         if WHOLE_TILES:
@@ -481,7 +407,7 @@ if triton is not None:
             end_start, end_stop, end_step = my_first_tile, last_tile + 1, SPLITS
         for tile in range(end_start, end_stop, end_step):
             acc, running_max, running_sum = _attend_tile(
-                q, acc, running_max, running_sum, tile, row, cache, D, BLOCK, HAS_SCALES, TILES_FP16, FP8_VIA_F32, ASM,
+                q, acc, running_max, running_sum, tile, row, cache, D, BLOCK, HAS_SCALES, FP8_VIA_F32,
                 WHOLE=False,
             )  # fmt: skip
 
@@ -583,12 +509,8 @@ if triton is not None:
             acc = torch.empty((*parts, D_PAD), dtype=torch.float32, device=q.device)
             running_max = torch.empty(parts, dtype=torch.float32, device=q.device)
             running_sum = torch.empty(parts, dtype=torch.float32, device=q.device)
-        tiles_fp16 = KV_TILES_FP16 and has_scales and q.dtype != torch.float32
         fp8_via_f32 = (  # the PTX form, for e4m3 under bf16 queries only
-            KV_FP8_VIA_F32
-            and KV_ASM
-            and not tiles_fp16
-            and (k_cache.dtype, q.dtype) == (torch.float8_e4m3fn, torch.bfloat16)
+            KV_FP8_VIA_F32 and KV_ASM and (k_cache.dtype, q.dtype) == (torch.float8_e4m3fn, torch.bfloat16)
         )
         wrap_triton(_quantized_decode_kernel)[(B * n_kv_heads, splits)](
             q.contiguous(),
@@ -613,12 +535,10 @@ if triton is not None:
             SPLITS=splits,
             SPLITS_PAD=triton.next_power_of_2(splits),
             HAS_SCALES=has_scales,
-            TILES_FP16=tiles_fp16,
             FP8_VIA_F32=fp8_via_f32,
-            ASM=KV_ASM,
             WHOLE_TILES=WHOLE_TILES and -(-S // BLOCK_N) >= WHOLE_TILES_MIN_PER_SPLIT * splits,
             num_warps=NUM_WARPS,
-            num_stages=NUM_STAGES_TILES_FP16 if tiles_fp16 else NUM_STAGES,
+            num_stages=NUM_STAGES,
             **pdl_launch(q),
         )
         if splits == 1:  # nothing to merge

@@ -6,14 +6,15 @@ any device time is spent. Needs Triton next to torch (a CPU-only torch has none)
     /tmp/tri/bin/python scripts/compile_kernels.py            # sm_90 (H100/H200)
     /tmp/tri/bin/python scripts/compile_kernels.py --arch 80  # A100
 
-`--loop` adds the size of each kernel's main loop (its longest backward branch) in SASS instructions and
-its commonest opcodes: per element of work, that is what says a kernel is instruction-bound, and it
-showed the split-KV kernel moving an int8 tile through shared memory a byte at a time (LDS.U8;
-kv_attention.KV_TILES_FP16). `--sass-hash` adds a hash of each kernel's machine code: a refactor
-meant to leave a kernel as it was (a helper pulled out, say) can be checked to compile to the same
-code before any GPU sees it. Every line also gives the shared memory the launch asks for (SMEM, with its
-pipeline stages) and the programs an SM holds (PER_SM): with the grid's size, how many waves it runs in
-(the fp16 KV tiles ran 512 programs at 3 an SM, two waves, and gained nothing until that was seen).
+`--loop` adds the size of each kernel's main loop (its longest backward branch) in SASS instructions and its
+commonest opcodes: per element of work, that is what says a kernel is instruction-bound, and it showed the
+split-KV kernel moving an int8 tile through shared memory a byte at a time (LDS.U8), and the fp8 cache's 192
+conversion-pipe instructions a tile (kv_attention.KV_FP8_VIA_F32). `--sass-hash` adds a hash of each kernel's
+machine code: a refactor meant to leave a kernel as it was (a helper pulled out, say) can be checked to
+compile to the same code before any GPU sees it. Every line also gives the shared memory the launch asks for
+(SMEM, with its pipeline stages) and the programs an SM holds (PER_SM): with the grid's size, how many waves
+it runs in (fp16 KV tiles, since removed, ran 512 programs at 3 an SM, two waves, and gained nothing until
+that was seen).
 
 It compiles only: correctness is the GPU tests' job (and, for some kernels, Triton's CPU interpreter,
 TRITON_INTERPRET=1, which cannot run inline asm or int8 -> bf16).
@@ -78,7 +79,7 @@ def programs_per_sm(registers: int, shared: int, num_warps: int, arch: int) -> i
     """How many programs of a kernel an SM holds at once, by its registers (65536 an SM, allocated per
     warp in 256s), its shared memory (228 KB an SM on sm_90, 164 on sm_80; 1 KB reserved a program) and
     its warps (64 an SM). With the grid's size this says how many waves it runs in: a grid just over a
-    wave takes two program lifetimes (KV_TILES_FP16 at 3 stages: 69.6 KB, 3 an SM, 512 programs)."""
+    wave takes two program lifetimes (fp16 KV tiles at 3 stages: 69.6 KB, 3 an SM, 512 programs)."""
     warp_registers = -(-registers * 32 // 256) * 256
     by_registers = 65536 // warp_registers // num_warps
     by_shared = (228 if arch >= 90 else 164) * 1024 // (shared + 1024)
@@ -135,8 +136,13 @@ def main(argv=None):
         (576, 1536, 0, 0, 1, 0, 0, 1),
         (6144, 4096, 1, 0, 0, 1, 0, 1),
         (1536, 2048, 1, 1, 0, 0, 1, 1),
+        # gemv.GEMV_PRELOAD and PDL_EARLY_LAUNCH (pdl 2): SmolLM2's weights read before the wait
+        (960, 576, 1, 0, 0, 0, 0, 2),
+        (3072, 576, 1, 1, 0, 0, 0, 2),
+        (576, 1536, 0, 0, 1, 0, 0, 2),
     ):
         cfg = gemv.decode_gemv_tiles(n, k, int8, glu)
+        preload = {"PRELOAD": pdl == 2, "EARLY_LAUNCH": pdl == 2}
         for convert in (0, 1, 2) if int8 and not glu and not pdl else (cfg["CONVERT"],):  # each int8 -> fp32 form
             consts = {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": convert}
             consts.update(gemv.decode_gemv_whole_tiles(n // 2 if glu else n, k, cfg))
@@ -144,10 +150,20 @@ def main(argv=None):
                 target,
                 f"decode gemv {n}x{k} norm={norm} glu={glu} res={residual} int8={int8} experts={experts}"
                 + (f" convert={convert}" if int8 else "")
-                + (" pdl" if pdl else ""),
+                + (" pdl" if pdl else "")
+                + (" preload, early launch" if pdl == 2 else ""),
                 gemv._decode_gemv_kernel,
                 {**decode_sig, "w_ptr": "*i8" if int8 else "*bf16"},
-                {**consts, "NORM": norm, "GLU": glu, "RESIDUAL": residual, "EXPERTS": experts, "PDL": pdl, **no_rope},
+                {
+                    **consts,
+                    "NORM": norm,
+                    "GLU": glu,
+                    "RESIDUAL": residual,
+                    "EXPERTS": experts,
+                    "PDL": bool(pdl),
+                    **no_rope,
+                    **preload,
+                },  # fmt: skip
                 range(9),
                 num_warps=cfg["num_warps"],
                 num_stages=cfg.get("num_stages", 3),
@@ -158,16 +174,21 @@ def main(argv=None):
         (960, 576, 9, 3, 64, 0, 0),
         (960, 576, 9, 3, 64, 0, 1),
         (6144, 4096, 32, 8, 128, 1, 1),
+        (960, 576, 9, 3, 64, 0, 2),  # gemv.GEMV_PRELOAD and PDL_EARLY_LAUNCH
     ):
         cfg = gemv.decode_gemv_tiles(n, k, int8, True)
         rope = {"ROPE": 1, "HQ": hq, "HKV": hkv, "HEAD_DIM": d}
         build(
             target,
-            f"wqkv + rope + cache write {n}x{k} norm=1 int8={int8}" + (" pdl" if pdl else ""),
+            f"wqkv + rope + cache write {n}x{k} norm=1 int8={int8}"
+            + (" pdl" if pdl else "")
+            + (" preload, early launch" if pdl == 2 else ""),
             gemv._decode_gemv_kernel,
             {**decode_sig, "w_ptr": "*i8" if int8 else "*bf16"},
             {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": cfg["CONVERT"], "NORM": 1,
-             "GLU": 0, "RESIDUAL": 0, "EXPERTS": 0, "PDL": pdl, **rope, **gemv.decode_gemv_whole_tiles(n // 2, k, cfg)},
+             "GLU": 0, "RESIDUAL": 0, "EXPERTS": 0, "PDL": min(pdl, 1), **rope,
+             **gemv.decode_gemv_whole_tiles(n // 2, k, cfg),
+             "PRELOAD": pdl == 2, "EARLY_LAUNCH": pdl == 2},
             range(9),
             num_warps=cfg["num_warps"],
             num_stages=cfg.get("num_stages", 3),
@@ -271,14 +292,12 @@ def main(argv=None):
                     "v_ptr": store or dtype,
                     "y_ptr": dtype,
                 }
-                modes = [(False, False, False)]  # (tiles in fp16, fp8 via fp32, launched with PDL)
+                modes = [(False, False)]  # (fp8 via fp32, launched with PDL)
                 if store is None and dtype == "*bf16":  # kv_attention.PDL
-                    modes += [(False, False, True)]
-                if store is not None and dtype != "*fp32":  # KV_TILES_FP16: the tiles in fp16, converted in registers
-                    modes += [(True, False, False)]
-                if store == "*fp8e4nv" and dtype == "*bf16":  # KV_FP8_VIA_F32
-                    modes += [(False, True, False)]
-                for tiles_fp16, fp8_via_f32, pdl in modes:
+                    modes += [(False, True)]
+                if store == "*fp8e4nv" and dtype == "*bf16":  # KV_FP8_VIA_F32 (the default there) and Triton's
+                    modes = [(True, False), (False, False)]
+                for fp8_via_f32, pdl in modes:
                     consts = dict(
                         D=head_dim,
                         G=group,
@@ -288,25 +307,20 @@ def main(argv=None):
                         SPLITS=8,
                         SPLITS_PAD=8,
                         HAS_SCALES=store is not None,
-                        TILES_FP16=tiles_fp16,
                         FP8_VIA_F32=fp8_via_f32,
-                        ASM=True,
                         PDL=pdl,
                         WHOLE_TILES=kv_attention.WHOLE_TILES,
                     )
                     name = f"kv decode {(store or dtype)[1:]} cache, {dtype[1:]}, G={group}, D={head_dim}"
                     build(
                         target,
-                        name
-                        + (", tiles in fp16" if tiles_fp16 else "")
-                        + (", via fp32" if fp8_via_f32 else "")
-                        + (", pdl" if pdl else ""),
+                        name + (", via fp32" if fp8_via_f32 else "") + (", pdl" if pdl else ""),
                         kv_attention._quantized_decode_kernel,
                         sig,
                         consts,
                         kv_divisible,
                         num_warps=kv_attention.NUM_WARPS,  # the launch's stages: the shared memory it asks for
-                        num_stages=kv_attention.NUM_STAGES_TILES_FP16 if tiles_fp16 else kv_attention.NUM_STAGES,
+                        num_stages=kv_attention.NUM_STAGES,
                         launch_pdl=pdl,
                     )
     for store in ("*i8", "*bf16"):  # one split (a big batch, a one-tile cache): it writes the output, no merge
@@ -316,7 +330,7 @@ def main(argv=None):
             kv_attention._quantized_decode_kernel,
             {**kv_sig, "k_ptr": store, "v_ptr": store},
             dict(D=128, G=4, G_PAD=16, D_PAD=128, BLOCK=kv_attention.BLOCK_N, SPLITS=1, SPLITS_PAD=1,
-                 HAS_SCALES=store == "*i8", TILES_FP16=False, FP8_VIA_F32=False, ASM=True, PDL=False,
+                 HAS_SCALES=store == "*i8", FP8_VIA_F32=False, PDL=False,
                  WHOLE_TILES=kv_attention.WHOLE_TILES),
             kv_divisible,
             num_warps=kv_attention.NUM_WARPS,

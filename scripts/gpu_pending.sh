@@ -19,8 +19,9 @@
 #                                          #   random checkpoints (issue 11's CLI within 5%; bench_cli.py)
 #   bash scripts/gpu_pending.sh modes      # ~9.5 min: what issue 10's report still lacks: int4 g128 at batch 1
 #                                          #   and 8, then int8 B1 beside gpt-fast bf16/int8 (carry peers/gpt-fast)
-#   bash scripts/gpu_pending.sh fp8kv      # ~6.5 min: the fp8 cache at B8 8k (1.088x bf16 in bench.py; issue 10 wants
-#                                          #   1.1x): default, KV_FP8_VIA_F32, KV_TILES_FP16, then bench.py with the faster
+#   bash scripts/gpu_pending.sh fp8kv      # ~5 min: the fp8 cache's GPU tests, its step at B8 8k with the default
+#                                          #   conversion (KV_FP8_VIA_F32) and Triton's, then bench.py bf16 / fp8 at
+#                                          #   B8 8k (issue 10 wants 1.1x; H100, twelfth session: 1.121x)
 #   bash scripts/gpu_pending.sh kvbench    # ~9.5 min: issue 10's KV targets through bench.py (B8 short and B8 with 8k
 #                                          #   filled: bf16 / int8 / fp8 caches; fp8 at 8k never timed on the H100)
 #   bash scripts/gpu_pending.sh int4rows   # ~2 min: why int4 B8 is slower than bf16 B8: one linear per format
@@ -32,12 +33,7 @@
 #                                          #   tinygemm), the int4-g64 Llama-3-8B step with tinygemm and with the GEMV,
 #                                          #   then its tiles (int4_gemv_sweep.py) (H100, eleventh session: tinygemm
 #                                          #   2.779 ms, the GEMV 2.788: a tie; issue 10 wants 450 tok/s, 2.22 ms)
-#   bash scripts/gpu_pending.sh kvfp16     # ~3 min: kv_attention.KV_TILES_FP16 (opt-in; timed at 3 stages 2026-12-05, no gain;
-#                                          #   2 stages since, one wave): int8 / fp8 K/V tiles converted to fp16 in registers,
-#                                          #   both products in fp16 (4.8 / 4.0 instructions a K/V element compiled,
-#                                          #   against 6.9 / 6.7). Its launch sweep at B8 8k and its GPU tests (its
-#                                          #   step at 2 stages lost on the H100, tenth session: 8.392 ms against
-#                                          #   7.952 for the int8 cache's default)
+#   bash scripts/gpu_pending.sh preload    # ~5 min: SmolLM2 with gemv.GEMV_PRELOAD / PDL_EARLY_LAUNCH (issue 11's 0.4 ms)
 #   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
 #   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
 #                                          #   10: why int8 reads at half bf16's rate), if ncu is on the machine
@@ -171,18 +167,6 @@ int4gemv)
     step int4_sweep 180 python scripts/int4_gemv_sweep.py
     summary+=("$(grep -E '^\| w' "$out/int4_sweep.txt")")
     ;;
-kvfp16)
-    # 2026-12-05 (third session): KV_TILES_FP16 now launches with 2 stages (53 KB of shared memory, 4 programs an
-    # SM: its 512 programs in one wave; at 3 stages, 69.6 KB, 3 an SM, two waves, which is how it was timed). Its
-    # launches at B8 8k (2 and 3 stages, 512 / 1024 programs), then the steps
-    FASTGEN_KV_TILES_FP16=1 step kv_sweep_fp16 70 python scripts/kv_kernel_sweep.py --quick --case "int8 B8" \
-        --time-budget-s 55
-    summary+=("$(grep -E '^\| ' "$out/kv_sweep_fp16.txt" | head -3)")
-    # and the bf16 cache at B8 8k, the baseline of issue 10's 1.1x (issue 11's long context: the longctx mode)
-    step kvfp16_tests 110 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k "tiles_in_fp16"
-    summary+=("  $(tail -n 1 "$out/kvfp16_tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/kvfp16_tests.txt" | head -6)")
-    ;;
 issue11)
     # issue 11's instrument: bench.py's quick suite (200 new tokens, median of 3, compiled; the H100's copy in the
     # same run) without transformers: Llama-3-8B B1, 32k cache, 8k of 32k, B8, and SmolLM2-135M (2500 wanted; the
@@ -200,6 +184,18 @@ smoltiles)
         576,576=4/1024/4; do
         decode "smol_${t//[,=\/]/_}" 45 --model smollm2-135m --new-tokens 256 --tile "$t"
     done
+    ;;
+preload)
+    # issue 11's SmolLM2 (0.423 ms replayed, 0.4 wanted): gemv.GEMV_PRELOAD (the weight to registers before the
+    # PDL wait) and PDL_EARLY_LAUNCH (the next kernel launched as a GEMV starts), their GPU test, then each
+    # against the default in the whole step (twice: the run-to-run spread)
+    step preload_tests 100 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k "before_the_wait"
+    summary+=("  $(tail -n 1 "$out/preload_tests.txt")")
+    decode smol 45 --model smollm2-135m --new-tokens 256
+    FASTGEN_GEMV_PRELOAD=1 FASTGEN_PDL_EARLY_LAUNCH=1 decode smol_both 45 --model smollm2-135m --new-tokens 256
+    FASTGEN_GEMV_PRELOAD=1 decode smol_preload 45 --model smollm2-135m --new-tokens 256
+    FASTGEN_PDL_EARLY_LAUNCH=1 decode smol_early 45 --model smollm2-135m --new-tokens 256
+    decode smol_again 45 --model smollm2-135m --new-tokens 256
     ;;
 moebench)
     # ~6 min: issue 17 on an H100: Qwen3-30B-A3B bf16 B1 (59.5% of copy before the in-place decode loop) and
@@ -237,25 +233,17 @@ batch32)
     summary+=("$(grep -E '^\| llama' "$out/batch32.txt")")
     ;;
 fp8kv)
-    # issue 10's fp8 cache at B8 8k (bench.py, eleventh session: 955.1 tok/s against bf16's 878.1 = 1.088x; int8
-    # 1.135x). The default form converts e4m3 -> fp16 -> bf16 with 192 conversion-pipe instructions a tile a
-    # thread; KV_FP8_VIA_F32 (the int8 default's form, 64 of them) and KV_TILES_FP16 (fp16 dots, never timed for
-    # fp8) against it, their GPU tests first; then bench.py with whichever replayed faster
-    step fp8_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k "fp8_tiles_via or (kv_tiles_in_fp16 and fp8)"
+    # issue 10's fp8 cache at B8 8k. H100, 2026-12-06 (twelfth session): KV_FP8_VIA_F32 (the default since)
+    # 8.041 ms replayed against Triton's conversion's 8.538; bench.py 1001.3 tok/s against bf16's 893.3 = 1.121x
+    step fp8_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k "fp8"
     summary+=("  $(tail -n 1 "$out/fp8_tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/fp8_tests.txt" | head -6)")
     fp8_b8_8k=(--model llama-3-8b --batch 8 --ctx 8192 --kv-dtype fp8)
     decode llama_b8_8k_fp8kv 110 "${fp8_b8_8k[@]}"
-    FASTGEN_KV_FP8_VIA_F32=1 decode llama_b8_8k_fp8kv_via_f32 110 "${fp8_b8_8k[@]}"
-    FASTGEN_KV_TILES_FP16=1 decode llama_b8_8k_fp8kv_fp16tiles 110 "${fp8_b8_8k[@]}"
-    replayed() { grep -ho "replayed step [0-9.]*" "$out/$1.txt" | head -1 | awk '{print $3}'; }
-    via=1 tiles=0
-    if awk -v a="$(replayed llama_b8_8k_fp8kv_fp16tiles)" -v b="$(replayed llama_b8_8k_fp8kv_via_f32)" \
-        'BEGIN { exit !(a != "" && (b == "" || a < b)) }'; then via=0 tiles=1; fi
-    FASTGEN_KV_FP8_VIA_F32=$via FASTGEN_KV_TILES_FP16=$tiles step kv_8k_fp8 200 python scripts/bench.py \
-        --suite smoke --models llama-3-8b --compile --new-tokens 100 --runs 2 --no-hf --no-cold-start --batch 8 \
-        --ctx 8000 --kv-dtypes bf16,fp8 --time-budget-s 180 --out-dir "$out/kv_8k_fp8"
-    summary+=("bench.py, FASTGEN_KV_FP8_VIA_F32=$via FASTGEN_KV_TILES_FP16=$tiles:" "$(grep -E '^\| llama' "$out/kv_8k_fp8.txt")")
+    FASTGEN_KV_FP8_VIA_F32=0 decode llama_b8_8k_fp8kv_triton_conversion 110 "${fp8_b8_8k[@]}"
+    step kv_8k_fp8 200 python scripts/bench.py --suite smoke --models llama-3-8b --compile --new-tokens 100 --runs 2 \
+        --no-hf --no-cold-start --batch 8 --ctx 8000 --kv-dtypes bf16,fp8 --time-budget-s 180 --out-dir "$out/kv_8k_fp8"
+    summary+=("bench.py:" "$(grep -E '^\| llama' "$out/kv_8k_fp8.txt")")
     ;;
 longctx)
     decode llama_8k_of_32k 110 --model llama-3-8b --ctx 8192 --cache 32768
@@ -295,7 +283,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4rows, int4gemv, kvfp16, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4rows, int4gemv, smoltiles, preload, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

@@ -26,7 +26,7 @@ import gemv  # noqa: E402
 import kv_attention  # noqa: E402
 from model import Experts, ModelArgs, MoEFeedForward  # noqa: E402
 
-# Rounding leaves at most ~4e-3 (int4 weights, fp16 tiles of an int8 cache against bf16 queries); a kernel
+# Rounding leaves at most ~4e-3 (int4 weights); a kernel
 # that indexes a wrong row, slot or split is off by ~1 or NaN
 MAX_REL_ERR = 1e-2
 
@@ -57,14 +57,14 @@ def unquantized(B, Hkv, G, D, S, slot, window, dtype):
     return got, want
 
 
-def with_switch(name, run, *args, value=True, **kwargs):
-    """run(*args, **kwargs) with kv_attention's switch `name` on (KV_TILES_FP16), or `value`."""
-    before = getattr(kv_attention, name)
-    setattr(kv_attention, name, value)
+def with_switch(name, run, *args, value=True, module=kv_attention, **kwargs):
+    """run(*args, **kwargs) with module's (kv_attention's) switch `name` on, or `value`."""
+    before = getattr(module, name)
+    setattr(module, name, value)
     try:
         return run(*args, **kwargs)
     finally:
-        setattr(kv_attention, name, before)
+        setattr(module, name, before)
 
 
 def whole_tiles(run, *args, **kwargs):
@@ -73,11 +73,11 @@ def whole_tiles(run, *args, **kwargs):
     return with_switch("WHOLE_TILES_MIN_PER_SPLIT", run, *args, value=1, **kwargs)
 
 
-def int8(B=2, Hkv=2, G=4, D=128, S=3000, slot=2100, dtype=torch.float32, q_size=1.0, v_scale_size=1e-2):
-    """An int8 cache; v_scale_size far below 6e-5: fp16's subnormals (KV_TILES_FP16 rescales first)."""
-    q = (torch.randn(B, Hkv * G, 1, D) * q_size).to(dtype)
+def int8(B=2, Hkv=2, G=4, D=128, S=3000, slot=2100, dtype=torch.float32):
+    """An int8 cache."""
+    q = torch.randn(B, Hkv * G, 1, D).to(dtype)
     k, v = torch.randint(-127, 128, (2, B, Hkv, S, D), dtype=torch.int8)
-    k_scale, v_scale = torch.rand(B, Hkv, S, 1).to(dtype) / 100, (torch.rand(B, Hkv, S, 1) * v_scale_size).to(dtype)
+    k_scale, v_scale = torch.rand(B, Hkv, S, 1).to(dtype) / 100, (torch.rand(B, Hkv, S, 1) / 100).to(dtype)
     row_start, q_slot = torch.tensor([0, 30], dtype=torch.int32), torch.tensor([slot])
     got = kv_attention.quantized_decode_attention(q, k, k_scale, v, v_scale, row_start, q_slot, 0)
     want = kv_attention.quantized_decode_attention_reference(q, k, k_scale, v, v_scale, row_start, q_slot, None)
@@ -270,20 +270,6 @@ def main():
             ),
         )
     ]
-    runs += [
-        (
-            "int8 KV tiles in fp16, bf16 queries",
-            lambda: with_switch("KV_TILES_FP16", int8, dtype=torch.bfloat16, q_size=3),
-        ),
-        (
-            "int8 KV tiles in fp16, fp16 queries, v scales ~1e-5",
-            lambda: with_switch("KV_TILES_FP16", int8, dtype=torch.float16, q_size=3, v_scale_size=1e-5),
-        ),
-        (
-            "int8 KV tiles in fp16, 32 splits of 2 tiles a row, whole tiles",
-            lambda: whole_tiles(with_switch, "KV_TILES_FP16", int8, Hkv=8, S=4096, slot=3000, dtype=torch.bfloat16),
-        ),
-    ]
     runs += [("int8 gemv", int8_gemv), ("int8 expert gemv", int8_expert_gemv)]
     runs += [
         ("int4 gemv, SmolLM2's 576 (9 supertiles of 64: a partial step), group 64", int4_gemv),
@@ -321,6 +307,15 @@ def main():
             lambda: decode_gemv(128, 2048, norm=True, glu=True, int8=True),
         ),
         ("decode gemv experts, K 1024 in whole steps", lambda: decode_gemv_experts(1, 8, 16, 64, 1024, True, True)),
+        # gemv.GEMV_PRELOAD: K fits one step, the weight read before the wait
+        (
+            "decode gemv + norm, SiLU(gate) * up, weight read first",
+            lambda: with_switch("GEMV_PRELOAD", decode_gemv, 3072, 576, norm=True, glu=True, module=gemv),
+        ),
+        (
+            "decode gemv + residual, K 1536 in one step, weight read first",
+            lambda: with_switch("GEMV_PRELOAD", decode_gemv, 575, 1536, residual=True, module=gemv),
+        ),
     ]
     runs += [("int8 expert gemv, 1 token x 8 experts", lambda: int8_expert_gemv(R=8, X=1))]
     runs += [("int8 expert gemv, 3 tokens x 2 experts", lambda: int8_expert_gemv(R=6, X=3))]
@@ -355,6 +350,10 @@ def main():
         (
             "wqkv + rope + cache write, whole tiles (64-wide K steps), int8",
             lambda: decode_gemv_rope_kv(int8=True, tiles=dict(BLOCK_N=4, BLOCK_K=64, num_warps=2)),
+        ),
+        (
+            "wqkv + rope + cache write, SmolLM2's heads, weight read first",
+            lambda: with_switch("GEMV_PRELOAD", decode_gemv_rope_kv, module=gemv),
         ),
         ("DecodeBlock, wqkv + rope + cache write in one kernel", lambda: decode_block(rope_in_qkv=True)),
     ]

@@ -33,12 +33,7 @@ N_HEADS, N_KV_HEADS, HEAD_DIM = 32, 8, 128
 KV = kv_attention
 DEFAULT = {  # today's launch per cache kind
     "bf16": (KV.BLOCK_N, KV.TARGET_PROGRAMS, KV.NUM_WARPS, KV.NUM_STAGES),
-    "int8": (
-        KV.BLOCK_N,
-        KV.TARGET_PROGRAMS_QUANTIZED,
-        KV.NUM_WARPS,
-        KV.NUM_STAGES_TILES_FP16 if KV.KV_TILES_FP16 else KV.NUM_STAGES,  # FASTGEN_KV_TILES_FP16=1's launch
-    ),
+    "int8": (KV.BLOCK_N, KV.TARGET_PROGRAMS_QUANTIZED, KV.NUM_WARPS, KV.NUM_STAGES),
 }
 
 
@@ -78,7 +73,6 @@ def make_case(dtype, batch, slots, filled):
 
 def set_launch(cfg):
     KV.BLOCK_N, programs, KV.NUM_WARPS, KV.NUM_STAGES = cfg
-    KV.NUM_STAGES_TILES_FP16 = KV.NUM_STAGES
     KV.TARGET_PROGRAMS = KV.TARGET_PROGRAMS_QUANTIZED = programs
 
 

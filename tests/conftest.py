@@ -22,8 +22,8 @@ def smollm2_checkpoint(tmp_path_factory):
 def compile_cache_per_gpu_test(request, monkeypatch):
     """A GPU test's compiles get a cache key tag of their own: Inductor's FX graph cache keys a graph by its
     ops, not by the module switches (gemv.*, kv_attention.*) a test sets and our ops read when traced, so a
-    test could load a graph that another test, or an earlier run, compiled under other switches (the
-    KV_TILES_FP16 test failed so on an H100 that had run the tier before, 2026-12-05)."""
+    test could load a graph that another test, or an earlier run, compiled under other switches (a
+    KV cache test failed so on an H100 that had run the tier before, 2026-12-05)."""
     if request.node.get_closest_marker("gpu") is None:
         return
     import torch

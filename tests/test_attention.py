@@ -188,7 +188,7 @@ def test_split_kv_splits(monkeypatch):
 def test_an_e4m3_values_bf16_is_the_top_half_of_its_fp32():
     """kv_attention.KV_FP8_VIA_F32 converts an fp8 cache's values to bf16 by taking the top 16 bits of their fp32
     (one prmt a pair): exact for every e4m3 value (at most 4 significant bits, exponents inside bf16's), the
-    subnormals and both zeros included. test_gpu.py runs the PTX itself against the default conversion."""
+    subnormals and both zeros included. test_gpu.py runs the PTX itself against Triton's conversion."""
     every = torch.arange(256, dtype=torch.uint8)
     every = every[(every & 0x7F) != 0x7F].view(torch.float8_e4m3fn)  # without the two NaNs
     top_half = (every.float().view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
@@ -205,10 +205,10 @@ def test_fastgen_switches_tag_the_compile_cache():
     import sys
 
     code = "import torch, kv_attention; print(torch.compiler.config.cache_key_tag)"
-    env = {**os.environ, "FASTGEN_WHOLE_TILES": "0", "FASTGEN_KV_TILES_FP16": "1"}
+    env = {**os.environ, "FASTGEN_WHOLE_TILES": "0", "FASTGEN_KV_FP8_VIA_F32": "0"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     tag = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
-    assert "FASTGEN_KV_TILES_FP16=1" in tag.stdout and "FASTGEN_WHOLE_TILES=0" in tag.stdout
+    assert "FASTGEN_KV_FP8_VIA_F32=0" in tag.stdout and "FASTGEN_WHOLE_TILES=0" in tag.stdout
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTGEN_")}
     tag = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
     assert "FASTGEN_" not in tag.stdout

@@ -322,32 +322,12 @@ def test_unquantized_decode_attention_kernel_equals_reference(dtype, case, singl
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
 
 
-@pytest.mark.parametrize("storage", ["int8", "fp8"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", KV_KERNEL_CASES)
-def test_kv_tiles_in_fp16_equal_reference(storage, dtype, case, monkeypatch):
-    """KV_TILES_FP16: the int8 / e4m3 tiles converted to fp16 in registers (exactly) and both products
-    in fp16 give the dequantize-then-SDPA reference, as close as the default path does, and read no
-    slot outside a row's valid range (NaN scales there)."""
-    import kv_attention
-
-    # v scales far below fp16's normal range too: the kernel rescales p * v_scale into [0, 1] first
-    args, want = quantized_attention_case(case, storage, dtype, 3, ((1e-3, 1e-2), (1e-6, 1e-5)))
-    monkeypatch.setattr(kv_attention, "KV_TILES_FP16", True)
-    got = kv_attention.quantized_decode_attention(*args)
-    assert got.dtype == dtype and got.shape == want.shape
-    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
-    compiled = torch.compile(kv_attention.quantized_decode_attention, fullgraph=True, mode="reduce-overhead")
-    for _ in range(3):  # warm-up, record, replay: the same kernel
-        out = compiled(*args).clone()
-    assert torch.equal(out, got)
-
-
-@pytest.mark.parametrize("case", KV_KERNEL_CASES)
-def test_fp8_tiles_via_fp32_equal_the_default(case, monkeypatch):
-    """KV_FP8_VIA_F32: an fp8 cache's tiles converted to bf16 through fp32 (PTX: cvt to fp16 pairs, to fp32, the
-    top halves) give the default form's output, which converts the same values exactly another way, over random
-    tiles and over tiles holding every e4m3 byte (subnormals, the largest, both zeros), and the reference."""
+def test_fp8_tiles_via_fp32_equal_tritons_conversion(case, monkeypatch):
+    """KV_FP8_VIA_F32 (the default): an fp8 cache's tiles converted to bf16 through fp32 (PTX: cvt to fp16 pairs,
+    to fp32, the top halves) give Triton's own conversion's output, which converts the same values exactly another
+    way, over random tiles and over tiles holding every e4m3 byte (subnormals, the largest, both zeros), and the
+    reference."""
     import kv_attention
 
     args, want = quantized_attention_case(case, "fp8", torch.bfloat16, 1, ((1e-3, 1 / 50), (1e-3, 1 / 50)))
@@ -359,11 +339,11 @@ def test_fp8_tiles_via_fp32_equal_the_default(case, monkeypatch):
     ):
         inputs = (args[0], k_cache, args[2], v_cache, *args[4:])
         monkeypatch.setattr(kv_attention, "KV_FP8_VIA_F32", False)
-        default = kv_attention.quantized_decode_attention(*inputs)
+        triton_form = kv_attention.quantized_decode_attention(*inputs)
         monkeypatch.setattr(kv_attention, "KV_FP8_VIA_F32", True)
         got = kv_attention.quantized_decode_attention(*inputs)
-        assert got.dtype == torch.bfloat16 and got.shape == default.shape
-        assert ((got.float() - default.float()).norm() / default.float().norm()).item() < 1e-5
+        assert got.dtype == torch.bfloat16 and got.shape == triton_form.shape
+        assert ((got.float() - triton_form.float()).norm() / triton_form.float().norm()).item() < 1e-5
     got = kv_attention.quantized_decode_attention(*args)
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
 
@@ -636,6 +616,27 @@ def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, split, pdl
         kernels += [kv_attention._merge_splits_kernel] if split else []
         for kernel in kernels:
             assert any(launched_with_pdl(kernel)), kernel
+
+
+@pytest.mark.parametrize("shape, compile", [("gqa-hd128", True), ("tied", False)])
+def test_weights_read_before_the_wait_equal_cpu_fp32_eager(monkeypatch, shape, compile):
+    """gemv.GEMV_PRELOAD (a GEMV whose K fits one step reads its weight rows into registers before its PDL
+    wait) and gemv.PDL_EARLY_LAUNCH (a GEMV lets the next kernel launch as it starts): the fused block's PDL
+    chain, eager and compiled around the blocks, gives the CPU fp32 eager tokens."""
+    import gemv
+    import kv_attention
+
+    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
+    monkeypatch.setattr(gemv, "FLOAT_GEMV_ENABLED", True)
+    monkeypatch.setattr(kv_attention, "PDL", True)
+    monkeypatch.setattr(gemv, "GEMV_PRELOAD", True)
+    monkeypatch.setattr(gemv, "PDL_EARLY_LAUNCH", True)
+    cpu = random_model(shape)
+    want = [greedy(cpu, [p], 40, 128)[0] for p in PROMPTS[:2]]
+    cuda = on(cpu, "cuda")
+    assert [greedy(cuda, [p], 40, 128, compile=compile)[0] for p in PROMPTS[:2]] == want
+    assert type(cuda.layers[0]) is gemv.DecodeBlock
+    assert any(launched_with_pdl(gemv._decode_gemv_kernel))
 
 
 @pytest.mark.parametrize(
