@@ -282,16 +282,6 @@ EXPERT_GEMV_ENABLED = os.environ.get("FASTGEN_EXPERT_GEMV", "1") == "1"
 # weights only, since only they were timed; "1": int8 weights too; "0": never.
 ROPE_IN_QKV = os.environ.get("FASTGEN_ROPE_IN_QKV", "float")
 
-# Issue 11's SmolLM2-135M step is ~150 dependent kernels of ~2.7 us, its weights 0.27 GB (90 us of the H100's
-# copy): each GEMV's weight, though prefetched to L2 before its wait, crosses L2 -> SM after it (w13's 3.5 MB
-# ~0.6 us at ~6 TB/s; ~35 us a step over the four projections). GEMV_PRELOAD: a weight whose K fits one step
-# (every SmolLM2 projection) is read into registers before the wait. PDL_EARLY_LAUNCH: a GEMV lets the next
-# kernel launch as it starts, not after its loop, so the next one's weight reads overlap more of this one.
-# The next kernel waits (griddepcontrol.wait) for this one's completion either way; it launches only once
-# every program of this one has started, so no program waits on one that cannot start. Opt-in, not yet timed.
-GEMV_PRELOAD = os.environ.get("FASTGEN_GEMV_PRELOAD", "0") == "1"
-PDL_EARLY_LAUNCH = os.environ.get("FASTGEN_PDL_EARLY_LAUNCH", "0") == "1"
-
 
 def decode_gemv_config(n: int, k: int) -> dict:
     return dict(BLOCK_N=2, BLOCK_K=2048 if k > 4096 else 1024, num_warps=2 if k > 4096 else 4)
@@ -434,8 +424,6 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         EVEN_K: tl.constexpr,  # BLOCK_K divides K: no K step is partial
         EVEN_N: tl.constexpr,  # BLOCK_N divides the programs' outputs (with ROPE, their row pairs)
-        PRELOAD: tl.constexpr,  # K fits one step: the weight rows read before the wait (GEMV_PRELOAD)
-        EARLY_LAUNCH: tl.constexpr,  # the next kernel may launch as this one starts (PDL_EARLY_LAUNCH)
     ):
         # BLOCK_N outputs of one activation row, the weight read once. Each program reads all of
         # x anyway, so the norm costs no pass of its own: W (g * x * r) = r * (W (g * x)), with the
@@ -452,25 +440,7 @@ if triton is not None:
         else:
             rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
             partners = rows + N  # GLU's up rows
-        cols = tl.arange(0, BLOCK_K)
-        row_ok = (rows < N) | EVEN_N
-        if PRELOAD:  # not EXPERTS: w_ptr is final. The program's whole weight slice to registers (one K step)
-            # while the previous kernel finishes; after the wait only x's read is left before the math
-            pre_ok = row_ok[:, None] & ((cols < K) | EVEN_K)[None, :]
-            w = tl.load(
-                w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
-                mask=pre_ok,
-                other=0,
-                eviction_policy="evict_first",
-            )
-            if PAIRED:
-                w_up = tl.load(
-                    w_ptr + partners.to(tl.int64)[:, None] * K + cols[None, :],
-                    mask=pre_ok,
-                    other=0,
-                    eviction_policy="evict_first",
-                )
-        elif PDL and not EXPERTS:  # the first weight tile's lines to L2 while the previous kernel finishes
+        if PDL and not EXPERTS:  # the first weight tile's lines to L2 while the previous kernel finishes
             LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # elements a 128-byte line
             at = tl.minimum(tl.arange(0, BLOCK_K // LINE) * LINE, K - 1)  # clamped: no address outside w
             lines = w_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * K + at[None, :]
@@ -479,8 +449,6 @@ if triton is not None:
                 prefetch_l2(lines + N.to(tl.int64) * K)
             if ROPE:
                 prefetch_l2(w_ptr + tl.minimum(partners, N - 1).to(tl.int64)[:, None] * K + at[None, :])
-        if EARLY_LAUNCH:  # the next kernel's programs start (and read their weights) while this one runs
-            pdl_launch_next(PDL)
         pdl_wait(PDL)  # the expert ids, x, the residual: written by earlier kernels
         if EXPERTS:  # program axis 1: the (token, expert) pair
             r = tl.program_id(1)
@@ -491,6 +459,8 @@ if triton is not None:
             scale_ptr += e * N
             x_ptr += (r // rows_per_x).to(tl.int64) * K
             y_ptr += r.to(tl.int64) * N
+        cols = tl.arange(0, BLOCK_K)
+        row_ok = (rows < N) | EVEN_N
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
         up_rows = w_ptr + partners.to(tl.int64)[:, None] * K  # read only if PAIRED
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -504,23 +474,20 @@ if triton is not None:
             if NORM:
                 squares += x * x
                 x = x * tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            if not PRELOAD:
-                w = tl.load(
-                    w_rows + k[None, :], mask=w_ok, other=0, eviction_policy="evict_first"
-                )  # read once: keep L2 for x
+            w = tl.load(
+                w_rows + k[None, :], mask=w_ok, other=0, eviction_policy="evict_first"
+            )  # read once: keep L2 for x
             if CONVERT >= 0:
                 acc += _int8_to_fp32(w, CONVERT) * x[None, :]
             else:
                 acc += w.to(tl.float32) * x[None, :]
             if PAIRED:
-                if not PRELOAD:
-                    w_up = tl.load(up_rows + k[None, :], mask=w_ok, other=0, eviction_policy="evict_first")
+                w_up = tl.load(up_rows + k[None, :], mask=w_ok, other=0, eviction_policy="evict_first")
                 if CONVERT >= 0:
                     acc_up += _int8_to_fp32(w_up, CONVERT) * x[None, :]
                 else:
                     acc_up += w_up.to(tl.float32) * x[None, :]
-        if not EARLY_LAUNCH:
-            pdl_launch_next(PDL)
+        pdl_launch_next(PDL)
         y = tl.sum(acc, axis=1)
         up = tl.sum(acc_up, axis=1)
         if CONVERT >= 0:
@@ -764,8 +731,6 @@ if triton is not None:
             HKV=n_kv_heads,
             HEAD_DIM=head_dim,
             **decode_gemv_whole_tiles(programs, K, cfg),
-            PRELOAD=GEMV_PRELOAD and expert_ids is None and K <= cfg["BLOCK_K"],
-            EARLY_LAUNCH=PDL_EARLY_LAUNCH,
             **cfg,
             **kv_attention.pdl_launch(x),
         )

@@ -136,13 +136,8 @@ def main(argv=None):
         (576, 1536, 0, 0, 1, 0, 0, 1),
         (6144, 4096, 1, 0, 0, 1, 0, 1),
         (1536, 2048, 1, 1, 0, 0, 1, 1),
-        # gemv.GEMV_PRELOAD and PDL_EARLY_LAUNCH (pdl 2): SmolLM2's weights read before the wait
-        (960, 576, 1, 0, 0, 0, 0, 2),
-        (3072, 576, 1, 1, 0, 0, 0, 2),
-        (576, 1536, 0, 0, 1, 0, 0, 2),
     ):
         cfg = gemv.decode_gemv_tiles(n, k, int8, glu)
-        preload = {"PRELOAD": pdl == 2, "EARLY_LAUNCH": pdl == 2}
         for convert in (0, 1, 2) if int8 and not glu and not pdl else (cfg["CONVERT"],):  # each int8 -> fp32 form
             consts = {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": convert}
             consts.update(gemv.decode_gemv_whole_tiles(n // 2 if glu else n, k, cfg))
@@ -150,20 +145,10 @@ def main(argv=None):
                 target,
                 f"decode gemv {n}x{k} norm={norm} glu={glu} res={residual} int8={int8} experts={experts}"
                 + (f" convert={convert}" if int8 else "")
-                + (" pdl" if pdl else "")
-                + (" preload, early launch" if pdl == 2 else ""),
+                + (" pdl" if pdl else ""),
                 gemv._decode_gemv_kernel,
                 {**decode_sig, "w_ptr": "*i8" if int8 else "*bf16"},
-                {
-                    **consts,
-                    "NORM": norm,
-                    "GLU": glu,
-                    "RESIDUAL": residual,
-                    "EXPERTS": experts,
-                    "PDL": bool(pdl),
-                    **no_rope,
-                    **preload,
-                },  # fmt: skip
+                {**consts, "NORM": norm, "GLU": glu, "RESIDUAL": residual, "EXPERTS": experts, "PDL": pdl, **no_rope},
                 range(9),
                 num_warps=cfg["num_warps"],
                 num_stages=cfg.get("num_stages", 3),
@@ -174,21 +159,16 @@ def main(argv=None):
         (960, 576, 9, 3, 64, 0, 0),
         (960, 576, 9, 3, 64, 0, 1),
         (6144, 4096, 32, 8, 128, 1, 1),
-        (960, 576, 9, 3, 64, 0, 2),  # gemv.GEMV_PRELOAD and PDL_EARLY_LAUNCH
     ):
         cfg = gemv.decode_gemv_tiles(n, k, int8, True)
         rope = {"ROPE": 1, "HQ": hq, "HKV": hkv, "HEAD_DIM": d}
         build(
             target,
-            f"wqkv + rope + cache write {n}x{k} norm=1 int8={int8}"
-            + (" pdl" if pdl else "")
-            + (" preload, early launch" if pdl == 2 else ""),
+            f"wqkv + rope + cache write {n}x{k} norm=1 int8={int8}" + (" pdl" if pdl else ""),
             gemv._decode_gemv_kernel,
             {**decode_sig, "w_ptr": "*i8" if int8 else "*bf16"},
             {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": cfg["CONVERT"], "NORM": 1,
-             "GLU": 0, "RESIDUAL": 0, "EXPERTS": 0, "PDL": min(pdl, 1), **rope,
-             **gemv.decode_gemv_whole_tiles(n // 2, k, cfg),
-             "PRELOAD": pdl == 2, "EARLY_LAUNCH": pdl == 2},
+             "GLU": 0, "RESIDUAL": 0, "EXPERTS": 0, "PDL": pdl, **rope, **gemv.decode_gemv_whole_tiles(n // 2, k, cfg)},
             range(9),
             num_warps=cfg["num_warps"],
             num_stages=cfg.get("num_stages", 3),

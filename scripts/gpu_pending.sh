@@ -33,7 +33,6 @@
 #                                          #   tinygemm), the int4-g64 Llama-3-8B step with tinygemm and with the GEMV,
 #                                          #   then its tiles (int4_gemv_sweep.py) (H100, eleventh session: tinygemm
 #                                          #   2.779 ms, the GEMV 2.788: a tie; issue 10 wants 450 tok/s, 2.22 ms)
-#   bash scripts/gpu_pending.sh preload    # ~5 min: SmolLM2 with gemv.GEMV_PRELOAD / PDL_EARLY_LAUNCH (issue 11's 0.4 ms)
 #   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
 #   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
 #                                          #   10: why int8 reads at half bf16's rate), if ncu is on the machine
@@ -185,18 +184,6 @@ smoltiles)
         decode "smol_${t//[,=\/]/_}" 45 --model smollm2-135m --new-tokens 256 --tile "$t"
     done
     ;;
-preload)
-    # issue 11's SmolLM2 (0.423 ms replayed, 0.4 wanted): gemv.GEMV_PRELOAD (the weight to registers before the
-    # PDL wait) and PDL_EARLY_LAUNCH (the next kernel launched as a GEMV starts), their GPU test, then each
-    # against the default in the whole step (twice: the run-to-run spread)
-    step preload_tests 100 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k "before_the_wait"
-    summary+=("  $(tail -n 1 "$out/preload_tests.txt")")
-    decode smol 45 --model smollm2-135m --new-tokens 256
-    FASTGEN_GEMV_PRELOAD=1 FASTGEN_PDL_EARLY_LAUNCH=1 decode smol_both 45 --model smollm2-135m --new-tokens 256
-    FASTGEN_GEMV_PRELOAD=1 decode smol_preload 45 --model smollm2-135m --new-tokens 256
-    FASTGEN_PDL_EARLY_LAUNCH=1 decode smol_early 45 --model smollm2-135m --new-tokens 256
-    decode smol_again 45 --model smollm2-135m --new-tokens 256
-    ;;
 moebench)
     # ~6 min: issue 17 on an H100: Qwen3-30B-A3B bf16 B1 (59.5% of copy before the in-place decode loop) and
     # Mixtral int8 B1 (63% on the H200; not on an H100 since the int8 expert GEMV), copy in the same run
@@ -283,7 +270,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4rows, int4gemv, smoltiles, preload, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4rows, int4gemv, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

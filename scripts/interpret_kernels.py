@@ -26,8 +26,7 @@ import gemv  # noqa: E402
 import kv_attention  # noqa: E402
 from model import Experts, ModelArgs, MoEFeedForward  # noqa: E402
 
-# Rounding leaves at most ~4e-3 (int4 weights); a kernel
-# that indexes a wrong row, slot or split is off by ~1 or NaN
+# Rounding leaves at most ~4e-3 (int4 weights); a kernel that indexes a wrong row, slot or split is off by ~1 or NaN
 MAX_REL_ERR = 1e-2
 
 CASES = [  # B, Hkv, G, D, cache slots, query slot, sliding window (0: none), dtype
@@ -57,14 +56,14 @@ def unquantized(B, Hkv, G, D, S, slot, window, dtype):
     return got, want
 
 
-def with_switch(name, run, *args, value=True, module=kv_attention, **kwargs):
-    """run(*args, **kwargs) with module's (kv_attention's) switch `name` on, or `value`."""
-    before = getattr(module, name)
-    setattr(module, name, value)
+def with_switch(name, run, *args, value=True, **kwargs):
+    """run(*args, **kwargs) with kv_attention's switch `name` on, or `value`."""
+    before = getattr(kv_attention, name)
+    setattr(kv_attention, name, value)
     try:
         return run(*args, **kwargs)
     finally:
-        setattr(module, name, before)
+        setattr(kv_attention, name, before)
 
 
 def whole_tiles(run, *args, **kwargs):
@@ -307,15 +306,6 @@ def main():
             lambda: decode_gemv(128, 2048, norm=True, glu=True, int8=True),
         ),
         ("decode gemv experts, K 1024 in whole steps", lambda: decode_gemv_experts(1, 8, 16, 64, 1024, True, True)),
-        # gemv.GEMV_PRELOAD: K fits one step, the weight read before the wait
-        (
-            "decode gemv + norm, SiLU(gate) * up, weight read first",
-            lambda: with_switch("GEMV_PRELOAD", decode_gemv, 3072, 576, norm=True, glu=True, module=gemv),
-        ),
-        (
-            "decode gemv + residual, K 1536 in one step, weight read first",
-            lambda: with_switch("GEMV_PRELOAD", decode_gemv, 575, 1536, residual=True, module=gemv),
-        ),
     ]
     runs += [("int8 expert gemv, 1 token x 8 experts", lambda: int8_expert_gemv(R=8, X=1))]
     runs += [("int8 expert gemv, 3 tokens x 2 experts", lambda: int8_expert_gemv(R=6, X=3))]
@@ -350,10 +340,6 @@ def main():
         (
             "wqkv + rope + cache write, whole tiles (64-wide K steps), int8",
             lambda: decode_gemv_rope_kv(int8=True, tiles=dict(BLOCK_N=4, BLOCK_K=64, num_warps=2)),
-        ),
-        (
-            "wqkv + rope + cache write, SmolLM2's heads, weight read first",
-            lambda: with_switch("GEMV_PRELOAD", decode_gemv_rope_kv, module=gemv),
         ),
         ("DecodeBlock, wqkv + rope + cache write in one kernel", lambda: decode_block(rope_in_qkv=True)),
     ]

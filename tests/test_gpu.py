@@ -618,27 +618,6 @@ def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, split, pdl
             assert any(launched_with_pdl(kernel)), kernel
 
 
-@pytest.mark.parametrize("shape, compile", [("gqa-hd128", True), ("tied", False)])
-def test_weights_read_before_the_wait_equal_cpu_fp32_eager(monkeypatch, shape, compile):
-    """gemv.GEMV_PRELOAD (a GEMV whose K fits one step reads its weight rows into registers before its PDL
-    wait) and gemv.PDL_EARLY_LAUNCH (a GEMV lets the next kernel launch as it starts): the fused block's PDL
-    chain, eager and compiled around the blocks, gives the CPU fp32 eager tokens."""
-    import gemv
-    import kv_attention
-
-    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
-    monkeypatch.setattr(gemv, "FLOAT_GEMV_ENABLED", True)
-    monkeypatch.setattr(kv_attention, "PDL", True)
-    monkeypatch.setattr(gemv, "GEMV_PRELOAD", True)
-    monkeypatch.setattr(gemv, "PDL_EARLY_LAUNCH", True)
-    cpu = random_model(shape)
-    want = [greedy(cpu, [p], 40, 128)[0] for p in PROMPTS[:2]]
-    cuda = on(cpu, "cuda")
-    assert [greedy(cuda, [p], 40, 128, compile=compile)[0] for p in PROMPTS[:2]] == want
-    assert type(cuda.layers[0]) is gemv.DecodeBlock
-    assert any(launched_with_pdl(gemv._decode_gemv_kernel))
-
-
 @pytest.mark.parametrize(
     "shape, pdl, compile",
     [
