@@ -33,6 +33,8 @@
 #                                          #   tinygemm), the int4-g64 Llama-3-8B step with tinygemm and with the GEMV,
 #                                          #   then its tiles (int4_gemv_sweep.py) (H100, eleventh session: tinygemm
 #                                          #   2.779 ms, the GEMV 2.788: a tie; issue 10 wants 450 tok/s, 2.22 ms)
+#   bash scripts/gpu_pending.sh smolsplit  # ~4 min: SmolLM2 in bench.py with the one-split limit at 4 / 2 / 1 tiles
+#                                          #   (issue 11: bench.py 2248.1 tok/s at 216 slots, generate() 2291 at 272)
 #   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
 #   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
 #                                          #   10: why int8 reads at half bf16's rate), if ncu is on the machine
@@ -184,6 +186,20 @@ smoltiles)
         decode "smol_${t//[,=\/]/_}" 45 --model smollm2-135m --new-tokens 256 --tile "$t"
     done
     ;;
+smolsplit)
+    # issue 11's SmolLM2 in bench.py (200 new tokens: a 216-slot cache, 4 tiles, attended in one split by 3 programs
+    # reading their tiles in turn) ran at 2248.1 tok/s (twelfth session) where generate() at 272 slots (5 tiles: 4
+    # splits and a merge kernel) ran at 2291: does the one-split chain cost more than the merge at 4 tiles? The
+    # one-split limit at 4 (the default), 2 and 1 tiles, twice each, alternating
+    for run in 1 2; do
+        for tiles in 4 2 1; do
+            FASTGEN_SINGLE_SPLIT_TILES=$tiles step "smol_split_${tiles}_$run" 100 python scripts/bench.py --suite smoke \
+                --models smollm2-135m --batch 1 --ctx 16 --cache just --compile --new-tokens 200 --runs 3 --no-hf \
+                --no-cold-start --time-budget-s 90 --out-dir "$out/smol_split_${tiles}_$run"
+            summary+=("FASTGEN_SINGLE_SPLIT_TILES=$tiles: $(grep -E '^\| smollm2' "$out/smol_split_${tiles}_$run.txt")")
+        done
+    done
+    ;;
 moebench)
     # ~6 min: issue 17 on an H100: Qwen3-30B-A3B bf16 B1 (59.5% of copy before the in-place decode loop) and
     # Mixtral int8 B1 (63% on the H200; not on an H100 since the int8 expert GEMV), copy in the same run
@@ -270,7 +286,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4rows, int4gemv, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4rows, int4gemv, smoltiles, smolsplit, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac
