@@ -566,3 +566,27 @@ def test_decode_gemv_tiles_follow_the_measured_shapes():
     assert tile(960, 576) == tile(6144, 4096) == tile(151936, 2048) == (2, 1024, 4)  # the plain tile
     assert tile(2048, 2048) == (2, 1024, 4)  # Llama-3.2-1B's wo: square, lost with the short-K tile
     assert tile(5120, 2048, int8=True) == (4, 1024, 4)  # int8: int8_gemv_config's
+
+
+def test_attention_in_qkv_applies_where_the_attention_runs_one_split(monkeypatch):
+    """gemv.ATTEND_IN_QKV moves the batch-1 attention into wqkv's kernel only where the attention kernel would
+    run one split (SmolLM2's 216-slot cache, not 272 slots), over an unquantized SplitKVCache attended by
+    cache_attention_at_decode, for a float wqkv, eager, and never with the switch off."""
+    from functools import partial
+
+    import gemv
+    import kv_attention
+    from model import cache_attention_at_decode, sdpa_attention_over_cache
+
+    def applies(slots, weight_dtype=torch.bfloat16, attend=None, cache_type=kv_attention.SplitKVCache):
+        cache = cache_type(1, 3, slots, 64, torch.bfloat16)
+        attend = attend or partial(cache_attention_at_decode, row_start=None, q_slot=None, sliding_window=None)
+        return gemv.attend_in_qkv_applies(cache, torch.zeros(960, 576, dtype=weight_dtype), attend)
+
+    assert not applies(216)  # the switch is off by default
+    monkeypatch.setattr(gemv, "ATTEND_IN_QKV", True)
+    assert applies(216) and applies(64)
+    assert not applies(272)  # 5 tiles: the attention splits, and merges in a kernel of its own
+    assert not applies(216, torch.int8)
+    assert not applies(216, cache_type=KVCache)
+    assert not applies(216, attend=partial(sdpa_attention_over_cache, folded_mask=None))

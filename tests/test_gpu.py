@@ -560,6 +560,63 @@ def test_decode_gemv_rope_kv_equals_reference(D, n_heads, n_kv_heads, dtype, int
     assert_written_at(caches, want_caches, 29, tol)
 
 
+@pytest.mark.parametrize(
+    "D, n_heads, n_kv_heads, dtype, window",
+    [(64, 9, 3, torch.bfloat16, 0), (128, 32, 8, torch.bfloat16, 0), (64, 4, 2, torch.float32, 24)],
+)
+def test_decode_gemv_rope_attend_equals_reference(D, n_heads, n_kv_heads, dtype, window):
+    """gemv.decode_gemv_rope_attend (ATTEND_IN_QKV: decode_gemv_rope_kv, then the attention in each kv head's
+    last program, found by an atomic count) gives the reference's attention output and cache writes, call after
+    call (60 steps, launched with PDL where the device has it: the count must be zero again after each call and
+    the last program must see every other program's q, k and v), SmolLM2's, Llama-3-8B's and a windowed head."""
+    import gemv
+
+    torch.manual_seed(D)
+    K, S, first_slot = 576, 200, 120
+    N = (n_heads + 2 * n_kv_heads) * D
+    w = torch.randn(N, K, device="cuda", dtype=dtype) / 30
+    norm_weight = torch.rand(K, device="cuda", dtype=dtype) + 0.5
+    caches = [torch.randn(1, n_kv_heads, S, D, device="cuda", dtype=dtype) for _ in range(2)]
+    want_caches = [c.clone() for c in caches]
+    row_start = torch.tensor([5], device="cuda", dtype=torch.int32)
+    arrivals = torch.zeros(n_kv_heads, device="cuda", dtype=torch.int32)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for step in range(60):
+        x = torch.randn(1, K, device="cuda", dtype=dtype)
+        _, cos, sin, _, _ = one_token_qkv(D, n_heads, n_kv_heads, False, 1, dtype)
+        slot = torch.tensor([first_slot + step], device="cuda")
+        args = (x, w, None, norm_weight, None, 1e-5, cos, sin)
+        want = gemv.decode_gemv_rope_attend_reference(*args, *want_caches, slot, n_heads, row_start, window)
+        got = gemv.decode_gemv_rope_attend(*args, *caches, slot, n_heads, row_start, window, arrivals)
+        assert got.shape == (1, n_heads * D)
+        assert ((got.float() - want.float()).norm() / want.float().norm()) < tol, step
+        assert_written_at(caches, want_caches, first_slot + step, tol)
+        caches = [c.copy_(w_) for c, w_ in zip(caches, want_caches)]  # the next step starts from the same caches
+    assert not arrivals.any()
+
+
+@pytest.mark.parametrize("shape, compile", [("gqa-hd128", False), ("window", True), ("tied", True)])
+def test_attention_in_qkv_equals_cpu_fp32_eager(monkeypatch, shape, compile):
+    """With gemv.ATTEND_IN_QKV the fused decode block's attention runs in wqkv's kernel (these 128-slot caches
+    attend in one split): the CUDA-graph decode gives the CPU fp32 eager tokens, eager and compiled around the
+    blocks with PDL, and every layer's step went through decode_gemv_rope_attend."""
+    import gemv
+    import kv_attention
+
+    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
+    monkeypatch.setattr(gemv, "FLOAT_GEMV_ENABLED", True)
+    monkeypatch.setattr(gemv, "ATTEND_IN_QKV", True)
+    monkeypatch.setattr(kv_attention, "PDL", True)
+    calls = []
+    fused = gemv.decode_gemv_rope_attend
+    monkeypatch.setattr(gemv, "decode_gemv_rope_attend", lambda *a: calls.append(1) or fused(*a))
+    cpu = random_model(shape)
+    want = [greedy(cpu, [p], 40, 128)[0] for p in PROMPTS[:2]]
+    cuda = on(cpu, "cuda")
+    assert [greedy(cuda, [p], 40, 128, compile=compile)[0] for p in PROMPTS[:2]] == want
+    assert len(calls) >= cpu.args.n_layers
+
+
 def launched_with_pdl(kernel) -> list[bool]:
     """Each compiled variant of a Triton kernel in Triton's cache: was it built for a PDL launch?"""
     return [k.metadata.launch_pdl for cache in kernel.device_caches.values() for k in cache[0].values()]
