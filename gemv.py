@@ -763,6 +763,10 @@ if triton is not None:
         _, n_kv_heads, S, head_dim = k_cache.shape if rope else (0, 0, 0, 2)
         y = torch.empty((R, n_heads * head_dim if rope else outputs), dtype=x.dtype, device=x.device)
         row_start, window, arrivals = attend or (weight, 0, weight)
+        if attend and (head_dim // 2) % cfg["BLOCK_N"]:  # the kernel counts a kv head's programs by whole heads
+            raise ValueError(
+                f"attention in wqkv's kernel needs {cfg['BLOCK_N']} row pairs a program to divide {head_dim // 2}"
+            )
         o = torch.empty_like(y) if attend else y  # never written without ATTEND
         wrap_triton(_decode_gemv_kernel)[(triton.cdiv(programs, cfg["BLOCK_N"]), R)](
             x,
