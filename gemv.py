@@ -299,15 +299,15 @@ EXPERT_GEMV_ENABLED = os.environ.get("FASTGEN_EXPERT_GEMV", "1") == "1"
 # weights only, since only they were timed; "1": int8 weights too; "0": never.
 ROPE_IN_QKV = os.environ.get("FASTGEN_ROPE_IN_QKV", "float")
 
-# SmolLM2-135M's batch-1 step is ~150 dependent kernels of ~2.7 us (issue 11 wants 0.4 ms, it takes ~0.425 on
-# an H100), 5 a layer: wqkv (RoPE and the cache write in its epilogue), attention, wo, w13, w2. With
-# ATTEND_IN_QKV the attention runs in wqkv's kernel: each program counts itself into its kv head's arrivals
-# (an atomic, after its stores), and the last of a kv head's programs attends for that head's queries, as the
-# one-split attention kernel's program would (kv_attention.attend_one_split): one launch and one wait a layer
-# fewer (the same pattern lost twice under PDL, H100 2026-12-05: the last split merging the others, the
-# router's top k in its GEMV's last program; BENCHMARKS.md). Only where that kernel would run one split (a cache of at most SINGLE_SPLIT_MAX_TILES tiles: bench.py's
-# 216 slots), for an unquantized cache, eager (the PDL chain; --compile runs these blocks eager on sm_90).
-# Opt-in, built 2026-12-06 (twelfth session), checked under the interpreter, not yet run on a GPU.
+# SmolLM2-135M's batch-1 step is ~150 dependent kernels of ~2.7 us (issue 11 wants 0.4 ms, it takes ~0.425 on an
+# H100), 5 a layer: wqkv (RoPE and the cache write in its epilogue), attention, wo, w13, w2. With ATTEND_IN_QKV the
+# attention runs in wqkv's kernel: each program counts itself into its kv head's arrivals (an atomic, after its
+# stores), and the last of a kv head's programs attends for that head's queries, as the one-split attention
+# kernel's program would (kv_attention.attend_one_split): one launch and one wait a layer fewer (the same pattern
+# lost twice under PDL, H100 2026-12-05: the last split merging the others, the router's top k in its GEMV's last
+# program; BENCHMARKS.md). Only where that kernel would run one split (a cache of at most SINGLE_SPLIT_MAX_TILES
+# tiles: bench.py's 216 slots), for an unquantized cache, eager (the PDL chain; --compile runs these blocks eager
+# on sm_90). Opt-in, built 2026-12-06 (twelfth session), checked under the interpreter, not yet run on a GPU.
 ATTEND_IN_QKV = os.environ.get("FASTGEN_ATTEND_IN_QKV", "0") == "1"
 
 
