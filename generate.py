@@ -158,15 +158,20 @@ def decode_one(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor,
     return sample(logits[:, -1], sampling)
 
 
-def advancing(step):
+def advancing(step, token_history=None):
     """step(model, token, input_pos, sampling) -> next token [B, 1], made into a step that leaves the
     next step's inputs in place: `token` is overwritten by the next token, `input_pos` moves one slot
     on, and both come back. Recorded in a CUDAGraphStep, whose own input buffers then come back, the
     decode loop replays with no GPU work between replays (no copies in, no clone of the output, no
-    increment: small kernels each step that keep the GPU waiting on the next replay's launch)."""
+    increment: small kernels each step that keep the GPU waiting on the next replay's launch).
+    token_history: a callable giving a [slots + 1, B] buffer (or None) into which the step also writes
+    the next token at input_pos (TOKEN_STREAM: DeviceTokenReader copies it from there)."""
 
     def step_and_advance(model, token, input_pos, sampling):
         token.copy_(step(model, token, input_pos, sampling))
+        history = token_history() if token_history is not None else None
+        if history is not None:
+            history.index_copy_(0, input_pos, token.view(1, -1))
         input_pos.add_(1)
         return token, input_pos
 
@@ -301,16 +306,28 @@ class RowTokens:
         return all(self.finished(b) for b in range(len(self.ended)))
 
 
+# The decode loop's one piece of GPU work between replays is DeviceTokenReader's copy of the step's token to
+# the host, on the decode stream: on an H100 (2026-12-06) SmolLM2-135M's generate() took 0.436-0.439 ms a step
+# against 0.425 for the same loop without the reads, ~11 us (2.5%). TOKEN_STREAM: the step also writes its token
+# into a token history (inside the graph, at its input_pos, never overwritten during a call), and the reader
+# copies it from there on a stream of its own, so replays follow each other directly. Opt-in, built
+# 2026-12-06 (twelfth session), not yet run on a GPU (gpu_pending.sh attendqkv times it).
+TOKEN_STREAM = os.environ.get("FASTGEN_TOKEN_STREAM", "0") == "1"
+
+
 class DeviceTokenReader:
     """Brings each decode step's token ids [B, 1] to the host. On CUDA it copies them into pinned
     memory without waiting and returns the previous step's ids, so the GPU always has the next
-    step queued; on the CPU it returns the current step's ids."""
+    step queued; on the CPU it returns the current step's ids. With a token history (TOKEN_STREAM)
+    the copies run on a side stream from history[first_slot + step - 1]."""
 
-    def __init__(self, device: torch.device, steps: int, batch: int):
+    def __init__(self, device: torch.device, steps: int, batch: int, history=None, first_slot: int = 0):
         self.one_behind = device.type == "cuda"
         if self.one_behind:
             self.host = torch.empty((steps, batch), dtype=torch.long, pin_memory=True)
             self.events = []
+            self.history, self.first_slot = history, first_slot
+            self.side = torch.cuda.Stream(device) if history is not None else None
 
     def synchronize(self):
         """Wait for the device (timings; nothing to wait for on the CPU)."""
@@ -321,9 +338,18 @@ class DeviceTokenReader:
         """The ids to take after decode step `step` (1, 2, ...), or None (CUDA, step 1)."""
         if not self.one_behind:
             return token.view(-1).tolist()
-        self.host[step].copy_(token.view(-1), non_blocking=True)
-        self.events.append(torch.cuda.Event())
-        self.events[-1].record()
+        if self.side is None:
+            self.host[step].copy_(token.view(-1), non_blocking=True)
+            self.events.append(torch.cuda.Event())
+            self.events[-1].record()
+        else:  # the step wrote its token into the history: copied from there, off the decode stream
+            step_done = torch.cuda.Event()
+            step_done.record()
+            with torch.cuda.stream(self.side):
+                self.side.wait_event(step_done)
+                self.host[step].copy_(self.history[self.first_slot + step - 1], non_blocking=True)
+                self.events.append(torch.cuda.Event())
+                self.events[-1].record(self.side)
         if step < 2:
             return None
         self.events[step - 2].synchronize()
@@ -389,8 +415,12 @@ class Generator:
         # [B, T, 2 * ffn] gate/up output above all) stay bounded whatever the prompt length.
         self.prefill_chunk_size = prefill_chunk_size
         self.device = model.tok_embeddings.weight.device
+        # TOKEN_STREAM: each step also writes its token into this [slots + 1, B] buffer (made by setup)
+        self.token_history = None
+        history = (lambda: self.token_history) if TOKEN_STREAM else None
+        step = advancing(decode_one, history) if TOKEN_STREAM else decode_next
         # Without --compile a GPU still replays the decode step as a CUDA graph (no compiler).
-        self.decode_fn = CUDAGraphStep(decode_next) if self.device.type == "cuda" else decode_next
+        self.decode_fn = CUDAGraphStep(step) if self.device.type == "cuda" else step
         self.prefill_fn = prefill
         # Programmatic dependent launch happens only where this repo launches its kernels: the compiler
         # fuses what surrounds the batch-1 blocks, the blocks run eager (gemv.run_blocks_eager_under_compile:
@@ -405,13 +435,13 @@ class Generator:
                 inductor_config.triton.enable_pdl = True
         if self.compile_around_blocks:
             compiled = torch.compile(decode_one, fullgraph=False)
-            self.decode_fn = advancing(compiled)
+            self.decode_fn = advancing(compiled, history)
             if self.device.type == "cuda":
                 self.decode_fn = CUDAGraphStep(self.decode_fn)
         elif compile:
             # Static shapes: one compile, then CUDA-graph replays.
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self.decode_fn = advancing(torch.compile(decode_one, mode=mode, fullgraph=True))
+            self.decode_fn = advancing(torch.compile(decode_one, mode=mode, fullgraph=True), history)
         if compile_prefill:
             self.prefill_fn = torch.compile(prefill, dynamic=True, fullgraph=True)
         if compile_blocks:
@@ -490,6 +520,9 @@ class Generator:
         ):
             compute_dtype = m.tok_embeddings.weight.dtype
             m.setup_caches(batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype))
+        if TOKEN_STREAM and (self.token_history is None or self.token_history.shape != (max_seq_len + 1, batch_size)):
+            # before any step is recorded: a CUDA graph keeps this buffer's address
+            self.token_history = torch.zeros((max_seq_len + 1, batch_size), dtype=torch.long, device=self.device)
         gemv.use_decode_kernels(m)
         # the target's blocks only: a draft's steps compile whole (fullgraph)
         if kv_attention.pdl_applies(self.device) and (self.compile_around_blocks or self.compile_blocks):
@@ -635,7 +668,7 @@ class Generator:
         # A copy of prefill's token, once a call: off a CUDA graph the step overwrites what it is given, and
         # prefill's output may be a compiled program's (a package's).
         token, input_pos = token.clone(), torch.tensor([slot], device=self.device)
-        reader = DeviceTokenReader(self.device, max_new_tokens, token.shape[0])
+        reader = DeviceTokenReader(self.device, max_new_tokens, token.shape[0], self.token_history, slot)
         t1 = time.perf_counter()
         for step in range(1, max_new_tokens):
             token, input_pos = self.decode_fn(model, token, input_pos, sampling)

@@ -35,6 +35,8 @@
 #                                          #   2.779 ms, the GEMV 2.788: a tie; issue 10 wants 450 tok/s, 2.22 ms)
 #   bash scripts/gpu_pending.sh attendqkv  # ~7 min: SmolLM2 with gemv.ATTEND_IN_QKV (the attention in wqkv's kernel):
 #                                          #   its GPU tests, then bench.py and profile_decode.py with it and without
+#   bash scripts/gpu_pending.sh tokenstream # ~7 min: SmolLM2 with generate.TOKEN_STREAM (the token reads off the
+#                                          #   decode stream): its GPU tests, then generate() and bench.py with it and without
 #   bash scripts/gpu_pending.sh smolsplit  # ~4 min: SmolLM2 in bench.py with the one-split limit at 4 / 2 / 1 tiles
 #                                          #   (issue 11: bench.py 2248.1 tok/s at 216 slots, generate() 2291 at 272)
 #   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
@@ -206,6 +208,23 @@ attendqkv)
         done
     done
     ;;
+tokenstream)
+    # issue 11's SmolLM2: generate.TOKEN_STREAM (the step writes its token into a history inside the graph, the
+    # reader copies it on a side stream: no copy between replays; the reads cost ~11 us a step), its GPU tests,
+    # then generate() (profile_decode.py) and bench.py with it and without, alternating
+    step stream_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k "token_stream"
+    summary+=("  $(tail -n 1 "$out/stream_tests.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/stream_tests.txt" | head -6)")
+    for run in 1 2; do
+        for on in 0 1; do
+            FASTGEN_TOKEN_STREAM=$on decode "smol_stream_${on}_$run" 45 --model smollm2-135m --new-tokens 200
+            FASTGEN_TOKEN_STREAM=$on step "smol_stream_bench_${on}_$run" 100 python scripts/bench.py --suite smoke \
+                --models smollm2-135m --batch 1 --ctx 16 --cache just --compile --new-tokens 200 --runs 3 --no-hf \
+                --no-cold-start --time-budget-s 90 --out-dir "$out/smol_stream_bench_${on}_$run"
+            summary+=("FASTGEN_TOKEN_STREAM=$on: $(grep -E '^\| smollm2' "$out/smol_stream_bench_${on}_$run.txt")")
+        done
+    done
+    ;;
 smolsplit)
     # issue 11's SmolLM2 in bench.py (200 new tokens: a 216-slot cache, 4 tiles, attended in one split by 3 programs
     # reading their tiles in turn) ran at 2248.1 tok/s (twelfth session) where generate() at 272 slots (5 tiles: 4
@@ -306,7 +325,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4rows, int4gemv, smoltiles, attendqkv, smolsplit, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4rows, int4gemv, smoltiles, attendqkv, tokenstream, smolsplit, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

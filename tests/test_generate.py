@@ -590,3 +590,29 @@ def test_attention_in_qkv_applies_where_the_attention_runs_one_split(monkeypatch
     assert not applies(216, torch.int8)
     assert not applies(216, cache_type=KVCache)
     assert not applies(216, attend=partial(sdpa_attention_over_cache, folded_mask=None))
+
+
+def test_token_stream_writes_each_step_token_where_the_reader_copies_it(monkeypatch):
+    """generate.TOKEN_STREAM: each decode step also writes its token into the Generator's token history at its
+    input slot, where DeviceTokenReader (on CUDA) copies it from, off the decode stream: a batch of different
+    lengths and a continued sequence give the same tokens as without it, and history[first decode slot + k - 1]
+    holds each row's token k (token 0 comes from prefill)."""
+    import generate
+
+    model = tiny_model()
+    want = greedy(model, PROMPTS[:3], 12, 64).tokens
+    monkeypatch.setattr(generate, "TOKEN_STREAM", True)
+    gen = Generator(model)
+    gen.setup(3, 64)
+    got = gen.generate(PROMPTS[:3], 12, Sampling()).tokens
+    assert got == want
+    first_decode_slot = max(len(p) for p in PROMPTS[:3])
+    history = gen.token_history[first_decode_slot : first_decode_slot + 11].T.tolist()
+    assert history == [row[1:] for row in got]
+    # a continued sequence: its decode slots start after what the cache holds
+    gen.setup(1, 64)
+    gen.reset()
+    first = gen.generate([PROMPTS[0]], 5, Sampling(), continue_sequence=True).tokens[0]
+    second = gen.generate([[7, 8]], 6, Sampling(), continue_sequence=True).tokens[0]
+    start = len(PROMPTS[0]) + len(first) - 1 + 3  # what the cache held, then the pending id and [7, 8]
+    assert gen.token_history[start : start + 5, 0].tolist() == second[1:]

@@ -619,6 +619,22 @@ def test_attention_in_qkv_equals_cpu_fp32_eager(monkeypatch, shape, compile):
     assert len(calls) >= cpu.args.n_layers
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_token_stream_decode_equals_cpu_fp32_eager(monkeypatch, compile):
+    """generate.TOKEN_STREAM (each step writes its token into a history inside the CUDA graph; the reader
+    copies it to the host on a side stream): a batch of different lengths decodes to the CPU fp32 eager
+    tokens, eager (CUDA graph) and compiled, and so does a batch-1 prompt through the fused block."""
+    import generate
+
+    cpu = random_model("gqa-hd128")
+    want = greedy(cpu, PROMPTS[:3], 40, 128)
+    want_one = greedy(cpu, PROMPTS[:1], 40, 128)
+    monkeypatch.setattr(generate, "TOKEN_STREAM", True)
+    cuda = on(cpu, "cuda")
+    assert greedy(cuda, PROMPTS[:3], 40, 128, compile=compile) == want
+    assert greedy(cuda, PROMPTS[:1], 40, 128, compile=compile) == want_one
+
+
 def launched_with_pdl(kernel) -> list[bool]:
     """Each compiled variant of a Triton kernel in Triton's cache: was it built for a PDL launch?"""
     return [k.metadata.launch_pdl for cache in kernel.device_caches.values() for k in cache[0].values()]
