@@ -311,7 +311,7 @@ class RowTokens:
 # against 0.425 for the same loop without the reads, ~11 us (2.5%). TOKEN_STREAM: the step also writes its token
 # into a token history (inside the graph, at its input_pos, never overwritten during a call), and the reader
 # copies it from there on a stream of its own, so replays follow each other directly. Opt-in, built
-# 2026-12-06 (twelfth session), not yet run on a GPU (gpu_pending.sh attendqkv times it).
+# 2026-12-06 (twelfth session), not yet run on a GPU (gpu_pending.sh tokenstream times it).
 TOKEN_STREAM = os.environ.get("FASTGEN_TOKEN_STREAM", "0") == "1"
 
 
