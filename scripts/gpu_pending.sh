@@ -90,6 +90,22 @@ decode() {  # decode NAME TIMEOUT_S profile_decode args...: one replayed-step li
     summary+=("  $(grep -h "per step:" "$out/$name.txt" | head -1)")  # kernels a step, their share of it
 }
 
+smol_ab() {  # smol_ab SWITCH NAME: SmolLM2-135M at 216 slots (bench.py's 200 new tokens) with SWITCH=0 and =1,
+    # twice each, alternating: generate() (profile_decode.py) and bench.py
+    local switch=$1 name=$2 run on
+    for run in 1 2; do
+        for on in 0 1; do
+            export "$switch=$on"
+            decode "smol_${name}_${on}_$run" 45 --model smollm2-135m --new-tokens 200
+            step "smol_${name}_bench_${on}_$run" 100 python scripts/bench.py --suite smoke --models smollm2-135m \
+                --batch 1 --ctx 16 --cache just --compile --new-tokens 200 --runs 3 --no-hf --no-cold-start \
+                --time-budget-s 90 --out-dir "$out/smol_${name}_bench_${on}_$run"
+            summary+=("$switch=$on: $(grep -E '^\| smollm2' "$out/smol_${name}_bench_${on}_$run.txt")")
+        done
+    done
+    unset "$switch"
+}
+
 case $mode in
 tests)
     step tier 570 python -m pytest -m gpu -q -p no:cacheprovider -rf
@@ -198,15 +214,7 @@ attendqkv)
         -k "rope_attend or attention_in_qkv"
     summary+=("  $(tail -n 1 "$out/attend_tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/attend_tests.txt" | head -6)")
-    for run in 1 2; do
-        for on in 0 1; do
-            FASTGEN_ATTEND_IN_QKV=$on decode "smol_attend_${on}_$run" 45 --model smollm2-135m --new-tokens 200
-            FASTGEN_ATTEND_IN_QKV=$on step "smol_attend_bench_${on}_$run" 100 python scripts/bench.py --suite smoke \
-                --models smollm2-135m --batch 1 --ctx 16 --cache just --compile --new-tokens 200 --runs 3 --no-hf \
-                --no-cold-start --time-budget-s 90 --out-dir "$out/smol_attend_bench_${on}_$run"
-            summary+=("FASTGEN_ATTEND_IN_QKV=$on: $(grep -E '^\| smollm2' "$out/smol_attend_bench_${on}_$run.txt")")
-        done
-    done
+    smol_ab FASTGEN_ATTEND_IN_QKV attend
     ;;
 tokenstream)
     # issue 11's SmolLM2: generate.TOKEN_STREAM (the step writes its token into a history inside the graph, the
@@ -215,15 +223,7 @@ tokenstream)
     step stream_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k "token_stream"
     summary+=("  $(tail -n 1 "$out/stream_tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/stream_tests.txt" | head -6)")
-    for run in 1 2; do
-        for on in 0 1; do
-            FASTGEN_TOKEN_STREAM=$on decode "smol_stream_${on}_$run" 45 --model smollm2-135m --new-tokens 200
-            FASTGEN_TOKEN_STREAM=$on step "smol_stream_bench_${on}_$run" 100 python scripts/bench.py --suite smoke \
-                --models smollm2-135m --batch 1 --ctx 16 --cache just --compile --new-tokens 200 --runs 3 --no-hf \
-                --no-cold-start --time-budget-s 90 --out-dir "$out/smol_stream_bench_${on}_$run"
-            summary+=("FASTGEN_TOKEN_STREAM=$on: $(grep -E '^\| smollm2' "$out/smol_stream_bench_${on}_$run.txt")")
-        done
-    done
+    smol_ab FASTGEN_TOKEN_STREAM stream
     ;;
 smolsplit)
     # issue 11's SmolLM2 in bench.py (200 new tokens: a 216-slot cache, 4 tiles, attended in one split by 3 programs
