@@ -801,7 +801,7 @@ if triton is not None:
             HEAD_DIM=head_dim,
             **decode_gemv_whole_tiles(programs, K, cfg),
             ATTEND=attend is not None,
-            ATTEND_G_PAD=max(16, triton.next_power_of_2(max(1, n_heads // max(1, n_kv_heads)))),
+            ATTEND_G_PAD=max(16, triton.next_power_of_2(n_heads // n_kv_heads if attend else 1)),  # tl.dot's M >= 16
             ATTEND_D_PAD=triton.next_power_of_2(head_dim),
             ATTEND_BLOCK=kv_attention.BLOCK_N,
             **cfg,

@@ -169,9 +169,8 @@ def advancing(step, token_history=None):
 
     def step_and_advance(model, token, input_pos, sampling):
         token.copy_(step(model, token, input_pos, sampling))
-        history = token_history() if token_history is not None else None
-        if history is not None:
-            history.index_copy_(0, input_pos, token.view(1, -1))
+        if token_history is not None:
+            token_history().index_copy_(0, input_pos, token.view(1, -1))
         input_pos.add_(1)
         return token, input_pos
 

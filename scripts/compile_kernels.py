@@ -165,11 +165,11 @@ def main(argv=None):
                 launch_pdl=bool(pdl),
             )
     # wqkv with RoPE and the cache write in its epilogue (gemv.decode_gemv_rope_kv): SmolLM2, Llama-3-8B int8
-    for n, k, hq, hkv, d, int8, pdl in (
-        (960, 576, 9, 3, 64, 0, 0),
-        (960, 576, 9, 3, 64, 0, 1),
-        (6144, 4096, 32, 8, 128, 1, 1),
-        (960, 576, 9, 3, 64, 0, 2),  # and the attention in each kv head's last program (gemv.ATTEND_IN_QKV)
+    for n, k, hq, hkv, d, int8, pdl, attend in (
+        (960, 576, 9, 3, 64, 0, 0, 0),
+        (960, 576, 9, 3, 64, 0, 1, 0),
+        (6144, 4096, 32, 8, 128, 1, 1, 0),
+        (960, 576, 9, 3, 64, 0, 1, 1),  # and the attention in each kv head's last program (gemv.ATTEND_IN_QKV)
     ):
         cfg = gemv.decode_gemv_tiles(n, k, int8, True)
         rope = {"ROPE": 1, "HQ": hq, "HKV": hkv, "HEAD_DIM": d}
@@ -177,15 +177,13 @@ def main(argv=None):
             target,
             f"wqkv + rope + cache write {n}x{k} norm=1 int8={int8}"
             + (" pdl" if pdl else "")
-            + (" + attention" if pdl == 2 else ""),
+            + (" + attention" if attend else ""),
             gemv._decode_gemv_kernel,
             {**decode_sig, "w_ptr": "*i8" if int8 else "*bf16"},
             {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": cfg["CONVERT"], "NORM": 1,
-             "GLU": 0, "RESIDUAL": 0, "EXPERTS": 0, "PDL": min(pdl, 1), **rope,
-             **gemv.decode_gemv_whole_tiles(n // 2, k, cfg),
-             **(no_attend if pdl < 2 else {"ATTEND": 1, "ATTEND_G_PAD": 16, "ATTEND_D_PAD": d,
-                                            "ATTEND_BLOCK": kv_attention.BLOCK_N})},
-            (*range(9), 12, 13, 16) if pdl == 2 else range(9),  # the caches and the output: 16-byte aligned at run time
+             "GLU": 0, "RESIDUAL": 0, "EXPERTS": 0, "PDL": pdl, **rope, **gemv.decode_gemv_whole_tiles(n // 2, k, cfg),
+             **(no_attend if not attend else {**no_attend, "ATTEND": 1, "ATTEND_D_PAD": d})},
+            (*range(9), 12, 13, 16) if attend else range(9),  # the caches and the output: 16-byte aligned at run time
             num_warps=cfg["num_warps"],
             num_stages=cfg.get("num_stages", 3),
             launch_pdl=bool(pdl),
