@@ -12,7 +12,6 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
   decode_gemv               DecodeLinear, DecodeBlock,   1 row, a float or int8 weight, one pass (beats cuBLAS),
                             Int8Linear                   the norm / SiLU * up / residual folded in
   decode_gemv_rope_kv       DecodeBlock (float)          wqkv's decode_gemv, RoPE and the cache write in its epilogue
-  decode_gemv_rope_attend   DecodeBlock (opt-in)         the same, then the attention in each kv head's last program
   decode_gemv_experts       DecodeBlock, 1 token         the same over the token's k float experts
   int8_gemm_few_rows        Int8Linear, 2-16 rows        tensor cores over a 16-row tile, split over K
   int8_expert_gemv          Int8Experts, decode          decode_gemv's kernel with the int8 expert picked per row
@@ -24,7 +23,6 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
   int4_gemv                 Int4Linear, 1 row (opt-in)   tinygemm's int4 weight, one pass, bf16x2 math
 """
 
-import functools
 import os
 
 import torch
@@ -37,7 +35,6 @@ from model import (
     MoEFeedForward,
     RMSNorm,
     TransformerBlock,
-    cache_attention_at_decode,
     pairs_by_expert,
     top_k_by_max,
     weighted_sum,
@@ -125,20 +122,6 @@ def decode_gemv_rope_kv_reference(x, weight, scales, norm_weight, bias, eps, cos
     without the query/key norms: writes the token's k and v into the caches at slot, returns q [1, Hq, 1, D]."""
     qkv = decode_gemv_reference(x, weight, scales, norm_weight, bias, eps)
     return kv_attention.rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot, n_heads, None, None, 0.0)
-
-
-def decode_gemv_rope_attend_reference(
-    x, weight, scales, norm_weight, bias, eps, cos, sin, k_cache, v_cache, slot, n_heads, row_start, sliding_window
-):
-    """decode_gemv_rope_kv_reference, then batch 1's attention over the cache's valid slots [row_start, slot]
-    (the last sliding_window of them; 0: all) -> [1, Hq * D]."""
-    q = decode_gemv_rope_kv_reference(
-        x, weight, scales, norm_weight, bias, eps, cos, sin, k_cache, v_cache, slot, n_heads
-    )
-    window = sliding_window or None
-    return kv_attention.quantized_decode_attention_reference(
-        q, k_cache, None, v_cache, None, row_start, slot, window
-    ).reshape(1, -1)
 
 
 def decode_gemv_experts_reference(x, expert_ids, weight, norm_weight=None, eps=0.0, glu=False):
@@ -299,17 +282,6 @@ EXPERT_GEMV_ENABLED = os.environ.get("FASTGEN_EXPERT_GEMV", "1") == "1"
 # weights only, since only they were timed; "1": int8 weights too; "0": never.
 ROPE_IN_QKV = os.environ.get("FASTGEN_ROPE_IN_QKV", "float")
 
-# SmolLM2-135M's batch-1 step is ~150 dependent kernels of ~2.7 us (issue 11 wants 0.4 ms, it takes ~0.425 on an
-# H100), 5 a layer: wqkv (RoPE and the cache write in its epilogue), attention, wo, w13, w2. With ATTEND_IN_QKV the
-# attention runs in wqkv's kernel: each program counts itself into its kv head's arrivals (an atomic, after its
-# stores), and the last of a kv head's programs attends for that head's queries, as the one-split attention
-# kernel's program would (kv_attention.attend_one_split): one launch and one wait a layer fewer (the same pattern
-# lost twice under PDL, H100 2026-12-05: the last split merging the others, the router's top k in its GEMV's last
-# program; BENCHMARKS.md). Only where that kernel would run one split (a cache of at most SINGLE_SPLIT_MAX_TILES
-# tiles: bench.py's 216 slots), for an unquantized cache, eager (the PDL chain; --compile runs these blocks eager
-# on sm_90). Opt-in, built 2026-12-06 (twelfth session), checked under the interpreter, not yet run on a GPU.
-ATTEND_IN_QKV = os.environ.get("FASTGEN_ATTEND_IN_QKV", "0") == "1"
-
 
 def decode_gemv_config(n: int, k: int) -> dict:
     return dict(BLOCK_N=2, BLOCK_K=2048 if k > 4096 else 1024, num_warps=2 if k > 4096 else 4)
@@ -382,8 +354,7 @@ def int8_gemm_dot_config(n: int, k: int) -> dict:
 
 INT8_CONVERT = 2  # _int8_to_fp32's prmt form: 1-14% more GB/s than cvt on the H200 (BENCHMARKS.md)
 if triton is not None:
-    # programmatic dependent launch (PDL), and the one-split attention for ATTEND_IN_QKV
-    from kv_attention import attend_one_split, pdl_launch_next, pdl_wait, prefetch_l2
+    from kv_attention import pdl_launch_next, pdl_wait, prefetch_l2  # programmatic dependent launch (PDL)
 
     # int8 -> fp32 without cvt: I2F runs at a quarter of the FP32 rate on sm_80/90, and at batch 1
     # there is one conversion per weight byte. prmt puts byte i of the sign-flipped word under the
@@ -438,10 +409,6 @@ if triton is not None:
         v_ptr,
         slot_ptr,  # [1]
         S,
-        o_ptr,  # [HQ * HEAD_DIM] (ATTEND, and below): the attention output
-        arrivals_ptr,  # [HKV] int32, zeros between calls: each kv head's programs that have stored their rows
-        row_start_ptr,  # [1]: the first valid slot
-        window,  # the sliding window; 0: none
         EPS: tl.constexpr,  # the RMSNorm's (a constant: a float argument would reach the kernel as fp64)
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -457,10 +424,6 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         EVEN_K: tl.constexpr,  # BLOCK_K divides K: no K step is partial
         EVEN_N: tl.constexpr,  # BLOCK_N divides the programs' outputs (with ROPE, their row pairs)
-        ATTEND: tl.constexpr,  # with ROPE: the attention too, in the last program of each kv head (ATTEND_IN_QKV)
-        ATTEND_G_PAD: tl.constexpr,
-        ATTEND_D_PAD: tl.constexpr,
-        ATTEND_BLOCK: tl.constexpr,
     ):
         # BLOCK_N outputs of one activation row, the weight read once. Each program reads all of
         # x anyway, so the norm costs no pass of its own: W (g * x * r) = r * (W (g * x)), with the
@@ -545,25 +508,7 @@ if triton is not None:
                 up += tl.load(res_ptr + partners, mask=row_ok, other=0.0).to(tl.float32)
         if ROPE:
             _rope_store(y, up, rows, row_ok, y_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, S, HQ, HKV, HEAD_DIM)
-        if ATTEND:  # the last program to store rows of a kv head (its query heads', its k's, its v's) attends
-            # for its query heads. The launch keeps each program's pairs inside one head.
-            G: tl.constexpr = HQ // HKV
-            PROGRAMS_A_HEAD: tl.constexpr = HEAD_DIM // 2 // BLOCK_N
-            head = tl.program_id(0) // PROGRAMS_A_HEAD
-            kv_head = tl.where(head < HQ, head // G, (head - HQ) % HKV)
-            tl.debug_barrier()  # every thread's stores before the release below
-            arrived = tl.atomic_add(arrivals_ptr + kv_head, 1, sem="acq_rel", scope="gpu")
-            if arrived == (G + 2) * PROGRAMS_A_HEAD - 1:  # every other program of this kv head has stored
-                tl.store(arrivals_ptr + kv_head, 0)  # zero again for the next call
-                last = tl.load(slot_ptr).to(tl.int32)
-                first = tl.load(row_start_ptr).to(tl.int32)
-                if window > 0:
-                    first = tl.maximum(first, last - window + 1)
-                attend_one_split(
-                    y_ptr, k_ptr, v_ptr, o_ptr, kv_head, first, last, S,
-                    HEAD_DIM, G, ATTEND_G_PAD, ATTEND_D_PAD, ATTEND_BLOCK,
-                )  # fmt: skip
-        if not ROPE:
+        else:
             tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
@@ -747,14 +692,10 @@ if triton is not None:
         """decode_gemv_experts_reference's contract, one kernel."""
         return _decode_gemv_launch(x.contiguous(), weight, expert_ids, None, norm_weight, None, eps, glu)
 
-    def _decode_gemv_launch(
-        x, weight, expert_ids, scales, norm_weight, residual, eps, glu, tiles=None, rope=None, attend=None
-    ):
+    def _decode_gemv_launch(x, weight, expert_ids, scales, norm_weight, residual, eps, glu, tiles=None, rope=None):
         """The ops' launch; `tiles` (BLOCK_N outputs a program, BLOCK_K, num_warps) replaces
         decode_gemv_tiles' for the sweeps (scripts/small_gemv_sweep.py, fused_gemv_sweep.py). rope:
-        decode_gemv_rope_kv's (cos, sin, k_cache, v_cache, slot, n_heads); the output is then the query.
-        attend (with rope): decode_gemv_rope_attend's (row_start, sliding_window, arrivals); the output is
-        then the attention's."""
+        decode_gemv_rope_kv's (cos, sin, k_cache, v_cache, slot, n_heads); the output is then the query."""
         N, K = weight.shape[-2], weight.shape[-1]
         cfg = {**decode_gemv_tiles(N, K, scales is not None, glu or rope is not None), **(tiles or {})}
         outputs = N // 2 if glu else N  # SiLU(gate) * up of the two halves
@@ -763,12 +704,6 @@ if triton is not None:
         cos, sin, k_cache, v_cache, slot, n_heads = rope or (weight, weight, weight, weight, weight, 0)
         _, n_kv_heads, S, head_dim = k_cache.shape if rope else (0, 0, 0, 2)
         y = torch.empty((R, n_heads * head_dim if rope else outputs), dtype=x.dtype, device=x.device)
-        row_start, window, arrivals = attend or (weight, 0, weight)
-        if attend and (head_dim // 2) % cfg["BLOCK_N"]:  # the kernel counts a kv head's programs by whole heads
-            raise ValueError(
-                f"attention in wqkv's kernel needs {cfg['BLOCK_N']} row pairs a program to divide {head_dim // 2}"
-            )
-        o = torch.empty_like(y) if attend else y  # never written without ATTEND
         wrap_triton(_decode_gemv_kernel)[(triton.cdiv(programs, cfg["BLOCK_N"]), R)](
             x,
             weight,
@@ -786,10 +721,6 @@ if triton is not None:
             v_cache,
             slot,
             S,
-            o,
-            arrivals,
-            row_start,
-            window,
             EPS=eps,
             NORM=norm_weight is not None,
             GLU=glu,
@@ -800,14 +731,10 @@ if triton is not None:
             HKV=n_kv_heads,
             HEAD_DIM=head_dim,
             **decode_gemv_whole_tiles(programs, K, cfg),
-            ATTEND=attend is not None,
-            ATTEND_G_PAD=max(16, triton.next_power_of_2(n_heads // n_kv_heads if attend else 1)),  # tl.dot's M >= 16
-            ATTEND_D_PAD=triton.next_power_of_2(head_dim),
-            ATTEND_BLOCK=kv_attention.BLOCK_N,
             **cfg,
             **kv_attention.pdl_launch(x),
         )
-        return o
+        return y
 
     @triton_op("fastgen::decode_gemv_rope_kv", mutates_args={"k_cache", "v_cache"})
     def decode_gemv_rope_kv(
@@ -830,32 +757,6 @@ if triton is not None:
         rope = (cos, sin, k_cache, v_cache, slot, n_heads)
         q = _decode_gemv_launch(x, weight, None, scales, norm_weight, bias, eps, False, rope=rope)
         return q.view(1, n_heads, 1, k_cache.shape[-1])
-
-    @triton_op("fastgen::decode_gemv_rope_attend", mutates_args={"k_cache", "v_cache", "arrivals"})
-    def decode_gemv_rope_attend(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        scales: torch.Tensor | None,
-        norm_weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        eps: float,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot: torch.Tensor,
-        n_heads: int,
-        row_start: torch.Tensor,
-        sliding_window: int,
-        arrivals: torch.Tensor,
-    ) -> torch.Tensor:
-        """decode_gemv_rope_attend_reference's contract, one kernel: decode_gemv_rope_kv, then the attention
-        over the cache in the last program of each kv head (attend_in_qkv_applies says where it may run).
-        arrivals [Hkv] int32 holds zeros before and after."""
-        x, weight = x.contiguous(), weight.contiguous()
-        rope = (cos, sin, k_cache, v_cache, slot, n_heads)
-        attend = (row_start, sliding_window, arrivals)
-        return _decode_gemv_launch(x, weight, None, scales, norm_weight, bias, eps, False, rope=rope, attend=attend)
 
     @triton_op("fastgen::int8_expert_gemv", mutates_args={})
     def int8_expert_gemv(
@@ -1283,20 +1184,6 @@ class DecodeLinear(torch.nn.Linear):
         return super().forward(x)
 
 
-def attend_in_qkv_applies(cache, wqkv_weight: torch.Tensor, attend) -> bool:
-    """Whether DecodeBlock's batch-1 step runs its attention in wqkv's kernel (ATTEND_IN_QKV): an unquantized
-    cache that the attention kernel would read in one split, attended as model.cache_attention_at_decode
-    does, eager, and wqkv's tile keeping each program's row pairs inside one head."""
-    if not (ATTEND_IN_QKV and type(cache) is kv_attention.SplitKVCache and not torch.compiler.is_compiling()):
-        return False
-    if not (isinstance(attend, functools.partial) and attend.func is cache_attention_at_decode):
-        return False
-    n_kv_heads, slots, head_dim = cache.k_cache.shape[1:]
-    one_split = kv_attention.num_splits(1, n_kv_heads, slots, kv_attention.TARGET_PROGRAMS) == 1
-    block_n = decode_gemv_tiles(wqkv_weight.shape[0], wqkv_weight.shape[1], False, True)["BLOCK_N"]
-    return one_split and wqkv_weight.dtype != torch.int8 and (head_dim // 2) % block_n == 0
-
-
 class DecodeBlock(TransformerBlock):
     """A block whose batch-1 decode step (one token, on a GPU) runs its projections as decode_gemv
     with the rest of the block folded in: the RMSNorm into wqkv's (and w13's) loop, the residual add
@@ -1359,7 +1246,7 @@ class DecodeBlock(TransformerBlock):
         scales = getattr(wqkv, "scales", None)  # an Int8Linear's
         rope_in_qkv = ROPE_IN_QKV == "1" or (ROPE_IN_QKV == "float" and scales is None)
         if rope_in_qkv and q_norm is None and unquantized_cache:  # wqkv, RoPE and the cache write: one kernel
-            rope_args = (
+            q = decode_gemv_rope_kv(
                 x1,
                 wqkv.weight,
                 scales,
@@ -1370,14 +1257,9 @@ class DecodeBlock(TransformerBlock):
                 sin_d,
                 cache.k_cache,
                 cache.v_cache,
+                slot,
+                attention.n_heads,
             )
-            if attend_in_qkv_applies(cache, wqkv.weight, attend):  # and the attention
-                row_start, window = attend.keywords["row_start"], attend.keywords["sliding_window"] or 0
-                heads = decode_gemv_rope_attend(
-                    *rope_args, slot, attention.n_heads, row_start, window, cache.arrivals()
-                )
-                return heads.to(x1.dtype)
-            q = decode_gemv_rope_kv(*rope_args, slot, attention.n_heads)
             return attend(q, cache).to(x1.dtype).reshape(1, -1)
         qkv = project(wqkv, x1, norm_weight=norm.weight, eps=norm.eps, residual=bias)
         if unquantized_cache:  # one kernel for the norms, RoPE and the write

@@ -5,6 +5,7 @@ python generate.py --chat
 """
 
 import argparse
+import collections
 import contextlib
 import os
 import signal
@@ -158,19 +159,15 @@ def decode_one(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor,
     return sample(logits[:, -1], sampling)
 
 
-def advancing(step, token_history=None):
+def advancing(step):
     """step(model, token, input_pos, sampling) -> next token [B, 1], made into a step that leaves the
     next step's inputs in place: `token` is overwritten by the next token, `input_pos` moves one slot
     on, and both come back. Recorded in a CUDAGraphStep, whose own input buffers then come back, the
     decode loop replays with no GPU work between replays (no copies in, no clone of the output, no
-    increment: small kernels each step that keep the GPU waiting on the next replay's launch).
-    token_history: a callable giving a [slots + 1, B] buffer (or None) into which the step also writes
-    the next token at input_pos (TOKEN_STREAM: DeviceTokenReader copies it from there)."""
+    increment: small kernels each step that keep the GPU waiting on the next replay's launch)."""
 
     def step_and_advance(model, token, input_pos, sampling):
         token.copy_(step(model, token, input_pos, sampling))
-        if token_history is not None:
-            token_history().index_copy_(0, input_pos, token.view(1, -1))
         input_pos.add_(1)
         return token, input_pos
 
@@ -305,61 +302,67 @@ class RowTokens:
         return all(self.finished(b) for b in range(len(self.ended)))
 
 
-# The decode loop's one piece of GPU work between replays is DeviceTokenReader's copy of the step's token to
-# the host, on the decode stream: on an H100 (2026-12-06) SmolLM2-135M's generate() took 0.436-0.439 ms a step
-# against 0.425 for the same loop without the reads, ~11 us (2.5%). TOKEN_STREAM: the step also writes its token
-# into a token history (inside the graph, at its input_pos, never overwritten during a call), and the reader
-# copies it from there on a stream of its own, so replays follow each other directly. Opt-in, built
-# 2026-12-06 (twelfth session), not yet run on a GPU (gpu_pending.sh tokenstream times it).
-TOKEN_STREAM = os.environ.get("FASTGEN_TOKEN_STREAM", "0") == "1"
+# Two opt-in forms of the decode loop for small models, whose steps are short enough that what sits between
+# two CUDA-graph replays shows (issue 11: SmolLM2-135M's generate() took 0.436 ms a step on an H100 against
+# 0.425 for the same replays without the token reads). Built 2026-12-06 (thirteenth session); gpu_pending.sh
+# graphsteps times them. GRAPH_STEPS: one CUDA graph holds this many decode steps (the first step of a call
+# and a tail shorter than that run one at a time), and its steps' tokens come back in one copy. READ_LAG: the
+# host takes a launch's tokens this many launches later (1: the previous one, as before), so more launches
+# stay queued on the GPU. Either way a row that stops at a stop id has had the steps after it run (at most
+# GRAPH_STEPS * READ_LAG); their K/V lies past the row's position, never attended, as after rewind().
+GRAPH_STEPS = int(os.environ.get("FASTGEN_GRAPH_STEPS", "1"))
+READ_LAG = int(os.environ.get("FASTGEN_READ_LAG", "1"))
+
+
+def repeated(step, times: int):
+    """An advancing step (see advancing) run `times` times, made into one step that also returns the
+    tokens it sampled: (token, input_pos, ids [times, B])."""
+
+    def run_steps(model, token, input_pos, sampling):
+        ids = token.new_empty(times, token.shape[0])
+        for i in range(times):
+            token, input_pos = step(model, token, input_pos, sampling)
+            ids[i] = token.view(-1)
+        return token, input_pos, ids
+
+    return run_steps
 
 
 class DeviceTokenReader:
-    """Brings each decode step's token ids [B, 1] to the host. On CUDA it copies them into pinned
-    memory without waiting and returns the previous step's ids, so the GPU always has the next
-    step queued; on the CPU it returns the current step's ids. With a token history (TOKEN_STREAM)
-    the copies run on a side stream from history[first_slot + step - 1]."""
+    """Brings decode steps' token ids to the host. On CUDA a launch's ids [n, B] are copied into pinned
+    memory without waiting, and the host takes them READ_LAG launches later, so the GPU always has the
+    next launches queued; on the CPU they are taken at once."""
 
-    def __init__(self, device: torch.device, steps: int, batch: int, history=None, first_slot: int = 0):
-        self.one_behind = device.type == "cuda"
-        if self.one_behind:
+    def __init__(self, device: torch.device, steps: int, batch: int):
+        self.cuda = device.type == "cuda"
+        self.lag = max(1, READ_LAG) if self.cuda else 0
+        self.pending = collections.deque()  # per launch, oldest first: (its copy's event or None, ids [n, B])
+        if self.cuda:
             self.host = torch.empty((steps, batch), dtype=torch.long, pin_memory=True)
-            self.events = []
-            self.history, self.first_slot = history, first_slot
-            self.side = torch.cuda.Stream(device) if history is not None else None
 
     def synchronize(self):
         """Wait for the device (timings; nothing to wait for on the CPU)."""
-        if self.one_behind:
+        if self.cuda:
             torch.cuda.synchronize()
 
-    def read(self, step: int, token: torch.Tensor) -> list[int] | None:
-        """The ids to take after decode step `step` (1, 2, ...), or None (CUDA, step 1)."""
-        if not self.one_behind:
-            return token.view(-1).tolist()
-        if self.side is None:
-            self.host[step].copy_(token.view(-1), non_blocking=True)
-            self.events.append(torch.cuda.Event())
-            self.events[-1].record()
-        else:  # the step wrote its token into the history: copied from there, off the decode stream
-            step_done = torch.cuda.Event()
-            step_done.record()
-            with torch.cuda.stream(self.side):
-                self.side.wait_event(step_done)
-                self.host[step].copy_(self.history[self.first_slot + step - 1], non_blocking=True)
-                self.events.append(torch.cuda.Event())
-                self.events[-1].record(self.side)
-        if step < 2:
-            return None
-        self.events[step - 2].synchronize()
-        return self.host[step - 1].tolist()
+    def push(self, step: int, ids: torch.Tensor):
+        """ids [n, B]: the tokens of decode steps step .. step + n - 1, just launched."""
+        if not self.cuda:
+            self.pending.append((None, ids))
+            return
+        rows = self.host[step : step + ids.shape[0]]
+        rows.copy_(ids, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((event, rows))
 
-    def read_last(self, step: int) -> list[int] | None:
-        """After the loop ran to its end: the last step's ids not yet returned (CUDA only)."""
-        if not self.one_behind:
-            return None
-        torch.cuda.synchronize()
-        return self.host[step].tolist()
+    def take(self, everything: bool = False):
+        """Each step's ids (a list of B) whose launch is READ_LAG launches old, or every one left."""
+        while len(self.pending) > (0 if everything else self.lag):
+            event, rows = self.pending.popleft()
+            if event is not None:
+                event.synchronize()
+            yield from rows.tolist()
 
 
 def prefill_blocks_eager(model: Transformer, tokens, input_pos, sampling: Sampling):
@@ -414,12 +417,8 @@ class Generator:
         # [B, T, 2 * ffn] gate/up output above all) stay bounded whatever the prompt length.
         self.prefill_chunk_size = prefill_chunk_size
         self.device = model.tok_embeddings.weight.device
-        # TOKEN_STREAM: each step also writes its token into this [slots + 1, B] buffer (made by setup)
-        self.token_history = None
-        history = (lambda: self.token_history) if TOKEN_STREAM else None
-        step = advancing(decode_one, history) if TOKEN_STREAM else decode_next
         # Without --compile a GPU still replays the decode step as a CUDA graph (no compiler).
-        self.decode_fn = CUDAGraphStep(step) if self.device.type == "cuda" else step
+        self.decode_fn = CUDAGraphStep(decode_next) if self.device.type == "cuda" else decode_next
         self.prefill_fn = prefill
         # Programmatic dependent launch happens only where this repo launches its kernels: the compiler
         # fuses what surrounds the batch-1 blocks, the blocks run eager (gemv.run_blocks_eager_under_compile:
@@ -434,13 +433,20 @@ class Generator:
                 inductor_config.triton.enable_pdl = True
         if self.compile_around_blocks:
             compiled = torch.compile(decode_one, fullgraph=False)
-            self.decode_fn = advancing(compiled, history)
+            self.decode_fn = advancing(compiled)
             if self.device.type == "cuda":
                 self.decode_fn = CUDAGraphStep(self.decode_fn)
         elif compile:
             # Static shapes: one compile, then CUDA-graph replays.
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self.decode_fn = advancing(torch.compile(decode_one, mode=mode, fullgraph=True), history)
+            self.decode_fn = advancing(torch.compile(decode_one, mode=mode, fullgraph=True))
+        # GRAPH_STEPS decode steps as one (one CUDA graph where the single step is one of ours)
+        self.decode_steps_fn = None
+        if GRAPH_STEPS > 1:
+            single = self.decode_fn.step if isinstance(self.decode_fn, CUDAGraphStep) else self.decode_fn
+            self.decode_steps_fn = repeated(single, GRAPH_STEPS)
+            if isinstance(self.decode_fn, CUDAGraphStep):
+                self.decode_steps_fn = CUDAGraphStep(self.decode_steps_fn)
         if compile_prefill:
             self.prefill_fn = torch.compile(prefill, dynamic=True, fullgraph=True)
         if compile_blocks:
@@ -519,9 +525,6 @@ class Generator:
         ):
             compute_dtype = m.tok_embeddings.weight.dtype
             m.setup_caches(batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype))
-        if TOKEN_STREAM and (self.token_history is None or self.token_history.shape != (max_seq_len + 1, batch_size)):
-            # before any step is recorded: a CUDA graph keeps this buffer's address
-            self.token_history = torch.zeros((max_seq_len + 1, batch_size), dtype=torch.long, device=self.device)
         gemv.use_decode_kernels(m)
         # the target's blocks only: a draft's steps compile whole (fullgraph)
         if kv_attention.pdl_applies(self.device) and (self.compile_around_blocks or self.compile_blocks):
@@ -667,21 +670,26 @@ class Generator:
         # A copy of prefill's token, once a call: off a CUDA graph the step overwrites what it is given, and
         # prefill's output may be a compiled program's (a package's).
         token, input_pos = token.clone(), torch.tensor([slot], device=self.device)
-        reader = DeviceTokenReader(self.device, max_new_tokens, token.shape[0], self.token_history, slot)
+        reader = DeviceTokenReader(self.device, max_new_tokens, token.shape[0])
         t1 = time.perf_counter()
-        for step in range(1, max_new_tokens):
-            token, input_pos = self.decode_fn(model, token, input_pos, sampling)
+        step, done = 1, False  # decode steps are 1 .. max_new_tokens - 1
+        while step < max_new_tokens and not done:
+            # the first step alone (its time is the compile's), then GRAPH_STEPS at a time while they fit
+            if self.decode_steps_fn is not None and 1 < step <= max_new_tokens - GRAPH_STEPS:
+                token, input_pos, ids = self.decode_steps_fn(model, token, input_pos, sampling)
+            else:
+                token, input_pos = self.decode_fn(model, token, input_pos, sampling)
+                ids = token.view(1, -1)
             if step == 1:
                 reader.synchronize()
                 result.first_decode_s = time.perf_counter() - t1
-            result.decode_steps = step
-            ids = reader.read(step, token)
-            if ids is not None and rows.take(ids):
+            reader.push(step, ids)
+            step += ids.shape[0]
+            result.decode_steps = step - 1
+            done = any(rows.take(row_ids) for row_ids in reader.take())  # stops where every row has finished
+        for row_ids in reader.take(everything=True) if not done else ():
+            if rows.take(row_ids):
                 break
-        else:
-            ids = reader.read_last(max_new_tokens - 1)
-            if ids is not None:
-                rows.take(ids)
         reader.synchronize()
         result.decode_s = time.perf_counter() - t1
 

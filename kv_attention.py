@@ -159,13 +159,6 @@ class SplitKVCache(KVCache):
         """q [B, Hq, 1, D] at slot q_slot [1] over each row's valid slots -> [B, Hq, 1, D]."""
         return decode_attention(q, self.k_cache, self.v_cache, row_start, q_slot, sliding_window or 0)
 
-    def arrivals(self) -> torch.Tensor:
-        """[Hkv] int32 zeros, kept for gemv.decode_gemv_rope_attend's kernel (it leaves them zero). Made at the
-        first batch-1 step, which runs before a CUDA graph records the step."""
-        if getattr(self, "_arrivals", None) is None:
-            self._arrivals = torch.zeros(self.k_cache.shape[1], dtype=torch.int32, device=self.k_cache.device)
-        return self._arrivals
-
 
 def quantized_decode_attention_reference(q, k_cache, k_scale, v_cache, v_scale, row_start, q_slot, sliding_window):
     """q [B, Hq, 1, D]; caches [B, Hkv, S, D] int8/fp8 (or unquantized, scales None); scales
@@ -337,40 +330,6 @@ if triton is not None:
         else:
             pv = tl.dot(p.to(dot_dtype), v, input_precision="ieee")
         return acc * correction[:, None] + pv, new_max, running_sum
-
-    @triton.jit
-    def attend_one_split(
-        q_ptr,  # [Hq, D]: batch 1's queries (written by other programs of the calling kernel)
-        k_ptr,  # [Hkv, S, D]: batch 1's unquantized cache
-        v_ptr,
-        y_ptr,  # [Hq, D]: the attention output
-        kv_head,
-        first,  # the valid slots [first, last]
-        last,
-        S,
-        D: tl.constexpr,
-        G: tl.constexpr,
-        G_PAD: tl.constexpr,
-        D_PAD: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        # query heads kv_head * G + g over kv head kv_head's valid slots, every tile in turn in this one program
-        # (the one-split form of _quantized_decode_kernel, every tile masked): gemv's wqkv kernel runs this in the
-        # last of a kv head's programs (gemv.ATTEND_IN_QKV)
-        qk_scale = 1.4426950408889634 / (D**0.5)
-        heads, dims, slots = tl.arange(0, G_PAD), tl.arange(0, D_PAD), tl.arange(0, BLOCK)
-        q_ok = (heads < G)[:, None] & (dims < D)[None, :]
-        q_at = (kv_head * G + heads)[:, None] * D + dims[None, :]
-        q = tl.load(q_ptr + q_at, mask=q_ok, other=0, cache_modifier=".cg")  # from L2: another program wrote it
-        running_max = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
-        running_sum = tl.zeros((G_PAD,), dtype=tl.float32)
-        acc = tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
-        row, cache = (first, last, kv_head.to(tl.int64) * S, slots, dims, qk_scale), (k_ptr, k_ptr, v_ptr, v_ptr, S)
-        for tile in range(first // BLOCK, last // BLOCK + 1):
-            acc, running_max, running_sum = _attend_tile(
-                q, acc, running_max, running_sum, tile, row, cache, D, BLOCK, False, False, WHOLE=False
-            )
-        tl.store(y_ptr + q_at, (acc / running_sum[:, None]).to(y_ptr.dtype.element_ty), mask=q_ok)
 
     @triton.jit
     def _quantized_decode_kernel(

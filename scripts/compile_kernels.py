@@ -117,9 +117,8 @@ def main(argv=None):
     decode_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "scale_ptr": "*fp32", "norm_ptr": "*bf16", "res_ptr": "*bf16"}
     decode_sig.update({"y_ptr": "*bf16", "ids_ptr": "*i64", "N": "i32", "K": "i32", "rows_per_x": "i32"})
     decode_sig.update({"cos_ptr": "*bf16", "sin_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "slot_ptr": "*i64"})
-    decode_sig.update({"S": "i32", "o_ptr": "*bf16", "arrivals_ptr": "*i32", "row_start_ptr": "*i32", "window": "i32"})
+    decode_sig.update({"S": "i32"})
     no_rope = {"ROPE": 0, "HQ": 0, "HKV": 0, "HEAD_DIM": 2}
-    no_attend = {"ATTEND": 0, "ATTEND_G_PAD": 16, "ATTEND_D_PAD": 2, "ATTEND_BLOCK": kv_attention.BLOCK_N}
     for n, k, norm, glu, residual, int8, experts, pdl in (
         (960, 576, 1, 0, 0, 0, 0, 0),
         (28672, 4096, 1, 1, 0, 0, 0, 0),  # Llama-3-8B's w13, SiLU(gate) * up stored
@@ -149,41 +148,28 @@ def main(argv=None):
                 + (" pdl" if pdl else ""),
                 gemv._decode_gemv_kernel,
                 {**decode_sig, "w_ptr": "*i8" if int8 else "*bf16"},
-                {
-                    **consts,
-                    "NORM": norm,
-                    "GLU": glu,
-                    "RESIDUAL": residual,
-                    "EXPERTS": experts,
-                    "PDL": pdl,
-                    **no_rope,
-                    **no_attend,
-                },  # fmt: skip
+                {**consts, "NORM": norm, "GLU": glu, "RESIDUAL": residual, "EXPERTS": experts, "PDL": pdl, **no_rope},
                 range(9),
                 num_warps=cfg["num_warps"],
                 num_stages=cfg.get("num_stages", 3),
                 launch_pdl=bool(pdl),
             )
     # wqkv with RoPE and the cache write in its epilogue (gemv.decode_gemv_rope_kv): SmolLM2, Llama-3-8B int8
-    for n, k, hq, hkv, d, int8, pdl, attend in (
-        (960, 576, 9, 3, 64, 0, 0, 0),
-        (960, 576, 9, 3, 64, 0, 1, 0),
-        (6144, 4096, 32, 8, 128, 1, 1, 0),
-        (960, 576, 9, 3, 64, 0, 1, 1),  # and the attention in each kv head's last program (gemv.ATTEND_IN_QKV)
+    for n, k, hq, hkv, d, int8, pdl in (
+        (960, 576, 9, 3, 64, 0, 0),
+        (960, 576, 9, 3, 64, 0, 1),
+        (6144, 4096, 32, 8, 128, 1, 1),
     ):
         cfg = gemv.decode_gemv_tiles(n, k, int8, True)
         rope = {"ROPE": 1, "HQ": hq, "HKV": hkv, "HEAD_DIM": d}
         build(
             target,
-            f"wqkv + rope + cache write {n}x{k} norm=1 int8={int8}"
-            + (" pdl" if pdl else "")
-            + (" + attention" if attend else ""),
+            f"wqkv + rope + cache write {n}x{k} norm=1 int8={int8}" + (" pdl" if pdl else ""),
             gemv._decode_gemv_kernel,
             {**decode_sig, "w_ptr": "*i8" if int8 else "*bf16"},
             {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": cfg["CONVERT"], "NORM": 1,
-             "GLU": 0, "RESIDUAL": 0, "EXPERTS": 0, "PDL": pdl, **rope, **gemv.decode_gemv_whole_tiles(n // 2, k, cfg),
-             **(no_attend if not attend else {**no_attend, "ATTEND": 1, "ATTEND_D_PAD": d})},
-            (*range(9), 12, 13, 16) if attend else range(9),  # the caches and the output: 16-byte aligned at run time
+             "GLU": 0, "RESIDUAL": 0, "EXPERTS": 0, "PDL": pdl, **rope, **gemv.decode_gemv_whole_tiles(n // 2, k, cfg)},
+            range(9),
             num_warps=cfg["num_warps"],
             num_stages=cfg.get("num_stages", 3),
             launch_pdl=bool(pdl),

@@ -33,12 +33,8 @@
 #                                          #   tinygemm), the int4-g64 Llama-3-8B step with tinygemm and with the GEMV,
 #                                          #   then its tiles (int4_gemv_sweep.py) (H100, eleventh session: tinygemm
 #                                          #   2.779 ms, the GEMV 2.788: a tie; issue 10 wants 450 tok/s, 2.22 ms)
-#   bash scripts/gpu_pending.sh attendqkv  # ~7 min: SmolLM2 with gemv.ATTEND_IN_QKV (the attention in wqkv's kernel):
-#                                          #   its GPU tests, then bench.py and profile_decode.py with it and without
-#   bash scripts/gpu_pending.sh tokenstream # ~7 min: SmolLM2 with generate.TOKEN_STREAM (the token reads off the
-#                                          #   decode stream): its GPU tests, then generate() and bench.py with it and without
-#   bash scripts/gpu_pending.sh smolsplit  # ~4 min: SmolLM2 in bench.py with the one-split limit at 4 / 2 / 1 tiles
-#                                          #   (issue 11: bench.py 2248.1 tok/s at 216 slots, generate() 2291 at 272)
+#   bash scripts/gpu_pending.sh graphsteps # ~7 min: SmolLM2 with generate.GRAPH_STEPS / READ_LAG (steps a CUDA graph,
+#                                          #   launches the host reads behind): their GPU test, generate() and bench.py
 #   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
 #   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
 #                                          #   10: why int8 reads at half bf16's rate), if ncu is on the machine
@@ -88,22 +84,6 @@ decode() {  # decode NAME TIMEOUT_S profile_decode args...: one replayed-step li
     summary+=("  $(grep -h "replayed step" "$out/$name.txt" | head -1)")
     summary+=("  $(grep -h "without its token reads" "$out/$name.txt" | head -1)")
     summary+=("  $(grep -h "per step:" "$out/$name.txt" | head -1)")  # kernels a step, their share of it
-}
-
-smol_ab() {  # smol_ab SWITCH NAME: SmolLM2-135M at 216 slots (bench.py's 200 new tokens) with SWITCH=0 and =1,
-    # twice each, alternating: generate() (profile_decode.py) and bench.py
-    local switch=$1 name=$2 run on
-    for run in 1 2; do
-        for on in 0 1; do
-            export "$switch=$on"
-            decode "smol_${name}_${on}_$run" 45 --model smollm2-135m --new-tokens 200
-            step "smol_${name}_bench_${on}_$run" 100 python scripts/bench.py --suite smoke --models smollm2-135m \
-                --batch 1 --ctx 16 --cache just --compile --new-tokens 200 --runs 3 --no-hf --no-cold-start \
-                --time-budget-s 90 --out-dir "$out/smol_${name}_bench_${on}_$run"
-            summary+=("$switch=$on: $(grep -E '^\| smollm2' "$out/smol_${name}_bench_${on}_$run.txt")")
-        done
-    done
-    unset "$switch"
 }
 
 case $mode in
@@ -206,38 +186,26 @@ smoltiles)
         decode "smol_${t//[,=\/]/_}" 45 --model smollm2-135m --new-tokens 256 --tile "$t"
     done
     ;;
-attendqkv)
-    # issue 11's SmolLM2: gemv.ATTEND_IN_QKV (the attention in wqkv's kernel, the last program of each kv head;
-    # one launch and one wait fewer a layer, 30 a step), its GPU tests, then bench.py and profile_decode.py at
-    # 216 slots (one split) with it and without, alternating
-    step attend_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py \
-        -k "rope_attend or attention_in_qkv"
-    summary+=("  $(tail -n 1 "$out/attend_tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/attend_tests.txt" | head -6)")
-    smol_ab FASTGEN_ATTEND_IN_QKV attend
-    ;;
-tokenstream)
-    # issue 11's SmolLM2: generate.TOKEN_STREAM (the step writes its token into a history inside the graph, the
-    # reader copies it on a side stream: no copy between replays; the reads cost ~11 us a step), its GPU tests,
-    # then generate() (profile_decode.py) and bench.py with it and without, alternating
-    step stream_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k "token_stream"
-    summary+=("  $(tail -n 1 "$out/stream_tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/stream_tests.txt" | head -6)")
-    smol_ab FASTGEN_TOKEN_STREAM stream
-    ;;
-smolsplit)
-    # issue 11's SmolLM2 in bench.py (200 new tokens: a 216-slot cache, 4 tiles, attended in one split by 3 programs
-    # reading their tiles in turn) ran at 2248.1 tok/s (twelfth session) where generate() at 272 slots (5 tiles: 4
-    # splits and a merge kernel) ran at 2291: does the one-split chain cost more than the merge at 4 tiles? The
-    # one-split limit at 4 (the default), 2 and 1 tiles, twice each, alternating
+graphsteps)
+    # issue 11's SmolLM2 (generate() 0.436 ms a step on the H100 against 0.425 for the same replays without the token
+    # reads): generate.GRAPH_STEPS (decode steps a CUDA graph, their tokens copied back at once) and READ_LAG (launches
+    # the host reads behind). Their GPU test, then generate() and bench.py at (steps, lag) = (1, 1) (the default),
+    # (1, 2), (4, 1) and (8, 2), twice each, alternating
+    step graph_tests 240 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
+        -k "graph_and_read_lag or compiled_cuda_graph_decode_equals"
+    summary+=("  $(tail -n 1 "$out/graph_tests.txt")")
     for run in 1 2; do
-        for tiles in 4 2 1; do
-            FASTGEN_SINGLE_SPLIT_TILES=$tiles step "smol_split_${tiles}_$run" 100 python scripts/bench.py --suite smoke \
-                --models smollm2-135m --batch 1 --ctx 16 --cache just --compile --new-tokens 200 --runs 3 --no-hf \
-                --no-cold-start --time-budget-s 90 --out-dir "$out/smol_split_${tiles}_$run"
-            summary+=("FASTGEN_SINGLE_SPLIT_TILES=$tiles: $(grep -E '^\| smollm2' "$out/smol_split_${tiles}_$run.txt")")
+        for form in 1,1 1,2 4,1 8,2; do
+            export FASTGEN_GRAPH_STEPS=${form%,*} FASTGEN_READ_LAG=${form#*,}
+            name="smol_graph_${form/,/_}_$run"
+            decode "$name" 45 --model smollm2-135m --new-tokens 200
+            step "${name}_bench" 100 python scripts/bench.py --suite smoke --models smollm2-135m --batch 1 --ctx 16 \
+                --cache just --compile --new-tokens 200 --runs 3 --no-hf --no-cold-start --time-budget-s 90 \
+                --out-dir "$out/${name}_bench"
+            summary+=("steps,lag=$form: $(grep -E '^\| smollm2' "$out/${name}_bench.txt")")
         done
     done
+    unset FASTGEN_GRAPH_STEPS FASTGEN_READ_LAG
     ;;
 moebench)
     # ~6 min: issue 17 on an H100: Qwen3-30B-A3B bf16 B1 (59.5% of copy before the in-place decode loop) and
@@ -325,7 +293,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4rows, int4gemv, smoltiles, attendqkv, tokenstream, smolsplit, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4rows, int4gemv, smoltiles, graphsteps, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

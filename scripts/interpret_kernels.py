@@ -165,32 +165,6 @@ def decode_gemv_rope_kv(n_heads=9, n_kv_heads=3, D=64, K=576, dtype=torch.float3
     )
 
 
-def decode_gemv_rope_attend(n_heads=9, n_kv_heads=3, D=64, K=576, S=200, slot=150, start=3, window=0, calls=2):
-    """wqkv's GEMV with RoPE, the cache write and the attention (each kv head's last program) against the
-    reference: the attention output and both caches, over `calls` steps (the arrivals must be zero again
-    after each: a call that left them off would attend in the wrong program, or never)."""
-    N = (n_heads + 2 * n_kv_heads) * D
-    w, norm_weight = torch.randn(N, K) / 30, torch.rand(K) + 0.5
-    caches = [torch.randn(1, n_kv_heads, S, D) for _ in range(2)]
-    want_caches = [c.clone() for c in caches]
-    caches[0][..., slot:, :] = want_caches[0][..., slot:, :] = float("nan")  # slots past the query's: never read
-    row_start, arrivals = torch.tensor([start], dtype=torch.int32), torch.zeros(n_kv_heads, dtype=torch.int32)
-    got, want = [], []
-    for step in range(calls):
-        x, angles = torch.randn(1, K), torch.rand(D // 2) * 6
-        cos, sin = torch.cat((angles, angles)).cos(), torch.cat((angles, angles)).sin()
-        at = torch.tensor([slot + step])
-        args = (x, w, None, norm_weight, None, 1e-5, cos, sin)
-        want.append(gemv.decode_gemv_rope_attend_reference(*args, *want_caches, at, n_heads, row_start, window))
-        got.append(gemv.decode_gemv_rope_attend(*args, *caches, at, n_heads, row_start, window, arrivals))
-        assert not arrivals.any(), arrivals
-    written = slice(0, slot + calls)  # the NaN slots past them stay NaN in both
-    return (
-        torch.cat([g.flatten() for g in got] + [c[..., written, :].flatten() for c in caches]),
-        torch.cat([g.flatten() for g in want] + [c[..., written, :].flatten() for c in want_caches]),
-    )
-
-
 def decode_block(layers=2, n_experts=0, rope_in_qkv=False):
     """A tiny model's decode step through gemv.DecodeBlock (the fused batch-1 path; with experts,
     the router and the token's experts through decode_gemv too) against the plain blocks' step, one
@@ -368,11 +342,6 @@ def main():
             lambda: decode_gemv_rope_kv(int8=True, tiles=dict(BLOCK_N=4, BLOCK_K=64, num_warps=2)),
         ),
         ("DecodeBlock, wqkv + rope + cache write in one kernel", lambda: decode_block(rope_in_qkv=True)),
-        ("wqkv + rope + cache write + attention, SmolLM2's heads, 2 calls", decode_gemv_rope_attend),
-        (
-            "wqkv + rope + cache write + attention, D 128, sliding window 24",
-            lambda: decode_gemv_rope_attend(4, 2, 128, 300, S=100, slot=70, start=0, window=24),
-        ),
     ]
     runs += [("DecodeBlock, a 2-layer MoE model's decode step, 2 of 8 experts", lambda: decode_block(2, 8))]
 

@@ -109,6 +109,35 @@ def test_decode_step_leaves_the_next_steps_inputs_in_place():
     assert torch.equal(token, want) and input_pos.tolist() == [4]
 
 
+def test_decode_steps_in_one_graph_equal_one_at_a_time(monkeypatch):
+    """generate.GRAPH_STEPS: after the first step alone, decode steps run GRAPH_STEPS at a time (one CUDA
+    graph on a GPU) and the tail one at a time; tokens, stops and a chat continued after a stop (whose
+    later steps ran and wrote K/V past the row's position) equal the one-step loop's."""
+    import generate
+
+    model = tiny_model()
+    free = greedy(model, PROMPTS, 22, 64)
+    stop = free.tokens[0][4]
+    stopped = greedy(model, PROMPTS[:2], 22, 64, stop_ids=[stop])
+    monkeypatch.setattr(generate, "GRAPH_STEPS", 3)
+    gen = Generator(model)
+    gen.setup(len(PROMPTS), 64)
+    launches = []
+    steps_fn = gen.decode_steps_fn
+    gen.decode_steps_fn = lambda *args: launches.append(1) or steps_fn(*args)
+    res = gen.generate(PROMPTS, 22, Sampling())
+    assert res.tokens == free.tokens and res.decode_steps == 21
+    assert len(launches) == 6  # steps 2-19 three at a time; 1, 20 and 21 alone
+    gen.setup(2, 64)
+    got = gen.generate(PROMPTS[:2], 22, Sampling(), stop_ids=[stop])
+    assert got.tokens == stopped.tokens and got.stopped == stopped.stopped
+    gen.setup(1, 64)
+    r1 = gen.generate(PROMPTS[:1], 22, Sampling(), stop_ids=[stop])
+    sequence = PROMPTS[0] + r1.tokens[0] + [r1.last_token[0]]
+    r2 = gen.generate([PROMPTS[1]], 8, Sampling(), continue_sequence=True)
+    assert r2.tokens == greedy(model, [sequence + PROMPTS[1]], 8, 64).tokens
+
+
 def test_cache_fills_exactly_and_one_more_token_is_a_clear_error():
     model = tiny_model()
     p = PROMPTS[0]
@@ -566,53 +595,3 @@ def test_decode_gemv_tiles_follow_the_measured_shapes():
     assert tile(960, 576) == tile(6144, 4096) == tile(151936, 2048) == (2, 1024, 4)  # the plain tile
     assert tile(2048, 2048) == (2, 1024, 4)  # Llama-3.2-1B's wo: square, lost with the short-K tile
     assert tile(5120, 2048, int8=True) == (4, 1024, 4)  # int8: int8_gemv_config's
-
-
-def test_attention_in_qkv_applies_where_the_attention_runs_one_split(monkeypatch):
-    """gemv.ATTEND_IN_QKV moves the batch-1 attention into wqkv's kernel only where the attention kernel would
-    run one split (SmolLM2's 216-slot cache, not 272 slots), over an unquantized SplitKVCache attended by
-    cache_attention_at_decode, for a float wqkv, eager, and never with the switch off."""
-    from functools import partial
-
-    import gemv
-    import kv_attention
-    from model import cache_attention_at_decode, sdpa_attention_over_cache
-
-    def applies(slots, weight_dtype=torch.bfloat16, attend=None, cache_type=kv_attention.SplitKVCache):
-        cache = cache_type(1, 3, slots, 64, torch.bfloat16)
-        attend = attend or partial(cache_attention_at_decode, row_start=None, q_slot=None, sliding_window=None)
-        return gemv.attend_in_qkv_applies(cache, torch.zeros(960, 576, dtype=weight_dtype), attend)
-
-    assert not applies(216)  # the switch is off by default
-    monkeypatch.setattr(gemv, "ATTEND_IN_QKV", True)
-    assert applies(216) and applies(64)
-    assert not applies(272)  # 5 tiles: the attention splits, and merges in a kernel of its own
-    assert not applies(216, torch.int8)
-    assert not applies(216, cache_type=KVCache)
-    assert not applies(216, attend=partial(sdpa_attention_over_cache, folded_mask=None))
-
-
-def test_token_stream_writes_each_step_token_where_the_reader_copies_it(monkeypatch):
-    """generate.TOKEN_STREAM: each decode step also writes its token into the Generator's token history at its
-    input slot, where DeviceTokenReader (on CUDA) copies it from, off the decode stream: a batch of different
-    lengths and a continued sequence give the same tokens as without it, and history[first decode slot + k - 1]
-    holds each row's token k (token 0 comes from prefill)."""
-    import generate
-
-    model = tiny_model()
-    want = greedy(model, PROMPTS[:3], 12, 64).tokens
-    monkeypatch.setattr(generate, "TOKEN_STREAM", True)
-    gen = Generator(model)
-    gen.setup(3, 64)
-    got = gen.generate(PROMPTS[:3], 12, Sampling()).tokens
-    assert got == want
-    first_decode_slot = max(len(p) for p in PROMPTS[:3])
-    history = gen.token_history[first_decode_slot : first_decode_slot + 11].T.tolist()
-    assert history == [row[1:] for row in got]
-    # a continued sequence: its decode slots start after what the cache holds
-    gen.setup(1, 64)
-    gen.reset()
-    first = gen.generate([PROMPTS[0]], 5, Sampling(), continue_sequence=True).tokens[0]
-    second = gen.generate([[7, 8]], 6, Sampling(), continue_sequence=True).tokens[0]
-    start = len(PROMPTS[0]) + len(first) - 1 + 3  # what the cache held, then the pending id and [7, 8]
-    assert gen.token_history[start : start + 5, 0].tolist() == second[1:]

@@ -76,6 +76,32 @@ def test_compiled_cuda_graph_decode_equals_cpu_fp32_eager(shape):
     assert got == want
 
 
+@pytest.mark.parametrize("graph_steps, read_lag", [(4, 1), (1, 3), (4, 2)])
+def test_decode_steps_a_graph_and_read_lag_equal_cpu_fp32_eager(monkeypatch, graph_steps, read_lag):
+    """generate.GRAPH_STEPS (several decode steps in one CUDA graph, their tokens copied back at once) and
+    READ_LAG (the host reads launches later): compiled on CUDA, the greedy tokens of CPU fp32 eager, a row's
+    stop id included, and a chat continued after the stop."""
+    import generate
+
+    cpu = random_model("tied")
+    want = greedy(cpu, PROMPTS[:3], 40, 128)
+    stop = want[0][9]
+    want_stopped = Generator(cpu)
+    want_stopped.setup(3, 128)
+    want_stopped = want_stopped.generate(PROMPTS[:3], 40, Sampling(), stop_ids=[stop]).tokens
+    monkeypatch.setattr(generate, "GRAPH_STEPS", graph_steps)
+    monkeypatch.setattr(generate, "READ_LAG", read_lag)
+    gen = Generator(on(cpu, "cuda"), compile=True)
+    gen.setup(3, 128)
+    assert gen.generate(PROMPTS[:3], 40, Sampling()).tokens == want
+    assert gen.generate(PROMPTS[:3], 40, Sampling(), stop_ids=[stop]).tokens == want_stopped
+    gen.setup(1, 128)
+    r1 = gen.generate(PROMPTS[:1], 40, Sampling(), stop_ids=[stop])
+    sequence = PROMPTS[0] + r1.tokens[0] + [r1.last_token[0]]
+    r2 = gen.generate([PROMPTS[1]], 12, Sampling(), continue_sequence=True)
+    assert r2.tokens == greedy(cpu, [sequence + PROMPTS[1]], 12, 128)
+
+
 def test_compile_blocks_decode_equals_cpu_fp32_eager(monkeypatch):
     """--compile-blocks on CUDA (generate.compile_each_block): each plain TransformerBlock compiled alone,
     called from the eager step that CUDAGraphStep records: a batch of different-length prompts gives the
@@ -558,81 +584,6 @@ def test_decode_gemv_rope_kv_equals_reference(D, n_heads, n_kv_heads, dtype, int
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     assert got.shape == (1, n_heads, 1, D) and ((got.float() - want.float()).norm() / want.float().norm()) < tol
     assert_written_at(caches, want_caches, 29, tol)
-
-
-@pytest.mark.parametrize(
-    "D, n_heads, n_kv_heads, dtype, window",
-    [(64, 9, 3, torch.bfloat16, 0), (128, 32, 8, torch.bfloat16, 0), (64, 4, 2, torch.float32, 24)],
-)
-def test_decode_gemv_rope_attend_equals_reference(D, n_heads, n_kv_heads, dtype, window):
-    """gemv.decode_gemv_rope_attend (ATTEND_IN_QKV: decode_gemv_rope_kv, then the attention in each kv head's
-    last program, found by an atomic count) gives the reference's attention output and cache writes, call after
-    call (60 steps, launched with PDL where the device has it: the count must be zero again after each call and
-    the last program must see every other program's q, k and v), SmolLM2's, Llama-3-8B's and a windowed head."""
-    import gemv
-
-    torch.manual_seed(D)
-    K, S, first_slot = 576, 200, 120
-    N = (n_heads + 2 * n_kv_heads) * D
-    w = torch.randn(N, K, device="cuda", dtype=dtype) / 30
-    norm_weight = torch.rand(K, device="cuda", dtype=dtype) + 0.5
-    caches = [torch.randn(1, n_kv_heads, S, D, device="cuda", dtype=dtype) for _ in range(2)]
-    want_caches = [c.clone() for c in caches]
-    row_start = torch.tensor([5], device="cuda", dtype=torch.int32)
-    arrivals = torch.zeros(n_kv_heads, device="cuda", dtype=torch.int32)
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    for step in range(60):
-        x = torch.randn(1, K, device="cuda", dtype=dtype)
-        _, cos, sin, _, _ = one_token_qkv(D, n_heads, n_kv_heads, False, 1, dtype)
-        slot = torch.tensor([first_slot + step], device="cuda")
-        args = (x, w, None, norm_weight, None, 1e-5, cos, sin)
-        want = gemv.decode_gemv_rope_attend_reference(*args, *want_caches, slot, n_heads, row_start, window)
-        got = gemv.decode_gemv_rope_attend(*args, *caches, slot, n_heads, row_start, window, arrivals)
-        assert got.shape == (1, n_heads * D)
-        assert ((got.float() - want.float()).norm() / want.float().norm()) < tol, step
-        assert_written_at(caches, want_caches, first_slot + step, tol)
-        caches = [c.copy_(w_) for c, w_ in zip(caches, want_caches)]  # the next step starts from the same caches
-    assert not arrivals.any()
-
-
-@pytest.mark.parametrize("shape, compile", [("gqa-hd128", False), ("window", True), ("tied", True)])
-def test_attention_in_qkv_equals_cpu_fp32_eager(monkeypatch, shape, compile):
-    """With gemv.ATTEND_IN_QKV the fused decode block's attention runs in wqkv's kernel (these 128-slot caches
-    attend in one split): the CUDA-graph decode gives the CPU fp32 eager tokens, eager and compiled around the
-    blocks with PDL, and every layer's step went through decode_gemv_rope_attend."""
-    import gemv
-    import kv_attention
-
-    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
-    monkeypatch.setattr(gemv, "FLOAT_GEMV_ENABLED", True)
-    monkeypatch.setattr(gemv, "ATTEND_IN_QKV", True)
-    monkeypatch.setattr(kv_attention, "PDL", True)
-    if compile and not kv_attention.pdl_applies(torch.device("cuda")):
-        pytest.skip("compiled, the blocks run eager (where ATTEND_IN_QKV applies) only with PDL, on sm_90+")
-    calls = []
-    fused = gemv.decode_gemv_rope_attend
-    monkeypatch.setattr(gemv, "decode_gemv_rope_attend", lambda *a: calls.append(1) or fused(*a))
-    cpu = random_model(shape)
-    want = [greedy(cpu, [p], 40, 128)[0] for p in PROMPTS[:2]]
-    cuda = on(cpu, "cuda")
-    assert [greedy(cuda, [p], 40, 128, compile=compile)[0] for p in PROMPTS[:2]] == want
-    assert len(calls) >= cpu.args.n_layers
-
-
-@pytest.mark.parametrize("compile", [False, True])
-def test_token_stream_decode_equals_cpu_fp32_eager(monkeypatch, compile):
-    """generate.TOKEN_STREAM (each step writes its token into a history inside the CUDA graph; the reader
-    copies it to the host on a side stream): a batch of different lengths decodes to the CPU fp32 eager
-    tokens, eager (CUDA graph) and compiled, and so does a batch-1 prompt through the fused block."""
-    import generate
-
-    cpu = random_model("gqa-hd128")
-    want = greedy(cpu, PROMPTS[:3], 40, 128)
-    want_one = greedy(cpu, PROMPTS[:1], 40, 128)
-    monkeypatch.setattr(generate, "TOKEN_STREAM", True)
-    cuda = on(cpu, "cuda")
-    assert greedy(cuda, PROMPTS[:3], 40, 128, compile=compile) == want
-    assert greedy(cuda, PROMPTS[:1], 40, 128, compile=compile) == want_one
 
 
 def launched_with_pdl(kernel) -> list[bool]:
