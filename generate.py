@@ -5,7 +5,6 @@ python generate.py --chat
 """
 
 import argparse
-import collections
 import contextlib
 import os
 import signal
@@ -302,67 +301,40 @@ class RowTokens:
         return all(self.finished(b) for b in range(len(self.ended)))
 
 
-# Two opt-in forms of the decode loop for small models, whose steps are short enough that what sits between
-# two CUDA-graph replays shows (issue 11: SmolLM2-135M's generate() took 0.436 ms a step on an H100 against
-# 0.425 for the same replays without the token reads). Built 2026-12-06 (thirteenth session); gpu_pending.sh
-# graphsteps times them. GRAPH_STEPS: one CUDA graph holds this many decode steps (the first step of a call
-# and a tail shorter than that run one at a time), and its steps' tokens come back in one copy. READ_LAG: the
-# host takes a launch's tokens this many launches later (1: the previous one, as before), so more launches
-# stay queued on the GPU. Either way a row that stops at a stop id has had the steps after it run (at most
-# GRAPH_STEPS * READ_LAG); their K/V lies past the row's position, never attended, as after rewind().
-GRAPH_STEPS = int(os.environ.get("FASTGEN_GRAPH_STEPS", "1"))
-READ_LAG = int(os.environ.get("FASTGEN_READ_LAG", "1"))
-
-
-def repeated(step, times: int):
-    """An advancing step (see advancing) run `times` times, made into one step that also returns the
-    tokens it sampled: (token, input_pos, ids [times, B])."""
-
-    def run_steps(model, token, input_pos, sampling):
-        ids = token.new_empty(times, token.shape[0])
-        for i in range(times):
-            token, input_pos = step(model, token, input_pos, sampling)
-            ids[i] = token.view(-1)
-        return token, input_pos, ids
-
-    return run_steps
-
-
 class DeviceTokenReader:
-    """Brings decode steps' token ids to the host. On CUDA a launch's ids [n, B] are copied into pinned
-    memory without waiting, and the host takes them READ_LAG launches later, so the GPU always has the
-    next launches queued; on the CPU they are taken at once."""
+    """Brings each decode step's token ids [B, 1] to the host. On CUDA it copies them into pinned
+    memory without waiting and returns the previous step's ids, so the GPU always has the next
+    step queued; on the CPU it returns the current step's ids."""
 
     def __init__(self, device: torch.device, steps: int, batch: int):
-        self.cuda = device.type == "cuda"
-        self.lag = max(1, READ_LAG) if self.cuda else 0
-        self.pending = collections.deque()  # per launch, oldest first: (its copy's event or None, ids [n, B])
-        if self.cuda:
+        self.one_behind = device.type == "cuda"
+        if self.one_behind:
             self.host = torch.empty((steps, batch), dtype=torch.long, pin_memory=True)
+            self.events = []
 
     def synchronize(self):
         """Wait for the device (timings; nothing to wait for on the CPU)."""
-        if self.cuda:
+        if self.one_behind:
             torch.cuda.synchronize()
 
-    def push(self, step: int, ids: torch.Tensor):
-        """ids [n, B]: the tokens of decode steps step .. step + n - 1, just launched."""
-        if not self.cuda:
-            self.pending.append((None, ids))
-            return
-        rows = self.host[step : step + ids.shape[0]]
-        rows.copy_(ids, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self.pending.append((event, rows))
+    def read(self, step: int, token: torch.Tensor) -> list[int] | None:
+        """The ids to take after decode step `step` (1, 2, ...), or None (CUDA, step 1)."""
+        if not self.one_behind:
+            return token.view(-1).tolist()
+        self.host[step].copy_(token.view(-1), non_blocking=True)
+        self.events.append(torch.cuda.Event())
+        self.events[-1].record()
+        if step < 2:
+            return None
+        self.events[step - 2].synchronize()
+        return self.host[step - 1].tolist()
 
-    def take(self, everything: bool = False):
-        """Each step's ids (a list of B) whose launch is READ_LAG launches old, or every one left."""
-        while len(self.pending) > (0 if everything else self.lag):
-            event, rows = self.pending.popleft()
-            if event is not None:
-                event.synchronize()
-            yield from rows.tolist()
+    def read_last(self, step: int) -> list[int] | None:
+        """After the loop ran to its end: the last step's ids not yet returned (CUDA only)."""
+        if not self.one_behind:
+            return None
+        torch.cuda.synchronize()
+        return self.host[step].tolist()
 
 
 def prefill_blocks_eager(model: Transformer, tokens, input_pos, sampling: Sampling):
@@ -440,13 +412,6 @@ class Generator:
             # Static shapes: one compile, then CUDA-graph replays.
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self.decode_fn = advancing(torch.compile(decode_one, mode=mode, fullgraph=True))
-        # GRAPH_STEPS decode steps as one (one CUDA graph where the single step is one of ours)
-        self.decode_steps_fn = None
-        if GRAPH_STEPS > 1:
-            single = self.decode_fn.step if isinstance(self.decode_fn, CUDAGraphStep) else self.decode_fn
-            self.decode_steps_fn = repeated(single, GRAPH_STEPS)
-            if isinstance(self.decode_fn, CUDAGraphStep):
-                self.decode_steps_fn = CUDAGraphStep(self.decode_steps_fn)
         if compile_prefill:
             self.prefill_fn = torch.compile(prefill, dynamic=True, fullgraph=True)
         if compile_blocks:
@@ -672,24 +637,19 @@ class Generator:
         token, input_pos = token.clone(), torch.tensor([slot], device=self.device)
         reader = DeviceTokenReader(self.device, max_new_tokens, token.shape[0])
         t1 = time.perf_counter()
-        step, done = 1, False  # decode steps are 1 .. max_new_tokens - 1
-        while step < max_new_tokens and not done:
-            # the first step alone (its time is the compile's), then GRAPH_STEPS at a time while they fit
-            if self.decode_steps_fn is not None and 1 < step <= max_new_tokens - GRAPH_STEPS:
-                token, input_pos, ids = self.decode_steps_fn(model, token, input_pos, sampling)
-            else:
-                token, input_pos = self.decode_fn(model, token, input_pos, sampling)
-                ids = token.view(1, -1)
+        for step in range(1, max_new_tokens):
+            token, input_pos = self.decode_fn(model, token, input_pos, sampling)
             if step == 1:
                 reader.synchronize()
                 result.first_decode_s = time.perf_counter() - t1
-            reader.push(step, ids)
-            step += ids.shape[0]
-            result.decode_steps = step - 1
-            done = any(rows.take(row_ids) for row_ids in reader.take())  # stops where every row has finished
-        for row_ids in reader.take(everything=True) if not done else ():
-            if rows.take(row_ids):
+            result.decode_steps = step
+            ids = reader.read(step, token)
+            if ids is not None and rows.take(ids):
                 break
+        else:
+            ids = reader.read_last(max_new_tokens - 1)
+            if ids is not None:
+                rows.take(ids)
         reader.synchronize()
         result.decode_s = time.perf_counter() - t1
 

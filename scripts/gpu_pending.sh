@@ -33,8 +33,6 @@
 #                                          #   tinygemm), the int4-g64 Llama-3-8B step with tinygemm and with the GEMV,
 #                                          #   then its tiles (int4_gemv_sweep.py) (H100, eleventh session: tinygemm
 #                                          #   2.779 ms, the GEMV 2.788: a tie; issue 10 wants 450 tok/s, 2.22 ms)
-#   bash scripts/gpu_pending.sh graphsteps # ~7 min: SmolLM2 with generate.GRAPH_STEPS / READ_LAG (steps a CUDA graph,
-#                                          #   launches the host reads behind): their GPU test, generate() and bench.py
 #   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
 #   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
 #                                          #   10: why int8 reads at half bf16's rate), if ncu is on the machine
@@ -186,27 +184,6 @@ smoltiles)
         decode "smol_${t//[,=\/]/_}" 45 --model smollm2-135m --new-tokens 256 --tile "$t"
     done
     ;;
-graphsteps)
-    # issue 11's SmolLM2 (generate() 0.436 ms a step on the H100 against 0.425 for the same replays without the token
-    # reads): generate.GRAPH_STEPS (decode steps a CUDA graph, their tokens copied back at once) and READ_LAG (launches
-    # the host reads behind). Their GPU test, then generate() and bench.py at (steps, lag) = (1, 1) (the default),
-    # (1, 2), (4, 1) and (8, 2), twice each, alternating
-    step graph_tests 240 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
-        -k "graph_and_read_lag or compiled_cuda_graph_decode_equals"
-    summary+=("  $(tail -n 1 "$out/graph_tests.txt")")
-    for run in 1 2; do
-        for form in 1,1 1,2 4,1 8,2; do
-            export FASTGEN_GRAPH_STEPS=${form%,*} FASTGEN_READ_LAG=${form#*,}
-            name="smol_graph_${form/,/_}_$run"
-            decode "$name" 45 --model smollm2-135m --new-tokens 200
-            step "${name}_bench" 100 python scripts/bench.py --suite smoke --models smollm2-135m --batch 1 --ctx 16 \
-                --cache just --compile --new-tokens 200 --runs 3 --no-hf --no-cold-start --time-budget-s 90 \
-                --out-dir "$out/${name}_bench"
-            summary+=("steps,lag=$form: $(grep -E '^\| smollm2' "$out/${name}_bench.txt")")
-        done
-    done
-    unset FASTGEN_GRAPH_STEPS FASTGEN_READ_LAG
-    ;;
 moebench)
     # ~6 min: issue 17 on an H100: Qwen3-30B-A3B bf16 B1 (59.5% of copy before the in-place decode loop) and
     # Mixtral int8 B1 (63% on the H200; not on an H100 since the int8 expert GEMV), copy in the same run
@@ -293,7 +270,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4rows, int4gemv, smoltiles, graphsteps, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4rows, int4gemv, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

@@ -109,35 +109,6 @@ def test_decode_step_leaves_the_next_steps_inputs_in_place():
     assert torch.equal(token, want) and input_pos.tolist() == [4]
 
 
-def test_decode_steps_in_one_graph_equal_one_at_a_time(monkeypatch):
-    """generate.GRAPH_STEPS: after the first step alone, decode steps run GRAPH_STEPS at a time (one CUDA
-    graph on a GPU) and the tail one at a time; tokens, stops and a chat continued after a stop (whose
-    later steps ran and wrote K/V past the row's position) equal the one-step loop's."""
-    import generate
-
-    model = tiny_model()
-    free = greedy(model, PROMPTS, 22, 64)
-    stop = free.tokens[0][4]
-    stopped = greedy(model, PROMPTS[:2], 22, 64, stop_ids=[stop])
-    monkeypatch.setattr(generate, "GRAPH_STEPS", 3)
-    gen = Generator(model)
-    gen.setup(len(PROMPTS), 64)
-    launches = []
-    steps_fn = gen.decode_steps_fn
-    gen.decode_steps_fn = lambda *args: launches.append(1) or steps_fn(*args)
-    res = gen.generate(PROMPTS, 22, Sampling())
-    assert res.tokens == free.tokens and res.decode_steps == 21
-    assert len(launches) == 6  # steps 2-19 three at a time; 1, 20 and 21 alone
-    gen.setup(2, 64)
-    got = gen.generate(PROMPTS[:2], 22, Sampling(), stop_ids=[stop])
-    assert got.tokens == stopped.tokens and got.stopped == stopped.stopped
-    gen.setup(1, 64)
-    r1 = gen.generate(PROMPTS[:1], 22, Sampling(), stop_ids=[stop])
-    sequence = PROMPTS[0] + r1.tokens[0] + [r1.last_token[0]]
-    r2 = gen.generate([PROMPTS[1]], 8, Sampling(), continue_sequence=True)
-    assert r2.tokens == greedy(model, [sequence + PROMPTS[1]], 8, 64).tokens
-
-
 def test_cache_fills_exactly_and_one_more_token_is_a_clear_error():
     model = tiny_model()
     p = PROMPTS[0]

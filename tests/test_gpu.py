@@ -76,32 +76,6 @@ def test_compiled_cuda_graph_decode_equals_cpu_fp32_eager(shape):
     assert got == want
 
 
-@pytest.mark.parametrize("graph_steps, read_lag", [(4, 1), (1, 3), (4, 2)])
-def test_decode_steps_a_graph_and_read_lag_equal_cpu_fp32_eager(monkeypatch, graph_steps, read_lag):
-    """generate.GRAPH_STEPS (several decode steps in one CUDA graph, their tokens copied back at once) and
-    READ_LAG (the host reads launches later): compiled on CUDA, the greedy tokens of CPU fp32 eager, a row's
-    stop id included, and a chat continued after the stop."""
-    import generate
-
-    cpu = random_model("tied")
-    want = greedy(cpu, PROMPTS[:3], 40, 128)
-    stop = want[0][9]
-    want_stopped = Generator(cpu)
-    want_stopped.setup(3, 128)
-    want_stopped = want_stopped.generate(PROMPTS[:3], 40, Sampling(), stop_ids=[stop]).tokens
-    monkeypatch.setattr(generate, "GRAPH_STEPS", graph_steps)
-    monkeypatch.setattr(generate, "READ_LAG", read_lag)
-    gen = Generator(on(cpu, "cuda"), compile=True)
-    gen.setup(3, 128)
-    assert gen.generate(PROMPTS[:3], 40, Sampling()).tokens == want
-    assert gen.generate(PROMPTS[:3], 40, Sampling(), stop_ids=[stop]).tokens == want_stopped
-    gen.setup(1, 128)
-    r1 = gen.generate(PROMPTS[:1], 40, Sampling(), stop_ids=[stop])
-    sequence = PROMPTS[0] + r1.tokens[0] + [r1.last_token[0]]
-    r2 = gen.generate([PROMPTS[1]], 12, Sampling(), continue_sequence=True)
-    assert r2.tokens == greedy(cpu, [sequence + PROMPTS[1]], 12, 128)
-
-
 def test_compile_blocks_decode_equals_cpu_fp32_eager(monkeypatch):
     """--compile-blocks on CUDA (generate.compile_each_block): each plain TransformerBlock compiled alone,
     called from the eager step that CUDAGraphStep records: a batch of different-length prompts gives the
