@@ -33,6 +33,8 @@
 #                                          #   tinygemm), the int4-g64 Llama-3-8B step with tinygemm and with the GEMV,
 #                                          #   then its tiles (int4_gemv_sweep.py) (H100, eleventh session: tinygemm
 #                                          #   2.779 ms, the GEMV 2.788: a tie; issue 10 wants 450 tok/s, 2.22 ms)
+#   bash scripts/gpu_pending.sh int4mma    # ~4 min: issue 10's int4: a CUDA int4 GEMV on tensor cores (int4_mma_probe.py,
+#                                          #   built with nvcc there) against tinygemm and the Triton GEMV, alone
 #   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
 #   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
 #                                          #   10: why int8 reads at half bf16's rate), if ncu is on the machine
@@ -184,6 +186,13 @@ smoltiles)
         decode "smol_${t//[,=\/]/_}" 45 --model smollm2-135m --new-tokens 256 --tile "$t"
     done
     ;;
+int4mma)
+    # issue 10's int4 at 450 tok/s: scripts/int4_mma_probe.py, a CUDA int4 GEMV on tensor cores over tinygemm's layout
+    # (nvcc builds it here on first use; 1.7-2.0 sm_90 instructions a weight against the Triton GEMV's 3.4): its
+    # check against tinygemm, then GB/s beside tinygemm and gemv.int4_gemv at Llama-3-8B's shapes
+    step int4mma 500 python scripts/int4_mma_probe.py
+    summary+=("$(grep -E '^\||g(64|128) ' "$out/int4mma.txt")")
+    ;;
 moebench)
     # ~6 min: issue 17 on an H100: Qwen3-30B-A3B bf16 B1 (59.5% of copy before the in-place decode loop) and
     # Mixtral int8 B1 (63% on the H200; not on an H100 since the int8 expert GEMV), copy in the same run
@@ -270,7 +279,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4rows, int4gemv, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4rows, int4gemv, int4mma, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

@@ -430,3 +430,12 @@ def test_int8_bf16_decode_on_the_cpu_uses_torchs_int8_kernel(quantized, monkeypa
     odd.weight, odd.scales = quantize_int8(torch.randn(33, 40))
     check(odd, torch.randn(1, 40, dtype=torch.bfloat16))
     assert calls == []
+
+
+def test_int4_mma_probe_reads_every_nibble_of_tinygemms_layout_once():
+    """scripts/int4_mma_probe.py's CUDA kernel (issue 10's int4, GPU-timed only) feeds tinygemm's words to
+    mma.m16n8k16 as A fragments, two row tiles an instruction: its index math, replayed in Python over
+    gemv.int4_tinygemm_layout, puts every (row, k) nibble in its place exactly once."""
+    from scripts.int4_mma_probe import check_layout
+
+    assert check_layout() == 0
