@@ -173,11 +173,11 @@ DECLARATION = (
 )
 
 
-def launcher_source() -> str:
+def launcher_source(groups=GROUPS, configs=CONFIGS) -> str:
     cases = "\n".join(
         f"    if (group == {g} && t == {t} && warps == {w}) {{ launch<{g}, {t}, {w}>(x, w, sz, y, stream); return y; }}"
-        for g in GROUPS
-        for t, w in CONFIGS
+        for g in groups
+        for t, w in configs
     )
     return LAUNCHER.replace("    DISPATCH", cases)
 
@@ -272,7 +272,7 @@ def check_layout() -> int:
     return 0 if ok else 1
 
 
-def gpu() -> int:
+def gpu(quick: bool) -> int:
     import torch
     import triton
     from torch.utils.cpp_extension import load_inline
@@ -281,10 +281,11 @@ def gpu() -> int:
     import gemv
     import quantize
 
+    groups, configs = ((64,), [(4, 8), (2, 8), (8, 4)]) if quick else (GROUPS, CONFIGS)
     ext = load_inline(
-        "int4_mma_probe",
+        "int4_mma_probe_quick" if quick else "int4_mma_probe",
         cpp_sources=DECLARATION,
-        cuda_sources=KERNEL + launcher_source(),
+        cuda_sources=KERNEL + launcher_source(groups, configs),
         functions=["int4_mma_gemv"],
         extra_cuda_cflags=["-O3"],  # for the GPU it runs on (torch reads its compute capability)
     )
@@ -293,11 +294,12 @@ def gpu() -> int:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     # Llama-3-8B's projections and how many a step (32 layers, the output once)
     shapes = {"wqkv": (6144, 4096, 32), "wo": (4096, 4096, 32), "w13": (28672, 4096, 32), "w2": (4096, 14336, 32)}
-    shapes["output"] = (128256, 4096, 1)
+    if not quick:
+        shapes["output"] = (128256, 4096, 1)
     step_ms = {}
     print("| shape | group | tinygemm GB/s | int4_gemv GB/s | ours, best GB/s (T, warps) | rel. error vs tinygemm |")
     print("|---|---|---|---|---|---|")
-    for groupsize in GROUPS:
+    for groupsize in groups:
         for name, (N, K, count) in shapes.items():
             linear = quantize.Int4Linear(K, N, groupsize=groupsize, device="cuda")
             linear.weight, linear.scales_and_zeros = quantize.quantize_int4(
@@ -313,7 +315,7 @@ def gpu() -> int:
                 "int4_gemv": do_bench(lambda: gemv.int4_gemv(x, w, groupsize, sz)),  # noqa: B023
             }
             best, errors = None, []
-            for t, warps in CONFIGS:
+            for t, warps in configs:
                 got = ext.int4_mma_gemv(x, w, sz, groupsize, t, warps, stream).float()
                 err = ((got - ref).norm() / ref.norm()).item()
                 errors.append(err)
@@ -329,7 +331,8 @@ def gpu() -> int:
             mma = f"{nbytes / best[0] / 1e6:.0f} ({best[1]}, {best[2]})" if best else "wrong"
             print(
                 f"| {name} | {groupsize} | {nbytes / times['tinygemm'] / 1e6:.0f} | "
-                f"{nbytes / times['int4_gemv'] / 1e6:.0f} | {mma} | {min(errors):.2e} - {max(errors):.2e} |"
+                f"{nbytes / times['int4_gemv'] / 1e6:.0f} | {mma} | {min(errors):.2e} - {max(errors):.2e} |",
+                flush=True,
             )
     print("\nThe linears of one Llama-3-8B step, each alone (L2 flushed), summed, ms:")
     for (groupsize, kernel), ms in sorted(step_ms.items()):
@@ -340,12 +343,13 @@ def gpu() -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sass", action="store_true", help="no GPU: build for sm_90 and count the machine code")
+    p.add_argument("--quick", action="store_true", help="GPU: group 64, three tiles, no output projection")
     p.add_argument("--check-layout", action="store_true", help="no GPU: the kernel's index math in Python")
     p.add_argument("--cuobjdump", default=shutil.which("cuobjdump") or "cuobjdump", help="cuobjdump (Triton ships one)")
     args = p.parse_args(argv)
     if args.check_layout:
         return check_layout()
-    return sass(args.cuobjdump) if args.sass else gpu()
+    return sass(args.cuobjdump) if args.sass else gpu(args.quick)
 
 
 if __name__ == "__main__":
