@@ -21,6 +21,8 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
                             DecodeBlock, eager with PDL  (+ the residual)
   route                     DecodeBlock, eager with PDL  the router's softmax, top k, renormalised
   int4_gemv                 Int4Linear, 1 row (opt-in)   tinygemm's int4 weight, one pass, bf16x2 math
+
+int4_mma.py holds a CUDA (not Triton) int4 kernel for Int4Linear's one row on tensor cores (opt-in).
 """
 
 import os

@@ -33,8 +33,8 @@
 #                                          #   tinygemm), the int4-g64 Llama-3-8B step with tinygemm and with the GEMV,
 #                                          #   then its tiles (int4_gemv_sweep.py) (H100, eleventh session: tinygemm
 #                                          #   2.779 ms, the GEMV 2.788: a tie; issue 10 wants 450 tok/s, 2.22 ms)
-#   bash scripts/gpu_pending.sh int4mma    # ~4 min: issue 10's int4: a CUDA int4 GEMV on tensor cores (int4_mma_probe.py,
-#                                          #   built with nvcc there) against tinygemm and the Triton GEMV, alone
+#   bash scripts/gpu_pending.sh int4mma    # ~9 min: issue 10's int4 with int4_mma.py (FASTGEN_INT4_MMA=1, the CUDA
+#                                          #   tensor-core GEMV): its GPU tests, the int4 step and bench.py rows both ways
 #   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
 #   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
 #                                          #   10: why int8 reads at half bf16's rate), if ncu is on the machine
@@ -187,11 +187,23 @@ smoltiles)
     done
     ;;
 int4mma)
-    # issue 10's int4 at 450 tok/s: scripts/int4_mma_probe.py, a CUDA int4 GEMV on tensor cores over tinygemm's layout
-    # (nvcc builds it here on first use; 1.7-2.0 sm_90 instructions a weight against the Triton GEMV's 3.4): its
-    # check against tinygemm, then GB/s beside tinygemm and gemv.int4_gemv at Llama-3-8B's shapes
-    step int4mma 500 python scripts/int4_mma_probe.py
-    summary+=("$(grep -E '^\||g(64|128) ' "$out/int4mma.txt")")
+    # issue 10's int4 at 450 tok/s (2.22 ms): int4_mma.py, the CUDA tensor-core GEMV (FASTGEN_INT4_MMA=1; nvcc builds
+    # it on first use). Probe of 2026-12-06 (H100, each linear alone): g64 2.485 ms for the four projections x 32
+    # layers against tinygemm's 3.032, g128 2.322 against 2.905. Its GPU tests, then the whole int4 step with it and
+    # without (generate() 357.8 tok/s, 2.779 ms, with tinygemm), then bench.py's int4-g64 / g128 rows both ways
+    step int4mma_tests 300 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k int4_mma
+    summary+=("  $(tail -n 1 "$out/int4mma_tests.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/int4mma_tests.txt" | head -6)")
+    for run in 1 2; do
+        FASTGEN_INT4_MMA=0 decode "llama_int4_tinygemm_$run" 95 --model llama-3-8b --weights int4-g64
+        FASTGEN_INT4_MMA=1 decode "llama_int4_mma_$run" 95 --model llama-3-8b --weights int4-g64
+    done
+    for on in 0 1; do
+        FASTGEN_INT4_MMA=$on step "int4_bench_$on" 200 python scripts/bench.py --suite smoke --models llama-3-8b \
+            --weights int4-g64,int4-g128 --batch 1 --ctx 16 --cache just --compile --new-tokens 200 --runs 3 --no-hf --no-cold-start \
+            --time-budget-s 190 --out-dir "$out/int4_bench_$on"
+        summary+=("FASTGEN_INT4_MMA=$on: $(grep -E '^\| llama' "$out/int4_bench_$on.txt" | tr '\n' ' ')")
+    done
     ;;
 moebench)
     # ~6 min: issue 17 on an H100: Qwen3-30B-A3B bf16 B1 (59.5% of copy before the in-place decode loop) and

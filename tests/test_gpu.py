@@ -755,6 +755,72 @@ def test_int4_gemv_equals_tinygemm(n, k, groupsize, monkeypatch):
     assert torch.equal(linear(x), got)
 
 
+@pytest.mark.parametrize(
+    "n,k,groupsize",
+    # Llama-3-8B's wo (16 warps) / wqkv / w2 / w13 (8 warps); an odd tile count (the last block's second tile past
+    # the end); group 32; one tile and one supertile (16 warps, 15 of them without a supertile)
+    [
+        (4096, 4096, 64),
+        (6144, 4096, 128),
+        (4096, 14336, 128),
+        (28672, 4096, 64),
+        (1000, 4096, 64),
+        (520, 1024, 32),
+        (8, 128, 128),
+    ],
+)
+def test_int4_mma_gemv_equals_tinygemm(n, k, groupsize, monkeypatch):
+    """One row through int4_mma (the CUDA tensor-core kernel, built with nvcc on first use) equals tinygemm
+    (_weight_int4pack_mm) on the same packed weight up to tinygemm's bf16 rounding of each dequantized weight:
+    eager, replayed in a CUDA graph under torch.compile, and through Int4Linear with FASTGEN_INT4_MMA's switch."""
+    import int4_mma
+    import quantize
+
+    torch.manual_seed(n + k)
+    linear = quantize.Int4Linear(k, n, groupsize=groupsize, device="cuda")
+    linear.weight, linear.scales_and_zeros = quantize.quantize_int4(torch.randn(n, k, device="cuda") / 30, groupsize)
+    linear.pack_()
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setattr(int4_mma, "ENABLED", False)
+    want = linear(x).float()  # tinygemm
+    monkeypatch.setattr(int4_mma, "ENABLED", True)
+    assert int4_mma.applies(x, linear.weight, groupsize)
+    got = int4_mma.int4_mma_gemv(x, linear.weight, groupsize, linear.scales_and_zeros)
+    assert got.dtype == torch.bfloat16 and got.shape == (1, n)
+    assert ((got.float() - want).norm() / want.norm()) < 1e-2
+    compiled = torch.compile(int4_mma.int4_mma_gemv, fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):  # warm-up, record, replay
+        out = compiled(x, linear.weight, groupsize, linear.scales_and_zeros).clone()
+    assert torch.equal(out, got)
+    assert torch.equal(linear(x), got)
+
+
+@pytest.mark.parametrize("groupsize", [64, 128])
+def test_int4_mma_model_matches_dequantize_then_compute(float_checkpoint, tmp_path, monkeypatch, groupsize):
+    """An int4 checkpoint decoded with FASTGEN_INT4_MMA=1 (its batch-1 linears through int4_mma), eager and
+    compiled (CUDA graphs), is within the int4 tolerance of the dequantize-then-compute reference."""
+    import int4_mma
+    from quantize import quantize_checkpoint
+
+    monkeypatch.setattr(int4_mma, "ENABLED", True)
+    qdir = quantize_checkpoint(float_checkpoint, "int4", groupsize, output_dir=tmp_path / "int4")
+    reference = dequantized_reference(qdir)
+    ids = PROMPTS[0] + [int(t) for t in torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(2))]
+    want = teacher_forced_logits(reference, ids, len(PROMPTS[0]), compiled=False)
+    model, _ = load_model(qdir, torch.device("cuda"), torch.bfloat16)
+    calls = []
+    kernel = int4_mma.int4_mma_gemv
+    for compiled in (False, True):
+        # eager: counted, so the decode steps' linears are known to go through the kernel
+        spy = kernel if compiled else (lambda *args: calls.append(1) or kernel(*args))
+        monkeypatch.setattr(int4_mma, "int4_mma_gemv", spy)
+        got = teacher_forced_logits(model, ids, len(PROMPTS[0]), compiled)
+        err = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
+        assert err < 3e-2, f"compiled={compiled}: worst step's relative error {err:.2e}"
+        torch._dynamo.reset()
+    assert calls
+
+
 @pytest.fixture(scope="module")
 def float_checkpoint(tmp_path_factory):
     model = random_model("gqa-hd128", seed=1)

@@ -439,3 +439,51 @@ def test_int4_mma_probe_reads_every_nibble_of_tinygemms_layout_once():
     from scripts.int4_mma_probe import check_layout
 
     assert check_layout() == 0
+
+
+def test_int4_linear_routes_its_batch1_call_to_int4_mma_where_it_applies(monkeypatch):
+    """FASTGEN_INT4_MMA=1: Int4Linear's one-row call goes to int4_mma.int4_mma_gemv with the padded row, the packed
+    weight, the group size and the bf16 scales; rows > 1 stay on tinygemm. int4_mma.applies asks for CUDA, one
+    row, a group of 32-128 and tinygemm's 8-inner-k-tile layout; config gives the probe's warps."""
+    import int4_mma
+
+    torch.manual_seed(0)
+    n, k, groupsize = 64, 600, 64  # padded to 640 on the way in
+    packed, scales_and_zeros = quantize_int4(torch.randn(n, k), groupsize)
+    with torch.device("meta"):
+        linear = Int4Linear(k, n, groupsize=groupsize)
+    linear.load_state_dict({"weight": packed, "scales_and_zeros": scales_and_zeros}, assign=True)
+    calls = []
+
+    def fake_gemv(x, weight, group, sz):
+        calls.append((x.shape, weight is linear.weight, group, sz.dtype))
+        return torch.zeros(1, sz.shape[1], dtype=x.dtype)
+
+    monkeypatch.setattr(int4_mma, "applies", lambda x, weight, group: x.shape[0] == 1)
+    monkeypatch.setattr(int4_mma, "int4_mma_gemv", fake_gemv)
+    assert linear(torch.randn(1, 1, k)).shape == (1, 1, n)
+    assert calls == [((1, 640), True, groupsize, torch.bfloat16)]
+    linear(torch.randn(3, k))  # three rows: tinygemm
+    assert len(calls) == 1
+    monkeypatch.undo()
+    monkeypatch.setattr(int4_mma, "ENABLED", True)
+    cpu_row, layout = torch.zeros(1, 4096), torch.zeros(512, 32, 32, 4, dtype=torch.int32)  # 8 inner k tiles
+    assert not int4_mma.applies(cpu_row, layout, 64)  # on the CPU: tinygemm's CPU kernel
+    assert int4_mma.config(4096, 14336) == dict(tiles=2, warps=16) and int4_mma.config(28672, 4096)["warps"] == 8
+
+
+def test_int4_mma_without_nvcc_is_one_clear_error(monkeypatch):
+    """The CUDA kernel is built on first use: without the CUDA toolkit that is one line naming the fix."""
+    import torch.utils.cpp_extension
+
+    import int4_mma
+    from errors import FastgenError
+
+    def no_toolkit(*args, **kwargs):
+        raise OSError("CUDA_HOME environment variable is not set. Please set it to your CUDA install root.")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_toolkit)
+    monkeypatch.setattr(int4_mma, "_extension", None)
+    with pytest.raises(FastgenError, match=r"needs nvcc .* unset FASTGEN_INT4_MMA") as e:
+        int4_mma.build()
+    assert "\n" not in str(e.value) and "CUDA_HOME" in str(e.value)
