@@ -32,8 +32,9 @@ WARPS = (8, 16)
 
 def config(n: int, k: int) -> dict:
     """Warps a block: the H100 probe (2026-12-06, Llama-3-8B's shapes, 4 / 8 / 16 warps at 2 tiles): 16 where the
-    grid is small (wo, w2: 4096 rows, 256 blocks), 8 otherwise (wqkv, w13)."""
-    return dict(tiles=TILES, warps=16 if n <= 4096 else 8)
+    grid is small (wo, w2: 4096 rows, 256 blocks), 8 otherwise (wqkv, w13). prefetch (each warp's next supertile
+    loaded before this one's arithmetic) is built for the probe to time; off until it wins."""
+    return dict(tiles=TILES, warps=16 if n <= 4096 else 8, prefetch=False)
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, groupsize: int) -> bool:
@@ -86,7 +87,7 @@ __device__ __forceinline__ float bf16_high(uint32_t v) { return __uint_as_float(
 // tiles of 8 rows (T even: two tiles an mma), its WARPS warps taking its supertiles in turn. Per group the tensor
 // cores sum (128 + q) x in fp32 (exact products; the 128 bias cancels in fp32, not in bf16), and an mma of ones
 // by x gives the group's sum of x, X: y += scale (D - 136 X) + zero X = scale D + (zero - 136 scale) X.
-template <int GROUP, int T, int WARPS>
+template <int GROUP, int T, int WARPS, bool PREFETCH>
 __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
     const uint4* __restrict__ w, const uint32_t* __restrict__ x_pairs, const uint32_t* __restrict__ sz,
     __nv_bfloat16* __restrict__ y, int N, int S) {
@@ -102,12 +103,22 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
     const uint32_t* sz_rows[T];
 #pragma unroll
     for (int t = 0; t < T; ++t) sz_rows[t] = sz + ((tile0 + t) * 8 + row < N ? (tile0 + t) * 8 + row : 0);
+    const uint4* w_tile[T];  // this lane's words of each tile at supertile 0 (read once: __ldcs, evict first)
+#pragma unroll
+    for (int t = 0; t < T; ++t)  // a tile past the end reads the last one again; its sums are not stored
+        w_tile[t] = w + (size_t)min(tile0 + t, tiles - 1) * S * 32 + lane;
+    uint4 next[T];  // PREFETCH: the warp's next supertile's words, loaded before this one's arithmetic
+    if (PREFETCH && warp < S) {
+#pragma unroll
+        for (int t = 0; t < T; ++t) next[t] = __ldcs(w_tile[t] + (size_t)warp * 32);
+    }
     for (int s = warp; s < S; s += WARPS) {
         uint4 words[T];
 #pragma unroll
-        for (int t = 0; t < T; ++t) {  // a tile past the end reads the last one again; its sums are not stored
-            const int tile = min(tile0 + t, tiles - 1);
-            words[t] = __ldcs(w + ((size_t)tile * S + s) * 32 + lane);  // read once: evict first
+        for (int t = 0; t < T; ++t) words[t] = PREFETCH ? next[t] : __ldcs(w_tile[t] + (size_t)s * 32);
+        if (PREFETCH && s + WARPS < S) {
+#pragma unroll
+            for (int t = 0; t < T; ++t) next[t] = __ldcs(w_tile[t] + (size_t)(s + WARPS) * 32);
         }
         uint32_t xb[8][2];  // B for the supertile's 8 k16 steps: x pairs k/2 = 64 s + 8 step + t, and + 4
         const uint32_t* x_step = x_pairs + s * 64 + (lane & 3);
@@ -163,18 +174,18 @@ LAUNCHER = r"""
 #include <torch/extension.h>
 #include <cuda_runtime.h>
 
-template <int GROUP, int T, int WARPS>
+template <int GROUP, int T, int WARPS, bool PREFETCH>
 static void launch(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz, torch::Tensor& y,
                    cudaStream_t stream) {
     const int N = y.size(1), S = x.size(1) / 128, blocks = (N / 8 + T - 1) / T;
-    int4_mma_gemv_kernel<GROUP, T, WARPS><<<blocks, WARPS * 32, 0, stream>>>(
+    int4_mma_gemv_kernel<GROUP, T, WARPS, PREFETCH><<<blocks, WARPS * 32, 0, stream>>>(
         reinterpret_cast<const uint4*>(w.data_ptr()), reinterpret_cast<const uint32_t*>(x.data_ptr()),
         reinterpret_cast<const uint32_t*>(sz.data_ptr()), reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), N, S);
 }
 
 // stream: torch.cuda.current_stream().cuda_stream
 torch::Tensor int4_mma_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t t,
-                            int64_t warps, int64_t stream_handle) {
+                            int64_t warps, int64_t prefetch, int64_t stream_handle) {
     TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) % 128 == 0 && x.scalar_type() == torch::kBFloat16);
     TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && sz.is_contiguous());
     TORCH_CHECK(w.dim() == 4 && w.size(2) == 32 && w.size(3) == 4, "tinygemm's layout with 8 inner k tiles");
@@ -183,28 +194,30 @@ torch::Tensor int4_mma_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, 
     auto y = torch::empty({1, N}, x.options());
     const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
     DISPATCH
-    TORCH_CHECK(false, "int4_mma: no build for group ", group, ", ", t, " tiles, ", warps, " warps");
+    TORCH_CHECK(false, "int4_mma: no build for group ", group, ", ", t, " tiles, ", warps, " warps, prefetch ",
+                prefetch);
 }
 """
 
 DECLARATION = (
     "torch::Tensor int4_mma_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t t, "
-    "int64_t warps, int64_t stream_handle);"
+    "int64_t warps, int64_t prefetch, int64_t stream_handle);"
 )
 
 
 DECLARATION = (
     "torch::Tensor int4_mma_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t t, "
-    "int64_t warps, int64_t stream_handle);"
+    "int64_t warps, int64_t prefetch, int64_t stream_handle);"
 )
 
 
-def launcher_source(groups=GROUPS, configs=tuple((TILES, w) for w in WARPS)) -> str:
-    """The launcher with a case for every (group, tiles, warps) built."""
+def launcher_source(groups=GROUPS, configs=tuple((TILES, w, False) for w in WARPS)) -> str:
+    """The launcher with a case for every (group, (tiles, warps, prefetch)) built."""
     cases = "\n".join(
-        f"    if (group == {g} && t == {t} && warps == {w}) {{ launch<{g}, {t}, {w}>(x, w, sz, y, stream); return y; }}"
+        f"    if (group == {g} && t == {t} && warps == {w} && prefetch == {int(p)}) "
+        f"{{ launch<{g}, {t}, {w}, {str(p).lower()}>(x, w, sz, y, stream); return y; }}"
         for g in groups
-        for t, w in configs
+        for t, w, p in configs
     )
     return LAUNCHER.replace("    DISPATCH", cases)
 
@@ -245,7 +258,14 @@ def int4_mma_gemv(
     cfg = config(N, K)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     return build().int4_mma_gemv(
-        x.contiguous(), weight, scales_and_zeros.contiguous(), groupsize, cfg["tiles"], cfg["warps"], stream
+        x.contiguous(),
+        weight,
+        scales_and_zeros.contiguous(),
+        groupsize,
+        cfg["tiles"],
+        cfg["warps"],
+        int(cfg["prefetch"]),
+        stream,
     )
 
 

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import int4_mma  # noqa: E402
 
-CONFIGS = [(t, warps) for t in (2, 4, 8) for warps in (4, 8, 16)]  # (row tiles a block, warps a block)
+# (row tiles a block, warps a block, prefetch the next supertile)
+CONFIGS = [(t, warps, p) for t in (2, 4, 8) for warps in (4, 8, 16) for p in (False, True)]
 GROUPS = (64, 128)
 
 
@@ -29,10 +30,10 @@ def sass(cuobjdump: str) -> int:
     """Build every instance for sm_90 with nvcc and print, per instance, its SASS instruction counts."""
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     instances = "\n".join(
-        f"template __global__ void int4_mma_gemv_kernel<{g}, {t}, {w}>(const uint4*, const uint32_t*, "
-        f"const uint32_t*, __nv_bfloat16*, int, int);"
+        f"template __global__ void int4_mma_gemv_kernel<{g}, {t}, {w}, {str(p).lower()}>(const uint4*, "
+        f"const uint32_t*, const uint32_t*, __nv_bfloat16*, int, int);"
         for g in GROUPS
-        for t, w in CONFIGS
+        for t, w, p in CONFIGS
     )
     with tempfile.TemporaryDirectory() as tmp:
         src, cubin = Path(tmp) / "k.cu", Path(tmp) / "k.cubin"
@@ -52,7 +53,10 @@ def sass(cuobjdump: str) -> int:
         m = re.search(r"Used (\d+) registers", line)
         if m and name:
             registers[name] = int(m.group(1))
-    print("| instance (GROUP, T, WARPS) | registers | SASS in all | in the supertile loop | HMMA | LOP3 | a weight |")
+    print(
+        "| instance (GROUP, T, WARPS, PREFETCH) | registers | SASS in all | in the supertile loop | HMMA | LOP3 "
+        "| a weight |"
+    )
     print("|---|---|---|---|---|---|---|")
     for block in listing.split("Function : ")[1:]:
         fname = block.split()[0]
@@ -66,12 +70,12 @@ def sass(cuobjdump: str) -> int:
             if target and int(target.group(1), 16) < int(addr, 16):
                 loop = opcodes[at[int(target.group(1), 16)] : i + 1]
                 break
-        g, t, w = re.search(r"ILi(\d+)ELi(\d+)ELi(\d+)E", fname).groups()
+        g, t, w, p = re.search(r"ILi(\d+)ELi(\d+)ELi(\d+)ELb(\d)E", fname).groups()
         weights = int(t) * 32  # a lane's weights a loop trip: T words x 4 x 8 nibbles
         hmma = sum(op.startswith("HMMA") for op in loop)
         lop3 = sum(op.startswith("LOP3") for op in loop)
         print(
-            f"| {g}, {t}, {w} | {registers.get(fname, '?')} | {len(opcodes)} | {len(loop)} | {hmma} | {lop3} "
+            f"| {g}, {t}, {w}, {p} | {registers.get(fname, '?')} | {len(opcodes)} | {len(loop)} | {hmma} | {lop3} "
             f"| {len(loop) / weights:.2f} |"
         )
     return 0
@@ -124,7 +128,8 @@ def gpu(quick: bool) -> int:
     import gemv
     import quantize
 
-    groups, configs = ((64, 128), [(2, 16), (2, 8)]) if quick else (GROUPS, CONFIGS)
+    quick_configs = [(2, w, p) for w in (8, 16) for p in (False, True)]
+    groups, configs = ((64, 128), quick_configs) if quick else (GROUPS, CONFIGS)
     ext = load_inline(
         "int4_mma_probe_quick" if quick else "int4_mma_probe",
         cpp_sources=int4_mma.DECLARATION,
@@ -140,8 +145,11 @@ def gpu(quick: bool) -> int:
     if not quick:
         shapes["output"] = (128256, 4096, 1)
     step_ms = {}
-    print("| shape | group | tinygemm GB/s | int4_gemv GB/s | ours, best GB/s (T, warps) | rel. error vs tinygemm |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| shape | group | tinygemm GB/s | int4_gemv GB/s | ours (config()) GB/s | ours, best GB/s (tiles, warps, "
+        "prefetch) | rel. error vs tinygemm |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for groupsize in groups:
         for name, (N, K, count) in shapes.items():
             linear = quantize.Int4Linear(K, N, groupsize=groupsize, device="cuda")
@@ -157,21 +165,23 @@ def gpu(quick: bool) -> int:
                 "tinygemm": do_bench(lambda: torch.ops.aten._weight_int4pack_mm(x, w, groupsize, sz)),  # noqa: B023
                 "int4_gemv": do_bench(lambda: gemv.int4_gemv(x, w, groupsize, sz)),  # noqa: B023
             }
-            best, errors = None, []
-            for t, warps in configs:
-                got = ext.int4_mma_gemv(x, w, sz, groupsize, t, warps, stream).float()
+            results, errors = {}, []
+            for t, warps, prefetch in configs:
+                got = ext.int4_mma_gemv(x, w, sz, groupsize, t, warps, int(prefetch), stream).float()
                 err = ((got - ref).norm() / ref.norm()).item()
                 errors.append(err)
-                if not err < 1e-2:
-                    continue
-                ms = do_bench(lambda: ext.int4_mma_gemv(x, w, sz, groupsize, t, warps, stream))  # noqa: B023
-                if best is None or ms < best[0]:
-                    best = (ms, t, warps)
-            if best is not None:
-                times["mma"] = best[0]
+                if err < 1e-2:
+                    results[(t, warps, prefetch)] = do_bench(
+                        lambda: ext.int4_mma_gemv(x, w, sz, groupsize, t, warps, int(prefetch), stream)  # noqa: B023
+                    )
+            cfg = int4_mma.config(N, K)
+            default = results.get((cfg["tiles"], cfg["warps"], cfg["prefetch"]), float("nan"))
+            best = min(results, key=results.get) if results else None
+            times["mma default"] = default
+            times["mma best"] = results[best] if best else float("nan")
             for kernel, ms in times.items():
                 step_ms[(groupsize, kernel)] = step_ms.get((groupsize, kernel), 0.0) + ms * count
-            mma = f"{nbytes / best[0] / 1e6:.0f} ({best[1]}, {best[2]})" if best else "wrong"
+            mma = f"{nbytes / default / 1e6:.0f} | {nbytes / results[best] / 1e6:.0f} {best}" if best else "wrong | -"
             print(
                 f"| {name} | {groupsize} | {nbytes / times['tinygemm'] / 1e6:.0f} | "
                 f"{nbytes / times['int4_gemv'] / 1e6:.0f} | {mma} | {min(errors):.2e} - {max(errors):.2e} |",
