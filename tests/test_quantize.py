@@ -469,7 +469,10 @@ def test_int4_linear_routes_its_batch1_call_to_int4_mma_where_it_applies(monkeyp
     monkeypatch.setattr(int4_mma, "ENABLED", True)
     cpu_row, layout = torch.zeros(1, 4096), torch.zeros(512, 32, 32, 4, dtype=torch.int32)  # 8 inner k tiles
     assert not int4_mma.applies(cpu_row, layout, 64)  # on the CPU: tinygemm's CPU kernel
-    assert int4_mma.config(4096, 14336) == dict(tiles=2, warps=16) and int4_mma.config(28672, 4096)["warps"] == 8
+    assert (
+        int4_mma.config(4096, 14336) == dict(tiles=2, warps=16, prefetch=False)
+        and int4_mma.config(28672, 4096)["warps"] == 8
+    )
 
 
 def test_int4_mma_without_nvcc_is_one_clear_error(monkeypatch):
