@@ -205,12 +205,6 @@ DECLARATION = (
 )
 
 
-DECLARATION = (
-    "torch::Tensor int4_mma_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t t, "
-    "int64_t warps, int64_t prefetch, int64_t stream_handle);"
-)
-
-
 def launcher_source(groups=GROUPS, configs=tuple((TILES, w, False) for w in WARPS)) -> str:
     """The launcher with a case for every (group, (tiles, warps, prefetch)) built."""
     cases = "\n".join(
