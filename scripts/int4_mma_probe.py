@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import int4_mma  # noqa: E402
 
 # (row tiles a block, warps a block, prefetch the next supertile)
-CONFIGS = [(t, warps, p) for t in (2, 4, 8) for warps in (4, 8, 16) for p in (False, True)]
+# (4 tiles at 32 warps spill: 64 registers a thread at 1024 threads a block)
+CONFIGS = [(t, warps, p) for t, warps in ((2, 4), (2, 8), (2, 16), (2, 32), (4, 8), (4, 16)) for p in (False, True)]
 GROUPS = (64, 128)
 
 
@@ -45,7 +46,7 @@ def sass(cuobjdump: str) -> int:
             capture_output=True,
             text=True,
         ).stderr
-    registers = {}
+    registers, spills = {}, {}
     name = None
     for line in usage.splitlines():
         if "Compiling entry function" in line:
@@ -53,11 +54,14 @@ def sass(cuobjdump: str) -> int:
         m = re.search(r"Used (\d+) registers", line)
         if m and name:
             registers[name] = int(m.group(1))
+        m = re.search(r"(\d+) bytes spill stores", line)
+        if m and name:
+            spills[name] = int(m.group(1))
     print(
-        "| instance (GROUP, T, WARPS, PREFETCH) | registers | SASS in all | in the supertile loop | HMMA | LOP3 "
-        "| a weight |"
+        "| instance (GROUP, T, WARPS, PREFETCH) | registers | spilled bytes | SASS in all | in the supertile loop "
+        "| HMMA | LOP3 | a weight |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for block in listing.split("Function : ")[1:]:
         fname = block.split()[0]
         code = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", block)
@@ -75,8 +79,8 @@ def sass(cuobjdump: str) -> int:
         hmma = sum(op.startswith("HMMA") for op in loop)
         lop3 = sum(op.startswith("LOP3") for op in loop)
         print(
-            f"| {g}, {t}, {w}, {p} | {registers.get(fname, '?')} | {len(opcodes)} | {len(loop)} | {hmma} | {lop3} "
-            f"| {len(loop) / weights:.2f} |"
+            f"| {g}, {t}, {w}, {p} | {registers.get(fname, '?')} | {spills.get(fname, '?')} | {len(opcodes)} "
+            f"| {len(loop)} | {hmma} | {lop3} | {len(loop) / weights:.2f} |"
         )
     return 0
 
@@ -128,7 +132,7 @@ def gpu(quick: bool) -> int:
     import gemv
     import quantize
 
-    quick_configs = [(2, w, p) for w in (8, 16) for p in (False, True)]
+    quick_configs = [(2, w, p) for w in (8, 16, 32) for p in (False, True)]
     groups, configs = ((64, 128), quick_configs) if quick else (GROUPS, CONFIGS)
     ext = load_inline(
         "int4_mma_probe_quick" if quick else "int4_mma_probe",
