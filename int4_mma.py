@@ -28,6 +28,10 @@ ENABLED = os.environ.get("FASTGEN_INT4_MMA", "0") == "1"
 GROUPS = (32, 64, 128)  # whole groups in a 128-k supertile (Int4Linear's 256 stays on tinygemm)
 TILES = 2  # row tiles (8 rows) a block: two make one mma; the H100 probe found 2 best at every shape
 WARPS = (8, 16)
+# Rows of x Int4Linear sends here. The kernel takes up to 8 in one pass over the weight (B's 8 columns: int4 at
+# batch 8 runs slower than bf16 through tinygemm, which reads the weight again per 16-row tile's work); rows 2-8 are
+# built and GPU-tested at the op, and go through Int4Linear once timed against tinygemm (gpu_pending int4mma).
+MAX_ROWS = 1
 
 
 def config(n: int, k: int) -> dict:
@@ -38,12 +42,12 @@ def config(n: int, k: int) -> dict:
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, groupsize: int) -> bool:
-    """x [1, K] on CUDA, weight in tinygemm's layout with 8 inner k tiles ([N / 8, K / 128, 32, 4]), a group that
-    fits a supertile."""
+    """x [rows <= MAX_ROWS, K] on CUDA, weight in tinygemm's layout with 8 inner k tiles ([N / 8, K / 128, 32, 4]),
+    a group that fits a supertile."""
     return (
         ENABLED
         and x.is_cuda
-        and x.shape[0] == 1
+        and x.shape[0] <= MAX_ROWS
         and groupsize in GROUPS
         and weight.dim() == 4
         and weight.shape[2:] == (32, 4)
@@ -82,23 +86,31 @@ __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uin
 __device__ __forceinline__ float bf16_low(uint32_t v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float bf16_high(uint32_t v) { return __uint_as_float(v & 0xFFFF0000u); }
 
-// y [N] = x [K] . W^T for tinygemm's int4 layout with 8 inner k tiles (w: uint4 [N / 8, S = K / 128, 32]),
-// scales and zeros bf16 pairs [K / GROUP, N] (GROUP 32-128: whole groups in a 128-k supertile). A block: T row
+// y [rows, N] = x [rows, K] . W^T for tinygemm's int4 layout with 8 inner k tiles (w: uint4 [N / 8, S = K / 128,
+// 32]), scales and zeros bf16 pairs [K / GROUP, N] (GROUP 32-128: whole groups in a 128-k supertile). A block: T row
 // tiles of 8 rows (T even: two tiles an mma), its WARPS warps taking its supertiles in turn. Per group the tensor
 // cores sum (128 + q) x in fp32 (exact products; the 128 bias cancels in fp32, not in bf16), and an mma of ones
 // by x gives the group's sum of x, X: y += scale (D - 136 X) + zero X = scale D + (zero - 136 scale) X.
-template <int GROUP, int T, int WARPS, bool PREFETCH>
+// TOKENS 1: one row of x, in every column of B. TOKENS 8: rows (<= 8) of x in B's columns (row g of x in column g,
+// the last repeated), D's columns the rows' outputs: one pass over the weight for up to 8 rows.
+template <int GROUP, int T, int WARPS, bool PREFETCH, int TOKENS>
 __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
     const uint4* __restrict__ w, const uint32_t* __restrict__ x_pairs, const uint32_t* __restrict__ sz,
-    __nv_bfloat16* __restrict__ y, int N, int S) {
+    __nv_bfloat16* __restrict__ y, int N, int S, int rows) {
     static_assert(T % 2 == 0, "two row tiles an mma");
+    static_assert(TOKENS == 1 || TOKENS == 8, "one row of x, or up to 8 in B's columns");
+    constexpr int COLS = TOKENS == 1 ? 1 : 2;  // D's columns a lane keeps: 2 t and 2 t + 1 (TOKENS 8)
     constexpr int WORDS_A_GROUP = GROUP / 32, GROUPS_A_SUPERTILE = 128 / GROUP;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, row = lane >> 2;  // row: A's (tile's) row g
     const int tiles = N / 8, tile0 = blockIdx.x * T;
     const uint32_t ones = 0x3F803F80u;
-    float acc[T];  // row `row` of each tile (every lane of a group of 4 holds the same)
+    float acc[T][COLS];  // row `row` of each tile; TOKENS 1: every lane of a group of 4 holds the same
 #pragma unroll
-    for (int t = 0; t < T; ++t) acc[t] = 0.f;
+    for (int t = 0; t < T; ++t)
+#pragma unroll
+        for (int c = 0; c < COLS; ++c) acc[t][c] = 0.f;
+    // TOKENS 8: this lane's B column (x's row `row`, the last row past the end)
+    const size_t x_row = TOKENS == 1 ? 0 : (size_t)min(row, rows - 1) * S * 64;
     // row `row` of each tile's (scale, zero) pairs, group 0; a tile past the end reads row 0's
     const uint32_t* sz_rows[T];
 #pragma unroll
@@ -121,7 +133,7 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
             for (int t = 0; t < T; ++t) next[t] = __ldcs(w_tile[t] + (size_t)(s + WARPS) * 32);
         }
         uint32_t xb[8][2];  // B for the supertile's 8 k16 steps: x pairs k/2 = 64 s + 8 step + t, and + 4
-        const uint32_t* x_step = x_pairs + s * 64 + (lane & 3);
+        const uint32_t* x_step = x_pairs + x_row + s * 64 + (lane & 3);
 #pragma unroll
         for (int step = 0; step < 8; ++step) {
             xb[step][0] = __ldg(x_step + step * 8);
@@ -130,7 +142,7 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
 #pragma unroll
         for (int g = 0; g < GROUPS_A_SUPERTILE; ++g) {
             const size_t group = (size_t)s * GROUPS_A_SUPERTILE + g;
-            float x_sum[4];  // every element: the group's sum of x
+            float x_sum[4];  // the group's sum of x: [0] column 2 t's, [1] column 2 t + 1's
 #pragma unroll
             for (int step = 2 * WORDS_A_GROUP * g; step < 2 * WORDS_A_GROUP * (g + 1); ++step)
                 mma(x_sum, ones, ones, ones, ones, xb[step][0], xb[step][1], step == 2 * WORDS_A_GROUP * g);
@@ -138,7 +150,7 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
             for (int t = 0; t < T; t += 2) {
                 const uint32_t a[4] = {words[t].x, words[t].y, words[t].z, words[t].w};
                 const uint32_t b[4] = {words[t + 1].x, words[t + 1].y, words[t + 1].z, words[t + 1].w};
-                float d[4];  // d[0]: tile t's row `row`, d[2]: tile t + 1's
+                float d[4];  // d[0] / d[1]: tile t's row `row` (columns 2 t, 2 t + 1), d[2] / d[3]: tile t + 1's
 #pragma unroll
                 for (int i = WORDS_A_GROUP * g; i < WORDS_A_GROUP * (g + 1); ++i) {
                     // a word's nibbles j / 4 + j: k16 step 2 i + j / 2, k 2t (+ 8 for odd j)
@@ -149,23 +161,31 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
                 }
                 const uint32_t sz_a = __ldg(sz_rows[t] + group * N), sz_b = __ldg(sz_rows[t + 1] + group * N);
                 const float scale_a = bf16_low(sz_a), scale_b = bf16_low(sz_b);
-                acc[t] = fmaf(scale_a, d[0], fmaf(fmaf(-136.f, scale_a, bf16_high(sz_a)), x_sum[0], acc[t]));
-                acc[t + 1] = fmaf(scale_b, d[2], fmaf(fmaf(-136.f, scale_b, bf16_high(sz_b)), x_sum[0], acc[t + 1]));
+                const float zero_a = fmaf(-136.f, scale_a, bf16_high(sz_a));  // zero - 136 scale
+                const float zero_b = fmaf(-136.f, scale_b, bf16_high(sz_b));
+#pragma unroll
+                for (int c = 0; c < COLS; ++c) {
+                    acc[t][c] = fmaf(scale_a, d[c], fmaf(zero_a, x_sum[c], acc[t][c]));
+                    acc[t + 1][c] = fmaf(scale_b, d[2 + c], fmaf(zero_b, x_sum[c], acc[t + 1][c]));
+                }
             }
         }
     }
-    __shared__ float partial[WARPS][T * 8];
-    if ((lane & 3) == 0) {
+    __shared__ float partial[WARPS][T * 8 * TOKENS];  // [warp][tile row][x row]
+    if (TOKENS == 1 ? (lane & 3) == 0 : true) {
 #pragma unroll
-        for (int t = 0; t < T; ++t) partial[warp][t * 8 + row] = acc[t];
+        for (int t = 0; t < T; ++t)
+#pragma unroll
+            for (int c = 0; c < COLS; ++c)
+                partial[warp][(t * 8 + row) * TOKENS + (TOKENS == 1 ? 0 : 2 * (lane & 3) + c)] = acc[t][c];
     }
     __syncthreads();
-    for (int r = threadIdx.x; r < T * 8; r += WARPS * 32) {
+    for (int r = threadIdx.x; r < T * 8 * TOKENS; r += WARPS * 32) {
         float sum = 0.f;
 #pragma unroll
         for (int v = 0; v < WARPS; ++v) sum += partial[v][r];
-        const int n = tile0 * 8 + r;
-        if (n < N) y[n] = __float2bfloat16(sum);
+        const int n = tile0 * 8 + r / TOKENS, token = r % TOKENS;
+        if (n < N && token < rows) y[(size_t)token * N + n] = __float2bfloat16(sum);
     }
 }
 """
@@ -174,28 +194,31 @@ LAUNCHER = r"""
 #include <torch/extension.h>
 #include <cuda_runtime.h>
 
-template <int GROUP, int T, int WARPS, bool PREFETCH>
+template <int GROUP, int T, int WARPS, bool PREFETCH, int TOKENS>
 static void launch(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz, torch::Tensor& y,
                    cudaStream_t stream) {
     const int N = y.size(1), S = x.size(1) / 128, blocks = (N / 8 + T - 1) / T;
-    int4_mma_gemv_kernel<GROUP, T, WARPS, PREFETCH><<<blocks, WARPS * 32, 0, stream>>>(
+    int4_mma_gemv_kernel<GROUP, T, WARPS, PREFETCH, TOKENS><<<blocks, WARPS * 32, 0, stream>>>(
         reinterpret_cast<const uint4*>(w.data_ptr()), reinterpret_cast<const uint32_t*>(x.data_ptr()),
-        reinterpret_cast<const uint32_t*>(sz.data_ptr()), reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), N, S);
+        reinterpret_cast<const uint32_t*>(sz.data_ptr()), reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), N, S,
+        x.size(0));
 }
 
 // stream: torch.cuda.current_stream().cuda_stream
 torch::Tensor int4_mma_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t t,
                             int64_t warps, int64_t prefetch, int64_t stream_handle) {
-    TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) % 128 == 0 && x.scalar_type() == torch::kBFloat16);
+    TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 8 && x.size(1) % 128 == 0, "x: [1-8, K / 128 * 128]");
+    TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && sz.scalar_type() == torch::kBFloat16, "bf16 x and scales");
     TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && sz.is_contiguous());
     TORCH_CHECK(w.dim() == 4 && w.size(2) == 32 && w.size(3) == 4, "tinygemm's layout with 8 inner k tiles");
     const int64_t N = sz.size(1);
     TORCH_CHECK(N % 8 == 0 && w.size(0) == N / 8 && w.size(1) == x.size(1) / 128);
-    auto y = torch::empty({1, N}, x.options());
+    auto y = torch::empty({x.size(0), N}, x.options());
+    const int64_t tokens = x.size(0) == 1 ? 1 : 8;  // the kernel's TOKENS
     const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
     DISPATCH
     TORCH_CHECK(false, "int4_mma: no build for group ", group, ", ", t, " tiles, ", warps, " warps, prefetch ",
-                prefetch);
+                prefetch, ", ", x.size(0), " rows");
 }
 """
 
@@ -205,13 +228,14 @@ DECLARATION = (
 )
 
 
-def launcher_source(groups=GROUPS, configs=tuple((TILES, w, False) for w in WARPS)) -> str:
-    """The launcher with a case for every (group, (tiles, warps, prefetch)) built."""
+def launcher_source(groups=GROUPS, configs=tuple((TILES, w, False) for w in WARPS), tokens=(1, 8)) -> str:
+    """The launcher with a case for every (group, (tiles, warps, prefetch), tokens) built."""
     cases = "\n".join(
-        f"    if (group == {g} && t == {t} && warps == {w} && prefetch == {int(p)}) "
-        f"{{ launch<{g}, {t}, {w}, {str(p).lower()}>(x, w, sz, y, stream); return y; }}"
+        f"    if (group == {g} && t == {t} && warps == {w} && prefetch == {int(p)} && tokens == {n}) "
+        f"{{ launch<{g}, {t}, {w}, {str(p).lower()}, {n}>(x, w, sz, y, stream); return y; }}"
         for g in groups
         for t, w, p in configs
+        for n in tokens
     )
     return LAUNCHER.replace("    DISPATCH", cases)
 
@@ -245,9 +269,9 @@ def build():
 def int4_mma_gemv(
     x: torch.Tensor, weight: torch.Tensor, groupsize: int, scales_and_zeros: torch.Tensor
 ) -> torch.Tensor:
-    """x [1, K] bf16 (K = the padded in_features), weight int32 [N / 8, K / 128, 32, 4] (tinygemm's, 8 inner k
-    tiles), scales_and_zeros bf16 [K / groupsize, N, 2] -> [1, N] bf16: _weight_int4pack_mm's contract at one
-    row. Launched on the current stream (a CUDA graph's capture stream included)."""
+    """x [rows 1-8, K] bf16 (K = the padded in_features), weight int32 [N / 8, K / 128, 32, 4] (tinygemm's, 8
+    inner k tiles), scales_and_zeros bf16 [K / groupsize, N, 2] -> [rows, N] bf16: _weight_int4pack_mm's contract
+    at up to 8 rows. Launched on the current stream (a CUDA graph's capture stream included)."""
     N, K = scales_and_zeros.shape[1], x.shape[1]
     cfg = config(N, K)
     stream = torch.cuda.current_stream(x.device).cuda_stream
@@ -265,4 +289,4 @@ def int4_mma_gemv(
 
 @int4_mma_gemv.register_fake
 def _(x, weight, groupsize, scales_and_zeros):
-    return x.new_empty((1, scales_and_zeros.shape[1]))
+    return x.new_empty((x.shape[0], scales_and_zeros.shape[1]))

@@ -35,6 +35,7 @@
 #                                          #   2.779 ms, the GEMV 2.788: a tie; issue 10 wants 450 tok/s, 2.22 ms)
 #   bash scripts/gpu_pending.sh int4mma    # ~9 min: issue 10's int4 with int4_mma.py (FASTGEN_INT4_MMA=1, the CUDA
 #                                          #   tensor-core GEMV): its GPU tests, the int4 step and bench.py rows both ways
+#   bash scripts/gpu_pending.sh int4probe  # ~8 min: int4_mma's tiles (the probe's whole grid) and 8 rows a weight pass
 #   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
 #   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
 #                                          #   10: why int8 reads at half bf16's rate), if ncu is on the machine
@@ -203,6 +204,14 @@ int4mma)
         summary+=("FASTGEN_INT4_MMA=$on: $(grep -E '^\| llama' "$out/int4_bench_$on.txt")")
     done
     ;;
+int4probe)
+    # int4_mma's tiles (after int4mma's tests pass): scripts/int4_mma_probe.py's whole grid at one row (2 / 4 tiles,
+    # 4-32 warps, with and without the prefetch), then 8 rows in one weight pass against tinygemm at 8 rows
+    step int4probe_grid 330 python scripts/int4_mma_probe.py
+    summary+=("$(grep -E '^\||g(64|128) ' "$out/int4probe_grid.txt")")
+    step int4probe_rows8 200 python scripts/int4_mma_probe.py --quick --rows 8
+    summary+=("$(grep -E '^\||g(64|128) ' "$out/int4probe_rows8.txt")")
+    ;;
 moebench)
     # ~6 min: issue 17 on an H100: Qwen3-30B-A3B bf16 B1 (59.5% of copy before the in-place decode loop) and
     # Mixtral int8 B1 (63% on the H200; not on an H100 since the int8 expert GEMV), copy in the same run
@@ -289,7 +298,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4rows, int4gemv, int4mma, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4rows, int4gemv, int4mma, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

@@ -31,10 +31,10 @@ def sass(cuobjdump: str) -> int:
     """Build every instance for sm_90 with nvcc and print, per instance, its SASS instruction counts."""
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     instances = "\n".join(
-        f"template __global__ void int4_mma_gemv_kernel<{g}, {t}, {w}, {str(p).lower()}>(const uint4*, "
-        f"const uint32_t*, const uint32_t*, __nv_bfloat16*, int, int);"
+        f"template __global__ void int4_mma_gemv_kernel<{g}, {t}, {w}, {str(p).lower()}, {n}>(const uint4*, "
+        f"const uint32_t*, const uint32_t*, __nv_bfloat16*, int, int, int);"
         for g in GROUPS
-        for t, w, p in CONFIGS
+        for t, w, p, n in [(*c, 1) for c in CONFIGS] + [(2, 8, False, 8), (2, 16, False, 8)]
     )
     with tempfile.TemporaryDirectory() as tmp:
         src, cubin = Path(tmp) / "k.cu", Path(tmp) / "k.cubin"
@@ -58,8 +58,8 @@ def sass(cuobjdump: str) -> int:
         if m and name:
             spills[name] = int(m.group(1))
     print(
-        "| instance (GROUP, T, WARPS, PREFETCH) | registers | spilled bytes | SASS in all | in the supertile loop "
-        "| HMMA | LOP3 | a weight |"
+        "| instance (GROUP, T, WARPS, PREFETCH, TOKENS) | registers | spilled bytes | SASS in all "
+        "| in the supertile loop | HMMA | LOP3 | a weight |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for block in listing.split("Function : ")[1:]:
@@ -74,12 +74,12 @@ def sass(cuobjdump: str) -> int:
             if target and int(target.group(1), 16) < int(addr, 16):
                 loop = opcodes[at[int(target.group(1), 16)] : i + 1]
                 break
-        g, t, w, p = re.search(r"ILi(\d+)ELi(\d+)ELi(\d+)ELb(\d)E", fname).groups()
+        g, t, w, p, n = re.search(r"ILi(\d+)ELi(\d+)ELi(\d+)ELb(\d)ELi(\d+)E", fname).groups()
         weights = int(t) * 32  # a lane's weights a loop trip: T words x 4 x 8 nibbles
         hmma = sum(op.startswith("HMMA") for op in loop)
         lop3 = sum(op.startswith("LOP3") for op in loop)
         print(
-            f"| {g}, {t}, {w}, {p} | {registers.get(fname, '?')} | {spills.get(fname, '?')} | {len(opcodes)} "
+            f"| {g}, {t}, {w}, {p}, {n} | {registers.get(fname, '?')} | {spills.get(fname, '?')} | {len(opcodes)} "
             f"| {len(loop)} | {hmma} | {lop3} | {len(loop) / weights:.2f} |"
         )
     return 0
@@ -123,7 +123,7 @@ def check_layout() -> int:
     return 0 if ok else 1
 
 
-def gpu(quick: bool) -> int:
+def gpu(quick: bool, rows: int) -> int:
     import torch
     import triton
     from torch.utils.cpp_extension import load_inline
@@ -135,9 +135,9 @@ def gpu(quick: bool) -> int:
     quick_configs = [(2, w, p) for w in (8, 16, 32) for p in (False, True)]
     groups, configs = ((64, 128), quick_configs) if quick else (GROUPS, CONFIGS)
     ext = load_inline(
-        "int4_mma_probe_quick" if quick else "int4_mma_probe",
+        f"int4_mma_probe_{'quick' if quick else 'grid'}_rows{1 if rows == 1 else 8}",
         cpp_sources=int4_mma.DECLARATION,
-        cuda_sources=int4_mma.KERNEL + int4_mma.launcher_source(groups, configs),
+        cuda_sources=int4_mma.KERNEL + int4_mma.launcher_source(groups, configs, tokens=(1 if rows == 1 else 8,)),
         functions=["int4_mma_gemv"],
         extra_cuda_cflags=["-O3"],  # for the GPU it runs on (torch reads its compute capability)
     )
@@ -162,12 +162,13 @@ def gpu(quick: bool) -> int:
             )
             linear.pack_()
             w, sz = linear.weight, linear.scales_and_zeros
-            x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
             nbytes = N * K // 2 + sz.numel() * 2
             ref = torch.ops.aten._weight_int4pack_mm(x, w, groupsize, sz).float()
             times = {
                 "tinygemm": do_bench(lambda: torch.ops.aten._weight_int4pack_mm(x, w, groupsize, sz)),  # noqa: B023
-                "int4_gemv": do_bench(lambda: gemv.int4_gemv(x, w, groupsize, sz)),  # noqa: B023
+                # one row only
+                "int4_gemv": do_bench(lambda: gemv.int4_gemv(x, w, groupsize, sz)) if rows == 1 else float("nan"),  # noqa: B023
             }
             results, errors = {}, []
             for t, warps, prefetch in configs:
@@ -201,12 +202,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sass", action="store_true", help="no GPU: build for sm_90 and count the machine code")
     p.add_argument("--quick", action="store_true", help="GPU: group 64, three tiles, no output projection")
+    p.add_argument("--rows", type=int, default=1, help="GPU: rows of x (1-8; tinygemm beside at the same rows)")
     p.add_argument("--check-layout", action="store_true", help="no GPU: the kernel's index math in Python")
     p.add_argument("--cuobjdump", default=shutil.which("cuobjdump") or "cuobjdump", help="cuobjdump (Triton ships one)")
     args = p.parse_args(argv)
     if args.check_layout:
         return check_layout()
-    return sass(args.cuobjdump) if args.sass else gpu(args.quick)
+    return sass(args.cuobjdump) if args.sass else gpu(args.quick, args.rows)
 
 
 if __name__ == "__main__":

@@ -793,6 +793,13 @@ def test_int4_mma_gemv_equals_tinygemm(n, k, groupsize, monkeypatch):
         out = compiled(x, linear.weight, groupsize, linear.scales_and_zeros).clone()
     assert torch.equal(out, got)
     assert torch.equal(linear(x), got)
+    for rows in (2, 5, 8):  # up to 8 rows in one pass (B's columns): each equals tinygemm's, row 0 the one-row result
+        xs = torch.cat([x, torch.randn(rows - 1, k, device="cuda", dtype=torch.bfloat16)])
+        want = torch.ops.aten._weight_int4pack_mm(xs, linear.weight, groupsize, linear.scales_and_zeros).float()
+        got_rows = int4_mma.int4_mma_gemv(xs, linear.weight, groupsize, linear.scales_and_zeros)
+        assert got_rows.shape == (rows, n)
+        assert ((got_rows.float() - want).norm(dim=1) / want.norm(dim=1)).max() < 1e-2
+        assert torch.allclose(got_rows[0].float(), got[0].float(), rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.parametrize("groupsize", [64, 128])
