@@ -711,6 +711,17 @@ def test_int4_tinygemm_layout_is_torchs(n, k, inner_k_tiles):
     assert torch.equal(gemv.int4_tinygemm_layout(packed, inner_k_tiles), want)
 
 
+def random_int4_linear(n: int, k: int, groupsize: int):
+    """An Int4Linear [n, k] of random quantized weights packed for CUDA, and one bf16 row for it."""
+    import quantize
+
+    torch.manual_seed(n + k)
+    linear = quantize.Int4Linear(k, n, groupsize=groupsize, device="cuda")
+    linear.weight, linear.scales_and_zeros = quantize.quantize_int4(torch.randn(n, k, device="cuda") / 30, groupsize)
+    linear.pack_()
+    return linear, torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize(
     "n,k,groupsize",
     # Llama-3-8B's wo / wqkv / w2; SmolLM2's 576 (64-wide supertiles); padded K with 32-wide supertiles
@@ -733,13 +744,8 @@ def test_int4_gemv_equals_tinygemm(n, k, groupsize, monkeypatch):
     import torch.nn.functional as F
 
     import gemv
-    import quantize
 
-    torch.manual_seed(n + k)
-    linear = quantize.Int4Linear(k, n, groupsize=groupsize, device="cuda")
-    linear.weight, linear.scales_and_zeros = quantize.quantize_int4(torch.randn(n, k, device="cuda") / 30, groupsize)
-    linear.pack_()
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    linear, x = random_int4_linear(n, k, groupsize)
     monkeypatch.setattr(gemv, "INT4_GEMV_ENABLED", False)
     want = linear(x).float()  # tinygemm
     x_padded = F.pad(x, (0, linear.padded_in_features - k))
@@ -774,13 +780,8 @@ def test_int4_mma_gemv_equals_tinygemm(n, k, groupsize, monkeypatch):
     (_weight_int4pack_mm) on the same packed weight up to tinygemm's bf16 rounding of each dequantized weight:
     eager, replayed in a CUDA graph under torch.compile, and through Int4Linear with FASTGEN_INT4_MMA's switch."""
     import int4_mma
-    import quantize
 
-    torch.manual_seed(n + k)
-    linear = quantize.Int4Linear(k, n, groupsize=groupsize, device="cuda")
-    linear.weight, linear.scales_and_zeros = quantize.quantize_int4(torch.randn(n, k, device="cuda") / 30, groupsize)
-    linear.pack_()
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    linear, x = random_int4_linear(n, k, groupsize)
     monkeypatch.setattr(int4_mma, "ENABLED", False)
     want = linear(x).float()  # tinygemm
     monkeypatch.setattr(int4_mma, "ENABLED", True)
