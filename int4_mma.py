@@ -240,6 +240,20 @@ def launcher_source(groups=GROUPS, configs=tuple((TILES, w, False) for w in WARP
     return LAUNCHER.replace("    DISPATCH", cases)
 
 
+def load(name="fastgen_int4_mma", **builds):
+    """torch's load_inline of the kernel and its launcher with launcher_source's builds (nvcc, for the GPU it runs on:
+    torch reads its compute capability)."""
+    from torch.utils.cpp_extension import load_inline
+
+    return load_inline(
+        name,
+        cpp_sources=DECLARATION,
+        cuda_sources=KERNEL + launcher_source(**builds),
+        functions=["int4_mma_gemv"],
+        extra_cuda_cflags=["-O3"],
+    )
+
+
 _extension = None
 
 
@@ -247,16 +261,8 @@ def build():
     """The compiled extension, built once a process (nvcc: ~1 min the first time, then torch's cache)."""
     global _extension
     if _extension is None:
-        from torch.utils.cpp_extension import load_inline
-
         try:
-            _extension = load_inline(
-                "fastgen_int4_mma",
-                cpp_sources=DECLARATION,
-                cuda_sources=KERNEL + launcher_source(),
-                functions=["int4_mma_gemv"],
-                extra_cuda_cflags=["-O3"],  # for the GPU it runs on (torch reads its compute capability)
-            )
+            _extension = load()
         except (OSError, RuntimeError) as e:  # no CUDA_HOME / nvcc; a failed build
             raise FastgenError(
                 f"FASTGEN_INT4_MMA=1 could not build its CUDA kernel ({first_line(e) or type(e).__name__}): "

@@ -126,7 +126,6 @@ def check_layout() -> int:
 def gpu(quick: bool, rows: int) -> int:
     import torch
     import triton
-    from torch.utils.cpp_extension import load_inline
     from triton.testing import do_bench
 
     import gemv
@@ -134,12 +133,11 @@ def gpu(quick: bool, rows: int) -> int:
 
     quick_configs = [(2, w, p) for w in (8, 16, 32) for p in (False, True)]
     groups, configs = ((64, 128), quick_configs) if quick else (GROUPS, CONFIGS)
-    ext = load_inline(
+    ext = int4_mma.load(
         f"int4_mma_probe_{'quick' if quick else 'grid'}_rows{1 if rows == 1 else 8}",
-        cpp_sources=int4_mma.DECLARATION,
-        cuda_sources=int4_mma.KERNEL + int4_mma.launcher_source(groups, configs, tokens=(1 if rows == 1 else 8,)),
-        functions=["int4_mma_gemv"],
-        extra_cuda_cflags=["-O3"],  # for the GPU it runs on (torch reads its compute capability)
+        groups=groups,
+        configs=configs,
+        tokens=(1 if rows == 1 else 8,),
     )
     torch.manual_seed(0)
     stream = torch.cuda.current_stream().cuda_stream
