@@ -1,4 +1,4 @@
-"""Int4Linear's batch-1 product on a GPU as a CUDA kernel on tensor cores (opt-in: FASTGEN_INT4_MMA=1).
+"""Int4Linear's decode product (1-8 rows) on a GPU as a CUDA kernel on tensor cores: the default where nvcc builds it.
 
 tinygemm (aten._weight_int4pack_mm) and gemv.int4_gemv (Triton, ~3.4 sm_90 instructions a weight) both take
 ~2.78 ms a Llama-3-8B int4-g64 step on an H100, 47% of copy bandwidth; issue 10 wants 450 tok/s (2.22 ms).
@@ -10,7 +10,8 @@ and each group's scale and zero are applied after: y += scale (D - 136 X) + zero
 mma of ones by x). tinygemm rounds each dequantized weight to bf16 first; this keeps fp32 to the end (the two
 differ by ~3e-3 relative). sm_90 loop (scripts/int4_mma_probe.py --sass): 1.7-2.0 instructions a weight.
 H100 (2026-12-06, thirteenth session), each linear alone, L2 flushed, Llama-3-8B's four projections x 32 layers:
-group 64 2.485 ms against tinygemm's 3.032, group 128 2.322 against 2.905 (not yet timed in a whole step).
+group 64 2.485 ms against tinygemm's 3.032, group 128 2.322 against 2.905; the whole int4-g64 step 2.364 ms replayed
+against tinygemm's 2.768 (2026-12-06, fourteenth session; 8 rows a pass: 3.39 ms against 5.40, each linear alone).
 
 CUDA C++ rather than Triton: the weight must land in the mma's registers as it was loaded, which Triton's
 tl.dot cannot be told (a Triton tensor-core form moved its tiles through shared memory: 6.6-8.8 instructions a
@@ -18,34 +19,41 @@ weight). Built on first use with torch's load_inline, which needs nvcc (the CUDA
 """
 
 import os
+import sys
 
 import torch
 
 from errors import FastgenError, first_line
 
-# Int4Linear's batch-1 CUDA calls go through int4_mma_gemv (FASTGEN_INT4_MMA=1) where it applies (applies()).
-ENABLED = os.environ.get("FASTGEN_INT4_MMA", "0") == "1"
+# FASTGEN_INT4_MMA: unset, Int4Linear's CUDA calls of up to MAX_ROWS rows go through int4_mma_gemv where nvcc builds
+# the kernel, and stay on tinygemm (with one warning) where it cannot; "1" makes a failed build an error; "0" keeps
+# tinygemm and builds nothing.
+MODE = os.environ.get("FASTGEN_INT4_MMA", "auto")
+ENABLED = MODE != "0"
 GROUPS = (32, 64, 128)  # whole groups in a 128-k supertile (Int4Linear's 256 stays on tinygemm)
 TILES = 2  # row tiles (8 rows) a block: two make one mma; the H100 probe found 2 best at every shape
 WARPS = (8, 16)
-# Rows of x Int4Linear sends here. The kernel takes up to 8 in one pass over the weight (B's 8 columns: int4 at
-# batch 8 runs slower than bf16 through tinygemm, which reads the weight again per 16-row tile's work); rows 2-8 are
-# built and GPU-tested at the op, and go through Int4Linear once timed against tinygemm (gpu_pending int4mma).
-MAX_ROWS = 1
+# Rows of x one pass over the weight takes (B's 8 columns). H100, Llama-3-8B's four projections x 32 layers at 8
+# rows, each alone: 3.39 ms (g64) / 2.92 (g128) against tinygemm's 5.40 / 5.40, which reads the weight again per
+# 16-row tile's work (int4_mma_probe.py --rows 8, 2026-12-06). Prefill's longer x stays on tinygemm.
+MAX_ROWS = 8
 
 
 def config(n: int, k: int) -> dict:
     """Warps a block: the H100 probe (2026-12-06, Llama-3-8B's shapes, 4 / 8 / 16 warps at 2 tiles): 16 where the
-    grid is small (wo, w2: 4096 rows, 256 blocks), 8 otherwise (wqkv, w13). prefetch (each warp's next supertile
-    loaded before this one's arithmetic) is built for the probe to time; off until it wins."""
+    grid is small (wo, w2: 4096 rows, 256 blocks), 8 otherwise (wqkv, w13). Its whole grid (2 / 4 tiles, 4-32 warps,
+    with and without prefetching each warp's next supertile; 2026-12-06) put these within 1% of the best at every
+    projection, at 1 and 8 rows; only the 128k-row output head wanted 4 warps (2357 against 2214 GB/s: ~7 us a
+    step, not worth a third build of every instance)."""
     return dict(tiles=TILES, warps=16 if n <= 4096 else 8, prefetch=False)
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, groupsize: int) -> bool:
-    """x [rows <= MAX_ROWS, K] on CUDA, weight in tinygemm's layout with 8 inner k tiles ([N / 8, K / 128, 32, 4]),
-    a group that fits a supertile."""
+    """The kernel is built, x [rows <= MAX_ROWS, K] on CUDA, weight in tinygemm's layout with 8 inner k tiles
+    ([N / 8, K / 128, 32, 4]), a group that fits a supertile."""
     return (
         ENABLED
+        and _extension is not None  # built at load (Int4Linear.pack_ calls build())
         and x.is_cuda
         and x.shape[0] <= MAX_ROWS
         and groupsize in GROUPS
@@ -255,19 +263,30 @@ def load(name="fastgen_int4_mma", **builds):
 
 
 _extension = None
+_build_failed = False
 
 
 def build():
-    """The compiled extension, built once a process (nvcc: ~1 min the first time, then torch's cache)."""
-    global _extension
-    if _extension is None:
+    """The compiled extension, built once a process (nvcc: ~1 min the first time, then torch's cache under
+    ~/.cache/torch_extensions), or None where it cannot build: one warning, and Int4Linear stays on tinygemm.
+    FASTGEN_INT4_MMA=1 makes that a one-line error instead."""
+    global _extension, _build_failed
+    if _extension is None and not _build_failed and ENABLED:
         try:
             _extension = load()
-        except (OSError, RuntimeError) as e:  # no CUDA_HOME / nvcc; a failed build
-            raise FastgenError(
-                f"FASTGEN_INT4_MMA=1 could not build its CUDA kernel ({first_line(e) or type(e).__name__}): "
-                "it needs nvcc (the CUDA toolkit); install it or unset FASTGEN_INT4_MMA"
-            ) from e
+        except Exception as e:  # noqa: BLE001 - no CUDA_HOME, nvcc or ninja; a failed compile: tinygemm does the work
+            reason = first_line(e) or type(e).__name__
+            if MODE == "1":
+                raise FastgenError(
+                    f"FASTGEN_INT4_MMA=1 could not build its CUDA kernel ({reason}): it needs nvcc (the CUDA toolkit) "
+                    "and ninja; install them or unset FASTGEN_INT4_MMA"
+                ) from e
+            _build_failed = True
+            print(
+                f"warning: int4 decode runs on tinygemm, ~17% slower: the tensor-core kernel did not build ({reason}); "
+                "install nvcc (the CUDA toolkit) and ninja, or set FASTGEN_INT4_MMA=0 to skip the build",
+                file=sys.stderr,
+            )
     return _extension
 
 

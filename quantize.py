@@ -243,8 +243,7 @@ class Int4Linear(nn.Module):
         if device.type == "cuda":
             # since torch 2.5 the CUDA op takes the nibble-packed uint8 [n, k/2] directly
             self.weight = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), self.inner_k_tiles)
-            if int4_mma.ENABLED:
-                int4_mma.build()  # at load, not inside a first forward that a compile or a graph capture runs
+            int4_mma.build()  # at load, not inside a first forward that a compile or a graph capture runs
         else:
             # the CPU op takes one int32 value in [0, 15] per weight, [n, k]
             self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
@@ -269,7 +268,7 @@ class Int4Linear(nn.Module):
         # a no-op once packed; guards against a later model.to(dtype) (the CUDA kernel reads bf16 blindly)
         sz = self.scales_and_zeros.to(torch.bfloat16)
         if int4_mma.applies(x2, self.weight, self.groupsize):
-            # batch-1 decode: the CUDA tensor-core kernel over the same packed weight (opt-in, FASTGEN_INT4_MMA=1)
+            # decode (1-8 rows): the CUDA tensor-core kernel over the same packed weight (where nvcc built it)
             y = int4_mma.int4_mma_gemv(x2, self.weight, self.groupsize, sz)
         elif x.is_cuda and x2.shape[0] == 1 and gemv.INT4_GEMV_ENABLED:
             # batch-1 decode: gemv.py's int4 GEMV over the same packed weight (opt-in, not yet timed)

@@ -204,6 +204,27 @@ int4mma)
         summary+=("FASTGEN_INT4_MMA=$on: $(grep -E '^\| llama' "$out/int4_bench_$on.txt")")
     done
     ;;
+int4default)
+    # int4_mma as the default (1-8 rows): the int4 GPU tests, then bench.py's int4 rows (issue 10's instrument). Why
+    # bench.py read 386.8 tok/s where generate() read 419.8 (2026-12-06): its own compile, then profile_decode and
+    # bench.py again on that Inductor cache (on profile_decode's cache it read 415.6)
+    step int4_tests 200 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k int4
+    summary+=("  $(tail -n 1 "$out/int4_tests.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/int4_tests.txt" | head -6)")
+    export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
+    common=(--suite smoke --models llama-3-8b --ctx 16 --cache just --compile --new-tokens 200 --runs 3 --no-hf
+        --no-cold-start)
+    step int4_bench_a 110 python scripts/bench.py "${common[@]}" --weights int4-g64 --batch 1 --time-budget-s 100 \
+        --out-dir "$out/int4_bench_a"
+    summary+=("bench, own compile: $(grep -E '^\| llama' "$out/int4_bench_a.txt")")
+    decode llama_int4_g64 70 --model llama-3-8b --weights int4-g64 --new-tokens 200
+    step int4_bench_b 70 python scripts/bench.py "${common[@]}" --weights int4-g64 --batch 1 --time-budget-s 60 \
+        --out-dir "$out/int4_bench_b"
+    summary+=("bench, again: $(grep -E '^\| llama' "$out/int4_bench_b.txt")")
+    step int4_bench_rest 260 python scripts/bench.py "${common[@]}" --weights int4-g64,int4-g128 --batch 1,8 \
+        --time-budget-s 250 --out-dir "$out/int4_bench_rest"
+    summary+=("$(grep -E '^\| llama' "$out/int4_bench_rest.txt")")
+    ;;
 int4probe)
     # int4_mma's tiles (after int4mma's tests pass): scripts/int4_mma_probe.py's whole grid at one row (2 / 4 tiles,
     # 4-32 warps, with and without the prefetch), then 8 rows in one weight pass against tinygemm at 8 rows

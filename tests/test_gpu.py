@@ -797,6 +797,7 @@ def test_int4_mma_gemv_equals_tinygemm(n, k, groupsize, monkeypatch):
     for rows in (2, 5, 8):  # up to 8 rows in one pass (B's columns): each equals tinygemm's, row 0 the one-row result
         xs = torch.cat([x, torch.randn(rows - 1, k, device="cuda", dtype=torch.bfloat16)])
         want = torch.ops.aten._weight_int4pack_mm(xs, linear.weight, groupsize, linear.scales_and_zeros).float()
+        assert int4_mma.applies(xs, linear.weight, groupsize)  # Int4Linear's decode at up to 8 rows goes here
         got_rows = int4_mma.int4_mma_gemv(xs, linear.weight, groupsize, linear.scales_and_zeros)
         assert got_rows.shape == (rows, n)
         assert ((got_rows.float() - want).norm(dim=1) / want.norm(dim=1)).max() < 1e-2

@@ -475,18 +475,45 @@ def test_int4_linear_routes_its_batch1_call_to_int4_mma_where_it_applies(monkeyp
     )
 
 
-def test_int4_mma_without_nvcc_is_one_clear_error(monkeypatch):
-    """The CUDA kernel is built on first use: without the CUDA toolkit that is one line naming the fix."""
+def test_int4_mma_without_nvcc_falls_back_to_tinygemm_with_one_warning(monkeypatch, capsys):
+    """The CUDA kernel is built at load: without the CUDA toolkit Int4Linear stays on tinygemm after one warning
+    line that names the fix; FASTGEN_INT4_MMA=1 (the kernel required) makes that a one-line error, =0 builds nothing."""
     import torch.utils.cpp_extension
 
     import int4_mma
     from errors import FastgenError
 
+    attempts = []
+
     def no_toolkit(*args, **kwargs):
+        attempts.append(1)
         raise OSError("CUDA_HOME environment variable is not set. Please set it to your CUDA install root.")
 
-    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_toolkit)
-    monkeypatch.setattr(int4_mma, "_extension", None)
+    def reset(mode):
+        monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_toolkit)
+        monkeypatch.setattr(int4_mma, "_extension", None)
+        monkeypatch.setattr(int4_mma, "_build_failed", False)
+        monkeypatch.setattr(int4_mma, "MODE", mode)
+        monkeypatch.setattr(int4_mma, "ENABLED", mode != "0")
+        attempts.clear()
+
+    reset("auto")
+    assert int4_mma.build() is None and int4_mma.build() is None  # tried once, warned once
+    warning = capsys.readouterr().err
+    assert attempts == [1] and warning.count("\n") == 1
+    assert "tinygemm" in warning and "CUDA_HOME" in warning and "FASTGEN_INT4_MMA=0" in warning
+    x, weight = torch.zeros(1, 4096), torch.zeros(512, 32, 32, 4, dtype=torch.int32)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on a GPU
+    assert not int4_mma.applies(x, weight, 64)  # not built: tinygemm
+    monkeypatch.setattr(int4_mma, "_extension", object())
+    assert int4_mma.applies(x, weight, 64) and int4_mma.applies(x.expand(8, -1), weight, 64)
+    assert not int4_mma.applies(x.expand(9, -1), weight, 64)  # prefill: tinygemm
+    assert not int4_mma.applies(x, weight, 256)  # a group wider than the kernel's supertile: tinygemm
+    monkeypatch.undo()
+
+    reset("1")
     with pytest.raises(FastgenError, match=r"needs nvcc .* unset FASTGEN_INT4_MMA") as e:
         int4_mma.build()
     assert "\n" not in str(e.value) and "CUDA_HOME" in str(e.value)
+    reset("0")
+    assert int4_mma.build() is None and attempts == []
