@@ -94,6 +94,31 @@ __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uin
 __device__ __forceinline__ float bf16_low(uint32_t v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float bf16_high(uint32_t v) { return __uint_as_float(v & 0xFFFF0000u); }
 
+__device__ __forceinline__ uint32_t mul_bf16x2(uint32_t a, uint32_t b) {
+    __nv_bfloat162 p = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b));
+    return *reinterpret_cast<uint32_t*>(&p);
+}
+
+// What a block does around its sums (FOLD). PLAIN stores y = x W^T. RESIDUAL stores y + residual. NORM_GLU and
+// NORM_ROPE (one row of x) take RMSNorm in: x times the norm's weight goes to the tensor cores, the block sums x^2
+// as it loads x, and scales its sums by 1 / rms after. NORM_GLU (w13, [gate; up]) pairs tile b of the gate rows
+// with tile b of the up rows (N / 2 further on) and stores SiLU(gate) * up [N / 2]. NORM_ROPE (wqkv) pairs a head's
+// rows d and d + D / 2 and stores q rotated (rotate-half RoPE) [Hq D], writes k rotated and v into the caches at
+// the token's slot.
+constexpr int PLAIN = 0, RESIDUAL = 1, NORM_GLU = 2, NORM_ROPE = 3;
+
+struct Fold {
+    const uint32_t* norm_weight;    // bf16 pairs [K / 2] (NORM_*)
+    const __nv_bfloat16* residual;  // [rows, N] (RESIDUAL)
+    const __nv_bfloat16* cos;       // [D] at the token's position (NORM_ROPE)
+    const __nv_bfloat16* sin;
+    __nv_bfloat16* k_cache;  // [1, Hkv, cache_len, D]
+    __nv_bfloat16* v_cache;
+    const int64_t* slot;  // [1]: the token's cache slot
+    float eps;
+    int head_dim, n_heads, n_kv_heads, cache_len;
+};
+
 // y [rows, N] = x [rows, K] . W^T for tinygemm's int4 layout with 8 inner k tiles (w: uint4 [N / 8, S = K / 128,
 // 32]), scales and zeros bf16 pairs [K / GROUP, N] (GROUP 32-128: whole groups in a 128-k supertile). A block: T row
 // tiles of 8 rows (T even: two tiles an mma), its WARPS warps taking its supertiles in turn. Per group the tensor
@@ -101,16 +126,30 @@ __device__ __forceinline__ float bf16_high(uint32_t v) { return __uint_as_float(
 // by x gives the group's sum of x, X: y += scale (D - 136 X) + zero X = scale D + (zero - 136 scale) X.
 // TOKENS 1: one row of x, in every column of B. TOKENS 8: rows (<= 8) of x in B's columns (row g of x in column g,
 // the last repeated), D's columns the rows' outputs: one pass over the weight for up to 8 rows.
-template <int GROUP, int T, int WARPS, bool PREFETCH, int TOKENS>
+template <int GROUP, int T, int WARPS, bool PREFETCH, int TOKENS, int FOLD>
 __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
     const uint4* __restrict__ w, const uint32_t* __restrict__ x_pairs, const uint32_t* __restrict__ sz,
-    __nv_bfloat16* __restrict__ y, int N, int S, int rows) {
+    __nv_bfloat16* __restrict__ y, int N, int S, int rows, Fold fold) {
     static_assert(T % 2 == 0, "two row tiles an mma");
     static_assert(TOKENS == 1 || TOKENS == 8, "one row of x, or up to 8 in B's columns");
+    constexpr bool NORM = FOLD == NORM_GLU || FOLD == NORM_ROPE;  // and two tiles a block that pair their rows
+    static_assert(!NORM || (T == 2 && TOKENS == 1), "the norm folds: one row, two paired tiles a block");
     constexpr int COLS = TOKENS == 1 ? 1 : 2;  // D's columns a lane keeps: 2 t and 2 t + 1 (TOKENS 8)
     constexpr int WORDS_A_GROUP = GROUP / 32, GROUPS_A_SUPERTILE = 128 / GROUP;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, row = lane >> 2;  // row: A's (tile's) row g
-    const int tiles = N / 8, tile0 = blockIdx.x * T;
+    const int tiles = N / 8;
+    int tile_ids[T];  // the block's row tiles
+    if (FOLD == NORM_GLU) {  // gate tile b, up tile b
+        tile_ids[0] = blockIdx.x;
+        tile_ids[1] = blockIdx.x + tiles / 2;
+    } else if (FOLD == NORM_ROPE) {  // head h's tile j in each half: blocks h D / 16 + j
+        const int half = fold.head_dim / 16;
+        tile_ids[0] = blockIdx.x / half * 2 * half + blockIdx.x % half;
+        tile_ids[1] = tile_ids[0] + half;
+    } else {
+#pragma unroll
+        for (int t = 0; t < T; ++t) tile_ids[t] = blockIdx.x * T + t;
+    }
     const uint32_t ones = 0x3F803F80u;
     float acc[T][COLS];  // row `row` of each tile; TOKENS 1: every lane of a group of 4 holds the same
 #pragma unroll
@@ -122,16 +161,17 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
     // row `row` of each tile's (scale, zero) pairs, group 0; a tile past the end reads row 0's
     const uint32_t* sz_rows[T];
 #pragma unroll
-    for (int t = 0; t < T; ++t) sz_rows[t] = sz + ((tile0 + t) * 8 + row < N ? (tile0 + t) * 8 + row : 0);
+    for (int t = 0; t < T; ++t) sz_rows[t] = sz + (tile_ids[t] * 8 + row < N ? tile_ids[t] * 8 + row : 0);
     const uint4* w_tile[T];  // this lane's words of each tile at supertile 0 (read once: __ldcs, evict first)
 #pragma unroll
     for (int t = 0; t < T; ++t)  // a tile past the end reads the last one again; its sums are not stored
-        w_tile[t] = w + (size_t)min(tile0 + t, tiles - 1) * S * 32 + lane;
+        w_tile[t] = w + (size_t)min(tile_ids[t], tiles - 1) * S * 32 + lane;
     uint4 next[T];  // PREFETCH: the warp's next supertile's words, loaded before this one's arithmetic
     if (PREFETCH && warp < S) {
 #pragma unroll
         for (int t = 0; t < T; ++t) next[t] = __ldcs(w_tile[t] + (size_t)warp * 32);
     }
+    float x_squares = 0.f;  // NORM: this lane's share of the sum of x^2 (lanes 4 apart load the same x)
     for (int s = warp; s < S; s += WARPS) {
         uint4 words[T];
 #pragma unroll
@@ -146,6 +186,17 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
         for (int step = 0; step < 8; ++step) {
             xb[step][0] = __ldg(x_step + step * 8);
             xb[step][1] = __ldg(x_step + step * 8 + 4);
+        }
+        if (NORM) {  // x^2 of the raw x; the norm's weight into x (in bf16, as RMSNorm's output is)
+            const uint32_t* g_step = fold.norm_weight + s * 64 + (lane & 3);
+#pragma unroll
+            for (int step = 0; step < 8; ++step)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const uint32_t v = xb[step][j];
+                    x_squares = fmaf(bf16_low(v), bf16_low(v), fmaf(bf16_high(v), bf16_high(v), x_squares));
+                    xb[step][j] = mul_bf16x2(v, __ldg(g_step + step * 8 + 4 * j));
+                }
         }
 #pragma unroll
         for (int g = 0; g < GROUPS_A_SUPERTILE; ++g) {
@@ -180,6 +231,12 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
         }
     }
     __shared__ float partial[WARPS][T * 8 * TOKENS];  // [warp][tile row][x row]
+    __shared__ float squares[WARPS];
+    if (NORM) {  // the warp's supertiles' sum of x^2: its first four lanes' shares
+        x_squares += __shfl_xor_sync(0xFFFFFFFFu, x_squares, 1);
+        x_squares += __shfl_xor_sync(0xFFFFFFFFu, x_squares, 2);
+        if (lane == 0) squares[warp] = x_squares;
+    }
     if (TOKENS == 1 ? (lane & 3) == 0 : true) {
 #pragma unroll
         for (int t = 0; t < T; ++t)
@@ -188,12 +245,49 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
                 partial[warp][(t * 8 + row) * TOKENS + (TOKENS == 1 ? 0 : 2 * (lane & 3) + c)] = acc[t][c];
     }
     __syncthreads();
-    for (int r = threadIdx.x; r < T * 8 * TOKENS; r += WARPS * 32) {
-        float sum = 0.f;
+    if (!NORM) {
+        for (int r = threadIdx.x; r < T * 8 * TOKENS; r += WARPS * 32) {
+            float sum = 0.f;
 #pragma unroll
-        for (int v = 0; v < WARPS; ++v) sum += partial[v][r];
-        const int n = tile0 * 8 + r / TOKENS, token = r % TOKENS;
-        if (n < N && token < rows) y[(size_t)token * N + n] = __float2bfloat16(sum);
+            for (int v = 0; v < WARPS; ++v) sum += partial[v][r];
+            const int n = blockIdx.x * T * 8 + r / TOKENS, token = r % TOKENS;
+            if (FOLD == RESIDUAL && n < N && token < rows)
+                sum += __bfloat162float(fold.residual[(size_t)token * N + n]);
+            if (n < N && token < rows) y[(size_t)token * N + n] = __float2bfloat16(sum);
+        }
+        return;
+    }
+    float total = 0.f;
+#pragma unroll
+    for (int v = 0; v < WARPS; ++v) total += squares[v];
+    const float inv_rms = rsqrtf(total / (S * 128) + fold.eps);  // x unpadded: K is the norm's width
+    for (int r = threadIdx.x; r < 8; r += WARPS * 32) {  // row r of the block's two tiles
+        float a = 0.f, b = 0.f;
+#pragma unroll
+        for (int v = 0; v < WARPS; ++v) {
+            a += partial[v][r];
+            b += partial[v][8 + r];
+        }
+        a *= inv_rms;
+        b *= inv_rms;
+        if (FOLD == NORM_GLU) {
+            y[blockIdx.x * 8 + r] = __float2bfloat16(a / (1.f + __expf(-a)) * b);
+        } else {
+            const int D = fold.head_dim, half = D / 16, head = blockIdx.x / half, d = blockIdx.x % half * 8 + r;
+            const int n_qk = fold.n_heads + fold.n_kv_heads;
+            if (head < n_qk) {  // q or k: x cos + rotate_half(x) sin
+                const float rotated_a = a * __bfloat162float(fold.cos[d]) - b * __bfloat162float(fold.sin[d]);
+                b = b * __bfloat162float(fold.cos[d + D / 2]) + a * __bfloat162float(fold.sin[d + D / 2]);
+                a = rotated_a;
+            }
+            __nv_bfloat16* out = y + (size_t)head * D;  // q
+            if (head >= fold.n_heads) {
+                const int kv_head = head < n_qk ? head - fold.n_heads : head - n_qk;
+                out = (head < n_qk ? fold.k_cache : fold.v_cache) + ((size_t)kv_head * fold.cache_len + *fold.slot) * D;
+            }
+            out[d] = __float2bfloat16(a);
+            out[d + D / 2] = __float2bfloat16(b);
+        }
     }
 }
 """
@@ -202,50 +296,124 @@ LAUNCHER = r"""
 #include <torch/extension.h>
 #include <cuda_runtime.h>
 
-template <int GROUP, int T, int WARPS, bool PREFETCH, int TOKENS>
+template <int GROUP, int T, int WARPS, bool PREFETCH, int TOKENS, int FOLD>
 static void launch(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz, torch::Tensor& y,
-                   cudaStream_t stream) {
-    const int N = y.size(1), S = x.size(1) / 128, blocks = (N / 8 + T - 1) / T;
-    int4_mma_gemv_kernel<GROUP, T, WARPS, PREFETCH, TOKENS><<<blocks, WARPS * 32, 0, stream>>>(
+                   const Fold& fold, cudaStream_t stream) {
+    const int N = sz.size(1), S = x.size(1) / 128;
+    const int blocks = FOLD == NORM_GLU || FOLD == NORM_ROPE ? N / 16 : (N / 8 + T - 1) / T;
+    int4_mma_gemv_kernel<GROUP, T, WARPS, PREFETCH, TOKENS, FOLD><<<blocks, WARPS * 32, 0, stream>>>(
         reinterpret_cast<const uint4*>(w.data_ptr()), reinterpret_cast<const uint32_t*>(x.data_ptr()),
         reinterpret_cast<const uint32_t*>(sz.data_ptr()), reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), N, S,
-        x.size(0));
+        x.size(0), fold);
+}
+
+static void check_operands(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz) {
+    TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 8 && x.size(1) % 128 == 0, "x: [1-8, K / 128 * 128]");
+    TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && sz.scalar_type() == torch::kBFloat16, "bf16 x and scales");
+    TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && sz.is_contiguous());
+    TORCH_CHECK(w.dim() == 4 && w.size(2) == 32 && w.size(3) == 4, "tinygemm's layout with 8 inner k tiles");
+    TORCH_CHECK(sz.size(1) % 8 == 0 && w.size(0) == sz.size(1) / 8 && w.size(1) == x.size(1) / 128);
 }
 
 // stream: torch.cuda.current_stream().cuda_stream
 torch::Tensor int4_mma_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t t,
                             int64_t warps, int64_t prefetch, int64_t stream_handle) {
-    TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 8 && x.size(1) % 128 == 0, "x: [1-8, K / 128 * 128]");
-    TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && sz.scalar_type() == torch::kBFloat16, "bf16 x and scales");
-    TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && sz.is_contiguous());
-    TORCH_CHECK(w.dim() == 4 && w.size(2) == 32 && w.size(3) == 4, "tinygemm's layout with 8 inner k tiles");
-    const int64_t N = sz.size(1);
-    TORCH_CHECK(N % 8 == 0 && w.size(0) == N / 8 && w.size(1) == x.size(1) / 128);
-    auto y = torch::empty({x.size(0), N}, x.options());
+    check_operands(x, w, sz);
+    auto y = torch::empty({x.size(0), sz.size(1)}, x.options());
     const int64_t tokens = x.size(0) == 1 ? 1 : 8;  // the kernel's TOKENS
     const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+    const Fold fold{};
     DISPATCH
     TORCH_CHECK(false, "int4_mma: no build for group ", group, ", ", t, " tiles, ", warps, " warps, prefetch ",
                 prefetch, ", ", x.size(0), " rows");
+}
+
+// One row with a FOLD (1 RESIDUAL, 2 NORM_GLU, 3 NORM_ROPE) at 2 tiles a block. Tensors a fold does not read
+// may be any tensor (x).
+torch::Tensor int4_mma_fold(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t warps,
+                            int64_t fold_kind, torch::Tensor norm_weight, double eps, torch::Tensor residual,
+                            torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
+                            torch::Tensor slot, int64_t n_heads, int64_t stream_handle) {
+    check_operands(x, w, sz);
+    TORCH_CHECK(x.size(0) == 1, "the folds take one row");
+    const int64_t N = sz.size(1);
+    Fold fold{};
+    fold.eps = static_cast<float>(eps);
+    torch::Tensor y;
+    if (fold_kind == RESIDUAL) {
+        TORCH_CHECK(residual.sizes() == torch::IntArrayRef({1, N}) && residual.is_contiguous() &&
+                    residual.scalar_type() == torch::kBFloat16, "residual: bf16 [1, N]");
+        fold.residual = reinterpret_cast<const __nv_bfloat16*>(residual.data_ptr());
+        y = torch::empty({1, N}, x.options());
+    } else {
+        TORCH_CHECK(norm_weight.numel() == x.size(1) && norm_weight.is_contiguous() &&
+                    norm_weight.scalar_type() == torch::kBFloat16, "norm weight: bf16 [K]");
+        fold.norm_weight = reinterpret_cast<const uint32_t*>(norm_weight.data_ptr());
+    }
+    if (fold_kind == NORM_GLU) {
+        TORCH_CHECK(N % 16 == 0, "[gate; up]: N / 2 rows each, whole tiles");
+        y = torch::empty({1, N / 2}, x.options());
+    } else if (fold_kind == NORM_ROPE) {
+        const int64_t D = k_cache.size(3), n_kv_heads = k_cache.size(1);
+        TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && v_cache.sizes() == k_cache.sizes() &&
+                    k_cache.scalar_type() == torch::kBFloat16 && v_cache.scalar_type() == torch::kBFloat16 &&
+                    k_cache.is_contiguous() && v_cache.is_contiguous(), "caches: bf16 [1, Hkv, S, D]");
+        TORCH_CHECK(D % 16 == 0 && N == (n_heads + 2 * n_kv_heads) * D, "wqkv: (Hq + 2 Hkv) D rows, D % 16 == 0");
+        TORCH_CHECK(cos.numel() == D && sin.numel() == D && cos.scalar_type() == torch::kBFloat16 &&
+                    sin.scalar_type() == torch::kBFloat16 && cos.is_contiguous() && sin.is_contiguous(),
+                    "cos, sin: bf16 [D]");
+        TORCH_CHECK(slot.numel() == 1 && slot.scalar_type() == torch::kLong, "slot: int64 [1]");
+        fold.cos = reinterpret_cast<const __nv_bfloat16*>(cos.data_ptr());
+        fold.sin = reinterpret_cast<const __nv_bfloat16*>(sin.data_ptr());
+        fold.k_cache = reinterpret_cast<__nv_bfloat16*>(k_cache.data_ptr());
+        fold.v_cache = reinterpret_cast<__nv_bfloat16*>(v_cache.data_ptr());
+        fold.slot = slot.data_ptr<int64_t>();
+        fold.head_dim = D;
+        fold.n_heads = n_heads;
+        fold.n_kv_heads = n_kv_heads;
+        fold.cache_len = k_cache.size(2);
+        y = torch::empty({1, n_heads * D}, x.options());
+    }
+    TORCH_CHECK(y.defined(), "int4_mma: fold ", fold_kind, " is none of 1 (residual), 2 (norm, GLU), 3 (RoPE)");
+    const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+    FOLD_DISPATCH
+    TORCH_CHECK(false, "int4_mma: no build for group ", group, ", ", warps, " warps, fold ", fold_kind);
 }
 """
 
 DECLARATION = (
     "torch::Tensor int4_mma_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t t, "
-    "int64_t warps, int64_t prefetch, int64_t stream_handle);"
+    "int64_t warps, int64_t prefetch, int64_t stream_handle);\n"
+    "torch::Tensor int4_mma_fold(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t warps, "
+    "int64_t fold_kind, torch::Tensor norm_weight, double eps, torch::Tensor residual, torch::Tensor cos, "
+    "torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot, int64_t n_heads, "
+    "int64_t stream_handle);"
 )
 
 
-def launcher_source(groups=GROUPS, configs=tuple((TILES, w, False) for w in WARPS), tokens=(1, 8)) -> str:
-    """The launcher with a case for every (group, (tiles, warps, prefetch), tokens) built."""
+RESIDUAL, NORM_GLU, NORM_ROPE = 1, 2, 3  # the kernel's FOLD (0: PLAIN)
+
+
+def launcher_source(
+    groups=GROUPS, configs=tuple((TILES, w, False) for w in WARPS), tokens=(1, 8), folds=(RESIDUAL, NORM_GLU, NORM_ROPE)
+) -> str:
+    """The launcher with a case for every (group, (tiles, warps, prefetch), tokens) built, and for every (group, warps
+    at 2 tiles, fold) of the one-row folds."""
     cases = "\n".join(
         f"    if (group == {g} && t == {t} && warps == {w} && prefetch == {int(p)} && tokens == {n}) "
-        f"{{ launch<{g}, {t}, {w}, {str(p).lower()}, {n}>(x, w, sz, y, stream); return y; }}"
+        f"{{ launch<{g}, {t}, {w}, {str(p).lower()}, {n}, PLAIN>(x, w, sz, y, fold, stream); return y; }}"
         for g in groups
         for t, w, p in configs
         for n in tokens
     )
-    return LAUNCHER.replace("    DISPATCH", cases)
+    fold_cases = "\n".join(
+        f"    if (group == {g} && warps == {w} && fold_kind == {f}) "
+        f"{{ launch<{g}, 2, {w}, false, 1, {f}>(x, w, sz, y, fold, stream); return y; }}"
+        for g in groups
+        for w in sorted({w for _, w, _ in configs})
+        for f in folds
+    )
+    return LAUNCHER.replace("    DISPATCH", cases).replace("    FOLD_DISPATCH", fold_cases)
 
 
 def load(name="fastgen_int4_mma", **builds):
@@ -257,7 +425,7 @@ def load(name="fastgen_int4_mma", **builds):
         name,
         cpp_sources=DECLARATION,
         cuda_sources=KERNEL + launcher_source(**builds),
-        functions=["int4_mma_gemv"],
+        functions=["int4_mma_gemv", "int4_mma_fold"],
         extra_cuda_cflags=["-O3"],
     )
 
@@ -315,3 +483,131 @@ def int4_mma_gemv(
 @int4_mma_gemv.register_fake
 def _(x, weight, groupsize, scales_and_zeros):
     return x.new_empty((x.shape[0], scales_and_zeros.shape[1]))
+
+
+# ----------------------------------------------------------------------------- one row with the block folded in
+# Int4DecodeBlock (quantize.py) runs a batch-1 decode step of an int4 block as four of these kernels and the
+# attention: the RMSNorms into wqkv's and w13's loops, RoPE and the cache write into wqkv's store, SiLU(gate) * up
+# into w13's, the residual adds into wo's and w2's, where Inductor's step had 12 kernels a layer. Opt-in
+# (FASTGEN_INT4_FOLD=1) until its GPU tests have run on a GPU.
+FOLD_ENABLED = os.environ.get("FASTGEN_INT4_FOLD", "0") == "1"
+
+
+def int4_product(x, weight, groupsize, scales_and_zeros) -> torch.Tensor:
+    """tinygemm's product on x's device (the CPU kernel takes its own layout): the references' linear."""
+    if x.is_cuda:
+        return torch.ops.aten._weight_int4pack_mm(x, weight, groupsize, scales_and_zeros)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, groupsize, scales_and_zeros)
+
+
+def rms_normed(x, norm_weight, eps) -> torch.Tensor:
+    """model.RMSNorm's output for x [1, K]."""
+    x32 = x.float()
+    return norm_weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def residual_reference(x, weight, groupsize, scales_and_zeros, residual):
+    """x [1, K] -> x W^T + residual [1, N] (the product rounded to bf16 first, as the model's linear returns it)."""
+    return int4_product(x, weight, groupsize, scales_and_zeros) + residual
+
+
+def norm_glu_reference(x, weight, groupsize, scales_and_zeros, norm_weight, eps):
+    """x [1, K] -> SiLU(gate) * up [1, N / 2] of w13 = [gate; up] over RMSNorm(x): FeedForward's hidden."""
+    gate, up = int4_product(rms_normed(x, norm_weight, eps), weight, groupsize, scales_and_zeros).chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def norm_rope_kv_reference(
+    x, weight, groupsize, scales_and_zeros, norm_weight, eps, cos, sin, k_cache, v_cache, slot, n_heads
+):
+    """x [1, K] -> wqkv over RMSNorm(x), then kv_attention.rope_write_kv_reference: k and v written at slot, q
+    [1, Hq, 1, D] returned."""
+    import kv_attention
+
+    qkv = int4_product(rms_normed(x, norm_weight, eps), weight, groupsize, scales_and_zeros)
+    return kv_attention.rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot, n_heads, None, None, 0.0)
+
+
+def fold_applies(x: torch.Tensor, weight: torch.Tensor, groupsize: int) -> bool:
+    """FASTGEN_INT4_FOLD=1 and int4_mma applies to one bf16 row."""
+    return FOLD_ENABLED and x.shape[0] == 1 and x.dtype == torch.bfloat16 and applies(x, weight, groupsize)
+
+
+def _fold(x, weight, groupsize, scales_and_zeros, kind, norm_weight=None, eps=0.0, residual=None, rope=None):
+    cos, sin, k_cache, v_cache, slot, n_heads = rope or (x, x, x, x, x, 0)  # unread where a fold takes none
+    return build().int4_mma_fold(
+        x,
+        weight,
+        scales_and_zeros,
+        groupsize,
+        config(scales_and_zeros.shape[1], x.shape[1])["warps"],
+        kind,
+        x if norm_weight is None else norm_weight,
+        eps,
+        x if residual is None else residual,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        slot,
+        n_heads,
+        torch.cuda.current_stream(x.device).cuda_stream,
+    )
+
+
+@torch.library.custom_op("fastgen::int4_mma_residual", mutates_args=())
+def int4_mma_residual(
+    x: torch.Tensor, weight: torch.Tensor, groupsize: int, scales_and_zeros: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
+    """residual_reference's contract in one kernel (wo, w2: the block's residual adds)."""
+    return _fold(x, weight, groupsize, scales_and_zeros, RESIDUAL, residual=residual.contiguous())
+
+
+@int4_mma_residual.register_fake
+def _(x, weight, groupsize, scales_and_zeros, residual):
+    return x.new_empty((1, scales_and_zeros.shape[1]))
+
+
+@torch.library.custom_op("fastgen::int4_mma_norm_glu", mutates_args=())
+def int4_mma_norm_glu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    groupsize: int,
+    scales_and_zeros: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """norm_glu_reference's contract in one kernel (w13 with ffn_norm)."""
+    return _fold(x, weight, groupsize, scales_and_zeros, NORM_GLU, norm_weight=norm_weight, eps=eps)
+
+
+@int4_mma_norm_glu.register_fake
+def _(x, weight, groupsize, scales_and_zeros, norm_weight, eps):
+    return x.new_empty((1, scales_and_zeros.shape[1] // 2))
+
+
+@torch.library.custom_op("fastgen::int4_mma_norm_rope_kv", mutates_args=("k_cache", "v_cache"))
+def int4_mma_norm_rope_kv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    groupsize: int,
+    scales_and_zeros: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot: torch.Tensor,
+    n_heads: int,
+) -> torch.Tensor:
+    """norm_rope_kv_reference's contract in one kernel (wqkv with attention_norm; cos, sin [D] bf16, caches
+    bf16 [1, Hkv, S, D], slot int64 [1])."""
+    rope = (cos.contiguous(), sin.contiguous(), k_cache, v_cache, slot, n_heads)
+    q = _fold(x, weight, groupsize, scales_and_zeros, NORM_ROPE, norm_weight=norm_weight, eps=eps, rope=rope)
+    return q.view(1, n_heads, 1, k_cache.shape[-1])
+
+
+@int4_mma_norm_rope_kv.register_fake
+def _(x, weight, groupsize, scales_and_zeros, norm_weight, eps, cos, sin, k_cache, v_cache, slot, n_heads):
+    return x.new_empty((1, n_heads, 1, k_cache.shape[-1]))

@@ -42,7 +42,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from errors import FastgenError, first_line
-from model import Experts, write_slots
+from model import Experts, FeedForward, KVCache, RMSNorm, TransformerBlock, write_slots
 
 QUANTIZED_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 
@@ -279,6 +279,81 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.groupsize, sz)
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+class Int4DecodeBlock(TransformerBlock):
+    """A dense block of Int4Linears whose batch-1 decode step (one bf16 token on a GPU, FASTGEN_INT4_FOLD=1) runs as
+    four int4_mma kernels and the attention: attention_norm, RoPE and the cache write folded into wqkv's, the
+    residual add into wo's, ffn_norm and SiLU(gate) * up into w13's, the residual add into w2's. Every other call is
+    TransformerBlock's. use_int4_decode_blocks picks the blocks."""
+
+    def forward(self, x, cos, sin, attend, input_pos):
+        attention, ffn = self.attention, self.feed_forward
+        wqkv, wo, w13, w2 = attention.wqkv, attention.wo, ffn.w13, ffn.w2
+        x1 = x.reshape(-1, x.shape[-1])  # [1, D] at a batch-1 decode step
+        if not (input_pos.dim() == 1 and int4_mma.fold_applies(x1, wqkv.weight, wqkv.groupsize)):
+            return super().forward(x, cos, sin, attend, input_pos)
+        norm, cache = self.attention_norm, attention.kv_cache
+        q = int4_mma.int4_mma_norm_rope_kv(
+            x1,
+            wqkv.weight,
+            wqkv.groupsize,
+            wqkv.scales_and_zeros,
+            norm.weight,
+            norm.eps,
+            cos.reshape(-1),  # [D]: the token's angles
+            sin.reshape(-1),
+            cache.k_cache,
+            cache.v_cache,
+            input_pos.reshape(1),  # the token's slot
+            attention.n_heads,
+        )  # [1, Hq, 1, D]
+        heads = attend(q, cache).to(x.dtype).reshape(1, -1)  # [1, Hq D]
+        h = int4_mma.int4_mma_residual(heads, wo.weight, wo.groupsize, wo.scales_and_zeros, x1)  # [1, D]
+        norm = self.ffn_norm
+        hidden = int4_mma.int4_mma_norm_glu(h, w13.weight, w13.groupsize, w13.scales_and_zeros, norm.weight, norm.eps)
+        return int4_mma.int4_mma_residual(hidden, w2.weight, w2.groupsize, w2.scales_and_zeros, h).view_as(x)
+
+
+def int4_decode_block_fits(block: nn.Module) -> bool:
+    """A dense TransformerBlock of packed CUDA Int4Linears that Int4DecodeBlock runs as it stands: bf16 RMSNorms
+    and an unquantized bf16 cache (int4_mma's folds read both as bf16), no query/key norms or biases, no padded
+    inputs (the norm's width is the kernel's K), no hooks (tensor parallel's all-reduces would be skipped)."""
+    if type(block) is not TransformerBlock or type(block.feed_forward) is not FeedForward:
+        return False
+    a, f = block.attention, block.feed_forward
+    linears = (a.wqkv, a.wo, f.w13, f.w2)
+    norms = (block.attention_norm, block.ffn_norm)
+    return (
+        all(
+            type(m) is Int4Linear
+            and m.is_packed
+            and m.weight.is_cuda
+            and m.bias is None
+            and m.groupsize in int4_mma.GROUPS
+            and m.padded_in_features == m.in_features
+            and not m._forward_hooks
+            and not m._forward_pre_hooks
+            for m in linears
+        )
+        and all(type(n) is RMSNorm and n.weight.dtype == torch.bfloat16 for n in norms)
+        and a.q_norm is None
+        and type(a.kv_cache) in (KVCache, kv_attention.SplitKVCache)
+        and a.kv_cache.k_cache.dtype == torch.bfloat16
+        and a.kv_cache.k_cache.shape[0] == 1
+        and not f._forward_hooks
+        and not a._forward_hooks
+    )
+
+
+def use_int4_decode_blocks(model: nn.Module) -> None:
+    """With FASTGEN_INT4_FOLD=1 and int4_mma built, make the model's fitting int4 blocks Int4DecodeBlocks (in place:
+    no parameter is copied). generate.Generator.setup calls this once the caches are made."""
+    if not (int4_mma.FOLD_ENABLED and int4_mma.build() is not None):
+        return
+    for module in model.modules():
+        if int4_decode_block_fits(module):
+            module.__class__ = Int4DecodeBlock
 
 
 # ----------------------------------------------------------------------------- model surgery

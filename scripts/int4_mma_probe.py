@@ -31,8 +31,8 @@ def sass(cuobjdump: str) -> int:
     """Build every instance for sm_90 with nvcc and print, per instance, its SASS instruction counts."""
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     instances = "\n".join(
-        f"template __global__ void int4_mma_gemv_kernel<{g}, {t}, {w}, {str(p).lower()}, {n}>(const uint4*, "
-        f"const uint32_t*, const uint32_t*, __nv_bfloat16*, int, int, int);"
+        f"template __global__ void int4_mma_gemv_kernel<{g}, {t}, {w}, {str(p).lower()}, {n}, PLAIN>(const uint4*, "
+        f"const uint32_t*, const uint32_t*, __nv_bfloat16*, int, int, int, Fold);"
         for g in GROUPS
         for t, w, p, n in [(*c, 1) for c in CONFIGS] + [(2, 8, False, 8), (2, 16, False, 8)]
     )
@@ -138,6 +138,7 @@ def gpu(quick: bool, rows: int) -> int:
         groups=groups,
         configs=configs,
         tokens=(1 if rows == 1 else 8,),
+        folds=(),
     )
     torch.manual_seed(0)
     stream = torch.cuda.current_stream().cuda_stream

@@ -832,6 +832,86 @@ def test_int4_mma_model_matches_dequantize_then_compute(float_checkpoint, tmp_pa
     assert calls
 
 
+@pytest.mark.parametrize(
+    "dim,n_heads,n_kv_heads,intermediate,groupsize",
+    # Llama-3-8B's attention (8 warps) and a w13 of 16 warps; a small block (16 warps) at group 32 and 128
+    [(4096, 32, 8, 4096, 64), (1024, 8, 2, 1024, 32), (1024, 8, 2, 2048, 128)],
+)
+def test_int4_mma_folds_equal_their_references(dim, n_heads, n_kv_heads, intermediate, groupsize):
+    """int4_mma's one-row folds (Int4DecodeBlock's kernels, FASTGEN_INT4_FOLD=1) equal their references over
+    tinygemm: the residual add; RMSNorm with SiLU(gate) * up of [gate; up]; RMSNorm with RoPE, q returned and k, v
+    written into the caches at the slot and nowhere else. Eager, and the RoPE fold (it mutates the caches) replayed in
+    a CUDA graph under torch.compile."""
+    import int4_mma
+
+    D, slot = 128, torch.tensor([37], device="cuda")
+    wqkv, x = random_int4_linear((n_heads + 2 * n_kv_heads) * D, dim, groupsize)
+    wo, heads = random_int4_linear(dim, n_heads * D, groupsize)
+    w13, _ = random_int4_linear(2 * intermediate, dim, groupsize)
+    assert int4_mma.build() is not None and int4_mma.applies(x, wqkv.weight, groupsize)
+    norm_weight = (1 + torch.randn(dim, device="cuda") / 4).bfloat16()
+    residual = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16)
+
+    def close(got, want, what):
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        assert got.shape == want.shape and got.dtype == want.dtype and err < 1e-2, f"{what}: {err:.2e}"
+
+    args = (wo.weight, groupsize, wo.scales_and_zeros, residual)
+    close(int4_mma.int4_mma_residual(heads, *args), int4_mma.residual_reference(heads, *args), "residual")
+    args = (w13.weight, groupsize, w13.scales_and_zeros, norm_weight, 1e-5)
+    close(int4_mma.int4_mma_norm_glu(x, *args), int4_mma.norm_glu_reference(x, *args), "norm, GLU")
+
+    angles = torch.cat([torch.arange(D // 2, device="cuda") * 0.37] * 2)
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    caches = [torch.randn(1, n_kv_heads, 64, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    want_k, want_v = (c.clone() for c in caches)
+    args = (wqkv.weight, groupsize, wqkv.scales_and_zeros, norm_weight, 1e-5, cos, sin)
+    want_q = int4_mma.norm_rope_kv_reference(x, *args, want_k, want_v, slot, n_heads)
+    k, v = (c.clone() for c in caches)
+    close(int4_mma.int4_mma_norm_rope_kv(x, *args, k, v, slot, n_heads), want_q, "q")
+    close(k[:, :, 37], want_k[:, :, 37], "k")
+    close(v[:, :, 37], want_v[:, :, 37], "v")
+    for got, before in ((k, caches[0]), (v, caches[1])):  # every other slot as it was
+        assert torch.equal(got[:, :, :37], before[:, :, :37]) and torch.equal(got[:, :, 38:], before[:, :, 38:])
+
+    compiled = torch.compile(int4_mma.int4_mma_norm_rope_kv, fullgraph=True, mode="reduce-overhead")
+    k, v = (c.clone() for c in caches)
+    for _ in range(3):  # warm-up, record, replay
+        k[:, :, 37] = 0
+        q = compiled(x, *args, k, v, slot, n_heads).clone()
+    close(q, want_q, "compiled q")
+    close(k[:, :, 37], want_k[:, :, 37], "compiled k")
+
+
+@pytest.mark.parametrize("groupsize", [64, 128])
+def test_int4_decode_blocks_match_dequantize_then_compute(float_checkpoint, tmp_path, monkeypatch, groupsize):
+    """An int4 checkpoint with Int4DecodeBlocks (FASTGEN_INT4_FOLD=1: each batch-1 step four int4_mma folds and the
+    attention a layer), eager and compiled (CUDA graphs), is within the int4 tolerance of the dequantize-then-
+    compute reference, its decode steps through the folds."""
+    import int4_mma
+    import quantize
+
+    monkeypatch.setattr(int4_mma, "FOLD_ENABLED", True)
+    qdir = quantize.quantize_checkpoint(float_checkpoint, "int4", groupsize, output_dir=tmp_path / "int4")
+    reference = dequantized_reference(qdir)
+    ids = PROMPTS[0] + [int(t) for t in torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(2))]
+    want = teacher_forced_logits(reference, ids, len(PROMPTS[0]), compiled=False)
+    model, _ = load_model(qdir, torch.device("cuda"), torch.bfloat16)
+    model.setup_caches(1, len(ids))
+    quantize.use_int4_decode_blocks(model)
+    assert all(type(layer) is quantize.Int4DecodeBlock for layer in model.layers)
+    calls = []
+    kernel = int4_mma.int4_mma_norm_rope_kv
+    for compiled in (False, True):
+        spy = kernel if compiled else (lambda *args: calls.append(1) or kernel(*args))
+        monkeypatch.setattr(int4_mma, "int4_mma_norm_rope_kv", spy)
+        got = teacher_forced_logits(model, ids, len(PROMPTS[0]), compiled)
+        err = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
+        assert err < 3e-2, f"compiled={compiled}: worst step's relative error {err:.2e}"
+        torch._dynamo.reset()
+    assert len(calls) == (len(ids) - 1 - len(PROMPTS[0])) * len(model.layers)
+
+
 @pytest.fixture(scope="module")
 def float_checkpoint(tmp_path_factory):
     model = random_model("gqa-hd128", seed=1)

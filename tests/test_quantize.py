@@ -517,3 +517,58 @@ def test_int4_mma_without_nvcc_falls_back_to_tinygemm_with_one_warning(monkeypat
     assert "\n" not in str(e.value) and "CUDA_HOME" in str(e.value)
     reset("0")
     assert int4_mma.build() is None and attempts == []
+
+
+def test_int4_decode_block_step_equals_transformer_blocks(tmp_path, monkeypatch):
+    """Int4DecodeBlock's batch-1 step (FASTGEN_INT4_FOLD=1) with int4_mma's four folds replaced by their references
+    (tinygemm's CPU kernel) gives TransformerBlock's logits: the norms, RoPE and the cache write, SiLU(gate) * up
+    and the residual adds are wired as the model has them, and every decode step goes through the folds. The
+    kernels are held to the same references on a GPU (test_gpu). int4_decode_block_fits takes a dense bf16 block
+    of packed CUDA Int4Linears with a bf16 cache, and nothing else."""
+    import int4_mma
+    from quantize import Int4DecodeBlock, int4_decode_block_fits
+
+    torch.manual_seed(0)
+    args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, intermediate_size=384, vocab_size=96)
+    config = {"model_args": {f: getattr(args, f) for f in args.__dataclass_fields__}, "quantization": None}
+    save_checkpoint(tmp_path / "float", config, dict(Transformer(args).state_dict()))
+    qdir = quantize_checkpoint(tmp_path / "float", "int4", 64, output_dir=tmp_path / "q")
+    plain, _ = load_model(qdir, "cpu", torch.bfloat16)
+    folded, _ = load_model(qdir, "cpu", torch.bfloat16)
+    for m in (plain, folded):
+        m.setup_caches(1, 32)
+        m.set_row_starts(torch.zeros(1, dtype=torch.int32))
+
+    block = folded.layers[0]
+    assert not int4_decode_block_fits(block)  # on the CPU
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on a GPU
+    assert int4_decode_block_fits(block)
+    block.attention.kv_cache.k_cache = block.attention.kv_cache.k_cache.float()
+    assert not int4_decode_block_fits(block)  # an fp32 cache: the kernel writes bf16
+    monkeypatch.undo()
+    folded.setup_caches(1, 32)
+
+    calls = []
+
+    def counted(reference):
+        return lambda *a: calls.append(reference.__name__) or reference(*a)
+
+    monkeypatch.setattr(int4_mma, "fold_applies", lambda x, weight, groupsize: x.shape[0] == 1)
+    monkeypatch.setattr(int4_mma, "int4_mma_norm_rope_kv", counted(int4_mma.norm_rope_kv_reference))
+    monkeypatch.setattr(int4_mma, "int4_mma_residual", counted(int4_mma.residual_reference))
+    monkeypatch.setattr(int4_mma, "int4_mma_norm_glu", counted(int4_mma.norm_glu_reference))
+    for layer in folded.layers:
+        layer.__class__ = Int4DecodeBlock
+    ids = torch.randint(0, 96, (1, 12))
+    with torch.no_grad():
+        want, got = plain(ids[:, :8], torch.arange(8)), folded(ids[:, :8], torch.arange(8))  # prefill: plain blocks
+        assert torch.equal(got, want) and calls == []
+        for pos in range(8, 12):
+            want, got = (
+                plain(ids[:, pos : pos + 1], torch.tensor([pos])),
+                folded(ids[:, pos : pos + 1], torch.tensor([pos])),
+            )
+            assert ((got - want).norm() / want.norm()) < 1e-2, pos
+    assert len(calls) == 4 * 4 * args.n_layers  # four folds a block, every decode step
+    k_plain, k_folded = plain.layers[1].attention.kv_cache.k_cache, folded.layers[1].attention.kv_cache.k_cache
+    assert ((k_folded[:, :, :12].float() - k_plain[:, :, :12].float()).norm() / k_plain.float().norm()) < 1e-2
