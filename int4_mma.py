@@ -166,6 +166,17 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
 #pragma unroll
     for (int t = 0; t < T; ++t)  // a tile past the end reads the last one again; its sums are not stored
         w_tile[t] = w + (size_t)min(tile_ids[t], tiles - 1) * S * 32 + lane;
+    // Launched with PDL (the host's choice), this block may start while the kernel before it finishes: it asks L2
+    // for its weights (no kernel writes them; one lane a 128-byte line) and waits before it reads x or the scales'
+    // neighbours. Without PDL the wait returns at once.
+#if __CUDA_ARCH__ >= 900  // griddepcontrol: sm_90+ (an A100 build has neither, and launches without PDL)
+    if ((lane & 7) == 0) {
+        for (int s = warp; s < S; s += WARPS)
+#pragma unroll
+            for (int t = 0; t < T; ++t) asm volatile("prefetch.global.L2 [%0];" ::"l"(w_tile[t] + (size_t)s * 32));
+    }
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
     uint4 next[T];  // PREFETCH: the warp's next supertile's words, loaded before this one's arithmetic
     if (PREFETCH && warp < S) {
 #pragma unroll
@@ -230,6 +241,9 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
             }
         }
     }
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");  // the next kernel may launch (and wait for this one)
+#endif
     __shared__ float partial[WARPS][T * 8 * TOKENS];  // [warp][tile row][x row]
     __shared__ float squares[WARPS];
     if (NORM) {  // the warp's supertiles' sum of x^2: its first four lanes' shares
@@ -296,15 +310,27 @@ LAUNCHER = r"""
 #include <torch/extension.h>
 #include <cuda_runtime.h>
 
+// pdl: launched with programmatic dependent launch (sm_90+): see the kernel's griddepcontrol
 template <int GROUP, int T, int WARPS, bool PREFETCH, int TOKENS, int FOLD>
 static void launch(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz, torch::Tensor& y,
-                   const Fold& fold, cudaStream_t stream) {
+                   const Fold& fold, bool pdl, cudaStream_t stream) {
     const int N = sz.size(1), S = x.size(1) / 128;
     const int blocks = FOLD == NORM_GLU || FOLD == NORM_ROPE ? N / 16 : (N / 8 + T - 1) / T;
-    int4_mma_gemv_kernel<GROUP, T, WARPS, PREFETCH, TOKENS, FOLD><<<blocks, WARPS * 32, 0, stream>>>(
+    cudaLaunchAttribute attribute;
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(blocks);
+    config.blockDim = dim3(WARPS * 32);
+    config.stream = stream;
+    config.attrs = &attribute;
+    config.numAttrs = pdl ? 1 : 0;
+    const cudaError_t error = cudaLaunchKernelEx(
+        &config, int4_mma_gemv_kernel<GROUP, T, WARPS, PREFETCH, TOKENS, FOLD>,
         reinterpret_cast<const uint4*>(w.data_ptr()), reinterpret_cast<const uint32_t*>(x.data_ptr()),
         reinterpret_cast<const uint32_t*>(sz.data_ptr()), reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), N, S,
-        x.size(0), fold);
+        static_cast<int>(x.size(0)), fold);
+    TORCH_CHECK(error == cudaSuccess, "int4_mma: launch failed: ", cudaGetErrorString(error));
 }
 
 static void check_operands(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz) {
@@ -317,7 +343,7 @@ static void check_operands(const torch::Tensor& x, const torch::Tensor& w, const
 
 // stream: torch.cuda.current_stream().cuda_stream
 torch::Tensor int4_mma_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t t,
-                            int64_t warps, int64_t prefetch, int64_t stream_handle) {
+                            int64_t warps, int64_t prefetch, int64_t pdl, int64_t stream_handle) {
     check_operands(x, w, sz);
     auto y = torch::empty({x.size(0), sz.size(1)}, x.options());
     const int64_t tokens = x.size(0) == 1 ? 1 : 8;  // the kernel's TOKENS
@@ -333,7 +359,7 @@ torch::Tensor int4_mma_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, 
 torch::Tensor int4_mma_fold(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t warps,
                             int64_t fold_kind, torch::Tensor norm_weight, double eps, torch::Tensor residual,
                             torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
-                            torch::Tensor slot, int64_t n_heads, int64_t stream_handle) {
+                            torch::Tensor slot, int64_t n_heads, int64_t pdl, int64_t stream_handle) {
     check_operands(x, w, sz);
     TORCH_CHECK(x.size(0) == 1, "the folds take one row");
     const int64_t N = sz.size(1);
@@ -383,11 +409,11 @@ torch::Tensor int4_mma_fold(torch::Tensor x, torch::Tensor w, torch::Tensor sz, 
 
 DECLARATION = (
     "torch::Tensor int4_mma_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t t, "
-    "int64_t warps, int64_t prefetch, int64_t stream_handle);\n"
+    "int64_t warps, int64_t prefetch, int64_t pdl, int64_t stream_handle);\n"
     "torch::Tensor int4_mma_fold(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t warps, "
     "int64_t fold_kind, torch::Tensor norm_weight, double eps, torch::Tensor residual, torch::Tensor cos, "
     "torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot, int64_t n_heads, "
-    "int64_t stream_handle);"
+    "int64_t pdl, int64_t stream_handle);"
 )
 
 
@@ -401,14 +427,14 @@ def launcher_source(
     at 2 tiles, fold) of the one-row folds."""
     cases = "\n".join(
         f"    if (group == {g} && t == {t} && warps == {w} && prefetch == {int(p)} && tokens == {n}) "
-        f"{{ launch<{g}, {t}, {w}, {str(p).lower()}, {n}, PLAIN>(x, w, sz, y, fold, stream); return y; }}"
+        f"{{ launch<{g}, {t}, {w}, {str(p).lower()}, {n}, PLAIN>(x, w, sz, y, fold, pdl, stream); return y; }}"
         for g in groups
         for t, w, p in configs
         for n in tokens
     )
     fold_cases = "\n".join(
         f"    if (group == {g} && warps == {w} && fold_kind == {f}) "
-        f"{{ launch<{g}, 2, {w}, false, 1, {f}>(x, w, sz, y, fold, stream); return y; }}"
+        f"{{ launch<{g}, 2, {w}, false, 1, {f}>(x, w, sz, y, fold, pdl, stream); return y; }}"
         for g in groups
         for w in sorted({w for _, w, _ in configs})
         for f in folds
@@ -428,6 +454,19 @@ def load(name="fastgen_int4_mma", **builds):
         functions=["int4_mma_gemv", "int4_mma_fold"],
         extra_cuda_cflags=["-O3"],
     )
+
+
+# Programmatic dependent launch of these kernels (kv_attention.PDL's mechanism, sm_90+): each may start while the
+# kernel before it finishes, asks L2 for its weights, then waits for it; once its main loop is done the next
+# kernel may launch. Inside a compiled step too: the custom op launches the kernel itself, and the CUDA graph keeps
+# the attribute. Opt-in (FASTGEN_INT4_PDL=1) until timed in the int4 step.
+PDL = os.environ.get("FASTGEN_INT4_PDL", "0") == "1"
+
+
+def launches_with_pdl(x: torch.Tensor) -> int:
+    import kv_attention
+
+    return int(PDL and kv_attention.pdl_applies(x.device))
 
 
 _extension = None
@@ -476,6 +515,7 @@ def int4_mma_gemv(
         cfg["tiles"],
         cfg["warps"],
         int(cfg["prefetch"]),
+        launches_with_pdl(x),
         stream,
     )
 
@@ -551,6 +591,7 @@ def _fold(x, weight, groupsize, scales_and_zeros, kind, norm_weight=None, eps=0.
         v_cache,
         slot,
         n_heads,
+        launches_with_pdl(x),
         torch.cuda.current_stream(x.device).cuda_stream,
     )
 

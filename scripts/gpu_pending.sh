@@ -204,6 +204,29 @@ int4mma)
         summary+=("FASTGEN_INT4_MMA=$on: $(grep -E '^\| llama' "$out/int4_bench_$on.txt")")
     done
     ;;
+int4fold)
+    # issue 10's int4 at 450 tok/s: int4_mma's folds (FASTGEN_INT4_FOLD=1, quantize.Int4DecodeBlock: four kernels a
+    # layer where Inductor's step has 12) and its PDL launch (FASTGEN_INT4_PDL=1), both opt-in until this runs. Their
+    # GPU tests, then the int4-g64 step: int4_mma alone (2.364 ms replayed, 419.8 tok/s on the H100, 2026-12-06), with
+    # the folds, with PDL, with both. Predicted: the folds take ~0.13 ms off (RoPE's 2 kernels, SiLU's, the 4 norms'
+    # ~0.15 ms less the epilogues' work), PDL hides some of the ~1 us a kernel ramp
+    step int4_tests 240 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k int4
+    summary+=("  $(tail -n 1 "$out/int4_tests.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/int4_tests.txt" | head -6)")
+    for fold_pdl in "0 0" "1 0" "0 1" "1 1"; do
+        set -- $fold_pdl
+        summary+=("FASTGEN_INT4_FOLD=$1 FASTGEN_INT4_PDL=$2:")
+        FASTGEN_INT4_FOLD=$1 FASTGEN_INT4_PDL=$2 decode "int4_g64_fold$1_pdl$2" 75 --model llama-3-8b \
+            --weights int4-g64 --new-tokens 200
+    done
+    ;;
+int4foldbench)
+    # bench.py's int4 rows (issue 10's instrument) with the env given (e.g. FASTGEN_INT4_FOLD=1 FASTGEN_INT4_PDL=1)
+    step int4_bench 280 python scripts/bench.py --suite smoke --models llama-3-8b --ctx 16 --cache just --compile \
+        --new-tokens 200 --runs 3 --no-hf --no-cold-start --weights int4-g64,int4-g128 --batch 1,8 \
+        --time-budget-s 270 --out-dir "$out/int4_bench"
+    summary+=("$(grep -E '^\| llama' "$out/int4_bench.txt")")
+    ;;
 int4default)
     # int4_mma as the default (1-8 rows): the int4 GPU tests, then bench.py's int4 rows (issue 10's instrument). Why
     # bench.py read 386.8 tok/s where generate() read 419.8 (2026-12-06): its own compile, then profile_decode and

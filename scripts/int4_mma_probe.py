@@ -171,12 +171,12 @@ def gpu(quick: bool, rows: int) -> int:
             }
             results, errors = {}, []
             for t, warps, prefetch in configs:
-                got = ext.int4_mma_gemv(x, w, sz, groupsize, t, warps, int(prefetch), stream).float()
+                got = ext.int4_mma_gemv(x, w, sz, groupsize, t, warps, int(prefetch), 0, stream).float()
                 err = ((got - ref).norm() / ref.norm()).item()
                 errors.append(err)
                 if err < 1e-2:
                     results[(t, warps, prefetch)] = do_bench(
-                        lambda: ext.int4_mma_gemv(x, w, sz, groupsize, t, warps, int(prefetch), stream)  # noqa: B023
+                        lambda: ext.int4_mma_gemv(x, w, sz, groupsize, t, warps, int(prefetch), 0, stream)  # noqa: B023
                     )
             cfg = int4_mma.config(N, K)
             default = results.get((cfg["tiles"], cfg["warps"], cfg["prefetch"]), float("nan"))

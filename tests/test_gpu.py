@@ -883,15 +883,17 @@ def test_int4_mma_folds_equal_their_references(dim, n_heads, n_kv_heads, interme
     close(k[:, :, 37], want_k[:, :, 37], "compiled k")
 
 
-@pytest.mark.parametrize("groupsize", [64, 128])
-def test_int4_decode_blocks_match_dequantize_then_compute(float_checkpoint, tmp_path, monkeypatch, groupsize):
+@pytest.mark.parametrize("groupsize,pdl", [(64, False), (128, True)])
+def test_int4_decode_blocks_match_dequantize_then_compute(float_checkpoint, tmp_path, monkeypatch, groupsize, pdl):
     """An int4 checkpoint with Int4DecodeBlocks (FASTGEN_INT4_FOLD=1: each batch-1 step four int4_mma folds and the
     attention a layer), eager and compiled (CUDA graphs), is within the int4 tolerance of the dequantize-then-
-    compute reference, its decode steps through the folds."""
+    compute reference, its decode steps through the folds; with FASTGEN_INT4_PDL=1 too (each kernel waits for
+    the one before it in-kernel: a wait in the wrong place reads a stale x)."""
     import int4_mma
     import quantize
 
     monkeypatch.setattr(int4_mma, "FOLD_ENABLED", True)
+    monkeypatch.setattr(int4_mma, "PDL", pdl)
     qdir = quantize.quantize_checkpoint(float_checkpoint, "int4", groupsize, output_dir=tmp_path / "int4")
     reference = dequantized_reference(qdir)
     ids = PROMPTS[0] + [int(t) for t in torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(2))]
