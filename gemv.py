@@ -20,9 +20,8 @@ torch.compile (fullgraph) all call the same kernel, and each has a plain PyTorch
   expert_down_mix           DownMixExperts, 2+ tokens;   float down projection + routing-weighted sum
                             DecodeBlock, eager with PDL  (+ the residual)
   route                     DecodeBlock, eager with PDL  the router's softmax, top k, renormalised
-  int4_gemv                 Int4Linear, 1 row (opt-in)   tinygemm's int4 weight, one pass, bf16x2 math
 
-int4_mma.py holds a CUDA (not Triton) int4 kernel for Int4Linear's one row on tensor cores (opt-in).
+int4_mma.py holds the CUDA (not Triton) int4 kernel of Int4Linear's decode rows, on tensor cores.
 """
 
 import os
@@ -80,8 +79,8 @@ def expert_down_mix_reference(h, expert_ids, mix, weight) -> torch.Tensor:
 def int4_tinygemm_layout(packed: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
     """quantize.quantize_int4's portable uint8 [n, k/2] (even column in the high nibble) -> the int32
     [n/8, k/(16 * inner_k_tiles), 32, inner_k_tiles/2] that torch's CUDA _convert_weight_to_int4pack
-    writes (the index math of its packing kernel, in PyTorch): what int4_gemv reads, built without a
-    GPU for the interpreter; a GPU test checks it equals torch's op. Row n, supertile o: 2 *
+    writes (the index math of its packing kernel, in PyTorch): what int4_mma reads, built without a
+    GPU for the layout check of int4_mma_probe.py; a GPU test checks it equals torch's op. Row n, supertile o: 2 *
     inner_k_tiles words at [n // 8, o, 4 * (n % 8) + c, i]; their nibble j (bits 4j, the high nibbles)
     and 4 + j (bits 16 + 4j, the low ones) hold k = 16 * inner_k_tiles * o + 32 i + 2 c + 8 j (+1)."""
     n, half_k = packed.shape
@@ -208,41 +207,6 @@ def int8_gemv_config(n: int, k: int) -> dict:
     if n > 65536:
         return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, num_stages=1, CONVERT=INT8_CONVERT)
     return dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=1, CONVERT=INT8_CONVERT)
-
-
-# int4_gemv: Int4Linear's one row on a GPU, reading tinygemm's own packed weight (so batched decode
-# and prefill keep tinygemm, and nothing is stored twice). tinygemm reads 830-1480 GB/s of int4 at
-# batch 1 (H100, BENCHMARKS.md "Tried and lost: an int4 Triton GEMV"): it is instruction-bound, and
-# so was the Triton GEMV that lost to it (~6 instructions a nibble). This one converts a word's 8
-# nibbles as bf16 pairs (lop3 under the exponent of 128, one fma takes 136 off: q - 8 exactly) and
-# multiplies them with bf16x2 fmas against x's pairs; the group's zero enters once per word through
-# the sum of its x. Its loop compiled (sm_90, Triton 3.6) to ~3.4-3.8 instructions a nibble (no masks on
-# whole tiles, scales once a group). The int4-g64 Llama-3-8B step with it and its tiles (int4_gemv_config)
-# ties tinygemm on the H100 (2026-12-06: 2.788 against 2.779 ms; issue 10 wants ~2.2), so it stays opt-in:
-# FASTGEN_INT4_GEMV=1 turns it on.
-INT4_GEMV_ENABLED = os.environ.get("FASTGEN_INT4_GEMV", "0") == "1"
-INT4_ASM = True  # the bf16x2 PTX; False: the same arithmetic in fp32 Triton (the interpreter has no PTX)
-# x's pairs reach the tile's layout through shared memory (w13's loop: 5 barriers an iteration, sm_90). Loading
-# them as a [1, words] row and broadcasting it instead (2 barriers, 64 registers not 96, 8% more instructions)
-# made the int4-g64 Llama-3-8B step 13% slower on the H100 (2026-12-06: 2.788 -> 3.136 ms): the loop is bound by
-# its instructions, not its barriers or occupancy. Removed.
-
-
-def int4_gemv_config(n: int, k: int, inner_k_tiles: int) -> dict:
-    """BLOCK_N rows a program over SUPERTILES * 16 * inner_k_tiles k a step. Each thread should hold
-    several rows of the same words (x's unpacking and sum are per word, not per row) while the grid
-    keeps ~1000 warps in flight: 16 rows x 8 supertiles on 4 warps (4 rows a thread) for 128-wide
-    supertiles; 1 warp (4 rows a thread) for narrower ones. The H200 tile sweep at Llama-3-8B's
-    shapes (int4_gemv_sweep.py, 2026-12-05, g64) moved two of them: the 4096-row outputs (wo, w2) take
-    8 rows a program (wo 432 -> 886 GB/s, w2 1376 -> 1505: twice the programs), the 28672-row w13 1 warp
-    over 2 supertiles (1742 -> 2085: 4x the warps in flight)."""
-    if inner_k_tiles != 8:
-        return dict(BLOCK_N=8, SUPERTILES=4, num_warps=1, num_stages=2)
-    if n <= 4096:
-        return dict(BLOCK_N=8, SUPERTILES=8, num_warps=4, num_stages=2)
-    if n >= 4 * k:
-        return dict(BLOCK_N=16, SUPERTILES=2, num_warps=1, num_stages=2)
-    return dict(BLOCK_N=16, SUPERTILES=8, num_warps=4, num_stages=2)
 
 
 # decode_gemv: a batch-1 decode step's float linears (DecodeLinear), the int8 GEMV's loop over a bf16 /
@@ -996,166 +960,6 @@ if triton is not None:
             **kv_attention.pdl_launch(logits),
         )
         return weights, ids
-
-    @triton.jit
-    def _int4_word_dot(w, x0, x1, x2, x3, ASM: tl.constexpr):
-        # sum over a word's 8 nibbles of (q - 8) * x, in fp32. w: 8 nibbles of tinygemm's layout, nibble
-        # j (bits 4j) at the even k of pair j and nibble 4 + j (bits 16 + 4j) at its odd k; x_j: that bf16
-        # pair as an int32 (even k in the low half, as the nibbles are).
-        if ASM:
-            d = tl.inline_asm_elementwise(
-                """
-                {
-                .reg .b32 t, v, acc, lo, hi, magic, minus136, one, zero;
-                mov.b32 magic, 0x43004300;
-                mov.b32 minus136, 0xC308C308;
-                mov.b32 one, 0x3F803F80;
-                mov.b32 zero, 0x80008000;
-                lop3.b32 v, $1, 0x000F000F, magic, 0xEA;
-                fma.rn.bf16x2 v, v, one, minus136;
-                fma.rn.bf16x2 acc, v, $2, zero;
-                shr.u32 t, $1, 4;
-                lop3.b32 v, t, 0x000F000F, magic, 0xEA;
-                fma.rn.bf16x2 v, v, one, minus136;
-                fma.rn.bf16x2 acc, v, $3, acc;
-                shr.u32 t, $1, 8;
-                lop3.b32 v, t, 0x000F000F, magic, 0xEA;
-                fma.rn.bf16x2 v, v, one, minus136;
-                fma.rn.bf16x2 acc, v, $4, acc;
-                shr.u32 t, $1, 12;
-                lop3.b32 v, t, 0x000F000F, magic, 0xEA;
-                fma.rn.bf16x2 v, v, one, minus136;
-                fma.rn.bf16x2 acc, v, $5, acc;
-                shl.b32 lo, acc, 16;
-                and.b32 hi, acc, 0xFFFF0000;
-                add.f32 $0, lo, hi;
-                }
-                """,
-                "=r,r,r,r,r,r",
-                [w, x0, x1, x2, x3],
-                dtype=tl.float32,
-                is_pure=True,
-                pack=1,
-            )
-        else:
-            d = tl.zeros(w.shape, dtype=tl.float32)
-            for j in tl.static_range(4):
-                xj = x0 if j == 0 else x1 if j == 1 else x2 if j == 2 else x3
-                q_even = ((w >> (4 * j)) & 15).to(tl.float32) - 8.0
-                q_odd = ((w >> (16 + 4 * j)) & 15).to(tl.float32) - 8.0
-                d += q_even * (xj << 16).to(tl.float32, bitcast=True)
-                d += q_odd * (xj & -65536).to(tl.float32, bitcast=True)
-        return d
-
-    @triton.jit
-    def _int4_gemv_kernel(
-        x_ptr,  # [K] bf16 (K padded to whole groups)
-        w_ptr,  # int32 [N / 8, K / (16 IKT), 32, IKT / 2]: tinygemm's layout (int4_tinygemm_layout)
-        sz_ptr,  # bf16 [K / GROUP, N, 2]: scale, zero
-        y_ptr,  # [N]
-        N,
-        K,
-        GROUP: tl.constexpr,
-        IKT: tl.constexpr,  # tinygemm's inner k tiles: a supertile is 16 * IKT k, 2 * IKT words a row
-        BLOCK_N: tl.constexpr,
-        SUPERTILES: tl.constexpr,  # supertiles a loop step
-        EVEN: tl.constexpr,  # SUPERTILES divides K / (16 IKT): no step is partial
-        EVEN_N: tl.constexpr,  # BLOCK_N divides N: no program has rows past the end
-        ASM: tl.constexpr,
-    ):
-        # BLOCK_N outputs. Masks only where a step or the last program is partial (EVEN, EVEN_N): the rows' masks
-        # cost 8-52 instructions of loops of 316-582 at Llama-3-8B's shapes (sm_90).
-        WORDS: tl.constexpr = SUPERTILES * 2 * IKT
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = (rows < N) | EVEN_N
-        x_pairs = x_ptr.to(tl.pointer_type(tl.int32))
-        sz_pairs = sz_ptr.to(tl.pointer_type(tl.int32))
-        word = tl.arange(0, WORDS)
-        o = word // (2 * IKT)  # the word's supertile in the step, its lane column c, its inner index i
-        c = (word % (2 * IKT)) // (IKT // 2)
-        i = word % (IKT // 2)
-        n_supertiles = K // (16 * IKT)
-        row_words = tl.multiple_of(
-            ((rows // 8).to(tl.int64) * n_supertiles * 32 + (rows % 8) * 4) * (IKT // 2), IKT // 2
-        )
-        word_offset = tl.max_contiguous(tl.multiple_of(o * (16 * IKT) + c * (IKT // 2) + i, IKT // 2), IKT // 2)
-        word_pair = o * (8 * IKT) + 16 * i + c  # x pair (k / 2) of the word's nibbles 0 and 4
-        # A thread holds a row's IKT / 2 consecutive words (one 16-byte load): k blocks 32 apart, so WPG of them
-        # share a group. Their sums are added before the group's scale and zero are applied, and the scales
-        # are loaded once a chunk of WPG words, not once a word (sm_90: w13's loop 458 -> 433 instructions).
-        WPG: tl.constexpr = min(IKT // 2, GROUP // 32)
-        chunk = tl.arange(0, WORDS // WPG) * WPG  # a chunk's first word
-        chunk_o = chunk // (2 * IKT)
-        chunk_k = chunk_o * (16 * IKT) + 32 * (chunk % (IKT // 2))  # its first k in the step
-        acc = tl.zeros((BLOCK_N, WORDS // WPG), dtype=tl.float32)
-        for o0 in range(0, n_supertiles, SUPERTILES):
-            o_ok = (o0 + o < n_supertiles) | EVEN
-            chunk_ok = (o0 + chunk_o < n_supertiles) | EVEN
-            w = tl.load(
-                w_ptr + row_words[:, None] + (o0 * (16 * IKT) + word_offset)[None, :],
-                mask=row_ok[:, None] & o_ok[None, :],
-                other=0,
-                eviction_policy="evict_first",
-            )  # read once: keep L2 for x
-            pair = o0 * (8 * IKT) + word_pair
-            x0 = tl.load(x_pairs + pair, mask=o_ok, other=0)
-            x1 = tl.load(x_pairs + pair + 4, mask=o_ok, other=0)
-            x2 = tl.load(x_pairs + pair + 8, mask=o_ok, other=0)
-            x3 = tl.load(x_pairs + pair + 12, mask=o_ok, other=0)
-            x_sum = tl.zeros((WORDS,), dtype=tl.float32)
-            for xj in tl.static_range(4):
-                pairs = x0 if xj == 0 else x1 if xj == 1 else x2 if xj == 2 else x3
-                x_sum += (pairs << 16).to(tl.float32, bitcast=True) + (pairs & -65536).to(tl.float32, bitcast=True)
-            tile: tl.constexpr = (BLOCK_N, WORDS)
-            d = _int4_word_dot(
-                w,
-                tl.broadcast_to(x0[None, :], tile),
-                tl.broadcast_to(x1[None, :], tile),
-                tl.broadcast_to(x2[None, :], tile),
-                tl.broadcast_to(x3[None, :], tile),
-                ASM,
-            )
-            # a group's words among a thread's consecutive ones, summed before the group's scale
-            d = tl.sum(tl.reshape(d, (BLOCK_N, WORDS // WPG, WPG)), axis=2)
-            x_sum = tl.sum(tl.reshape(x_sum, (WORDS // WPG, WPG)), axis=1)
-            group = (o0 * (16 * IKT) + chunk_k) // GROUP
-            sz = tl.load(
-                sz_pairs + group[None, :] * N + rows[:, None], mask=row_ok[:, None] & chunk_ok[None, :], other=0
-            )
-            scale = (sz << 16).to(tl.float32, bitcast=True)
-            zero = (sz & -65536).to(tl.float32, bitcast=True)
-            # (q - 8) * scale + zero, summed: scale * sum (q - 8) x + zero * sum x
-            acc += d * scale + zero * x_sum[None, :]
-        y = tl.sum(acc, axis=1)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
-
-    @triton_op("fastgen::int4_gemv", mutates_args={})
-    def int4_gemv(
-        x: torch.Tensor, weight: torch.Tensor, groupsize: int, scales_and_zeros: torch.Tensor
-    ) -> torch.Tensor:
-        """x [1, K] bf16 (K = the padded in_features), weight int32 [N / 8, K / (16 t), 32, t / 2]
-        (tinygemm's, as Int4Linear holds it on CUDA), scales_and_zeros bf16 [K / groupsize, N, 2] -> [1, N]
-        bf16: torch.ops.aten._weight_int4pack_mm's contract at one row, one pass over the int4 bytes."""
-        K, N = x.shape[1], scales_and_zeros.shape[1]
-        inner_k_tiles = 2 * weight.shape[3]
-        cfg = int4_gemv_config(N, K, inner_k_tiles)
-        even = (K // (16 * inner_k_tiles)) % cfg["SUPERTILES"] == 0
-        y = torch.empty((1, N), dtype=x.dtype, device=x.device)
-        wrap_triton(_int4_gemv_kernel)[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-            x.contiguous(),
-            weight,
-            scales_and_zeros,
-            y,
-            N,
-            K,
-            GROUP=groupsize,
-            IKT=inner_k_tiles,
-            EVEN=even,
-            EVEN_N=kv_attention.WHOLE_TILES and N % cfg["BLOCK_N"] == 0,
-            ASM=INT4_ASM,
-            **cfg,
-        )
-        return y
 
 
 class DownMixExperts(Experts):

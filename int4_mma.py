@@ -1,6 +1,6 @@
 """Int4Linear's decode product (1-8 rows) on a GPU as a CUDA kernel on tensor cores: the default where nvcc builds it.
 
-tinygemm (aten._weight_int4pack_mm) and gemv.int4_gemv (Triton, ~3.4 sm_90 instructions a weight) both take
+tinygemm (aten._weight_int4pack_mm) and a Triton GEMV (~3.4 sm_90 instructions a weight; lost, removed) both take
 ~2.78 ms a Llama-3-8B int4-g64 step on an H100, 47% of copy bandwidth; issue 10 wants 450 tok/s (2.22 ms).
 tinygemm's packed layout, [N / 8, K / 128, 32 lanes, 4 words] for 8 inner k tiles, is mma.m16n8k16's A fragment:
 lane 4 g + t of an 8-row tile holds, in word i, row g's k = 32 i + 2 t + 8 j (+1) at nibbles j (4 + j). So this

@@ -270,9 +270,6 @@ class Int4Linear(nn.Module):
         if int4_mma.applies(x2, self.weight, self.groupsize):
             # decode (1-8 rows): the CUDA tensor-core kernel over the same packed weight (where nvcc built it)
             y = int4_mma.int4_mma_gemv(x2, self.weight, self.groupsize, sz)
-        elif x.is_cuda and x2.shape[0] == 1 and gemv.INT4_GEMV_ENABLED:
-            # batch-1 decode: gemv.py's int4 GEMV over the same packed weight (opt-in, not yet timed)
-            y = gemv.int4_gemv(x2, self.weight, self.groupsize, sz)
         elif x.is_cuda:
             y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), self.weight, self.groupsize, sz)
         else:

@@ -174,26 +174,6 @@ def main(argv=None):
             num_stages=cfg.get("num_stages", 3),
             launch_pdl=bool(pdl),
         )  # fmt: skip
-    # Llama-3-8B wqkv, w2, w13 (its own tiles) and SmolLM2
-    for n, k, group, inner_k_tiles in (
-        (6144, 4096, 64, 8),
-        (4096, 14336, 128, 8),
-        (28672, 4096, 64, 8),
-        (960, 576, 64, 4),
-    ):
-        cfg = gemv.int4_gemv_config(n, k, inner_k_tiles)
-        build(
-            target,
-            f"int4 gemv {n}x{k} group={group} inner_k_tiles={inner_k_tiles}",
-            gemv._int4_gemv_kernel,
-            {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "K": "i32"},
-            {"GROUP": group, "IKT": inner_k_tiles, "BLOCK_N": cfg["BLOCK_N"], "SUPERTILES": cfg["SUPERTILES"],
-             "EVEN": (k // (16 * inner_k_tiles)) % cfg["SUPERTILES"] == 0, "EVEN_N": n % cfg["BLOCK_N"] == 0,
-             "ASM": True},
-            range(6),
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
-        )  # fmt: skip
     rope_sig = {n: "*bf16" for n in ("qkv_ptr", "cos_ptr", "sin_ptr", "q_ptr", "k_ptr", "v_ptr")}
     rope_sig.update({"slot_ptr": "*i64", "q_norm_ptr": "*bf16", "k_norm_ptr": "*bf16", "S": "i32"})
     for hq, hkv, d, qk_norm, pdl in ((9, 3, 64, 0, 0), (32, 4, 128, 1, 0), (9, 3, 64, 0, 1)):  # SmolLM2, Qwen3

@@ -24,17 +24,10 @@
 #                                          #   B8 8k (issue 10 wants 1.1x; H100, twelfth session: 1.121x)
 #   bash scripts/gpu_pending.sh kvbench    # ~9.5 min: issue 10's KV targets through bench.py (B8 short and B8 with 8k
 #                                          #   filled: bf16 / int8 / fp8 caches; fp8 at 8k never timed on the H100)
-#   bash scripts/gpu_pending.sh int4rows   # ~2 min: why int4 B8 is slower than bf16 B8: one linear per format
-#                                          #   (bf16, int8, tinygemm g64/g128) at 1-16 rows, each replayed in a CUDA
-#                                          #   graph (int4_rows_sweep.py), then 8 layers of the int4 step profiled at
-#                                          #   B1 and B8
-#   bash scripts/gpu_pending.sh int4gemv   # ~8 min: gemv.int4_gemv (opt-in; its loop 15-25% shorter since 2026-12-05, ninth session):
-#                                          #   its GPU tests (the layout against torch's packing, the kernel against
-#                                          #   tinygemm), the int4-g64 Llama-3-8B step with tinygemm and with the GEMV,
-#                                          #   then its tiles (int4_gemv_sweep.py) (H100, eleventh session: tinygemm
-#                                          #   2.779 ms, the GEMV 2.788: a tie; issue 10 wants 450 tok/s, 2.22 ms)
-#   bash scripts/gpu_pending.sh int4mma    # ~9 min: issue 10's int4 with int4_mma.py (FASTGEN_INT4_MMA=1, the CUDA
-#                                          #   tensor-core GEMV): its GPU tests, the int4 step and bench.py rows both ways
+#   bash scripts/gpu_pending.sh int4fold   # ~7 min: issue 10's int4 at 450 tok/s: int4_mma's folds (FASTGEN_INT4_FOLD=1,
+#                                          #   quantize.Int4DecodeBlock) and PDL launch (FASTGEN_INT4_PDL=1): their GPU
+#                                          #   tests, then the int4-g64 step with neither, either and both
+#   bash scripts/gpu_pending.sh int4foldbench  # ~5 min: bench.py's int4 g64/g128 rows at B1 and B8 with the env given
 #   bash scripts/gpu_pending.sh int4probe  # ~8 min: int4_mma's tiles (the probe's whole grid) and 8 rows a weight pass
 #   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
 #   bash scripts/gpu_pending.sh ncukv      # ~5 min: Nsight Compute on the int8 and bf16 KV attention at B8 8k (issue
@@ -58,9 +51,10 @@
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
 #
-# Modes whose runs are recorded in BENCHMARKS.md (pdl, pdltier, fusedcheck, next, floatgemv, moegateup, moeb1,
-# ropeqkv, mega, megadot, megaphases, smolattn, downall, downbench, smolnext, mergewo, ninth, wholetiles,
-# steptiles, wqkvtile, tier-int4, kvwhole, int8rope, shortk) were removed on 2026-12-05 and 2026-12-06; git history has them.
+# Modes whose runs are recorded in BENCHMARKS.md (int4rows, int4gemv, int4mma, int4default, pdl, pdltier, fusedcheck,
+# next, floatgemv, moegateup, moeb1, ropeqkv, mega, megadot, megaphases, smolattn, downall, downbench, smolnext,
+# mergewo, ninth, wholetiles, steptiles, wqkvtile, tier-int4, kvwhole, int8rope, shortk) were removed on 2026-12-05
+# and 2026-12-06; git history has them.
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -147,28 +141,6 @@ kvbench)
         --time-budget-s 270 --out-dir "$out/kv_8k"
     summary+=("$(grep -E '^\| llama' "$out/kv_8k.txt")")
     ;;
-int4rows)
-    step int4rows 120 python scripts/int4_rows_sweep.py
-    summary+=("$(grep -E '^\| ' "$out/int4rows.txt")")
-    # tinygemm launches the same 16-row tile for 1 and 8 rows (one m-tile either way), so if the
-    # sweep shows no gap, the step's extra 2.9 ms is elsewhere: the kernels of 8 layers at B1 and B8
-    decode int4_b1 120 --weights int4-g64 --layers 8 --batch 1
-    decode int4_b8 120 --weights int4-g64 --layers 8 --batch 8
-    ;;
-int4gemv)
-    # gemv.int4_gemv_config has the H200 sweep's tiles since 0d8bb72 (wo / w2 8 rows a program,
-    # w13 1 warp over 2 supertiles): the step with them against tinygemm (2.787 vs 2.852 ms with the old tiles).
-    # Since the ninth session's change (no masks on whole tiles, a group's scale once) its loops are 433-434
-    # instructions for wqkv / w13 (510-582 before) and 236-243 for w2 / wo (316-323), at 56-96 registers
-    # (80-168): predicted, if it is instruction-bound, ~10-15% off the int4 linears (~2.787 -> ~2.5 ms on the H200)
-    step int4_tests 120 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k int4
-    summary+=("  $(tail -n 1 "$out/int4_tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/int4_tests.txt" | head -6)")
-    decode llama_int4 95 --model llama-3-8b --weights int4-g64
-    FASTGEN_INT4_GEMV=1 decode llama_int4_gemv 95 --model llama-3-8b --weights int4-g64
-    step int4_sweep 180 python scripts/int4_gemv_sweep.py
-    summary+=("$(grep -E '^\| w' "$out/int4_sweep.txt")")
-    ;;
 issue11)
     # issue 11's instrument: bench.py's quick suite (200 new tokens, median of 3, compiled; the H100's copy in the
     # same run) without transformers: Llama-3-8B B1, 32k cache, 8k of 32k, B8, and SmolLM2-135M (2500 wanted; the
@@ -185,23 +157,6 @@ smoltiles)
     for t in 960,576,glu=1/1024/2 960,576,glu=1/1024/4 960,576,glu=4/1024/4 576,576=1/1024/2 576,576=2/1024/2 \
         576,576=4/1024/4; do
         decode "smol_${t//[,=\/]/_}" 45 --model smollm2-135m --new-tokens 256 --tile "$t"
-    done
-    ;;
-int4mma)
-    # issue 10's int4 at 450 tok/s (2.22 ms): int4_mma.py, the CUDA tensor-core GEMV (FASTGEN_INT4_MMA=1; nvcc builds
-    # it on first use). Probe of 2026-12-06 (H100, each linear alone): g64 2.485 ms for the four projections x 32
-    # layers against tinygemm's 3.032, g128 2.322 against 2.905. Its GPU tests, then the whole int4 step with it and
-    # without (generate() 357.8 tok/s, 2.779 ms, with tinygemm), then bench.py's int4-g64 row both ways
-    step int4mma_tests 240 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k int4_mma
-    summary+=("  $(tail -n 1 "$out/int4mma_tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/int4mma_tests.txt" | head -6)")
-    FASTGEN_INT4_MMA=0 decode llama_int4_tinygemm 95 --model llama-3-8b --weights int4-g64
-    FASTGEN_INT4_MMA=1 decode llama_int4_mma 95 --model llama-3-8b --weights int4-g64
-    for on in 0 1; do
-        FASTGEN_INT4_MMA=$on step "int4_bench_$on" 130 python scripts/bench.py --suite smoke --models llama-3-8b \
-            --weights int4-g64 --batch 1 --ctx 16 --cache just --compile --new-tokens 200 --runs 3 --no-hf \
-            --no-cold-start --time-budget-s 120 --out-dir "$out/int4_bench_$on"
-        summary+=("FASTGEN_INT4_MMA=$on: $(grep -E '^\| llama' "$out/int4_bench_$on.txt")")
     done
     ;;
 int4fold)
@@ -227,29 +182,8 @@ int4foldbench)
         --time-budget-s 270 --out-dir "$out/int4_bench"
     summary+=("$(grep -E '^\| llama' "$out/int4_bench.txt")")
     ;;
-int4default)
-    # int4_mma as the default (1-8 rows): the int4 GPU tests, then bench.py's int4 rows (issue 10's instrument). Why
-    # bench.py read 386.8 tok/s where generate() read 419.8 (2026-12-06): its own compile, then profile_decode and
-    # bench.py again on that Inductor cache (on profile_decode's cache it read 415.6)
-    step int4_tests 200 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k int4
-    summary+=("  $(tail -n 1 "$out/int4_tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/int4_tests.txt" | head -6)")
-    export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
-    common=(--suite smoke --models llama-3-8b --ctx 16 --cache just --compile --new-tokens 200 --runs 3 --no-hf
-        --no-cold-start)
-    step int4_bench_a 110 python scripts/bench.py "${common[@]}" --weights int4-g64 --batch 1 --time-budget-s 100 \
-        --out-dir "$out/int4_bench_a"
-    summary+=("bench, own compile: $(grep -E '^\| llama' "$out/int4_bench_a.txt")")
-    decode llama_int4_g64 70 --model llama-3-8b --weights int4-g64 --new-tokens 200
-    step int4_bench_b 70 python scripts/bench.py "${common[@]}" --weights int4-g64 --batch 1 --time-budget-s 60 \
-        --out-dir "$out/int4_bench_b"
-    summary+=("bench, again: $(grep -E '^\| llama' "$out/int4_bench_b.txt")")
-    step int4_bench_rest 260 python scripts/bench.py "${common[@]}" --weights int4-g64,int4-g128 --batch 1,8 \
-        --time-budget-s 250 --out-dir "$out/int4_bench_rest"
-    summary+=("$(grep -E '^\| llama' "$out/int4_bench_rest.txt")")
-    ;;
 int4probe)
-    # int4_mma's tiles (after int4mma's tests pass): scripts/int4_mma_probe.py's whole grid at one row (2 / 4 tiles,
+    # int4_mma's tiles: scripts/int4_mma_probe.py's whole grid at one row (2 / 4 tiles,
     # 4-32 warps, with and without the prefetch), then 8 rows in one weight pass against tinygemm at 8 rows
     step int4probe_grid 330 python scripts/int4_mma_probe.py
     summary+=("$(grep -E '^\||g(64|128) ' "$out/int4probe_grid.txt")")
@@ -342,7 +276,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4rows, int4gemv, int4mma, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4fold, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

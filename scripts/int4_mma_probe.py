@@ -1,12 +1,9 @@
-"""int4_mma.py's CUDA int4 GEMV (issue 10's int4 at 450 tok/s) beside tinygemm and gemv.int4_gemv, and its tiles.
+"""int4_mma.py's CUDA int4 GEMV (issue 10's int4 at 450 tok/s) beside tinygemm, and its tiles.
 
-    python scripts/int4_mma_probe.py --sass          # no GPU: nvcc's sm_90 machine code, instructions a weight
-    python scripts/int4_mma_probe.py --check-layout  # no GPU: the kernel's fragment index math, replayed in Python
-    python scripts/int4_mma_probe.py [--quick]       # a GPU (~2 min; nvcc builds every tile once): checks each
-                                                     #   against tinygemm, then GB/s, each linear alone (L2 flushed)
-
-The GB/s of gemv.int4_gemv here include its eager triton_op dispatch (a CPU cost larger than the kernel at
-these sizes); int4_gemv_sweep.py times its kernel alone.
+python scripts/int4_mma_probe.py --sass          # no GPU: nvcc's sm_90 machine code, instructions a weight
+python scripts/int4_mma_probe.py --check-layout  # no GPU: the kernel's fragment index math, replayed in Python
+python scripts/int4_mma_probe.py [--quick]       # a GPU (~2 min; nvcc builds every tile once): checks each
+                                                 #   against tinygemm, then GB/s, each linear alone (L2 flushed)
 """
 
 import argparse
@@ -128,7 +125,6 @@ def gpu(quick: bool, rows: int) -> int:
     import triton
     from triton.testing import do_bench
 
-    import gemv
     import quantize
 
     quick_configs = [(2, w, p) for w in (8, 16, 32) for p in (False, True)]
@@ -149,10 +145,10 @@ def gpu(quick: bool, rows: int) -> int:
         shapes["output"] = (128256, 4096, 1)
     step_ms = {}
     print(
-        "| shape | group | tinygemm GB/s | int4_gemv GB/s | ours (config()) GB/s | ours, best GB/s (tiles, warps, "
+        "| shape | group | tinygemm GB/s | ours (config()) GB/s | ours, best GB/s (tiles, warps, "
         "prefetch) | rel. error vs tinygemm |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for groupsize in groups:
         for name, (N, K, count) in shapes.items():
             linear = quantize.Int4Linear(K, N, groupsize=groupsize, device="cuda")
@@ -164,11 +160,7 @@ def gpu(quick: bool, rows: int) -> int:
             x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
             nbytes = N * K // 2 + sz.numel() * 2
             ref = torch.ops.aten._weight_int4pack_mm(x, w, groupsize, sz).float()
-            times = {
-                "tinygemm": do_bench(lambda: torch.ops.aten._weight_int4pack_mm(x, w, groupsize, sz)),  # noqa: B023
-                # one row only
-                "int4_gemv": do_bench(lambda: gemv.int4_gemv(x, w, groupsize, sz)) if rows == 1 else float("nan"),  # noqa: B023
-            }
+            times = {"tinygemm": do_bench(lambda: torch.ops.aten._weight_int4pack_mm(x, w, groupsize, sz))}  # noqa: B023
             results, errors = {}, []
             for t, warps, prefetch in configs:
                 got = ext.int4_mma_gemv(x, w, sz, groupsize, t, warps, int(prefetch), 0, stream).float()
@@ -187,8 +179,8 @@ def gpu(quick: bool, rows: int) -> int:
                 step_ms[(groupsize, kernel)] = step_ms.get((groupsize, kernel), 0.0) + ms * count
             mma = f"{nbytes / default / 1e6:.0f} | {nbytes / results[best] / 1e6:.0f} {best}" if best else "wrong | -"
             print(
-                f"| {name} | {groupsize} | {nbytes / times['tinygemm'] / 1e6:.0f} | "
-                f"{nbytes / times['int4_gemv'] / 1e6:.0f} | {mma} | {min(errors):.2e} - {max(errors):.2e} |",
+                f"| {name} | {groupsize} | {nbytes / times['tinygemm'] / 1e6:.0f} | {mma} | "
+                f"{min(errors):.2e} - {max(errors):.2e} |",
                 flush=True,
             )
     print("\nThe linears of one Llama-3-8B step, each alone (L2 flushed), summed, ms:")

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from bench_common import time_cycled  # noqa: E402
 
-import gemv  # noqa: E402
+import int4_mma  # noqa: E402
 from quantize import (  # noqa: E402
     Int4Linear,
     Int8Linear,
@@ -32,8 +32,8 @@ from quantize import (  # noqa: E402
 )
 
 SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336)}
-# "-gemv": Int4Linear with FASTGEN_INT4_GEMV's switch on (gemv.int4_gemv at one row; tinygemm at more)
-FORMATS = ("bf16", "int8", "int4-g64", "int4-g128", "int4-g64-gemv", "int4-g128-gemv")
+# "-tinygemm": Int4Linear with int4_mma off (FASTGEN_INT4_MMA=0: tinygemm at every row count; int4_mma takes 1-8)
+FORMATS = ("bf16", "int8", "int4-g64", "int4-g128", "int4-g64-tinygemm", "int4-g128-tinygemm")
 
 
 def layer(fmt: str, weight: torch.Tensor):
@@ -51,17 +51,17 @@ def layer(fmt: str, weight: torch.Tensor):
     module.weight, module.scales_and_zeros = quantize_int4(weight, groupsize)
     module.pack_()
     nbytes = N * K // 2 + module.scales_and_zeros.numel() * 2
-    if not fmt.endswith("-gemv"):
+    if not fmt.endswith("-tinygemm"):
         return module, nbytes
 
-    def with_int4_gemv(x):  # the switch is read as the call is traced or captured
-        gemv.INT4_GEMV_ENABLED = True
+    def with_tinygemm(x):  # the switch is read as the call is traced or captured
+        enabled, int4_mma.ENABLED = int4_mma.ENABLED, False
         try:
             return module(x)
         finally:
-            gemv.INT4_GEMV_ENABLED = False
+            int4_mma.ENABLED = enabled
 
-    return with_int4_gemv, nbytes
+    return with_tinygemm, nbytes
 
 
 def main(argv=None) -> int:

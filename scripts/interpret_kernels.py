@@ -88,18 +88,6 @@ def int8_gemv(N=300, K=1030):
     return gemv.decode_gemv(x, w, scales), gemv.int8_gemv_reference(x, w, scales)
 
 
-def int4_gemv(N=72, K=576, groupsize=64):
-    """Through tinygemm's CUDA layout (built by int4_tinygemm_layout) against the dequantized weight."""
-    import quantize
-
-    packed, scales_and_zeros = quantize.quantize_int4(torch.randn(N, K), groupsize)
-    K = packed.shape[1] * 2  # padded to whole groups
-    weight = gemv.int4_tinygemm_layout(packed, quantize.int4_inner_k_tiles(K))
-    x = torch.randn(1, K, dtype=torch.bfloat16)
-    want = x.float() @ quantize.dequantize_int4(packed, scales_and_zeros, groupsize).T  # fp32: one rounding, the op's
-    return gemv.int4_gemv(x, weight, groupsize, scales_and_zeros), want
-
-
 def decode_gemv(N=301, K=5000, dtype=torch.float32, norm=False, glu=False, residual=False, int8=False):
     """K > 4096: the 2048-wide K step; N odd: a half tile. The folded-in parts against the reference."""
     x = torch.randn(1, K, dtype=dtype)
@@ -255,7 +243,6 @@ def main():
     plain_config = gemv.int8_gemv_config
     gemv.int8_gemv_config = lambda n, k: {**plain_config(n, k), "CONVERT": 1}  # no inline PTX here
     gemv.INT8_CONVERT = 1
-    gemv.INT4_ASM = False
     kv_attention.KV_ASM = False
     runs = [(f"{case}", lambda case=case: unquantized(*case)) for case in CASES] + [("int8 KV", int8)]
     runs += [("int8 KV, one tile: one split, no merge", lambda: int8(S=50, slot=40))]
@@ -270,15 +257,6 @@ def main():
         )
     ]
     runs += [("int8 gemv", int8_gemv), ("int8 expert gemv", int8_expert_gemv)]
-    runs += [
-        ("int4 gemv, SmolLM2's 576 (9 supertiles of 64: a partial step), group 64", int4_gemv),
-        ("int4 gemv, 128-wide supertiles, group 32", lambda: int4_gemv(40, 1024, 32)),
-        ("int4 gemv, group 128, K 1100 padded", lambda: int4_gemv(24, 1100, 128)),
-        ("int4 gemv, 32-wide supertiles (one word a chunk), group 32", lambda: int4_gemv(16, 96, 32)),
-        ("int4 gemv, 16 rows a program, the last one half out of range", lambda: int4_gemv(4104, 256, 64)),
-        ("int4 gemv, group 256, 32-wide supertiles", lambda: int4_gemv(16, 1280 - 256 - 32 * 3, 256)),
-        ("int4 gemv, a tall one (w13's tiles), 9 supertiles of 128", lambda: int4_gemv(4624, 1152, 64)),
-    ]
     runs += [
         ("decode gemv, fp32, K 5000", decode_gemv),
         ("decode gemv, fp16, 576", lambda: decode_gemv(960, 576, torch.float16)),

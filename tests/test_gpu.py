@@ -701,7 +701,7 @@ def test_int8_gemv_conversions_are_exact(convert):
 
 @pytest.mark.parametrize("n,k,inner_k_tiles", [(64, 4096, 8), (24, 576, 4), (16, 96, 2)])
 def test_int4_tinygemm_layout_is_torchs(n, k, inner_k_tiles):
-    """gemv.int4_tinygemm_layout (how int4_gemv and the interpreter read tinygemm's CUDA layout) is
+    """gemv.int4_tinygemm_layout (how int4_mma_probe.py's layout check reads tinygemm's CUDA layout) is
     torch's own packing, word for word."""
     import gemv
 
@@ -720,47 +720,6 @@ def random_int4_linear(n: int, k: int, groupsize: int):
     linear.weight, linear.scales_and_zeros = quantize.quantize_int4(torch.randn(n, k, device="cuda") / 30, groupsize)
     linear.pack_()
     return linear, torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-
-
-@pytest.mark.parametrize(
-    "n,k,groupsize",
-    # Llama-3-8B's wo / wqkv / w2; SmolLM2's 576 (64-wide supertiles); padded K with 32-wide supertiles
-    # and a partial loop step; group 256 with a partial step; a w13-like tall one (1 warp, 2 supertiles a
-    # step) whose 9 supertiles end in a partial step; a tall one whose last 16-row program is half past N
-    [
-        (4096, 4096, 64),
-        (6144, 4096, 128),
-        (4096, 14336, 128),
-        (1000, 576, 64),
-        (64, 8200, 32),
-        (520, 1300, 256),
-        (4816, 1152, 64),
-        (4104, 1024, 64),
-    ],
-)
-def test_int4_gemv_equals_tinygemm(n, k, groupsize, monkeypatch):
-    """One row through gemv.int4_gemv equals tinygemm (_weight_int4pack_mm) on the same packed weight,
-    eager, replayed in a CUDA graph, and through Int4Linear with FASTGEN_INT4_GEMV's switch on."""
-    import torch.nn.functional as F
-
-    import gemv
-    import int4_mma
-
-    monkeypatch.setattr(int4_mma, "ENABLED", False)  # the default kernel ahead of the GEMV in Int4Linear's routing
-    linear, x = random_int4_linear(n, k, groupsize)
-    monkeypatch.setattr(gemv, "INT4_GEMV_ENABLED", False)
-    want = linear(x).float()  # tinygemm
-    x_padded = F.pad(x, (0, linear.padded_in_features - k))
-    got = gemv.int4_gemv(x_padded, linear.weight, groupsize, linear.scales_and_zeros)
-    assert got.dtype == torch.bfloat16 and got.shape == (1, n)
-    # bf16x2 products and sums over a word's 8 nibbles: bf16-sized differences, no more
-    assert ((got.float() - want).norm() / want.norm()) < 1e-2
-    compiled = torch.compile(gemv.int4_gemv, fullgraph=True, mode="reduce-overhead")
-    for _ in range(3):  # warm-up, record, replay
-        out = compiled(x_padded, linear.weight, groupsize, linear.scales_and_zeros).clone()
-    assert torch.equal(out, got)
-    monkeypatch.setattr(gemv, "INT4_GEMV_ENABLED", True)
-    assert torch.equal(linear(x), got)
 
 
 @pytest.mark.parametrize(
