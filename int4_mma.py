@@ -576,7 +576,7 @@ def fold_applies(x: torch.Tensor, weight: torch.Tensor, groupsize: int) -> bool:
 def _fold(x, weight, groupsize, scales_and_zeros, kind, norm_weight=None, eps=0.0, residual=None, rope=None):
     cos, sin, k_cache, v_cache, slot, n_heads = rope or (x, x, x, x, x, 0)  # unread where a fold takes none
     return build().int4_mma_fold(
-        x,
+        x.contiguous(),
         weight,
         scales_and_zeros,
         groupsize,

@@ -526,7 +526,8 @@ def test_int4_decode_block_step_equals_transformer_blocks(tmp_path, monkeypatch)
     kernels are held to the same references on a GPU (test_gpu). int4_decode_block_fits takes a dense bf16 block
     of packed CUDA Int4Linears with a bf16 cache, and nothing else."""
     import int4_mma
-    from quantize import Int4DecodeBlock, int4_decode_block_fits
+    from model import TransformerBlock
+    from quantize import Int4DecodeBlock, int4_decode_block_fits, use_int4_decode_blocks
 
     torch.manual_seed(0)
     args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, intermediate_size=384, vocab_size=96)
@@ -542,9 +543,14 @@ def test_int4_decode_block_step_equals_transformer_blocks(tmp_path, monkeypatch)
     block = folded.layers[0]
     assert not int4_decode_block_fits(block)  # on the CPU
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on a GPU
+    monkeypatch.setattr(int4_mma, "FOLD_ENABLED", True)
+    monkeypatch.setattr(int4_mma, "_extension", object())  # as if built
     assert int4_decode_block_fits(block)
-    block.attention.kv_cache.k_cache = block.attention.kv_cache.k_cache.float()
-    assert not int4_decode_block_fits(block)  # an fp32 cache: the kernel writes bf16
+    use_int4_decode_blocks(folded)
+    assert all(type(layer) is Int4DecodeBlock for layer in folded.layers)
+    folded.setup_caches(1, 32, torch.float32)  # an fp32 cache: the kernel writes bf16
+    use_int4_decode_blocks(folded)  # as Generator.setup does with each new cache
+    assert all(type(layer) is TransformerBlock for layer in folded.layers)
     monkeypatch.undo()
     folded.setup_caches(1, 32)
 
