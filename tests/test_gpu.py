@@ -778,17 +778,24 @@ def test_int4_mma_model_matches_dequantize_then_compute(float_checkpoint, tmp_pa
     ids = PROMPTS[0] + [int(t) for t in torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(2))]
     want = teacher_forced_logits(reference, ids, len(PROMPTS[0]), compiled=False)
     model, _ = load_model(qdir, torch.device("cuda"), torch.bfloat16)
+    assert int4_mma_decode_calls(model, ids, want, monkeypatch, "int4_mma_gemv")
+
+
+def int4_mma_decode_calls(model, ids, want, monkeypatch, kernel_name: str) -> int:
+    """Teacher-forced decode of ids eager and compiled (CUDA graphs), each within the int4 tolerance of want; the
+    eager run's calls of int4_mma.<kernel_name> (counted, so the decode steps are known to go through it)."""
+    import int4_mma
+
     calls = []
-    kernel = int4_mma.int4_mma_gemv
+    kernel = getattr(int4_mma, kernel_name)
     for compiled in (False, True):
-        # eager: counted, so the decode steps' linears are known to go through the kernel
         spy = kernel if compiled else (lambda *args: calls.append(1) or kernel(*args))
-        monkeypatch.setattr(int4_mma, "int4_mma_gemv", spy)
+        monkeypatch.setattr(int4_mma, kernel_name, spy)
         got = teacher_forced_logits(model, ids, len(PROMPTS[0]), compiled)
         err = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
         assert err < 3e-2, f"compiled={compiled}: worst step's relative error {err:.2e}"
         torch._dynamo.reset()
-    assert calls
+    return len(calls)
 
 
 @pytest.mark.parametrize(
@@ -861,16 +868,8 @@ def test_int4_decode_blocks_match_dequantize_then_compute(float_checkpoint, tmp_
     model.setup_caches(1, len(ids))
     quantize.use_int4_decode_blocks(model)
     assert all(type(layer) is quantize.Int4DecodeBlock for layer in model.layers)
-    calls = []
-    kernel = int4_mma.int4_mma_norm_rope_kv
-    for compiled in (False, True):
-        spy = kernel if compiled else (lambda *args: calls.append(1) or kernel(*args))
-        monkeypatch.setattr(int4_mma, "int4_mma_norm_rope_kv", spy)
-        got = teacher_forced_logits(model, ids, len(PROMPTS[0]), compiled)
-        err = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
-        assert err < 3e-2, f"compiled={compiled}: worst step's relative error {err:.2e}"
-        torch._dynamo.reset()
-    assert len(calls) == (len(ids) - 1 - len(PROMPTS[0])) * len(model.layers)
+    calls = int4_mma_decode_calls(model, ids, want, monkeypatch, "int4_mma_norm_rope_kv")
+    assert calls == (len(ids) - 1 - len(PROMPTS[0])) * len(model.layers)
 
 
 @pytest.fixture(scope="module")
