@@ -53,7 +53,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor, groupsize: int) -> bool:
     ([N / 8, K / 128, 32, 4]), a group that fits a supertile."""
     return (
         ENABLED
-        and _extension is not None  # built at load (Int4Linear.pack_ calls build())
+        and built()  # at load (Int4Linear.pack_ calls build())
         and x.is_cuda
         and x.shape[0] <= MAX_ROWS
         and groupsize in GROUPS
@@ -471,6 +471,11 @@ def launches_with_pdl(x: torch.Tensor) -> int:
 
 _extension = None
 _build_failed = False
+
+
+def built() -> bool:
+    """Has build() made the extension in this process (an int4 model packed for a GPU with nvcc there)?"""
+    return _extension is not None
 
 
 def build():

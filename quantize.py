@@ -344,10 +344,11 @@ def int4_decode_block_fits(block: nn.Module) -> bool:
 
 
 def use_int4_decode_blocks(model: nn.Module) -> None:
-    """With FASTGEN_INT4_FOLD=1 and int4_mma built, make the model's fitting int4 blocks Int4DecodeBlocks (in place:
-    no parameter is copied), and blocks that no longer fit (a new cache: quantized, another batch) TransformerBlocks
-    again. generate.Generator.setup calls this each time it makes the caches."""
-    if not (int4_mma.FOLD_ENABLED and int4_mma.build() is not None):
+    """With FASTGEN_INT4_FOLD=1 and int4_mma built (by an int4 model packed for a GPU), make the model's fitting int4
+    blocks Int4DecodeBlocks (in place: no parameter is copied), and blocks that no longer fit (a new cache:
+    quantized, another batch) TransformerBlocks again. generate.Generator.setup calls this each time it makes the
+    caches."""
+    if not (int4_mma.FOLD_ENABLED and int4_mma.built()):
         return
     for module in model.modules():
         if type(module) is Int4DecodeBlock:
