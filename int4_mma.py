@@ -100,12 +100,14 @@ __device__ __forceinline__ uint32_t mul_bf16x2(uint32_t a, uint32_t b) {
 }
 
 // What a block does around its sums (FOLD). PLAIN stores y = x W^T. RESIDUAL stores y + residual. NORM_GLU and
-// NORM_ROPE (one row of x) take RMSNorm in: x times the norm's weight goes to the tensor cores, the block sums x^2
-// as it loads x, and scales its sums by 1 / rms after. NORM_GLU (w13, [gate; up]) pairs tile b of the gate rows
-// with tile b of the up rows (N / 2 further on) and stores SiLU(gate) * up [N / 2]. NORM_ROPE (wqkv) pairs a head's
-// rows d and d + D / 2 and stores q rotated (rotate-half RoPE) [Hq D], writes k rotated and v into the caches at
-// the token's slot.
+// NORM_ROPE (one row of x) take RMSNorm in: each block first writes x times the norm's weight into shared memory
+// (the loop then reads it there, at a plain loop's cost) and sums x^2 on the way, and scales its sums by 1 / rms
+// after (done in the loop, per supertile, it doubled the loop's sm_90 instructions: 88 -> 167-188). NORM_GLU (w13,
+// [gate; up]) pairs tile b of the gate rows with tile b of the up rows (N / 2 further on) and stores SiLU(gate) *
+// up [N / 2]. NORM_ROPE (wqkv) pairs a head's rows d and d + D / 2 and stores q rotated (rotate-half RoPE) [Hq D],
+// writes k rotated and v into the caches at the token's slot.
 constexpr int PLAIN = 0, RESIDUAL = 1, NORM_GLU = 2, NORM_ROPE = 3;
+constexpr int MAX_NORM_K = 16384;  // x_normed's 32 KB, with the partial sums within the 48 KB a block gets
 
 struct Fold {
     const uint32_t* norm_weight;    // bf16 pairs [K / 2] (NORM_*)
@@ -177,12 +179,25 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
     }
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+    extern __shared__ uint32_t x_normed[];  // NORM: x times the norm's weight, bf16 pairs [K / 2]
+    __shared__ float squares[WARPS];        // NORM: each warp's share of the sum of x^2
+    if (NORM) {
+        float x_squares = 0.f;
+        for (int i = threadIdx.x; i < S * 64; i += WARPS * 32) {
+            const uint32_t v = __ldg(x_pairs + i);
+            x_squares = fmaf(bf16_low(v), bf16_low(v), fmaf(bf16_high(v), bf16_high(v), x_squares));
+            x_normed[i] = mul_bf16x2(v, __ldg(fold.norm_weight + i));  // bf16, as RMSNorm's output is
+        }
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) x_squares += __shfl_xor_sync(0xFFFFFFFFu, x_squares, offset);
+        if (lane == 0) squares[warp] = x_squares;
+        __syncthreads();
+    }
     uint4 next[T];  // PREFETCH: the warp's next supertile's words, loaded before this one's arithmetic
     if (PREFETCH && warp < S) {
 #pragma unroll
         for (int t = 0; t < T; ++t) next[t] = __ldcs(w_tile[t] + (size_t)warp * 32);
     }
-    float x_squares = 0.f;  // NORM: this lane's share of the sum of x^2 (lanes 4 apart load the same x)
     for (int s = warp; s < S; s += WARPS) {
         uint4 words[T];
 #pragma unroll
@@ -192,22 +207,16 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
             for (int t = 0; t < T; ++t) next[t] = __ldcs(w_tile[t] + (size_t)(s + WARPS) * 32);
         }
         uint32_t xb[8][2];  // B for the supertile's 8 k16 steps: x pairs k/2 = 64 s + 8 step + t, and + 4
-        const uint32_t* x_step = x_pairs + x_row + s * 64 + (lane & 3);
+        const int x_step = s * 64 + (lane & 3);
 #pragma unroll
         for (int step = 0; step < 8; ++step) {
-            xb[step][0] = __ldg(x_step + step * 8);
-            xb[step][1] = __ldg(x_step + step * 8 + 4);
-        }
-        if (NORM) {  // x^2 of the raw x; the norm's weight into x (in bf16, as RMSNorm's output is)
-            const uint32_t* g_step = fold.norm_weight + s * 64 + (lane & 3);
-#pragma unroll
-            for (int step = 0; step < 8; ++step)
-#pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    const uint32_t v = xb[step][j];
-                    x_squares = fmaf(bf16_low(v), bf16_low(v), fmaf(bf16_high(v), bf16_high(v), x_squares));
-                    xb[step][j] = mul_bf16x2(v, __ldg(g_step + step * 8 + 4 * j));
-                }
+            if (NORM) {
+                xb[step][0] = x_normed[x_step + step * 8];
+                xb[step][1] = x_normed[x_step + step * 8 + 4];
+            } else {
+                xb[step][0] = __ldg(x_pairs + x_row + x_step + step * 8);
+                xb[step][1] = __ldg(x_pairs + x_row + x_step + step * 8 + 4);
+            }
         }
 #pragma unroll
         for (int g = 0; g < GROUPS_A_SUPERTILE; ++g) {
@@ -245,12 +254,6 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
     asm volatile("griddepcontrol.launch_dependents;");  // the next kernel may launch (and wait for this one)
 #endif
     __shared__ float partial[WARPS][T * 8 * TOKENS];  // [warp][tile row][x row]
-    __shared__ float squares[WARPS];
-    if (NORM) {  // the warp's supertiles' sum of x^2: its first four lanes' shares
-        x_squares += __shfl_xor_sync(0xFFFFFFFFu, x_squares, 1);
-        x_squares += __shfl_xor_sync(0xFFFFFFFFu, x_squares, 2);
-        if (lane == 0) squares[warp] = x_squares;
-    }
     if (TOKENS == 1 ? (lane & 3) == 0 : true) {
 #pragma unroll
         for (int t = 0; t < T; ++t)
@@ -322,6 +325,7 @@ static void launch(const torch::Tensor& x, const torch::Tensor& w, const torch::
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3(blocks);
     config.blockDim = dim3(WARPS * 32);
+    config.dynamicSmemBytes = FOLD == NORM_GLU || FOLD == NORM_ROPE ? S * 128 * 2 : 0;  // x_normed
     config.stream = stream;
     config.attrs = &attribute;
     config.numAttrs = pdl ? 1 : 0;
@@ -374,6 +378,7 @@ torch::Tensor int4_mma_fold(torch::Tensor x, torch::Tensor w, torch::Tensor sz, 
     } else {
         TORCH_CHECK(norm_weight.numel() == x.size(1) && norm_weight.is_contiguous() &&
                     norm_weight.scalar_type() == torch::kBFloat16, "norm weight: bf16 [K]");
+        TORCH_CHECK(x.size(1) <= MAX_NORM_K, "the norm folds hold x in shared memory: K <= ", MAX_NORM_K);
         fold.norm_weight = reinterpret_cast<const uint32_t*>(norm_weight.data_ptr());
     }
     if (fold_kind == NORM_GLU) {
@@ -418,6 +423,7 @@ DECLARATION = (
 
 
 RESIDUAL, NORM_GLU, NORM_ROPE = 1, 2, 3  # the kernel's FOLD (0: PLAIN)
+MAX_NORM_K = 16384  # the kernel's: the norm folds hold x (bf16) in shared memory
 
 
 def launcher_source(

@@ -334,6 +334,7 @@ def int4_decode_block_fits(block: nn.Module) -> bool:
             for m in linears
         )
         and all(type(n) is RMSNorm and n.weight.dtype == torch.bfloat16 for n in norms)
+        and a.wqkv.in_features <= int4_mma.MAX_NORM_K  # the norm folds hold x in shared memory
         and a.q_norm is None
         and type(a.kv_cache) in (KVCache, kv_attention.SplitKVCache)
         and a.kv_cache.k_cache.dtype == torch.bfloat16
