@@ -179,6 +179,14 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
     }
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+    // PRELOAD: the warp's next supertile's words, loaded before this one's arithmetic (PREFETCH; and always with
+    // NORM, whose first weights are then on their way while the block stages x)
+    constexpr bool PRELOAD = PREFETCH || NORM;
+    uint4 next[T];
+    if (PRELOAD && warp < S) {
+#pragma unroll
+        for (int t = 0; t < T; ++t) next[t] = __ldcs(w_tile[t] + (size_t)warp * 32);
+    }
     extern __shared__ uint32_t x_normed[];  // NORM: x times the norm's weight, bf16 pairs [K / 2]
     __shared__ float squares[WARPS];        // NORM: each warp's share of the sum of x^2
     if (NORM) {
@@ -193,16 +201,11 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
         if (lane == 0) squares[warp] = x_squares;
         __syncthreads();
     }
-    uint4 next[T];  // PREFETCH: the warp's next supertile's words, loaded before this one's arithmetic
-    if (PREFETCH && warp < S) {
-#pragma unroll
-        for (int t = 0; t < T; ++t) next[t] = __ldcs(w_tile[t] + (size_t)warp * 32);
-    }
     for (int s = warp; s < S; s += WARPS) {
         uint4 words[T];
 #pragma unroll
-        for (int t = 0; t < T; ++t) words[t] = PREFETCH ? next[t] : __ldcs(w_tile[t] + (size_t)s * 32);
-        if (PREFETCH && s + WARPS < S) {
+        for (int t = 0; t < T; ++t) words[t] = PRELOAD ? next[t] : __ldcs(w_tile[t] + (size_t)s * 32);
+        if (PRELOAD && s + WARPS < S) {
 #pragma unroll
             for (int t = 0; t < T; ++t) next[t] = __ldcs(w_tile[t] + (size_t)(s + WARPS) * 32);
         }
