@@ -32,19 +32,22 @@ MODE = os.environ.get("FASTGEN_INT4_MMA", "auto")
 ENABLED = MODE != "0"
 GROUPS = (32, 64, 128)  # whole groups in a 128-k supertile (Int4Linear's 256 stays on tinygemm)
 TILES = 2  # row tiles (8 rows) a block: two make one mma; the H100 probe found 2 best at every shape
-WARPS = (8, 16)
+WARPS = (4, 8, 16)  # the builds (the folds: 8 and 16; 4 is the output head's at one row, config())
+FOLD_WARPS = (8, 16)
 # Rows of x one pass over the weight takes (B's 8 columns). H100, Llama-3-8B's four projections x 32 layers at 8
 # rows, each alone: 3.39 ms (g64) / 2.92 (g128) against tinygemm's 5.40 / 5.40, which reads the weight again per
 # 16-row tile's work (int4_mma_probe.py --rows 8, 2026-12-06). Prefill's longer x stays on tinygemm.
 MAX_ROWS = 8
 
 
-def config(n: int, k: int) -> dict:
+def config(n: int, k: int, rows: int = 1) -> dict:
     """Warps a block: the H100 probe (2026-12-06, Llama-3-8B's shapes, 4 / 8 / 16 warps at 2 tiles): 16 where the
     grid is small (wo, w2: 4096 rows, 256 blocks), 8 otherwise (wqkv, w13). Its whole grid (2 / 4 tiles, 4-32 warps,
     with and without prefetching each warp's next supertile; 2026-12-06) put these within 1% of the best at every
-    projection, at 1 and 8 rows; only the 128k-row output head wanted 4 warps (2357 against 2214 GB/s: ~7 us a
-    step, not worth a third build of every instance)."""
+    projection, at 1 and 8 rows; the 128k-row output head, timed at one row, wanted 4 warps (2357 against 2214 GB/s
+    at group 64, 2652 against 2554 at 128: ~8 us a Llama-3 step)."""
+    if rows == 1 and n > 65536:
+        return dict(tiles=TILES, warps=4, prefetch=False)
     return dict(tiles=TILES, warps=16 if n <= 4096 else 8, prefetch=False)
 
 
@@ -445,7 +448,7 @@ def launcher_source(
         f"    if (group == {g} && warps == {w} && fold_kind == {f}) "
         f"{{ launch<{g}, 2, {w}, false, 1, {f}>(x, w, sz, y, fold, pdl, stream); return y; }}"
         for g in groups
-        for w in sorted({w for _, w, _ in configs})
+        for w in sorted({w for _, w, _ in configs} & set(FOLD_WARPS))
         for f in folds
     )
     return LAUNCHER.replace("    DISPATCH", cases).replace("    FOLD_DISPATCH", fold_cases)
@@ -519,7 +522,7 @@ def int4_mma_gemv(
     inner k tiles), scales_and_zeros bf16 [K / groupsize, N, 2] -> [rows, N] bf16: _weight_int4pack_mm's contract
     at up to 8 rows. Launched on the current stream (a CUDA graph's capture stream included)."""
     N, K = scales_and_zeros.shape[1], x.shape[1]
-    cfg = config(N, K)
+    cfg = config(N, K, x.shape[0])
     stream = torch.cuda.current_stream(x.device).cuda_stream
     return build().int4_mma_gemv(
         x.contiguous(),
@@ -594,7 +597,7 @@ def _fold(x, weight, groupsize, scales_and_zeros, kind, norm_weight=None, eps=0.
         weight,
         scales_and_zeros,
         groupsize,
-        config(scales_and_zeros.shape[1], x.shape[1])["warps"],
+        max(config(scales_and_zeros.shape[1], x.shape[1])["warps"], FOLD_WARPS[0]),  # the folds' builds
         kind,
         x if norm_weight is None else norm_weight,
         eps,

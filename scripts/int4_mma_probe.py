@@ -170,7 +170,7 @@ def gpu(quick: bool, rows: int) -> int:
                     results[(t, warps, prefetch)] = do_bench(
                         lambda: ext.int4_mma_gemv(x, w, sz, groupsize, t, warps, int(prefetch), 0, stream)  # noqa: B023
                     )
-            cfg = int4_mma.config(N, K)
+            cfg = int4_mma.config(N, K, rows)
             default = results.get((cfg["tiles"], cfg["warps"], cfg["prefetch"]), float("nan"))
             best = min(results, key=results.get) if results else None
             times["mma default"] = default

@@ -725,8 +725,10 @@ def random_int4_linear(n: int, k: int, groupsize: int):
 @pytest.mark.parametrize(
     "n,k,groupsize",
     # Llama-3-8B's wo (16 warps) / wqkv / w2 / w13 (8 warps); an odd tile count (the last block's second tile past
-    # the end); group 32; one tile and one supertile (16 warps, 15 of them without a supertile)
+    # the end); group 32; one tile and one supertile (16 warps, 15 of them without a supertile); an output head's
+    # 4 warps (over 65536 rows at one row)
     [
+        (65544, 1024, 64),
         (4096, 4096, 64),
         (6144, 4096, 128),
         (4096, 14336, 128),

@@ -472,6 +472,8 @@ def test_int4_linear_routes_its_batch1_call_to_int4_mma_where_it_applies(monkeyp
     assert (
         int4_mma.config(4096, 14336) == dict(tiles=2, warps=16, prefetch=False)
         and int4_mma.config(28672, 4096)["warps"] == 8
+        and int4_mma.config(128256, 4096)["warps"] == 4  # the output head at one row
+        and int4_mma.config(128256, 4096, rows=8)["warps"] == 8
     )
 
 
