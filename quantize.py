@@ -329,6 +329,7 @@ def int4_decode_block_fits(block: nn.Module) -> bool:
             and m.bias is None
             and m.groupsize in int4_mma.GROUPS
             and m.padded_in_features == m.in_features
+            and m.inner_k_tiles == 8  # int4_mma reads tinygemm's layout with 8 inner k tiles
             and not m._forward_hooks
             and not m._forward_pre_hooks
             for m in linears
