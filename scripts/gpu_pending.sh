@@ -24,9 +24,11 @@
 #                                          #   B8 8k (issue 10 wants 1.1x; H100, twelfth session: 1.121x)
 #   bash scripts/gpu_pending.sh kvbench    # ~9.5 min: issue 10's KV targets through bench.py (B8 short and B8 with 8k
 #                                          #   filled: bf16 / int8 / fp8 caches; fp8 at 8k never timed on the H100)
-#   bash scripts/gpu_pending.sh int4fold   # ~7 min: issue 10's int4 at 450 tok/s: int4_mma's folds (FASTGEN_INT4_FOLD=1,
-#                                          #   quantize.Int4DecodeBlock) and PDL launch (FASTGEN_INT4_PDL=1): their GPU
-#                                          #   tests, then the int4-g64 step with neither, either and both
+#   bash scripts/gpu_pending.sh int4fold   # ~8 min: issue 10's int4 at 450 tok/s: int4_mma's folds (FASTGEN_INT4_FOLD=1,
+#                                          #   quantize.Int4DecodeBlock): the int4 GPU tests, then the int4-g64 step
+#                                          #   without and with them
+#   bash scripts/gpu_pending.sh int4pdl    # ~5 min: the same step with int4_mma's PDL launch (FASTGEN_INT4_PDL=1),
+#                                          #   without and with the folds, then without either again
 #   bash scripts/gpu_pending.sh int4foldbench  # ~5 min: bench.py's int4 g64/g128 rows at B1 and B8 with the env given
 #   bash scripts/gpu_pending.sh int4probe  # ~8 min: int4_mma's tiles (the probe's whole grid) and 8 rows a weight pass
 #   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
@@ -160,20 +162,28 @@ smoltiles)
     done
     ;;
 int4fold)
-    # issue 10's int4 at 450 tok/s: int4_mma's folds (FASTGEN_INT4_FOLD=1, quantize.Int4DecodeBlock: four kernels a
-    # layer where Inductor's step has 12) and its PDL launch (FASTGEN_INT4_PDL=1), both opt-in until this runs. Their
-    # GPU tests, then the int4-g64 step: int4_mma alone (2.364 ms replayed, 419.8 tok/s on the H100, 2026-12-06), with
-    # the folds, with PDL, with both. Predicted: the folds take ~0.13 ms off (RoPE's 2 kernels, SiLU's, the 4 norms'
-    # ~0.15 ms less the epilogues' work), PDL hides some of the ~1 us a kernel ramp
-    step int4_tests 240 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k int4
+    # issue 10's int4 at 450 tok/s: int4_mma's folds (FASTGEN_INT4_FOLD=1, quantize.Int4DecodeBlock: five kernels a
+    # layer with the attention, where Inductor's step has 12), opt-in until this runs. The int4 GPU tests (the first
+    # test builds the extension: ~1.5 min of nvcc), then the int4-g64 step without and with the folds: int4_mma alone
+    # read 2.364 ms replayed, 419.8 tok/s on the H100 (2026-12-06). Predicted: the folds take ~0.13 ms off (RoPE's 2
+    # kernels, SiLU's, the norms' ~0.15 ms, less the staging of x), ~2.23 ms
+    step int4_tests 330 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k int4
     summary+=("  $(tail -n 1 "$out/int4_tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/int4_tests.txt" | head -6)")
-    for fold_pdl in "0 0" "1 0" "0 1" "1 1"; do
-        set -- $fold_pdl
-        summary+=("FASTGEN_INT4_FOLD=$1 FASTGEN_INT4_PDL=$2:")
-        FASTGEN_INT4_FOLD=$1 FASTGEN_INT4_PDL=$2 decode "int4_g64_fold$1_pdl$2" 75 --model llama-3-8b \
+    for fold in 0 1; do
+        summary+=("FASTGEN_INT4_FOLD=$fold:")
+        FASTGEN_INT4_FOLD=$fold decode "int4_g64_fold$fold" 90 --model llama-3-8b --weights int4-g64 --new-tokens 200
+    done
+    ;;
+int4pdl)
+    # int4_mma launched with programmatic dependent launch (FASTGEN_INT4_PDL=1, opt-in; its model test runs in
+    # int4fold): the int4-g64 step with it, without and with the folds (against int4fold's rows: run it warm after)
+    for fold in 0 1; do
+        summary+=("FASTGEN_INT4_FOLD=$fold FASTGEN_INT4_PDL=1:")
+        FASTGEN_INT4_FOLD=$fold FASTGEN_INT4_PDL=1 decode "int4_g64_fold${fold}_pdl" 90 --model llama-3-8b \
             --weights int4-g64 --new-tokens 200
     done
+    FASTGEN_INT4_FOLD=0 decode int4_g64_again 90 --model llama-3-8b --weights int4-g64 --new-tokens 200
     ;;
 int4foldbench)
     # bench.py's int4 rows (issue 10's instrument) with the env given (e.g. FASTGEN_INT4_FOLD=1 FASTGEN_INT4_PDL=1)
@@ -276,7 +286,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4fold, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4fold, int4pdl, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac
