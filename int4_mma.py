@@ -16,6 +16,10 @@ against tinygemm's 2.768 (2026-12-06, fourteenth session; 8 rows a pass: 3.39 ms
 CUDA C++ rather than Triton: the weight must land in the mma's registers as it was loaded, which Triton's
 tl.dot cannot be told (a Triton tensor-core form moved its tiles through shared memory: 6.6-8.8 instructions a
 weight). Built on first use with torch's load_inline, which needs nvcc (the CUDA toolkit) on the machine.
+
+Also here, opt-in until timed in the step: the one-row folds quantize.Int4DecodeBlock runs (FASTGEN_INT4_FOLD=1:
+RMSNorm, RoPE and the cache write, SiLU(gate) * up and the residual adds in the kernel; the fold section at the end)
+and the kernels' programmatic dependent launch (FASTGEN_INT4_PDL=1).
 """
 
 import os
