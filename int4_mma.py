@@ -119,8 +119,8 @@ constexpr int MAX_NORM_K = 16384;  // x_normed's 32 KB, with the partial sums wi
 struct Fold {
     const uint32_t* norm_weight;    // bf16 pairs [K / 2] (NORM_*)
     const __nv_bfloat16* residual;  // [rows, N] (RESIDUAL)
-    const __nv_bfloat16* cos;       // [D] at the token's position (NORM_ROPE)
-    const __nv_bfloat16* sin;
+    const float* inv_freq;          // [D / 2] (NORM_ROPE): RoPE's angle at position p is p inv_freq
+    const int32_t* row_start;       // [1]: the token's position is its slot minus row_start
     __nv_bfloat16* k_cache;  // [1, Hkv, cache_len, D]
     __nv_bfloat16* v_cache;
     const int64_t* slot;  // [1]: the token's cache slot
@@ -302,9 +302,13 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
         } else {
             const int D = fold.head_dim, half = D / 16, head = blockIdx.x / half, d = blockIdx.x % half * 8 + r;
             const int n_qk = fold.n_heads + fold.n_kv_heads;
-            if (head < n_qk) {  // q or k: x cos + rotate_half(x) sin
-                const float rotated_a = a * __bfloat162float(fold.cos[d]) - b * __bfloat162float(fold.sin[d]);
-                b = b * __bfloat162float(fold.cos[d + D / 2]) + a * __bfloat162float(fold.sin[d + D / 2]);
+            if (head < n_qk) {  // q or k: x cos + rotate_half(x) sin, the angles of Transformer.forward (bf16 cos, sin)
+                const long long position = max(*fold.slot - (long long)fold.row_start[0], 0LL);
+                const float angle = (float)position * fold.inv_freq[d];  // d and d + D / 2 share it
+                const float c = __bfloat162float(__float2bfloat16(cosf(angle)));
+                const float s = __bfloat162float(__float2bfloat16(sinf(angle)));
+                const float rotated_a = a * c - b * s;
+                b = b * c + a * s;
                 a = rotated_a;
             }
             __nv_bfloat16* out = y + (size_t)head * D;  // q
@@ -372,8 +376,9 @@ torch::Tensor int4_mma_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, 
 // may be any tensor (x).
 torch::Tensor int4_mma_fold(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t warps,
                             int64_t fold_kind, torch::Tensor norm_weight, double eps, torch::Tensor residual,
-                            torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
-                            torch::Tensor slot, int64_t n_heads, int64_t pdl, int64_t stream_handle) {
+                            torch::Tensor inv_freq, torch::Tensor row_start, torch::Tensor k_cache,
+                            torch::Tensor v_cache, torch::Tensor slot, int64_t n_heads, int64_t pdl,
+                            int64_t stream_handle) {
     check_operands(x, w, sz);
     TORCH_CHECK(x.size(0) == 1, "the folds take one row");
     const int64_t N = sz.size(1);
@@ -400,12 +405,12 @@ torch::Tensor int4_mma_fold(torch::Tensor x, torch::Tensor w, torch::Tensor sz, 
                     k_cache.scalar_type() == torch::kBFloat16 && v_cache.scalar_type() == torch::kBFloat16 &&
                     k_cache.is_contiguous() && v_cache.is_contiguous(), "caches: bf16 [1, Hkv, S, D]");
         TORCH_CHECK(D % 16 == 0 && N == (n_heads + 2 * n_kv_heads) * D, "wqkv: (Hq + 2 Hkv) D rows, D % 16 == 0");
-        TORCH_CHECK(cos.numel() == D && sin.numel() == D && cos.scalar_type() == torch::kBFloat16 &&
-                    sin.scalar_type() == torch::kBFloat16 && cos.is_contiguous() && sin.is_contiguous(),
-                    "cos, sin: bf16 [D]");
+        TORCH_CHECK(inv_freq.numel() == D / 2 && inv_freq.scalar_type() == torch::kFloat && inv_freq.is_contiguous(),
+                    "inv_freq: fp32 [D / 2]");
+        TORCH_CHECK(row_start.numel() >= 1 && row_start.scalar_type() == torch::kInt, "row_start: int32 [1]");
         TORCH_CHECK(slot.numel() == 1 && slot.scalar_type() == torch::kLong, "slot: int64 [1]");
-        fold.cos = reinterpret_cast<const __nv_bfloat16*>(cos.data_ptr());
-        fold.sin = reinterpret_cast<const __nv_bfloat16*>(sin.data_ptr());
+        fold.inv_freq = inv_freq.data_ptr<float>();
+        fold.row_start = row_start.data_ptr<int32_t>();
         fold.k_cache = reinterpret_cast<__nv_bfloat16*>(k_cache.data_ptr());
         fold.v_cache = reinterpret_cast<__nv_bfloat16*>(v_cache.data_ptr());
         fold.slot = slot.data_ptr<int64_t>();
@@ -426,8 +431,8 @@ DECLARATION = (
     "torch::Tensor int4_mma_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t t, "
     "int64_t warps, int64_t prefetch, int64_t pdl, int64_t stream_handle);\n"
     "torch::Tensor int4_mma_fold(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t warps, "
-    "int64_t fold_kind, torch::Tensor norm_weight, double eps, torch::Tensor residual, torch::Tensor cos, "
-    "torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot, int64_t n_heads, "
+    "int64_t fold_kind, torch::Tensor norm_weight, double eps, torch::Tensor residual, torch::Tensor inv_freq, "
+    "torch::Tensor row_start, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot, int64_t n_heads, "
     "int64_t pdl, int64_t stream_handle);"
 )
 
@@ -578,14 +583,22 @@ def norm_glu_reference(x, weight, groupsize, scales_and_zeros, norm_weight, eps)
     return torch.nn.functional.silu(gate) * up
 
 
+def rope_angles(inv_freq, row_start, slot, dtype):
+    """cos, sin [D] of the token at slot, as Transformer.forward makes them (position = slot - row_start)."""
+    freqs = (slot.view(1) - row_start[:1]).clamp(min=0).float() * inv_freq  # [D / 2]
+    angles = torch.cat((freqs, freqs))
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 def norm_rope_kv_reference(
-    x, weight, groupsize, scales_and_zeros, norm_weight, eps, cos, sin, k_cache, v_cache, slot, n_heads
+    x, weight, groupsize, scales_and_zeros, norm_weight, eps, inv_freq, row_start, k_cache, v_cache, slot, n_heads
 ):
-    """x [1, K] -> wqkv over RMSNorm(x), then kv_attention.rope_write_kv_reference: k and v written at slot, q
-    [1, Hq, 1, D] returned."""
+    """x [1, K] -> wqkv over RMSNorm(x), then kv_attention.rope_write_kv_reference with rope_angles: k and v written
+    at slot, q [1, Hq, 1, D] returned."""
     import kv_attention
 
     qkv = int4_product(rms_normed(x, norm_weight, eps), weight, groupsize, scales_and_zeros)
+    cos, sin = rope_angles(inv_freq, row_start, slot, x.dtype)
     return kv_attention.rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot, n_heads, None, None, 0.0)
 
 
@@ -595,7 +608,7 @@ def fold_applies(x: torch.Tensor, weight: torch.Tensor, groupsize: int) -> bool:
 
 
 def _fold(x, weight, groupsize, scales_and_zeros, kind, norm_weight=None, eps=0.0, residual=None, rope=None):
-    cos, sin, k_cache, v_cache, slot, n_heads = rope or (x, x, x, x, x, 0)  # unread where a fold takes none
+    inv_freq, row_start, k_cache, v_cache, slot, n_heads = rope or (x, x, x, x, x, 0)  # unread where not NORM_ROPE
     return build().int4_mma_fold(
         x.contiguous(),
         weight,
@@ -606,8 +619,8 @@ def _fold(x, weight, groupsize, scales_and_zeros, kind, norm_weight=None, eps=0.
         x if norm_weight is None else norm_weight,
         eps,
         x if residual is None else residual,
-        cos,
-        sin,
+        inv_freq,
+        row_start,
         k_cache,
         v_cache,
         slot,
@@ -656,20 +669,22 @@ def int4_mma_norm_rope_kv(
     scales_and_zeros: torch.Tensor,
     norm_weight: torch.Tensor,
     eps: float,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    inv_freq: torch.Tensor,
+    row_start: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot: torch.Tensor,
     n_heads: int,
 ) -> torch.Tensor:
-    """norm_rope_kv_reference's contract in one kernel (wqkv with attention_norm; cos, sin [D] bf16, caches
-    bf16 [1, Hkv, S, D], slot int64 [1])."""
-    rope = (cos.contiguous(), sin.contiguous(), k_cache, v_cache, slot, n_heads)
+    """norm_rope_kv_reference's contract in one kernel (wqkv with attention_norm; inv_freq fp32 [D / 2], row_start
+    int32 [1], caches bf16 [1, Hkv, S, D], slot int64 [1]). The kernel makes the token's angles from the model's
+    inv_freq and row_start: under torch.compile a computed cos / sin passed to an op is copied for each call (32
+    layers, 64 small buffers), and those buffers are the step's own inputs."""
+    rope = (inv_freq, row_start, k_cache, v_cache, slot, n_heads)
     q = _fold(x, weight, groupsize, scales_and_zeros, NORM_ROPE, norm_weight=norm_weight, eps=eps, rope=rope)
     return q.view(1, n_heads, 1, k_cache.shape[-1])
 
 
 @int4_mma_norm_rope_kv.register_fake
-def _(x, weight, groupsize, scales_and_zeros, norm_weight, eps, cos, sin, k_cache, v_cache, slot, n_heads):
+def _(x, weight, groupsize, scales_and_zeros, norm_weight, eps, inv_freq, row_start, k_cache, v_cache, slot, n_heads):
     return x.new_empty((1, n_heads, 1, k_cache.shape[-1]))

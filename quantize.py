@@ -282,7 +282,11 @@ class Int4DecodeBlock(TransformerBlock):
     """A dense block of Int4Linears whose batch-1 decode step (one bf16 token on a GPU, FASTGEN_INT4_FOLD=1) runs as
     four int4_mma kernels and the attention: attention_norm, RoPE and the cache write folded into wqkv's, the
     residual add into wo's, ffn_norm and SiLU(gate) * up into w13's, the residual add into w2's. Every other call is
-    TransformerBlock's. use_int4_decode_blocks picks the blocks."""
+    TransformerBlock's. use_int4_decode_blocks picks the blocks and gives each the model's RoPE inputs (inv_freq,
+    row_start: the wqkv kernel makes the token's angles from them, not from cos / sin; see int4_mma_norm_rope_kv)."""
+
+    rope_inv_freq: torch.Tensor  # the model's inv_freq [D / 2]
+    rope_row_start: torch.Tensor  # the model's row_start [B], made by setup_caches
 
     def forward(self, x, cos, sin, attend, input_pos):
         attention, ffn = self.attention, self.feed_forward
@@ -298,8 +302,8 @@ class Int4DecodeBlock(TransformerBlock):
             wqkv.scales_and_zeros,
             norm.weight,
             norm.eps,
-            cos.reshape(-1),  # [D]: the token's angles
-            sin.reshape(-1),
+            self.rope_inv_freq,
+            self.rope_row_start,
             cache.k_cache,
             cache.v_cache,
             input_pos.reshape(1),  # the token's slot
@@ -347,9 +351,9 @@ def int4_decode_block_fits(block: nn.Module) -> bool:
 
 def use_int4_decode_blocks(model: nn.Module) -> None:
     """With FASTGEN_INT4_FOLD=1 and int4_mma built (by an int4 model packed for a GPU), make the model's fitting int4
-    blocks Int4DecodeBlocks (in place: no parameter is copied), and blocks that no longer fit (a new cache:
-    quantized, another batch) TransformerBlocks again. generate.Generator.setup calls this each time it makes the
-    caches."""
+    blocks Int4DecodeBlocks (in place: no parameter is copied) holding the model's inv_freq and row_start, and blocks
+    that no longer fit (a new cache: quantized, another batch) TransformerBlocks again. Call it after every
+    setup_caches (which makes a new row_start); generate.Generator.setup does."""
     if not (int4_mma.FOLD_ENABLED and int4_mma.built()):
         return
     for module in model.modules():
@@ -357,6 +361,7 @@ def use_int4_decode_blocks(model: nn.Module) -> None:
             module.__class__ = TransformerBlock
         if int4_decode_block_fits(module):
             module.__class__ = Int4DecodeBlock
+            module.rope_inv_freq, module.rope_row_start = model.inv_freq, model.row_start
 
 
 # ----------------------------------------------------------------------------- model surgery

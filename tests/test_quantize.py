@@ -528,7 +528,6 @@ def test_int4_decode_block_step_equals_transformer_blocks(tmp_path, monkeypatch)
     kernels are held to the same references on a GPU (test_gpu). int4_decode_block_fits takes a dense bf16 block
     of packed CUDA Int4Linears with a bf16 cache, and nothing else."""
     import int4_mma
-    from model import TransformerBlock
     from quantize import Int4DecodeBlock, int4_decode_block_fits, use_int4_decode_blocks
 
     torch.manual_seed(0)
@@ -538,23 +537,24 @@ def test_int4_decode_block_step_equals_transformer_blocks(tmp_path, monkeypatch)
     qdir = quantize_checkpoint(tmp_path / "float", "int4", 64, output_dir=tmp_path / "q")
     plain, _ = load_model(qdir, "cpu", torch.bfloat16)
     folded, _ = load_model(qdir, "cpu", torch.bfloat16)
+    block = folded.layers[0]
     for m in (plain, folded):
         m.setup_caches(1, 32)
-        m.set_row_starts(torch.zeros(1, dtype=torch.int32))
-
-    block = folded.layers[0]
     assert not int4_decode_block_fits(block)  # on the CPU
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on a GPU
     monkeypatch.setattr(int4_mma, "FOLD_ENABLED", True)
     monkeypatch.setattr(int4_mma, "_extension", object())  # as if built
-    assert int4_decode_block_fits(block)
-    use_int4_decode_blocks(folded)
-    assert all(type(layer) is Int4DecodeBlock for layer in folded.layers)
-    folded.setup_caches(1, 32, torch.float32)  # an fp32 cache: the kernel writes bf16
-    use_int4_decode_blocks(folded)  # as Generator.setup does with each new cache
-    assert all(type(layer) is TransformerBlock for layer in folded.layers)
-    monkeypatch.undo()
-    folded.setup_caches(1, 32)
+    with monkeypatch.context() as on_a_gpu:
+        on_a_gpu.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+        assert int4_decode_block_fits(block)
+        folded.setup_caches(1, 32, torch.float32)  # an fp32 cache: the kernel writes bf16
+        use_int4_decode_blocks(folded)
+        assert not any(type(layer) is Int4DecodeBlock for layer in folded.layers)
+        folded.setup_caches(1, 32)
+        use_int4_decode_blocks(folded)  # as Generator.setup does after each setup_caches
+        assert all(type(layer) is Int4DecodeBlock for layer in folded.layers)
+        assert block.rope_inv_freq is folded.inv_freq and block.rope_row_start is folded.row_start
+    for m in (plain, folded):  # two slots of left padding: RoPE's position is the slot minus row_start
+        m.set_row_starts(torch.full((1,), 2, dtype=torch.int32))
 
     calls = []
 
@@ -565,8 +565,6 @@ def test_int4_decode_block_step_equals_transformer_blocks(tmp_path, monkeypatch)
     monkeypatch.setattr(int4_mma, "int4_mma_norm_rope_kv", counted(int4_mma.norm_rope_kv_reference))
     monkeypatch.setattr(int4_mma, "int4_mma_residual", counted(int4_mma.residual_reference))
     monkeypatch.setattr(int4_mma, "int4_mma_norm_glu", counted(int4_mma.norm_glu_reference))
-    for layer in folded.layers:
-        layer.__class__ = Int4DecodeBlock
     ids = torch.randint(0, 96, (1, 12))
     with torch.no_grad():
         want, got = plain(ids[:, :8], torch.arange(8)), folded(ids[:, :8], torch.arange(8))  # prefill: plain blocks
