@@ -783,7 +783,7 @@ def test_int4_mma_model_matches_dequantize_then_compute(float_checkpoint, tmp_pa
     assert int4_mma_decode_calls(model, ids, want, monkeypatch, "int4_mma_gemv")
 
 
-def int4_mma_decode_calls(model, ids, want, monkeypatch, kernel_name: str) -> int:
+def int4_mma_decode_calls(model, ids, want, monkeypatch, kernel_name: str, prepare=None) -> int:
     """Teacher-forced decode of ids eager and compiled (CUDA graphs), each within the int4 tolerance of want; the
     eager run's calls of int4_mma.<kernel_name> (counted, so the decode steps are known to go through it)."""
     import int4_mma
@@ -793,7 +793,7 @@ def int4_mma_decode_calls(model, ids, want, monkeypatch, kernel_name: str) -> in
     for compiled in (False, True):
         spy = kernel if compiled else (lambda *args: calls.append(1) or kernel(*args))
         monkeypatch.setattr(int4_mma, kernel_name, spy)
-        got = teacher_forced_logits(model, ids, len(PROMPTS[0]), compiled)
+        got = teacher_forced_logits(model, ids, len(PROMPTS[0]), compiled, prepare)
         err = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
         assert err < 3e-2, f"compiled={compiled}: worst step's relative error {err:.2e}"
         torch._dynamo.reset()
@@ -829,11 +829,12 @@ def test_int4_mma_folds_equal_their_references(dim, n_heads, n_kv_heads, interme
     args = (w13.weight, groupsize, w13.scales_and_zeros, norm_weight, 1e-5)
     close(int4_mma.int4_mma_norm_glu(x, *args), int4_mma.norm_glu_reference(x, *args), "norm, GLU")
 
-    angles = torch.cat([torch.arange(D // 2, device="cuda") * 0.37] * 2)
-    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    # position 37 - 5: the kernel makes the angles of slot minus row_start from the model's inv_freq
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device="cuda").float() / D))
+    row_start = torch.tensor([5], dtype=torch.int32, device="cuda")
     caches = [torch.randn(1, n_kv_heads, 64, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     want_k, want_v = (c.clone() for c in caches)
-    args = (wqkv.weight, groupsize, wqkv.scales_and_zeros, norm_weight, 1e-5, cos, sin)
+    args = (wqkv.weight, groupsize, wqkv.scales_and_zeros, norm_weight, 1e-5, inv_freq, row_start)
     want_q = int4_mma.norm_rope_kv_reference(x, *args, want_k, want_v, slot, n_heads)
     k, v = (c.clone() for c in caches)
     close(int4_mma.int4_mma_norm_rope_kv(x, *args, k, v, slot, n_heads), want_q, "q")
@@ -867,10 +868,12 @@ def test_int4_decode_blocks_match_dequantize_then_compute(float_checkpoint, tmp_
     ids = PROMPTS[0] + [int(t) for t in torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(2))]
     want = teacher_forced_logits(reference, ids, len(PROMPTS[0]), compiled=False)
     model, _ = load_model(qdir, torch.device("cuda"), torch.bfloat16)
-    model.setup_caches(1, len(ids))
-    quantize.use_int4_decode_blocks(model)
-    assert all(type(layer) is quantize.Int4DecodeBlock for layer in model.layers)
-    calls = int4_mma_decode_calls(model, ids, want, monkeypatch, "int4_mma_norm_rope_kv")
+
+    def use_blocks(model):
+        quantize.use_int4_decode_blocks(model)
+        assert all(type(layer) is quantize.Int4DecodeBlock for layer in model.layers)
+
+    calls = int4_mma_decode_calls(model, ids, want, monkeypatch, "int4_mma_norm_rope_kv", use_blocks)
     assert calls == (len(ids) - 1 - len(PROMPTS[0])) * len(model.layers)
 
 
@@ -905,8 +908,9 @@ def dequantized_reference(quantized_dir) -> Transformer:
     return model
 
 
-def teacher_forced_logits(model, ids: list[int], prompt_len: int, compiled: bool) -> torch.Tensor:
-    """Logits [steps, V] of the decode steps that read ids[prompt_len:], one token at a time."""
+def teacher_forced_logits(model, ids: list[int], prompt_len: int, compiled: bool, prepare=None) -> torch.Tensor:
+    """Logits [steps, V] of the decode steps that read ids[prompt_len:], one token at a time; prepare(model) runs
+    once the caches are made (as Generator.setup's kernel choices do)."""
     device = model.tok_embeddings.weight.device
 
     def step(model, token, input_pos):
@@ -915,6 +919,8 @@ def teacher_forced_logits(model, ids: list[int], prompt_len: int, compiled: bool
     step_fn = torch.compile(step, mode="reduce-overhead", fullgraph=True) if compiled else step
     model.setup_caches(1, len(ids))
     model.set_row_starts(torch.zeros(1, dtype=torch.int32, device=device))
+    if prepare is not None:
+        prepare(model)
     tokens = torch.tensor([ids], device=device)
     out = []
     with torch.no_grad():
