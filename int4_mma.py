@@ -612,7 +612,7 @@ def _fold(x, weight, groupsize, scales_and_zeros, kind, norm_weight=None, eps=0.
     return build().int4_mma_fold(
         x.contiguous(),
         weight,
-        scales_and_zeros,
+        scales_and_zeros.contiguous(),
         groupsize,
         max(config(scales_and_zeros.shape[1], x.shape[1])["warps"], FOLD_WARPS[0]),  # the folds' builds
         kind,
