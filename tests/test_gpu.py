@@ -767,14 +767,16 @@ def test_int4_mma_gemv_equals_tinygemm(n, k, groupsize, monkeypatch):
         assert torch.allclose(got_rows[0].float(), got[0].float(), rtol=1e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize("groupsize", [64, 128])
-def test_int4_mma_model_matches_dequantize_then_compute(float_checkpoint, tmp_path, monkeypatch, groupsize):
-    """An int4 checkpoint decoded with FASTGEN_INT4_MMA=1 (its batch-1 linears through int4_mma), eager and
-    compiled (CUDA graphs), is within the int4 tolerance of the dequantize-then-compute reference."""
+@pytest.mark.parametrize("groupsize,pdl", [(64, False), (128, True)])
+def test_int4_mma_model_matches_dequantize_then_compute(float_checkpoint, tmp_path, monkeypatch, groupsize, pdl):
+    """An int4 checkpoint decoded through int4_mma (its batch-1 linears), eager and compiled (CUDA graphs), is within
+    the int4 tolerance of the dequantize-then-compute reference; with FASTGEN_INT4_PDL=1 too (launched with PDL,
+    each kernel waits for the one before it in-kernel)."""
     import int4_mma
     from quantize import quantize_checkpoint
 
     monkeypatch.setattr(int4_mma, "ENABLED", True)
+    monkeypatch.setattr(int4_mma, "PDL", pdl)
     qdir = quantize_checkpoint(float_checkpoint, "int4", groupsize, output_dir=tmp_path / "int4")
     reference = dequantized_reference(qdir)
     ids = PROMPTS[0] + [int(t) for t in torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(2))]
