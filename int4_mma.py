@@ -579,26 +579,21 @@ def residual_reference(x, weight, groupsize, scales_and_zeros, residual):
 
 def norm_glu_reference(x, weight, groupsize, scales_and_zeros, norm_weight, eps):
     """x [1, K] -> SiLU(gate) * up [1, N / 2] of w13 = [gate; up] over RMSNorm(x): FeedForward's hidden."""
-    gate, up = int4_product(rms_normed(x, norm_weight, eps), weight, groupsize, scales_and_zeros).chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
+    from gemv import glu_output
 
-
-def rope_angles(inv_freq, row_start, slot, dtype):
-    """cos, sin [D] of the token at slot, as Transformer.forward makes them (position = slot - row_start)."""
-    freqs = (slot.view(1) - row_start[:1]).clamp(min=0).float() * inv_freq  # [D / 2]
-    angles = torch.cat((freqs, freqs))
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return glu_output(int4_product(rms_normed(x, norm_weight, eps), weight, groupsize, scales_and_zeros))
 
 
 def norm_rope_kv_reference(
     x, weight, groupsize, scales_and_zeros, norm_weight, eps, inv_freq, row_start, k_cache, v_cache, slot, n_heads
 ):
-    """x [1, K] -> wqkv over RMSNorm(x), then kv_attention.rope_write_kv_reference with rope_angles: k and v written
-    at slot, q [1, Hq, 1, D] returned."""
+    """x [1, K] -> wqkv over RMSNorm(x), then kv_attention.rope_write_kv_reference at the token's angles (its
+    position: slot - row_start, as Transformer.forward takes it): k and v written at slot, q [1, Hq, 1, D] returned."""
     import kv_attention
+    from model import rope_cos_sin
 
     qkv = int4_product(rms_normed(x, norm_weight, eps), weight, groupsize, scales_and_zeros)
-    cos, sin = rope_angles(inv_freq, row_start, slot, x.dtype)
+    cos, sin = rope_cos_sin((slot.view(1) - row_start[:1]).clamp(min=0), inv_freq, x.dtype)
     return kv_attention.rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot, n_heads, None, None, 0.0)
 
 

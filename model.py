@@ -255,6 +255,13 @@ def cache_attention_at_decode(q, cache, row_start, q_slot, sliding_window: int |
     return cache.attend_at_decode(q, row_start, q_slot, sliding_window)
 
 
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """RoPE's cos and sin [..., D] (rotate-half layout: both halves share an angle) at positions [...], in dtype."""
+    freqs = positions.unsqueeze(-1).float() * inv_freq  # [..., D/2]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -556,10 +563,8 @@ class Transformer(nn.Module):
         # RoPE position of a token = its slot minus its row's start, so a left-padded row sees
         # exactly the positions it would see alone.
         positions = (input_pos.view(-1, T) - self.row_start.view(B, 1)).clamp(min=0)
-        freqs = positions.unsqueeze(-1).float() * self.inv_freq  # [B, T, D/2]
-        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, T, D]
         x = self.tok_embeddings(tokens)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = (t.unsqueeze(1) for t in rope_cos_sin(positions, self.inv_freq, x.dtype))  # [B, 1, T, D]
         x = self.run_layers(x, cos, sin, attend, input_pos)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
