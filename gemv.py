@@ -1152,7 +1152,10 @@ def use_decode_kernels(model: torch.nn.Module) -> None:
     """Give a model on a GPU this file's float decode kernels (generate.Generator.setup calls this,
     before any step is traced): its float blocks become DecodeBlock, its float experts DownMixExperts,
     its float nn.Linears DecodeLinear. The class changes in place, so the parameters are not copied;
-    quantized linears (quantize.py's) and everything on the CPU stay as they are."""
+    quantized linears (quantize.py's) and everything on the CPU stay as they are; int4 blocks are
+    quantize.use_int4_decode_blocks' to pick (FASTGEN_INT4_FOLD=1)."""
+    from quantize import use_int4_decode_blocks  # quantize imports this file
+
     for module in model.modules():
         if fusable_block(module) and fused_by_default(module):
             module.__class__ = DecodeBlock
@@ -1160,3 +1163,4 @@ def use_decode_kernels(model: torch.nn.Module) -> None:
             module.__class__ = DownMixExperts
         elif type(module) is torch.nn.Linear and available(module.weight) and module.weight.is_floating_point():
             module.__class__ = DecodeLinear
+    use_int4_decode_blocks(model)

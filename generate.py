@@ -37,7 +37,6 @@ from checkpoint import load_model  # noqa: E402
 from common import DTYPES, peak_memory_bytes, write_json_atomic  # noqa: E402
 from errors import FastgenError  # noqa: E402
 from model import KVCache, Transformer, TransformerBlock  # noqa: E402
-from quantize import use_int4_decode_blocks  # noqa: E402
 from speculative import DraftMismatch, SpeculationStats, accept, check_same_tokens, draw, propose_by_lookup  # noqa: E402
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-135M-Instruct"
@@ -492,7 +491,6 @@ class Generator:
             compute_dtype = m.tok_embeddings.weight.dtype
             m.setup_caches(batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype))
         gemv.use_decode_kernels(m)
-        use_int4_decode_blocks(m)  # FASTGEN_INT4_FOLD=1
         # the target's blocks only: a draft's steps compile whole (fullgraph)
         if kv_attention.pdl_applies(self.device) and (self.compile_around_blocks or self.compile_blocks):
             gemv.run_blocks_eager_under_compile(m)
@@ -508,7 +506,6 @@ class Generator:
                     batch_size, max_seq_len, kv_cache_dtype, kv_cache_class(kv_cache_dtype, compute_dtype)
                 )
                 gemv.use_decode_kernels(spec.draft)
-                use_int4_decode_blocks(spec.draft)
             # Each row's text by slot (prompt, generated tokens, its last token at its position): the
             # tokens prompt lookup searches and the draft is fed. One spare slot: a step writes its
             # tokens after the last token.

@@ -42,7 +42,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from errors import FastgenError, first_line
-from model import Experts, FeedForward, KVCache, RMSNorm, TransformerBlock, write_slots
+from model import Experts, FeedForward, KVCache, RMSNorm, Transformer, TransformerBlock, write_slots
 
 QUANTIZED_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 
@@ -353,9 +353,9 @@ def use_int4_decode_blocks(model: nn.Module) -> None:
     """With FASTGEN_INT4_FOLD=1 and int4_mma built (by an int4 model packed for a GPU), make the model's fitting int4
     blocks Int4DecodeBlocks (in place: no parameter is copied) holding the model's inv_freq and row_start, and blocks
     that no longer fit (a new cache: quantized, another batch) TransformerBlocks again. Call it after every
-    setup_caches (which makes a new row_start); generate.Generator.setup does."""
-    if not (int4_mma.FOLD_ENABLED and int4_mma.built()):
-        return
+    setup_caches (which makes a new row_start): gemv.use_decode_kernels does, which Generator.setup calls."""
+    if not (int4_mma.FOLD_ENABLED and int4_mma.built() and isinstance(model, Transformer)):
+        return  # (the blocks take the Transformer's inv_freq and row_start)
     for module in model.modules():
         if type(module) is Int4DecodeBlock:
             module.__class__ = TransformerBlock
