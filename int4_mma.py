@@ -28,6 +28,7 @@ import sys
 import torch
 
 from errors import FastgenError, first_line
+from model import rms_norm, rope_cos_sin
 
 # FASTGEN_INT4_MMA: unset, Int4Linear's CUDA calls of up to MAX_ROWS rows go through int4_mma_gemv where nvcc builds
 # the kernel, and stay on tinygemm (with one warning) where it cannot; "1" makes a failed build an error; "0" keeps
@@ -566,12 +567,6 @@ def int4_product(x, weight, groupsize, scales_and_zeros) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, groupsize, scales_and_zeros)
 
 
-def rms_normed(x, norm_weight, eps) -> torch.Tensor:
-    """model.RMSNorm's output for x [1, K]."""
-    x32 = x.float()
-    return norm_weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
 def residual_reference(x, weight, groupsize, scales_and_zeros, residual):
     """x [1, K] -> x W^T + residual [1, N] (the product rounded to bf16 first, as the model's linear returns it)."""
     return int4_product(x, weight, groupsize, scales_and_zeros) + residual
@@ -581,7 +576,7 @@ def norm_glu_reference(x, weight, groupsize, scales_and_zeros, norm_weight, eps)
     """x [1, K] -> SiLU(gate) * up [1, N / 2] of w13 = [gate; up] over RMSNorm(x): FeedForward's hidden."""
     from gemv import glu_output
 
-    return glu_output(int4_product(rms_normed(x, norm_weight, eps), weight, groupsize, scales_and_zeros))
+    return glu_output(int4_product(rms_norm(x, norm_weight, eps), weight, groupsize, scales_and_zeros))
 
 
 def norm_rope_kv_reference(
@@ -590,9 +585,8 @@ def norm_rope_kv_reference(
     """x [1, K] -> wqkv over RMSNorm(x), then kv_attention.rope_write_kv_reference at the token's angles (its
     position: slot - row_start, as Transformer.forward takes it): k and v written at slot, q [1, Hq, 1, D] returned."""
     import kv_attention
-    from model import rope_cos_sin
 
-    qkv = int4_product(rms_normed(x, norm_weight, eps), weight, groupsize, scales_and_zeros)
+    qkv = int4_product(rms_norm(x, norm_weight, eps), weight, groupsize, scales_and_zeros)
     cos, sin = rope_cos_sin((slot.view(1) - row_start[:1]).clamp(min=0), inv_freq, x.dtype)
     return kv_attention.rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot, n_heads, None, None, 0.0)
 

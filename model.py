@@ -174,6 +174,13 @@ def write_slots(cache: torch.Tensor, input_pos: torch.Tensor, x: torch.Tensor):
         cache.scatter_(2, input_pos.view(x.shape[0], 1, -1, 1).expand(x.shape), x)
 
 
+def rms_norm(x, weight, eps):
+    # normalise in fp32, as the reference implementations do
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-5):
         super().__init__()
@@ -181,10 +188,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32, as the reference implementations do
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
