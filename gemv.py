@@ -1153,7 +1153,7 @@ def use_decode_kernels(model: torch.nn.Module) -> None:
     before any step is traced): its float blocks become DecodeBlock, its float experts DownMixExperts,
     its float nn.Linears DecodeLinear. The class changes in place, so the parameters are not copied;
     quantized linears (quantize.py's) and everything on the CPU stay as they are; int4 blocks are
-    quantize.use_int4_decode_blocks' to pick (FASTGEN_INT4_FOLD=1)."""
+    quantize.use_int4_decode_blocks' to pick (unless FASTGEN_INT4_FOLD=0)."""
     from quantize import use_int4_decode_blocks  # quantize imports this file
 
     for module in model.modules():

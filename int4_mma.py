@@ -17,9 +17,9 @@ CUDA C++ rather than Triton: the weight must land in the mma's registers as it w
 tl.dot cannot be told (a Triton tensor-core form moved its tiles through shared memory: 6.6-8.8 instructions a
 weight). Built on first use with torch's load_inline, which needs nvcc (the CUDA toolkit) on the machine.
 
-Also here, opt-in until timed in the step: the one-row folds quantize.Int4DecodeBlock runs (FASTGEN_INT4_FOLD=1:
+Also here: the one-row folds quantize.Int4DecodeBlock runs (on by default, FASTGEN_INT4_FOLD=0 turns them off:
 RMSNorm, RoPE and the cache write, SiLU(gate) * up and the residual adds in the kernel; the fold section at the end)
-and the kernels' programmatic dependent launch (FASTGEN_INT4_PDL=1).
+and the kernels' programmatic dependent launch (opt-in FASTGEN_INT4_PDL=1: it lost, 2.328 -> 2.600 ms).
 """
 
 import os
@@ -196,14 +196,29 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
 #pragma unroll
         for (int t = 0; t < T; ++t) next[t] = __ldcs(w_tile[t] + (size_t)warp * 32);
     }
-    extern __shared__ uint32_t x_normed[];  // NORM: x times the norm's weight, bf16 pairs [K / 2]
-    __shared__ float squares[WARPS];        // NORM: each warp's share of the sum of x^2
+    extern __shared__ uint4 x_normed_words[];  // NORM: x times the norm's weight, bf16 pairs [K / 2]
+    uint32_t* x_normed = reinterpret_cast<uint32_t*>(x_normed_words);
+    __shared__ float squares[WARPS];  // NORM: each warp's share of the sum of x^2
     if (NORM) {
+        // 16 bytes a load, unrolled: the block's loads of x are in flight together (8 dependent 4-byte rounds at K
+        // 4096 before: the folds' GEMVs took ~6 us a layer more than plain ones, H100 2026-12-06)
         float x_squares = 0.f;
-        for (int i = threadIdx.x; i < S * 64; i += WARPS * 32) {
-            const uint32_t v = __ldg(x_pairs + i);
+        const auto stage = [&](uint32_t v, uint32_t g) {
             x_squares = fmaf(bf16_low(v), bf16_low(v), fmaf(bf16_high(v), bf16_high(v), x_squares));
-            x_normed[i] = mul_bf16x2(v, __ldg(fold.norm_weight + i));  // bf16, as RMSNorm's output is
+            return mul_bf16x2(v, g);  // bf16, as RMSNorm's output is
+        };
+        if (((reinterpret_cast<uintptr_t>(x_pairs) | reinterpret_cast<uintptr_t>(fold.norm_weight)) & 15) == 0) {
+            const uint4* x_words = reinterpret_cast<const uint4*>(x_pairs);
+            const uint4* g_words = reinterpret_cast<const uint4*>(fold.norm_weight);
+#pragma unroll 4
+            for (int i = threadIdx.x; i < S * 16; i += WARPS * 32) {
+                const uint4 v = __ldg(x_words + i), g = __ldg(g_words + i);
+                x_normed_words[i] = make_uint4(stage(v.x, g.x), stage(v.y, g.y), stage(v.z, g.z), stage(v.w, g.w));
+            }
+        } else {  // x a view 4 bytes past a 16-byte boundary
+#pragma unroll 4
+            for (int i = threadIdx.x; i < S * 64; i += WARPS * 32)
+                x_normed[i] = stage(__ldg(x_pairs + i), __ldg(fold.norm_weight + i));
         }
 #pragma unroll
         for (int offset = 16; offset > 0; offset >>= 1) x_squares += __shfl_xor_sync(0xFFFFFFFFu, x_squares, offset);
@@ -556,9 +571,9 @@ def _(x, weight, groupsize, scales_and_zeros):
 # ----------------------------------------------------------------------------- one row with the block folded in
 # Int4DecodeBlock (quantize.py) runs a batch-1 decode step of an int4 block as four of these kernels and the
 # attention: the RMSNorms into wqkv's and w13's loops, RoPE and the cache write into wqkv's store, SiLU(gate) * up
-# into w13's, the residual adds into wo's and w2's, where Inductor's step had 12 kernels a layer. Opt-in
-# (FASTGEN_INT4_FOLD=1) until its GPU tests have run on a GPU.
-FOLD_ENABLED = os.environ.get("FASTGEN_INT4_FOLD", "0") == "1"
+# into w13's, the residual adds into wo's and w2's, where Inductor's step had 12 kernels a layer. On by default
+# (the int4-g64 Llama-3-8B step 2.328 -> 2.266 ms, H100 2026-12-06); FASTGEN_INT4_FOLD=0 turns it off.
+FOLD_ENABLED = os.environ.get("FASTGEN_INT4_FOLD", "1") != "0"
 
 
 def int4_product(x, weight, groupsize, scales_and_zeros) -> torch.Tensor:
@@ -593,7 +608,7 @@ def norm_rope_kv_reference(
 
 
 def fold_applies(x: torch.Tensor, weight: torch.Tensor, groupsize: int) -> bool:
-    """FASTGEN_INT4_FOLD=1 and int4_mma applies to one bf16 row."""
+    """The folds on (FASTGEN_INT4_FOLD not 0) and int4_mma applies to one bf16 row."""
     return FOLD_ENABLED and x.shape[0] == 1 and x.dtype == torch.bfloat16 and applies(x, weight, groupsize)
 
 

@@ -279,10 +279,10 @@ class Int4Linear(nn.Module):
 
 
 class Int4DecodeBlock(TransformerBlock):
-    """A dense block of Int4Linears whose batch-1 decode step (one bf16 token on a GPU, FASTGEN_INT4_FOLD=1) runs as
-    four int4_mma kernels and the attention: attention_norm, RoPE and the cache write folded into wqkv's, the
-    residual add into wo's, ffn_norm and SiLU(gate) * up into w13's, the residual add into w2's. Every other call is
-    TransformerBlock's. use_int4_decode_blocks picks the blocks and gives each the model's RoPE inputs (inv_freq,
+    """A dense block of Int4Linears whose batch-1 decode step (one bf16 token on a GPU) runs as four int4_mma kernels
+    (FASTGEN_INT4_FOLD=0 turns them off) and the attention: attention_norm, RoPE and the cache write folded into
+    wqkv's, the residual add into wo's, ffn_norm and SiLU(gate) * up into w13's, the residual add into w2's. Every
+    other call is TransformerBlock's. use_int4_decode_blocks picks the blocks and gives each the model's RoPE inputs (inv_freq,
     row_start: the wqkv kernel makes the token's angles from them, not from cos / sin; see int4_mma_norm_rope_kv)."""
 
     rope_inv_freq: torch.Tensor  # the model's inv_freq [D / 2]
@@ -350,9 +350,9 @@ def int4_decode_block_fits(block: nn.Module) -> bool:
 
 
 def use_int4_decode_blocks(model: nn.Module) -> None:
-    """With FASTGEN_INT4_FOLD=1 and int4_mma built (by an int4 model packed for a GPU), make the model's fitting int4
-    blocks Int4DecodeBlocks (in place: no parameter is copied) holding the model's inv_freq and row_start, and blocks
-    that no longer fit (a new cache: quantized, another batch) TransformerBlocks again. Call it after every
+    """Unless FASTGEN_INT4_FOLD=0, with int4_mma built (by an int4 model packed for a GPU), make the model's fitting
+    int4 blocks Int4DecodeBlocks (in place: no parameter is copied) holding the model's inv_freq and row_start, and
+    blocks that no longer fit (a new cache: quantized, another batch) TransformerBlocks again. Call it after every
     setup_caches (which makes a new row_start): gemv.use_decode_kernels does, which Generator.setup calls."""
     if not (int4_mma.FOLD_ENABLED and int4_mma.built() and isinstance(model, Transformer)):
         return  # (the blocks take the Transformer's inv_freq and row_start)

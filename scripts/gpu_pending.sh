@@ -184,7 +184,7 @@ int4grid)
     summary+=("  $(tail -n 1 "$out/int4_tests.txt")")
     summary+=("$(grep -E '^FAILED' "$out/int4_tests.txt" | head -6)")
     best="" best_ms=99
-    for pdl in 0 1; do
+    for pdl in ${INT4_GRID_PDL:-0 1}; do  # INT4_GRID_PDL=0: PDL off only
         for fold in 0 1; do
             summary+=("FASTGEN_INT4_FOLD=$fold FASTGEN_INT4_PDL=$pdl:")
             FASTGEN_INT4_FOLD=$fold FASTGEN_INT4_PDL=$pdl decode "int4_g64_fold${fold}_pdl$pdl" 80 \
