@@ -282,8 +282,9 @@ class Int4DecodeBlock(TransformerBlock):
     """A dense block of Int4Linears whose batch-1 decode step (one bf16 token on a GPU) runs as four int4_mma kernels
     (FASTGEN_INT4_FOLD=0 turns them off) and the attention: attention_norm, RoPE and the cache write folded into
     wqkv's, the residual add into wo's, ffn_norm and SiLU(gate) * up into w13's, the residual add into w2's. Every
-    other call is TransformerBlock's. use_int4_decode_blocks picks the blocks and gives each the model's RoPE inputs (inv_freq,
-    row_start: the wqkv kernel makes the token's angles from them, not from cos / sin; see int4_mma_norm_rope_kv)."""
+    other call is TransformerBlock's. use_int4_decode_blocks picks the blocks and gives each the model's RoPE inputs
+    (inv_freq, row_start: the wqkv kernel makes the token's angles from them, not from cos / sin; see
+    int4_mma_norm_rope_kv)."""
 
     rope_inv_freq: torch.Tensor  # the model's inv_freq [D / 2]
     rope_row_start: torch.Tensor  # the model's row_start [B], made by setup_caches
