@@ -187,8 +187,8 @@ int4grid)
     for pdl in ${INT4_GRID_PDL:-0 1}; do  # INT4_GRID_PDL=0: PDL off only
         for fold in 0 1; do
             summary+=("FASTGEN_INT4_FOLD=$fold FASTGEN_INT4_PDL=$pdl:")
-            FASTGEN_INT4_FOLD=$fold FASTGEN_INT4_PDL=$pdl decode "int4_g64_fold${fold}_pdl$pdl" 80 \
-                --model llama-3-8b --weights int4-g64 --new-tokens 200
+            FASTGEN_INT4_FOLD=$fold FASTGEN_INT4_PDL=$pdl TORCH_LOGS=${INT4_GRID_LOGS:-} \
+                decode "int4_g64_fold${fold}_pdl$pdl" 80 --model llama-3-8b --weights int4-g64 --new-tokens 200 --top 14
             ms=$(grep -ohE "replayed step [0-9.]+" "$out/int4_g64_fold${fold}_pdl$pdl.txt" | grep -oE "[0-9.]+$")
             if [ -n "$ms" ] && awk "BEGIN{exit !($ms < $best_ms)}"; then best="$fold $pdl" best_ms=$ms; fi
         done
