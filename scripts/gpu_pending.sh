@@ -29,8 +29,8 @@
 #                                          #   without and with them
 #   bash scripts/gpu_pending.sh int4grid   # ~9 min: the int4 GPU tests, the int4-g64 step with the folds and PDL
 #                                          #   (FASTGEN_INT4_FOLD / _PDL) off and on, bench.py B1 with the fastest
-#   bash scripts/gpu_pending.sh tierint4   # ~9.5 min: tests-parallel (6.5 min at most), then the int4-g64 step and
-#                                          #   bench.py's int4 B1 rows: one machine start for both
+#   bash scripts/gpu_pending.sh tierint4   # ~8 min: the int4-g64 step and bench.py's int4 B1 rows, then the whole
+#                                          #   tier in TIER_LIMIT_S (240 s): one machine start for both
 #   bash scripts/gpu_pending.sh int4foldbench  # ~5 min: bench.py's int4 g64/g128 rows at B1 and B8 with the env given
 #   bash scripts/gpu_pending.sh int4probe  # ~8 min: int4_mma's tiles (the probe's whole grid) and 8 rows a weight pass
 #   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
@@ -203,17 +203,18 @@ int4grid)
     summary+=("$(grep -E '^\| llama' "$out/int4_bench.txt")")
     ;;
 tierint4)
-    # the whole tier (4 min less than tests-parallel's limit), then the default int4-g64 step (the folds on) and
-    # bench.py's g64 / g128 B1 rows: one call when only one machine start is left
+    # the default int4-g64 step (the folds on; the first process builds int4_mma) and bench.py's g64 / g128 B1 rows,
+    # then the whole tier in what is left: one call when only one machine start is left. Write into $OUT itself:
+    # a call cut short still brings back what is there
+    decode int4_g64 150 --model llama-3-8b --weights int4-g64 --new-tokens 200 --top 14
+    step int4_bench 80 python scripts/bench.py --suite smoke --models llama-3-8b --ctx 16 --cache just --compile \
+        --new-tokens 200 --runs 3 --no-hf --no-cold-start --weights int4-g64,int4-g128 --batch 1 \
+        --time-budget-s 75 --out-dir "$out/int4_bench"
+    summary+=("$(grep -E '^\| llama' "$out/int4_bench.txt")")
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    step tier 390 python -m pytest -m gpu -q -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
+    step tier "${TIER_LIMIT_S:-240}" python -m pytest -m gpu -q -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
-    TORCH_LOGS=output_code decode int4_g64 70 --model llama-3-8b --weights int4-g64 --new-tokens 200 --top 14
-    step int4_bench 100 python scripts/bench.py --suite smoke --models llama-3-8b --ctx 16 --cache just --compile \
-        --new-tokens 200 --runs 3 --no-hf --no-cold-start --weights int4-g64,int4-g128 --batch 1 \
-        --time-budget-s 90 --out-dir "$out/int4_bench"
-    summary+=("$(grep -E '^\| llama' "$out/int4_bench.txt")")
     ;;
 int4foldbench)
     # bench.py's int4 rows (issue 10's instrument) with the env given (e.g. FASTGEN_INT4_FOLD=1 FASTGEN_INT4_PDL=1)
