@@ -31,6 +31,7 @@
 #                                          #   (FASTGEN_INT4_FOLD / _PDL) off and on, bench.py B1 with the fastest
 #   bash scripts/gpu_pending.sh tierint4   # ~8 min: the int4-g64 step and bench.py's int4 B1 rows, then the whole
 #                                          #   tier in TIER_LIMIT_S (240 s): one machine start for both
+#   bash scripts/gpu_pending.sh foldcheck  # ~4 min: the folds' and the bf16 decode attention's tests, the int4 step
 #   bash scripts/gpu_pending.sh int4foldbench  # ~5 min: bench.py's int4 g64/g128 rows at B1 and B8 with the env given
 #   bash scripts/gpu_pending.sh int4probe  # ~8 min: int4_mma's tiles (the probe's whole grid) and 8 rows a weight pass
 #   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
@@ -216,6 +217,15 @@ tierint4)
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
     ;;
+foldcheck)
+    # the least that checks f494d96 / 9d4629d on a GPU: the folds' tests (the first builds int4_mma, ~1.5 min) and
+    # the bf16 cache's decode attention tests, then the default int4-g64 step (the folds on)
+    step fold_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k \
+        "int4_mma_folds or int4_decode_blocks or unquantized_decode_attention or split_kv_cache_decodes"
+    summary+=("  $(tail -n 1 "$out/fold_tests.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/fold_tests.txt" | head -6)")
+    decode int4_g64 80 --model llama-3-8b --weights int4-g64 --new-tokens 200 --top 14
+    ;;
 int4foldbench)
     # bench.py's int4 rows (issue 10's instrument) with the env given (e.g. FASTGEN_INT4_FOLD=1 FASTGEN_INT4_PDL=1)
     step int4_bench 280 python scripts/bench.py --suite smoke --models llama-3-8b --ctx 16 --cache just --compile \
@@ -317,7 +327,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4fold, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4fold, int4grid, tierint4, foldcheck, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac
