@@ -178,8 +178,8 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
         w_tile[t] = w + (size_t)min(tile_ids[t], tiles - 1) * S * 32 + lane;
     // Launched with PDL (pdl, the host's choice), this block may start while the kernel before it finishes: it asks
     // L2 for its weights (no kernel writes them; one lane a 128-byte line) and waits before it reads x or the scales'
-    // neighbours. Without PDL the wait returns at once, and the prefetch is skipped: run always, it slowed the plain
-    // int4-g64 step 2.364 -> 2.641 ms (H100, 2026-12-06).
+    // neighbours. Without PDL the wait returns at once, and the prefetch is skipped: run on every launch, the plain
+    // int4-g64 step read 2.641 ms, skipped 2.328 (H100, 2026-12-06, two calls).
 #if __CUDA_ARCH__ >= 900  // griddepcontrol: sm_90+ (an A100 build has neither, and launches without PDL)
     if (pdl && (lane & 7) == 0) {
         for (int s = warp; s < S; s += WARPS)
