@@ -830,7 +830,7 @@ def test_int4_mma_folds_equal_their_references(dim, n_heads, n_kv_heads, interme
     close(int4_mma.int4_mma_residual(heads, *args), int4_mma.residual_reference(heads, *args), "residual")
     args = (w13.weight, groupsize, w13.scales_and_zeros, norm_weight, 1e-5)
     close(int4_mma.int4_mma_norm_glu(x, *args), int4_mma.norm_glu_reference(x, *args), "norm, GLU")
-    # x 4 bytes past a 16-byte boundary: the staging's 4-byte loads, not its 16-byte ones
+    # x 4 bytes past a 16-byte boundary (a view): a staging of x with 16-byte loads must not take it (f494d96)
     x_unaligned = torch.cat([x.new_zeros(2), x.flatten()])[2:].view(1, dim)
     assert x_unaligned.data_ptr() % 16 == 4 and x_unaligned.is_contiguous()
     close(int4_mma.int4_mma_norm_glu(x_unaligned, *args), int4_mma.norm_glu_reference(x, *args), "unaligned x")
