@@ -482,7 +482,8 @@ def load(name="fastgen_int4_mma", **builds):
 # Programmatic dependent launch of these kernels (kv_attention.PDL's mechanism, sm_90+): each may start while the
 # kernel before it finishes, asks L2 for its weights, then waits for it; once its main loop is done the next
 # kernel may launch. Inside a compiled step too: the custom op launches the kernel itself, and the CUDA graph keeps
-# the attribute. Opt-in (FASTGEN_INT4_PDL=1) until timed in the int4 step.
+# the attribute. Opt-in (FASTGEN_INT4_PDL=1): it lost in the int4-g64 step, 2.328 -> 2.600 ms plain and 2.266 ->
+# 2.509 with the folds (H100, 2026-12-06), its weights' L2 prefetch costing more than the overlap gained.
 PDL = os.environ.get("FASTGEN_INT4_PDL", "0") == "1"
 
 
@@ -562,7 +563,8 @@ FOLD_ENABLED = os.environ.get("FASTGEN_INT4_FOLD", "1") != "0"
 
 
 def int4_product(x, weight, groupsize, scales_and_zeros) -> torch.Tensor:
-    """tinygemm's product on x's device (the CPU kernel takes its own layout): the references' linear."""
+    """tinygemm's product on x's device (the CPU kernel takes its own layout): Int4Linear's linear where int4_mma
+    does not apply, and the folds' references'."""
     if x.is_cuda:
         return torch.ops.aten._weight_int4pack_mm(x, weight, groupsize, scales_and_zeros)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, groupsize, scales_and_zeros)

@@ -270,10 +270,8 @@ class Int4Linear(nn.Module):
         if int4_mma.applies(x2, self.weight, self.groupsize):
             # decode (1-8 rows): the CUDA tensor-core kernel over the same packed weight (where nvcc built it)
             y = int4_mma.int4_mma_gemv(x2, self.weight, self.groupsize, sz)
-        elif x.is_cuda:
-            y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), self.weight, self.groupsize, sz)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.groupsize, sz)
+        else:  # tinygemm, CUDA or CPU (each device's own packed layout)
+            y = int4_mma.int4_product(x2.contiguous(), self.weight, self.groupsize, sz)
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
