@@ -502,8 +502,9 @@ if triton is not None:
         G_PAD, D_PAD = max(16, triton.next_power_of_2(G)), triton.next_power_of_2(D)  # >= 16: tl.dot's smallest M
         splits = num_splits(B, n_kv_heads, S, TARGET_PROGRAMS_QUANTIZED if has_scales else TARGET_PROGRAMS)
         y = torch.empty((B, n_heads, 1, D), dtype=q.dtype, device=q.device)
-        if splits == 1:  # the split writes y itself: no partials (q stands in, an input, never touched)
-            acc = running_max = running_sum = q
+        if splits == 1:  # the split writes y itself: no partials (y stands in, never touched as them: passing q,
+            # an input, would let the compiler take q for written, and copy it first)
+            acc = running_max = running_sum = y
         else:
             parts = (B * n_kv_heads, splits, G_PAD)
             acc = torch.empty((*parts, D_PAD), dtype=torch.float32, device=q.device)
