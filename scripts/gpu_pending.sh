@@ -32,8 +32,6 @@
 #   bash scripts/gpu_pending.sh tierint4   # ~8 min: the int4-g64 step and bench.py's int4 B1 rows, then the whole
 #                                          #   tier in TIER_LIMIT_S (240 s): one machine start for both
 #   bash scripts/gpu_pending.sh foldcheck  # ~4 min: the folds' and the bf16 decode attention's tests, the int4 step
-#   bash scripts/gpu_pending.sh foldtiles  # ~5 min: the norm folds at 2 / 4 tiles a block: tests, the int4 step
-#   bash scripts/gpu_pending.sh foldall    # ~8 min: foldcheck + foldtiles, then bench.py's int4 B1 rows at the faster
 #   bash scripts/gpu_pending.sh int4foldbench  # ~5 min: bench.py's int4 g64/g128 rows at B1 and B8 with the env given
 #   bash scripts/gpu_pending.sh int4probe  # ~8 min: int4_mma's tiles (the probe's whole grid) and 8 rows a weight pass
 #   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
@@ -228,40 +226,6 @@ foldcheck)
     summary+=("$(grep -E '^FAILED' "$out/fold_tests.txt" | head -6)")
     decode int4_g64 80 --model llama-3-8b --weights int4-g64 --new-tokens 200 --top 14
     ;;
-foldtiles)
-    # the norm folds at 4 tiles a block (FASTGEN_INT4_FOLD_TILES=4, branch int4-fold-tiles): their tests at 2 and 4
-    # tiles, then the int4-g64 step at 2, 4, 2 tiles (2.266 ms at 2 on the H100, fifteenth session)
-    step foldtiles_tests 170 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k \
-        "int4_mma_folds or int4_decode_blocks"
-    summary+=("  $(tail -n 1 "$out/foldtiles_tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/foldtiles_tests.txt" | head -6)")
-    for tiles in 2 4 2; do
-        summary+=("FASTGEN_INT4_FOLD_TILES=$tiles:")
-        FASTGEN_INT4_FOLD_TILES=$tiles decode "int4_g64_tiles$tiles" 80 --model llama-3-8b --weights int4-g64 \
-            --new-tokens 200 --top 14
-    done
-    ;;
-foldall)
-    # foldcheck and foldtiles in one machine start, then bench.py's B1 rows with the faster tiling: the folds' and
-    # the bf16 decode attention's tests (2 and 4 tiles), the int4-g64 step at 2 and 4 tiles a block
-    step fold_tests 170 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k \
-        "int4_mma_folds or int4_decode_blocks or unquantized_decode_attention or split_kv_cache_decodes"
-    summary+=("  $(tail -n 1 "$out/fold_tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/fold_tests.txt" | head -6)")
-    best=2 best_ms=99
-    for tiles in 2 4; do
-        summary+=("FASTGEN_INT4_FOLD_TILES=$tiles:")
-        FASTGEN_INT4_FOLD_TILES=$tiles decode "int4_g64_tiles$tiles" 80 --model llama-3-8b --weights int4-g64 \
-            --new-tokens 200 --top 14
-        ms=$(grep -ohE "replayed step [0-9.]+" "$out/int4_g64_tiles$tiles.txt" | grep -oE "[0-9.]+$")
-        if [ -n "$ms" ] && awk "BEGIN{exit !($ms < $best_ms)}"; then best=$tiles best_ms=$ms; fi
-    done
-    summary+=("bench.py with FASTGEN_INT4_FOLD_TILES=$best ($best_ms ms):")
-    FASTGEN_INT4_FOLD_TILES=$best step int4_bench 120 python scripts/bench.py --suite smoke --models llama-3-8b \
-        --ctx 16 --cache just --compile --new-tokens 200 --runs 3 --no-hf --no-cold-start \
-        --weights int4-g64,int4-g128 --batch 1 --time-budget-s 110 --out-dir "$out/int4_bench"
-    summary+=("$(grep -E '^\| llama' "$out/int4_bench.txt")")
-    ;;
 int4foldbench)
     # bench.py's int4 rows (issue 10's instrument) with the env given (e.g. FASTGEN_INT4_FOLD=1 FASTGEN_INT4_PDL=1)
     step int4_bench 280 python scripts/bench.py --suite smoke --models llama-3-8b --ctx 16 --cache just --compile \
@@ -363,7 +327,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4fold, int4grid, tierint4, foldcheck, foldtiles, foldall, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4fold, int4grid, tierint4, foldcheck, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac
