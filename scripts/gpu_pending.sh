@@ -31,6 +31,7 @@
 #                                          #   (FASTGEN_INT4_FOLD / _PDL) off and on, bench.py B1 with the fastest
 #   bash scripts/gpu_pending.sh tierint4   # ~8 min: the int4-g64 step and bench.py's int4 B1 rows, then the whole
 #                                          #   tier in TIER_LIMIT_S (240 s): one machine start for both
+#   bash scripts/gpu_pending.sh poicode    # ~9 min: Inductor's code around the int4 step's copy, then the tier
 #   bash scripts/gpu_pending.sh foldcheck  # ~4 min: the folds' and the bf16 decode attention's tests, the int4 step
 #   bash scripts/gpu_pending.sh int4foldbench  # ~5 min: bench.py's int4 g64/g128 rows at B1 and B8 with the env given
 #   bash scripts/gpu_pending.sh int4probe  # ~8 min: int4_mma's tiles (the probe's whole grid) and 8 rows a weight pass
@@ -217,6 +218,20 @@ tierint4)
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
     ;;
+poicode)
+    # what the int4 folds' step copies (a triton_poi_fused_1 of 1.67 us a layer, every layer, H100 2026-12-06): the
+    # step with Inductor's output code logged; keep that kernel's source and the lines of call() around its launches
+    # (the whole log is too big to bring back). Then the whole tier in what is left (TIER_LIMIT_S)
+    TORCH_LOGS=output_code decode int4_g64_code 120 --model llama-3-8b --weights int4-g64 --new-tokens 50
+    awk '/triton_poi_fused_1 = async_compile/,/device_str=/' "$out/int4_g64_code.txt" >"$out/poi_kernel.txt"
+    grep -n -B12 -A4 "triton_poi_fused_1.run" "$out/int4_g64_code.txt" | head -120 >"$out/poi_calls.txt"
+    grep -c "" "$out/int4_g64_code.txt" >"$out/code_lines.txt"
+    gzip -9 "$out/int4_g64_code.txt"  # comes back if under the size limit
+    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
+    step tier "${TIER_LIMIT_S:-420}" python -m pytest -m gpu -q -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
+    summary+=("  $(tail -n 1 "$out/tier.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
+    ;;
 foldcheck)
     # the least that checks f494d96 / 9d4629d on a GPU: the folds' tests (the first builds int4_mma, ~1.5 min) and
     # the bf16 cache's decode attention tests, then the default int4-g64 step (the folds on)
@@ -327,7 +342,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4fold, int4grid, tierint4, foldcheck, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4fold, int4grid, tierint4, poicode, foldcheck, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac
