@@ -143,19 +143,28 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
     static_assert(T % 2 == 0, "two row tiles an mma");
     static_assert(TOKENS == 1 || TOKENS == 8, "one row of x, or up to 8 in B's columns");
     constexpr bool NORM = FOLD == NORM_GLU || FOLD == NORM_ROPE;  // and two tiles a block that pair their rows
-    static_assert(!NORM || (T == 2 && TOKENS == 1), "the norm folds: one row, two paired tiles a block");
+    static_assert(!NORM || ((T == 2 || (T == 4 && FOLD == NORM_ROPE)) && TOKENS == 1),
+                  "the norm folds: one row, one tile pair a block (the RoPE fold: 1 or 2)");
+    constexpr int PAIRS = T / 2;  // NORM: tile pairs a block (gate and up tiles, or a head's d and d + D / 2 tiles)
     constexpr int COLS = TOKENS == 1 ? 1 : 2;  // D's columns a lane keeps: 2 t and 2 t + 1 (TOKENS 8)
     constexpr int WORDS_A_GROUP = GROUP / 32, GROUPS_A_SUPERTILE = 128 / GROUP;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, row = lane >> 2;  // row: A's (tile's) row g
     const int tiles = N / 8;
     int tile_ids[T];  // the block's row tiles
-    if (FOLD == NORM_GLU) {  // gate tile b, up tile b
-        tile_ids[0] = blockIdx.x;
-        tile_ids[1] = blockIdx.x + tiles / 2;
-    } else if (FOLD == NORM_ROPE) {  // head h's tile j in each half: blocks h D / 16 + j
-        const int half = fold.head_dim / 16;
-        tile_ids[0] = blockIdx.x / half * 2 * half + blockIdx.x % half;
-        tile_ids[1] = tile_ids[0] + half;
+    if (FOLD == NORM_GLU) {  // pair p: gate tile b, up tile b (b = block PAIRS + p)
+#pragma unroll
+        for (int p = 0; p < PAIRS; ++p) {
+            tile_ids[2 * p] = blockIdx.x * PAIRS + p;
+            tile_ids[2 * p + 1] = tile_ids[2 * p] + tiles / 2;
+        }
+    } else if (FOLD == NORM_ROPE) {  // pair p: head h's tile j0 + p in each half (D / 16 / PAIRS blocks a head)
+        const int half = fold.head_dim / 16, head = blockIdx.x / (half / PAIRS);
+        const int j0 = blockIdx.x % (half / PAIRS) * PAIRS;
+#pragma unroll
+        for (int p = 0; p < PAIRS; ++p) {
+            tile_ids[2 * p] = head * 2 * half + j0 + p;
+            tile_ids[2 * p + 1] = tile_ids[2 * p] + half;
+        }
     } else {
 #pragma unroll
         for (int t = 0; t < T; ++t) tile_ids[t] = blockIdx.x * T + t;
@@ -305,19 +314,21 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
 #pragma unroll
     for (int v = 0; v < WARPS; ++v) total += squares[v];
     const float inv_rms = rsqrtf(total / (S * 128) + fold.eps);  // x unpadded: K is the norm's width
-    for (int r = threadIdx.x; r < 8; r += WARPS * 32) {  // row r of the block's two tiles
+    for (int i = threadIdx.x; i < PAIRS * 8; i += WARPS * 32) {  // row r of pair p's two tiles
+        const int p = i / 8, r = i % 8;
         float a = 0.f, b = 0.f;
 #pragma unroll
         for (int v = 0; v < WARPS; ++v) {
-            a += partial[v][r];
-            b += partial[v][8 + r];
+            a += partial[v][2 * p * 8 + r];
+            b += partial[v][(2 * p + 1) * 8 + r];
         }
         a *= inv_rms;
         b *= inv_rms;
         if (FOLD == NORM_GLU) {
-            y[blockIdx.x * 8 + r] = __float2bfloat16(a / (1.f + __expf(-a)) * b);
+            y[(blockIdx.x * PAIRS + p) * 8 + r] = __float2bfloat16(a / (1.f + __expf(-a)) * b);
         } else {
-            const int D = fold.head_dim, half = D / 16, head = blockIdx.x / half, d = blockIdx.x % half * 8 + r;
+            const int D = fold.head_dim, per_head = D / 16 / PAIRS, head = blockIdx.x / per_head;
+            const int d = (blockIdx.x % per_head * PAIRS + p) * 8 + r;
             const int n_qk = fold.n_heads + fold.n_kv_heads;
             if (head < n_qk) {  // q or k: x cos + rotate_half(x) sin, the angles of Transformer.forward (bf16 cos, sin)
                 const long long position = max(*fold.slot - (long long)fold.row_start[0], 0LL);
@@ -349,7 +360,7 @@ template <int GROUP, int T, int WARPS, bool PREFETCH, int TOKENS, int FOLD>
 static void launch(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz, torch::Tensor& y,
                    const Fold& fold, bool pdl, cudaStream_t stream) {
     const int N = sz.size(1), S = x.size(1) / 128;
-    const int blocks = FOLD == NORM_GLU || FOLD == NORM_ROPE ? N / 16 : (N / 8 + T - 1) / T;
+    const int blocks = FOLD == NORM_GLU || FOLD == NORM_ROPE ? N / (8 * T) : (N / 8 + T - 1) / T;
     cudaLaunchAttribute attribute;
     attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute.val.programmaticStreamSerializationAllowed = 1;
@@ -389,13 +400,13 @@ torch::Tensor int4_mma_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, 
                 prefetch, ", ", x.size(0), " rows");
 }
 
-// One row with a FOLD (1 RESIDUAL, 2 NORM_GLU, 3 NORM_ROPE) at 2 tiles a block. Tensors a fold does not read
-// may be any tensor (x).
-torch::Tensor int4_mma_fold(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t warps,
-                            int64_t fold_kind, torch::Tensor norm_weight, double eps, torch::Tensor residual,
-                            torch::Tensor inv_freq, torch::Tensor row_start, torch::Tensor k_cache,
-                            torch::Tensor v_cache, torch::Tensor slot, int64_t n_heads, int64_t pdl,
-                            int64_t stream_handle) {
+// One row with a FOLD (1 RESIDUAL, 2 NORM_GLU, 3 NORM_ROPE) at t tiles a block (2; the RoPE fold 2 or 4).
+// Tensors a fold does not read may be any tensor (x).
+torch::Tensor int4_mma_fold(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t t,
+                            int64_t warps, int64_t fold_kind, torch::Tensor norm_weight, double eps,
+                            torch::Tensor residual, torch::Tensor inv_freq, torch::Tensor row_start,
+                            torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot, int64_t n_heads,
+                            int64_t pdl, int64_t stream_handle) {
     check_operands(x, w, sz);
     TORCH_CHECK(x.size(0) == 1, "the folds take one row");
     const int64_t N = sz.size(1);
@@ -414,14 +425,14 @@ torch::Tensor int4_mma_fold(torch::Tensor x, torch::Tensor w, torch::Tensor sz, 
         fold.norm_weight = reinterpret_cast<const uint32_t*>(norm_weight.data_ptr());
     }
     if (fold_kind == NORM_GLU) {
-        TORCH_CHECK(N % 16 == 0, "[gate; up]: N / 2 rows each, whole tiles");
+        TORCH_CHECK(N % (8 * t) == 0, "[gate; up]: N / 2 rows each, whole tile pairs");
         y = torch::empty({1, N / 2}, x.options());
     } else if (fold_kind == NORM_ROPE) {
         const int64_t D = k_cache.size(3), n_kv_heads = k_cache.size(1);
         TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && v_cache.sizes() == k_cache.sizes() &&
                     k_cache.scalar_type() == torch::kBFloat16 && v_cache.scalar_type() == torch::kBFloat16 &&
                     k_cache.is_contiguous() && v_cache.is_contiguous(), "caches: bf16 [1, Hkv, S, D]");
-        TORCH_CHECK(D % 16 == 0 && N == (n_heads + 2 * n_kv_heads) * D, "wqkv: (Hq + 2 Hkv) D rows, D % 16 == 0");
+        TORCH_CHECK(D % (8 * t) == 0 && N == (n_heads + 2 * n_kv_heads) * D, "wqkv: (Hq + 2 Hkv) D rows, D % 8t == 0");
         TORCH_CHECK(inv_freq.numel() == D / 2 && inv_freq.scalar_type() == torch::kFloat && inv_freq.is_contiguous(),
                     "inv_freq: fp32 [D / 2]");
         TORCH_CHECK(row_start.numel() >= 1 && row_start.scalar_type() == torch::kInt, "row_start: int32 [1]");
@@ -440,17 +451,17 @@ torch::Tensor int4_mma_fold(torch::Tensor x, torch::Tensor w, torch::Tensor sz, 
     TORCH_CHECK(y.defined(), "int4_mma: fold ", fold_kind, " is none of 1 (residual), 2 (norm, GLU), 3 (RoPE)");
     const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
     FOLD_DISPATCH
-    TORCH_CHECK(false, "int4_mma: no build for group ", group, ", ", warps, " warps, fold ", fold_kind);
+    TORCH_CHECK(false, "int4_mma: no build for group ", group, ", ", t, " tiles, ", warps, " warps, fold ", fold_kind);
 }
 """
 
 DECLARATION = (
     "torch::Tensor int4_mma_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t t, "
     "int64_t warps, int64_t prefetch, int64_t pdl, int64_t stream_handle);\n"
-    "torch::Tensor int4_mma_fold(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t warps, "
-    "int64_t fold_kind, torch::Tensor norm_weight, double eps, torch::Tensor residual, torch::Tensor inv_freq, "
-    "torch::Tensor row_start, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot, int64_t n_heads, "
-    "int64_t pdl, int64_t stream_handle);"
+    "torch::Tensor int4_mma_fold(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t t, "
+    "int64_t warps, int64_t fold_kind, torch::Tensor norm_weight, double eps, torch::Tensor residual, "
+    "torch::Tensor inv_freq, torch::Tensor row_start, torch::Tensor k_cache, torch::Tensor v_cache, "
+    "torch::Tensor slot, int64_t n_heads, int64_t pdl, int64_t stream_handle);"
 )
 
 
@@ -471,11 +482,12 @@ def launcher_source(
         for n in tokens
     )
     fold_cases = "\n".join(
-        f"    if (group == {g} && warps == {w} && fold_kind == {f}) "
-        f"{{ launch<{g}, 2, {w}, false, 1, {f}>(x, w, sz, y, fold, pdl, stream); return y; }}"
+        f"    if (group == {g} && t == {t} && warps == {w} && fold_kind == {f}) "
+        f"{{ launch<{g}, {t}, {w}, false, 1, {f}>(x, w, sz, y, fold, pdl, stream); return y; }}"
         for g in groups
         for w in sorted({w for _, w, _ in configs} & set(FOLD_WARPS))
         for f in folds
+        for t in ((2, 4) if f == NORM_ROPE and w == FOLD_WARPS[0] else (2,))  # 4 tiles: the RoPE fold at 8 warps
     )
     return LAUNCHER.replace("    DISPATCH", cases).replace("    FOLD_DISPATCH", fold_cases)
 
@@ -575,6 +587,11 @@ def _(x, weight, groupsize, scales_and_zeros):
 # into w13's, the residual adds into wo's and w2's, where Inductor's step had 12 kernels a layer. On by default
 # (the int4-g64 Llama-3-8B step 2.328 -> 2.266 ms, H100 2026-12-06); FASTGEN_INT4_FOLD=0 turns it off.
 FOLD_ENABLED = os.environ.get("FASTGEN_INT4_FOLD", "1") != "0"
+# Row tiles a block for the RoPE fold (wqkv) at 8 warps: 4 (two of a head's d / d + D / 2 tile pairs a block), or 2
+# (FASTGEN_INT4_ROPE_TILES=2). Each block stages x and the norm's weight (16 KB at K 4096) from L2; at 4 tiles half the
+# blocks do. Llama-3-8B int4-g64, H100 2026-12-06: wqkv 326 -> 297 us a step at 4; w13's GLU fold lost at 4 (1032 ->
+# 1105 us) and stays at 2.
+ROPE_FOLD_TILES = int(os.environ.get("FASTGEN_INT4_ROPE_TILES", "4"))
 
 
 def int4_product(x, weight, groupsize, scales_and_zeros) -> torch.Tensor:
@@ -614,14 +631,23 @@ def fold_applies(x: torch.Tensor, weight: torch.Tensor, groupsize: int) -> bool:
     return FOLD_ENABLED and x.shape[0] == 1 and x.dtype == torch.bfloat16 and applies(x, weight, groupsize)
 
 
+def fold_tiles(kind: int, warps: int, head_dim: int) -> int:
+    """Row tiles a block for a fold: ROPE_FOLD_TILES for the RoPE fold at 8 warps where a head's D / 2 rows split
+    into 16-row pairs, else 2."""
+    return ROPE_FOLD_TILES if kind == NORM_ROPE and warps == FOLD_WARPS[0] and head_dim % 32 == 0 else 2
+
+
 def _fold(x, weight, groupsize, scales_and_zeros, kind, norm_weight=None, eps=0.0, residual=None, rope=None):
     inv_freq, row_start, k_cache, v_cache, slot, n_heads = rope or (x, x, x, x, x, 0)  # unread where not NORM_ROPE
+    n = scales_and_zeros.shape[1]
+    warps = max(config(n, x.shape[1])["warps"], FOLD_WARPS[0])  # the folds' builds
     return build().int4_mma_fold(
         x.contiguous(),
         weight,
         scales_and_zeros.contiguous(),
         groupsize,
-        max(config(scales_and_zeros.shape[1], x.shape[1])["warps"], FOLD_WARPS[0]),  # the folds' builds
+        fold_tiles(kind, warps, k_cache.shape[-1] if rope else 0),
+        warps,
         kind,
         x if norm_weight is None else norm_weight,
         eps,

@@ -32,6 +32,7 @@
 #   bash scripts/gpu_pending.sh tierint4   # ~8 min: the int4-g64 step and bench.py's int4 B1 rows, then the whole
 #                                          #   tier in TIER_LIMIT_S (240 s): one machine start for both
 #   bash scripts/gpu_pending.sh poicode    # ~9 min: Inductor's code around the int4 step's copy, then the tier
+#   bash scripts/gpu_pending.sh ropetiles  # ~6 min: the RoPE fold at 4 / 2 tiles: tests, the int4 step, bench B1
 #   bash scripts/gpu_pending.sh foldcheck  # ~4 min: the folds' and the bf16 decode attention's tests, the int4 step
 #   bash scripts/gpu_pending.sh int4foldbench  # ~5 min: bench.py's int4 g64/g128 rows at B1 and B8 with the env given
 #   bash scripts/gpu_pending.sh int4probe  # ~8 min: int4_mma's tiles (the probe's whole grid) and 8 rows a weight pass
@@ -232,6 +233,24 @@ poicode)
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
     ;;
+ropetiles)
+    # the RoPE fold (wqkv) at 4 tiles a block, the default since (FASTGEN_INT4_ROPE_TILES): the folds' tests at 2 and 4
+    # tiles, the int4-g64 step at 4 and 2, then bench.py's int4 B1 rows (the default). 2026-12-06, sixteenth session:
+    # all norm folds at 4 tiles read 2.347 ms against 2.249 at 2, wqkv's kernels 297 us a step against 326
+    step fold_tests 170 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k \
+        "int4_mma_folds or int4_decode_blocks"
+    summary+=("  $(tail -n 1 "$out/fold_tests.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/fold_tests.txt" | head -6)")
+    for tiles in 4 2; do
+        summary+=("FASTGEN_INT4_ROPE_TILES=$tiles:")
+        FASTGEN_INT4_ROPE_TILES=$tiles decode "int4_g64_rope$tiles" 80 --model llama-3-8b --weights int4-g64 \
+            --new-tokens 200 --top 14
+    done
+    step int4_bench 120 python scripts/bench.py --suite smoke --models llama-3-8b --ctx 16 --cache just --compile \
+        --new-tokens 200 --runs 3 --no-hf --no-cold-start --weights int4-g64,int4-g128 --batch 1 \
+        --time-budget-s 110 --out-dir "$out/int4_bench"
+    summary+=("$(grep -E '^\| llama' "$out/int4_bench.txt")")
+    ;;
 foldcheck)
     # the least that checks f494d96 / 9d4629d on a GPU: the folds' tests (the first builds int4_mma, ~1.5 min) and
     # the bf16 cache's decode attention tests, then the default int4-g64 step (the folds on)
@@ -342,7 +361,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4fold, int4grid, tierint4, poicode, foldcheck, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4fold, int4grid, tierint4, poicode, ropetiles, foldcheck, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac

@@ -807,12 +807,21 @@ def int4_mma_decode_calls(model, ids, want, monkeypatch, kernel_name: str, prepa
     # Llama-3-8B's attention (8 warps) and a w13 of 16 warps; a small block (16 warps) at group 32 and 128
     [(4096, 32, 8, 4096, 64), (1024, 8, 2, 1024, 32), (1024, 8, 2, 2048, 128)],
 )
-def test_int4_mma_folds_equal_their_references(dim, n_heads, n_kv_heads, intermediate, groupsize):
+@pytest.mark.parametrize("rope_tiles", [2, 4])
+def test_int4_mma_folds_equal_their_references(
+    dim, n_heads, n_kv_heads, intermediate, groupsize, rope_tiles, monkeypatch
+):
     """int4_mma's one-row folds (Int4DecodeBlock's kernels, FASTGEN_INT4_FOLD=1) equal their references over
     tinygemm: the residual add; RMSNorm with SiLU(gate) * up of [gate; up]; RMSNorm with RoPE, q returned and k, v
     written into the caches at the slot and nowhere else. Eager, and the RoPE fold (it mutates the caches) replayed in
-    a CUDA graph under torch.compile."""
+    a CUDA graph under torch.compile. The RoPE fold at 2 and 4 tiles a block (FASTGEN_INT4_ROPE_TILES; 4 at 8 warps
+    only: Llama-3-8B's shape here)."""
     import int4_mma
+
+    monkeypatch.setattr(int4_mma, "ROPE_FOLD_TILES", rope_tiles)
+    if dim == 4096:  # the RoPE fold at 8 warps: the tiles asked for
+        warps = int4_mma.config((n_heads + 2 * n_kv_heads) * 128, dim)["warps"]
+        assert int4_mma.fold_tiles(int4_mma.NORM_ROPE, warps, 128) == rope_tiles
 
     D, slot = 128, torch.tensor([37], device="cuda")
     wqkv, x = random_int4_linear((n_heads + 2 * n_kv_heads) * D, dim, groupsize)
