@@ -33,6 +33,7 @@
 #                                          #   tier in TIER_LIMIT_S (240 s): one machine start for both
 #   bash scripts/gpu_pending.sh poicode    # ~9 min: Inductor's code around the int4 step's copy, then the tier
 #   bash scripts/gpu_pending.sh ropetiles  # ~6 min: the RoPE fold at 4 / 2 tiles: tests, the int4 step, bench B1
+#   bash scripts/gpu_pending.sh ropetier   # ~10 min: ropetiles' steps (Inductor's code logged), bench B1, the tier
 #   bash scripts/gpu_pending.sh foldcheck  # ~4 min: the folds' and the bf16 decode attention's tests, the int4 step
 #   bash scripts/gpu_pending.sh int4foldbench  # ~5 min: bench.py's int4 g64/g128 rows at B1 and B8 with the env given
 #   bash scripts/gpu_pending.sh int4probe  # ~8 min: int4_mma's tiles (the probe's whole grid) and 8 rows a weight pass
@@ -251,6 +252,25 @@ ropetiles)
         --time-budget-s 110 --out-dir "$out/int4_bench"
     summary+=("$(grep -E '^\| llama' "$out/int4_bench.txt")")
     ;;
+ropetier)
+    # ropetiles, poicode and the tier in one machine start: the int4-g64 step with the RoPE fold at 4 tiles (the
+    # default; Inductor's output code logged, its per-layer triton_poi_fused_1 and call() around it kept) and at 2,
+    # bench.py's int4 B1 rows, then the whole tier in what is left (TIER_LIMIT_S)
+    FASTGEN_INT4_ROPE_TILES=4 TORCH_LOGS=output_code decode int4_g64_rope4 170 --model llama-3-8b --weights int4-g64 \
+        --new-tokens 200 --top 14
+    awk '/triton_poi_fused_1 = async_compile/,/device_str=/' "$out/int4_g64_rope4.txt" >"$out/poi_kernel.txt"
+    grep -n -B12 -A4 "triton_poi_fused_1.run" "$out/int4_g64_rope4.txt" | head -120 >"$out/poi_calls.txt"
+    gzip -9 "$out/int4_g64_rope4.txt"
+    FASTGEN_INT4_ROPE_TILES=2 decode int4_g64_rope2 80 --model llama-3-8b --weights int4-g64 --new-tokens 200 --top 14
+    step int4_bench 100 python scripts/bench.py --suite smoke --models llama-3-8b --ctx 16 --cache just --compile \
+        --new-tokens 200 --runs 3 --no-hf --no-cold-start --weights int4-g64,int4-g128 --batch 1 \
+        --time-budget-s 90 --out-dir "$out/int4_bench"
+    summary+=("$(grep -E '^\| llama' "$out/int4_bench.txt")")
+    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
+    step tier "${TIER_LIMIT_S:-240}" python -m pytest -m gpu -q -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
+    summary+=("  $(tail -n 1 "$out/tier.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
+    ;;
 foldcheck)
     # the least that checks f494d96 / 9d4629d on a GPU: the folds' tests (the first builds int4_mma, ~1.5 min) and
     # the bf16 cache's decode attention tests, then the default int4-g64 step (the folds on)
@@ -361,7 +381,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4fold, int4grid, tierint4, poicode, ropetiles, foldcheck, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4fold, int4grid, tierint4, poicode, ropetiles, ropetier, foldcheck, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac
