@@ -417,11 +417,12 @@ if triton is not None:
             y = acc / running_sum[:, None]
             y_ok = g_ok[:, None] & d_ok[None, :]
             tl.store(y_ptr + (bh * G + heads)[:, None] * D + dims[None, :], y.to(y_ptr.dtype.element_ty), mask=y_ok)
-            return
-        part = bh * SPLITS + split
-        tl.store(max_ptr + part * G_PAD + heads, running_max)
-        tl.store(sum_ptr + part * G_PAD + heads, running_sum)
-        tl.store(acc_ptr + (part * G_PAD + heads)[:, None] * D_PAD + dims[None, :], acc)
+        else:  # not after a return: Triton keeps stores after a constexpr branch's return in the IR, and
+            # torch.compile, taking the partials for written, copied y into each of them (a kernel a layer)
+            part = bh * SPLITS + split
+            tl.store(max_ptr + part * G_PAD + heads, running_max)
+            tl.store(sum_ptr + part * G_PAD + heads, running_sum)
+            tl.store(acc_ptr + (part * G_PAD + heads)[:, None] * D_PAD + dims[None, :], acc)
 
     @triton.jit
     def _merge_splits_kernel(
@@ -502,8 +503,8 @@ if triton is not None:
         G_PAD, D_PAD = max(16, triton.next_power_of_2(G)), triton.next_power_of_2(D)  # >= 16: tl.dot's smallest M
         splits = num_splits(B, n_kv_heads, S, TARGET_PROGRAMS_QUANTIZED if has_scales else TARGET_PROGRAMS)
         y = torch.empty((B, n_heads, 1, D), dtype=q.dtype, device=q.device)
-        if splits == 1:  # the split writes y itself: no partials (y stands in, never touched as them: passing q,
-            # an input, would let the compiler take q for written, and copy it first)
+        if splits == 1:  # the split writes y itself: no partials (y stands in; the kernel has no partial stores
+            # at SPLITS 1, so the compiler takes none of them for written and copies nothing into them)
             acc = running_max = running_sum = y
         else:
             parts = (B * n_kv_heads, splits, G_PAD)
