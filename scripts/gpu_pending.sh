@@ -31,7 +31,6 @@
 #                                          #   (FASTGEN_INT4_FOLD / _PDL) off and on, bench.py B1 with the fastest
 #   bash scripts/gpu_pending.sh tierint4   # ~8 min: the int4-g64 step and bench.py's int4 B1 rows, then the whole
 #                                          #   tier in TIER_LIMIT_S (240 s): one machine start for both
-#   bash scripts/gpu_pending.sh poicode    # ~9 min: Inductor's code around the int4 step's copy, then the tier
 #   bash scripts/gpu_pending.sh ropetiles  # ~6 min: the RoPE fold at 4 / 2 tiles: tests, the int4 step, bench B1
 #   bash scripts/gpu_pending.sh ropetier   # ~10 min: ropetiles' steps (Inductor's code logged), bench B1, the tier
 #   bash scripts/gpu_pending.sh foldcheck  # ~4 min: the folds' and the bf16 decode attention's tests, the int4 step
@@ -220,20 +219,6 @@ tierint4)
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
     ;;
-poicode)
-    # what the int4 folds' step copies (a triton_poi_fused_1 of 1.67 us a layer, every layer, H100 2026-12-06): the
-    # step with Inductor's output code logged; keep that kernel's source and the lines of call() around its launches
-    # (the whole log is too big to bring back). Then the whole tier in what is left (TIER_LIMIT_S)
-    TORCH_LOGS=output_code decode int4_g64_code 120 --model llama-3-8b --weights int4-g64 --new-tokens 50
-    awk '/triton_poi_fused_1 = async_compile/,/device_str=/' "$out/int4_g64_code.txt" >"$out/poi_kernel.txt"
-    grep -n -B12 -A4 "triton_poi_fused_1.run" "$out/int4_g64_code.txt" | head -120 >"$out/poi_calls.txt"
-    grep -c "" "$out/int4_g64_code.txt" >"$out/code_lines.txt"
-    gzip -9 "$out/int4_g64_code.txt"  # comes back if under the size limit
-    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    step tier "${TIER_LIMIT_S:-420}" python -m pytest -m gpu -q -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
-    summary+=("  $(tail -n 1 "$out/tier.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
-    ;;
 ropetiles)
     # the RoPE fold (wqkv) at 4 tiles a block, the default since (FASTGEN_INT4_ROPE_TILES): the folds' tests at 2 and 4
     # tiles, the int4-g64 step at 4 and 2, then bench.py's int4 B1 rows (the default). 2026-12-06, sixteenth session:
@@ -253,14 +238,10 @@ ropetiles)
     summary+=("$(grep -E '^\| llama' "$out/int4_bench.txt")")
     ;;
 ropetier)
-    # ropetiles, poicode and the tier in one machine start: the int4-g64 step with the RoPE fold at 4 tiles (the
-    # default; Inductor's output code logged, its per-layer triton_poi_fused_1 and call() around it kept) and at 2,
-    # bench.py's int4 B1 rows, then the whole tier in what is left (TIER_LIMIT_S)
-    FASTGEN_INT4_ROPE_TILES=4 TORCH_LOGS=output_code decode int4_g64_rope4 170 --model llama-3-8b --weights int4-g64 \
-        --new-tokens 200 --top 14
-    awk '/triton_poi_fused_1 = async_compile/,/device_str=/' "$out/int4_g64_rope4.txt" >"$out/poi_kernel.txt"
-    grep -n -B12 -A4 "triton_poi_fused_1.run" "$out/int4_g64_rope4.txt" | head -120 >"$out/poi_calls.txt"
-    gzip -9 "$out/int4_g64_rope4.txt"
+    # ropetiles and the tier in one machine start: the int4-g64 step with the RoPE fold at 4 tiles (the default) and
+    # at 2 (the one-split attention's copy gone since d7782b7: no triton_poi_fused_1 expected), bench.py's int4 B1
+    # rows, then the whole tier in what is left (TIER_LIMIT_S)
+    FASTGEN_INT4_ROPE_TILES=4 decode int4_g64_rope4 170 --model llama-3-8b --weights int4-g64 --new-tokens 200 --top 14
     FASTGEN_INT4_ROPE_TILES=2 decode int4_g64_rope2 80 --model llama-3-8b --weights int4-g64 --new-tokens 200 --top 14
     step int4_bench 100 python scripts/bench.py --suite smoke --models llama-3-8b --ctx 16 --cache just --compile \
         --new-tokens 200 --runs 3 --no-hf --no-cold-start --weights int4-g64,int4-g128 --batch 1 \
@@ -381,7 +362,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4fold, int4grid, tierint4, poicode, ropetiles, ropetier, foldcheck, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4fold, int4grid, tierint4, ropetiles, ropetier, foldcheck, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac
