@@ -337,7 +337,7 @@ def test_one_split_decode_attention_compiles_to_its_kernel_alone():
     assert kv_attention.num_splits(1, 8, 64, kv_attention.TARGET_PROGRAMS) == 1
     attend = torch.compile(lambda q: kv_attention.decode_attention(q, *caches, row_start, slot, 0), fullgraph=True)
     got, (code,) = run_and_get_code(attend, q)
-    want = kv_attention.quantized_decode_attention_reference(q, caches[0], None, caches[1], None, row_start, slot, 0)
+    want = kv_attention.quantized_decode_attention_reference(q, caches[0], None, caches[1], None, row_start, slot, None)
     assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
     launched = re.findall(r"(\w+)\.run\(", code)  # the kernels call() launches
     assert len(launched) == 1 and "decode" in launched[0], launched
