@@ -503,9 +503,10 @@ if triton is not None:
         G_PAD, D_PAD = max(16, triton.next_power_of_2(G)), triton.next_power_of_2(D)  # >= 16: tl.dot's smallest M
         splits = num_splits(B, n_kv_heads, S, TARGET_PROGRAMS_QUANTIZED if has_scales else TARGET_PROGRAMS)
         y = torch.empty((B, n_heads, 1, D), dtype=q.dtype, device=q.device)
-        if splits == 1:  # the split writes y itself: no partials (y stands in; the kernel has no partial stores
-            # at SPLITS 1, so the compiler takes none of them for written and copies nothing into them)
-            acc = running_max = running_sum = y
+        if splits == 1:  # the split writes y itself: no partials. The kernel has no partial stores at SPLITS 1,
+            # so the compiler takes none of these for written; each its own tensor, aliasing nothing (y passed for
+            # all three broke the int8 cache's CUDA-graph capture on the H100)
+            acc, running_max, running_sum = (torch.empty(1, dtype=torch.float32, device=q.device) for _ in range(3))
         else:
             parts = (B * n_kv_heads, splits, G_PAD)
             acc = torch.empty((*parts, D_PAD), dtype=torch.float32, device=q.device)
