@@ -24,16 +24,10 @@
 #                                          #   B8 8k (issue 10 wants 1.1x; H100, twelfth session: 1.121x)
 #   bash scripts/gpu_pending.sh kvbench    # ~9.5 min: issue 10's KV targets through bench.py (B8 short and B8 with 8k
 #                                          #   filled: bf16 / int8 / fp8 caches; fp8 at 8k never timed on the H100)
-#   bash scripts/gpu_pending.sh int4fold   # ~8 min: issue 10's int4 at 450 tok/s: int4_mma's folds (FASTGEN_INT4_FOLD=1,
-#                                          #   quantize.Int4DecodeBlock): the int4 GPU tests, then the int4-g64 step
-#                                          #   without and with them
 #   bash scripts/gpu_pending.sh int4grid   # ~9 min: the int4 GPU tests, the int4-g64 step with the folds and PDL
 #                                          #   (FASTGEN_INT4_FOLD / _PDL) off and on, bench.py B1 with the fastest
 #   bash scripts/gpu_pending.sh tierint4   # ~8 min: the int4-g64 step and bench.py's int4 B1 rows, then the whole
 #                                          #   tier in TIER_LIMIT_S (240 s): one machine start for both
-#   bash scripts/gpu_pending.sh ropetiles  # ~6 min: the RoPE fold at 4 / 2 tiles: tests, the int4 step, bench B1
-#   bash scripts/gpu_pending.sh ropetier   # ~10 min: ropetiles' steps (Inductor's code logged), bench B1, the tier
-#   bash scripts/gpu_pending.sh foldcheck  # ~4 min: the folds' and the bf16 decode attention's tests, the int4 step
 #   bash scripts/gpu_pending.sh int4foldbench  # ~5 min: bench.py's int4 g64/g128 rows at B1 and B8 with the env given
 #   bash scripts/gpu_pending.sh int4probe  # ~8 min: int4_mma's tiles (the probe's whole grid) and 8 rows a weight pass
 #   bash scripts/gpu_pending.sh moebench   # ~2 min: Qwen3-30B-A3B bf16 and Mixtral int8 B1 through bench.py (issue 17)
@@ -60,8 +54,8 @@
 #
 # Modes whose runs are recorded in BENCHMARKS.md (int4rows, int4gemv, int4mma, int4default, pdl, pdltier, fusedcheck,
 # next, floatgemv, moegateup, moeb1, ropeqkv, mega, megadot, megaphases, smolattn, downall, downbench, smolnext,
-# mergewo, ninth, wholetiles, steptiles, wqkvtile, tier-int4, kvwhole, int8rope, shortk) were removed on 2026-12-05
-# and 2026-12-06; git history has them.
+# mergewo, ninth, wholetiles, steptiles, wqkvtile, tier-int4, kvwhole, int8rope, shortk, int4fold, foldcheck,
+# foldtiles, foldall, ropetiles, ropetier, poicode) were removed on 2026-12-05 and 2026-12-06; git history has them.
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -95,6 +89,10 @@ tests)
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
     ;;
 tests-parallel)
+    # int4_mma's extension built once, before the workers (each would wait on torch's build lock). H100,
+    # 2026-12-06: the tier after three int4 steps on a fresh machine got through 17 tests in 330 s (the extension
+    # was built; Inductor's cache cold; why so slow was not found); run again on that machine, all of it in 222 s
+    step build 200 python -c "import int4_mma; assert int4_mma.build() is not None"
     # installed, or else the pure-Python wheels straight from .whl on the path (zip imports)
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
     step tier 570 python -m pytest -m gpu -q -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
@@ -166,20 +164,6 @@ smoltiles)
         decode "smol_${t//[,=\/]/_}" 45 --model smollm2-135m --new-tokens 256 --tile "$t"
     done
     ;;
-int4fold)
-    # issue 10's int4 at 450 tok/s: int4_mma's folds (FASTGEN_INT4_FOLD=1, quantize.Int4DecodeBlock: five kernels a
-    # layer with the attention, where Inductor's step has 12), opt-in until this runs. The int4 GPU tests (the first
-    # test builds the extension: ~1.5 min of nvcc), then the int4-g64 step without and with the folds: int4_mma alone
-    # read 2.364 ms replayed, 419.8 tok/s on the H100 (2026-12-06). Predicted: the folds take ~0.13 ms off (RoPE's 2
-    # kernels, SiLU's, the norms' ~0.15 ms, less the staging of x), ~2.23 ms
-    step int4_tests 330 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k int4
-    summary+=("  $(tail -n 1 "$out/int4_tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/int4_tests.txt" | head -6)")
-    for fold in 0 1; do
-        summary+=("FASTGEN_INT4_FOLD=$fold:")
-        FASTGEN_INT4_FOLD=$fold decode "int4_g64_fold$fold" 90 --model llama-3-8b --weights int4-g64 --new-tokens 200
-    done
-    ;;
 int4grid)
     # issue 10's int4 at 450 tok/s: the int4 GPU tests (the first builds the extension, ~1.5 min), then the int4-g64
     # step with the folds (FASTGEN_INT4_FOLD) and PDL (FASTGEN_INT4_PDL) off and on, then bench.py's g64 / g128 B1
@@ -218,48 +202,6 @@ tierint4)
     step tier "${TIER_LIMIT_S:-240}" python -m pytest -m gpu -q -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
-    ;;
-ropetiles)
-    # the RoPE fold (wqkv) at 4 tiles a block, the default since (FASTGEN_INT4_ROPE_TILES): the folds' tests at 2 and 4
-    # tiles, the int4-g64 step at 4 and 2, then bench.py's int4 B1 rows (the default). 2026-12-06, sixteenth session:
-    # all norm folds at 4 tiles read 2.347 ms against 2.249 at 2, wqkv's kernels 297 us a step against 326
-    step fold_tests 170 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k \
-        "int4_mma_folds or int4_decode_blocks"
-    summary+=("  $(tail -n 1 "$out/fold_tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/fold_tests.txt" | head -6)")
-    for tiles in 4 2; do
-        summary+=("FASTGEN_INT4_ROPE_TILES=$tiles:")
-        FASTGEN_INT4_ROPE_TILES=$tiles decode "int4_g64_rope$tiles" 80 --model llama-3-8b --weights int4-g64 \
-            --new-tokens 200 --top 14
-    done
-    step int4_bench 120 python scripts/bench.py --suite smoke --models llama-3-8b --ctx 16 --cache just --compile \
-        --new-tokens 200 --runs 3 --no-hf --no-cold-start --weights int4-g64,int4-g128 --batch 1 \
-        --time-budget-s 110 --out-dir "$out/int4_bench"
-    summary+=("$(grep -E '^\| llama' "$out/int4_bench.txt")")
-    ;;
-ropetier)
-    # ropetiles and the tier in one machine start: the int4-g64 step with the RoPE fold at 4 tiles (the default) and
-    # at 2 (the one-split attention's copy gone since d7782b7: no triton_poi_fused_1 expected), bench.py's int4 B1
-    # rows, then the whole tier in what is left (TIER_LIMIT_S)
-    FASTGEN_INT4_ROPE_TILES=4 decode int4_g64_rope4 170 --model llama-3-8b --weights int4-g64 --new-tokens 200 --top 14
-    FASTGEN_INT4_ROPE_TILES=2 decode int4_g64_rope2 80 --model llama-3-8b --weights int4-g64 --new-tokens 200 --top 14
-    step int4_bench 100 python scripts/bench.py --suite smoke --models llama-3-8b --ctx 16 --cache just --compile \
-        --new-tokens 200 --runs 3 --no-hf --no-cold-start --weights int4-g64,int4-g128 --batch 1 \
-        --time-budget-s 90 --out-dir "$out/int4_bench"
-    summary+=("$(grep -E '^\| llama' "$out/int4_bench.txt")")
-    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    step tier "${TIER_LIMIT_S:-240}" python -m pytest -m gpu -q -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
-    summary+=("  $(tail -n 1 "$out/tier.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
-    ;;
-foldcheck)
-    # the least that checks f494d96 / 9d4629d on a GPU: the folds' tests (the first builds int4_mma, ~1.5 min) and
-    # the bf16 cache's decode attention tests, then the default int4-g64 step (the folds on)
-    step fold_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_gpu.py -k \
-        "int4_mma_folds or int4_decode_blocks or unquantized_decode_attention or split_kv_cache_decodes"
-    summary+=("  $(tail -n 1 "$out/fold_tests.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/fold_tests.txt" | head -6)")
-    decode int4_g64 80 --model llama-3-8b --weights int4-g64 --new-tokens 200 --top 14
     ;;
 int4foldbench)
     # bench.py's int4 rows (issue 10's instrument) with the env given (e.g. FASTGEN_INT4_FOLD=1 FASTGEN_INT4_PDL=1)
@@ -362,7 +304,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4fold, int4grid, tierint4, ropetiles, ropetier, foldcheck, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe or autotune" >&2
     exit 2
     ;;
 esac
