@@ -1,0 +1,112 @@
+"""Which of a Triton kernel's pointers torch.compile takes for written, checked on the CPU. In a venv with
+torch 2.13 and triton 3.6 (CI's interpreter venv; torch's analysis is internal and moves between versions):
+
+    python scripts/check_kernel_writes.py    # a few seconds; exit 1 if a launch writes what it should not
+
+Under torch.compile a kernel launched through wrap_triton is functionalized: torch reads the pointers it stores
+through from Triton's IR for that launch's constexprs, and copies every such argument that shares its tensor with
+another argument first. Triton keeps stores that follow a constexpr branch's `return`, so the one-split decode
+attention once had its unused partials taken for written, and the compiled step copied y into them each layer
+(1.7 us a layer in the H100's int4 step, 2026-12-06). This runs each launch below through torch's own analysis,
+compiled for an sm_90 target with a stand-in driver (no GPU), and compares what it writes with what it should.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+import gemv  # noqa: E402
+import kv_attention  # noqa: E402
+
+
+class Sm90Driver:
+    """Just what Triton's front end asks a driver for: the target to compile the IR for."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def launches(run) -> list[tuple]:
+    """(kernel, its arguments by name) for each wrap_triton launch run() makes, none of them executed."""
+    recorded = []
+
+    def recording_wrap_triton(kernel):
+        def with_grid(grid):
+            def launch(*args, **kwargs):
+                recorded.append((kernel, {**dict(zip(kernel.arg_names, args)), **kwargs}))
+
+            return launch
+
+        return type("Launcher", (), {"__getitem__": lambda self, grid: with_grid(grid)})()
+
+    saved = kv_attention.wrap_triton, gemv.wrap_triton
+    kv_attention.wrap_triton = gemv.wrap_triton = recording_wrap_triton
+    try:
+        run()
+    finally:
+        kv_attention.wrap_triton, gemv.wrap_triton = saved
+    return recorded
+
+
+def written(kernel, kwargs) -> set[str]:
+    accesses = identify_accessed_tensors(kernel, kwargs, {})
+    return {dep.name for dep in accesses.read_writes.writes if isinstance(kwargs.get(dep.name), torch.Tensor)}
+
+
+def shared(kwargs, names: set[str]) -> set[str]:
+    """Those of names whose tensor's storage another argument passes too (the compiler would copy it first)."""
+    storage = {n: t.untyped_storage().data_ptr() for n, t in kwargs.items() if isinstance(t, torch.Tensor)}
+    return {n for n in names if any(m != n and ptr == storage[n] for m, ptr in storage.items())}
+
+
+def attention(cache_slots: int):
+    q = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, cache_slots, 128, dtype=torch.bfloat16) for _ in range(2))
+    row_start, slot = torch.zeros(1, dtype=torch.int32), torch.tensor([cache_slots - 1])
+    return lambda: kv_attention._split_kv_attention(q, k, k, v, v, row_start, slot, 0, False)
+
+
+def gemv_plain():
+    x, weight = torch.randn(1, 576, dtype=torch.bfloat16), torch.randn(1536, 576, dtype=torch.bfloat16)
+    return lambda: gemv._decode_gemv_launch(x, weight, None, None, None, None, 0.0, False)
+
+
+CASES = [  # name, launches, the pointers each launch may write
+    ("decode attention, one split (64 slots)", attention(64), [{"y_ptr"}]),
+    (
+        "decode attention, split (8192 slots), then the merge",
+        attention(8192),
+        [{"acc_ptr", "max_ptr", "sum_ptr"}, {"y_ptr"}],
+    ),
+    ("decode_gemv, no RoPE (the weight passed as the caches)", gemv_plain(), [{"y_ptr"}]),
+]
+
+
+def main() -> int:
+    driver.set_active(Sm90Driver())
+    failed = 0
+    for name, run, want in CASES:
+        recorded = launches(run)
+        got = [written(kernel, kwargs) for kernel, kwargs in recorded]
+        aliased = set().union(*(shared(kwargs, w) for (_, kwargs), w in zip(recorded, got)))
+        ok = got == want and not aliased
+        failed += not ok
+        print(
+            f"{'ok ' if ok else 'BAD'} {name}: writes {got}"
+            + ("" if got == want else f", should write {want}")
+            + (f"; {sorted(aliased)} passed as another argument too" if aliased else "")
+        )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
