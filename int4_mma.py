@@ -589,8 +589,8 @@ def _(x, weight, groupsize, scales_and_zeros):
 FOLD_ENABLED = os.environ.get("FASTGEN_INT4_FOLD", "1") != "0"
 # Row tiles a block for the RoPE fold (wqkv) at 8 warps: 4 (two of a head's d / d + D / 2 tile pairs a block), or 2
 # (FASTGEN_INT4_ROPE_TILES=2). Each block stages x and the norm's weight (16 KB at K 4096) from L2; at 4 tiles half the
-# blocks do. Llama-3-8B int4-g64, H100 2026-12-06: wqkv 326 -> 297 us a step at 4; w13's GLU fold lost at 4 (1032 ->
-# 1105 us) and stays at 2.
+# blocks do. Llama-3-8B int4-g64, H100 2026-12-06: the step 2.271 -> 2.236 ms at 4 (wqkv 326 -> 297 us of it); w13's
+# GLU fold lost at 4 (1032 -> 1105 us) and stays at 2.
 ROPE_FOLD_TILES = int(os.environ.get("FASTGEN_INT4_ROPE_TILES", "4"))
 
 
