@@ -68,26 +68,99 @@ def shared(kwargs, names: set[str]) -> set[str]:
     return {n for n in names if any(m != n and ptr == storage[n] for m, ptr in storage.items())}
 
 
-def attention(cache_slots: int):
+def attention(cache_slots: int, int8: bool = False):
     q = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16)
-    k, v = (torch.randn(1, 8, cache_slots, 128, dtype=torch.bfloat16) for _ in range(2))
+    if int8:
+        k, v = (torch.randint(-127, 128, (1, 8, cache_slots, 128), dtype=torch.int8) for _ in range(2))
+        scales = torch.rand(1, 8, cache_slots, 1, dtype=torch.bfloat16)
+    else:
+        k, v = (torch.randn(1, 8, cache_slots, 128, dtype=torch.bfloat16) for _ in range(2))
+        scales = k
     row_start, slot = torch.zeros(1, dtype=torch.int32), torch.tensor([cache_slots - 1])
-    return lambda: kv_attention._split_kv_attention(q, k, k, v, v, row_start, slot, 0, False)
+    return lambda: kv_attention._split_kv_attention(q, k, scales, v, scales, row_start, slot, 0, int8)
 
 
-def gemv_plain():
-    x, weight = torch.randn(1, 576, dtype=torch.bfloat16), torch.randn(1536, 576, dtype=torch.bfloat16)
-    return lambda: gemv._decode_gemv_launch(x, weight, None, None, None, None, 0.0, False)
+def caches():  # SmolLM2's: 3 kv heads of 64
+    return [torch.randn(1, 3, 12, 64) for _ in range(2)]
 
 
-CASES = [  # name, launches, the pointers each launch may write
+def float_weight(n, k):
+    return torch.randn(n, k)
+
+
+def int8_weight(*shape):
+    return torch.randint(-127, 128, shape, dtype=torch.int8)
+
+
+x, slot, angles = torch.randn(1, 576), torch.tensor([7]), torch.randn(64)
+norm_weight, pairs_of = torch.rand(576), lambda n, k, e: torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+CASES = [  # name, what it launches, the pointers each launch may write (the wrap_triton kernels, each at least once)
     ("decode attention, one split (64 slots)", attention(64), [{"y_ptr"}]),
     (
         "decode attention, split (8192 slots), then the merge",
         attention(8192),
         [{"acc_ptr", "max_ptr", "sum_ptr"}, {"y_ptr"}],
     ),
-    ("decode_gemv, no RoPE (the weight passed as the caches)", gemv_plain(), [{"y_ptr"}]),
+    ("int8 decode attention, one split", attention(64, int8=True), [{"y_ptr"}]),
+    (
+        "decode_gemv, no RoPE (the weight passed as the caches)",
+        lambda: gemv.decode_gemv(x, float_weight(1536, 576)),
+        [{"y_ptr"}],
+    ),
+    (
+        "decode_gemv, the norm and SiLU(gate) * up folded",
+        lambda: gemv.decode_gemv(x, float_weight(1536, 576), norm_weight=norm_weight, eps=1e-5, glu=True),
+        [{"y_ptr"}],
+    ),
+    (
+        "decode_gemv, int8, the residual folded",
+        lambda: gemv.decode_gemv(x, int8_weight(576, 576), torch.rand(576), residual=torch.randn(1, 576)),
+        [{"y_ptr"}],
+    ),
+    (
+        "decode_gemv_rope_kv",
+        lambda: gemv.decode_gemv_rope_kv(
+            x, float_weight(960, 576), None, norm_weight, None, 1e-5, angles.cos(), angles.sin(), *caches(), slot, 9
+        ),
+        [{"y_ptr", "k_ptr", "v_ptr"}],
+    ),
+    (
+        "rope_write_kv, the query / key norms",
+        lambda: kv_attention.rope_write_kv(
+            torch.randn(1, 960), angles.cos(), angles.sin(), *caches(), slot, 9, torch.rand(64), torch.rand(64), 1e-6
+        ),
+        [{"q_ptr", "k_ptr", "v_ptr"}],
+    ),
+    (
+        "decode_gemv_experts",
+        lambda: gemv.decode_gemv_experts(x, torch.randint(0, 16, (8,)), torch.randn(16, 48, 576), norm_weight, 1e-5),
+        [{"y_ptr"}],
+    ),
+    (
+        "int8_gemm_few_rows",
+        lambda: gemv.int8_gemm_few_rows(torch.randn(4, 576), int8_weight(96, 576), torch.rand(96)),
+        [{"part_ptr"}],
+    ),
+    (
+        "int8_expert_gemm_grouped",
+        lambda: gemv.int8_expert_gemm_grouped(
+            torch.randn(3, 576), pairs_of(3, 2, 8).flatten(), int8_weight(8, 96, 576), torch.rand(8, 96)
+        ),
+        [{"part_ptr"}],
+    ),
+    (
+        "expert_gate_up",
+        lambda: gemv.expert_gate_up(torch.randn(4, 96), pairs_of(4, 2, 16), torch.randn(16, 160, 96)),
+        [{"h_ptr"}],
+    ),
+    (
+        "expert_down_mix, the residual",
+        lambda: gemv.expert_down_mix(
+            torch.randn(1, 8, 700), pairs_of(1, 8, 16), torch.rand(1, 8), torch.randn(16, 300, 700), torch.randn(1, 300)
+        ),
+        [{"y_ptr"}],
+    ),
+    ("route", lambda: gemv.route(torch.randn(3, 128), 8), [{"ids_ptr", "weights_ptr"}]),
 ]
 
 
