@@ -39,17 +39,17 @@ def launches(run) -> list[tuple]:
     """(kernel, its arguments by name) for each wrap_triton launch run() makes, none of them executed."""
     recorded = []
 
-    def recording_wrap_triton(kernel):
-        def with_grid(grid):
-            def launch(*args, **kwargs):
-                recorded.append((kernel, {**dict(zip(kernel.arg_names, args)), **kwargs}))
+    class RecordingLauncher:  # wrap_triton(kernel)[grid](*args, **kwargs), recorded
+        def __init__(self, kernel):
+            self.kernel = kernel
 
-            return launch
-
-        return type("Launcher", (), {"__getitem__": lambda self, grid: with_grid(grid)})()
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: recorded.append(
+                (self.kernel, {**dict(zip(self.kernel.arg_names, args)), **kwargs})
+            )
 
     saved = kv_attention.wrap_triton, gemv.wrap_triton
-    kv_attention.wrap_triton = gemv.wrap_triton = recording_wrap_triton
+    kv_attention.wrap_triton = gemv.wrap_triton = RecordingLauncher
     try:
         run()
     finally:
@@ -84,16 +84,15 @@ def caches():  # SmolLM2's: 3 kv heads of 64
     return [torch.randn(1, 3, 12, 64) for _ in range(2)]
 
 
-def float_weight(n, k):
-    return torch.randn(n, k)
-
-
 def int8_weight(*shape):
     return torch.randint(-127, 128, shape, dtype=torch.int8)
 
 
-x, slot, angles = torch.randn(1, 576), torch.tensor([7]), torch.randn(64)
-norm_weight, pairs_of = torch.rand(576), lambda n, k, e: torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+def experts_chosen(tokens, k, n_experts):  # [tokens, k]: each token's k distinct experts
+    return torch.stack([torch.randperm(n_experts)[:k] for _ in range(tokens)])
+
+
+x, slot, angles, norm_weight = torch.randn(1, 576), torch.tensor([7]), torch.randn(64), torch.rand(576)
 CASES = [  # name, what it launches, the pointers each launch may write (the wrap_triton kernels, each at least once)
     ("decode attention, one split (64 slots)", attention(64), [{"y_ptr"}]),
     (
@@ -104,12 +103,12 @@ CASES = [  # name, what it launches, the pointers each launch may write (the wra
     ("int8 decode attention, one split", attention(64, int8=True), [{"y_ptr"}]),
     (
         "decode_gemv, no RoPE (the weight passed as the caches)",
-        lambda: gemv.decode_gemv(x, float_weight(1536, 576)),
+        lambda: gemv.decode_gemv(x, torch.randn(1536, 576)),
         [{"y_ptr"}],
     ),
     (
         "decode_gemv, the norm and SiLU(gate) * up folded",
-        lambda: gemv.decode_gemv(x, float_weight(1536, 576), norm_weight=norm_weight, eps=1e-5, glu=True),
+        lambda: gemv.decode_gemv(x, torch.randn(1536, 576), norm_weight=norm_weight, eps=1e-5, glu=True),
         [{"y_ptr"}],
     ),
     (
@@ -120,7 +119,7 @@ CASES = [  # name, what it launches, the pointers each launch may write (the wra
     (
         "decode_gemv_rope_kv",
         lambda: gemv.decode_gemv_rope_kv(
-            x, float_weight(960, 576), None, norm_weight, None, 1e-5, angles.cos(), angles.sin(), *caches(), slot, 9
+            x, torch.randn(960, 576), None, norm_weight, None, 1e-5, angles.cos(), angles.sin(), *caches(), slot, 9
         ),
         [{"y_ptr", "k_ptr", "v_ptr"}],
     ),
@@ -144,19 +143,23 @@ CASES = [  # name, what it launches, the pointers each launch may write (the wra
     (
         "int8_expert_gemm_grouped",
         lambda: gemv.int8_expert_gemm_grouped(
-            torch.randn(3, 576), pairs_of(3, 2, 8).flatten(), int8_weight(8, 96, 576), torch.rand(8, 96)
+            torch.randn(3, 576), experts_chosen(3, 2, 8).flatten(), int8_weight(8, 96, 576), torch.rand(8, 96)
         ),
         [{"part_ptr"}],
     ),
     (
         "expert_gate_up",
-        lambda: gemv.expert_gate_up(torch.randn(4, 96), pairs_of(4, 2, 16), torch.randn(16, 160, 96)),
+        lambda: gemv.expert_gate_up(torch.randn(4, 96), experts_chosen(4, 2, 16), torch.randn(16, 160, 96)),
         [{"h_ptr"}],
     ),
     (
         "expert_down_mix, the residual",
         lambda: gemv.expert_down_mix(
-            torch.randn(1, 8, 700), pairs_of(1, 8, 16), torch.rand(1, 8), torch.randn(16, 300, 700), torch.randn(1, 300)
+            torch.randn(1, 8, 700),
+            experts_chosen(1, 8, 16),
+            torch.rand(1, 8),
+            torch.randn(16, 300, 700),
+            torch.randn(1, 300),
         ),
         [{"y_ptr"}],
     ),
