@@ -19,7 +19,7 @@ weight). Built on first use with torch's load_inline, which needs nvcc (the CUDA
 
 Also here: the one-row folds quantize.Int4DecodeBlock runs (on by default, FASTGEN_INT4_FOLD=0 turns them off:
 RMSNorm, RoPE and the cache write, SiLU(gate) * up and the residual adds in the kernel; the fold section at the end)
-and the kernels' programmatic dependent launch (opt-in FASTGEN_INT4_PDL=1: it lost, 2.328 -> 2.600 ms).
+and the kernels' programmatic dependent launch on sm_90+ (on by default, FASTGEN_INT4_PDL=0 turns it off).
 """
 
 import os
@@ -185,16 +185,10 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemv_kernel(
 #pragma unroll
     for (int t = 0; t < T; ++t)  // a tile past the end reads the last one again; its sums are not stored
         w_tile[t] = w + (size_t)min(tile_ids[t], tiles - 1) * S * 32 + lane;
-    // Launched with PDL (pdl, the host's choice), this block may start while the kernel before it finishes: it asks
-    // L2 for its weights (no kernel writes them; one lane a 128-byte line) and waits before it reads x or the scales'
-    // neighbours. Without PDL the wait returns at once, and the prefetch is skipped: run on every launch, the plain
-    // int4-g64 step read 2.641 ms, skipped 2.328 (H100, 2026-12-06, two calls).
+    // Launched with PDL (pdl, the host's choice), this block may start while the kernel before it finishes: it waits
+    // before it reads x or the scales' neighbours. Without PDL the wait returns at once. (An L2 prefetch of the
+    // block's whole weight slice before the wait lost: the int4-g64 step 2.266 -> 2.509 ms with it, H100 2026-12-06.)
 #if __CUDA_ARCH__ >= 900  // griddepcontrol: sm_90+ (an A100 build has neither, and launches without PDL)
-    if (pdl && (lane & 7) == 0) {
-        for (int s = warp; s < S; s += WARPS)
-#pragma unroll
-            for (int t = 0; t < T; ++t) asm volatile("prefetch.global.L2 [%0];" ::"l"(w_tile[t] + (size_t)s * 32));
-    }
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
     // PRELOAD: the warp's next supertile's words, loaded before this one's arithmetic (PREFETCH; and always with
@@ -507,11 +501,12 @@ def load(name="fastgen_int4_mma", **builds):
 
 
 # Programmatic dependent launch of these kernels (kv_attention.PDL's mechanism, sm_90+): each may start while the
-# kernel before it finishes, asks L2 for its weights, then waits for it; once its main loop is done the next
-# kernel may launch. Inside a compiled step too: the custom op launches the kernel itself, and the CUDA graph keeps
-# the attribute. Opt-in (FASTGEN_INT4_PDL=1): it lost in the int4-g64 step, 2.328 -> 2.600 ms plain and 2.266 ->
-# 2.509 with the folds (H100, 2026-12-06), its weights' L2 prefetch costing more than the overlap gained.
-PDL = os.environ.get("FASTGEN_INT4_PDL", "0") == "1"
+# kernel before it finishes, then waits for it; once its main loop is done the next kernel may launch. Inside a
+# compiled step too: the custom op launches the kernel itself, and the CUDA graph keeps the attribute. On by default
+# (FASTGEN_INT4_PDL=0 turns it off): the int4-g64 step 2.204 -> 2.171 ms replayed, bench.py B1 446.5 -> 451.3 tok/s
+# (H100, 2026-12-06, one machine). With an L2 prefetch of each block's weights before the wait it had lost, 2.266 ->
+# 2.509 ms with the folds: the prefetch cost more than the overlap gained.
+PDL = os.environ.get("FASTGEN_INT4_PDL", "1") == "1"
 
 
 def launches_with_pdl(x: torch.Tensor) -> int:
