@@ -463,6 +463,11 @@ RESIDUAL, NORM_GLU, NORM_ROPE = 1, 2, 3  # the kernel's FOLD (0: PLAIN)
 MAX_NORM_K = 16384  # the kernel's: the norm folds hold x (bf16) in shared memory
 
 
+def fold_tile_builds(kind: int, warps: int) -> tuple[int, ...]:
+    """Row tiles a block built for a fold: 2, and 4 for the RoPE fold at 8 warps (the kernel's static_assert)."""
+    return (2, 4) if kind == NORM_ROPE and warps == FOLD_WARPS[0] else (2,)
+
+
 def launcher_source(
     groups=GROUPS, configs=tuple((TILES, w, False) for w in WARPS), tokens=(1, 8), folds=(RESIDUAL, NORM_GLU, NORM_ROPE)
 ) -> str:
@@ -481,7 +486,7 @@ def launcher_source(
         for g in groups
         for w in sorted({w for _, w, _ in configs} & set(FOLD_WARPS))
         for f in folds
-        for t in ((2, 4) if f == NORM_ROPE and w == FOLD_WARPS[0] else (2,))  # 4 tiles: the RoPE fold at 8 warps
+        for t in fold_tile_builds(f, w)
     )
     return LAUNCHER.replace("    DISPATCH", cases).replace("    FOLD_DISPATCH", fold_cases)
 
@@ -627,9 +632,9 @@ def fold_applies(x: torch.Tensor, weight: torch.Tensor, groupsize: int) -> bool:
 
 
 def fold_tiles(kind: int, warps: int, head_dim: int) -> int:
-    """Row tiles a block for a fold: ROPE_FOLD_TILES for the RoPE fold at 8 warps where a head's D / 2 rows split
-    into 16-row pairs, else 2."""
-    return ROPE_FOLD_TILES if kind == NORM_ROPE and warps == FOLD_WARPS[0] and head_dim % 32 == 0 else 2
+    """Row tiles a block for a fold: ROPE_FOLD_TILES where 4 are built (the RoPE fold at 8 warps) and a head's D / 2
+    rows split into 16-row pairs, else 2."""
+    return ROPE_FOLD_TILES if 4 in fold_tile_builds(kind, warps) and head_dim % 32 == 0 else 2
 
 
 def _fold(x, weight, groupsize, scales_and_zeros, kind, norm_weight=None, eps=0.0, residual=None, rope=None):
