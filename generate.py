@@ -235,12 +235,19 @@ class CUDAGraphStep:
     def record(self, model, args):
         self.graph = None  # free the previous recording first
         self.inputs = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]  # the graph's input buffers
-        # One plain run first, on a side stream (what capture requires): it creates library
-        # handles and workspaces. It writes the same K/V slots the replay writes again.
+        # Two plain runs first, on a side stream (what capture requires): they create library handles
+        # and workspaces, and a compiled step that recompiles on its second call (a guard on Python state
+        # the first call changed) compiles and autotunes here, not inside the capture, where Inductor's
+        # benchmarking syncs and breaks it. Each run starts from the same inputs, so both write the K/V
+        # slots the replay writes again.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.step(model, *self.inputs)
+            for _ in range(2):
+                for buffer, a in zip(self.inputs, args):
+                    if isinstance(a, torch.Tensor):
+                        buffer.copy_(a)  # an advancing step moved the last run's inputs on
+                self.step(model, *self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):

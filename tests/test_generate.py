@@ -109,6 +109,51 @@ def test_decode_step_leaves_the_next_steps_inputs_in_place():
     assert torch.equal(token, want) and input_pos.tolist() == [4]
 
 
+def test_cuda_graph_step_runs_the_step_twice_from_the_callers_inputs_before_capturing(monkeypatch):
+    """CUDAGraphStep.record (CUDA's stream and graph calls stood in for, so it runs here): two plain runs of an
+    advancing step, both outside the capture and both from the caller's token and position (the first run moved its
+    buffers on), then one capture. A compiled step that recompiles on its second call (a guard on Python state its
+    first call changed) so compiles and autotunes before the capture, where Inductor's benchmarking breaks it.
+    The GPU test test_cuda_graph_step_runs_a_step_twice_before_capture checks the same on CUDA."""
+    import contextlib
+
+    import generate
+
+    runs, capturing = [], [False]
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            runs.append("replay")
+
+    @contextlib.contextmanager
+    def capture(graph):
+        capturing[0] = True
+        yield
+        capturing[0] = False
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+
+    def step(model, token, input_pos):
+        runs.append((capturing[0], token.item(), input_pos.item()))
+        token.add_(1)
+        input_pos.add_(1)
+        return token, input_pos
+
+    model = tiny_model()
+    model.setup_caches(1, 32)
+    generate.CUDAGraphStep(step)(model, torch.tensor([[41]]), torch.tensor([3]))
+    assert runs[:2] == [(False, 41, 3), (False, 41, 3)]  # two plain runs from the same inputs
+    assert runs[2][0] and runs[3:] == ["replay"]  # then one capture, then the replay
+
+
 def test_cache_fills_exactly_and_one_more_token_is_a_clear_error():
     model = tiny_model()
     p = PROMPTS[0]

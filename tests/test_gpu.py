@@ -188,6 +188,29 @@ def test_eager_cuda_graph_step_samples_and_rerecords():
     assert sampled != three  # temperature 1 over spread logits: not the greedy path
 
 
+def test_cuda_graph_step_runs_a_step_twice_before_capture():
+    """CUDAGraphStep runs the step twice before it captures: a compiled step whose second call recompiles (a guard
+    on Python state its first call changed) must compile and autotune outside the capture, where a host sync
+    breaks it. Stood in for here by a step that syncs on its second call; replays then give the step's result."""
+    from generate import CUDAGraphStep
+
+    calls = []
+
+    def step(model, x):
+        calls.append(1)
+        if len(calls) == 2:
+            x.sum().item()  # a host sync: inside a capture, cudaErrorStreamCaptureUnsupported
+        return x * 2
+
+    model = on(random_model("tied"), "cuda", torch.bfloat16)
+    model.setup_caches(1, 16)
+    graph_step = CUDAGraphStep(step)
+    x = torch.arange(4.0, device="cuda")
+    assert graph_step(model, x).tolist() == [0.0, 2.0, 4.0, 6.0]
+    assert graph_step(model, x + 1).tolist() == [2.0, 4.0, 6.0, 8.0]  # replayed, not run again
+    assert len(calls) == 3  # two plain runs and the capture
+
+
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_decode_loop_replays_with_nothing_between_replays(compile):
     """The decode loop hands each CUDA-graph replay its own input buffers back (generate.advancing): between
