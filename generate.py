@@ -226,11 +226,15 @@ class CUDAGraphStep:
         if key != self.key:
             self.record(model, args)
             self.key = key
-        for buffer, a in zip(self.inputs, args):
-            if isinstance(a, torch.Tensor) and a is not buffer:  # an advancing step hands its buffers back
-                buffer.copy_(a)
+        self.load_inputs(args)
         self.graph.replay()
         return self.outputs
+
+    def load_inputs(self, args):
+        """The caller's tensors into the graph's input buffers (an advancing step hands the buffers back: no copy)."""
+        for buffer, a in zip(self.inputs, args):
+            if isinstance(a, torch.Tensor) and a is not buffer:
+                buffer.copy_(a)
 
     def record(self, model, args):
         self.graph = None  # free the previous recording first
@@ -244,10 +248,8 @@ class CUDAGraphStep:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                for buffer, a in zip(self.inputs, args):
-                    if isinstance(a, torch.Tensor):
-                        buffer.copy_(a)  # an advancing step moved the last run's inputs on
                 self.step(model, *self.inputs)
+                self.load_inputs(args)  # an advancing step moved its inputs on
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
