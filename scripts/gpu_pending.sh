@@ -48,9 +48,10 @@
 #   bash scripts/gpu_pending.sh fusedmoe   # ~5 min: Qwen3-30B-A3B B1 (12 layers) plain, with the fused attention
 #                                          #   half, and with the token's experts through decode_gemv_experts too
 #                                          #   (the default)
-#   bash scripts/gpu_pending.sh nogamma    # ~4 min: issue 11's SmolLM2 step with the fused GEMVs' norm-weight read
-#                                          #   removed (a timing probe, wrong numbers): is folding the RMSNorm weight
-#                                          #   into wqkv / w13 at load worth building? Default and probe alternating
+#   bash scripts/gpu_pending.sh nogamma    # ~6 min: issue 11's SmolLM2 step with the fused GEMVs' norm-weight read
+#                                          #   removed, and with the attention kernel skipped (timing probes, wrong
+#                                          #   numbers): is folding the RMSNorm weight into wqkv / w13, or the attention
+#                                          #   into wo, worth building? Default and probes alternating
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -306,10 +307,13 @@ nogamma)
     # that load is issued with the weight rows', its latency hidden by theirs. Restored after, whatever happens
     cp gemv.py "$out/gemv_default.py"
     trap 'cp "$out/gemv_default.py" gemv.py' EXIT
-    for form in default nogamma default nogamma; do
+    # noattn: the batch-1 attention kernel skipped (q stands for its output): the bound on any fusion of the
+    # attention into a neighbouring kernel (attention computed again inside wo's programs, say)
+    for form in default nogamma noattn default nogamma noattn; do
         cp "$out/gemv_default.py" gemv.py
         [ "$form" = nogamma ] && sed -i 's/^\(\s*\)x = x \* tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)$/\1pass  # PROBE/' gemv.py
-        [ "$form" = nogamma ] && { grep -q "pass  # PROBE" gemv.py || { summary+=("nogamma: the load's line was not found"); break; }; }
+        [ "$form" = noattn ] && sed -i 's/^\(\s*\)return attend(q, cache).to(x1.dtype).reshape(1, -1)$/\1return q.to(x1.dtype).reshape(1, -1)  # PROBE/' gemv.py
+        [ "$form" != default ] && { grep -q "  # PROBE" gemv.py || { summary+=("$form: the probed line was not found"); break; }; }
         decode "smol_$form" 100 --model smollm2-135m --new-tokens 200
     done
     ;;
