@@ -308,7 +308,7 @@ nogamma)
     cp gemv.py "$out/gemv_default.py"
     trap 'cp "$out/gemv_default.py" gemv.py' EXIT
     # noattn: the batch-1 attention kernel skipped (q stands for its output): the bound on any fusion of the
-    # attention into a neighbouring kernel (attention computed again inside wo's programs, say)
+    # attention into a neighbouring kernel (one kernel boundary a layer fewer; its work gone too)
     for form in default nogamma noattn default nogamma noattn; do
         cp "$out/gemv_default.py" gemv.py
         [ "$form" = nogamma ] && sed -i 's/^\(\s*\)x = x \* tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)$/\1pass  # PROBE/' gemv.py
