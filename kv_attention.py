@@ -504,10 +504,9 @@ if triton is not None:
         splits = num_splits(B, n_kv_heads, S, TARGET_PROGRAMS_QUANTIZED if has_scales else TARGET_PROGRAMS)
         y = torch.empty((B, n_heads, 1, D), dtype=q.dtype, device=q.device)
         if splits == 1:  # the split writes y itself: no partials. The kernel has no partial stores at SPLITS 1,
-            # so the compiler takes none of these for written; each its own tensor, aliasing nothing (with y passed
-            # for all three the int8 cache's capture test failed once on the H100, but that test also fails now and
-            # then from a recompile inside the capture, so y's part is not settled: NOTES.md)
-            acc, running_max, running_sum = (torch.empty(1, dtype=torch.float32, device=q.device) for _ in range(3))
+            # so the compiler takes none of these pointers for written and q stands in for all three (the repo's
+            # convention for an unread pointer: no allocation)
+            acc = running_max = running_sum = q
         else:
             parts = (B * n_kv_heads, splits, G_PAD)
             acc = torch.empty((*parts, D_PAD), dtype=torch.float32, device=q.device)
