@@ -390,6 +390,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         EVEN_K: tl.constexpr,  # BLOCK_K divides K: no K step is partial
         EVEN_N: tl.constexpr,  # BLOCK_N divides the programs' outputs (with ROPE, their row pairs)
+        EARLY_LOADS: tl.constexpr,  # kv_attention.EARLY_LOADS: the epilogue's inputs loaded before the main loop
     ):
         # BLOCK_N outputs of one activation row, the weight read once. Each program reads all of
         # x anyway, so the norm costs no pass of its own: W (g * x * r) = r * (W (g * x)), with the
@@ -427,6 +428,11 @@ if triton is not None:
             y_ptr += r.to(tl.int64) * N
         cols = tl.arange(0, BLOCK_K)
         row_ok = (rows < N) | EVEN_N
+        if EARLY_LOADS:  # their latency under the main loop's, not after it on the chain
+            late = _epilogue_loads(
+                rows, partners, row_ok, scale_ptr, res_ptr, cos_ptr, sin_ptr, slot_ptr, N,
+                GLU, RESIDUAL, CONVERT, ROPE, HEAD_DIM,
+            )  # fmt: skip
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
         up_rows = w_ptr + partners.to(tl.int64)[:, None] * K  # read only if PAIRED
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -454,14 +460,18 @@ if triton is not None:
                 else:
                     acc_up += w_up.to(tl.float32) * x[None, :]
         pdl_launch_next(PDL)
+        if not EARLY_LOADS:
+            late = _epilogue_loads(
+                rows, partners, row_ok, scale_ptr, res_ptr, cos_ptr, sin_ptr, slot_ptr, N,
+                GLU, RESIDUAL, CONVERT, ROPE, HEAD_DIM,
+            )  # fmt: skip
+        scale, scale_up, res, res_up, rope_angles = late
         y = tl.sum(acc, axis=1)
         up = tl.sum(acc_up, axis=1)
         if CONVERT >= 0:
-            y = y * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-            if GLU:
-                up = up * tl.load(scale_ptr + N + rows, mask=row_ok, other=0.0).to(tl.float32)
-            if ROPE:
-                up = up * tl.load(scale_ptr + partners, mask=row_ok, other=0.0).to(tl.float32)
+            y = y * scale
+            if PAIRED:
+                up = up * scale_up
         if NORM:
             inv_rms = tl.rsqrt(tl.sum(squares, axis=0) / K + EPS)
             y = y * inv_rms
@@ -469,13 +479,40 @@ if triton is not None:
         if GLU:  # SiLU(gate) * up, FeedForward's hidden
             y = y * tl.sigmoid(y) * up
         if RESIDUAL:  # with ROPE, wqkv's bias (Qwen2)
-            y += tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            y += res
             if ROPE:
-                up += tl.load(res_ptr + partners, mask=row_ok, other=0.0).to(tl.float32)
+                up += res_up
         if ROPE:
-            _rope_store(y, up, rows, row_ok, y_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, S, HQ, HKV, HEAD_DIM)
+            _rope_store(y, up, rows, row_ok, y_ptr, rope_angles, k_ptr, v_ptr, S, HQ, HKV, HEAD_DIM)
         else:
             tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
+    def _epilogue_loads(
+        rows, partners, row_ok, scale_ptr, res_ptr, cos_ptr, sin_ptr, slot_ptr, N,
+        GLU: tl.constexpr, RESIDUAL: tl.constexpr, CONVERT: tl.constexpr, ROPE: tl.constexpr, D: tl.constexpr,
+    ):  # fmt: skip
+        # _decode_gemv_kernel's epilogue inputs: (scale, scale_up, res, res_up, (cos, sin, cos_partner, sin_partner,
+        # slot)), each 0.0 where the kernel's form reads none. Rows past N read nothing (masked)
+        zero = tl.zeros(rows.shape, dtype=tl.float32)
+        scale, scale_up, res, res_up = zero, zero, zero, zero
+        if CONVERT >= 0:
+            scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            if GLU or ROPE:
+                scale_up = tl.load(scale_ptr + partners, mask=row_ok, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            res = tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            if ROPE:
+                res_up = tl.load(res_ptr + partners, mask=row_ok, other=0.0).to(tl.float32)
+        cos, sin, cos_partner, sin_partner, slot = zero, zero, zero, zero, 0
+        if ROPE:  # the angles of i and i + D / 2 of each row's head
+            i = rows % D
+            cos = tl.load(cos_ptr + i, mask=row_ok, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + i, mask=row_ok, other=0.0).to(tl.float32)
+            cos_partner = tl.load(cos_ptr + i + D // 2, mask=row_ok, other=0.0).to(tl.float32)
+            sin_partner = tl.load(sin_ptr + i + D // 2, mask=row_ok, other=0.0).to(tl.float32)
+            slot = tl.load(slot_ptr)
+        return scale, scale_up, res, res_up, (cos, sin, cos_partner, sin_partner, slot)
 
     @triton.jit
     def _rope_store(
@@ -484,11 +521,9 @@ if triton is not None:
         rows,
         row_ok,
         q_ptr,
-        cos_ptr,
-        sin_ptr,
+        rope_angles,  # (cos, sin, cos_partner, sin_partner, slot): _epilogue_loads'
         k_ptr,
         v_ptr,
-        slot_ptr,
         S,
         HQ: tl.constexpr,
         HKV: tl.constexpr,
@@ -500,10 +535,7 @@ if triton is not None:
         x = x.to(q_ptr.dtype.element_ty).to(tl.float32)
         x_partner = x_partner.to(q_ptr.dtype.element_ty).to(tl.float32)
         head, i = rows // D, rows % D
-        cos = tl.load(cos_ptr + i, mask=row_ok, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + i, mask=row_ok, other=0.0).to(tl.float32)
-        cos_partner = tl.load(cos_ptr + i + D // 2, mask=row_ok, other=0.0).to(tl.float32)
-        sin_partner = tl.load(sin_ptr + i + D // 2, mask=row_ok, other=0.0).to(tl.float32)
+        cos, sin, cos_partner, sin_partner, slot = rope_angles
         rotate = head < HQ + HKV  # v is not rotated
         y = tl.where(rotate, x * cos + -1.0 * x_partner * sin, x)
         y_partner = tl.where(rotate, x_partner * cos_partner + x * sin_partner, x_partner)
@@ -511,7 +543,7 @@ if triton is not None:
         tl.store(q_ptr + rows, y.to(q_ptr.dtype.element_ty), mask=row_ok & is_q)
         tl.store(q_ptr + rows + D // 2, y_partner.to(q_ptr.dtype.element_ty), mask=row_ok & is_q)
         kv_head = tl.where(rotate, head - HQ, head - HQ - HKV)
-        at = (kv_head * S + tl.load(slot_ptr)).to(tl.int64) * D + i  # [HKV, S, D]
+        at = (kv_head * S + slot).to(tl.int64) * D + i  # [HKV, S, D]
         is_k = row_ok & ~is_q & rotate
         is_v = row_ok & ~rotate
         tl.store(k_ptr + at, y.to(k_ptr.dtype.element_ty), mask=is_k)
@@ -696,6 +728,7 @@ if triton is not None:
             HQ=n_heads,
             HKV=n_kv_heads,
             HEAD_DIM=head_dim,
+            EARLY_LOADS=kv_attention.EARLY_LOADS,
             **decode_gemv_whole_tiles(programs, K, cfg),
             **cfg,
             **kv_attention.pdl_launch(x),

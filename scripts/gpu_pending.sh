@@ -52,6 +52,9 @@
 #                                          #   removed, and with the attention kernel skipped (timing probes, wrong
 #                                          #   numbers): is folding the RMSNorm weight into wqkv / w13, or the attention
 #                                          #   into wo, worth building? Default and probes alternating
+#   bash scripts/gpu_pending.sh early      # ~6 min: issue 11's SmolLM2 step with FASTGEN_EARLY_LOADS off and on,
+#                                          #   alternating (the GEMVs' epilogue loads before their loop, the attention's
+#                                          #   slots before its wait): ~4 memory round trips a layer off the chain?
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -300,6 +303,12 @@ fusedmoe)
     FASTGEN_FLOAT_GEMV=0 FASTGEN_FUSED_DECODE=0 FASTGEN_EXPERT_GEMV=0 decode qwen3_b1 100 --model qwen3-30b-a3b --layers 12
     FASTGEN_EXPERT_GEMV=0 decode qwen3_b1_fused 100 --model qwen3-30b-a3b --layers 12
     decode qwen3_b1_experts 100 --model qwen3-30b-a3b --layers 12
+    ;;
+early)
+    for form in off on off on; do
+        FASTGEN_EARLY_LOADS=$([ $form = on ] && echo 1 || echo 0) decode "smol_early_$form" 100 --model smollm2-135m \
+            --new-tokens 200
+    done
     ;;
 nogamma)
     # the upper bound of folding each RMSNorm's weight into the next projection's weight (NOTES.md's untried idea):
