@@ -430,9 +430,10 @@ if triton is not None:
         row_ok = (rows < N) | EVEN_N
         if EARLY_LOADS:  # their latency under the main loop's, not after it on the chain
             late = _epilogue_loads(
-                rows, partners, row_ok, scale_ptr, res_ptr, cos_ptr, sin_ptr, slot_ptr, N,
-                GLU, RESIDUAL, CONVERT, ROPE, HEAD_DIM,
+                rows, partners, row_ok, scale_ptr, res_ptr, cos_ptr, sin_ptr, GLU, RESIDUAL, CONVERT, ROPE, HEAD_DIM
             )  # fmt: skip
+            if ROPE:  # here, not in the helper: torch's analysis must see the cache write's address come from a load
+                slot = tl.load(slot_ptr)
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
         up_rows = w_ptr + partners.to(tl.int64)[:, None] * K  # read only if PAIRED
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -462,10 +463,11 @@ if triton is not None:
         pdl_launch_next(PDL)
         if not EARLY_LOADS:
             late = _epilogue_loads(
-                rows, partners, row_ok, scale_ptr, res_ptr, cos_ptr, sin_ptr, slot_ptr, N,
-                GLU, RESIDUAL, CONVERT, ROPE, HEAD_DIM,
+                rows, partners, row_ok, scale_ptr, res_ptr, cos_ptr, sin_ptr, GLU, RESIDUAL, CONVERT, ROPE, HEAD_DIM
             )  # fmt: skip
-        scale, scale_up, res, res_up, rope_angles = late
+            if ROPE:
+                slot = tl.load(slot_ptr)
+        scale, scale_up, res, res_up, cos, sin, cos_partner, sin_partner = late
         y = tl.sum(acc, axis=1)
         up = tl.sum(acc_up, axis=1)
         if CONVERT >= 0:
@@ -483,17 +485,19 @@ if triton is not None:
             if ROPE:
                 up += res_up
         if ROPE:
-            _rope_store(y, up, rows, row_ok, y_ptr, rope_angles, k_ptr, v_ptr, S, HQ, HKV, HEAD_DIM)
+            _rope_store(
+                y, up, rows, row_ok, y_ptr, cos, sin, cos_partner, sin_partner, slot, k_ptr, v_ptr, S, HQ, HKV, HEAD_DIM
+            )
         else:
             tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
     def _epilogue_loads(
-        rows, partners, row_ok, scale_ptr, res_ptr, cos_ptr, sin_ptr, slot_ptr, N,
+        rows, partners, row_ok, scale_ptr, res_ptr, cos_ptr, sin_ptr,
         GLU: tl.constexpr, RESIDUAL: tl.constexpr, CONVERT: tl.constexpr, ROPE: tl.constexpr, D: tl.constexpr,
     ):  # fmt: skip
-        # _decode_gemv_kernel's epilogue inputs: (scale, scale_up, res, res_up, (cos, sin, cos_partner, sin_partner,
-        # slot)), each 0.0 where the kernel's form reads none. Rows past N read nothing (masked)
+        # _decode_gemv_kernel's epilogue inputs but the slot: scale, scale_up, res, res_up, cos, sin, cos_partner,
+        # sin_partner, each 0 where the kernel's form reads none
         zero = tl.zeros(rows.shape, dtype=tl.float32)
         scale, scale_up, res, res_up = zero, zero, zero, zero
         if CONVERT >= 0:
@@ -504,15 +508,14 @@ if triton is not None:
             res = tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
             if ROPE:
                 res_up = tl.load(res_ptr + partners, mask=row_ok, other=0.0).to(tl.float32)
-        cos, sin, cos_partner, sin_partner, slot = zero, zero, zero, zero, 0
+        cos, sin, cos_partner, sin_partner = zero, zero, zero, zero
         if ROPE:  # the angles of i and i + D / 2 of each row's head
             i = rows % D
             cos = tl.load(cos_ptr + i, mask=row_ok, other=0.0).to(tl.float32)
             sin = tl.load(sin_ptr + i, mask=row_ok, other=0.0).to(tl.float32)
             cos_partner = tl.load(cos_ptr + i + D // 2, mask=row_ok, other=0.0).to(tl.float32)
             sin_partner = tl.load(sin_ptr + i + D // 2, mask=row_ok, other=0.0).to(tl.float32)
-            slot = tl.load(slot_ptr)
-        return scale, scale_up, res, res_up, (cos, sin, cos_partner, sin_partner, slot)
+        return scale, scale_up, res, res_up, cos, sin, cos_partner, sin_partner
 
     @triton.jit
     def _rope_store(
@@ -521,7 +524,11 @@ if triton is not None:
         rows,
         row_ok,
         q_ptr,
-        rope_angles,  # (cos, sin, cos_partner, sin_partner, slot): _epilogue_loads'
+        cos,  # cos .. slot: _epilogue_loads'
+        sin,
+        cos_partner,
+        sin_partner,
+        slot,  # the token's cache slot, loaded by the caller
         k_ptr,
         v_ptr,
         S,
@@ -535,7 +542,6 @@ if triton is not None:
         x = x.to(q_ptr.dtype.element_ty).to(tl.float32)
         x_partner = x_partner.to(q_ptr.dtype.element_ty).to(tl.float32)
         head, i = rows // D, rows % D
-        cos, sin, cos_partner, sin_partner, slot = rope_angles
         rotate = head < HQ + HKV  # v is not rotated
         y = tl.where(rotate, x * cos + -1.0 * x_partner * sin, x)
         y_partner = tl.where(rotate, x_partner * cos_partner + x * sin_partner, x_partner)
