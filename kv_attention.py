@@ -116,15 +116,14 @@ KV_ASM = True  # the PTX conversion; False: Triton's own (the interpreter has no
 # session (SmolLM2-135M 0.629 -> 0.486 ms a step on an H200 with Inductor's PDL too, BENCHMARKS.md);
 # FASTGEN_PDL=0 turns it off.
 PDL = os.environ.get("FASTGEN_PDL", "1") == "1"
-# Loads moved off the batch-1 chain's critical path (opt-in, FASTGEN_EARLY_LOADS=1; not yet timed on a GPU):
-# decode_gemv's epilogue inputs (the residual, int8 scales, RoPE's angles and slot) issued before its main loop
-# instead of after it, and the attention's query slot and row start read before its PDL wait, its valid K/V
-# tiles asked into L2 there too. Each was a memory round trip after the one before it on the chain (~4 a layer).
-# Reading the slot and row start early is safe: no kernel of a decode step writes them (they change between
-# steps), and a PDL kernel here lets the next launch only after its own wait, so what the kernel two back wrote
-# is complete anyway.
-EARLY_LOADS = os.environ.get("FASTGEN_EARLY_LOADS", "0") == "1"
-EARLY_TILES = 4  # the attention's tiles a program asks L2 for before its wait: SINGLE_SPLIT_MAX_TILES's cache whole
+# The attention's query slot and row start read before its PDL wait, and its first tiles of K and V asked into L2
+# there (opt-in, FASTGEN_EARLY_SLOTS=1; not timed alone). Safe: no kernel of a decode step writes the slot or the
+# row start (they change between steps), and a PDL kernel here lets the next one launch only after its own wait,
+# so what the kernel two back wrote is complete anyway. Timed on an H100 (2026-12-07) only together with
+# decode_gemv's epilogue loads moved before its main loop: SmolLM2 0.394 -> 0.403 ms a step replayed, lost; which
+# of the two lost was not measured (the device budget ran out), so this half stays to be timed alone.
+EARLY_SLOTS = os.environ.get("FASTGEN_EARLY_SLOTS", "0") == "1"
+EARLY_TILES = 4  # the tiles a program asks L2 for before its wait: SINGLE_SPLIT_MAX_TILES's cache whole
 
 
 def available(q: torch.Tensor) -> bool:
@@ -379,7 +378,7 @@ if triton is not None:
         FP8_VIA_F32: tl.constexpr,  # an fp8 cache's tiles to bf16 through fp32 (KV_FP8_VIA_F32)
         PDL: tl.constexpr,  # launched with programmatic dependent launch (kv_attention.PDL)
         WHOLE_TILES: tl.constexpr,  # kv_attention.WHOLE_TILES
-        EARLY_LOADS: tl.constexpr,  # kv_attention.EARLY_LOADS: the slots read (K/V asked for) before the wait
+        EARLY_SLOTS: tl.constexpr,  # kv_attention.EARLY_SLOTS: the slots read (K/V asked for) before the wait
     ):
         # head_dim ** -0.5 * log2(e), from the constant D: a float argument would reach the kernel as
         # fp64 under Inductor and promote the scores to fp64
@@ -393,7 +392,7 @@ if triton is not None:
         # split t % SPLITS), so every split gets a share of the valid slots whatever their number
         # (contiguous shares of the whole cache left all but a quarter of the programs idle at 8k
         # filled in a 32k cache)
-        if EARLY_LOADS:  # no kernel of a decode step writes the slot or the row start (EARLY_LOADS says why)
+        if EARLY_SLOTS:  # no kernel of a decode step writes the slot or the row start (EARLY_SLOTS says why)
             first, last = _valid_slots(q_slot_ptr, row_start_ptr + b, window)
             if PDL:  # the program's first tiles of K and V to L2 while the kernel before this one finishes
                 LINE: tl.constexpr = 1024 // k_ptr.dtype.element_ty.primitive_bitwidth  # elements a 128-byte line
@@ -407,7 +406,7 @@ if triton is not None:
                     prefetch_l2(v_ptr + lines)
                     tile += SPLITS
         pdl_wait(PDL)
-        if not EARLY_LOADS:
+        if not EARLY_SLOTS:
             first, last = _valid_slots(q_slot_ptr, row_start_ptr + b, window)
         first_tile, last_tile = first // BLOCK, last // BLOCK
         my_first_tile = first_tile + (split - first_tile % SPLITS + SPLITS) % SPLITS
@@ -574,7 +573,7 @@ if triton is not None:
             HAS_SCALES=has_scales,
             FP8_VIA_F32=fp8_via_f32,
             WHOLE_TILES=WHOLE_TILES and -(-S // BLOCK_N) >= WHOLE_TILES_MIN_PER_SPLIT * splits,
-            EARLY_LOADS=EARLY_LOADS,
+            EARLY_SLOTS=EARLY_SLOTS,
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES,
             **pdl_launch(q),

@@ -118,7 +118,7 @@ def main(argv=None):
     decode_sig.update({"y_ptr": "*bf16", "ids_ptr": "*i64", "N": "i32", "K": "i32", "rows_per_x": "i32"})
     decode_sig.update({"cos_ptr": "*bf16", "sin_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "slot_ptr": "*i64"})
     decode_sig.update({"S": "i32"})
-    no_rope = {"ROPE": 0, "HQ": 0, "HKV": 0, "HEAD_DIM": 2, "EARLY_LOADS": kv_attention.EARLY_LOADS}
+    no_rope = {"ROPE": 0, "HQ": 0, "HKV": 0, "HEAD_DIM": 2}
     for n, k, norm, glu, residual, int8, experts, pdl in (
         (960, 576, 1, 0, 0, 0, 0, 0),
         (28672, 4096, 1, 1, 0, 0, 0, 0),  # Llama-3-8B's w13, SiLU(gate) * up stored
@@ -161,7 +161,7 @@ def main(argv=None):
         (6144, 4096, 32, 8, 128, 1, 1),
     ):
         cfg = gemv.decode_gemv_tiles(n, k, int8, True)
-        rope = {"ROPE": 1, "HQ": hq, "HKV": hkv, "HEAD_DIM": d, "EARLY_LOADS": kv_attention.EARLY_LOADS}
+        rope = {"ROPE": 1, "HQ": hq, "HKV": hkv, "HEAD_DIM": d}
         build(
             target,
             f"wqkv + rope + cache write {n}x{k} norm=1 int8={int8}" + (" pdl" if pdl else ""),
@@ -270,7 +270,7 @@ def main(argv=None):
                         FP8_VIA_F32=fp8_via_f32,
                         PDL=pdl,
                         WHOLE_TILES=kv_attention.WHOLE_TILES,
-                        EARLY_LOADS=kv_attention.EARLY_LOADS,
+                        EARLY_SLOTS=kv_attention.EARLY_SLOTS,
                     )
                     name = f"kv decode {(store or dtype)[1:]} cache, {dtype[1:]}, G={group}, D={head_dim}"
                     build(
@@ -292,7 +292,7 @@ def main(argv=None):
             {**kv_sig, "k_ptr": store, "v_ptr": store},
             dict(D=128, G=4, G_PAD=16, D_PAD=128, BLOCK=kv_attention.BLOCK_N, SPLITS=1, SPLITS_PAD=1,
                  HAS_SCALES=store == "*i8", FP8_VIA_F32=False, PDL=False,
-                 WHOLE_TILES=kv_attention.WHOLE_TILES, EARLY_LOADS=kv_attention.EARLY_LOADS),
+                 WHOLE_TILES=kv_attention.WHOLE_TILES, EARLY_SLOTS=kv_attention.EARLY_SLOTS),
             kv_divisible,
             num_warps=kv_attention.NUM_WARPS,
             num_stages=kv_attention.NUM_STAGES,

@@ -52,11 +52,10 @@
 #                                          #   removed, and with the attention kernel skipped (timing probes, wrong
 #                                          #   numbers): is folding the RMSNorm weight into wqkv / w13, or the attention
 #                                          #   into wo, worth building? Default and probes alternating
-#   bash scripts/gpu_pending.sh early      # ~6 min: issue 11's SmolLM2 step with FASTGEN_EARLY_LOADS off and on,
-#                                          #   alternating (the GEMVs' epilogue loads before their loop, the attention's
-#                                          #   slots before its wait): ~4 memory round trips a layer off the chain?
-#   bash scripts/gpu_pending.sh earlytier  # ~9.5 min: `early`, then the whole tier with FASTGEN_EARLY_LOADS=1 in what
-#                                          #   is left of 575 s (carry .whl): one machine start for both
+#   bash scripts/gpu_pending.sh early      # ~2 min: issue 11's SmolLM2 step with FASTGEN_EARLY_SLOTS off and on,
+#                                          #   alternating (the attention's slots read before its PDL wait, its tiles
+#                                          #   asked into L2 there): lost together with the GEMVs' loads before their
+#                                          #   loop (2026-12-07); this half never timed alone
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -306,19 +305,11 @@ fusedmoe)
     FASTGEN_EXPERT_GEMV=0 decode qwen3_b1_fused 100 --model qwen3-30b-a3b --layers 12
     decode qwen3_b1_experts 100 --model qwen3-30b-a3b --layers 12
     ;;
-early | earlytier)
+early)
     for form in off on off on; do
-        FASTGEN_EARLY_LOADS=$([ $form = on ] && echo 1 || echo 0) decode "smol_early_$form" 100 --model smollm2-135m \
+        FASTGEN_EARLY_SLOTS=$([ $form = on ] && echo 1 || echo 0) decode "smol_early_$form" 100 --model smollm2-135m \
             --new-tokens 200
     done
-    if [ "$mode" = earlytier ]; then
-        export FASTGEN_EARLY_LOADS=1
-        step build 200 python -c "import int4_mma; assert int4_mma.build() is not None"
-        python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-        step tier $((575 - SECONDS)) python -m pytest -m gpu -q -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
-        summary+=("  $(tail -n 1 "$out/tier.txt")")
-        summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
-    fi
     ;;
 nogamma)
     # the upper bound of folding each RMSNorm's weight into the next projection's weight (NOTES.md's untried idea):
@@ -343,7 +334,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, early, earlytier or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, early or autotune" >&2
     exit 2
     ;;
 esac

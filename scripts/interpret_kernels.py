@@ -330,28 +330,20 @@ def main():
         (f"DownMixExperts + gate/up kernel, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n, True))
         for n in (2, 8)
     ]
-    # kv_attention.EARLY_LOADS: the GEMV's epilogue inputs before its loop, the attention's slots before its wait
+    # kv_attention.EARLY_SLOTS: the attention's slots read before its wait
     early = [
-        ("(3, 1, 2, 80, 300, 299, 100), early loads", lambda: unquantized(*CASES[2])),
+        ("(3, 1, 2, 80, 300, 299, 100), slots before the wait", lambda: unquantized(*CASES[2])),
         (
-            "(1, 3, 3, 64, 216, 200), one split, early loads",
+            "(1, 3, 3, 64, 216, 200), one split, slots before the wait",
             lambda: unquantized(1, 3, 3, 64, 216, 200, 0, torch.float32),
         ),
-        ("int8 KV, early loads", int8),
-        ("decode gemv + norm + residual, early loads", lambda: decode_gemv(97, 576, norm=True, residual=True)),
+        ("int8 KV, slots before the wait", int8),
         (
-            "decode gemv, int8, norm + SiLU * up, early loads",
-            lambda: decode_gemv(66, 5000, norm=True, glu=True, int8=True),
+            "DecodeBlock, wqkv + rope + cache write in one kernel, slots before the wait",
+            lambda: decode_block(rope_in_qkv=True),
         ),
-        ("decode gemv, int8 + residual, early loads", lambda: decode_gemv(70, 1100, residual=True, int8=True)),
-        ("wqkv + rope + cache write, int8 weight, early loads", lambda: decode_gemv_rope_kv(6, 2, 64, 1030, int8=True)),
-        (
-            "wqkv + rope + cache write, fp16, bias, D 128, early loads",
-            lambda: decode_gemv_rope_kv(4, 2, 128, 1100, torch.float16, bias=True),
-        ),
-        ("DecodeBlock, wqkv + rope + cache write in one kernel, early loads", lambda: decode_block(rope_in_qkv=True)),
     ]
-    runs += [(name, lambda run=run: with_switch("EARLY_LOADS", run, value=True)) for name, run in early]
+    runs += [(name, lambda run=run: with_switch("EARLY_SLOTS", run, value=True)) for name, run in early]
     failed = []
     for name, run in runs:
         got, want = run()
