@@ -270,6 +270,7 @@ def main(argv=None):
                         FP8_VIA_F32=fp8_via_f32,
                         PDL=pdl,
                         WHOLE_TILES=kv_attention.WHOLE_TILES,
+                        EARLY_SLOTS=kv_attention.EARLY_SLOTS,
                     )
                     name = f"kv decode {(store or dtype)[1:]} cache, {dtype[1:]}, G={group}, D={head_dim}"
                     build(
@@ -291,7 +292,7 @@ def main(argv=None):
             {**kv_sig, "k_ptr": store, "v_ptr": store},
             dict(D=128, G=4, G_PAD=16, D_PAD=128, BLOCK=kv_attention.BLOCK_N, SPLITS=1, SPLITS_PAD=1,
                  HAS_SCALES=store == "*i8", FP8_VIA_F32=False, PDL=False,
-                 WHOLE_TILES=kv_attention.WHOLE_TILES),
+                 WHOLE_TILES=kv_attention.WHOLE_TILES, EARLY_SLOTS=kv_attention.EARLY_SLOTS),
             kv_divisible,
             num_warps=kv_attention.NUM_WARPS,
             num_stages=kv_attention.NUM_STAGES,

@@ -52,6 +52,10 @@
 #                                          #   removed, and with the attention kernel skipped (timing probes, wrong
 #                                          #   numbers): is folding the RMSNorm weight into wqkv / w13, or the attention
 #                                          #   into wo, worth building? Default and probes alternating
+#   bash scripts/gpu_pending.sh early      # ~2 min: issue 11's SmolLM2 step with FASTGEN_EARLY_SLOTS off and on,
+#                                          #   alternating (the attention's slots read before its PDL wait, its tiles
+#                                          #   asked into L2 there): lost together with the GEMVs' loads before their
+#                                          #   loop (2026-12-07); this half never timed alone
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -301,6 +305,12 @@ fusedmoe)
     FASTGEN_EXPERT_GEMV=0 decode qwen3_b1_fused 100 --model qwen3-30b-a3b --layers 12
     decode qwen3_b1_experts 100 --model qwen3-30b-a3b --layers 12
     ;;
+early)
+    for form in off on off on; do
+        FASTGEN_EARLY_SLOTS=$([ $form = on ] && echo 1 || echo 0) decode "smol_early_$form" 100 --model smollm2-135m \
+            --new-tokens 200
+    done
+    ;;
 nogamma)
     # the upper bound of folding each RMSNorm's weight into the next projection's weight (NOTES.md's untried idea):
     # the fused kernel's load of the norm weight dropped, everything else as is. Predicted small (<= ~10 us a step):
@@ -324,7 +334,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, early or autotune" >&2
     exit 2
     ;;
 esac

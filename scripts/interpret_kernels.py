@@ -330,6 +330,20 @@ def main():
         (f"DownMixExperts + gate/up kernel, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n, True))
         for n in (2, 8)
     ]
+    # kv_attention.EARLY_SLOTS: the attention's slots read before its wait
+    early = [
+        ("(3, 1, 2, 80, 300, 299, 100), slots before the wait", lambda: unquantized(*CASES[2])),
+        (
+            "(1, 3, 3, 64, 216, 200), one split, slots before the wait",
+            lambda: unquantized(1, 3, 3, 64, 216, 200, 0, torch.float32),
+        ),
+        ("int8 KV, slots before the wait", int8),
+        (
+            "DecodeBlock, wqkv + rope + cache write in one kernel, slots before the wait",
+            lambda: decode_block(rope_in_qkv=True),
+        ),
+    ]
+    runs += [(name, lambda run=run: with_switch("EARLY_SLOTS", run, value=True)) for name, run in early]
     failed = []
     for name, run in runs:
         got, want = run()
