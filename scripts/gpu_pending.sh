@@ -48,10 +48,11 @@
 #   bash scripts/gpu_pending.sh fusedmoe   # ~5 min: Qwen3-30B-A3B B1 (12 layers) plain, with the fused attention
 #                                          #   half, and with the token's experts through decode_gemv_experts too
 #                                          #   (the default)
-#   bash scripts/gpu_pending.sh nogamma    # ~6 min: issue 11's SmolLM2 step with the fused GEMVs' norm-weight read
+#   bash scripts/gpu_pending.sh nogamma    # ~2 min: issue 11's SmolLM2 step with the fused GEMVs' norm-weight read
 #                                          #   removed, and with the attention kernel skipped (timing probes, wrong
-#                                          #   numbers): is folding the RMSNorm weight into wqkv / w13, or the attention
-#                                          #   into wo, worth building? Default and probes alternating
+#                                          #   numbers), default and probes alternating. H100, 2026-12-07: 0.429 ms a
+#                                          #   step, nogamma 0.425, noattn 0.322: the bounds on a norm-weight fold
+#                                          #   and on any cheaper attention
 #   bash scripts/gpu_pending.sh early      # ~2 min: issue 11's SmolLM2 step with FASTGEN_EARLY_SLOTS off and on,
 #                                          #   alternating (the attention's slots read before its PDL wait, its tiles
 #                                          #   asked into L2 there): lost together with the GEMVs' loads before their
