@@ -518,7 +518,7 @@ if triton is not None:
         rows,
         row_ok,
         q_ptr,
-        cos,  # cos .. slot: _epilogue_loads'
+        cos,  # cos .. sin_partner: _epilogue_loads'
         sin,
         cos_partner,
         sin_partner,

@@ -123,7 +123,6 @@ PDL = os.environ.get("FASTGEN_PDL", "1") == "1"
 # decode_gemv's epilogue loads moved before its main loop: SmolLM2 0.394 -> 0.403 ms a step replayed, lost; which
 # of the two lost was not measured (the device budget ran out), so this half stays to be timed alone.
 EARLY_SLOTS = os.environ.get("FASTGEN_EARLY_SLOTS", "0") == "1"
-EARLY_TILES = 4  # the tiles a program asks L2 for before its wait: SINGLE_SPLIT_MAX_TILES's cache whole
 
 
 def available(q: torch.Tensor) -> bool:
@@ -340,7 +339,7 @@ if triton is not None:
             pv = tl.dot(p.to(dot_dtype), v, input_precision="ieee")
         return acc * correction[:, None] + pv, new_max, running_sum
 
-    _EARLY_TILES = tl.constexpr(EARLY_TILES)
+    _EARLY_TILES = tl.constexpr(4)  # with EARLY_SLOTS, the tiles asked into L2: SINGLE_SPLIT_MAX_TILES's cache whole
 
     @triton.jit
     def _valid_slots(q_slot_ptr, row_start_ptr, window):
@@ -398,7 +397,7 @@ if triton is not None:
                 LINE: tl.constexpr = 1024 // k_ptr.dtype.element_ty.primitive_bitwidth  # elements a 128-byte line
                 ROW_LINES: tl.constexpr = (D_PAD + LINE - 1) // LINE
                 at = tl.minimum(tl.arange(0, ROW_LINES) * LINE, D - 1)
-                tile = first // BLOCK + (split - first // BLOCK % SPLITS + SPLITS) % SPLITS
+                tile = first // BLOCK + (split - first // BLOCK % SPLITS + SPLITS) % SPLITS  # my_first_tile, below
                 for _ in tl.static_range(_EARLY_TILES):
                     slot = tl.minimum(tile * BLOCK + slots, last)  # past the valid slots: the last one again
                     lines = (kv_rows + slot)[:, None] * D + at[None, :]
