@@ -328,6 +328,23 @@ nogamma)
         decode "smol_$form" 100 --model smollm2-135m --new-tokens 200
     done
     ;;
+nodown)
+    # the bound on fusing w2 into w13's kernel (one kernel a layer fewer, issue 11's SmolLM2): w2's kernel skipped
+    # (the block returns h: wrong numbers, the same shapes), beside the default, alternating; then EARLY_SLOTS
+    cp gemv.py "$out/gemv_default.py"
+    trap 'cp "$out/gemv_default.py" gemv.py' EXIT
+    for form in default nodown default nodown; do
+        cp "$out/gemv_default.py" gemv.py
+        [ "$form" = nodown ] && sed -i 's/^\(\s*\)return project(ffn.w2, hidden, residual=h).view_as(x)$/\1return h.view_as(x)  # PROBE/' gemv.py
+        [ "$form" != default ] && { grep -q "  # PROBE" gemv.py || { summary+=("$form: the probed line was not found"); break; }; }
+        decode "smol_$form" 100 --model smollm2-135m --new-tokens 200
+    done
+    cp "$out/gemv_default.py" gemv.py
+    for form in off on; do
+        FASTGEN_EARLY_SLOTS=$([ $form = on ] && echo 1 || echo 0) decode "smol_early_$form" 100 --model smollm2-135m \
+            --new-tokens 200
+    done
+    ;;
 autotune)
     decode smol 90 --model smollm2-135m
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode smol_autotune 150 --model smollm2-135m
@@ -335,7 +352,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, early or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, early, nodown or autotune" >&2
     exit 2
     ;;
 esac
