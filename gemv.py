@@ -125,6 +125,19 @@ def decode_gemv_rope_kv_reference(x, weight, scales, norm_weight, bias, eps, cos
     return kv_attention.rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot, n_heads, None, None, 0.0)
 
 
+# decode_mlp's partial sums in fixed point, 2^-MLP_FIXED_SHIFT a unit, in int64: integer adds give the same sum
+# in any order, so the programs' atomic adds are deterministic (fp32 atomics would round in arrival order)
+MLP_FIXED_SHIFT = 32
+
+
+def decode_mlp_reference(h, norm_weight, eps, w13, w2) -> torch.Tensor:
+    """A FeedForward's batch-1 output without the residual, as decode_mlp sums it: h [1, D], w13 [2I, D] (gate
+    rows, then up rows), w2 [D, I] -> [1, D] fp32: w2 @ hidden, hidden = glu_output(w13 @ rms_norm(h)) rounded
+    to h.dtype as w13's decode_gemv stores it."""
+    hidden = glu_output(folded_input(h, norm_weight, eps) @ w13.float().T).to(h.dtype)
+    return hidden.float() @ w2.float().T
+
+
 def decode_gemv_experts_reference(x, expert_ids, weight, norm_weight=None, eps=0.0, glu=False):
     """x [X, K], expert_ids [R] (R a multiple of X), weight [E, N, K] float -> [R, N] in x.dtype: row
     r is expert expert_ids[r] times folded_input(x row r // (R / X)); with glu, glu_output of it."""
@@ -247,6 +260,16 @@ EXPERT_GEMV_ENABLED = os.environ.get("FASTGEN_EXPERT_GEMV", "1") == "1"
 # replayed, generate() 2285 -> 2436 tok/s; H100 with one split 0.432 -> 0.400). "float" (the default): float
 # weights only, since only they were timed; "1": int8 weights too; "0": never.
 ROPE_IN_QKV = os.environ.get("FASTGEN_ROPE_IN_QKV", "float")
+
+
+# A small float block's w13 and w2 as one kernel (decode_mlp): each program makes BLOCK_H hidden units from the
+# normed x and multiplies them into its BLOCK_H columns of w2, then adds that partial output into an int64
+# accumulator (MLP_FIXED_SHIFT) with atomics, which the next block's wqkv and wo read with the residual: one
+# kernel a layer fewer on the decode chain, no program waiting for another. FASTGEN_FUSED_MLP=probe runs it in
+# place of w13 and w2 with nothing reading the accumulator (a timing probe: wrong numbers); "0" (the default)
+# never. Not yet timed (2026-12-07, twenty-first session).
+FUSED_MLP = os.environ.get("FASTGEN_FUSED_MLP", "0")
+FUSED_MLP_TILE = tuple(int(v) for v in os.environ.get("FASTGEN_FUSED_MLP_TILE", "16,8").split(","))  # BLOCK_H, warps
 
 
 def decode_gemv_config(n: int, k: int) -> dict:
@@ -756,6 +779,82 @@ if triton is not None:
         q = _decode_gemv_launch(x, weight, None, scales, norm_weight, bias, eps, False, rope=rope)
         return q.view(1, n_heads, 1, k_cache.shape[-1])
 
+    @triton.jit
+    def _decode_mlp_kernel(
+        x_ptr,  # [D]: the block's residual stream after the attention (FeedForward's input before its norm)
+        norm_ptr,  # [D]: ffn_norm's weight
+        w13_ptr,  # [2I, D]: gate rows, then up rows
+        w2_ptr,  # [D, I]
+        acc_ptr,  # [D] int64: w2's output in fixed point (2^-SHIFT a unit), added to by every program
+        inter,  # I: the hidden units
+        D: tl.constexpr,
+        EPS: tl.constexpr,
+        SHIFT: tl.constexpr,
+        BLOCK_H: tl.constexpr,  # hidden units a program (divides I)
+        BLOCK_D: tl.constexpr,  # D's next power of two
+        PDL: tl.constexpr,
+    ):
+        # Hidden units hid of FeedForward: SiLU(gate) * up from w13's rows hid and I + hid over rms_norm(x) (the
+        # norm folded as _decode_gemv_kernel folds it), then their share of w2's output, w2[:, hid] @ hidden,
+        # added into acc: the sum over the programs is w2 @ hidden, the hidden never written
+        hid = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        gate_ptrs = w13_ptr + hid.to(tl.int64)[:, None] * D + d[None, :]  # [BLOCK_H, BLOCK_D]
+        up_ptrs = gate_ptrs + inter.to(tl.int64) * D
+        down_ptrs = w2_ptr + d.to(tl.int64)[:, None] * inter + hid[None, :]  # [BLOCK_D, BLOCK_H]
+        if PDL:  # the program's weight lines to L2 while the previous kernel finishes
+            LINE: tl.constexpr = 1024 // w13_ptr.dtype.element_ty.primitive_bitwidth  # elements a 128-byte line
+            at = tl.minimum(tl.arange(0, BLOCK_D // LINE) * LINE, D - 1)
+            lines = w13_ptr + hid.to(tl.int64)[:, None] * D + at[None, :]
+            prefetch_l2(lines)
+            prefetch_l2(lines + inter.to(tl.int64) * D)
+            prefetch_l2(w2_ptr + tl.minimum(d, D - 1).to(tl.int64) * inter + tl.program_id(0) * BLOCK_H)  # a line a row
+        pdl_wait(PDL)  # x: the kernel before this one's output; acc: zeroed by it
+        w_ok = d_ok[None, :]
+        gate_w = tl.load(gate_ptrs, mask=w_ok, other=0.0, eviction_policy="evict_first")
+        up_w = tl.load(up_ptrs, mask=w_ok, other=0.0, eviction_policy="evict_first")
+        down_w = tl.load(down_ptrs, mask=d_ok[:, None], other=0.0, eviction_policy="evict_first")
+        x = tl.load(x_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / D + EPS)
+        x = x * tl.load(norm_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        gate = tl.sum(gate_w.to(tl.float32) * x[None, :], axis=1) * inv_rms
+        up = tl.sum(up_w.to(tl.float32) * x[None, :], axis=1) * inv_rms
+        hidden = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty).to(tl.float32)  # as w13 stores it
+        pdl_launch_next(PDL)
+        part = tl.sum(down_w.to(tl.float32) * hidden[None, :], axis=1)  # [BLOCK_D]
+        SCALE: tl.constexpr = float(2**SHIFT)
+        tl.atomic_add(acc_ptr + d, (part * SCALE).to(tl.int64), mask=d_ok, sem="relaxed")
+
+    @triton_op("fastgen::decode_mlp", mutates_args={"acc"})
+    def decode_mlp(
+        h: torch.Tensor,
+        norm_weight: torch.Tensor,
+        eps: float,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        acc: torch.Tensor,
+    ) -> None:
+        """decode_mlp_reference(h, norm_weight, eps, w13, w2) added into acc [D] int64 in fixed point
+        (MLP_FIXED_SHIFT), one kernel: h [1, D], w13 [2I, D], w2 [D, I] contiguous, I a multiple of BLOCK_H."""
+        block_h, warps = FUSED_MLP_TILE
+        D, inter = w2.shape
+        wrap_triton(_decode_mlp_kernel)[(inter // block_h,)](
+            h,
+            norm_weight,
+            w13,
+            w2,
+            acc,
+            inter,  # I: the hidden units
+            D=D,
+            EPS=eps,
+            SHIFT=MLP_FIXED_SHIFT,
+            BLOCK_H=block_h,
+            BLOCK_D=triton.next_power_of_2(D),
+            num_warps=warps,
+            **kv_attention.pdl_launch(h),
+        )
+
     @triton_op("fastgen::int8_expert_gemv", mutates_args={})
     def int8_expert_gemv(
         x: torch.Tensor, expert_ids: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
@@ -1045,6 +1144,12 @@ class DecodeBlock(TransformerBlock):
         x1 = x.reshape(1, -1)  # [1, D]
         h = project(attention.wo, self.attention_heads(x1, cos, sin, attend, input_pos), residual=x1)
         if type(ffn) is FeedForward:
+            if FUSED_MLP == "probe":  # a timing probe (wrong numbers): nothing reads the accumulator
+                acc = self.__dict__.setdefault(
+                    "_probe_acc", torch.zeros(h.shape[-1], dtype=torch.int64, device=h.device)
+                )
+                decode_mlp(h, self.ffn_norm.weight, self.ffn_norm.eps, ffn.w13.weight, ffn.w2.weight, acc)
+                return h.view_as(x)
             hidden = project(ffn.w13, h, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, glu=True)  # [1, I]
             return project(ffn.w2, hidden, residual=h).view_as(x)
         if EXPERT_GEMV_ENABLED and type(ffn.experts) in (Experts, DownMixExperts):  # the token's k float experts

@@ -174,6 +174,20 @@ def main(argv=None):
             num_stages=cfg.get("num_stages", 3),
             launch_pdl=bool(pdl),
         )  # fmt: skip
+    # a small block's w13 and w2 as one kernel (gemv.decode_mlp), SmolLM2's shape, at the default tile and others
+    mlp_sig = {"x_ptr": "*bf16", "norm_ptr": "*bf16", "w13_ptr": "*bf16", "w2_ptr": "*bf16", "acc_ptr": "*i64"}
+    for block_h, warps in sorted({gemv.FUSED_MLP_TILE, (8, 4), (16, 4), (16, 8), (32, 8)}):
+        for pdl in (0, 1):
+            build(
+                target,
+                f"fused mlp 576x1536 BLOCK_H={block_h} warps={warps}" + (" pdl" if pdl else ""),
+                gemv._decode_mlp_kernel,
+                {**mlp_sig, "inter": "i32"},
+                {"D": 576, "EPS": 1e-5, "SHIFT": gemv.MLP_FIXED_SHIFT, "BLOCK_H": block_h, "BLOCK_D": 1024, "PDL": pdl},
+                range(6),
+                num_warps=warps,
+                launch_pdl=bool(pdl),
+            )
     rope_sig = {n: "*bf16" for n in ("qkv_ptr", "cos_ptr", "sin_ptr", "q_ptr", "k_ptr", "v_ptr")}
     rope_sig.update({"slot_ptr": "*i64", "q_norm_ptr": "*bf16", "k_norm_ptr": "*bf16", "S": "i32"})
     for hq, hkv, d, qk_norm, pdl in ((9, 3, 64, 0, 0), (32, 4, 128, 1, 0), (9, 3, 64, 0, 1)):  # SmolLM2, Qwen3

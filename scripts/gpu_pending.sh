@@ -340,6 +340,11 @@ nodown)
         decode "smol_$form" 100 --model smollm2-135m --new-tokens 200
     done
     cp "$out/gemv_default.py" gemv.py
+    for tile in 16,8 8,4 16,4 32,8; do  # the fused w13 + w2 kernel in their place (FASTGEN_FUSED_MLP=probe: wrong
+        # numbers, nothing reads its accumulator), at four tiles
+        FASTGEN_FUSED_MLP=probe FASTGEN_FUSED_MLP_TILE=$tile decode "smol_mlp_$tile" 100 --model smollm2-135m \
+            --new-tokens 200
+    done
     for form in off on; do
         FASTGEN_EARLY_SLOTS=$([ $form = on ] && echo 1 || echo 0) decode "smol_early_$form" 100 --model smollm2-135m \
             --new-tokens 200
