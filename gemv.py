@@ -1145,9 +1145,9 @@ class DecodeBlock(TransformerBlock):
         h = project(attention.wo, self.attention_heads(x1, cos, sin, attend, input_pos), residual=x1)
         if type(ffn) is FeedForward:
             if FUSED_MLP == "probe":  # a timing probe (wrong numbers): nothing reads the accumulator
-                acc = self.__dict__.setdefault(
-                    "_probe_acc", torch.zeros(h.shape[-1], dtype=torch.int64, device=h.device)
-                )
+                if "_probe_acc" not in self.__dict__:  # made in the warm-up runs, not in the capture
+                    self._probe_acc = torch.zeros(h.shape[-1], dtype=torch.int64, device=h.device)
+                acc = self._probe_acc
                 decode_mlp(h, self.ffn_norm.weight, self.ffn_norm.eps, ffn.w13.weight, ffn.w2.weight, acc)
                 return h.view_as(x)
             hidden = project(ffn.w13, h, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, glu=True)  # [1, I]
