@@ -130,6 +130,12 @@ def decode_gemv_rope_kv_reference(x, weight, scales, norm_weight, bias, eps, cos
 MLP_FIXED_SHIFT = 32
 
 
+def fixed_residual(x: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """x [1, D] plus decode_mlp's accumulator acc [D] (int64, MLP_FIXED_SHIFT), rounded to x.dtype: the residual
+    stream after a fused MLP, as the next block's kernels read it."""
+    return (x.float() + acc.float() * 2.0**-MLP_FIXED_SHIFT).to(x.dtype)
+
+
 def decode_mlp_reference(h, norm_weight, eps, w13, w2) -> torch.Tensor:
     """A FeedForward's batch-1 output without the residual, as decode_mlp sums it: h [1, D], w13 [2I, D] (gate
     rows, then up rows), w2 [D, I] -> [1, D] fp32: w2 @ hidden, hidden = glu_output(w13 @ rms_norm(h)) rounded
@@ -345,6 +351,9 @@ INT8_CONVERT = 2  # _int8_to_fp32's prmt form: 1-14% more GB/s than cvt on the H
 if triton is not None:
     from kv_attention import pdl_launch_next, pdl_wait, prefetch_l2  # programmatic dependent launch (PDL)
 
+    _FIXED_ONE = tl.constexpr(float(2**MLP_FIXED_SHIFT))  # decode_mlp's accumulator: 1.0 in fixed point
+    _FIXED_UNIT = tl.constexpr(2.0**-MLP_FIXED_SHIFT)  # and its unit
+
     # int8 -> fp32 without cvt: I2F runs at a quarter of the FP32 rate on sm_80/90, and at batch 1
     # there is one conversion per weight byte. prmt puts byte i of the sign-flipped word under the
     # exponent of 2^23, so the float is 2^23 + 128 + w exactly; one subtraction recovers w. Four
@@ -398,6 +407,7 @@ if triton is not None:
         v_ptr,
         slot_ptr,  # [1]
         S,
+        acc_ptr,  # [D] int64 (X_ACC, RES_ACC): decode_mlp's accumulator, the previous block's deferred MLP output
         EPS: tl.constexpr,  # the RMSNorm's (a constant: a float argument would reach the kernel as fp64)
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -413,6 +423,8 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         EVEN_K: tl.constexpr,  # BLOCK_K divides K: no K step is partial
         EVEN_N: tl.constexpr,  # BLOCK_N divides the programs' outputs (with ROPE, their row pairs)
+        X_ACC: tl.constexpr,  # x + acc is the input (a block after a fused MLP's: its wqkv)
+        RES_ACC: tl.constexpr,  # 0; 1: zero acc's rows (wo before a fused MLP); 2: the residual is res + acc, then 1
     ):
         # BLOCK_N outputs of one activation row, the weight read once. Each program reads all of
         # x anyway, so the norm costs no pass of its own: W (g * x * r) = r * (W (g * x)), with the
@@ -460,6 +472,9 @@ if triton is not None:
             k_ok = (k < K) | EVEN_K
             w_ok = row_ok[:, None] & k_ok[None, :]
             x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            if X_ACC:  # rounded as w2's store rounds its residual add
+                x_acc = tl.load(acc_ptr + k, mask=k_ok, other=0).to(tl.float32) * _FIXED_UNIT
+                x = (x + x_acc).to(x_ptr.dtype.element_ty).to(tl.float32)
             if NORM:
                 squares += x * x
                 x = x * tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
@@ -485,6 +500,11 @@ if triton is not None:
         )  # fmt: skip
         if ROPE:  # here, not in the helper: torch's analysis must see the cache write's address come from a load
             slot = tl.load(slot_ptr)
+        if RES_ACC == 2:  # the residual stream is res + acc, rounded as w2's store would have rounded it
+            res_acc = tl.load(acc_ptr + rows, mask=row_ok, other=0).to(tl.float32) * _FIXED_UNIT
+            res = (res + res_acc).to(y_ptr.dtype.element_ty).to(tl.float32)
+        if RES_ACC >= 1:  # acc at zero for this block's decode_mlp (nothing reads it after this kernel)
+            tl.store(acc_ptr + rows, tl.zeros(rows.shape, dtype=tl.int64), mask=row_ok)
         y = tl.sum(acc, axis=1)
         up = tl.sum(acc_up, axis=1)
         if CONVERT >= 0:
@@ -713,10 +733,13 @@ if triton is not None:
         """decode_gemv_experts_reference's contract, one kernel."""
         return _decode_gemv_launch(x.contiguous(), weight, expert_ids, None, norm_weight, None, eps, glu)
 
-    def _decode_gemv_launch(x, weight, expert_ids, scales, norm_weight, residual, eps, glu, tiles=None, rope=None):
+    def _decode_gemv_launch(
+        x, weight, expert_ids, scales, norm_weight, residual, eps, glu, tiles=None, rope=None, acc=None, acc_use=(0, 0)
+    ):
         """The ops' launch; `tiles` (BLOCK_N outputs a program, BLOCK_K, num_warps) replaces
         decode_gemv_tiles' for the sweeps (scripts/small_gemv_sweep.py, fused_gemv_sweep.py). rope:
-        decode_gemv_rope_kv's (cos, sin, k_cache, v_cache, slot, n_heads); the output is then the query."""
+        decode_gemv_rope_kv's (cos, sin, k_cache, v_cache, slot, n_heads); the output is then the query.
+        acc: decode_mlp's accumulator, used as acc_use = (X_ACC, RES_ACC) say."""
         N, K = weight.shape[-2], weight.shape[-1]
         cfg = {**decode_gemv_tiles(N, K, scales is not None, glu or rope is not None), **(tiles or {})}
         outputs = N // 2 if glu else N  # SiLU(gate) * up of the two halves
@@ -742,6 +765,7 @@ if triton is not None:
             v_cache,
             slot,
             S,
+            weight if acc is None else acc,  # read (and zeroed) only with X_ACC / RES_ACC
             EPS=eps,
             NORM=norm_weight is not None,
             GLU=glu,
@@ -751,6 +775,8 @@ if triton is not None:
             HQ=n_heads,
             HKV=n_kv_heads,
             HEAD_DIM=head_dim,
+            X_ACC=acc_use[0],
+            RES_ACC=acc_use[1],
             **decode_gemv_whole_tiles(programs, K, cfg),
             **cfg,
             **kv_attention.pdl_launch(x),
@@ -771,12 +797,17 @@ if triton is not None:
         v_cache: torch.Tensor,
         slot: torch.Tensor,
         n_heads: int,
+        x_acc: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """decode_gemv_rope_kv_reference's contract, one kernel: wqkv's GEMV with RoPE and the cache
-        write in its epilogue (kv_attention.rope_write_kv's work, without the query/key norms)."""
+        write in its epilogue (kv_attention.rope_write_kv's work, without the query/key norms). With x_acc
+        (decode_mlp's accumulator, the previous block's MLP output) the input is x + x_acc (fixed_residual)."""
         x, weight = x.contiguous(), weight.contiguous()  # no-ops for the model's own tensors
         rope = (cos, sin, k_cache, v_cache, slot, n_heads)
-        q = _decode_gemv_launch(x, weight, None, scales, norm_weight, bias, eps, False, rope=rope)
+        acc_use = (x_acc is not None, 0)
+        q = _decode_gemv_launch(
+            x, weight, None, scales, norm_weight, bias, eps, False, rope=rope, acc=x_acc, acc_use=acc_use
+        )
         return q.view(1, n_heads, 1, k_cache.shape[-1])
 
     @triton.jit
@@ -785,11 +816,10 @@ if triton is not None:
         norm_ptr,  # [D]: ffn_norm's weight
         w13_ptr,  # [2I, D]: gate rows, then up rows
         w2_ptr,  # [D, I]
-        acc_ptr,  # [D] int64: w2's output in fixed point (2^-SHIFT a unit), added to by every program
+        acc_ptr,  # [D] int64: w2's output in fixed point (_FIXED_ONE), added to by every program
         inter,  # I: the hidden units
         D: tl.constexpr,
         EPS: tl.constexpr,
-        SHIFT: tl.constexpr,
         BLOCK_H: tl.constexpr,  # hidden units a program (divides I)
         BLOCK_D: tl.constexpr,  # D's next power of two
         PDL: tl.constexpr,
@@ -823,8 +853,7 @@ if triton is not None:
         hidden = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty).to(tl.float32)  # as w13 stores it
         pdl_launch_next(PDL)
         part = tl.sum(down_w.to(tl.float32) * hidden[None, :], axis=1)  # [BLOCK_D]
-        SCALE: tl.constexpr = float(2**SHIFT)
-        tl.atomic_add(acc_ptr + d, (part * SCALE).to(tl.int64), mask=d_ok, sem="relaxed")
+        tl.atomic_add(acc_ptr + d, (part * _FIXED_ONE).to(tl.int64), mask=d_ok, sem="relaxed")
 
     @triton_op("fastgen::decode_mlp", mutates_args={"acc"})
     def decode_mlp(
@@ -848,12 +877,21 @@ if triton is not None:
             inter,  # I: the hidden units
             D=D,
             EPS=eps,
-            SHIFT=MLP_FIXED_SHIFT,
             BLOCK_H=block_h,
             BLOCK_D=triton.next_power_of_2(D),
             num_warps=warps,
             **kv_attention.pdl_launch(h),
         )
+
+    @triton_op("fastgen::decode_gemv_acc_residual", mutates_args={"acc"})
+    def decode_gemv_acc_residual(
+        x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, acc: torch.Tensor, add_acc: bool
+    ) -> torch.Tensor:
+        """wo's decode_gemv before a fused MLP: x [1, K] -> [1, N], weight @ x plus the residual stream, which with
+        add_acc is fixed_residual(residual, acc) (the previous block's deferred MLP output), else residual; acc
+        [N] int64 is zeroed for this block's decode_mlp."""
+        x, weight = x.contiguous(), weight.contiguous()  # no-ops for the model's own tensors
+        return _decode_gemv_launch(x, weight, None, None, None, residual, 0.0, False, acc=acc, acc_use=(0, 1 + add_acc))
 
     @triton_op("fastgen::int8_expert_gemv", mutates_args={})
     def int8_expert_gemv(
@@ -1134,6 +1172,10 @@ class DecodeBlock(TransformerBlock):
 
     # Set by run_blocks_eager_under_compile: the batch-1 step runs eager even inside torch.compile
     eager_under_compile = False
+    # Set by defer_mlp_outputs (FUSED_MLP): the model's decode_mlp accumulator [D] int64, shared by its blocks;
+    # whether this block's input is the previous block's output plus it, and whether this block's MLP adds into it
+    mlp_acc = None
+    input_deferred = output_deferred = False
 
     def forward(self, x, cos, sin, attend, input_pos):
         if not (FUSED_DECODE_ENABLED and x.numel() == x.shape[-1] and available(x)):
@@ -1142,6 +1184,16 @@ class DecodeBlock(TransformerBlock):
             return _decode_block_eager(self, x, cos, sin, attend, input_pos)
         attention, ffn = self.attention, self.feed_forward
         x1 = x.reshape(1, -1)  # [1, D]
+        # Traced (no PDL: the blocks compile with the step), the blocks keep to tensors they hand each other
+        acc = None if torch.compiler.is_compiling() else self.mlp_acc
+        if acc is not None:  # the residual stream is x1 + acc where the input is deferred (fixed_residual)
+            heads = self.attention_heads(x1, cos, sin, attend, input_pos, acc if self.input_deferred else None)
+            h = decode_gemv_acc_residual(heads, attention.wo.weight, x1, acc, self.input_deferred)  # acc zeroed
+            if self.output_deferred:  # the block's output is h + acc: the next block's kernels add it
+                decode_mlp(h, self.ffn_norm.weight, self.ffn_norm.eps, ffn.w13.weight, ffn.w2.weight, acc)
+                return h.view_as(x)
+            hidden = project(ffn.w13, h, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, glu=True)
+            return project(ffn.w2, hidden, residual=h).view_as(x)  # the last block: its output whole
         h = project(attention.wo, self.attention_heads(x1, cos, sin, attend, input_pos), residual=x1)
         if type(ffn) is FeedForward:
             if FUSED_MLP == "probe":  # a timing probe (wrong numbers): nothing reads the accumulator
@@ -1173,8 +1225,9 @@ class DecodeBlock(TransformerBlock):
         h = h.view_as(x)  # other experts: routed as TransformerBlock routes them
         return h + ffn(self.ffn_norm(h))
 
-    def attention_heads(self, x1, cos, sin, attend, input_pos):
-        """The batch-1 step's attention half up to wo: x1 [1, D], the block's input -> the heads [1, Hq * head_dim]."""
+    def attention_heads(self, x1, cos, sin, attend, input_pos, x_acc=None):
+        """The batch-1 step's attention half up to wo: x1 [1, D], the block's input (with x_acc, x1 + x_acc:
+        fixed_residual; the RoPE form only, see defer_mlp_outputs) -> the heads [1, Hq * head_dim]."""
         attention = self.attention
         wqkv, norm = attention.wqkv, self.attention_norm
         # Qwen2's bias: added where a residual would be
@@ -1202,6 +1255,7 @@ class DecodeBlock(TransformerBlock):
                 cache.v_cache,
                 slot,
                 attention.n_heads,
+                x_acc,
             )
             return attend(q, cache).to(x1.dtype).reshape(1, -1)
         qkv = project(wqkv, x1, norm_weight=norm.weight, eps=norm.eps, residual=bias)
@@ -1301,3 +1355,42 @@ def use_decode_kernels(model: torch.nn.Module) -> None:
         elif type(module) is torch.nn.Linear and available(module.weight) and module.weight.is_floating_point():
             module.__class__ = DecodeLinear
     use_int4_decode_blocks(model)
+    defer_mlp_outputs(model)
+
+
+FUSED_MLP_MAX_DIM = 1024  # decode_mlp holds a program's rows of D whole (its next power of two) in registers
+
+
+def fused_mlp_block(block: torch.nn.Module) -> bool:
+    """A DecodeBlock whose MLP decode_mlp can run and whose wqkv takes the RoPE form (decode_gemv_rope_kv, which
+    reads a deferred input): float weights, a dense FeedForward no wider than FUSED_MLP_MAX_DIM, I a multiple of
+    the tile's hidden units, no query/key norms, an unquantized cache."""
+    if type(block) is not DecodeBlock or type(block.feed_forward) is not FeedForward:
+        return False
+    attention, w2 = block.attention, block.feed_forward.w2.weight
+    dim, inter = w2.shape
+    return (
+        ROPE_IN_QKV in ("float", "1")
+        and attention.q_norm is None
+        and type(attention.kv_cache) in (KVCache, kv_attention.SplitKVCache)
+        and all(getattr(m, "scales", None) is None for m in (attention.wqkv, attention.wo))
+        and w2.is_floating_point()
+        and dim <= FUSED_MLP_MAX_DIM
+        and inter % FUSED_MLP_TILE[0] == 0
+    )
+
+
+def defer_mlp_outputs(model: torch.nn.Module) -> None:
+    """With FUSED_MLP=1, where every layer of the model is a fused_mlp_block: each block's batch-1 MLP but the
+    last one's runs as decode_mlp, which adds w2's output into one int64 accumulator [D] (fixed point) instead
+    of writing the block's output; the next block's wqkv and wo read its input as x + acc (fixed_residual), and
+    its wo zeroes acc for its own MLP. One kernel a layer fewer. Otherwise (and for blocks traced by the
+    compiler) every block hands the next its whole output. Called by use_decode_kernels, after the caches."""
+    layers = list(getattr(model, "layers", ()))
+    deferred = FUSED_MLP == "1" and len(layers) > 1 and all(fused_mlp_block(b) for b in layers)
+    acc = torch.zeros(model.args.dim, dtype=torch.int64, device=layers[0].ffn_norm.weight.device) if deferred else None
+    for i, block in enumerate(layers):
+        if type(block) is DecodeBlock:
+            block.mlp_acc = acc
+            block.input_deferred = deferred and i > 0
+            block.output_deferred = deferred and i < len(layers) - 1

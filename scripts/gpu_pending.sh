@@ -328,23 +328,25 @@ nogamma)
         decode "smol_$form" 100 --model smollm2-135m --new-tokens 200
     done
     ;;
-nodown)
-    # the bound on fusing w2 into w13's kernel (one kernel a layer fewer, issue 11's SmolLM2): w2's kernel skipped
-    # (the block returns h: wrong numbers, the same shapes), beside the default, alternating; then EARLY_SLOTS
+fusedmlp)
+    # issue 11's SmolLM2: w13 and w2 as one kernel (gemv.decode_mlp, FASTGEN_FUSED_MLP=1), its output deferred to
+    # the next block's wqkv and wo: its GPU tests, then the step against the default, alternating, at four tiles;
+    # then the bound (w2's kernel skipped: a probe, wrong numbers) and EARLY_SLOTS off / on
+    step tests 200 python -m pytest -q -p no:cacheprovider -rf tests/test_gpu.py -k "decode_mlp or fused_mlp or fused_decode_block_equals"
+    summary+=("  $(tail -n 1 "$out/tests.txt")")
+    for form in default 16,8 default 8,4 16,4 32,8; do
+        if [ $form = default ]; then
+            decode smol_default 100 --model smollm2-135m --new-tokens 200
+        else
+            FASTGEN_FUSED_MLP=1 FASTGEN_FUSED_MLP_TILE=$form decode "smol_mlp_$form" 100 --model smollm2-135m \
+                --new-tokens 200
+        fi
+    done
     cp gemv.py "$out/gemv_default.py"
     trap 'cp "$out/gemv_default.py" gemv.py' EXIT
-    for form in default nodown default nodown; do
-        cp "$out/gemv_default.py" gemv.py
-        [ "$form" = nodown ] && sed -i 's/^\(\s*\)return project(ffn.w2, hidden, residual=h).view_as(x)$/\1return h.view_as(x)  # PROBE/' gemv.py
-        [ "$form" != default ] && { grep -q "  # PROBE" gemv.py || { summary+=("$form: the probed line was not found"); break; }; }
-        decode "smol_$form" 100 --model smollm2-135m --new-tokens 200
-    done
+    sed -i 's/^\(\s*\)return project(ffn.w2, hidden, residual=h).view_as(x)$/\1return h.view_as(x)  # PROBE/' gemv.py
+    grep -q "  # PROBE" gemv.py && decode smol_nodown 100 --model smollm2-135m --new-tokens 200
     cp "$out/gemv_default.py" gemv.py
-    for tile in 16,8 8,4 16,4 32,8; do  # the fused w13 + w2 kernel in their place (FASTGEN_FUSED_MLP=probe: wrong
-        # numbers, nothing reads its accumulator), at four tiles
-        FASTGEN_FUSED_MLP=probe FASTGEN_FUSED_MLP_TILE=$tile decode "smol_mlp_$tile" 100 --model smollm2-135m \
-            --new-tokens 200
-    done
     for form in off on; do
         FASTGEN_EARLY_SLOTS=$([ $form = on ] && echo 1 || echo 0) decode "smol_early_$form" 100 --model smollm2-135m \
             --new-tokens 200
@@ -357,7 +359,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, early, nodown or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, early, fusedmlp or autotune" >&2
     exit 2
     ;;
 esac
