@@ -117,8 +117,8 @@ def main(argv=None):
     decode_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "scale_ptr": "*fp32", "norm_ptr": "*bf16", "res_ptr": "*bf16"}
     decode_sig.update({"y_ptr": "*bf16", "ids_ptr": "*i64", "N": "i32", "K": "i32", "rows_per_x": "i32"})
     decode_sig.update({"cos_ptr": "*bf16", "sin_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "slot_ptr": "*i64"})
-    decode_sig.update({"S": "i32"})
-    no_rope = {"ROPE": 0, "HQ": 0, "HKV": 0, "HEAD_DIM": 2}
+    decode_sig.update({"S": "i32", "acc_ptr": "*i64"})
+    no_rope = {"ROPE": 0, "HQ": 0, "HKV": 0, "HEAD_DIM": 2, "X_ACC": 0, "RES_ACC": 0}
     for n, k, norm, glu, residual, int8, experts, pdl in (
         (960, 576, 1, 0, 0, 0, 0, 0),
         (28672, 4096, 1, 1, 0, 0, 0, 0),  # Llama-3-8B's w13, SiLU(gate) * up stored
@@ -168,7 +168,8 @@ def main(argv=None):
             gemv._decode_gemv_kernel,
             {**decode_sig, "w_ptr": "*i8" if int8 else "*bf16"},
             {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": cfg["CONVERT"], "NORM": 1,
-             "GLU": 0, "RESIDUAL": 0, "EXPERTS": 0, "PDL": pdl, **rope, **gemv.decode_gemv_whole_tiles(n // 2, k, cfg)},
+             "GLU": 0, "RESIDUAL": 0, "EXPERTS": 0, "PDL": pdl, **rope, **gemv.decode_gemv_whole_tiles(n // 2, k, cfg),
+             "X_ACC": 0, "RES_ACC": 0},
             range(9),
             num_warps=cfg["num_warps"],
             num_stages=cfg.get("num_stages", 3),
@@ -183,7 +184,7 @@ def main(argv=None):
                 f"fused mlp 576x1536 BLOCK_H={block_h} warps={warps}" + (" pdl" if pdl else ""),
                 gemv._decode_mlp_kernel,
                 {**mlp_sig, "inter": "i32"},
-                {"D": 576, "EPS": 1e-5, "SHIFT": gemv.MLP_FIXED_SHIFT, "BLOCK_H": block_h, "BLOCK_D": 1024, "PDL": pdl},
+                {"D": 576, "EPS": 1e-5, "BLOCK_H": block_h, "BLOCK_D": 1024, "PDL": pdl},
                 range(6),
                 num_warps=warps,
                 launch_pdl=bool(pdl),
