@@ -268,12 +268,12 @@ EXPERT_GEMV_ENABLED = os.environ.get("FASTGEN_EXPERT_GEMV", "1") == "1"
 ROPE_IN_QKV = os.environ.get("FASTGEN_ROPE_IN_QKV", "float")
 
 
-# A small float block's w13 and w2 as one kernel (decode_mlp): each program makes BLOCK_H hidden units from the
-# normed x and multiplies them into its BLOCK_H columns of w2, then adds that partial output into an int64
-# accumulator (MLP_FIXED_SHIFT) with atomics, which the next block's wqkv and wo read with the residual: one
-# kernel a layer fewer on the decode chain, no program waiting for another. FASTGEN_FUSED_MLP=probe runs it in
-# place of w13 and w2 with nothing reading the accumulator (a timing probe: wrong numbers); "0" (the default)
-# never. Not yet timed (2026-12-07, twenty-first session).
+# A small float block's w13 and w2 as one kernel (decode_mlp, FASTGEN_FUSED_MLP=1; defer_mlp_outputs says where):
+# each program makes BLOCK_H hidden units from the normed x and multiplies them into its BLOCK_H columns of w2,
+# then adds that partial output into an int64 accumulator (fixed point, MLP_FIXED_SHIFT) with atomics; the next
+# block's wqkv and wo add the accumulator to their input. One kernel a layer fewer on the decode chain, and no
+# program waits for another (the last-arrival pattern lost three times under PDL). Not yet timed (2026-12-07,
+# twenty-first session): "0" (the default) never.
 FUSED_MLP = os.environ.get("FASTGEN_FUSED_MLP", "0")
 FUSED_MLP_TILE = tuple(int(v) for v in os.environ.get("FASTGEN_FUSED_MLP_TILE", "16,8").split(","))  # BLOCK_H, warps
 
@@ -1196,12 +1196,6 @@ class DecodeBlock(TransformerBlock):
             return project(ffn.w2, hidden, residual=h).view_as(x)  # the last block: its output whole
         h = project(attention.wo, self.attention_heads(x1, cos, sin, attend, input_pos), residual=x1)
         if type(ffn) is FeedForward:
-            if FUSED_MLP == "probe":  # a timing probe (wrong numbers): nothing reads the accumulator
-                if "_probe_acc" not in self.__dict__:  # made in the warm-up runs, not in the capture
-                    self._probe_acc = torch.zeros(h.shape[-1], dtype=torch.int64, device=h.device)
-                acc = self._probe_acc
-                decode_mlp(h, self.ffn_norm.weight, self.ffn_norm.eps, ffn.w13.weight, ffn.w2.weight, acc)
-                return h.view_as(x)
             hidden = project(ffn.w13, h, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, glu=True)  # [1, I]
             return project(ffn.w2, hidden, residual=h).view_as(x)
         if EXPERT_GEMV_ENABLED and type(ffn.experts) in (Experts, DownMixExperts):  # the token's k float experts
