@@ -57,6 +57,9 @@
 #                                          #   alternating (the attention's slots read before its PDL wait, its tiles
 #                                          #   asked into L2 there): lost together with the GEMVs' loads before their
 #                                          #   loop (2026-12-07); this half never timed alone
+#   bash scripts/gpu_pending.sh fusedmlp   # ~6 min: issue 11's SmolLM2 with w13 and w2 as one kernel (gemv.decode_mlp,
+#                                          #   FASTGEN_FUSED_MLP=1): its GPU tests, the step against the default at
+#                                          #   four tiles, alternating; then EARLY_SLOTS off / on
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
