@@ -60,6 +60,8 @@
 #   bash scripts/gpu_pending.sh fusedmlp   # ~6 min: issue 11's SmolLM2 with w13 and w2 as one kernel (gemv.decode_mlp,
 #                                          #   FASTGEN_FUSED_MLP=1): its GPU tests, the step against the default at
 #                                          #   four tiles, alternating; then EARLY_SLOTS off / on
+#   bash scripts/gpu_pending.sh mlptier    # ~8 min: bench.py's SmolLM2 row without and with FASTGEN_FUSED_MLP=1, then
+#                                          #   the whole tier with it (carry .whl)
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -349,6 +351,21 @@ fusedmlp)
         FASTGEN_EARLY_SLOTS=$([ $form = on ] && echo 1 || echo 0) decode "smol_early_$form" 100 --model smollm2-135m \
             --new-tokens 200
     done
+    ;;
+mlptier)
+    # after fusedmlp: bench.py's SmolLM2 row (issue 11's instrument) without and with FASTGEN_FUSED_MLP=1, then the
+    # whole tier with it (int4_mma built first, 8 workers, TIER_LIMIT_S)
+    for form in 0 1; do
+        FASTGEN_FUSED_MLP=$form step "bench_mlp$form" 150 python scripts/bench.py --suite smoke --models smollm2-135m \
+            --batch 1 --ctx 16 --cache just --compile --new-tokens 200 --runs 3 --no-hf --no-cold-start \
+            --out-dir "$out/bench_mlp$form"
+        summary+=("$(grep -E '^\| smollm2' "$out/bench_mlp$form.txt")")
+    done
+    step build 200 python -c "import int4_mma; assert int4_mma.build() is not None"
+    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
+    FASTGEN_FUSED_MLP=1 step tier "${TIER_LIMIT_S:-300}" python -m pytest -m gpu -q -p no:cacheprovider -rf -n 8
+    summary+=("  $(tail -n 1 "$out/tier.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
     ;;
 autotune)
     decode smol 90 --model smollm2-135m
