@@ -865,7 +865,8 @@ if triton is not None:
         acc: torch.Tensor,
     ) -> None:
         """decode_mlp_reference(h, norm_weight, eps, w13, w2) added into acc [D] int64 in fixed point
-        (MLP_FIXED_SHIFT), one kernel: h [1, D], w13 [2I, D], w2 [D, I] contiguous, I a multiple of BLOCK_H."""
+        (MLP_FIXED_SHIFT), one kernel: h [1, D], w13 [2I, D], w2 [D, I] contiguous, I a multiple of BLOCK_H.
+        A partial sum past 2^31 in magnitude, or not finite, does not fit: its integer is undefined."""
         block_h, warps = FUSED_MLP_TILE
         D, inter = w2.shape
         wrap_triton(_decode_mlp_kernel)[(inter // block_h,)](
@@ -1252,6 +1253,7 @@ class DecodeBlock(TransformerBlock):
                 x_acc,
             )
             return attend(q, cache).to(x1.dtype).reshape(1, -1)
+        assert x_acc is None, "a deferred input needs wqkv's RoPE form (defer_mlp_outputs runs after the caches)"
         qkv = project(wqkv, x1, norm_weight=norm.weight, eps=norm.eps, residual=bias)
         if unquantized_cache:  # one kernel for the norms, RoPE and the write
             q = kv_attention.rope_write_kv(
