@@ -118,9 +118,13 @@ def decode_gemv_reference(x, weight, scales=None, norm_weight=None, residual=Non
     return (y if residual is None else y + residual.float()).to(x.dtype)
 
 
-def decode_gemv_rope_kv_reference(x, weight, scales, norm_weight, bias, eps, cos, sin, k_cache, v_cache, slot, n_heads):
-    """wqkv's decode_gemv (bias [1, N] where a residual goes), then kv_attention.rope_write_kv_reference
-    without the query/key norms: writes the token's k and v into the caches at slot, returns q [1, Hq, 1, D]."""
+def decode_gemv_rope_kv_reference(
+    x, weight, scales, norm_weight, bias, eps, cos, sin, k_cache, v_cache, slot, n_heads, x_acc=None
+):
+    """wqkv's decode_gemv (bias [1, N] where a residual goes) over x (with x_acc, fixed_residual(x, x_acc)),
+    then kv_attention.rope_write_kv_reference without the query/key norms: writes the token's k and v into the
+    caches at slot, returns q [1, Hq, 1, D]."""
+    x = x if x_acc is None else fixed_residual(x, x_acc)
     qkv = decode_gemv_reference(x, weight, scales, norm_weight, bias, eps)
     return kv_attention.rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot, n_heads, None, None, 0.0)
 
