@@ -57,9 +57,10 @@
 #                                          #   alternating (the attention's slots read before its PDL wait, its tiles
 #                                          #   asked into L2 there): lost together with the GEMVs' loads before their
 #                                          #   loop (2026-12-07); this half never timed alone
-#   bash scripts/gpu_pending.sh fusedmlp   # ~6 min: issue 11's SmolLM2 with w13 and w2 as one kernel (gemv.decode_mlp,
+#   bash scripts/gpu_pending.sh fusedmlp   # ~7.5 min: issue 11's SmolLM2 with w13 and w2 as one kernel (gemv.decode_mlp,
 #                                          #   FASTGEN_FUSED_MLP=1): its GPU tests, the step against the default at
-#                                          #   four tiles, alternating; then EARLY_SLOTS off / on
+#                                          #   three tiles, alternating, bench.py's row without and with; then
+#                                          #   EARLY_SLOTS off / on
 #   bash scripts/gpu_pending.sh mlptier    # ~8 min: bench.py's SmolLM2 row without and with FASTGEN_FUSED_MLP=1, then
 #                                          #   the whole tier with it (carry .whl)
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
@@ -335,17 +336,23 @@ nogamma)
     ;;
 fusedmlp)
     # issue 11's SmolLM2: w13 and w2 as one kernel (gemv.decode_mlp, FASTGEN_FUSED_MLP=1), its output deferred to
-    # the next block's wqkv and wo: its GPU tests, then the step against the default, alternating, at four tiles;
+    # the next block's wqkv and wo: its GPU tests, then the step against the default, alternating, at three tiles, and bench.py's row;
     # then EARLY_SLOTS off / on
     step tests 200 python -m pytest -q -p no:cacheprovider -rf tests/test_gpu.py -k "decode_mlp or fused_mlp or fused_decode_block_equals"
     summary+=("  $(tail -n 1 "$out/tests.txt")")
-    for form in default 16,8 default 8,4 16,4 32,8; do
+    for form in default 16,8 default 8,4 16,4; do
         if [ $form = default ]; then
             decode smol_default 100 --model smollm2-135m --new-tokens 200
         else
             FASTGEN_FUSED_MLP=1 FASTGEN_FUSED_MLP_TILE=$form decode "smol_mlp_$form" 100 --model smollm2-135m \
                 --new-tokens 200
         fi
+    done
+    for form in 0 1; do  # issue 11's instrument: bench.py's SmolLM2 row (200 new tokens), the default tile
+        FASTGEN_FUSED_MLP=$form step "bench_mlp$form" 150 python scripts/bench.py --suite smoke --models smollm2-135m \
+            --batch 1 --ctx 16 --cache just --compile --new-tokens 200 --runs 3 --no-hf --no-cold-start \
+            --out-dir "$out/bench_mlp$form"
+        summary+=("$(grep -E '^\| smollm2' "$out/bench_mlp$form.txt")")
     done
     for form in off on; do
         FASTGEN_EARLY_SLOTS=$([ $form = on ] && echo 1 || echo 0) decode "smol_early_$form" 100 --model smollm2-135m \
