@@ -57,10 +57,9 @@
 #                                          #   alternating (the attention's slots read before its PDL wait, its tiles
 #                                          #   asked into L2 there): lost together with the GEMVs' loads before their
 #                                          #   loop (2026-12-07); this half never timed alone
-#   bash scripts/gpu_pending.sh fusedmlp   # ~7.5 min: issue 11's SmolLM2 with w13 and w2 as one kernel (gemv.decode_mlp,
+#   bash scripts/gpu_pending.sh fusedmlp   # ~5 min: issue 11's SmolLM2 with w13 and w2 as one kernel (gemv.decode_mlp,
 #                                          #   FASTGEN_FUSED_MLP=1): its GPU tests, the step against the default at
-#                                          #   three tiles, alternating, bench.py's row without and with; then
-#                                          #   EARLY_SLOTS off / on
+#                                          #   two tiles, alternating, bench.py's row without and with
 #   bash scripts/gpu_pending.sh mlptier    # ~8 min: bench.py's SmolLM2 row without and with FASTGEN_FUSED_MLP=1, then
 #                                          #   the whole tier with it (carry .whl)
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
@@ -336,11 +335,10 @@ nogamma)
     ;;
 fusedmlp)
     # issue 11's SmolLM2: w13 and w2 as one kernel (gemv.decode_mlp, FASTGEN_FUSED_MLP=1), its output deferred to
-    # the next block's wqkv and wo: its GPU tests, then the step against the default, alternating, at three tiles, and bench.py's row;
-    # then EARLY_SLOTS off / on
+    # the next block's wqkv and wo: its GPU tests, then the step against the default, alternating, at two tiles, and bench.py's row
     step tests 200 python -m pytest -q -p no:cacheprovider -rf tests/test_gpu.py -k "decode_mlp or fused_mlp"
     summary+=("  $(tail -n 1 "$out/tests.txt")")
-    for form in default 16,8 default 8,4 16,4; do
+    for form in default 16,8 default 8,4; do
         if [ $form = default ]; then
             decode smol_default 100 --model smollm2-135m --new-tokens 200
         else
@@ -353,10 +351,6 @@ fusedmlp)
             --batch 1 --ctx 16 --cache just --compile --new-tokens 200 --runs 3 --no-hf --no-cold-start \
             --out-dir "$out/bench_mlp$form"
         summary+=("$(grep -E '^\| smollm2' "$out/bench_mlp$form.txt")")
-    done
-    for form in off on; do
-        FASTGEN_EARLY_SLOTS=$([ $form = on ] && echo 1 || echo 0) decode "smol_early_$form" 100 --model smollm2-135m \
-            --new-tokens 200
     done
     ;;
 mlptier)
