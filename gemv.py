@@ -118,34 +118,11 @@ def decode_gemv_reference(x, weight, scales=None, norm_weight=None, residual=Non
     return (y if residual is None else y + residual.float()).to(x.dtype)
 
 
-def decode_gemv_rope_kv_reference(
-    x, weight, scales, norm_weight, bias, eps, cos, sin, k_cache, v_cache, slot, n_heads, x_acc=None
-):
-    """wqkv's decode_gemv (bias [1, N] where a residual goes) over x (with x_acc, fixed_residual(x, x_acc)),
-    then kv_attention.rope_write_kv_reference without the query/key norms: writes the token's k and v into the
-    caches at slot, returns q [1, Hq, 1, D]."""
-    x = x if x_acc is None else fixed_residual(x, x_acc)
+def decode_gemv_rope_kv_reference(x, weight, scales, norm_weight, bias, eps, cos, sin, k_cache, v_cache, slot, n_heads):
+    """wqkv's decode_gemv (bias [1, N] where a residual goes), then kv_attention.rope_write_kv_reference
+    without the query/key norms: writes the token's k and v into the caches at slot, returns q [1, Hq, 1, D]."""
     qkv = decode_gemv_reference(x, weight, scales, norm_weight, bias, eps)
     return kv_attention.rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot, n_heads, None, None, 0.0)
-
-
-# decode_mlp's partial sums in fixed point, 2^-MLP_FIXED_SHIFT a unit, in int64: integer adds give the same sum
-# in any order, so the programs' atomic adds are deterministic (fp32 atomics would round in arrival order)
-MLP_FIXED_SHIFT = 32
-
-
-def fixed_residual(x: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
-    """x [1, D] plus decode_mlp's accumulator acc [D] (int64, MLP_FIXED_SHIFT), rounded to x.dtype: the residual
-    stream after a fused MLP, as the next block's kernels read it."""
-    return (x.float() + acc.float() * 2.0**-MLP_FIXED_SHIFT).to(x.dtype)
-
-
-def decode_mlp_reference(h, norm_weight, eps, w13, w2) -> torch.Tensor:
-    """A FeedForward's batch-1 output without the residual, as decode_mlp sums it: h [1, D], w13 [2I, D] (gate
-    rows, then up rows), w2 [D, I] -> [1, D] fp32: w2 @ hidden, hidden = glu_output(w13 @ rms_norm(h)) rounded
-    to h.dtype as w13's decode_gemv stores it."""
-    hidden = glu_output(folded_input(h, norm_weight, eps) @ w13.float().T).to(h.dtype)
-    return hidden.float() @ w2.float().T
 
 
 def decode_gemv_experts_reference(x, expert_ids, weight, norm_weight=None, eps=0.0, glu=False):
@@ -272,16 +249,6 @@ EXPERT_GEMV_ENABLED = os.environ.get("FASTGEN_EXPERT_GEMV", "1") == "1"
 ROPE_IN_QKV = os.environ.get("FASTGEN_ROPE_IN_QKV", "float")
 
 
-# A small float block's w13 and w2 as one kernel (decode_mlp, FASTGEN_FUSED_MLP=1; defer_mlp_outputs says where):
-# each program makes BLOCK_H hidden units from the normed x and multiplies them into its BLOCK_H columns of w2,
-# then adds that partial output into an int64 accumulator (fixed point, MLP_FIXED_SHIFT) with atomics; the next
-# block's wqkv and wo add the accumulator to their input. One kernel a layer fewer on the decode chain, and no
-# program waits for another (the last-arrival pattern lost three times under PDL). Not yet timed (2026-12-07,
-# twenty-first session): "0" (the default) never.
-FUSED_MLP = os.environ.get("FASTGEN_FUSED_MLP", "0")
-FUSED_MLP_TILE = tuple(int(v) for v in os.environ.get("FASTGEN_FUSED_MLP_TILE", "16,8").split(","))  # BLOCK_H, warps
-
-
 def decode_gemv_config(n: int, k: int) -> dict:
     return dict(BLOCK_N=2, BLOCK_K=2048 if k > 4096 else 1024, num_warps=2 if k > 4096 else 4)
 
@@ -355,9 +322,6 @@ INT8_CONVERT = 2  # _int8_to_fp32's prmt form: 1-14% more GB/s than cvt on the H
 if triton is not None:
     from kv_attention import pdl_launch_next, pdl_wait, prefetch_l2  # programmatic dependent launch (PDL)
 
-    _FIXED_ONE = tl.constexpr(float(2**MLP_FIXED_SHIFT))  # decode_mlp's accumulator: 1.0 in fixed point
-    _FIXED_UNIT = tl.constexpr(2.0**-MLP_FIXED_SHIFT)  # and its unit
-
     # int8 -> fp32 without cvt: I2F runs at a quarter of the FP32 rate on sm_80/90, and at batch 1
     # there is one conversion per weight byte. prmt puts byte i of the sign-flipped word under the
     # exponent of 2^23, so the float is 2^23 + 128 + w exactly; one subtraction recovers w. Four
@@ -411,7 +375,6 @@ if triton is not None:
         v_ptr,
         slot_ptr,  # [1]
         S,
-        acc_ptr,  # [D] int64 (X_ACC, RES_ACC): decode_mlp's accumulator, the previous block's deferred MLP output
         EPS: tl.constexpr,  # the RMSNorm's (a constant: a float argument would reach the kernel as fp64)
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -427,8 +390,6 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         EVEN_K: tl.constexpr,  # BLOCK_K divides K: no K step is partial
         EVEN_N: tl.constexpr,  # BLOCK_N divides the programs' outputs (with ROPE, their row pairs)
-        X_ACC: tl.constexpr,  # x + acc is the input (a block after a fused MLP's: its wqkv)
-        RES_ACC: tl.constexpr,  # 0; 1: zero acc's rows (wo before a fused MLP); 2: the residual is res + acc, then 1
     ):
         # BLOCK_N outputs of one activation row, the weight read once. Each program reads all of
         # x anyway, so the norm costs no pass of its own: W (g * x * r) = r * (W (g * x)), with the
@@ -476,9 +437,6 @@ if triton is not None:
             k_ok = (k < K) | EVEN_K
             w_ok = row_ok[:, None] & k_ok[None, :]
             x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            if X_ACC:  # rounded as w2's store rounds its residual add
-                x_acc = tl.load(acc_ptr + k, mask=k_ok, other=0).to(tl.float32) * _FIXED_UNIT
-                x = (x + x_acc).to(x_ptr.dtype.element_ty).to(tl.float32)
             if NORM:
                 squares += x * x
                 x = x * tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
@@ -504,11 +462,6 @@ if triton is not None:
         )  # fmt: skip
         if ROPE:  # here, not in the helper: torch's analysis must see the cache write's address come from a load
             slot = tl.load(slot_ptr)
-        if RES_ACC == 2:  # the residual stream is res + acc, rounded as w2's store would have rounded it
-            res_acc = tl.load(acc_ptr + rows, mask=row_ok, other=0).to(tl.float32) * _FIXED_UNIT
-            res = (res + res_acc).to(y_ptr.dtype.element_ty).to(tl.float32)
-        if RES_ACC >= 1:  # acc at zero for this block's decode_mlp (nothing reads it after this kernel)
-            tl.store(acc_ptr + rows, tl.zeros(rows.shape, dtype=tl.int64), mask=row_ok)
         y = tl.sum(acc, axis=1)
         up = tl.sum(acc_up, axis=1)
         if CONVERT >= 0:
@@ -737,13 +690,10 @@ if triton is not None:
         """decode_gemv_experts_reference's contract, one kernel."""
         return _decode_gemv_launch(x.contiguous(), weight, expert_ids, None, norm_weight, None, eps, glu)
 
-    def _decode_gemv_launch(
-        x, weight, expert_ids, scales, norm_weight, residual, eps, glu, tiles=None, rope=None, acc=None, acc_use=(0, 0)
-    ):
+    def _decode_gemv_launch(x, weight, expert_ids, scales, norm_weight, residual, eps, glu, tiles=None, rope=None):
         """The ops' launch; `tiles` (BLOCK_N outputs a program, BLOCK_K, num_warps) replaces
         decode_gemv_tiles' for the sweeps (scripts/small_gemv_sweep.py, fused_gemv_sweep.py). rope:
-        decode_gemv_rope_kv's (cos, sin, k_cache, v_cache, slot, n_heads); the output is then the query.
-        acc: decode_mlp's accumulator, used as acc_use = (X_ACC, RES_ACC) say."""
+        decode_gemv_rope_kv's (cos, sin, k_cache, v_cache, slot, n_heads); the output is then the query."""
         N, K = weight.shape[-2], weight.shape[-1]
         cfg = {**decode_gemv_tiles(N, K, scales is not None, glu or rope is not None), **(tiles or {})}
         outputs = N // 2 if glu else N  # SiLU(gate) * up of the two halves
@@ -769,7 +719,6 @@ if triton is not None:
             v_cache,
             slot,
             S,
-            weight if acc is None else acc,  # read (and zeroed) only with X_ACC / RES_ACC
             EPS=eps,
             NORM=norm_weight is not None,
             GLU=glu,
@@ -779,8 +728,6 @@ if triton is not None:
             HQ=n_heads,
             HKV=n_kv_heads,
             HEAD_DIM=head_dim,
-            X_ACC=acc_use[0],
-            RES_ACC=acc_use[1],
             **decode_gemv_whole_tiles(programs, K, cfg),
             **cfg,
             **kv_attention.pdl_launch(x),
@@ -801,102 +748,13 @@ if triton is not None:
         v_cache: torch.Tensor,
         slot: torch.Tensor,
         n_heads: int,
-        x_acc: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """decode_gemv_rope_kv_reference's contract, one kernel: wqkv's GEMV with RoPE and the cache
-        write in its epilogue (kv_attention.rope_write_kv's work, without the query/key norms). With x_acc
-        (decode_mlp's accumulator, the previous block's MLP output) the input is x + x_acc (fixed_residual)."""
+        write in its epilogue (kv_attention.rope_write_kv's work, without the query/key norms)."""
         x, weight = x.contiguous(), weight.contiguous()  # no-ops for the model's own tensors
         rope = (cos, sin, k_cache, v_cache, slot, n_heads)
-        acc_use = (x_acc is not None, 0)
-        q = _decode_gemv_launch(
-            x, weight, None, scales, norm_weight, bias, eps, False, rope=rope, acc=x_acc, acc_use=acc_use
-        )
+        q = _decode_gemv_launch(x, weight, None, scales, norm_weight, bias, eps, False, rope=rope)
         return q.view(1, n_heads, 1, k_cache.shape[-1])
-
-    @triton.jit
-    def _decode_mlp_kernel(
-        x_ptr,  # [D]: the block's residual stream after the attention (FeedForward's input before its norm)
-        norm_ptr,  # [D]: ffn_norm's weight
-        w13_ptr,  # [2I, D]: gate rows, then up rows
-        w2_ptr,  # [D, I]
-        acc_ptr,  # [D] int64: w2's output in fixed point (_FIXED_ONE), added to by every program
-        inter,  # I: the hidden units
-        D: tl.constexpr,
-        EPS: tl.constexpr,
-        BLOCK_H: tl.constexpr,  # hidden units a program (divides I)
-        BLOCK_D: tl.constexpr,  # D's next power of two
-        PDL: tl.constexpr,
-    ):
-        # Hidden units hid of FeedForward: SiLU(gate) * up from w13's rows hid and I + hid over rms_norm(x) (the
-        # norm folded as _decode_gemv_kernel folds it), then their share of w2's output, w2[:, hid] @ hidden,
-        # added into acc: the sum over the programs is w2 @ hidden, the hidden never written
-        hid = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        gate_ptrs = w13_ptr + hid.to(tl.int64)[:, None] * D + d[None, :]  # [BLOCK_H, BLOCK_D]
-        up_ptrs = gate_ptrs + inter.to(tl.int64) * D
-        down_ptrs = w2_ptr + d.to(tl.int64)[:, None] * inter + hid[None, :]  # [BLOCK_D, BLOCK_H]
-        if PDL:  # the program's weight lines to L2 while the previous kernel finishes
-            LINE: tl.constexpr = 1024 // w13_ptr.dtype.element_ty.primitive_bitwidth  # elements a 128-byte line
-            at = tl.minimum(tl.arange(0, BLOCK_D // LINE) * LINE, D - 1)
-            lines = w13_ptr + hid.to(tl.int64)[:, None] * D + at[None, :]
-            prefetch_l2(lines)
-            prefetch_l2(lines + inter.to(tl.int64) * D)
-            prefetch_l2(w2_ptr + tl.minimum(d, D - 1).to(tl.int64) * inter + tl.program_id(0) * BLOCK_H)  # a line a row
-        pdl_wait(PDL)  # x: the kernel before this one's output; acc: zeroed by it
-        w_ok = d_ok[None, :]
-        gate_w = tl.load(gate_ptrs, mask=w_ok, other=0.0, eviction_policy="evict_first")
-        up_w = tl.load(up_ptrs, mask=w_ok, other=0.0, eviction_policy="evict_first")
-        down_w = tl.load(down_ptrs, mask=d_ok[:, None], other=0.0, eviction_policy="evict_first")
-        x = tl.load(x_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
-        inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / D + EPS)
-        x = x * tl.load(norm_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
-        gate = tl.sum(gate_w.to(tl.float32) * x[None, :], axis=1) * inv_rms
-        up = tl.sum(up_w.to(tl.float32) * x[None, :], axis=1) * inv_rms
-        hidden = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty).to(tl.float32)  # as w13 stores it
-        pdl_launch_next(PDL)
-        part = tl.sum(down_w.to(tl.float32) * hidden[None, :], axis=1)  # [BLOCK_D]
-        tl.atomic_add(acc_ptr + d, (part * _FIXED_ONE).to(tl.int64), mask=d_ok, sem="relaxed")
-
-    @triton_op("fastgen::decode_mlp", mutates_args={"acc"})
-    def decode_mlp(
-        h: torch.Tensor,
-        norm_weight: torch.Tensor,
-        eps: float,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
-        acc: torch.Tensor,
-    ) -> None:
-        """decode_mlp_reference(h, norm_weight, eps, w13, w2) added into acc [D] int64 in fixed point
-        (MLP_FIXED_SHIFT), one kernel: h [1, D], w13 [2I, D], w2 [D, I] contiguous, I a multiple of BLOCK_H.
-        A partial sum past 2^31 in magnitude, or not finite, does not fit: its integer is undefined."""
-        block_h, warps = FUSED_MLP_TILE
-        D, inter = w2.shape
-        wrap_triton(_decode_mlp_kernel)[(inter // block_h,)](
-            h,
-            norm_weight,
-            w13,
-            w2,
-            acc,
-            inter,  # I: the hidden units
-            D=D,
-            EPS=eps,
-            BLOCK_H=block_h,
-            BLOCK_D=triton.next_power_of_2(D),
-            num_warps=warps,
-            **kv_attention.pdl_launch(h),
-        )
-
-    @triton_op("fastgen::decode_gemv_acc_residual", mutates_args={"acc"})
-    def decode_gemv_acc_residual(
-        x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, acc: torch.Tensor, add_acc: bool
-    ) -> torch.Tensor:
-        """wo's decode_gemv before a fused MLP: x [1, K] -> [1, N], weight @ x plus the residual stream, which with
-        add_acc is fixed_residual(residual, acc) (the previous block's deferred MLP output), else residual; acc
-        [N] int64 is zeroed for this block's decode_mlp."""
-        x, weight = x.contiguous(), weight.contiguous()  # no-ops for the model's own tensors
-        return _decode_gemv_launch(x, weight, None, None, None, residual, 0.0, False, acc=acc, acc_use=(0, 1 + add_acc))
 
     @triton_op("fastgen::int8_expert_gemv", mutates_args={})
     def int8_expert_gemv(
@@ -1177,10 +1035,6 @@ class DecodeBlock(TransformerBlock):
 
     # Set by run_blocks_eager_under_compile: the batch-1 step runs eager even inside torch.compile
     eager_under_compile = False
-    # Set by defer_mlp_outputs (FUSED_MLP): the model's decode_mlp accumulator [D] int64, shared by its blocks;
-    # whether this block's input is the previous block's output plus it, and whether this block's MLP adds into it
-    mlp_acc = None
-    input_deferred = output_deferred = False
 
     def forward(self, x, cos, sin, attend, input_pos):
         if not (FUSED_DECODE_ENABLED and x.numel() == x.shape[-1] and available(x)):
@@ -1189,16 +1043,6 @@ class DecodeBlock(TransformerBlock):
             return _decode_block_eager(self, x, cos, sin, attend, input_pos)
         attention, ffn = self.attention, self.feed_forward
         x1 = x.reshape(1, -1)  # [1, D]
-        # Traced (no PDL: the blocks compile with the step), the blocks keep to tensors they hand each other
-        acc = None if torch.compiler.is_compiling() else self.mlp_acc
-        if acc is not None:  # the residual stream is x1 + acc where the input is deferred (fixed_residual)
-            heads = self.attention_heads(x1, cos, sin, attend, input_pos, acc if self.input_deferred else None)
-            h = decode_gemv_acc_residual(heads, attention.wo.weight, x1, acc, self.input_deferred)  # acc zeroed
-            if self.output_deferred:  # the block's output is h + acc: the next block's kernels add it
-                decode_mlp(h, self.ffn_norm.weight, self.ffn_norm.eps, ffn.w13.weight, ffn.w2.weight, acc)
-                return h.view_as(x)
-            hidden = project(ffn.w13, h, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, glu=True)
-            return project(ffn.w2, hidden, residual=h).view_as(x)  # the last block: its output whole
         h = project(attention.wo, self.attention_heads(x1, cos, sin, attend, input_pos), residual=x1)
         if type(ffn) is FeedForward:
             hidden = project(ffn.w13, h, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, glu=True)  # [1, I]
@@ -1224,9 +1068,8 @@ class DecodeBlock(TransformerBlock):
         h = h.view_as(x)  # other experts: routed as TransformerBlock routes them
         return h + ffn(self.ffn_norm(h))
 
-    def attention_heads(self, x1, cos, sin, attend, input_pos, x_acc=None):
-        """The batch-1 step's attention half up to wo: x1 [1, D], the block's input (with x_acc, x1 + x_acc:
-        fixed_residual; the RoPE form only, see defer_mlp_outputs) -> the heads [1, Hq * head_dim]."""
+    def attention_heads(self, x1, cos, sin, attend, input_pos):
+        """The batch-1 step's attention half up to wo: x1 [1, D], the block's input -> the heads [1, Hq * head_dim]."""
         attention = self.attention
         wqkv, norm = attention.wqkv, self.attention_norm
         # Qwen2's bias: added where a residual would be
@@ -1254,10 +1097,8 @@ class DecodeBlock(TransformerBlock):
                 cache.v_cache,
                 slot,
                 attention.n_heads,
-                x_acc,
             )
             return attend(q, cache).to(x1.dtype).reshape(1, -1)
-        assert x_acc is None, "a deferred input needs wqkv's RoPE form (defer_mlp_outputs runs after the caches)"
         qkv = project(wqkv, x1, norm_weight=norm.weight, eps=norm.eps, residual=bias)
         if unquantized_cache:  # one kernel for the norms, RoPE and the write
             q = kv_attention.rope_write_kv(
@@ -1355,42 +1196,3 @@ def use_decode_kernels(model: torch.nn.Module) -> None:
         elif type(module) is torch.nn.Linear and available(module.weight) and module.weight.is_floating_point():
             module.__class__ = DecodeLinear
     use_int4_decode_blocks(model)
-    defer_mlp_outputs(model)
-
-
-FUSED_MLP_MAX_DIM = 1024  # decode_mlp holds a program's rows of D whole (its next power of two) in registers
-
-
-def fused_mlp_block(block: torch.nn.Module) -> bool:
-    """A DecodeBlock whose MLP decode_mlp can run and whose wqkv takes the RoPE form (decode_gemv_rope_kv, which
-    reads a deferred input): float weights, a dense FeedForward no wider than FUSED_MLP_MAX_DIM, I a multiple of
-    the tile's hidden units, no query/key norms, an unquantized cache."""
-    if type(block) is not DecodeBlock or type(block.feed_forward) is not FeedForward:
-        return False
-    attention, w2 = block.attention, block.feed_forward.w2.weight
-    dim, inter = w2.shape
-    return (
-        ROPE_IN_QKV in ("float", "1")
-        and attention.q_norm is None
-        and type(attention.kv_cache) in (KVCache, kv_attention.SplitKVCache)
-        and all(getattr(m, "scales", None) is None for m in (attention.wqkv, attention.wo))
-        and w2.is_floating_point()
-        and dim <= FUSED_MLP_MAX_DIM
-        and inter % FUSED_MLP_TILE[0] == 0
-    )
-
-
-def defer_mlp_outputs(model: torch.nn.Module) -> None:
-    """With FUSED_MLP=1, where every layer of the model is a fused_mlp_block: each block's batch-1 MLP but the
-    last one's runs as decode_mlp, which adds w2's output into one int64 accumulator [D] (fixed point) instead
-    of writing the block's output; the next block's wqkv and wo read its input as x + acc (fixed_residual), and
-    its wo zeroes acc for its own MLP. One kernel a layer fewer. Otherwise (and for blocks traced by the
-    compiler) every block hands the next its whole output. Called by use_decode_kernels, after the caches."""
-    layers = list(getattr(model, "layers", ()))
-    deferred = FUSED_MLP == "1" and len(layers) > 1 and all(fused_mlp_block(b) for b in layers)
-    acc = torch.zeros(model.args.dim, dtype=torch.int64, device=layers[0].ffn_norm.weight.device) if deferred else None
-    for i, block in enumerate(layers):
-        if type(block) is DecodeBlock:
-            block.mlp_acc = acc
-            block.input_deferred = deferred and i > 0
-            block.output_deferred = deferred and i < len(layers) - 1

@@ -116,13 +116,6 @@ KV_ASM = True  # the PTX conversion; False: Triton's own (the interpreter has no
 # session (SmolLM2-135M 0.629 -> 0.486 ms a step on an H200 with Inductor's PDL too, BENCHMARKS.md);
 # FASTGEN_PDL=0 turns it off.
 PDL = os.environ.get("FASTGEN_PDL", "1") == "1"
-# The attention's query slot and row start read before its PDL wait, and its first tiles of K and V asked into L2
-# there (opt-in, FASTGEN_EARLY_SLOTS=1; not timed alone). Safe: no kernel of a decode step writes the slot or the
-# row start (they change between steps), and a PDL kernel here lets the next one launch only after its own wait,
-# so what the kernel two back wrote is complete anyway. Timed on an H100 (2026-12-07) only together with
-# decode_gemv's epilogue loads moved before its main loop: SmolLM2 0.394 -> 0.403 ms a step replayed, lost; which
-# of the two lost was not measured (the device budget ran out), so this half stays to be timed alone.
-EARLY_SLOTS = os.environ.get("FASTGEN_EARLY_SLOTS", "0") == "1"
 
 
 def available(q: torch.Tensor) -> bool:
@@ -339,8 +332,6 @@ if triton is not None:
             pv = tl.dot(p.to(dot_dtype), v, input_precision="ieee")
         return acc * correction[:, None] + pv, new_max, running_sum
 
-    _EARLY_TILES = tl.constexpr(4)  # with EARLY_SLOTS, the tiles asked into L2: SINGLE_SPLIT_MAX_TILES's cache whole
-
     @triton.jit
     def _valid_slots(q_slot_ptr, row_start_ptr, window):
         # a row's valid slots [first, last]: from its start (or the window's first slot) to the query's slot
@@ -377,7 +368,6 @@ if triton is not None:
         FP8_VIA_F32: tl.constexpr,  # an fp8 cache's tiles to bf16 through fp32 (KV_FP8_VIA_F32)
         PDL: tl.constexpr,  # launched with programmatic dependent launch (kv_attention.PDL)
         WHOLE_TILES: tl.constexpr,  # kv_attention.WHOLE_TILES
-        EARLY_SLOTS: tl.constexpr,  # kv_attention.EARLY_SLOTS: the slots read (K/V asked for) before the wait
     ):
         # head_dim ** -0.5 * log2(e), from the constant D: a float argument would reach the kernel as
         # fp64 under Inductor and promote the scores to fp64
@@ -391,22 +381,8 @@ if triton is not None:
         # split t % SPLITS), so every split gets a share of the valid slots whatever their number
         # (contiguous shares of the whole cache left all but a quarter of the programs idle at 8k
         # filled in a 32k cache)
-        if EARLY_SLOTS:  # no kernel of a decode step writes the slot or the row start (EARLY_SLOTS says why)
-            first, last = _valid_slots(q_slot_ptr, row_start_ptr + b, window)
-            if PDL:  # the program's first tiles of K and V to L2 while the kernel before this one finishes
-                LINE: tl.constexpr = 1024 // k_ptr.dtype.element_ty.primitive_bitwidth  # elements a 128-byte line
-                ROW_LINES: tl.constexpr = (D_PAD + LINE - 1) // LINE
-                at = tl.minimum(tl.arange(0, ROW_LINES) * LINE, D - 1)
-                tile = first // BLOCK + (split - first // BLOCK % SPLITS + SPLITS) % SPLITS  # my_first_tile, below
-                for _ in tl.static_range(_EARLY_TILES):
-                    slot = tl.minimum(tile * BLOCK + slots, last)  # past the valid slots: the last one again
-                    lines = (kv_rows + slot)[:, None] * D + at[None, :]
-                    prefetch_l2(k_ptr + lines)
-                    prefetch_l2(v_ptr + lines)
-                    tile += SPLITS
         pdl_wait(PDL)
-        if not EARLY_SLOTS:
-            first, last = _valid_slots(q_slot_ptr, row_start_ptr + b, window)
+        first, last = _valid_slots(q_slot_ptr, row_start_ptr + b, window)
         first_tile, last_tile = first // BLOCK, last // BLOCK
         my_first_tile = first_tile + (split - first_tile % SPLITS + SPLITS) % SPLITS
 
@@ -571,7 +547,6 @@ if triton is not None:
             HAS_SCALES=has_scales,
             FP8_VIA_F32=fp8_via_f32,
             WHOLE_TILES=WHOLE_TILES and -(-S // BLOCK_N) >= WHOLE_TILES_MIN_PER_SPLIT * splits,
-            EARLY_SLOTS=EARLY_SLOTS,
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES,
             **pdl_launch(q),

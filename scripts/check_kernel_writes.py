@@ -124,38 +124,6 @@ CASES = [  # name, what it launches, the pointers each launch may write (the wra
         [{"y_ptr", "k_ptr", "v_ptr"}],
     ),
     (
-        "decode_gemv_rope_kv, its input deferred (x + the fused MLP's accumulator, read only)",
-        lambda: gemv.decode_gemv_rope_kv(
-            x,
-            torch.randn(960, 576),
-            None,
-            norm_weight,
-            None,
-            1e-5,
-            angles.cos(),
-            angles.sin(),
-            *caches(),
-            slot,
-            9,
-            torch.zeros(576, dtype=torch.int64),
-        ),
-        [{"y_ptr", "k_ptr", "v_ptr"}],
-    ),  # fmt: skip
-    (
-        "decode_gemv_acc_residual (wo before a fused MLP: the accumulator added and zeroed)",
-        lambda: gemv.decode_gemv_acc_residual(
-            x, torch.randn(576, 576), torch.randn(1, 576), torch.zeros(576, dtype=torch.int64), True
-        ),
-        [{"y_ptr", "acc_ptr"}],
-    ),
-    (
-        "decode_mlp",
-        lambda: gemv.decode_mlp(
-            x, norm_weight, 1e-5, torch.randn(3072, 576), torch.randn(576, 1536), torch.zeros(576, dtype=torch.int64)
-        ),
-        [{"acc_ptr"}],
-    ),
-    (
         "rope_write_kv, the query / key norms",
         lambda: kv_attention.rope_write_kv(
             torch.randn(1, 960), angles.cos(), angles.sin(), *caches(), slot, 9, torch.rand(64), torch.rand(64), 1e-6

@@ -117,8 +117,8 @@ def main(argv=None):
     decode_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "scale_ptr": "*fp32", "norm_ptr": "*bf16", "res_ptr": "*bf16"}
     decode_sig.update({"y_ptr": "*bf16", "ids_ptr": "*i64", "N": "i32", "K": "i32", "rows_per_x": "i32"})
     decode_sig.update({"cos_ptr": "*bf16", "sin_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "slot_ptr": "*i64"})
-    decode_sig.update({"S": "i32", "acc_ptr": "*i64"})
-    no_rope = {"ROPE": 0, "HQ": 0, "HKV": 0, "HEAD_DIM": 2, "X_ACC": 0, "RES_ACC": 0}
+    decode_sig.update({"S": "i32"})
+    no_rope = {"ROPE": 0, "HQ": 0, "HKV": 0, "HEAD_DIM": 2}
     for n, k, norm, glu, residual, int8, experts, pdl in (
         (960, 576, 1, 0, 0, 0, 0, 0),
         (28672, 4096, 1, 1, 0, 0, 0, 0),  # Llama-3-8B's w13, SiLU(gate) * up stored
@@ -168,27 +168,12 @@ def main(argv=None):
             gemv._decode_gemv_kernel,
             {**decode_sig, "w_ptr": "*i8" if int8 else "*bf16"},
             {"EPS": 1e-5, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "CONVERT": cfg["CONVERT"], "NORM": 1,
-             "GLU": 0, "RESIDUAL": 0, "EXPERTS": 0, "PDL": pdl, **rope, **gemv.decode_gemv_whole_tiles(n // 2, k, cfg),
-             "X_ACC": 0, "RES_ACC": 0},
+             "GLU": 0, "RESIDUAL": 0, "EXPERTS": 0, "PDL": pdl, **rope, **gemv.decode_gemv_whole_tiles(n // 2, k, cfg)},
             range(9),
             num_warps=cfg["num_warps"],
             num_stages=cfg.get("num_stages", 3),
             launch_pdl=bool(pdl),
         )  # fmt: skip
-    # a small block's w13 and w2 as one kernel (gemv.decode_mlp), SmolLM2's shape, at the default tile and others
-    mlp_sig = {"x_ptr": "*bf16", "norm_ptr": "*bf16", "w13_ptr": "*bf16", "w2_ptr": "*bf16", "acc_ptr": "*i64"}
-    for block_h, warps in sorted({gemv.FUSED_MLP_TILE, (8, 4), (16, 4), (16, 8), (32, 8)}):
-        for pdl in (0, 1):
-            build(
-                target,
-                f"fused mlp 576x1536 BLOCK_H={block_h} warps={warps}" + (" pdl" if pdl else ""),
-                gemv._decode_mlp_kernel,
-                {**mlp_sig, "inter": "i32"},
-                {"D": 576, "EPS": 1e-5, "BLOCK_H": block_h, "BLOCK_D": 1024, "PDL": pdl},
-                range(6),
-                num_warps=warps,
-                launch_pdl=bool(pdl),
-            )
     rope_sig = {n: "*bf16" for n in ("qkv_ptr", "cos_ptr", "sin_ptr", "q_ptr", "k_ptr", "v_ptr")}
     rope_sig.update({"slot_ptr": "*i64", "q_norm_ptr": "*bf16", "k_norm_ptr": "*bf16", "S": "i32"})
     for hq, hkv, d, qk_norm, pdl in ((9, 3, 64, 0, 0), (32, 4, 128, 1, 0), (9, 3, 64, 0, 1)):  # SmolLM2, Qwen3
@@ -285,7 +270,6 @@ def main(argv=None):
                         FP8_VIA_F32=fp8_via_f32,
                         PDL=pdl,
                         WHOLE_TILES=kv_attention.WHOLE_TILES,
-                        EARLY_SLOTS=kv_attention.EARLY_SLOTS,
                     )
                     name = f"kv decode {(store or dtype)[1:]} cache, {dtype[1:]}, G={group}, D={head_dim}"
                     build(
@@ -307,7 +291,7 @@ def main(argv=None):
             {**kv_sig, "k_ptr": store, "v_ptr": store},
             dict(D=128, G=4, G_PAD=16, D_PAD=128, BLOCK=kv_attention.BLOCK_N, SPLITS=1, SPLITS_PAD=1,
                  HAS_SCALES=store == "*i8", FP8_VIA_F32=False, PDL=False,
-                 WHOLE_TILES=kv_attention.WHOLE_TILES, EARLY_SLOTS=kv_attention.EARLY_SLOTS),
+                 WHOLE_TILES=kv_attention.WHOLE_TILES),
             kv_divisible,
             num_warps=kv_attention.NUM_WARPS,
             num_stages=kv_attention.NUM_STAGES,

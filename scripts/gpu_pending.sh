@@ -53,15 +53,6 @@
 #                                          #   numbers), default and probes alternating. H100, 2026-12-07: 0.429 ms a
 #                                          #   step, nogamma 0.425, noattn 0.322: the bounds on a norm-weight fold
 #                                          #   and on any cheaper attention
-#   bash scripts/gpu_pending.sh early      # ~2 min: issue 11's SmolLM2 step with FASTGEN_EARLY_SLOTS off and on,
-#                                          #   alternating (the attention's slots read before its PDL wait, its tiles
-#                                          #   asked into L2 there): lost together with the GEMVs' loads before their
-#                                          #   loop (2026-12-07); this half never timed alone
-#   bash scripts/gpu_pending.sh fusedmlp   # ~5 min: issue 11's SmolLM2 with w13 and w2 as one kernel (gemv.decode_mlp,
-#                                          #   FASTGEN_FUSED_MLP=1): its GPU tests, the step against the default at
-#                                          #   two tiles, alternating, bench.py's row without and with
-#   bash scripts/gpu_pending.sh mlptier    # ~8 min: bench.py's SmolLM2 row without and with FASTGEN_FUSED_MLP=1, then
-#                                          #   the whole tier with it (carry .whl)
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -109,7 +100,7 @@ tests-parallel)
     step build 200 python -c "import int4_mma; assert int4_mma.build() is not None"
     # installed, or else the pure-Python wheels straight from .whl on the path (zip imports)
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    step tier "${TIER_LIMIT_S:-570}" python -m pytest -m gpu -q -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
+    step tier 570 python -m pytest -m gpu -q -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
     ;;
@@ -311,12 +302,6 @@ fusedmoe)
     FASTGEN_EXPERT_GEMV=0 decode qwen3_b1_fused 100 --model qwen3-30b-a3b --layers 12
     decode qwen3_b1_experts 100 --model qwen3-30b-a3b --layers 12
     ;;
-early)
-    for form in off on off on; do
-        FASTGEN_EARLY_SLOTS=$([ $form = on ] && echo 1 || echo 0) decode "smol_early_$form" 100 --model smollm2-135m \
-            --new-tokens 200
-    done
-    ;;
 nogamma)
     # the upper bound of folding each RMSNorm's weight into the next projection's weight (NOTES.md's untried idea):
     # the fused kernel's load of the norm weight dropped, everything else as is. Predicted small (<= ~10 us a step):
@@ -333,41 +318,6 @@ nogamma)
         decode "smol_$form" 100 --model smollm2-135m --new-tokens 200
     done
     ;;
-fusedmlp)
-    # issue 11's SmolLM2: w13 and w2 as one kernel (gemv.decode_mlp, FASTGEN_FUSED_MLP=1), its output deferred to
-    # the next block's wqkv and wo: its GPU tests, then the step against the default, alternating, at two tiles, and bench.py's row
-    step tests 200 python -m pytest -q -p no:cacheprovider -rf tests/test_gpu.py -k "decode_mlp or fused_mlp"
-    summary+=("  $(tail -n 1 "$out/tests.txt")")
-    for form in default 16,8 default 8,4; do
-        if [ $form = default ]; then
-            decode smol_default 100 --model smollm2-135m --new-tokens 200
-        else
-            FASTGEN_FUSED_MLP=1 FASTGEN_FUSED_MLP_TILE=$form decode "smol_mlp_$form" 100 --model smollm2-135m \
-                --new-tokens 200
-        fi
-    done
-    for form in 0 1; do  # issue 11's instrument: bench.py's SmolLM2 row (200 new tokens), the default tile
-        FASTGEN_FUSED_MLP=$form step "bench_mlp$form" 150 python scripts/bench.py --suite smoke --models smollm2-135m \
-            --batch 1 --ctx 16 --cache just --compile --new-tokens 200 --runs 3 --no-hf --no-cold-start \
-            --out-dir "$out/bench_mlp$form"
-        summary+=("$(grep -E '^\| smollm2' "$out/bench_mlp$form.txt")")
-    done
-    ;;
-mlptier)
-    # after fusedmlp: bench.py's SmolLM2 row (issue 11's instrument) without and with FASTGEN_FUSED_MLP=1, then the
-    # whole tier with it (int4_mma built first, 8 workers, TIER_LIMIT_S)
-    for form in 0 1; do
-        FASTGEN_FUSED_MLP=$form step "bench_mlp$form" 150 python scripts/bench.py --suite smoke --models smollm2-135m \
-            --batch 1 --ctx 16 --cache just --compile --new-tokens 200 --runs 3 --no-hf --no-cold-start \
-            --out-dir "$out/bench_mlp$form"
-        summary+=("$(grep -E '^\| smollm2' "$out/bench_mlp$form.txt")")
-    done
-    step build 200 python -c "import int4_mma; assert int4_mma.build() is not None"
-    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    FASTGEN_FUSED_MLP=1 step tier "${TIER_LIMIT_S:-300}" python -m pytest -m gpu -q -p no:cacheprovider -rf -n 8
-    summary+=("  $(tail -n 1 "$out/tier.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
-    ;;
 autotune)
     decode smol 90 --model smollm2-135m
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode smol_autotune 150 --model smollm2-135m
@@ -375,7 +325,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, early, fusedmlp, mlptier or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma or autotune" >&2
     exit 2
     ;;
 esac

@@ -153,11 +153,10 @@ def decode_gemv_rope_kv(n_heads=9, n_kv_heads=3, D=64, K=576, dtype=torch.float3
     )
 
 
-def decode_block(layers=2, n_experts=0, rope_in_qkv=False, fused_mlp=False):
+def decode_block(layers=2, n_experts=0, rope_in_qkv=False):
     """A tiny model's decode step through gemv.DecodeBlock (the fused batch-1 path; with experts,
-    the router and the token's experts through decode_gemv too; with fused_mlp, every MLP but the last as
-    gemv.decode_mlp, its output deferred to the next block) against the plain blocks' step, one token after a
-    5-token prefill."""
+    the router and the token's experts through decode_gemv too) against the plain blocks' step, one
+    token after a 5-token prefill."""
     from model import ModelArgs, Transformer
 
     experts = dict(n_experts=n_experts, n_active_experts=2 if n_experts else 0)
@@ -173,33 +172,12 @@ def decode_block(layers=2, n_experts=0, rope_in_qkv=False, fused_mlp=False):
         want = m(torch.tensor([[7]]), torch.tensor([5]))
         gemv.FUSED_DECODE_ENABLED = gemv.EXPERT_GEMV_ENABLED = True
         default, gemv.ROPE_IN_QKV = gemv.ROPE_IN_QKV, "1" if rope_in_qkv else "0"
-        default_mlp, gemv.FUSED_MLP = gemv.FUSED_MLP, "1" if fused_mlp else "0"
         gemv.use_decode_kernels(m)
         assert type(m.layers[0]) is gemv.DecodeBlock
-        assert (m.layers[0].mlp_acc is not None) == fused_mlp
         try:
-            got = m(torch.tensor([[7]]), torch.tensor([5]))
-            if fused_mlp:  # the last block's wo left the accumulator at zero for the next step
-                assert not m.layers[0].mlp_acc.any(), "the accumulator is not zero after a step"
-            return got, want
+            return m(torch.tensor([[7]]), torch.tensor([5])), want
         finally:
-            gemv.ROPE_IN_QKV, gemv.FUSED_MLP = default, default_mlp
-
-
-def decode_mlp(D=576, inter=1536, dtype=torch.float32, tile=None):
-    """w13 and w2 as one kernel, its output summed in an int64 accumulator (fixed point) that starts at an
-    earlier sum: the accumulator's growth against the reference."""
-    h, norm_weight = torch.randn(1, D, dtype=dtype), torch.rand(D, dtype=dtype) + 0.5
-    w13, w2 = torch.randn(2 * inter, D, dtype=dtype) / 30, torch.randn(D, inter, dtype=dtype) / 30
-    start = torch.randint(-(2**40), 2**40, (D,))
-    acc = start.clone()
-    default, gemv.FUSED_MLP_TILE = gemv.FUSED_MLP_TILE, tile or gemv.FUSED_MLP_TILE
-    try:
-        gemv.decode_mlp(h, norm_weight, 1e-5, w13, w2, acc)
-    finally:
-        gemv.FUSED_MLP_TILE = default
-    got = (acc - start).double() * 2.0**-gemv.MLP_FIXED_SHIFT
-    return got, gemv.decode_mlp_reference(h, norm_weight, 1e-5, w13, w2)[0].double()
+            gemv.ROPE_IN_QKV = default
 
 
 def int8_expert_gemv(R=6, E=8, N=96, K=1100, X=6, grouped=False):  # X < R: each x row through R / X experts
@@ -328,11 +306,6 @@ def main():
     runs += [("DecodeBlock, a 2-layer model's decode step", decode_block)]
     runs += [
         ("wqkv + rope + cache write, SmolLM2's heads", decode_gemv_rope_kv),
-        ("fused MLP (decode_mlp), SmolLM2's shape", decode_mlp),
-        (
-            "fused MLP (decode_mlp), fp16, 8 hidden units a program",
-            lambda: decode_mlp(96, 64, torch.float16, tile=(8, 2)),
-        ),
         (
             "wqkv + rope + cache write, fp16, bias, D 128",
             lambda: decode_gemv_rope_kv(4, 2, 128, 1100, torch.float16, bias=True),
@@ -347,10 +320,6 @@ def main():
             lambda: decode_gemv_rope_kv(int8=True, tiles=dict(BLOCK_N=4, BLOCK_K=64, num_warps=2)),
         ),
         ("DecodeBlock, wqkv + rope + cache write in one kernel", lambda: decode_block(rope_in_qkv=True)),
-        (
-            "DecodeBlock, 3 layers, two MLPs as decode_mlp (outputs deferred to the next block)",
-            lambda: decode_block(3, rope_in_qkv=True, fused_mlp=True),
-        ),
     ]
     runs += [("DecodeBlock, a 2-layer MoE model's decode step, 2 of 8 experts", lambda: decode_block(2, 8))]
 
@@ -361,20 +330,6 @@ def main():
         (f"DownMixExperts + gate/up kernel, {n} tokens x 2 of 16", lambda n=n: down_mix_experts(n, True))
         for n in (2, 8)
     ]
-    # kv_attention.EARLY_SLOTS: the attention's slots read before its wait
-    early = [
-        ("(3, 1, 2, 80, 300, 299, 100), slots before the wait", lambda: unquantized(*CASES[2])),
-        (
-            "(1, 3, 3, 64, 216, 200), one split, slots before the wait",
-            lambda: unquantized(1, 3, 3, 64, 216, 200, 0, torch.float32),
-        ),
-        ("int8 KV, slots before the wait", int8),
-        (
-            "DecodeBlock, wqkv + rope + cache write in one kernel, slots before the wait",
-            lambda: decode_block(rope_in_qkv=True),
-        ),
-    ]
-    runs += [(name, lambda run=run: with_switch("EARLY_SLOTS", run, value=True)) for name, run in early]
     failed = []
     for name, run in runs:
         got, want = run()

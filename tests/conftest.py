@@ -70,19 +70,6 @@ def reference_decode_kernels(monkeypatch):
             y = gemv.expert_down_mix_reference(h, expert_ids, mix, weight)
             return y if residual is None else (y.float() + residual.float()).to(y.dtype)
 
-        def decode_mlp(h, norm_weight, eps, w13, w2, acc):  # gemv.FUSED_MLP's: w2's output into acc
-            calls.add_(1)
-            part = gemv.decode_mlp_reference(h, norm_weight, eps, w13, w2)[0]
-            acc.add_((part * 2.0**gemv.MLP_FIXED_SHIFT).to(torch.int64))
-
-        def decode_gemv_acc_residual(x, weight, residual, acc, add_acc):  # and the next block's wo
-            calls.add_(1)
-            y = gemv.decode_gemv_reference(
-                x, weight, residual=gemv.fixed_residual(residual, acc) if add_acc else residual
-            )
-            acc.zero_()
-            return y
-
         monkeypatch.setattr(gemv, "available", lambda t: True)
         monkeypatch.setattr(gemv, "FLOAT_GEMV_ENABLED", True)
         monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
@@ -95,8 +82,6 @@ def reference_decode_kernels(monkeypatch):
         monkeypatch.setattr(kv_attention, "rope_write_kv", rope_write_kv, raising=False)
         monkeypatch.setattr(gemv, "route", route, raising=False)
         monkeypatch.setattr(gemv, "expert_down_mix", expert_down_mix, raising=False)
-        monkeypatch.setattr(gemv, "decode_mlp", decode_mlp, raising=False)
-        monkeypatch.setattr(gemv, "decode_gemv_acc_residual", decode_gemv_acc_residual, raising=False)
         return calls, rope_calls
 
     return enable

@@ -513,45 +513,6 @@ def test_rope_in_qkv_plumbing(monkeypatch, reference_decode_kernels, overrides):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(qkv_bias=True, sliding_window=6)])
-def test_fused_mlp_plumbing(monkeypatch, reference_decode_kernels, overrides):
-    """With gemv.FUSED_MLP "1" each batch-1 block's MLP but the last one's runs as decode_mlp (its reference here),
-    adding w2's output into the model's accumulator instead of writing the block's output, and the next block's
-    wqkv (decode_gemv_rope_kv's x_acc) and wo (decode_gemv_acc_residual) add it back: the plain block's tokens,
-    the accumulator zero after every step; compiled (no PDL here), the blocks hand each other whole outputs."""
-    import gemv
-
-    model = tiny_model(n_layers=3, **overrides)
-    prompt = [[5, 17, 3, 88, 41, 9, 2, 30, 11]]
-    plain = greedy(model, prompt, 12, 64).tokens
-    calls, _ = reference_decode_kernels()
-    mlp_calls = torch.zeros((), dtype=torch.long)
-    reference_mlp = gemv.decode_mlp
-
-    def decode_mlp(*args):
-        mlp_calls.add_(1)
-        return reference_mlp(*args)
-
-    def decode_gemv_rope_kv(*args):
-        return gemv.decode_gemv_rope_kv_reference(*args)
-
-    monkeypatch.setattr(gemv, "ROPE_IN_QKV", "float")
-    monkeypatch.setattr(gemv, "FUSED_MLP", "1")
-    monkeypatch.setattr(gemv, "decode_mlp", decode_mlp)
-    monkeypatch.setattr(gemv, "decode_gemv_rope_kv", decode_gemv_rope_kv, raising=False)
-    for compile, max_seq_len in ((False, 72), (True, 80)):
-        torch._dynamo.reset()
-        mlp_calls.zero_()
-        assert greedy(model, prompt, 12, max_seq_len, compile=compile).tokens == plain
-        acc = model.layers[0].mlp_acc
-        assert acc is not None and all(block.mlp_acc is acc for block in model.layers) and not acc.any()
-        assert mlp_calls == (0 if compile else 11 * (model.args.n_layers - 1))
-    monkeypatch.setattr(gemv, "FUSED_MLP", "0")
-    gemv.use_decode_kernels(model)
-    assert all(block.mlp_acc is None for block in model.layers)
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize(
     "overrides",
     [{}, dict(qkv_bias=True, qk_norm=True, sliding_window=6), dict(n_experts=4, n_active_experts=2), "experts", "int8"],

@@ -696,60 +696,6 @@ def test_opt_in_decode_folds_equal_cpu_fp32_eager(monkeypatch, shape, pdl, compi
     assert compile or len(calls) >= cuda.args.n_layers  # each layer's step (recorded into a CUDA graph, replayed)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("D, inter, tile", [(576, 1536, (16, 8)), (128, 256, (8, 4)), (960, 2560, (32, 8))])
-def test_decode_mlp_adds_the_reference_into_its_accumulator(monkeypatch, D, inter, tile, dtype):
-    """w13 and w2 as one kernel: w2's output lands in the int64 accumulator (fixed point) on top of what it
-    held, and twice from the same start gives the same bits (integer atomics: no order-dependent rounding)."""
-    import gemv
-
-    monkeypatch.setattr(gemv, "FUSED_MLP_TILE", tile)
-    torch.manual_seed(0)
-    h = torch.randn(1, D, device="cuda", dtype=dtype)
-    norm_weight = torch.rand(D, device="cuda", dtype=dtype) + 0.5
-    w13 = torch.randn(2 * inter, D, device="cuda", dtype=dtype) / D**0.5
-    w2 = torch.randn(D, inter, device="cuda", dtype=dtype) / inter**0.5
-    start = torch.randint(-(2**40), 2**40, (D,), device="cuda")
-    runs = []
-    for _ in range(2):
-        acc = start.clone()
-        gemv.decode_mlp(h, norm_weight, 1e-5, w13, w2, acc)
-        runs.append(acc)
-    assert torch.equal(runs[0], runs[1])
-    got = (runs[0] - start).double() * 2.0**-gemv.MLP_FIXED_SHIFT
-    want = gemv.decode_mlp_reference(h, norm_weight, 1e-5, w13, w2)[0].double()
-    assert ((got - want).norm() / want.norm()) < 1e-5
-
-
-@pytest.mark.parametrize(
-    "shape, pdl, compile",
-    [("gqa-hd128", False, False), ("tied", True, False), ("tied", True, True), ("window", True, True)],
-)
-def test_fused_mlp_equals_cpu_fp32_eager(monkeypatch, shape, pdl, compile):
-    """gemv.FUSED_MLP "1": each batch-1 block's MLP but the last one's as decode_mlp, its output deferred into
-    the accumulator that the next block's wqkv and wo add: the CUDA-graph decode gives the CPU fp32 eager
-    tokens (eager, and compiled around the blocks with PDL), leaves the accumulator at zero, and a batch still
-    decodes through the plain blocks to the same tokens."""
-    import gemv
-    import kv_attention
-
-    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
-    monkeypatch.setattr(gemv, "FUSED_MLP", "1")
-    monkeypatch.setattr(kv_attention, "PDL", pdl)
-    calls = []
-    op = gemv.decode_mlp
-    monkeypatch.setattr(gemv, "decode_mlp", lambda *args: calls.append(1) or op(*args))
-    cpu = random_model(shape)
-    want = [greedy(cpu, [p], 40, 128)[0] for p in PROMPTS[:2]]
-    cuda = on(cpu, "cuda")
-    assert [greedy(cuda, [p], 40, 128, compile=compile)[0] for p in PROMPTS[:2]] == want
-    acc = cuda.layers[0].mlp_acc
-    assert acc is not None and all(block.mlp_acc is acc for block in cuda.layers)
-    assert not acc.any()
-    assert len(calls) >= cuda.args.n_layers - 1  # each block's MLP but the last, recorded into the CUDA graph
-    assert greedy(cuda, PROMPTS[:2], 40, 128, compile=compile) == want
-
-
 @pytest.mark.parametrize("pdl, rope_in_qkv", [(False, False), (True, False), (True, True)])
 def test_fused_decode_block_over_int8_weights_keeps_the_tokens(monkeypatch, pdl, rope_in_qkv):
     """An int8-quantized model's compiled batch-1 decode gives the same tokens through DecodeBlock
