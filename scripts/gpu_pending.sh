@@ -60,7 +60,8 @@
 # Modes whose runs are recorded in BENCHMARKS.md (int4rows, int4gemv, int4mma, int4default, pdl, pdltier, fusedcheck,
 # next, floatgemv, moegateup, moeb1, ropeqkv, mega, megadot, megaphases, smolattn, downall, downbench, smolnext,
 # mergewo, ninth, wholetiles, steptiles, wqkvtile, tier-int4, kvwhole, int8rope, shortk, int4fold, foldcheck,
-# foldtiles, foldall, ropetiles, ropetier, poicode) were removed on 2026-12-05 and 2026-12-06; git history has them.
+# foldtiles, foldall, ropetiles, ropetier, poicode, early, nodown, fusedmlp, mlptier) were removed between 2026-12-05
+# and 2026-12-07; git history has them.
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
