@@ -457,10 +457,20 @@ if triton is not None:
         # The epilogue's loads all issued before the sums, their latency under the reductions' (they were each
         # issued where used, after them: H100, 2026-12-07, SmolLM2 0.408 -> 0.394 ms a step replayed). Not before
         # the main loop: that lost (0.394 -> 0.403, with the attention's slot read before its PDL wait)
-        scale, scale_up, res, res_up, cos, sin, cos_partner, sin_partner = _epilogue_loads(
-            rows, partners, row_ok, scale_ptr, res_ptr, cos_ptr, sin_ptr, GLU, RESIDUAL, CONVERT, ROPE, HEAD_DIM
-        )  # fmt: skip
-        if ROPE:  # here, not in the helper: torch's analysis must see the cache write's address come from a load
+        if CONVERT >= 0:
+            scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            if PAIRED:
+                scale_up = tl.load(scale_ptr + partners, mask=row_ok, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            res = tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            if ROPE:
+                res_up = tl.load(res_ptr + partners, mask=row_ok, other=0.0).to(tl.float32)
+        if ROPE:  # the angles of i and i + HEAD_DIM / 2 of each row's head, and the token's cache slot
+            i = rows % HEAD_DIM
+            cos = tl.load(cos_ptr + i, mask=row_ok, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + i, mask=row_ok, other=0.0).to(tl.float32)
+            cos_partner = tl.load(cos_ptr + i + HEAD_DIM // 2, mask=row_ok, other=0.0).to(tl.float32)
+            sin_partner = tl.load(sin_ptr + i + HEAD_DIM // 2, mask=row_ok, other=0.0).to(tl.float32)
             slot = tl.load(slot_ptr)
         y = tl.sum(acc, axis=1)
         up = tl.sum(acc_up, axis=1)
@@ -486,39 +496,13 @@ if triton is not None:
             tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
-    def _epilogue_loads(
-        rows, partners, row_ok, scale_ptr, res_ptr, cos_ptr, sin_ptr,
-        GLU: tl.constexpr, RESIDUAL: tl.constexpr, CONVERT: tl.constexpr, ROPE: tl.constexpr, D: tl.constexpr,
-    ):  # fmt: skip
-        # _decode_gemv_kernel's epilogue inputs but the slot: scale, scale_up, res, res_up, cos, sin, cos_partner,
-        # sin_partner, each 0 where the kernel's form reads none
-        zero = tl.zeros(rows.shape, dtype=tl.float32)
-        scale, scale_up, res, res_up = zero, zero, zero, zero
-        if CONVERT >= 0:
-            scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-            if GLU or ROPE:
-                scale_up = tl.load(scale_ptr + partners, mask=row_ok, other=0.0).to(tl.float32)
-        if RESIDUAL:
-            res = tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-            if ROPE:
-                res_up = tl.load(res_ptr + partners, mask=row_ok, other=0.0).to(tl.float32)
-        cos, sin, cos_partner, sin_partner = zero, zero, zero, zero
-        if ROPE:  # the angles of i and i + D / 2 of each row's head
-            i = rows % D
-            cos = tl.load(cos_ptr + i, mask=row_ok, other=0.0).to(tl.float32)
-            sin = tl.load(sin_ptr + i, mask=row_ok, other=0.0).to(tl.float32)
-            cos_partner = tl.load(cos_ptr + i + D // 2, mask=row_ok, other=0.0).to(tl.float32)
-            sin_partner = tl.load(sin_ptr + i + D // 2, mask=row_ok, other=0.0).to(tl.float32)
-        return scale, scale_up, res, res_up, cos, sin, cos_partner, sin_partner
-
-    @triton.jit
     def _rope_store(
         x,
         x_partner,
         rows,
         row_ok,
         q_ptr,
-        cos,  # cos .. sin_partner: _epilogue_loads'
+        cos,  # cos .. sin_partner: the angles of rows and of their partners
         sin,
         cos_partner,
         sin_partner,
