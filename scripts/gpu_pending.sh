@@ -53,6 +53,9 @@
 #                                          #   numbers), default and probes alternating. H100, 2026-12-07: 0.429 ms a
 #                                          #   step, nogamma 0.425, noattn 0.322: the bounds on a norm-weight fold
 #                                          #   and on any cheaper attention
+#   bash scripts/gpu_pending.sh attnwarps  # ~8.5 min: issue 11's SmolLM2 step with the one-split attention at 2 and 1
+#                                          #   warps against 4 (a probe, alternating), then the whole tier on the
+#                                          #   default in TIER_LIMIT_S (380 s)
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -319,6 +322,26 @@ nogamma)
         decode "smol_$form" 100 --model smollm2-135m --new-tokens 200
     done
     ;;
+attnwarps)
+    # issue 11's SmolLM2 step with the batch-1 one-split attention (3 programs, 4 tiles each) launched at 2 and 1
+    # warps instead of 4, alternating with the default: fewer warps, fewer cross-warp softmax reductions through
+    # shared memory on the chain (a probe: NUM_WARPS is every split launch's). Then the whole tier on the default,
+    # in TIER_LIMIT_S (380 s): one machine start for both
+    cp kv_attention.py "$out/kv_attention_default.py"
+    trap 'cp "$out/kv_attention_default.py" kv_attention.py' EXIT
+    for form in default w2 w1 default w2 w1; do
+        cp "$out/kv_attention_default.py" kv_attention.py
+        [ "$form" != default ] && sed -i "s/^NUM_WARPS, NUM_STAGES = 4, 3 /NUM_WARPS, NUM_STAGES = ${form#w}, 3  # PROBE/" kv_attention.py
+        [ "$form" != default ] && { grep -q "  # PROBE" kv_attention.py || { summary+=("$form: the probed line was not found"); break; }; }
+        decode "smol_$form" 60 --model smollm2-135m --new-tokens 200
+    done
+    cp "$out/kv_attention_default.py" kv_attention.py
+    step build 200 python -c "import int4_mma; assert int4_mma.build() is not None"
+    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
+    step tier "${TIER_LIMIT_S:-380}" python -m pytest -m gpu -q -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
+    summary+=("  $(tail -n 1 "$out/tier.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
+    ;;
 autotune)
     decode smol 90 --model smollm2-135m
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode smol_autotune 150 --model smollm2-135m
@@ -326,7 +349,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps or autotune" >&2
     exit 2
     ;;
 esac
