@@ -93,7 +93,7 @@ decode() {  # decode NAME TIMEOUT_S profile_decode args...: one replayed-step li
 
 case $mode in
 tests)
-    step tier 570 python -m pytest -m gpu -q -p no:cacheprovider -rf
+    step tier 570 python -m pytest -m gpu -v -p no:cacheprovider -rf
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
     ;;
@@ -104,7 +104,9 @@ tests-parallel)
     step build 200 python -c "import int4_mma; assert int4_mma.build() is not None"
     # installed, or else the pure-Python wheels straight from .whl on the path (zip imports)
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    step tier 570 python -m pytest -m gpu -q -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
+    # -v: a line per test, so a tier the device call's limit cuts short still says which tests ran and how they
+    # ended (the twenty-second session's tier was cut at 205 of ~237 by the device budget: no failure in them)
+    step tier 570 python -m pytest -m gpu -v -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
     ;;
@@ -208,7 +210,7 @@ tierint4)
         --time-budget-s 75 --out-dir "$out/int4_bench"
     summary+=("$(grep -E '^\| llama' "$out/int4_bench.txt")")
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    step tier "${TIER_LIMIT_S:-240}" python -m pytest -m gpu -q -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
+    step tier "${TIER_LIMIT_S:-240}" python -m pytest -m gpu -v -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
     ;;
@@ -338,7 +340,7 @@ attnwarps)
     cp "$out/kv_attention_default.py" kv_attention.py
     step build 200 python -c "import int4_mma; assert int4_mma.build() is not None"
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    step tier "${TIER_LIMIT_S:-380}" python -m pytest -m gpu -q -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
+    step tier "${TIER_LIMIT_S:-380}" python -m pytest -m gpu -v -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
     ;;
