@@ -7,8 +7,8 @@
 #   bash scripts/gpu_pending.sh smoltiles  # ~5 min: issue 11's SmolLM2-135M (0.426 ms replayed on the H100, 2026-12-05,
 #                                          #   eighth session; 0.4 wanted): wqkv's tile now that its epilogue does RoPE
 #                                          #   and the cache write, and wo's, each in the whole step
-#   bash scripts/gpu_pending.sh tests-parallel  # ~7 min: the whole GPU tier over 4 pytest-xdist workers (xdist from
-#                                          #   .whl: carry it; last run: 0e0cb74 on an H100, 258 passed, 6 min 37 s)
+#   bash scripts/gpu_pending.sh tests-parallel  # ~7 min: the whole GPU tier over 8 pytest-xdist workers (xdist from
+#                                          #   .whl: carry it; whole: 976e7c1 on an H100, 228 passed, 4 min 38 s)
 #   bash scripts/gpu_pending.sh tests      # ~6 min: the same, one worker
 #   bash scripts/gpu_pending.sh package    # ~8 min: which packaging of the decode step loads on CUDA (issue 19)
 #   bash scripts/gpu_pending.sh moe        # ~9 min: MoE GPU tests, then Qwen3-30B-A3B / Mixtral bf16 and int8
@@ -91,6 +91,16 @@ decode() {  # decode NAME TIMEOUT_S profile_decode args...: one replayed-step li
     summary+=("  $(grep -h "per step:" "$out/$name.txt" | head -1)")  # kernels a step, their share of it
 }
 
+parallel_tier() {  # parallel_tier TIMEOUT_S: the whole GPU tier over TIER_WORKERS (8) pytest-xdist workers
+    # xdist installed, or else the pure-Python wheels straight from .whl on the path (zip imports)
+    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
+    # -v: a line per test, so a tier the device call's limit cuts short still says which tests ran and how they
+    # ended (the twenty-second session's tier was cut at 205 of 236 by the device budget: no failure in them)
+    step tier "$1" python -m pytest -m gpu -v -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
+    summary+=("  $(tail -n 1 "$out/tier.txt")")
+    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
+}
+
 case $mode in
 tests)
     step tier 570 python -m pytest -m gpu -v -p no:cacheprovider -rf
@@ -102,13 +112,7 @@ tests-parallel)
     # 2026-12-06: the tier after three int4 steps on a fresh machine got through 17 tests in 330 s (the extension
     # was built; Inductor's cache cold; why so slow was not found); run again on that machine, all of it in 222 s
     step build 200 python -c "import int4_mma; assert int4_mma.build() is not None"
-    # installed, or else the pure-Python wheels straight from .whl on the path (zip imports)
-    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    # -v: a line per test, so a tier the device call's limit cuts short still says which tests ran and how they
-    # ended (the twenty-second session's tier was cut at 205 of ~237 by the device budget: no failure in them)
-    step tier 570 python -m pytest -m gpu -v -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
-    summary+=("  $(tail -n 1 "$out/tier.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
+    parallel_tier 570
     ;;
 package)
     step package 560 python scripts/diag_cuda_package.py
@@ -209,10 +213,7 @@ tierint4)
         --new-tokens 200 --runs 3 --no-hf --no-cold-start --weights int4-g64,int4-g128 --batch 1 \
         --time-budget-s 75 --out-dir "$out/int4_bench"
     summary+=("$(grep -E '^\| llama' "$out/int4_bench.txt")")
-    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    step tier "${TIER_LIMIT_S:-240}" python -m pytest -m gpu -v -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
-    summary+=("  $(tail -n 1 "$out/tier.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
+    parallel_tier "${TIER_LIMIT_S:-240}"
     ;;
 int4foldbench)
     # bench.py's int4 rows (issue 10's instrument) with the env given (e.g. FASTGEN_INT4_FOLD=1 FASTGEN_INT4_PDL=1)
@@ -339,10 +340,7 @@ attnwarps)
     done
     cp "$out/kv_attention_default.py" kv_attention.py
     step build 200 python -c "import int4_mma; assert int4_mma.build() is not None"
-    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    step tier "${TIER_LIMIT_S:-380}" python -m pytest -m gpu -v -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
-    summary+=("  $(tail -n 1 "$out/tier.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
+    parallel_tier "${TIER_LIMIT_S:-380}"
     ;;
 autotune)
     decode smol 90 --model smollm2-135m
