@@ -55,7 +55,7 @@
 #                                          #   and on any cheaper attention
 #   bash scripts/gpu_pending.sh attnwarps  # ~8.5 min: issue 11's SmolLM2 step with the one-split attention at 2 and 1
 #                                          #   warps against 4 (a probe, alternating), then the whole tier on the
-#                                          #   default in TIER_LIMIT_S (380 s)
+#                                          #   default in TIER_LIMIT_S (330 s)
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -329,7 +329,7 @@ attnwarps)
     # issue 11's SmolLM2 step with the batch-1 one-split attention (3 programs, 4 tiles each) launched at 2 and 1
     # warps instead of 4, alternating with the default: fewer warps, fewer cross-warp softmax reductions through
     # shared memory on the chain (a probe: NUM_WARPS is every split launch's). Then the whole tier on the default,
-    # in TIER_LIMIT_S (380 s): one machine start for both. 90 s a form: the first compiles on a cold Inductor cache
+    # in TIER_LIMIT_S (330 s): one machine start for both. 90 s a form: the first compiles on a cold Inductor cache
     cp kv_attention.py "$out/kv_attention_default.py"
     trap 'cp "$out/kv_attention_default.py" kv_attention.py' EXIT
     for form in default w2 w1 default w2 w1; do
@@ -340,7 +340,7 @@ attnwarps)
     done
     cp "$out/kv_attention_default.py" kv_attention.py
     step build 200 python -c "import int4_mma; assert int4_mma.build() is not None"
-    parallel_tier "${TIER_LIMIT_S:-380}"
+    parallel_tier "${TIER_LIMIT_S:-330}"
     ;;
 autotune)
     decode smol 90 --model smollm2-135m
