@@ -92,6 +92,11 @@ decode() {  # decode NAME TIMEOUT_S profile_decode args...: one replayed-step li
 }
 
 parallel_tier() {  # parallel_tier TIMEOUT_S: the whole GPU tier over TIER_WORKERS (8) pytest-xdist workers
+    # int4_mma's extension built once, before the workers (each would wait on torch's build lock; a no-op once
+    # built). H100, 2026-12-06: the tier after three int4 steps on a fresh machine got through 17 tests in 330 s (the
+    # extension was built; Inductor's cache cold; why so slow was not found); run again on that machine, all of it
+    # in 222 s
+    step build 200 python -c "import int4_mma; assert int4_mma.build() is not None"
     # xdist installed, or else the pure-Python wheels straight from .whl on the path (zip imports)
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
     # -v: a line per test, so a tier the device call's limit cuts short still says which tests ran and how they
@@ -101,6 +106,16 @@ parallel_tier() {  # parallel_tier TIMEOUT_S: the whole GPU tier over TIER_WORKE
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
 }
 
+probe_file() {  # probe_file FILE: FILE's landed text kept aside for probe, and put back when the script exits
+    cp "$1" "$out/$1.default"
+    trap "cp '$out/$1.default' '$1'" EXIT
+}
+
+probe() {  # probe FILE [SED]: FILE's landed text, then SED's edit, whose line says "  # PROBE": fails if none does
+    cp "$out/$1.default" "$1"
+    [ $# -lt 2 ] || { sed -i "$2" "$1" && grep -q "  # PROBE" "$1"; }
+}
+
 case $mode in
 tests)
     step tier 570 python -m pytest -m gpu -v -p no:cacheprovider -rf
@@ -108,10 +123,6 @@ tests)
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
     ;;
 tests-parallel)
-    # int4_mma's extension built once, before the workers (each would wait on torch's build lock). H100,
-    # 2026-12-06: the tier after three int4 steps on a fresh machine got through 17 tests in 330 s (the extension
-    # was built; Inductor's cache cold; why so slow was not found); run again on that machine, all of it in 222 s
-    step build 200 python -c "import int4_mma; assert int4_mma.build() is not None"
     parallel_tier 570
     ;;
 package)
@@ -313,15 +324,16 @@ nogamma)
     # the upper bound of folding each RMSNorm's weight into the next projection's weight (NOTES.md's untried idea):
     # the fused kernel's load of the norm weight dropped, everything else as is. Predicted small (<= ~10 us a step):
     # that load is issued with the weight rows', its latency hidden by theirs. Restored after, whatever happens
-    cp gemv.py "$out/gemv_default.py"
-    trap 'cp "$out/gemv_default.py" gemv.py' EXIT
+    probe_file gemv.py
     # noattn: the batch-1 attention kernel skipped (q stands for its output): the bound on any fusion of the
     # attention into a neighbouring kernel (one kernel boundary a layer fewer; its work gone too)
     for form in default nogamma noattn default nogamma noattn; do
-        cp "$out/gemv_default.py" gemv.py
-        [ "$form" = nogamma ] && sed -i 's/^\(\s*\)x = x \* tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)$/\1pass  # PROBE/' gemv.py
-        [ "$form" = noattn ] && sed -i 's/^\(\s*\)return attend(q, cache).to(x1.dtype).reshape(1, -1)$/\1return q.to(x1.dtype).reshape(1, -1)  # PROBE/' gemv.py
-        [ "$form" != default ] && { grep -q "  # PROBE" gemv.py || { summary+=("$form: the probed line was not found"); break; }; }
+        case $form in
+        default) edit=() ;;
+        nogamma) edit=('s/^\(\s*\)x = x \* tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)$/\1pass  # PROBE/') ;;
+        noattn) edit=('s/^\(\s*\)return attend(q, cache).to(x1.dtype).reshape(1, -1)$/\1return q.to(x1.dtype).reshape(1, -1)  # PROBE/') ;;
+        esac
+        probe gemv.py "${edit[@]}" || { summary+=("$form: the probed line was not found"); break; }
         decode "smol_$form" 100 --model smollm2-135m --new-tokens 200
     done
     ;;
@@ -330,16 +342,14 @@ attnwarps)
     # warps instead of 4, alternating with the default: fewer warps, fewer cross-warp softmax reductions through
     # shared memory on the chain (a probe: NUM_WARPS is every split launch's). Then the whole tier on the default,
     # in TIER_LIMIT_S (330 s): one machine start for both. 90 s a form: the first compiles on a cold Inductor cache
-    cp kv_attention.py "$out/kv_attention_default.py"
-    trap 'cp "$out/kv_attention_default.py" kv_attention.py' EXIT
+    probe_file kv_attention.py
     for form in default w2 w1 default w2 w1; do
-        cp "$out/kv_attention_default.py" kv_attention.py
-        [ "$form" != default ] && sed -i "s/^NUM_WARPS, NUM_STAGES = 4, 3 /NUM_WARPS, NUM_STAGES = ${form#w}, 3  # PROBE/" kv_attention.py
-        [ "$form" != default ] && { grep -q "  # PROBE" kv_attention.py || { summary+=("$form: the probed line was not found"); break; }; }
+        edit=()
+        [ "$form" = default ] || edit=("s/^NUM_WARPS, NUM_STAGES = 4, 3 /NUM_WARPS, NUM_STAGES = ${form#w}, 3  # PROBE/")
+        probe kv_attention.py "${edit[@]}" || { summary+=("$form: the probed line was not found"); break; }
         decode "smol_$form" 90 --model smollm2-135m --new-tokens 200
     done
-    cp "$out/kv_attention_default.py" kv_attention.py
-    step build 200 python -c "import int4_mma; assert int4_mma.build() is not None"
+    probe kv_attention.py  # the landed text for the tier
     parallel_tier "${TIER_LIMIT_S:-330}"
     ;;
 autotune)
