@@ -56,6 +56,9 @@
 #   bash scripts/gpu_pending.sh attnwarps  # ~8.5 min: issue 11's SmolLM2 step with the one-split attention at 2 and 1
 #                                          #   warps against 4 (a probe, alternating), then the whole tier on the
 #                                          #   default in TIER_LIMIT_S (330 s)
+#   bash scripts/gpu_pending.sh expertw2   # ~7 min: Qwen3-30B-A3B B1 (12 layers) with the experts' down GEMV at 4
+#                                          #   outputs / 2 warps (fusedsweep's best alone: 12.45 -> 10.55 us) against
+#                                          #   the default, alternating, in the whole step
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -342,15 +345,28 @@ attnwarps)
     # warps instead of 4, alternating with the default: fewer warps, fewer cross-warp softmax reductions through
     # shared memory on the chain (a probe: NUM_WARPS is every split launch's). Then the whole tier on the default,
     # in TIER_LIMIT_S (330 s): one machine start for both. 90 s a form: the first compiles on a cold Inductor cache
+    # ATTN_FORMS: other launches as wWARPSsSTAGES (H100, 2026-12-07, twenty-third session: w2 and w1 lost 3.3%
+    # and 8%; then ATTN_FORMS="default w8s3 w4s2 default w8s3 w4s2" TIER_LIMIT_S=0). TIER_LIMIT_S=0: no tier
     probe_file kv_attention.py
-    for form in default w2 w1 default w2 w1; do
+    for form in ${ATTN_FORMS:-default w2s3 w1s3 default w2s3 w1s3}; do
         edit=()
-        [ "$form" = default ] || edit=("s/^NUM_WARPS, NUM_STAGES = 4, 3 /NUM_WARPS, NUM_STAGES = ${form#w}, 3  # PROBE/")
+        [ "$form" = default ] || edit=("s/^NUM_WARPS, NUM_STAGES = 4, 3 /NUM_WARPS, NUM_STAGES = $(echo "${form#w}" | sed 's/s/, /')  # PROBE/")
         probe kv_attention.py "${edit[@]}" || { summary+=("$form: the probed line was not found"); break; }
         decode "smol_$form" 90 --model smollm2-135m --new-tokens 200
     done
     probe kv_attention.py  # the landed text for the tier
-    parallel_tier "${TIER_LIMIT_S:-330}"
+    [ "${TIER_LIMIT_S:-330}" = 0 ] || parallel_tier "${TIER_LIMIT_S:-330}"
+    ;;
+expertw2)
+    # fusedsweep (H100, 2026-12-07): one token's 8 down experts [2048, 768] 12.45 us a call at 2 outputs / 1024 /
+    # 4 warps, 10.55 at 4 / 1024 / 2. Gate/up's best tile alone lost in the step under PDL (NOTES), so the step decides
+    for form in default w2tile default w2tile; do
+        case $form in
+        default) tile=() ;;
+        w2tile) tile=(--tile 2048,768=4/1024/2) ;;
+        esac
+        decode "qwen3_$form" 110 --model qwen3-30b-a3b --layers 12 "${tile[@]}"
+    done
     ;;
 autotune)
     decode smol 90 --model smollm2-135m
@@ -359,7 +375,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps, expertw2 or autotune" >&2
     exit 2
     ;;
 esac
