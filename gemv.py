@@ -320,7 +320,16 @@ def int8_gemm_dot_config(n: int, k: int) -> dict:
 
 INT8_CONVERT = 2  # _int8_to_fp32's prmt form: 1-14% more GB/s than cvt on the H200 (BENCHMARKS.md)
 if triton is not None:
-    from kv_attention import pdl_launch_next, pdl_wait, prefetch_l2  # programmatic dependent launch (PDL)
+    from kv_attention import pdl_launch_next, pdl_wait  # programmatic dependent launch (PDL)
+
+    @triton.jit
+    def prefetch_l2(ptrs):
+        # ask L2 for the 128-byte line at each pointer (one pointer a line): weight bytes on their way while a
+        # PDL kernel waits for the previous one. L2 is where the GPU's writes meet, so a line another kernel
+        # is still writing is no stale copy: the load after the wait sees the write.
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1]; // $0 unused", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+        )
 
     # int8 -> fp32 without cvt: I2F runs at a quarter of the FP32 rate on sm_80/90, and at batch 1
     # there is one conversion per weight byte. prmt puts byte i of the sign-flipped word under the

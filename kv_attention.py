@@ -224,15 +224,6 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
-    def prefetch_l2(ptrs):
-        # ask L2 for the 128-byte line at each pointer (one pointer a line): bytes on their way while a
-        # PDL kernel waits for the previous one. L2 is where the GPU's writes meet, so a line a running
-        # kernel is writing (the K/V slot) is no stale copy: the load after the wait sees the write.
-        tl.inline_asm_elementwise(
-            "prefetch.global.L2 [$1]; // $0 unused", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-        )
-
-    @triton.jit
     def _norm_rope(
         qkv_ptr, head, head_ok, dims, cos, sin, norm_ptr, D: tl.constexpr, EPS: tl.constexpr, NORM: tl.constexpr
     ):

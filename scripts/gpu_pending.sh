@@ -104,7 +104,13 @@ parallel_tier() {  # parallel_tier TIMEOUT_S: the whole GPU tier over TIER_WORKE
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
     # -v: a line per test, so a tier the device call's limit cuts short still says which tests ran and how they
     # ended (the twenty-second session's tier was cut at 205 of 236 by the device budget: no failure in them)
-    step tier "$1" python -m pytest -m gpu -v -p no:cacheprovider -rf -n "${TIER_WORKERS:-8}"
+    tier "$1" -n "${TIER_WORKERS:-8}"
+}
+
+tier() {  # tier TIMEOUT_S [pytest args]: the GPU tier, a line per test (-v), its result line and failures in the summary
+    local limit=$1
+    shift
+    step tier "$limit" python -m pytest -m gpu -v -p no:cacheprovider -rf "$@"
     summary+=("  $(tail -n 1 "$out/tier.txt")")
     summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
 }
@@ -121,9 +127,7 @@ probe() {  # probe FILE [SED]: FILE's landed text, then SED's edit, whose line s
 
 case $mode in
 tests)
-    step tier 570 python -m pytest -m gpu -v -p no:cacheprovider -rf
-    summary+=("  $(tail -n 1 "$out/tier.txt")")
-    summary+=("$(grep -E '^FAILED' "$out/tier.txt" | head -8)")
+    tier 570
     ;;
 tests-parallel)
     parallel_tier 570
