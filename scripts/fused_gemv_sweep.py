@@ -11,6 +11,7 @@ folded into w2's loads. That fold moved to w13's stores (each sigmoid computed o
 still folds into wqkv's and w13's loads (x and the norm weight re-read by every program). Per shape
 this prints, in us per call (GB/s of weight):
 
+  cuBLAS         F.linear with nothing folded in (what a layer without gemv.py would run; the output head's today)
   plain          the GEMV with nothing folded in, at gemv.decode_gemv_tiles' tile (DecodeLinear's call)
   folded         DecodeBlock's call (the folds below), at its default tile (half the outputs a
                  program with SiLU(gate) * up: as many weight rows)
@@ -30,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from bench_common import time_cycled  # noqa: E402
 
 import gemv  # noqa: E402
@@ -48,6 +50,10 @@ SHAPES = {
     "qwen3-wo": (2048, 4096, dict(residual=True)),
     "qwen3-experts-w13": (1536, 2048, dict(norm=True, glu=True, experts=(128, 8))),
     "qwen3-experts-w2": (2048, 768, dict(experts=(128, 8))),
+    # the output head with the final RMSNorm folded in: cuBLAS's today (F.linear after the norm); SmolLM2's tied
+    # [49152, 576] took 21.4 us of a 0.394 ms step (H100, 2026-12-07), ~2.6 TB/s
+    "smol-head": (49152, 576, dict(norm=True)),
+    "llama-head": (128256, 4096, dict(norm=True)),
 }
 DEFAULT_TILES = ",".join(f"{n}x{k}x{w}" for n, k, w in itertools.product((1, 2, 4, 8), (512, 1024, 2048), (2, 4, 8)))
 L2_BYTES = 64 * 2**20  # more than an H100's / H200's 50 MB
@@ -97,6 +103,12 @@ def shape_row(name, tiles, device, dtype, iters) -> list[str]:
         seconds = time_cycled(lambda i: launch(x, weight_of(i), id_sets[i], *args, tile), copies, device, iters)
         return seconds, f"{seconds * 1e6:.2f} ({nbytes / seconds / 1e9:.0f})"
 
+    def cublas():  # what runs today: F.linear on the unfolded x (cuBLAS on a GPU)
+        if experts:
+            return "-"
+        seconds = time_cycled(lambda i: F.linear(x, weight_of(i)), copies, device, iters)
+        return f"{seconds * 1e6:.2f} ({nbytes / seconds / 1e9:.0f})"
+
     def tile_of(glu):  # what gemv._decode_gemv_launch launches
         cfg = gemv.decode_gemv_tiles(rows, K, False, glu)
         return {key: cfg[key] for key in ("BLOCK_N", "BLOCK_K", "num_warps")}
@@ -117,6 +129,7 @@ def shape_row(name, tiles, device, dtype, iters) -> list[str]:
         f"{n_out} x {K}" + (f", {experts[1]} of {experts[0]}" if experts else ""),
         "+".join(f for f in ("norm", "glu", "residual") if folds.get(f)) or "-",
         default_name,
+        cublas(),
         plain[1],
         "wrong" if folded is None else folded[1],
         "-" if best is None else f"{best[0][1]} {tile_name}",
@@ -152,8 +165,8 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{where}, torch {torch.__version__}, {dtype}; us per call (GB/s of weight), batch 1")
-    print("| shape | outputs x K | folds | default tile | plain | folded | folded, best tile |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape | outputs x K | folds | default tile | cuBLAS | plain | folded | folded, best tile |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in shapes:
         print("| " + " | ".join(shape_row(name, tiles, device, dtype, args.iters)) + " |", flush=True)
     return 0

@@ -36,6 +36,9 @@
 #   bash scripts/gpu_pending.sh fusedsweep # ~6 min: each fused GEMV call alone (fused_gemv_sweep.py): plain vs
 #                                          #   folded at the default tile, and the folded call's best tile, at SmolLM2,
 #                                          #   Llama-3-8B and Qwen3-30B-A3B expert shapes: set decode_gemv_config from it
+#                                          #   (H100, 2026-12-07: BENCHMARKS.md); cuBLAS beside them since
+#   bash scripts/gpu_pending.sh heads      # ~2 min: the output heads (SmolLM2, Llama-3-8B) with the final norm folded,
+#                                          #   against cuBLAS's F.linear: whether decode_gemv should take the head
 #   bash scripts/gpu_pending.sh batch32    # ~4 min: Llama-3-8B bf16 batch 1 and 32, short context (issue 11's 25x;
 #                                          #   30.8x on the H100 at f2a76b4, not run on the H200 since B1 got faster)
 #   bash scripts/gpu_pending.sh longctx    # ~3 min: Llama-3-8B bf16 B1 with 8k filled of a 32k cache, and B8 8k with
@@ -278,6 +281,12 @@ fusedsweep)
     step fusedsweep 560 python scripts/fused_gemv_sweep.py
     summary+=("$(grep -E '^\| ' "$out/fusedsweep.txt")")
     ;;
+heads)
+    # SmolLM2's tied head was 21.4 us of a 0.394 ms step on cuBLAS (2.6 TB/s; H100, 2026-12-07), not launched with
+    # PDL; issue 11 needs ~28 us off the step
+    step heads 300 python scripts/fused_gemv_sweep.py --shapes smol-head,llama-head
+    summary+=("$(grep -E '^\| ' "$out/heads.txt")")
+    ;;
 batch32)
     step batch32 280 python scripts/bench.py --suite smoke --models llama-3-8b --weights bf16 --batch 1,32 --ctx 16 \
         --compile --new-tokens 100 --runs 2 --no-cold-start --no-hf --time-budget-s 260 --out-dir "$out/batch32"
@@ -379,7 +388,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps, expertw2 or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, heads, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps, expertw2 or autotune" >&2
     exit 2
     ;;
 esac
