@@ -62,6 +62,9 @@
 #   bash scripts/gpu_pending.sh expertw2   # ~7 min: Qwen3-30B-A3B B1 (12 layers) with the experts' down GEMV at 4
 #                                          #   outputs / 2 warps (fusedsweep's best alone: 12.45 -> 10.55 us) against
 #                                          #   the default, alternating, in the whole step
+#   bash scripts/gpu_pending.sh steptail   # ~3.5 min: issue 11's SmolLM2 step with the token's copy and the position's
+#                                          #   increment compiled into the step's last graph (a probe on generate.py),
+#                                          #   alternating with the default, then the heads sweep
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -381,6 +384,22 @@ expertw2)
         decode "qwen3_$form" 110 --model qwen3-30b-a3b --layers 12 "${tile[@]}"
     done
     ;;
+steptail)
+    # The step's tail on the H100 (2026-12-07, profile_decode): cuBLAS's head 21.4 us, then Inductor's two argmax stages
+    # (1.65 + 1.51 us) and an aten kernel for the position's increment (1.65 us, not launched with PDL: advancing()
+    # runs it outside the compiled step). The probe compiles advancing(decode_one) whole, so Inductor can fuse the
+    # token's copy and the increment into its kernels (checked on the CPU: the same tokens, the buffers handed back)
+    probe_file generate.py
+    for form in default tail default tail; do
+        edit=()
+        [ "$form" = default ] || edit=('s/^\(\s*\)self.decode_fn = advancing(compiled)$/\1self.decode_fn = torch.compile(decode_next, fullgraph=False)  # PROBE/')
+        probe generate.py "${edit[@]}" || { summary+=("$form: the probed line was not found"); break; }
+        decode "smol_$form" 90 --model smollm2-135m --new-tokens 200
+    done
+    probe generate.py
+    step heads 200 python scripts/fused_gemv_sweep.py --shapes smol-head,llama-head
+    summary+=("$(grep -E '^\| ' "$out/heads.txt")")
+    ;;
 autotune)
     decode smol 90 --model smollm2-135m
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode smol_autotune 150 --model smollm2-135m
@@ -388,7 +407,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, heads, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps, expertw2 or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, heads, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps, expertw2, steptail or autotune" >&2
     exit 2
     ;;
 esac
