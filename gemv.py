@@ -35,6 +35,7 @@ from model import (
     KVCache,
     MoEFeedForward,
     RMSNorm,
+    Transformer,
     TransformerBlock,
     pairs_by_expert,
     top_k_by_max,
@@ -1003,16 +1004,26 @@ class DownMixExperts(Experts):
         return super().mixed(x, expert_ids, weights)
 
 
+def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear without a bias, its batch-1 decode calls (one activation row, on a GPU) through decode_gemv."""
+    # a strided weight stays on cuBLAS: decode_gemv would copy it every step
+    if FLOAT_GEMV_ENABLED and x.numel() == weight.shape[1] and available(x) and weight.is_contiguous():
+        return decode_gemv(x.reshape(1, -1), weight).view(*x.shape[:-1], weight.shape[0])
+    return torch.nn.functional.linear(x, weight)
+
+
 class DecodeLinear(torch.nn.Linear):
-    """A float nn.Linear whose batch-1 decode calls (one activation row, on a GPU) go through
-    decode_gemv instead of cuBLAS; every other call is nn.Linear's."""
+    """A float nn.Linear whose batch-1 decode calls go through decode_gemv instead of cuBLAS (decode_linear)."""
 
     def forward(self, x):
-        # a strided weight stays on cuBLAS: decode_gemv would copy it every step
-        if FLOAT_GEMV_ENABLED and x.numel() == self.in_features and available(x) and self.weight.is_contiguous():
-            y = decode_gemv(x.reshape(1, -1), self.weight).view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        return super().forward(x)
+        y = decode_linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+# With it, a tied output head (SmolLM2's [49152, 576]: the embedding's weight, F.linear on cuBLAS, 21.4 us of a
+# 0.394 ms step on an H100, 2026-12-07) goes through decode_linear too. Off until timed in the whole step
+# (gpu_pending.sh steptail); FASTGEN_TIED_HEAD_GEMV=1 turns it on.
+TIED_HEAD_GEMV = os.environ.get("FASTGEN_TIED_HEAD_GEMV", "0") == "1"
 
 
 class DecodeBlock(TransformerBlock):
@@ -1188,4 +1199,8 @@ def use_decode_kernels(model: torch.nn.Module) -> None:
             module.__class__ = DownMixExperts
         elif type(module) is torch.nn.Linear and available(module.weight) and module.weight.is_floating_point():
             module.__class__ = DecodeLinear
+        elif isinstance(module, Transformer) and module.output is None and TIED_HEAD_GEMV:
+            embedding = module.tok_embeddings.weight
+            if available(embedding) and embedding.is_floating_point():
+                module.tied_head = decode_linear
     use_int4_decode_blocks(model)

@@ -62,8 +62,9 @@
 #   bash scripts/gpu_pending.sh expertw2   # ~7 min: Qwen3-30B-A3B B1 (12 layers) with the experts' down GEMV at 4
 #                                          #   outputs / 2 warps (fusedsweep's best alone: 12.45 -> 10.55 us) against
 #                                          #   the default, alternating, in the whole step
-#   bash scripts/gpu_pending.sh steptail   # ~3.5 min: issue 11's SmolLM2 step with the token's copy and the position's
+#   bash scripts/gpu_pending.sh steptail   # ~4 min: issue 11's SmolLM2 step with the token's copy and the position's
 #                                          #   increment compiled into the step's last graph (a probe on generate.py),
+#                                          #   and with the tied head through decode_gemv (FASTGEN_TIED_HEAD_GEMV=1),
 #                                          #   alternating with the default, then the heads sweep
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
@@ -389,12 +390,14 @@ steptail)
     # (1.65 + 1.51 us) and an aten kernel for the position's increment (1.65 us, not launched with PDL: advancing()
     # runs it outside the compiled step). The probe compiles advancing(decode_one) whole, so Inductor can fuse the
     # token's copy and the increment into its kernels (checked on the CPU: the same tokens, the buffers handed back)
+    # tiedhead: FASTGEN_TIED_HEAD_GEMV=1, the tied head through decode_gemv (default tile) instead of cuBLAS
     probe_file generate.py
-    for form in default tail default tail; do
+    for form in default tail tiedhead default tail tiedhead; do
         edit=()
-        [ "$form" = default ] || edit=('s/^\(\s*\)self.decode_fn = advancing(compiled)$/\1self.decode_fn = torch.compile(decode_next, fullgraph=False)  # PROBE/')
+        [ "$form" = tail ] && edit=('s/^\(\s*\)self.decode_fn = advancing(compiled)$/\1self.decode_fn = torch.compile(decode_next, fullgraph=False)  # PROBE/')
         probe generate.py "${edit[@]}" || { summary+=("$form: the probed line was not found"); break; }
-        decode "smol_$form" 90 --model smollm2-135m --new-tokens 200
+        FASTGEN_TIED_HEAD_GEMV=$([ "$form" = tiedhead ] && echo 1 || echo 0) \
+            decode "smol_$form" 90 --model smollm2-135m --new-tokens 200
     done
     probe generate.py
     step heads 200 python scripts/fused_gemv_sweep.py --shapes smol-head,llama-head
