@@ -1004,20 +1004,20 @@ class DownMixExperts(Experts):
         return super().mixed(x, expert_ids, weights)
 
 
-def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear without a bias, its batch-1 decode calls (one activation row, on a GPU) through decode_gemv."""
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, its batch-1 decode calls (one activation row, on a GPU) through decode_gemv."""
     # a strided weight stays on cuBLAS: decode_gemv would copy it every step
     if FLOAT_GEMV_ENABLED and x.numel() == weight.shape[1] and available(x) and weight.is_contiguous():
-        return decode_gemv(x.reshape(1, -1), weight).view(*x.shape[:-1], weight.shape[0])
-    return torch.nn.functional.linear(x, weight)
+        y = decode_gemv(x.reshape(1, -1), weight).view(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 class DecodeLinear(torch.nn.Linear):
     """A float nn.Linear whose batch-1 decode calls go through decode_gemv instead of cuBLAS (decode_linear)."""
 
     def forward(self, x):
-        y = decode_linear(x, self.weight)
-        return y if self.bias is None else y + self.bias
+        return decode_linear(x, self.weight, self.bias)
 
 
 # With it, a tied output head (SmolLM2's [49152, 576]: the embedding's weight, F.linear on cuBLAS, 21.4 us of a
