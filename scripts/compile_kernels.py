@@ -283,18 +283,21 @@ def main(argv=None):
                         num_stages=kv_attention.NUM_STAGES,
                         launch_pdl=pdl,
                     )
-    for store in ("*i8", "*bf16"):  # one split (a big batch, a one-tile cache): it writes the output, no merge
+    # one split (a big batch, a cache of up to SINGLE_SPLIT_MAX_TILES tiles): it writes the output, no merge. The last
+    # is SmolLM2-135M's batch-1 step (issue 11): 3 programs, one a kv head, launched with PDL
+    for store, group, head_dim, pdl in (("*i8", 4, 128, False), ("*bf16", 4, 128, False), ("*bf16", 3, 64, True)):
         build(
             target,
-            f"kv decode {store[1:]} cache, bf16, G=4, D=128, one split",
+            f"kv decode {store[1:]} cache, bf16, G={group}, D={head_dim}, one split" + (", pdl" if pdl else ""),
             kv_attention._quantized_decode_kernel,
             {**kv_sig, "k_ptr": store, "v_ptr": store},
-            dict(D=128, G=4, G_PAD=16, D_PAD=128, BLOCK=kv_attention.BLOCK_N, SPLITS=1, SPLITS_PAD=1,
-                 HAS_SCALES=store == "*i8", FP8_VIA_F32=False, PDL=False,
+            dict(D=head_dim, G=group, G_PAD=16, D_PAD=head_dim, BLOCK=kv_attention.BLOCK_N, SPLITS=1, SPLITS_PAD=1,
+                 HAS_SCALES=store == "*i8", FP8_VIA_F32=False, PDL=pdl,
                  WHOLE_TILES=kv_attention.WHOLE_TILES),
             kv_divisible,
             num_warps=kv_attention.NUM_WARPS,
             num_stages=kv_attention.NUM_STAGES,
+            launch_pdl=pdl,
         )  # fmt: skip
     # Qwen3-30B-A3B's experts' down projection + mix
     for tokens, residual, pdl in ((1, 1, 1), (1, 0, 0), (8, 0, 0)):

@@ -66,6 +66,10 @@
 #                                          #   increment compiled into the step's last graph (a probe on generate.py),
 #                                          #   and with the tied head through decode_gemv (FASTGEN_TIED_HEAD_GEMV=1),
 #                                          #   alternating with the default, then the heads sweep
+#   bash scripts/gpu_pending.sh defersum   # ~7 min: the decode attention's softmax sum kept per slot and summed once after
+#                                          #   the tiles (a probe on kv_attention.py: 9 -> 6 barriers and 272 -> 250
+#                                          #   instructions in SmolLM2's loop), alternating with the default: SmolLM2,
+#                                          #   then Llama-3-8B 8k of 32k and B8 8k over an int8 cache
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -403,6 +407,32 @@ steptail)
     step heads 200 python scripts/fused_gemv_sweep.py --shapes smol-head,llama-head
     summary+=("$(grep -E '^\| ' "$out/heads.txt")")
     ;;
+defersum)
+    # The one-split attention's loop (SmolLM2, sm_90, compile_kernels.py --loop) holds 9 barriers: the scores' row max
+    # and row sum each reduced across the 4 warps through shared memory, p's move to the PV dot's layout, the
+    # pipeline's. The sum needs no reduction a tile: kept per slot ([G_PAD, BLOCK], rescaled with the max) and summed
+    # once after the loop, it leaves 6 barriers and 250 instructions (272), 76 registers (69); Llama's one-split bf16
+    # loop 386 -> 374 (registers 149 -> 114), int8's 944 -> 919 (126 -> 158). The interpreter's 60 cases pass with
+    # it (2026-12-07, twenty-third session). Predicted: SmolLM2 -3 to -8 us a step; then the other shapes must not lose
+    probe_file kv_attention.py
+    defer_sum='s/^\(\s*\)running_sum = running_sum \* correction + tl.sum(p, axis=1)$/\1running_sum = running_sum * correction[:, None] + p  # PROBE/
+s/^\(\s*\)running_sum = tl.zeros((G_PAD,), dtype=tl.float32)$/\1running_sum = tl.zeros((G_PAD, BLOCK), dtype=tl.float32)/
+s/^\(\s*\)if SPLITS == 1:  # one split saw every tile/\1running_sum = tl.sum(running_sum, axis=1)\n&/'
+    for form in default defersum default defersum; do
+        edit=()
+        [ "$form" = defersum ] && edit=("$defer_sum")
+        probe kv_attention.py "${edit[@]}" || { summary+=("$form: the probed line was not found"); break; }
+        decode "smol_$form" 90 --model smollm2-135m --new-tokens 200
+    done
+    for form in default defersum; do
+        edit=()
+        [ "$form" = defersum ] && edit=("$defer_sum")
+        probe kv_attention.py "${edit[@]}" || { summary+=("$form: the probed line was not found"); break; }
+        decode "llama_8k_of_32k_$form" 110 --model llama-3-8b --ctx 8192 --cache 32768
+        decode "llama_b8_8k_int8kv_$form" 110 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
+    done
+    probe kv_attention.py
+    ;;
 autotune)
     decode smol 90 --model smollm2-135m
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode smol_autotune 150 --model smollm2-135m
@@ -410,7 +440,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, heads, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps, expertw2, steptail or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, heads, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps, expertw2, steptail, defersum or autotune" >&2
     exit 2
     ;;
 esac
