@@ -59,9 +59,6 @@
 #   bash scripts/gpu_pending.sh attnwarps  # ~8.5 min: issue 11's SmolLM2 step with the one-split attention at 2 and 1
 #                                          #   warps against 4 (a probe, alternating), then the whole tier on the
 #                                          #   default in TIER_LIMIT_S (330 s)
-#   bash scripts/gpu_pending.sh expertw2   # ~7 min: Qwen3-30B-A3B B1 (12 layers) with the experts' down GEMV at 4
-#                                          #   outputs / 2 warps (fusedsweep's best alone: 12.45 -> 10.55 us) against
-#                                          #   the default, alternating, in the whole step
 #   bash scripts/gpu_pending.sh steptail   # ~4 min: issue 11's SmolLM2 step with the token's copy and the position's
 #                                          #   increment compiled into the step's last graph (a probe on generate.py),
 #                                          #   and with the tied head through decode_gemv (FASTGEN_TIED_HEAD_GEMV=1),
@@ -77,8 +74,8 @@
 # Modes whose runs are recorded in BENCHMARKS.md (int4rows, int4gemv, int4mma, int4default, pdl, pdltier, fusedcheck,
 # next, floatgemv, moegateup, moeb1, ropeqkv, mega, megadot, megaphases, smolattn, downall, downbench, smolnext,
 # mergewo, ninth, wholetiles, steptiles, wqkvtile, tier-int4, kvwhole, int8rope, shortk, int4fold, foldcheck,
-# foldtiles, foldall, ropetiles, ropetier, poicode, early, nodown, fusedmlp, mlptier) were removed between 2026-12-05
-# and 2026-12-07; git history has them.
+# foldtiles, foldall, ropetiles, ropetier, poicode, early, nodown, fusedmlp, mlptier, expertw2) were removed between
+# 2026-12-05 and 2026-12-07; git history has them.
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -116,6 +113,11 @@ parallel_tier() {  # parallel_tier TIMEOUT_S: the whole GPU tier over TIER_WORKE
     # -v: a line per test, so a tier the device call's limit cuts short still says which tests ran and how they
     # ended (the twenty-second session's tier was cut at 205 of 236 by the device budget: no failure in them)
     tier "$1" -n "${TIER_WORKERS:-8}"
+}
+
+heads_sweep() {  # the output heads alone: cuBLAS, decode_gemv plain and with the final norm folded, the best tile
+    step heads 200 python scripts/fused_gemv_sweep.py --shapes smol-head,llama-head
+    summary+=("$(grep -E '^\| ' "$out/heads.txt")")
 }
 
 tier() {  # tier TIMEOUT_S [pytest args]: the GPU tier, a line per test (-v), its result line and failures in the summary
@@ -292,8 +294,7 @@ fusedsweep)
 heads)
     # SmolLM2's tied head was 21.4 us of a 0.394 ms step on cuBLAS (2.6 TB/s; H100, 2026-12-07), not launched with
     # PDL; issue 11 needs ~28 us off the step
-    step heads 300 python scripts/fused_gemv_sweep.py --shapes smol-head,llama-head
-    summary+=("$(grep -E '^\| ' "$out/heads.txt")")
+    heads_sweep
     ;;
 batch32)
     step batch32 280 python scripts/bench.py --suite smoke --models llama-3-8b --weights bf16 --batch 1,32 --ctx 16 \
@@ -378,17 +379,6 @@ attnwarps)
     probe kv_attention.py  # the landed text for the tier
     [ "${TIER_LIMIT_S:-330}" = 0 ] || parallel_tier "${TIER_LIMIT_S:-330}"
     ;;
-expertw2)
-    # fusedsweep (H100, 2026-12-07): one token's 8 down experts [2048, 768] 12.45 us a call at 2 outputs / 1024 /
-    # 4 warps, 10.55 at 4 / 1024 / 2. Gate/up's best tile alone lost in the step under PDL (NOTES), so the step decides
-    for form in default w2tile default w2tile; do
-        case $form in
-        default) tile=() ;;
-        w2tile) tile=(--tile 2048,768=4/1024/2) ;;
-        esac
-        decode "qwen3_$form" 110 --model qwen3-30b-a3b --layers 12 "${tile[@]}"
-    done
-    ;;
 steptail)
     # The step's tail on the H100 (2026-12-07, profile_decode): cuBLAS's head 21.4 us, then Inductor's two argmax stages
     # (1.65 + 1.51 us) and an aten kernel for the position's increment (1.65 us, not launched with PDL: advancing()
@@ -404,8 +394,7 @@ steptail)
             decode "smol_$form" 90 --model smollm2-135m --new-tokens 200
     done
     probe generate.py
-    step heads 200 python scripts/fused_gemv_sweep.py --shapes smol-head,llama-head
-    summary+=("$(grep -E '^\| ' "$out/heads.txt")")
+    heads_sweep
     ;;
 defersum)
     # The one-split attention's loop (SmolLM2, sm_90, compile_kernels.py --loop) holds 9 barriers: the scores' row max
@@ -440,7 +429,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, heads, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps, expertw2, steptail, defersum or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, heads, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps, steptail, defersum or autotune" >&2
     exit 2
     ;;
 esac
