@@ -1197,10 +1197,14 @@ def use_decode_kernels(model: torch.nn.Module) -> None:
             module.__class__ = DecodeBlock
         elif type(module) is Experts and available(module.w2):
             module.__class__ = DownMixExperts
-        elif type(module) is torch.nn.Linear and available(module.weight) and module.weight.is_floating_point():
+        elif type(module) is torch.nn.Linear and float_on_gpu(module.weight):
             module.__class__ = DecodeLinear
-        elif isinstance(module, Transformer) and module.output is None and TIED_HEAD_GEMV:
-            embedding = module.tok_embeddings.weight
-            if available(embedding) and embedding.is_floating_point():
-                module.tied_head = decode_linear
+    if TIED_HEAD_GEMV and isinstance(model, Transformer) and model.output is None:
+        if float_on_gpu(model.tok_embeddings.weight):
+            model.tied_head = decode_linear
     use_int4_decode_blocks(model)
+
+
+def float_on_gpu(weight: torch.Tensor) -> bool:
+    """A float weight this file's kernels can read (decode_linear's)."""
+    return available(weight) and weight.is_floating_point()

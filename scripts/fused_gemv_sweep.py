@@ -101,13 +101,15 @@ def shape_row(name, tiles, device, dtype, iters) -> list[str]:
         if folded and (got - reference).norm() / reference.norm() > 1e-2:
             return None  # a wrong result is never a row
         seconds = time_cycled(lambda i: launch(x, weight_of(i), id_sets[i], *args, tile), copies, device, iters)
-        return seconds, f"{seconds * 1e6:.2f} ({nbytes / seconds / 1e9:.0f})"
+        return seconds, us_and_rate(seconds)
+
+    def us_and_rate(seconds):
+        return f"{seconds * 1e6:.2f} ({nbytes / seconds / 1e9:.0f})"
 
     def cublas():  # what runs today: F.linear on the unfolded x (cuBLAS on a GPU)
         if experts:
             return "-"
-        seconds = time_cycled(lambda i: F.linear(x, weight_of(i)), copies, device, iters)
-        return f"{seconds * 1e6:.2f} ({nbytes / seconds / 1e9:.0f})"
+        return us_and_rate(time_cycled(lambda i: F.linear(x, weight_of(i)), copies, device, iters))
 
     def tile_of(glu):  # what gemv._decode_gemv_launch launches
         cfg = gemv.decode_gemv_tiles(rows, K, False, glu)

@@ -133,9 +133,10 @@ probe_file() {  # probe_file FILE: FILE's landed text kept aside for probe, and 
     trap "cp '$out/$1.default' '$1'" EXIT
 }
 
-probe() {  # probe FILE [SED]: FILE's landed text, then SED's edit, whose line says "  # PROBE": fails if none does
+probe() {  # probe FILE [SED]: FILE's landed text, then SED's edit, whose line says "  # PROBE": fails (and says so in
+    # the summary) if none does
     cp "$out/$1.default" "$1"
-    [ $# -lt 2 ] || { sed -i "$2" "$1" && grep -q "  # PROBE" "$1"; }
+    [ $# -lt 2 ] || { sed -i "$2" "$1" && grep -q "  # PROBE" "$1"; } || { summary+=("$1: the probed line was not found"); false; }
 }
 
 case $mode in
@@ -358,7 +359,7 @@ nogamma)
         nogamma) edit=('s/^\(\s*\)x = x \* tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)$/\1pass  # PROBE/') ;;
         noattn) edit=('s/^\(\s*\)return attend(q, cache).to(x1.dtype).reshape(1, -1)$/\1return q.to(x1.dtype).reshape(1, -1)  # PROBE/') ;;
         esac
-        probe gemv.py "${edit[@]}" || { summary+=("$form: the probed line was not found"); break; }
+        probe gemv.py "${edit[@]}" || break
         decode "smol_$form" 100 --model smollm2-135m --new-tokens 200
     done
     ;;
@@ -373,7 +374,7 @@ attnwarps)
     for form in ${ATTN_FORMS:-default w2s3 w1s3 default w2s3 w1s3}; do
         edit=()
         [ "$form" = default ] || edit=("s/^NUM_WARPS, NUM_STAGES = 4, 3 /NUM_WARPS, NUM_STAGES = $(echo "${form#w}" | sed 's/s/, /')  # PROBE/")
-        probe kv_attention.py "${edit[@]}" || { summary+=("$form: the probed line was not found"); break; }
+        probe kv_attention.py "${edit[@]}" || break
         decode "smol_$form" 90 --model smollm2-135m --new-tokens 200
     done
     probe kv_attention.py  # the landed text for the tier
@@ -389,7 +390,7 @@ steptail)
     for form in default tail tiedhead default tail tiedhead; do
         edit=()
         [ "$form" = tail ] && edit=('s/^\(\s*\)self.decode_fn = advancing(compiled)$/\1self.decode_fn = torch.compile(decode_next, fullgraph=False)  # PROBE/')
-        probe generate.py "${edit[@]}" || { summary+=("$form: the probed line was not found"); break; }
+        probe generate.py "${edit[@]}" || break
         FASTGEN_TIED_HEAD_GEMV=$([ "$form" = tiedhead ] && echo 1 || echo 0) \
             decode "smol_$form" 90 --model smollm2-135m --new-tokens 200
     done
@@ -407,18 +408,17 @@ defersum)
     defer_sum='s/^\(\s*\)running_sum = running_sum \* correction + tl.sum(p, axis=1)$/\1running_sum = running_sum * correction[:, None] + p  # PROBE/
 s/^\(\s*\)running_sum = tl.zeros((G_PAD,), dtype=tl.float32)$/\1running_sum = tl.zeros((G_PAD, BLOCK), dtype=tl.float32)/
 s/^\(\s*\)if SPLITS == 1:  # one split saw every tile/\1running_sum = tl.sum(running_sum, axis=1)\n&/'
-    for form in default defersum default defersum; do
+    for run in smol:default smol:defersum smol:default smol:defersum llama:default llama:defersum; do
+        form=${run#*:}
         edit=()
         [ "$form" = defersum ] && edit=("$defer_sum")
-        probe kv_attention.py "${edit[@]}" || { summary+=("$form: the probed line was not found"); break; }
-        decode "smol_$form" 90 --model smollm2-135m --new-tokens 200
-    done
-    for form in default defersum; do
-        edit=()
-        [ "$form" = defersum ] && edit=("$defer_sum")
-        probe kv_attention.py "${edit[@]}" || { summary+=("$form: the probed line was not found"); break; }
-        decode "llama_8k_of_32k_$form" 110 --model llama-3-8b --ctx 8192 --cache 32768
-        decode "llama_b8_8k_int8kv_$form" 110 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
+        probe kv_attention.py "${edit[@]}" || break
+        if [ "${run%%:*}" = smol ]; then
+            decode "smol_$form" 90 --model smollm2-135m --new-tokens 200
+        else
+            decode "llama_8k_of_32k_$form" 110 --model llama-3-8b --ctx 8192 --cache 32768
+            decode "llama_b8_8k_int8kv_$form" 110 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
+        fi
     done
     probe kv_attention.py
     ;;
