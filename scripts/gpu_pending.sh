@@ -408,7 +408,8 @@ defersum)
     defer_sum='s/^\(\s*\)running_sum = running_sum \* correction + tl.sum(p, axis=1)$/\1running_sum = running_sum * correction[:, None] + p  # PROBE/
 s/^\(\s*\)running_sum = tl.zeros((G_PAD,), dtype=tl.float32)$/\1running_sum = tl.zeros((G_PAD, BLOCK), dtype=tl.float32)/
 s/^\(\s*\)if SPLITS == 1:  # one split saw every tile/\1running_sum = tl.sum(running_sum, axis=1)\n&/'
-    for run in smol:default smol:defersum smol:default smol:defersum llama:default llama:defersum; do
+    # DEFERSUM_RUNS: other runs ("smol:default smol:defersum smol:default smol:defersum": SmolLM2 alone, ~3 min)
+    for run in ${DEFERSUM_RUNS:-smol:default smol:defersum smol:default smol:defersum llama:default llama:defersum}; do
         form=${run#*:}
         edit=()
         [ "$form" = defersum ] && edit=("$defer_sum")
