@@ -37,8 +37,6 @@
 #                                          #   folded at the default tile, and the folded call's best tile, at SmolLM2,
 #                                          #   Llama-3-8B and Qwen3-30B-A3B expert shapes: set decode_gemv_config from it
 #                                          #   (H100, 2026-12-07: BENCHMARKS.md); cuBLAS beside them since
-#   bash scripts/gpu_pending.sh heads      # ~2 min: the output heads (SmolLM2, Llama-3-8B) with the final norm folded,
-#                                          #   against cuBLAS's F.linear: whether decode_gemv should take the head
 #   bash scripts/gpu_pending.sh batch32    # ~4 min: Llama-3-8B bf16 batch 1 and 32, short context (issue 11's 25x;
 #                                          #   30.8x on the H100 at f2a76b4, not run on the H200 since B1 got faster)
 #   bash scripts/gpu_pending.sh longctx    # ~3 min: Llama-3-8B bf16 B1 with 8k filled of a 32k cache, and B8 8k with
@@ -59,14 +57,9 @@
 #   bash scripts/gpu_pending.sh attnwarps  # ~8.5 min: issue 11's SmolLM2 step with the one-split attention at 2 and 1
 #                                          #   warps against 4 (a probe, alternating), then the whole tier on the
 #                                          #   default in TIER_LIMIT_S (330 s)
-#   bash scripts/gpu_pending.sh steptail   # ~4 min: issue 11's SmolLM2 step with the token's copy and the position's
-#                                          #   increment compiled into the step's last graph (a probe on generate.py),
-#                                          #   and with the tied head through decode_gemv (FASTGEN_TIED_HEAD_GEMV=1),
-#                                          #   alternating with the default, then the heads sweep
-#   bash scripts/gpu_pending.sh defersum   # ~7 min: the decode attention's softmax sum kept per slot and summed once after
-#                                          #   the tiles (a probe on kv_attention.py: 9 -> 6 barriers and 272 -> 250
-#                                          #   instructions in SmolLM2's loop), alternating with the default: SmolLM2,
-#                                          #   then Llama-3-8B 8k of 32k and B8 8k over an int8 cache
+#   bash scripts/gpu_pending.sh atonce     # ~5 min: issue 11's SmolLM2 step with the one-split attention's 4 tiles at once
+#                                          #   (FASTGEN_TILES_AT_ONCE=1, never on a GPU: its GPU tests first) and with the
+#                                          #   step's tail compiled (a probe on generate.py, +0.4% on the H100), alternating
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -74,8 +67,8 @@
 # Modes whose runs are recorded in BENCHMARKS.md (int4rows, int4gemv, int4mma, int4default, pdl, pdltier, fusedcheck,
 # next, floatgemv, moegateup, moeb1, ropeqkv, mega, megadot, megaphases, smolattn, downall, downbench, smolnext,
 # mergewo, ninth, wholetiles, steptiles, wqkvtile, tier-int4, kvwhole, int8rope, shortk, int4fold, foldcheck,
-# foldtiles, foldall, ropetiles, ropetier, poicode, early, nodown, fusedmlp, mlptier, expertw2) were removed between
-# 2026-12-05 and 2026-12-07; git history has them.
+# foldtiles, foldall, ropetiles, ropetier, poicode, early, nodown, fusedmlp, mlptier, expertw2, heads, steptail,
+# defersum) were removed between 2026-12-05 and 2026-12-07; git history has them.
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -113,11 +106,6 @@ parallel_tier() {  # parallel_tier TIMEOUT_S: the whole GPU tier over TIER_WORKE
     # -v: a line per test, so a tier the device call's limit cuts short still says which tests ran and how they
     # ended (the twenty-second session's tier was cut at 205 of 236 by the device budget: no failure in them)
     tier "$1" -n "${TIER_WORKERS:-8}"
-}
-
-heads_sweep() {  # the output heads alone: cuBLAS, decode_gemv plain and with the final norm folded, the best tile
-    step heads 200 python scripts/fused_gemv_sweep.py --shapes smol-head,llama-head
-    summary+=("$(grep -E '^\| ' "$out/heads.txt")")
 }
 
 tier() {  # tier TIMEOUT_S [pytest args]: the GPU tier, a line per test (-v), its result line and failures in the summary
@@ -292,11 +280,6 @@ fusedsweep)
     step fusedsweep 560 python scripts/fused_gemv_sweep.py
     summary+=("$(grep -E '^\| ' "$out/fusedsweep.txt")")
     ;;
-heads)
-    # SmolLM2's tied head was 21.4 us of a 0.394 ms step on cuBLAS (2.6 TB/s; H100, 2026-12-07), not launched with
-    # PDL; issue 11 needs ~28 us off the step
-    heads_sweep
-    ;;
 batch32)
     step batch32 280 python scripts/bench.py --suite smoke --models llama-3-8b --weights bf16 --batch 1,32 --ctx 16 \
         --compile --new-tokens 100 --runs 2 --no-cold-start --no-hf --time-budget-s 260 --out-dir "$out/batch32"
@@ -380,48 +363,24 @@ attnwarps)
     probe kv_attention.py  # the landed text for the tier
     [ "${TIER_LIMIT_S:-330}" = 0 ] || parallel_tier "${TIER_LIMIT_S:-330}"
     ;;
-steptail)
-    # The step's tail on the H100 (2026-12-07, profile_decode): cuBLAS's head 21.4 us, then Inductor's two argmax stages
-    # (1.65 + 1.51 us) and an aten kernel for the position's increment (1.65 us, not launched with PDL: advancing()
-    # runs it outside the compiled step). The probe compiles advancing(decode_one) whole, so Inductor can fuse the
-    # token's copy and the increment into its kernels (checked on the CPU: the same tokens, the buffers handed back)
-    # tiedhead: FASTGEN_TIED_HEAD_GEMV=1, the tied head through decode_gemv (default tile) instead of cuBLAS
+atonce)
+    # issue 11's SmolLM2 step (H100, 2026-12-07: 0.43 ms, of which ~23 us is the one-split attention's loop growing
+    # from 1 tile to 4 over the 200 tokens, its tiles a chain). kv_attention.TILES_AT_ONCE (opt-in, FASTGEN_TILES_AT_ONCE=1,
+    # built 2026-12-07 and never run on a GPU) attends the 216-slot cache's 4 tiles in one batched dot, a warp a tile.
+    # Its GPU tests first, then alternating: the default, at once, the step's tail (a probe on generate.py:
+    # advancing(decode_one) compiled whole, +0.4% on the H100, 2026-12-07: the token's copy and the position's increment
+    # in Inductor's kernels), both. Predicted for at once: the loop's ~23 us down to ~5-10, 1 tile no slower
+    step atonce_tests 240 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "tiles_at_once"
+    summary+=("  $(tail -n 1 "$out/atonce_tests.txt")")
     probe_file generate.py
-    for form in default tail tiedhead default tail tiedhead; do
+    for form in default atonce tail tailatonce default atonce tail tailatonce; do
         edit=()
-        [ "$form" = tail ] && edit=('s/^\(\s*\)self.decode_fn = advancing(compiled)$/\1self.decode_fn = torch.compile(decode_next, fullgraph=False)  # PROBE/')
+        case $form in tail*) edit=('s/^\(\s*\)self.decode_fn = advancing(compiled)$/\1self.decode_fn = torch.compile(decode_next, fullgraph=False)  # PROBE/') ;; esac
         probe generate.py "${edit[@]}" || break
-        FASTGEN_TIED_HEAD_GEMV=$([ "$form" = tiedhead ] && echo 1 || echo 0) \
+        FASTGEN_TILES_AT_ONCE=$(case $form in *atonce) echo 1 ;; *) echo 0 ;; esac) \
             decode "smol_$form" 90 --model smollm2-135m --new-tokens 200
     done
     probe generate.py
-    heads_sweep
-    ;;
-defersum)
-    # The one-split attention's loop (SmolLM2, sm_90, compile_kernels.py --loop) holds 9 barriers: the scores' row max
-    # and row sum each reduced across the 4 warps through shared memory, p's move to the PV dot's layout, the
-    # pipeline's. The sum needs no reduction a tile: kept per slot ([G_PAD, BLOCK], rescaled with the max) and summed
-    # once after the loop, it leaves 6 barriers and 250 instructions (272), 76 registers (69); Llama's one-split bf16
-    # loop 386 -> 374 (registers 149 -> 114), int8's 944 -> 919 (126 -> 158). The interpreter's 60 cases pass with
-    # it (2026-12-07, twenty-third session). Predicted: SmolLM2 -3 to -8 us a step; then the other shapes must not lose
-    probe_file kv_attention.py
-    defer_sum='s/^\(\s*\)running_sum = running_sum \* correction + tl.sum(p, axis=1)$/\1running_sum = running_sum * correction[:, None] + p  # PROBE/
-s/^\(\s*\)running_sum = tl.zeros((G_PAD,), dtype=tl.float32)$/\1running_sum = tl.zeros((G_PAD, BLOCK), dtype=tl.float32)/
-s/^\(\s*\)if SPLITS == 1:  # one split saw every tile/\1running_sum = tl.sum(running_sum, axis=1)\n&/'
-    # DEFERSUM_RUNS: other runs ("smol:default smol:defersum smol:default smol:defersum": SmolLM2 alone, ~3 min)
-    for run in ${DEFERSUM_RUNS:-smol:default smol:defersum smol:default smol:defersum llama:default llama:defersum}; do
-        form=${run#*:}
-        edit=()
-        [ "$form" = defersum ] && edit=("$defer_sum")
-        probe kv_attention.py "${edit[@]}" || break
-        if [ "${run%%:*}" = smol ]; then
-            decode "smol_$form" 90 --model smollm2-135m --new-tokens 200
-        else
-            decode "llama_8k_of_32k_$form" 110 --model llama-3-8b --ctx 8192 --cache 32768
-            decode "llama_b8_8k_int8kv_$form" 110 --model llama-3-8b --batch 8 --ctx 8192 --kv-dtype int8
-        fi
-    done
-    probe kv_attention.py
     ;;
 autotune)
     decode smol 90 --model smollm2-135m
@@ -430,7 +389,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, heads, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps, steptail, defersum or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps, atonce or autotune" >&2
     exit 2
     ;;
 esac
