@@ -351,7 +351,7 @@ if triton is not None:
         # after another, each tile's softmax on its own and the tiles combined once at the end -> (acc, sum): y is
         # acc / sum. The loop's tiles are a chain (each waits for the last's max and sum); these are not.
         first, last, kv_rows, slots, dims, qk_scale = row
-        k_ptr, k_scale_ptr, v_ptr, v_scale_ptr, S = cache
+        k_ptr, _, v_ptr, _, S = cache  # no scales: an unquantized cache
         slot = tl.arange(0, TILES)[:, None] * BLOCK + slots[None, :]  # [TILES, BLOCK]
         ok = (slot >= first) & (slot <= last) & (slot < S)
         offsets = (kv_rows + slot)[:, :, None] * D + dims[None, None, :]  # [TILES, BLOCK, D_PAD]
@@ -361,7 +361,7 @@ if triton is not None:
         queries = tl.broadcast_to(q[None, :, :], (TILES, G_PAD, D_PAD))
         scores = tl.dot(queries, tl.trans(k, (0, 2, 1)), input_precision="ieee") * qk_scale  # [TILES, G_PAD, BLOCK]
         scores = tl.where(ok[:, None, :], scores, float("-inf"))
-        # a tile with no valid slot: max -1e30, so its p is 0 and its weight below 0 (no -inf - -inf)
+        # a tile with no valid slot: max -1e30, so its p and its weight below are 0 (no -inf - -inf)
         tile_max = tl.maximum(tl.max(scores, axis=2), -1e30)  # [TILES, G_PAD]
         p = tl.exp2(scores - tile_max[:, :, None])
         pv = tl.dot(p.to(q.dtype), v, input_precision="ieee")  # [TILES, G_PAD, D_PAD]
