@@ -1020,9 +1020,9 @@ class DecodeLinear(torch.nn.Linear):
         return decode_linear(x, self.weight, self.bias)
 
 
-# With it, a tied output head (SmolLM2's [49152, 576]: the embedding's weight, F.linear on cuBLAS, 21.4 us of a
-# 0.394 ms step on an H100, 2026-12-07) goes through decode_linear too. Off until timed in the whole step
-# (gpu_pending.sh steptail); FASTGEN_TIED_HEAD_GEMV=1 turns it on.
+# With it, a tied output head (the embedding's weight, F.linear on cuBLAS) goes through decode_linear too. Off: at
+# SmolLM2's [49152, 576] head it lost on an H100 (2026-12-07: 24.1 us a call against cuBLAS's 22.6, the step 0.396
+# against 0.394 ms; BENCHMARKS.md); kept for tied heads of a longer K, untimed. FASTGEN_TIED_HEAD_GEMV=1 turns it on.
 TIED_HEAD_GEMV = os.environ.get("FASTGEN_TIED_HEAD_GEMV", "0") == "1"
 
 

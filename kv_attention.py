@@ -201,12 +201,14 @@ def rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot, n_heads, q_no
     return norm_rope(q, q_norm_weight).to(qkv.dtype)
 
 
-def tiles_at_once(splits: int, cache_len: int, head_dim: int, has_scales: bool) -> bool:
-    """Whether a split-KV launch attends its cache's tiles at once (TILES_AT_ONCE): one split over an
-    unquantized cache of at most SINGLE_SPLIT_MAX_TILES tiles, heads of at most 64 dims (at 128, 4 tiles'
-    K and V take 255 registers and spill on sm_90: compile_kernels.py, 2026-12-07)."""
+def tiles_at_once(splits: int, cache_len: int, head_dim: int, has_scales: bool) -> int:
+    """The split kernel's TILES_AT_ONCE: the cache's tiles (to a power of 2) where TILES_AT_ONCE reads them at
+    once, else 0 (the loop). At once: one split over an unquantized cache of at most SINGLE_SPLIT_MAX_TILES
+    tiles, heads of at most 64 dims (at 128, 4 tiles' K and V take 255 registers and spill on sm_90:
+    compile_kernels.py, 2026-12-07)."""
     tiles = -(-cache_len // BLOCK_N)
-    return TILES_AT_ONCE and splits == 1 and not has_scales and tiles <= SINGLE_SPLIT_MAX_TILES and head_dim <= 64
+    at_once = TILES_AT_ONCE and splits == 1 and not has_scales and tiles <= SINGLE_SPLIT_MAX_TILES and head_dim <= 64
+    return 1 << (tiles - 1).bit_length() if at_once else 0
 
 
 def num_splits(batch: int, n_kv_heads: int, cache_len: int, target_programs: int) -> int:
@@ -587,7 +589,7 @@ if triton is not None:
             HAS_SCALES=has_scales,
             FP8_VIA_F32=fp8_via_f32,
             WHOLE_TILES=WHOLE_TILES and -(-S // BLOCK_N) >= WHOLE_TILES_MIN_PER_SPLIT * splits,
-            TILES_AT_ONCE=triton.next_power_of_2(-(-S // BLOCK_N)) if tiles_at_once(splits, S, D, has_scales) else 0,
+            TILES_AT_ONCE=tiles_at_once(splits, S, D, has_scales),
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES,
             **pdl_launch(q),

@@ -50,8 +50,8 @@ SHAPES = {
     "qwen3-wo": (2048, 4096, dict(residual=True)),
     "qwen3-experts-w13": (1536, 2048, dict(norm=True, glu=True, experts=(128, 8))),
     "qwen3-experts-w2": (2048, 768, dict(experts=(128, 8))),
-    # the output head with the final RMSNorm folded in: cuBLAS's today (F.linear after the norm); SmolLM2's tied
-    # [49152, 576] took 21.4 us of a 0.394 ms step (H100, 2026-12-07), ~2.6 TB/s
+    # the output heads with the final RMSNorm folded in: SmolLM2's tied [49152, 576] is cuBLAS's today (F.linear after
+    # the norm; 21.4 us of a 0.394 ms step on an H100, 2026-12-07), Llama-3-8B's untied one DecodeLinear's (plain)
     "smol-head": (49152, 576, dict(norm=True)),
     "llama-head": (128256, 4096, dict(norm=True)),
 }
@@ -106,7 +106,7 @@ def shape_row(name, tiles, device, dtype, iters) -> list[str]:
     def us_and_rate(seconds):
         return f"{seconds * 1e6:.2f} ({nbytes / seconds / 1e9:.0f})"
 
-    def cublas():  # what runs today: F.linear on the unfolded x (cuBLAS on a GPU)
+    def cublas():  # F.linear on the unfolded x (cuBLAS on a GPU)
         if experts:
             return "-"
         return us_and_rate(time_cycled(lambda i: F.linear(x, weight_of(i)), copies, device, iters))
