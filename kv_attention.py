@@ -48,11 +48,9 @@ NUM_WARPS, NUM_STAGES = 4, 3  # the split kernel's launch (3 stages: Triton's de
 # 293.0 / 292.9 -> 295.2 / 294.9 tok/s (59.4 -> 59.8% of copy on the active bytes). FASTGEN_SINGLE_SPLIT_TILES=0
 # turns it off.
 SINGLE_SPLIT_MAX_TILES = int(os.environ.get("FASTGEN_SINGLE_SPLIT_TILES", "4"))
-# With TILES_AT_ONCE (opt-in, FASTGEN_TILES_AT_ONCE=1; not yet timed) an unquantized such cache is read in one
-# batched dot of its tiles ([tiles, G_PAD, D] x [tiles, D, 64]), each tile's softmax on its own, combined once
-# after: the loop's tiles are a chain on the step's critical path (SmolLM2's 216-slot step on an H100: ~23 us of
-# its 0.43 ms is the loop growing from 1 tile to 4, 2026-12-07), these are not.
-TILES_AT_ONCE = os.environ.get("FASTGEN_TILES_AT_ONCE", "0") == "1"
+# Attending such a cache's tiles at once (one batched dot of SmolLM2's 4 tiles, a warp a tile, each tile's softmax
+# combined after, not a loop whose tiles are a chain) lost on the H100 (2026-12-07): the replayed step 0.395 -> 0.467
+# ms, generate() 2330 -> 2082 tok/s. Removed (3217aad has it).
 # Such a cache's program reads its valid tiles one after another, 64 slots each. Reading it in one or two
 # wider tiles (128 / 256 slots, 8-16 warps, 2 stages) lost in bench.py's SmolLM2 on the H100 (2026-12-06):
 # 2265.9 tok/s with 64-slot tiles, 2215.9 with 128, 2158.1 with 256. Removed.
@@ -201,16 +199,6 @@ def rope_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot, n_heads, q_no
     return norm_rope(q, q_norm_weight).to(qkv.dtype)
 
 
-def tiles_at_once(splits: int, cache_len: int, head_dim: int, has_scales: bool) -> int:
-    """The split kernel's TILES_AT_ONCE: the cache's tiles (to a power of 2) where TILES_AT_ONCE reads them at
-    once, else 0 (the loop). At once: one split over an unquantized cache of at most SINGLE_SPLIT_MAX_TILES
-    tiles, heads of at most 64 dims (at 128, 4 tiles' K and V take 255 registers and spill on sm_90:
-    compile_kernels.py, 2026-12-07)."""
-    tiles = -(-cache_len // BLOCK_N)
-    at_once = TILES_AT_ONCE and splits == 1 and not has_scales and tiles <= SINGLE_SPLIT_MAX_TILES and head_dim <= 64
-    return 1 << (tiles - 1).bit_length() if at_once else 0
-
-
 def num_splits(batch: int, n_kv_heads: int, cache_len: int, target_programs: int) -> int:
     """Splits of the slot axis per (row, kv head): enough programs to fill the GPU, each at least
     one tile. Static for a cache shape, so a CUDA graph replays the same launch at every length. One
@@ -339,38 +327,6 @@ if triton is not None:
         return acc * correction[:, None] + pv, new_max, running_sum
 
     @triton.jit
-    def _attend_tiles_at_once(
-        q,  # [G_PAD, D_PAD]: the row's query heads of one kv head, in the dot's dtype
-        row,  # as _attend_tile's
-        cache,
-        D: tl.constexpr,
-        G_PAD: tl.constexpr,
-        D_PAD: tl.constexpr,
-        BLOCK: tl.constexpr,
-        TILES: tl.constexpr,  # the cache's tiles, to a power of 2
-    ):
-        # A one-split cache of a few tiles, unquantized (TILES_AT_ONCE): every tile in one batched dot, not one
-        # after another, each tile's softmax on its own and the tiles combined once at the end -> (acc, sum): y is
-        # acc / sum. The loop's tiles are a chain (each waits for the last's max and sum); these are not.
-        first, last, kv_rows, slots, dims, qk_scale = row
-        k_ptr, _, v_ptr, _, S = cache  # no scales: an unquantized cache
-        slot = tl.arange(0, TILES)[:, None] * BLOCK + slots[None, :]  # [TILES, BLOCK]
-        ok = (slot >= first) & (slot <= last) & (slot < S)
-        offsets = (kv_rows + slot)[:, :, None] * D + dims[None, None, :]  # [TILES, BLOCK, D_PAD]
-        tile_ok = ok[:, :, None] & (dims < D)[None, None, :]
-        k = tl.load(k_ptr + offsets, mask=tile_ok, other=0.0).to(q.dtype)
-        v = tl.load(v_ptr + offsets, mask=tile_ok, other=0.0).to(q.dtype)
-        queries = tl.broadcast_to(q[None, :, :], (TILES, G_PAD, D_PAD))
-        scores = tl.dot(queries, tl.trans(k, (0, 2, 1)), input_precision="ieee") * qk_scale  # [TILES, G_PAD, BLOCK]
-        scores = tl.where(ok[:, None, :], scores, float("-inf"))
-        # a tile with no valid slot: max -1e30, so its p and its weight below are 0 (no -inf - -inf)
-        tile_max = tl.maximum(tl.max(scores, axis=2), -1e30)  # [TILES, G_PAD]
-        p = tl.exp2(scores - tile_max[:, :, None])
-        pv = tl.dot(p.to(q.dtype), v, input_precision="ieee")  # [TILES, G_PAD, D_PAD]
-        weight = tl.exp2(tile_max - tl.max(tile_max, axis=0)[None, :])  # [TILES, G_PAD]: to the row's max
-        return tl.sum(pv * weight[:, :, None], axis=0), tl.sum(tl.sum(p, axis=2) * weight, axis=0)
-
-    @triton.jit
     def _valid_slots(q_slot_ptr, row_start_ptr, window):
         # a row's valid slots [first, last]: from its start (or the window's first slot) to the query's slot
         last = tl.load(q_slot_ptr).to(tl.int32)
@@ -406,7 +362,6 @@ if triton is not None:
         FP8_VIA_F32: tl.constexpr,  # an fp8 cache's tiles to bf16 through fp32 (KV_FP8_VIA_F32)
         PDL: tl.constexpr,  # launched with programmatic dependent launch (kv_attention.PDL)
         WHOLE_TILES: tl.constexpr,  # kv_attention.WHOLE_TILES
-        TILES_AT_ONCE: tl.constexpr = 0,  # one split, unquantized: the cache's tiles (a power of 2) at once; 0: a loop
     ):
         # head_dim ** -0.5 * log2(e), from the constant D: a float argument would reach the kernel as
         # fp64 under Inductor and promote the scores to fp64
@@ -427,38 +382,35 @@ if triton is not None:
 
         q = tl.load(q_ptr + (bh * G + heads)[:, None] * D + dims[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0)
 
+        running_max = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
+        running_sum = tl.zeros((G_PAD,), dtype=tl.float32)
+        acc = tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
+        # Only the first and the last tile can hold slots outside [first, last]. The split's tiles (my_first_tile,
+        # + SPLITS, ... up to last_tile) strictly between them are whole: their loop takes no masks. Then the
+        # split's share of the two ends, masked, as a range of 0, 1 or 2 tiles (the running softmax takes tiles
+        # in any order). Without WHOLE_TILES, one loop masks every tile.
         row, cache = (first, last, kv_rows, slots, dims, qk_scale), (k_ptr, k_scale_ptr, v_ptr, v_scale_ptr, S)
-        if TILES_AT_ONCE:
-            acc, running_sum = _attend_tiles_at_once(q, row, cache, D, G_PAD, D_PAD, BLOCK, TILES_AT_ONCE)
+        first_is_mine = (my_first_tile == first_tile) & WHOLE_TILES
+        last_is_mine = (
+            (last_tile > first_tile) & (last_tile >= my_first_tile) & ((last_tile - my_first_tile) % SPLITS == 0)
+        )
+        whole_stop = last_tile if WHOLE_TILES else my_first_tile
+        for tile in range(tl.where(first_is_mine, my_first_tile + SPLITS, my_first_tile), whole_stop, SPLITS):
+            acc, running_max, running_sum = _attend_tile(
+                q, acc, running_max, running_sum, tile, row, cache, D, BLOCK, HAS_SCALES, FP8_VIA_F32,
+                WHOLE=True,
+            )  # fmt: skip
+        if WHOLE_TILES:
+            end_start = tl.where(first_is_mine, first_tile, last_tile)
+            end_stop = tl.where(last_is_mine, last_tile + 1, tl.where(first_is_mine, first_tile + 1, last_tile))
+            end_step = tl.where(first_is_mine & last_is_mine, last_tile - first_tile, 1)
         else:
-            running_max = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
-            running_sum = tl.zeros((G_PAD,), dtype=tl.float32)
-            acc = tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
-            # Only the first and the last tile can hold slots outside [first, last]. The split's tiles (my_first_tile,
-            # + SPLITS, ... up to last_tile) strictly between them are whole: their loop takes no masks. Then the
-            # split's share of the two ends, masked, as a range of 0, 1 or 2 tiles (the running softmax takes tiles
-            # in any order). Without WHOLE_TILES, one loop masks every tile.
-            first_is_mine = (my_first_tile == first_tile) & WHOLE_TILES
-            last_is_mine = (
-                (last_tile > first_tile) & (last_tile >= my_first_tile) & ((last_tile - my_first_tile) % SPLITS == 0)
-            )
-            whole_stop = last_tile if WHOLE_TILES else my_first_tile
-            for tile in range(tl.where(first_is_mine, my_first_tile + SPLITS, my_first_tile), whole_stop, SPLITS):
-                acc, running_max, running_sum = _attend_tile(
-                    q, acc, running_max, running_sum, tile, row, cache, D, BLOCK, HAS_SCALES, FP8_VIA_F32,
-                    WHOLE=True,
-                )  # fmt: skip
-            if WHOLE_TILES:
-                end_start = tl.where(first_is_mine, first_tile, last_tile)
-                end_stop = tl.where(last_is_mine, last_tile + 1, tl.where(first_is_mine, first_tile + 1, last_tile))
-                end_step = tl.where(first_is_mine & last_is_mine, last_tile - first_tile, 1)
-            else:
-                end_start, end_stop, end_step = my_first_tile, last_tile + 1, SPLITS
-            for tile in range(end_start, end_stop, end_step):
-                acc, running_max, running_sum = _attend_tile(
-                    q, acc, running_max, running_sum, tile, row, cache, D, BLOCK, HAS_SCALES, FP8_VIA_F32,
-                    WHOLE=False,
-                )  # fmt: skip
+            end_start, end_stop, end_step = my_first_tile, last_tile + 1, SPLITS
+        for tile in range(end_start, end_stop, end_step):
+            acc, running_max, running_sum = _attend_tile(
+                q, acc, running_max, running_sum, tile, row, cache, D, BLOCK, HAS_SCALES, FP8_VIA_F32,
+                WHOLE=False,
+            )  # fmt: skip
 
         pdl_launch_next(PDL)
         if SPLITS == 1:  # one split saw every tile (a big batch, or a cache of one tile): its output is the
@@ -589,7 +541,6 @@ if triton is not None:
             HAS_SCALES=has_scales,
             FP8_VIA_F32=fp8_via_f32,
             WHOLE_TILES=WHOLE_TILES and -(-S // BLOCK_N) >= WHOLE_TILES_MIN_PER_SPLIT * splits,
-            TILES_AT_ONCE=tiles_at_once(splits, S, D, has_scales),
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES,
             **pdl_launch(q),

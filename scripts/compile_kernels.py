@@ -284,23 +284,16 @@ def main(argv=None):
                         launch_pdl=pdl,
                     )
     # one split (a big batch, a cache of up to SINGLE_SPLIT_MAX_TILES tiles): it writes the output, no merge. The last
-    # two are SmolLM2-135M's batch-1 step (issue 11): 3 programs, one a kv head, launched with PDL; its 216-slot cache's
-    # 4 tiles in a loop, or at once (kv_attention.TILES_AT_ONCE)
-    for store, group, head_dim, pdl, at_once in (
-        ("*i8", 4, 128, False, 0),
-        ("*bf16", 4, 128, False, 0),
-        ("*bf16", 3, 64, True, 0),
-        ("*bf16", 3, 64, True, 4),
-    ):
+    # is SmolLM2-135M's batch-1 step (issue 11): 3 programs, one a kv head, launched with PDL
+    for store, group, head_dim, pdl in (("*i8", 4, 128, False), ("*bf16", 4, 128, False), ("*bf16", 3, 64, True)):
         build(
             target,
-            f"kv decode {store[1:]} cache, bf16, G={group}, D={head_dim}, one split" + (", pdl" if pdl else "")
-            + (f", {at_once} tiles at once" if at_once else ""),
+            f"kv decode {store[1:]} cache, bf16, G={group}, D={head_dim}, one split" + (", pdl" if pdl else ""),
             kv_attention._quantized_decode_kernel,
             {**kv_sig, "k_ptr": store, "v_ptr": store},
             dict(D=head_dim, G=group, G_PAD=16, D_PAD=head_dim, BLOCK=kv_attention.BLOCK_N, SPLITS=1, SPLITS_PAD=1,
                  HAS_SCALES=store == "*i8", FP8_VIA_F32=False, PDL=pdl,
-                 WHOLE_TILES=kv_attention.WHOLE_TILES, TILES_AT_ONCE=at_once),
+                 WHOLE_TILES=kv_attention.WHOLE_TILES),
             kv_divisible,
             num_warps=kv_attention.NUM_WARPS,
             num_stages=kv_attention.NUM_STAGES,

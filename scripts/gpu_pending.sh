@@ -57,9 +57,6 @@
 #   bash scripts/gpu_pending.sh attnwarps  # ~8.5 min: issue 11's SmolLM2 step with the one-split attention at 2 and 1
 #                                          #   warps against 4 (a probe, alternating), then the whole tier on the
 #                                          #   default in TIER_LIMIT_S (330 s)
-#   bash scripts/gpu_pending.sh atonce     # ~5 min: issue 11's SmolLM2 step with the one-split attention's 4 tiles at once
-#                                          #   (FASTGEN_TILES_AT_ONCE=1, never on a GPU: its GPU tests first) and with the
-#                                          #   step's tail compiled (a probe on generate.py, +0.4% on the H100), alternating
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -68,7 +65,7 @@
 # next, floatgemv, moegateup, moeb1, ropeqkv, mega, megadot, megaphases, smolattn, downall, downbench, smolnext,
 # mergewo, ninth, wholetiles, steptiles, wqkvtile, tier-int4, kvwhole, int8rope, shortk, int4fold, foldcheck,
 # foldtiles, foldall, ropetiles, ropetier, poicode, early, nodown, fusedmlp, mlptier, expertw2, heads, steptail,
-# defersum) were removed between 2026-12-05 and 2026-12-07; git history has them.
+# defersum, atonce) were removed between 2026-12-05 and 2026-12-07; git history has them.
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -363,25 +360,6 @@ attnwarps)
     probe kv_attention.py  # the landed text for the tier
     [ "${TIER_LIMIT_S:-330}" = 0 ] || parallel_tier "${TIER_LIMIT_S:-330}"
     ;;
-atonce)
-    # issue 11's SmolLM2 step (H100, 2026-12-07: 0.43 ms, of which ~23 us is the one-split attention's loop growing
-    # from 1 tile to 4 over the 200 tokens, its tiles a chain). kv_attention.TILES_AT_ONCE (opt-in, FASTGEN_TILES_AT_ONCE=1,
-    # built 2026-12-07 and never run on a GPU) attends the 216-slot cache's 4 tiles in one batched dot, a warp a tile.
-    # Its GPU tests first, then alternating: the default, at once, the step's tail (a probe on generate.py:
-    # advancing(decode_one) compiled whole, +0.4% on the H100, 2026-12-07: the token's copy and the position's increment
-    # in Inductor's kernels), both. Predicted for at once: the loop's ~23 us down to ~5-10, 1 tile no slower
-    step atonce_tests 240 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "tiles_at_once"
-    summary+=("  $(tail -n 1 "$out/atonce_tests.txt")")
-    probe_file generate.py
-    for form in default atonce tail tailatonce default atonce tail tailatonce; do
-        edit=()
-        case $form in tail*) edit=('s/^\(\s*\)self.decode_fn = advancing(compiled)$/\1self.decode_fn = torch.compile(decode_next, fullgraph=False)  # PROBE/') ;; esac
-        probe generate.py "${edit[@]}" || break
-        FASTGEN_TILES_AT_ONCE=$(case $form in *atonce) echo 1 ;; *) echo 0 ;; esac) \
-            decode "smol_$form" 90 --model smollm2-135m --new-tokens 200
-    done
-    probe generate.py
-    ;;
 autotune)
     decode smol 90 --model smollm2-135m
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode smol_autotune 150 --model smollm2-135m
@@ -389,7 +367,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps, atonce or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps or autotune" >&2
     exit 2
     ;;
 esac

@@ -72,22 +72,6 @@ def whole_tiles(run, *args, **kwargs):
     return with_switch("WHOLE_TILES_MIN_PER_SPLIT", run, *args, value=1, **kwargs)
 
 
-def tiles_at_once(run, *args, **kwargs):
-    """run with a one-split cache's tiles attended at once (kv_attention.TILES_AT_ONCE, opt-in) for caches of up to
-    4 tiles (SINGLE_SPLIT_MAX_TILES)."""
-    return with_switch("TILES_AT_ONCE", lambda: with_switch("SINGLE_SPLIT_MAX_TILES", run, *args, value=4, **kwargs))
-
-
-AT_ONCE_CASES = [  # as CASES: SmolLM2-135M's batch-1 step (4 tiles), 1 valid tile of 4, a window past the first
-    # tiles (none valid there), fp16, 2 tiles of a batch
-    (1, 3, 3, 64, 216, 200, 0, torch.float32),
-    (1, 3, 3, 64, 216, 30, 0, torch.float32),
-    (1, 3, 3, 64, 216, 190, 60, torch.float32),
-    (2, 3, 3, 64, 200, 150, 100, torch.float16),
-    (3, 2, 4, 32, 100, 99, 0, torch.float32),
-]
-
-
 def int8(B=2, Hkv=2, G=4, D=128, S=3000, slot=2100, dtype=torch.float32):
     """An int8 cache."""
     q = torch.randn(B, Hkv * G, 1, D).to(dtype)
@@ -272,7 +256,6 @@ def main():
             ),
         )
     ]
-    runs += [(f"{case}, tiles at once", lambda case=case: tiles_at_once(unquantized, *case)) for case in AT_ONCE_CASES]
     runs += [("int8 gemv", int8_gemv), ("int8 expert gemv", int8_expert_gemv)]
     runs += [
         ("decode gemv, fp32, K 5000", decode_gemv),

@@ -328,34 +328,6 @@ def test_unquantized_decode_attention_kernel_equals_reference(dtype, case, singl
     import kv_attention
 
     monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", single_split_tiles)
-    check_unquantized_decode_attention(case, dtype)
-
-
-AT_ONCE_CASES = [  # as KV_KERNEL_CASES: caches of at most 4 tiles, heads of at most 64 dims
-    (1, 9, 3, 64, 216, 200, [0], None),  # SmolLM2-135M's batch-1 step: 4 tiles
-    (1, 9, 3, 64, 216, 30, [0], None),  # 1 tile of the 4 holds valid slots
-    (2, 8, 2, 64, 200, 190, [0, 131], 60),  # a window and a late row start: a row's first tiles hold none
-    (3, 4, 4, 32, 100, 99, [0, 5, 50], None),  # 2 tiles
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("case", AT_ONCE_CASES)
-def test_decode_attention_tiles_at_once_equals_reference(dtype, case, monkeypatch):
-    """kv_attention.TILES_AT_ONCE (opt-in): a one-split cache's tiles in one batched dot, each tile's softmax
-    combined after, equal to the dense reference and never reading outside a row's valid range."""
-    import kv_attention
-
-    monkeypatch.setattr(kv_attention, "TILES_AT_ONCE", True)
-    monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", 4)
-    B, _, Hkv, D, S = case[:5]
-    assert kv_attention.num_splits(B, Hkv, S, kv_attention.TARGET_PROGRAMS) == 1
-    assert kv_attention.tiles_at_once(1, S, D, has_scales=False)
-    check_unquantized_decode_attention(case, dtype)
-
-
-def check_unquantized_decode_attention(case, dtype):
-    import kv_attention
 
     B, Hq, Hkv, D, S, q_slot, starts, window = case
     torch.manual_seed(S + D)
@@ -688,25 +660,6 @@ def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, split, pdl
         kernels += [kv_attention._merge_splits_kernel] if split else []
         for kernel in kernels:
             assert any(launched_with_pdl(kernel)), kernel
-
-
-@pytest.mark.parametrize("shape", ["tied", "window"])
-def test_tiles_at_once_decode_equals_cpu_fp32_eager(monkeypatch, shape):
-    """kv_attention.TILES_AT_ONCE (opt-in) in the fused decode block's step (128-slot caches: 2 tiles, one split),
-    eager and compiled around the blocks with PDL: the CPU fp32 eager tokens."""
-    import kv_attention
-
-    monkeypatch.setattr(kv_attention, "TILES_AT_ONCE", True)
-    monkeypatch.setattr(kv_attention, "PDL", True)
-    calls = []
-    at_once = kv_attention.tiles_at_once
-    monkeypatch.setattr(kv_attention, "tiles_at_once", lambda *a: calls.append(at_once(*a)) or calls[-1])
-    cpu = random_model(shape)
-    want = [greedy(cpu, [p], 40, 128)[0] for p in PROMPTS[:2]]
-    cuda = on(cpu, "cuda")
-    for compile in (False, True):
-        assert [greedy(cuda, [p], 40, 128, compile=compile)[0] for p in PROMPTS[:2]] == want
-    assert calls and all(calls)  # every launch took the at-once form
 
 
 @pytest.mark.parametrize("pdl, compile", [(True, True), (True, False), (False, True)])
