@@ -372,7 +372,7 @@ earlyslots)
     # the decode block's GPU tests (8 workers, .whl carried)
     probe_file kv_attention.py
     early='/^        pdl_wait(PDL)$/{N;s/^\(\s*\)pdl_wait(PDL)\n\(\s*first, last = _valid_slots(q_slot_ptr, row_start_ptr + b, window)\)$/\2\n\1pdl_wait(PDL)  # PROBE/}'
-    for form in default earlyslots default earlyslots default earlyslots; do
+    for form in ${EARLY_FORMS:-default earlyslots default earlyslots default earlyslots}; do
         edit=()
         [ "$form" = default ] || edit=("$early")
         probe kv_attention.py "${edit[@]}" || break
