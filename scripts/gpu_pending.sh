@@ -57,8 +57,6 @@
 #   bash scripts/gpu_pending.sh attnwarps  # ~8.5 min: issue 11's SmolLM2 step with the one-split attention at 2 and 1
 #                                          #   warps against 4 (a probe, alternating), then the whole tier on the
 #                                          #   default in TIER_LIMIT_S (330 s)
-#   bash scripts/gpu_pending.sh earlyslots # ~5 min: issue 11's SmolLM2 step with the attention's valid slots read before
-#                                          #   its PDL wait (a probe, alternating), then the attention's GPU tests on it
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -67,7 +65,7 @@
 # next, floatgemv, moegateup, moeb1, ropeqkv, mega, megadot, megaphases, smolattn, downall, downbench, smolnext,
 # mergewo, ninth, wholetiles, steptiles, wqkvtile, tier-int4, kvwhole, int8rope, shortk, int4fold, foldcheck,
 # foldtiles, foldall, ropetiles, ropetier, poicode, early, nodown, fusedmlp, mlptier, expertw2, heads, steptail,
-# defersum, atonce) were removed between 2026-12-05 and 2026-12-07; git history has them.
+# defersum, atonce, earlyslots) were removed between 2026-12-05 and 2026-12-07; git history has them.
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -362,28 +360,6 @@ attnwarps)
     probe kv_attention.py  # the landed text for the tier
     [ "${TIER_LIMIT_S:-330}" = 0 ] || parallel_tier "${TIER_LIMIT_S:-330}"
     ;;
-earlyslots)
-    # issue 11's SmolLM2 step (H100, 2026-12-07: 0.388 ms replayed, 0.425 in generate()). The split kernel reads the
-    # query's slot and the row's start after its PDL wait, and every K/V address hangs on them: one load round trip a
-    # layer on the chain, 30 a step. Neither is written by the kernel before (the position moved on a step ago, and
-    # each kernel passes its own wait before it lets the next start), so both can be read before the wait (a probe).
-    # The twenty-first session's EARLY_SLOTS also asked 4 tiles into L2 there and lost 0.8%; the slots alone were
-    # never timed. Predicted: up to ~0.5 us a layer, ~10-15 us a step. Then, the probe in place, the attention's and
-    # the decode block's GPU tests (8 workers, .whl carried)
-    probe_file kv_attention.py
-    early='/^        pdl_wait(PDL)$/{N;s/^\(\s*\)pdl_wait(PDL)\n\(\s*first, last = _valid_slots(q_slot_ptr, row_start_ptr + b, window)\)$/\2\n\1pdl_wait(PDL)  # PROBE/}'
-    for form in ${EARLY_FORMS:-default earlyslots default earlyslots default earlyslots}; do
-        edit=()
-        [ "$form" = default ] || edit=("$early")
-        probe kv_attention.py "${edit[@]}" || break
-        decode "smol_$form" 90 --model smollm2-135m --new-tokens 200
-    done
-    probe kv_attention.py "$early" && {
-        python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-        tier "${TIER_LIMIT_S:-200}" -n 8 tests/test_gpu.py \
-            -k "attention or fused_decode_block or compiled_cuda_graph_decode or split_kv or quantized_kv"
-    }
-    ;;
 autotune)
     decode smol 90 --model smollm2-135m
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode smol_autotune 150 --model smollm2-135m
@@ -391,7 +367,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps, earlyslots or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps or autotune" >&2
     exit 2
     ;;
 esac
