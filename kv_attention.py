@@ -371,14 +371,15 @@ if triton is not None:
         heads, dims, slots = tl.arange(0, G_PAD), tl.arange(0, D_PAD), tl.arange(0, BLOCK)
         g_ok, d_ok = heads < G, dims < D
         kv_rows = bh.to(tl.int64) * S
-        # this row's valid slots [first, last]; its tiles dealt round-robin to the splits (tile t to
-        # split t % SPLITS), so every split gets a share of the valid slots whatever their number
-        # (contiguous shares of the whole cache left all but a quarter of the programs idle at 8k
-        # filled in a 32k cache). Read before the PDL wait: no kernel of this step writes the slot or the row's
-        # start (the position moves on after the step's last kernel), and every K/V address hangs on them, so
-        # their load is off the chain (SmolLM2-135M 0.388 -> 0.381 ms replayed, generate() +2.1%: H100, 2026-12-07)
+        # this row's valid slots [first, last], read before the PDL wait: no kernel of this step writes the slot or
+        # the row's start (the position moves on after the step's last kernel), and every K/V address hangs on
+        # them, so their load is off the chain (SmolLM2-135M 0.388 -> 0.381 ms replayed, generate() +2.1%: H100,
+        # 2026-12-07)
         first, last = _valid_slots(q_slot_ptr, row_start_ptr + b, window)
         pdl_wait(PDL)
+        # the valid tiles dealt round-robin to the splits (tile t to split t % SPLITS), so every split gets a
+        # share of the valid slots whatever their number (contiguous shares of the whole cache left all but a
+        # quarter of the programs idle at 8k filled in a 32k cache)
         first_tile, last_tile = first // BLOCK, last // BLOCK
         my_first_tile = first_tile + (split - first_tile % SPLITS + SPLITS) % SPLITS
 
