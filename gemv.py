@@ -466,7 +466,8 @@ if triton is not None:
         pdl_launch_next(PDL)
         # The epilogue's loads all issued before the sums, their latency under the reductions' (they were each
         # issued where used, after them: H100, 2026-12-07, SmolLM2 0.408 -> 0.394 ms a step replayed). Not before
-        # the main loop: that lost (0.394 -> 0.403, with the attention's slot read before its PDL wait)
+        # the main loop: that lost (0.394 -> 0.403, tried beside the attention's slot read and 4 tiles asked into L2
+        # before its PDL wait; the slot alone before the wait later won)
         if CONVERT >= 0:
             scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
             if PAIRED:
