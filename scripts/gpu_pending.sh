@@ -368,7 +368,7 @@ earlytile)
     # kv_attention.EARLY_TILE (FASTGEN_EARLY_TILE=1): the one split's first K/V tile loaded before the PDL wait, the
     # query's slot after it, alternating with the default. Predicted: up to ~0.3-0.5 us a layer, ~10 us a step, if a
     # tile's trip through one SM's port to L2 is on the chain. Then the attention's GPU tests and the early tile's
-    # own (8 workers, .whl carried). EARLY_FORMS picks the forms
+    # own with FASTGEN_EARLY_TILE=1 (8 workers, .whl carried). EARLY_FORMS picks the forms
     for form in ${EARLY_FORMS:-default early default early}; do
         if [ "$form" = early ]; then
             FASTGEN_EARLY_TILE=1 decode "smol_$form" 90 --model smollm2-135m --new-tokens 200
@@ -377,7 +377,7 @@ earlytile)
         fi
     done
     python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    [ "${TIER_LIMIT_S:-150}" = 0 ] || tier "${TIER_LIMIT_S:-150}" -n 8 tests/test_gpu.py \
+    [ "${TIER_LIMIT_S:-150}" = 0 ] || FASTGEN_EARLY_TILE=1 tier "${TIER_LIMIT_S:-150}" -n 8 tests/test_gpu.py \
         -k "early_tile or unquantized_decode_attention or one_split or compiled_cuda_graph_decode"
     ;;
 autotune)
