@@ -35,7 +35,6 @@ from model import (
     KVCache,
     MoEFeedForward,
     RMSNorm,
-    Transformer,
     TransformerBlock,
     pairs_by_expert,
     top_k_by_max,
@@ -1021,12 +1020,6 @@ class DecodeLinear(torch.nn.Linear):
         return decode_linear(x, self.weight, self.bias)
 
 
-# With it, a tied output head (the embedding's weight, F.linear on cuBLAS) goes through decode_linear too. Off: at
-# SmolLM2's [49152, 576] head it lost on an H100 (2026-12-07: 24.1 us a call against cuBLAS's 22.6, the step 0.396
-# against 0.394 ms; BENCHMARKS.md); kept for tied heads of a longer K, untimed. FASTGEN_TIED_HEAD_GEMV=1 turns it on.
-TIED_HEAD_GEMV = os.environ.get("FASTGEN_TIED_HEAD_GEMV", "0") == "1"
-
-
 class DecodeBlock(TransformerBlock):
     """A block whose batch-1 decode step (one token, on a GPU) runs its projections as decode_gemv
     with the rest of the block folded in: the RMSNorm into wqkv's (and w13's) loop, the residual add
@@ -1200,9 +1193,6 @@ def use_decode_kernels(model: torch.nn.Module) -> None:
             module.__class__ = DownMixExperts
         elif type(module) is torch.nn.Linear and float_on_gpu(module.weight):
             module.__class__ = DecodeLinear
-    if TIED_HEAD_GEMV and isinstance(model, Transformer) and model.output is None:
-        if float_on_gpu(model.tok_embeddings.weight):
-            model.tied_head = decode_linear
     use_int4_decode_blocks(model)
 
 

@@ -489,9 +489,6 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
-        # A tied head's product (x, weight) -> logits; gemv.use_decode_kernels may give it a batch-1 GEMV.
-        # A plain attribute, not a module: the embedding stays the checkpoint's one copy of the weight.
-        self.tied_head = F.linear
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         # Set by setup_caches: each row's first valid KV slot (left padding lives below it).
         self.register_buffer("row_start", torch.zeros(0, dtype=torch.int32), persistent=False)
@@ -576,7 +573,7 @@ class Transformer(nn.Module):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
-        logits = self.tied_head(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
+        logits = F.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
         return logits.float()
 
     def run_layers(self, x, cos, sin, attend, input_pos):

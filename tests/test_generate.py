@@ -514,30 +514,6 @@ def test_rope_in_qkv_plumbing(monkeypatch, reference_decode_kernels, overrides):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("switch", [False, True])
-def test_tied_head_plumbing(monkeypatch, reference_decode_kernels, switch):
-    """gemv.TIED_HEAD_GEMV (opt-in): a tied output head (the embedding's weight, F.linear) goes through decode_gemv
-    at one row, eager and compiled, to the plain head's tokens; the weight stays the embedding's one copy (no new
-    state_dict key); off, the tied head stays F.linear."""
-    import gemv
-
-    model = tiny_model(tie_embeddings=True)
-    keys = set(model.state_dict())
-    prompt = [[5, 17, 3, 88, 41, 9, 2, 30, 11]]
-    plain = greedy(model, prompt, 12, 64).tokens
-    monkeypatch.setattr(gemv, "TIED_HEAD_GEMV", switch)
-    calls, _ = reference_decode_kernels()
-    for compile in (False, True):
-        torch._dynamo.reset()
-        calls.zero_()
-        assert greedy(model, prompt, 12, 72, compile=compile).tokens == plain
-        assert model.tied_head is (gemv.decode_linear if switch else torch.nn.functional.linear)
-        # 4 fused projections a layer in each of the 11 decode steps; the head's 12 rows (11 steps and the
-        # prompt's last row) with the switch
-        assert calls == 11 * 4 * model.args.n_layers + 12 * switch
-    assert set(model.state_dict()) == keys
-
-
 @pytest.mark.parametrize(
     "overrides",
     [{}, dict(qkv_bias=True, qk_norm=True, sliding_window=6), dict(n_experts=4, n_active_experts=2), "experts", "int8"],

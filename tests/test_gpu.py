@@ -691,23 +691,6 @@ def test_early_tile_decode_equals_cpu_fp32_eager(monkeypatch, shape, compile):
     assert True in compiled_with(kv_attention._quantized_decode_kernel, "EARLY_TILE")
 
 
-@pytest.mark.parametrize("pdl, compile", [(True, True), (True, False), (False, True)])
-def test_tied_head_through_decode_gemv_equals_cpu_fp32_eager(monkeypatch, pdl, compile):
-    """gemv.TIED_HEAD_GEMV (opt-in): a tied output head through decode_gemv, eager, compiled around the blocks
-    with PDL, and compiled whole, gives the CPU fp32 eager tokens, batch 1 and a batch (cuBLAS's there)."""
-    import gemv
-    import kv_attention
-
-    monkeypatch.setattr(gemv, "TIED_HEAD_GEMV", True)
-    monkeypatch.setattr(kv_attention, "PDL", pdl)
-    cpu = random_model("tied")
-    want = [greedy(cpu, [p], 40, 128)[0] for p in PROMPTS[:2]]
-    cuda = on(cpu, "cuda")
-    assert [greedy(cuda, [p], 40, 128, compile=compile)[0] for p in PROMPTS[:2]] == want
-    assert cuda.tied_head is gemv.decode_linear
-    assert greedy(cuda, PROMPTS[:2], 40, 128, compile=compile) == want
-
-
 @pytest.mark.parametrize(
     "shape, pdl, compile",
     [
