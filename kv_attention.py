@@ -50,7 +50,11 @@ NUM_WARPS, NUM_STAGES = 4, 3  # the split kernel's launch (3 stages: Triton's de
 SINGLE_SPLIT_MAX_TILES = int(os.environ.get("FASTGEN_SINGLE_SPLIT_TILES", "4"))
 # Attending such a cache's tiles at once (one batched dot of SmolLM2's 4 tiles, a warp a tile, each tile's softmax
 # combined after, not a loop whose tiles are a chain) lost on the H100 (2026-12-07): the replayed step 0.395 -> 0.467
-# ms, generate() 2330 -> 2082 tok/s. Removed (3217aad has it).
+# ms, generate() 2330 -> 2082 tok/s. Removed (3217aad has it). Loading the one split's first tile before the PDL
+# wait (all but the query's own slot, which the kernel before writes, put in after it; EARLY_TILE) tied or lost on
+# the H100 (2026-12-07, twenty-sixth session, alternating): generate() 2370.6 / 2383.4 -> 2359.4 / 2368.8 tok/s,
+# replayed 0.383 -> 0.384-0.386 ms, the kernel's sum 87.2 -> 91.8 us a step; its GPU tests passed. Removed
+# (cbb1f43 has it). Why, not measured: the tile likely hits L2, so its load after the wait cost no more than q's.
 # Such a cache's program reads its valid tiles one after another, 64 slots each. Reading it in one or two
 # wider tiles (128 / 256 slots, 8-16 warps, 2 stages) lost in bench.py's SmolLM2 on the H100 (2026-12-06):
 # 2265.9 tok/s with 64-slot tiles, 2215.9 with 128, 2158.1 with 256. Removed.
@@ -62,12 +66,6 @@ SINGLE_SPLIT_MAX_TILES = int(os.environ.get("FASTGEN_SINGLE_SPLIT_TILES", "4"))
 # attention 60.5 -> 55.9 us a layer), int8 weights B1 3.789 -> 3.303 ms. FASTGEN_WHOLE_TILES=0 masks every tile.
 WHOLE_TILES = os.environ.get("FASTGEN_WHOLE_TILES", "1") == "1"
 WHOLE_TILES_MIN_PER_SPLIT = 8  # over 1-2 tiles a split the unmasked loop's setup cost SmolLM2 0.3 us a call
-
-# One split's first tile of K and V loaded before the kernel's PDL wait, all but the query's own slot (written by the
-# kernel just before; loaded after the wait and put in its row): with one program a kv head (SmolLM2-135M: 3), a
-# tile's 16 KB through one SM's port to L2 is ~0.3 us of the chain a layer. Only at one split without WHOLE_TILES
-# (short caches at batch 1). Off by default until timed (issue 11); FASTGEN_EARLY_TILE=1 turns it on.
-EARLY_TILE = os.environ.get("FASTGEN_EARLY_TILE", "0") == "1"
 
 
 def _tag_compile_cache_with_switches() -> None:
@@ -296,7 +294,6 @@ if triton is not None:
         HAS_SCALES: tl.constexpr,
         FP8_VIA_F32: tl.constexpr,
         WHOLE: tl.constexpr,  # every slot of the tile is valid: no masks but on dims past D
-        loaded=None,  # (k, v): the tile's K and V already loaded (EARLY_TILE); None: loaded here
     ):
         # one tile of K/V slots into the running softmax -> (acc, running_max, running_sum)
         first, last, kv_rows, slots, dims, qk_scale = row
@@ -307,11 +304,8 @@ if triton is not None:
         ok = ((slot >= first) & (slot <= last) & (slot < S)) | WHOLE
         tile_ok = ok[:, None] & (dims < D)[None, :]
         # both tiles' loads first, so K's and V's bytes are in flight together
-        if loaded is None:
-            k = tl.load(k_ptr + offsets, mask=tile_ok, other=0.0)
-            v = tl.load(v_ptr + offsets, mask=tile_ok, other=0.0)
-        else:
-            k, v = loaded
+        k = tl.load(k_ptr + offsets, mask=tile_ok, other=0.0)
+        v = tl.load(v_ptr + offsets, mask=tile_ok, other=0.0)
         if FP8_VIA_F32:
             k, v = _fp8_tile_to_bf16(k), _fp8_tile_to_bf16(v)
         else:
@@ -372,7 +366,6 @@ if triton is not None:
         FP8_VIA_F32: tl.constexpr,  # an fp8 cache's tiles to bf16 through fp32 (KV_FP8_VIA_F32)
         PDL: tl.constexpr,  # launched with programmatic dependent launch (kv_attention.PDL)
         WHOLE_TILES: tl.constexpr,  # kv_attention.WHOLE_TILES
-        EARLY_TILE: tl.constexpr,  # kv_attention.EARLY_TILE, at one split without WHOLE_TILES
     ):
         # head_dim ** -0.5 * log2(e), from the constant D: a float argument would reach the kernel as
         # fp64 under Inductor and promote the scores to fp64
@@ -387,21 +380,12 @@ if triton is not None:
         # them, so their load is off the chain (SmolLM2-135M 0.388 -> 0.381 ms replayed, generate() +2.1%: H100,
         # 2026-12-07)
         first, last = _valid_slots(q_slot_ptr, row_start_ptr + b, window)
+        pdl_wait(PDL)
         # the valid tiles dealt round-robin to the splits (tile t to split t % SPLITS), so every split gets a
         # share of the valid slots whatever their number (contiguous shares of the whole cache left all but a
         # quarter of the programs idle at 8k filled in a 32k cache)
         first_tile, last_tile = first // BLOCK, last // BLOCK
         my_first_tile = first_tile + (split - first_tile % SPLITS + SPLITS) % SPLITS
-        row, cache = (first, last, kv_rows, slots, dims, qk_scale), (k_ptr, k_scale_ptr, v_ptr, v_scale_ptr, S)
-        if EARLY_TILE:  # the one split's first tile loaded before the wait, all but the query's own slot (the
-            # kernel before writes it; earlier steps wrote the others, and kernels three back have finished)
-            tl.static_assert((SPLITS == 1) & (not WHOLE_TILES))
-            slot = first_tile * BLOCK + slots
-            early_ok = ((slot >= first) & (slot < last) & (slot < S))[:, None] & d_ok[None, :]
-            offsets = (kv_rows + slot)[:, None] * D + dims[None, :]
-            k_first = tl.load(k_ptr + offsets, mask=early_ok, other=0.0)
-            v_first = tl.load(v_ptr + offsets, mask=early_ok, other=0.0)
-        pdl_wait(PDL)
 
         q = tl.load(q_ptr + (bh * G + heads)[:, None] * D + dims[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0)
 
@@ -412,6 +396,7 @@ if triton is not None:
         # + SPLITS, ... up to last_tile) strictly between them are whole: their loop takes no masks. Then the
         # split's share of the two ends, masked, as a range of 0, 1 or 2 tiles (the running softmax takes tiles
         # in any order). Without WHOLE_TILES, one loop masks every tile.
+        row, cache = (first, last, kv_rows, slots, dims, qk_scale), (k_ptr, k_scale_ptr, v_ptr, v_scale_ptr, S)
         first_is_mine = (my_first_tile == first_tile) & WHOLE_TILES
         last_is_mine = (
             (last_tile > first_tile) & (last_tile >= my_first_tile) & ((last_tile - my_first_tile) % SPLITS == 0)
@@ -428,19 +413,6 @@ if triton is not None:
             end_step = tl.where(first_is_mine & last_is_mine, last_tile - first_tile, 1)
         else:
             end_start, end_stop, end_step = my_first_tile, last_tile + 1, SPLITS
-        if EARLY_TILE:  # the query's slot, after the wait, into the first tile if it is there; then that tile
-            query_row = (kv_rows + last) * D + dims
-            query_in_tile = (last_tile == first_tile) & d_ok
-            k_query = tl.load(k_ptr + query_row, mask=query_in_tile, other=0.0)
-            v_query = tl.load(v_ptr + query_row, mask=query_in_tile, other=0.0)
-            is_query = (slot == last)[:, None]
-            k_first = tl.where(is_query, k_query[None, :], k_first)
-            v_first = tl.where(is_query, v_query[None, :], v_first)
-            acc, running_max, running_sum = _attend_tile(
-                q, acc, running_max, running_sum, first_tile, row, cache, D, BLOCK, HAS_SCALES, FP8_VIA_F32,
-                WHOLE=False, loaded=(k_first, v_first),
-            )  # fmt: skip
-            end_start = first_tile + 1
         for tile in range(end_start, end_stop, end_step):
             acc, running_max, running_sum = _attend_tile(
                 q, acc, running_max, running_sum, tile, row, cache, D, BLOCK, HAS_SCALES, FP8_VIA_F32,
@@ -551,7 +523,6 @@ if triton is not None:
         fp8_via_f32 = (  # the PTX form, for e4m3 under bf16 queries only
             KV_FP8_VIA_F32 and KV_ASM and (k_cache.dtype, q.dtype) == (torch.float8_e4m3fn, torch.bfloat16)
         )
-        whole_tiles = WHOLE_TILES and -(-S // BLOCK_N) >= WHOLE_TILES_MIN_PER_SPLIT * splits
         wrap_triton(_quantized_decode_kernel)[(B * n_kv_heads, splits)](
             q.contiguous(),
             k_cache,
@@ -576,8 +547,7 @@ if triton is not None:
             SPLITS_PAD=triton.next_power_of_2(splits),
             HAS_SCALES=has_scales,
             FP8_VIA_F32=fp8_via_f32,
-            WHOLE_TILES=whole_tiles,
-            EARLY_TILE=EARLY_TILE and splits == 1 and not whole_tiles,
+            WHOLE_TILES=WHOLE_TILES and -(-S // BLOCK_N) >= WHOLE_TILES_MIN_PER_SPLIT * splits,
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES,
             **pdl_launch(q),

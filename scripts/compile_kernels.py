@@ -270,7 +270,6 @@ def main(argv=None):
                         FP8_VIA_F32=fp8_via_f32,
                         PDL=pdl,
                         WHOLE_TILES=kv_attention.WHOLE_TILES,
-                        EARLY_TILE=False,
                     )
                     name = f"kv decode {(store or dtype)[1:]} cache, {dtype[1:]}, G={group}, D={head_dim}"
                     build(
@@ -285,19 +284,16 @@ def main(argv=None):
                         launch_pdl=pdl,
                     )
     # one split (a big batch, a cache of up to SINGLE_SPLIT_MAX_TILES tiles): it writes the output, no merge. The last
-    # two are SmolLM2-135M's batch-1 step (issue 11): 3 programs, one a kv head, launched with PDL; then with EARLY_TILE
-    one_split = (("*i8", 4, 128, False, False), ("*bf16", 4, 128, False, False), ("*bf16", 3, 64, True, False),
-                 ("*bf16", 3, 64, True, True))  # fmt: skip
-    for store, group, head_dim, pdl, early in one_split:
+    # is SmolLM2-135M's batch-1 step (issue 11): 3 programs, one a kv head, launched with PDL
+    for store, group, head_dim, pdl in (("*i8", 4, 128, False), ("*bf16", 4, 128, False), ("*bf16", 3, 64, True)):
         build(
             target,
-            f"kv decode {store[1:]} cache, bf16, G={group}, D={head_dim}, one split" + (", pdl" if pdl else "")
-            + (", early tile" if early else ""),
+            f"kv decode {store[1:]} cache, bf16, G={group}, D={head_dim}, one split" + (", pdl" if pdl else ""),
             kv_attention._quantized_decode_kernel,
             {**kv_sig, "k_ptr": store, "v_ptr": store},
             dict(D=head_dim, G=group, G_PAD=16, D_PAD=head_dim, BLOCK=kv_attention.BLOCK_N, SPLITS=1, SPLITS_PAD=1,
                  HAS_SCALES=store == "*i8", FP8_VIA_F32=False, PDL=pdl,
-                 WHOLE_TILES=False if early else kv_attention.WHOLE_TILES, EARLY_TILE=early),
+                 WHOLE_TILES=kv_attention.WHOLE_TILES),
             kv_divisible,
             num_warps=kv_attention.NUM_WARPS,
             num_stages=kv_attention.NUM_STAGES,

@@ -57,9 +57,6 @@
 #   bash scripts/gpu_pending.sh attnwarps  # ~8.5 min: issue 11's SmolLM2 step with the one-split attention at 2 and 1
 #                                          #   warps against 4 (a probe, alternating), then the whole tier on the
 #                                          #   default in TIER_LIMIT_S (330 s)
-#   bash scripts/gpu_pending.sh earlytile  # ~6 min: issue 11's SmolLM2 step with the attention's first K/V tile loaded
-#                                          #   before its PDL wait (FASTGEN_EARLY_TILE=1), alternating with the
-#                                          #   default, then its GPU tests and the attention's
 #   bash scripts/gpu_pending.sh autotune   # ~5 min: Inductor's max-autotune against the default, SmolLM2-135M and
 #                                          #   Llama-3-8B B1 (lost on both on the H200, 2026-12-04: kept to re-check
 #                                          #   on a new torch)
@@ -68,7 +65,7 @@
 # next, floatgemv, moegateup, moeb1, ropeqkv, mega, megadot, megaphases, smolattn, downall, downbench, smolnext,
 # mergewo, ninth, wholetiles, steptiles, wqkvtile, tier-int4, kvwhole, int8rope, shortk, int4fold, foldcheck,
 # foldtiles, foldall, ropetiles, ropetier, poicode, early, nodown, fusedmlp, mlptier, expertw2, heads, steptail,
-# defersum, atonce, earlyslots) were removed between 2026-12-05 and 2026-12-07; git history has them.
+# defersum, atonce, earlyslots, earlytile) were removed between 2026-12-05 and 2026-12-07; git history has them.
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -363,23 +360,6 @@ attnwarps)
     probe kv_attention.py  # the landed text for the tier
     [ "${TIER_LIMIT_S:-330}" = 0 ] || parallel_tier "${TIER_LIMIT_S:-330}"
     ;;
-earlytile)
-    # issue 11's SmolLM2 step (H100, 2026-12-07: generate() 2398-2404 tok/s, 0.416 ms; 0.400 wanted) with
-    # kv_attention.EARLY_TILE (FASTGEN_EARLY_TILE=1): the one split's first K/V tile loaded before the PDL wait, the
-    # query's slot after it, alternating with the default. Predicted: up to ~0.3-0.5 us a layer, ~10 us a step, if a
-    # tile's trip through one SM's port to L2 is on the chain. Then the attention's GPU tests and the early tile's
-    # own with FASTGEN_EARLY_TILE=1 (8 workers, .whl carried). EARLY_FORMS picks the forms
-    for form in ${EARLY_FORMS:-default early default early}; do
-        if [ "$form" = early ]; then
-            FASTGEN_EARLY_TILE=1 decode "smol_$form" 90 --model smollm2-135m --new-tokens 200
-        else
-            decode "smol_$form" 90 --model smollm2-135m --new-tokens 200
-        fi
-    done
-    python -c "import xdist" 2>/dev/null || export PYTHONPATH="$(ls -d "$PWD"/.whl/*.whl | tr '\n' ':')${PYTHONPATH:-}"
-    [ "${TIER_LIMIT_S:-150}" = 0 ] || FASTGEN_EARLY_TILE=1 tier "${TIER_LIMIT_S:-150}" -n 8 tests/test_gpu.py \
-        -k "early_tile or unquantized_decode_attention or one_split or compiled_cuda_graph_decode"
-    ;;
 autotune)
     decode smol 90 --model smollm2-135m
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode smol_autotune 150 --model smollm2-135m
@@ -387,7 +367,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps, earlytile or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps or autotune" >&2
     exit 2
     ;;
 esac

@@ -256,14 +256,6 @@ def main():
             ),
         )
     ]
-    early = [  # kv_attention.EARLY_TILE: the one split's first tile loaded before the wait, the query's slot after
-        (1, 3, 3, 64, 216, 200, 0, torch.float32),  # SmolLM2-135M's shape: the query in the last of 4 tiles
-        (2, 2, 4, 64, 50, 40, 0, torch.float32),  # the query in the one tile; row 1 starts at slot 7
-        (2, 1, 2, 80, 250, 130, 100, torch.float32),  # a window from slot 31
-        (1, 2, 2, 64, 64, 0, 0, torch.float16),  # the query's slot alone
-    ]
-    runs += [(f"{case}, early tile", lambda case=case: with_switch("EARLY_TILE", unquantized, *case)) for case in early]
-    runs += [("int8 KV, one tile, early tile", lambda: with_switch("EARLY_TILE", int8, S=50, slot=40))]
     runs += [("int8 gemv", int8_gemv), ("int8 expert gemv", int8_expert_gemv)]
     runs += [
         ("decode gemv, fp32, K 5000", decode_gemv),

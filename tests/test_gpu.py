@@ -662,35 +662,6 @@ def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, split, pdl
             assert any(launched_with_pdl(kernel)), kernel
 
 
-def compiled_with(kernel, constexpr: str) -> list:
-    """Each compiled variant of a Triton kernel in Triton's cache: the value it was built with for `constexpr`."""
-    index = (kernel.arg_names.index(constexpr),)
-    values = [k.src.constants.get(index) for cache in kernel.device_caches.values() for k in cache[0].values()]
-    return [getattr(v, "value", v) for v in values]
-
-
-@pytest.mark.parametrize("shape, compile", [("gqa-hd128", True), ("window", False), ("tied", True)])
-def test_early_tile_decode_equals_cpu_fp32_eager(monkeypatch, shape, compile):
-    """kv_attention.EARLY_TILE (opt-in): the one split's first tile loaded before the attention's PDL wait, the
-    query's own slot (which the kernel before writes) after it. The fused block's CUDA-graph decode with PDL,
-    eager and compiled around the blocks, gives the CPU fp32 eager tokens for a prompt whose slots stay in the
-    first tile and one whose slots cross into the second, and so does the batch of both (rows starting apart)."""
-    import gemv
-    import kv_attention
-
-    monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
-    monkeypatch.setattr(gemv, "FLOAT_GEMV_ENABLED", True)
-    monkeypatch.setattr(kv_attention, "PDL", True)
-    monkeypatch.setattr(kv_attention, "EARLY_TILE", True)
-    prompts = [PROMPTS[0], PROMPTS[2]]  # 10 + 40 slots: the first tile of 64; 41 + 40: into the second
-    cpu = random_model(shape)
-    want = [greedy(cpu, [p], 40, 128)[0] for p in prompts]
-    cuda = on(cpu, "cuda")
-    assert [greedy(cuda, [p], 40, 128, compile=compile)[0] for p in prompts] == want
-    assert greedy(cuda, prompts, 40, 128, compile=compile) == want
-    assert True in compiled_with(kv_attention._quantized_decode_kernel, "EARLY_TILE")
-
-
 @pytest.mark.parametrize(
     "shape, pdl, compile",
     [
