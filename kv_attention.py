@@ -58,6 +58,10 @@ SINGLE_SPLIT_MAX_TILES = int(os.environ.get("FASTGEN_SINGLE_SPLIT_TILES", "4"))
 # Such a cache's program reads its valid tiles one after another, 64 slots each. Reading it in one or two
 # wider tiles (128 / 256 slots, 8-16 warps, 2 stages) lost in bench.py's SmolLM2 on the H100 (2026-12-06):
 # 2265.9 tok/s with 64-slot tiles, 2215.9 with 128, 2158.1 with 256. Removed.
+# The tile's two products as fp32 multiply-and-sum over a [G_PAD, BLOCK, D] block (G padded to 4, not tl.dot's 16)
+# instead of tensor-core dots: not worth device time (2026-12-07, compile_kernels.py on the CPU, SmolLM2's one split
+# with PDL): the dots' loop is 272 sm_90 instructions a 64-slot tile at 69 registers; the sums' 3188 at 255
+# registers and 208 bytes of spills (shuffle trees: 670 SHFL.BFLY), 1596 at 32-slot tiles, 847 at 32 slots and 8 warps.
 # Kernels take no masks where every element of a tile is valid: the split-KV attention over the tiles between
 # a row's first and last (those two keep theirs; caches of WHOLE_TILES_MIN_PER_SPLIT tiles a split or more), and
 # gemv's batch-1 GEMVs over int8 weights whose tiles divide the weight. sm_90 loops (compile_kernels.py --loop):
