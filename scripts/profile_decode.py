@@ -7,13 +7,15 @@
 Random weights at the named shape (scripts/bench_ours.build_model), the decode step compiled as
 generate.py --compile does (one CUDA graph per step), a warm-up generate() that compiles it,
 then a few replays under the torch profiler. Prints the step time (CUDA events, no profiler),
-the sum of kernel times, and the kernels by total time per step: the table to put beside each
+generate()'s rate beside its steady step (the median gap between tokens reaching the host) and the
+loop without token reads, the sum of kernel times, and the kernels by total time per step: the table to put beside each
 kernel's bytes before deciding what to fuse or tune.
 """
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -110,6 +112,15 @@ def main(argv=None) -> int:
     prompts = random_prompts(args.batch, args.ctx, model.args.vocab_size).tolist()
     warm = gen.generate(prompts, args.new_tokens, Sampling())  # compiles
     res = gen.generate(prompts, args.new_tokens, Sampling())
+    # generate() again, each token's arrival on the host timed: the median gap between arrivals is generate()'s
+    # step once its loop runs steadily (on CUDA the reads are one step behind); what decode_s holds beyond that
+    # many steps at that gap is spent where the loop starts and ends
+    arrivals = []
+    timed = gen.generate(
+        prompts, args.new_tokens, Sampling(), on_token=lambda row, t: arrivals.append(time.perf_counter())
+    )
+    gaps = sorted(b - a for a, b in zip(arrivals[1:], arrivals[2:]))  # from the first decoded token on
+    steady_ms = gaps[len(gaps) // 2] * 1e3 if gaps else float("nan")
     token = torch.zeros(args.batch, 1, dtype=torch.long, device=device)
     input_pos = torch.tensor([args.ctx], device=device)
     sampling = Sampling()
@@ -154,6 +165,12 @@ def main(argv=None) -> int:
         f"replayed step {replay_ms:.3f} ms = {weight_gb * 1e3 / replay_ms:.0f} GB/s of {weight_gb:.2f} GB weights"
     )
     print(f"generate()'s loop without its token reads: {loop_ms:.3f} ms a step")
+    fixed_ms = timed.decode_s * 1e3 - steady_ms * timed.decode_steps
+    print(
+        f"generate() with each token's arrival timed: {timed.decode_s / timed.decode_steps * 1e3:.3f} ms a step, "
+        f"the median gap between arrivals {steady_ms:.3f} ms, so {fixed_ms:.2f} ms of its {timed.decode_s * 1e3:.2f} "
+        f"beyond {timed.decode_steps} steady steps"
+    )
     what = "kernels" if device.type == "cuda" else "operators (self time)"
     print(f"{what} per step: {calls:.0f}, their sum {kernel_us / 1e3:.3f} ms ({kernel_us / 1e3 / replay_ms:.0%} busy)")
     if kv_attention.pdl_applies(device) or torch._inductor.config.triton.enable_pdl and device.type == "cuda":

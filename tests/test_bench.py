@@ -486,6 +486,8 @@ def test_profile_decode_cpu_table(capsys):
     assert "smollm2-135m layers=4 " in out and "ms" in out  # --layers: the named shape, fewer layers
     loop_ms = float(out.split("generate()'s loop without its token reads: ")[1].split(" ms")[0])
     assert loop_ms > 0  # the advancing loop ran (its steps on the CPU take milliseconds)
+    gap_ms = float(out.split("the median gap between arrivals ")[1].split(" ms")[0])
+    assert gap_ms > 0  # the timed generate() saw its decoded tokens arrive one step apart
 
 
 def test_profile_decode_tile_replaces_one_shapes_launch(monkeypatch):
