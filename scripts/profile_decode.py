@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     print(
         f"generate() with each token's arrival timed: {timed.decode_s / timed.decode_steps * 1e3:.3f} ms a step, "
         f"the median gap between arrivals {steady_ms:.3f} ms, so {fixed_ms:.2f} ms of its {timed.decode_s * 1e3:.2f} "
-        f"beyond {timed.decode_steps} steady steps"
+        f"beyond {timed.decode_steps} steady steps (the first step, to its sync: {timed.first_decode_s * 1e3:.2f} ms)"
     )
     what = "kernels" if device.type == "cuda" else "operators (self time)"
     print(f"{what} per step: {calls:.0f}, their sum {kernel_us / 1e3:.3f} ms ({kernel_us / 1e3 / replay_ms:.0%} busy)")
