@@ -13,6 +13,7 @@ kernel's bytes before deciding what to fuse or tune.
 """
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -141,6 +142,28 @@ def main(argv=None) -> int:
 
     loop_ms = time_loop(loop_without_reads, device, 3) * 1e3 / max(1, args.new_tokens - 1)
 
+    def loop_reading(copy: bool, wait: bool):
+        # the same loop with a part of generate()'s token reads (generate.DeviceTokenReader): each step's token
+        # copied into pinned memory (copy), an event recorded after each step and the host waiting on the one two
+        # steps back (wait). The twenty-seventh session's H100 put 8-11 us of each steady step in the reads
+        t, pos, events = token.clone(), torch.tensor([args.ctx], device=device), []
+        for s in range(1, args.new_tokens):
+            t, pos = gen.decode_fn(model, t, pos, sampling)
+            if copy:
+                pinned[s].copy_(t.view(-1), non_blocking=True)
+            if wait:
+                events.append(torch.cuda.Event())
+                events[-1].record()
+                if s >= 2:
+                    events[s - 2].synchronize()
+
+    read_forms = {}
+    if device.type == "cuda":
+        pinned = torch.empty((args.new_tokens, args.batch), dtype=torch.long, pin_memory=True)
+        for name, copy, wait in (("copies", True, False), ("event waits", False, True), ("both", True, True)):
+            loop = functools.partial(loop_reading, copy, wait)
+            read_forms[name] = time_loop(loop, device, 3) * 1e3 / max(1, args.new_tokens - 1)
+
     for _ in range(3):
         step()
     sync(device)
@@ -165,6 +188,9 @@ def main(argv=None) -> int:
         f"replayed step {replay_ms:.3f} ms = {weight_gb * 1e3 / replay_ms:.0f} GB/s of {weight_gb:.2f} GB weights"
     )
     print(f"generate()'s loop without its token reads: {loop_ms:.3f} ms a step")
+    if read_forms:
+        forms = ", ".join(f"{name} {ms:.3f}" for name, ms in read_forms.items())
+        print(f"the loop with a part of the reads (ms a step): {forms}")
     fixed_ms = timed.decode_s * 1e3 - steady_ms * timed.decode_steps
     print(
         f"generate() with each token's arrival timed: {timed.decode_s / timed.decode_steps * 1e3:.3f} ms a step, "

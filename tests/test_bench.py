@@ -490,6 +490,23 @@ def test_profile_decode_cpu_table(capsys):
     assert gap_ms > 0  # the timed generate() saw its decoded tokens arrive one step apart
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_profile_decode_times_the_loop_with_parts_of_the_reads(capsys):
+    """profile_decode on CUDA (the compiled step, 2 layers): the replayed step, the loop without reads, the loop
+    with each part of generate()'s reads, and the timed generate()'s steady step, every one a positive time."""
+    import profile_decode
+
+    argv = ["--model", "smollm2-135m", "--layers", "2", "--new-tokens", "12", "--steps", "2", "--top", "3"]
+    assert profile_decode.main(argv) == 0
+    out = capsys.readouterr().out
+    forms = out.split("the loop with a part of the reads (ms a step): ")[1].splitlines()[0]
+    times = dict(part.rsplit(" ", 1) for part in forms.split(", "))
+    assert set(times) == {"copies", "event waits", "both"} and all(float(ms) > 0 for ms in times.values()), out
+    assert float(out.split("the median gap between arrivals ")[1].split(" ms")[0]) > 0, out
+    torch._dynamo.reset()
+
+
 def test_profile_decode_tile_replaces_one_shapes_launch(monkeypatch):
     """profile_decode.py --tile: the named float weight shape launches the given tile in the step, every
     other shape (and an int8 weight of that shape) keeps gemv.decode_gemv_tiles'; a bad spec is a one-line
