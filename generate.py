@@ -167,6 +167,9 @@ def advancing(step):
 
     def step_and_advance(model, token, input_pos, sampling):
         token.copy_(step(model, token, input_pos, sampling))
+        token_log = getattr(model, "token_log", None)  # TOKEN_LOG (a probe): the token also at its position
+        if token_log is not None:
+            token_log.index_copy_(1, input_pos, token)
         input_pos.add_(1)
         return token, input_pos
 
@@ -308,6 +311,61 @@ class RowTokens:
 
     def all_finished(self) -> bool:
         return all(self.finished(b) for b in range(len(self.ended)))
+
+
+# An opt-in probe for issue 11 (FASTGEN_TOKEN_LOG=1). On the H100 (2026-12-07, twenty-seventh session) generate()'s
+# steady step was 0.413-0.416 ms for SmolLM2-135M where the same loop without its token reads took 0.405: the reads
+# cost 8-11 us a step. With the switch, each decode step writes its token ids into the model's token_log at its
+# position, in pinned host memory the GPU writes straight into (mapped into its address space), and the host waits
+# for that slot to be written: no copy and no event in the stream between two steps' graphs.
+TOKEN_LOG = os.environ.get("FASTGEN_TOKEN_LOG", "0") == "1"
+
+
+def host_mapped_log(batch: int, slots: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(host, device view) of one [batch, slots] int64 log, every id -1: on CUDA pinned host memory and a
+    CUDA tensor over the same bytes (a kernel's stores land in host memory); on the CPU one tensor twice."""
+    host = torch.full((batch, slots), -1, dtype=torch.long, pin_memory=device.type == "cuda")
+    if device.type != "cuda":
+        return host, host
+
+    class HostMemory:  # torch.as_tensor makes a CUDA tensor over memory it does not own from this interface
+        __cuda_array_interface__ = {
+            "shape": (batch, slots), "typestr": "<i8", "data": (host.data_ptr(), False), "version": 3,
+        }  # fmt: skip
+
+    view = torch.as_tensor(HostMemory(), device=device)
+    view.owner = host  # the pinned memory lives as long as the view
+    return host, view
+
+
+class TokenLogReader:
+    """DeviceTokenReader's interface over the model's token_log (TOKEN_LOG): the ids of the step at position p
+    are read from the log's slot p once the step has written it (on CUDA a step behind, the host spinning on
+    pinned memory; on the CPU at once)."""
+
+    def __init__(self, model: Transformer, device: torch.device, first_pos: int, steps: int):
+        self.one_behind = device.type == "cuda"
+        self.log = model.token_log_host.numpy()  # the same bytes every read: a poll sees the GPU's store
+        self.log[:, first_pos : first_pos + steps] = -1  # an id is >= 0: -1 is "not written yet"
+        self.first_pos = first_pos
+
+    def synchronize(self):
+        if self.one_behind:
+            torch.cuda.synchronize()
+
+    def _ids_at(self, pos: int) -> list[int]:
+        ids = self.log[:, pos]
+        while self.one_behind and (ids < 0).any():  # (a CPU step has written it when it returns)
+            pass
+        return ids.tolist()
+
+    def read(self, step: int, token: torch.Tensor) -> list[int] | None:
+        if not self.one_behind:
+            return self._ids_at(self.first_pos + step - 1)
+        return None if step < 2 else self._ids_at(self.first_pos + step - 2)
+
+    def read_last(self, step: int) -> list[int] | None:
+        return self._ids_at(self.first_pos + step - 1) if self.one_behind else None
 
 
 class DeviceTokenReader:
@@ -521,6 +579,10 @@ class Generator:
             # tokens after the last token.
             if getattr(self, "history", None) is None or self.history.shape != (batch_size, max_seq_len + 1):
                 self.history = torch.zeros((batch_size, max_seq_len + 1), dtype=torch.long, device=self.device)
+        elif TOKEN_LOG and getattr(getattr(m, "token_log", None), "shape", None) != (batch_size, max_seq_len):
+            # a buffer, as the KV caches are: the compiled step takes it as an input and writes it in place
+            m.token_log_host, token_log = host_mapped_log(batch_size, max_seq_len, self.device)
+            m.register_buffer("token_log", token_log, persistent=False)
 
     @torch.no_grad()
     def generate(
@@ -645,7 +707,10 @@ class Generator:
         # A copy of prefill's token, once a call: off a CUDA graph the step overwrites what it is given, and
         # prefill's output may be a compiled program's (a package's).
         token, input_pos = token.clone(), torch.tensor([slot], device=self.device)
-        reader = DeviceTokenReader(self.device, max_new_tokens, token.shape[0])
+        if getattr(model, "token_log", None) is not None:
+            reader = TokenLogReader(model, self.device, slot, max_new_tokens - 1)
+        else:
+            reader = DeviceTokenReader(self.device, max_new_tokens, token.shape[0])
         t1 = time.perf_counter()
         for step in range(1, max_new_tokens):
             token, input_pos = self.decode_fn(model, token, input_pos, sampling)

@@ -2,6 +2,10 @@
 # The GPU runs this repo still owes (NOTES.md says why), batched for a device call of at most
 # 10 minutes each. Run from the repository root on the GPU machine:
 #
+#   bash scripts/gpu_pending.sh tokenlog   # ~6 min: issue 11's SmolLM2-135M with generate()'s token reads through a log
+#                                          #   its step writes into mapped host memory (FASTGEN_TOKEN_LOG=1) against
+#                                          #   the default, alternating (profile_decode, then bench.py), then the
+#                                          #   GPU tests of the log and of profile_decode's read forms
 #   bash scripts/gpu_pending.sh issue11    # ~9.5 min: bench.py's quick suite without transformers (issue 11's rows, 200
 #                                          #   new tokens): Llama-3-8B B1 / 32k / 8k of 32k / B8 and SmolLM2-135M
 #   bash scripts/gpu_pending.sh smoltiles  # ~5 min: issue 11's SmolLM2-135M (0.426 ms replayed on the H100, 2026-12-05,
@@ -90,6 +94,8 @@ decode() {  # decode NAME TIMEOUT_S profile_decode args...: one replayed-step li
     summary+=("  $(grep -h "replayed step" "$out/$name.txt" | head -1)")
     summary+=("  $(grep -h "without its token reads" "$out/$name.txt" | head -1)")
     summary+=("  $(grep -h "per step:" "$out/$name.txt" | head -1)")  # kernels a step, their share of it
+    summary+=("  $(grep -h "a part of the reads" "$out/$name.txt" | head -1)")  # copies / event waits / both
+    summary+=("  $(grep -h "arrival timed" "$out/$name.txt" | head -1)")  # generate()'s steady step
 }
 
 parallel_tier() {  # parallel_tier TIMEOUT_S: the whole GPU tier over TIER_WORKERS (8) pytest-xdist workers
@@ -177,6 +183,20 @@ kvbench)
     step kv_8k 290 python scripts/bench.py "${common[@]}" --batch 8 --ctx 8000 --kv-dtypes bf16,int8,fp8 \
         --time-budget-s 270 --out-dir "$out/kv_8k"
     summary+=("$(grep -E '^\| llama' "$out/kv_8k.txt")")
+    ;;
+tokenlog)
+    # what the reads cost (8-11 us of a 0.414 ms steady step on the H100, 2026-12-07) and whether the log takes it off
+    for round in 1 2; do
+        decode "smol_$round" 90 --model smollm2-135m --new-tokens 200
+        FASTGEN_TOKEN_LOG=1 decode "smol_log_$round" 90 --model smollm2-135m --new-tokens 200
+    done
+    smoke=(python scripts/bench.py --suite smoke --models smollm2-135m --compile --new-tokens 200 --runs 3 --no-hf
+        --no-cold-start)
+    step bench 60 "${smoke[@]}" --out-dir "$out/bench"
+    summary+=("  $(grep -E '^\| smollm2' "$out/bench.txt")")
+    FASTGEN_TOKEN_LOG=1 step bench_log 60 "${smoke[@]}" --out-dir "$out/bench_log"
+    summary+=("  $(grep -E '^\| smollm2' "$out/bench_log.txt")")
+    tier 150 -k "token_log or profile_decode or decode_loop_replays"
     ;;
 issue11)
     # issue 11's instrument: bench.py's quick suite (200 new tokens, median of 3, compiled; the H100's copy in the
@@ -367,7 +387,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, tokenlog, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps or autotune" >&2
     exit 2
     ;;
 esac

@@ -95,6 +95,33 @@ def test_compiled_decode_equals_eager():
     assert compiled == eager
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_token_log_reads_each_steps_ids_at_its_position(monkeypatch, compile):
+    """generate.TOKEN_LOG (a probe): each decode step writes its token ids into the model's token_log at its
+    position and the reader takes them from there: the tokens of the default reads, a chat's second turn too."""
+    import generate
+
+    model = tiny_model()
+    want = greedy(model, PROMPTS, 12, 64, compile=compile, stop_ids=[7]).tokens
+    plain = Generator(model, compile=compile)
+    plain.setup(1, 64)
+    chat = [plain.generate([PROMPTS[0]], 6, Sampling()).tokens[0]]
+    chat.append(plain.generate([[3, 4]], 6, Sampling(), continue_sequence=True).tokens[0])
+
+    monkeypatch.setattr(generate, "TOKEN_LOG", True)
+    gen = Generator(model, compile=compile)
+    gen.setup(len(PROMPTS), 64)
+    assert gen.generate(PROMPTS, 12, Sampling(), stop_ids=[7]).tokens == want
+    log = model.token_log_host
+    assert model.token_log is log and log.shape == (len(PROMPTS), 64)  # one tensor on the CPU
+    first = max(map(len, PROMPTS))  # the first decode step's position: its ids are the second tokens
+    assert [row[first] for row in log.tolist()] == [t[1] if len(t) > 1 else 7 for t in want]
+    gen.setup(1, 64)  # a log of the new shape
+    assert gen.generate([PROMPTS[0]], 6, Sampling()).tokens[0] == chat[0]
+    assert gen.generate([[3, 4]], 6, Sampling(), continue_sequence=True).tokens[0] == chat[1]
+    del model.token_log  # a later Generator of this model reads as by default
+
+
 @torch.no_grad()
 def test_decode_step_leaves_the_next_steps_inputs_in_place():
     """generate.decode_next (the Generator's step) overwrites its token with the next token and moves its

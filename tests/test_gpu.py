@@ -233,6 +233,34 @@ def test_decode_loop_replays_with_nothing_between_replays(compile):
     assert "aten::add_" not in per_16_steps and "aten::add" not in per_16_steps, per_16_steps
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["cuda-graph", "compiled"])
+def test_token_log_decodes_like_cpu_with_nothing_between_replays(monkeypatch, compile):
+    """generate.TOKEN_LOG (a probe for issue 11): each step's graph writes its token ids into pinned host memory
+    mapped into the GPU's address space, and the host reads them there: the greedy tokens of CPU fp32 eager, and
+    between two replays the host queues nothing at all (no copy to the host, no event)."""
+    import generate
+
+    cpu = random_model("tied")
+    want = greedy(cpu, PROMPTS[:3], 40, 128)
+    monkeypatch.setattr(generate, "TOKEN_LOG", True)
+    model = on(cpu, "cuda")
+    assert greedy(model, PROMPTS[:3], 40, 128, compile=compile) == want
+    assert model.token_log.is_cuda and model.token_log.data_ptr() == model.token_log_host.data_ptr()
+    gen = Generator(model, compile=compile)
+    gen.setup(1, 128)
+    assert gen.generate([PROMPTS[0]], 24, Sampling()).tokens == [want[0][:24]]
+
+    def ops_of(new_tokens):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            gen.generate([PROMPTS[0]], new_tokens, Sampling())
+        return {e.key: e.count for e in prof.key_averages()}
+
+    short, long = ops_of(8), ops_of(24)
+    per_16_steps = {op: long[op] - short.get(op, 0) for op in long if long[op] != short.get(op, 0)}
+    assert "aten::copy_" not in per_16_steps and "aten::clone" not in per_16_steps, per_16_steps
+    del model.token_log
+
+
 @pytest.mark.parametrize("q_len", [1, 40])  # decode (plain matmuls on CUDA) and prefill (fused SDPA)
 def test_eager_attention_on_cuda_equals_sliced_sdpa(q_len):
     from test_attention import FilledCache, sdpa_reference, valid_pairs
