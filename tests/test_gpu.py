@@ -211,6 +211,18 @@ def test_cuda_graph_step_runs_a_step_twice_before_capture():
     assert len(calls) == 3  # two plain runs and the capture
 
 
+def host_ops_of_16_more_steps(gen: Generator) -> dict:
+    """The host's torch ops (name -> count) that a generate() of 24 new tokens runs beyond one of 8."""
+
+    def ops_of(new_tokens):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            gen.generate([PROMPTS[0]], new_tokens, Sampling())
+        return {e.key: e.count for e in prof.key_averages()}
+
+    short, long = ops_of(8), ops_of(24)
+    return {op: long[op] - short.get(op, 0) for op in long if long[op] != short.get(op, 0)}
+
+
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_decode_loop_replays_with_nothing_between_replays(compile):
     """The decode loop hands each CUDA-graph replay its own input buffers back (generate.advancing): between
@@ -220,14 +232,7 @@ def test_decode_loop_replays_with_nothing_between_replays(compile):
     gen = Generator(model, compile=compile)
     gen.setup(1, 128)
     gen.generate([PROMPTS[0]], 24, Sampling())  # records (and compiles)
-
-    def ops_of(new_tokens):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            gen.generate([PROMPTS[0]], new_tokens, Sampling())
-        return {e.key: e.count for e in prof.key_averages()}
-
-    short, long = ops_of(8), ops_of(24)
-    per_16_steps = {op: long[op] - short.get(op, 0) for op in long if long[op] != short.get(op, 0)}
+    per_16_steps = host_ops_of_16_more_steps(gen)
     # 16 more steps: 16 replays, each followed by its token's copy to the host and nothing else
     assert per_16_steps.get("aten::copy_") == 16 and "aten::clone" not in per_16_steps, per_16_steps
     assert "aten::add_" not in per_16_steps and "aten::add" not in per_16_steps, per_16_steps
@@ -249,14 +254,7 @@ def test_token_log_decodes_like_cpu_with_nothing_between_replays(monkeypatch, co
     gen = Generator(model, compile=compile)
     gen.setup(1, 128)
     assert gen.generate([PROMPTS[0]], 24, Sampling()).tokens == [want[0][:24]]
-
-    def ops_of(new_tokens):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            gen.generate([PROMPTS[0]], new_tokens, Sampling())
-        return {e.key: e.count for e in prof.key_averages()}
-
-    short, long = ops_of(8), ops_of(24)
-    per_16_steps = {op: long[op] - short.get(op, 0) for op in long if long[op] != short.get(op, 0)}
+    per_16_steps = host_ops_of_16_more_steps(gen)
     assert "aten::copy_" not in per_16_steps and "aten::clone" not in per_16_steps, per_16_steps
     del model.token_log
 
