@@ -7,9 +7,9 @@
 Random weights at the named shape (scripts/bench_ours.build_model), the decode step compiled as
 generate.py --compile does (one CUDA graph per step), a warm-up generate() that compiles it,
 then a few replays under the torch profiler. Prints the step time (CUDA events, no profiler),
-generate()'s rate beside its steady step (the median gap between tokens reaching the host) and the
-loop without token reads, the sum of kernel times, and the kernels by total time per step: the table to put beside each
-kernel's bytes before deciding what to fuse or tune.
+generate()'s rate beside its steady step (the median gap between tokens reaching the host), the
+loop without token reads and with each part of them, the sum of kernel times, and the kernels by
+total time per step: the table to put beside each kernel's bytes before deciding what to fuse or tune.
 """
 
 import argparse
