@@ -354,9 +354,10 @@ class TokenLogReader:
             torch.cuda.synchronize()
 
     def _ids_at(self, pos: int) -> list[int]:
-        ids = self.log[:, pos]
+        ids, start = self.log[:, pos], time.perf_counter()
         while self.one_behind and (ids < 0).any():  # (a CPU step has written it when it returns)
-            pass
+            if time.perf_counter() - start > 60:  # a step takes milliseconds: the GPU's stores went elsewhere
+                raise RuntimeError(f"token log slot {pos} not written in 60 s; FASTGEN_TOKEN_LOG=0 reads by copy")
         return ids.tolist()
 
     def read(self, step: int, token: torch.Tensor) -> list[int] | None:
