@@ -123,6 +123,23 @@ def test_token_log_reads_each_steps_ids_at_its_position(monkeypatch, compile):
 
 
 @torch.no_grad()
+def test_compiled_step_writes_the_token_log_in_place():
+    """The step compiled whole (as generate.py compiles it around the fused blocks on an sm_90 GPU) writes its
+    token into the model's token_log buffer at its position, in the caller's tensor (TOKEN_LOG's reader polls it)."""
+    model = tiny_model()
+    model.setup_caches(2, 32)
+    model(torch.tensor([[5, 17, 3], [60, 1, 7]]), torch.arange(3))
+    log = torch.full((2, 32), -1, dtype=torch.long)
+    model.register_buffer("token_log", log, persistent=False)
+    token, input_pos = torch.tensor([[41], [9]]), torch.tensor([3])
+    torch.compile(decode_next, fullgraph=True)(model, token, input_pos, Sampling())
+    assert log[:, 3].tolist() == token.view(-1).tolist() and input_pos.tolist() == [4]
+    assert (log[:, :3] == -1).all() and (log[:, 4:] == -1).all()
+    del model.token_log
+    torch._dynamo.reset()
+
+
+@torch.no_grad()
 def test_decode_step_leaves_the_next_steps_inputs_in_place():
     """generate.decode_next (the Generator's step) overwrites its token with the next token and moves its
     position one slot on, handing both back: a CUDA graph of it replays with nothing between replays."""
