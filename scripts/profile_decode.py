@@ -132,20 +132,12 @@ def main(argv=None) -> int:
         # instead. On the CPU the step moves input_pos on one slot a call (16 calls by default)
         return gen.decode_fn(model, token, input_pos, sampling)
 
-    def loop_without_reads():
-        # generate()'s decode loop (the step's buffers handed back, the position moving on from ctx over
-        # the new tokens' slots) without its token reads: generate() minus this is what the reads cost,
-        # this minus the replayed step what the context's growth costs
-        t, pos = token.clone(), torch.tensor([args.ctx], device=device)
-        for _ in range(args.new_tokens - 1):
-            t, pos = gen.decode_fn(model, t, pos, sampling)
-
-    loop_ms = time_loop(loop_without_reads, device, 3) * 1e3 / max(1, args.new_tokens - 1)
-
-    def loop_reading(copy: bool, wait: bool):
-        # the same loop with a part of generate()'s token reads (generate.DeviceTokenReader): each step's token
+    def decode_loop(copy: bool = False, wait: bool = False):
+        # generate()'s decode loop (the step's buffers handed back, the position moving on from ctx over the new
+        # tokens' slots) with none or a part of its token reads (generate.DeviceTokenReader): each step's token
         # copied into pinned memory (copy), an event recorded after each step and the host waiting on the one two
-        # steps back (wait). The twenty-seventh session's H100 put 8-11 us of each steady step in the reads
+        # steps back (wait). generate() minus the loop without reads is what the reads cost (the twenty-seventh
+        # session's H100: 8-11 us of each steady step); that loop minus the replayed step, the context's growth
         t, pos, events = token.clone(), torch.tensor([args.ctx], device=device), []
         for s in range(1, args.new_tokens):
             t, pos = gen.decode_fn(model, t, pos, sampling)
@@ -157,12 +149,15 @@ def main(argv=None) -> int:
                 if s >= 2:
                     events[s - 2].synchronize()
 
+    def loop_step_ms(**reads) -> float:
+        return time_loop(functools.partial(decode_loop, **reads), device, 3) * 1e3 / max(1, args.new_tokens - 1)
+
+    loop_ms = loop_step_ms()
     read_forms = {}
     if device.type == "cuda":
         pinned = torch.empty((args.new_tokens, args.batch), dtype=torch.long, pin_memory=True)
         for name, copy, wait in (("copies", True, False), ("event waits", False, True), ("both", True, True)):
-            loop = functools.partial(loop_reading, copy, wait)
-            read_forms[name] = time_loop(loop, device, 3) * 1e3 / max(1, args.new_tokens - 1)
+            read_forms[name] = loop_step_ms(copy=copy, wait=wait)
 
     for _ in range(3):
         step()
