@@ -580,10 +580,12 @@ class Generator:
             # tokens after the last token.
             if getattr(self, "history", None) is None or self.history.shape != (batch_size, max_seq_len + 1):
                 self.history = torch.zeros((batch_size, max_seq_len + 1), dtype=torch.long, device=self.device)
-        elif TOKEN_LOG and getattr(getattr(m, "token_log", None), "shape", None) != (batch_size, max_seq_len):
-            # a buffer, as the KV caches are: the compiled step takes it as an input and writes it in place
-            m.token_log_host, token_log = host_mapped_log(batch_size, max_seq_len, self.device)
-            m.register_buffer("token_log", token_log, persistent=False)
+        elif TOKEN_LOG:
+            token_log = getattr(m, "token_log", None)
+            if token_log is None or token_log.shape != (batch_size, max_seq_len):
+                # a buffer, as the KV caches are: the compiled step takes it as an input and writes it in place
+                m.token_log_host, token_log = host_mapped_log(batch_size, max_seq_len, self.device)
+                m.register_buffer("token_log", token_log, persistent=False)
 
     @torch.no_grad()
     def generate(
