@@ -6,6 +6,9 @@
 #                                          #   its step writes into mapped host memory (FASTGEN_TOKEN_LOG=1) against
 #                                          #   the default, alternating (profile_decode, then bench.py), then the
 #                                          #   GPU tests of the log and of profile_decode's read forms
+#   bash scripts/gpu_pending.sh smallblock # ~6 min: issue 11's SmolLM2-135M with the one-split cache's tiles of 32 and
+#                                          #   16 slots against 64 (FASTGEN_SMALL_CACHE_BLOCK, a probe), alternating,
+#                                          #   then the one-split GPU tests at 16
 #   bash scripts/gpu_pending.sh issue11    # ~9.5 min: bench.py's quick suite without transformers (issue 11's rows, 200
 #                                          #   new tokens): Llama-3-8B B1 / 32k / 8k of 32k / B8 and SmolLM2-135M
 #   bash scripts/gpu_pending.sh smoltiles  # ~5 min: issue 11's SmolLM2-135M (0.426 ms replayed on the H100, 2026-12-05,
@@ -198,6 +201,15 @@ tokenlog)
     summary+=("  $(grep -E '^\| smollm2' "$out/bench_log.txt")")
     tier 150 -k "token_log or profile_decode or decode_loop_replays"
     ;;
+smallblock)
+    # the context's growth (~25 us a step on the H100) against the slots read past the query's: fewer in smaller tiles
+    for round in 1 2; do
+        for block in 64 32 16; do
+            FASTGEN_SMALL_CACHE_BLOCK=$block decode "smol_${block}_$round" 80 --model smollm2-135m --new-tokens 200
+        done
+    done
+    FASTGEN_SMALL_CACHE_BLOCK=16 tier 120 tests/test_gpu.py -k "(attention_kernel_equals and one-split) or one_split_decode or decode_loop_replays"
+    ;;
 issue11)
     # issue 11's instrument: bench.py's quick suite (200 new tokens, median of 3, compiled; the H100's copy in the
     # same run) without transformers: Llama-3-8B B1, 32k cache, 8k of 32k, B8, and SmolLM2-135M (2500 wanted; the
@@ -387,7 +399,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, tokenlog, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, tokenlog, smallblock, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps or autotune" >&2
     exit 2
     ;;
 esac
