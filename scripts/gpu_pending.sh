@@ -6,6 +6,8 @@
 #                                          #   its step writes into mapped host memory (FASTGEN_TOKEN_LOG=1) against
 #                                          #   the default, alternating (profile_decode, then bench.py), then the
 #                                          #   GPU tests of the log and of profile_decode's read forms
+#   bash scripts/gpu_pending.sh logtier    # ~9.5 min: tokenlog's SmolLM2 A/B once (default, then FASTGEN_TOKEN_LOG=1),
+#                                          #   then the whole tier over 8 workers in TIER_LIMIT_S (330 s): one start
 #   bash scripts/gpu_pending.sh smallblock # ~6 min: issue 11's SmolLM2-135M with the one-split cache's tiles of 32 and
 #                                          #   16 slots against 64 (FASTGEN_SMALL_CACHE_BLOCK, a probe), alternating,
 #                                          #   then the one-split GPU tests at 16
@@ -200,6 +202,12 @@ tokenlog)
     FASTGEN_TOKEN_LOG=1 step bench_log 60 "${smoke[@]}" --out-dir "$out/bench_log"
     summary+=("  $(grep -E '^\| smollm2' "$out/bench_log.txt")")
     tier 150 -k "token_log or profile_decode or decode_loop_replays"
+    ;;
+logtier)
+    # a short device budget's first call: the token log against the default once, then the whole tier
+    decode smol 90 --model smollm2-135m --new-tokens 200
+    FASTGEN_TOKEN_LOG=1 decode smol_log 90 --model smollm2-135m --new-tokens 200
+    parallel_tier "${TIER_LIMIT_S:-330}"
     ;;
 smallblock)
     # the context's growth (~25 us a step on the H100) against the slots read past the query's: fewer in smaller tiles
@@ -399,7 +407,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, tokenlog, smallblock, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, tokenlog, logtier, smallblock, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps or autotune" >&2
     exit 2
     ;;
 esac
