@@ -48,11 +48,6 @@ NUM_WARPS, NUM_STAGES = 4, 3  # the split kernel's launch (3 stages: Triton's de
 # 293.0 / 292.9 -> 295.2 / 294.9 tok/s (59.4 -> 59.8% of copy on the active bytes). FASTGEN_SINGLE_SPLIT_TILES=0
 # turns it off.
 SINGLE_SPLIT_MAX_TILES = int(os.environ.get("FASTGEN_SINGLE_SPLIT_TILES", "4"))
-# A probe, not yet timed (2026-12-07, twenty-eighth session): such a cache's tiles of 32 or 16 slots, not 64. The
-# step reads the slots from its first tile's start to its last tile's end, so up to a tile past the query's slot; a
-# SmolLM2 decode from 16 to 216 slots reads 148 slots a head on average in 64-slot tiles, 131 in 32, 123 in 16. The
-# wide tiles' loss (above) fits a cost a slot read (~5-10 ns a layer), not a tile.
-SMALL_CACHE_BLOCK = int(os.environ.get("FASTGEN_SMALL_CACHE_BLOCK", str(BLOCK_N)))
 # Attending such a cache's tiles at once (one batched dot of SmolLM2's 4 tiles, a warp a tile, each tile's softmax
 # combined after, not a loop whose tiles are a chain) lost on the H100 (2026-12-07): the replayed step 0.395 -> 0.467
 # ms, generate() 2330 -> 2082 tok/s. Removed (3217aad has it). Loading the one split's first tile before the PDL
@@ -62,7 +57,11 @@ SMALL_CACHE_BLOCK = int(os.environ.get("FASTGEN_SMALL_CACHE_BLOCK", str(BLOCK_N)
 # (cbb1f43 has it). Why, not measured: the tile likely hits L2, so its load after the wait cost no more than q's.
 # Such a cache's program reads its valid tiles one after another, 64 slots each. Reading it in one or two
 # wider tiles (128 / 256 slots, 8-16 warps, 2 stages) lost in bench.py's SmolLM2 on the H100 (2026-12-06):
-# 2265.9 tok/s with 64-slot tiles, 2215.9 with 128, 2158.1 with 256. Removed.
+# 2265.9 tok/s with 64-slot tiles, 2215.9 with 128, 2158.1 with 256. Removed. Narrower tiles lost too (H100,
+# 2026-12-07, twenty-eighth session, alternating twice; 2f10e12 has the switch): generate() 2390.2 / 2375.1 tok/s with
+# 64 slots, 2294.1 / 2283.4 with 32, 2085.7 / 2076.8 with 16, though fewer slots past the query's are read (148 a
+# head on average at 64, 131 at 32, 123 at 16) and the replayed step at one tile went 0.384 -> 0.378 ms at 32: the
+# context's growth costs a tile, not a slot.
 # The tile's two products as fp32 multiply-and-sum over a [G_PAD, BLOCK, D] block (G padded to 4, not tl.dot's 16)
 # instead of tensor-core dots: not worth device time (2026-12-07, compile_kernels.py on the CPU, SmolLM2's one split
 # with PDL): the dots' loop is 272 sm_90 instructions a 64-slot tile at 69 registers; the sums' 3188 at 255
@@ -532,7 +531,6 @@ if triton is not None:
         fp8_via_f32 = (  # the PTX form, for e4m3 under bf16 queries only
             KV_FP8_VIA_F32 and KV_ASM and (k_cache.dtype, q.dtype) == (torch.float8_e4m3fn, torch.bfloat16)
         )
-        block = SMALL_CACHE_BLOCK if -(-S // BLOCK_N) <= SINGLE_SPLIT_MAX_TILES else BLOCK_N
         wrap_triton(_quantized_decode_kernel)[(B * n_kv_heads, splits)](
             q.contiguous(),
             k_cache,
@@ -552,7 +550,7 @@ if triton is not None:
             G=G,
             G_PAD=G_PAD,
             D_PAD=D_PAD,
-            BLOCK=block,
+            BLOCK=BLOCK_N,
             SPLITS=splits,
             SPLITS_PAD=triton.next_power_of_2(splits),
             HAS_SCALES=has_scales,

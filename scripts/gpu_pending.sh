@@ -8,9 +8,6 @@
 #                                          #   GPU tests of the log and of profile_decode's read forms
 #   bash scripts/gpu_pending.sh logtier    # ~9.5 min: tokenlog's SmolLM2 A/B once (default, then FASTGEN_TOKEN_LOG=1),
 #                                          #   then the whole tier over 8 workers in TIER_LIMIT_S (330 s): one start
-#   bash scripts/gpu_pending.sh smallblock # ~6 min: issue 11's SmolLM2-135M with the one-split cache's tiles of 32 and
-#                                          #   16 slots against 64 (FASTGEN_SMALL_CACHE_BLOCK, a probe), alternating,
-#                                          #   then the one-split GPU tests at 16
 #   bash scripts/gpu_pending.sh issue11    # ~9.5 min: bench.py's quick suite without transformers (issue 11's rows, 200
 #                                          #   new tokens): Llama-3-8B B1 / 32k / 8k of 32k / B8 and SmolLM2-135M
 #   bash scripts/gpu_pending.sh smoltiles  # ~5 min: issue 11's SmolLM2-135M (0.426 ms replayed on the H100, 2026-12-05,
@@ -74,7 +71,7 @@
 # next, floatgemv, moegateup, moeb1, ropeqkv, mega, megadot, megaphases, smolattn, downall, downbench, smolnext,
 # mergewo, ninth, wholetiles, steptiles, wqkvtile, tier-int4, kvwhole, int8rope, shortk, int4fold, foldcheck,
 # foldtiles, foldall, ropetiles, ropetier, poicode, early, nodown, fusedmlp, mlptier, expertw2, heads, steptail,
-# defersum, atonce, earlyslots, earlytile) were removed between 2026-12-05 and 2026-12-07; git history has them.
+# defersum, atonce, earlyslots, earlytile, smallblock) were removed between 2026-12-05 and 2026-12-07; git history has them.
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -208,15 +205,6 @@ logtier)
     decode smol 90 --model smollm2-135m --new-tokens 200
     FASTGEN_TOKEN_LOG=1 decode smol_log 90 --model smollm2-135m --new-tokens 200
     parallel_tier "${TIER_LIMIT_S:-330}"
-    ;;
-smallblock)
-    # the context's growth (~25 us a step on the H100) against the slots read past the query's: fewer in smaller tiles
-    for round in 1 2; do
-        for block in 64 32 16; do
-            FASTGEN_SMALL_CACHE_BLOCK=$block decode "smol_${block}_$round" 80 --model smollm2-135m --new-tokens 200
-        done
-    done
-    FASTGEN_SMALL_CACHE_BLOCK=16 tier 120 tests/test_gpu.py -k "(attention_kernel_equals and one-split) or one_split_decode or decode_loop_replays"
     ;;
 issue11)
     # issue 11's instrument: bench.py's quick suite (200 new tokens, median of 3, compiled; the H100's copy in the
@@ -407,7 +395,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, tokenlog, logtier, smallblock, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, tokenlog, logtier, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps or autotune" >&2
     exit 2
     ;;
 esac
