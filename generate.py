@@ -167,7 +167,7 @@ def advancing(step):
 
     def step_and_advance(model, token, input_pos, sampling):
         token.copy_(step(model, token, input_pos, sampling))
-        token_log = getattr(model, "token_log", None)  # TOKEN_LOG (a probe): the token also at its position
+        token_log = getattr(model, "token_log", None)  # TOKEN_LOG (opt-in): the token also at its position
         if token_log is not None:
             token_log.index_copy_(1, input_pos, token)
         input_pos.add_(1)
@@ -313,11 +313,15 @@ class RowTokens:
         return all(self.finished(b) for b in range(len(self.ended)))
 
 
-# An opt-in probe for issue 11 (FASTGEN_TOKEN_LOG=1). On the H100 (2026-12-07, twenty-seventh session) generate()'s
-# steady step was 0.413-0.416 ms for SmolLM2-135M where the same loop without its token reads took 0.405: the reads
-# cost 8-11 us a step. With the switch, each decode step writes its token ids into the model's token_log at its
-# position, in pinned host memory the GPU writes straight into (mapped into its address space), and the host waits
-# for that slot to be written: no copy and no event in the stream between two steps' graphs.
+# Issue 11's token reads without copies, opt-in (FASTGEN_TOKEN_LOG=1). On the H100 (2026-12-07, twenty-seventh
+# session) generate()'s steady step was 0.413-0.416 ms for SmolLM2-135M where the same loop without its token reads
+# took 0.405: the reads cost 8-11 us a step, the copies to the host all of it (twenty-eighth: 0.419 with them, 0.408
+# without; the event waits nothing). With the switch, each decode step writes its token ids into the model's
+# token_log at its position, in pinned host memory the GPU writes straight into (mapped into its address space), and
+# the host waits for that slot to be written: no copy and no event in the stream between two steps' graphs. H100,
+# twenty-eighth session: bench.py 2380.6 / 2389.6 -> 2445.4 / 2451.5 tok/s (+2.6%), generate()'s steady step 0.420
+# -> 0.403 ms; its GPU tests pass. Not the default until the whole GPU tier has passed with it on; then it can
+# replace DeviceTokenReader on every device (its CPU form reads the step's slot at once).
 TOKEN_LOG = os.environ.get("FASTGEN_TOKEN_LOG", "0") == "1"
 
 
