@@ -97,7 +97,7 @@ def test_compiled_decode_equals_eager():
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_token_log_reads_each_steps_ids_at_its_position(monkeypatch, compile):
-    """generate.TOKEN_LOG (a probe): each decode step writes its token ids into the model's token_log at its
+    """generate.TOKEN_LOG (opt-in): each decode step writes its token ids into the model's token_log at its
     position and the reader takes them from there: the tokens of the default reads, a chat's second turn too."""
     import generate
 

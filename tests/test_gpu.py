@@ -243,7 +243,7 @@ def test_decode_loop_replays_with_nothing_between_replays(compile):
 
 @pytest.mark.parametrize("compile", [False, True], ids=["cuda-graph", "compiled"])
 def test_token_log_decodes_like_cpu_with_nothing_between_replays(monkeypatch, compile):
-    """generate.TOKEN_LOG (a probe for issue 11): each step's graph writes its token ids into pinned host memory
+    """generate.TOKEN_LOG (opt-in, issue 11): each step's graph writes its token ids into pinned host memory
     mapped into the GPU's address space, and the host reads them there: the greedy tokens of CPU fp32 eager, and
     between two replays the host queues nothing at all (no copy to the host, no event)."""
     import generate
