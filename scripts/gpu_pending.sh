@@ -71,7 +71,8 @@
 # next, floatgemv, moegateup, moeb1, ropeqkv, mega, megadot, megaphases, smolattn, downall, downbench, smolnext,
 # mergewo, ninth, wholetiles, steptiles, wqkvtile, tier-int4, kvwhole, int8rope, shortk, int4fold, foldcheck,
 # foldtiles, foldall, ropetiles, ropetier, poicode, early, nodown, fusedmlp, mlptier, expertw2, heads, steptail,
-# defersum, atonce, earlyslots, earlytile, smallblock) were removed between 2026-12-05 and 2026-12-07; git history has them.
+# defersum, atonce, earlyslots, earlytile, smallblock) were removed between 2026-12-05 and 2026-12-07; git history
+# has them.
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -98,6 +99,7 @@ decode() {  # decode NAME TIMEOUT_S profile_decode args...: one replayed-step li
     summary+=("  $(grep -h "per step:" "$out/$name.txt" | head -1)")  # kernels a step, their share of it
     summary+=("  $(grep -h "a part of the reads" "$out/$name.txt" | head -1)")  # copies / event waits / both
     summary+=("  $(grep -h "arrival timed" "$out/$name.txt" | head -1)")  # generate()'s steady step
+    summary+=("  $(grep -h "gaps between arrivals" "$out/$name.txt" | head -1)")  # and where its excess sits
 }
 
 parallel_tier() {  # parallel_tier TIMEOUT_S: the whole GPU tier over TIER_WORKERS (8) pytest-xdist workers

@@ -117,11 +117,15 @@ def main(argv=None) -> int:
     # step once its loop runs steadily (on CUDA the reads are one step behind); what decode_s holds beyond that
     # many steps at that gap is spent where the loop starts and ends
     arrivals = []
-    timed = gen.generate(
-        prompts, args.new_tokens, Sampling(), on_token=lambda row, t: arrivals.append(time.perf_counter())
-    )
-    gaps = sorted(b - a for a, b in zip(arrivals[1:], arrivals[2:]))  # from the first decoded token on
-    steady_ms = gaps[len(gaps) // 2] * 1e3 if gaps else float("nan")
+
+    def arrived(row, token_id):  # row 0's only: a step's rows reach the host together
+        if row == 0:
+            arrivals.append(time.perf_counter())
+
+    timed = gen.generate(prompts, args.new_tokens, Sampling(), on_token=arrived)
+    step_gaps = [(b - a) * 1e3 for a, b in zip(arrivals[1:], arrivals[2:])]  # ms, from the first decoded token on
+    gaps = sorted(step_gaps)
+    steady_ms = gaps[len(gaps) // 2] if gaps else float("nan")
     token = torch.zeros(args.batch, 1, dtype=torch.long, device=device)
     input_pos = torch.tensor([args.ctx], device=device)
     sampling = Sampling()
@@ -192,6 +196,18 @@ def main(argv=None) -> int:
         f"the median gap between arrivals {steady_ms:.3f} ms, so {fixed_ms:.2f} ms of its {timed.decode_s * 1e3:.2f} "
         f"beyond {timed.decode_steps} steady steps (the first step, to its sync: {timed.first_decode_s * 1e3:.2f} ms)"
     )
+    if gaps:
+        # where the mean step's excess over the median gap sits: a few long gaps (the host late), or none (the
+        # loop's ends). The token log's H100 run (twenty-eighth session) left 1.14 ms a call there, the copies 0.12
+        long_gaps = [(i, gap) for i, gap in enumerate(step_gaps) if gap > 1.5 * steady_ms]
+        long_excess_ms = sum(gap - steady_ms for _, gap in long_gaps)
+        print(
+            f"the gaps between arrivals (ms): p10 {gaps[len(gaps) // 10]:.3f}, p90 {gaps[len(gaps) * 9 // 10]:.3f}, "
+            f"max {gaps[-1]:.3f}; {len(long_gaps)} over 1.5x the median, "
+            f"{long_excess_ms:.2f} ms beyond it, at gaps {[i for i, _ in long_gaps[:8]]}; "
+            f"the first three {' '.join(f'{gap:.3f}' for gap in step_gaps[:3])}, "
+            f"the last three {' '.join(f'{gap:.3f}' for gap in step_gaps[-3:])}"
+        )
     what = "kernels" if device.type == "cuda" else "operators (self time)"
     print(f"{what} per step: {calls:.0f}, their sum {kernel_us / 1e3:.3f} ms ({kernel_us / 1e3 / replay_ms:.0%} busy)")
     if kv_attention.pdl_applies(device) or torch._inductor.config.triton.enable_pdl and device.type == "cuda":

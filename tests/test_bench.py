@@ -488,6 +488,9 @@ def test_profile_decode_cpu_table(capsys):
     assert loop_ms > 0  # the advancing loop ran (its steps on the CPU take milliseconds)
     gap_ms = float(out.split("the median gap between arrivals ")[1].split(" ms")[0])
     assert gap_ms > 0  # the timed generate() saw its decoded tokens arrive one step apart
+    spread = out.split("the gaps between arrivals (ms): ")[1].splitlines()[0]
+    p10, p90 = (float(spread.split(f"{q} ")[1].split(",")[0]) for q in ("p10", "p90"))
+    assert 0 < p10 <= gap_ms <= p90, out  # the spread of the same gaps, around their median
 
 
 @pytest.mark.gpu
