@@ -586,9 +586,11 @@ class Generator:
                 self.history = torch.zeros((batch_size, max_seq_len + 1), dtype=torch.long, device=self.device)
         elif TOKEN_LOG:
             token_log = getattr(m, "token_log", None)
-            if token_log is None or token_log.shape != (batch_size, max_seq_len):
-                # a buffer, as the KV caches are: the compiled step takes it as an input and writes it in place
-                m.token_log_host, token_log = host_mapped_log(batch_size, max_seq_len, self.device)
+            if token_log is None or token_log.shape != (batch_size, m.cache_len):
+                # a buffer, as the KV caches are: the compiled step takes it as an input and writes it in place.
+                # A slot for each of the cache's (max_seq_len rounded up): any position the step may write the
+                # cache at is in range for the log too (profile_decode's CPU step runs on past max_seq_len)
+                m.token_log_host, token_log = host_mapped_log(batch_size, m.cache_len, self.device)
                 m.register_buffer("token_log", token_log, persistent=False)
 
     @torch.no_grad()

@@ -114,7 +114,7 @@ def test_token_log_reads_each_steps_ids_at_its_position(monkeypatch):
     gen.setup(len(PROMPTS), 64)
     assert gen.generate(PROMPTS, 12, Sampling(), stop_ids=[7]).tokens == want
     log = model.token_log_host
-    assert model.token_log is log and log.shape == (len(PROMPTS), 64)  # one tensor on the CPU
+    assert model.token_log is log and log.shape == (len(PROMPTS), model.cache_len)  # one tensor on the CPU
     first = max(map(len, PROMPTS))  # the first decode step's position: its ids are the second tokens
     assert [row[first] for row in log.tolist()] == [t[1] if len(t) > 1 else 7 for t in want]
     gen.setup(1, 64)  # a log of the new shape
