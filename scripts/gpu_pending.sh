@@ -7,7 +7,8 @@
 #                                          #   the default, alternating (profile_decode, then bench.py), then the
 #                                          #   GPU tests of the log and of profile_decode's read forms
 #   bash scripts/gpu_pending.sh logtier    # ~9.5 min: tokenlog's SmolLM2 A/B once (default, then FASTGEN_TOKEN_LOG=1),
-#                                          #   then the whole tier over 8 workers in TIER_LIMIT_S (330 s): one start
+#                                          #   then the whole tier over 8 workers in TIER_LIMIT_S (330 s) with the log
+#                                          #   on (TIER_TOKEN_LOG=0: off): one start
 #   bash scripts/gpu_pending.sh issue11    # ~9.5 min: bench.py's quick suite without transformers (issue 11's rows, 200
 #                                          #   new tokens): Llama-3-8B B1 / 32k / 8k of 32k / B8 and SmolLM2-135M
 #   bash scripts/gpu_pending.sh smoltiles  # ~5 min: issue 11's SmolLM2-135M (0.426 ms replayed on the H100, 2026-12-05,
@@ -204,9 +205,10 @@ tokenlog)
     ;;
 logtier)
     # a short device budget's first call: the token log against the default once, then the whole tier
+    # The tier runs with the log on (TIER_TOKEN_LOG=0: off), the check before making it the default
     decode smol 90 --model smollm2-135m --new-tokens 200
     FASTGEN_TOKEN_LOG=1 decode smol_log 90 --model smollm2-135m --new-tokens 200
-    parallel_tier "${TIER_LIMIT_S:-330}"
+    FASTGEN_TOKEN_LOG=${TIER_TOKEN_LOG:-1} parallel_tier "${TIER_LIMIT_S:-330}"
     ;;
 issue11)
     # issue 11's instrument: bench.py's quick suite (200 new tokens, median of 3, compiled; the H100's copy in the
