@@ -167,7 +167,7 @@ def advancing(step):
 
     def step_and_advance(model, token, input_pos, sampling):
         token.copy_(step(model, token, input_pos, sampling))
-        token_log = getattr(model, "token_log", None)  # TOKEN_LOG (opt-in): the token also at its position
+        token_log = getattr(model, "token_log", None)  # TOKEN_LOG: the token also at its position
         if token_log is not None:
             token_log.index_copy_(1, input_pos, token)
         input_pos.add_(1)
@@ -216,7 +216,7 @@ class CUDAGraphStep:
     launch per step instead of hundreds of small kernels (Python launch overhead is most of an
     eager GPU step). Called as step(model, *args); tensor args are copied into the graph's input
     buffers, other args (sampling, sizes) are part of what was recorded. Recorded again when the
-    shapes, those args or the cache change."""
+    shapes, those args, the cache or the token log change."""
 
     def __init__(self, step):
         self.step = step
@@ -225,7 +225,13 @@ class CUDAGraphStep:
     def __call__(self, model, *args):
         cache = model.layers[0].attention.kv_cache
         shapes = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
-        key = (shapes, model.row_start.data_ptr(), cache.k_cache.data_ptr())
+        token_log = getattr(model, "token_log", None)  # the step writes it: a new log is a new recording
+        key = (
+            shapes,
+            model.row_start.data_ptr(),
+            cache.k_cache.data_ptr(),
+            None if token_log is None else token_log.data_ptr(),
+        )
         if key != self.key:
             self.record(model, args)
             self.key = key
@@ -313,24 +319,21 @@ class RowTokens:
         return all(self.finished(b) for b in range(len(self.ended)))
 
 
-# Issue 11's token reads without copies, opt-in (FASTGEN_TOKEN_LOG=1). On the H100 (2026-12-07, twenty-seventh
-# session) generate()'s steady step was 0.413-0.416 ms for SmolLM2-135M where the same loop without its token reads
-# took 0.405: the reads cost 8-11 us a step, the copies to the host all of it (twenty-eighth: 0.419 with them, 0.408
-# without; the event waits nothing). With the switch, each decode step writes its token ids into the model's
-# token_log at its position, in pinned host memory the GPU writes straight into (mapped into its address space), and
-# the host waits for that slot to be written: no copy and no event in the stream between two steps' graphs. H100,
-# twenty-eighth session: bench.py 2380.6 / 2389.6 -> 2445.4 / 2451.5 tok/s (+2.6%), generate()'s steady step 0.420
-# -> 0.403 ms; its GPU tests pass. Not the default until the whole GPU tier has passed with it on; then it can
-# replace DeviceTokenReader on every device (its CPU form reads the step's slot at once).
-TOKEN_LOG = os.environ.get("FASTGEN_TOKEN_LOG", "0") == "1"
+# Issue 11's token reads without copies (FASTGEN_TOKEN_LOG=0 reads by copy instead). Each decode step writes its
+# token ids into the model's token_log at its position, in pinned host memory the GPU writes straight into (mapped
+# into its address space), and the host waits for that slot to be written: no copy and no event in the stream
+# between two steps' graphs. On the H100 (2026-12-07, twenty-eighth session) the copies were the whole cost of the
+# reads (the loop read 0.419 ms a step with them, 0.408 without; the event waits nothing); with the log bench.py's
+# SmolLM2-135M went 2380.6 / 2389.6 -> 2445.4 / 2451.5 tok/s (+2.6%), generate()'s steady step 0.420 -> 0.403 ms.
+TOKEN_LOG = os.environ.get("FASTGEN_TOKEN_LOG", "1") == "1"
 
 
-def host_mapped_log(batch: int, slots: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(host, device view) of one [batch, slots] int64 log, every id -1: on CUDA pinned host memory and a
-    CUDA tensor over the same bytes (a kernel's stores land in host memory); on the CPU one tensor twice."""
+def host_mapped_log(batch: int, slots: int, device: torch.device) -> torch.Tensor:
+    """One [batch, slots] int64 log on `device`, every id -1: on CUDA a tensor over pinned host memory (a kernel's
+    stores land in host memory; its `owner` is the host tensor over the same bytes); on the CPU a plain tensor."""
     host = torch.full((batch, slots), -1, dtype=torch.long, pin_memory=device.type == "cuda")
     if device.type != "cuda":
-        return host, host
+        return host
 
     class HostMemory:  # torch.as_tensor makes a CUDA tensor over memory it does not own from this interface
         __cuda_array_interface__ = {
@@ -339,50 +342,16 @@ def host_mapped_log(batch: int, slots: int, device: torch.device) -> tuple[torch
 
     view = torch.as_tensor(HostMemory(), device=device)
     view.owner = host  # the pinned memory lives as long as the view
-    return host, view
+    return view
 
 
-class TokenLogReader:
-    """DeviceTokenReader's interface over the model's token_log (TOKEN_LOG): the ids of the step at position p
-    are read from the log's slot p once the step has written it (on CUDA a step behind, the host spinning on
-    pinned memory; on the CPU at once)."""
+class OneStepBehind:
+    """Brings each decode step's token ids [B, 1] to the host. On CUDA read(step) returns the previous step's ids,
+    so the GPU always has the next step queued, and read_last the last step's once the loop has ended; on the CPU
+    read(step) returns the step's own. A subclass says how a step's ids are kept (record) and fetched (ids_of)."""
 
-    def __init__(self, model: Transformer, device: torch.device, first_pos: int, steps: int):
+    def __init__(self, device: torch.device):
         self.one_behind = device.type == "cuda"
-        self.log = model.token_log_host.numpy()  # the same bytes every read: a poll sees the GPU's store
-        self.log[:, first_pos : first_pos + steps] = -1  # an id is >= 0: -1 is "not written yet"
-        self.first_pos = first_pos
-
-    def synchronize(self):
-        if self.one_behind:
-            torch.cuda.synchronize()
-
-    def _ids_at(self, pos: int) -> list[int]:
-        ids, start = self.log[:, pos], time.perf_counter()
-        while self.one_behind and (ids < 0).any():  # (a CPU step has written it when it returns)
-            if time.perf_counter() - start > 60:  # a step takes milliseconds: the GPU's stores went elsewhere
-                raise RuntimeError(f"token log slot {pos} not written in 60 s; FASTGEN_TOKEN_LOG=0 reads by copy")
-        return ids.tolist()
-
-    def read(self, step: int, token: torch.Tensor) -> list[int] | None:
-        if not self.one_behind:
-            return self._ids_at(self.first_pos + step - 1)
-        return None if step < 2 else self._ids_at(self.first_pos + step - 2)
-
-    def read_last(self, step: int) -> list[int] | None:
-        return self._ids_at(self.first_pos + step - 1) if self.one_behind else None
-
-
-class DeviceTokenReader:
-    """Brings each decode step's token ids [B, 1] to the host. On CUDA it copies them into pinned
-    memory without waiting and returns the previous step's ids, so the GPU always has the next
-    step queued; on the CPU it returns the current step's ids."""
-
-    def __init__(self, device: torch.device, steps: int, batch: int):
-        self.one_behind = device.type == "cuda"
-        if self.one_behind:
-            self.host = torch.empty((steps, batch), dtype=torch.long, pin_memory=True)
-            self.events = []
 
     def synchronize(self):
         """Wait for the device (timings; nothing to wait for on the CPU)."""
@@ -391,21 +360,64 @@ class DeviceTokenReader:
 
     def read(self, step: int, token: torch.Tensor) -> list[int] | None:
         """The ids to take after decode step `step` (1, 2, ...), or None (CUDA, step 1)."""
+        self.record(step, token)
         if not self.one_behind:
-            return token.view(-1).tolist()
-        self.host[step].copy_(token.view(-1), non_blocking=True)
-        self.events.append(torch.cuda.Event())
-        self.events[-1].record()
-        if step < 2:
-            return None
-        self.events[step - 2].synchronize()
-        return self.host[step - 1].tolist()
+            return self.ids_of(step)
+        return None if step < 2 else self.ids_of(step - 1)
 
     def read_last(self, step: int) -> list[int] | None:
         """After the loop ran to its end: the last step's ids not yet returned (CUDA only)."""
+        return self.ids_of(step) if self.one_behind else None
+
+    def record(self, step: int, token: torch.Tensor):
+        pass
+
+    def ids_of(self, step: int) -> list[int]:
+        raise NotImplementedError
+
+
+class TokenLogReader(OneStepBehind):
+    """Reads the ids of the step at position p from the model's token_log slot p (TOKEN_LOG) once the step has
+    written it: on CUDA the host spins on pinned memory; on the CPU the step has written it when it returns."""
+
+    def __init__(self, model: Transformer, device: torch.device, first_pos: int, steps: int):
+        super().__init__(device)
+        host = getattr(model.token_log, "owner", model.token_log)  # on the CPU the log itself
+        self.log = host.numpy()  # the same bytes every read: a poll sees the GPU's store
+        self.log[:, first_pos : first_pos + steps] = -1  # an id is >= 0: -1 is "not written yet"
+        self.first_pos = first_pos
+
+    def ids_of(self, step: int) -> list[int]:
+        pos = self.first_pos + step - 1
+        ids, start = self.log[:, pos], time.perf_counter()
+        while ids.min() < 0:  # a reduction to one scalar: no array made each poll
+            if time.perf_counter() - start > 60:  # a step takes milliseconds: the GPU's stores went elsewhere
+                raise RuntimeError(f"token log slot {pos} not written in 60 s; FASTGEN_TOKEN_LOG=0 reads by copy")
+        return ids.tolist()
+
+
+class DeviceTokenReader(OneStepBehind):
+    """FASTGEN_TOKEN_LOG=0's reads: on CUDA each step's ids are copied into pinned memory without waiting, an event
+    after the copy, and read once the event has passed; on the CPU the step's token itself."""
+
+    def __init__(self, device: torch.device, steps: int, batch: int):
+        super().__init__(device)
+        if self.one_behind:
+            self.host = torch.empty((steps, batch), dtype=torch.long, pin_memory=True)
+            self.events = {}
+
+    def record(self, step: int, token: torch.Tensor):
         if not self.one_behind:
-            return None
-        torch.cuda.synchronize()
+            self.token = token
+            return
+        self.host[step].copy_(token.view(-1), non_blocking=True)
+        self.events[step] = torch.cuda.Event()
+        self.events[step].record()
+
+    def ids_of(self, step: int) -> list[int]:
+        if not self.one_behind:
+            return self.token.view(-1).tolist()
+        self.events[step].synchronize()
         return self.host[step].tolist()
 
 
@@ -586,11 +598,16 @@ class Generator:
                 self.history = torch.zeros((batch_size, max_seq_len + 1), dtype=torch.long, device=self.device)
         elif TOKEN_LOG:
             token_log = getattr(m, "token_log", None)
-            if token_log is None or token_log.shape != (batch_size, m.cache_len):
+            if (
+                token_log is None
+                or token_log.shape != (batch_size, m.cache_len)
+                or token_log.device.type != self.device.type
+                or (self.device.type == "cuda" and not hasattr(token_log, "owner"))  # moved: no longer host memory
+            ):
                 # a buffer, as the KV caches are: the compiled step takes it as an input and writes it in place.
                 # A slot for each of the cache's (max_seq_len rounded up): any position the step may write the
                 # cache at is in range for the log too (profile_decode's CPU step runs on past max_seq_len)
-                m.token_log_host, token_log = host_mapped_log(batch_size, m.cache_len, self.device)
+                token_log = host_mapped_log(batch_size, m.cache_len, self.device)
                 m.register_buffer("token_log", token_log, persistent=False)
 
     @torch.no_grad()

@@ -6,7 +6,7 @@
 #                                          #   its step writes into mapped host memory (FASTGEN_TOKEN_LOG=1) against
 #                                          #   the default, alternating (profile_decode, then bench.py), then the
 #                                          #   GPU tests of the log and of profile_decode's read forms
-#   bash scripts/gpu_pending.sh logtier    # ~9.5 min: tokenlog's SmolLM2 A/B once (default, then FASTGEN_TOKEN_LOG=1),
+#   bash scripts/gpu_pending.sh logtier    # ~9.5 min: tokenlog's SmolLM2 A/B once (FASTGEN_TOKEN_LOG=0, then 1),
 #                                          #   then the whole tier over 8 workers in TIER_LIMIT_S (330 s) with the log
 #                                          #   on (TIER_TOKEN_LOG=0: off): one start
 #   bash scripts/gpu_pending.sh issue11    # ~9.5 min: bench.py's quick suite without transformers (issue 11's rows, 200
@@ -192,12 +192,12 @@ kvbench)
 tokenlog)
     # what the reads cost (8-11 us of a 0.414 ms steady step on the H100, 2026-12-07) and whether the log takes it off
     for round in 1 2; do
-        decode "smol_$round" 90 --model smollm2-135m --new-tokens 200
+        FASTGEN_TOKEN_LOG=0 decode "smol_$round" 90 --model smollm2-135m --new-tokens 200
         FASTGEN_TOKEN_LOG=1 decode "smol_log_$round" 90 --model smollm2-135m --new-tokens 200
     done
     smoke=(python scripts/bench.py --suite smoke --models smollm2-135m --compile --new-tokens 200 --runs 3 --no-hf
         --no-cold-start)
-    step bench 60 "${smoke[@]}" --out-dir "$out/bench"
+    FASTGEN_TOKEN_LOG=0 step bench 60 "${smoke[@]}" --out-dir "$out/bench"
     summary+=("  $(grep -E '^\| smollm2' "$out/bench.txt")")
     FASTGEN_TOKEN_LOG=1 step bench_log 60 "${smoke[@]}" --out-dir "$out/bench_log"
     summary+=("  $(grep -E '^\| smollm2' "$out/bench_log.txt")")
@@ -205,8 +205,8 @@ tokenlog)
     ;;
 logtier)
     # a short device budget's first call: the token log against the default once, then the whole tier
-    # The tier runs with the log on (TIER_TOKEN_LOG=0: off), the check before making it the default
-    decode smol 90 --model smollm2-135m --new-tokens 200
+    # The tier runs with the log on (TIER_TOKEN_LOG=0: off)
+    FASTGEN_TOKEN_LOG=0 decode smol_copy 90 --model smollm2-135m --new-tokens 200
     FASTGEN_TOKEN_LOG=1 decode smol_log 90 --model smollm2-135m --new-tokens 200
     FASTGEN_TOKEN_LOG=${TIER_TOKEN_LOG:-1} parallel_tier "${TIER_LIMIT_S:-330}"
     ;;

@@ -96,31 +96,34 @@ def test_compiled_decode_equals_eager():
 
 
 def test_token_log_reads_each_steps_ids_at_its_position(monkeypatch):
-    """generate.TOKEN_LOG (opt-in): each decode step writes its token ids into the model's token_log at its
-    position and the reader takes them from there: the tokens of the default reads, a chat's second turn too.
-    Eager only: a CPU Generator's compile wraps decode_one alone, its log write stays eager (the step compiled
-    whole, as on an sm_90 GPU, is the next test's)."""
+    """generate.TOKEN_LOG (the default): each decode step writes its token ids into the model's token_log at its
+    position and the reader takes them from there: the tokens of the reads by copy (FASTGEN_TOKEN_LOG=0), a chat's
+    second turn too. Eager only: a CPU Generator's compile wraps decode_one alone, its log write stays eager (the
+    step compiled whole, as on an sm_90 GPU, is the next test's)."""
     import generate
 
     model = tiny_model()
-    want = greedy(model, PROMPTS, 12, 64, stop_ids=[7]).tokens
+    monkeypatch.setattr(generate, "TOKEN_LOG", False)
     plain = Generator(model)
+    plain.setup(len(PROMPTS), 64)
+    want = plain.generate(PROMPTS, 12, Sampling(), stop_ids=[7]).tokens
     plain.setup(1, 64)
     chat = [plain.generate([PROMPTS[0]], 6, Sampling()).tokens[0]]
     chat.append(plain.generate([[3, 4]], 6, Sampling(), continue_sequence=True).tokens[0])
+    assert getattr(model, "token_log", None) is None and want == greedy(tiny_model(), PROMPTS, 12, 64, [7]).tokens
 
     monkeypatch.setattr(generate, "TOKEN_LOG", True)
     gen = Generator(model)
     gen.setup(len(PROMPTS), 64)
     assert gen.generate(PROMPTS, 12, Sampling(), stop_ids=[7]).tokens == want
-    log = model.token_log_host
-    assert model.token_log is log and log.shape == (len(PROMPTS), model.cache_len)  # one tensor on the CPU
+    log = model.token_log
+    assert log.shape == (len(PROMPTS), model.cache_len)
     first = max(map(len, PROMPTS))  # the first decode step's position: its ids are the second tokens
     assert [row[first] for row in log.tolist()] == [t[1] if len(t) > 1 else 7 for t in want]
     gen.setup(1, 64)  # a log of the new shape
+    assert model.token_log.shape == (1, model.cache_len)
     assert gen.generate([PROMPTS[0]], 6, Sampling()).tokens[0] == chat[0]
     assert gen.generate([[3, 4]], 6, Sampling(), continue_sequence=True).tokens[0] == chat[1]
-    del model.token_log  # a later Generator of this model reads as by default
 
 
 @torch.no_grad()

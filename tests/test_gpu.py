@@ -224,26 +224,27 @@ def host_ops_of_16_more_steps(gen: Generator) -> dict:
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_decode_loop_replays_with_nothing_between_replays(compile):
+def test_decode_loop_replays_with_nothing_between_replays(monkeypatch, compile):
     """The decode loop hands each CUDA-graph replay its own input buffers back (generate.advancing): between
     replays the host queues only the token's copy to the host, no input copies, clone or increment (each a
-    small kernel the GPU runs before the next replay). With FASTGEN_TOKEN_LOG=1 not even the copy."""
+    small kernel the GPU runs before the next replay); the reads by copy (FASTGEN_TOKEN_LOG=0), as the token log's
+    test below has not even the copy."""
     import generate
 
+    monkeypatch.setattr(generate, "TOKEN_LOG", False)
     model = on(random_model("tied"), "cuda", torch.bfloat16)
     gen = Generator(model, compile=compile)
     gen.setup(1, 128)
     gen.generate([PROMPTS[0]], 24, Sampling())  # records (and compiles)
     per_16_steps = host_ops_of_16_more_steps(gen)
-    # 16 more steps: 16 replays, each followed by its token's copy to the host (none with the log) and nothing else
-    copies = None if generate.TOKEN_LOG else 16
-    assert per_16_steps.get("aten::copy_") == copies and "aten::clone" not in per_16_steps, per_16_steps
+    # 16 more steps: 16 replays, each followed by its token's copy to the host and nothing else
+    assert per_16_steps.get("aten::copy_") == 16 and "aten::clone" not in per_16_steps, per_16_steps
     assert "aten::add_" not in per_16_steps and "aten::add" not in per_16_steps, per_16_steps
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["cuda-graph", "compiled"])
 def test_token_log_decodes_like_cpu_with_nothing_between_replays(monkeypatch, compile):
-    """generate.TOKEN_LOG (opt-in, issue 11): each step's graph writes its token ids into pinned host memory
+    """generate.TOKEN_LOG (the default, issue 11): each step's graph writes its token ids into pinned host memory
     mapped into the GPU's address space, and the host reads them there: the greedy tokens of CPU fp32 eager, and
     between two replays the host queues nothing at all (no copy to the host, no event)."""
     import generate
@@ -253,7 +254,7 @@ def test_token_log_decodes_like_cpu_with_nothing_between_replays(monkeypatch, co
     monkeypatch.setattr(generate, "TOKEN_LOG", True)
     model = on(cpu, "cuda")
     assert greedy(model, PROMPTS[:3], 40, 128, compile=compile) == want
-    assert model.token_log.is_cuda and model.token_log.data_ptr() == model.token_log_host.data_ptr()
+    assert model.token_log.is_cuda and model.token_log.data_ptr() == model.token_log.owner.data_ptr()
     gen = Generator(model, compile=compile)
     gen.setup(1, 128)
     assert gen.generate([PROMPTS[0]], 24, Sampling()).tokens == [want[0][:24]]
