@@ -9,6 +9,9 @@
 #   bash scripts/gpu_pending.sh logtier    # ~9.5 min: tokenlog's SmolLM2 A/B once (FASTGEN_TOKEN_LOG=0, then 1),
 #                                          #   then the whole tier over 8 workers in TIER_LIMIT_S (330 s) with the log
 #                                          #   on (TIER_TOKEN_LOG=0: off): one start
+#   bash scripts/gpu_pending.sh splits     # ~6 min: issue 11's SmolLM2-135M with its cache in 1 (default), 4 and 2
+#                                          #   splits a kv head (FASTGEN_SINGLE_SPLIT_TILES=1, MAX_SPLITS a probe),
+#                                          #   alternating, profile_decode and bench.py
 #   bash scripts/gpu_pending.sh issue11    # ~9.5 min: bench.py's quick suite without transformers (issue 11's rows, 200
 #                                          #   new tokens): Llama-3-8B B1 / 32k / 8k of 32k / B8 and SmolLM2-135M
 #   bash scripts/gpu_pending.sh smoltiles  # ~5 min: issue 11's SmolLM2-135M (0.426 ms replayed on the H100, 2026-12-05,
@@ -210,6 +213,30 @@ logtier)
     FASTGEN_TOKEN_LOG=1 decode smol_log 90 --model smollm2-135m --new-tokens 200
     FASTGEN_TOKEN_LOG=${TIER_TOKEN_LOG:-1} parallel_tier "${TIER_LIMIT_S:-330}"
     ;;
+splits)
+    # issue 11's SmolLM2-135M with the token log (2026-12-08, H100: its gaps between tokens grow 0.35 -> 0.445 ms
+    # over 200 new tokens, the one-split attention's tiles read in turn): its 216-slot cache in one split (default),
+    # 4 splits and a merge a layer (FASTGEN_SINGLE_SPLIT_TILES=1; +0.6-1.1% in the thirteenth session, before PDL's
+    # slot reads and the log) and 2 splits (MAX_SPLITS 2, a probe), alternating; bench.py's smoke row for each
+    probe_file kv_attention.py
+    smoke=(python scripts/bench.py --suite smoke --models smollm2-135m --compile --new-tokens 200 --runs 3 --no-hf
+        --no-cold-start)
+    for round in 1 2; do
+        for form in ${SPLIT_FORMS:-one s4 s2}; do
+            edit=()
+            [ "$form" = s2 ] && edit=("s/^MAX_SPLITS = 64$/MAX_SPLITS = 2  # PROBE/")
+            probe kv_attention.py "${edit[@]}" || break
+            tiles=4
+            [ "$form" = one ] || tiles=1
+            FASTGEN_SINGLE_SPLIT_TILES=$tiles decode "smol_${form}_$round" 90 --model smollm2-135m --new-tokens 200
+            if [ "$round" = 1 ]; then
+                FASTGEN_SINGLE_SPLIT_TILES=$tiles step "bench_$form" 60 "${smoke[@]}" --out-dir "$out/bench_$form"
+                summary+=("  $(grep -E '^\| smollm2' "$out/bench_$form.txt")")
+            fi
+        done
+    done
+    probe kv_attention.py
+    ;;
 issue11)
     # issue 11's instrument: bench.py's quick suite (200 new tokens, median of 3, compiled; the H100's copy in the
     # same run) without transformers: Llama-3-8B B1, 32k cache, 8k of 32k, B8, and SmolLM2-135M (2500 wanted; the
@@ -399,7 +426,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, tokenlog, logtier, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, tokenlog, logtier, splits, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps or autotune" >&2
     exit 2
     ;;
 esac
