@@ -221,7 +221,7 @@ splits)
     probe_file kv_attention.py
     smoke=(python scripts/bench.py --suite smoke --models smollm2-135m --compile --new-tokens 200 --runs 3 --no-hf
         --no-cold-start)
-    for round in 1 2; do
+    for round in ${SPLIT_ROUNDS:-1 2}; do  # SPLIT_ROUNDS=1: one round (a short device budget)
         for form in ${SPLIT_FORMS:-one s4 s2}; do
             edit=()
             [ "$form" = s2 ] && edit=("s/^MAX_SPLITS = 64$/MAX_SPLITS = 2  # PROBE/")
