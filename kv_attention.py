@@ -41,13 +41,15 @@ TARGET_PROGRAMS = 256
 TARGET_PROGRAMS_QUANTIZED = 512
 NUM_WARPS, NUM_STAGES = 4, 3  # the split kernel's launch (3 stages: Triton's default on CUDA)
 # A cache of at most this many tiles attends in one split a (row, kv head): no merge kernel, the tiles
-# read in turn by one program. generate.py's default cache is just prompt + new tokens (216 slots, 4
-# tiles, for a 16-token prompt and 200 new), where the 4 splits' merge is a launch a layer in the batch-1
-# chain (SmolLM2: 30 of its 217 kernels). Its GPU tests pass (H100, 2026-12-05). On by default since it
-# won alone on an H100 (2026-12-05, sixth session, bench.py twice each): Qwen3-30B-A3B bf16 batch 1
-# 293.0 / 292.9 -> 295.2 / 294.9 tok/s (59.4 -> 59.8% of copy on the active bytes). FASTGEN_SINGLE_SPLIT_TILES=0
-# turns it off.
-SINGLE_SPLIT_MAX_TILES = int(os.environ.get("FASTGEN_SINGLE_SPLIT_TILES", "4"))
+# read in turn by one program. A cache of one tile always does. Up to 4 tiles was the default from the sixth session
+# (H100, 2026-12-05: Qwen3-30B-A3B bf16 batch 1 293.0 / 292.9 -> 295.2 / 294.9 tok/s), a merge launch a layer fewer
+# in the batch-1 chain. Since the token log keeps the GPU busy between steps (2026-12-08, twenty-ninth session, H100,
+# one round), that program's tiles in turn are what grows the step with the context: SmolLM2-135M's gaps between
+# tokens went 0.35 -> 0.445 ms over 200 new tokens in one split, and stayed at 0.397-0.402 in 4 splits (a tile each)
+# and a merge; generate() 2435.3 -> 2491.0 tok/s, bench.py 2449.0 -> 2495.5 (2 splits: 2463.8 / 2451.0), though at
+# one valid tile the replayed step is slower (0.385 -> 0.403 ms). So a cache of 2-4 tiles splits now.
+# FASTGEN_SINGLE_SPLIT_TILES=4 brings the old form back (Qwen3-30B-A3B and Llama-3-8B not re-timed under this one).
+SINGLE_SPLIT_MAX_TILES = int(os.environ.get("FASTGEN_SINGLE_SPLIT_TILES", "1"))
 # Attending such a cache's tiles at once (one batched dot of SmolLM2's 4 tiles, a warp a tile, each tile's softmax
 # combined after, not a loop whose tiles are a chain) lost on the H100 (2026-12-07): the replayed step 0.395 -> 0.467
 # ms, generate() 2330 -> 2082 tok/s. Removed (3217aad has it). Loading the one split's first tile before the PDL

@@ -1,6 +1,8 @@
 """The offset-plus-length BlockMask and flex attention over the static cache, against SDPA
 over each row's sliced valid range (the reference: SDPA on exactly the valid slots)."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -173,6 +175,9 @@ def test_split_kv_splits(monkeypatch):
     with SINGLE_SPLIT_MAX_TILES for a cache of at most that many tiles."""
     import kv_attention
 
+    if "FASTGEN_SINGLE_SPLIT_TILES" not in os.environ:  # the default: SmolLM2's 216-slot cache in 4 splits, a tile each
+        assert kv_attention.SINGLE_SPLIT_MAX_TILES == 1
+        assert kv_attention.num_splits(1, 3, 216, 256) == 4 and kv_attention.num_splits(1, 3, 64, 256) == 1
     monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", 0)  # off (FASTGEN_SINGLE_SPLIT_TILES=0)
     assert kv_attention.num_splits(1, 8, 8448, 256) == 32  # 256 programs, Llama-3-8B's 8 kv heads
     assert kv_attention.num_splits(1, 3, 32768, 256) == 64  # MAX_SPLITS
@@ -180,7 +185,7 @@ def test_split_kv_splits(monkeypatch):
     assert kv_attention.num_splits(2, 8, 50, 256) == 1  # one tile
     assert kv_attention.num_splits(32, 8, 8448, 256) == 1  # B32 fills 256 programs alone
     assert kv_attention.num_splits(32, 8, 8448, 512) == 2
-    monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", 4)  # the default
+    monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", 4)  # FASTGEN_SINGLE_SPLIT_TILES=4 (the default 1)
     assert kv_attention.num_splits(1, 3, 216, 256) == 1
     assert kv_attention.num_splits(1, 3, 320, 256) == 5  # 5 tiles: split as before
 

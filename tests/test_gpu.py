@@ -660,7 +660,8 @@ def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, split, pdl
     """The fused decode block (these models are narrower than FUSED_FLOAT_MAX_DIM; DecodeLinear for the
     output projection): the CUDA-graph decode of a batch-1 prompt through gemv.DecodeBlock gives the CPU
     fp32 eager tokens, and a batch still decodes through the plain blocks to the same tokens.
-    split: the 2-tile caches attended in splits and merged (SINGLE_SPLIT_MAX_TILES 0; else one split).
+    split: the 2-tile caches attended in splits and merged (SINGLE_SPLIT_MAX_TILES 0, as the default 1 does; else
+    one split, SINGLE_SPLIT_MAX_TILES 4).
     pdl: kv_attention.PDL, each kernel of the chain launched to start while the one before it finishes and
     waiting for it in-kernel, and really launched that way: eager (generate.py without --compile) and
     compiled around the blocks (--compile with PDL: the blocks run eager inside the step's one CUDA graph).
@@ -670,8 +671,7 @@ def test_fused_decode_block_equals_cpu_fp32_eager(monkeypatch, shape, split, pdl
 
     monkeypatch.setattr(gemv, "FUSED_DECODE_ENABLED", True)
     monkeypatch.setattr(gemv, "FLOAT_GEMV_ENABLED", True)
-    if split:
-        monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", 0)
+    monkeypatch.setattr(kv_attention, "SINGLE_SPLIT_MAX_TILES", 0 if split else 4)
     monkeypatch.setattr(kv_attention, "PDL", pdl)
     cpu = random_model(shape)
     want = [greedy(cpu, [p], 40, 128)[0] for p in PROMPTS[:2]]
