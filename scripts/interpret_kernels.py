@@ -250,6 +250,14 @@ def main():
     runs += [("int8 KV, 32 splits of 2 tiles a row, whole tiles", lambda: whole_tiles(int8, Hkv=8, S=4096, slot=3000))]
     runs += [
         (
+            "(1, 3, 3, 64, 216, 200), SmolLM2's 4 tiles in 4 splits and a merge (the default)",
+            lambda: with_switch(
+                "SINGLE_SPLIT_MAX_TILES", unquantized, 1, 3, 3, 64, 216, 200, 0, torch.float32, value=1
+            ),
+        )
+    ]
+    runs += [
+        (
             "(1, 3, 3, 64, 216, 200), 4 tiles in one split (SINGLE_SPLIT_MAX_TILES 4)",
             lambda: with_switch(
                 "SINGLE_SPLIT_MAX_TILES", unquantized, 1, 3, 3, 64, 216, 200, 0, torch.float32, value=4
