@@ -126,6 +126,21 @@ def test_token_log_reads_each_steps_ids_at_its_position(monkeypatch):
     assert gen.generate([[3, 4]], 6, Sampling(), continue_sequence=True).tokens[0] == chat[1]
 
 
+def test_setup_makes_the_token_log_again_when_it_is_not_on_the_generators_device(monkeypatch):
+    """A model's token_log left on another device (a model moved after a Generator's setup: on CUDA a moved log
+    is device memory, not the host memory the reader polls) is made again by setup, not kept for its shape."""
+    import generate
+
+    monkeypatch.setattr(generate, "TOKEN_LOG", True)
+    model = tiny_model()
+    model.setup_caches(len(PROMPTS), 64)
+    model.register_buffer("token_log", torch.empty((len(PROMPTS), model.cache_len), device="meta"), persistent=False)
+    gen = Generator(model)
+    gen.setup(len(PROMPTS), 64)
+    assert model.token_log.device.type == "cpu" and (model.token_log == -1).all()
+    assert gen.generate(PROMPTS, 6, Sampling()).tokens == greedy(tiny_model(), PROMPTS, 6, 64).tokens
+
+
 @torch.no_grad()
 def test_compiled_step_writes_the_token_log_in_place():
     """The step compiled whole (as generate.py compiles it around the fused blocks on an sm_90 GPU) writes its
