@@ -12,6 +12,10 @@
 #   bash scripts/gpu_pending.sh splits     # ~6 min: issue 11's SmolLM2-135M with its cache in 1 (default), 4 and 2
 #                                          #   splits a kv head (FASTGEN_SINGLE_SPLIT_TILES=1, MAX_SPLITS a probe),
 #                                          #   alternating, profile_decode and bench.py
+#   bash scripts/gpu_pending.sh splittier  # ~9.5 min: SmolLM2 in one split and in 4 (the default) once each, then the
+#                                          #   whole tier in TIER_LIMIT_S (390 s): one start
+#   bash scripts/gpu_pending.sh splitmodels  # ~8.5 min: Llama-3-8B and Qwen3-30B-A3B bf16 B1 through bench.py with
+#                                          #   FASTGEN_SINGLE_SPLIT_TILES 4 (the old default) and 1 (the default)
 #   bash scripts/gpu_pending.sh issue11    # ~9.5 min: bench.py's quick suite without transformers (issue 11's rows, 200
 #                                          #   new tokens): Llama-3-8B B1 / 32k / 8k of 32k / B8 and SmolLM2-135M
 #   bash scripts/gpu_pending.sh smoltiles  # ~5 min: issue 11's SmolLM2-135M (0.426 ms replayed on the H100, 2026-12-05,
@@ -237,6 +241,34 @@ splits)
     done
     probe kv_attention.py
     ;;
+splittier)
+    # the next session's first call (2026-12-08, NOTES' queue 0): SmolLM2 with its cache in one split
+    # (FASTGEN_SINGLE_SPLIT_TILES=4, the old default) and in 4 splits (the default since a775ea2) once each, then the
+    # whole tier on the default in TIER_LIMIT_S (390 s): one machine start for both
+    FASTGEN_SINGLE_SPLIT_TILES=4 decode smol_one 90 --model smollm2-135m --new-tokens 200
+    decode smol_split 90 --model smollm2-135m --new-tokens 200
+    parallel_tier "${TIER_LIMIT_S:-390}"
+    ;;
+splitmodels)
+    # the models the one split was chosen for, under both limits (FASTGEN_SINGLE_SPLIT_TILES 4: one split up to 4
+    # tiles, the old default; 1: the default since a775ea2): Llama-3-8B bf16 B1 and Qwen3-30B-A3B bf16 B1 through
+    # bench.py (200 / 100 new tokens: 216 / 116-slot caches). SPLIT_MODELS="llama qwen3" by default
+    for model in ${SPLIT_MODELS:-llama qwen3}; do
+        for tiles in 4 1; do
+            if [ "$model" = llama ]; then
+                FASTGEN_SINGLE_SPLIT_TILES=$tiles step "llama_$tiles" 110 python scripts/bench.py --suite smoke \
+                    --models llama-3-8b --compile --new-tokens 200 --runs 3 --no-hf --no-cold-start \
+                    --out-dir "$out/llama_$tiles"
+                summary+=("  FASTGEN_SINGLE_SPLIT_TILES=$tiles $(grep -E '^\| llama' "$out/llama_$tiles.txt")")
+            else
+                FASTGEN_SINGLE_SPLIT_TILES=$tiles step "qwen3_$tiles" 150 python scripts/bench.py --suite moe \
+                    --models qwen3-30b-a3b --weights bf16 --batch 1 --no-cold-start --time-budget-s 130 \
+                    --out-dir "$out/qwen3_$tiles"
+                summary+=("  FASTGEN_SINGLE_SPLIT_TILES=$tiles $(grep -E '^\| qwen' "$out/qwen3_$tiles.txt" | head -1)")
+            fi
+        done
+    done
+    ;;
 issue11)
     # issue 11's instrument: bench.py's quick suite (200 new tokens, median of 3, compiled; the H100's copy in the
     # same run) without transformers: Llama-3-8B B1, 32k cache, 8k of 32k, B8, and SmolLM2-135M (2500 wanted; the
@@ -426,7 +458,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, tokenlog, logtier, splits, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, tokenlog, logtier, splits, splittier, splitmodels, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps or autotune" >&2
     exit 2
     ;;
 esac
