@@ -2,16 +2,6 @@
 # The GPU runs this repo still owes (NOTES.md says why), batched for a device call of at most
 # 10 minutes each. Run from the repository root on the GPU machine:
 #
-#   bash scripts/gpu_pending.sh tokenlog   # ~6 min: issue 11's SmolLM2-135M with generate()'s token reads through a log
-#                                          #   its step writes into mapped host memory (FASTGEN_TOKEN_LOG=1) against
-#                                          #   the default, alternating (profile_decode, then bench.py), then the
-#                                          #   GPU tests of the log and of profile_decode's read forms
-#   bash scripts/gpu_pending.sh logtier    # ~9.5 min: tokenlog's SmolLM2 A/B once (FASTGEN_TOKEN_LOG=0, then 1),
-#                                          #   then the whole tier over 8 workers in TIER_LIMIT_S (330 s) with the log
-#                                          #   on (TIER_TOKEN_LOG=0: off): one start
-#   bash scripts/gpu_pending.sh splits     # ~6 min: issue 11's SmolLM2-135M with its cache in 1 (default), 4 and 2
-#                                          #   splits a kv head (FASTGEN_SINGLE_SPLIT_TILES=1, MAX_SPLITS a probe),
-#                                          #   alternating, profile_decode and bench.py
 #   bash scripts/gpu_pending.sh splittier  # ~9.5 min: SmolLM2 in one split and in 4 (the default) once each, then the
 #                                          #   whole tier in TIER_LIMIT_S (390 s): one start
 #   bash scripts/gpu_pending.sh splitmodels  # ~8.5 min: Llama-3-8B and Qwen3-30B-A3B bf16 B1 through bench.py with
@@ -79,8 +69,8 @@
 # next, floatgemv, moegateup, moeb1, ropeqkv, mega, megadot, megaphases, smolattn, downall, downbench, smolnext,
 # mergewo, ninth, wholetiles, steptiles, wqkvtile, tier-int4, kvwhole, int8rope, shortk, int4fold, foldcheck,
 # foldtiles, foldall, ropetiles, ropetier, poicode, early, nodown, fusedmlp, mlptier, expertw2, heads, steptail,
-# defersum, atonce, earlyslots, earlytile, smallblock) were removed between 2026-12-05 and 2026-12-07; git history
-# has them.
+# defersum, atonce, earlyslots, earlytile, smallblock, tokenlog, logtier, splits) were removed between 2026-12-05 and
+# 2026-12-08; git history has them.
 #
 # Each step has its own timeout and log in $OUT (default ./gpu_out); the summary comes last.
 set -u
@@ -195,51 +185,6 @@ kvbench)
     step kv_8k 290 python scripts/bench.py "${common[@]}" --batch 8 --ctx 8000 --kv-dtypes bf16,int8,fp8 \
         --time-budget-s 270 --out-dir "$out/kv_8k"
     summary+=("$(grep -E '^\| llama' "$out/kv_8k.txt")")
-    ;;
-tokenlog)
-    # what the reads cost (8-11 us of a 0.414 ms steady step on the H100, 2026-12-07) and whether the log takes it off
-    for round in 1 2; do
-        FASTGEN_TOKEN_LOG=0 decode "smol_$round" 90 --model smollm2-135m --new-tokens 200
-        FASTGEN_TOKEN_LOG=1 decode "smol_log_$round" 90 --model smollm2-135m --new-tokens 200
-    done
-    smoke=(python scripts/bench.py --suite smoke --models smollm2-135m --compile --new-tokens 200 --runs 3 --no-hf
-        --no-cold-start)
-    FASTGEN_TOKEN_LOG=0 step bench 60 "${smoke[@]}" --out-dir "$out/bench"
-    summary+=("  $(grep -E '^\| smollm2' "$out/bench.txt")")
-    FASTGEN_TOKEN_LOG=1 step bench_log 60 "${smoke[@]}" --out-dir "$out/bench_log"
-    summary+=("  $(grep -E '^\| smollm2' "$out/bench_log.txt")")
-    tier 150 -k "token_log or profile_decode or decode_loop_replays"
-    ;;
-logtier)
-    # a short device budget's first call: the token log against the default once, then the whole tier
-    # The tier runs with the log on (TIER_TOKEN_LOG=0: off)
-    FASTGEN_TOKEN_LOG=0 decode smol_copy 90 --model smollm2-135m --new-tokens 200
-    FASTGEN_TOKEN_LOG=1 decode smol_log 90 --model smollm2-135m --new-tokens 200
-    FASTGEN_TOKEN_LOG=${TIER_TOKEN_LOG:-1} parallel_tier "${TIER_LIMIT_S:-330}"
-    ;;
-splits)
-    # issue 11's SmolLM2-135M with the token log (2026-12-08, H100: its gaps between tokens grow 0.35 -> 0.445 ms
-    # over 200 new tokens, the one-split attention's tiles read in turn): its 216-slot cache in one split (default),
-    # 4 splits and a merge a layer (FASTGEN_SINGLE_SPLIT_TILES=1; +0.6-1.1% in the thirteenth session, before PDL's
-    # slot reads and the log) and 2 splits (MAX_SPLITS 2, a probe), alternating; bench.py's smoke row for each
-    probe_file kv_attention.py
-    smoke=(python scripts/bench.py --suite smoke --models smollm2-135m --compile --new-tokens 200 --runs 3 --no-hf
-        --no-cold-start)
-    for round in ${SPLIT_ROUNDS:-1 2}; do  # SPLIT_ROUNDS=1: one round (a short device budget)
-        for form in ${SPLIT_FORMS:-one s4 s2}; do
-            edit=()
-            [ "$form" = s2 ] && edit=("s/^MAX_SPLITS = 64$/MAX_SPLITS = 2  # PROBE/")
-            probe kv_attention.py "${edit[@]}" || break
-            tiles=4
-            [ "$form" = one ] || tiles=1
-            FASTGEN_SINGLE_SPLIT_TILES=$tiles decode "smol_${form}_$round" 90 --model smollm2-135m --new-tokens 200
-            if [ "$round" = 1 ]; then
-                FASTGEN_SINGLE_SPLIT_TILES=$tiles step "bench_$form" 60 "${smoke[@]}" --out-dir "$out/bench_$form"
-                summary+=("  $(grep -E '^\| smollm2' "$out/bench_$form.txt")")
-            fi
-        done
-    done
-    probe kv_attention.py
     ;;
 splittier)
     # the next session's first call (2026-12-08, NOTES' queue 0): SmolLM2 with its cache in one split
@@ -458,7 +403,7 @@ autotune)
     TORCHINDUCTOR_MAX_AUTOTUNE=1 decode llama_autotune 200 --model llama-3-8b
     ;;
 *)
-    echo "unknown mode $mode: use tests, tests-parallel, tokenlog, logtier, splits, splittier, splitmodels, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps or autotune" >&2
+    echo "unknown mode $mode: use tests, tests-parallel, splittier, splitmodels, package, moe, moedown, cli, modes, fp8kv, kvbench, issue11, int4grid, tierint4, int4foldbench, int4probe, smoltiles, moebench, ncukv, fusedsweep, batch32, longctx, fusedrows, fusedint8, fusedmoe, nogamma, attnwarps or autotune" >&2
     exit 2
     ;;
 esac
